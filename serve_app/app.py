@@ -1,0 +1,46 @@
+"""The application builder named in `serve_config.yaml` (`import_path: serve_app.app:build_app`).
+
+Ray validates the config's `args` against `AppConfig` before calling this
+(the parameter's annotation tells it to), so a bad field fails the deploy with
+pydantic's message naming it. Each model becomes its own deployment, with the
+resources and scaling of its config; the ingress gets their handles.
+"""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from serve_app.config import AppConfig
+from serve_app.ingress import Ingress
+
+INGRESS_NAME = "ingress"
+
+
+def _model_deployment(kind: str):
+    """The deployment class for a model kind, imported lazily: the ingress must not load torch."""
+    if kind == "chat":
+        from serve_app.chat_model import ChatModel
+
+        return ChatModel
+    from serve_app.image_model import ImageModel
+
+    return ImageModel
+
+
+def build_app(args: AppConfig) -> Application:
+    """One deployment per configured model plus the ingress that routes to them."""
+    if not isinstance(args, AppConfig):  # called directly from Python with a dict
+        args = AppConfig.model_validate(args)
+    models = {
+        model.name: _model_deployment(model.kind)
+        .options(name=model.deployment_name, **model.deployment.serve_options())
+        .bind(model)
+        for model in args.models
+    }
+    ingress = args.ingress
+    return Ingress.options(
+        name=INGRESS_NAME,
+        num_replicas=ingress.num_replicas,
+        max_ongoing_requests=ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": ingress.num_cpus},
+    ).bind(args, models)

@@ -1,0 +1,117 @@
+"""The model catalog: which models are live for `GET /v1/models`, and which handle serves a name.
+
+Built from what Ray Serve reports right now, not from the static config: a
+model whose deployment is gone, failed or has no running replica is not
+listed, so a node never forwards traffic to a model that cannot answer.
+`serve.status()` is a blocking call to the Serve controller, so it runs on a
+thread, and its answer is cached for `catalog_ttl_s`; concurrent callers
+share one refresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import ServeStatus
+
+from serve_app.config import AppConfig, ChatModelConfig, ImageModelConfig
+from serve_app.errors import InvalidRequest, model_not_found
+
+logger = logging.getLogger("ray.serve")
+
+ROUTES = {
+    "chat": ["/v1/chat/completions"],
+    "image": ["/v1/images/generations", "/v1/images/edits"],
+}
+_DOWN = {"UNHEALTHY", "DEPLOY_FAILED"}
+
+
+@dataclass(frozen=True)
+class LiveModel:
+    config: ChatModelConfig | ImageModelConfig
+    created: int
+
+
+class LiveCatalog:
+    def __init__(self, config: AppConfig, app_name: str,
+                 status: Callable[[], ServeStatus] = serve.status) -> None:
+        self.config = config
+        self.app_name = app_name
+        self._status = status
+        self._live: list[LiveModel] = []
+        self._fetched_at = float("-inf")
+        self._refreshing: asyncio.Task | None = None
+
+    async def live_models(self) -> list[LiveModel]:
+        """Models with at least one running, healthy replica (cached briefly)."""
+        if time.monotonic() - self._fetched_at > self.config.catalog_ttl_s:
+            if self._refreshing is None or self._refreshing.done():
+                self._refreshing = asyncio.create_task(self._refresh())
+            await asyncio.shield(self._refreshing)
+        return self._live
+
+    async def _refresh(self) -> None:
+        try:
+            status = await asyncio.to_thread(self._status)
+        except Exception:  # noqa: BLE001 - keep the last known catalog while the controller is away
+            logger.warning("could not read Serve status; keeping the last catalog", exc_info=True)
+            return
+        self._live = self._from_status(status)
+        self._fetched_at = time.monotonic()
+
+    def _from_status(self, status: ServeStatus) -> list[LiveModel]:
+        app = status.applications.get(self.app_name)
+        if app is None:
+            return []
+        live = []
+        for model in self.config.models:
+            deployment = app.deployments.get(model.deployment_name)
+            if deployment is None or str(deployment.status.value) in _DOWN:
+                continue
+            running = sum(count for state, count in deployment.replica_states.items()
+                          if str(getattr(state, "value", state)) == "RUNNING")
+            if running > 0:
+                live.append(LiveModel(config=model, created=int(app.last_deployed_time_s)))
+        return live
+
+    def url_for(self, model: ChatModelConfig | ImageModelConfig) -> str:
+        """The route a client calls for this model (generations for image models)."""
+        return self.config.public_base_url + ROUTES[model.kind][0]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A configured model and the cached handle that calls its `generate`."""
+
+    config: ChatModelConfig | ImageModelConfig
+    generate: DeploymentHandle
+
+
+class ModelRouter:
+    """Resolves a request's `model` to its deployment: the one place that does it.
+
+    Handles are made once here: every `.options()` call would create a new
+    handle with its own metrics pusher and long-poll client.
+    """
+
+    def __init__(self, config: AppConfig, handles: dict[str, DeploymentHandle]) -> None:
+        self._targets = {
+            model.name: Target(model, handles[model.name].options(method_name="generate"))
+            for model in config.models
+        }
+
+    def resolve(self, name: str, kind: str) -> Target:
+        target = self._targets.get(name)
+        if target is None:
+            raise model_not_found(name)
+        if target.config.kind != kind:
+            raise InvalidRequest(
+                f"The model {name!r} is a {target.config.kind} model; call "
+                f"{ROUTES[target.config.kind][0]} for it.", param="model", code="wrong_model_kind")
+        return target

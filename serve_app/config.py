@@ -1,0 +1,244 @@
+"""Application configuration: the `args` of the Serve application, validated.
+
+`serve_config.yaml` is a plain Ray Serve config file; everything this project
+adds lives in the application's `args`, which Ray hands to
+`serve_app.app:build_app`. That builder is typed with `AppConfig`, so Ray
+validates `args` with pydantic before anything is deployed, and a typo in the
+YAML fails the deploy with an error naming the field instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
+
+
+class StrictModel(BaseModel):
+    """Config models forbid unknown keys: a misspelt option must fail loudly."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AutoscalingOptions(StrictModel):
+    """Ray Serve autoscaling bounds for one deployment (passed through as is)."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas; 0 allows scale to zero.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, description="Ongoing requests per replica the autoscaler aims for."
+    )
+    upscale_delay_s: float = Field(30.0, ge=0, description="Seconds of high load before adding.")
+    downscale_delay_s: float = Field(600.0, ge=0, description="Seconds of low load before removing.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingOptions":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class DeploymentOptions(StrictModel):
+    """How Ray Serve runs the replicas of one deployment."""
+
+    num_replicas: int | Literal["auto"] | None = Field(
+        None, description="Fixed replica count, or 'auto'. Default 1 unless autoscaling_config is set."
+    )
+    autoscaling_config: AutoscalingOptions | None = Field(
+        None, description="Autoscaling bounds; mutually exclusive with a numeric num_replicas."
+    )
+    num_cpus: float = Field(1.0, ge=0, description="Logical CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractions share a GPU).")
+    memory: int | None = Field(None, ge=0, description="Bytes of memory reserved per replica.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100'.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources.")
+    max_ongoing_requests: int = Field(
+        32, ge=1, description="Requests a replica works on at once (Ray's default of 5 is too low)."
+    )
+    max_queued_requests: int = Field(
+        -1, ge=-1, description="Requests waiting per caller before 503; -1 is unbounded."
+    )
+    max_replicas_per_node: int | None = Field(None, ge=1, description="Spread replicas over nodes.")
+    health_check_period_s: float | None = Field(None, gt=0, description="Replica health check period.")
+
+    @model_validator(mode="after")
+    def _replicas_xor_autoscaling(self) -> "DeploymentOptions":
+        if self.autoscaling_config is not None and isinstance(self.num_replicas, int):
+            raise ValueError("set either num_replicas or autoscaling_config, not both")
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword arguments for `Deployment.options(...)`."""
+        actor_options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory is not None:
+            actor_options["memory"] = self.memory
+        if self.accelerator_type is not None:
+            actor_options["accelerator_type"] = self.accelerator_type
+        if self.resources:
+            actor_options["resources"] = dict(self.resources)
+        options: dict[str, Any] = {
+            "ray_actor_options": actor_options,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+        }
+        if self.autoscaling_config is not None:
+            options["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
+        else:
+            options["num_replicas"] = self.num_replicas if self.num_replicas is not None else 1
+        if self.max_replicas_per_node is not None:
+            options["max_replicas_per_node"] = self.max_replicas_per_node
+        if self.health_check_period_s is not None:
+            options["health_check_period_s"] = self.health_check_period_s
+        return options
+
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
+
+
+class BaseModelConfig(StrictModel):
+    """What every served model has: a public name, weights and placement."""
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN, description="Public name clients put in `model`.")
+    path: str = Field(min_length=1, description="Local folder or hub id, loaded with from_pretrained.")
+    device: str = Field(
+        "auto", description="'auto' (cuda when the replica has a GPU, else cpu), 'cpu' or 'cuda'."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="'auto' picks bfloat16/float16 on GPU and float32 on CPU."
+    )
+    owned_by: str = Field("serve_app", description="Shown as `owned_by` in /v1/models.")
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @field_validator("path")
+    @classmethod
+    def _expand_local_path(cls, value: str) -> str:
+        """Make local paths absolute where the config is read.
+
+        Replicas may start in another working directory (another node, even),
+        so a relative path like `./models/tiny-llama` is resolved here, once.
+        Hub ids (`org/name`) are left alone.
+        """
+        candidate = Path(value).expanduser()
+        if value.startswith((".", "/", "~")) or candidate.exists():
+            return str(candidate.resolve())
+        return value
+
+    @property
+    def deployment_name(self) -> str:
+        """Ray deployment name: the public name with unsafe characters replaced."""
+        return "model_" + re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)
+
+
+class ChatModelConfig(BaseModelConfig):
+    """A chat LLM served with transformers."""
+
+    kind: Literal["chat"] = "chat"
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+    max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    max_n: int = Field(8, ge=1, description="Largest `n` (choices per request).")
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> "ChatModelConfig":
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("default_max_tokens must not exceed max_tokens_limit")
+        return self
+
+
+class ImageModelConfig(BaseModelConfig):
+    """A text-to-image / image-to-image pipeline served with diffusers."""
+
+    kind: Literal["image"] = "image"
+    default_size: str = Field("512x512", description="Size when a request gives none, 'WxH'.")
+    default_steps: int = Field(25, ge=1, description="Denoising steps when a request gives none.")
+    max_steps: int = Field(100, ge=1, description="Largest `steps` a request may ask for.")
+    max_n: int = Field(4, ge=1, description="Largest `n` (images per request).")
+    min_side: int = Field(64, ge=8, description="Smallest width or height in pixels.")
+    max_side: int = Field(2048, ge=8, description="Largest width or height in pixels.")
+    size_multiple: int = Field(8, ge=1, description="Width and height must be multiples of this.")
+    default_strength: float = Field(
+        0.75, gt=0, le=1, description="How far edits move from the input image."
+    )
+
+    @field_validator("default_size")
+    @classmethod
+    def _size_format(cls, value: str) -> str:
+        if not SIZE_PATTERN.match(value):
+            raise ValueError("default_size must look like '512x512'")
+        return value
+
+    @model_validator(mode="after")
+    def _steps_within_limit(self) -> "ImageModelConfig":
+        if self.default_steps > self.max_steps:
+            raise ValueError("default_steps must not exceed max_steps")
+        if self.min_side > self.max_side:
+            raise ValueError("min_side must not exceed max_side")
+        return self
+
+
+ModelConfig = Annotated[Union[ChatModelConfig, ImageModelConfig], Field(discriminator="kind")]
+
+
+class IngressOptions(StrictModel):
+    """The HTTP-facing deployment: light on CPU, many requests at once."""
+
+    num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
+    num_cpus: float = Field(0.1, ge=0, description="Logical CPUs per ingress replica.")
+    max_ongoing_requests: int = Field(512, ge=1, description="Concurrent requests per ingress replica.")
+
+
+class AppConfig(StrictModel):
+    """The whole application: project identity, limits, storage and models."""
+
+    project: str = Field("serve_app", min_length=1, description="Project name shown in /v1/models.")
+    public_base_url: str = Field(
+        "http://127.0.0.1:1088",
+        description="Base URL clients reach this server at; image URLs are built from it.",
+    )
+    image_dir: str = Field("./generated_images", description="Folder where generated PNGs are stored.")
+    max_body_bytes: int = Field(
+        25 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
+    )
+    max_image_download_bytes: int = Field(
+        20 * 1024 * 1024, ge=1024, description="Largest image fetched from an edit's image URL."
+    )
+    image_download_timeout_s: float = Field(15.0, gt=0, description="Timeout for fetching image URLs.")
+    catalog_ttl_s: float = Field(1.5, ge=0, description="How long /v1/models caches Serve's status.")
+    ingress: IngressOptions = Field(default_factory=IngressOptions)
+    models: list[ModelConfig] = Field(min_length=1, description="The models to serve.")
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("public_base_url must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("image_dir")
+    @classmethod
+    def _absolute_dir(cls, value: str) -> str:
+        return str(Path(value).expanduser().resolve())
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "AppConfig":
+        seen: dict[str, str] = {}
+        for model in self.models:
+            for key in (model.name, model.deployment_name):
+                if key in seen:
+                    raise ValueError(f"model name {model.name!r} is not unique (clashes with {seen[key]!r})")
+                seen[key] = model.name
+        return self
+
+    def find_model(self, name: str) -> ChatModelConfig | ImageModelConfig | None:
+        """The configured model with this public name, if any."""
+        return next((m for m in self.models if m.name == name), None)
+
+
+def parse_size(value: str) -> tuple[int, int] | None:
+    """'1024x768' -> (1024, 768); None when the text is not a size."""
+    match = SIZE_PATTERN.match(value)
+    return (int(match.group(1)), int(match.group(2))) if match else None

@@ -1,0 +1,102 @@
+"""Errors clients may see, and the one mapping from an exception to its reply.
+
+Model deployments raise these too (a prompt longer than the context, an image
+that does not decode): Ray re-raises an exception from a replica at the caller
+as an instance of the same class, so the ingress maps them exactly like its own.
+Anything else is a server fault: logged with the request id, answered with a
+generic 500 that never carries internal text.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+
+class APIError(Exception):
+    """An error with an HTTP status and an OpenAI-style type, safe to show a client."""
+
+    status_code: int = 400
+    error_type: str = "invalid_request_error"
+    default_code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, param, code, headers)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+        self.headers = headers or {}
+
+    def __reduce__(self):  # keep keyword-only arguments across Ray's pickling
+        return (_rebuild, (type(self), self.message, self.param, self.code, self.headers))
+
+
+def _rebuild(cls: type[APIError], message: str, param: str | None, code: str | None,
+             headers: dict[str, str]) -> APIError:
+    return cls(message, param=param, code=code, headers=headers)
+
+
+class InvalidRequest(APIError):
+    """400: the body or a parameter is wrong."""
+
+    default_code = "invalid_value"
+
+
+class AuthenticationFailed(APIError):
+    """401: missing or wrong API key."""
+
+    status_code = 401
+    error_type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class NotFound(APIError):
+    """404: unknown model, route or file."""
+
+    status_code = 404
+    error_type = "not_found_error"
+    default_code = "not_found"
+
+
+def model_not_found(name: str) -> NotFound:
+    """404 for the `model` parameter, worded and coded as OpenAI answers it."""
+    return NotFound(f"The model {name!r} does not exist or is not available.",
+                    param="model", code="model_not_found")
+
+
+class MethodNotAllowed(APIError):
+    """405: the route exists, the method does not."""
+
+    status_code = 405
+    default_code = "method_not_allowed"
+
+
+class PayloadTooLarge(APIError):
+    """413: the body or an uploaded image is over its limit."""
+
+    status_code = 413
+    default_code = "payload_too_large"
+
+
+class Overloaded(APIError):
+    """503: the model cannot take more work now; retry later."""
+
+    status_code = 503
+    error_type = "overloaded_error"
+    default_code = "overloaded"
+
+
+class ServerError(APIError):
+    """500: a fault on our side; the message is generic on purpose."""
+
+    status_code = 500
+    error_type = "server_error"
+    default_code = "internal_error"
+
+
+def status_phrase(status_code: int) -> str:
+    """'Not Found' for 404: used where only a status is known."""
+    try:
+        return HTTPStatus(status_code).phrase
+    except ValueError:
+        return "Error"

@@ -1,0 +1,157 @@
+"""The one mapping from an exception to an HTTP reply, and the body-size guard.
+
+Every failure leaves the server through `error_response`: the standard's
+non-zero `code` and human `message`, OpenAI's `error` object, the right
+status, and exactly `Content-Type: application/json` (a network node compares
+that header as a string). Validation errors become 400 naming the parameter,
+not FastAPI's 422. Unexpected errors are logged with a reference and answered
+with a generic 500 that carries no internal text.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve_app.errors import (
+    APIError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    ServerError,
+    status_phrase,
+)
+from serve_app.protocol import ErrorDetail, ErrorResponse
+
+logger = logging.getLogger("ray.serve")
+
+JSON = "application/json"
+
+
+def json_response(body: BaseModel, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """Serialise a wire model with pydantic; the media type is exactly application/json."""
+    return Response(body.model_dump_json(), status_code=status_code, media_type=JSON, headers=headers)
+
+
+def error_response(error: APIError) -> Response:
+    body = ErrorResponse(
+        code=error.status_code,
+        message=error.message,
+        error=ErrorDetail(message=error.message, type=error.error_type, param=error.param, code=error.code),
+    )
+    return json_response(body, error.status_code, error.headers)
+
+
+def as_api_error(exc: BaseException) -> APIError:
+    """Classify any exception; unknown ones become a generic 500 (and are logged)."""
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):
+        exc = exc.cause  # a model replica raised it: classify the original
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, (RequestValidationError, ValidationError)):
+        return validation_error(exc)
+    if isinstance(exc, BackPressureError):
+        return Overloaded("The model is handling too many requests; retry shortly.",
+                          headers={"Retry-After": "1"})
+    if isinstance(exc, (DeploymentUnavailableError, RayActorError)):
+        return Overloaded("The model is restarting or unavailable; retry shortly.",
+                          code="model_unavailable", headers={"Retry-After": "5"})
+    reference = uuid.uuid4().hex[:12]
+    logger.error("unhandled error (reference %s)", reference, exc_info=exc)
+    return ServerError(f"Internal server error (reference {reference}).")
+
+
+def validation_error(exc: RequestValidationError | ValidationError) -> InvalidRequest:
+    """First pydantic error as a 400 whose `param` is the field path, e.g. messages[0].role."""
+    first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        return InvalidRequest("The request body is not valid JSON.", code="invalid_json")
+    parts = [p for p in first.get("loc", ()) if p != "body"]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".") or None
+    if param is None and first.get("type") in ("missing", "model_type", "model_attributes_type", "dict_type"):
+        return InvalidRequest("The request body must be a JSON object.", code="invalid_body")
+    message = str(first.get("msg", "Invalid request"))
+    message = message.removeprefix("Value error, ")
+    return InvalidRequest(f"{param}: {message}" if param else message, param=param)
+
+
+def http_error(exc: StarletteHTTPException) -> APIError:
+    if exc.status_code == 404:
+        return NotFound("No such route.", code="route_not_found")
+    if exc.status_code == 405:
+        return MethodNotAllowed("Method not allowed on this route.")
+    error = APIError(str(exc.detail) if exc.detail else status_phrase(exc.status_code))
+    error.status_code = exc.status_code
+    return error
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every exception FastAPI/Starlette can raise through `error_response`."""
+
+    async def on_api_error(request: Request, exc: Exception) -> Response:
+        return error_response(as_api_error(exc))
+
+    async def on_http(request: Request, exc: Exception) -> Response:
+        return error_response(http_error(exc))  # type: ignore[arg-type]
+
+    app.add_exception_handler(RequestValidationError, on_api_error)
+    app.add_exception_handler(ValidationError, on_api_error)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(Exception, on_api_error)
+
+
+class BodySizeLimit:
+    """ASGI middleware: 413 for bodies over `app.state.max_body_bytes`, before they are read whole.
+
+    The limit is read per request from the app's state, which the ingress sets
+    from config when it starts.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = getattr(scope["app"].state, "max_body_bytes", None)  # Starlette sets scope["app"]
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if limit and declared and declared.isdigit() and int(declared) > limit:
+            await error_response(_too_large(limit))(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if limit and message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _too_large(limit)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body is larger than {limit} bytes.", code="body_too_large")
+
+
+def error_schema() -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for routes: each error status with the envelope's schema."""
+    return {status: {"model": ErrorResponse, "description": status_phrase(status)}
+            for status in (400, 404, 413, 503)}
+

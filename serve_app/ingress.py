@@ -1,0 +1,156 @@
+"""The HTTP ingress: FastAPI routes under `@serve.ingress`, thin by design.
+
+Each route parses its body (pydantic), resolves `model` through the
+`ModelRouter`, hands a job to the model's deployment handle and encodes the
+answer. Errors of any kind leave through `http_errors`. Nothing here imports
+torch: the ingress can run on a CPU-only node with a fraction of a core.
+"""
+
+
+import asyncio
+import base64
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
+from starlette.responses import Response
+
+from serve_app.catalog import ROUTES, LiveCatalog, ModelRouter
+from serve_app.config import AppConfig
+from serve_app.errors import InvalidRequest
+from serve_app.http_errors import BodySizeLimit, error_schema, install_error_handlers, json_response
+from serve_app.image_input import ImageFetcher, InputImage
+from serve_app.image_store import FILES_ROUTE, ImageStore
+from serve_app.jobs import ImageResult
+from serve_app.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ImageData,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ModelCard,
+    ModelList,
+)
+from serve_app.translate import chat_job, chat_response, image_job
+
+api = FastAPI(
+    title="serve_app",
+    description="AI Model Interface Standard and OpenAI-compatible inference server on Ray Serve.",
+    version="0.1.0",
+)
+api.add_middleware(BodySizeLimit)
+install_error_handlers(api)
+
+ERRORS = error_schema()
+EDIT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": ImageEditRequest.model_json_schema()},
+            "multipart/form-data": {"schema": {
+                "type": "object",
+                "required": ["model", "prompt", "image"],
+                "properties": {
+                    "model": {"type": "string"}, "prompt": {"type": "string"},
+                    "image": {"type": "string", "format": "binary"},
+                    "mask": {"type": "string", "format": "binary"},
+                    "n": {"type": "integer"}, "size": {"type": "string"},
+                    "response_format": {"type": "string"},
+                },
+            }},
+        },
+    }
+}
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    """Routes requests to model deployments by their `model` field."""
+
+    def __init__(self, config: AppConfig, handles: dict[str, DeploymentHandle]) -> None:
+        self.config = config
+        api.state.max_body_bytes = config.max_body_bytes
+        self.router = ModelRouter(config, handles)
+        self.catalog = LiveCatalog(config, serve.get_replica_context().app_name)
+        self.store = ImageStore(config.image_dir, config.public_base_url)
+        self.fetcher = ImageFetcher(config.max_image_download_bytes, config.image_download_timeout_s)
+
+    @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+    async def chat_completions(self, body: ChatCompletionRequest) -> Response:
+        target = self.router.resolve(body.model, "chat")
+        result = await target.generate.remote(chat_job(body, target.config))
+        return json_response(chat_response(body, result))
+
+    @api.post("/v1/images/generations", response_model=ImagesResponse, responses=ERRORS)
+    async def image_generations(self, body: ImageGenerationRequest) -> Response:
+        target = self.router.resolve(body.model, "image")
+        result = await target.generate.remote(image_job(body, target.config))
+        return json_response(await self._images_response(body, result))
+
+    @api.post("/v1/images/edits", response_model=ImagesResponse, responses=ERRORS, openapi_extra=EDIT_BODY)
+    async def image_edits(self, request: Request) -> Response:
+        body, image, mask = await self._read_edit(request)
+        target = self.router.resolve(body.model, "image")
+        job = image_job(body, target.config, source=image, mask=mask)
+        return json_response(await self._images_response(body, await target.generate.remote(job)))
+
+    @api.get("/v1/models", response_model=ModelList)
+    async def list_models(self) -> Response:
+        cards = [
+            ModelCard(id=live.config.name, model=live.config.name, created=live.created,
+                      owned_by=live.config.owned_by, url=self.catalog.url_for(live.config),
+                      kind=live.config.kind, endpoints=ROUTES[live.config.kind])
+            for live in await self.catalog.live_models()
+        ]
+        return json_response(ModelList(project=self.config.project, data=cards))
+
+    @api.get(FILES_ROUTE + "/{name}", response_class=FileResponse, responses={404: ERRORS[404]})
+    async def image_file(self, name: str) -> FileResponse:
+        return FileResponse(self.store.path(name), media_type="image/png")
+
+    async def _images_response(self, body: ImageGenerationRequest, result: ImageResult) -> ImagesResponse:
+        if body.response_format == "b64_json":
+            data = [ImageData(b64_json=base64.b64encode(png).decode()) for png in result.images]
+        else:
+            names = await asyncio.to_thread(lambda: [self.store.save(png) for png in result.images])
+            data = [ImageData(url=self.store.url(name)) for name in names]
+        return ImagesResponse(model=body.model, data=data)
+
+    async def _read_edit(self, request: Request) -> tuple[ImageEditRequest, InputImage, InputImage | None]:
+        """An edit as JSON (image URLs) or multipart (uploaded files); images checked before any model work."""
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            fields, files = await _read_form(request)
+            body = ImageEditRequest.model_validate(fields)
+            upload = files.pop("image", None) or files.pop("image[]", None)
+            mask_upload = files.pop("mask", None)
+            if upload is None and len(files) == 1:  # a node may name the field e.g. `face_image`
+                upload = files.popitem()[1]
+            if upload is None:
+                raise InvalidRequest("image is required: upload it as a file field named 'image'.", param="image")
+            image = await asyncio.to_thread(self.fetcher.check_upload, upload, param="image")
+            mask = await asyncio.to_thread(self.fetcher.check_upload, mask_upload, param="mask") if mask_upload else None
+            return body, image, mask
+        body = ImageEditRequest.model_validate_json(await request.body() or b"null")
+        if not body.image:
+            raise InvalidRequest("image is required: an http(s) URL or a data: URL.", param="image")
+        image = await self.fetcher.load(body.image, param="image")
+        mask = await self.fetcher.load(body.mask, param="mask") if body.mask else None
+        return body, image, mask
+
+
+async def _read_form(request: Request) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Split a multipart form into plain fields and uploaded files (first file per name)."""
+    form = await request.form()
+    fields: dict[str, Any] = {}
+    files: dict[str, bytes] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            files.setdefault(key, await value.read())
+        else:
+            fields.setdefault(key, value)
+    return fields, files

@@ -1,0 +1,67 @@
+"""What the ingress hands a model deployment, and what it gets back.
+
+These are the only types that cross the ingress/model boundary: already
+validated, already resolved against the model's limits, free of HTTP. Model
+code imports this module and never `protocol`, so it cannot grow a dependency
+on the wire format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ChatJob:
+    """One chat completion: plain-text messages and resolved sampling parameters."""
+
+    messages: list[dict[str, str]]
+    max_tokens: int
+    max_tokens_explicit: bool
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+@dataclass(frozen=True)
+class ChatChoiceResult:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    choices: list[ChatChoiceResult]
+    prompt_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(choice.completion_tokens for choice in self.choices)
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """Text-to-image when `init_image` is None, else image-to-image (inpainting with a mask)."""
+
+    prompt: str
+    n: int
+    width: int
+    height: int
+    steps: int
+    seed: int | None = None
+    negative_prompt: str | None = None
+    init_image: bytes | None = None
+    mask_image: bytes | None = None
+    strength: float = 0.75
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """PNG-encoded images, exactly `n` of them, each `width` x `height`."""
+
+    images: list[bytes]

@@ -1,0 +1,243 @@
+"""Wire protocol: the request and response bodies of every route, as pydantic models.
+
+Each response carries both dialects at once: the AI Model Interface Standard's
+envelope (`code`, `message`) and the OpenAI fields, so one body satisfies a
+network node and the official `openai` client alike. Requests accept unknown
+fields (clients and nodes send `user`, `wallet`, `signature`, ...) and log
+them at debug level; constraints live in the types so a bad value is reported
+with the parameter's name.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+logger = logging.getLogger("ray.serve")
+
+
+class WireModel(BaseModel):
+    """Base of every request and response body: unknown fields are kept and ignored."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _log_unknown_fields(self) -> "WireModel":
+        if self.model_extra:
+            logger.debug("%s: ignoring unknown fields %s", type(self).__name__, sorted(self.model_extra))
+        return self
+
+
+def _zero_means_one(value: Any) -> Any:
+    return 1 if value in (None, 0) else value
+
+
+Count = Annotated[int, BeforeValidator(_zero_means_one), Field(ge=1)]
+"""`n`: `0`, `null` or absent mean one, as a network node sends zero values."""
+
+
+# --------------------------------------------------------------------------- chat
+
+
+class ContentPart(WireModel):
+    """One part of a message's content; only text parts reach a text model."""
+
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> "ContentPart":
+        if self.type != "text" or self.text is None:
+            raise ValueError(f"content parts of type {self.type!r} are not supported; use 'text'")
+        return self
+
+
+class ChatMessage(WireModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The content as one string (text parts joined)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text or "" for part in self.content)
+
+
+class StreamOptions(WireModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(WireModel):
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: Count = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else value
+        stops = [s for s in stops if s]
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences are allowed")
+        return stops or None
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """`max_completion_tokens` is the newer name of `max_tokens`."""
+        return self.max_completion_tokens or self.max_tokens
+
+
+class AssistantMessage(WireModel):
+    role: Literal["assistant"] = "assistant"
+    content: str = ""
+
+
+class ChatChoice(WireModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class Usage(WireModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Success(WireModel):
+    """The standard's success envelope, merged into every success body."""
+
+    code: int = 0
+    message: str = "success"
+
+
+class ChatCompletionResponse(Success):
+    id: str = Field(default_factory=lambda: new_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+# -------------------------------------------------------------------------- images
+
+ResponseFormat = Literal["url", "b64_json"]
+
+
+class ImageGenerationRequest(WireModel):
+    """`/v1/images/generations`. Size as `size: "WxH"` or `width`/`height`."""
+
+    model: str = Field(min_length=1)
+    prompt: str = Field(min_length=1)
+    n: Count = 1
+    size: str | None = None
+    width: int | None = Field(None, ge=0)
+    height: int | None = Field(None, ge=0)
+    response_format: ResponseFormat = "url"
+    steps: int | None = Field(None, ge=0)
+    step: int | None = Field(None, ge=0, description="The network node's name for `steps`.")
+    negative_prompt: str | None = None
+    seed: int | None = None
+    user: str | None = None
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _empty_means_url(cls, value: Any) -> Any:
+        return "url" if value in (None, "", 0) else value
+
+    @property
+    def requested_steps(self) -> int | None:
+        """`steps` or the node's `step`; zero means the model's default."""
+        return self.steps or self.step or None
+
+
+class ImageEditRequest(ImageGenerationRequest):
+    """`/v1/images/edits`: as JSON, `image` (and `mask`) are http(s) or data: URLs;
+    as multipart, they are uploaded files and these fields stay empty."""
+
+    image: str | None = None
+    mask: str | None = None
+    strength: float | None = Field(None, gt=0, le=1)
+
+
+class ImageData(WireModel):
+    url: str | None = None
+    b64_json: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(Success):
+    created: int = Field(default_factory=now)
+    model: str
+    data: list[ImageData]
+
+
+# -------------------------------------------------------------------------- models
+
+
+class ModelCard(WireModel):
+    """One entry of /v1/models: the standard's `model`/`url` and OpenAI's fields."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    model: str
+    url: str
+    kind: Literal["chat", "image"]
+    endpoints: list[str]
+
+
+class ModelList(Success):
+    object: Literal["list"] = "list"
+    project: str
+    data: list[ModelCard]
+
+
+# -------------------------------------------------------------------------- errors
+
+
+class ErrorDetail(WireModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(WireModel):
+    """Every failure: the standard's non-zero `code` and `message`, and OpenAI's `error`."""
+
+    code: int
+    message: str
+    error: ErrorDetail

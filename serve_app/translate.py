@@ -1,0 +1,118 @@
+"""Between the wire and the models: requests to jobs within each model's limits, results to bodies.
+
+Limits come from the model's config and are checked here, in the ingress,
+before any model work, so a request over a limit costs a model replica nothing
+and gets a 400 naming the parameter.
+"""
+
+from __future__ import annotations
+
+from serve_app.config import ChatModelConfig, ImageModelConfig, parse_size
+from serve_app.errors import InvalidRequest
+from serve_app.image_input import InputImage
+from serve_app.jobs import ChatJob, ChatResult, ImageJob
+from serve_app.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    Usage,
+)
+
+_ROLE_ALIASES = {"developer": "system"}
+
+
+def _check_n(n: int, limit: int) -> None:
+    if n > limit:
+        raise InvalidRequest(f"n must be at most {limit} for this model.", param="n")
+
+
+def chat_job(request: ChatCompletionRequest, config: ChatModelConfig) -> ChatJob:
+    _check_n(request.n, config.max_n)
+    requested = request.requested_max_tokens
+    if requested is not None and requested > config.max_tokens_limit:
+        raise InvalidRequest(f"max_tokens must be at most {config.max_tokens_limit} for this model.",
+                             param="max_completion_tokens" if request.max_completion_tokens else "max_tokens")
+    return ChatJob(
+        messages=[{"role": _ROLE_ALIASES.get(m.role, m.role), "content": m.text()} for m in request.messages],
+        max_tokens=requested or config.default_max_tokens,
+        max_tokens_explicit=requested is not None,
+        n=request.n,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        seed=request.seed,
+        stop=list(request.stop or []),
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+    )
+
+
+def chat_response(request: ChatCompletionRequest, result: ChatResult) -> ChatCompletionResponse:
+    return ChatCompletionResponse(
+        model=request.model,
+        choices=[ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
+                 for i, c in enumerate(result.choices)],
+        usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                    total_tokens=result.prompt_tokens + result.completion_tokens),
+    )
+
+
+def _requested_size(request: ImageGenerationRequest) -> tuple[tuple[int, int], str] | None:
+    """(size, parameter it came from), or None when the request names no size."""
+    if request.width or request.height:
+        if not (request.width and request.height):
+            raise InvalidRequest("width and height must be given together.",
+                                 param="height" if request.width else "width")
+        return (request.width, request.height), "width"
+    if request.size and request.size.strip().lower() != "auto":
+        size = parse_size(request.size)
+        if size is None:
+            raise InvalidRequest(f"size must look like '1024x1024', not {request.size!r}.", param="size")
+        return size, "size"
+    return None
+
+
+def _fit_within(width: int, height: int, config: ImageModelConfig) -> tuple[int, int]:
+    """An input image's size scaled into the model's bounds, on its size grid."""
+    scale = min(1.0, config.max_side / max(width, height))
+    step = config.size_multiple
+    fit = [max(config.min_side, int(side * scale) // step * step) for side in (width, height)]
+    return fit[0], fit[1]
+
+
+def image_size(request: ImageGenerationRequest, config: ImageModelConfig,
+               source: InputImage | None = None) -> tuple[int, int]:
+    """The size to make: as requested, else the input image's (edits), else the model's default."""
+    requested = _requested_size(request)
+    if requested is None:
+        if source is not None:
+            return _fit_within(source.width, source.height, config)
+        return parse_size(config.default_size)  # type: ignore[return-value]
+    (width, height), param = requested
+    low, high, step = config.min_side, config.max_side, config.size_multiple
+    for side in (width, height):
+        if not low <= side <= high or side % step:
+            raise InvalidRequest(
+                f"{param}: width and height must be between {low} and {high} and multiples of {step}; "
+                f"got {width}x{height}.", param=param, code="invalid_size")
+    return width, height
+
+
+def image_job(request: ImageGenerationRequest, config: ImageModelConfig, *,
+              source: InputImage | None = None, mask: InputImage | None = None) -> ImageJob:
+    _check_n(request.n, config.max_n)
+    steps = request.requested_steps or config.default_steps
+    if steps > config.max_steps:
+        raise InvalidRequest(f"steps must be at most {config.max_steps} for this model.",
+                             param="steps" if request.steps else "step")
+    width, height = image_size(request, config, source)
+    strength = config.default_strength
+    if isinstance(request, ImageEditRequest) and request.strength is not None:
+        strength = request.strength
+    return ImageJob(
+        prompt=request.prompt, n=request.n, width=width, height=height, steps=steps, seed=request.seed,
+        negative_prompt=request.negative_prompt, strength=strength,
+        init_image=source.data if source else None, mask_image=mask.data if mask else None,
+    )
