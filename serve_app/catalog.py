@@ -87,10 +87,11 @@ class LiveCatalog:
 
 @dataclass(frozen=True)
 class Target:
-    """A configured model and the cached handle that calls its `generate`."""
+    """A configured model and the cached handles that call it."""
 
     config: ChatModelConfig | ImageModelConfig
     generate: DeploymentHandle
+    stream: DeploymentHandle | None  # chat models: `generate_stream`, a streaming handle
 
 
 class ModelRouter:
@@ -102,7 +103,12 @@ class ModelRouter:
 
     def __init__(self, config: AppConfig, handles: dict[str, DeploymentHandle]) -> None:
         self._targets = {
-            model.name: Target(model, handles[model.name].options(method_name="generate"))
+            model.name: Target(
+                model,
+                handles[model.name].options(method_name="generate"),
+                handles[model.name].options(method_name="generate_stream", stream=True)
+                if model.kind == "chat" else None,
+            )
             for model in config.models
         }
 

@@ -3,18 +3,32 @@
 The replica loads the tokenizer and model once with `from_pretrained` (a local
 folder or a hub id, exactly as for any checkpoint), formats the conversation
 with the tokenizer's own chat template and runs `model.generate` on the
-replica's worker thread (see `ModelReplica`).
+replica's worker thread (see `ModelReplica`). Both the plain and the streamed
+answer go through one `ChoiceDecoder` per choice, so stop strings, end of
+sequence and token counts are decided the same way in both.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from typing import AsyncIterator
+
 import torch
 from ray import serve
-from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.generation.streamers import BaseStreamer
 
 from serve_app.config import ChatModelConfig
 from serve_app.errors import InvalidRequest
-from serve_app.jobs import ChatChoiceResult, ChatJob, ChatResult
+from serve_app.jobs import ChatChoiceResult, ChatJob, ChatResult, ChatStreamChunk, ChoiceDelta
 from serve_app.placement import ModelReplica
 
 
@@ -40,6 +54,89 @@ class OpenAIPenalties(LogitsProcessor):
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
+class StopWhenCancelled(StoppingCriteria):
+    """Ends generation at the next step once the request is gone (client disconnected)."""
+
+    def __init__(self, cancelled: threading.Event) -> None:
+        self.cancelled = cancelled
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.cancelled.is_set(), dtype=torch.bool,
+                          device=input_ids.device)
+
+
+class QueueStreamer(BaseStreamer):
+    """Hands each step's new tokens (one per sequence) from the worker thread to the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+        self.loop, self.queue, self.prompt_seen = loop, queue, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first echoes the prompt
+            self.prompt_seen = True
+            return
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+
+
+class ChoiceDecoder:
+    """Turns one choice's tokens into text deltas, and decides truthfully why it ended.
+
+    Text that may still become a stop string, or half a UTF-8 character, is
+    held back until it is known to be safe to send.
+    """
+
+    def __init__(self, tokenizer, eos_ids: set[int], stop: list[str], max_tokens: int) -> None:
+        self.tokenizer, self.eos_ids, self.stop, self.max_tokens = tokenizer, eos_ids, stop, max_tokens
+        self.tokens: list[int] = []
+        self.text = ""
+        self.sent = 0
+        self.used = 0
+        self.finish_reason: str | None = None
+
+    def feed(self, token: int) -> str:
+        """Add one token; returns the text that may be sent now."""
+        if self.finish_reason is not None:
+            return ""  # padding after this sequence ended
+        self.used += 1
+        if token in self.eos_ids:
+            return self._finish("stop")
+        self.tokens.append(token)
+        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=None)
+        if cut is not None:
+            self.text = self.text[:cut]
+            return self._finish("stop")
+        if self.used >= self.max_tokens:
+            return self._finish("length")
+        safe = len(self.text) - self._unsafe_tail()
+        delta, self.sent = self.text[self.sent:safe], max(self.sent, safe)
+        return delta
+
+    def close(self) -> str:
+        """Generation ended without a reason seen here (e.g. the context filled up)."""
+        if self.finish_reason is not None:
+            return ""
+        return self._finish("length" if self.used >= self.max_tokens else "stop")
+
+    def result(self) -> ChatChoiceResult:
+        return ChatChoiceResult(text=self.text, finish_reason=self.finish_reason or "stop",
+                                completion_tokens=self.used)
+
+    def _finish(self, reason: str) -> str:
+        self.finish_reason = reason
+        delta, self.sent = self.text[self.sent:], len(self.text)
+        return delta
+
+    def _unsafe_tail(self) -> int:
+        if self.text.endswith("\ufffd"):
+            return 1
+        return max((k for s in self.stop for k in range(len(s) - 1, 0, -1)
+                    if self.text.endswith(s[:k])), default=0)
+
+
 @serve.deployment
 class ChatModel(ModelReplica):
     """One replica of one chat model."""
@@ -58,20 +155,73 @@ class ChatModel(ModelReplica):
         self.log_loaded()
 
     async def generate(self, job: ChatJob) -> ChatResult:
-        """Run one chat completion without blocking the replica's event loop."""
+        """The whole completion at once, computed off the event loop."""
         return await self.run_on_worker(self._generate, job)
 
+    async def generate_stream(self, job: ChatJob) -> AsyncIterator[ChatStreamChunk]:
+        """The completion as it is produced: the first tokens at once, later ones
+        coalesced into one message per wake-up of this loop (each message through a
+        handle costs CPU, so sending per token would slow everything down)."""
+        loop, queue, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+        inputs, prompt_length, max_new = self._prepare(job)
+        decoders = self._decoders(job, max_new)
+        run = asyncio.ensure_future(self.run_on_worker(
+            self._run_generate, job, inputs, prompt_length, max_new, QueueStreamer(loop, queue), cancelled))
+        try:
+            finished = False
+            while not finished:
+                steps = [await queue.get()]
+                while not queue.empty():
+                    steps.append(queue.get_nowait())
+                finished = steps[-1] is None
+                deltas = self._feed(decoders, [s for s in steps if s is not None], close=finished)
+                if deltas:
+                    yield ChatStreamChunk(deltas, prompt_length, sum(d.used for d in decoders))
+            await run  # surface an exception from the worker
+        finally:
+            cancelled.set()  # client gone or done: stop generating at the next step
+
     def _generate(self, job: ChatJob) -> ChatResult:
+        inputs, prompt_length, max_new = self._prepare(job)
+        output = self._run_generate(job, inputs, prompt_length, max_new)
+        decoders = self._decoders(job, max_new)
+        self._feed(decoders, output[:, prompt_length:].T.tolist(), close=True)
+        return ChatResult(choices=[d.result() for d in decoders], prompt_tokens=prompt_length)
+
+    def _prepare(self, job: ChatJob) -> tuple[dict, int, int]:
         prompt = self.tokenizer.apply_chat_template(job.messages, add_generation_prompt=True, tokenize=False)
         inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.device)
         prompt_length = int(inputs["input_ids"].shape[1])
-        max_new_tokens = self._fit_to_context(prompt_length, job)
+        return inputs, prompt_length, self._fit_to_context(prompt_length, job)
+
+    def _decoders(self, job: ChatJob, max_new: int) -> list[ChoiceDecoder]:
+        return [ChoiceDecoder(self.tokenizer, self.eos_ids, job.stop, max_new) for _ in range(job.n)]
+
+    @staticmethod
+    def _feed(decoders: list[ChoiceDecoder], steps: list[list[int]], *, close: bool) -> list[ChoiceDelta]:
+        """Feed steps (one token per choice each) to the decoders; the non-empty deltas."""
+        was_open = [decoder.finish_reason is None for decoder in decoders]
+        texts = ["" for _ in decoders]
+        for step in steps:
+            for i, token in enumerate(step):
+                texts[i] += decoders[i].feed(token)
+        if close:
+            for i, decoder in enumerate(decoders):
+                texts[i] += decoder.close()
+        return [ChoiceDelta(i, texts[i], decoder.finish_reason)
+                for i, decoder in enumerate(decoders)
+                if texts[i] or (was_open[i] and decoder.finish_reason is not None)]
+
+    def _run_generate(self, job: ChatJob, inputs: dict, prompt_length: int, max_new: int,
+                      streamer: BaseStreamer | None = None,
+                      cancelled: threading.Event | None = None) -> torch.Tensor:
         if job.seed is not None:
             torch.manual_seed(job.seed)
+        kwargs = self._sampling(job, prompt_length, max_new)
+        if cancelled is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([StopWhenCancelled(cancelled)])
         with torch.inference_mode():
-            output = self.model.generate(**inputs, **self._sampling(job, prompt_length, max_new_tokens))
-        choices = [self._choice(row[prompt_length:], job, max_new_tokens) for row in output]
-        return ChatResult(choices=choices, prompt_tokens=prompt_length)
+            return self.model.generate(**inputs, **kwargs, streamer=streamer)
 
     def _fit_to_context(self, prompt_length: int, job: ChatJob) -> int:
         """max_tokens that fit the context: an explicit ask that does not fit is an error."""
@@ -107,20 +257,3 @@ class ChatModel(ModelReplica):
             kwargs["logits_processor"] = LogitsProcessorList([OpenAIPenalties(
                 prompt_length, job.presence_penalty or 0.0, job.frequency_penalty or 0.0)])
         return kwargs
-
-    def _choice(self, generated: torch.Tensor, job: ChatJob, max_new_tokens: int) -> ChatChoiceResult:
-        """Decode one sequence and say truthfully why it ended."""
-        tokens = generated.tolist()
-        end = next((i for i, token in enumerate(tokens) if token in self.eos_ids), None)
-        if end is not None:
-            tokens, finish, used = tokens[:end], "stop", end + 1
-        else:
-            while tokens and tokens[-1] == self.pad_id:  # a sibling sequence ran longer
-                tokens.pop()
-            used = len(tokens)
-            finish = "length" if used >= max_new_tokens else "stop"
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=None)
-        if cut is not None:
-            text, finish = text[:cut], "stop"
-        return ChatChoiceResult(text=text, finish_reason=finish, completion_tokens=used)

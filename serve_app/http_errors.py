@@ -45,13 +45,16 @@ def json_response(body: BaseModel, status_code: int = 200, headers: dict[str, st
     return Response(body.model_dump_json(), status_code=status_code, media_type=JSON, headers=headers)
 
 
-def error_response(error: APIError) -> Response:
-    body = ErrorResponse(
+def error_body(error: APIError) -> ErrorResponse:
+    return ErrorResponse(
         code=error.status_code,
         message=error.message,
         error=ErrorDetail(message=error.message, type=error.error_type, param=error.param, code=error.code),
     )
-    return json_response(body, error.status_code, error.headers)
+
+
+def error_response(error: APIError) -> Response:
+    return json_response(error_body(error), error.status_code, error.headers)
 
 
 def as_api_error(exc: BaseException) -> APIError:

@@ -12,7 +12,7 @@ import base64
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
@@ -35,6 +35,7 @@ from serve_app.protocol import (
     ModelCard,
     ModelList,
 )
+from serve_app.streaming import ChatChunkEncoder, chat_events
 from serve_app.translate import chat_job, chat_response, image_job
 
 api = FastAPI(
@@ -67,6 +68,20 @@ EDIT_BODY = {
 }
 
 
+# Defined before the class: `@serve.ingress` snapshots the module's globals when it runs.
+async def _read_form(request: Request) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Split a multipart form into plain fields and uploaded files (first file per name)."""
+    form = await request.form()
+    fields: dict[str, Any] = {}
+    files: dict[str, bytes] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            files.setdefault(key, await value.read())
+        else:
+            fields.setdefault(key, value)
+    return fields, files
+
+
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
@@ -83,8 +98,13 @@ class Ingress:
     @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
         target = self.router.resolve(body.model, "chat")
-        result = await target.generate.remote(chat_job(body, target.config))
-        return json_response(chat_response(body, result))
+        job = chat_job(body, target.config)
+        if not body.stream:
+            return json_response(chat_response(body, await target.generate.remote(job)))
+        chunks = target.stream.remote(job)
+        first = await anext(chunks, None)  # peek: an early error still gets its HTTP status
+        return StreamingResponse(chat_events(ChatChunkEncoder(body), first, chunks),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @api.post("/v1/images/generations", response_model=ImagesResponse, responses=ERRORS)
     async def image_generations(self, body: ImageGenerationRequest) -> Response:
@@ -142,15 +162,3 @@ class Ingress:
         mask = await self.fetcher.load(body.mask, param="mask") if body.mask else None
         return body, image, mask
 
-
-async def _read_form(request: Request) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """Split a multipart form into plain fields and uploaded files (first file per name)."""
-    form = await request.form()
-    fields: dict[str, Any] = {}
-    files: dict[str, bytes] = {}
-    for key, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            files.setdefault(key, await value.read())
-        else:
-            fields.setdefault(key, value)
-    return fields, files

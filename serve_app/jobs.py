@@ -45,6 +45,27 @@ class ChatResult:
 
 
 @dataclass(frozen=True)
+class ChoiceDelta:
+    """New text for one choice; `finish_reason` is set on the choice's last delta."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class ChatStreamChunk:
+    """One message of a streamed completion: the deltas produced since the last one.
+
+    Token counts are running totals, so the last chunk carries the usage.
+    """
+
+    deltas: list[ChoiceDelta]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
 class ImageJob:
     """Text-to-image when `init_image` is None, else image-to-image (inpainting with a mask)."""
 

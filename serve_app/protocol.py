@@ -150,6 +150,29 @@ class ChatCompletionResponse(Success):
     system_fingerprint: str | None = None
 
 
+class DeltaMessage(WireModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(WireModel):
+    index: int
+    delta: DeltaMessage
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(WireModel):
+    """One server-sent event of a streamed completion (plain OpenAI shape)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
 # -------------------------------------------------------------------------- images
 
 ResponseFormat = Literal["url", "b64_json"]
