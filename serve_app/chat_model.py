@@ -190,7 +190,10 @@ class ChatModel(ModelReplica):
 
     def _prepare(self, job: ChatJob) -> tuple[dict, int, int]:
         prompt = self.tokenizer.apply_chat_template(job.messages, add_generation_prompt=True, tokenize=False)
-        inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.device)
+        inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        # One row per choice: works for sampling and greedy alike (generate() refuses
+        # num_return_sequences > 1 without sampling).
+        inputs = {key: value.repeat(job.n, 1).to(self.device) for key, value in inputs.items()}
         prompt_length = int(inputs["input_ids"].shape[1])
         return inputs, prompt_length, self._fit_to_context(prompt_length, job)
 
@@ -220,8 +223,12 @@ class ChatModel(ModelReplica):
         kwargs = self._sampling(job, prompt_length, max_new)
         if cancelled is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([StopWhenCancelled(cancelled)])
-        with torch.inference_mode():
-            return self.model.generate(**inputs, **kwargs, streamer=streamer)
+        try:
+            with torch.inference_mode():
+                return self.model.generate(**inputs, **kwargs, streamer=streamer)
+        finally:
+            if streamer is not None:
+                streamer.end()  # also when generate() raised: the reader must not wait forever
 
     def _fit_to_context(self, prompt_length: int, job: ChatJob) -> int:
         """max_tokens that fit the context: an explicit ask that does not fit is an error."""
@@ -241,8 +248,7 @@ class ChatModel(ModelReplica):
 
     def _sampling(self, job: ChatJob, prompt_length: int, max_new_tokens: int) -> dict:
         """generate() arguments. Omitted parameters keep the checkpoint's own defaults."""
-        kwargs: dict = {"max_new_tokens": max_new_tokens, "num_return_sequences": job.n,
-                        "pad_token_id": self.pad_id}
+        kwargs: dict = {"max_new_tokens": max_new_tokens, "pad_token_id": self.pad_id}
         if job.temperature == 0:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         elif job.temperature is not None or job.top_p is not None:

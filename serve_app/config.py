@@ -112,6 +112,7 @@ class BaseModelConfig(StrictModel):
         "auto", description="'auto' picks bfloat16/float16 on GPU and float32 on CPU."
     )
     owned_by: str = Field("serve_app", description="Shown as `owned_by` in /v1/models.")
+    cid: str | None = Field(None, min_length=1, description="Content id of the model, sent to network nodes.")
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
     @field_validator("path")
@@ -191,6 +192,28 @@ class IngressOptions(StrictModel):
     max_ongoing_requests: int = Field(512, ge=1, description="Concurrent requests per ingress replica.")
 
 
+class RegistrationOptions(StrictModel):
+    """Announcing the live models to the AI network's communication node(s)."""
+
+    enabled: bool = Field(False, description="Register with the node(s) at all.")
+    node_urls: list[str] = Field(["http://127.0.0.1:7002"], min_length=1,
+                                 description="Base URLs of the communication nodes.")
+    project: str | None = Field(None, description="Project name on the node; default: the app's `project`.")
+    public_base_url: str | None = Field(
+        None, description="Base URL the node calls the models at; default: the app's `public_base_url`.")
+    interval_s: float = Field(60.0, gt=0, description="Re-register this often, even with no change.")
+    timeout_s: float = Field(5.0, gt=0, description="Timeout of one call to a node.")
+    retry_max_s: float = Field(60.0, gt=0, description="Longest back-off between retries of a failing node.")
+
+    @field_validator("node_urls")
+    @classmethod
+    def _http_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"node URL {url!r} must start with http:// or https://")
+        return [url.rstrip("/") for url in urls]
+
+
 class AppConfig(StrictModel):
     """The whole application: project identity, limits, storage and models."""
 
@@ -209,6 +232,7 @@ class AppConfig(StrictModel):
     image_download_timeout_s: float = Field(15.0, gt=0, description="Timeout for fetching image URLs.")
     catalog_ttl_s: float = Field(1.5, ge=0, description="How long /v1/models caches Serve's status.")
     ingress: IngressOptions = Field(default_factory=IngressOptions)
+    registration: RegistrationOptions = Field(default_factory=RegistrationOptions)
     models: list[ModelConfig] = Field(min_length=1, description="The models to serve.")
 
     @field_validator("public_base_url")
@@ -231,6 +255,10 @@ class AppConfig(StrictModel):
                 if key in seen:
                     raise ValueError(f"model name {model.name!r} is not unique (clashes with {seen[key]!r})")
                 seen[key] = model.name
+        if self.registration.enabled:
+            missing = [m.name for m in self.models if not m.cid]
+            if missing:
+                raise ValueError(f"registration needs a `cid` for every model; missing for {missing}")
         return self
 
     def find_model(self, name: str) -> ChatModelConfig | ImageModelConfig | None:

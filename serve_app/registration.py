@@ -1,0 +1,284 @@
+"""Announcing the live models to the AI network's communication node(s) (issue 6).
+
+A node (DeepBrainChain's AIComputingNode) forwards traffic only to the models a
+project has registered with it, and a node that restarts may have forgotten
+them. So the registrar keeps every node's copy of the project in step with
+what Ray Serve reports live: it registers when the live set changes and again
+every `interval_s`, retries a failing node with capped exponential back-off,
+and unregisters the project when the application is deleted. A node that is
+down or refuses never touches serving: each failure is logged, kept for
+`status()` and retried.
+
+`Registrar` is plain asyncio, testable without Ray; `RegistrarDeployment`
+runs exactly one of it per application.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Literal, Sequence
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from ray.serve import Application
+
+from serve_app.catalog import ROUTES, LiveCatalog, LiveModel
+from serve_app.config import AppConfig
+
+logger = logging.getLogger("ray.serve")
+
+REGISTER_PATH = "/api/v0/ai/project/register"
+UNREGISTER_PATH = "/api/v0/ai/project/unregister"
+NODE_TYPES = {"chat": (0,), "image": (1, 2)}
+"""The node's `type` for each route of `ROUTES[kind]`: 0 chat, 1 text-to-image, 2 image edit."""
+FIRST_RETRY_S = 1.0
+UNREGISTER_TIMEOUT_S = 2.0
+DEPLOYMENT_NAME = "registrar"
+
+LiveSource = Callable[[], Awaitable[Sequence[LiveModel]]]
+NodeStateName = Literal["pending", "registered", "failing", "disabled"]
+
+
+class NodeModel(BaseModel):
+    """One entry of a project's model list on the node: one model, one URL, one task type."""
+
+    model_config = ConfigDict(frozen=True)
+    model: str = Field(min_length=1)
+    api: str = Field(min_length=1)
+    type: Literal[0, 1, 2]
+    cid: str = Field(min_length=1)
+
+
+class ProjectRegistration(BaseModel):
+    """`POST /api/v0/ai/project/register`: replaces the project's whole model list on the node."""
+
+    model_config = ConfigDict(frozen=True)
+    project: str = Field(min_length=1)
+    models: tuple[NodeModel, ...]
+
+
+class ProjectUnregistration(BaseModel):
+    """`POST /api/v0/ai/project/unregister`."""
+    project: str = Field(min_length=1)
+
+
+class NodeReply(BaseModel):
+    """The node's answer. Its success omits `code` (Go's omitempty), so a missing code means 0."""
+
+    model_config = ConfigDict(extra="ignore")
+    code: int = 0
+    message: str = ""
+
+
+class NodeError(Exception):
+    """A node call that failed; the text is what `status()` and the log show."""
+
+
+def project_registration(project: str, base_url: str, live: Sequence[LiveModel]) -> ProjectRegistration:
+    """The node payload for these live models: one entry per model and route (image models twice)."""
+    return ProjectRegistration(project=project, models=tuple(
+        NodeModel(model=m.config.name, api=base_url + route, type=node_type, cid=m.config.cid or "")
+        for m in live
+        for node_type, route in zip(NODE_TYPES[m.config.kind], ROUTES[m.config.kind])
+    ))
+
+
+async def call_node(client: httpx.AsyncClient, url: str, path: str, body: BaseModel) -> NodeReply:
+    """POST one request to a node; raises `NodeError` unless it answers 200 with code 0."""
+    try:
+        response = await client.post(url + path, content=body.model_dump_json(),
+                                     headers={"Content-Type": "application/json"})
+    except httpx.HTTPError as exc:
+        raise NodeError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from exc
+    try:
+        reply: NodeReply | None = NodeReply.model_validate_json(response.content)
+    except ValidationError:
+        reply = None
+    if response.status_code != 200 or reply is None or reply.code != 0:
+        detail = f"code {reply.code}: {reply.message}" if reply else f"not a node reply: {response.text[:200]!r}"
+        raise NodeError(f"HTTP {response.status_code}, {detail}")
+    return reply
+
+
+@dataclass
+class NodeState:
+    """What one node holds of the project, and how talking to it has gone."""
+
+    url: str
+    state: NodeStateName = "pending"
+    registered: ProjectRegistration | None = None
+    registered_at: float = float("-inf")  # monotonic
+    retry_at: float = float("-inf")  # monotonic; back-off after a failure
+    last_success: float | None = None  # wall clock, for humans
+    last_error: str | None = None
+    attempts: int = 0
+    failures: int = 0  # consecutive
+
+    def due(self, payload: ProjectRegistration, now: float, interval_s: float) -> bool:
+        """Register now? On a change, or when the interval passed; never while backing off.
+
+        An empty model list is only sent to replace models registered before:
+        before anything is live there is nothing to announce.
+        """
+        if now < self.retry_at:
+            return False
+        if payload == self.registered:
+            return now - self.registered_at >= interval_s
+        return bool(payload.models) or self.registered is not None
+
+    def as_status(self) -> dict[str, Any]:
+        models = [m.model_dump() for m in self.registered.models] if self.registered else []
+        return {"url": self.url, "state": self.state, "last_success": self.last_success,
+                "last_error": self.last_error, "attempts": self.attempts,
+                "consecutive_failures": self.failures, "models": models}
+
+
+class Registrar:
+    """Keeps every configured node's registration of the project equal to the live models."""
+
+    def __init__(self, config: AppConfig, live: LiveSource, poll_s: float = 1.0) -> None:
+        self.options = config.registration
+        self.project = self.options.project or config.project
+        self.base_url = (self.options.public_base_url or config.public_base_url).rstrip("/")
+        self._live = live
+        self._poll_s = poll_s
+        initial: NodeStateName = "pending" if self.options.enabled else "disabled"
+        self._nodes = [NodeState(url, state=initial) for url in self.options.node_urls]
+        self._payload: ProjectRegistration | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        """Start one background loop per node on the running event loop (nothing when disabled)."""
+        if not self.options.enabled or self._tasks:
+            return
+        self._client = httpx.AsyncClient(timeout=self.options.timeout_s)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._node_loop(node), name=f"register {node.url}")
+                       for node in self._nodes]
+
+    async def stop(self, unregister: bool = True) -> None:
+        """Stop the loops (so nothing re-registers afterwards), then unregister if asked. Never raises."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        if unregister and self.options.enabled:
+            await self.unregister()
+
+    async def unregister(self) -> None:
+        """Tell every node the project is gone: best effort, bounded by a short timeout."""
+        body = ProjectUnregistration(project=self.project)
+        async with httpx.AsyncClient(timeout=min(self.options.timeout_s, UNREGISTER_TIMEOUT_S)) as client:
+            results = await asyncio.gather(*(call_node(client, node.url, UNREGISTER_PATH, body)
+                                             for node in self._nodes), return_exceptions=True)
+        for node, result in zip(self._nodes, results):
+            if isinstance(result, BaseException):
+                node.last_error = str(result)
+                logger.warning("could not unregister project %r from node %s: %s", self.project, node.url, result)
+            else:
+                logger.info("unregistered project %r from node %s (%s)", self.project, node.url, result.message)
+            node.state, node.registered = "pending", None
+
+    def status(self) -> dict[str, Any]:
+        """JSON-able state of the registration with every node, for `GET /v1/registration`."""
+        return {"enabled": self.options.enabled, "project": self.project,
+                "nodes": [node.as_status() for node in self._nodes]}
+
+    async def _node_loop(self, node: NodeState) -> None:
+        """Poll the live set and register with this node when due; survives anything but cancellation."""
+        while True:
+            try:
+                payload = await self._current_payload()
+                if payload is not None and node.due(payload, time.monotonic(), self.options.interval_s):
+                    await self._register(node, payload)
+            except Exception:  # noqa: BLE001 - a bug here must not end registration for good
+                logger.exception("registration loop for node %s failed; continuing", node.url)
+            await asyncio.sleep(self._poll_s)
+
+    async def _current_payload(self) -> ProjectRegistration | None:
+        """What the nodes should hold now; the last known payload while the live source fails."""
+        try:
+            live = await self._live()
+        except Exception:  # noqa: BLE001 - keep registering what was live
+            logger.warning("could not read the live models; keeping the last known set", exc_info=True)
+            return self._payload
+        self._payload = project_registration(self.project, self.base_url, live)
+        return self._payload
+
+    async def _register(self, node: NodeState, payload: ProjectRegistration) -> None:
+        node.attempts += 1
+        assert self._client is not None, "start() creates the client before any loop runs"
+        try:
+            await call_node(self._client, node.url, REGISTER_PATH, payload)
+        except NodeError as exc:
+            self._record_failure(node, str(exc))
+        else:
+            self._record_success(node, payload)
+
+    def _record_failure(self, node: NodeState, error: str) -> None:
+        node.failures += 1
+        node.state, node.last_error = "failing", error
+        first = min(FIRST_RETRY_S, self.options.retry_max_s)
+        delay = min(self.options.retry_max_s, first * 2 ** min(node.failures - 1, 30))
+        node.retry_at = time.monotonic() + delay
+        logger.warning("registering project %r with node %s failed (%d in a row): %s; retrying in %.1fs",
+                       self.project, node.url, node.failures, error, delay)
+
+    def _record_success(self, node: NodeState, payload: ProjectRegistration) -> None:
+        """A change or a recovery is news (info); the periodic refresh is not (debug)."""
+        news, recovered = payload != node.registered or node.failures > 0, node.failures > 0
+        node.state, node.registered, node.failures = "registered", payload, 0
+        node.registered_at, node.last_success, node.retry_at = time.monotonic(), time.time(), float("-inf")
+        entries = ", ".join(f"{m.model} (type {m.type})" for m in payload.models) or "no models"
+        logger.log(logging.INFO if news else logging.DEBUG, "registered project %r with node %s%s: %s",
+                   self.project, node.url, " (node recovered)" if recovered else "", entries)
+
+
+@serve.deployment
+class RegistrarDeployment:
+    """The application's one `Registrar`, on a replica's event loop (bound by `registrar_deployment`)."""
+
+    def __init__(self, config: AppConfig) -> None:
+        self._app_name = serve.get_replica_context().app_name
+        self._registrar = Registrar(config, LiveCatalog(config, self._app_name).live_models)
+        self._registrar.start()
+
+    async def status(self) -> dict[str, Any]:
+        return self._registrar.status()
+
+    async def __del__(self) -> None:
+        """Serve awaits this on graceful replica shutdown (replica.py `call_destructor`)."""
+        registrar = getattr(self, "_registrar", None)  # absent when __init__ failed
+        if registrar is not None:
+            await registrar.stop(unregister=await self._app_is_going_away())
+
+    async def _app_is_going_away(self) -> bool:
+        """Unregister unless Serve says the application stays up.
+
+        A redeploy replaces this replica while the application lives on; its
+        successor registers the new set, which an unregister from here could
+        arrive after and wipe. When Serve cannot be asked, assume the worst.
+        """
+        try:
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), UNREGISTER_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - controller gone: the whole server is going away
+            return True
+        app = status.applications.get(self._app_name)
+        return app is None or str(getattr(app.status, "value", app.status)) == "DELETING"
+
+
+def registrar_deployment(config: AppConfig) -> Application | None:
+    """The bound registrar (one replica, no CPU reserved) when registration is enabled, else None."""
+    if not config.registration.enabled:
+        return None
+    return RegistrarDeployment.options(
+        name=DEPLOYMENT_NAME, num_replicas=1, ray_actor_options={"num_cpus": 0},
+    ).bind(config)

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny models, one Ray Serve instance per test session, real HTTP.
+
+The suite starts its own Ray (and stops it), deploys `serve_config.yaml`'s
+application with its paths and URLs pointed at this session's folders and a
+free port, and talks to it over HTTP like any client.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """The tiny default models, built once (idempotent) where serve_config.yaml expects them."""
+    from serve_app.tiny_models import build_all
+
+    build_all(ROOT / "models")
+    return ROOT / "models"
+
+
+def default_args() -> dict[str, Any]:
+    """The application args of the shipped serve_config.yaml."""
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    return copy.deepcopy(config["applications"][0]["args"])
+
+
+class ServeCluster:
+    """A Ray + Serve instance on a free port; deploys apps built from config args."""
+
+    def __init__(self, port: int, image_dir: Path) -> None:
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.image_dir = image_dir
+
+    def args(self, route_prefix: str = "/", **overrides: Any) -> dict[str, Any]:
+        args = default_args()
+        for model in args["models"]:
+            model["path"] = str(ROOT / model["path"])
+        args.update(image_dir=str(self.image_dir),
+                    public_base_url=self.base_url + route_prefix.rstrip("/"))
+        args.update(overrides)
+        return args
+
+    def deploy(self, args: dict[str, Any], name: str = "serve_app", route_prefix: str = "/") -> str:
+        """Deploy (or redeploy) an application and wait until it is running; returns its base URL."""
+        from ray import serve
+
+        from serve_app.app import build_app
+        from serve_app.config import AppConfig
+
+        serve.run(build_app(AppConfig.model_validate(args)), name=name, route_prefix=route_prefix)
+        return self.base_url + route_prefix.rstrip("/")
+
+
+@pytest.fixture(scope="session")
+def cluster(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield ServeCluster(port, tmp_path_factory.mktemp("images"))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def server(cluster: ServeCluster) -> str:
+    """Base URL of the default application (serve_config.yaml's models)."""
+    return cluster.deploy(cluster.args())
+
+
+@pytest.fixture(scope="session")
+def http(server: str):
+    with httpx.Client(base_url=server, timeout=120) as client:
+        yield client
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.5) -> bool:
+    """Poll until `predicate()` is true; False on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

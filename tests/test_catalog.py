@@ -1,0 +1,71 @@
+"""The /v1/models catalog follows what is live in Ray Serve, not the static config."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import httpx
+from ray.serve._private.common import DeploymentStatus, ReplicaState
+
+from serve_app.catalog import LiveCatalog
+from serve_app.config import AppConfig
+from tests.conftest import default_args
+
+
+def _two_chat_models(cluster, prefix: str, names: list[str]) -> dict:
+    args = cluster.args(route_prefix=prefix)
+    chat = next(m for m in args["models"] if m["kind"] == "chat")
+    chat["deployment"]["num_cpus"] = 0.25
+    args["models"] = [{**chat, "name": name} for name in names]  # two models may share a path
+    return args
+
+
+def test_removed_model_is_unlisted_and_404(cluster):
+    from ray import serve
+
+    base = cluster.deploy(_two_chat_models(cluster, "/catalog", ["chat-a", "chat-b"]), name="catalog_app",
+                          route_prefix="/catalog")
+    try:
+        with httpx.Client(base_url=base, timeout=60) as http:
+            listed = {m["model"] for m in http.get("/v1/models").json()["data"]}
+            assert listed == {"chat-a", "chat-b"}
+            cluster.deploy(_two_chat_models(cluster, "/catalog", ["chat-a"]), name="catalog_app",
+                           route_prefix="/catalog")
+            assert {m["model"] for m in http.get("/v1/models").json()["data"]} == {"chat-a"}
+            gone = http.post("/v1/chat/completions",
+                             json={"model": "chat-b", "messages": [{"role": "user", "content": "hi"}]})
+            assert gone.status_code == 404 and gone.json()["error"]["param"] == "model"
+            still = http.post("/v1/chat/completions", json={
+                "model": "chat-a", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+            assert still.status_code == 200
+    finally:
+        serve.delete("catalog_app")
+
+
+def _status(app_name: str, deployments: dict) -> SimpleNamespace:
+    overview = {name: SimpleNamespace(status=status, replica_states=replicas)
+                for name, (status, replicas) in deployments.items()}
+    app = SimpleNamespace(deployments=overview, last_deployed_time_s=1700000000.5)
+    return SimpleNamespace(applications={app_name: app})
+
+
+def test_unhealthy_or_replica_less_deployments_are_not_listed():
+    """Serve's status as it reports a failed, a starting and a healthy deployment."""
+    config = AppConfig.model_validate(default_args())
+    chat, image = config.models
+    status = _status("app", {
+        chat.deployment_name: (DeploymentStatus.HEALTHY, {ReplicaState.RUNNING: 1}),
+        image.deployment_name: (DeploymentStatus.UNHEALTHY, {ReplicaState.RUNNING: 1}),
+    })
+    catalog = LiveCatalog(config, "app", status=lambda: status)
+    assert [m.config.name for m in asyncio.run(catalog.live_models())] == [chat.name]
+
+    starting = _status("app", {
+        chat.deployment_name: (DeploymentStatus.UPDATING, {ReplicaState.STARTING: 1}),
+        image.deployment_name: (DeploymentStatus.UPSCALING, {ReplicaState.RUNNING: 2, ReplicaState.STARTING: 1}),
+    })
+    catalog = LiveCatalog(config, "app", status=lambda: starting)
+    live = asyncio.run(catalog.live_models())
+    assert [m.config.name for m in live] == [image.name] and live[0].created == 1700000000
+    assert asyncio.run(LiveCatalog(config, "other-app", status=lambda: starting).live_models()) == []

@@ -1,0 +1,82 @@
+"""Config is data validated by pydantic: mistakes fail loudly, naming the field."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from serve_app.config import AppConfig
+from tests.conftest import ROOT, default_args
+
+
+def validate(mutate) -> AppConfig:
+    args = default_args()
+    mutate(args)
+    return AppConfig.model_validate(args)
+
+
+def test_shipped_config_is_valid_and_resolves_paths():
+    config = validate(lambda a: None)
+    assert [m.name for m in config.models] == ["Llama3-8B", "SuperImage"]
+    assert all(m.path.startswith("/") for m in config.models)
+    chat = config.models[0].deployment.serve_options()
+    assert chat["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.0}
+    assert chat["max_ongoing_requests"] == 32 and chat["num_replicas"] == 1
+
+
+def test_unknown_field_is_named():
+    with pytest.raises(ValidationError, match="num_gpu"):
+        validate(lambda a: a["models"][0]["deployment"].update(num_gpu=1))
+
+
+def test_duplicate_model_names_are_refused():
+    with pytest.raises(ValidationError, match="not unique"):
+        validate(lambda a: a["models"].append(dict(a["models"][0])))
+
+
+def test_two_names_may_share_a_path():
+    config = validate(lambda a: a["models"].append({**a["models"][0], "name": "other"}))
+    assert config.models[0].path == config.models[2].path
+
+
+def test_bad_kind_and_limits_are_refused():
+    with pytest.raises(ValidationError, match="kind"):
+        validate(lambda a: a["models"][0].update(kind="audio"))
+    with pytest.raises(ValidationError, match="default_max_tokens"):
+        validate(lambda a: a["models"][0].update(default_max_tokens=10, max_tokens_limit=5))
+
+
+def test_autoscaling_and_fixed_replicas_are_exclusive():
+    def both(args):
+        args["models"][0]["deployment"]["autoscaling_config"] = {"min_replicas": 0, "max_replicas": 2}
+
+    with pytest.raises(ValidationError, match="either num_replicas or autoscaling_config"):
+        validate(both)
+
+    def auto_only(args):
+        both(args)
+        del args["models"][0]["deployment"]["num_replicas"]
+
+    options = validate(auto_only).models[0].deployment.serve_options()
+    assert options["autoscaling_config"]["min_replicas"] == 0 and "num_replicas" not in options
+
+
+def test_gpu_config_requests_a_gpu():
+    options = validate(lambda a: a["models"][0]["deployment"].update(num_gpus=1)).models[0].deployment.serve_options()
+    assert options["ray_actor_options"]["num_gpus"] == 1
+
+
+def test_registration_needs_cids():
+    with pytest.raises(ValidationError, match="cid"):
+        validate(lambda a: a.update(registration={"enabled": True}))
+
+
+def test_readme_documents_every_config_field():
+    """The README's config reference must not fall behind the models."""
+    readme = (ROOT / "README.md").read_text()
+    from serve_app import config as c
+
+    for model in (c.AppConfig, c.ChatModelConfig, c.ImageModelConfig, c.DeploymentOptions,
+                  c.AutoscalingOptions, c.IngressOptions, c.RegistrationOptions):
+        for field in model.model_fields:
+            assert f"`{field}`" in readme, f"README lacks {model.__name__}.{field}"

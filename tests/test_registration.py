@@ -1,0 +1,285 @@
+"""Registration with the communication node (issue 6), against a real HTTP fake node.
+
+The `Registrar` tests run without Ray: a list stands in for the live catalog,
+so each scenario (start, change, node down, node errors, node restart,
+shutdown) takes a fraction of a second. One end-to-end test runs the whole
+application on Ray Serve and watches the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+
+import serve_app.app as app_module
+from tests.fake_node import FakeNode
+from serve_app.catalog import LiveModel
+from serve_app.config import AppConfig
+from serve_app.registration import REGISTER_PATH, UNREGISTER_PATH, Registrar, registrar_deployment
+
+PROJECT = "TestProject"
+BASE = "http://127.0.0.1:1088"
+CHAT = {"model": "Llama3-8B", "api": f"{BASE}/v1/chat/completions", "type": 0, "cid": "cid-llama"}
+IMAGE_GEN = {"model": "SuperImage", "api": f"{BASE}/v1/images/generations", "type": 1, "cid": "cid-sd"}
+IMAGE_EDIT = {"model": "SuperImage", "api": f"{BASE}/v1/images/edits", "type": 2, "cid": "cid-sd"}
+
+
+def make_config(node_urls: list[str], base_url: str = BASE, **registration: Any) -> AppConfig:
+    options = {"enabled": True, "node_urls": node_urls, "interval_s": 30, "timeout_s": 1, "retry_max_s": 0.2}
+    return AppConfig.model_validate({
+        "project": PROJECT, "public_base_url": base_url,
+        "registration": {**options, **registration},
+        "models": [
+            {"name": "Llama3-8B", "kind": "chat", "path": "org/tiny-llama", "cid": "cid-llama"},
+            {"name": "SuperImage", "kind": "image", "path": "org/tiny-sd", "cid": "cid-sd"},
+        ],
+    })
+
+
+class FakeLive:
+    """The live catalog as the registrar sees it: the configured models named in `names`."""
+
+    def __init__(self, config: AppConfig, *names: str) -> None:
+        self.config, self.names = config, set(names)
+
+    async def __call__(self) -> list[LiveModel]:
+        return [LiveModel(config=m, created=0) for m in self.config.models if m.name in self.names]
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def node() -> Iterator[FakeNode]:
+    fake = FakeNode().start()
+    yield fake
+    fake.stop()
+
+
+def started(config: AppConfig, live: FakeLive) -> Registrar:
+    registrar = Registrar(config, live, poll_s=0.02)
+    registrar.start()
+    return registrar
+
+
+def node_status(registrar: Registrar, index: int = 0) -> dict[str, Any]:
+    return registrar.status()["nodes"][index]
+
+
+# ---------------------------------------------------------------- Registrar, no Ray
+
+
+@pytest.mark.anyio
+async def test_registers_each_live_model_once_per_type_then_unregisters(node: FakeNode) -> None:
+    config = make_config([node.url])
+    registrar = started(config, FakeLive(config, "Llama3-8B", "SuperImage"))
+    await eventually(lambda: node.models_of(PROJECT) is not None)
+    await asyncio.sleep(0.2)  # several polls with no change: still one registration
+
+    assert node.bodies(REGISTER_PATH) == [{"project": PROJECT, "models": [CHAT, IMAGE_GEN, IMAGE_EDIT]}]
+    status = node_status(registrar)
+    assert status["state"] == "registered" and status["last_error"] is None
+    assert status["models"] == [CHAT, IMAGE_GEN, IMAGE_EDIT] and status["last_success"] > 0
+
+    await registrar.stop()
+    assert node.bodies(UNREGISTER_PATH) == [{"project": PROJECT}]
+    assert node.models_of(PROJECT) is None
+    assert node_status(registrar)["state"] == "pending"
+
+
+@pytest.mark.anyio
+async def test_reregisters_when_the_live_set_changes(node: FakeNode) -> None:
+    config = make_config([node.url])
+    live = FakeLive(config)
+    registrar = started(config, live)
+    await asyncio.sleep(0.2)
+    assert node.bodies(REGISTER_PATH) == [] and node_status(registrar)["state"] == "pending"
+
+    for names, expected in [({"Llama3-8B"}, [CHAT]),
+                            ({"Llama3-8B", "SuperImage"}, [CHAT, IMAGE_GEN, IMAGE_EDIT]),
+                            ({"SuperImage"}, [IMAGE_GEN, IMAGE_EDIT]),
+                            (set(), [])]:  # all gone: the node must stop routing to them
+        live.names = names
+        await eventually(lambda: node.models_of(PROJECT) == expected)
+    assert len(node.bodies(REGISTER_PATH)) == 4
+    await registrar.stop(unregister=False)
+
+
+@pytest.mark.anyio
+async def test_node_down_at_start_gets_registration_when_up(node: FakeNode) -> None:
+    node.stop()
+    config = make_config([node.url])
+    registrar = started(config, FakeLive(config, "Llama3-8B"))
+    await eventually(lambda: node_status(registrar)["attempts"] >= 3)  # retried with back-off
+    status = node_status(registrar)
+    assert status["state"] == "failing" and "ConnectError" in status["last_error"]
+
+    node.start()
+    await eventually(lambda: node.models_of(PROJECT) == [CHAT])
+    status = node_status(registrar)
+    assert status["state"] == "registered" and status["consecutive_failures"] == 0
+    await registrar.stop()
+
+
+@pytest.mark.anyio
+async def test_node_answering_500_is_reported_and_retried(node: FakeNode) -> None:
+    node.fail_status = 500
+    config = make_config([node.url])
+    registrar = started(config, FakeLive(config, "Llama3-8B"))
+    await eventually(lambda: node_status(registrar)["attempts"] >= 3)
+    status = node_status(registrar)
+    assert status["state"] == "failing"
+    assert status["last_error"] == "HTTP 500, code 5000: fake node failure"
+
+    node.fail_status = None
+    await eventually(lambda: node_status(registrar)["state"] == "registered")
+    assert node.models_of(PROJECT) == [CHAT]
+    await registrar.stop()
+
+
+@pytest.mark.anyio
+async def test_node_refusing_the_payload_is_reported_and_retried(node: FakeNode) -> None:
+    config = make_config([node.url], base_url="http://10.11.12.13:1088")  # not the node's machine
+    registrar = started(config, FakeLive(config, "Llama3-8B"))
+    await eventually(lambda: node_status(registrar)["attempts"] >= 3)
+    status = node_status(registrar)
+    assert status["state"] == "failing" and status["models"] == []
+    assert status["last_error"] == "HTTP 400, code 1002: the AI model and the node are not on the same machine"
+    await registrar.stop(unregister=False)
+
+
+@pytest.mark.anyio
+async def test_one_failing_node_does_not_hold_back_another(node: FakeNode) -> None:
+    down = FakeNode().start()
+    down.stop()
+    config = make_config([down.url, node.url], timeout_s=0.5)
+    registrar = started(config, FakeLive(config, "Llama3-8B"))
+    await eventually(lambda: node.models_of(PROJECT) == [CHAT])
+    assert [n["state"] for n in registrar.status()["nodes"]] == ["failing", "registered"]
+    started_at = time.monotonic()
+    await registrar.stop()  # unregister is best effort: the down node costs no more than its timeout
+    assert time.monotonic() - started_at < 2.5
+    assert node.models_of(PROJECT) is None
+
+
+@pytest.mark.anyio
+async def test_periodic_reregistration_after_the_node_forgot(node: FakeNode) -> None:
+    config = make_config([node.url], interval_s=0.3)
+    registrar = started(config, FakeLive(config, "Llama3-8B"))
+    await eventually(lambda: node.models_of(PROJECT) == [CHAT])
+    node.restart()
+    assert node.models_of(PROJECT) is None
+    await eventually(lambda: node.models_of(PROJECT) == [CHAT], timeout=2)
+    await registrar.stop()
+
+
+@pytest.mark.anyio
+async def test_unregistering_an_unknown_project_is_success(node: FakeNode) -> None:
+    config = make_config([node.url])
+    registrar = Registrar(config, FakeLive(config))
+    await registrar.unregister()
+    assert node.bodies(UNREGISTER_PATH) == [{"project": PROJECT}]
+    assert node_status(registrar)["last_error"] is None
+
+
+@pytest.mark.anyio
+async def test_disabled_registrar_does_nothing(node: FakeNode) -> None:
+    config = make_config([node.url], enabled=False)
+    registrar = started(config, FakeLive(config, "Llama3-8B"))
+    await asyncio.sleep(0.1)
+    await registrar.stop()
+    assert node.received == []
+    assert registrar.status()["enabled"] is False and node_status(registrar)["state"] == "disabled"
+    assert registrar_deployment(config) is None
+
+
+def test_project_and_base_url_can_be_overridden_for_the_node(node: FakeNode) -> None:
+    config = make_config([node.url], project="NodeProject", public_base_url="http://localhost:9000/")
+    registrar = Registrar(config, FakeLive(config))
+    assert (registrar.project, registrar.base_url) == ("NodeProject", "http://localhost:9000")
+
+
+# ---------------------------------------------------------------- the fake node itself
+
+
+@pytest.mark.parametrize("body, status, code", [
+    ({"project": "P", "models": [CHAT]}, 200, None),
+    ({"project": "P", "models": []}, 200, None),
+    ({"project": "", "models": [CHAT]}, 400, 1002),
+    ({"project": "P", "models": [{**CHAT, "cid": ""}]}, 400, 1002),
+    ({"project": "P", "models": [{**CHAT, "api": "http://192.0.2.1:1088/v1/chat/completions"}]}, 400, 1002),
+    ({"project": "P", "models": [{**CHAT, "type": 3}]}, 400, 1002),
+    ({"project": "P", "models": [{**CHAT, "type": "0"}]}, 400, 1001),
+    ("not an object", 400, 1001),
+])
+def test_fake_node_validates_like_the_node(node: FakeNode, body: Any, status: int, code: int | None) -> None:
+    reply = httpx.post(node.url + REGISTER_PATH, json=body)
+    assert reply.status_code == status
+    assert reply.json().get("code") == code  # success carries no `code` at all
+    assert reply.headers["content-type"].startswith("application/json")
+
+
+def test_fake_node_model_endpoints(node: FakeNode) -> None:
+    post = lambda path, body: httpx.post(node.url + path, json=body).json()  # noqa: E731
+    assert post("/api/v0/ai/model/register", {"project": "P", **CHAT}) == {"message": "ok"}
+    assert post("/api/v0/ai/model/register", {"project": "P", **CHAT}) == {"message": "ok"}
+    assert node.models_of("P") == [CHAT]
+    forget = {"project": "P", "model": CHAT["model"], "cid": CHAT["cid"]}
+    assert post("/api/v0/ai/model/unregister", forget) == {"message": "ok"}
+    assert post("/api/v0/ai/model/unregister", forget) == {"message": "not existed"}
+    assert post(UNREGISTER_PATH, {"project": "P"}) == {"message": "ok"}
+    assert post(UNREGISTER_PATH, {"project": "P"}) == {"message": "not existed"}
+
+
+# ---------------------------------------------------------------- end to end on Ray Serve
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(app_module, "registrar_deployment"),
+                    reason="serve_app.app.build_app does not bind the registrar yet")
+def test_registration_through_ray_serve(cluster, node: FakeNode) -> None:
+    from ray import serve
+
+    project = "RegProject"
+    args = cluster.args(route_prefix="/reg", project=project, registration={
+        "enabled": True, "node_urls": [node.url], "interval_s": 2, "timeout_s": 1, "retry_max_s": 1})
+    for model in args["models"]:
+        model["cid"] = "cid-" + model["name"]
+    base = cluster.deploy(args, name="reg_app", route_prefix="/reg")
+
+    def entries() -> list[tuple[str, str, int]] | None:
+        models = node.models_of(project)
+        return None if models is None else sorted((m["model"], m["api"], m["type"]) for m in models)
+
+    everything = sorted((m["name"], base + route, kind)
+                        for m in args["models"]
+                        for kind, route in ([(0, "/v1/chat/completions")] if m["kind"] == "chat" else
+                                            [(1, "/v1/images/generations"), (2, "/v1/images/edits")]))
+    assert node.wait_for(lambda: entries() == everything, timeout=60), entries()
+    status = httpx.get(base + "/v1/registration", timeout=30).json()
+    assert status["project"] == project and status["nodes"][0]["state"] == "registered"
+
+    chat_only = copy.deepcopy(args)
+    chat_only["models"] = [m for m in args["models"] if m["kind"] == "chat"]
+    cluster.deploy(chat_only, name="reg_app", route_prefix="/reg")
+    expected = [e for e in everything if e[2] == 0]
+    assert node.wait_for(lambda: entries() == expected, timeout=60), entries()
+    assert node.bodies(UNREGISTER_PATH) == []  # the replaced registrar left its successor's work alone
+
+    serve.delete("reg_app")
+    assert node.wait_for(lambda: node.bodies(UNREGISTER_PATH) == [{"project": project}], timeout=30)
+    assert node.models_of(project) is None

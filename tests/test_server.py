@@ -1,0 +1,275 @@
+"""End to end through Ray Serve: the four routes of the standard, in both dialects.
+
+Every response is checked against the standard's shape (code/message envelope)
+and against the official `openai` client's own types.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import openai
+import pytest
+from openai.types import ImagesResponse
+from openai.types.chat import ChatCompletion
+from PIL import Image
+
+CHAT = "Llama3-8B"
+IMAGE = "SuperImage"
+SEED_CHAT = {
+    "model": CHAT,
+    "messages": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Hello!"},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def assert_success(response) -> dict:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert body["code"] == 0 and body["message"] == "success"
+    assert isinstance(body["created"], int)
+    return body
+
+
+def png_of(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG"
+    return image
+
+
+# ------------------------------------------------------------------------------ models
+
+
+def test_models_lists_live_models_in_both_shapes(http, client):
+    body = http.get("/v1/models").json()
+    assert body["code"] == 0 and body["project"] == "serve_app" and body["object"] == "list"
+    by_name = {entry["model"]: entry for entry in body["data"]}
+    assert set(by_name) == {CHAT, IMAGE}
+    assert by_name[CHAT]["url"].endswith("/v1/chat/completions")
+    assert by_name[IMAGE]["url"].endswith("/v1/images/generations")
+    for entry in body["data"]:
+        assert entry["id"] == entry["model"] and entry["object"] == "model"
+        assert isinstance(entry["created"], int) and entry["owned_by"]
+    assert {model.id for model in client.models.list()} == {CHAT, IMAGE}
+
+
+# -------------------------------------------------------------------------------- chat
+
+
+def test_chat_seed_example_matches_standard_and_openai(http):
+    body = assert_success(http.post("/v1/chat/completions", json=SEED_CHAT))
+    assert body["model"] == CHAT and body["object"] == "chat.completion"
+    choice = body["choices"][0]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
+    assert isinstance(choice["message"]["content"], str) and choice["message"]["content"]
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    ChatCompletion.model_validate(body)
+
+
+def test_chat_max_tokens_gives_length_and_exact_usage(client):
+    result = client.chat.completions.create(model=CHAT, messages=SEED_CHAT["messages"], max_tokens=5,
+                                            n=2, temperature=1.0, seed=1)
+    assert len(result.choices) == 2 and [c.index for c in result.choices] == [0, 1]
+    for choice in result.choices:
+        assert choice.finish_reason in ("stop", "length")
+    lengths = sum(5 for c in result.choices if c.finish_reason == "length")
+    assert lengths <= result.usage.completion_tokens <= 10
+
+
+def test_chat_seed_reproduces_and_differs(client):
+    def ask(seed: int) -> str:
+        return client.chat.completions.create(model=CHAT, messages=SEED_CHAT["messages"], max_tokens=16,
+                                              temperature=1.0, seed=seed).choices[0].message.content
+
+    assert ask(7) == ask(7)
+    assert len({ask(7), ask(8), ask(9)}) > 1
+
+
+def test_chat_stop_string_cuts_output(client):
+    greedy = dict(model=CHAT, messages=SEED_CHAT["messages"], max_tokens=24, temperature=0)
+    full = client.chat.completions.create(**greedy).choices[0].message.content
+    assert len(full) > 6
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    cut = client.chat.completions.create(**greedy, stop=[stop]).choices[0]
+    assert cut.message.content == full[: full.index(stop)]
+    assert cut.finish_reason == "stop"
+
+
+def test_chat_accepts_content_parts_and_unknown_fields(http):
+    body = {
+        "model": CHAT, "max_tokens": 4, "wallet": "0xabc", "signature": "sig", "user": "u1",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}],
+    }
+    assert_success(http.post("/v1/chat/completions", json=body))
+
+
+def test_streaming_equals_non_streaming(client):
+    greedy = dict(model=CHAT, messages=SEED_CHAT["messages"], max_tokens=12, temperature=0)
+    whole = client.chat.completions.create(**greedy)
+    chunks = list(client.chat.completions.create(**greedy, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_streaming_raw_sse_format(http):
+    with http.stream("POST", "/v1/chat/completions", json={**SEED_CHAT, "stream": True, "max_tokens": 4, "n": 2}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in events)
+    assert events[-1] == "data: [DONE]"
+    assert {c["index"] for line in events[:-1] for c in __import__("json").loads(line[6:])["choices"]} == {0, 1}
+
+
+def test_streaming_error_before_start_is_plain_json(http):
+    response = http.post("/v1/chat/completions", json={**SEED_CHAT, "model": "nope", "stream": True})
+    assert response.status_code == 404 and response.headers["content-type"] == "application/json"
+    assert response.json()["error"]["param"] == "model"
+
+
+# ------------------------------------------------------------------------------ images
+
+
+def test_image_seed_example_returns_fetchable_png(http):
+    body = assert_success(http.post("/v1/images/generations", json={
+        "model": IMAGE, "prompt": "A cute baby sea otter", "n": 2, "size": "128x96"}))
+    assert len(body["data"]) == 2
+    for item in body["data"]:
+        assert item["url"].startswith("http://")
+        fetched = http.get(item["url"])
+        assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+        assert png_of(fetched.content).size == (128, 96)
+    ImagesResponse.model_validate(body)
+
+
+def test_openai_images_generate_url_and_b64(client, http):
+    by_url = client.images.generate(model=IMAGE, prompt="otter", size="256x256")
+    assert png_of(http.get(by_url.data[0].url).content).size == (256, 256)
+    inline = client.images.generate(model=IMAGE, prompt="otter", n=2, size="64x64", response_format="b64_json")
+    assert len(inline.data) == 2
+    assert png_of(base64.b64decode(inline.data[0].b64_json)).size == (64, 64)
+
+
+def test_node_style_zero_values_mean_defaults(http):
+    body = assert_success(http.post("/v1/images/generations", json={
+        "model": IMAGE, "prompt": "otter", "n": 0, "size": "", "width": 0, "height": 0,
+        "response_format": "", "step": 0, "wallet": "w", "signature": "s", "hash": "h"}))
+    assert len(body["data"]) == 1 and body["data"][0]["url"]
+    assert png_of(http.get(body["data"][0]["url"]).content).size == (512, 512)  # the config's default
+
+
+def test_width_height_fields_set_the_size(http):
+    body = assert_success(http.post("/v1/images/generations", json={
+        "model": IMAGE, "prompt": "otter", "width": 96, "height": 64, "response_format": "b64_json"}))
+    assert png_of(base64.b64decode(body["data"][0]["b64_json"])).size == (96, 64)
+
+
+def _png_bytes(size=(80, 60), color="red") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_openai_images_edit_with_file_upload(client, http):
+    result = client.images.edit(model=IMAGE, image=("in.png", _png_bytes(), "image/png"),
+                                prompt="with a beret", size="128x128")
+    assert png_of(http.get(result.data[0].url).content).size == (128, 128)
+
+
+def test_edit_with_upload_under_another_field_name_and_octet_stream(http):
+    response = http.post("/v1/images/edits", data={"model": IMAGE, "prompt": "beret", "n": "2", "size": "64x64"},
+                         files={"face_image": ("f.bin", _png_bytes(), "application/octet-stream")})
+    assert len(assert_success(response)["data"]) == 2
+
+
+def test_edit_json_with_data_url_keeps_input_size(http):
+    data_url = "data:image/png;base64," + base64.b64encode(_png_bytes((120, 80))).decode()
+    body = assert_success(http.post("/v1/images/edits", json={
+        "model": IMAGE, "prompt": "beret", "image": data_url, "response_format": "b64_json"}))
+    assert png_of(base64.b64decode(body["data"][0]["b64_json"])).size == (120, 80)
+
+
+def test_edit_json_with_http_url(http):
+    made = assert_success(http.post("/v1/images/generations", json={"model": IMAGE, "prompt": "x", "size": "64x64"}))
+    body = assert_success(http.post("/v1/images/edits", json={
+        "model": IMAGE, "prompt": "beret", "image": made["data"][0]["url"], "size": "64x64"}))
+    assert body["data"][0]["url"]
+
+
+# ------------------------------------------------------------------------------ errors
+
+BAD_REQUESTS = [
+    # (method, path, kwargs, status, param)
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "model": "nope"}}, 404, "model"),
+    ("post", "/v1/images/generations", {"json": {"model": "nope", "prompt": "x"}}, 404, "model"),
+    ("post", "/v1/images/edits", {"json": {"model": "nope", "prompt": "x", "image": "data:image/png;base64,"
+                                           + base64.b64encode(_png_bytes()).decode()}}, 404, "model"),
+    ("post", "/v1/chat/completions", {"content": b"{bad json", "headers": {"content-type": "application/json"}}, 400, None),
+    ("post", "/v1/chat/completions", {"json": {"model": CHAT}}, 400, "messages"),
+    ("post", "/v1/chat/completions", {"json": {"messages": SEED_CHAT["messages"]}}, 400, "model"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [{"role": "robot", "content": "x"}]}}, 400, "messages[0].role"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "temperature": "hot"}}, 400, "temperature"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "max_tokens": 10**6}}, 400, "max_tokens"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "n": 1000}}, 400, "n"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "model": IMAGE}}, 400, "model"),
+    ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "size": "big"}}, 400, "size"),
+    ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "size": "100x100"}}, 400, "size"),
+    ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "size": "8192x8192"}}, 400, "size"),
+    ("post", "/v1/images/generations", {"json": {"model": IMAGE}}, 400, "prompt"),
+    ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "steps": 10**4}}, 400, "steps"),
+    ("post", "/v1/images/generations", {"json": {"model": CHAT, "prompt": "x"}}, 400, "model"),
+    ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x", "image": "https://..."}}, 400, "image"),
+    ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x", "image": "/etc/passwd"}}, 400, "image"),
+    ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x",
+                                           "image": "data:text/plain;base64," + base64.b64encode(b"hello").decode()}}, 400, "image"),
+    ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x"}}, 400, "image"),
+    ("post", "/v1/images/edits", {"data": {"model": IMAGE, "prompt": "x"}, "files": {"image": ("a.png", b"not an image")}}, 400, "image"),
+    ("get", "/v1/files/images/..%2F..%2Fetc%2Fpasswd", {}, 404, None),
+    ("get", "/v1/files/images/nothere1234567890123.png", {}, 404, None),
+    ("get", "/v1/nothing", {}, 404, None),
+    ("delete", "/v1/models", {}, 405, None),
+    ("get", "/v1/chat/completions", {}, 405, None),
+    ("post", "/v1/chat/completions", {"content": b"x" * (26 * 1024 * 1024),
+                                      "headers": {"content-type": "application/json"}}, 413, None),
+]
+
+
+@pytest.mark.parametrize("method,path,kwargs,status,param", BAD_REQUESTS,
+                         ids=[f"{i}-{case[1]}-{case[3]}" for i, case in enumerate(BAD_REQUESTS)])
+def test_bad_requests_get_the_error_envelope(http, method, path, kwargs, status, param):
+    response = http.request(method.upper(), path, **kwargs)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert isinstance(body["code"], int) and body["code"] != 0
+    assert isinstance(body["message"], str) and body["message"]
+    assert body["error"]["message"] and body["error"]["type"]
+    assert "Traceback" not in response.text
+    if param is not None:
+        assert body["error"]["param"] == param
+
+
+def test_server_still_serves_after_bad_input(http):
+    assert_success(http.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 3}))
+
+
+def test_openai_client_raises_typed_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=SEED_CHAT["messages"])
+    with pytest.raises(openai.BadRequestError):
+        client.images.generate(model=IMAGE, prompt="x", size="13x13")
