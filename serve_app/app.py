@@ -12,6 +12,7 @@ from ray.serve import Application
 
 from serve_app.config import AppConfig
 from serve_app.ingress import Ingress
+from serve_app.registration import registrar_deployment
 
 INGRESS_NAME = "ingress"
 
@@ -28,7 +29,8 @@ def _model_deployment(kind: str):
 
 
 def build_app(args: AppConfig) -> Application:
-    """One deployment per configured model plus the ingress that routes to them."""
+    """One deployment per configured model, the ingress that routes to them, and
+    (when registration is enabled) the one registrar that announces them to nodes."""
     if not isinstance(args, AppConfig):  # called directly from Python with a dict
         args = AppConfig.model_validate(args)
     models = {
@@ -43,4 +45,4 @@ def build_app(args: AppConfig) -> Application:
         num_replicas=ingress.num_replicas,
         max_ongoing_requests=ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": ingress.num_cpus},
-    ).bind(args, models)
+    ).bind(args, models, registrar_deployment(args))

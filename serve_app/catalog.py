@@ -36,6 +36,7 @@ _DOWN = {"UNHEALTHY", "DEPLOY_FAILED"}
 class LiveModel:
     config: ChatModelConfig | ImageModelConfig
     created: int
+    scaled_to_zero: bool = False
 
 
 class LiveCatalog:
@@ -49,7 +50,7 @@ class LiveCatalog:
         self._refreshing: asyncio.Task | None = None
 
     async def live_models(self) -> list[LiveModel]:
-        """Models with at least one running, healthy replica (cached briefly)."""
+        """Models with a running, healthy replica, or scaled to zero on purpose (cached briefly)."""
         if time.monotonic() - self._fetched_at > self.config.catalog_ttl_s:
             if self._refreshing is None or self._refreshing.done():
                 self._refreshing = asyncio.create_task(self._refresh())
@@ -76,8 +77,11 @@ class LiveCatalog:
                 continue
             running = sum(count for state, count in deployment.replica_states.items()
                           if str(getattr(state, "value", state)) == "RUNNING")
-            if running > 0:
-                live.append(LiveModel(config=model, created=int(app.last_deployed_time_s)))
+            autoscaling = model.deployment.autoscaling_config
+            scaled_to_zero = running == 0 and autoscaling is not None and autoscaling.min_replicas == 0
+            if running > 0 or scaled_to_zero:  # a scaled-to-zero model wakes on its first request
+                live.append(LiveModel(config=model, created=int(app.last_deployed_time_s),
+                                      scaled_to_zero=scaled_to_zero))
         return live
 
     def url_for(self, model: ChatModelConfig | ImageModelConfig) -> str:

@@ -12,7 +12,7 @@ import base64
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
@@ -87,8 +87,10 @@ async def _read_form(request: Request) -> tuple[dict[str, Any], dict[str, bytes]
 class Ingress:
     """Routes requests to model deployments by their `model` field."""
 
-    def __init__(self, config: AppConfig, handles: dict[str, DeploymentHandle]) -> None:
+    def __init__(self, config: AppConfig, handles: dict[str, DeploymentHandle],
+                 registrar: DeploymentHandle | None = None) -> None:
         self.config = config
+        self.registrar = registrar
         api.state.max_body_bytes = config.max_body_bytes
         self.router = ModelRouter(config, handles)
         self.catalog = LiveCatalog(config, serve.get_replica_context().app_name)
@@ -124,10 +126,17 @@ class Ingress:
         cards = [
             ModelCard(id=live.config.name, model=live.config.name, created=live.created,
                       owned_by=live.config.owned_by, url=self.catalog.url_for(live.config),
-                      kind=live.config.kind, endpoints=ROUTES[live.config.kind])
+                      kind=live.config.kind, endpoints=ROUTES[live.config.kind],
+                      scaled_to_zero=live.scaled_to_zero)
             for live in await self.catalog.live_models()
         ]
         return json_response(ModelList(project=self.config.project, data=cards))
+
+    @api.get("/v1/registration")
+    async def registration(self) -> Response:
+        """Registration with the network node(s): per node state, last error, models registered."""
+        status = await self.registrar.status.remote() if self.registrar else {"enabled": False}
+        return JSONResponse(status)  # Content-Type exactly application/json
 
     @api.get(FILES_ROUTE + "/{name}", response_class=FileResponse, responses={404: ERRORS[404]})
     async def image_file(self, name: str) -> FileResponse:

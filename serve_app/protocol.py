@@ -240,6 +240,7 @@ class ModelCard(WireModel):
     url: str
     kind: Literal["chat", "image"]
     endpoints: list[str]
+    scaled_to_zero: bool = False
 
 
 class ModelList(Success):

@@ -16,7 +16,6 @@ from typing import Any, Callable, Iterator
 import httpx
 import pytest
 
-import serve_app.app as app_module
 from tests.fake_node import FakeNode
 from serve_app.catalog import LiveModel
 from serve_app.config import AppConfig
@@ -249,8 +248,6 @@ def test_fake_node_model_endpoints(node: FakeNode) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not hasattr(app_module, "registrar_deployment"),
-                    reason="serve_app.app.build_app does not bind the registrar yet")
 def test_registration_through_ray_serve(cluster, node: FakeNode) -> None:
     from ray import serve
 
