@@ -214,6 +214,29 @@ class RegistrationOptions(StrictModel):
         return [url.rstrip("/") for url in urls]
 
 
+class ImageInputOptions(StrictModel):
+    """Limits on the images an edit brings: fetched from a URL or uploaded."""
+
+    max_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest image file accepted (413 above).")
+    max_pixels: int = Field(4096 * 4096, ge=64 * 64, description="Largest width x height accepted (decompression bombs).")
+    timeout_s: float = Field(15.0, gt=0, description="Timeout for fetching an image URL.")
+    max_redirects: int = Field(3, ge=0, description="Redirects followed when fetching; each target is re-checked.")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts or IPs that may be fetched even though they are private/loopback (refused by default).")
+    accepted_formats: list[str] = Field(["PNG", "JPEG", "WEBP", "GIF", "BMP"],
+                                        description="Image formats accepted (recognised from the bytes).")
+
+
+class ImageRetentionOptions(StrictModel):
+    """How long generated images are kept: the oldest go first."""
+
+    max_age_s: float | None = Field(7 * 24 * 3600.0, gt=0, description="Delete images older than this; null keeps them.")
+    max_total_bytes: int | None = Field(
+        10 * 1024**3, gt=0, description="Delete the oldest images while the folder is larger; null is unbounded.")
+    sweep_interval_s: float = Field(300.0, gt=0, description="How often retention is enforced.")
+
+
 class AppConfig(StrictModel):
     """The whole application: project identity, limits, storage and models."""
 
@@ -226,10 +249,8 @@ class AppConfig(StrictModel):
     max_body_bytes: int = Field(
         25 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
     )
-    max_image_download_bytes: int = Field(
-        20 * 1024 * 1024, ge=1024, description="Largest image fetched from an edit's image URL."
-    )
-    image_download_timeout_s: float = Field(15.0, gt=0, description="Timeout for fetching image URLs.")
+    image_input: ImageInputOptions = Field(default_factory=lambda: ImageInputOptions())
+    image_retention: ImageRetentionOptions = Field(default_factory=lambda: ImageRetentionOptions())
     catalog_ttl_s: float = Field(1.5, ge=0, description="How long /v1/models caches Serve's status.")
     ingress: IngressOptions = Field(default_factory=IngressOptions)
     registration: RegistrationOptions = Field(default_factory=RegistrationOptions)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import httpx
 from PIL import Image
 
+from serve_app.config import ImageInputOptions
 from serve_app.errors import InvalidRequest, PayloadTooLarge
 
 ACCEPTED_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
@@ -48,10 +49,10 @@ def inspect_image(data: bytes, *, param: str) -> InputImage:
 class ImageFetcher:
     """Turns an `image` / `mask` string into bytes, within a size cap and a timeout."""
 
-    def __init__(self, max_bytes: int, timeout_s: float) -> None:
-        self.max_bytes = max_bytes
-        self.timeout_s = timeout_s
-        self._client = httpx.AsyncClient(timeout=timeout_s, follow_redirects=True,
+    def __init__(self, options: ImageInputOptions) -> None:
+        self.options = options
+        self.max_bytes = options.max_bytes
+        self._client = httpx.AsyncClient(timeout=options.timeout_s, follow_redirects=True,
                                          headers={"User-Agent": "serve_app-image-fetch"})
 
     async def load(self, source: str, *, param: str) -> InputImage:

@@ -95,7 +95,7 @@ class Ingress:
         self.router = ModelRouter(config, handles)
         self.catalog = LiveCatalog(config, serve.get_replica_context().app_name)
         self.store = ImageStore(config.image_dir, config.public_base_url)
-        self.fetcher = ImageFetcher(config.max_image_download_bytes, config.image_download_timeout_s)
+        self.fetcher = ImageFetcher(config.image_input)
 
     @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
