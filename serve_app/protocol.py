@@ -32,8 +32,17 @@ class WireModel(BaseModel):
         return self
 
 
+def _blank_is_none(value: Any) -> Any:
+    """Multipart forms carry every field as text: an empty one means absent."""
+    return None if isinstance(value, str) and not value.strip() else value
+
+
 def _zero_means_one(value: Any) -> Any:
-    return 1 if value in (None, 0) else value
+    value = _blank_is_none(value)
+    return 1 if value in (None, 0, "0") else value
+
+
+Blankable = BeforeValidator(_blank_is_none)
 
 
 Count = Annotated[int, BeforeValidator(_zero_means_one), Field(ge=1)]
@@ -185,13 +194,13 @@ class ImageGenerationRequest(WireModel):
     prompt: str = Field(min_length=1)
     n: Count = 1
     size: str | None = None
-    width: int | None = Field(None, ge=0)
-    height: int | None = Field(None, ge=0)
+    width: Annotated[int | None, Blankable] = Field(None, ge=0)
+    height: Annotated[int | None, Blankable] = Field(None, ge=0)
     response_format: ResponseFormat = "url"
-    steps: int | None = Field(None, ge=0)
-    step: int | None = Field(None, ge=0, description="The network node's name for `steps`.")
+    steps: Annotated[int | None, Blankable] = Field(None, ge=0)
+    step: Annotated[int | None, Blankable] = Field(None, ge=0, description="The network node's name for `steps`.")
     negative_prompt: str | None = None
-    seed: int | None = None
+    seed: Annotated[int | None, Blankable] = None
     user: str | None = None
 
     @field_validator("response_format", mode="before")
@@ -211,7 +220,7 @@ class ImageEditRequest(ImageGenerationRequest):
 
     image: str | None = None
     mask: str | None = None
-    strength: float | None = Field(None, gt=0, le=1)
+    strength: Annotated[float | None, Blankable] = Field(None, gt=0, le=1)
 
 
 class ImageData(WireModel):
