@@ -84,6 +84,10 @@ class LiveCatalog:
                                       scaled_to_zero=scaled_to_zero))
         return live
 
+    async def is_running(self, name: str) -> bool:
+        """Whether the model has a running replica now (not scaled to zero, not starting)."""
+        return any(m.config.name == name and not m.scaled_to_zero for m in await self.live_models())
+
     def url_for(self, model: ChatModelConfig | ImageModelConfig) -> str:
         """The route a client calls for this model (generations for image models)."""
         return self.config.public_base_url + ROUTES[model.kind][0]

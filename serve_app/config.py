@@ -161,6 +161,8 @@ class ImageModelConfig(BaseModelConfig):
     min_side: int = Field(64, ge=8, description="Smallest width or height in pixels.")
     max_side: int = Field(2048, ge=8, description="Largest width or height in pixels.")
     size_multiple: int = Field(8, ge=1, description="Width and height must be multiples of this.")
+    allowed_sizes: list[str] | None = Field(
+        None, description="If set, only these sizes ('WxH') are accepted; else any size within the bounds.")
     default_strength: float = Field(
         0.75, gt=0, le=1, description="How far edits move from the input image."
     )
@@ -170,6 +172,14 @@ class ImageModelConfig(BaseModelConfig):
     def _size_format(cls, value: str) -> str:
         if not SIZE_PATTERN.match(value):
             raise ValueError("default_size must look like '512x512'")
+        return value
+
+    @field_validator("allowed_sizes")
+    @classmethod
+    def _sizes_format(cls, value: list[str] | None) -> list[str] | None:
+        for size in value or []:
+            if not SIZE_PATTERN.match(size):
+                raise ValueError(f"allowed size {size!r} must look like '512x512'")
         return value
 
     @model_validator(mode="after")
@@ -237,6 +247,26 @@ class ImageRetentionOptions(StrictModel):
     sweep_interval_s: float = Field(300.0, gt=0, description="How often retention is enforced.")
 
 
+class AuthOptions(StrictModel):
+    """Optional API keys. Off while no key is configured."""
+
+    api_keys: list[str] = Field(default_factory=list, description="Accepted keys (`Authorization: Bearer <key>`).")
+    api_keys_env: str = Field("SERVE_APP_API_KEYS",
+                              description="Environment variable with more keys, comma-separated.")
+    protect_health: bool = Field(False, description="Require a key for /health and /ready too.")
+    protect_files: bool = Field(False, description="Require a key for generated image files.")
+
+
+class RequestLimits(StrictModel):
+    """Limits checked in the ingress before any model work."""
+
+    max_messages: int = Field(256, ge=1, description="Most messages in one chat request.")
+    max_prompt_chars: int = Field(200_000, ge=1, description="Most characters across a chat request's messages.")
+    max_prompt_chars_image: int = Field(4_000, ge=1, description="Most characters in an image prompt.")
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="Longest wait for a model's answer: 504, or 503 while it has no replica.")
+
+
 class AppConfig(StrictModel):
     """The whole application: project identity, limits, storage and models."""
 
@@ -249,9 +279,13 @@ class AppConfig(StrictModel):
     max_body_bytes: int = Field(
         25 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
     )
-    image_input: ImageInputOptions = Field(default_factory=lambda: ImageInputOptions())
-    image_retention: ImageRetentionOptions = Field(default_factory=lambda: ImageRetentionOptions())
+    image_input: ImageInputOptions = Field(default_factory=ImageInputOptions)
+    image_retention: ImageRetentionOptions = Field(default_factory=ImageRetentionOptions)
     catalog_ttl_s: float = Field(1.5, ge=0, description="How long /v1/models caches Serve's status.")
+    auth: AuthOptions = Field(default_factory=AuthOptions)
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+    access_log: bool = Field(True, description="One structured log line per request (no prompt text).")
+    log_prompts: bool = Field(False, description="Include prompt text in the access log line.")
     ingress: IngressOptions = Field(default_factory=IngressOptions)
     registration: RegistrationOptions = Field(default_factory=RegistrationOptions)
     models: list[ModelConfig] = Field(min_length=1, description="The models to serve.")

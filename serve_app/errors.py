@@ -86,6 +86,14 @@ class Overloaded(APIError):
     default_code = "overloaded"
 
 
+class GatewayTimeout(APIError):
+    """504: the model did not answer within the request timeout."""
+
+    status_code = 504
+    error_type = "timeout_error"
+    default_code = "timeout"
+
+
 class ServerError(APIError):
     """500: a fault on our side; the message is generic on purpose."""
 

@@ -1,4 +1,4 @@
-"""The one mapping from an exception to an HTTP reply, and the body-size guard.
+"""The one mapping from an exception to an HTTP reply.
 
 Every failure leaves the server through `error_response`: the standard's
 non-zero `code` and human `message`, OpenAI's `error` object, the right
@@ -21,7 +21,6 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.errors import (
     APIError,
@@ -29,7 +28,6 @@ from serve_app.errors import (
     MethodNotAllowed,
     NotFound,
     Overloaded,
-    PayloadTooLarge,
     ServerError,
     status_phrase,
 )
@@ -114,43 +112,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(Exception, on_api_error)
-
-
-class BodySizeLimit:
-    """ASGI middleware: 413 for bodies over `app.state.max_body_bytes`, before they are read whole.
-
-    The limit is read per request from the app's state, which the ingress sets
-    from config when it starts.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = getattr(scope["app"].state, "max_body_bytes", None)  # Starlette sets scope["app"]
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if limit and declared and declared.isdigit() and int(declared) > limit:
-            await error_response(_too_large(limit))(scope, receive, send)
-            return
-        received = 0
-
-        async def limited() -> Message:
-            nonlocal received
-            message = await receive()
-            if limit and message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise _too_large(limit)
-            return message
-
-        await self.app(scope, limited, send)
-
-
-def _too_large(limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"The request body is larger than {limit} bytes.", code="body_too_large")
 
 
 def error_schema() -> dict[int | str, dict[str, Any]]:

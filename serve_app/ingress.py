@@ -9,7 +9,7 @@ torch: the ingress can run on a CPU-only node with a fraction of a core.
 
 import asyncio
 import base64
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -18,13 +18,13 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
-from serve_app.catalog import ROUTES, LiveCatalog, ModelRouter
+from serve_app.catalog import ROUTES, LiveCatalog, ModelRouter, Target
 from serve_app.config import AppConfig
-from serve_app.errors import InvalidRequest
-from serve_app.http_errors import BodySizeLimit, error_schema, install_error_handlers, json_response
+from serve_app.errors import GatewayTimeout, InvalidRequest, Overloaded
+from serve_app.http_errors import error_schema, install_error_handlers, json_response
 from serve_app.image_input import ImageFetcher, InputImage
 from serve_app.image_store import FILES_ROUTE, ImageStore
-from serve_app.jobs import ImageResult
+from serve_app.jobs import ImageJob, ImageResult
 from serve_app.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -35,6 +35,7 @@ from serve_app.protocol import (
     ModelCard,
     ModelList,
 )
+from serve_app.request_guards import ApiKeys, Metrics, RequestGuard, note
 from serve_app.streaming import ChatChunkEncoder, chat_events
 from serve_app.translate import chat_job, chat_response, image_job
 
@@ -43,9 +44,10 @@ api = FastAPI(
     description="AI Model Interface Standard and OpenAI-compatible inference server on Ray Serve.",
     version="0.1.0",
 )
-api.add_middleware(BodySizeLimit)
+api.add_middleware(RequestGuard)
 install_error_handlers(api)
 
+T = TypeVar("T")
 ERRORS = error_schema()
 EDIT_BODY = {
     "requestBody": {
@@ -92,6 +94,9 @@ class Ingress:
         self.config = config
         self.registrar = registrar
         api.state.max_body_bytes = config.max_body_bytes
+        api.state.api_keys = ApiKeys(config)
+        api.state.access_log = config.access_log
+        api.state.metrics = Metrics()
         self.router = ModelRouter(config, handles)
         self.catalog = LiveCatalog(config, serve.get_replica_context().app_name)
         self.store = ImageStore(config.image_dir, config.public_base_url)
@@ -100,26 +105,44 @@ class Ingress:
     @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
         target = self.router.resolve(body.model, "chat")
-        job = chat_job(body, target.config)
+        note(model=body.model, stream=body.stream, n=body.n)
+        job = chat_job(body, target.config, self.config.limits)
         if not body.stream:
-            return json_response(chat_response(body, await target.generate.remote(job)))
+            call = target.generate.remote(job)
+            result = await self._within_timeout(target, call, call.cancel)
+            note(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
+            return json_response(chat_response(body, result))
         chunks = target.stream.remote(job)
-        first = await anext(chunks, None)  # peek: an early error still gets its HTTP status
+        # Peek at the first chunk: an early error still gets its HTTP status.
+        first = await self._within_timeout(target, anext(chunks, None), chunks.cancel)
         return StreamingResponse(chat_events(ChatChunkEncoder(body), first, chunks),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @api.post("/v1/images/generations", response_model=ImagesResponse, responses=ERRORS)
     async def image_generations(self, body: ImageGenerationRequest) -> Response:
         target = self.router.resolve(body.model, "image")
-        result = await target.generate.remote(image_job(body, target.config))
-        return json_response(await self._images_response(body, result))
+        note(model=body.model)
+        return await self._images(target, body, image_job(body, target.config, self.config.limits))
 
     @api.post("/v1/images/edits", response_model=ImagesResponse, responses=ERRORS, openapi_extra=EDIT_BODY)
     async def image_edits(self, request: Request) -> Response:
         body, image, mask = await self._read_edit(request)
         target = self.router.resolve(body.model, "image")
-        job = image_job(body, target.config, source=image, mask=mask)
-        return json_response(await self._images_response(body, await target.generate.remote(job)))
+        note(model=body.model)
+        job = image_job(body, target.config, self.config.limits, source=image, mask=mask)
+        return await self._images(target, body, job)
+
+    @api.get("/health")
+    async def health(self) -> Response:
+        """Liveness: the ingress answers."""
+        return JSONResponse({"status": "ok"})
+
+    @api.get("/ready")
+    async def ready(self) -> Response:
+        """Readiness: every configured model has a live replica (or is scaled to zero on purpose)."""
+        live = {model.config.name for model in await self.catalog.live_models()}
+        missing = [model.name for model in self.config.models if model.name not in live]
+        return JSONResponse({"ready": not missing, "missing": missing}, status_code=503 if missing else 200)
 
     @api.get("/v1/models", response_model=ModelList)
     async def list_models(self) -> Response:
@@ -141,6 +164,23 @@ class Ingress:
     @api.get(FILES_ROUTE + "/{name}", response_class=FileResponse, responses={404: ERRORS[404]})
     async def image_file(self, name: str) -> FileResponse:
         return FileResponse(self.store.path(name), media_type="image/png")
+
+    async def _within_timeout(self, target: Target, answer: Awaitable[T], cancel: Callable[[], None]) -> T:
+        """Await a model's answer for at most `limits.request_timeout_s`; never hang."""
+        try:
+            return await asyncio.wait_for(answer, self.config.limits.request_timeout_s)
+        except asyncio.TimeoutError:
+            cancel()
+            if not await self.catalog.is_running(target.config.name):
+                raise Overloaded(f"The model {target.config.name!r} is starting; retry shortly.",
+                                 code="model_starting", headers={"Retry-After": "10"}) from None
+            raise GatewayTimeout(f"The model {target.config.name!r} did not answer in time.") from None
+
+    async def _images(self, target: Target, body: ImageGenerationRequest, job: ImageJob) -> Response:
+        call = target.generate.remote(job)
+        result = await self._within_timeout(target, call, call.cancel)
+        note(images=len(result.images))
+        return json_response(await self._images_response(body, result))
 
     async def _images_response(self, body: ImageGenerationRequest, result: ImageResult) -> ImagesResponse:
         if body.response_format == "b64_json":

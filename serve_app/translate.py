@@ -7,7 +7,7 @@ and gets a 400 naming the parameter.
 
 from __future__ import annotations
 
-from serve_app.config import ChatModelConfig, ImageModelConfig, parse_size
+from serve_app.config import ChatModelConfig, ImageModelConfig, RequestLimits, parse_size
 from serve_app.errors import InvalidRequest
 from serve_app.image_input import InputImage
 from serve_app.jobs import ChatJob, ChatResult, ImageJob
@@ -29,14 +29,21 @@ def _check_n(n: int, limit: int) -> None:
         raise InvalidRequest(f"n must be at most {limit} for this model.", param="n")
 
 
-def chat_job(request: ChatCompletionRequest, config: ChatModelConfig) -> ChatJob:
+def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: RequestLimits) -> ChatJob:
     _check_n(request.n, config.max_n)
+    if len(request.messages) > limits.max_messages:
+        raise InvalidRequest(f"At most {limits.max_messages} messages are accepted.", param="messages")
+    texts = [m.text() for m in request.messages]
+    if sum(map(len, texts)) > limits.max_prompt_chars:
+        raise InvalidRequest(f"The messages are longer than {limits.max_prompt_chars} characters in all.",
+                             param="messages", code="prompt_too_long")
     requested = request.requested_max_tokens
     if requested is not None and requested > config.max_tokens_limit:
         raise InvalidRequest(f"max_tokens must be at most {config.max_tokens_limit} for this model.",
                              param="max_completion_tokens" if request.max_completion_tokens else "max_tokens")
     return ChatJob(
-        messages=[{"role": _ROLE_ALIASES.get(m.role, m.role), "content": m.text()} for m in request.messages],
+        messages=[{"role": _ROLE_ALIASES.get(m.role, m.role), "content": text}
+                  for m, text in zip(request.messages, texts)],
         max_tokens=requested or config.default_max_tokens,
         max_tokens_explicit=requested is not None,
         n=request.n,
@@ -97,12 +104,19 @@ def image_size(request: ImageGenerationRequest, config: ImageModelConfig,
             raise InvalidRequest(
                 f"{param}: width and height must be between {low} and {high} and multiples of {step}; "
                 f"got {width}x{height}.", param=param, code="invalid_size")
+    allowed = [parse_size(size) for size in config.allowed_sizes or []]
+    if allowed and (width, height) not in allowed:
+        raise InvalidRequest(f"{param}: this model makes only {', '.join(config.allowed_sizes)}.",
+                             param=param, code="invalid_size")
     return width, height
 
 
-def image_job(request: ImageGenerationRequest, config: ImageModelConfig, *,
+def image_job(request: ImageGenerationRequest, config: ImageModelConfig, limits: RequestLimits, *,
               source: InputImage | None = None, mask: InputImage | None = None) -> ImageJob:
     _check_n(request.n, config.max_n)
+    if len(request.prompt) > limits.max_prompt_chars_image:
+        raise InvalidRequest(f"prompt is longer than {limits.max_prompt_chars_image} characters.",
+                             param="prompt", code="prompt_too_long")
     steps = request.requested_steps or config.default_steps
     if steps > config.max_steps:
         raise InvalidRequest(f"steps must be at most {config.max_steps} for this model.",

@@ -90,8 +90,12 @@ def cluster(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def server(cluster: ServeCluster) -> str:
-    """Base URL of the default application (serve_config.yaml's models)."""
-    return cluster.deploy(cluster.args())
+    """Base URL of the default application (serve_config.yaml's models).
+
+    Loopback is refused as an image URL by default; the tests allow it so that
+    an edit can fetch an image this very server made.
+    """
+    return cluster.deploy(cluster.args(image_input={"allowed_hosts": ["127.0.0.1"]}))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,195 @@
+"""Per-request guards that run before any route: API keys, body size, the access log.
+
+They are plain ASGI middleware (no extra task per request, unlike
+BaseHTTPMiddleware) and read their settings from `app.state`, which the
+ingress fills from config when it starts: the FastAPI app object exists at
+import time, the config only once the replica is constructed.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hmac
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve_app.config import AppConfig
+from serve_app.errors import AuthenticationFailed, PayloadTooLarge
+from serve_app.http_errors import error_response
+
+logger = logging.getLogger("ray.serve")
+
+OPEN_PATHS = ("/health", "/ready")
+DOC_PATHS = ("/docs", "/redoc", "/openapi.json")
+
+
+@dataclass
+class AccessRecord:
+    """What a route learns about its request, for the one access-log line."""
+
+    model: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+CURRENT = contextvars.ContextVar[AccessRecord | None]("serve_app_access", default=None)
+
+
+def note(**fields: Any) -> None:
+    """Add facts (model, tokens, images, ...) to this request's access-log line."""
+    record = CURRENT.get()
+    if record is not None:
+        record.model = fields.pop("model", record.model)
+        record.fields.update(fields)
+
+
+class ApiKeys:
+    """The accepted keys, compared in constant time. Keys are never logged."""
+
+    def __init__(self, config: AppConfig) -> None:
+        extra = os.environ.get(config.auth.api_keys_env, "")
+        keys = [*config.auth.api_keys, *(k.strip() for k in extra.split(","))]
+        self._keys = [key.encode() for key in keys if key]
+        self.protect_health = config.auth.protect_health
+        self.protect_files = config.auth.protect_files
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def required_for(self, path: str) -> bool:
+        if not self.enabled:
+            return False
+        if path in OPEN_PATHS:
+            return self.protect_health
+        if path.startswith("/v1/files/"):
+            return self.protect_files
+        return path.startswith("/v1/")
+
+    def accepts(self, authorization: bytes | None) -> bool:
+        scheme, _, token = (authorization or b"").partition(b" ")
+        if scheme.lower() != b"bearer" or not token:
+            return False
+        token = token.strip()
+        matched = False
+        for key in self._keys:  # no early exit: timing says nothing about which key matched
+            matched |= hmac.compare_digest(token, key)
+        return matched
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    return next((value for key, value in scope.get("headers") or [] if key == name), None)
+
+
+class RequestGuard:
+    """API key check, body-size limit and access log for every HTTP request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope["app"].state  # Starlette sets scope["app"] before middleware runs
+        started, status = time.perf_counter(), [500]
+
+        async def send_noting_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        record = AccessRecord()
+        token = CURRENT.set(record)
+        try:
+            await self._guarded(scope, receive, send_noting_status, state)
+        finally:
+            CURRENT.reset(token)
+            if getattr(state, "access_log", False):
+                _log_access(scope, status[0], time.perf_counter() - started, record)
+            metrics: Metrics | None = getattr(state, "metrics", None)
+            if metrics is not None:
+                metrics.observe(scope["path"], status[0], record)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send, state: Any) -> None:
+        keys: ApiKeys | None = getattr(state, "api_keys", None)
+        if keys is not None and keys.required_for(scope["path"]):
+            if not keys.accepts(_header(scope, b"authorization")):
+                error = AuthenticationFailed("A valid API key is required: send `Authorization: Bearer <key>`.",
+                                             headers={"WWW-Authenticate": "Bearer"})
+                await error_response(error)(scope, receive, send)
+                return
+        limit: int | None = getattr(state, "max_body_bytes", None)
+        declared = _header(scope, b"content-length")
+        if limit and declared and declared.isdigit() and int(declared) > limit:
+            await error_response(_too_large(limit))(scope, receive, send)
+            return
+        await self.app(scope, _limited(receive, limit) if limit else receive, send)
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    """A receive() that raises 413 once the body grows past `limit` (chunked bodies too)."""
+    received = 0
+
+    async def limited() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise _too_large(limit)
+        return message
+
+    return limited
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body is larger than {limit} bytes.", code="body_too_large")
+
+
+class Metrics:
+    """Per-model counters beside Ray Serve's own Prometheus metrics (exported the same way)."""
+
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter
+
+        tags = ("model", "route", "status")
+        self.requests = Counter("serve_app_requests", "Requests by model, route and status.", tag_keys=tags)
+        self.errors = Counter("serve_app_errors", "Failed requests (status >= 400).", tag_keys=tags)
+        self.tokens = Counter("serve_app_tokens", "Prompt and completion tokens.", tag_keys=("model", "kind"))
+        self.images = Counter("serve_app_images", "Images generated.", tag_keys=("model",))
+
+    def observe(self, path: str, status: int, record: AccessRecord) -> None:
+        model = record.model or "-"
+        tags = {"model": model, "route": path if path.startswith("/v1/") and "/files/" not in path else "other",
+                "status": str(status)}
+        self.requests.inc(tags=tags)
+        if status >= 400:
+            self.errors.inc(tags=tags)
+        for kind in ("prompt_tokens", "completion_tokens"):
+            if record.fields.get(kind):
+                self.tokens.inc(record.fields[kind], tags={"model": model, "kind": kind})
+        if record.fields.get("images"):
+            self.images.inc(record.fields["images"], tags={"model": model})
+
+
+def _request_id(scope: Scope) -> str:
+    """Ray Serve's id for this request (the client's X-Request-Id when it sent one)."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        return _get_serve_request_context().request_id or "-"
+    except Exception:  # noqa: BLE001 - outside Serve (in-process tests) there is none
+        return (_header(scope, b"x-request-id") or b"-").decode("latin-1")
+
+
+def _log_access(scope: Scope, status: int, seconds: float, record: AccessRecord) -> None:
+    request_id = _request_id(scope)
+    extras = " ".join(f"{key}={value}" for key, value in record.fields.items())
+    logger.info("access request_id=%s method=%s path=%s model=%s status=%d latency_ms=%.1f %s",
+                request_id, scope["method"], scope["path"], record.model or "-", status,
+                seconds * 1000, extras)
