@@ -35,6 +35,10 @@ class AutoscalingOptions(StrictModel):
     )
     upscale_delay_s: float = Field(30.0, ge=0, description="Seconds of high load before adding.")
     downscale_delay_s: float = Field(600.0, ge=0, description="Seconds of low load before removing.")
+    downscale_to_zero_delay_s: float | None = Field(
+        None, ge=0, description="Seconds before going from 1 to 0 replicas; default downscale_delay_s.")
+    look_back_period_s: float | None = Field(
+        None, gt=0, description="Seconds over which ongoing requests are averaged (Ray's default 30).")
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingOptions":

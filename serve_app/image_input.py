@@ -5,6 +5,12 @@ or bytes that are not an image are the client's mistake and get a 400 naming
 the parameter, without a model replica ever seeing them. Formats are
 recognised from the bytes, never from a declared content type (a network node
 re-sends every upload as application/octet-stream).
+
+A URL comes from a stranger, so fetching it must not turn this server into a
+proxy into its own network (SSRF): only http(s), every address the host
+resolves to must be public unless the operator allow-listed the host, the
+connection goes to the very address that was checked (a second DNS answer
+cannot swap in 127.0.0.1), and every redirect hop is checked again.
 """
 
 from __future__ import annotations
@@ -13,7 +19,11 @@ import asyncio
 import base64
 import binascii
 import io
+import ipaddress
+import socket
 from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Iterable, Sequence
 
 import httpx
 from PIL import Image
@@ -21,7 +31,15 @@ from PIL import Image
 from serve_app.config import ImageInputOptions
 from serve_app.errors import InvalidRequest, PayloadTooLarge
 
-ACCEPTED_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_DEFAULTS = ImageInputOptions()
+ACCEPTED_FORMATS: tuple[str, ...] = tuple(_DEFAULTS.accepted_formats)
+REDIRECTS = {301, 302, 303, 307, 308}
+# Cloud metadata services (AWS/GCP/Azure, AWS over IPv6, Alibaba). Already refused as
+# link-local / private / shared space; named so that an allowed network does not re-open them.
+METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in
+                               ("169.254.169.254", "fd00:ec2::254", "100.100.100.200"))
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
 
 
 @dataclass(frozen=True)
@@ -31,76 +49,278 @@ class InputImage:
     height: int
 
 
-def inspect_image(data: bytes, *, param: str) -> InputImage:
-    """Check that bytes are an image of an accepted format; read its size from the header."""
+# ------------------------------------------------------------------------------ bytes
+
+
+def inspect_image(data: bytes, *, param: str, accepted_formats: Sequence[str] = ACCEPTED_FORMATS,
+                  max_pixels: int = _DEFAULTS.max_pixels) -> InputImage:
+    """Check that bytes are an image of an accepted format and not too many pixels.
+
+    Only the header is parsed: the size is read and checked before anything
+    else, so a small file claiming 100000x100000 pixels (a decompression bomb)
+    is refused without decoding a single pixel. Only the accepted formats'
+    parsers are tried, which keeps Pillow's rarer decoders away from strangers.
+    """
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.verify()
-            fmt, (width, height) = image.format, image.size
+        image = Image.open(io.BytesIO(data), formats=list(accepted_formats))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _too_many_pixels(param, max_pixels) from exc
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad input
-        raise InvalidRequest(f"{param} is not a readable image.", param=param,
-                             code="invalid_image") from exc
-    if fmt not in ACCEPTED_FORMATS:
-        raise InvalidRequest(f"{param} is a {fmt} image; accepted formats are "
-                             f"{', '.join(sorted(ACCEPTED_FORMATS))}.", param=param, code="invalid_image")
+        raise _unreadable(param, accepted_formats) from exc
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise _too_many_pixels(param, max_pixels)
+        try:
+            image.verify()  # structure and checksums; does not decode the pixels
+        except Exception as exc:  # noqa: BLE001
+            raise _unreadable(param, accepted_formats) from exc
     return InputImage(data=data, width=width, height=height)
 
 
-class ImageFetcher:
-    """Turns an `image` / `mask` string into bytes, within a size cap and a timeout."""
+def _unreadable(param: str, formats: Iterable[str]) -> InvalidRequest:
+    return InvalidRequest(f"{param} is not a readable image in an accepted format "
+                          f"({', '.join(sorted(formats))}).", param=param, code="invalid_image")
 
-    def __init__(self, options: ImageInputOptions) -> None:
+
+def _too_many_pixels(param: str, max_pixels: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"{param} has more than {max_pixels} pixels.", param=param,
+                           code="image_too_many_pixels")
+
+
+# -------------------------------------------------------------------------- addresses
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one stands for (mapped, 6to4, NAT64, Teredo), if any.
+
+    `::ffff:127.0.0.1` reaches 127.0.0.1, yet Python before 3.13 calls it global.
+    """
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    if any(address in network for network in _NAT64):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def is_forbidden_address(address: IPAddress) -> bool:
+    """True for anything but a plain public unicast address; an IPv6 one that wraps IPv4 is judged by that."""
+    embedded = _embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else None
+    if embedded is not None:
+        return is_forbidden_address(embedded)
+    return (address in METADATA_ADDRESSES or not address.is_global or address.is_private
+            or address.is_loopback or address.is_link_local or address.is_multicast
+            or address.is_reserved or address.is_unspecified)
+
+
+class HostPolicy:
+    """`allowed_hosts`: names or IP literals (matched exactly) and IP networks (CIDR)."""
+
+    def __init__(self, entries: Iterable[str]) -> None:
+        self.names = {_normal_host(entry) for entry in entries}
+        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for name in self.names:
+            try:
+                self.networks.append(ipaddress.ip_network(name, strict=False))
+            except ValueError:
+                pass  # a host name
+
+    def allows(self, host: str, address: IPAddress) -> bool:
+        """May this host, resolved to this address, be connected to?
+
+        A listed name or IP literal allows whatever it resolves to; a listed
+        network allows its addresses except the metadata services, which only
+        an exact entry re-opens.
+        """
+        if _normal_host(host) in self.names:
+            return True
+        if address not in METADATA_ADDRESSES and any(address in net for net in self.networks):
+            return True
+        return not is_forbidden_address(address)
+
+
+def _normal_host(host: str) -> str:
+    return host.strip().strip("[]").rstrip(".").lower()
+
+
+# ---------------------------------------------------------------------------- fetcher
+
+
+class ImageFetcher:
+    """Turns an `image` / `mask` string into a checked image, within the limits of `options`.
+
+    A URL that times out (`timeout_s`, for resolving, connecting, every redirect
+    and the whole download together) is a 400 `image_url_timeout`, not a 408: 408
+    says the client was slow to send its request, while here the server the
+    client pointed us at was slow, which is a bad parameter like any other.
+    """
+
+    def __init__(self, options: ImageInputOptions, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        """`transport` replaces the network (tests; a custom TLS setup). Proxies from the
+        environment are ignored on purpose: a proxy would connect to addresses nobody checked."""
         self.options = options
         self.max_bytes = options.max_bytes
-        self._client = httpx.AsyncClient(timeout=options.timeout_s, follow_redirects=True,
-                                         headers={"User-Agent": "serve_app-image-fetch"})
+        self.formats = _known_formats(options.accepted_formats)
+        self.hosts = HostPolicy(options.allowed_hosts)
+        self._client = httpx.AsyncClient(
+            transport=transport, timeout=options.timeout_s, follow_redirects=False, trust_env=False,
+            # No state shared between strangers' fetches: no cookies, and no pooled connection
+            # (one made for name A's TLS check must not serve name B on the same address).
+            cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
+            limits=httpx.Limits(max_keepalive_connections=0),
+            headers={"User-Agent": "serve_app-image-fetch", "Accept": "image/*",
+                     "Accept-Encoding": "identity"})
 
     async def load(self, source: str, *, param: str) -> InputImage:
         source = source.strip()
-        if source.startswith("data:"):
+        if source[:5].lower() == "data:":
             data = self._from_data_url(source, param=param)
-        elif source.startswith(("http://", "https://")):
-            data = await self._download(source, param=param)
         else:
-            raise InvalidRequest(f"{param} must be an http(s) URL, a data: URL or an uploaded file.",
-                                 param=param, code="invalid_image_url")
-        return await asyncio.to_thread(inspect_image, data, param=param)
+            data = await self._download(self._web_url(source, param=param), param=param)
+        return await asyncio.to_thread(self.check_upload, data, param=param)
 
     def check_upload(self, data: bytes, *, param: str) -> InputImage:
-        """An uploaded file: same size cap and checks as a fetched one. Blocking (PIL)."""
+        """Bytes from any source: the size cap, then the image checks. Blocking (PIL)."""
         if len(data) > self.max_bytes:
             raise self._too_large(param)
-        return inspect_image(data, param=param)
+        return inspect_image(data, param=param, accepted_formats=self.formats,
+                             max_pixels=self.options.max_pixels)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
     def _too_large(self, param: str) -> PayloadTooLarge:
         return PayloadTooLarge(f"{param} is larger than {self.max_bytes} bytes.", param=param)
 
     def _from_data_url(self, source: str, *, param: str) -> bytes:
         header, _, payload = source.partition(",")
-        if not header.endswith(";base64"):
-            raise InvalidRequest(f"{param} data: URLs must be base64 encoded.", param=param,
-                                 code="invalid_image_url")
+        if not header.lower().endswith(";base64"):
+            raise _bad_url(param, "data: URL must be base64 encoded")
         if len(payload) * 3 // 4 > self.max_bytes:
             raise self._too_large(param)
         try:
             return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise InvalidRequest(f"{param} is not valid base64.", param=param,
-                                 code="invalid_image_url") from exc
+            raise _bad_url(param, "data: URL is not valid base64") from exc
 
-    async def _download(self, url: str, *, param: str) -> bytes:
+    @staticmethod
+    def _web_url(source: str, *, param: str) -> httpx.URL:
+        """An absolute http(s) URL with a host; anything else (file:, paths, ftp:) is refused."""
         try:
-            async with self._client.stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise InvalidRequest(f"Fetching {param} answered HTTP {response.status_code}.",
-                                         param=param, code="invalid_image_url")
-                chunks, size = [], 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > self.max_bytes:
-                        raise self._too_large(param)
-                    chunks.append(chunk)
-                return b"".join(chunks)
+            url = httpx.URL(source)
+        except (httpx.InvalidURL, TypeError, ValueError) as exc:
+            raise _bad_url(param, "is not a valid URL") from exc
+        if url.scheme not in ("http", "https") or not url.raw_host:
+            raise _bad_url(param, "must be an http(s) URL, a data: URL or an uploaded file")
+        return url
+
+    async def _download(self, url: httpx.URL, *, param: str) -> bytes:
+        try:
+            return await asyncio.wait_for(self._follow(url, param=param), self.options.timeout_s)
+        except (asyncio.TimeoutError, httpx.TimeoutException) as exc:
+            raise InvalidRequest(f"Fetching {param} took longer than {self.options.timeout_s} s.",
+                                 param=param, code="image_url_timeout") from exc
         except httpx.HTTPError as exc:
-            raise InvalidRequest(f"Could not fetch {param} from its URL.", param=param,
-                                 code="invalid_image_url") from exc
+            raise _bad_url(param, "URL could not be fetched") from exc
+
+    async def _follow(self, url: httpx.URL, *, param: str) -> bytes:
+        """Redirects by hand, so that each target's scheme and addresses are checked like the first."""
+        for _ in range(self.options.max_redirects + 1):
+            outcome = await self._fetch_once(url, param=param)
+            if isinstance(outcome, bytes):
+                return outcome
+            url = self._web_url(str(outcome), param=param)
+        raise InvalidRequest(f"Fetching {param} was redirected more than {self.options.max_redirects} times.",
+                             param=param, code="too_many_redirects")
+
+    async def _fetch_once(self, url: httpx.URL, *, param: str) -> bytes | httpx.URL:
+        """One hop: the body of a 200, or the absolute target of a redirect."""
+        response = await self._connect(url, await self._checked_addresses(url, param=param), param=param)
+        try:
+            if response.status_code in REDIRECTS:
+                location = response.headers.get("location")
+                if not location:
+                    raise _bad_url(param, f"URL answered HTTP {response.status_code} without a Location")
+                return url.join(location)
+            if response.status_code != 200:
+                raise _bad_url(param, f"URL answered HTTP {response.status_code}")
+            return await self._read_body(response, param=param)
+        finally:
+            await response.aclose()
+
+    async def _checked_addresses(self, url: httpx.URL, *, param: str) -> list[IPAddress]:
+        """Every address the host resolves to, each one allowed; else a 400 before any connection is made."""
+        host = url.raw_host.decode("ascii")
+        addresses = await self._resolve(host, url.port or (443 if url.scheme == "https" else 80), param=param)
+        if not addresses or not all(self.hosts.allows(host, address) for address in addresses):
+            raise InvalidRequest(f"{param} points to an address this server may not fetch from "
+                                 "(private, loopback, link-local or metadata).",
+                                 param=param, code="image_url_forbidden")
+        return addresses
+
+    async def _resolve(self, host: str, port: int, *, param: str) -> list[IPAddress]:
+        """The host's addresses: an IP literal as is, a name through DNS off the event loop."""
+        try:
+            return [ipaddress.ip_address(host.strip("[]"))]
+        except ValueError:
+            pass
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise _bad_url(param, "URL names a host that does not resolve") from exc
+        found = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+        return list(dict.fromkeys(found))
+
+    async def _connect(self, url: httpx.URL, addresses: list[IPAddress], *, param: str) -> httpx.Response:
+        """Send the GET to the checked addresses in turn, never to a name DNS could re-answer.
+
+        The URL keeps its name in the Host header and, for https, in SNI and the
+        certificate check, so virtual hosts and TLS work as if by name.
+        """
+        name = url.raw_host.decode("ascii")
+        extensions = {"sni_hostname": name} if url.scheme == "https" else {}
+        error: httpx.ConnectError | None = None
+        for address in addresses:
+            request = self._client.build_request(
+                "GET", url.copy_with(host=str(address)), extensions=extensions,
+                headers={"Host": url.netloc.decode("ascii")})
+            try:
+                return await self._client.send(request, stream=True)
+            except httpx.ConnectError as exc:
+                error = exc
+        raise _bad_url(param, "URL could not be connected to") from error
+
+    async def _read_body(self, response: httpx.Response, *, param: str) -> bytes:
+        """The raw body, refused early when its declared length is over the cap, else cut at the cap."""
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise _bad_url(param, f"URL answered with Content-Encoding {encoding!r}; images must come uncompressed")
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            raise self._too_large(param)
+        chunks, size = [], 0
+        async for chunk in response.aiter_raw():
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise self._too_large(param)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _bad_url(param: str, problem: str) -> InvalidRequest:
+    return InvalidRequest(f"{param} {problem}.", param=param, code="invalid_image_url")
+
+
+def _known_formats(formats: Iterable[str]) -> tuple[str, ...]:
+    """Config names as Pillow's format ids; an unknown one fails at startup, not per request."""
+    Image.init()
+    aliases = {"JPG": "JPEG"}
+    known = tuple(dict.fromkeys(aliases.get(f.upper(), f.upper()) for f in formats))
+    unknown = [f for f in known if f not in Image.OPEN]
+    if unknown:
+        raise ValueError(f"image_input.accepted_formats: Pillow cannot read {unknown}")
+    return known

@@ -1,42 +1,70 @@
 """Where generated images live, and the URLs clients fetch them from.
 
 Images are written by the ingress (replicas hand back PNG bytes), to a file
-with an unguessable name, via a temporary file and a rename so that a reader
-never sees half an image. The files route only accepts names of the shape
+with an unguessable name, via a temporary file that is flushed to disk and
+then renamed, so that a reader never sees half an image and a crash never
+leaves one under a real name. The files route only accepts names of the shape
 this store makes, so a request cannot reach outside the folder.
+
+Retention keeps the folder from filling the disk: `sweep` deletes images
+older than `max_age_s`, then the oldest until the folder is under
+`max_total_bytes`, and the leftovers of writes that died half way.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import re
 import secrets
+import stat
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from serve_app.config import ImageRetentionOptions
 from serve_app.errors import NotFound
+
+logger = logging.getLogger("ray.serve")
 
 FILES_ROUTE = "/v1/files/images"
 _NAME = re.compile(r"^[A-Za-z0-9_-]{16,64}\.png$")
+TEMP_PREFIX = ".tmp-"
+TEMP_GRACE_S = 60.0  # a temp file this old belongs to no write in progress
+
+
+@dataclass(frozen=True)
+class _Entry:
+    path: Path
+    size: int
+    mtime: float
 
 
 class ImageStore:
-    def __init__(self, directory: str, public_base_url: str) -> None:
-        self.directory = Path(directory)
+    def __init__(self, directory: str, public_base_url: str,
+                 retention: ImageRetentionOptions | None = None) -> None:
+        """`retention` None keeps images forever (sweeps still clear dead temp files)."""
+        self.directory = Path(directory).resolve()
         self.public_base_url = public_base_url.rstrip("/")
+        self.retention = retention
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def save(self, png: bytes) -> str:
-        """Store one PNG atomically; returns its file name. Blocking: call off the event loop."""
-        name = f"{secrets.token_urlsafe(18)}.png"
-        handle, temp_path = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".png")
+        """Store one PNG atomically and durably; returns its file name. Blocking: call off the event loop."""
+        name = f"{secrets.token_urlsafe(18)}.png"  # 144 random bits
+        handle, temp_path = tempfile.mkstemp(dir=self.directory, prefix=TEMP_PREFIX, suffix=".png")
         try:
             with os.fdopen(handle, "wb") as file:
                 file.write(png)
+                file.flush()
+                os.fsync(file.fileno())  # the data is on disk before the name points at it
             os.replace(temp_path, self.directory / name)
         except BaseException:
             Path(temp_path).unlink(missing_ok=True)
             raise
+        self._sync_directory()
         return name
 
     def url(self, name: str) -> str:
@@ -44,7 +72,83 @@ class ImageStore:
 
     def path(self, name: str) -> Path:
         """The file for a name from a URL; 404 for anything this store did not make."""
-        path = self.directory / name
-        if not _NAME.match(name) or not path.is_file():
-            raise NotFound(f"No image named {name!r}.", param="name", code="file_not_found")
-        return path
+        if _NAME.match(name):
+            path = (self.directory / name).resolve()
+            if path.parent == self.directory and path.is_file():
+                return path
+        raise NotFound(f"No image named {name!r}.", param="name", code="file_not_found")
+
+    def sweep(self, now: float | None = None) -> int:
+        """Enforce retention once; returns how many files were deleted. Blocking: call off the event loop.
+
+        Several ingress replicas may sweep the same folder at once, and files
+        may vanish under a sweep: a file already gone is simply not counted.
+        """
+        now = time.time() if now is None else now
+        images, temps = self._scan()
+        doomed = [entry for entry in temps if entry.mtime < now - TEMP_GRACE_S]
+        images.sort(key=lambda entry: entry.mtime)
+        if self.retention is not None and self.retention.max_age_s is not None:
+            cutoff = now - self.retention.max_age_s
+            doomed += [entry for entry in images if entry.mtime < cutoff]
+            images = [entry for entry in images if entry.mtime >= cutoff]
+        if self.retention is not None and self.retention.max_total_bytes is not None:
+            total = sum(entry.size for entry in images)
+            for entry in images:  # oldest first
+                if total <= self.retention.max_total_bytes:
+                    break
+                doomed.append(entry)
+                total -= entry.size
+        return sum(self._delete(entry.path) for entry in doomed)
+
+    async def sweep_forever(self) -> None:
+        """Run `sweep` off the event loop every `sweep_interval_s` until cancelled; a failure is logged."""
+        interval = self.retention.sweep_interval_s if self.retention else ImageRetentionOptions().sweep_interval_s
+        while True:
+            try:
+                deleted = await asyncio.to_thread(self.sweep)
+                if deleted:
+                    logger.info("image retention deleted %d file(s) from %s", deleted, self.directory)
+            except Exception:  # noqa: BLE001 - a full or read-only disk must not stop the next sweep
+                logger.exception("image retention sweep of %s failed", self.directory)
+            await asyncio.sleep(interval)
+
+    def _scan(self) -> tuple[list[_Entry], list[_Entry]]:
+        """Regular files of this store: (images, temporary files). Anything else is left alone."""
+        images: list[_Entry] = []
+        temps: list[_Entry] = []
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISREG(info.st_mode):
+                    continue
+                record = _Entry(Path(entry.path), info.st_size, info.st_mtime)
+                if _NAME.match(entry.name):
+                    images.append(record)
+                elif entry.name.startswith(TEMP_PREFIX):
+                    temps.append(record)
+        return images, temps
+
+    @staticmethod
+    def _delete(path: Path) -> bool:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _sync_directory(self) -> None:
+        """Make the rename itself durable (POSIX); skipped where directories cannot be opened."""
+        try:
+            handle = os.open(self.directory, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(handle)
+        except OSError:
+            pass
+        finally:
+            os.close(handle)

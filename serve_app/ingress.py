@@ -20,8 +20,8 @@ from starlette.responses import Response
 
 from serve_app.catalog import ROUTES, LiveCatalog, ModelRouter, Target
 from serve_app.config import AppConfig
-from serve_app.errors import GatewayTimeout, InvalidRequest, Overloaded
-from serve_app.http_errors import error_schema, install_error_handlers, json_response
+from serve_app.errors import APIError, GatewayTimeout, InvalidRequest, Overloaded
+from serve_app.http_errors import as_api_error, error_schema, install_error_handlers, json_response
 from serve_app.image_input import ImageFetcher, InputImage
 from serve_app.image_store import FILES_ROUTE, ImageStore
 from serve_app.jobs import ImageJob, ImageResult
@@ -99,8 +99,17 @@ class Ingress:
         api.state.metrics = Metrics()
         self.router = ModelRouter(config, handles)
         self.catalog = LiveCatalog(config, serve.get_replica_context().app_name)
-        self.store = ImageStore(config.image_dir, config.public_base_url)
+        self.store = ImageStore(config.image_dir, config.public_base_url, config.image_retention)
         self.fetcher = ImageFetcher(config.image_input)
+        # Retention: a sweep now, then every sweep_interval_s, off the event loop; never fatal.
+        self._sweeper = asyncio.get_running_loop().create_task(self.store.sweep_forever(), name="image retention")
+
+    async def __del__(self) -> None:
+        """Serve awaits this on graceful shutdown: stop the retention sweeps, close the fetch client."""
+        if getattr(self, "_sweeper", None) is not None:
+            self._sweeper.cancel()
+        if getattr(self, "fetcher", None) is not None:
+            await self.fetcher.aclose()
 
     @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
@@ -166,15 +175,24 @@ class Ingress:
         return FileResponse(self.store.path(name), media_type="image/png")
 
     async def _within_timeout(self, target: Target, answer: Awaitable[T], cancel: Callable[[], None]) -> T:
-        """Await a model's answer for at most `limits.request_timeout_s`; never hang."""
+        """Await a model's answer for at most `limits.request_timeout_s`; never hang.
+
+        Every failure leaves as an `APIError`: Ray Serve installs its own FastAPI
+        handlers for its back-pressure and unavailability exceptions, which would
+        answer in plain text without the envelope.
+        """
         try:
             return await asyncio.wait_for(answer, self.config.limits.request_timeout_s)
+        except APIError:
+            raise
         except asyncio.TimeoutError:
             cancel()
             if not await self.catalog.is_running(target.config.name):
                 raise Overloaded(f"The model {target.config.name!r} is starting; retry shortly.",
                                  code="model_starting", headers={"Retry-After": "10"}) from None
             raise GatewayTimeout(f"The model {target.config.name!r} did not answer in time.") from None
+        except Exception as exc:  # noqa: BLE001 - Serve would answer its own exceptions in plain text
+            raise as_api_error(exc) from exc
 
     async def _images(self, target: Target, body: ImageGenerationRequest, job: ImageJob) -> Response:
         call = target.generate.remote(job)

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.config import AppConfig
 from serve_app.errors import AuthenticationFailed, PayloadTooLarge
-from serve_app.http_errors import error_response
+from serve_app.http_errors import as_api_error, error_response
 
 logger = logging.getLogger("ray.serve")
 
@@ -81,6 +81,12 @@ class ApiKeys:
         return matched
 
 
+def _app_path(scope: Scope) -> str:
+    """The path inside this application (without the route prefix it is mounted at)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
 def _header(scope: Scope, name: bytes) -> bytes | None:
     return next((value for key, value in scope.get("headers") or [] if key == name), None)
 
@@ -96,28 +102,32 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         state = scope["app"].state  # Starlette sets scope["app"] before middleware runs
-        started, status = time.perf_counter(), [500]
+        started_at, response = time.perf_counter(), {"status": 500, "started": False}
 
         async def send_noting_status(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                response.update(status=message["status"], started=True)
             await send(message)
 
         record = AccessRecord()
         token = CURRENT.set(record)
         try:
             await self._guarded(scope, receive, send_noting_status, state)
+        except Exception as exc:  # noqa: BLE001 - answer here: Starlette would re-raise it to Serve
+            if response["started"]:
+                raise
+            await error_response(as_api_error(exc))(scope, receive, send_noting_status)
         finally:
             CURRENT.reset(token)
             if getattr(state, "access_log", False):
-                _log_access(scope, status[0], time.perf_counter() - started, record)
+                _log_access(scope, response["status"], time.perf_counter() - started_at, record)
             metrics: Metrics | None = getattr(state, "metrics", None)
             if metrics is not None:
-                metrics.observe(scope["path"], status[0], record)
+                metrics.observe(_app_path(scope), response["status"], record)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send, state: Any) -> None:
         keys: ApiKeys | None = getattr(state, "api_keys", None)
-        if keys is not None and keys.required_for(scope["path"]):
+        if keys is not None and keys.required_for(_app_path(scope)):
             if not keys.accepts(_header(scope, b"authorization")):
                 error = AuthenticationFailed("A valid API key is required: send `Authorization: Bearer <key>`.",
                                              headers={"WWW-Authenticate": "Bearer"})
@@ -191,5 +201,5 @@ def _log_access(scope: Scope, status: int, seconds: float, record: AccessRecord)
     request_id = _request_id(scope)
     extras = " ".join(f"{key}={value}" for key, value in record.fields.items())
     logger.info("access request_id=%s method=%s path=%s model=%s status=%d latency_ms=%.1f %s",
-                request_id, scope["method"], scope["path"], record.model or "-", status,
+                request_id, scope["method"], _app_path(scope), record.model or "-", status,
                 seconds * 1000, extras)

@@ -77,6 +77,7 @@ def test_readme_documents_every_config_field():
     from serve_app import config as c
 
     for model in (c.AppConfig, c.ChatModelConfig, c.ImageModelConfig, c.DeploymentOptions,
-                  c.AutoscalingOptions, c.IngressOptions, c.RegistrationOptions):
+                  c.AutoscalingOptions, c.IngressOptions, c.RegistrationOptions, c.ImageInputOptions,
+                  c.ImageRetentionOptions, c.AuthOptions, c.RequestLimits):
         for field in model.model_fields:
             assert f"`{field}`" in readme, f"README lacks {model.__name__}.{field}"

@@ -1,0 +1,259 @@
+"""Render the cluster manifests from serve_config.yaml and cluster/overrides.yaml.
+
+    .venv/bin/python cluster/make_rayservice.py           # (re)write the files below
+    .venv/bin/python cluster/make_rayservice.py --check   # exit 1 (and show a diff) when they are stale
+
+Writes
+  cluster/serve_config.cluster.yaml  serve_config.yaml adapted to a GPU cluster: model paths
+                                     and image_dir on the shared volume, GPUs per model,
+                                     HTTP on 0.0.0.0. `serve deploy` it on a `ray up` cluster.
+  cluster/rayservice.yaml            a KubeRay RayService (plus the PersistentVolumeClaim of
+                                     the shared volume) whose serveConfigV2 is that same config.
+
+serve_config.yaml stays the single source of the models and their options; only the few
+cluster differences live in overrides.yaml. Needs PyYAML only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import sys
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SERVE_CONFIG = ROOT / "serve_config.yaml"
+OVERRIDES = HERE / "overrides.yaml"
+RAYSERVICE = HERE / "rayservice.yaml"
+CLUSTER_SERVE_CONFIG = HERE / "serve_config.cluster.yaml"
+SERVE_PORT = 1088
+
+
+# --------------------------------------------------------------------------- serve config
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: `extra` wins; nested dicts are merged, anything else replaced."""
+    out = copy.deepcopy(base)
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _model_path(path: str, model_root: str) -> str:
+    """`./models/tiny-llama` -> `<model_root>/tiny-llama`; absolute paths and hub ids stay."""
+    if path.startswith(("./", "../")):
+        return str(PurePosixPath(model_root) / PurePosixPath(path).name)
+    return path
+
+
+def cluster_serve_config(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """serve_config.yaml as it runs on the GPU cluster."""
+    serve = overrides.get("serve") or {}
+    config = copy.deepcopy(config)
+    http = config.setdefault("http_options", {})
+    http["host"] = serve.get("http_host", "0.0.0.0")
+    http.setdefault("port", SERVE_PORT)
+    per_model = serve.get("models") or {}
+    for app in config.get("applications") or []:
+        args = app.setdefault("args", {})
+        for key in ("image_dir", "public_base_url"):
+            if serve.get(key) is not None:
+                args[key] = serve[key]
+        models = []
+        for model in args.get("models") or []:
+            model = copy.deepcopy(model)
+            if serve.get("model_root") and isinstance(model.get("path"), str):
+                model["path"] = _model_path(model["path"], serve["model_root"])
+            model["deployment"] = _merge(model.get("deployment") or {}, serve.get("deployment") or {})
+            model = _merge(model, per_model.get(model["name"]) or {})
+            models.append(model)
+        args["models"] = models
+    unknown = set(per_model) - {m["name"] for a in config.get("applications") or []
+                                for m in (a.get("args") or {}).get("models") or []}
+    if unknown:
+        raise SystemExit(f"overrides.yaml names models that serve_config.yaml lacks: {sorted(unknown)}")
+    return config
+
+
+# --------------------------------------------------------------------------- manifest
+class _Dumper(yaml.SafeDumper):
+    """Block style for multi-line strings (serveConfigV2), no aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:  # noqa: ARG002
+        return True
+
+
+def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str_representer)
+
+
+def dump(data: Any) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+
+
+def _container(name: str, image: str, cpu: str, memory: str, gpus: int = 0,
+               ports: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
+    if gpus:
+        limits["nvidia.com/gpu"] = gpus
+    container: dict[str, Any] = {
+        "name": name,
+        "image": image,
+        "env": [
+            # Every Ray process and the KubeRay operator must agree on auth (Ray 2.60
+            # defaults to token auth once a token exists); see README.md, "Scaling and clusters".
+            {"name": "RAY_AUTH_MODE", "value": "disabled"},
+            {"name": "HF_HOME", "value": "/data/huggingface"},
+            {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+        ],
+        "ports": ports or [],
+        "resources": {"limits": limits, "requests": dict(limits)},
+        "volumeMounts": [{"name": "shared-data", "mountPath": "/data"}],
+    }
+    return container
+
+
+def rayservice_manifest(serve_config: dict[str, Any], overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """The PVC and the RayService, as two YAML documents."""
+    kube = overrides["kuberay"]
+    meta: dict[str, Any] = {"name": kube["name"]}
+    if kube.get("namespace"):
+        meta["namespace"] = kube["namespace"]
+    pvc_meta = {**meta, "name": kube["pvc"]["name"]}
+    pvc_spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteMany"],
+        "resources": {"requests": {"storage": kube["pvc"]["size"]}},
+    }
+    if kube["pvc"].get("storage_class"):
+        pvc_spec["storageClassName"] = kube["pvc"]["storage_class"]
+    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": pvc_meta, "spec": pvc_spec}
+
+    port = int((serve_config.get("http_options") or {}).get("port", SERVE_PORT))
+    volumes = [{"name": "shared-data", "persistentVolumeClaim": {"claimName": kube["pvc"]["name"]}}]
+    head = _container("ray-head", kube["image"], kube["head"]["cpu"], kube["head"]["memory"], ports=[
+        {"containerPort": 6379, "name": "gcs-server"},
+        {"containerPort": 8265, "name": "dashboard"},
+        {"containerPort": 10001, "name": "client"},
+        {"containerPort": port, "name": "serve"},  # KubeRay's serve service targets the port named `serve`
+    ])
+    head_pod: dict[str, Any] = {"containers": [head], "volumes": volumes}
+    if kube.get("init_models_command"):
+        head_pod["initContainers"] = [{
+            "name": "prepare-models",
+            "image": kube["image"],
+            "command": ["bash", "-c", kube["init_models_command"]],
+            "env": [{"name": "HF_HOME", "value": "/data/huggingface"}],
+            "volumeMounts": [{"name": "shared-data", "mountPath": "/data"}],
+        }]
+    gpu = kube["gpu_workers"]
+    worker = _container("ray-worker", kube["image"], gpu["cpu"], gpu["memory"], gpus=int(gpu["gpus"]),
+                        ports=[{"containerPort": port, "name": "serve"}])
+    service = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": meta,
+        "spec": {
+            # The Serve config of serve_config.yaml, adapted by cluster/overrides.yaml.
+            "serveConfigV2": dump(serve_config),
+            "rayClusterConfig": {
+                "rayVersion": str(kube["ray_version"]),
+                # Serve autoscaling asks for replicas; the Ray autoscaler adds GPU pods for them.
+                "enableInTreeAutoscaling": True,
+                "headGroupSpec": {
+                    "rayStartParams": {"dashboard-host": "0.0.0.0"},
+                    "template": {"spec": head_pod},
+                },
+                "workerGroupSpecs": [{
+                    "groupName": gpu["group"],
+                    "replicas": int(gpu["replicas"]),
+                    "minReplicas": int(gpu["min_replicas"]),
+                    "maxReplicas": int(gpu["max_replicas"]),
+                    "rayStartParams": {},
+                    "template": {"spec": {
+                        "containers": [worker],
+                        "volumes": volumes,
+                        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                    }},
+                }],
+            },
+        },
+    }
+    return [pvc, service]
+
+
+HEADER = """\
+# GENERATED by cluster/make_rayservice.py from serve_config.yaml and cluster/overrides.yaml.
+# Do not edit: change those and run `.venv/bin/python cluster/make_rayservice.py`.
+"""
+
+RAYSERVICE_HEADER = HEADER + """\
+#
+# KubeRay RayService for serve_app: a head pod, a GPU worker group (nvidia.com/gpu) that the
+# Ray autoscaler grows for Serve replicas, and a ReadWriteMany volume mounted at /data on
+# every pod for the models (/data/models) and generated images (/data/generated_images).
+#   kubectl apply -f cluster/rayservice.yaml
+#   kubectl port-forward svc/{name}-serve-svc {port}:{port}
+"""
+
+CLUSTER_CONFIG_HEADER = HEADER + """\
+#
+# serve_config.yaml for a GPU cluster whose nodes share /data (see README.md, "Scaling and clusters"):
+#   serve deploy cluster/serve_config.cluster.yaml
+"""
+
+
+def render(serve_config_path: Path = SERVE_CONFIG, overrides_path: Path = OVERRIDES) -> dict[Path, str]:
+    """{output path: text} for both generated files."""
+    config = yaml.safe_load(serve_config_path.read_text())
+    overrides = yaml.safe_load(overrides_path.read_text())
+    adapted = cluster_serve_config(config, overrides)
+    port = int(adapted["http_options"]["port"])
+    docs = rayservice_manifest(adapted, overrides)
+    manifest = RAYSERVICE_HEADER.format(name=overrides["kuberay"]["name"], port=port) + "---\n".join(
+        dump(doc) for doc in docs)
+    return {
+        CLUSTER_SERVE_CONFIG: CLUSTER_CONFIG_HEADER + dump(adapted),
+        RAYSERVICE: manifest,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="do not write; exit 1 when a generated file differs from what is committed")
+    parser.add_argument("--serve-config", type=Path, default=SERVE_CONFIG)
+    parser.add_argument("--overrides", type=Path, default=OVERRIDES)
+    ns = parser.parse_args(argv)
+    stale = 0
+    for path, text in render(ns.serve_config, ns.overrides).items():
+        current = path.read_text() if path.exists() else ""
+        if current == text:
+            continue
+        if ns.check:
+            stale += 1
+            sys.stdout.writelines(difflib.unified_diff(
+                current.splitlines(keepends=True), text.splitlines(keepends=True),
+                f"{path.name} (committed)", f"{path.name} (from serve_config.yaml + overrides.yaml)"))
+        else:
+            path.write_text(text)
+            print(f"wrote {path.relative_to(ROOT)}")
+    if stale:
+        print(f"\n{stale} generated file(s) are stale: run .venv/bin/python cluster/make_rayservice.py",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

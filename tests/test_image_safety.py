@@ -1,0 +1,491 @@
+"""Hostile image input and image storage, without Ray: the fetcher and the store called directly.
+
+Fetches go to real HTTP servers on 127.0.0.1. Every fetcher here sends through
+`LoopbackOnly`, which fails the test instead of letting a request leave for any
+other address: a URL the fetcher should have refused can never reach
+169.254.169.254 or 10.0.0.1 because of a bug, it fails the test instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import io
+import ipaddress
+import os
+import ssl
+import struct
+import threading
+import time
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import parse_qs, urlparse
+
+import httpx
+import pytest
+from PIL import Image, ImageFile
+
+from serve_app.config import ImageInputOptions, ImageRetentionOptions
+from serve_app.errors import APIError, InvalidRequest, NotFound, PayloadTooLarge
+from serve_app.image_input import HostPolicy, ImageFetcher, InputImage, inspect_image, is_forbidden_address
+from serve_app.image_store import ImageStore
+
+
+def image_bytes(size: tuple[int, int] = (40, 30), fmt: str = "PNG", mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny, well-formed PNG whose header claims width x height: a decompression bomb's shape."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+PNG = image_bytes()
+
+
+# ------------------------------------------------------------------------- a real server
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Routes by path; HTTP/1.0, so a body without Content-Length ends when the connection closes."""
+
+    hits: list[str] = []
+
+    def log_message(self, *args: Any) -> None:  # keep test output quiet
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        Handler.hits.append(self.path)
+        url = urlparse(self.path)
+        route = ROUTES.get(url.path)
+        if route is None:
+            self.send_error(404)
+            return
+        route(self, parse_qs(url.query))
+
+    def reply(self, body: bytes, *, status: int = 200, length: int | None = None, **headers: str) -> None:
+        self.send_response(status)
+        if length is not None:
+            self.send_header("Content-Length", str(length))
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def _redirect(handler: Handler, query: dict[str, list[str]]) -> None:
+    handler.reply(b"", status=302, length=0, Location=query["to"][0])
+
+
+def _chain(handler: Handler, query: dict[str, list[str]]) -> None:
+    left = int(query["n"][0])
+    if left == 0:
+        handler.reply(PNG, length=len(PNG))
+    else:
+        handler.reply(b"", status=302, length=0, Location=f"/chain?n={left - 1}")
+
+
+def _drip(handler: Handler, query: dict[str, list[str]]) -> None:
+    """Headers at once, then a byte every 0.1 s: no single read is slow, the whole is."""
+    handler.reply(b"", length=10_000)
+    for _ in range(50):
+        handler.wfile.write(b"x")
+        handler.wfile.flush()
+        time.sleep(0.1)
+
+
+ROUTES: dict[str, Callable[[Handler, dict[str, list[str]]], None]] = {
+    "/ok.png": lambda h, q: h.reply(PNG, length=len(PNG), Content_Type="text/plain"),
+    "/text": lambda h, q: h.reply(b"hello, not an image", length=19, Content_Type="image/png"),
+    "/missing": lambda h, q: h.reply(b"gone", status=404, length=4),
+    "/redirect": _redirect,
+    "/chain": _chain,
+    "/declared-huge": lambda h, q: h.reply(b"x" * 10, length=10**9),
+    "/streamed-huge": lambda h, q: h.reply(b"x" * 50_000),
+    "/gzip": lambda h, q: h.reply(zlib.compress(PNG), length=len(zlib.compress(PNG)), Content_Encoding="deflate"),
+    "/slow": lambda h, q: (time.sleep(3), h.reply(PNG, length=len(PNG))),
+    "/drip": _drip,
+}
+
+
+@pytest.fixture(scope="module")
+def origin() -> str:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _clear_hits() -> None:
+    Handler.hits.clear()
+
+
+class LoopbackOnly(httpx.AsyncBaseTransport):
+    """The real network, but only to 127.0.0.1; records what was sent."""
+
+    def __init__(self, verify: ssl.SSLContext | bool = True) -> None:
+        self.inner = httpx.AsyncHTTPTransport(verify=verify)
+        self.sent: list[httpx.Request] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        assert request.url.host == "127.0.0.1", f"the fetcher tried to connect to {request.url}"
+        self.sent.append(request)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def fetch(url: str, transport: httpx.AsyncBaseTransport | None = None, **options: Any) -> InputImage:
+    async def run() -> InputImage:
+        fetcher = ImageFetcher(ImageInputOptions(**options), transport=transport or LoopbackOnly())
+        try:
+            return await fetcher.load(url, param="image")
+        finally:
+            await fetcher.aclose()
+
+    return asyncio.run(run())
+
+
+def expect(error: type[APIError], status: int, code: str, run: Callable[[], Any], param: str = "image") -> APIError:
+    with pytest.raises(error) as caught:
+        run()
+    assert caught.value.status_code == status and caught.value.param == param
+    assert caught.value.code == code, caught.value.message
+    return caught.value
+
+
+def forbidden(run: Callable[[], Any]) -> None:
+    expect(InvalidRequest, 400, "image_url_forbidden", run)
+
+
+# ------------------------------------------------------------------------ addresses
+
+
+@pytest.mark.parametrize("address,refused", [
+    ("8.8.8.8", False), ("2606:4700::1111", False), ("127.0.0.1", True), ("127.9.9.9", True),
+    ("10.0.0.1", True), ("172.16.0.1", True), ("192.168.1.1", True), ("100.64.0.1", True),
+    ("169.254.169.254", True), ("0.0.0.0", True), ("224.0.1.1", True), ("240.0.0.1", True),
+    ("255.255.255.255", True), ("::1", True), ("::", True), ("fe80::1", True), ("fd00:ec2::254", True),
+    ("ff02::1", True), ("::ffff:127.0.0.1", True), ("::ffff:169.254.169.254", True),
+    ("::ffff:8.8.8.8", False), ("64:ff9b::a00:1", True), ("2002:7f00:1::", True), ("2002:808:808::", False),
+])
+def test_address_classification(address: str, refused: bool) -> None:
+    assert is_forbidden_address(ipaddress.ip_address(address)) is refused
+
+
+def test_allowed_networks_never_reopen_metadata_but_exact_entries_do() -> None:
+    policy = HostPolicy(["10.0.0.0/8", "169.254.0.0/16", "images.internal", "[::1]"])
+    ip = ipaddress.ip_address
+    assert policy.allows("x", ip("10.1.2.3")) and policy.allows("x", ip("169.254.1.1"))
+    assert not policy.allows("x", ip("169.254.169.254")) and not policy.allows("x", ip("192.168.0.1"))
+    assert policy.allows("Images.Internal.", ip("192.168.0.1")) and policy.allows("::1", ip("::1"))
+    assert HostPolicy(["169.254.169.254"]).allows("169.254.169.254", ip("169.254.169.254"))
+
+
+# ---------------------------------------------------------------- hostile URLs, default
+
+
+@pytest.mark.parametrize("path", ["http://127.0.0.1:{port}/ok.png", "http://localhost:{port}/ok.png",
+                                  "http://[::1]:{port}/ok.png", "http://[::ffff:127.0.0.1]:{port}/ok.png",
+                                  "http://2130706433:{port}/ok.png", "http://0.0.0.0:{port}/ok.png",
+                                  "http://LOCALHOST:{port}/ok.png", "http://0x7f000001:{port}/ok.png",
+                                  "http://127.1:{port}/ok.png", "https://127.0.0.1:{port}/ok.png"])
+def test_loopback_refused_before_connecting(origin: str, path: str) -> None:
+    transport = LoopbackOnly()
+    forbidden(lambda: fetch(path.format(port=origin.rsplit(":", 1)[1]), transport))
+    assert transport.sent == [] and Handler.hits == []
+
+
+@pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/x.png",
+                                 "http://[fd00:ec2::254]/latest/meta-data/", "http://192.168.0.1:8080/a.png",
+                                 "http://[::ffff:169.254.169.254]/", "http://100.100.100.200/latest/"])
+def test_private_and_metadata_refused_before_connecting(url: str) -> None:
+    transport = LoopbackOnly()
+    forbidden(lambda: fetch(url, transport))
+    assert transport.sent == []
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "/etc/passwd", "../../etc/passwd", "ftp://example.com/a.png",
+                                 "gopher://127.0.0.1:70/", "http:///ok.png", "https://...", "javascript:alert(1)",
+                                 "data:image/png,notbase64", "data:image/png;base64,!!!!"])
+def test_only_http_and_base64_data_urls(url: str) -> None:
+    expect(InvalidRequest, 400, "invalid_image_url", lambda: fetch(url))
+
+
+# ------------------------------------------------------------- hostile URLs, allowed host
+
+
+def test_allowed_loopback_fetch_succeeds_and_ignores_declared_type(origin: str) -> None:
+    image = fetch(origin + "/ok.png", allowed_hosts=["127.0.0.1"])
+    assert (image.width, image.height, image.data) == (40, 30, PNG)
+
+
+def test_allowed_by_name_connects_to_the_resolved_address(origin: str) -> None:
+    transport = LoopbackOnly()
+    fetch(origin.replace("127.0.0.1", "localhost") + "/ok.png", transport, allowed_hosts=["localhost"])
+    assert transport.sent[0].headers["host"] == "localhost:" + origin.rsplit(":", 1)[1]
+
+
+@pytest.mark.parametrize("target", ["http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/x.png",
+                                    "http://127.0.0.2:1/ok.png", "http://[::1]/ok.png"])
+def test_redirect_from_allowed_host_to_forbidden_one_refused(origin: str, target: str) -> None:
+    transport = LoopbackOnly()
+    forbidden(lambda: fetch(f"{origin}/redirect?to={target}", transport, allowed_hosts=["127.0.0.1"]))
+    assert len(transport.sent) == 1
+
+
+def test_redirect_to_a_file_url_refused(origin: str) -> None:
+    expect(InvalidRequest, 400, "invalid_image_url",
+           lambda: fetch(f"{origin}/redirect?to=file:///etc/passwd", allowed_hosts=["127.0.0.1"]))
+
+
+def test_redirects_followed_up_to_the_limit(origin: str) -> None:
+    assert fetch(f"{origin}/chain?n=2", allowed_hosts=["127.0.0.1"], max_redirects=2).width == 40
+    expect(InvalidRequest, 400, "too_many_redirects",
+           lambda: fetch(f"{origin}/chain?n=3", allowed_hosts=["127.0.0.1"], max_redirects=2))
+    assert len(Handler.hits) == 3 + 3  # the refused chain stopped after max_redirects + 1 requests
+
+
+@pytest.mark.parametrize("path,error,status,code", [
+    ("/declared-huge", PayloadTooLarge, 413, "payload_too_large"),
+    ("/streamed-huge", PayloadTooLarge, 413, "payload_too_large"),
+    ("/text", InvalidRequest, 400, "invalid_image"),
+    ("/missing", InvalidRequest, 400, "invalid_image_url"),
+    ("/gzip", InvalidRequest, 400, "invalid_image_url"),
+])
+def test_bad_downloads(origin: str, path: str, error: type[APIError], status: int, code: str) -> None:
+    expect(error, status, code, lambda: fetch(origin + path, allowed_hosts=["127.0.0.1"], max_bytes=4096))
+
+
+@pytest.mark.parametrize("path", ["/slow", "/drip"])
+def test_slow_server_times_out_in_total(origin: str, path: str) -> None:
+    started = time.monotonic()
+    expect(InvalidRequest, 400, "image_url_timeout",
+           lambda: fetch(origin + path, allowed_hosts=["127.0.0.1"], timeout_s=0.5))
+    assert time.monotonic() - started < 1.5
+
+
+# ------------------------------------------------------------- DNS: check, then pin
+
+
+class Recorder(httpx.AsyncBaseTransport):
+    """Answers every request with a PNG, without any network; records the requests."""
+
+    def __init__(self) -> None:
+        self.sent: list[httpx.Request] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent.append(request)
+        return httpx.Response(200, stream=httpx.ByteStream(PNG))
+
+
+def fetch_resolving(url: str, answers: list[list[str]]) -> Recorder:
+    """Fetch with DNS answering `answers` in turn (one list of addresses per lookup)."""
+    transport, lookups = Recorder(), iter(answers)
+
+    async def resolve(host: str, port: int, *, param: str) -> list[Any]:
+        return [ipaddress.ip_address(a) for a in next(lookups)]
+
+    async def run() -> None:
+        fetcher = ImageFetcher(ImageInputOptions(), transport=transport)
+        fetcher._resolve = resolve  # type: ignore[method-assign]
+        await fetcher.load(url, param="image")
+
+    asyncio.run(run())
+    return transport
+
+
+def test_any_private_answer_refuses_the_name() -> None:
+    forbidden(lambda: fetch_resolving("http://images.example/a.png", [["93.184.216.34", "10.0.0.1"]]))
+
+
+def test_connection_goes_to_the_checked_address_with_name_in_host_and_sni() -> None:
+    sent = fetch_resolving("https://images.example:8443/a.png", [["93.184.216.34"], ["127.0.0.1"]]).sent
+    assert len(sent) == 1 and sent[0].url.host == "93.184.216.34" and sent[0].url.port == 8443
+    assert sent[0].headers["host"] == "images.example:8443"
+    assert sent[0].extensions["sni_hostname"] == "images.example"
+
+
+def self_signed(name: str) -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM) for DNS name `name`."""
+    crypto = pytest.importorskip("cryptography")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    assert crypto
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+@pytest.mark.parametrize("cert_name,works", [("localhost", True), ("images.test", False)])
+def test_https_pinned_to_the_address_still_verifies_the_name(tmp_path: Path, cert_name: str, works: bool) -> None:
+    cert, key = self_signed(cert_name)
+    (tmp_path / "cert.pem").write_bytes(cert)
+    (tmp_path / "key.pem").write_bytes(key)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = server_tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    transport = LoopbackOnly(verify=ssl.create_default_context(cadata=cert.decode()))
+    url = f"https://localhost:{server.server_address[1]}/ok.png"
+    try:
+        if works:
+            assert fetch(url, transport, allowed_hosts=["localhost"]).width == 40
+            assert transport.sent[0].url.host == "127.0.0.1"
+        else:  # the certificate is checked against the URL's name, not the address connected to
+            expect(InvalidRequest, 400, "invalid_image_url", lambda: fetch(url, transport, allowed_hosts=["localhost"]))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# -------------------------------------------------------------------- bytes and bombs
+
+
+def loader(**options: Any) -> Callable[[bytes], Callable[[], InputImage]]:
+    fetcher = ImageFetcher(ImageInputOptions(**options), transport=Recorder())
+    return lambda data: lambda: fetcher.check_upload(data, param="mask")
+
+
+def test_png_bomb_refused_without_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded: list[object] = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self))
+    for bomb in (png_claiming(100_000, 100_000), png_claiming(5000, 5000)):
+        assert len(bomb) < 200
+        expect(PayloadTooLarge, 413, "image_too_many_pixels", loader()(bomb), param="mask")
+    assert decoded == []
+
+
+def test_real_one_bit_bomb_and_pixel_limit_from_config() -> None:
+    bomb = image_bytes((5000, 5000), mode="1")
+    assert len(bomb) < 10_000
+    expect(PayloadTooLarge, 413, "image_too_many_pixels", loader()(bomb), param="mask")
+    expect(PayloadTooLarge, 413, "image_too_many_pixels", loader(max_pixels=64 * 64)(image_bytes((80, 60))),
+           param="mask")
+    assert loader(max_pixels=64 * 64)(image_bytes((64, 64)))().width == 64
+
+
+def test_bomb_in_a_data_url_refused() -> None:
+    url = "data:image/png;base64," + base64.b64encode(png_claiming(100_000, 100_000)).decode()
+    expect(PayloadTooLarge, 413, "image_too_many_pixels", lambda: fetch(url))
+
+
+def test_formats_and_upload_size_from_config() -> None:
+    only_png = loader(accepted_formats=["PNG"])
+    expect(InvalidRequest, 400, "invalid_image", only_png(image_bytes(fmt="JPEG")), param="mask")
+    assert only_png(PNG)().height == 30 and loader(accepted_formats=["jpg"])(image_bytes(fmt="JPEG"))()
+    expect(InvalidRequest, 400, "invalid_image", loader()(image_bytes(fmt="TIFF")), param="mask")
+    expect(InvalidRequest, 400, "invalid_image", loader()(PNG[:60]), param="mask")
+    expect(PayloadTooLarge, 413, "payload_too_large", loader(max_bytes=1024)(b"\0" * 1025), param="mask")
+    with pytest.raises(ValueError, match="NOPE"):
+        ImageFetcher(ImageInputOptions(accepted_formats=["PNG", "NOPE"]))
+
+
+def test_inspect_image_defaults() -> None:
+    assert inspect_image(PNG, param="image") == InputImage(PNG, 40, 30)
+
+
+# -------------------------------------------------------------------------- storage
+
+
+def age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_saves_are_unguessable_complete_and_leave_no_temp_files(tmp_path: Path) -> None:
+    store = ImageStore(str(tmp_path), "http://h/")
+    names = {store.save(PNG) for _ in range(50)}
+    assert len(names) == 50 and all(len(name) >= 28 for name in names)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+    name = names.pop()
+    assert store.path(name).read_bytes() == PNG and store.url(name) == f"http://h/v1/files/images/{name}"
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError):
+        ImageStore(str(tmp_path), "http://h").save(PNG)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["../x.png", "..%2Fx.png", "%2e%2e%2fetc%2fpasswd", "/etc/passwd",
+                                  "../../../../etc/passwd", "AAAAAAAAAAAAAAAAAAAA.png/../x", "",
+                                  "nothere1234567890123.png", "link_outside_0000000.png", ".tmp-abcdefgh.png"])
+def test_unknown_or_escaping_names_are_404(tmp_path: Path, name: str) -> None:
+    (tmp_path / "outside.png").write_bytes(PNG)
+    store = ImageStore(str(tmp_path / "store"), "http://h")
+    (store.directory / "link_outside_0000000.png").symlink_to(tmp_path / "outside.png")
+    (store.directory / ".tmp-abcdefgh.png").write_bytes(PNG)
+    expect(NotFound, 404, "file_not_found", lambda: store.path(name), param="name")
+
+
+def test_sweep_by_age_then_total_size_and_dead_temp_files(tmp_path: Path) -> None:
+    retention = ImageRetentionOptions(max_age_s=3600, max_total_bytes=3 * len(PNG))
+    store = ImageStore(str(tmp_path), "http://h", retention)
+    names = [store.save(PNG) for _ in range(6)]
+    for index, name in enumerate(names):  # names[0] oldest ... names[5] newest
+        age(tmp_path / name, 100 - index)
+    age(tmp_path / names[0], 7200)
+    dead, live = tmp_path / ".tmp-dead.png", tmp_path / ".tmp-live.png"
+    for temp in (dead, live):
+        temp.write_bytes(b"half")
+    age(dead, 120)
+    (tmp_path / "notes.txt").write_text("not ours")
+    assert store.sweep() == 1 + 2 + 1  # too old, over the size (the two oldest left), the dead temp file
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names[3:], live.name, "notes.txt"])
+    assert store.sweep() == 0
+
+
+def test_without_retention_images_stay(tmp_path: Path) -> None:
+    store = ImageStore(str(tmp_path), "http://h")
+    name = store.save(PNG)
+    age(tmp_path / name, 10**8)
+    assert store.sweep() == 0 and store.path(name)
+
+
+def test_sweep_forever_runs_until_cancelled(tmp_path: Path) -> None:
+    store = ImageStore(str(tmp_path), "http://h", ImageRetentionOptions(max_age_s=10, sweep_interval_s=0.05))
+
+    async def run() -> None:
+        task = asyncio.create_task(store.sweep_forever())
+        name = store.save(PNG)
+        age(tmp_path / name, 60)
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if not (tmp_path / name).exists():
+                break
+        task.cancel()
+        assert not (tmp_path / name).exists()
+
+    asyncio.run(run())

@@ -1,0 +1,240 @@
+"""Hostile input, keys, overload and a crashing replica, against a real server.
+
+A second application (`/secure`) runs with API keys and a chat model with a
+tiny queue, beside the default one, on the session's Ray Serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import signal
+import struct
+import time
+import zlib
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from tests.conftest import wait_for
+from tests.test_server import BAD_REQUESTS, CHAT, IMAGE, SEED_CHAT
+
+KEY = "test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def secure(cluster) -> str:
+    from ray import serve
+
+    args = cluster.args(route_prefix="/secure", auth={"api_keys": [KEY]},
+                        limits={"max_messages": 8, "max_prompt_chars": 2000, "request_timeout_s": 60},
+                        catalog_ttl_s=0.2)
+    chat, image = args["models"]
+    chat["deployment"].update(num_cpus=0.25, max_ongoing_requests=2, max_queued_requests=4)
+    image["deployment"].update(num_cpus=0.25)
+    image["allowed_sizes"] = ["64x64", "128x128", "512x512"]
+    base = cluster.deploy(args, name="secure_app", route_prefix="/secure")
+    yield base
+    serve.delete("secure_app")
+
+
+@pytest.fixture(scope="module")
+def shttp(secure: str):
+    with httpx.Client(base_url=secure, timeout=120, headers=AUTH) as client:
+        yield client
+
+
+def png_bomb(width: int = 50_000, height: int = 50_000) -> bytes:
+    """A tiny PNG whose header claims a huge image (the pixels are never there)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def data_url(data: bytes, kind: str = "image/png") -> str:
+    return f"data:{kind};base64," + base64.b64encode(data).decode()
+
+
+def gif_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "TIFF")
+    return buffer.getvalue()
+
+
+MESSAGES_9 = [{"role": "user", "content": "x"}] * 9
+SECURE_CASES = [
+    # (method, path, kwargs, headers, status, param)
+    ("post", "/v1/chat/completions", {"json": SEED_CHAT}, {}, 401, None),
+    ("post", "/v1/chat/completions", {"json": SEED_CHAT}, {"Authorization": "Bearer wrong"}, 401, None),
+    ("post", "/v1/chat/completions", {"json": SEED_CHAT}, {"Authorization": KEY}, 401, None),
+    ("get", "/v1/models", {}, {}, 401, None),
+    ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x"}}, {}, 401, None),
+    ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x"}}, {}, 401, None),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": MESSAGES_9}}, AUTH, 400, "messages"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [{"role": "user", "content": "x" * 2001}]}}, AUTH, 400, "messages"),
+    ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "size": "256x256"}}, AUTH, 400, "size"),
+    ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x" * 5000}}, AUTH, 400, "prompt"),
+    ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "n": 50}}, AUTH, 400, "n"),
+    ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x", "image": "http://169.254.169.254/latest/meta-data/"}}, AUTH, 400, "image"),
+    ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x", "image": "file:///etc/passwd"}}, AUTH, 400, "image"),
+    ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x", "image": "http://127.0.0.1:1/x.png"}}, AUTH, 400, "image"),
+    ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x", "image": "http://[::1]/x.png"}}, AUTH, 400, "image"),
+    ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x", "image": data_url(png_bomb())}}, AUTH, None, "image"),
+    ("post", "/v1/images/edits", {"data": {"model": IMAGE, "prompt": "x"}, "files": {"image": ("b.png", png_bomb())}}, AUTH, None, "image"),
+    ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x", "image": data_url(gif_bytes(), "image/tiff")}}, AUTH, 400, "image"),
+    ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x", "image": "data:image/png;base64,!!!"}}, AUTH, 400, "image"),
+    ("get", "/v1/files/images/..%2F..%2F..%2Fetc%2Fpasswd", {}, AUTH, 404, None),
+    ("get", "/v1/files/images/%2e%2e%2f%2e%2e%2fetc%2fpasswd", {}, AUTH, 404, None),
+]
+
+
+@pytest.mark.parametrize("method,path,kwargs,headers,status,param", SECURE_CASES,
+                         ids=[f"{i}-{case[1]}-{case[4]}" for i, case in enumerate(SECURE_CASES)])
+def test_hostile_input_gets_a_clear_error(secure, method, path, kwargs, headers, status, param):
+    with httpx.Client(base_url=secure, timeout=60) as client:
+        response = client.request(method.upper(), path, headers=headers, **kwargs)
+    if status is None:
+        assert response.status_code in (400, 413), response.text
+    else:
+        assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert isinstance(body["code"], int) and body["code"] != 0 and body["message"]
+    assert body["error"]["message"] and "Traceback" not in response.text
+    if param:
+        assert body["error"]["param"] == param
+    if response.status_code == 401:
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_bad_input_table_covers_all_routes():
+    routes = {case[1] for case in BAD_REQUESTS} | {case[1] for case in SECURE_CASES}
+    assert len(BAD_REQUESTS) + len(SECURE_CASES) >= 40
+    assert {"/v1/chat/completions", "/v1/images/generations", "/v1/images/edits", "/v1/models"} <= routes
+
+
+def test_keys_let_the_openai_client_in_and_health_stays_open(secure, shttp):
+    client = openai.OpenAI(base_url=secure + "/v1", api_key=KEY, max_retries=0)
+    assert {m.id for m in client.models.list()} == {CHAT, IMAGE}
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=secure + "/v1", api_key="nope", max_retries=0).models.list()
+    with httpx.Client(base_url=secure) as anonymous:
+        assert anonymous.get("/health").json() == {"status": "ok"}
+        assert anonymous.get("/ready").json() == {"ready": True, "missing": []}
+
+
+def test_request_id_is_echoed(shttp):
+    response = shttp.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 2},
+                          headers={"X-Request-Id": "trace-me-123"})
+    assert response.status_code == 200 and response.headers["x-request-id"] == "trace-me-123"
+    assert shttp.get("/v1/models").headers.get("x-request-id")
+
+
+async def _mixed_load(base: str, count: int) -> list[int | str]:
+    limits = httpx.Limits(max_connections=count)
+    async with httpx.AsyncClient(base_url=base, headers=AUTH, timeout=120, limits=limits) as client:
+        async def one(i: int) -> int | str:
+            try:
+                if i % 4 == 3:
+                    response = await client.get("/v1/models")
+                else:
+                    response = await client.post("/v1/chat/completions",
+                                                 json={**SEED_CHAT, "max_tokens": 8, "seed": i})
+            except httpx.HTTPError as exc:
+                return type(exc).__name__
+            if response.status_code == 503:
+                assert response.headers.get("content-type") == "application/json", (response.headers, response.text)
+                assert response.json()["code"] == 503 and response.headers.get("retry-after")
+            elif response.status_code == 200:
+                assert response.json()["code"] == 0
+            return response.status_code
+
+        return await asyncio.gather(*(one(i) for i in range(count)))
+
+
+def test_overload_answers_503_at_once_and_loses_nothing(secure, http):
+    started = time.monotonic()
+    outcomes = asyncio.run(_mixed_load(secure, 200))
+    assert len(outcomes) == 200
+    assert set(outcomes) <= {200, 503}, outcomes
+    assert outcomes.count(503) > 0 and outcomes.count(200) >= 50
+    assert time.monotonic() - started < 90
+    # The other application's models are unaffected.
+    assert http.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 2}).status_code == 200
+
+
+def _replica_pids(app: str, deployment: str) -> list[int]:
+    """Process ids of a deployment's live replicas (Serve names its actors after them)."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    pids = []
+    for name in names:
+        try:
+            actor = ray.get_actor(name, namespace="serve")
+            pids.append(ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=10))
+        except Exception:  # noqa: BLE001 - a replica that is just going away
+            continue
+    return pids
+
+
+def test_killed_replica_recovers_and_failures_are_bounded(secure, shttp):
+    (pid,) = _replica_pids("secure_app", "model_Llama3-8B")
+
+    async def load_with_kill() -> list[int | str]:
+        async def kill_soon() -> None:
+            await asyncio.sleep(0.3)
+            os.kill(pid, signal.SIGKILL)
+
+        killer = asyncio.create_task(kill_soon())
+        outcomes = []
+        for _ in range(4):
+            outcomes += await _mixed_load(secure, 12)
+        await killer
+        return outcomes
+
+    outcomes = asyncio.run(load_with_kill())
+    failed = [o for o in outcomes if o not in (200,)]
+    print(f"during the crash: {len(failed)} of {len(outcomes)} requests failed: {sorted(set(map(str, failed)))}")
+    assert set(outcomes) <= {200, 503}, outcomes  # failures are clean 503 envelopes, never a hang or 500
+    assert wait_for(lambda: shttp.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 2}).status_code == 200,
+                    timeout=90, interval=1)
+    assert wait_for(lambda: _replica_pids("secure_app", "model_Llama3-8B") not in ([], [pid]), timeout=30)
+
+
+@pytest.fixture(scope="module")
+def redirector():
+    """A loopback server (allowed in the tests' config) that redirects to whatever `?to=` says."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Redirect(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", self.path.split("to=", 1)[1])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("target", ["http://127.0.0.2:1/x.png", "http://[::1]:1/x.png",
+                                    "http://169.254.169.254/latest/meta-data/", "file:///etc/passwd"])
+def test_redirect_to_a_forbidden_target_is_refused(http, redirector, target):
+    response = http.post("/v1/images/edits", json={"model": IMAGE, "prompt": "x", "image": f"{redirector}/r?to={target}"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "image", response.text
+    assert response.json()["error"]["code"] in ("image_url_forbidden", "invalid_image_url")
