@@ -118,6 +118,10 @@ class BaseModelConfig(StrictModel):
     owned_by: str = Field("serve_app", description="Shown as `owned_by` in /v1/models.")
     cid: str | None = Field(None, min_length=1, description="Content id of the model, sent to network nodes.")
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    max_batch_size: int = Field(
+        8, ge=1, description="Requests that share one forward pass (chat) or pipeline call (images); 1 = no batching.")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, description="How long a batch waits for more requests before it starts.")
 
     @field_validator("path")
     @classmethod
