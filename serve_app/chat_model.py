@@ -43,6 +43,8 @@ class ChatModel(ModelReplica):
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
+        self._active: set[int] = set()
+        self._steps = 0
         self._decode_batch.set_max_batch_size(config.max_batch_size)
         self._decode_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.log_loaded()
@@ -61,13 +63,19 @@ class ChatModel(ModelReplica):
             used = sum(row.decoder.used for row in slot.rows)
             yield ChatStreamChunk(deltas, len(slot.prompt_ids), used)
 
+    async def stats(self) -> dict[str, int]:
+        """Requests in flight and decode steps so far: lets operators and tests see work stop."""
+        return {"active_requests": len(self._active), "decode_steps": self._steps}
+
     async def _decoded(self, slot: Slot) -> AsyncIterator[list[ChoiceDelta]]:
+        self._active.add(id(slot))
         try:
             async for deltas in self._decode_batch(slot):
                 if deltas:
                     yield deltas
         finally:
             slot.cancelled = True  # finished, or the client left: its rows leave the batch next step
+            self._active.discard(id(slot))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
     async def _decode_batch(self, slots: list[Slot]) -> AsyncIterator[list]:
@@ -78,6 +86,7 @@ class ChatModel(ModelReplica):
         stopped: set[int] = set()
         while not batch.done:
             grouped = deltas_by_slot(slots, await self.run_on_worker(batch.step))
+            self._steps += 1
             now, out = time.monotonic(), []
             for slot in slots:
                 key = id(slot)

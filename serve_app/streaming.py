@@ -74,4 +74,8 @@ async def chat_events(encoder: ChatChunkEncoder, first: ChatStreamChunk | None,
         yield event(error_body(as_api_error(exc)))
         yield DONE
         return
+    finally:
+        cancel = getattr(rest, "cancel", None)
+        if cancel is not None:
+            cancel()  # the client left (or we are done): the model stops generating for it
     yield encoder.closing()

@@ -1,0 +1,72 @@
+"""Chat serving under concurrency: batching keeps each request's own result; disconnects stop work."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import httpx
+from ray import serve
+
+from tests.conftest import wait_for
+from tests.test_server import CHAT, SEED_CHAT
+
+
+def chat_stats() -> dict:
+    handle = serve.get_deployment_handle("model_Llama3-8B", app_name="serve_app")
+    return handle.stats.remote().result()
+
+
+def test_seed_gives_the_same_output_alone_and_under_load(server):
+    request = {**SEED_CHAT, "max_tokens": 24, "temperature": 1.0, "seed": 1234}
+
+    async def run() -> tuple[str, list[str]]:
+        async with httpx.AsyncClient(base_url=server, timeout=120) as client:
+            alone = (await client.post("/v1/chat/completions", json=request)).json()
+            others = [client.post("/v1/chat/completions", json={
+                **SEED_CHAT, "max_tokens": 5 + i, "temperature": 0.7, "seed": i,
+                "messages": [{"role": "user", "content": "Different " * (i + 1)}]}) for i in range(8)]
+            same = [client.post("/v1/chat/completions", json=request) for _ in range(3)]
+            answers = await asyncio.gather(*others, *same)
+            return alone["choices"][0]["message"]["content"], [a.json()["choices"][0]["message"]["content"]
+                                                                for a in answers[-3:]]
+
+    alone, under_load = asyncio.run(run())
+    assert under_load == [alone] * 3
+
+
+def test_concurrent_requests_share_decode_steps(server):
+    before = chat_stats()["decode_steps"]
+
+    async def run() -> list[dict]:
+        async with httpx.AsyncClient(base_url=server, timeout=120) as client:
+            calls = [client.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 20, "temperature": 0,
+                                                               "stop": None}) for _ in range(8)]
+            return [r.json() for r in await asyncio.gather(*calls)]
+
+    bodies = asyncio.run(run())
+    tokens = sum(b["usage"]["completion_tokens"] for b in bodies)
+    steps = chat_stats()["decode_steps"] - before
+    assert tokens >= 8 * 10
+    assert steps < tokens, f"{steps} decode steps for {tokens} tokens: no batching"
+
+
+def test_disconnect_stops_generation(server):
+    host, port = server.removeprefix("http://").split(":")
+    before = chat_stats()["decode_steps"]
+    body = ('{"model": "%s", "stream": true, "max_tokens": 1000, "temperature": 0, '
+            '"messages": [{"role": "user", "content": "Hello"}]}' % CHAT).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        assert b"200 OK" in sock.recv(4096)
+        assert wait_for(lambda: chat_stats()["active_requests"] == 1, timeout=10, interval=0.05)
+    left = time.monotonic()
+    assert wait_for(lambda: chat_stats()["active_requests"] == 0, timeout=10, interval=0.02)
+    stopped_after = time.monotonic() - left
+    steps = chat_stats()["decode_steps"]
+    time.sleep(0.5)
+    assert chat_stats()["decode_steps"] == steps, "still decoding after the client left"
+    assert steps - before < 1000, "the whole completion was generated"
+    assert stopped_after < 1.0, f"generation went on for {stopped_after:.2f}s after the disconnect"
