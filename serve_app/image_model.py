@@ -3,15 +3,28 @@
 The replica loads the pipeline once with `DiffusionPipeline.from_pretrained`
 and derives text-to-image, image-to-image and inpainting pipelines from it with
 `from_pipe`, which shares the loaded weights instead of loading them again.
-All `n` images of a request come from one batched pipeline call
-(`num_images_per_prompt`), and leave the replica as PNG bytes: storage and
-URLs are the ingress's business.
+
+Concurrent requests are batched: Ray Serve's `@serve.batch` gathers those
+that arrive together, and the worker thread takes up to `max_batch_size`
+queued requests at a time. Those that can share a pipeline call (same mode,
+size, steps, strength and negative-prompt presence) run as ONE call with one
+prompt per image, and the output is split back so each request gets exactly
+its own `n` images. Every image has its own `torch.Generator`, seeded
+`seed + i` for a request's i-th image, so a seeded request draws the same
+noise alone or batched with others.
+
+Images leave the replica as PNG bytes: storage and URLs are the ingress's business.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import math
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable, cast
 
 import torch
 from diffusers import (
@@ -27,6 +40,8 @@ from serve_app.config import ImageModelConfig
 from serve_app.errors import InvalidRequest
 from serve_app.jobs import ImageJob, ImageResult
 from serve_app.placement import ModelReplica
+
+Outcome = ImageResult | Exception
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -45,52 +60,189 @@ def decode_rgb(data: bytes, size: tuple[int, int], *, param: str, mode: str = "R
     return image.convert(mode).resize(size, Image.Resampling.LANCZOS)
 
 
+@dataclass(frozen=True)
+class PreparedJob:
+    """A job checked and decoded on its own, so a bad input fails only that job.
+
+    `key` says which jobs may share one pipeline call: everything that is one
+    value per call in diffusers (pipeline, size, steps, strength) must match,
+    and so must the presence of a negative prompt, since a missing one is not
+    always the same as "" (SDXL uses zero embeddings for it).
+    """
+
+    job: ImageJob
+    mode: str  # "t2i" | "i2i" | "inpaint"
+    steps: int
+    init_image: Image.Image | None = None
+    mask_image: Image.Image | None = None
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        strength = None if self.mode == "t2i" else self.job.strength
+        return (self.mode, self.job.width, self.job.height, self.steps, strength,
+                self.job.negative_prompt is not None)
+
+
+def per_image(group: list[PreparedJob], value: Callable[[PreparedJob], Any]) -> list[Any]:
+    """One entry per output image, in order: a job's value repeated `n` times.
+
+    One prompt per image (rather than `num_images_per_prompt`) works for any
+    mix of `n` and keeps image i, its prompt and its generator aligned.
+    """
+    return [value(item) for item in group for _ in range(item.job.n)]
+
+
 @serve.deployment
 class ImageModel(ModelReplica):
-    """One replica of one image model."""
+    """One replica of one image model; `max_batch_size` requests share a pipeline call."""
 
     def __init__(self, config: ImageModelConfig) -> None:
         super().__init__(config)
-        base = DiffusionPipeline.from_pretrained(config.path, torch_dtype=self.dtype).to(self.device)
-        base.set_progress_bar_config(disable=True)
-        self.text_to_image = AutoPipelineForText2Image.from_pipe(base)
-        self.image_to_image = AutoPipelineForImage2Image.from_pipe(base)
+        base = DiffusionPipeline.from_pretrained(config.path, dtype=self.dtype).to(self.device)
+        self.pipelines: dict[str, DiffusionPipeline | None] = {
+            "t2i": AutoPipelineForText2Image.from_pipe(base),
+            "i2i": AutoPipelineForImage2Image.from_pipe(base),
+        }
         try:
-            self.inpaint = AutoPipelineForInpainting.from_pipe(base)
+            self.pipelines["inpaint"] = AutoPipelineForInpainting.from_pipe(base)
         except (ValueError, KeyError):  # some families have no inpainting variant
-            self.inpaint = None
+            self.pipelines["inpaint"] = None
+        for pipeline in self.pipelines.values():  # `from_pipe` does not copy this setting
+            if pipeline is not None:
+                pipeline.set_progress_bar_config(disable=True)
+        # Serve creates the batch queue lazily inside the replica; these only set its limits.
+        self._queue_batch.set_max_batch_size(config.max_batch_size)
+        self._queue_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.queued: deque[tuple[ImageJob, Future[Outcome]]] = deque()
+        self.counters = {"requests": 0, "pipeline_calls": 0, "images": 0, "largest_call_requests": 0}
         self.log_loaded()
 
     async def generate(self, job: ImageJob) -> ImageResult:
-        """Make `job.n` images without blocking the replica's event loop."""
-        return await self.run_on_worker(self._generate, job)
+        """Make `job.n` images without blocking the replica's event loop.
 
-    def _generate(self, job: ImageJob) -> ImageResult:
+        With `max_batch_size: 1` the job skips Serve's batch queue (and its
+        wait) and runs alone, exactly as an unbatched server would.
+        """
+        if self.config.max_batch_size == 1:
+            [outcome] = await self.run_on_worker(self.run_jobs, [job])
+        else:
+            outcome = await asyncio.wrap_future(await self._queue_batch(job))
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _queue_batch(self, jobs: list[ImageJob]) -> list[Future[Outcome]]:
+        """Serve hands over the jobs that arrived together; each gets a future of its outcome.
+
+        The batch is queued for the worker rather than run here, because Serve
+        forms the next batch while this one would still be running: under load
+        those batches would each get their own pipeline call. Queued instead,
+        everything that arrived during a call shares the next one.
+        """
+        return self.submit(jobs)
+
+    def submit(self, jobs: list[ImageJob]) -> list[Future[Outcome]]:
+        """Queue jobs for the worker thread; it runs them with whatever else is queued."""
+        futures: list[Future[Outcome]] = [Future() for _ in jobs]
+        self.queued.extend(zip(jobs, futures))
+        self._worker.submit(self.run_queued)
+        return futures
+
+    def run_queued(self) -> None:
+        """On the worker: run up to `max_batch_size` queued jobs, oldest first.
+
+        Each `submit` queues one run and adds at most `max_batch_size` jobs,
+        so its own jobs are taken by its run at the latest. Jobs whose caller
+        went away (their future was cancelled) are dropped before the call.
+        """
+        taken: list[tuple[ImageJob, Future[Outcome]]] = []
+        while self.queued and len(taken) < self.config.max_batch_size:
+            job, future = self.queued.popleft()
+            if future.set_running_or_notify_cancel():
+                taken.append((job, future))
+        try:
+            outcomes = self.run_jobs([job for job, _ in taken])
+        except Exception as exc:  # noqa: BLE001 - never leave a caller waiting
+            outcomes = [exc] * len(taken)
+        for (_, future), outcome in zip(taken, outcomes):
+            future.set_result(outcome)
+
+    def stats(self) -> dict[str, int]:
+        """Counters of requests, pipeline calls and images, to observe batching."""
+        return dict(self.counters)
+
+    def run_jobs(self, jobs: list[ImageJob]) -> list[Outcome]:
+        """Run jobs on the worker thread: one pipeline call per group of compatible jobs."""
+        outcomes: list[Outcome | None] = [None] * len(jobs)
+        groups: dict[tuple[Any, ...], list[tuple[int, PreparedJob]]] = {}
+        for index, job in enumerate(jobs):
+            try:
+                prepared = self.prepare(job)
+            except Exception as exc:  # noqa: BLE001 - reported to this job's caller only
+                outcomes[index] = exc
+            else:
+                groups.setdefault(prepared.key, []).append((index, prepared))
+        for members in groups.values():
+            try:
+                images = iter(self.call_pipeline([prepared for _, prepared in members]))
+            except Exception as exc:  # noqa: BLE001 - the call failed for the whole group
+                for index, _ in members:
+                    outcomes[index] = exc
+                continue
+            for index, prepared in members:
+                outcomes[index] = ImageResult(images=[encode_png(next(images)) for _ in range(prepared.job.n)])
+        self.counters["requests"] += len(jobs)
+        return cast(list[Outcome], outcomes)
+
+    def prepare(self, job: ImageJob) -> PreparedJob:
+        """Choose the pipeline and decode the input images of one job."""
+        if job.init_image is None:
+            return PreparedJob(job, "t2i", job.steps)
         size = (job.width, job.height)
-        arguments = {
-            "prompt": job.prompt,
-            "negative_prompt": job.negative_prompt,
-            "num_images_per_prompt": job.n,
-            "num_inference_steps": job.steps,
-            "height": job.height,
-            "width": job.width,
+        init_image = decode_rgb(job.init_image, size, param="image")
+        # Edits run int(steps * strength) steps; never let that round down to zero.
+        steps = max(job.steps, math.ceil(1 / job.strength))
+        if job.mask_image is None:
+            return PreparedJob(job, "i2i", steps, init_image)
+        if self.pipelines["inpaint"] is None:
+            raise InvalidRequest("this model does not support masks", param="mask")
+        return PreparedJob(job, "inpaint", steps, init_image,
+                           decode_rgb(job.mask_image, size, param="mask", mode="L"))
+
+    def call_pipeline(self, group: list[PreparedJob]) -> list[Image.Image]:
+        """One pipeline call for a group of compatible jobs: their images, in job order."""
+        first = group[0]
+        size = (first.job.width, first.job.height)
+        arguments: dict[str, Any] = {
+            "prompt": per_image(group, lambda item: item.job.prompt),
+            "num_inference_steps": first.steps,
+            "height": first.job.height,
+            "width": first.job.width,
+            "generator": [self.generator(item.job, i) for item in group for i in range(item.job.n)],
             "output_type": "pil",
         }
-        if job.seed is not None:
-            arguments["generator"] = torch.Generator(device=self.device).manual_seed(job.seed)
-        pipeline = self.text_to_image
-        if job.init_image is not None:
-            pipeline = self.image_to_image
-            arguments["image"] = decode_rgb(job.init_image, size, param="image")
-            arguments["strength"] = job.strength
-            # Edits run int(steps * strength) steps; never let that round down to zero.
-            arguments["num_inference_steps"] = max(job.steps, math.ceil(1 / job.strength))
-            if job.mask_image is not None:
-                if self.inpaint is None:
-                    raise InvalidRequest("this model does not support masks", param="mask")
-                pipeline = self.inpaint
-                arguments["mask_image"] = decode_rgb(job.mask_image, size, param="mask", mode="L")
+        if first.job.negative_prompt is not None:
+            arguments["negative_prompt"] = per_image(group, lambda item: item.job.negative_prompt)
+        if first.mode != "t2i":
+            arguments["image"] = per_image(group, lambda item: item.init_image)
+            arguments["strength"] = first.job.strength
+        if first.mode == "inpaint":
+            arguments["mask_image"] = per_image(group, lambda item: item.mask_image)
+        pipeline = self.pipelines[first.mode]
+        assert pipeline is not None, "prepare() refuses modes this model lacks"
         with torch.inference_mode():
             images = pipeline(**arguments).images
-        return ImageResult(images=[encode_png(image.resize(size) if image.size != size else image)
-                                   for image in images])
+        self.counters["pipeline_calls"] += 1
+        self.counters["images"] += len(images)
+        self.counters["largest_call_requests"] = max(self.counters["largest_call_requests"], len(group))
+        return [image.resize(size) if image.size != size else image for image in images]
+
+    def generator(self, job: ImageJob, index: int) -> torch.Generator:
+        """The generator of a job's `index`-th image: `seed + index`, or random without a seed."""
+        generator = torch.Generator(device=self.device)
+        if job.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed((job.seed + index) % 2**64)
+        return generator

@@ -238,3 +238,25 @@ def test_redirect_to_a_forbidden_target_is_refused(http, redirector, target):
     response = http.post("/v1/images/edits", json={"model": IMAGE, "prompt": "x", "image": f"{redirector}/r?to={target}"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "image", response.text
     assert response.json()["error"]["code"] in ("image_url_forbidden", "invalid_image_url")
+
+
+def test_a_slow_model_answers_504_not_a_hang(cluster):
+    from ray import serve
+
+    args = cluster.args(route_prefix="/slow", limits={"request_timeout_s": 0.3})
+    chat = next(m for m in args["models"] if m["kind"] == "chat")
+    chat["deployment"]["num_cpus"] = 0.25
+    args["models"] = [chat]
+    base = cluster.deploy(args, name="slow_app", route_prefix="/slow")
+    try:
+        with httpx.Client(base_url=base, timeout=60) as client:
+            started = time.monotonic()
+            response = client.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 1000, "temperature": 0,
+                                                                 "stop": ["\u2603\u2603\u2603"]})
+            assert time.monotonic() - started < 10
+            assert response.status_code == 504 and response.headers["content-type"] == "application/json"
+            assert response.json()["code"] == 504 and response.json()["error"]["type"] == "timeout_error"
+            quick = client.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 1})
+            assert quick.status_code == 200
+    finally:
+        serve.delete("slow_app")

@@ -1,0 +1,167 @@
+"""Image requests batched across callers: shared pipeline calls, each caller's own images.
+
+The first tests drive the replica class directly (no Ray): a batch of mixed
+jobs, seed reproducibility alone vs batched, one bad job among good ones. The
+last one goes through the real server and counts pipeline calls.
+
+A seeded image is compared with a tolerance, not byte for byte: the noise is
+exactly the same alone or batched, but float kernels (oneDNN, cuBLAS) may pick
+other algorithms for another batch size, which can move a few pixels by one
+level after rounding to 8 bits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serve_app.config import ImageModelConfig
+from serve_app.errors import InvalidRequest
+from serve_app.image_model import ImageModel
+from serve_app.jobs import ImageJob, ImageResult
+
+IMAGE = "SuperImage"
+
+
+def pixels(png: bytes) -> np.ndarray:
+    image = Image.open(io.BytesIO(png))
+    assert image.format == "PNG"
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def assert_same_image(a: bytes, b: bytes) -> None:
+    """Equal up to rounding: at most one level off, on at most 1% of the values."""
+    diff = np.abs(pixels(a) - pixels(b))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.01, (diff.max(), (diff > 0).mean())
+
+
+def png_bytes(color: str, size: tuple[int, int] = (80, 60)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def job(prompt: str = "an otter", n: int = 1, size: tuple[int, int] = (64, 64), **fields) -> ImageJob:
+    return ImageJob(prompt=prompt, n=n, width=size[0], height=size[1], steps=2, **fields)
+
+
+@pytest.fixture(scope="module")
+def model(models_dir: Path) -> ImageModel:
+    """The deployment's own class, built without Ray."""
+    config = ImageModelConfig(name=IMAGE, path=str(models_dir / "tiny-sd"), default_steps=2)
+    return ImageModel.func_or_class(config)
+
+
+def calls_for(model: ImageModel, jobs: list[ImageJob]) -> tuple[list, int]:
+    """Run one batch; return its outcomes and how many pipeline calls it took."""
+    before = model.stats()["pipeline_calls"]
+    outcomes = model.run_jobs(jobs)
+    return outcomes, model.stats()["pipeline_calls"] - before
+
+
+def test_mixed_batch_gives_each_job_its_own_images(model):
+    jobs = [job("a", n=2), job("b", n=1, size=(96, 64)), job("c", n=3, seed=1),
+            job("d", n=2, init_image=png_bytes("red"), strength=0.5), job("e", n=1, size=(96, 64), seed=2)]
+    outcomes, calls = calls_for(model, jobs)
+    assert calls == 3  # 64x64 text-to-image, 96x64 text-to-image, 64x64 edit
+    for item, outcome in zip(jobs, outcomes):
+        assert isinstance(outcome, ImageResult)
+        assert len(outcome.images) == item.n
+        assert {Image.open(io.BytesIO(png)).size for png in outcome.images} == {(item.width, item.height)}
+
+
+def test_negative_prompt_presence_splits_groups(model):
+    _, calls = calls_for(model, [job("a"), job("b", negative_prompt="blurry"), job("c", negative_prompt="dark")])
+    assert calls == 2
+
+
+@pytest.mark.parametrize("extra", [{}, {"init_image": png_bytes("blue"), "strength": 0.5}], ids=["t2i", "i2i"])
+def test_seeded_job_same_alone_and_batched(model, extra):
+    seeded = job("a seeded otter", n=2, seed=1234, **extra)
+    [alone] = model.run_jobs([seeded])
+    others = [job("x", n=3, **extra), job("y", n=1, seed=7, **extra)]
+    outcomes, calls = calls_for(model, [others[0], seeded, others[1]])
+    assert calls == 1
+    batched = outcomes[1]
+    for a, b in zip(alone.images, batched.images):
+        assert_same_image(a, b)
+    # Each image has its own generator: the two images of the job differ, and so does another seed.
+    [other_seed] = model.run_jobs([job("a seeded otter", n=1, seed=99, **extra)])
+    assert np.abs(pixels(alone.images[0]) - pixels(alone.images[1])).mean() > 1
+    assert np.abs(pixels(alone.images[0]) - pixels(other_seed.images[0])).mean() > 1
+
+
+def test_bad_job_fails_alone(model):
+    good = [job("a", n=2, init_image=png_bytes("red"), strength=0.5), job("b", n=1)]
+    bad = job("c", n=1, init_image=b"not an image", strength=0.5)
+    bad_mask = job("d", n=1, init_image=png_bytes("red"), mask_image=b"nope", strength=0.5)
+    outcomes, calls = calls_for(model, [good[0], bad, good[1], bad_mask])
+    assert calls == 2
+    assert isinstance(outcomes[1], InvalidRequest) and outcomes[1].param == "image"
+    assert isinstance(outcomes[3], InvalidRequest) and outcomes[3].param == "mask"
+    assert [len(outcomes[0].images), len(outcomes[2].images)] == [2, 1]
+
+
+def test_batches_queued_during_a_call_share_the_next_one(model):
+    """Serve's batches that arrive while the worker is busy merge; a cancelled caller drops out."""
+    gate = threading.Event()
+    model._worker.submit(gate.wait)  # the worker is busy, as during a pipeline call
+    before = model.stats()
+    futures = [future for jobs in ([job("a")], [job("b", n=2)], [job("c"), job("d", n=3)])
+               for future in model.submit(jobs)]
+    assert futures[0].cancel()
+    gate.set()
+    outcomes = [future.result(timeout=300) for future in futures[1:]]
+    assert [len(outcome.images) for outcome in outcomes] == [2, 1, 3]
+    after = model.stats()
+    assert (after["pipeline_calls"] - before["pipeline_calls"], after["requests"] - before["requests"]) == (1, 3)
+
+
+def test_batch_size_one_runs_each_request_alone(model, monkeypatch):
+    """`max_batch_size: 1` bypasses Serve's batch queue; errors are raised to the caller."""
+    monkeypatch.setattr(model, "config", model.config.model_copy(update={"max_batch_size": 1}))
+    before = model.stats()
+    result = asyncio.run(model.generate(job("a", n=2)))
+    assert len(result.images) == 2 and model.stats()["pipeline_calls"] == before["pipeline_calls"] + 1
+    with pytest.raises(InvalidRequest):
+        asyncio.run(model.generate(job("b", init_image=b"junk")))
+
+
+# ------------------------------------------------------------------ through the server
+
+
+def test_concurrent_requests_share_pipeline_calls(http):
+    from ray import serve
+
+    stats = serve.get_deployment_handle(f"model_{IMAGE}", "serve_app").stats
+
+    def generate(n: int, seed: int | None = None) -> list[bytes]:
+        response = http.post("/v1/images/generations", json={
+            "model": IMAGE, "prompt": f"otter {n}", "n": n, "size": "64x64", "steps": 2, "seed": seed,
+            "response_format": "b64_json"})
+        assert response.status_code == 200, response.text
+        return [base64.b64decode(item["b64_json"]) for item in response.json()["data"]]
+
+    alone = generate(2, seed=42)
+    before = stats.remote().result()
+    requests = [(1, None), (2, 42), (1, 5), (2, None), (1, None), (2, 6)]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        results = list(pool.map(lambda args: generate(*args), requests))
+    after = stats.remote().result()
+
+    for (n, _), images in zip(requests, results):
+        assert len(images) == n
+        assert {Image.open(io.BytesIO(png)).size for png in images} == {(64, 64)}
+    for a, b in zip(alone, results[1]):
+        assert_same_image(a, b)
+    assert after["requests"] - before["requests"] == len(requests)
+    assert after["images"] - before["images"] == sum(n for n, _ in requests)
+    assert after["pipeline_calls"] - before["pipeline_calls"] < len(requests), (before, after)
