@@ -10,22 +10,26 @@ from __future__ import annotations
 
 from ray.serve import Application
 
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, ChatModelConfig, ImageModelConfig
 from serve_app.ingress import Ingress
 from serve_app.registration import registrar_deployment
 
 INGRESS_NAME = "ingress"
 
 
-def _model_deployment(kind: str):
-    """The deployment class for a model kind, imported lazily: the ingress must not load torch."""
-    if kind == "chat":
-        from serve_app.chat_model import ChatModel
+def _model_deployment(model: ChatModelConfig | ImageModelConfig):
+    """The deployment class for a model, imported lazily: the ingress must not load torch."""
+    if model.kind == "image":
+        from serve_app.image_model import ImageModel
 
-        return ChatModel
-    from serve_app.image_model import ImageModel
+        return ImageModel
+    if model.engine == "echo":
+        from serve_app.echo_model import EchoModel
 
-    return ImageModel
+        return EchoModel
+    from serve_app.chat_model import ChatModel
+
+    return ChatModel
 
 
 def build_app(args: AppConfig) -> Application:
@@ -34,7 +38,7 @@ def build_app(args: AppConfig) -> Application:
     if not isinstance(args, AppConfig):  # called directly from Python with a dict
         args = AppConfig.model_validate(args)
     models = {
-        model.name: _model_deployment(model.kind)
+        model.name: _model_deployment(model)
         .options(name=model.deployment_name, **model.deployment.serve_options())
         .bind(model)
         for model in args.models

@@ -147,6 +147,8 @@ class ChatModelConfig(BaseModelConfig):
     """A chat LLM served with transformers."""
 
     kind: Literal["chat"] = "chat"
+    engine: Literal["transformers", "echo"] = Field(
+        "transformers", description="'echo' is test-only: a fixed answer at once, no weights (serving-path benchmarks).")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     max_n: int = Field(8, ge=1, description="Largest `n` (choices per request).")

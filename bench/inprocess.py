@@ -1,0 +1,76 @@
+"""In-process reference and prompt screening, run as a subprocess of the benchmark
+(so the load generator's process never imports torch).
+
+1. Time to first token of a plain `model.generate` call with a streamer, in the
+   same process, at concurrency 1: the floor the servers' TTFT is compared with.
+2. Which candidate prompts run `max_tokens` greedy tokens without meeting EOS:
+   the benchmark sends only those, so that a server that honours EOS (ours does;
+   it has no ignore-EOS switch) still generates exactly `max_tokens` per request.
+
+    python -m bench.inprocess --model models/bench-llama --max-tokens 64 --prompts prompts.json
+Prints one JSON object on its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from bench.naive_server import ChatModel
+
+
+class FirstTokenClock(BaseStreamer):
+    """Notes when generate() hands over its first new token (the first put is the prompt)."""
+
+    def __init__(self) -> None:
+        self.puts = 0
+        self.first_at: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts += 1
+        if self.puts == 2 and self.first_at is None:
+            self.first_at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def ttft_ms(chat: ChatModel, messages: list[dict[str, Any]], max_tokens: int) -> float:
+    """Wall time from the call (prompt encoding included, as a server does it) to the first token."""
+    clock = FirstTokenClock()
+    started = time.perf_counter()
+    chat.generate(chat.encode(messages), max_tokens, seed=0, streamer=clock)
+    assert clock.first_at is not None
+    return (clock.first_at - started) * 1000.0
+
+
+def full_length(chat: ChatModel, messages: list[dict[str, Any]], max_tokens: int) -> bool:
+    """True when greedy decoding honouring EOS still produces `max_tokens` tokens."""
+    return len(chat.generate(chat.encode(messages), max_tokens, seed=0, ignore_eos=False)) == max_tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--max-tokens", type=int, required=True)
+    parser.add_argument("--prompts", required=True, help="JSON file: a list of message lists")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    candidates: list[list[dict[str, Any]]] = json.loads(open(args.prompts).read())
+    chat = ChatModel(args.model)
+    keep = [i for i, messages in enumerate(candidates) if full_length(chat, messages, args.max_tokens)]
+    probe = candidates[keep[0] if keep else 0]
+    ttft_ms(chat, probe, 4)  # warm-up
+    samples = sorted(ttft_ms(chat, probe, 4) for _ in range(args.repeats))
+    print(json.dumps({"torch_threads": torch.get_num_threads(), "keep": keep,
+                      "ttft_ms": [round(s, 2) for s in samples],
+                      "ttft_p50_ms": round(samples[len(samples) // 2], 2)}))
+
+
+if __name__ == "__main__":
+    main()

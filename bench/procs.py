@@ -1,0 +1,142 @@
+"""Starting and stopping the servers under test, each a subprocess of the benchmark.
+
+Every server runs in its own session (process group) on its own free loopback
+port, so that stopping it never touches anything this benchmark did not start:
+SIGTERM to the server's own pid first (each server shuts down its own children
+then), and only what is left of *its* process group, plus any HAProxy whose
+command line names *its* config file, is killed afterwards. Never `ray stop`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import urllib.error
+import urllib.request
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").exists() else "python"
+
+
+def free_port() -> int:
+    """A port that is free on loopback right now (the server binds it a moment later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def base_env(threads: int) -> dict[str, str]:
+    """The environment every server gets: offline, the same torch thread count,
+    Ray's token auth off (Ray 2.60 turns it on once a token file exists)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RAY_AUTH_MODE="disabled",
+               OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")])),
+               PYTHONUNBUFFERED="1")
+    return env
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """True when GET url answers 2xx."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback only
+            return 200 <= response.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+@dataclass
+class Server:
+    """One running server process; `stop()` is idempotent."""
+
+    name: str
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+    cleanup_marks: list[str] = field(default_factory=list)
+    remove_dirs: list[Path] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, probe: Callable[[], bool], timeout_s: float) -> None:
+        """Poll `probe` until it passes; raise (with the log's tail) if the server dies or is too slow."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if probe():
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """SIGTERM to the server's pid, wait; then whatever is left of its group and its HAProxy."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        _kill_group(self.proc.pid)
+        for mark in self.cleanup_marks:
+            _kill_marked(mark)
+        for folder in self.remove_dirs:  # Ray's session files; the server's own log stays in log_dir
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def start(name: str, argv: list[str], env: dict[str, str], port: int, log_dir: Path,
+          cleanup_marks: list[str] | None = None, remove_dirs: list[Path] | None = None) -> Server:
+    """Start `argv` in its own session with output to `log_dir/<name>.log`."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - the child owns it for its whole life
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    log.close()
+    return Server(name, proc, port, log_path, list(cleanup_marks or []), list(remove_dirs or []))
+
+
+def _kill_group(pgid: int) -> None:
+    """Kill what is left of a process group this benchmark created (its leader's pid)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(1.0)
+
+
+def _kill_marked(mark: str) -> None:
+    """Kill processes whose command line contains `mark` (a path unique to this run)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if mark.encode() in cmdline:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass

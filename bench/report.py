@@ -1,0 +1,144 @@
+"""Tables, targets, JSON and the plot, from the results the benchmark collected.
+
+Every chat figure is shown with its ratio to the naive server (row 3) in the
+same mode and concurrency: `412 (3.10x)`. For tokens/s higher is better, for
+latencies lower is better; the ratio is always system / naive.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+BASELINE = "naive"
+LABELS = {"ray_batch": "1 serve_app (batching)", "ray_nobatch": "2 serve_app (batch 1)",
+          "naive": "3 naive FastAPI", "litserve": "4 LitServe (batching)"}
+ORDER = ["ray_batch", "ray_nobatch", "naive", "litserve"]
+
+
+def _fmt(value: float | None, base: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.{digits}f}"
+    if base:
+        text += f" ({value / base:.2f}x)"
+    return text
+
+
+def _cell(chat: dict, system: str, mode: str, conc: int) -> dict | None:
+    return chat.get(system, {}).get(mode, {}).get(str(conc))
+
+
+def chat_table(chat: dict[str, Any], concurrency: list[int]) -> str:
+    """One row per (mode, concurrency, system); ratios against the naive row of the same cell."""
+    head = (f"{'system':<24}{'mode':<8}{'conc':>5}  {'tok/s':>17}  {'TTFT p50 ms':>17}  {'TTFT p99 ms':>17}"
+            f"  {'e2e p50 ms':>17}  {'e2e p99 ms':>17}  {'err':>4} {'cut':>4} {'tok/req':>8}")
+    lines = [head, "-" * len(head)]
+    for mode in ("json", "stream"):
+        for conc in concurrency:
+            base = _cell(chat, BASELINE, mode, conc) or {}
+            for system in ORDER:
+                cell = _cell(chat, system, mode, conc)
+                if cell is None:
+                    continue
+                lines.append(
+                    f"{LABELS[system]:<24}{mode:<8}{conc:>5}  "
+                    f"{_fmt(cell['units_per_s'], base.get('units_per_s')):>17}  "
+                    f"{_fmt(cell['ttft_p50_ms'], base.get('ttft_p50_ms')):>17}  "
+                    f"{_fmt(cell['ttft_p99_ms'], base.get('ttft_p99_ms')):>17}  "
+                    f"{_fmt(cell['latency_p50_ms'], base.get('latency_p50_ms'), 0):>17}  "
+                    f"{_fmt(cell['latency_p99_ms'], base.get('latency_p99_ms'), 0):>17}  "
+                    f"{cell['errors']:>4} {cell['cut']:>4} {cell['units_per_request'] or 0:>8.1f}")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def simple_table(title: str, rows: dict[str, dict[str, Any]], unit: str) -> str:
+    """Echo and image cells: rate, p50/p99, errors."""
+    lines = [title, f"{'what':<34}{'conc':>5}  {unit:>10}  {'p50 ms':>9}  {'p99 ms':>9}  {'err':>4} {'cut':>4}"]
+    for name, cell in rows.items():
+        rate = cell["req_per_s"] if unit == "req/s" else cell["units_per_s"]
+        lines.append(f"{name:<34}{cell['concurrency']:>5}  {rate:>10.2f}  {cell['latency_p50_ms'] or 0:>9.2f}  "
+                     f"{cell['latency_p99_ms'] or 0:>9.2f}  {cell['errors']:>4} {cell['cut']:>4}")
+    return "\n".join(lines)
+
+
+def _get(data: dict, *path: Any) -> Any:
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def targets(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The issue's targets: (target, measured, PASS / FAIL / n/a)."""
+    chat, echo, images = results.get("chat", {}), results.get("echo", {}), results.get("images", {})
+    checks: list[tuple[str, float | None, float | None, str]] = []
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    checks.append(("serving path @32: >= 20% of plain uvicorn req/s",
+                   ratio(_get(echo, "serve_app@32", "req_per_s"), _get(echo, "plain@32", "req_per_s")), 0.20, ">="))
+    p50_ray, p50_plain = _get(echo, "serve_app@1", "latency_p50_ms"), _get(echo, "plain@1", "latency_p50_ms")
+    checks.append(("serving path @1: p50 <= plain + 2.5 ms",
+                   None if p50_ray is None or p50_plain is None else p50_ray - p50_plain, 2.5, "<="))
+    checks.append(("stream @64: tok/s >= 90% of non-stream",
+                   ratio(_get(chat, "ray_batch", "stream", "64", "units_per_s"),
+                         _get(chat, "ray_batch", "json", "64", "units_per_s")), 0.9, ">="))
+    checks.append(("images @8: >= 2x naive sequential",
+                   ratio(_get(images, "serve_app", "units_per_s"), _get(images, "naive", "units_per_s")), 2.0, ">="))
+    for mode in ("json", "stream"):
+        ours = _get(chat, "ray_batch", mode, "16", "units_per_s")
+        checks.append((f"@16 {mode}: tok/s >= 3x naive", ratio(ours, _get(chat, "naive", mode, "16", "units_per_s")),
+                       3.0, ">="))
+        checks.append((f"@16 {mode}: tok/s >= LitServe", ratio(ours, _get(chat, "litserve", mode, "16", "units_per_s")),
+                       1.0, ">="))
+    ttft, floor = _get(chat, "ray_batch", "stream", "1", "ttft_p50_ms"), _get(results, "inprocess", "ttft_p50_ms")
+    checks.append(("TTFT @1: <= in-process generate + 15 ms",
+                   None if ttft is None or floor is None else ttft - floor, 15.0, "<="))
+    errors = [_get(chat, "ray_batch", mode, "64", "errors") for mode in ("json", "stream")]
+    checks.append(("zero errors @64", None if None in errors else float(sum(errors)), 0.0, "<="))
+    out = []
+    for name, value, bound, op in checks:
+        verdict = "n/a" if value is None else ("PASS" if (value >= bound if op == ">=" else value <= bound) else "FAIL")
+        out.append((name, "-" if value is None else f"{value:.2f}", verdict))
+    return out
+
+
+def targets_table(rows: list[tuple[str, str, str]]) -> str:
+    return "\n".join(["Targets (issue 3)"] + [f"  {v:<5} {name:<48} measured {m}" for name, m, v in rows])
+
+
+def write_json(path: Path, results: dict[str, Any]) -> None:
+    path.write_text(json.dumps(results, indent=1, default=str))
+
+
+def plot(path: Path, chat: dict[str, Any], concurrency: list[int]) -> str | None:
+    """Tokens/s vs concurrency, one line per system and mode; returns why not, if it could not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib missing: no plot (pip install matplotlib)"
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for color, system in zip(("tab:blue", "tab:orange", "tab:gray", "tab:green"), ORDER):
+        for mode, style in (("json", "-"), ("stream", "--")):
+            points = [(c, _cell(chat, system, mode, c)) for c in concurrency]
+            points = [(c, cell["units_per_s"]) for c, cell in points if cell]
+            if points:
+                ax.plot(*zip(*points), style, color=color, marker="o", label=f"{LABELS[system]} {mode}")
+    ax.set(xscale="log", xlabel="concurrent clients", ylabel="output tokens/s",
+           title="Output tokens/s vs concurrency (same model, same machine)")
+    ax.minorticks_off()
+    ax.set_xticks(concurrency, [str(c) for c in concurrency])
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None

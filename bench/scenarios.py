@@ -1,0 +1,118 @@
+"""What is measured against a running server: chat cells, the echo path, images.
+
+All of it goes through `loadgen.run_cell`, so every system sees the same client,
+the same bodies (fixed prompts, greedy decoding, per-request seeds, the same
+`max_tokens`) and the same request counts and deadlines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bench.loadgen import BodyFactory, image_count, one, post_once, run_cell
+
+MODES = ("json", "stream")
+TOPICS = ["a lighthouse", "the moon", "a red fox", "rain in the city", "an old clock", "a garden", "the sea",
+          "a train at night", "a quiet library", "mountains", "a paper boat", "autumn leaves", "a violin",
+          "the desert", "a snowy village", "a lost key"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes and bounds of one run (default or --quick)."""
+
+    concurrency: list[int]
+    max_tokens: int
+    deadline_s: float
+    waves: int  # requests per client slot at low concurrency
+    min_requests: int  # at least this many per cell (TTFT at concurrency 1 wants samples)
+    echo_connections: tuple[int, ...]
+    echo_seconds: float  # each echo cell issues requests for this long (at most 100,000)
+    image_requests: int
+    image_concurrency: int = 8
+    image_size: str = "128x128"
+    image_steps: int = 2
+
+    def chat_requests(self, concurrency: int) -> int:
+        """Enough requests to measure, bounded: `waves` per client up to 4 clients, then one wave
+        (a system without batching needs 64 x one request's time for 64 clients), at least `min_requests`."""
+        return max(self.min_requests, concurrency * (self.waves if concurrency <= 4 else 1))
+
+
+def candidate_prompts() -> list[list[dict[str, str]]]:
+    return [[{"role": "system", "content": "You are a helpful assistant."},
+             {"role": "user", "content": f"Write a long story about {topic}."}] for topic in TOPICS]
+
+
+def chat_bodies(model: str, max_tokens: int, prompts: list[list[dict[str, str]]], stream: bool) -> BodyFactory:
+    """Request i: prompt i mod len, greedy, seed 1000+i. `ignore_eos`/`min_tokens` are sent for servers
+    that know them (unknown fields are ignored by ours); tokens are counted from `usage` either way."""
+    def make(index: int) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": model, "messages": prompts[index % len(prompts)], "max_tokens": max_tokens,
+                                "temperature": 0, "seed": 1000 + index, "stream": stream,
+                                "ignore_eos": True, "min_tokens": max_tokens}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
+    return make
+
+
+async def warm_up_chat(url: str, model: str, prompts: list, max_tokens: int) -> None:
+    """Compile/allocate paths before timing: alone, streamed, and a small concurrent burst."""
+    await post_once(url, chat_bodies(model, max_tokens, prompts, False)(0), 300)
+    await run_cell(url, chat_bodies(model, 4, prompts, True), concurrency=1, total=1, deadline_s=120, stream=True)
+    await run_cell(url, chat_bodies(model, 4, prompts, False), concurrency=4, total=4, deadline_s=120)
+
+
+async def drain(url: str, model: str, prompts: list) -> None:
+    """After a cut cell: one tiny request that queues behind whatever the server still works on."""
+    try:
+        await post_once(url, chat_bodies(model, 1, prompts, False)(0), 300)
+    except Exception:  # noqa: BLE001 - best effort: the next cell reports any real problem
+        pass
+
+
+async def measure_chat(url: str, model: str, prompts: list, plan: Plan, log) -> dict[str, dict[str, dict]]:
+    """Every (mode, concurrency) cell for one system: {mode: {str(conc): CellResult dict}}."""
+    await warm_up_chat(url, model, prompts, plan.max_tokens)
+    out: dict[str, dict[str, dict]] = {mode: {} for mode in MODES}
+    for mode in MODES:
+        bodies = chat_bodies(model, plan.max_tokens, prompts, mode == "stream")
+        for conc in plan.concurrency:
+            cell = await run_cell(url, bodies, concurrency=conc, total=plan.chat_requests(conc),
+                                  deadline_s=plan.deadline_s, stream=mode == "stream")
+            out[mode][str(conc)] = cell.as_dict()
+            log(f"    {mode:<6} c={conc:<3} {cell.units_per_s:8.1f} tok/s  e2e p50 {cell.latency_p50_ms} ms  "
+                f"ttft p50 {cell.ttft_p50_ms} ms  ok {cell.ok}/{cell.sent} err {cell.errors} cut {cell.cut}"
+                + (f"  {cell.first_errors}" if cell.first_errors else ""))
+            if cell.cut:
+                await drain(url, model, prompts)
+    return out
+
+
+async def measure_echo(url: str, model: str, plan: Plan, log) -> dict[str, dict]:
+    """Requests/s and latency of the echo route at each connection count ({conc: CellResult dict})."""
+    body = {"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
+    await run_cell(url, lambda i: body, concurrency=8, total=200, deadline_s=30, count=one)  # warm-up
+    out = {}
+    for conc in plan.echo_connections:
+        cell = await run_cell(url, lambda i: body, concurrency=conc, total=100_000, count=one,
+                              issue_window_s=plan.echo_seconds, deadline_s=plan.echo_seconds + 30)
+        out[str(conc)] = cell.as_dict()
+        log(f"    echo c={conc:<3} {cell.req_per_s:8.1f} req/s  p50 {cell.latency_p50_ms} ms  "
+            f"p99 {cell.latency_p99_ms} ms  err {cell.errors} cut {cell.cut}")
+    return out
+
+
+async def measure_images(url: str, model: str, plan: Plan, log) -> dict:
+    """Images/s at `image_concurrency` concurrent clients (n=1 each, fixed size and steps)."""
+    def body(index: int) -> dict[str, Any]:
+        return {"model": model, "prompt": f"{TOPICS[index % len(TOPICS)]}, oil painting", "n": 1,
+                "size": plan.image_size, "steps": plan.image_steps, "seed": index, "response_format": "b64_json"}
+    await run_cell(url, body, concurrency=2, total=2, deadline_s=120, count=image_count)  # warm-up
+    cell = await run_cell(url, body, concurrency=plan.image_concurrency, total=plan.image_requests,
+                          deadline_s=plan.deadline_s, count=image_count)
+    log(f"    images c={plan.image_concurrency} {cell.units_per_s:.2f} images/s  p50 {cell.latency_p50_ms} ms  "
+        f"err {cell.errors} cut {cell.cut}" + (f"  {cell.first_errors}" if cell.first_errors else ""))
+    return cell.as_dict()

@@ -1,0 +1,206 @@
+"""How each system under test is launched, and the Serve config it gets.
+
+The Ray rows run `serve run <generated config>` exactly as a user runs the
+server, with the config generated from the shipped `serve_config.yaml` (only
+the chat model's path, ports and folders replaced), each in its own Ray temp
+dir with Ray's fast-path switches in the environment. Optional keys come from
+`--serve-config-extra` so knobs that do not exist yet can be set later.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.procs import PYTHON, ROOT, Server, base_env, free_port, http_ok, start
+
+ECHO_MODEL = "bench-echo"
+ECHO_PREFIX = "/bench-echo"
+FAST_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+@dataclass
+class Context:
+    """What every launcher needs: models, threads, where logs and temp files go."""
+
+    chat_path: Path
+    image_path: Path
+    threads: int
+    log_dir: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+    litserve_batch: int = 16
+
+
+def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """`patch` over `base`, recursively for nested mappings (a copy)."""
+    merged = copy.deepcopy(base)
+    for key, value in (patch or {}).items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(
+            merged.get(key), dict) else copy.deepcopy(value)
+    return merged
+
+
+def _model_fields(kind: str) -> set[str]:
+    from serve_app import config
+
+    return set((config.ChatModelConfig if kind == "chat" else config.ImageModelConfig).model_fields)
+
+
+def effective_batching(entry: dict[str, Any]) -> dict[str, Any]:
+    """The batching knobs a chat model entry ends up with (its own or serve_app's defaults)."""
+    from serve_app.config import ChatModelConfig
+
+    model = ChatModelConfig.model_validate(entry)
+    return {k: getattr(model, k) for k in ("max_batch_size", "batch_wait_timeout_s") if hasattr(model, k)}
+
+
+def echo_kind_entry() -> dict[str, Any] | None:
+    """serve_app's own echo model entry if its config knows an `echo` kind, else None."""
+    from pydantic import ValidationError
+
+    from serve_app.config import AppConfig
+
+    for entry in ({"name": ECHO_MODEL, "kind": "echo"}, {"name": ECHO_MODEL, "kind": "echo", "path": "echo"},
+                  {"name": ECHO_MODEL, "kind": "chat", "engine": "echo", "path": "echo"}):
+        try:
+            AppConfig.model_validate({"models": [entry]})
+            return entry
+        except ValidationError:
+            continue
+    return None
+
+
+def serve_config(ctx: Context, port: int, image_dir: Path, *, batching: bool, echo: bool) -> tuple[dict, list[str]]:
+    """The Serve config of a Ray row, validated by serve_app's own schema; and notes on it."""
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1", "port": port}
+    config.setdefault("logging_config", {})["enable_access_log"] = False
+    app = config["applications"][0]
+    args = app["args"]
+    args.update(public_base_url=f"http://127.0.0.1:{port}", image_dir=str(image_dir), access_log=False)
+    notes: list[str] = []
+    for i, model in enumerate(args["models"]):
+        patch = dict(ctx.extra.get(model["kind"], {}))
+        if model["kind"] == "chat":
+            model.update(path=str(ctx.chat_path), max_tokens_limit=max(model.get("max_tokens_limit", 0), 4096))
+            if not batching:
+                if "max_batch_size" in _model_fields("chat"):
+                    patch["max_batch_size"] = 1
+                else:
+                    notes.append("serve_app has no max_batch_size knob: the 'batching off' row runs the same config")
+                patch = deep_merge(patch, ctx.extra.get("chat_batching_off", {}))
+        else:
+            model["path"] = str(ctx.image_path)
+        args["models"][i] = deep_merge(model, patch)
+    app["args"] = deep_merge(args, ctx.extra.get("app", {}))
+    if echo:
+        entry = echo_kind_entry()
+        if entry is not None:
+            app["args"]["models"].append(entry)
+            notes.append("echo: serve_app's own echo model kind")
+        else:
+            config["applications"].append({"name": "bench_echo", "route_prefix": ECHO_PREFIX,
+                                           "import_path": "bench.echo_app:build_ray_app", "args": {}})
+            notes.append("echo: serve_app has no echo model kind; measured bench/echo_app.py's "
+                         "ingress + echo deployments on the same Serve instance")
+    config = deep_merge(config, ctx.extra.get("config", {}))
+    from serve_app.config import AppConfig
+
+    AppConfig.model_validate(config["applications"][0]["args"])  # fail here, with pydantic's message
+    return config, notes
+
+
+def echo_url(base_url: str, own_kind: bool) -> str:
+    return base_url + ("" if own_kind else ECHO_PREFIX) + "/v1/chat/completions"
+
+
+def launch_ray(ctx: Context, name: str, *, batching: bool, echo: bool, fast: bool) -> tuple[Server, dict]:
+    """`serve run` of a generated config in its own Ray temp dir; returns the server and its settings."""
+    port = free_port()
+    tmp = Path(tempfile.mkdtemp(prefix="sab_", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
+    config, notes = serve_config(ctx, port, tmp / "images", batching=batching, echo=echo)
+    config_path = tmp / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = base_env(ctx.threads) | {"RAY_TMPDIR": str(tmp / "ray")}
+    if fast:
+        haproxy = tmp / "haproxy"
+        env |= FAST_ENV | {
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(haproxy / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(haproxy / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(haproxy / "server-state"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(haproxy / "metrics.sock"),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+    serve_bin = str(Path(PYTHON).parent / "serve")
+    server = start(name, [serve_bin, "run", str(config_path)], env, port, ctx.log_dir, cleanup_marks=[str(tmp)],
+                   remove_dirs=[tmp])
+    settings = {"config": config, "notes": notes, "env": {k: v for k, v in env.items() if k.startswith("RAY_SERVE_")
+                                                          and k in FAST_ENV}, "temp_dir": str(tmp)}
+    return server, settings
+
+
+def ray_probe(server: Server, echo_prefix: str | None) -> bool:
+    """Ready when serve_app says every model is live (and the echo app answers)."""
+    if not http_ok(server.base_url + "/ready"):
+        return False
+    return echo_prefix is None or http_ok(server.base_url + echo_prefix + "/health")
+
+
+def _processes() -> list[tuple[bytes, Path]]:
+    """(command line, /proc entry) of every process that can be read."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                found.append(((entry / "cmdline").read_bytes(), entry))
+            except OSError:
+                continue
+    return found
+
+
+def haproxy_running(mark: str) -> bool:
+    """True when an HAProxy started for this Ray instance (its config path names `mark`) is alive."""
+    return any(b"haproxy" in cmd.split(b"\0")[0] and mark.encode() in cmd for cmd, _ in _processes())
+
+
+def replica_threads(mark: str) -> dict[str, str]:
+    """OMP_NUM_THREADS as each model replica of this Ray instance (RAY_TMPDIR under `mark`) sees it."""
+    threads = {}
+    for cmd, entry in _processes():
+        if b"ServeReplica" not in cmd or b"model_" not in cmd:
+            continue
+        try:
+            env = dict(item.split(b"=", 1) for item in (entry / "environ").read_bytes().split(b"\0") if b"=" in item)
+        except OSError:
+            continue
+        if env.get(b"RAY_TMPDIR", b"").startswith(mark.encode()):
+            name = cmd.split(b"\0")[0].decode(errors="replace").split(":")[-1]
+            threads[name] = env.get(b"OMP_NUM_THREADS", b"unset").decode()
+    return threads
+
+
+def launch_naive(ctx: Context, with_images: bool = True) -> Server:
+    port = free_port()
+    argv = [PYTHON, "-m", "bench.naive_server", "--model", str(ctx.chat_path), "--port", str(port)]
+    if with_images:
+        argv += ["--image-model", str(ctx.image_path)]
+    return start("naive", argv, base_env(ctx.threads), port, ctx.log_dir)
+
+
+def launch_litserve(ctx: Context) -> Server:
+    port = free_port()
+    argv = [PYTHON, "-m", "bench.litserve_server", "--model", str(ctx.chat_path), "--port", str(port),
+            "--max-batch-size", str(ctx.litserve_batch), "--batch-timeout", "0.01"]
+    return start("litserve", argv, base_env(ctx.threads), port, ctx.log_dir)
+
+
+def launch_plain_echo(ctx: Context) -> Server:
+    port = free_port()
+    argv = [PYTHON, "-m", "uvicorn", "bench.echo_app:plain_app", "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", "warning", "--no-access-log"]
+    return start("plain_echo", argv, base_env(ctx.threads), port, ctx.log_dir)
