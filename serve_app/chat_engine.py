@@ -7,17 +7,24 @@ keeps everything per row instead: each choice of each request is one row of
 the batch, with its own sampling parameters, its own `torch.Generator` and
 its own `ChoiceDecoder`; rows are left-padded, with position ids counted from
 their first real token, so a row sees exactly what it would see alone.
-A row leaves the batch (and its KV cache rows are dropped) the step it
-finishes or its client goes away.
+Requests join the running batch between steps (continuous batching) and a
+row leaves it (its KV cache rows dropped) the step it finishes or its client
+goes away.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import secrets
 from dataclasses import dataclass, field
 
 import torch
+
+try:  # the layer type whose tensors can be merged across batches (transformers >= 4.56)
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # older transformers: requests batch, but do not join a running batch
+    DynamicLayer = None
 
 from serve_app.jobs import ChatChoiceResult, ChatJob, ChoiceDelta
 
@@ -110,12 +117,15 @@ class Row:
 
 @dataclass
 class Slot:
-    """One request in flight: its prompt, its rows, and whether its client is still there."""
+    """One request in flight: its prompt, its rows, whether its client is still there,
+    and the mailbox the engine loop posts its deltas to (then `END`, or an exception)."""
 
     job: ChatJob
     prompt_ids: torch.Tensor  # 1-D
     rows: list[Row]
     cancelled: bool = False
+    ended: bool = False
+    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
 
     @property
     def finished(self) -> bool:
@@ -138,22 +148,24 @@ def make_rows(job: ChatJob, defaults, decoders: list[ChoiceDecoder]) -> list[Row
 
 
 class DecodeBatch:
-    """A batch of slots decoded together: prefill once, then one forward pass per step."""
+    """The rows decoding on one replica: requests join between steps and leave when done.
 
-    def __init__(self, model, slots: list[Slot], pad_id: int, device: torch.device) -> None:
-        self.model, self.slots, self.device = model, slots, device
-        self.owners = [(slot, row) for slot in slots for row in slot.rows]
-        prompts = [slot.prompt_ids for slot, _ in self.owners]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            ids[i, width - len(prompt):] = prompt
-            mask[i, width - len(prompt):] = 1
-        self.mask = mask.to(device)
-        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+    This is continuous batching: a request that arrives while others decode is
+    prefilled on its own and its KV cache is merged into the running batch
+    (both sides left-padded to a common length, padding masked out), so it
+    starts decoding at the next step instead of waiting for the batch to
+    drain. Models whose cache cannot be merged this way (sliding-window or
+    recurrent layers) still batch, but new requests wait for the running
+    batch to finish.
+    """
+
+    def __init__(self, model, pad_id: int, device: torch.device) -> None:
+        self.model, self.pad_id, self.device = model, pad_id, device
+        self.owners: list[tuple[Slot, Row]] = []
         self.cache = None
-        self.next_input = ids.to(device)
+        self.mask: torch.Tensor | None = None  # [rows, cached tokens + 1]: the cache and next_input
+        self.positions: torch.Tensor | None = None  # [rows, 1]: position of next_input
+        self.next_input: torch.Tensor | None = None  # [rows, 1]
         # transformers 5.x renamed `past_key_values` to `cache`; older releases know only the former.
         parameters = inspect.signature(model.forward).parameters
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
@@ -162,25 +174,71 @@ class DecodeBatch:
     def done(self) -> bool:
         return not self.owners
 
+    @property
+    def live_slots(self) -> int:
+        """Requests still decoding (what `max_batch_size` counts)."""
+        return len({id(slot) for slot, _ in self.owners if not slot.finished})
+
+    def can_join(self) -> bool:
+        return self.done or _mergeable(self.cache)
+
     @torch.inference_mode()
-    def step(self) -> list[tuple[Slot, int, str]]:
-        """One forward pass for every live row; returns (slot, row index, new text) per row."""
+    def tick(self, joining: list[Slot]) -> list[tuple[Slot, int, str]]:
+        """One decoding step for the running rows, then the prefill of `joining` (their first token).
+
+        Returns (slot, row index, new text) for every row that produced a token.
+        """
         self._drop_finished()
-        if self.done:
-            return []
-        positions = self.positions if self.cache is None else self.positions[:, -1:]
-        output = self.model(input_ids=self.next_input, attention_mask=self.mask, position_ids=positions,
-                            use_cache=True, **{self.cache_argument: self.cache})
-        self.cache = output.get("cache", None) or output.past_key_values
-        logits = output.logits[:, -1, :].float()
+        deltas = self._decode() if self.owners else []
+        if joining:
+            deltas += self._join(joining)
+        return deltas
+
+    def _forward(self, input_ids, mask, positions, cache):
+        output = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                            use_cache=True, **{self.cache_argument: cache})
+        return output.logits[:, -1, :].float(), output.get("cache", None) or output.past_key_values
+
+    def _pick(self, owners: list[tuple[Slot, Row]], logits: torch.Tensor) -> tuple[torch.Tensor, list]:
         tokens, deltas = [], []
-        for i, (slot, row) in enumerate(self.owners):
-            token = row.pick(logits[i].clone())
+        for i, (slot, row) in enumerate(owners):
+            token = row.pick(logits[i])
             tokens.append(token)
             deltas.append((slot, slot.rows.index(row), row.decoder.feed(token)))
-        self.next_input = torch.tensor(tokens, device=self.device).unsqueeze(1)
-        self.mask = torch.cat([self.mask, self.mask.new_ones((len(tokens), 1))], dim=1)
-        self.positions = torch.cat([self.positions, self.positions[:, -1:] + 1], dim=1)
+        return torch.tensor(tokens, device=self.device).unsqueeze(1), deltas
+
+    def _decode(self) -> list[tuple[Slot, int, str]]:
+        logits, self.cache = self._forward(self.next_input, self.mask, self.positions, self.cache)
+        self.next_input, deltas = self._pick(self.owners, logits)
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.owners), 1))], dim=1)
+        self.positions = self.positions + 1
+        return deltas
+
+    def _join(self, slots: list[Slot]) -> list[tuple[Slot, int, str]]:
+        """Prefill the newcomers together, then merge their rows into the running batch."""
+        owners = [(slot, row) for slot in slots for row in slot.rows]
+        prompts = [slot.prompt_ids for slot, _ in owners]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt):] = prompt
+            mask[i, width - len(prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self._forward(ids, mask, positions, None)
+        next_input, deltas = self._pick(owners, logits)
+        mask = torch.cat([mask, mask.new_ones((len(owners), 1))], dim=1)
+        positions = positions[:, -1:] + 1
+        if self.done:
+            self.cache, self.mask, self.positions, self.next_input = cache, mask, positions, next_input
+        else:
+            width = max(self.mask.shape[1], mask.shape[1])
+            _merge_caches(self.cache, cache, width - self.mask.shape[1], width - mask.shape[1])
+            self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
+            self.positions = torch.cat([self.positions, positions])
+            self.next_input = torch.cat([self.next_input, next_input])
+        self.owners += owners
         return deltas
 
     def _drop_finished(self) -> None:
@@ -191,12 +249,48 @@ class DecodeBatch:
             return
         self.owners = [self.owners[i] for i in keep]
         if not keep:
+            self.cache = self.mask = self.positions = self.next_input = None
             return
         index = torch.tensor(keep, device=self.device)
-        if self.cache is not None:
-            self.cache.batch_select_indices(index)
+        self.cache.batch_select_indices(index)
         self.next_input, self.mask, self.positions = (
             self.next_input[index], self.mask[index], self.positions[index])
+        self._trim_padding()
+
+    def _trim_padding(self) -> None:
+        """Drop leading columns that every remaining row masks out (left by rows that left)."""
+        if not _mergeable(self.cache):
+            return
+        first = int(self.mask.any(dim=0).int().argmax())
+        if first > 0:
+            self.mask = self.mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+
+def _mergeable(cache) -> bool:
+    """Whether this cache is plain per-layer key/value tensors that can be padded and concatenated."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and DynamicLayer is not None and all(
+        type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _merge_caches(running, joining, pad_running: int, pad_joining: int) -> None:
+    """Append `joining`'s rows to `running`, in place, left-padding the shorter to equal length."""
+    for mine, theirs in zip(running.layers, joining.layers):
+        for name in ("keys", "values"):
+            a, b = getattr(mine, name), getattr(theirs, name)
+            setattr(mine, name, torch.cat([_pad_left(a, a.shape[2] + pad_running, dim=2),
+                                           _pad_left(b, b.shape[2] + pad_joining, dim=2)]))
 
 
 def deltas_by_slot(slots: list[Slot], deltas: list[tuple[Slot, int, str]]) -> dict[int, list[ChoiceDelta]]:

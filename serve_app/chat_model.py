@@ -1,17 +1,24 @@
-"""Chat model deployment: a transformers causal LM, decoded in batches across requests.
+"""Chat model deployment: a transformers causal LM, decoded with continuous batching.
 
 The replica loads the tokenizer and model once with `from_pretrained` (a local
 folder or a hub id, exactly as for any checkpoint) and formats each
-conversation with the tokenizer's own chat template. Concurrent requests are
-grouped by Ray Serve's `@serve.batch` and decoded together by `DecodeBatch`
-(see `chat_engine`): one forward pass per step for every request in the
-batch, each with its own sampling settings and seed. Forward passes run on
-the replica's worker thread (see `ModelReplica`), off the event loop.
+conversation with the tokenizer's own chat template. One engine loop per
+replica drives a `DecodeBatch` (see `chat_engine`): each step is one forward
+pass for every request in flight, requests that arrived meanwhile join
+before the next step (up to `max_batch_size`), and finished or abandoned ones
+leave. `@serve.batch` is not used for chat because it forms static batches:
+a request arriving while a batch decodes would wait for the whole batch, or
+start a second batch whose forward passes compete with the first. Forward
+passes run on the replica's worker thread (see `ModelReplica`), off the event
+loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from collections import deque
 from typing import AsyncIterator
 
 from ray import serve
@@ -23,9 +30,14 @@ from serve_app.errors import InvalidRequest
 from serve_app.jobs import ChatJob, ChatResult, ChatStreamChunk, ChoiceDelta
 from serve_app.placement import ModelReplica
 
+logger = logging.getLogger("ray.serve")
+
 COALESCE_S = 0.01
 """After a request's first tokens (sent at once), its tokens go out at most this often:
 every message through a streaming handle costs CPU, so one message carries several tokens."""
+
+END = object()
+"""Posted to a slot's outbox after its last deltas."""
 
 
 @serve.deployment
@@ -43,66 +55,114 @@ class ChatModel(ModelReplica):
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
+        self._batch = DecodeBatch(self.model, self.pad_id, self.device)
+        self._waiting: deque[Slot] = deque()
+        self._engine: asyncio.Task | None = None
         self._active: set[int] = set()
         self._steps = 0
-        self._decode_batch.set_max_batch_size(config.max_batch_size)
-        self._decode_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.log_loaded()
 
     async def generate(self, job: ChatJob) -> ChatResult:
         """The whole completion at once."""
         slot = self._slot(job)
-        async for _ in self._decoded(slot):
+        async for _ in self._decoded(slot, coalesce_s=None):
             pass
         return ChatResult(choices=[row.decoder.result() for row in slot.rows], prompt_tokens=len(slot.prompt_ids))
 
     async def generate_stream(self, job: ChatJob) -> AsyncIterator[ChatStreamChunk]:
         """The completion as it is produced; the first tokens go out at once."""
         slot = self._slot(job)
-        async for deltas in self._decoded(slot):
+        async for deltas in self._decoded(slot, coalesce_s=COALESCE_S):
             used = sum(row.decoder.used for row in slot.rows)
             yield ChatStreamChunk(deltas, len(slot.prompt_ids), used)
 
     async def stats(self) -> dict[str, int]:
         """Requests in flight and decode steps so far: lets operators and tests see work stop."""
-        return {"active_requests": len(self._active), "decode_steps": self._steps}
+        return {"active_requests": len(self._active), "decode_steps": self._steps,
+                "batch_requests": self._batch.live_slots, "waiting_requests": len(self._waiting)}
 
-    async def _decoded(self, slot: Slot) -> AsyncIterator[list[ChoiceDelta]]:
+    async def _decoded(self, slot: Slot, coalesce_s: float | None) -> AsyncIterator[list[ChoiceDelta]]:
+        """The slot's deltas as the engine makes them, merged into one message per
+        `coalesce_s` (None: only the final one); raises what the engine posted."""
         self._active.add(id(slot))
+        self._waiting.append(slot)
+        if self._engine is None:
+            self._engine = asyncio.get_running_loop().create_task(self._run_engine(), name="decode loop")
         try:
-            async for deltas in self._decode_batch(slot):
-                if deltas:
-                    yield deltas
+            last_sent, pending, ended = None, [], False
+            while not ended:
+                items = [await slot.outbox.get()]
+                if coalesce_s and last_sent is not None:
+                    await asyncio.sleep(coalesce_s - (time.monotonic() - last_sent))
+                while not slot.outbox.empty():
+                    items.append(slot.outbox.get_nowait())
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item is END:
+                        ended = True
+                    else:
+                        pending += item
+                if pending and (coalesce_s is not None or ended):
+                    yield merge_deltas(pending)
+                    pending, last_sent = [], time.monotonic()
         finally:
             slot.cancelled = True  # finished, or the client left: its rows leave the batch next step
             self._active.discard(id(slot))
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
-    async def _decode_batch(self, slots: list[Slot]) -> AsyncIterator[list]:
-        """One batch of requests, decoded together; yields one entry per request each time."""
-        batch = DecodeBatch(self.model, slots, self.pad_id, self.device)
-        pending: dict[int, list[ChoiceDelta]] = {id(slot): [] for slot in slots}
-        last_sent: dict[int, float] = {}
-        stopped: set[int] = set()
-        while not batch.done:
-            grouped = deltas_by_slot(slots, await self.run_on_worker(batch.step))
-            self._steps += 1
-            now, out = time.monotonic(), []
-            for slot in slots:
-                key = id(slot)
-                pending[key] += grouped[key]
-                due = slot.finished or key not in last_sent or now - last_sent[key] >= COALESCE_S
-                if key in stopped:
-                    out.append(StopIteration)
-                elif pending[key] and due:
-                    out.append(merge_deltas(pending[key]))
-                    pending[key], last_sent[key] = [], now
-                elif slot.finished:
-                    out.append(StopIteration)
-                    stopped.add(key)
-                else:
-                    out.append([])
-            yield out
+    async def _run_engine(self) -> None:
+        """Step the batch while anything is in flight or waiting; admits newcomers between steps."""
+        try:
+            if self.config.batch_wait_timeout_s:  # an idle replica may wait to prefill a burst together
+                await asyncio.sleep(self.config.batch_wait_timeout_s)
+            while True:
+                joining = self._admit()
+                if self._batch.done and not joining:
+                    return
+                try:
+                    deltas = await self.run_on_worker(self._batch.tick, joining)
+                except Exception as exc:  # noqa: BLE001 - a failed pass fails the requests in it, not the loop
+                    logger.exception("decode step failed")
+                    self._fail([slot for slot, _ in self._batch.owners] + joining, exc)
+                    self._batch = DecodeBatch(self.model, self.pad_id, self.device)
+                    continue
+                self._steps += 1
+                self._deliver(deltas)
+        except BaseException as exc:
+            self._fail(list(self._waiting) + [slot for slot, _ in self._batch.owners], exc)
+            self._waiting.clear()
+            self._batch = DecodeBatch(self.model, self.pad_id, self.device)
+            raise
+        finally:
+            self._engine = None
+
+    def _admit(self) -> list[Slot]:
+        """Waiting requests that join the batch now, oldest first, while it has room."""
+        if not self._batch.can_join():
+            return []
+        room = self.config.max_batch_size - self._batch.live_slots
+        joining = []
+        while self._waiting and len(joining) < room:
+            slot = self._waiting.popleft()
+            if not slot.cancelled:
+                joining.append(slot)
+        return joining
+
+    def _deliver(self, deltas: list[tuple[Slot, int, str]]) -> None:
+        slots = list({id(slot): slot for slot, _, _ in deltas}.values())
+        for slot, grouped in zip(slots, deltas_by_slot(slots, deltas).values()):
+            if grouped:
+                slot.outbox.put_nowait(grouped)
+            if slot.finished and not slot.ended:
+                slot.ended = True
+                slot.outbox.put_nowait(END)
+
+    @staticmethod
+    def _fail(slots: list[Slot], exc: BaseException) -> None:
+        for slot in {id(slot): slot for slot in slots}.values():
+            if not slot.ended:
+                slot.ended = True
+                slot.outbox.put_nowait(exc)
 
     def _slot(self, job: ChatJob) -> Slot:
         """Tokenise and check a request before it joins a batch: its errors are its own."""

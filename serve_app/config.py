@@ -152,6 +152,10 @@ class ChatModelConfig(BaseModelConfig):
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     max_n: int = Field(8, ge=1, description="Largest `n` (choices per request).")
+    max_batch_size: int = Field(
+        16, ge=1, description="Requests decoding together on one replica (continuous batching); 1 = no batching.")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, description="How long an idle replica waits before prefilling, to take a burst together.")
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> "ChatModelConfig":

@@ -70,3 +70,28 @@ def test_disconnect_stops_generation(server):
     assert chat_stats()["decode_steps"] == steps, "still decoding after the client left"
     assert steps - before < 1000, "the whole completion was generated"
     assert stopped_after < 1.0, f"generation went on for {stopped_after:.2f}s after the disconnect"
+
+
+def test_late_request_joins_the_running_batch(server):
+    """Continuous batching: a request arriving mid-generation decodes in the same steps as the
+    running one (a static batch would make it wait, or run a second batch with its own steps)."""
+
+    async def run() -> tuple[int, dict]:
+        async with httpx.AsyncClient(base_url=server, timeout=120) as client:
+            long_body = {**SEED_CHAT, "stream": True, "max_tokens": 600, "temperature": 0, "stop": None}
+            async with client.stream("POST", "/v1/chat/completions", json=long_body) as stream:
+                lines = stream.aiter_lines()
+                while "content" not in await anext(lines):
+                    pass
+                before = await asyncio.to_thread(chat_stats)
+                short = await client.post("/v1/chat/completions", json={
+                    **SEED_CHAT, "max_tokens": 100, "temperature": 0, "stop": None})
+                after = await asyncio.to_thread(chat_stats)
+                return after["decode_steps"] - before["decode_steps"], short.json()
+
+    steps, short = asyncio.run(run())
+    tokens = short["usage"]["completion_tokens"]
+    assert tokens == 100
+    # Shared steps: about `tokens` (plus the long request's steps during two stats calls);
+    # a separate batch would take `tokens` steps of its own on top of the running one's.
+    assert steps < 1.5 * tokens, f"{steps} steps for a {tokens}-token request beside a running one"
