@@ -153,7 +153,7 @@ class ChatModelConfig(BaseModelConfig):
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     max_n: int = Field(8, ge=1, description="Largest `n` (choices per request).")
     max_batch_size: int = Field(
-        16, ge=1, description="Requests decoding together on one replica (continuous batching); 1 = no batching.")
+        32, ge=1, description="Requests decoding together on one replica (continuous batching); 1 = no batching.")
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, description="How long an idle replica waits before prefilling, to take a burst together.")
 
