@@ -26,7 +26,7 @@ try:  # the layer type whose tensors can be merged across batches (transformers 
 except ImportError:  # older transformers: requests batch, but do not join a running batch
     DynamicLayer = None
 
-from serve_app.jobs import ChatChoiceResult, ChatJob, ChoiceDelta
+from serve_app.jobs import ChatChoiceResult, ChatJob, ChoiceDelta, TokenAlternative, TokenLogprob
 
 
 class ChoiceDecoder:
@@ -36,21 +36,32 @@ class ChoiceDecoder:
     held back until it is known to be safe to send.
     """
 
-    def __init__(self, tokenizer, eos_ids: set[int], stop: list[str], max_tokens: int) -> None:
+    def __init__(self, tokenizer, eos_ids: set[int], stop: list[str], max_tokens: int,
+                 top_logprobs: int | None = None) -> None:
         self.tokenizer, self.eos_ids, self.stop, self.max_tokens = tokenizer, eos_ids, stop, max_tokens
+        self.top_logprobs = top_logprobs  # None: no logprobs asked for
         self.tokens: list[int] = []
         self.text = ""
         self.sent = 0
         self.used = 0
         self.finish_reason: str | None = None
+        self.logprobs: list[TokenLogprob] = []
+        self.logprobs_sent = 0
 
-    def feed(self, token: int) -> str:
-        """Add one token; returns the text that may be sent now."""
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.top_logprobs is not None
+
+    def feed(self, token: int, logprobs: torch.Tensor | None = None) -> str:
+        """Add one token (with the model's log-probabilities at its position, when asked for);
+        returns the text that may be sent now."""
         if self.finish_reason is not None:
             return ""
         self.used += 1
         if token in self.eos_ids:
             return self._finish("stop")
+        if logprobs is not None and self.wants_logprobs:
+            self.logprobs.append(self._token_logprob(token, logprobs))
         self.tokens.append(token)
         self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=None)
@@ -65,7 +76,27 @@ class ChoiceDecoder:
 
     def result(self) -> ChatChoiceResult:
         return ChatChoiceResult(text=self.text, finish_reason=self.finish_reason or "stop",
-                                completion_tokens=self.used)
+                                completion_tokens=self.used,
+                                logprobs=self.logprobs if self.wants_logprobs else None)
+
+    def take_logprobs(self) -> list[TokenLogprob] | None:
+        """Entries not yet sent (None when not asked for): they travel with the next delta."""
+        if not self.wants_logprobs:
+            return None
+        new, self.logprobs_sent = self.logprobs[self.logprobs_sent:], len(self.logprobs)
+        return new
+
+    def _alternative(self, token: int, logprob: float) -> TokenAlternative:
+        text = self.tokenizer.decode([token])
+        return TokenAlternative(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+
+    def _token_logprob(self, token: int, logprobs: torch.Tensor) -> TokenLogprob:
+        chosen = self._alternative(token, float(logprobs[token]))
+        top: list[TokenAlternative] = []
+        if self.top_logprobs:
+            values, ids = torch.topk(logprobs, self.top_logprobs)
+            top = [self._alternative(int(i), float(v)) for v, i in zip(values, ids)]
+        return TokenLogprob(token=chosen.token, logprob=chosen.logprob, bytes=chosen.bytes, top=top)
 
     def _finish(self, reason: str) -> str:
         self.finish_reason = reason
@@ -200,11 +231,14 @@ class DecodeBatch:
         return output.logits[:, -1, :].float(), output.get("cache", None) or output.past_key_values
 
     def _pick(self, owners: list[tuple[Slot, Row]], logits: torch.Tensor) -> tuple[torch.Tensor, list]:
+        # Log-probabilities of the model's own distribution, before penalties and temperature.
+        logprobs = torch.log_softmax(logits, dim=-1) if any(row.decoder.wants_logprobs for _, row in owners) else None
         tokens, deltas = [], []
         for i, (slot, row) in enumerate(owners):
             token = row.pick(logits[i])
             tokens.append(token)
-            deltas.append((slot, slot.rows.index(row), row.decoder.feed(token)))
+            text = row.decoder.feed(token, None if logprobs is None else logprobs[i])
+            deltas.append((slot, slot.rows.index(row), text))
         return torch.tensor(tokens, device=self.device).unsqueeze(1), deltas
 
     def _decode(self) -> list[tuple[Slot, int, str]]:
@@ -297,9 +331,9 @@ def deltas_by_slot(slots: list[Slot], deltas: list[tuple[Slot, int, str]]) -> di
     """Group one step's row deltas by slot; a choice's last delta carries its finish_reason."""
     grouped: dict[int, list[ChoiceDelta]] = {id(slot): [] for slot in slots}
     for slot, index, text in deltas:
-        reason = slot.rows[index].decoder.finish_reason
-        if text or reason is not None:
-            grouped[id(slot)].append(ChoiceDelta(index, text, reason))
+        decoder = slot.rows[index].decoder
+        if text or decoder.finish_reason is not None:
+            grouped[id(slot)].append(ChoiceDelta(index, text, decoder.finish_reason, decoder.take_logprobs()))
     return grouped
 
 
@@ -309,5 +343,6 @@ def merge_deltas(deltas: list[ChoiceDelta]) -> list[ChoiceDelta]:
     for delta in deltas:
         before = merged.get(delta.index)
         merged[delta.index] = delta if before is None else ChoiceDelta(
-            delta.index, before.text + delta.text, delta.finish_reason or before.finish_reason)
+            delta.index, before.text + delta.text, delta.finish_reason or before.finish_reason,
+            None if delta.logprobs is None else (before.logprobs or []) + delta.logprobs)
     return [merged[index] for index in sorted(merged)]

@@ -169,7 +169,9 @@ class ChatModel(ModelReplica):
         prompt = self.tokenizer.apply_chat_template(job.messages, add_generation_prompt=True, tokenize=False)
         prompt_ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
         max_new = self._fit_to_context(len(prompt_ids), job)
-        decoders = [ChoiceDecoder(self.tokenizer, self.eos_ids, job.stop, max_new) for _ in range(job.n)]
+        top_logprobs = job.top_logprobs if job.logprobs else None
+        decoders = [ChoiceDecoder(self.tokenizer, self.eos_ids, job.stop, max_new, top_logprobs)
+                    for _ in range(job.n)]
         return Slot(job=job, prompt_ids=prompt_ids, rows=make_rows(job, self.model.generation_config, decoders))
 
     def _fit_to_context(self, prompt_length: int, job: ChatJob) -> int:

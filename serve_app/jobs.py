@@ -25,6 +25,24 @@ class ChatJob:
     stop: list[str] = field(default_factory=list)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class TokenAlternative:
+    """A token as text, its UTF-8 bytes, and its log probability under the model."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+@dataclass(frozen=True)
+class TokenLogprob(TokenAlternative):
+    """A generated token, with the `top_logprobs` most likely tokens at its position."""
+
+    top: list[TokenAlternative] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -32,6 +50,7 @@ class ChatChoiceResult:
     text: str
     finish_reason: str  # "stop" | "length"
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # None unless the request asked for them
 
 
 @dataclass(frozen=True)
@@ -51,6 +70,7 @@ class ChoiceDelta:
     index: int
     text: str
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # the tokens behind `text`, when asked for
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from serve_app.protocol import (
     new_id,
     now,
 )
+from serve_app.translate import choice_logprobs
 
 DONE = "data: [DONE]\n\n"
 
@@ -46,7 +47,8 @@ class ChatChunkEncoder:
             role = None if delta.index in self.started else "assistant"  # the first delta names the role
             self.started.add(delta.index)
             choices.append(ChunkChoice(index=delta.index, finish_reason=delta.finish_reason,
-                                       delta=DeltaMessage(role=role, content=delta.text)))
+                                       delta=DeltaMessage(role=role, content=delta.text),
+                                       logprobs=choice_logprobs(delta.logprobs)))
         self.usage = Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens,
                            total_tokens=chunk.prompt_tokens + chunk.completion_tokens)
         return event(self._chunk(choices))

@@ -10,16 +10,19 @@ from __future__ import annotations
 from serve_app.config import ChatModelConfig, ImageModelConfig, RequestLimits, parse_size
 from serve_app.errors import InvalidRequest
 from serve_app.image_input import InputImage
-from serve_app.jobs import ChatJob, ChatResult, ImageJob
+from serve_app.jobs import ChatJob, ChatResult, ImageJob, TokenLogprob
 from serve_app.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChoiceLogprobs,
     ImageEditRequest,
     ImageGenerationRequest,
+    TopLogprob,
     Usage,
 )
+from serve_app.protocol import TokenLogprob as WireTokenLogprob
 
 _ROLE_ALIASES = {"developer": "system"}
 
@@ -53,13 +56,26 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
         stop=list(request.stop or []),
         presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty,
+        logprobs=bool(request.logprobs),
+        top_logprobs=request.top_logprobs or 0,
     )
+
+
+def choice_logprobs(entries: list[TokenLogprob] | None) -> ChoiceLogprobs | None:
+    """The wire form of a choice's (or a chunk's) token log-probabilities."""
+    if entries is None:
+        return None
+    return ChoiceLogprobs(content=[
+        WireTokenLogprob(token=e.token, logprob=e.logprob, bytes=e.bytes,
+                         top_logprobs=[TopLogprob(token=t.token, logprob=t.logprob, bytes=t.bytes) for t in e.top])
+        for e in entries])
 
 
 def chat_response(request: ChatCompletionRequest, result: ChatResult) -> ChatCompletionResponse:
     return ChatCompletionResponse(
         model=request.model,
-        choices=[ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
+        choices=[ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+                            logprobs=choice_logprobs(c.logprobs))
                  for i, c in enumerate(result.choices)],
         usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                     total_tokens=result.prompt_tokens + result.completion_tokens),

@@ -127,6 +127,28 @@ def test_streaming_equals_non_streaming(client):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_logprobs_follow_the_tokens_in_both_modes(client):
+    greedy = dict(model=CHAT, messages=SEED_CHAT["messages"], max_tokens=10, temperature=0,
+                  logprobs=True, top_logprobs=3)
+    whole = client.chat.completions.create(**greedy)
+    choice = whole.choices[0]
+    entries = choice.logprobs.content
+    if choice.finish_reason == "length":
+        assert len(entries) == whole.usage.completion_tokens == 10
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        ranked = [alt.logprob for alt in entry.top_logprobs]
+        assert ranked == sorted(ranked, reverse=True)
+        # greedy, no penalties: the token chosen is the most likely one
+        assert (entry.token, entry.logprob) == (entry.top_logprobs[0].token, entry.top_logprobs[0].logprob)
+        assert bytes(entry.bytes).decode("utf-8") == entry.token
+    chunks = list(client.chat.completions.create(**greedy, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in entries]
+    plain = client.chat.completions.create(model=CHAT, messages=SEED_CHAT["messages"], max_tokens=4)
+    assert plain.choices[0].logprobs is None
+
+
 def test_streaming_raw_sse_format(http):
     with http.stream("POST", "/v1/chat/completions", json={**SEED_CHAT, "stream": True, "max_tokens": 4, "n": 2}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -226,6 +248,8 @@ BAD_REQUESTS = [
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "temperature": "hot"}}, 400, "temperature"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "max_tokens": 10**6}}, 400, "max_tokens"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "n": 1000}}, 400, "n"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "top_logprobs": 2}}, 400, "top_logprobs"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "logprobs": True, "top_logprobs": 21}}, 400, "top_logprobs"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "model": IMAGE}}, 400, "model"),
     ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "size": "big"}}, 400, "size"),
     ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "size": "100x100"}}, 400, "size"),
