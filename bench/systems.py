@@ -65,8 +65,11 @@ def echo_kind_entry() -> dict[str, Any] | None:
 
     from serve_app.config import AppConfig
 
+    # A tenth of a core and a deep queue, like the ingress: on 2 cores the default of one CPU
+    # per replica would leave whichever replica comes last unplaced.
+    deployment = {"num_cpus": 0.1, "max_ongoing_requests": 512}
     for entry in ({"name": ECHO_MODEL, "kind": "echo"}, {"name": ECHO_MODEL, "kind": "echo", "path": "echo"},
-                  {"name": ECHO_MODEL, "kind": "chat", "engine": "echo", "path": "echo"}):
+                  {"name": ECHO_MODEL, "kind": "chat", "engine": "echo", "path": "echo", "deployment": deployment}):
         try:
             AppConfig.model_validate({"models": [entry]})
             return entry
