@@ -182,10 +182,11 @@ class Ingress:
         answer in plain text without the envelope.
         """
         try:
-            return await asyncio.wait_for(answer, self.config.limits.request_timeout_s)
+            async with asyncio.timeout(self.config.limits.request_timeout_s):  # no extra task, unlike wait_for
+                return await answer
         except APIError:
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:
             cancel()
             if not await self.catalog.is_running(target.config.name):
                 raise Overloaded(f"The model {target.config.name!r} is starting; retry shortly.",

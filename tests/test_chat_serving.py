@@ -7,6 +7,7 @@ import socket
 import time
 
 import httpx
+import pytest
 from ray import serve
 
 from tests.conftest import wait_for
@@ -52,16 +53,18 @@ def test_concurrent_requests_share_decode_steps(server):
     assert steps < tokens, f"{steps} decode steps for {tokens} tokens: no batching"
 
 
-def test_disconnect_stops_generation(server):
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+def test_disconnect_stops_generation(server, stream):
     host, port = server.removeprefix("http://").split(":")
     before = chat_stats()["decode_steps"]
-    body = ('{"model": "%s", "stream": true, "max_tokens": 1000, "temperature": 0, '
-            '"messages": [{"role": "user", "content": "Hello"}]}' % CHAT).encode()
+    body = ('{"model": "%s", "stream": %s, "max_tokens": 1000, "temperature": 0, "stop": null, '
+            '"messages": [{"role": "user", "content": "Hello"}]}' % (CHAT, str(stream).lower())).encode()
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        assert b"200 OK" in sock.recv(4096)
-        assert wait_for(lambda: chat_stats()["active_requests"] == 1, timeout=10, interval=0.05)
+        if stream:
+            assert b"200 OK" in sock.recv(4096)
+        assert wait_for(lambda: chat_stats()["active_requests"] == 1, timeout=10, interval=0.02)
     left = time.monotonic()
     assert wait_for(lambda: chat_stats()["active_requests"] == 0, timeout=10, interval=0.02)
     stopped_after = time.monotonic() - left
