@@ -32,10 +32,6 @@ from serve_app.placement import ModelReplica
 
 logger = logging.getLogger("ray.serve")
 
-COALESCE_S = 0.01
-"""After a request's first tokens (sent at once), its tokens go out at most this often:
-every message through a streaming handle costs CPU, so one message carries several tokens."""
-
 END = object()
 """Posted to a slot's outbox after its last deltas."""
 
@@ -72,7 +68,8 @@ class ChatModel(ModelReplica):
     async def generate_stream(self, job: ChatJob) -> AsyncIterator[ChatStreamChunk]:
         """The completion as it is produced; the first tokens go out at once."""
         slot = self._slot(job)
-        async for deltas in self._decoded(slot, coalesce_s=COALESCE_S):
+        # Every message through a streaming handle costs CPU: one message carries several tokens.
+        async for deltas in self._decoded(slot, coalesce_s=self.config.stream_interval_s):
             used = sum(row.decoder.used for row in slot.rows)
             yield ChatStreamChunk(deltas, len(slot.prompt_ids), used)
 

@@ -156,6 +156,9 @@ class ChatModelConfig(BaseModelConfig):
         32, ge=1, description="Requests decoding together on one replica (continuous batching); 1 = no batching.")
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, description="How long an idle replica waits before prefilling, to take a burst together.")
+    stream_interval_s: float = Field(
+        0.01, ge=0, le=1, description="After a stream's first tokens (sent at once), how often at most it gets "
+        "a message; each carries every token made meanwhile. 0 sends every step's tokens.")
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> "ChatModelConfig":

@@ -21,7 +21,7 @@ def test_shipped_config_is_valid_and_resolves_paths():
     assert all(m.path.startswith("/") for m in config.models)
     chat = config.models[0].deployment.serve_options()
     assert chat["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.0}
-    assert chat["max_ongoing_requests"] == 32 and chat["num_replicas"] == 1
+    assert chat["max_ongoing_requests"] == 64 and chat["num_replicas"] == 1
 
 
 def test_unknown_field_is_named():
