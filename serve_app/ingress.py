@@ -43,6 +43,9 @@ api = FastAPI(
     title="serve_app",
     description="AI Model Interface Standard and OpenAI-compatible inference server on Ray Serve.",
     version="0.1.0",
+    # FastAPI's own OpenTelemetry hooks cost a provider lookup per request even when nothing is
+    # configured; Ray Serve traces the request path itself (RAY_SERVE_TRACING_* settings).
+    telemetry={"tracing": False, "metrics": False, "logs": False},
 )
 api.add_middleware(RequestGuard)
 install_error_handlers(api)
@@ -96,18 +99,24 @@ class Ingress:
         api.state.max_body_bytes = config.max_body_bytes
         api.state.api_keys = ApiKeys(config)
         api.state.access_log = config.access_log
-        api.state.metrics = Metrics()
+        api.state.metrics = self.metrics = Metrics()
         self.router = ModelRouter(config, handles)
         self.catalog = LiveCatalog(config, serve.get_replica_context().app_name)
         self.store = ImageStore(config.image_dir, config.public_base_url, config.image_retention)
         self.fetcher = ImageFetcher(config.image_input)
         # Retention: a sweep now, then every sweep_interval_s, off the event loop; never fatal.
-        self._sweeper = asyncio.get_running_loop().create_task(self.store.sweep_forever(), name="image retention")
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.create_task(self.store.sweep_forever(), name="image retention")
+        self._metrics_flusher = loop.create_task(self.metrics.flush_forever(), name="metrics flush")
 
     async def __del__(self) -> None:
-        """Serve awaits this on graceful shutdown: stop the retention sweeps, close the fetch client."""
-        if getattr(self, "_sweeper", None) is not None:
-            self._sweeper.cancel()
+        """Serve awaits this on graceful shutdown: stop the background tasks, record the last
+        counts, close the fetch client."""
+        for task in (getattr(self, "_sweeper", None), getattr(self, "_metrics_flusher", None)):
+            if task is not None:
+                task.cancel()
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.flush()
         if getattr(self, "fetcher", None) is not None:
             await self.fetcher.aclose()
 

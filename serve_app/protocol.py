@@ -11,8 +11,8 @@ with the parameter's name.
 from __future__ import annotations
 
 import logging
+import random
 import time
-import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -160,8 +160,12 @@ class Usage(WireModel):
     total_tokens: int
 
 
+_ID_BITS = random.Random()  # its own generator, seeded from the OS: nobody else's seed() can repeat ids
+
+
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    """A unique response id: 128 random bits like a uuid4, without a system call per response."""
+    return f"{prefix}-{_ID_BITS.getrandbits(128):032x}"
 
 
 def now() -> int:

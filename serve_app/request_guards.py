@@ -8,6 +8,8 @@ import time, the config only once the replica is constructed.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextvars
 import hmac
 import logging
@@ -162,29 +164,56 @@ def _too_large(limit: int) -> PayloadTooLarge:
 
 
 class Metrics:
-    """Per-model counters beside Ray Serve's own Prometheus metrics (exported the same way)."""
+    """Per-model counters beside Ray Serve's own Prometheus metrics (exported the same way).
+
+    Requests only add to in-memory sums; `flush` hands them to Ray, every
+    `FLUSH_INTERVAL_S` from `flush_forever`. Recording a Ray metric costs tens of
+    microseconds, several times per request on the ingress's one event loop,
+    while Ray exports metrics only every few seconds anyway.
+    """
+
+    FLUSH_INTERVAL_S = 1.0
 
     def __init__(self) -> None:
         from ray.serve.metrics import Counter
 
-        tags = ("model", "route", "status")
-        self.requests = Counter("serve_app_requests", "Requests by model, route and status.", tag_keys=tags)
-        self.errors = Counter("serve_app_errors", "Failed requests (status >= 400).", tag_keys=tags)
-        self.tokens = Counter("serve_app_tokens", "Prompt and completion tokens.", tag_keys=("model", "kind"))
-        self.images = Counter("serve_app_images", "Images generated.", tag_keys=("model",))
+        described = {
+            "requests": ("Requests by model, route and status.", ("model", "route", "status")),
+            "errors": ("Failed requests (status >= 400).", ("model", "route", "status")),
+            "tokens": ("Prompt and completion tokens.", ("model", "kind")),
+            "images": ("Images generated.", ("model",)),
+        }
+        self.counters = {name: (Counter(f"serve_app_{name}", text, tag_keys=keys), keys)
+                         for name, (text, keys) in described.items()}
+        self.pending: collections.Counter[tuple[str, tuple[str, ...]]] = collections.Counter()
 
     def observe(self, path: str, status: int, record: AccessRecord) -> None:
         model = record.model or "-"
-        tags = {"model": model, "route": path if path.startswith("/v1/") and "/files/" not in path else "other",
-                "status": str(status)}
-        self.requests.inc(tags=tags)
+        route = path if path.startswith("/v1/") and "/files/" not in path else "other"
+        request = (model, route, str(status))
+        self.pending["requests", request] += 1
         if status >= 400:
-            self.errors.inc(tags=tags)
+            self.pending["errors", request] += 1
         for kind in ("prompt_tokens", "completion_tokens"):
             if record.fields.get(kind):
-                self.tokens.inc(record.fields[kind], tags={"model": model, "kind": kind})
+                self.pending["tokens", (model, kind)] += record.fields[kind]
         if record.fields.get("images"):
-            self.images.inc(record.fields["images"], tags={"model": model})
+            self.pending["images", (model,)] += record.fields["images"]
+
+    def flush(self) -> None:
+        """Hand the sums so far to Ray's counters (one `inc` per counter and tag set)."""
+        pending, self.pending = self.pending, collections.Counter()
+        for (name, tag_values), value in pending.items():
+            counter, keys = self.counters[name]
+            counter.inc(value, tags=dict(zip(keys, tag_values)))
+
+    async def flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.FLUSH_INTERVAL_S)
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - metrics must never take the ingress down
+                logger.exception("could not record serve_app metrics")
 
 
 def _request_id(scope: Scope) -> str:

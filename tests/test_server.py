@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 
+import httpx
 import openai
 import pytest
 from openai.types import ImagesResponse
@@ -297,3 +298,35 @@ def test_openai_client_raises_typed_errors(client):
         client.chat.completions.create(model="nope", messages=SEED_CHAT["messages"])
     with pytest.raises(openai.BadRequestError):
         client.images.generate(model=IMAGE, prompt="x", size="13x13")
+
+
+def test_request_counters_are_exported_to_prometheus(http):
+    """serve_app's counters (summed on the ingress, handed to Ray every second) reach Ray's
+    Prometheus endpoint with the model, route and status of each request."""
+    import ray
+
+    from tests.conftest import wait_for
+
+    assert_success(http.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 3}))
+    assert http.post("/v1/chat/completions", json={**SEED_CHAT, "model": "no-such-model"}).status_code == 404
+    node = next(n for n in ray.nodes() if n["Alive"])
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    wanted = {
+        "requests": f'model="{CHAT}",route="/v1/chat/completions",status="200"',
+        # An unknown name is not a label value: clients could mint endless label sets.
+        "errors": 'model="-",route="/v1/chat/completions",status="404"',
+        "tokens": f'kind="completion_tokens",model="{CHAT}"',
+    }
+
+    def exported() -> dict[str, float]:
+        found = {}
+        for line in httpx.get(url, timeout=10).text.splitlines():
+            for name, labels in wanted.items():
+                if line.startswith(f"ray_serve_app_{name}_total{{") and all(
+                        part in line for part in labels.split(",")):
+                    found[name] = float(line.rsplit(" ", 1)[1])
+        return found
+
+    assert wait_for(lambda: len(exported()) == len(wanted), timeout=60, interval=2), exported()
+    counts = exported()
+    assert counts["requests"] >= 1 and counts["errors"] >= 1 and counts["tokens"] >= 3
