@@ -58,7 +58,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     conc = [int(c) for c in (args.concurrency or ("1,4" if quick else "1,4,16,64")).split(",")]
     return Plan(concurrency=conc, max_tokens=args.max_tokens or (16 if quick else 32),
                 deadline_s=20.0 if quick else 120.0, waves=1 if quick else 2, min_requests=3 if quick else 6,
-                echo_connections=(1, 32), echo_seconds=3.0 if quick else 6.0, image_requests=8 if quick else 24)
+                echo_connections=(1, 32), echo_seconds=3.0 if quick else 6.0, image_requests=16 if quick else 96)
 
 
 def ensure_ready(ctx: systems.Context, notes: list[str]) -> None:

@@ -110,7 +110,10 @@ async def measure_images(url: str, model: str, plan: Plan, log) -> dict:
     def body(index: int) -> dict[str, Any]:
         return {"model": model, "prompt": f"{TOPICS[index % len(TOPICS)]}, oil painting", "n": 1,
                 "size": plan.image_size, "steps": plan.image_steps, "seed": index, "response_format": "b64_json"}
-    await run_cell(url, body, concurrency=2, total=2, deadline_s=120, count=image_count)  # warm-up
+    # Warm-up at the measured concurrency: a batching server meets its batch shapes here (CPU kernels
+    # are set up per shape on first use), as the sequential server meets its one shape.
+    await run_cell(url, body, concurrency=plan.image_concurrency, total=2 * plan.image_concurrency,
+                   deadline_s=120, count=image_count)
     cell = await run_cell(url, body, concurrency=plan.image_concurrency, total=plan.image_requests,
                           deadline_s=plan.deadline_s, count=image_count)
     log(f"    images c={plan.image_concurrency} {cell.units_per_s:.2f} images/s  p50 {cell.latency_p50_ms} ms  "
