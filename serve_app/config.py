@@ -183,6 +183,12 @@ class ImageModelConfig(BaseModelConfig):
     default_strength: float = Field(
         0.75, gt=0, le=1, description="How far edits move from the input image."
     )
+    png_compress_level: int = Field(
+        1, ge=0, le=9, description="zlib level of the PNGs the model returns: 1 encodes several times "
+        "faster than PIL's default 6 for files a little larger; the pixels are the same at every level.")
+    channels_last: bool = Field(
+        True, description="Put the UNet and VAE in channels-last memory format, which convolution "
+        "kernels run faster on (diffusers' own speed advice, on CPU and GPU).")
 
     @field_validator("default_size")
     @classmethod
