@@ -103,12 +103,12 @@ def running(server: Server, probe: Callable[[], bool], timeout_s: float) -> Iter
 
 def start_ray(ctx: systems.Context, key: str, batching: bool, echo: bool, results: dict) -> tuple[Server, dict]:
     """Ray row with the fast switches; on failure to come up, once more with Ray's defaults."""
-    prefix = None if systems.echo_kind_entry() or not echo else systems.ECHO_PREFIX
+    prefixes = [] if not echo else [systems.FLOOR_PREFIX] + ([] if systems.echo_kind_entry() else [systems.ECHO_PREFIX])
     for fast in (True, False):
         started = time.monotonic()
         server, settings = systems.launch_ray(ctx, key, batching=batching, echo=echo, fast=fast)
         try:
-            server.wait_ready(lambda: systems.ray_probe(server, prefix), 300)
+            server.wait_ready(lambda: systems.ray_probe(server, prefixes), 300)
         except BaseException as exc:  # Ctrl-C included: never leave a Ray behind
             server.stop()
             if not fast or not isinstance(exc, RuntimeError):
@@ -162,6 +162,8 @@ def measure_system(key: str, ctx: systems.Context, plan: Plan, prompts: list, re
             cells = asyncio.run(scenarios.measure_echo(systems.echo_url(server.base_url, own),
                                                        systems.ECHO_MODEL, plan, log))
             results["echo"].update({f"serve_app@{c}": cell for c, cell in cells.items()})
+            floor = asyncio.run(scenarios.measure_handle_floor(server.base_url + systems.FLOOR_PREFIX, plan, log))
+            results["echo"].update({f"ray_handle@{c}": cell for c, cell in floor.items()})
     settings["seconds"] = round(time.monotonic() - started, 1)
     results["systems"][key] = {k: v for k, v in settings.items() if k != "config"} | (
         {"serve_config": settings["config"]} if "config" in settings else {})

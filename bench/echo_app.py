@@ -67,3 +67,63 @@ def build_ray_app(args: dict[str, Any] | None = None):
             return {"status": "ok"}
 
     return EchoIngress.bind(EchoModel.bind())
+
+
+def build_handle_floor_app(args: dict[str, Any] | None = None):
+    """Ray's own floor for the model hop: a caller deployment awaiting an echo deployment's
+    handle in a loop, no HTTP anywhere. The same objects cross as on serve_app's chat route
+    (a `ChatJob` out, a `ChatResult` back) over the same transport (Serve's defaults in the
+    environment: gRPC between replicas under RAY_SERVE_THROUGHPUT_OPTIMIZED).
+
+    `GET /run?concurrency=C&seconds=S` runs C concurrent loops for S seconds inside the
+    caller replica and answers the calls/s and latency percentiles it measured. No serving
+    path through this Serve instance can beat this rate: it is the model hop alone.
+    """
+    import asyncio
+    import time
+
+    from ray import serve
+    from ray.serve.handle import DeploymentHandle
+
+    from serve_app.jobs import ChatChoiceResult, ChatJob, ChatResult
+
+    limit = int((args or {}).get("max_ongoing_requests", 512))
+    api = FastAPI()
+
+    @serve.deployment(max_ongoing_requests=limit, ray_actor_options={"num_cpus": 0.05})
+    class FloorEcho:
+        async def generate(self, job: ChatJob) -> ChatResult:
+            return ChatResult(choices=[ChatChoiceResult(ANSWER, "stop", 1)], prompt_tokens=1)
+
+    @serve.deployment(max_ongoing_requests=limit, ray_actor_options={"num_cpus": 0.05})
+    @serve.ingress(api)
+    class FloorCaller:
+        def __init__(self, echo: DeploymentHandle) -> None:
+            self.echo = echo.options(method_name="generate")
+
+        @api.get("/run")
+        async def run(self, concurrency: int = 1, seconds: float = 3.0) -> JSONResponse:
+            job = ChatJob(messages=[{"role": "user", "content": "ping"}], max_tokens=1, max_tokens_explicit=True)
+            latencies: list[float] = []
+            end = time.perf_counter() + seconds
+
+            async def loop() -> None:
+                while time.perf_counter() < end:
+                    started = time.perf_counter()
+                    await self.echo.remote(job)
+                    latencies.append(time.perf_counter() - started)
+
+            began = time.perf_counter()
+            await asyncio.gather(*(loop() for _ in range(concurrency)))
+            wall = time.perf_counter() - began
+            latencies.sort()
+            pick = lambda q: round(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000, 2)  # noqa: E731
+            return JSONResponse({"concurrency": concurrency, "calls": len(latencies), "wall_s": round(wall, 3),
+                                 "calls_per_s": round(len(latencies) / wall, 1),
+                                 "p50_ms": pick(0.5), "p99_ms": pick(0.99)})
+
+        @api.get("/health")
+        async def health(self) -> dict[str, str]:
+            return {"status": "ok"}
+
+    return FloorCaller.bind(FloorEcho.bind())

@@ -119,3 +119,29 @@ async def measure_images(url: str, model: str, plan: Plan, log) -> dict:
     log(f"    images c={plan.image_concurrency} {cell.units_per_s:.2f} images/s  p50 {cell.latency_p50_ms} ms  "
         f"err {cell.errors} cut {cell.cut}" + (f"  {cell.first_errors}" if cell.first_errors else ""))
     return cell.as_dict()
+
+
+async def measure_handle_floor(base_url: str, plan: Plan, log) -> dict[str, dict]:
+    """Ray's floor for the model hop alone (bench/echo_app.py's caller loop), at each echo connection count,
+    in the echo cells' shape so the same table prints it."""
+    import aiohttp
+
+    async def run(concurrency: int, seconds: float) -> dict[str, Any]:
+        timeout = aiohttp.ClientTimeout(total=seconds + 60)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.get(f"{base_url}/run", params={"concurrency": concurrency, "seconds": seconds}) as reply:
+                reply.raise_for_status()
+                return await reply.json()
+
+    await run(8, 1.0)  # warm-up
+    out = {}
+    for conc in plan.echo_connections:
+        floor = await run(conc, plan.echo_seconds)
+        out[str(conc)] = {"concurrency": conc, "sent": floor["calls"], "ok": floor["calls"], "errors": 0, "cut": 0,
+                          "wall_s": floor["wall_s"], "units": floor["calls"], "units_per_s": floor["calls_per_s"],
+                          "req_per_s": floor["calls_per_s"], "latency_p50_ms": floor["p50_ms"],
+                          "latency_p99_ms": floor["p99_ms"], "ttft_p50_ms": None, "ttft_p99_ms": None,
+                          "units_per_request": 1.0, "first_errors": []}
+        log(f"    handle floor c={conc:<3} {floor['calls_per_s']:8.1f} calls/s  p50 {floor['p50_ms']} ms  "
+            f"p99 {floor['p99_ms']} ms")
+    return out

@@ -21,6 +21,7 @@ from bench.procs import PYTHON, ROOT, Server, base_env, free_port, http_ok, star
 
 ECHO_MODEL = "bench-echo"
 ECHO_PREFIX = "/bench-echo"
+FLOOR_PREFIX = "/bench-floor"
 FAST_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
@@ -111,6 +112,10 @@ def serve_config(ctx: Context, port: int, image_dir: Path, *, batching: bool, ec
                                            "import_path": "bench.echo_app:build_ray_app", "args": {}})
             notes.append("echo: serve_app has no echo model kind; measured bench/echo_app.py's "
                          "ingress + echo deployments on the same Serve instance")
+        config["applications"].append({"name": "bench_floor", "route_prefix": FLOOR_PREFIX,
+                                       "import_path": "bench.echo_app:build_handle_floor_app", "args": {}})
+        notes.append("echo: Ray's handle floor measured by bench/echo_app.py's caller + echo deployments "
+                      "on the same Serve instance")
     config = deep_merge(config, ctx.extra.get("config", {}))
     from serve_app.config import AppConfig
 
@@ -138,7 +143,8 @@ def launch_ray(ctx: Context, name: str, *, batching: bool, echo: bool, fast: boo
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy),
             "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(haproxy / "server-state"),
             "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(haproxy / "metrics.sock"),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}
     serve_bin = str(Path(PYTHON).parent / "serve")
     server = start(name, [serve_bin, "run", str(config_path)], env, port, ctx.log_dir, cleanup_marks=[str(tmp)],
                    remove_dirs=[tmp])
@@ -147,11 +153,11 @@ def launch_ray(ctx: Context, name: str, *, batching: bool, echo: bool, fast: boo
     return server, settings
 
 
-def ray_probe(server: Server, echo_prefix: str | None) -> bool:
-    """Ready when serve_app says every model is live (and the echo app answers)."""
+def ray_probe(server: Server, extra_prefixes: list[str]) -> bool:
+    """Ready when serve_app says every model is live (and the bench's extra apps answer)."""
     if not http_ok(server.base_url + "/ready"):
         return False
-    return echo_prefix is None or http_ok(server.base_url + echo_prefix + "/health")
+    return all(http_ok(server.base_url + prefix + "/health") for prefix in extra_prefixes)
 
 
 def _processes() -> list[tuple[bytes, Path]]:
