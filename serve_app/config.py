@@ -115,6 +115,9 @@ class BaseModelConfig(StrictModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="'auto' picks bfloat16/float16 on GPU and float32 on CPU."
     )
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads torch computes with in each replica. Default: Ray's OMP_NUM_THREADS, "
+        "which is the deployment's num_cpus rounded down, and 1 below 2.")
     owned_by: str = Field("serve_app", description="Shown as `owned_by` in /v1/models.")
     cid: str | None = Field(None, min_length=1, description="Content id of the model, sent to network nodes.")
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)

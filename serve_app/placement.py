@@ -54,7 +54,7 @@ def resolve_dtype(config: BaseModelConfig, device: torch.device) -> torch.dtype:
 def describe(config: BaseModelConfig, device: torch.device, dtype: torch.dtype) -> str:
     """One log line saying where a model landed, for operators checking GPU pinning."""
     return (f"model {config.name!r} from {config.path} on {device} ({dtype}); "
-            f"Ray GPU ids {assigned_gpu_ids() or 'none'}")
+            f"Ray GPU ids {assigned_gpu_ids() or 'none'}; torch CPU threads {torch.get_num_threads()}")
 
 
 class ModelReplica:
@@ -70,11 +70,19 @@ class ModelReplica:
         self.config = config
         self.device = resolve_device(config)
         self.dtype = resolve_dtype(config, self.device)
+        if config.torch_threads is not None:
+            # Ray sets OMP_NUM_THREADS from num_cpus (1 for a fraction): a CPU model given
+            # `num_cpus: 0.5` to fit the scheduler would otherwise compute on one core.
+            torch.set_num_threads(config.torch_threads)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"torch-{config.name}")
 
     async def run_on_worker(self, fn: Callable[..., T], *args) -> T:
         """Run `fn(*args)` on the model's worker thread and await its result."""
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    async def torch_threads(self) -> int:
+        """The CPU threads torch computes with where the model runs (its worker thread)."""
+        return await self.run_on_worker(torch.get_num_threads)
 
     def log_loaded(self) -> None:
         logger.info("loaded %s", describe(self.config, self.device, self.dtype))

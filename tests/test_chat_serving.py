@@ -98,3 +98,25 @@ def test_late_request_joins_the_running_batch(server):
     # Shared steps: about `tokens` (plus the long request's steps during two stats calls);
     # a separate batch would take `tokens` steps of its own on top of the running one's.
     assert steps < 1.5 * tokens, f"{steps} steps for a {tokens}-token request beside a running one"
+
+
+def test_torch_threads_from_config_override_rays_one_thread_default(cluster, server):
+    """Ray gives a replica with `num_cpus` below 2 OMP_NUM_THREADS=1; `torch_threads` sets the real count."""
+    import os
+
+    args = cluster.args(route_prefix="/threads")
+    chat = next(m for m in args["models"] if m["kind"] == "chat")
+    args["models"] = [{**chat, "name": "chat-threads", "torch_threads": 3,
+                       "deployment": {**chat["deployment"], "num_cpus": 0.25}}]
+    base = cluster.deploy(args, name="threads_app", route_prefix="/threads")
+    try:
+        threads = serve.get_deployment_handle("model_chat-threads", app_name="threads_app").torch_threads
+        assert threads.remote().result() == 3
+        answer = httpx.post(base + "/v1/chat/completions", timeout=60, json={
+            "model": "chat-threads", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        serve.delete("threads_app")
+    if "OMP_NUM_THREADS" not in os.environ:  # Ray's own rule applies to the default app's models
+        default = serve.get_deployment_handle("model_Llama3-8B", app_name="serve_app").torch_threads
+        assert default.remote().result() == 1
