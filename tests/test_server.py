@@ -307,8 +307,6 @@ def test_request_counters_are_exported_to_prometheus(http):
 
     from tests.conftest import wait_for
 
-    assert_success(http.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 3}))
-    assert http.post("/v1/chat/completions", json={**SEED_CHAT, "model": "no-such-model"}).status_code == 404
     node = next(n for n in ray.nodes() if n["Alive"])
     url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
     wanted = {
@@ -319,7 +317,7 @@ def test_request_counters_are_exported_to_prometheus(http):
     }
 
     def exported() -> dict[str, float]:
-        found = {}
+        found = dict.fromkeys(wanted, 0.0)  # earlier tests' requests may or may not be exported yet
         for line in httpx.get(url, timeout=10).text.splitlines():
             for name, labels in wanted.items():
                 if line.startswith(f"ray_serve_app_{name}_total{{") and all(
@@ -327,6 +325,10 @@ def test_request_counters_are_exported_to_prometheus(http):
                     found[name] = float(line.rsplit(" ", 1)[1])
         return found
 
-    assert wait_for(lambda: len(exported()) == len(wanted), timeout=60, interval=2), exported()
-    counts = exported()
-    assert counts["requests"] >= 1 and counts["errors"] >= 1 and counts["tokens"] >= 3
+    before = exported()
+    answer = assert_success(http.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 3}))
+    assert http.post("/v1/chat/completions", json={**SEED_CHAT, "model": "no-such-model"}).status_code == 404
+    grown = {"requests": 1, "errors": 1, "tokens": answer["usage"]["completion_tokens"]}
+    # Ray exports with a delay: wait until the snapshot includes this test's own requests.
+    assert wait_for(lambda: all(exported()[name] >= before[name] + grown[name] for name in wanted),
+                    timeout=60, interval=2), (before, exported(), grown)
