@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bench.loadgen import BodyFactory, image_count, one, post_once, run_cell
+from bench.loadgen import BodyFactory, Sample, image_count, one, post_once, run_cell, summarize
 
 MODES = ("json", "stream")
 TOPICS = ["a lighthouse", "the moon", "a red fox", "rain in the city", "an old clock", "a garden", "the sea",
@@ -123,7 +123,7 @@ async def measure_images(url: str, model: str, plan: Plan, log) -> dict:
 
 async def measure_handle_floor(base_url: str, plan: Plan, log) -> dict[str, dict]:
     """Ray's floor for the model hop alone (bench/echo_app.py's caller loop), at each echo connection count,
-    in the echo cells' shape so the same table prints it."""
+    summarised like the echo cells so the same table prints it."""
     import aiohttp
 
     async def run(concurrency: int, seconds: float) -> dict[str, Any]:
@@ -137,11 +137,9 @@ async def measure_handle_floor(base_url: str, plan: Plan, log) -> dict[str, dict
     out = {}
     for conc in plan.echo_connections:
         floor = await run(conc, plan.echo_seconds)
-        out[str(conc)] = {"concurrency": conc, "sent": floor["calls"], "ok": floor["calls"], "errors": 0, "cut": 0,
-                          "wall_s": floor["wall_s"], "units": floor["calls"], "units_per_s": floor["calls_per_s"],
-                          "req_per_s": floor["calls_per_s"], "latency_p50_ms": floor["p50_ms"],
-                          "latency_p99_ms": floor["p99_ms"], "ttft_p50_ms": None, "ttft_p99_ms": None,
-                          "units_per_request": 1.0, "first_errors": []}
-        log(f"    handle floor c={conc:<3} {floor['calls_per_s']:8.1f} calls/s  p50 {floor['p50_ms']} ms  "
-            f"p99 {floor['p99_ms']} ms")
+        calls = [Sample(True, latency, units=1) for latency in floor["latencies_s"]]
+        cell = summarize(calls, conc, len(calls), floor["wall_s"])
+        log(f"    handle floor c={conc:<3} {cell.req_per_s:8.1f} calls/s  p50 {cell.latency_p50_ms} ms  "
+            f"p99 {cell.latency_p99_ms} ms")
+        out[str(conc)] = cell.as_dict()
     return out
