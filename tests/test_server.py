@@ -317,12 +317,14 @@ def test_request_counters_are_exported_to_prometheus(http):
     }
 
     def exported() -> dict[str, float]:
+        """This app's totals over every series: each ingress replica that ever ran exports
+        its own, tagged with its replica id (other tests deploy apps serving the same model)."""
         found = dict.fromkeys(wanted, 0.0)  # earlier tests' requests may or may not be exported yet
         for line in httpx.get(url, timeout=10).text.splitlines():
             for name, labels in wanted.items():
                 if line.startswith(f"ray_serve_app_{name}_total{{") and all(
-                        part in line for part in labels.split(",")):
-                    found[name] = float(line.rsplit(" ", 1)[1])
+                        part in line for part in labels.split(",") + ['application="serve_app"']):
+                    found[name] += float(line.rsplit(" ", 1)[1])
         return found
 
     before = exported()
