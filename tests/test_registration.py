@@ -128,9 +128,9 @@ async def test_node_down_at_start_gets_registration_when_up(node: FakeNode) -> N
     assert status["state"] == "failing" and "ConnectError" in status["last_error"]
 
     node.start()
-    await eventually(lambda: node.models_of(PROJECT) == [CHAT])
-    status = node_status(registrar)
-    assert status["state"] == "registered" and status["consecutive_failures"] == 0
+    # The node stores the models before the registrar has read its answer: wait for both.
+    await eventually(lambda: node.models_of(PROJECT) == [CHAT] and node_status(registrar)["state"] == "registered")
+    assert node_status(registrar)["consecutive_failures"] == 0
     await registrar.stop()
 
 
