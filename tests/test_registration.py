@@ -167,8 +167,9 @@ async def test_one_failing_node_does_not_hold_back_another(node: FakeNode) -> No
     down.stop()
     config = make_config([down.url, node.url], timeout_s=0.5)
     registrar = started(config, FakeLive(config, "Llama3-8B"))
-    await eventually(lambda: node.models_of(PROJECT) == [CHAT])
-    assert [n["state"] for n in registrar.status()["nodes"]] == ["failing", "registered"]
+    # The node stores the models before the registrar has read its answer: wait for both.
+    await eventually(lambda: node.models_of(PROJECT) == [CHAT]
+                     and [n["state"] for n in registrar.status()["nodes"]] == ["failing", "registered"])
     started_at = time.monotonic()
     await registrar.stop()  # unregister is best effort: the down node costs no more than its timeout
     assert time.monotonic() - started_at < 2.5
