@@ -26,7 +26,49 @@ try:  # the layer type whose tensors can be merged across batches (transformers 
 except ImportError:  # older transformers: requests batch, but do not join a running batch
     DynamicLayer = None
 
+try:  # incremental decoding in the fast tokenizers' own library (tokenizers >= 0.21)
+    from tokenizers.decoders import DecodeStream
+except ImportError:
+    DecodeStream = None
+
 from serve_app.jobs import ChatChoiceResult, ChatJob, ChoiceDelta, TokenAlternative, TokenLogprob
+
+
+class IncrementalText:
+    """A choice's text, decoded as its tokens arrive, at a cost that does not grow with its length.
+
+    Decoding all tokens again at every step costs O(length) per token: about
+    0.25 ms per row per step at 1,000 tokens here, so 8 ms a step for a batch
+    of 32, the order of a GPU forward pass. Fast tokenizers decode through
+    `tokenizers`' `DecodeStream` instead (a few tokens of context; the bytes of
+    an unfinished UTF-8 character wait for the rest), the approach of vLLM's
+    detokenizer. Slow (Python) tokenizers decode in full each time.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.text = ""
+        self._backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        self._stream = DecodeStream(skip_special_tokens=True) if self._backend and DecodeStream else None
+
+    def add(self, token: int) -> str:
+        """Append a token; returns the whole text so far."""
+        self.tokens.append(token)
+        if self._stream is None:
+            self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        else:
+            self.text += self._stream.step(self._backend, token) or ""
+        return self.text
+
+    def complete(self) -> str:
+        """The final text, as a full decode gives it: bytes of a character the output
+        ended inside come out as U+FFFD instead of waiting for more."""
+        if self._stream is not None and self.tokens:
+            full = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+            if full.startswith(self.text):  # never contradict what was already sent
+                self.text = full
+        return self.text
 
 
 class ChoiceDecoder:
@@ -40,7 +82,7 @@ class ChoiceDecoder:
                  top_logprobs: int | None = None) -> None:
         self.tokenizer, self.eos_ids, self.stop, self.max_tokens = tokenizer, eos_ids, stop, max_tokens
         self.top_logprobs = top_logprobs  # None: no logprobs asked for
-        self.tokens: list[int] = []
+        self.decoded = IncrementalText(tokenizer)
         self.text = ""
         self.sent = 0
         self.used = 0
@@ -62,12 +104,10 @@ class ChoiceDecoder:
             return self._finish("stop")
         if logprobs is not None and self.wants_logprobs:
             self.logprobs.append(self._token_logprob(token, logprobs))
-        self.tokens.append(token)
-        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=None)
+        self.text = self.decoded.add(token)
+        cut = self._stop_at()
         if cut is not None:
-            self.text = self.text[:cut]
-            return self._finish("stop")
+            return self._finish("stop", cut)
         if self.used >= self.max_tokens:
             return self._finish("length")
         safe = len(self.text) - self._unsafe_tail()
@@ -98,16 +138,28 @@ class ChoiceDecoder:
             top = [self._alternative(int(i), float(v)) for v, i in zip(values, ids)]
         return TokenLogprob(token=chosen.token, logprob=chosen.logprob, bytes=chosen.bytes, top=top)
 
-    def _finish(self, reason: str) -> str:
+    def _stop_at(self) -> int | None:
+        """Where the first stop string starts, if the text now holds one.
+
+        Only the unsent tail is searched (plus a stop string's length before
+        it): the sent text never changes and was searched when it was new.
+        """
+        found = (self.text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop)
+        return min((i for i in found if i >= 0), default=None)
+
+    def _finish(self, reason: str, stop_at: int | None = None) -> str:
+        """End the choice; returns the text not sent yet (up to the stop string, if one ended it)."""
         self.finish_reason = reason
+        self.text = self.decoded.complete() if stop_at is None else self.text[:stop_at]
         delta, self.sent = self.text[self.sent:], len(self.text)
         return delta
 
     def _unsafe_tail(self) -> int:
-        if self.text.endswith("\ufffd"):
-            return 1
-        return max((k for s in self.stop for k in range(len(s) - 1, 0, -1)
-                    if self.text.endswith(s[:k])), default=0)
+        """How many trailing characters must wait: a possible start of a stop string,
+        or replacement characters a later token may still turn into a real character."""
+        undecided = len(self.text) - len(self.text.rstrip("\ufffd"))
+        return max(undecided, max((k for s in self.stop for k in range(len(s) - 1, 0, -1)
+                                   if self.text.endswith(s[:k])), default=0))
 
 
 @dataclass
@@ -124,13 +176,14 @@ class Row:
     frequency: float
     counts: dict[int, int] = field(default_factory=dict)
 
-    def pick(self, logits: torch.Tensor) -> int:
-        """Choose the next token from this row's logits (1-D, float32)."""
+    def pick(self, logits: torch.Tensor, argmax: int) -> int:
+        """Choose the next token from this row's logits (1-D, float32); `argmax` is theirs."""
         if self.presence or self.frequency:
             for token, count in self.counts.items():
                 logits[token] -= self.frequency * count + self.presence
+            argmax = int(torch.argmax(logits))
         if self.greedy:
-            token = int(torch.argmax(logits))
+            token = argmax
         else:
             logits = logits / max(self.temperature, 1e-5)
             if 0 < self.top_k < logits.shape[-1]:
@@ -233,9 +286,11 @@ class DecodeBatch:
     def _pick(self, owners: list[tuple[Slot, Row]], logits: torch.Tensor) -> tuple[torch.Tensor, list]:
         # Log-probabilities of the model's own distribution, before penalties and temperature.
         logprobs = torch.log_softmax(logits, dim=-1) if any(row.decoder.wants_logprobs for _, row in owners) else None
+        # One argmax for the whole batch: greedy rows need no per-row op (on a GPU, no sync per row).
+        argmax = logits.argmax(dim=-1).tolist()
         tokens, deltas = [], []
         for i, (slot, row) in enumerate(owners):
-            token = row.pick(logits[i])
+            token = row.pick(logits[i], argmax[i])
             tokens.append(token)
             text = row.decoder.feed(token, None if logprobs is None else logprobs[i])
             deltas.append((slot, slot.rows.index(row), text))

@@ -1,0 +1,78 @@
+"""What a decode step costs besides the forward pass, with incremental vs full detokenization.
+
+In-process, no server: one `DecodeBatch` of `--rows` greedy rows runs `--tokens`
+steps on the chosen model, once with the engine's incremental detokenizer
+(`tokenizers`' `DecodeStream`) and once decoding each row's whole text again
+at every step (the engine's fallback for slow tokenizers, and what it did for
+every tokenizer before). The time outside the forward passes is the per-step
+overhead that a GPU does not hide: it runs on the replica's one worker thread
+between passes.
+
+    .venv/bin/python bench/decode_overhead.py --model models/tiny-llama --rows 32 --tokens 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from types import SimpleNamespace
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from serve_app.chat_engine import ChoiceDecoder, DecodeBatch, Slot, make_rows
+from serve_app.jobs import ChatJob
+
+
+def overhead_per_step(model, tokenizer, decode_with, rows: int, tokens: int) -> tuple[float, float]:
+    """(ms per step outside the forward pass, ms per step in it) for one batch run to `tokens`."""
+    forward_s = 0.0
+    batch = DecodeBatch(model, tokenizer.pad_token_id, torch.device("cpu"))
+    plain_forward = batch._forward
+
+    def timed_forward(*args):
+        nonlocal forward_s
+        started = time.perf_counter()
+        try:
+            return plain_forward(*args)
+        finally:
+            forward_s += time.perf_counter() - started
+
+    batch._forward = timed_forward
+    slots = []
+    for i in range(rows):
+        job = ChatJob(messages=[{"role": "user", "content": f"Tell a story, number {i}."}], max_tokens=tokens,
+                      max_tokens_explicit=True, temperature=0)
+        prompt = tokenizer.apply_chat_template(job.messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        decoder = ChoiceDecoder(decode_with, set(), [], tokens)  # no EOS: every row runs `tokens` steps
+        slots.append(Slot(job=job, prompt_ids=ids, rows=make_rows(job, model.generation_config, [decoder])))
+    started, steps = time.perf_counter(), 0
+    batch.tick(slots)
+    while not batch.done:
+        batch.tick([])
+        steps += 1
+    total_s = time.perf_counter() - started
+    return (total_s - forward_s) / steps * 1000, forward_s / steps * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="models/tiny-llama")
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=512)
+    args = parser.parse_args()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    full_decode = SimpleNamespace(decode=tokenizer.decode, is_fast=False)
+    overhead_per_step(model, tokenizer, tokenizer, 4, 8)  # warm-up
+    incremental, forward = overhead_per_step(model, tokenizer, tokenizer, args.rows, args.tokens)
+    redecoded, _ = overhead_per_step(model, tokenizer, full_decode, args.rows, args.tokens)
+    print(f"{args.model}, {args.rows} rows x {args.tokens} tokens; forward pass {forward:.2f} ms/step on this CPU")
+    print(f"  outside the forward pass, incremental detokenization: {incremental:.2f} ms/step")
+    print(f"  outside the forward pass, full decode every step:      {redecoded:.2f} ms/step "
+          f"({redecoded / incremental:.1f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Token-to-text decoding of a chat choice, on the real tiny tokenizer (no Ray needed).
+
+The decoder turns tokens into text incrementally (a cost per token that does not
+grow with the answer's length); these tests pin that what it sends, and the final
+text, are exactly what decoding all the tokens at once gives, and that stop strings
+split across tokens are still caught and never leak.
+"""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from serve_app.chat_engine import ChoiceDecoder
+
+TEXTS = [
+    "Hello, world! Ça va? 日本語のテキスト 🙂 emoji and more 🦦🦦 otters.",
+    "def f(x):\n    return x + 1  # ünïcödé\n",
+    "plain words here and there . , ! and then STOP and more words after it",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(models_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(models_dir / "tiny-llama")
+    assert tokenizer.is_fast  # the incremental path under test
+    return tokenizer
+
+
+def slow_twin(tokenizer) -> SimpleNamespace:
+    """The same tokenizer's `decode` without a fast backend: the decoder's full-decode fallback."""
+    return SimpleNamespace(decode=tokenizer.decode, is_fast=False)
+
+
+def run(tokenizer, tokens: list[int], stop: list[str] = (), eos: set[int] = frozenset()) -> tuple[list[str], ChoiceDecoder]:
+    decoder = ChoiceDecoder(tokenizer, set(eos), list(stop), max_tokens=len(tokens))
+    deltas = [decoder.feed(token) for token in tokens]
+    return deltas, decoder
+
+
+def token_sequences(tokenizer) -> list[list[int]]:
+    """Real text, and random ids (which split multi-byte characters and include special tokens)."""
+    rng = random.Random(7)
+    sequences = [tokenizer.encode(text, add_special_tokens=False) for text in TEXTS]
+    sequences += [[rng.randrange(len(tokenizer)) for _ in range(60)] for _ in range(150)]
+    return sequences
+
+
+def test_sent_text_is_exactly_the_full_decode(tokenizer):
+    mismatches = []
+    for tokens in token_sequences(tokenizer):
+        for decoding_with in (tokenizer, slow_twin(tokenizer)):
+            deltas, decoder = run(decoding_with, tokens)
+            full = tokenizer.decode(tokens, skip_special_tokens=True)
+            if "".join(deltas) != full or decoder.result().text != full:
+                mismatches.append((tokens, "".join(deltas), full))
+            assert decoder.result().finish_reason == "length"
+            assert decoder.result().completion_tokens == len(tokens)
+    assert not mismatches, mismatches[:3]
+
+
+def test_multibyte_characters_are_never_sent_in_halves(tokenizer):
+    tokens = tokenizer.encode("🦦🙂日本", add_special_tokens=False)
+    pieces = [tokenizer.decode([token]) for token in tokens]
+    assert any("\ufffd" in piece for piece in pieces), "the test needs a character split across tokens"
+    for decoding_with in (tokenizer, slow_twin(tokenizer)):
+        deltas, _ = run(decoding_with, tokens)
+        assert all("\ufffd" not in delta for delta in deltas), deltas
+        assert "".join(deltas) == "🦦🙂日本"
+
+
+@pytest.mark.parametrize("stop", [["STOP"], ["zzz", "P and"], ["there . ,"]])
+def test_stop_string_across_tokens_ends_the_choice_without_leaking(tokenizer, stop):
+    text = TEXTS[2]
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    expected = text[:min(text.find(s) for s in stop if s in text)]
+    for decoding_with in (tokenizer, slow_twin(tokenizer)):
+        deltas, decoder = run(decoding_with, tokens, stop)
+        assert decoder.result().text == expected
+        assert decoder.result().finish_reason == "stop"
+        assert "".join(deltas) == expected
+        assert decoder.result().completion_tokens < len(tokens)  # it stopped there, not at the end
+
+
+def test_eos_ends_the_choice_and_is_not_text(tokenizer):
+    tokens = tokenizer.encode("one two three", add_special_tokens=False)
+    eos = tokenizer.eos_token_id
+    deltas, decoder = run(tokenizer, [*tokens, eos, *tokens], eos={eos})
+    assert "".join(deltas) == decoder.result().text == "one two three"
+    assert decoder.result().finish_reason == "stop"
+    assert decoder.result().completion_tokens == len(tokens) + 1
