@@ -20,11 +20,13 @@ from types import SimpleNamespace
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from serve_app.chat_engine import ChoiceDecoder, DecodeBatch, Slot, make_rows
+from serve_app.chat_engine import ChoiceDecoder, DecodeBatch, Slot
+from serve_app.sampling import make_rows
 from serve_app.jobs import ChatJob
 
 
-def overhead_per_step(model, tokenizer, decode_with, rows: int, tokens: int) -> tuple[float, float]:
+def overhead_per_step(model, tokenizer, decode_with, rows: int, tokens: int,
+                      temperature: float = 0.0, top_p: float = 1.0) -> tuple[float, float]:
     """(ms per step outside the forward pass, ms per step in it) for one batch run to `tokens`."""
     forward_s = 0.0
     batch = DecodeBatch(model, tokenizer.pad_token_id, torch.device("cpu"))
@@ -42,7 +44,7 @@ def overhead_per_step(model, tokenizer, decode_with, rows: int, tokens: int) -> 
     slots = []
     for i in range(rows):
         job = ChatJob(messages=[{"role": "user", "content": f"Tell a story, number {i}."}], max_tokens=tokens,
-                      max_tokens_explicit=True, temperature=0)
+                      max_tokens_explicit=True, temperature=temperature, top_p=top_p, seed=i)
         prompt = tokenizer.apply_chat_template(job.messages, add_generation_prompt=True, tokenize=False)
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
         decoder = ChoiceDecoder(decode_with, set(), [], tokens)  # no EOS: every row runs `tokens` steps
@@ -61,14 +63,17 @@ def main() -> None:
     parser.add_argument("--model", default="models/tiny-llama")
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     full_decode = SimpleNamespace(decode=tokenizer.decode, is_fast=False)
     overhead_per_step(model, tokenizer, tokenizer, 4, 8)  # warm-up
-    incremental, forward = overhead_per_step(model, tokenizer, tokenizer, args.rows, args.tokens)
-    redecoded, _ = overhead_per_step(model, tokenizer, full_decode, args.rows, args.tokens)
-    print(f"{args.model}, {args.rows} rows x {args.tokens} tokens; forward pass {forward:.2f} ms/step on this CPU")
+    sampling = {"temperature": args.temperature, "top_p": args.top_p}
+    incremental, forward = overhead_per_step(model, tokenizer, tokenizer, args.rows, args.tokens, **sampling)
+    redecoded, _ = overhead_per_step(model, tokenizer, full_decode, args.rows, args.tokens, **sampling)
+    print(f"{args.model}, {args.rows} rows x {args.tokens} tokens, {sampling}; forward pass {forward:.2f} ms/step on this CPU")
     print(f"  outside the forward pass, incremental detokenization: {incremental:.2f} ms/step")
     print(f"  outside the forward pass, full decode every step:      {redecoded:.2f} ms/step "
           f"({redecoded / incremental:.1f}x)")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import secrets
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +31,7 @@ except ImportError:
     DecodeStream = None
 
 from serve_app.jobs import ChatChoiceResult, ChatJob, ChoiceDelta, TokenAlternative, TokenLogprob
+from serve_app.sampling import Row, choose_tokens
 
 
 class IncrementalText:
@@ -163,43 +163,6 @@ class ChoiceDecoder:
 
 
 @dataclass
-class Row:
-    """One choice of one request: its sampling settings, RNG and decoder."""
-
-    decoder: ChoiceDecoder
-    generator: torch.Generator
-    greedy: bool
-    temperature: float
-    top_p: float
-    top_k: int
-    presence: float
-    frequency: float
-    counts: dict[int, int] = field(default_factory=dict)
-
-    def pick(self, logits: torch.Tensor, argmax: int) -> int:
-        """Choose the next token from this row's logits (1-D, float32); `argmax` is theirs."""
-        if self.presence or self.frequency:
-            for token, count in self.counts.items():
-                logits[token] -= self.frequency * count + self.presence
-            argmax = int(torch.argmax(logits))
-        if self.greedy:
-            token = argmax
-        else:
-            logits = logits / max(self.temperature, 1e-5)
-            if 0 < self.top_k < logits.shape[-1]:
-                kth = torch.topk(logits, self.top_k).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            if self.top_p < 1.0:
-                ordered, order = torch.sort(probs, descending=True)
-                outside = torch.cumsum(ordered, dim=-1) - ordered > self.top_p
-                probs = probs.index_fill(0, order[outside], 0.0)
-            token = int(torch.multinomial(probs, 1, generator=self.generator))
-        self.counts[token] = self.counts.get(token, 0) + 1
-        return token
-
-
-@dataclass
 class Slot:
     """One request in flight: its prompt, its rows, whether its client is still there,
     and the mailbox the engine loop posts its deltas to (then `END`, or an exception)."""
@@ -214,21 +177,6 @@ class Slot:
     @property
     def finished(self) -> bool:
         return self.cancelled or all(row.decoder.finish_reason is not None for row in self.rows)
-
-
-def make_rows(job: ChatJob, defaults, decoders: list[ChoiceDecoder]) -> list[Row]:
-    """Rows for a job; omitted parameters keep the checkpoint's `generation_config` defaults."""
-    sample = bool(defaults.do_sample) if job.temperature is None and job.top_p is None else job.temperature != 0
-    seed = job.seed if job.seed is not None else secrets.randbits(62)
-    return [Row(decoder=decoder,
-                generator=torch.Generator().manual_seed(seed + index),
-                greedy=not sample,
-                temperature=job.temperature if job.temperature is not None else (defaults.temperature or 1.0),
-                top_p=job.top_p if job.top_p is not None else (defaults.top_p or 1.0),
-                top_k=(defaults.top_k or 0) if job.temperature is None else 0,
-                presence=job.presence_penalty or 0.0,
-                frequency=job.frequency_penalty or 0.0)
-            for index, decoder in enumerate(decoders)]
 
 
 class DecodeBatch:
@@ -286,15 +234,13 @@ class DecodeBatch:
     def _pick(self, owners: list[tuple[Slot, Row]], logits: torch.Tensor) -> tuple[torch.Tensor, list]:
         # Log-probabilities of the model's own distribution, before penalties and temperature.
         logprobs = torch.log_softmax(logits, dim=-1) if any(row.decoder.wants_logprobs for _, row in owners) else None
-        # One argmax for the whole batch: greedy rows need no per-row op (on a GPU, no sync per row).
-        argmax = logits.argmax(dim=-1).tolist()
-        tokens, deltas = [], []
-        for i, (slot, row) in enumerate(owners):
-            token = row.pick(logits[i], argmax[i])
-            tokens.append(token)
+        chosen = choose_tokens([row for _, row in owners], logits)
+        deltas = []
+        for i, ((slot, row), token) in enumerate(zip(owners, chosen.tolist())):  # the step's one device sync
+            row.count(token)
             text = row.decoder.feed(token, None if logprobs is None else logprobs[i])
             deltas.append((slot, slot.rows.index(row), text))
-        return torch.tensor(tokens, device=self.device).unsqueeze(1), deltas
+        return chosen.unsqueeze(1), deltas
 
     def _decode(self) -> list[tuple[Slot, int, str]]:
         logits, self.cache = self._forward(self.next_input, self.mask, self.positions, self.cache)

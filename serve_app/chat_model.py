@@ -24,7 +24,8 @@ from typing import AsyncIterator
 from ray import serve
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from serve_app.chat_engine import ChoiceDecoder, DecodeBatch, Slot, deltas_by_slot, make_rows, merge_deltas
+from serve_app.chat_engine import ChoiceDecoder, DecodeBatch, Slot, deltas_by_slot, merge_deltas
+from serve_app.sampling import make_rows
 from serve_app.config import ChatModelConfig
 from serve_app.errors import InvalidRequest
 from serve_app.jobs import ChatJob, ChatResult, ChatStreamChunk, ChoiceDelta
