@@ -58,8 +58,18 @@ class IncrementalText:
         if self._stream is None:
             self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         else:
-            self.text += self._stream.step(self._backend, token) or ""
+            self.text += self._step(token) or ""
         return self.text
+
+    def _step(self, token: int) -> str | None:
+        try:
+            return self._stream.step(self._backend, token)
+        except Exception:  # noqa: BLE001 - retried below; a real problem raises again there
+            # Byte-fallback decoders (Llama 2, Mistral) can turn a finished character back into
+            # U+FFFD once a later byte makes its run invalid, which breaks the stream's prefix
+            # check. Restart the stream from this token, as vLLM does; what was sent stays.
+            self._stream = DecodeStream(skip_special_tokens=True)
+            return self._stream.step(self._backend, token)
 
     def complete(self) -> str:
         """The final text, as a full decode gives it: bytes of a character the output
@@ -157,9 +167,9 @@ class ChoiceDecoder:
     def _unsafe_tail(self) -> int:
         """How many trailing characters must wait: a possible start of a stop string,
         or replacement characters a later token may still turn into a real character."""
-        undecided = len(self.text) - len(self.text.rstrip("\ufffd"))
-        return max(undecided, max((k for s in self.stop for k in range(len(s) - 1, 0, -1)
-                                   if self.text.endswith(s[:k])), default=0))
+        decided = self.text.rstrip("\ufffd")
+        return len(self.text) - len(decided) + max(
+            (k for s in self.stop for k in range(len(s) - 1, 0, -1) if decided.endswith(s[:k])), default=0)
 
 
 @dataclass

@@ -81,32 +81,37 @@ def choose_tokens(rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
         if row.penalized:
             row.penalize(logits[i])
     tokens = logits.argmax(dim=-1)
-    sampled = [i for i, row in enumerate(rows) if not row.greedy]
-    if sampled:
-        index = torch.tensor(sampled, device=logits.device)
-        tokens[index] = _sample(logits[index], [rows[i] for i in sampled])
+    vocab = logits.shape[-1]
+    for filtered in (False, True):  # per row, not per batch: a row draws the same way whatever its batch-mates use
+        group = [i for i, row in enumerate(rows)
+                 if not row.greedy and (0 < row.top_k < vocab or row.top_p < 1.0) == filtered]
+        if group:
+            index = torch.tensor(group, device=logits.device)
+            tokens[index] = _sample(logits[index], [rows[i] for i in group], filtered)
     return tokens
 
 
-def _sample(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
-    """Temperature, then top-k (ties with the k-th kept, as in transformers), then top-p
-    (the smallest set of most likely tokens reaching `top_p`), then one draw per row
-    by inverse CDF with a uniform number from the row's own generator.
+def _sample(logits: torch.Tensor, rows: list[Row], filtered: bool) -> torch.Tensor:
+    """Temperature, then (when `filtered`) top-k and top-p as transformers applies them,
+    then one draw per row by inverse CDF with a uniform number from the row's own generator.
 
-    The vocabulary is sorted only when some row uses top-k or top-p (a full sort is
-    most of the cost on a CPU); plain temperature sampling draws in vocabulary order.
+    Top-k keeps ties with the k-th token; top-p keeps the most likely tokens until their
+    mass reaches `top_p` (at least one). Only filtered rows sort the vocabulary (a full
+    sort is most of the cost on a CPU); plain temperature sampling draws in vocabulary order.
     """
     device, vocab = logits.device, logits.shape[-1]
     temperature = torch.tensor([max(row.temperature, 1e-5) for row in rows], device=device)
     scaled = logits / temperature[:, None]
     order = None
-    if any(0 < row.top_k < vocab or row.top_p < 1.0 for row in rows):
+    if filtered:
         top_k = torch.tensor([row.top_k if 0 < row.top_k < vocab else vocab for row in rows], device=device)
         top_p = torch.tensor([row.top_p if row.top_p < 1.0 else float("inf") for row in rows], device=device)
-        scaled, order = torch.sort(scaled, dim=-1, descending=True)
+        scaled, order = torch.sort(scaled, dim=-1, descending=True, stable=True)  # ties in a fixed order
         scaled = scaled.masked_fill(scaled < scaled.gather(1, (top_k - 1)[:, None]), float("-inf"))
         probs = torch.softmax(scaled, dim=-1)
-        probs = probs.masked_fill(torch.cumsum(probs, dim=-1) - probs > top_p[:, None], 0.0)
+        outside = torch.cumsum(probs, dim=-1) - probs >= top_p[:, None]
+        outside[:, 0] = False
+        probs = probs.masked_fill(outside, 0.0)
     else:
         probs = torch.softmax(scaled, dim=-1)
     cdf = torch.cumsum(probs, dim=-1)
@@ -114,5 +119,9 @@ def _sample(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     # non-zero probability (where the cdf is flat, probabilities are zero), rounding included.
     uniform = 1.0 - torch.cat([torch.rand(1, generator=row.generator, dtype=torch.float64) for row in rows])
     target = uniform.to(device=device, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
-    picked = torch.searchsorted(cdf, target).clamp_(max=vocab - 1)
-    return (picked if order is None else order.gather(1, picked)).squeeze(1)
+    picked = torch.searchsorted(cdf, target)
+    if order is None:
+        return picked.clamp_(max=vocab - 1).squeeze(1)
+    # A parallel scan (GPU) may round the flat tail a few ulps above the last kept position.
+    last_kept = ((probs > 0).sum(dim=-1, keepdim=True) - 1).clamp_(min=0)
+    return order.gather(1, torch.minimum(picked, last_kept)).squeeze(1)

@@ -93,3 +93,39 @@ def test_eos_ends_the_choice_and_is_not_text(tokenizer):
     assert "".join(deltas) == decoder.result().text == "one two three"
     assert decoder.result().finish_reason == "stop"
     assert decoder.result().completion_tokens == len(tokens) + 1
+
+
+def byte_fallback_tokenizer():
+    """A Llama-2/Mistral-style tokenizer (SentencePiece pieces, byte fallback), built in memory."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<s>", "</s>", "\u2581Hello", "<0x0A>", "<0xF0>", "<0x9F>", "<0xA6>", "<0xA6>".lower(),
+              "\u2581the", "\u2581end"]
+    backend = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[], unk_token="<unk>",
+                                   byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_byte_fallback_run_that_turns_invalid_does_not_break_decoding():
+    """A newline byte, then the start of an emoji that never completes: the decoder's byte run
+    becomes invalid as a whole, which rewrites text already sent; decoding carries on."""
+    tokenizer = byte_fallback_tokenizer()
+    ids = [tokenizer.convert_tokens_to_ids(p) for p in ["\u2581Hello", "<0x0A>", "<0xF0>", "<0x9F>", "\u2581the",
+                                                         "\u2581end"]]
+    deltas, decoder = run(tokenizer, ids)
+    text = decoder.result().text
+    assert "".join(deltas) == text  # never contradicts what was sent
+    assert text.startswith("Hello\n") and text.endswith("the end"), text
+
+
+def test_stop_string_after_an_unfinished_character_is_held_back(tokenizer):
+    """The full-decode path ends in U+FFFD while a character is incomplete; a stop string's
+    start just before it must still wait."""
+    text = "Price: xa\u20ac and more"
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    for decoding_with in (tokenizer, slow_twin(tokenizer)):
+        deltas, decoder = run(decoding_with, tokens, ["a\u20ac"])
+        assert decoder.result().text == "".join(deltas) == "Price: x"

@@ -25,7 +25,8 @@ def expected(temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> to
     probs = torch.softmax(logits, dim=-1)
     ordered, order = probs.sort(descending=True)
     keep = torch.zeros_like(probs, dtype=torch.bool)
-    keep[order[(ordered.cumsum(0) - ordered) <= top_p]] = True
+    keep[order[(ordered.cumsum(0) - ordered) < top_p]] = True  # until the mass reaches top_p
+    keep[order[0]] = True
     probs = probs * keep
     return probs / probs.sum()
 
@@ -57,6 +58,21 @@ def test_a_rows_tokens_do_not_depend_on_its_batch_mates():
     batched = [step[0] for step in run(mates)]
     assert alone == batched
     assert len(set(alone)) > 1  # it really sampled
+
+
+def test_plain_temperature_rows_draw_alike_beside_top_p_rows():
+    """Whether the vocabulary gets sorted is each row's own affair, never its batch-mates'."""
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+
+    def tokens(batch: list[Row]) -> list[int]:
+        return [choose_tokens(batch, logits.repeat(len(batch), 1)).tolist()[0] for _ in range(30)]
+
+    alone = tokens([row(42, temperature=0.8)])
+    assert alone == tokens([row(42, temperature=0.8), row(7, temperature=0.8, top_p=0.9), row(8, top_k=5)])
+
+
+def test_top_p_zero_keeps_the_most_likely_token():
+    assert choose_tokens([row(seed, top_p=0.0) for seed in range(50)], LOGITS.repeat(50, 1)).tolist() == [0] * 50
 
 
 def test_greedy_rows_take_the_argmax_and_penalties_push_repeats_away():
