@@ -182,11 +182,13 @@ class Slot:
     rows: list[Row]
     cancelled: bool = False
     ended: bool = False
+    error: Exception | None = None  # this request failed on its own (its batch-mates go on)
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
 
     @property
     def finished(self) -> bool:
-        return self.cancelled or all(row.decoder.finish_reason is not None for row in self.rows)
+        return self.cancelled or self.error is not None or all(
+            row.decoder.finish_reason is not None for row in self.rows)
 
 
 class DecodeBatch:
@@ -248,7 +250,10 @@ class DecodeBatch:
         deltas = []
         for i, ((slot, row), token) in enumerate(zip(owners, chosen.tolist())):  # the step's one device sync
             row.count(token)
-            text = row.decoder.feed(token, None if logprobs is None else logprobs[i])
+            try:
+                text = row.decoder.feed(token, None if logprobs is None else logprobs[i])
+            except Exception as exc:  # noqa: BLE001 - turning a token into text failed for this request only
+                slot.error, text = slot.error or exc, ""
             deltas.append((slot, slot.rows.index(row), text))
         return chosen.unsqueeze(1), deltas
 
@@ -287,9 +292,9 @@ class DecodeBatch:
         return deltas
 
     def _drop_finished(self) -> None:
-        """Rows whose choice ended, or whose client left, stop costing compute now."""
+        """Rows whose choice ended, whose request failed, or whose client left, stop costing compute now."""
         keep = [i for i, (slot, row) in enumerate(self.owners)
-                if not slot.cancelled and row.decoder.finish_reason is None]
+                if not slot.cancelled and slot.error is None and row.decoder.finish_reason is None]
         if len(keep) == len(self.owners):
             return
         self.owners = [self.owners[i] for i in keep]

@@ -150,9 +150,15 @@ class ChatModel(ModelReplica):
     def _deliver(self, deltas: list[tuple[Slot, int, str]]) -> None:
         slots = list({id(slot): slot for slot, _, _ in deltas}.values())
         for slot, grouped in zip(slots, deltas_by_slot(slots, deltas).values()):
+            if slot.ended:
+                continue
+            if slot.error is not None:
+                logger.error("request failed while decoding; its batch-mates go on", exc_info=slot.error)
+                self._fail([slot], slot.error)
+                continue
             if grouped:
                 slot.outbox.put_nowait(grouped)
-            if slot.finished and not slot.ended:
+            if slot.finished:
                 slot.ended = True
                 slot.outbox.put_nowait(END)
 

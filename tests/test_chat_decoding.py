@@ -129,3 +129,54 @@ def test_stop_string_after_an_unfinished_character_is_held_back(tokenizer):
     for decoding_with in (tokenizer, slow_twin(tokenizer)):
         deltas, decoder = run(decoding_with, tokens, ["a\u20ac"])
         assert decoder.result().text == "".join(deltas) == "Price: x"
+
+
+class DecodingBroke(RuntimeError):
+    pass
+
+
+def test_a_request_whose_text_cannot_be_decoded_fails_alone(models_dir):
+    """Fault injection at the tokenizer: one request's decoding raises mid-answer. It gets
+    that error; the request batched with it finishes with exactly the text it has alone."""
+    import asyncio
+
+    from serve_app.chat_engine import ChoiceDecoder
+    from serve_app.chat_model import ChatModel
+    from serve_app.config import ChatModelConfig
+    from serve_app.jobs import ChatJob
+
+    config = ChatModelConfig.model_validate({"name": "m", "kind": "chat", "path": str(models_dir / "tiny-llama")})
+    model = ChatModel.func_or_class(config)
+    real_slot = model._slot
+
+    def breaking_decode(tokens, **kwargs):
+        if len(tokens) >= 3:
+            raise DecodingBroke("cannot decode")
+        return model.tokenizer.decode(tokens, **kwargs)
+
+    def slot_with_broken_tokenizer(job):
+        slot = real_slot(job)
+        if job.messages[0]["content"] == "break":
+            broken = SimpleNamespace(decode=breaking_decode, is_fast=False)
+            for row in slot.rows:
+                decoder = row.decoder
+                row.decoder = ChoiceDecoder(broken, decoder.eos_ids, decoder.stop, decoder.max_tokens)
+        return slot
+
+    model._slot = slot_with_broken_tokenizer
+
+    def job(content: str) -> ChatJob:
+        return ChatJob(messages=[{"role": "user", "content": content}], max_tokens=12, max_tokens_explicit=True,
+                       temperature=0)
+
+    async def run():
+        alone = await model.generate(job("hello there"))
+        together = await asyncio.gather(model.generate(job("hello there")), model.generate(job("break")),
+                                        return_exceptions=True)
+        return alone, together, await model.stats()
+
+    alone, (survivor, failed), stats = asyncio.run(run())
+    assert isinstance(failed, DecodingBroke)
+    assert survivor.choices[0].text == alone.choices[0].text
+    assert survivor.choices[0].completion_tokens == alone.choices[0].completion_tokens
+    assert stats["active_requests"] == 0 and stats["batch_requests"] == 0
