@@ -213,6 +213,9 @@ class DecodeBatch:
         # transformers 5.x renamed `past_key_values` to `cache`; older releases know only the former.
         parameters = inspect.signature(model.forward).parameters
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        # Only the last position's logits are used: a prefill computing all of them costs
+        # prompt length x vocabulary (GiBs for a long prompt batch on a 128k-vocab model).
+        self.last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
 
     @property
     def done(self) -> bool:
@@ -240,7 +243,7 @@ class DecodeBatch:
 
     def _forward(self, input_ids, mask, positions, cache):
         output = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                            use_cache=True, **{self.cache_argument: cache})
+                            use_cache=True, **{self.cache_argument: cache}, **self.last_logits_only)
         return output.logits[:, -1, :].float(), output.get("cache", None) or output.past_key_values
 
     def _pick(self, owners: list[tuple[Slot, Row]], logits: torch.Tensor) -> tuple[torch.Tensor, list]:
@@ -276,8 +279,13 @@ class DecodeBatch:
             mask[i, width - len(prompt):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(ids, mask, positions, None)
-        next_input, deltas = self._pick(owners, logits)
+        try:
+            logits, cache = self._forward(ids, mask, positions, None)
+            next_input, deltas = self._pick(owners, logits)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory for a long prompt: the newcomers fail,
+            for slot in slots:      # the running batch (not touched yet) goes on
+                slot.error = slot.error or exc
+            return [(slot, 0, "") for slot in slots]
         mask = torch.cat([mask, mask.new_ones((len(owners), 1))], dim=1)
         positions = positions[:, -1:] + 1
         if self.done:

@@ -21,15 +21,16 @@ import time
 from collections import deque
 from typing import AsyncIterator
 
+import jinja2
 from ray import serve
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serve_app.chat_engine import ChoiceDecoder, DecodeBatch, Slot, deltas_by_slot, merge_deltas
-from serve_app.sampling import make_rows
 from serve_app.config import ChatModelConfig
 from serve_app.errors import InvalidRequest
 from serve_app.jobs import ChatJob, ChatResult, ChatStreamChunk, ChoiceDelta
 from serve_app.placement import ModelReplica
+from serve_app.sampling import make_rows
 
 logger = logging.getLogger("ray.serve")
 
@@ -77,7 +78,8 @@ class ChatModel(ModelReplica):
     async def stats(self) -> dict[str, int]:
         """Requests in flight and decode steps so far: lets operators and tests see work stop."""
         return {"active_requests": len(self._active), "decode_steps": self._steps,
-                "batch_requests": self._batch.live_slots, "waiting_requests": len(self._waiting)}
+                "batch_requests": self._batch.live_slots,
+                "waiting_requests": sum(not slot.cancelled for slot in self._waiting)}
 
     async def _decoded(self, slot: Slot, coalesce_s: float | None) -> AsyncIterator[list[ChoiceDelta]]:
         """The slot's deltas as the engine makes them, merged into one message per
@@ -171,7 +173,10 @@ class ChatModel(ModelReplica):
 
     def _slot(self, job: ChatJob) -> Slot:
         """Tokenise and check a request before it joins a batch: its errors are its own."""
-        prompt = self.tokenizer.apply_chat_template(job.messages, add_generation_prompt=True, tokenize=False)
+        try:
+            prompt = self.tokenizer.apply_chat_template(job.messages, add_generation_prompt=True, tokenize=False)
+        except jinja2.TemplateError as exc:  # the template refuses these messages (roles, order)
+            raise InvalidRequest(f"This model's chat template rejects the messages: {exc}", param="messages") from exc
         prompt_ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
         max_new = self._fit_to_context(len(prompt_ids), job)
         top_logprobs = job.top_logprobs if job.logprobs else None

@@ -46,6 +46,7 @@ Blankable = BeforeValidator(_blank_is_none)
 
 
 Count = Annotated[int, BeforeValidator(_zero_means_one), Field(ge=1)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # OpenAI's seed is a 64-bit integer
 """`n`: `0`, `null` or absent mean one, as a network node sends zero values."""
 
 
@@ -91,9 +92,9 @@ class ChatCompletionRequest(WireModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: Count = 1
-    seed: int | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = False  # null is false, as OpenAI documents it
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
@@ -230,7 +231,7 @@ class ImageGenerationRequest(WireModel):
     steps: Annotated[int | None, Blankable] = Field(None, ge=0)
     step: Annotated[int | None, Blankable] = Field(None, ge=0, description="The network node's name for `steps`.")
     negative_prompt: str | None = None
-    seed: Annotated[int | None, Blankable] = None
+    seed: Annotated[Seed | None, Blankable] = None
     user: str | None = None
 
     @field_validator("response_format", mode="before")

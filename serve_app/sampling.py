@@ -64,7 +64,7 @@ def make_rows(job: ChatJob, defaults, decoders: list[ChoiceDecoder]) -> list[Row
     sample = bool(defaults.do_sample) if job.temperature is None and job.top_p is None else job.temperature != 0
     seed = job.seed if job.seed is not None else secrets.randbits(62)
     return [Row(decoder=decoder,
-                generator=torch.Generator().manual_seed(seed + index),
+                generator=torch.Generator().manual_seed((seed + index) % 2**64),
                 greedy=not sample,
                 temperature=job.temperature if job.temperature is not None else (defaults.temperature or 1.0),
                 top_p=job.top_p if job.top_p is not None else (defaults.top_p or 1.0),

@@ -252,6 +252,8 @@ BAD_REQUESTS = [
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "top_logprobs": 2}}, 400, "top_logprobs"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "logprobs": True, "top_logprobs": 21}}, 400, "top_logprobs"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "model": IMAGE}}, 400, "model"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "seed": 2**64}}, 400, "seed"),
+    ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "seed": -(2**63) - 1}}, 400, "seed"),
     ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "size": "big"}}, 400, "size"),
     ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "size": "100x100"}}, 400, "size"),
     ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "size": "8192x8192"}}, 400, "size"),
@@ -291,6 +293,14 @@ def test_bad_requests_get_the_error_envelope(http, method, path, kwargs, status,
 
 def test_server_still_serves_after_bad_input(http):
     assert_success(http.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 3}))
+
+
+def test_null_stream_and_extreme_seeds_are_plain_requests(http):
+    """OpenAI documents `stream` as boolean or null; a seed may be any 64-bit integer."""
+    for extra in ({"stream": None}, {"seed": 2**63 - 1, "n": 2, "temperature": 1.0}, {"seed": -(2**63)}):
+        response = http.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 3, **extra})
+        assert_success(response)
+        assert response.headers["content-type"] == "application/json"
 
 
 def test_openai_client_raises_typed_errors(client):

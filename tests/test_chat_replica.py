@@ -1,0 +1,136 @@
+"""One chat replica in-process (no Ray): its engine loop, on the real tiny model.
+
+Failures are injected at one seam each (one request's tokenizer, the model's forward
+pass for one long prompt, the chat template); everything else is the real code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from serve_app.chat_engine import ChoiceDecoder
+from serve_app.chat_model import ChatModel
+from serve_app.config import ChatModelConfig
+from serve_app.errors import InvalidRequest
+from serve_app.jobs import ChatJob
+
+
+class InjectedFailure(RuntimeError):
+    pass
+
+
+@pytest.fixture
+def replica(models_dir):
+    config = ChatModelConfig.model_validate({"name": "m", "kind": "chat", "path": str(models_dir / "tiny-llama")})
+    return ChatModel.func_or_class(config)
+
+
+def job(content: str, max_tokens: int = 12) -> ChatJob:
+    return ChatJob(messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
+                   max_tokens_explicit=True, temperature=0)
+
+
+def test_a_request_whose_text_cannot_be_decoded_fails_alone(replica):
+    """One request's tokenizer raises mid-answer. It gets that error; the request batched
+    with it finishes with exactly the text it has alone."""
+    real_slot = replica._slot
+
+    def breaking_decode(tokens, **kwargs):
+        if len(tokens) >= 3:
+            raise InjectedFailure("cannot decode")
+        return replica.tokenizer.decode(tokens, **kwargs)
+
+    def slot_with_broken_tokenizer(request):
+        slot = real_slot(request)
+        if request.messages[0]["content"] == "break":
+            broken = SimpleNamespace(decode=breaking_decode, is_fast=False)
+            for row in slot.rows:
+                old = row.decoder
+                row.decoder = ChoiceDecoder(broken, old.eos_ids, old.stop, old.max_tokens)
+        return slot
+
+    replica._slot = slot_with_broken_tokenizer
+
+    async def run():
+        alone = await replica.generate(job("hello there"))
+        together = await asyncio.gather(replica.generate(job("hello there")), replica.generate(job("break")),
+                                        return_exceptions=True)
+        return alone, together, await replica.stats()
+
+    alone, (survivor, failed), stats = asyncio.run(run())
+    assert isinstance(failed, InjectedFailure)
+    assert survivor.choices[0].text == alone.choices[0].text
+    assert survivor.choices[0].completion_tokens == alone.choices[0].completion_tokens
+    assert stats["active_requests"] == 0 and stats["batch_requests"] == 0
+
+
+def test_a_newcomer_whose_prefill_fails_does_not_take_the_running_batch_down(replica):
+    """A long prompt's prefill raises (as running out of GPU memory would) while another
+    request decodes: the newcomer gets the error, the running request its usual text."""
+    model, long_prompt = replica.model, "tell me " * 40
+    too_long = len(replica._slot(job(long_prompt)).prompt_ids)
+    assert len(replica._slot(job("hello there")).prompt_ids) < too_long
+
+    def forward(**inputs):
+        if inputs["input_ids"].shape[1] >= too_long:
+            raise InjectedFailure("out of memory")
+        return model(**inputs)
+
+    replica._batch.model = forward
+
+    async def run():
+        alone = await replica.generate(job("hello there", max_tokens=24))
+        steps = (await replica.stats())["decode_steps"]
+        running = asyncio.ensure_future(replica.generate(job("hello there", max_tokens=24)))
+        while (await replica.stats())["decode_steps"] < steps + 3:  # it is decoding now
+            await asyncio.sleep(0.005)
+        newcomer = await asyncio.gather(replica.generate(job(long_prompt)), return_exceptions=True)
+        return alone, await running, newcomer[0], await replica.stats()
+
+    alone, survivor, failed, stats = asyncio.run(run())
+    assert isinstance(failed, InjectedFailure)
+    assert survivor.choices[0].text == alone.choices[0].text
+    assert stats["active_requests"] == 0 and stats["batch_requests"] == 0
+
+
+def test_prefill_computes_logits_for_the_last_position_only(replica):
+    """The vocabulary projection of a long prompt is what a prefill would otherwise spend
+    most memory on; only the last position's logits are used."""
+    shapes = []
+    handle = replica.model.lm_head.register_forward_hook(lambda module, args, output: shapes.append(output.shape))
+    try:
+        asyncio.run(replica.generate(job("tell me " * 40, max_tokens=3)))
+    finally:
+        handle.remove()
+    assert shapes and all(shape[1] == 1 for shape in shapes), shapes
+
+
+def test_messages_the_chat_template_refuses_are_a_client_error(replica):
+    replica.tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    request = ChatJob(messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+                      max_tokens=3, max_tokens_explicit=False)
+    with pytest.raises(InvalidRequest, match="System role not supported") as caught:
+        asyncio.run(replica.generate(request))
+    assert caught.value.param == "messages"
+
+
+def test_a_cancelled_request_no_longer_counts_as_waiting(replica):
+    replica.config = replica.config.model_copy(update={"max_batch_size": 1})
+
+    async def run():
+        running = asyncio.ensure_future(replica.generate(job("hello there", max_tokens=24)))
+        queued = asyncio.ensure_future(replica.generate(job("and me", max_tokens=24)))
+        while (await replica.stats())["waiting_requests"] < 1:
+            await asyncio.sleep(0.005)
+        queued.cancel()
+        await asyncio.sleep(0.01)
+        during = await replica.stats()
+        await running
+        return during
+
+    assert asyncio.run(run())["waiting_requests"] == 0
