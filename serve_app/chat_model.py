@@ -47,7 +47,9 @@ class ChatModel(ModelReplica):
         self.tokenizer = AutoTokenizer.from_pretrained(config.path)
         if self.tokenizer.chat_template is None:
             raise ValueError(f"{config.path} has no chat template; chat models need one")
-        self.model = AutoModelForCausalLM.from_pretrained(config.path, dtype=self.dtype).to(self.device).eval()
+        # Straight onto the replica's device: no full copy in CPU memory first (for an 8B model in
+        # bf16, 16 GB per replica loading at once on a GPU node).
+        self.model = AutoModelForCausalLM.from_pretrained(config.path, dtype=self.dtype, device_map=self.device).eval()
         generation = self.model.generation_config
         eos = generation.eos_token_id if generation.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
