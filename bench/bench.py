@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -253,5 +254,15 @@ def finish(results: dict[str, Any], plan: Plan, out: Path, stamp: str) -> None:
         + f"; total {results['meta']['seconds']}s")
 
 
+def _unwind_on_sigterm() -> None:
+    """SIGTERM (`timeout`, `kill`) unwinds like Ctrl-C, so the `finally` of every started
+    server runs and no Ray instance or HAProxy outlives the benchmark."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 if __name__ == "__main__":
+    _unwind_on_sigterm()
     sys.exit(main())
