@@ -31,6 +31,7 @@ except ImportError:
     DecodeStream = None
 
 from serve_app.jobs import ChatChoiceResult, ChatJob, ChoiceDelta, TokenAlternative, TokenLogprob
+from serve_app.placement import spread_devices
 from serve_app.sampling import Row, choose_tokens
 
 
@@ -205,6 +206,9 @@ class DecodeBatch:
 
     def __init__(self, model, pad_id: int, device: torch.device) -> None:
         self.model, self.pad_id, self.device = model, pad_id, device
+        # A model spread over several GPUs keeps each layer's cache on that layer's GPU; a CPU
+        # index selects rows of a tensor on any device, a GPU index only on its own.
+        self.row_index_device = device if len(spread_devices(model)) <= 1 else torch.device("cpu")
         self.owners: list[tuple[Slot, Row]] = []
         self.cache = None
         self.mask: torch.Tensor | None = None  # [rows, cached tokens + 1]: the cache and next_input
@@ -244,7 +248,8 @@ class DecodeBatch:
     def _forward(self, input_ids, mask, positions, cache):
         output = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                             use_cache=True, **{self.cache_argument: cache}, **self.last_logits_only)
-        return output.logits[:, -1, :].float(), output.get("cache", None) or output.past_key_values
+        logits = output.logits[:, -1, :].to(device=self.device, dtype=torch.float32)  # a spread model's last GPU
+        return logits, output.get("cache", None) or output.past_key_values
 
     def _pick(self, owners: list[tuple[Slot, Row]], logits: torch.Tensor) -> tuple[torch.Tensor, list]:
         # Log-probabilities of the model's own distribution, before penalties and temperature.
@@ -309,7 +314,7 @@ class DecodeBatch:
         if not keep:
             self.cache = self.mask = self.positions = self.next_input = None
             return
-        index = torch.tensor(keep, device=self.device)
+        index = torch.tensor(keep, device=self.row_index_device)
         self.cache.batch_select_indices(index)
         self.next_input, self.mask, self.positions = (
             self.next_input[index], self.mask[index], self.positions[index])

@@ -29,7 +29,7 @@ from serve_app.chat_engine import ChoiceDecoder, DecodeBatch, Slot, deltas_by_sl
 from serve_app.config import ChatModelConfig
 from serve_app.errors import InvalidRequest
 from serve_app.jobs import ChatJob, ChatResult, ChatStreamChunk, ChoiceDelta
-from serve_app.placement import ModelReplica
+from serve_app.placement import ModelReplica, spread_devices, weights_device_map
 from serve_app.sampling import make_rows
 
 logger = logging.getLogger("ray.serve")
@@ -47,9 +47,10 @@ class ChatModel(ModelReplica):
         self.tokenizer = AutoTokenizer.from_pretrained(config.path)
         if self.tokenizer.chat_template is None:
             raise ValueError(f"{config.path} has no chat template; chat models need one")
-        # Straight onto the replica's device: no full copy in CPU memory first (for an 8B model in
-        # bf16, 16 GB per replica loading at once on a GPU node).
-        self.model = AutoModelForCausalLM.from_pretrained(config.path, dtype=self.dtype, device_map=self.device).eval()
+        # Straight onto the replica's device (no full copy in CPU memory first: for an 8B model in
+        # bf16, 16 GB per replica loading at once on a GPU node), or spread over its GPUs.
+        self.model = AutoModelForCausalLM.from_pretrained(
+            config.path, dtype=self.dtype, device_map=weights_device_map(config, self.device)).eval()
         generation = self.model.generation_config
         eos = generation.eos_token_id if generation.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -60,7 +61,7 @@ class ChatModel(ModelReplica):
         self._engine: asyncio.Task | None = None
         self._active: set[int] = set()
         self._steps = 0
-        self.log_loaded()
+        self.log_loaded(spread_devices(self.model))
 
     async def generate(self, job: ChatJob) -> ChatResult:
         """The whole completion at once."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import math
 from collections import deque
 from concurrent.futures import Future
@@ -40,6 +41,8 @@ from serve_app.config import ImageModelConfig
 from serve_app.errors import InvalidRequest
 from serve_app.jobs import ImageJob, ImageResult
 from serve_app.placement import ModelReplica
+
+logger = logging.getLogger("ray.serve")
 
 Outcome = ImageResult | Exception
 
@@ -99,6 +102,9 @@ class ImageModel(ModelReplica):
 
     def __init__(self, config: ImageModelConfig) -> None:
         super().__init__(config)
+        if config.deployment.num_gpus > 1:
+            logger.warning("image model %r: a pipeline runs on one GPU; num_gpus %s leaves the others idle, "
+                           "use num_replicas to use more GPUs", config.name, config.deployment.num_gpus)
         base = DiffusionPipeline.from_pretrained(config.path, dtype=self.dtype).to(self.device)
         if config.channels_last:
             for name in ("unet", "vae"):  # the convolutional parts; transformer-based pipelines have no unet

@@ -42,6 +42,21 @@ def resolve_device(config: BaseModelConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def weights_device_map(config: BaseModelConfig, device: torch.device) -> str | torch.device:
+    """Where `from_pretrained` puts a transformers model's weights.
+
+    A replica given several GPUs (`num_gpus: 2` or more, `device: auto`) spreads the
+    model's layers over all of them with accelerate's `device_map="auto"`: that is why
+    someone asks for more than one GPU per replica (a model too big for one). Its inputs
+    still go to `device` (the first GPU) and its outputs come back there. Otherwise the
+    weights go straight to `device`, with no full copy in CPU memory first.
+    """
+    if (config.device == "auto" and device.type == "cuda" and config.deployment.num_gpus > 1
+            and torch.cuda.device_count() > 1):
+        return "auto"
+    return device
+
+
 def resolve_dtype(config: BaseModelConfig, device: torch.device) -> torch.dtype:
     """'auto' is bfloat16 (or float16 where unsupported) on GPU, float32 on CPU."""
     if config.dtype != "auto":
@@ -51,9 +66,15 @@ def resolve_dtype(config: BaseModelConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def describe(config: BaseModelConfig, device: torch.device, dtype: torch.dtype) -> str:
+def spread_devices(model) -> list[str]:
+    """The devices a model loaded with a `device_map` spans (one for a model on one device)."""
+    return sorted({str(device) for device in (getattr(model, "hf_device_map", None) or {}).values()})
+
+
+def describe(config: BaseModelConfig, device: torch.device, dtype: torch.dtype, spread: list[str] | None = None) -> str:
     """One log line saying where a model landed, for operators checking GPU pinning."""
-    return (f"model {config.name!r} from {config.path} on {device} ({dtype}); "
+    where = f"{device}, layers spread over devices {', '.join(spread)}" if spread and len(spread) > 1 else device
+    return (f"model {config.name!r} from {config.path} on {where} ({dtype}); "
             f"Ray GPU ids {assigned_gpu_ids() or 'none'}; torch CPU threads {torch.get_num_threads()}")
 
 
@@ -84,5 +105,5 @@ class ModelReplica:
         """The CPU threads torch computes with where the model runs (its worker thread)."""
         return await self.run_on_worker(torch.get_num_threads)
 
-    def log_loaded(self) -> None:
-        logger.info("loaded %s", describe(self.config, self.device, self.dtype))
+    def log_loaded(self, spread: list[str] | None = None) -> None:
+        logger.info("loaded %s", describe(self.config, self.device, self.dtype, spread))

@@ -1,0 +1,47 @@
+"""Where a model's weights go (no Ray): one device, or spread over a replica's GPUs.
+
+No GPU here: the GPU count torch sees is patched, and the spread engine is checked
+on the tiny model with a device map naming two GPUs; the real multi-GPU load runs
+only on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serve_app.chat_engine import DecodeBatch
+from serve_app.config import ChatModelConfig
+from serve_app.placement import describe, spread_devices, weights_device_map
+
+
+def chat_config(**fields) -> ChatModelConfig:
+    return ChatModelConfig.model_validate({"name": "m", "kind": "chat", "path": "p", **fields})
+
+
+@pytest.mark.parametrize(("fields", "device", "visible_gpus", "expected"), [
+    ({"deployment": {"num_gpus": 2}}, "cuda:0", 2, "auto"),
+    ({"deployment": {"num_gpus": 4}}, "cuda:0", 4, "auto"),
+    ({"deployment": {"num_gpus": 1}}, "cuda:0", 1, "cuda:0"),
+    ({"deployment": {"num_gpus": 0.5}}, "cuda:0", 1, "cuda:0"),
+    ({"deployment": {"num_gpus": 2}, "device": "cuda"}, "cuda:0", 2, "cuda:0"),  # pinned by the operator
+    ({"deployment": {"num_gpus": 2}}, "cuda:0", 1, "cuda:0"),  # only one visible after all
+    ({"deployment": {"num_gpus": 0}}, "cpu", 0, "cpu"),
+])
+def test_a_replica_given_several_gpus_spreads_its_layers_over_them(monkeypatch, fields, device, visible_gpus, expected):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible_gpus)
+    assert str(weights_device_map(chat_config(**fields), torch.device(device))) == expected
+
+
+def test_a_spread_model_selects_its_rows_with_an_index_any_device_accepts():
+    """A GPU index tensor only indexes tensors on its own GPU, and a spread model keeps each
+    layer's cache on that layer's GPU."""
+    spread = torch.nn.Linear(1, 1)
+    spread.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "lm_head": 1}
+    single = torch.nn.Linear(1, 1)
+    single.hf_device_map = {"": "cpu"}
+    assert spread_devices(spread) == ["0", "1"]
+    assert DecodeBatch(spread, 0, torch.device("cuda", 0)).row_index_device == torch.device("cpu")
+    assert DecodeBatch(single, 0, torch.device("cuda", 0)).row_index_device == torch.device("cuda", 0)
+    assert "layers spread over devices 0, 1" in describe(chat_config(), torch.device("cuda", 0), torch.float16,
+                                                         spread_devices(spread))
