@@ -74,6 +74,8 @@ class DeploymentOptions(StrictModel):
     def _replicas_xor_autoscaling(self) -> "DeploymentOptions":
         if self.autoscaling_config is not None and isinstance(self.num_replicas, int):
             raise ValueError("set either num_replicas or autoscaling_config, not both")
+        if self.num_gpus > 1 and not self.num_gpus.is_integer():  # Ray's rule, said at load time
+            raise ValueError(f"num_gpus above 1 must be a whole number of GPUs (got {self.num_gpus})")
         return self
 
     def serve_options(self) -> dict[str, Any]:

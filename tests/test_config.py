@@ -46,6 +46,13 @@ def test_bad_kind_and_limits_are_refused():
         validate(lambda a: a["models"][0].update(default_max_tokens=10, max_tokens_limit=5))
 
 
+def test_gpus_above_one_are_whole_gpus():
+    for whole in (0, 0.25, 1, 2, 8):
+        assert validate(lambda a: a["models"][0]["deployment"].update(num_gpus=whole)).models[0].deployment.num_gpus == whole
+    with pytest.raises(ValidationError, match="whole number of GPUs"):
+        validate(lambda a: a["models"][0]["deployment"].update(num_gpus=1.5))
+
+
 def test_autoscaling_and_fixed_replicas_are_exclusive():
     def both(args):
         args["models"][0]["deployment"]["autoscaling_config"] = {"min_replicas": 0, "max_replicas": 2}
