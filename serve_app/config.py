@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
+SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")  # bounded: int() refuses 4,300+ digits
 
 
 class StrictModel(BaseModel):
@@ -290,7 +290,7 @@ class RequestLimits(StrictModel):
 
     max_messages: int = Field(256, ge=1, description="Most messages in one chat request.")
     max_prompt_chars: int = Field(200_000, ge=1, description="Most characters across a chat request's messages.")
-    max_prompt_chars_image: int = Field(4_000, ge=1, description="Most characters in an image prompt.")
+    max_prompt_chars_image: int = Field(4_000, ge=1, description="Most characters in an image prompt (and in its negative prompt).")
     request_timeout_s: float = Field(
         300.0, gt=0, description="Longest wait for a model's answer: 504, or 503 while it has no replica.")
 

@@ -28,6 +28,7 @@ from serve_app.errors import (
     MethodNotAllowed,
     NotFound,
     Overloaded,
+    PayloadTooLarge,
     ServerError,
     status_phrase,
 )
@@ -63,6 +64,8 @@ def as_api_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, (RequestValidationError, ValidationError)):
         return validation_error(exc)
+    if isinstance(exc, StarletteHTTPException):
+        return http_error(exc)
     if isinstance(exc, BackPressureError):
         return Overloaded("The model is handling too many requests; retry shortly.",
                           headers={"Retry-After": "1"})
@@ -74,12 +77,27 @@ def as_api_error(exc: BaseException) -> APIError:
     return ServerError(f"Internal server error (reference {reference}).")
 
 
+_TYPE_NAMES = {"str", "int", "float", "bool", "bytes", "list", "dict", "none"}
+
+
+def _is_union_branch(part: str | int) -> bool:
+    """pydantic names the branch of a union it tried in an error's location ('str',
+    'list[ContentPart]', 'ContentPart'); wire fields are lower-case identifiers."""
+    return isinstance(part, str) and (part in _TYPE_NAMES or not part.isidentifier() or part[:1].isupper())
+
+
 def validation_error(exc: RequestValidationError | ValidationError) -> InvalidRequest:
-    """First pydantic error as a 400 whose `param` is the field path, e.g. messages[0].role."""
-    first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
+    """A pydantic error as a 400 whose `param` is the field path, e.g. messages[0].role.
+
+    The first error, except where a union failed: each branch then reports its own error,
+    and the deepest one says what is wrong (a bad content part rather than "not a string")."""
+    errors = exc.errors()
+    first: dict[str, Any] = errors[0] if errors else {}
+    if any(_is_union_branch(part) for error in errors for part in error.get("loc", ())):
+        first = max(errors, key=lambda error: len(error.get("loc", ())))
     if first.get("type") == "json_invalid":
         return InvalidRequest("The request body is not valid JSON.", code="invalid_json")
-    parts = [p for p in first.get("loc", ()) if p != "body"]
+    parts = [p for p in first.get("loc", ()) if p != "body" and not _is_union_branch(p)]
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".") or None
     if param is None and first.get("type") in ("missing", "model_type", "model_attributes_type", "dict_type"):
         return InvalidRequest("The request body must be a JSON object.", code="invalid_body")
@@ -93,6 +111,8 @@ def http_error(exc: StarletteHTTPException) -> APIError:
         return NotFound("No such route.", code="route_not_found")
     if exc.status_code == 405:
         return MethodNotAllowed("Method not allowed on this route.")
+    if exc.status_code == 413:
+        return PayloadTooLarge(str(exc.detail), code="body_too_large")
     error = APIError(str(exc.detail) if exc.detail else status_phrase(exc.status_code))
     error.status_code = exc.status_code
     return error

@@ -112,10 +112,10 @@ class ImageFetcher:
 
     async def load(self, source: str, *, param: str) -> InputImage:
         source = source.strip()
-        if source[:5].lower() == "data:":
-            data = self._from_data_url(source, param=param)
-        else:
-            data = await self._download(self._web_url(source, param=param), param=param)
+        if source[:5].lower() == "data:":  # decoding megabytes of base64 is no work for the event loop
+            return await asyncio.to_thread(lambda: self.check_upload(self._from_data_url(source, param=param),
+                                                                     param=param))
+        data = await self._download(self._web_url(source, param=param), param=param)
         return await asyncio.to_thread(self.check_upload, data, param=param)
 
     def check_upload(self, data: bytes, *, param: str) -> InputImage:
@@ -151,6 +151,8 @@ class ImageFetcher:
             raise _bad_url(param, "is not a valid URL") from exc
         if url.scheme not in ("http", "https") or not url.raw_host:
             raise _bad_url(param, "must be an http(s) URL, a data: URL or an uploaded file")
+        if url.port is not None and not 0 < url.port < 65536:
+            raise _bad_url(param, f"has no valid port ({url.port})")
         return url
 
     async def _download(self, url: httpx.URL, *, param: str) -> bytes:

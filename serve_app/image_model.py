@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import math
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -214,8 +213,7 @@ class ImageModel(ModelReplica):
             return PreparedJob(job, "t2i", job.steps)
         size = (job.width, job.height)
         init_image = decode_rgb(job.init_image, size, param="image")
-        # Edits run int(steps * strength) steps; never let that round down to zero.
-        steps = max(job.steps, math.ceil(1 / job.strength))
+        steps = job.pipeline_steps
         if job.mask_image is None:
             return PreparedJob(job, "i2i", steps, init_image)
         if self.pipelines["inpaint"] is None:

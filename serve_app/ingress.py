@@ -21,7 +21,7 @@ from starlette.responses import Response
 from serve_app.catalog import ROUTES, LiveCatalog, ModelRouter, Target
 from serve_app.config import AppConfig
 from serve_app.errors import APIError, GatewayTimeout, InvalidRequest, Overloaded
-from serve_app.http_errors import as_api_error, error_schema, install_error_handlers, json_response
+from serve_app.http_errors import JSON, as_api_error, error_schema, install_error_handlers, json_response
 from serve_app.image_input import ImageFetcher, InputImage
 from serve_app.image_store import FILES_ROUTE, ImageStore
 from serve_app.jobs import ImageJob, ImageResult
@@ -144,8 +144,7 @@ class Ingress:
 
     @api.post("/v1/images/edits", response_model=ImagesResponse, responses=ERRORS, openapi_extra=EDIT_BODY)
     async def image_edits(self, request: Request) -> Response:
-        body, image, mask = await self._read_edit(request)
-        target = self.router.resolve(body.model, "image")
+        target, body, image, mask = await self._read_edit(request)
         note(model=body.model)
         job = image_job(body, target.config, self.config.limits, source=image, mask=mask)
         return await self._images(target, body, job)
@@ -208,21 +207,24 @@ class Ingress:
         call = target.generate.remote(job)
         result = await self._within_timeout(target, call, call.cancel)
         note(images=len(result.images))
-        return json_response(await self._images_response(body, result))
+        # Megabytes of base64 and JSON, or file writes: off the event loop, which serves every stream.
+        return Response(await asyncio.to_thread(self._images_body, body, result), media_type=JSON)
 
-    async def _images_response(self, body: ImageGenerationRequest, result: ImageResult) -> ImagesResponse:
+    def _images_body(self, body: ImageGenerationRequest, result: ImageResult) -> str:
+        """The response's JSON: each PNG in base64, or saved to the store and given by URL. Blocking."""
         if body.response_format == "b64_json":
             data = [ImageData(b64_json=base64.b64encode(png).decode()) for png in result.images]
         else:
-            names = await asyncio.to_thread(lambda: [self.store.save(png) for png in result.images])
-            data = [ImageData(url=self.store.url(name)) for name in names]
-        return ImagesResponse(model=body.model, data=data)
+            data = [ImageData(url=self.store.url(self.store.save(png))) for png in result.images]
+        return ImagesResponse(model=body.model, data=data).model_dump_json()
 
-    async def _read_edit(self, request: Request) -> tuple[ImageEditRequest, InputImage, InputImage | None]:
-        """An edit as JSON (image URLs) or multipart (uploaded files); images checked before any model work."""
+    async def _read_edit(self, request: Request) -> tuple[Target, ImageEditRequest, InputImage, InputImage | None]:
+        """An edit as JSON (image URLs) or multipart (uploaded files): its model resolved before any
+        image is fetched, its images checked before any model work."""
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             fields, files = await _read_form(request)
             body = ImageEditRequest.model_validate(fields)
+            target = self.router.resolve(body.model, "image")
             upload = files.pop("image", None) or files.pop("image[]", None)
             mask_upload = files.pop("mask", None)
             if upload is None and len(files) == 1:  # a node may name the field e.g. `face_image`
@@ -231,11 +233,12 @@ class Ingress:
                 raise InvalidRequest("image is required: upload it as a file field named 'image'.", param="image")
             image = await asyncio.to_thread(self.fetcher.check_upload, upload, param="image")
             mask = await asyncio.to_thread(self.fetcher.check_upload, mask_upload, param="mask") if mask_upload else None
-            return body, image, mask
+            return target, body, image, mask
         body = ImageEditRequest.model_validate_json(await request.body() or b"null")
+        target = self.router.resolve(body.model, "image")
         if not body.image:
             raise InvalidRequest("image is required: an http(s) URL or a data: URL.", param="image")
         image = await self.fetcher.load(body.image, param="image")
         mask = await self.fetcher.load(body.mask, param="mask") if body.mask else None
-        return body, image, mask
+        return target, body, image, mask
 

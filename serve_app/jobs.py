@@ -8,6 +8,7 @@ on the wire format.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -99,6 +100,17 @@ class ImageJob:
     init_image: bytes | None = None
     mask_image: bytes | None = None
     strength: float = 0.75
+
+    @property
+    def pipeline_steps(self) -> int:
+        """`num_inference_steps` to ask the pipeline for. Image-to-image runs only
+        int(steps * strength) of them, so an edit asks for enough that one at least runs
+        (a small strength needs many; int(161 * (1 / 161)) is 0 in floating point)."""
+        steps = self.steps
+        if self.init_image is not None:
+            while int(steps * self.strength) < 1:
+                steps = max(steps + 1, math.ceil(1 / self.strength))
+        return steps
 
 
 @dataclass(frozen=True)

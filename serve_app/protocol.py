@@ -61,8 +61,10 @@ class ContentPart(WireModel):
 
     @model_validator(mode="after")
     def _text_only(self) -> "ContentPart":
-        if self.type != "text" or self.text is None:
+        if self.type != "text":
             raise ValueError(f"content parts of type {self.type!r} are not supported; use 'text'")
+        if self.text is None:
+            raise ValueError("a content part of type 'text' needs a 'text' string")
         return self
 
 

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.config import AppConfig
@@ -89,6 +90,12 @@ def _app_path(scope: Scope) -> str:
     return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
+def _route_label(scope: Scope) -> str:
+    """The template of the route that matched (`/v1/chat/completions`, `/v1/files/images/{name}`),
+    else "other": a metrics label per raw path would let anyone mint label sets without end."""
+    return getattr(scope.get("route"), "path", None) or "other"
+
+
 def _header(scope: Scope, name: bytes) -> bytes | None:
     return next((value for key, value in scope.get("headers") or [] if key == name), None)
 
@@ -125,7 +132,7 @@ class RequestGuard:
                 _log_access(scope, response["status"], time.perf_counter() - started_at, record)
             metrics: Metrics | None = getattr(state, "metrics", None)
             if metrics is not None:
-                metrics.observe(_app_path(scope), response["status"], record)
+                metrics.observe(_route_label(scope), response["status"], record)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send, state: Any) -> None:
         keys: ApiKeys | None = getattr(state, "api_keys", None)
@@ -144,7 +151,10 @@ class RequestGuard:
 
 
 def _limited(receive: Receive, limit: int) -> Receive:
-    """A receive() that raises 413 once the body grows past `limit` (chunked bodies too)."""
+    """A receive() that raises 413 once the body grows past `limit` (chunked bodies too).
+
+    It raises an HTTP exception, not our `PayloadTooLarge`: FastAPI passes those on from
+    its body parsing and turns any other exception there into a 400."""
     received = 0
 
     async def limited() -> Message:
@@ -153,7 +163,7 @@ def _limited(receive: Receive, limit: int) -> Receive:
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
             if received > limit:
-                raise _too_large(limit)
+                raise HTTPException(413, detail=_too_large(limit).message)
         return message
 
     return limited
@@ -187,9 +197,8 @@ class Metrics:
                          for name, (text, keys) in described.items()}
         self.pending: collections.Counter[tuple[str, tuple[str, ...]]] = collections.Counter()
 
-    def observe(self, path: str, status: int, record: AccessRecord) -> None:
+    def observe(self, route: str, status: int, record: AccessRecord) -> None:
         model = record.model or "-"
-        route = path if path.startswith("/v1/") and "/files/" not in path else "other"
         request = (model, route, str(status))
         self.pending["requests", request] += 1
         if status >= 400:

@@ -7,6 +7,8 @@ and gets a 400 naming the parameter.
 
 from __future__ import annotations
 
+import math
+
 from serve_app.config import ChatModelConfig, ImageModelConfig, RequestLimits, parse_size
 from serve_app.errors import InvalidRequest
 from serve_app.image_input import InputImage
@@ -105,13 +107,23 @@ def _fit_within(width: int, height: int, config: ImageModelConfig) -> tuple[int,
     return fit[0], fit[1]
 
 
+def _nearest_allowed(size: tuple[int, int], config: ImageModelConfig) -> tuple[int, int]:
+    """`size`, or for a model that makes only some sizes, the one nearest it in shape, then in area."""
+    allowed = [wh for text in config.allowed_sizes or [] if (wh := parse_size(text))]
+    if not allowed or size in allowed:
+        return size
+    shape, area = size[0] / size[1], size[0] * size[1]
+    return min(allowed, key=lambda wh: (round(abs(math.log(wh[0] / wh[1] / shape)), 6),
+                                        abs(math.log(wh[0] * wh[1] / area))))
+
+
 def image_size(request: ImageGenerationRequest, config: ImageModelConfig,
                source: InputImage | None = None) -> tuple[int, int]:
     """The size to make: as requested, else the input image's (edits), else the model's default."""
     requested = _requested_size(request)
     if requested is None:
         if source is not None:
-            return _fit_within(source.width, source.height, config)
+            return _nearest_allowed(_fit_within(source.width, source.height, config), config)
         return parse_size(config.default_size)  # type: ignore[return-value]
     (width, height), param = requested
     low, high, step = config.min_side, config.max_side, config.size_multiple
@@ -130,9 +142,10 @@ def image_size(request: ImageGenerationRequest, config: ImageModelConfig,
 def image_job(request: ImageGenerationRequest, config: ImageModelConfig, limits: RequestLimits, *,
               source: InputImage | None = None, mask: InputImage | None = None) -> ImageJob:
     _check_n(request.n, config.max_n)
-    if len(request.prompt) > limits.max_prompt_chars_image:
-        raise InvalidRequest(f"prompt is longer than {limits.max_prompt_chars_image} characters.",
-                             param="prompt", code="prompt_too_long")
+    for param, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt or "")):
+        if len(text) > limits.max_prompt_chars_image:
+            raise InvalidRequest(f"{param} is longer than {limits.max_prompt_chars_image} characters.",
+                                 param=param, code="prompt_too_long")
     steps = request.requested_steps or config.default_steps
     if steps > config.max_steps:
         raise InvalidRequest(f"steps must be at most {config.max_steps} for this model.",
@@ -141,8 +154,12 @@ def image_job(request: ImageGenerationRequest, config: ImageModelConfig, limits:
     strength = config.default_strength
     if isinstance(request, ImageEditRequest) and request.strength is not None:
         strength = request.strength
-    return ImageJob(
+    job = ImageJob(
         prompt=request.prompt, n=request.n, width=width, height=height, steps=steps, seed=request.seed,
         negative_prompt=request.negative_prompt, strength=strength,
         init_image=source.data if source else None, mask_image=mask.data if mask else None,
     )
+    if job.pipeline_steps > config.max_steps:  # a tiny strength needs many steps to run one
+        raise InvalidRequest(f"strength must be at least {1 / config.max_steps:.4g} for this model "
+                             f"(it runs {config.max_steps} steps at most).", param="strength")
+    return job

@@ -99,6 +99,14 @@ def test_seeded_job_same_alone_and_batched(model, extra):
     assert np.abs(pixels(alone.images[0]) - pixels(other_seed.images[0])).mean() > 1
 
 
+def test_an_edit_runs_at_least_one_step_whatever_its_strength(model):
+    """An edit runs int(steps * strength) steps, and 161 * (1 / 161) is 0.999... in floating point."""
+    edit = job("a", init_image=png_bytes("red"), strength=1 / 161)
+    assert int(edit.pipeline_steps * edit.strength) == 1
+    [result] = model.run_jobs([edit])
+    assert isinstance(result, ImageResult) and len(result.images) == 1
+
+
 def test_bad_job_fails_alone(model):
     good = [job("a", n=2, init_image=png_bytes("red"), strength=0.5), job("b", n=1)]
     bad = job("c", n=1, init_image=b"not an image", strength=0.5)

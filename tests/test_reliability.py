@@ -68,6 +68,12 @@ def gif_bytes() -> bytes:
     return buffer.getvalue()
 
 
+def png_bytes(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, "red").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 MESSAGES_9 = [{"role": "user", "content": "x"}] * 9
 SECURE_CASES = [
     # (method, path, kwargs, headers, status, param)
@@ -118,6 +124,14 @@ def test_bad_input_table_covers_all_routes():
     routes = {case[1] for case in BAD_REQUESTS} | {case[1] for case in SECURE_CASES}
     assert len(BAD_REQUESTS) + len(SECURE_CASES) >= 40
     assert {"/v1/chat/completions", "/v1/images/generations", "/v1/images/edits", "/v1/models"} <= routes
+
+
+def test_an_edit_without_a_size_makes_an_allowed_size(shttp):
+    """The input image's size (80x60) is not one this model makes: the nearest one it does."""
+    response = shttp.post("/v1/images/edits", data={"model": IMAGE, "prompt": "x", "response_format": "b64_json"},
+                          files={"image": ("a.png", png_bytes((80, 60)))})
+    assert response.status_code == 200, response.text
+    assert Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"]))).size == (64, 64)
 
 
 def test_keys_let_the_openai_client_in_and_health_stays_open(secure, shttp):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import uuid
 
 import httpx
 import openai
@@ -273,6 +274,21 @@ BAD_REQUESTS = [
     ("get", "/v1/chat/completions", {}, 405, None),
     ("post", "/v1/chat/completions", {"content": b"x" * (26 * 1024 * 1024),
                                       "headers": {"content-type": "application/json"}}, 413, None),
+    # Chunked (no Content-Length): the limit holds as the body arrives, on routes FastAPI parses too.
+    ("post", "/v1/chat/completions", {"content": [b" " * 2**20] * 27, "headers": {"content-type": "application/json"}}, 413, None),
+    ("post", "/v1/images/generations", {"content": [b" " * 2**20] * 27, "headers": {"content-type": "application/json"}}, 413, None),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}},
+     400, "messages[0].content[0]"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [{"role": "user", "content": [{"type": "text"}]}]}},
+     400, "messages[0].content[0]"),
+    ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "negative_prompt": "n" * 5000}}, 400, "negative_prompt"),
+    ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "size": "9" * 5000 + "x512"}}, 400, "size"),
+    ("post", "/v1/images/generations", {"content": b'{"model": "SuperImage", "prompt": "x", "width": ' + b"9" * 5000 + b', "height": 64}',
+                                        "headers": {"content-type": "application/json"}}, 400, None),
+    # An edit runs int(steps * strength) steps: a tiny strength would need 10^8 of them.
+    ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x", "strength": 1e-8, "image": "data:image/png;base64,"
+                                           + base64.b64encode(_png_bytes()).decode()}}, 400, "strength"),
+    ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x", "image": "http://93.184.215.14:70000/a.png"}}, 400, "image"),
 ]
 
 
@@ -319,11 +335,13 @@ def test_request_counters_are_exported_to_prometheus(http):
 
     node = next(n for n in ray.nodes() if n["Alive"])
     url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-    wanted = {
-        "requests": f'model="{CHAT}",route="/v1/chat/completions",status="200"',
+    wanted = {  # what: (counter, labels)
+        "requests": ("requests", f'model="{CHAT}",route="/v1/chat/completions",status="200"'),
         # An unknown name is not a label value: clients could mint endless label sets.
-        "errors": 'model="-",route="/v1/chat/completions",status="404"',
-        "tokens": f'kind="completion_tokens",model="{CHAT}"',
+        "errors": ("errors", 'model="-",route="/v1/chat/completions",status="404"'),
+        "tokens": ("tokens", f'kind="completion_tokens",model="{CHAT}"'),
+        # Nor is a path that no route matched: it counts as "other".
+        "unrouted": ("errors", 'model="-",route="other",status="404"'),
     }
 
     def exported() -> dict[str, float]:
@@ -331,8 +349,9 @@ def test_request_counters_are_exported_to_prometheus(http):
         its own, tagged with its replica id (other tests deploy apps serving the same model)."""
         found = dict.fromkeys(wanted, 0.0)  # earlier tests' requests may or may not be exported yet
         for line in httpx.get(url, timeout=10).text.splitlines():
-            for name, labels in wanted.items():
-                if line.startswith(f"ray_serve_app_{name}_total{{") and all(
+            assert "junk-" not in line, line
+            for name, (counter, labels) in wanted.items():
+                if line.startswith(f"ray_serve_app_{counter}_total{{") and all(
                         part in line for part in labels.split(",") + ['application="serve_app"']):
                     found[name] += float(line.rsplit(" ", 1)[1])
         return found
@@ -340,7 +359,9 @@ def test_request_counters_are_exported_to_prometheus(http):
     before = exported()
     answer = assert_success(http.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 3}))
     assert http.post("/v1/chat/completions", json={**SEED_CHAT, "model": "no-such-model"}).status_code == 404
-    grown = {"requests": 1, "errors": 1, "tokens": answer["usage"]["completion_tokens"]}
+    junk = f"/v1/junk-{uuid.uuid4().hex}"
+    assert http.get(junk).status_code == 404
+    grown = {"requests": 1, "errors": 1, "tokens": answer["usage"]["completion_tokens"], "unrouted": 1}
     # Ray exports with a delay: wait until the snapshot includes this test's own requests.
     assert wait_for(lambda: all(exported()[name] >= before[name] + grown[name] for name in wanted),
                     timeout=60, interval=2), (before, exported(), grown)
