@@ -3,8 +3,9 @@
 # a virtual environment in .venv, torch, this package with its dev extras, and the
 # tiny default models in ./models. Safe to run again: each step skips what is done.
 #
-#   TORCH_SPEC   torch requirement to pre-install when .venv has no torch
-#                (default: the CPU build torch==2.13.0 without a GPU, else plain `torch`)
+#   TORCH_SPEC   torch requirement to pre-install when .venv has no torch (default without
+#                a GPU: the CPU build torch==2.13.0+cpu from PyTorch's CPU index or a local
+#                wheel; with a GPU: plain `torch`, PyPI's CUDA build)
 #   PYTHON       interpreter for the venv (default: python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,10 +17,16 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     if [ -z "${TORCH_SPEC:-}" ]; then
         # A loose `torch` pulls a multi-GB CUDA build: take the CPU build unless there is a GPU.
-        if command -v nvidia-smi >/dev/null 2>&1; then TORCH_SPEC="torch"; else TORCH_SPEC="torch==2.13.0"; fi
+        # PyPI's torch for Linux is the CUDA build; the CPU build lives on PyTorch's own index.
+        if command -v nvidia-smi >/dev/null 2>&1; then
+            TORCH_SPEC="torch"
+        else
+            TORCH_SPEC="torch==2.13.0+cpu"
+            TORCH_INDEX="${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+        fi
     fi
     echo "setup: installing $TORCH_SPEC"
-    "${PIP[@]}" "$TORCH_SPEC"
+    "${PIP[@]}" ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "$TORCH_SPEC"
 fi
 
 echo "setup: installing serve_app and its dependencies"
