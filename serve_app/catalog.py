@@ -50,7 +50,7 @@ class LiveCatalog:
         self._refreshing: asyncio.Task | None = None
 
     async def live_models(self) -> list[LiveModel]:
-        """Models with a running, healthy replica, or scaled to zero on purpose (cached briefly)."""
+        """Models with a running replica, or scaled to zero on purpose (cached briefly)."""
         if time.monotonic() - self._fetched_at > self.config.catalog_ttl_s:
             if self._refreshing is None or self._refreshing.done():
                 self._refreshing = asyncio.create_task(self._refresh())
@@ -73,12 +73,15 @@ class LiveCatalog:
         live = []
         for model in self.config.models:
             deployment = app.deployments.get(model.deployment_name)
-            if deployment is None or str(deployment.status.value) in _DOWN:
+            if deployment is None:
                 continue
+            # A running replica serves whatever the deployment's status: Serve calls a deployment
+            # UNHEALTHY from one failed replica until its replacement is up, however many still run.
             running = sum(count for state, count in deployment.replica_states.items()
                           if str(getattr(state, "value", state)) == "RUNNING")
             autoscaling = model.deployment.autoscaling_config
-            scaled_to_zero = running == 0 and autoscaling is not None and autoscaling.min_replicas == 0
+            scaled_to_zero = (running == 0 and autoscaling is not None and autoscaling.min_replicas == 0
+                              and str(deployment.status.value) not in _DOWN)
             if running > 0 or scaled_to_zero:  # a scaled-to-zero model wakes on its first request
                 live.append(LiveModel(config=model, created=int(app.last_deployed_time_s),
                                       scaled_to_zero=scaled_to_zero))

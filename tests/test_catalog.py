@@ -50,16 +50,34 @@ def _status(app_name: str, deployments: dict) -> SimpleNamespace:
     return SimpleNamespace(applications={app_name: app})
 
 
-def test_unhealthy_or_replica_less_deployments_are_not_listed():
-    """Serve's status as it reports a failed, a starting and a healthy deployment."""
+def test_deployments_without_a_running_replica_are_not_listed():
+    """Serve's status as it reports failed, starting and healthy deployments. A deployment
+    with a running replica serves, even while Serve calls it UNHEALTHY (one replica failed
+    and its replacement is not up yet)."""
     config = AppConfig.model_validate(default_args())
     chat, image = config.models
     status = _status("app", {
         chat.deployment_name: (DeploymentStatus.HEALTHY, {ReplicaState.RUNNING: 1}),
-        image.deployment_name: (DeploymentStatus.UNHEALTHY, {ReplicaState.RUNNING: 1}),
+        image.deployment_name: (DeploymentStatus.UNHEALTHY, {ReplicaState.STARTING: 1}),
     })
     catalog = LiveCatalog(config, "app", status=lambda: status)
     assert [m.config.name for m in asyncio.run(catalog.live_models())] == [chat.name]
+
+    degraded = _status("app", {
+        chat.deployment_name: (DeploymentStatus.DEPLOY_FAILED, {}),
+        image.deployment_name: (DeploymentStatus.UNHEALTHY, {ReplicaState.RUNNING: 1, ReplicaState.STARTING: 1}),
+    })
+    live = asyncio.run(LiveCatalog(config, "app", status=lambda: degraded).live_models())
+    assert [(m.config.name, m.scaled_to_zero) for m in live] == [(image.name, False)]
+
+    args = default_args()
+    args["models"][0]["deployment"] = {"autoscaling_config": {"min_replicas": 0, "max_replicas": 2}, "num_cpus": 0.5}
+    zero = AppConfig.model_validate(args)
+    idle = _status("app", {chat.deployment_name: (DeploymentStatus.HEALTHY, {})})
+    failed = _status("app", {chat.deployment_name: (DeploymentStatus.DEPLOY_FAILED, {})})
+    assert [(m.config.name, m.scaled_to_zero) for m in asyncio.run(
+        LiveCatalog(zero, "app", status=lambda: idle).live_models())] == [(chat.name, True)]
+    assert asyncio.run(LiveCatalog(zero, "app", status=lambda: failed).live_models()) == []
 
     starting = _status("app", {
         chat.deployment_name: (DeploymentStatus.UPDATING, {ReplicaState.STARTING: 1}),
