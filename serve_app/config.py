@@ -112,7 +112,8 @@ class BaseModelConfig(StrictModel):
     name: str = Field(pattern=MODEL_NAME_PATTERN, description="Public name clients put in `model`.")
     path: str = Field(min_length=1, description="Local folder or hub id, loaded with from_pretrained.")
     device: str = Field(
-        "auto", description="'auto' (cuda when the replica has a GPU, else cpu), 'cpu' or 'cuda'."
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="'auto' (cuda when the replica has a GPU, else cpu), 'cpu', 'cuda' or 'cuda:N'.",
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="'auto' picks bfloat16/float16 on GPU and float32 on CPU."
@@ -216,6 +217,16 @@ class ImageModelConfig(BaseModelConfig):
             raise ValueError("default_steps must not exceed max_steps")
         if self.min_side > self.max_side:
             raise ValueError("min_side must not exceed max_side")
+        for name, sizes in (("default_size", [self.default_size]), ("allowed_sizes", self.allowed_sizes or [])):
+            for size in sizes:  # the same rule requests are held to
+                width, height = parse_size(size)  # type: ignore[misc]
+                if not all(self.min_side <= side <= self.max_side and side % self.size_multiple == 0
+                           for side in (width, height)):
+                    raise ValueError(f"{name} {size!r}: width and height must be between min_side "
+                                     f"{self.min_side} and max_side {self.max_side} and multiples of "
+                                     f"size_multiple {self.size_multiple}")
+        if self.allowed_sizes and parse_size(self.default_size) not in map(parse_size, self.allowed_sizes):
+            raise ValueError(f"default_size {self.default_size!r} must be one of allowed_sizes")
         return self
 
 

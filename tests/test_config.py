@@ -46,6 +46,25 @@ def test_bad_kind_and_limits_are_refused():
         validate(lambda a: a["models"][0].update(default_max_tokens=10, max_tokens_limit=5))
 
 
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"default_size": "500x500"}, "default_size '500x500'"),  # not on the 8-pixel grid diffusers needs
+    ({"max_side": 256}, "default_size '512x512'"),  # the default would be a size no request may ask for
+    ({"allowed_sizes": ["768x768"]}, "must be one of allowed_sizes"),
+    ({"allowed_sizes": ["512x512", "4096x4096"]}, "allowed_sizes '4096x4096'"),
+])
+def test_image_sizes_in_the_config_obey_the_rules_requests_do(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        validate(lambda a: a["models"][1].update(fields))
+    validate(lambda a: a["models"][1].update(allowed_sizes=["512x512", "768x768"]))
+
+
+def test_device_is_auto_cpu_or_cuda():
+    for device in ("auto", "cpu", "cuda", "cuda:1"):
+        assert validate(lambda a: a["models"][0].update(device=device)).models[0].device == device
+    with pytest.raises(ValidationError, match="device"):
+        validate(lambda a: a["models"][0].update(device="gpu"))
+
+
 def test_gpus_above_one_are_whole_gpus():
     for whole in (0, 0.25, 1, 2, 8):
         assert validate(lambda a: a["models"][0]["deployment"].update(num_gpus=whole)).models[0].deployment.num_gpus == whole
