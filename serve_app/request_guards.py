@@ -59,6 +59,10 @@ class ApiKeys:
         self._keys = [key.encode() for key in keys if key]
         self.protect_health = config.auth.protect_health
         self.protect_files = config.auth.protect_files
+        # Said once at start: the variable is read here, in the ingress replica's environment,
+        # which is not the environment of a shell running `serve deploy` against a running Ray.
+        logger.info("API keys: %s", f"required ({len(self._keys)} accepted)" if self._keys else
+                    f"off (no auth.api_keys, and ${config.auth.api_keys_env} is empty in the ingress replica)")
 
     @property
     def enabled(self) -> bool:
