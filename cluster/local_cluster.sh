@@ -24,7 +24,7 @@
 #   SERVE_APP_GCS_PORT        6390   GCS (the address workers and `ray status` use)
 #   SERVE_APP_DASHBOARD_PORT  8275   dashboard / REST API (`serve deploy -a`, `serve status -a`)
 #   SERVE_APP_HTTP_PORT       1088   Serve HTTP (a proxy on every node, sharing the port)
-#   SERVE_APP_PORT_BASE       30000  per-node ports: BASE+10*i+0..6 and worker ports BASE+100+300*i..+299
+#   SERVE_APP_PORT_BASE       30000  per-node ports: BASE+10*i+0..8 and worker ports BASE+100+300*i..+299
 #
 # Auth: Ray 2.60 turns on token authentication by default once ~/.ray/auth_token exists
 # (any local `ray.init()` creates it), and then `ray start --address`, `serve deploy` and
@@ -67,11 +67,6 @@ export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIME
 # Tag every process of this cluster (inherited by raylets, agents and workers), so
 # `stop` can find stragglers without guessing by name.
 export SERVE_APP_LOCAL_CLUSTER="$CLUSTER_DIR"
-# If HAProxy ingress is enabled (RAY_SERVE_ENABLE_HA_PROXY=1), keep its files in our dir.
-export RAY_SERVE_HAPROXY_CONFIG_FILE_LOC="$CLUSTER_DIR/haproxy/haproxy.cfg"
-export RAY_SERVE_HAPROXY_SOCKET_PATH="$CLUSTER_DIR/haproxy/admin.sock"
-export RAY_SERVE_HAPROXY_SERVER_STATE_BASE="$CLUSTER_DIR/haproxy"
-export RAY_SERVE_HAPROXY_SERVER_STATE_FILE="$CLUSTER_DIR/haproxy/server-state"
 
 NODES=(head node_a node_b)
 
@@ -99,10 +94,22 @@ start_node() {  # start_node NAME INDEX ray-start-args...
     --min-worker-port "$wmin" --max-worker-port $((wmin + 299))
     "$@"
   )
-  mkdir -p "$CLUSTER_DIR/$name"
+  # If HAProxy ingress is on (RAY_SERVE_ENABLE_HA_PROXY=1), each node runs its own HAProxy:
+  # its files in this node's dir and its own stats/metrics ports, as nodes share this machine.
+  local haproxy="$CLUSTER_DIR/$name/haproxy"
+  local node_env=(
+    RAY_SERVE_HAPROXY_CONFIG_FILE_LOC="$haproxy/haproxy.cfg"
+    RAY_SERVE_HAPROXY_SOCKET_PATH="$haproxy/admin.sock"
+    RAY_SERVE_HAPROXY_SERVER_STATE_BASE="$haproxy"
+    RAY_SERVE_HAPROXY_SERVER_STATE_FILE="$haproxy/server-state"
+    RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH="$haproxy/metrics.sock"
+    RAY_SERVE_HAPROXY_STATS_PORT=$((base + 7))
+    RAY_SERVE_HAPROXY_METRICS_PORT=$((base + 8))
+  )
+  mkdir -p "$haproxy"
   # Own session (process group) per node, pid recorded before exec: `stop` signals the group.
   setsid bash -c 'echo $$ > "$1"; shift; exec "$@"' _ "$CLUSTER_DIR/$name.pid" \
-    "$RAY" start "${args[@]}" >"$CLUSTER_DIR/$name.log" 2>&1 </dev/null &
+    env "${node_env[@]}" "$RAY" start "${args[@]}" >"$CLUSTER_DIR/$name.log" 2>&1 </dev/null &
   local waited=0
   while [[ ! -s "$CLUSTER_DIR/$name.pid" ]] && (( waited < 50 )); do sleep 0.1; waited=$((waited + 1)); done
   log "$name: pid $(node_pid "$name"), log $CLUSTER_DIR/$name.log"
@@ -115,8 +122,8 @@ cmd_start() {
   [[ -x "$RAY" ]] || die "$RAY not found: run ./scripts/setup.sh first"
   (( ${#CLUSTER_DIR} <= 40 )) || die "SERVE_APP_CLUSTER_DIR is too long for Ray's socket paths (keep it under 40 characters)"
   "$PYTHON" "$TOOL" check-ports "$GCS_PORT" "$DASHBOARD_PORT" \
-    $(seq "$PORT_BASE" $((PORT_BASE + 26))) || die "a port of this cluster is in use (another local cluster running?)"
-  rm -rf "$CLUSTER_DIR"; mkdir -p "$CLUSTER_DIR/haproxy"
+    $(seq "$PORT_BASE" $((PORT_BASE + 28))) || die "a port of this cluster is in use (another local cluster running?)"
+  rm -rf "$CLUSTER_DIR"; mkdir -p "$CLUSTER_DIR"
   cd "$ROOT"  # workers inherit this working directory
   log "starting head on $NODE_IP:$GCS_PORT (dashboard $RAY_DASHBOARD_ADDRESS, auth $RAY_AUTH_MODE)"
   start_node head 0 --head --port "$GCS_PORT" --num-cpus "$HEAD_CPUS" --resources '{"head": 1}' \

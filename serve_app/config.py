@@ -122,7 +122,7 @@ class BaseModelConfig(StrictModel):
         None, ge=1, description="CPU threads torch computes with in each replica. Default: Ray's OMP_NUM_THREADS, "
         "which is the deployment's num_cpus rounded down, and 1 below 2.")
     owned_by: str = Field("serve_app", description="Shown as `owned_by` in /v1/models.")
-    cid: str | None = Field(None, min_length=1, description="Content id of the model, sent to network nodes.")
+    cid: str | None = Field(None, min_length=1, description="The id network nodes record for this model (the node calls it the docker container id).")
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
     max_batch_size: int = Field(
         8, ge=1, description="Requests that share one forward pass (chat) or pipeline call (images); 1 = no batching.")
