@@ -35,6 +35,7 @@ from serve_app.protocol import (
     ModelCard,
     ModelList,
 )
+from serve_app.registration import unregister_stale
 from serve_app.request_guards import ApiKeys, Metrics, RequestGuard, note
 from serve_app.streaming import ChatChunkEncoder, chat_events
 from serve_app.translate import chat_job, chat_response, image_job
@@ -108,6 +109,9 @@ class Ingress:
         loop = asyncio.get_running_loop()
         self._sweeper = loop.create_task(self.store.sweep_forever(), name="image retention")
         self._metrics_flusher = loop.create_task(self.metrics.flush_forever(), name="metrics flush")
+        if registrar is None:  # registration off now: withdraw what an earlier config of this app announced
+            self._registration_cleanup = loop.create_task(unregister_stale(
+                serve.get_replica_context().app_name, set(), config.registration.timeout_s), name="registration cleanup")
 
     async def __del__(self) -> None:
         """Serve awaits this on graceful shutdown: stop the background tasks, record the last

@@ -16,6 +16,8 @@ runs exactly one of it per application.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -104,6 +106,56 @@ async def call_node(client: httpx.AsyncClient, url: str, path: str, body: BaseMo
     return reply
 
 
+KV_NAMESPACE = "serve_app"
+
+
+def _record_key(app_name: str) -> str:
+    return f"registration/{app_name}"
+
+
+def _read_record(app_name: str) -> set[tuple[str, str]]:
+    """The (project, node URL) pairs this application last announced, from Ray's KV store
+    (in the GCS, so it outlives the replicas that wrote it). Blocking."""
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+    if not _internal_kv_initialized():
+        return set()
+    raw = _internal_kv_get(_record_key(app_name), namespace=KV_NAMESPACE)
+    return {(project, url) for project, url in json.loads(raw)} if raw else set()
+
+
+def _write_record(app_name: str, pairs: set[tuple[str, str]]) -> None:
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_initialized, _internal_kv_put
+
+    if not _internal_kv_initialized():
+        return
+    if pairs:
+        _internal_kv_put(_record_key(app_name), json.dumps(sorted(pairs)), overwrite=True, namespace=KV_NAMESPACE)
+    else:
+        _internal_kv_del(_record_key(app_name), namespace=KV_NAMESPACE)
+
+
+async def unregister_stale(app_name: str, current: set[tuple[str, str]], timeout_s: float) -> None:
+    """Unregister what this application announced under an earlier config and announces no
+    more (another project name, a node dropped from `node_urls`, registration turned off),
+    then record `current`. A redeploy keeps the application up, so its outgoing registrar
+    leaves the nodes alone; this is where the new config's owner cleans up. Never raises."""
+    try:
+        previous = await asyncio.to_thread(_read_record, app_name)
+        stale = sorted(previous - current)
+        async with httpx.AsyncClient(timeout=min(timeout_s, UNREGISTER_TIMEOUT_S)) as client:
+            results = await asyncio.gather(*(call_node(client, url, UNREGISTER_PATH, ProjectUnregistration(
+                project=project)) for project, url in stale), return_exceptions=True)
+        for (project, url), result in zip(stale, results):
+            logger.log(logging.WARNING if isinstance(result, BaseException) else logging.INFO,
+                       "unregistering project %r from node %s, no longer in the config: %s", project, url,
+                       result if isinstance(result, BaseException) else result.message or "done")
+        if previous != current:
+            await asyncio.to_thread(_write_record, app_name, current)
+    except Exception:  # noqa: BLE001 - cleanup of an old config must never stop serving
+        logger.warning("could not clean up registrations of an earlier config", exc_info=True)
+
+
 @dataclass
 class NodeState:
     """What one node holds of the project, and how talking to it has gone."""
@@ -187,6 +239,10 @@ class Registrar:
                 logger.info("unregistered project %r from node %s (%s)", self.project, node.url, result.message)
             node.state, node.registered = "pending", None
 
+    def owned(self) -> set[tuple[str, str]]:
+        """The (project, node URL) pairs this registrar keeps registered."""
+        return {(self.project, node.url) for node in self._nodes} if self.options.enabled else set()
+
     def status(self) -> dict[str, Any]:
         """JSON-able state of the registration with every node, for `GET /v1/registration`."""
         return {"enabled": self.options.enabled, "project": self.project,
@@ -250,6 +306,8 @@ class RegistrarDeployment:
         self._app_name = serve.get_replica_context().app_name
         self._registrar = Registrar(config, LiveCatalog(config, self._app_name).live_models)
         self._registrar.start()
+        self._cleanup = asyncio.get_running_loop().create_task(
+            unregister_stale(self._app_name, self._registrar.owned(), config.registration.timeout_s))
 
     async def status(self) -> dict[str, Any]:
         return self._registrar.status()
@@ -258,7 +316,11 @@ class RegistrarDeployment:
         """Serve awaits this on graceful replica shutdown (replica.py `call_destructor`)."""
         registrar = getattr(self, "_registrar", None)  # absent when __init__ failed
         if registrar is not None:
-            await registrar.stop(unregister=await self._app_is_going_away())
+            going_away = await self._app_is_going_away()
+            await registrar.stop(unregister=going_away)
+            if going_away:  # nothing is registered any more: forget the record too
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(_write_record, self._app_name, set())
 
     async def _app_is_going_away(self) -> bool:
         """Unregister unless Serve says the application stays up.

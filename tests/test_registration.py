@@ -281,3 +281,30 @@ def test_registration_through_ray_serve(cluster, node: FakeNode) -> None:
     serve.delete("reg_app")
     assert node.wait_for(lambda: node.bodies(UNREGISTER_PATH) == [{"project": project}], timeout=30)
     assert node.models_of(project) is None
+
+
+@pytest.mark.slow
+def test_a_redeploy_withdraws_what_the_new_config_no_longer_announces(cluster, node: FakeNode) -> None:
+    """The application stays up across a redeploy, so nothing unregisters the old project on
+    its way out; the new config's side does: the new registrar for a renamed project, the
+    ingress once registration is off."""
+    from ray import serve
+
+    def deploy(project: str, enabled: bool = True) -> None:
+        args = cluster.args(route_prefix="/rereg", project=project, registration={
+            "enabled": enabled, "node_urls": [node.url], "interval_s": 2, "timeout_s": 1, "retry_max_s": 1})
+        args["models"] = [{**m, "cid": "cid-" + m["name"]} for m in args["models"] if m["kind"] == "chat"]
+        cluster.deploy(args, name="rereg_app", route_prefix="/rereg")
+
+    try:
+        deploy("OldName")
+        assert node.wait_for(lambda: node.models_of("OldName") is not None, timeout=60)
+        deploy("NewName")
+        assert node.wait_for(lambda: node.models_of("NewName") is not None and node.models_of("OldName") is None,
+                             timeout=60), node.bodies(UNREGISTER_PATH)
+        assert node.bodies(UNREGISTER_PATH) == [{"project": "OldName"}]
+        deploy("NewName", enabled=False)
+        assert node.wait_for(lambda: node.models_of("NewName") is None, timeout=60), node.bodies(UNREGISTER_PATH)
+        assert node.bodies(UNREGISTER_PATH) == [{"project": "OldName"}, {"project": "NewName"}]
+    finally:
+        serve.delete("rereg_app")
