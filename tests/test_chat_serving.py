@@ -50,15 +50,22 @@ def test_concurrent_requests_share_decode_steps(server):
     tokens = sum(b["usage"]["completion_tokens"] for b in bodies)
     steps = chat_stats()["decode_steps"] - before
     assert tokens >= 8 * 10
-    assert steps < tokens, f"{steps} decode steps for {tokens} tokens: no batching"
+    # Alone, every token is a step of its own; together the 8 share steps (about 7.5 tokens a
+    # step here). Three a step on average leaves room for slow arrivals on a busy machine.
+    assert 3 * steps <= tokens, f"{steps} decode steps for {tokens} tokens: too little batching"
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
 def test_disconnect_stops_generation(server, stream):
     host, port = server.removeprefix("http://").split(":")
-    before = chat_stats()["decode_steps"]
     body = ('{"model": "%s", "stream": %s, "max_tokens": 1000, "temperature": 0, "stop": null, '
-            '"messages": [{"role": "user", "content": "Hello"}]}' % (CHAT, str(stream).lower())).encode()
+            '"messages": [{"role": "user", "content": "Tell me a story"}]}' % (CHAT, str(stream).lower())).encode()
+    # Left alone, this request runs all 1000 tokens (no end-of-sequence on the way): a test of
+    # stopping it early means something.
+    whole = httpx.post(server + "/v1/chat/completions", content=body.replace(b'"stream": true', b'"stream": false'),
+                       headers={"Content-Type": "application/json"}, timeout=120).json()
+    assert whole["choices"][0]["finish_reason"] == "length" and whole["usage"]["completion_tokens"] == 1000
+    before = chat_stats()["decode_steps"]
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body) + body)

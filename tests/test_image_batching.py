@@ -91,7 +91,8 @@ def test_seeded_job_same_alone_and_batched(model, extra):
     outcomes, calls = calls_for(model, [others[0], seeded, others[1]])
     assert calls == 1
     batched = outcomes[1]
-    for a, b in zip(alone.images, batched.images):
+    assert len(alone.images) == len(batched.images) == 2
+    for a, b in zip(alone.images, batched.images, strict=True):
         assert_same_image(a, b)
     # Each image has its own generator: the two images of the job differ, and so does another seed.
     [other_seed] = model.run_jobs([job("a seeded otter", n=1, seed=99, **extra)])
@@ -168,8 +169,9 @@ def test_concurrent_requests_share_pipeline_calls(http):
     for (n, _), images in zip(requests, results):
         assert len(images) == n
         assert {Image.open(io.BytesIO(png)).size for png in images} == {(64, 64)}
-    for a, b in zip(alone, results[1]):
+    for a, b in zip(alone, results[1], strict=True):
         assert_same_image(a, b)
     assert after["requests"] - before["requests"] == len(requests)
     assert after["images"] - before["images"] == sum(n for n, _ in requests)
-    assert after["pipeline_calls"] - before["pipeline_calls"] < len(requests), (before, after)
+    # Requests that queue while a call runs share the next one: at most half as many calls.
+    assert after["pipeline_calls"] - before["pipeline_calls"] <= len(requests) // 2, (before, after)

@@ -323,12 +323,10 @@ def test_connection_goes_to_the_checked_address_with_name_in_host_and_sni() -> N
 
 def self_signed(name: str) -> tuple[bytes, bytes]:
     """(certificate PEM, key PEM) for DNS name `name`."""
-    crypto = pytest.importorskip("cryptography")
-    from cryptography import x509
+    from cryptography import x509  # a dev dependency: the TLS test runs, never skips
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    assert crypto
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.timezone.utc)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 import httpx
 import pytest
 
+from tests.conftest import wait_for
 from tests.fake_node import FakeNode
 from serve_app.catalog import LiveModel
 from serve_app.config import AppConfig
@@ -248,6 +249,14 @@ def test_fake_node_model_endpoints(node: FakeNode) -> None:
 # ---------------------------------------------------------------- end to end on Ray Serve
 
 
+def _registrar_replicas(app_name: str) -> list[str]:
+    """Names of the live actors of this application's registrar replicas (Serve names them so)."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app_name}#registrar#"
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+
+
 @pytest.mark.slow
 def test_registration_through_ray_serve(cluster, node: FakeNode) -> None:
     from ray import serve
@@ -276,7 +285,10 @@ def test_registration_through_ray_serve(cluster, node: FakeNode) -> None:
     cluster.deploy(chat_only, name="reg_app", route_prefix="/reg")
     expected = [e for e in everything if e[2] == 0]
     assert node.wait_for(lambda: entries() == expected, timeout=60), entries()
-    assert node.bodies(UNREGISTER_PATH) == []  # the replaced registrar left its successor's work alone
+    # The replaced registrar leaves its successor's work alone, also once it is gone for good.
+    assert wait_for(lambda: len(_registrar_replicas("reg_app")) == 1, timeout=60)
+    time.sleep(3)  # an interval and more: a stray unregister would have landed
+    assert node.bodies(UNREGISTER_PATH) == [] and entries() == expected
 
     serve.delete("reg_app")
     assert node.wait_for(lambda: node.bodies(UNREGISTER_PATH) == [{"project": project}], timeout=30)

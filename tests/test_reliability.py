@@ -151,7 +151,8 @@ def test_request_id_is_echoed(shttp):
     assert shttp.get("/v1/models").headers.get("x-request-id")
 
 
-async def _mixed_load(base: str, count: int) -> list[int | str]:
+async def _mixed_load(base: str, count: int, answered: asyncio.Event | None = None) -> list[int | str]:
+    """`count` concurrent requests (chat, and every fourth `/v1/models`); `answered` is set at the first chat 200."""
     limits = httpx.Limits(max_connections=count)
     async with httpx.AsyncClient(base_url=base, headers=AUTH, timeout=120, limits=limits) as client:
         async def one(i: int) -> int | str:
@@ -168,6 +169,8 @@ async def _mixed_load(base: str, count: int) -> list[int | str]:
                 assert response.json()["code"] == 503 and response.headers.get("retry-after")
             elif response.status_code == 200:
                 assert response.json()["code"] == 0
+                if answered is not None and i % 4 != 3:
+                    answered.set()
             return response.status_code
 
         return await asyncio.gather(*(one(i) for i in range(count)))
@@ -204,15 +207,17 @@ def test_killed_replica_recovers_and_failures_are_bounded(secure, shttp):
     (pid,) = _replica_pids("secure_app", "model_Llama3-8B")
 
     async def load_with_kill() -> list[int | str]:
-        async def kill_soon() -> None:
-            await asyncio.sleep(0.3)
+        answered = asyncio.Event()
+
+        async def kill_mid_load() -> None:  # once the replica has answered, with the wave's others in flight
+            await answered.wait()
             os.kill(pid, signal.SIGKILL)
 
-        killer = asyncio.create_task(kill_soon())
-        outcomes = []
-        for _ in range(4):
+        killer = asyncio.create_task(kill_mid_load())
+        outcomes = await _mixed_load(secure, 12, answered)
+        for _ in range(3):
             outcomes += await _mixed_load(secure, 12)
-        await killer
+        await asyncio.wait_for(killer, 10)
         return outcomes
 
     outcomes = asyncio.run(load_with_kill())
@@ -222,6 +227,8 @@ def test_killed_replica_recovers_and_failures_are_bounded(secure, shttp):
     assert wait_for(lambda: shttp.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 2}).status_code == 200,
                     timeout=90, interval=1)
     assert wait_for(lambda: _replica_pids("secure_app", "model_Llama3-8B") not in ([], [pid]), timeout=30)
+    # Recovered: a load within the replica's capacity (2 running + 4 queued) is served in full.
+    assert asyncio.run(_mixed_load(secure, 4)) == [200] * 4
 
 
 @pytest.fixture(scope="module")
@@ -270,6 +277,12 @@ def test_a_slow_model_answers_504_not_a_hang(cluster):
             assert time.monotonic() - started < 10
             assert response.status_code == 504 and response.headers["content-type"] == "application/json"
             assert response.json()["code"] == 504 and response.json()["error"]["type"] == "timeout_error"
+            # The answer given up on stops costing compute: its generation ends, well short of 1000 tokens.
+            model = serve.get_deployment_handle("model_Llama3-8B", app_name="slow_app")
+            assert wait_for(lambda: model.stats.remote().result()["active_requests"] == 0, timeout=10, interval=0.05)
+            steps = model.stats.remote().result()["decode_steps"]
+            time.sleep(0.3)
+            assert model.stats.remote().result()["decode_steps"] == steps < 1000
             quick = client.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 1})
             assert quick.status_code == 200
     finally:

@@ -11,6 +11,7 @@ import io
 import uuid
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from openai.types import ImagesResponse
@@ -82,12 +83,13 @@ def test_chat_seed_example_matches_standard_and_openai(http):
 
 def test_chat_max_tokens_gives_length_and_exact_usage(client):
     result = client.chat.completions.create(model=CHAT, messages=SEED_CHAT["messages"], max_tokens=5,
-                                            n=2, temperature=1.0, seed=1)
+                                            n=2, temperature=1.0, seed=1, logprobs=True)
     assert len(result.choices) == 2 and [c.index for c in result.choices] == [0, 1]
-    for choice in result.choices:
-        assert choice.finish_reason in ("stop", "length")
-    lengths = sum(5 for c in result.choices if c.finish_reason == "length")
-    assert lengths <= result.usage.completion_tokens <= 10
+    # Every token of a choice has a log-probability entry, except an end-of-sequence token.
+    used = [len(c.logprobs.content) + (c.finish_reason == "stop") for c in result.choices]
+    for choice, tokens in zip(result.choices, used):
+        assert (choice.finish_reason, tokens) == ("length", 5) or (choice.finish_reason == "stop" and 0 < tokens <= 5)
+    assert result.usage.completion_tokens == sum(used)
 
 
 def test_chat_seed_reproduces_and_differs(client):
@@ -135,8 +137,11 @@ def test_logprobs_follow_the_tokens_in_both_modes(client):
     whole = client.chat.completions.create(**greedy)
     choice = whole.choices[0]
     entries = choice.logprobs.content
+    # One entry per generated token; an end-of-sequence token (counted in usage) has none.
+    eos = 1 if choice.finish_reason == "stop" else 0
+    assert entries and len(entries) == whole.usage.completion_tokens - eos
     if choice.finish_reason == "length":
-        assert len(entries) == whole.usage.completion_tokens == 10
+        assert len(entries) == 10
     for entry in entries:
         assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
         ranked = [alt.logprob for alt in entry.top_logprobs]
@@ -232,7 +237,20 @@ def test_edit_json_with_http_url(http):
     made = assert_success(http.post("/v1/images/generations", json={"model": IMAGE, "prompt": "x", "size": "64x64"}))
     body = assert_success(http.post("/v1/images/edits", json={
         "model": IMAGE, "prompt": "beret", "image": made["data"][0]["url"], "size": "64x64"}))
-    assert body["data"][0]["url"]
+    assert png_of(http.get(body["data"][0]["url"]).content).size == (64, 64)
+
+
+def test_an_edit_starts_from_its_input_image(http):
+    """The same prompt and seed on a red and on a blue input: two images; the red one again: the same."""
+    def edit(color: str) -> np.ndarray:
+        body = assert_success(http.post("/v1/images/edits", data={
+            "model": IMAGE, "prompt": "beret", "seed": "7", "size": "64x64", "response_format": "b64_json"},
+            files={"image": ("in.png", _png_bytes((64, 64), color), "image/png")}))
+        return np.asarray(png_of(base64.b64decode(body["data"][0]["b64_json"])).convert("RGB"), dtype=np.int16)
+
+    red, blue, red_again = edit("red"), edit("blue"), edit("red")
+    assert np.abs(red - blue).mean() > 1
+    assert np.abs(red - red_again).max() <= 1
 
 
 # ------------------------------------------------------------------------------ errors
