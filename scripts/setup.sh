@@ -26,7 +26,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
         fi
     fi
     echo "setup: installing $TORCH_SPEC"
-    "${PIP[@]}" ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "$TORCH_SPEC"
+    # torch alone from its index; its dependencies come with the package's, from the usual index.
+    "${PIP[@]}" --no-deps ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "$TORCH_SPEC"
 fi
 
 echo "setup: installing serve_app and its dependencies"

@@ -95,8 +95,12 @@ def test_node_passes_streams_through_as_openai_sse(http):
         assert response.status_code == 200
         lines = [line for line in response.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
+    text, finishes = "", []
     for line in lines[:-1]:
         chunk = json.loads(line.removeprefix("data: "))
         assert chunk["object"] == "chat.completion.chunk" and isinstance(chunk["created"], int)
         for choice in chunk["choices"]:
             assert isinstance(choice["delta"].get("content", ""), (str, type(None)))
+            text += choice["delta"].get("content") or ""
+            finishes += [choice["finish_reason"]] if choice.get("finish_reason") else []
+    assert text and len(finishes) == 1

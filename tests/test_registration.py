@@ -305,7 +305,8 @@ def test_a_redeploy_withdraws_what_the_new_config_no_longer_announces(cluster, n
     def deploy(project: str, enabled: bool = True) -> None:
         args = cluster.args(route_prefix="/rereg", project=project, registration={
             "enabled": enabled, "node_urls": [node.url], "interval_s": 2, "timeout_s": 1, "retry_max_s": 1})
-        args["models"] = [{**m, "cid": "cid-" + m["name"]} for m in args["models"] if m["kind"] == "chat"]
+        args["models"] = [{"name": "echo", "kind": "chat", "engine": "echo", "path": "echo", "cid": "cid-echo",
+                           "deployment": {"num_cpus": 0.05}}]  # no weights: quick to redeploy
         cluster.deploy(args, name="rereg_app", route_prefix="/rereg")
 
     try:
