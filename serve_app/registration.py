@@ -39,6 +39,8 @@ NODE_TYPES = {"chat": (0,), "image": (1, 2)}
 """The node's `type` for each route of `ROUTES[kind]`: 0 chat, 1 text-to-image, 2 image edit."""
 FIRST_RETRY_S = 1.0
 UNREGISTER_TIMEOUT_S = 2.0
+STATUS_TIMEOUT_S = 10.0
+"""How long a stopping registrar waits for Serve to say whether its application stays."""
 DEPLOYMENT_NAME = "registrar"
 
 LiveSource = Callable[[], Awaitable[Sequence[LiveModel]]]
@@ -327,10 +329,16 @@ class RegistrarDeployment:
 
         A redeploy replaces this replica while the application lives on; its
         successor registers the new set, which an unregister from here could
-        arrive after and wipe. When Serve cannot be asked, assume the worst.
+        arrive after and wipe. A controller that is gone means the whole server
+        is going away; one that is slow to answer (busy with the redeploy on a
+        loaded machine, seen taking over 2 s) does not.
         """
         try:
-            status = await asyncio.wait_for(asyncio.to_thread(serve.status), UNREGISTER_TIMEOUT_S)
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), STATUS_TIMEOUT_S)
+        except TimeoutError:
+            logger.warning("Serve did not say within %.0f s whether application %r stays; leaving its "
+                           "registrations to its successor", STATUS_TIMEOUT_S, self._app_name)
+            return False
         except Exception:  # noqa: BLE001 - controller gone: the whole server is going away
             return True
         app = status.applications.get(self._app_name)

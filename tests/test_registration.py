@@ -208,6 +208,29 @@ async def test_disabled_registrar_does_nothing(node: FakeNode) -> None:
     assert registrar_deployment(config) is None
 
 
+@pytest.mark.parametrize(("answer", "going_away"), [
+    ("slow", False),  # a controller busy with the redeploy: the app stays, the successor's work stays
+    ("dead", True),  # no controller: the whole server is going away
+    ("deleting", True), ("running", False), ("absent", True)])
+def test_a_stopping_registrar_unregisters_only_when_its_app_goes_away(monkeypatch, answer, going_away) -> None:
+    import types
+
+    from serve_app import registration
+
+    def status():
+        if answer == "slow":
+            time.sleep(1)
+        if answer == "dead":
+            raise RuntimeError("controller is dead")
+        apps = {} if answer == "absent" else {"app": types.SimpleNamespace(status=answer.upper())}
+        return types.SimpleNamespace(applications=apps)
+
+    monkeypatch.setattr(registration.serve, "status", status)
+    monkeypatch.setattr(registration, "STATUS_TIMEOUT_S", 0.2)
+    replica = types.SimpleNamespace(_app_name="app")
+    assert asyncio.run(registration.RegistrarDeployment.func_or_class._app_is_going_away(replica)) is going_away
+
+
 def test_project_and_base_url_can_be_overridden_for_the_node(node: FakeNode) -> None:
     config = make_config([node.url], project="NodeProject", public_base_url="http://localhost:9000/")
     registrar = Registrar(config, FakeLive(config))
