@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -90,9 +91,10 @@ class ChoiceDecoder:
     """
 
     def __init__(self, tokenizer, eos_ids: set[int], stop: list[str], max_tokens: int,
-                 top_logprobs: int | None = None) -> None:
+                 top_logprobs: int | None = None, token_bytes: Callable[[int], bytes] | None = None) -> None:
         self.tokenizer, self.eos_ids, self.stop, self.max_tokens = tokenizer, eos_ids, stop, max_tokens
         self.top_logprobs = top_logprobs  # None: no logprobs asked for
+        self.token_bytes = token_bytes  # a token's own bytes (part of a character, maybe) for logprobs
         self.decoded = IncrementalText(tokenizer)
         self.text = ""
         self.sent = 0
@@ -138,8 +140,9 @@ class ChoiceDecoder:
         return new
 
     def _alternative(self, token: int, logprob: float) -> TokenAlternative:
-        text = self.tokenizer.decode([token])
-        return TokenAlternative(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+        text = self.tokenizer.decode([token])  # U+FFFD for part of a character; `bytes` has the real ones
+        raw = self.token_bytes(token) if self.token_bytes is not None else text.encode("utf-8")
+        return TokenAlternative(token=text, logprob=logprob, bytes=list(raw))
 
     def _token_logprob(self, token: int, logprobs: torch.Tensor) -> TokenLogprob:
         chosen = self._alternative(token, float(logprobs[token]))
@@ -169,8 +172,22 @@ class ChoiceDecoder:
         """How many trailing characters must wait: a possible start of a stop string,
         or replacement characters a later token may still turn into a real character."""
         decided = self.text.rstrip("\ufffd")
-        return len(self.text) - len(decided) + max(
-            (k for s in self.stop for k in range(len(s) - 1, 0, -1) if decided.endswith(s[:k])), default=0)
+        return len(self.text) - len(decided) + max((_stop_prefix_at_end(decided, s) for s in self.stop), default=0)
+
+
+def _stop_prefix_at_end(text: str, stop: str) -> int:
+    """Length of the longest proper prefix of `stop` that `text` ends with (0 if none).
+
+    Only places where `stop`'s first character occurs in the last len(stop) - 1
+    characters can start one, so a long stop string costs a `find` per step, not
+    a comparison per prefix length.
+    """
+    start = text.find(stop[0], max(0, len(text) - len(stop) + 1))
+    while start != -1:
+        if stop.startswith(text[start:]):
+            return len(text) - start
+        start = text.find(stop[0], start + 1)
+    return 0
 
 
 @dataclass

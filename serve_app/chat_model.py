@@ -31,6 +31,7 @@ from serve_app.errors import InvalidRequest
 from serve_app.jobs import ChatJob, ChatResult, ChatStreamChunk, ChoiceDelta
 from serve_app.placement import ModelReplica, spread_devices, weights_device_map
 from serve_app.sampling import make_rows
+from serve_app.token_bytes import TokenBytes
 
 logger = logging.getLogger("ray.serve")
 
@@ -56,11 +57,14 @@ class ChatModel(ModelReplica):
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
+        self.vocabulary = self.model.get_output_embeddings().out_features  # the logits' width
+        self.token_bytes = TokenBytes(self.tokenizer)
         self._batch = DecodeBatch(self.model, self.pad_id, self.device)
         self._waiting: deque[Slot] = deque()
         self._engine: asyncio.Task | None = None
         self._active: set[int] = set()
         self._steps = 0
+        self._tokens = 0
         self.log_loaded(spread_devices(self.model))
 
     async def generate(self, job: ChatJob) -> ChatResult:
@@ -79,8 +83,9 @@ class ChatModel(ModelReplica):
             yield ChatStreamChunk(deltas, len(slot.prompt_ids), used)
 
     async def stats(self) -> dict[str, int]:
-        """Requests in flight and decode steps so far: lets operators and tests see work stop."""
-        return {"active_requests": len(self._active), "decode_steps": self._steps,
+        """Requests in flight, forward passes and tokens so far: lets operators and tests see
+        work stop, and how many rows the steps carried."""
+        return {"active_requests": len(self._active), "decode_steps": self._steps, "decoded_tokens": self._tokens,
                 "batch_requests": self._batch.live_slots,
                 "waiting_requests": sum(not slot.cancelled for slot in self._waiting)}
 
@@ -131,6 +136,7 @@ class ChatModel(ModelReplica):
                     continue
                 if deltas:  # a tick that only dropped departed rows ran no forward pass
                     self._steps += 1
+                    self._tokens += len(deltas)
                 self._deliver(deltas)
         except BaseException as exc:
             self._fail(list(self._waiting) + [slot for slot, _ in self._batch.owners], exc)
@@ -182,8 +188,11 @@ class ChatModel(ModelReplica):
             raise InvalidRequest(f"This model's chat template rejects the messages: {exc}", param="messages") from exc
         prompt_ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
         max_new = self._fit_to_context(len(prompt_ids), job)
+        if any(token >= self.vocabulary for token in job.logit_bias):
+            raise InvalidRequest(f"logit_bias names a token id this model does not have (ids go up to "
+                                 f"{self.vocabulary - 1}).", param="logit_bias")
         top_logprobs = job.top_logprobs if job.logprobs else None
-        decoders = [ChoiceDecoder(self.tokenizer, self.eos_ids, job.stop, max_new, top_logprobs)
+        decoders = [ChoiceDecoder(self.tokenizer, self.eos_ids, job.stop, max_new, top_logprobs, self.token_bytes)
                     for _ in range(job.n)]
         return Slot(job=job, prompt_ids=prompt_ids, rows=make_rows(job, self.model.generation_config, decoders))
 
@@ -198,7 +207,7 @@ class ChatModel(ModelReplica):
                 f"{self.context_length} tokens.", param="messages", code="context_length_exceeded")
         if job.max_tokens > room and job.max_tokens_explicit:
             raise InvalidRequest(
-                f"max_tokens={job.max_tokens} plus the conversation's {prompt_length} tokens exceeds "
-                f"this model's context of {self.context_length} tokens.", param="max_tokens",
+                f"{job.max_tokens_param}={job.max_tokens} plus the conversation's {prompt_length} tokens "
+                f"exceeds this model's context of {self.context_length} tokens.", param=job.max_tokens_param,
                 code="context_length_exceeded")
         return min(job.max_tokens, room)

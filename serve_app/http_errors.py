@@ -100,7 +100,8 @@ def validation_error(exc: RequestValidationError | ValidationError) -> InvalidRe
     parts = [p for p in first.get("loc", ()) if p != "body" and not _is_union_branch(p)]
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".") or None
     if param is None and first.get("type") in ("missing", "model_type", "model_attributes_type", "dict_type"):
-        return InvalidRequest("The request body must be a JSON object.", code="invalid_body")
+        return InvalidRequest("The request body must be a JSON object, sent with Content-Type: application/json.",
+                              code="invalid_body")
     message = str(first.get("msg", "Invalid request"))
     message = message.removeprefix("Value error, ")
     return InvalidRequest(f"{param}: {message}" if param else message, param=param)

@@ -18,9 +18,9 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
-from serve_app.catalog import ROUTES, LiveCatalog, ModelRouter, Target
+from serve_app.catalog import ROUTES, LiveCatalog, LiveModel, ModelRouter, Target
 from serve_app.config import AppConfig
-from serve_app.errors import APIError, GatewayTimeout, InvalidRequest, Overloaded
+from serve_app.errors import APIError, GatewayTimeout, InvalidRequest, Overloaded, model_not_found
 from serve_app.http_errors import JSON, as_api_error, error_schema, install_error_handlers, json_response
 from serve_app.image_input import ImageFetcher, InputImage
 from serve_app.image_store import FILES_ROUTE, ImageStore
@@ -33,6 +33,7 @@ from serve_app.protocol import (
     ImageGenerationRequest,
     ImagesResponse,
     ModelCard,
+    ModelDetail,
     ModelList,
 )
 from serve_app.registration import unregister_stale
@@ -76,13 +77,16 @@ EDIT_BODY = {
 
 # Defined before the class: `@serve.ingress` snapshots the module's globals when it runs.
 async def _read_form(request: Request) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """Split a multipart form into plain fields and uploaded files (first file per name)."""
+    """Split a multipart form into plain fields and uploaded files (first file per name).
+    A file field left empty (a browser form sends one when no file was chosen) is no upload."""
     form = await request.form()
     fields: dict[str, Any] = {}
     files: dict[str, bytes] = {}
     for key, value in form.multi_items():
         if isinstance(value, UploadFile):
-            files.setdefault(key, await value.read())
+            data = await value.read()
+            if data or value.filename:
+                files.setdefault(key, data)
         else:
             fields.setdefault(key, value)
     return fields, files
@@ -167,14 +171,16 @@ class Ingress:
 
     @api.get("/v1/models", response_model=ModelList)
     async def list_models(self) -> Response:
-        cards = [
-            ModelCard(id=live.config.name, model=live.config.name, created=live.created,
-                      owned_by=live.config.owned_by, url=self.catalog.url_for(live.config),
-                      kind=live.config.kind, endpoints=ROUTES[live.config.kind],
-                      scaled_to_zero=live.scaled_to_zero)
-            for live in await self.catalog.live_models()
-        ]
+        cards = [self._card(live) for live in await self.catalog.live_models()]
         return json_response(ModelList(project=self.config.project, data=cards))
+
+    @api.get("/v1/models/{model:path}", response_model=ModelDetail, responses={404: ERRORS[404]})
+    async def retrieve_model(self, model: str) -> Response:
+        """One live model (OpenAI's `models.retrieve`); names may hold slashes, as hub ids do."""
+        for live in await self.catalog.live_models():
+            if live.config.name == model:
+                return json_response(ModelDetail(**self._card(live).model_dump()))
+        raise model_not_found(model)
 
     @api.get("/v1/registration")
     async def registration(self) -> Response:
@@ -185,6 +191,12 @@ class Ingress:
     @api.get(FILES_ROUTE + "/{name}", response_class=FileResponse, responses={404: ERRORS[404]})
     async def image_file(self, name: str) -> FileResponse:
         return FileResponse(self.store.path(name), media_type="image/png")
+
+    def _card(self, live: LiveModel) -> ModelCard:
+        return ModelCard(id=live.config.name, model=live.config.name, created=live.created,
+                         owned_by=live.config.owned_by, url=self.catalog.url_for(live.config),
+                         kind=live.config.kind, endpoints=ROUTES[live.config.kind],
+                         scaled_to_zero=live.scaled_to_zero)
 
     async def _within_timeout(self, target: Target, answer: Awaitable[T], cancel: Callable[[], None]) -> T:
         """Await a model's answer for at most `limits.request_timeout_s`; never hang.
@@ -233,10 +245,16 @@ class Ingress:
             mask_upload = files.pop("mask", None)
             if upload is None and len(files) == 1:  # a node may name the field e.g. `face_image`
                 upload = files.popitem()[1]
-            if upload is None:
+            if upload is None and not body.image:
                 raise InvalidRequest("image is required: upload it as a file field named 'image'.", param="image")
-            image = await asyncio.to_thread(self.fetcher.check_upload, upload, param="image")
-            mask = await asyncio.to_thread(self.fetcher.check_upload, mask_upload, param="mask") if mask_upload else None
+            # A form may also give an image (or mask) as a URL in a text field.
+            image = (await asyncio.to_thread(self.fetcher.check_upload, upload, param="image") if upload is not None
+                     else await self.fetcher.load(body.image, param="image"))  # type: ignore[arg-type]
+            mask = None
+            if mask_upload is not None:
+                mask = await asyncio.to_thread(self.fetcher.check_upload, mask_upload, param="mask")
+            elif body.mask:
+                mask = await self.fetcher.load(body.mask, param="mask")
             return target, body, image, mask
         body = ImageEditRequest.model_validate_json(await request.body() or b"null")
         target = self.router.resolve(body.model, "image")

@@ -19,6 +19,7 @@ class ChatJob:
     messages: list[dict[str, str]]
     max_tokens: int
     max_tokens_explicit: bool
+    max_tokens_param: str = "max_tokens"  # the request's name for it, for errors
     n: int = 1
     temperature: float | None = None
     top_p: float | None = None
@@ -28,6 +29,7 @@ class ChatJob:
     frequency_penalty: float | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
 
 @dataclass(frozen=True)
@@ -105,11 +107,14 @@ class ImageJob:
     def pipeline_steps(self) -> int:
         """`num_inference_steps` to ask the pipeline for. Image-to-image runs only
         int(steps * strength) of them, so an edit asks for enough that one at least runs
-        (a small strength needs many; int(161 * (1 / 161)) is 0 in floating point)."""
+        (a small strength needs many; int(161 * (1 / 161)) is 0 in floating point).
+        The ingress refuses a strength below 1 / max_steps first: a strength near zero
+        would ask for more steps than a float can count one by one."""
         steps = self.steps
-        if self.init_image is not None:
+        if self.init_image is not None and int(steps * self.strength) < 1:
+            steps = max(steps, math.ceil(1 / self.strength))
             while int(steps * self.strength) < 1:
-                steps = max(steps + 1, math.ceil(1 / self.strength))
+                steps += 1
         return steps
 
 

@@ -15,7 +15,16 @@ import random
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -45,6 +54,23 @@ def _zero_means_one(value: Any) -> Any:
 Blankable = BeforeValidator(_blank_is_none)
 
 
+def _well_formed(value: str) -> str:
+    """JSON may carry a lone UTF-16 surrogate (`"\\ud800"`, from a string cut inside an emoji);
+    no tokenizer takes one, so it is the client's error here rather than a model's failure."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text holds an unpaired UTF-16 surrogate (such as \\ud800); send valid Unicode") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_well_formed)]
+"""Text that reaches a tokenizer: well-formed Unicode."""
+
+MAX_STOP_CHARS = 1000
+"""Longest stop sequence: each is matched against every new token of its request."""
+
+
 Count = Annotated[int, BeforeValidator(_zero_means_one), Field(ge=1)]
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # OpenAI's seed is a 64-bit integer
 """`n`: `0`, `null` or absent mean one, as a network node sends zero values."""
@@ -57,7 +83,7 @@ class ContentPart(WireModel):
     """One part of a message's content; only text parts reach a text model."""
 
     type: str
-    text: str | None = None
+    text: Text | None = None
 
     @model_validator(mode="after")
     def _text_only(self) -> "ContentPart":
@@ -69,21 +95,29 @@ class ContentPart(WireModel):
 
 
 class ChatMessage(WireModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: Text | list[ContentPart] | None = None
     name: str | None = None
 
     def text(self) -> str:
-        """The content as one string (text parts joined)."""
+        """The content as one string (text parts joined by newlines, as vLLM joins them)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text or "" for part in self.content)
+        return "\n".join(part.text or "" for part in self.content)
 
 
 class StreamOptions(WireModel):
     include_usage: bool = False
+
+
+class ResponseFormatSpec(WireModel):
+    type: str
+
+
+MAX_LOGIT_BIAS = 300
+"""Most `logit_bias` entries in one request: each is an op on every decoding step."""
 
 
 class ChatCompletionRequest(WireModel):
@@ -92,16 +126,21 @@ class ChatCompletionRequest(WireModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)  # 0 keeps the most likely token alone
     n: Count = 1
     seed: Seed | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool | None = False  # null is false, as OpenAI documents it
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    logit_bias: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS)
+    response_format: ResponseFormatSpec | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     user: str | None = None
 
     @field_validator("top_logprobs")
@@ -120,7 +159,25 @@ class ChatCompletionRequest(WireModel):
         stops = [s for s in stops if s]
         if len(stops) > 4:
             raise ValueError("at most 4 stop sequences are allowed")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters long")
         return stops or None
+
+    @field_validator("response_format")
+    @classmethod
+    def _plain_text_only(cls, value: ResponseFormatSpec | None) -> ResponseFormatSpec | None:
+        if value is not None and value.type != "text":
+            raise ValueError(f"response_format {value.type!r} is not supported by this server (no constrained "
+                             "decoding); use 'text' and ask for JSON in the prompt")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_forced_tool_calls(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if value is not None and value not in ("auto", "none"):
+            raise ValueError("this server does not make tool calls: tool_choice may be 'auto' or 'none' "
+                             "(the model then answers in text)")
+        return value
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -224,7 +281,7 @@ class ImageGenerationRequest(WireModel):
     """`/v1/images/generations`. Size as `size: "WxH"` or `width`/`height`."""
 
     model: str = Field(min_length=1)
-    prompt: str = Field(min_length=1)
+    prompt: Text = Field(min_length=1)
     n: Count = 1
     size: str | None = None
     width: Annotated[int | None, Blankable] = Field(None, ge=0)
@@ -232,7 +289,7 @@ class ImageGenerationRequest(WireModel):
     response_format: ResponseFormat = "url"
     steps: Annotated[int | None, Blankable] = Field(None, ge=0)
     step: Annotated[int | None, Blankable] = Field(None, ge=0, description="The network node's name for `steps`.")
-    negative_prompt: str | None = None
+    negative_prompt: Text | None = None
     seed: Annotated[Seed | None, Blankable] = None
     user: str | None = None
 
@@ -283,6 +340,10 @@ class ModelCard(WireModel):
     kind: Literal["chat", "image"]
     endpoints: list[str]
     scaled_to_zero: bool = False
+
+
+class ModelDetail(Success, ModelCard):
+    """`GET /v1/models/{model}`: one card in the success envelope (OpenAI's `models.retrieve`)."""
 
 
 class ModelList(Success):

@@ -6,8 +6,8 @@ ops per row per step, and on a GPU a device sync per row: for a batch of 32
 that is milliseconds a step. `choose_tokens` instead applies temperature,
 top-k and top-p to the whole batch at once, draws each sampling row's one
 random number from that row's own generator, and brings every token to the
-host in one transfer. Only presence/frequency penalties stay per row (one op
-each, on rows that ask for them).
+host in one transfer. Only `logit_bias` and presence/frequency penalties stay
+per row (one op each, on rows that ask for them).
 
 The generators live on the CPU whatever the model's device, so a `seed` draws
 the same numbers on CPU and GPU, and a row's draw never depends on its
@@ -42,6 +42,14 @@ class Row:
     presence: float
     frequency: float
     counts: torch.Tensor | None = None  # occurrences of each token id so far, kept only for penalties
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (token ids, values) of `logit_bias`
+
+    def add_bias(self, logits: torch.Tensor) -> None:
+        """OpenAI's `logit_bias`, in place on this row's logits (1-D), before penalties and sampling."""
+        ids, values = self.bias  # type: ignore[misc]
+        if ids.device != logits.device:  # once: the row's tensors move to the model's device
+            ids, values = self.bias = ids.to(logits.device), values.to(logits.device)
+        logits[ids] += values
 
     @property
     def penalized(self) -> bool:
@@ -63,6 +71,10 @@ def make_rows(job: ChatJob, defaults, decoders: list[ChoiceDecoder]) -> list[Row
     """Rows for a job; omitted parameters keep the checkpoint's `generation_config` defaults."""
     sample = bool(defaults.do_sample) if job.temperature is None and job.top_p is None else job.temperature != 0
     seed = job.seed if job.seed is not None else secrets.randbits(62)
+    bias = None
+    if job.logit_bias:
+        bias = (torch.tensor(list(job.logit_bias), dtype=torch.long),
+                torch.tensor(list(job.logit_bias.values()), dtype=torch.float32))
     return [Row(decoder=decoder,
                 generator=torch.Generator().manual_seed((seed + index) % 2**64),
                 greedy=not sample,
@@ -70,7 +82,8 @@ def make_rows(job: ChatJob, defaults, decoders: list[ChoiceDecoder]) -> list[Row
                 top_p=job.top_p if job.top_p is not None else (defaults.top_p or 1.0),
                 top_k=(defaults.top_k or 0) if job.temperature is None else 0,
                 presence=job.presence_penalty or 0.0,
-                frequency=job.frequency_penalty or 0.0)
+                frequency=job.frequency_penalty or 0.0,
+                bias=bias)
             for index, decoder in enumerate(decoders)]
 
 
@@ -78,6 +91,8 @@ def choose_tokens(rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
     """Every row's next token ([rows], on the logits' device) from the batch's logits
     ([rows, vocab], float32, changed in place by penalties)."""
     for i, row in enumerate(rows):
+        if row.bias is not None:
+            row.add_bias(logits[i])
         if row.penalized:
             row.penalize(logits[i])
     tokens = logits.argmax(dim=-1)

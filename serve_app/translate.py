@@ -26,7 +26,7 @@ from serve_app.protocol import (
 )
 from serve_app.protocol import TokenLogprob as WireTokenLogprob
 
-_ROLE_ALIASES = {"developer": "system"}
+_ROLE_ALIASES = {"developer": "system", "function": "tool"}  # OpenAI's newer and older names
 
 
 def _check_n(n: int, limit: int) -> None:
@@ -43,14 +43,16 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
         raise InvalidRequest(f"The messages are longer than {limits.max_prompt_chars} characters in all.",
                              param="messages", code="prompt_too_long")
     requested = request.requested_max_tokens
+    max_tokens_param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
     if requested is not None and requested > config.max_tokens_limit:
-        raise InvalidRequest(f"max_tokens must be at most {config.max_tokens_limit} for this model.",
-                             param="max_completion_tokens" if request.max_completion_tokens else "max_tokens")
+        raise InvalidRequest(f"{max_tokens_param} must be at most {config.max_tokens_limit} for this model.",
+                             param=max_tokens_param)
     return ChatJob(
         messages=[{"role": _ROLE_ALIASES.get(m.role, m.role), "content": text}
                   for m, text in zip(request.messages, texts)],
         max_tokens=requested or config.default_max_tokens,
         max_tokens_explicit=requested is not None,
+        max_tokens_param=max_tokens_param,
         n=request.n,
         temperature=request.temperature,
         top_p=request.top_p,
@@ -60,6 +62,7 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
         frequency_penalty=request.frequency_penalty,
         logprobs=bool(request.logprobs),
         top_logprobs=request.top_logprobs or 0,
+        logit_bias=request.logit_bias or {},
     )
 
 
@@ -154,12 +157,15 @@ def image_job(request: ImageGenerationRequest, config: ImageModelConfig, limits:
     strength = config.default_strength
     if isinstance(request, ImageEditRequest) and request.strength is not None:
         strength = request.strength
+    too_weak = InvalidRequest(f"strength must be at least {1 / config.max_steps:.4g} for this model "
+                              f"(it runs {config.max_steps} steps at most).", param="strength")
+    if source is not None and strength < 1 / config.max_steps:
+        raise too_weak
     job = ImageJob(
         prompt=request.prompt, n=request.n, width=width, height=height, steps=steps, seed=request.seed,
         negative_prompt=request.negative_prompt, strength=strength,
         init_image=source.data if source else None, mask_image=mask.data if mask else None,
     )
-    if job.pipeline_steps > config.max_steps:  # a tiny strength needs many steps to run one
-        raise InvalidRequest(f"strength must be at least {1 / config.max_steps:.4g} for this model "
-                             f"(it runs {config.max_steps} steps at most).", param="strength")
+    if job.pipeline_steps > config.max_steps:  # 1 / max_steps itself may round to a step too many
+        raise too_weak
     return job

@@ -130,3 +130,16 @@ def test_stop_string_after_an_unfinished_character_is_held_back(tokenizer):
         deltas, decoder = run(decoding_with, tokens, ["a\u20ac"])
         assert decoder.result().text == "".join(deltas) == "Price: x"
 
+
+
+def test_held_back_tail_is_the_longest_stop_prefix_the_text_ends_with():
+    """What may still become a stop string: checked against every prefix length, on random text."""
+    from serve_app.chat_engine import _stop_prefix_at_end
+
+    rng = random.Random(3)
+    for _ in range(5000):
+        text = "".join(rng.choice("ab") for _ in range(rng.randint(0, 9)))
+        stop = "".join(rng.choice("ab") for _ in range(rng.randint(1, 6)))
+        brute = max((k for k in range(len(stop) - 1, 0, -1) if text.endswith(stop[:k])), default=0)
+        assert _stop_prefix_at_end(text, stop) == brute, (text, stop)
+

@@ -151,11 +151,14 @@ def test_request_id_is_echoed(shttp):
     assert shttp.get("/v1/models").headers.get("x-request-id")
 
 
-async def _mixed_load(base: str, count: int, answered: asyncio.Event | None = None) -> list[int | str]:
-    """`count` concurrent requests (chat, and every fourth `/v1/models`); `answered` is set at the first chat 200."""
+async def _mixed_load(base: str, count: int, answered: asyncio.Event | None = None,
+                      chat_timings: list[tuple[int | str, float]] | None = None) -> list[int | str]:
+    """`count` concurrent requests (chat, and every fourth `/v1/models`); `answered` is set at the first chat 200;
+    `chat_timings` gets each chat request's (outcome, seconds)."""
     limits = httpx.Limits(max_connections=count)
     async with httpx.AsyncClient(base_url=base, headers=AUTH, timeout=120, limits=limits) as client:
         async def one(i: int) -> int | str:
+            started = time.monotonic()
             try:
                 if i % 4 == 3:
                     response = await client.get("/v1/models")
@@ -164,6 +167,8 @@ async def _mixed_load(base: str, count: int, answered: asyncio.Event | None = No
                                                  json={**SEED_CHAT, "max_tokens": 8, "seed": i})
             except httpx.HTTPError as exc:
                 return type(exc).__name__
+            if chat_timings is not None and i % 4 != 3:
+                chat_timings.append((response.status_code, time.monotonic() - started))
             if response.status_code == 503:
                 assert response.headers.get("content-type") == "application/json", (response.headers, response.text)
                 assert response.json()["code"] == 503 and response.headers.get("retry-after")
@@ -177,12 +182,20 @@ async def _mixed_load(base: str, count: int, answered: asyncio.Event | None = No
 
 
 def test_overload_answers_503_at_once_and_loses_nothing(secure, http):
-    started = time.monotonic()
-    outcomes = asyncio.run(_mixed_load(secure, 200))
-    assert len(outcomes) == 200
+    chat: list[tuple[int | str, float]] = []
+    outcomes = asyncio.run(_mixed_load(secure, 200, chat_timings=chat))
+    assert len(outcomes) == 200 and len(chat) == 150
     assert set(outcomes) <= {200, 503}, outcomes
-    assert outcomes.count(503) > 0 and outcomes.count(200) >= 50
-    assert time.monotonic() - started < 90
+    assert outcomes[3::4] == [200] * 50, "the catalog must answer under a chat overload"
+    refused = sorted(seconds for status, seconds in chat if status == 503)
+    served = [seconds for status, seconds in chat if status == 200]
+    # The model takes 2 at a time and queues 4: at least that many are served, and far fewer than all.
+    assert len(served) >= 6 and len(refused) >= 50, (len(served), len(refused))
+    print(f"503 after p50 {refused[len(refused) // 2]:.2f}s, max {refused[-1]:.2f}s; "
+          f"200 after max {max(served):.2f}s")
+    # At once: a refusal never waits for a slot to free (up to request_timeout_s, 60 s). Here,
+    # 200 requests arriving together are all answered within about 5 s on 2 busy cores.
+    assert refused[-1] < 20, refused
     # The other application's models are unaffected.
     assert http.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 2}).status_code == 200
 

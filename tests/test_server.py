@@ -65,6 +65,15 @@ def test_models_lists_live_models_in_both_shapes(http, client):
     assert {model.id for model in client.models.list()} == {CHAT, IMAGE}
 
 
+def test_one_model_is_retrieved_by_name(http, client):
+    body = assert_success(http.get(f"/v1/models/{CHAT}"))
+    assert body["id"] == body["model"] == CHAT and body["object"] == "model" and body["kind"] == "chat"
+    assert client.models.retrieve(IMAGE).id == IMAGE
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+    assert http.get("/v1/models/nope").json()["error"]["code"] == "model_not_found"
+
+
 # -------------------------------------------------------------------------------- chat
 
 
@@ -148,12 +157,52 @@ def test_logprobs_follow_the_tokens_in_both_modes(client):
         assert ranked == sorted(ranked, reverse=True)
         # greedy, no penalties: the token chosen is the most likely one
         assert (entry.token, entry.logprob) == (entry.top_logprobs[0].token, entry.top_logprobs[0].logprob)
-        assert bytes(entry.bytes).decode("utf-8") == entry.token
+    # A token may be part of a character (its `token` then holds U+FFFD); the bytes join into the text.
+    joined = bytes(byte for entry in entries for byte in entry.bytes)
+    assert joined.decode("utf-8", errors="replace") == choice.message.content
     chunks = list(client.chat.completions.create(**greedy, stream=True))
     streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in entries]
     plain = client.chat.completions.create(model=CHAT, messages=SEED_CHAT["messages"], max_tokens=4)
     assert plain.choices[0].logprobs is None
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(models_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(models_dir / "tiny-llama")
+
+
+def test_logit_bias_forces_a_token_and_its_bytes_are_the_real_ones(client, chat_tokenizer):
+    """+100 on the first token of "€" (part of the character): every token is that one, and its
+    `bytes` are the character's first byte, not the replacement character's."""
+    euro = chat_tokenizer.encode("€", add_special_tokens=False)
+    assert len(euro) > 1, "the tiny tokenizer splits € over several tokens"
+    greedy = dict(model=CHAT, messages=SEED_CHAT["messages"], max_tokens=3, temperature=0, logprobs=True)
+    plain = client.chat.completions.create(**greedy)
+    forced = client.chat.completions.create(**greedy, logit_bias={str(euro[0]): 100})
+    entries = forced.choices[0].logprobs.content
+    # Byte-level BPE: one vocabulary character per byte, so the token holds the first n bytes of €.
+    first = "€".encode()[:len(chat_tokenizer.convert_ids_to_tokens(euro[0]))]
+    assert len(first) < 3 and [bytes(e.bytes) for e in entries] == [first] * 3
+    assert entries[0].token == "\ufffd"
+    assert forced.choices[0].message.content != plain.choices[0].message.content
+
+
+def test_top_p_zero_keeps_only_the_most_likely_token(client):
+    ask = dict(model=CHAT, messages=SEED_CHAT["messages"], max_tokens=12)
+    greedy = client.chat.completions.create(**ask, temperature=0).choices[0].message.content
+    assert {client.chat.completions.create(**ask, temperature=1.0, top_p=0, seed=seed).choices[0].message.content
+            for seed in (1, 2)} == {greedy}
+
+
+def test_tools_in_auto_mode_function_role_and_text_format_are_plain_chat(http):
+    body = {**SEED_CHAT, "max_tokens": 3, "tool_choice": "auto", "response_format": {"type": "text"},
+            "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+            "messages": [*SEED_CHAT["messages"], {"role": "function", "name": "get_weather", "content": "sunny"}]}
+    answer = assert_success(http.post("/v1/chat/completions", json=body))
+    assert answer["choices"][0]["message"]["content"] and "tool_calls" not in answer["choices"][0]["message"]
 
 
 def test_streaming_raw_sse_format(http):
@@ -240,6 +289,14 @@ def test_edit_json_with_http_url(http):
     assert png_of(http.get(body["data"][0]["url"]).content).size == (64, 64)
 
 
+def test_multipart_edit_may_name_its_image_by_url(http):
+    made = assert_success(http.post("/v1/images/generations", json={"model": IMAGE, "prompt": "x", "size": "64x64"}))
+    body = assert_success(http.post("/v1/images/edits", data={
+        "model": IMAGE, "prompt": "beret", "image": made["data"][0]["url"], "size": "64x64"},
+        files={"no_file_chosen": ("", b"")}))  # multipart, as a browser form sends it
+    assert png_of(http.get(body["data"][0]["url"]).content).size == (64, 64)
+
+
 def test_an_edit_starts_from_its_input_image(http):
     """The same prompt and seed on a red and on a blue input: two images; the red one again: the same."""
     def edit(color: str) -> np.ndarray:
@@ -307,6 +364,23 @@ BAD_REQUESTS = [
     ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x", "strength": 1e-8, "image": "data:image/png;base64,"
                                            + base64.b64encode(_png_bytes()).decode()}}, 400, "strength"),
     ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x", "image": "http://93.184.215.14:70000/a.png"}}, 400, "image"),
+    # Near zero, the steps an edit needs outgrow what a float counts (this hung the ingress once).
+    ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x", "strength": 1e-300, "image": "data:image/png;base64,"
+                                           + base64.b64encode(_png_bytes()).decode()}}, 400, "strength"),
+    # A lone UTF-16 surrogate (a string cut inside an emoji) is valid JSON, and no tokenizer takes it.
+    ("post", "/v1/chat/completions", {"content": b'{"model": "Llama3-8B", "messages": [{"role": "user", "content": "\\ud800"}]}',
+                                      "headers": {"content-type": "application/json"}}, 400, "messages[0].content"),
+    ("post", "/v1/chat/completions", {"content": b'{"model": "Llama3-8B", "messages": [{"role": "user", "content": "x"}], '
+                                                 b'"stop": ["a\\udfff"]}', "headers": {"content-type": "application/json"}}, 400, "stop[0]"),
+    ("post", "/v1/images/generations", {"content": b'{"model": "SuperImage", "prompt": "otter \\ud83d"}',
+                                        "headers": {"content-type": "application/json"}}, 400, "prompt"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "stop": ["x" * 1001]}}, 400, "stop"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "response_format": {"type": "json_object"}}}, 400, "response_format"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
+                                               "tool_choice": "required"}}, 400, "tool_choice"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "logit_bias": {"99999999": 5}}}, 400, "logit_bias"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "logit_bias": {"5": 101}}}, 400, None),
+    ("post", "/v1/chat/completions", {"content": b'{"model": "Llama3-8B", "messages": []}'}, 400, None),  # no Content-Type
 ]
 
 
@@ -323,6 +397,11 @@ def test_bad_requests_get_the_error_envelope(http, method, path, kwargs, status,
     assert "Traceback" not in response.text
     if param is not None:
         assert body["error"]["param"] == param
+
+
+def test_a_body_without_content_type_is_told_what_to_send(http):
+    response = http.post("/v1/chat/completions", content=b'{"model": "Llama3-8B", "messages": []}')
+    assert response.status_code == 400 and "Content-Type: application/json" in response.json()["message"]
 
 
 def test_server_still_serves_after_bad_input(http):
