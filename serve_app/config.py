@@ -324,7 +324,8 @@ class AppConfig(StrictModel):
     auth: AuthOptions = Field(default_factory=AuthOptions)
     limits: RequestLimits = Field(default_factory=RequestLimits)
     access_log: bool = Field(True, description="One structured log line per request (no prompt text).")
-    log_prompts: bool = Field(False, description="Include prompt text in the access log line.")
+    log_prompts: bool = Field(False, description="Quote the prompt (a chat's last message, first 500 characters) "
+                                                 "in the access log line.")
     ingress: IngressOptions = Field(default_factory=IngressOptions)
     registration: RegistrationOptions = Field(default_factory=RegistrationOptions)
     models: list[ModelConfig] = Field(min_length=1, description="The models to serve.")

@@ -9,6 +9,7 @@ torch: the ingress can run on a CPU-only node with a fraction of a core.
 
 import asyncio
 import base64
+import json
 from typing import Any, Awaitable, Callable, TypeVar
 
 from fastapi import FastAPI, Request
@@ -53,6 +54,7 @@ api.add_middleware(RequestGuard)
 install_error_handlers(api)
 
 T = TypeVar("T")
+PROMPT_LOG_CHARS = 500
 ERRORS = error_schema()
 EDIT_BODY = {
     "requestBody": {
@@ -132,6 +134,7 @@ class Ingress:
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
         target = self.router.resolve(body.model, "chat")
         note(model=body.model, stream=body.stream, n=body.n)
+        self._note_prompt(body.messages[-1].text())
         job = chat_job(body, target.config, self.config.limits)
         if not body.stream:
             call = target.generate.remote(job)
@@ -148,12 +151,14 @@ class Ingress:
     async def image_generations(self, body: ImageGenerationRequest) -> Response:
         target = self.router.resolve(body.model, "image")
         note(model=body.model)
+        self._note_prompt(body.prompt)
         return await self._images(target, body, image_job(body, target.config, self.config.limits))
 
     @api.post("/v1/images/edits", response_model=ImagesResponse, responses=ERRORS, openapi_extra=EDIT_BODY)
     async def image_edits(self, request: Request) -> Response:
         target, body, image, mask = await self._read_edit(request)
         note(model=body.model)
+        self._note_prompt(body.prompt)
         job = image_job(body, target.config, self.config.limits, source=image, mask=mask)
         return await self._images(target, body, job)
 
@@ -191,6 +196,12 @@ class Ingress:
     @api.get(FILES_ROUTE + "/{name}", response_class=FileResponse, responses={404: ERRORS[404]})
     async def image_file(self, name: str) -> FileResponse:
         return FileResponse(self.store.path(name), media_type="image/png")
+
+    def _note_prompt(self, text: str) -> None:
+        """With `log_prompts` on, the access log line quotes the prompt (a chat's last message),
+        JSON-escaped so it stays one line, cut at `PROMPT_LOG_CHARS`."""
+        if self.config.log_prompts:
+            note(prompt=json.dumps(text[:PROMPT_LOG_CHARS] + ("..." if len(text) > PROMPT_LOG_CHARS else "")))
 
     def _card(self, live: LiveModel) -> ModelCard:
         return ModelCard(id=live.config.name, model=live.config.name, created=live.created,

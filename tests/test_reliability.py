@@ -13,7 +13,9 @@ import os
 import signal
 import struct
 import time
+import uuid
 import zlib
+from pathlib import Path
 
 import httpx
 import openai
@@ -33,7 +35,7 @@ def secure(cluster) -> str:
 
     args = cluster.args(route_prefix="/secure", auth={"api_keys": [KEY]},
                         limits={"max_messages": 8, "max_prompt_chars": 2000, "request_timeout_s": 60},
-                        catalog_ttl_s=0.2)
+                        catalog_ttl_s=0.2, log_prompts=True)
     chat, image = args["models"]
     chat["deployment"].update(num_cpus=0.25, max_ongoing_requests=2, max_queued_requests=4)
     image["deployment"].update(num_cpus=0.25)
@@ -142,6 +144,25 @@ def test_keys_let_the_openai_client_in_and_health_stays_open(secure, shttp):
     with httpx.Client(base_url=secure) as anonymous:
         assert anonymous.get("/health").json() == {"status": "ok"}
         assert anonymous.get("/ready").json() == {"ready": True, "missing": []}
+
+
+def _serve_logs_mentioning(marker: str) -> list[Path]:
+    import ray
+
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    return [path for path in logs.glob("*.log") if marker in path.read_text(errors="replace")]
+
+
+def test_prompts_are_logged_only_where_log_prompts_is_on(shttp, http):
+    secret, quoted = uuid.uuid4().hex, uuid.uuid4().hex
+    assert http.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 1, "messages": [
+        {"role": "user", "content": secret}]}).status_code == 200
+    assert shttp.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 1, "messages": [
+        {"role": "user", "content": f'say "{quoted}"\nplease'}]}).status_code == 200
+    assert wait_for(lambda: _serve_logs_mentioning(quoted), timeout=10)
+    line = next(line for path in _serve_logs_mentioning(quoted) for line in path.read_text().splitlines() if quoted in line)
+    assert "access request_id=" in line and f'prompt="say \\"{quoted}\\"\\nplease"' in line, line
+    assert not _serve_logs_mentioning(secret)  # the default application keeps prompts out of its logs
 
 
 def test_request_id_is_echoed(shttp):
