@@ -314,7 +314,8 @@ class AppConfig(StrictModel):
         "http://127.0.0.1:1088",
         description="Base URL clients reach this server at; image URLs are built from it.",
     )
-    image_dir: str = Field("./generated_images", description="Folder where generated PNGs are stored.")
+    image_dir: str = Field("./generated_images", validate_default=True,
+                           description="Folder where generated PNGs are stored (made absolute where the config is read).")
     max_body_bytes: int = Field(
         25 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
     )
