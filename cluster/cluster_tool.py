@@ -3,7 +3,7 @@
     cluster_tool.py render CONFIG OUT --http-port N [--http-host H]
     cluster_tool.py wait-nodes --dashboard URL --resources head node_a ... [--pid PID ...]
     cluster_tool.py wait-apps CONFIG --dashboard URL [--since EPOCH]
-    cluster_tool.py check-ports PORT ...
+    cluster_tool.py check-ports PORT|FIRST-LAST ...
     cluster_tool.py kill-tagged CLUSTER_DIR
     cluster_tool.py now
 
@@ -28,6 +28,9 @@ from urllib.parse import urlsplit, urlunsplit
 import yaml
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "0.0.0.0"}
+# Written by `local_cluster.sh start` into the cluster's folder (same name there).
+MARKER = ".serve_app_local_cluster"
+TAG = "SERVE_APP_LOCAL_CLUSTER"
 
 
 # --------------------------------------------------------------------------- render
@@ -200,12 +203,33 @@ def _ancestors() -> set[int]:
     return pids
 
 
-def tagged_processes(cluster_dir: str) -> list[int]:
-    """Processes that belong to the local cluster in `cluster_dir`: their environment
-    carries SERVE_APP_LOCAL_CLUSTER=<dir> (set by local_cluster.sh and inherited by every
-    Ray process it starts) or their command line names a path inside the folder."""
-    tag = f"SERVE_APP_LOCAL_CLUSTER={cluster_dir}".encode()
+def belongs_to_cluster(cluster_dir: str, environ: list[bytes], argv: list[bytes],
+                       marked: bool = True) -> bool:
+    """Whether a process (its environment entries and argv) is part of the local cluster in
+    `cluster_dir` (absolute, no symlinks): its environment carries SERVE_APP_LOCAL_CLUSTER=<dir>
+    (exported by local_cluster.sh and inherited by every Ray process it starts), or, when the
+    folder is `marked` as made by `start`, it was given a Ray temp dir inside the folder
+    (`--temp-dir=<dir>/head`, `--temp_dir=<dir>/head`, `--temp-dir <dir>/head`).
+    The folder's path anywhere else on a command line does not count."""
+    if f"{TAG}={cluster_dir}".encode() in environ:
+        return True
+    if not marked:
+        return False
     inside = (cluster_dir.rstrip("/") + "/").encode()
+    for i, arg in enumerate(argv):
+        for option in (b"--temp-dir", b"--temp_dir"):
+            if arg.startswith(option + b"=" + inside):
+                return True
+            if arg == option and i + 1 < len(argv) and argv[i + 1].startswith(inside):
+                return True
+    return False
+
+
+def tagged_processes(cluster_dir: str) -> list[int]:
+    """Processes that belong to the local cluster in `cluster_dir` (see belongs_to_cluster);
+    never this process or its ancestors."""
+    cluster_dir = os.path.realpath(cluster_dir)
+    marked = (Path(cluster_dir) / MARKER).is_file() and cluster_dir != "/"
     skip = _ancestors()
     found = []
     for entry in Path("/proc").iterdir():
@@ -213,17 +237,16 @@ def tagged_processes(cluster_dir: str) -> list[int]:
             continue
         try:
             environ = (entry / "environ").read_bytes().split(b"\0")
-            cmdline = (entry / "cmdline").read_bytes()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if tag in environ or inside in cmdline:
+        if belongs_to_cluster(cluster_dir, environ, argv, marked):
             found.append(int(entry.name))
     return found
 
 
 def cmd_kill_tagged(ns: argparse.Namespace) -> int:
-    cluster_dir = str(Path(ns.cluster_dir).resolve())
-    pids = tagged_processes(cluster_dir)
+    pids = tagged_processes(ns.cluster_dir)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             try:
@@ -241,9 +264,18 @@ def cmd_kill_tagged(ns: argparse.Namespace) -> int:
     return 0
 
 
+def port_list(spec: str) -> list[int]:
+    """`8275` -> [8275]; `20000-20030` -> [20000, ..., 20030] (both ends included)."""
+    first, _, last = spec.partition("-")
+    ports = list(range(int(first), int(last or first) + 1))
+    if not ports or not all(0 < p < 65536 for p in ports):
+        raise argparse.ArgumentTypeError(f"not a port or port range: {spec}")
+    return ports
+
+
 def cmd_check_ports(ns: argparse.Namespace) -> int:
     busy = []
-    for port in ns.ports:
+    for port in (p for ports in ns.ports for p in ports):
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -278,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300)
     p.set_defaults(func=cmd_wait_apps)
     p = sub.add_parser("check-ports")
-    p.add_argument("ports", type=int, nargs="+")
+    p.add_argument("ports", type=port_list, nargs="+", metavar="PORT|FIRST-LAST")
     p.set_defaults(func=cmd_check_ports)
     p = sub.add_parser("kill-tagged")
     p.add_argument("cluster_dir")

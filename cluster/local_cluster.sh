@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # A local multi-node Ray cluster on one machine, and Serve deploys onto it.
 #
-#   cluster/local_cluster.sh start            # head + two worker raylets
-#   cluster/local_cluster.sh deploy [CONFIG]  # serve deploy (default: serve_config.yaml), waits until RUNNING
-#   cluster/local_cluster.sh status           # nodes, resources, Serve applications
-#   cluster/local_cluster.sh stop             # stops exactly what `start` started
+#   cluster/local_cluster.sh start                       # head + two worker raylets
+#   cluster/local_cluster.sh deploy [CONFIG] [--no-wait] # serve deploy (default serve_config.yaml), wait for RUNNING
+#   cluster/local_cluster.sh status                      # nodes, resources, Serve applications
+#   cluster/local_cluster.sh stop                        # stops exactly what `start` started
 #
 # Three raylets share this host, each with its own custom resource so a model's
 # `deployment.resources` can pin its replicas to one of them:
@@ -13,18 +13,36 @@
 #   node_a  --num-cpus 1  --resources '{"node_a": 1}'
 #   node_b  --num-cpus 1  --resources '{"node_b": 1}'
 #
-# Everything lives under $SERVE_APP_CLUSTER_DIR (default /tmp/serve_app_cluster):
-# one Ray temp dir per node (head/, node_a/, node_b/), one log and pid file per node.
-# Each node runs as `ray start --block` in its own process group, so `stop` signals
-# only those groups and never touches another Ray instance on the machine (it never
-# runs `ray stop`, which would kill every Ray process of the user).
+# Everything lives under $SERVE_APP_CLUSTER_DIR (default /tmp/serve_app_cluster): one Ray
+# temp dir per node (head/, node_a/, node_b/), HAProxy's files per node (hd/, ha/, hb/),
+# one log and pid file per node, the deployed config. `start` uses the folder only if it is new, empty or marked as made by `start`
+# (.serve_app_local_cluster), and then deletes only those files of its previous run.
+# Each node runs as `ray start --block` in its own process group; `stop` signals only this
+# cluster's processes and never runs `ray stop` (which would kill every Ray of the user).
 #
-# Ports are fixed and away from Ray's defaults (6379, 8265, 10001, 52365, 10002-19999),
-# so a default `ray start` / `ray.init()` on the same machine does not clash:
+# Serve runs with the fast settings of scripts/serve.sh (HAProxy ingress, throughput-
+# optimized Serve); `RAY_SERVE_ENABLE_HA_PROXY=0` or `RAY_SERVE_THROUGHPUT_OPTIMIZED=0` in
+# the environment of `start` turns one off. Serve reads them at import in its controller,
+# proxies and replicas, so they are in the environment of every node's `ray start`.
+#
+# Ports are fixed and away from Ray's and Serve's defaults, so a default `ray start`,
+# `ray.init()` or scripts/serve.sh on the same machine does not clash:
 #   SERVE_APP_GCS_PORT        6390   GCS (the address workers and `ray status` use)
 #   SERVE_APP_DASHBOARD_PORT  8275   dashboard / REST API (`serve deploy -a`, `serve status -a`)
-#   SERVE_APP_HTTP_PORT       1088   Serve HTTP (a proxy on every node, sharing the port)
-#   SERVE_APP_PORT_BASE       30000  per-node ports: BASE+10*i+0..8 and worker ports BASE+100+300*i..+299
+#   SERVE_APP_HTTP_PORT       1088   Serve HTTP, on the head node's proxy
+#   SERVE_APP_PORT_BASE       20000  all other ports, BASE..BASE+1999 (20000-21999: above Ray's
+#                                    default worker ports 10002-19999, below Serve's default
+#                                    direct-ingress ports 30000-30999 / 40000-40999 and the
+#                                    kernel's ephemeral ports 32768+):
+#     BASE+10*i+0..9   node i (head 0, node_a 1, node_b 2): raylet, object manager, dashboard
+#                      agent (2), metrics, runtime-env agent, HAProxy stats, HAProxy metrics,
+#                      and the node's Serve proxy HTTP/gRPC ports (the head's proxy listens on
+#                      SERVE_APP_HTTP_PORT; the head's two are Serve's fallback proxy)
+#     BASE+30          Ray client server (head)
+#     BASE+100..999    Ray worker ports, 300 per node
+#     BASE+1000..1499  Serve direct-ingress HTTP ports, BASE+1500..1999 gRPC: Serve's controller
+#                      hands them out per node from this one range, so the nodes of this machine
+#                      share it (a replica whose port another node's replica holds gets the next)
 #
 # Auth: Ray 2.60 turns on token authentication by default once ~/.ray/auth_token exists
 # (any local `ray.init()` creates it), and then `ray start --address`, `serve deploy` and
@@ -43,29 +61,43 @@ SERVE="$VENV/bin/serve"
 PYTHON="$VENV/bin/python"
 TOOL="$ROOT/cluster/cluster_tool.py"
 
-CLUSTER_DIR="${SERVE_APP_CLUSTER_DIR:-/tmp/serve_app_cluster}"
+# Absolute and without symlinks: the tag below and `kill-tagged` compare it literally.
+CLUSTER_DIR="$(realpath -m -- "${SERVE_APP_CLUSTER_DIR:-/tmp/serve_app_cluster}")"
+MARKER="$CLUSTER_DIR/.serve_app_local_cluster"   # written by `start`; cluster_tool.py knows the name
 GCS_PORT="${SERVE_APP_GCS_PORT:-6390}"
 DASHBOARD_PORT="${SERVE_APP_DASHBOARD_PORT:-8275}"
 HTTP_PORT="${SERVE_APP_HTTP_PORT:-1088}"
 HTTP_HOST="${SERVE_APP_HTTP_HOST:-}"          # empty: keep the config's http_options.host
-PORT_BASE="${SERVE_APP_PORT_BASE:-30000}"
+PORT_BASE="${SERVE_APP_PORT_BASE:-20000}"
 NODE_IP="${SERVE_APP_NODE_IP:-127.0.0.1}"
 HEAD_CPUS="${SERVE_APP_HEAD_CPUS:-1}"
 WORKER_CPUS="${SERVE_APP_WORKER_CPUS:-1}"
 OBJECT_STORE_BYTES="${SERVE_APP_OBJECT_STORE_BYTES:-268435456}"  # 256 MiB per node
 START_TIMEOUT_S="${SERVE_APP_START_TIMEOUT_S:-120}"
 DEPLOY_TIMEOUT_S="${SERVE_APP_DEPLOY_TIMEOUT_S:-300}"
+STOP_TIMEOUT_S="${SERVE_APP_STOP_TIMEOUT_S:-30}"  # per step: the workers, then the head
 
 export RAY_AUTH_MODE="${SERVE_APP_AUTH_MODE:-disabled}"
 export RAY_ADDRESS="$NODE_IP:$GCS_PORT"                 # `ray status` and friends: this cluster only
 export RAY_DASHBOARD_ADDRESS="http://$NODE_IP:$DASHBOARD_PORT"
 export RAY_USAGE_STATS_ENABLED=0
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+# As scripts/serve.sh: model paths may be hub ids (set HF_HUB_OFFLINE=1 for no network).
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-0}"
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
+# Serve's fast serving path, as scripts/serve.sh sets it (README, "Serving path").
+export RAY_SERVE_ENABLE_HA_PROXY="${RAY_SERVE_ENABLE_HA_PROXY:-1}"
+export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"
+# Cluster-wide Serve ports (read by the controller on the head; see the layout above).
+export RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=$((PORT_BASE + 1000))
+export RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=$((PORT_BASE + 1500))   # exclusive
+export RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT=$((PORT_BASE + 1500))
+export RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT=$((PORT_BASE + 2000))   # exclusive
+export RAY_SERVE_FALLBACK_PROXY_HTTP_PORT=$((PORT_BASE + 8))
+export RAY_SERVE_FALLBACK_PROXY_GRPC_PORT=$((PORT_BASE + 9))
 # A SIGTERM'd node drains (lets Serve move traffic away) for at most this long.
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-5}"
-# Tag every process of this cluster (inherited by raylets, agents and workers), so
-# `stop` can find stragglers without guessing by name.
+# Tag every process of this cluster (inherited by raylets, agents, workers and HAProxy),
+# so `stop` can find them without guessing by name.
 export SERVE_APP_LOCAL_CLUSTER="$CLUSTER_DIR"
 
 NODES=(head node_a node_b)
@@ -74,7 +106,14 @@ log() { printf '[local_cluster] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null; }
-node_pid() { cat "$CLUSTER_DIR/$1.pid" 2>/dev/null || true; }
+node_pid() {  # the pid of a node's `ray start`, if it runs and carries this cluster's tag
+  local pid
+  pid="$(cat "$CLUSTER_DIR/$1.pid" 2>/dev/null || true)"
+  if [[ -f "$MARKER" && "$pid" =~ ^[0-9]+$ ]] \
+      && grep -qzxF -- "SERVE_APP_LOCAL_CLUSTER=$CLUSTER_DIR" "/proc/$pid/environ" 2>/dev/null; then
+    echo "$pid"
+  fi
+}
 
 start_node() {  # start_node NAME INDEX ray-start-args...
   local name="$1" index="$2"; shift 2
@@ -94,20 +133,25 @@ start_node() {  # start_node NAME INDEX ray-start-args...
     --min-worker-port "$wmin" --max-worker-port $((wmin + 299))
     "$@"
   )
-  # If HAProxy ingress is on (RAY_SERVE_ENABLE_HA_PROXY=1), each node runs its own HAProxy:
-  # its files in this node's dir and its own stats/metrics ports, as nodes share this machine.
-  local haproxy="$CLUSTER_DIR/$name/haproxy"
+  # Each node runs its own Serve proxy (HAProxy: its files in a folder of this node's, its own
+  # stats and metrics ports). A worker node's proxy listens on its own ports (the head's on
+  # SERVE_APP_HTTP_PORT): HAProxy binds without SO_REUSEPORT, so they cannot share one.
+  # Serve adds the node id (56 characters) to the socket paths and HAProxy takes 97 at most:
+  # the folder's name is short (hd, ha, hb).
+  local haproxy="$CLUSTER_DIR/h${name: -1}"
   local node_env=(
     RAY_SERVE_HAPROXY_CONFIG_FILE_LOC="$haproxy/haproxy.cfg"
     RAY_SERVE_HAPROXY_SOCKET_PATH="$haproxy/admin.sock"
     RAY_SERVE_HAPROXY_SERVER_STATE_BASE="$haproxy"
     RAY_SERVE_HAPROXY_SERVER_STATE_FILE="$haproxy/server-state"
     RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH="$haproxy/metrics.sock"
-    RAY_SERVE_HAPROXY_STATS_PORT=$((base + 7))
-    RAY_SERVE_HAPROXY_METRICS_PORT=$((base + 8))
+    RAY_SERVE_HAPROXY_STATS_PORT=$((base + 6))
+    RAY_SERVE_HAPROXY_METRICS_PORT=$((base + 7))
+    RAY_SERVE_WORKER_PROXY_HTTP_PORT=$((base + 8))   # Serve ignores both on the head
+    RAY_SERVE_WORKER_PROXY_GRPC_PORT=$((base + 9))
   )
   mkdir -p "$haproxy"
-  # Own session (process group) per node, pid recorded before exec: `stop` signals the group.
+  # Own session (process group) per node, pid recorded before exec.
   setsid bash -c 'echo $$ > "$1"; shift; exec "$@"' _ "$CLUSTER_DIR/$name.pid" \
     env "${node_env[@]}" "$RAY" start "${args[@]}" >"$CLUSTER_DIR/$name.log" 2>&1 </dev/null &
   local waited=0
@@ -115,36 +159,80 @@ start_node() {  # start_node NAME INDEX ray-start-args...
   log "$name: pid $(node_pid "$name"), log $CLUSTER_DIR/$name.log"
 }
 
+check_folder() {  # CLUSTER_DIR is new, empty, or made by `start`: never someone else's files
+  [[ -f "$MARKER" || ! -e "$CLUSTER_DIR" ]] && return 0
+  [[ -d "$CLUSTER_DIR" ]] || die "SERVE_APP_CLUSTER_DIR=$CLUSTER_DIR is not a folder"
+  local entries
+  entries="$(ls -A -- "$CLUSTER_DIR")" || die "cannot read $CLUSTER_DIR"
+  [[ -z "$entries" ]] || die "$CLUSTER_DIR is not empty and was not made by '$0 start'" \
+    "(no $(basename "$MARKER")): set SERVE_APP_CLUSTER_DIR to a new folder"
+}
+
+abort_start() {  # start failed or was interrupted: stop what it started
+  local rc="${1:-$?}"
+  trap - EXIT INT TERM
+  log "start did not finish: stopping what it started"
+  cmd_stop
+  exit $(( rc ? rc : 1 ))
+}
+
 cmd_start() {
+  local name pid
+  check_folder
   for name in "${NODES[@]}"; do
-    if alive "$(node_pid "$name")"; then die "$name is already running (pid $(node_pid "$name")); run '$0 stop' first"; fi
+    pid="$(node_pid "$name")"
+    [[ -z "$pid" ]] || die "$name is already running (pid $pid); run '$0 stop' first"
   done
   [[ -x "$RAY" ]] || die "$RAY not found: run ./scripts/setup.sh first"
-  (( ${#CLUSTER_DIR} <= 40 )) || die "SERVE_APP_CLUSTER_DIR is too long for Ray's socket paths (keep it under 40 characters)"
-  "$PYTHON" "$TOOL" check-ports "$GCS_PORT" "$DASHBOARD_PORT" \
-    $(seq "$PORT_BASE" $((PORT_BASE + 28))) || die "a port of this cluster is in use (another local cluster running?)"
-  rm -rf "$CLUSTER_DIR"; mkdir -p "$CLUSTER_DIR"
+  # Ray's sockets allow 40 characters here; HAProxy's (with Serve's node id in them) 24.
+  local longest=40
+  [[ "$RAY_SERVE_ENABLE_HA_PROXY" == 1 ]] && longest=24
+  (( ${#CLUSTER_DIR} <= longest )) \
+    || die "SERVE_APP_CLUSTER_DIR is too long for the socket paths in it (at most $longest characters)"
+  "$PYTHON" "$TOOL" check-ports "$GCS_PORT" "$DASHBOARD_PORT" "$HTTP_PORT" \
+    "$PORT_BASE-$((PORT_BASE + 30))" "$((PORT_BASE + 100))-$((PORT_BASE + 1999))" \
+    || die "a port of this cluster is in use (another local cluster or Serve running?)"
+  trap abort_start EXIT
+  trap 'abort_start 130' INT
+  trap 'abort_start 143' TERM
+  # Only what an earlier `start` created; anything else in the folder stays.
+  for name in "${NODES[@]}"; do
+    rm -rf -- "${CLUSTER_DIR:?}/$name" "$CLUSTER_DIR/h${name: -1}" "$CLUSTER_DIR/$name.pid" "$CLUSTER_DIR/$name.log"
+  done
+  rm -f -- "$CLUSTER_DIR/deployed_config.yaml"
+  mkdir -p "$CLUSTER_DIR"
+  echo "made by $0 start: head/ node_a/ node_b/ hd/ ha/ hb/ *.pid *.log deployed_config.yaml" >"$MARKER"
   cd "$ROOT"  # workers inherit this working directory
-  log "starting head on $NODE_IP:$GCS_PORT (dashboard $RAY_DASHBOARD_ADDRESS, auth $RAY_AUTH_MODE)"
+  log "starting head on $NODE_IP:$GCS_PORT (dashboard $RAY_DASHBOARD_ADDRESS, auth $RAY_AUTH_MODE," \
+    "HAProxy $RAY_SERVE_ENABLE_HA_PROXY, throughput-optimized $RAY_SERVE_THROUGHPUT_OPTIMIZED)"
   start_node head 0 --head --port "$GCS_PORT" --num-cpus "$HEAD_CPUS" --resources '{"head": 1}' \
     --include-dashboard true --dashboard-host "$NODE_IP" --dashboard-port "$DASHBOARD_PORT" \
-    --ray-client-server-port $((PORT_BASE + 6))
+    --ray-client-server-port $((PORT_BASE + 30))
   "$PYTHON" "$TOOL" wait-nodes --dashboard "$RAY_DASHBOARD_ADDRESS" --resources head \
-    --timeout "$START_TIMEOUT_S" --pid "$(node_pid head)" \
-    || { tail -n 30 "$CLUSTER_DIR/head.log" >&2; cmd_stop; die "the head did not come up"; }
+    --timeout "$START_TIMEOUT_S" --pid "$(cat "$CLUSTER_DIR/head.pid")" \
+    || { tail -n 30 "$CLUSTER_DIR/head.log" >&2; die "the head did not come up"; }
   start_node node_a 1 --address "$NODE_IP:$GCS_PORT" --num-cpus "$WORKER_CPUS" --resources '{"node_a": 1}'
   start_node node_b 2 --address "$NODE_IP:$GCS_PORT" --num-cpus "$WORKER_CPUS" --resources '{"node_b": 1}'
   "$PYTHON" "$TOOL" wait-nodes --dashboard "$RAY_DASHBOARD_ADDRESS" --resources head node_a node_b \
-    --timeout "$START_TIMEOUT_S" --pid "$(node_pid node_a)" --pid "$(node_pid node_b)" \
-    || { tail -n 30 "$CLUSTER_DIR/node_a.log" "$CLUSTER_DIR/node_b.log" >&2; cmd_stop; die "the workers did not join"; }
+    --timeout "$START_TIMEOUT_S" --pid "$(cat "$CLUSTER_DIR/node_a.pid")" --pid "$(cat "$CLUSTER_DIR/node_b.pid")" \
+    || { tail -n 30 "$CLUSTER_DIR/node_a.log" "$CLUSTER_DIR/node_b.log" >&2; die "the workers did not join"; }
+  trap - EXIT INT TERM
   log "cluster up: 3 nodes. Next: $0 deploy [serve_config.yaml]"
 }
 
 cmd_deploy() {
-  local config="${1:-$ROOT/serve_config.yaml}" wait=1
-  [[ "${2:-}" == "--no-wait" || "${SERVE_APP_DEPLOY_WAIT:-1}" == "0" ]] && wait=0
+  local config="" wait=1 arg
+  for arg in "$@"; do
+    case "$arg" in
+      --no-wait) wait=0 ;;
+      -*) die "unknown option $arg (deploy [CONFIG] [--no-wait])" ;;
+      *) [[ -z "$config" ]] || die "one config file at a time"; config="$arg" ;;
+    esac
+  done
+  config="${config:-$ROOT/serve_config.yaml}"
+  if [[ "${SERVE_APP_DEPLOY_WAIT:-1}" == "0" ]]; then wait=0; fi
   [[ -f "$config" ]] || die "no config file $config"
-  alive "$(node_pid head)" || die "the cluster is not running: $0 start"
+  [[ -n "$(node_pid head)" ]] || die "the cluster is not running: $0 start"
   local rendered="$CLUSTER_DIR/deployed_config.yaml"
   # Same config, with http_options.port set to $SERVE_APP_HTTP_PORT and relative model
   # paths / image_dir made absolute against the config's folder.
@@ -161,41 +249,50 @@ cmd_deploy() {
 }
 
 cmd_status() {
+  local name pid
   for name in "${NODES[@]}"; do
-    local pid; pid="$(node_pid "$name")"
-    if alive "$pid"; then log "$name: running (pid $pid)"; else log "$name: not running"; fi
+    pid="$(node_pid "$name")"
+    if [[ -n "$pid" ]]; then log "$name: running (pid $pid)"; else log "$name: not running"; fi
   done
-  alive "$(node_pid head)" || return 0
+  [[ -n "$(node_pid head)" ]] || return 0
   "$RAY" status --address "$NODE_IP:$GCS_PORT" || true
   "$SERVE" status -a "$RAY_DASHBOARD_ADDRESS" || true
 }
 
-signal_group() {  # signal_group SIGNAL PID: the node's whole process group (it is a session leader)
-  kill "-$1" -- "-$2" 2>/dev/null || kill "-$1" "$2" 2>/dev/null || true
+stop_nodes() {  # stop_nodes NAME...: SIGTERM their `ray start` (it drains the node, then stops
+  # its processes) and wait up to STOP_TIMEOUT_S; a node still running then has its whole
+  # process group killed.
+  local name pid pids=() deadline=$((SECONDS + STOP_TIMEOUT_S))
+  for name in "$@"; do
+    pid="$(node_pid "$name")"
+    [[ -n "$pid" ]] || continue
+    log "stopping $name (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    pids+=("$pid")
+  done
+  for pid in "${pids[@]}"; do
+    while alive "$pid" && (( SECONDS < deadline )); do sleep 0.5; done
+    if alive "$pid"; then
+      log "pid $pid did not stop within ${STOP_TIMEOUT_S}s: killing its process group"
+      kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    fi
+  done
+  for name in "$@"; do rm -f -- "$CLUSTER_DIR/$name.pid"; done
 }
 
 cmd_stop() {
-  [[ -d "$CLUSTER_DIR" ]] || { log "nothing to stop ($CLUSTER_DIR does not exist)"; return 0; }
-  # Workers first, then the head; each `ray start --block` drains its node and stops its
-  # own processes on SIGTERM. Whatever is left of a group after the grace period is killed.
-  local name pid
-  for name in node_b node_a head; do
-    pid="$(node_pid "$name")"
-    alive "$pid" || continue
-    log "stopping $name (pid $pid)"
-    signal_group TERM "$pid"
-  done
-  local deadline=$((SECONDS + ${SERVE_APP_STOP_TIMEOUT_S:-30}))
-  for name in node_b node_a head; do
-    pid="$(node_pid "$name")"
-    while alive "$pid" && (( SECONDS < deadline )); do sleep 0.5; done
-    [[ -n "$pid" ]] && signal_group KILL "$pid"
-    rm -f "$CLUSTER_DIR/$name.pid"
-  done
+  if [[ -f "$MARKER" ]]; then
+    # Workers first, while the head (GCS) is up to accept their drain; then the head.
+    stop_nodes node_a node_b
+    stop_nodes head
+  else
+    log "no cluster of this script in $CLUSTER_DIR"
+  fi
   # Stragglers that left the process groups (workers, agents, an HAProxy started by Serve):
-  # processes whose environment or command line names this cluster's folder.
+  # processes that carry this cluster's tag, or a Ray temp dir inside its folder.
   "$PYTHON" "$TOOL" kill-tagged "$CLUSTER_DIR" || true
-  log "stopped (logs kept in $CLUSTER_DIR)"
+  [[ -f "$MARKER" ]] && log "stopped (logs kept in $CLUSTER_DIR)"
+  return 0
 }
 
 case "${1:-}" in
@@ -203,5 +300,5 @@ case "${1:-}" in
   deploy) shift; cmd_deploy "$@" ;;
   status) cmd_status ;;
   stop) cmd_stop ;;
-  *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

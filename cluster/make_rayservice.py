@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import posixpath
 import sys
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -32,6 +33,9 @@ OVERRIDES = HERE / "overrides.yaml"
 RAYSERVICE = HERE / "rayservice.yaml"
 CLUSTER_SERVE_CONFIG = HERE / "serve_config.cluster.yaml"
 SERVE_PORT = 1088
+# The local model folder of serve_config.yaml (./models, built by scripts/setup.sh): on the
+# cluster its contents are at `serve.model_root` (built there by `init_models_command`).
+LOCAL_MODEL_DIR = "models"
 
 
 # --------------------------------------------------------------------------- serve config
@@ -46,21 +50,50 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _model_path(path: str, model_root: str) -> str:
-    """`./models/tiny-llama` -> `<model_root>/tiny-llama`; absolute paths and hub ids stay."""
-    if path.startswith(("./", "../")):
-        return str(PurePosixPath(model_root) / PurePosixPath(path).name)
-    return path
+def _is_local_path(path: str, base: Path) -> bool:
+    """Whether a model `path` of serve_config.yaml names a local folder rather than a hub id:
+    `./x`, `../x`, `~/x` or absolute; a folder that exists relative to the config's folder
+    `base` (`from_pretrained` loads an existing folder before asking the hub); or a path
+    with two or more `/` (a hub id is `name` or `org/name`)."""
+    return (path.startswith(("./", "../", "/", "~")) or path.count("/") >= 2
+            or (base / path).exists())
 
 
-def cluster_serve_config(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """serve_config.yaml as it runs on the GPU cluster."""
+def _model_path(path: str, model_root: str, base: Path = ROOT) -> str:
+    """Where a model path of serve_config.yaml (relative to `base`, its folder) is on the
+    cluster's shared volume. Absolute paths and hub ids stay. A relative local path keeps its
+    structure under `model_root`, less its leading `models/` (the local model folder, which
+    `model_root` stands for):
+
+        ./models/tiny-llama -> <model_root>/tiny-llama      models/a/b -> <model_root>/a/b
+        ./checkpoints/x     -> <model_root>/checkpoints/x   org/name   -> org/name (hub id)
+    """
+    if path.startswith(("/", "~")) or not _is_local_path(path, base):
+        return path
+    parts = [p for p in posixpath.normpath(path).split("/") if p not in ("", ".")]
+    if parts and parts[0] == "..":
+        raise SystemExit(f"model path {path!r} is outside {base}: give it an absolute path, or set "
+                         "its cluster path in overrides.yaml (serve.models.<name>.path)")
+    if parts and parts[0] == LOCAL_MODEL_DIR:
+        parts = parts[1:]
+    return posixpath.join(model_root, *parts) if parts else model_root
+
+
+def cluster_serve_config(config: dict[str, Any], overrides: dict[str, Any], base: Path = ROOT,
+                         notes: list[str] | None = None) -> dict[str, Any]:
+    """serve_config.yaml (in folder `base`) as it runs on the GPU cluster.
+
+    Each model's `deployment`, lowest to highest precedence: its own in serve_config.yaml,
+    then `serve.deployment` of overrides.yaml (every model), then `serve.models.<name>`
+    (one model). Values of the model that an override replaces are added to `notes`.
+    """
     serve = overrides.get("serve") or {}
     config = copy.deepcopy(config)
     http = config.setdefault("http_options", {})
     http["host"] = serve.get("http_host", "0.0.0.0")
     http.setdefault("port", SERVE_PORT)
     per_model = serve.get("models") or {}
+    cluster_wide = serve.get("deployment") or {}
     for app in config.get("applications") or []:
         args = app.setdefault("args", {})
         for key in ("image_dir", "public_base_url"):
@@ -69,10 +102,19 @@ def cluster_serve_config(config: dict[str, Any], overrides: dict[str, Any]) -> d
         models = []
         for model in args.get("models") or []:
             model = copy.deepcopy(model)
-            if serve.get("model_root") and isinstance(model.get("path"), str):
-                model["path"] = _model_path(model["path"], serve["model_root"])
-            model["deployment"] = _merge(model.get("deployment") or {}, serve.get("deployment") or {})
-            model = _merge(model, per_model.get(model["name"]) or {})
+            own = per_model.get(model["name"]) or {}
+            if serve.get("model_root") and isinstance(model.get("path"), str) and "path" not in own:
+                model["path"] = _model_path(model["path"], serve["model_root"], base)
+            deployment = model.get("deployment") or {}
+            if notes is not None:
+                notes.extend(
+                    f"{model['name']}: deployment.{key} {deployment[key]!r} -> {value!r} "
+                    "(overrides.yaml serve.deployment)"
+                    for key, value in cluster_wide.items()
+                    if key in deployment and deployment[key] != value
+                    and key not in (own.get("deployment") or {}))
+            model["deployment"] = _merge(deployment, cluster_wide)
+            model = _merge(model, own)
             models.append(model)
         args["models"] = models
     unknown = set(per_model) - {m["name"] for a in config.get("applications") or []
@@ -103,7 +145,8 @@ def dump(data: Any) -> str:
 
 
 def _container(name: str, image: str, cpu: str, memory: str, gpus: int = 0,
-               ports: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+               ports: list[dict[str, Any]] | None = None,
+               env: dict[str, Any] | None = None) -> dict[str, Any]:
     limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
     if gpus:
         limits["nvidia.com/gpu"] = gpus
@@ -116,6 +159,9 @@ def _container(name: str, image: str, cpu: str, memory: str, gpus: int = 0,
             {"name": "RAY_AUTH_MODE", "value": "disabled"},
             {"name": "HF_HOME", "value": "/data/huggingface"},
             {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+            # overrides.yaml `kuberay.env`: Serve's fast serving path (as scripts/serve.sh);
+            # Serve reads it at import in every controller, proxy and replica process.
+            *({"name": key, "value": str(value)} for key, value in (env or {}).items()),
         ],
         "ports": ports or [],
         "resources": {"limits": limits, "requests": dict(limits)},
@@ -141,13 +187,19 @@ def rayservice_manifest(serve_config: dict[str, Any], overrides: dict[str, Any])
 
     port = int((serve_config.get("http_options") or {}).get("port", SERVE_PORT))
     volumes = [{"name": "shared-data", "persistentVolumeClaim": {"claimName": kube["pvc"]["name"]}}]
-    head = _container("ray-head", kube["image"], kube["head"]["cpu"], kube["head"]["memory"], ports=[
+    env = kube.get("env") or {}
+    # The Ray image runs as uid 1000, gid 100: a volume whose root is owned by root is
+    # writable through the pod's fsGroup (where the volume type supports it).
+    security = {"fsGroup": int(kube["fs_group"])} if kube.get("fs_group") is not None else None
+    head = _container("ray-head", kube["image"], kube["head"]["cpu"], kube["head"]["memory"], env=env, ports=[
         {"containerPort": 6379, "name": "gcs-server"},
         {"containerPort": 8265, "name": "dashboard"},
         {"containerPort": 10001, "name": "client"},
         {"containerPort": port, "name": "serve"},  # KubeRay's serve service targets the port named `serve`
     ])
     head_pod: dict[str, Any] = {"containers": [head], "volumes": volumes}
+    if security:
+        head_pod["securityContext"] = security
     if kube.get("init_models_command"):
         head_pod["initContainers"] = [{
             "name": "prepare-models",
@@ -158,7 +210,14 @@ def rayservice_manifest(serve_config: dict[str, Any], overrides: dict[str, Any])
         }]
     gpu = kube["gpu_workers"]
     worker = _container("ray-worker", kube["image"], gpu["cpu"], gpu["memory"], gpus=int(gpu["gpus"]),
-                        ports=[{"containerPort": port, "name": "serve"}])
+                        env=env, ports=[{"containerPort": port, "name": "serve"}])
+    worker_pod: dict[str, Any] = {
+        "containers": [worker],
+        "volumes": volumes,
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    }
+    if security:
+        worker_pod["securityContext"] = security
     service = {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -180,11 +239,7 @@ def rayservice_manifest(serve_config: dict[str, Any], overrides: dict[str, Any])
                     "minReplicas": int(gpu["min_replicas"]),
                     "maxReplicas": int(gpu["max_replicas"]),
                     "rayStartParams": {},
-                    "template": {"spec": {
-                        "containers": [worker],
-                        "volumes": volumes,
-                        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                    }},
+                    "template": {"spec": worker_pod},
                 }],
             },
         },
@@ -213,11 +268,12 @@ CLUSTER_CONFIG_HEADER = HEADER + """\
 """
 
 
-def render(serve_config_path: Path = SERVE_CONFIG, overrides_path: Path = OVERRIDES) -> dict[Path, str]:
+def render(serve_config_path: Path = SERVE_CONFIG, overrides_path: Path = OVERRIDES,
+           notes: list[str] | None = None) -> dict[Path, str]:
     """{output path: text} for both generated files."""
     config = yaml.safe_load(serve_config_path.read_text())
     overrides = yaml.safe_load(overrides_path.read_text())
-    adapted = cluster_serve_config(config, overrides)
+    adapted = cluster_serve_config(config, overrides, serve_config_path.resolve().parent, notes)
     port = int(adapted["http_options"]["port"])
     docs = rayservice_manifest(adapted, overrides)
     manifest = RAYSERVICE_HEADER.format(name=overrides["kuberay"]["name"], port=port) + "---\n".join(
@@ -236,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overrides", type=Path, default=OVERRIDES)
     ns = parser.parse_args(argv)
     stale = 0
-    for path, text in render(ns.serve_config, ns.overrides).items():
+    notes: list[str] = []
+    for path, text in render(ns.serve_config, ns.overrides, notes).items():
         current = path.read_text() if path.exists() else ""
         if current == text:
             continue
@@ -248,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             path.write_text(text)
             print(f"wrote {path.relative_to(ROOT)}")
+    if not ns.check:
+        for note in notes:  # not silent: what overrides.yaml replaced of serve_config.yaml
+            print(f"note: {note}", file=sys.stderr)
     if stale:
         print(f"\n{stale} generated file(s) are stale: run .venv/bin/python cluster/make_rayservice.py",
               file=sys.stderr)

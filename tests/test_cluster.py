@@ -2,7 +2,9 @@
 
 The fast tests check that cluster/rayservice.yaml and cluster/serve_config.cluster.yaml
 are what cluster/make_rayservice.py makes of serve_config.yaml (so they cannot drift),
-and that cluster/cluster-launcher.yaml passes Ray's own cluster-config schema.
+that cluster/cluster-launcher.yaml passes Ray's own cluster-config schema, and drive
+cluster/local_cluster.sh with a stand-in `ray` (no Ray runs): which folder it uses,
+its ports and environment, and the order in which `stop` ends the nodes.
 
 The others start `cluster/local_cluster.sh` (a head and two worker raylets on this
 machine, with the custom resources `node_a` / `node_b`), deploy configs onto it with
@@ -18,6 +20,8 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -85,6 +89,49 @@ def test_rayservice_manifest_matches_serve_config(capsys):
         assert {"name": "shared-data", "mountPath": "/data"} in container["volumeMounts"]
         assert {"name": "serve", "containerPort": serve["http_options"]["port"]} in container["ports"]
         assert {"name": "RAY_AUTH_MODE", "value": "disabled"} in container["env"]
+        # Serve's fast path, as scripts/serve.sh sets it, in the environment of `ray start`.
+        assert {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"} in container["env"]
+        assert {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"} in container["env"]
+        # The Ray image runs as uid 1000 / gid 100: the volume is group-writable for it.
+        assert pod["securityContext"] == {"fsGroup": 100}
+
+
+def test_cluster_model_paths_keep_their_structure(tmp_path):
+    make = _load("make_rayservice")
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    (tmp_path / "ckpt").mkdir()
+    cases = {
+        "./models/tiny-llama": "/data/models/tiny-llama",
+        "./models/a/b": "/data/models/a/b",
+        "models/mine": "/data/models/mine",        # exists here: a local folder, not a hub id
+        "models/a/b": "/data/models/a/b",          # two slashes: never a hub id
+        "ckpt": "/data/models/ckpt",
+        "./other/x": "/data/models/other/x",
+        "org/name": "org/name",                    # hub id
+        "name": "name",                            # hub id
+        "/abs/path": "/abs/path",
+    }
+    assert {path: make._model_path(path, "/data/models", tmp_path) for path in cases} == cases
+    with pytest.raises(SystemExit, match="outside"):
+        make._model_path("../elsewhere/x", "/data/models", tmp_path)
+
+
+def test_cluster_overrides_precedence_is_model_then_cluster_wide_then_per_model(tmp_path):
+    make = _load("make_rayservice")
+    config = {"applications": [{"name": "a", "args": {"models": [
+        {"name": "m1", "path": "./models/m1", "deployment": {"num_gpus": 0, "num_cpus": 0.5,
+                                                             "max_ongoing_requests": 7}},
+        {"name": "m2", "path": "../outside/m2", "deployment": {"num_gpus": 2}},
+    ]}}]}
+    overrides = {"serve": {"model_root": "/data/models", "deployment": {"num_gpus": 1, "num_cpus": 1},
+                           "models": {"m2": {"path": "/data/big/m2", "deployment": {"num_gpus": 2}}}}}
+    notes: list[str] = []
+    models = make.cluster_serve_config(config, overrides, tmp_path, notes)["applications"][0]["args"]["models"]
+    assert models[0]["deployment"] == {"num_gpus": 1, "num_cpus": 1, "max_ongoing_requests": 7}
+    assert models[1] == {"name": "m2", "path": "/data/big/m2", "deployment": {"num_gpus": 2, "num_cpus": 1}}
+    # What serve.deployment replaced is said, not silent (m2's num_gpus is its own override's).
+    assert notes == ["m1: deployment.num_gpus 0 -> 1 (overrides.yaml serve.deployment)",
+                     "m1: deployment.num_cpus 0.5 -> 1 (overrides.yaml serve.deployment)"]
 
 
 def test_cluster_launcher_config_is_valid():
@@ -98,6 +145,11 @@ def test_cluster_launcher_config_is_valid():
     validate_config(prepare_config(config))  # with Ray's AWS defaults filled in, as `ray up` does
     assert config["available_node_types"]["ray.worker.gpu"]["node_config"]["InstanceType"].startswith("g")
     assert any("serve_app" in c for c in config["setup_commands"])
+    # Serve reads its fast-path switches at import: every node's `ray start` must have them.
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in config[key] if "ray start" in c)
+        assert "RAY_SERVE_ENABLE_HA_PROXY=${RAY_SERVE_ENABLE_HA_PROXY:-1}" in start
+        assert "RAY_SERVE_THROUGHPUT_OPTIMIZED=${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}" in start
 
 
 def test_local_config_rendering(tmp_path):
@@ -111,6 +163,237 @@ def test_local_config_rendering(tmp_path):
     assert [m["path"] for m in args["models"]] == [str(ROOT / "models/tiny-llama"), str(ROOT / "models/tiny-sd")]
     assert tool.render_config({"applications": [{"name": "a", "args": {"models": [
         {"path": "org/model"}]}}]}, tmp_path, 1088)["applications"][0]["args"]["models"][0]["path"] == "org/model"
+
+
+# --------------------------------------------------------------------------- the script, without Ray
+FAKE_RAY = """#!/usr/bin/env bash
+# Stands in for `ray` (no Ray runs): `ray start` logs its node, arguments, environment and
+# SIGTERM (then exits after FAKE_DRAIN_S, or ignores it with FAKE_IGNORE_TERM=1) and runs
+# until then; any other `ray` command does nothing.
+[[ "${1:-}" == start ]] || exit 0
+args=" $* "; name="${args#* --temp-dir }"; name="$(basename "${name%% *}")"
+log="$SERVE_APP_LOCAL_CLUSTER/fake_ray.log"
+echo "$name start $*" >>"$log"
+env | grep -E '^(RAY_SERVE_|RAY_AUTH_MODE=|HF_HUB_OFFLINE=)' | sed "s/^/$name env /" >>"$log"
+if [[ "${FAKE_IGNORE_TERM:-0}" == 1 ]]; then
+  trap 'echo "$name TERM" >>"$log"' TERM
+else
+  trap 'echo "$name TERM" >>"$log"; sleep "${FAKE_DRAIN_S:-0}"; echo "$name exit" >>"$log"; exit 0' TERM
+fi
+while :; do sleep 0.1; done
+"""
+
+# The venv's python, except `cluster_tool.py wait-nodes`, which needs a real cluster.
+FAKE_PYTHON = """#!/bin/sh
+if [ "$2" = wait-nodes ]; then
+  case "${FAKE_WAIT_NODES:-ok}" in ok) exit 0 ;; hang) exec sleep 60 ;; *) exit 1 ;; esac
+fi
+exec "%s" "$@"
+"""
+
+FAKE_SERVE = """#!/bin/sh
+echo "serve $*" >>"$SERVE_APP_LOCAL_CLUSTER/fake_serve.log"
+"""
+
+
+class FakeCluster:
+    """cluster/local_cluster.sh with stand-ins for `ray`, `serve` and waiting on nodes."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        bin_dir = tmp_path / "venv" / "bin"
+        bin_dir.mkdir(parents=True)
+        for name, text in (("ray", FAKE_RAY), ("serve", FAKE_SERVE), ("python", FAKE_PYTHON % sys.executable)):
+            (bin_dir / name).write_text(text)
+            (bin_dir / name).chmod(0o755)
+        self.dir = Path(tempfile.mkdtemp(prefix="sacl", dir="/tmp"))
+        self.http_port = free_port()
+        self.env = {key: value for key, value in os.environ.items() if key not in (
+            "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED", "HF_HUB_OFFLINE")}
+        self.env.update({
+            "SERVE_APP_VENV": str(bin_dir.parent),
+            "SERVE_APP_CLUSTER_DIR": str(self.dir),
+            "SERVE_APP_GCS_PORT": str(free_port()),
+            "SERVE_APP_DASHBOARD_PORT": str(free_port()),
+            "SERVE_APP_HTTP_PORT": str(self.http_port),
+            "SERVE_APP_PORT_BASE": "24000",
+            "SERVE_APP_STOP_TIMEOUT_S": "10",
+            "FAKE_DRAIN_S": "1",
+        })
+
+    def script(self, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(SCRIPT), *args], env={**self.env, **env}, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def log(self) -> list[str]:
+        path = self.dir / "fake_ray.log"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def node_env(self, node: str) -> dict[str, str]:
+        prefix = f"{node} env "
+        return dict(line[len(prefix):].split("=", 1) for line in self.log() if line.startswith(prefix))
+
+    def events(self) -> list[str]:
+        return [line for line in self.log() if line.split()[1] in ("TERM", "exit")]
+
+
+@pytest.fixture
+def fake_cluster(tmp_path: Path):
+    tool = _load("cluster_tool")
+    cluster = FakeCluster(tmp_path)
+    try:
+        yield cluster
+    finally:
+        cluster.script("stop", FAKE_DRAIN_S="0", SERVE_APP_STOP_TIMEOUT_S="2")
+        leftovers = tool.tagged_processes(str(cluster.dir))
+        shutil.rmtree(cluster.dir, ignore_errors=True)
+        assert not leftovers, f"local_cluster.sh stop left processes running: {leftovers}"
+
+
+def test_script_start_ports_environment_and_stop_order(fake_cluster: FakeCluster):
+    tool = _load("cluster_tool")
+    started = fake_cluster.script("start")
+    assert started.returncode == 0, started.stderr
+    assert (fake_cluster.dir / ".serve_app_local_cluster").is_file()
+    (fake_cluster.dir / "test_config_1.yaml").write_text("kept: true\n")  # not made by start
+
+    base = 24000
+    envs = {node: fake_cluster.node_env(node) for node in ("head", "node_a", "node_b")}
+    for env in envs.values():
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+        assert env["HF_HUB_OFFLINE"] == "0"  # as scripts/serve.sh
+        assert env["RAY_AUTH_MODE"] == "disabled"
+    head = envs["head"]
+    ingress_http = range(int(head["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]),
+                         int(head["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]))
+    ingress_grpc = range(int(head["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"]),
+                         int(head["RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"]))
+    # Every fixed port of every node, Ray's worker port ranges and Serve's ranges: no overlap.
+    used: list[int] = [int(fake_cluster.http_port), int(head["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"]),
+                       int(head["RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"]), *ingress_http, *ingress_grpc]
+    for node, env in envs.items():
+        args = next(line for line in fake_cluster.log() if line.startswith(f"{node} start ")).split()
+        value = {key: int(args[i + 1]) for i, key in enumerate(args[:-1]) if key.endswith("-port")}
+        used += [port for key, port in value.items()
+                 if key not in ("--min-worker-port", "--max-worker-port", "--port", "--dashboard-port")]
+        used += range(value["--min-worker-port"], value["--max-worker-port"] + 1)
+        used += [int(env[key]) for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")]
+        if node != "head":  # Serve applies these on worker nodes only
+            used += [int(env[key]) for key in ("RAY_SERVE_WORKER_PROXY_HTTP_PORT", "RAY_SERVE_WORKER_PROXY_GRPC_PORT")]
+        assert env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"].startswith(f"{fake_cluster.dir}/h{node[-1]}/")
+    assert len(used) == len(set(used)), sorted(p for p in set(used) if used.count(p) > 1)
+    assert all(base <= port < base + 2000 for port in used if port != fake_cluster.http_port)
+    assert not set(used) & set(range(30000, 31000))  # Serve's default direct-ingress range
+
+    status = fake_cluster.script("status")
+    assert status.returncode == 0 and "node_b: running" in status.stderr
+
+    stopped = fake_cluster.script("stop")
+    assert stopped.returncode == 0, stopped.stderr
+    events = fake_cluster.events()
+    # The workers' `ray start` get SIGTERM (and drain) first; the head's only once they are gone.
+    assert events.index("head TERM") > max(events.index("node_a exit"), events.index("node_b exit")), events
+    assert "head exit" in events
+    assert not tool.tagged_processes(str(fake_cluster.dir))
+    assert not list(fake_cluster.dir.glob("*.pid"))
+    assert (fake_cluster.dir / "test_config_1.yaml").exists() and (fake_cluster.dir / "head.log").exists()
+
+    # A second start clears what the first one made, and only that.
+    (fake_cluster.dir / "head" / "old_session").mkdir(parents=True)
+    assert fake_cluster.script("start").returncode == 0
+    assert not (fake_cluster.dir / "head" / "old_session").exists()
+    assert (fake_cluster.dir / "test_config_1.yaml").exists()
+
+
+def test_script_stop_kills_a_node_that_ignores_sigterm(fake_cluster: FakeCluster):
+    tool = _load("cluster_tool")
+    assert fake_cluster.script("start", FAKE_IGNORE_TERM="1").returncode == 0
+    started = time.monotonic()
+    stopped = fake_cluster.script("stop", SERVE_APP_STOP_TIMEOUT_S="2")
+    assert stopped.returncode == 0, stopped.stderr
+    assert "killing its process group" in stopped.stderr
+    assert time.monotonic() - started < 30
+    assert not tool.tagged_processes(str(fake_cluster.dir))
+
+
+def test_script_start_refuses_a_folder_it_did_not_make(fake_cluster: FakeCluster):
+    precious = fake_cluster.dir / "precious.txt"
+    precious.write_text("keep me")
+    result = fake_cluster.script("start")
+    assert result.returncode == 1 and "was not made by" in result.stderr, result.stderr
+    assert precious.read_text() == "keep me"
+    assert fake_cluster.log() == [] and not (fake_cluster.dir / ".serve_app_local_cluster").exists()
+    stopped = fake_cluster.script("stop")
+    assert stopped.returncode == 0 and "no cluster of this script" in stopped.stderr
+    assert precious.exists()
+
+
+def test_script_start_refuses_a_busy_http_port(fake_cluster: FakeCluster):
+    with socket.socket() as sock:  # as Serve binds it: SO_REUSEPORT would let a second one share it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", fake_cluster.http_port))
+        sock.listen()
+        result = fake_cluster.script("start")
+    assert result.returncode == 1 and "ports in use" in result.stderr, result.stderr
+    assert str(fake_cluster.http_port) in result.stderr
+    assert fake_cluster.log() == []
+
+
+def test_script_failed_or_interrupted_start_stops_what_it_started(fake_cluster: FakeCluster):
+    tool = _load("cluster_tool")
+    failed = fake_cluster.script("start", FAKE_WAIT_NODES="fail")
+    assert failed.returncode == 1 and "the head did not come up" in failed.stderr, failed.stderr
+    assert fake_cluster.events() == ["head TERM", "head exit"]
+    assert not tool.tagged_processes(str(fake_cluster.dir))
+
+    # Ctrl-C while it waits for the head: SIGINT to the script's process group.
+    (fake_cluster.dir / "fake_ray.log").unlink()
+    process = subprocess.Popen([str(SCRIPT), "start"], env={**fake_cluster.env, "FAKE_WAIT_NODES": "hang"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        assert wait_for(lambda: any(" start " in line for line in fake_cluster.log()), timeout=20)
+        time.sleep(0.5)
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr
+    assert fake_cluster.events() == ["head TERM", "head exit"]
+    assert not tool.tagged_processes(str(fake_cluster.dir))
+
+
+def test_script_deploy_takes_no_wait_anywhere(fake_cluster: FakeCluster, tmp_path: Path):
+    assert "not running" in fake_cluster.script("deploy", "--no-wait").stderr
+    assert fake_cluster.script("start").returncode == 0
+    config = tmp_path / "config.yaml"
+    shutil.copy(ROOT / "serve_config.yaml", config)
+    for args in (["--no-wait"], ["--no-wait", str(config)], [str(config), "--no-wait"]):
+        result = fake_cluster.script("deploy", *args)
+        assert result.returncode == 0, (args, result.stderr)
+    deployed = (fake_cluster.dir / "fake_serve.log").read_text().splitlines()
+    assert deployed == [f"serve deploy {fake_cluster.dir}/deployed_config.yaml -a "
+                        f"http://127.0.0.1:{fake_cluster.env['SERVE_APP_DASHBOARD_PORT']}"] * 3
+    assert "no config file" in fake_cluster.script("deploy", "--no-wait", str(tmp_path / "none.yaml")).stderr
+    assert "unknown option" in fake_cluster.script("deploy", "--bogus").stderr
+
+
+def test_kill_tagged_matches_only_this_cluster(tmp_path):
+    tool = _load("cluster_tool")
+    here, other = "/tmp/sacl_a", "/tmp/sacl_ab"
+    env = [b"PATH=/usr/bin"]
+    belongs = tool.belongs_to_cluster
+    assert belongs(here, [*env, f"SERVE_APP_LOCAL_CLUSTER={here}".encode()], [b"python"])
+    assert not belongs(here, [*env, f"SERVE_APP_LOCAL_CLUSTER={other}".encode()], [b"python"])
+    assert belongs(here, env, [b"raylet", f"--temp_dir={here}/head".encode()])
+    assert belongs(here, env, [b"python", b"--temp-dir", f"{here}/node_a".encode()])
+    assert not belongs(here, env, [b"raylet", f"--temp_dir={other}/head".encode()])
+    # The folder named elsewhere on a command line (an editor, `tail -f`) is not the cluster.
+    assert not belongs(here, env, [b"tail", b"-f", f"{here}/head.log".encode()])
+    assert not belongs(here, env, [b"less", f"--log={here}/x".encode()])
+    # Without start's marker only the environment tag counts.
+    assert not belongs(here, env, [b"raylet", f"--temp_dir={here}/head".encode()], marked=False)
+    assert tool.port_list("20000-20002") == [20000, 20001, 20002] and tool.port_list("1088") == [1088]
 
 
 # --------------------------------------------------------------------------- the local cluster
@@ -130,7 +413,7 @@ class LocalCluster:
             "SERVE_APP_DASHBOARD_PORT": self.dashboard.rsplit(":", 1)[1],
             "SERVE_APP_HTTP_PORT": str(self.http_port),
             "SERVE_APP_HTTP_HOST": "127.0.0.1",
-            "SERVE_APP_PORT_BASE": "31000",  # not the script's default 30000: a user's cluster may run
+            "SERVE_APP_PORT_BASE": "22000",  # not the script's default 20000: a user's cluster may run
             "SERVE_APP_DEPLOY_TIMEOUT_S": "240",
             # What a process that called ray.init() hands down; the script must not inherit it.
             "RAY_AUTH_MODE": "token",
@@ -307,7 +590,7 @@ def test_replicas_land_on_the_raylets_their_resources_name(local_cluster: LocalC
         assert image.status_code == 200, image.text
         url = image.json()["data"][0]["url"]
         assert url.startswith(local_cluster.base_url + "/v1/files/images/")
-        for _ in range(3):  # new connections: any node's proxy may take them
+        for _ in range(3):  # new connections, through the head's proxy to any ingress replica
             fetched = httpx.get(url, timeout=30)
             assert fetched.status_code == 200 and fetched.content.startswith(b"\x89PNG")
 
