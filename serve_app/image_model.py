@@ -13,7 +13,8 @@ its own `n` images. Every image has its own `torch.Generator`, seeded
 `seed + i` for a request's i-th image, so a seeded request draws the same
 noise alone or batched with others.
 
-Images leave the replica as PNG bytes: storage and URLs are the ingress's business.
+Images leave the replica encoded (PNG, or JPEG/WebP when asked): storage and URLs are
+the ingress's business.
 """
 
 from __future__ import annotations
@@ -46,10 +47,19 @@ logger = logging.getLogger("ray.serve")
 Outcome = ImageResult | Exception
 
 
-def encode_png(image: Image.Image, compress_level: int = 6) -> bytes:
-    """Lossless at every level; the level only trades encoding time for file size."""
+JPEG_WEBP_QUALITY = 90  # when a request gives no `output_compression`
+
+
+def encode_image(image: Image.Image, output_format: str = "png", quality: int | None = None,
+                 png_compress_level: int = 6) -> bytes:
+    """PNG (lossless at every level; the level only trades encoding time for size), JPEG or
+    WebP at `quality`."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=compress_level)
+    if output_format == "png":
+        image.save(buffer, format="PNG", compress_level=png_compress_level)
+    else:
+        image.convert("RGB").save(buffer, format=output_format.upper(),
+                                  quality=JPEG_WEBP_QUALITY if quality is None else quality)
     return buffer.getvalue()
 
 
@@ -202,8 +212,10 @@ class ImageModel(ModelReplica):
                     outcomes[index] = exc
                 continue
             for index, prepared in members:
-                outcomes[index] = ImageResult(images=[encode_png(next(images), self.config.png_compress_level)
-                                                     for _ in range(prepared.job.n)])
+                job = prepared.job
+                outcomes[index] = ImageResult(images=[
+                    encode_image(next(images), job.output_format, job.quality, self.config.png_compress_level)
+                    for _ in range(job.n)])
         self.counters["requests"] += len(jobs)
         return cast(list[Outcome], outcomes)
 

@@ -1,6 +1,6 @@
 """Where generated images live, and the URLs clients fetch them from.
 
-Images are written by the ingress (replicas hand back PNG bytes), to a file
+Images are written by the ingress (replicas hand back encoded PNG, JPEG or WebP bytes), to a file
 with an unguessable name, via a temporary file that is flushed to disk and
 then renamed, so that a reader never sees half an image and a crash never
 leaves one under a real name. The files route only accepts names of the shape
@@ -30,7 +30,8 @@ from serve_app.errors import NotFound
 logger = logging.getLogger("ray.serve")
 
 FILES_ROUTE = "/v1/files/images"
-_NAME = re.compile(r"^[A-Za-z0-9_-]{16,64}\.png$")
+_NAME = re.compile(r"^[A-Za-z0-9_-]{16,64}\.(png|jpeg|webp)$")
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 TEMP_PREFIX = ".tmp-"
 TEMP_GRACE_S = 60.0  # a temp file this old belongs to no write in progress
 
@@ -51,13 +52,16 @@ class ImageStore:
         self.retention = retention
         self.directory.mkdir(parents=True, exist_ok=True)
 
-    def save(self, png: bytes) -> str:
-        """Store one PNG atomically and durably; returns its file name. Blocking: call off the event loop."""
-        name = f"{secrets.token_urlsafe(18)}.png"  # 144 random bits
-        handle, temp_path = tempfile.mkstemp(dir=self.directory, prefix=TEMP_PREFIX, suffix=".png")
+    def save(self, data: bytes, extension: str = "png") -> str:
+        """Store one image (`extension`: png, jpeg or webp) atomically and durably; returns its file
+        name. Blocking: call off the event loop."""
+        if extension not in MEDIA_TYPES:
+            raise ValueError(f"not an image extension: {extension!r}")
+        name = f"{secrets.token_urlsafe(18)}.{extension}"  # 144 random bits
+        handle, temp_path = tempfile.mkstemp(dir=self.directory, prefix=TEMP_PREFIX, suffix=f".{extension}")
         try:
             with os.fdopen(handle, "wb") as file:
-                file.write(png)
+                file.write(data)
                 file.flush()
                 os.fsync(file.fileno())  # the data is on disk before the name points at it
             os.replace(temp_path, self.directory / name)
@@ -69,6 +73,10 @@ class ImageStore:
 
     def url(self, name: str) -> str:
         return f"{self.public_base_url}{FILES_ROUTE}/{name}"
+
+    @staticmethod
+    def media_type(name: str) -> str:
+        return MEDIA_TYPES[name.rsplit(".", 1)[-1]]
 
     def path(self, name: str) -> Path:
         """The file for a name from a URL; 404 for anything this store did not make."""

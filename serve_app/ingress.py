@@ -195,7 +195,7 @@ class Ingress:
 
     @api.get(FILES_ROUTE + "/{name}", response_class=FileResponse, responses={404: ERRORS[404]})
     async def image_file(self, name: str) -> FileResponse:
-        return FileResponse(self.store.path(name), media_type="image/png")
+        return FileResponse(self.store.path(name), media_type=self.store.media_type(name))
 
     def _note_prompt(self, text: str) -> None:
         """With `log_prompts` on, the access log line quotes the prompt (a chat's last message),
@@ -238,11 +238,12 @@ class Ingress:
         return Response(await asyncio.to_thread(self._images_body, body, result), media_type=JSON)
 
     def _images_body(self, body: ImageGenerationRequest, result: ImageResult) -> str:
-        """The response's JSON: each PNG in base64, or saved to the store and given by URL. Blocking."""
+        """The response's JSON: each image in base64, or saved to the store and given by URL. Blocking."""
         if body.response_format == "b64_json":
-            data = [ImageData(b64_json=base64.b64encode(png).decode()) for png in result.images]
+            data = [ImageData(b64_json=base64.b64encode(image).decode()) for image in result.images]
         else:
-            data = [ImageData(url=self.store.url(self.store.save(png))) for png in result.images]
+            extension = body.output_format or "png"
+            data = [ImageData(url=self.store.url(self.store.save(image, extension))) for image in result.images]
         return ImagesResponse(model=body.model, data=data).model_dump_json()
 
     async def _read_edit(self, request: Request) -> tuple[Target, ImageEditRequest, InputImage, InputImage | None]:

@@ -102,6 +102,8 @@ class ImageJob:
     init_image: bytes | None = None
     mask_image: bytes | None = None
     strength: float = 0.75
+    output_format: str = "png"  # "png" | "jpeg" | "webp"
+    quality: int | None = None  # JPEG/WebP quality 0-100; None: the encoder's default
 
     @property
     def pipeline_steps(self) -> int:
@@ -120,6 +122,6 @@ class ImageJob:
 
 @dataclass(frozen=True)
 class ImageResult:
-    """PNG-encoded images, exactly `n` of them, each `width` x `height`."""
+    """Encoded images in the job's `output_format`, exactly `n` of them, each `width` x `height`."""
 
     images: list[bytes]

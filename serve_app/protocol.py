@@ -275,6 +275,7 @@ class ChatCompletionChunk(WireModel):
 # -------------------------------------------------------------------------- images
 
 ResponseFormat = Literal["url", "b64_json"]
+OutputFormat = Literal["png", "jpeg", "webp"]
 
 
 class ImageGenerationRequest(WireModel):
@@ -291,7 +292,18 @@ class ImageGenerationRequest(WireModel):
     step: Annotated[int | None, Blankable] = Field(None, ge=0, description="The network node's name for `steps`.")
     negative_prompt: Text | None = None
     seed: Annotated[Seed | None, Blankable] = None
+    output_format: Annotated[OutputFormat | None, Blankable] = None
+    output_compression: Annotated[int | None, Blankable] = Field(
+        None, ge=0, le=100, description="JPEG/WebP quality, 0-100; PNG is lossless.")
+    background: Annotated[Literal["auto", "opaque", "transparent"] | None, Blankable] = None
     user: str | None = None
+
+    @field_validator("background")
+    @classmethod
+    def _opaque_only(cls, value: str | None) -> str | None:
+        if value == "transparent":
+            raise ValueError("this server's image models make opaque images; use 'auto' or 'opaque'")
+        return value
 
     @field_validator("response_format", mode="before")
     @classmethod

@@ -164,6 +164,7 @@ def image_job(request: ImageGenerationRequest, config: ImageModelConfig, limits:
     job = ImageJob(
         prompt=request.prompt, n=request.n, width=width, height=height, steps=steps, seed=request.seed,
         negative_prompt=request.negative_prompt, strength=strength,
+        output_format=request.output_format or "png", quality=request.output_compression,
         init_image=source.data if source else None, mask_image=mask.data if mask else None,
     )
     if job.pipeline_steps > config.max_steps:  # 1 / max_steps itself may round to a step too many

@@ -243,6 +243,21 @@ def test_openai_images_generate_url_and_b64(client, http):
     assert png_of(base64.b64decode(inline.data[0].b64_json)).size == (64, 64)
 
 
+@pytest.mark.parametrize("fmt,media", [("jpeg", "image/jpeg"), ("webp", "image/webp"), ("png", "image/png")])
+def test_output_format_is_the_file_format_by_url_and_in_base64(http, client, fmt, media):
+    ask = {"model": IMAGE, "prompt": "an otter", "size": "64x64", "seed": 3, "output_format": fmt}
+    body = assert_success(http.post("/v1/images/generations", json=ask))
+    url = body["data"][0]["url"]
+    assert url.endswith("." + fmt)
+    fetched = http.get(url)
+    assert fetched.headers["content-type"] == media
+    assert Image.open(io.BytesIO(fetched.content)).format == fmt.upper()
+    encoded = client.images.generate(model=IMAGE, prompt="an otter", size="64x64", response_format="b64_json",
+                                     output_format=fmt, output_compression=20)
+    image = Image.open(io.BytesIO(base64.b64decode(encoded.data[0].b64_json)))
+    assert (image.format, image.size) == (fmt.upper(), (64, 64))
+
+
 def test_node_style_zero_values_mean_defaults(http):
     body = assert_success(http.post("/v1/images/generations", json={
         "model": IMAGE, "prompt": "otter", "n": 0, "size": "", "width": 0, "height": 0,
@@ -375,6 +390,9 @@ BAD_REQUESTS = [
     ("post", "/v1/images/generations", {"content": b'{"model": "SuperImage", "prompt": "otter \\ud83d"}',
                                         "headers": {"content-type": "application/json"}}, 400, "prompt"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "stop": ["x" * 1001]}}, 400, "stop"),
+    ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "output_format": "gif"}}, 400, "output_format"),
+    ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "background": "transparent"}}, 400, "background"),
+    ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "output_compression": 101}}, 400, "output_compression"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "response_format": {"type": "json_object"}}}, 400, "response_format"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
                                                "tool_choice": "required"}}, 400, "tool_choice"),
