@@ -179,8 +179,9 @@ def _stop_prefix_at_end(text: str, stop: str) -> int:
     """Length of the longest proper prefix of `stop` that `text` ends with (0 if none).
 
     Only places where `stop`'s first character occurs in the last len(stop) - 1
-    characters can start one, so a long stop string costs a `find` per step, not
-    a comparison per prefix length.
+    characters can start one, so ordinary text costs a `find` or two per step. Text
+    that repeats `stop`'s first character all along its tail costs one comparison per
+    repeat; stop strings are at most `MAX_STOP_CHARS` long, which bounds that.
     """
     start = text.find(stop[0], max(0, len(text) - len(stop) + 1))
     while start != -1:

@@ -57,7 +57,8 @@ class ChatModel(ModelReplica):
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
-        self.vocabulary = self.model.get_output_embeddings().out_features  # the logits' width
+        head = self.model.get_output_embeddings()  # the logits' width; some models name no head
+        self.vocabulary = getattr(head, "out_features", None) or self.model.config.get_text_config().vocab_size
         self.token_bytes = TokenBytes(self.tokenizer)
         self._batch = DecodeBatch(self.model, self.pad_id, self.device)
         self._waiting: deque[Slot] = deque()

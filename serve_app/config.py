@@ -315,7 +315,7 @@ class AppConfig(StrictModel):
         description="Base URL clients reach this server at; image URLs are built from it.",
     )
     image_dir: str = Field("./generated_images", validate_default=True,
-                           description="Folder where generated PNGs are stored (made absolute where the config is read).")
+                           description="Folder where generated images are stored (made absolute where the config is read).")
     max_body_bytes: int = Field(
         25 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
     )
@@ -324,7 +324,7 @@ class AppConfig(StrictModel):
     catalog_ttl_s: float = Field(1.5, ge=0, description="How long /v1/models caches Serve's status.")
     auth: AuthOptions = Field(default_factory=AuthOptions)
     limits: RequestLimits = Field(default_factory=RequestLimits)
-    access_log: bool = Field(True, description="One structured log line per request (no prompt text).")
+    access_log: bool = Field(True, description="One structured log line per request (prompt text only with log_prompts).")
     log_prompts: bool = Field(False, description="Quote the prompt (a chat's last message, first 500 characters) "
                                                  "in the access log line.")
     ingress: IngressOptions = Field(default_factory=IngressOptions)

@@ -213,9 +213,13 @@ class ImageModel(ModelReplica):
                 continue
             for index, prepared in members:
                 job = prepared.job
-                outcomes[index] = ImageResult(images=[
-                    encode_image(next(images), job.output_format, job.quality, self.config.png_compress_level)
-                    for _ in range(job.n)])
+                made = [next(images) for _ in range(job.n)]  # taken first: the next job's start where they end
+                try:
+                    outcomes[index] = ImageResult(images=[
+                        encode_image(image, job.output_format, job.quality, self.config.png_compress_level)
+                        for image in made])
+                except Exception as exc:  # noqa: BLE001 - this job's encoding failed, not its batch-mates'
+                    outcomes[index] = exc
         self.counters["requests"] += len(jobs)
         return cast(list[Outcome], outcomes)
 

@@ -30,7 +30,7 @@ from serve_app.errors import NotFound
 logger = logging.getLogger("ray.serve")
 
 FILES_ROUTE = "/v1/files/images"
-_NAME = re.compile(r"^[A-Za-z0-9_-]{16,64}\.(png|jpeg|webp)$")
+_NAME = re.compile(r"[A-Za-z0-9_-]{16,64}\.(png|jpeg|webp)")  # fullmatch: no trailing newline
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 TEMP_PREFIX = ".tmp-"
 TEMP_GRACE_S = 60.0  # a temp file this old belongs to no write in progress
@@ -80,7 +80,7 @@ class ImageStore:
 
     def path(self, name: str) -> Path:
         """The file for a name from a URL; 404 for anything this store did not make."""
-        if _NAME.match(name):
+        if _NAME.fullmatch(name):
             path = (self.directory / name).resolve()
             if path.parent == self.directory and path.is_file():
                 return path
@@ -134,7 +134,7 @@ class ImageStore:
                 if not stat.S_ISREG(info.st_mode):
                     continue
                 record = _Entry(Path(entry.path), info.st_size, info.st_mtime)
-                if _NAME.match(entry.name):
+                if _NAME.fullmatch(entry.name):
                     images.append(record)
                 elif entry.name.startswith(TEMP_PREFIX):
                     temps.append(record)

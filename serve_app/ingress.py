@@ -94,6 +94,13 @@ async def _read_form(request: Request) -> tuple[dict[str, Any], dict[str, bytes]
     return fields, files
 
 
+async def _json_body(request: Request) -> Any:
+    try:
+        return json.loads(await request.body() or b"null")
+    except ValueError:  # JSONDecodeError and undecodable bytes alike
+        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+
+
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
@@ -134,7 +141,8 @@ class Ingress:
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
         target = self.router.resolve(body.model, "chat")
         note(model=body.model, stream=body.stream, n=body.n)
-        self._note_prompt(body.messages[-1].text())
+        if self.config.log_prompts:
+            self._note_prompt(body.messages[-1].text())
         job = chat_job(body, target.config, self.config.limits)
         if not body.stream:
             call = target.generate.remote(job)
@@ -151,14 +159,16 @@ class Ingress:
     async def image_generations(self, body: ImageGenerationRequest) -> Response:
         target = self.router.resolve(body.model, "image")
         note(model=body.model)
-        self._note_prompt(body.prompt)
+        if self.config.log_prompts:
+            self._note_prompt(body.prompt)
         return await self._images(target, body, image_job(body, target.config, self.config.limits))
 
     @api.post("/v1/images/edits", response_model=ImagesResponse, responses=ERRORS, openapi_extra=EDIT_BODY)
     async def image_edits(self, request: Request) -> Response:
         target, body, image, mask = await self._read_edit(request)
         note(model=body.model)
-        self._note_prompt(body.prompt)
+        if self.config.log_prompts:
+            self._note_prompt(body.prompt)
         job = image_job(body, target.config, self.config.limits, source=image, mask=mask)
         return await self._images(target, body, job)
 
@@ -181,7 +191,10 @@ class Ingress:
 
     @api.get("/v1/models/{model:path}", response_model=ModelDetail, responses={404: ERRORS[404]})
     async def retrieve_model(self, model: str) -> Response:
-        """One live model (OpenAI's `models.retrieve`); names may hold slashes, as hub ids do."""
+        """One live model (OpenAI's `models.retrieve`); names may hold slashes, as hub ids do.
+        `/v1/models/` (no name) is the list."""
+        if not model.strip("/"):
+            return await self.list_models()
         for live in await self.catalog.live_models():
             if live.config.name == model:
                 return json_response(ModelDetail(**self._card(live).model_dump()))
@@ -198,10 +211,9 @@ class Ingress:
         return FileResponse(self.store.path(name), media_type=self.store.media_type(name))
 
     def _note_prompt(self, text: str) -> None:
-        """With `log_prompts` on, the access log line quotes the prompt (a chat's last message),
+        """For `log_prompts`: the access log line quotes the prompt (a chat's last message),
         JSON-escaped so it stays one line, cut at `PROMPT_LOG_CHARS`."""
-        if self.config.log_prompts:
-            note(prompt=json.dumps(text[:PROMPT_LOG_CHARS] + ("..." if len(text) > PROMPT_LOG_CHARS else "")))
+        note(prompt=json.dumps(text[:PROMPT_LOG_CHARS] + ("..." if len(text) > PROMPT_LOG_CHARS else "")))
 
     def _card(self, live: LiveModel) -> ModelCard:
         return ModelCard(id=live.config.name, model=live.config.name, created=live.created,
@@ -268,7 +280,9 @@ class Ingress:
             elif body.mask:
                 mask = await self.fetcher.load(body.mask, param="mask")
             return target, body, image, mask
-        body = ImageEditRequest.model_validate_json(await request.body() or b"null")
+        # Parsed by the json module first, as FastAPI parses the other routes: pydantic's own
+        # parser calls a lone surrogate invalid JSON, where the field's check names the field.
+        body = ImageEditRequest.model_validate(await _json_body(request))
         target = self.router.resolve(body.model, "image")
         if not body.image:
             raise InvalidRequest("image is required: an http(s) URL or a data: URL.", param="image")

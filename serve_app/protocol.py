@@ -116,6 +116,15 @@ class ResponseFormatSpec(WireModel):
     type: str
 
 
+def _token_id(value: Any) -> Any:
+    """A `logit_bias` key: the token id in plain digits ("01", "+5", "5_0" would name another token)."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit() and (value == "0" or value[0] != "0")):
+        raise ValueError(f"a token id must be written in plain digits, not {value!r}")
+    return value
+
+
+TokenId = Annotated[int, BeforeValidator(_token_id), Field(ge=0)]
+
 MAX_LOGIT_BIAS = 300
 """Most `logit_bias` entries in one request: each is an op on every decoding step."""
 
@@ -136,8 +145,7 @@ class ChatCompletionRequest(WireModel):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    logit_bias: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100, le=100)]] | None = Field(
-        None, max_length=MAX_LOGIT_BIAS)
+    logit_bias: dict[TokenId, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     response_format: ResponseFormatSpec | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None

@@ -119,6 +119,14 @@ def test_bad_job_fails_alone(model):
     assert [len(outcomes[0].images), len(outcomes[2].images)] == [2, 1]
 
 
+def test_a_job_whose_images_cannot_be_encoded_fails_alone(model):
+    """Same pipeline call, formats chosen per job: one encoder failing leaves the others' images whole."""
+    unencodable = job("b", n=2, output_format="no-such-format")
+    outcomes, calls = calls_for(model, [job("a", output_format="jpeg"), unencodable, job("c", n=2)])
+    assert calls == 1 and isinstance(outcomes[1], Exception)
+    assert [Image.open(io.BytesIO(i)).format for o in (outcomes[0], outcomes[2]) for i in o.images] == ["JPEG", "PNG", "PNG"]
+
+
 def test_batches_queued_during_a_call_share_the_next_one(model):
     """Serve's batches that arrive while the worker is busy merge; a cancelled caller drops out."""
     gate = threading.Event()

@@ -66,6 +66,7 @@ def test_models_lists_live_models_in_both_shapes(http, client):
 
 
 def test_one_model_is_retrieved_by_name(http, client):
+    assert http.get("/v1/models/").json()["object"] == "list"
     body = assert_success(http.get(f"/v1/models/{CHAT}"))
     assert body["id"] == body["model"] == CHAT and body["object"] == "model" and body["kind"] == "chat"
     assert client.models.retrieve(IMAGE).id == IMAGE
@@ -306,9 +307,14 @@ def test_edit_json_with_http_url(http):
 
 def test_multipart_edit_may_name_its_image_by_url(http):
     made = assert_success(http.post("/v1/images/generations", json={"model": IMAGE, "prompt": "x", "size": "64x64"}))
-    body = assert_success(http.post("/v1/images/edits", data={
-        "model": IMAGE, "prompt": "beret", "image": made["data"][0]["url"], "size": "64x64"},
-        files={"no_file_chosen": ("", b"")}))  # multipart, as a browser form sends it
+    # As a browser form sends it: the URL in a text field, and a file field left empty (filename="").
+    fields = {"model": IMAGE, "prompt": "beret", "image": made["data"][0]["url"], "size": "64x64"}
+    form = "".join(f'--b0undary\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+                   for name, value in fields.items())
+    form += ('--b0undary\r\nContent-Disposition: form-data; name="mask"; filename=""\r\n'
+             'Content-Type: application/octet-stream\r\n\r\n\r\n--b0undary--\r\n')
+    body = assert_success(http.post("/v1/images/edits", content=form.encode(),
+                                    headers={"content-type": "multipart/form-data; boundary=b0undary"}))
     assert png_of(http.get(body["data"][0]["url"]).content).size == (64, 64)
 
 
@@ -387,6 +393,9 @@ BAD_REQUESTS = [
                                       "headers": {"content-type": "application/json"}}, 400, "messages[0].content"),
     ("post", "/v1/chat/completions", {"content": b'{"model": "Llama3-8B", "messages": [{"role": "user", "content": "x"}], '
                                                  b'"stop": ["a\\udfff"]}', "headers": {"content-type": "application/json"}}, 400, "stop[0]"),
+    ("post", "/v1/images/edits", {"content": b'{"model": "SuperImage", "prompt": "otter \\ud83d", "image": "x"}',
+                                  "headers": {"content-type": "application/json"}}, 400, "prompt"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "logit_bias": {"01": 5}}}, 400, None),
     ("post", "/v1/images/generations", {"content": b'{"model": "SuperImage", "prompt": "otter \\ud83d"}',
                                         "headers": {"content-type": "application/json"}}, 400, "prompt"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "stop": ["x" * 1001]}}, 400, "stop"),
