@@ -304,7 +304,16 @@ class ImageGenerationRequest(WireModel):
     output_compression: Annotated[int | None, Blankable] = Field(
         None, ge=0, le=100, description="JPEG/WebP quality, 0-100; PNG is lossless.")
     background: Annotated[Literal["auto", "opaque", "transparent"] | None, Blankable] = None
+    stream: Annotated[bool | None, Blankable] = None
     user: str | None = None
+
+    @field_validator("stream")
+    @classmethod
+    def _whole_images_only(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("this server answers with whole images, not a stream of partial ones; "
+                             "leave stream unset or false")
+        return value
 
     @field_validator("background")
     @classmethod

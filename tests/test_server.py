@@ -401,6 +401,7 @@ BAD_REQUESTS = [
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "stop": ["x" * 1001]}}, 400, "stop"),
     ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "output_format": "gif"}}, 400, "output_format"),
     ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "background": "transparent"}}, 400, "background"),
+    ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "stream": True}}, 400, "stream"),
     ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "output_compression": 101}}, 400, "output_compression"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "response_format": {"type": "json_object"}}}, 400, "response_format"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
