@@ -296,6 +296,16 @@ class AuthOptions(StrictModel):
     protect_files: bool = Field(False, description="Require a key for generated image files.")
 
 
+class CorsOptions(StrictModel):
+    """Cross-origin access for browser clients (a web UI on another origin). Off while no origin is listed."""
+
+    allow_origins: list[str] = Field(default_factory=list,
+                                     description='Origins allowed to call the API from a browser; ["*"] for any.')
+    allow_headers: list[str] = Field(default_factory=lambda: ["*"], description="Request headers they may send.")
+    allow_credentials: bool = Field(False, description="Allow cookies and HTTP auth (not with allow_origins [\"*\"]).")
+    max_age_s: int = Field(600, ge=0, description="How long a browser may cache a preflight answer.")
+
+
 class RequestLimits(StrictModel):
     """Limits checked in the ingress before any model work."""
 
@@ -323,6 +333,7 @@ class AppConfig(StrictModel):
     image_retention: ImageRetentionOptions = Field(default_factory=ImageRetentionOptions)
     catalog_ttl_s: float = Field(1.5, ge=0, description="How long /v1/models caches Serve's status.")
     auth: AuthOptions = Field(default_factory=AuthOptions)
+    cors: CorsOptions = Field(default_factory=CorsOptions)
     limits: RequestLimits = Field(default_factory=RequestLimits)
     access_log: bool = Field(True, description="One structured log line per request (prompt text only with log_prompts).")
     log_prompts: bool = Field(False, description="Quote the prompt (a chat's last message, first 500 characters) "

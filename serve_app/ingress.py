@@ -38,7 +38,7 @@ from serve_app.protocol import (
     ModelList,
 )
 from serve_app.registration import unregister_stale
-from serve_app.request_guards import ApiKeys, Metrics, RequestGuard, note
+from serve_app.request_guards import ApiKeys, ConfiguredCors, Metrics, RequestGuard, note
 from serve_app.streaming import ChatChunkEncoder, chat_events
 from serve_app.translate import chat_job, chat_response, image_job
 
@@ -51,6 +51,7 @@ api = FastAPI(
     telemetry={"tracing": False, "metrics": False, "logs": False},
 )
 api.add_middleware(RequestGuard)
+api.add_middleware(ConfiguredCors)  # added last: outermost
 install_error_handlers(api)
 
 T = TypeVar("T")
@@ -112,6 +113,7 @@ class Ingress:
         self.registrar = registrar
         api.state.max_body_bytes = config.max_body_bytes
         api.state.api_keys = ApiKeys(config)
+        api.state.cors = config.cors
         api.state.access_log = config.access_log
         api.state.metrics = self.metrics = Metrics()
         self.router = ModelRouter(config, handles)

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, CorsOptions
 from serve_app.errors import AuthenticationFailed, PayloadTooLarge
 from serve_app.http_errors import as_api_error, error_response
 
@@ -102,6 +103,29 @@ def _route_label(scope: Scope) -> str:
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
     return next((value for key, value in scope.get("headers") or [] if key == name), None)
+
+
+class ConfiguredCors:
+    """Starlette's CORS middleware with the settings of `app.state.cors`, or none while no
+    origin is configured. Outermost, so a preflight needs no API key and every answer,
+    errors included, carries the headers a browser needs to read it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._cors: ASGIApp | None = None
+        self._options: CorsOptions | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        options: CorsOptions | None = getattr(scope["app"].state, "cors", None) if scope["type"] == "http" else None
+        if options is None or not options.allow_origins:
+            await self.app(scope, receive, send)
+            return
+        if options is not self._options:  # built once per configuration
+            self._options, self._cors = options, CORSMiddleware(
+                self.app, allow_origins=options.allow_origins, allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=options.allow_headers, allow_credentials=options.allow_credentials,
+                expose_headers=["X-Request-Id", "Retry-After"], max_age=options.max_age_s)
+        await self._cors(scope, receive, send)  # type: ignore[misc]
 
 
 class RequestGuard:

@@ -26,6 +26,7 @@ from tests.conftest import wait_for
 from tests.test_server import BAD_REQUESTS, CHAT, IMAGE, SEED_CHAT
 
 KEY = "test-key-0123456789"
+UI = "https://ui.example"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -35,7 +36,7 @@ def secure(cluster) -> str:
 
     args = cluster.args(route_prefix="/secure", auth={"api_keys": [KEY]},
                         limits={"max_messages": 8, "max_prompt_chars": 2000, "request_timeout_s": 60},
-                        catalog_ttl_s=0.2, log_prompts=True)
+                        catalog_ttl_s=0.2, log_prompts=True, cors={"allow_origins": [UI]})
     chat, image = args["models"]
     chat["deployment"].update(num_cpus=0.25, max_ongoing_requests=2, max_queued_requests=4)
     image["deployment"].update(num_cpus=0.25)
@@ -163,6 +164,24 @@ def test_prompts_are_logged_only_where_log_prompts_is_on(shttp, http):
     line = next(line for path in _serve_logs_mentioning(quoted) for line in path.read_text().splitlines() if quoted in line)
     assert "access request_id=" in line and f'prompt="say \\"{quoted}\\"\\nplease"' in line, line
     assert not _serve_logs_mentioning(secret)  # the default application keeps prompts out of its logs
+
+
+def test_a_browser_ui_on_an_allowed_origin_may_call_the_api(secure, http):
+    """Preflight without a key (browsers send none), then the call; errors carry the headers too,
+    so the page can read them. The default application lists no origin: no CORS headers."""
+    preflight = httpx.options(secure + "/v1/chat/completions", headers={
+        "Origin": UI, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == UI
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    answered = httpx.get(secure + "/v1/models", headers={"Origin": UI, **AUTH})
+    assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == UI
+    refused = httpx.get(secure + "/v1/models", headers={"Origin": UI})
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == UI
+    elsewhere = httpx.options(secure + "/v1/chat/completions", headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert elsewhere.status_code == 400 and "access-control-allow-origin" not in elsewhere.headers
+    assert "access-control-allow-origin" not in http.get("/v1/models", headers={"Origin": UI}).headers
 
 
 def test_request_id_is_echoed(shttp):
