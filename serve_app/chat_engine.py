@@ -245,8 +245,14 @@ class DecodeBatch:
 
     @property
     def live_slots(self) -> int:
-        """Requests still decoding (what `max_batch_size` counts)."""
+        """Requests still decoding."""
         return len({id(slot) for slot, _ in self.owners if not slot.finished})
+
+    @property
+    def live_rows(self) -> int:
+        """Rows (choices) of the requests still decoding: what `max_batch_size` counts, as
+        each holds its own KV cache."""
+        return sum(1 for slot, _ in self.owners if not slot.finished)
 
     def can_join(self) -> bool:
         return self.done or _mergeable(self.cache)

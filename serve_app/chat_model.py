@@ -148,15 +148,20 @@ class ChatModel(ModelReplica):
             self._engine = None
 
     def _admit(self) -> list[Slot]:
-        """Waiting requests that join the batch now, oldest first, while it has room."""
+        """Waiting requests that join the batch now, oldest first, while their rows (one per
+        choice) fit in `max_batch_size`. A request with more choices than that runs alone."""
         if not self._batch.can_join():
             return []
-        room = self.config.max_batch_size - self._batch.live_slots
-        joining = []
-        while self._waiting and len(joining) < room:
-            slot = self._waiting.popleft()
+        room = self.config.max_batch_size - self._batch.live_rows
+        joining: list[Slot] = []
+        while self._waiting:
+            slot = self._waiting[0]
             if not slot.cancelled:
+                if len(slot.rows) > room and (joining or not self._batch.done):
+                    break  # it waits for room; those behind it wait too (first come, first served)
                 joining.append(slot)
+                room -= len(slot.rows)
+            self._waiting.popleft()
         return joining
 
     def _deliver(self, deltas: list[tuple[Slot, int, str]]) -> None:
@@ -174,8 +179,8 @@ class ChatModel(ModelReplica):
                 slot.ended = True
                 slot.outbox.put_nowait(END)
 
-    @staticmethod
-    def _fail(slots: list[Slot], exc: BaseException) -> None:
+    def _fail(self, slots: list[Slot], exc: BaseException) -> None:
+        self.released(exc)
         for slot in {id(slot): slot for slot in slots}.values():
             if not slot.ended:
                 slot.ended = True

@@ -9,6 +9,7 @@ YAML fails the deploy with an error naming the field instead of being ignored.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -143,6 +144,20 @@ class BaseModelConfig(StrictModel):
             return str(candidate.resolve())
         return value
 
+    @model_validator(mode="after")
+    def _device_within_the_replicas_gpus(self) -> "BaseModelConfig":
+        """Ray shows a replica only the GPUs it reserved (as cuda:0, cuda:1, ...); a cuda
+        device outside them would take a GPU no one reserved, or fail to load."""
+        gpus = self.deployment.num_gpus
+        if self.device.startswith("cuda"):
+            if gpus <= 0:
+                raise ValueError(f"device {self.device!r} needs deployment.num_gpus > 0 (Ray reserves the GPU)")
+            index = int(self.device.partition(":")[2] or 0)
+            if index >= max(1, math.ceil(gpus)):
+                raise ValueError(f"device {self.device!r}: a replica with num_gpus {gpus} sees "
+                                 f"cuda:0{'' if math.ceil(gpus) <= 1 else f' to cuda:{math.ceil(gpus) - 1}'} only")
+        return self
+
     @property
     def deployment_name(self) -> str:
         """Ray deployment name: the public name with unsafe characters replaced."""
@@ -159,7 +174,8 @@ class ChatModelConfig(BaseModelConfig):
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     max_n: int = Field(8, ge=1, description="Largest `n` (choices per request).")
     max_batch_size: int = Field(
-        32, ge=1, description="Requests decoding together on one replica (continuous batching); 1 = no batching.")
+        32, ge=1, description="Rows decoding together on one replica (continuous batching; a request's n "
+        "choices are n rows); 1 = no batching.")
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, description="How long an idle replica waits before prefilling, to take a burst together.")
     stream_interval_s: float = Field(

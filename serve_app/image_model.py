@@ -131,6 +131,11 @@ class ImageModel(ModelReplica):
         for pipeline in self.pipelines.values():  # `from_pipe` does not copy this setting
             if pipeline is not None:
                 pipeline.set_progress_bar_config(disable=True)
+        vae = getattr(base, "vae", None)
+        if self.device.type == "cuda" and hasattr(vae, "enable_slicing"):
+            # Decoding a whole batch's latents at once is the call's memory peak (8 requests x
+            # 4 images at 2048 px); one image at a time costs little time on a GPU.
+            vae.enable_slicing()
         # Serve creates the batch queue lazily inside the replica; these only set its limits.
         self._queue_batch.set_max_batch_size(config.max_batch_size)
         self._queue_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
@@ -185,7 +190,7 @@ class ImageModel(ModelReplica):
         try:
             outcomes = self.run_jobs([job for job, _ in taken])
         except Exception as exc:  # noqa: BLE001 - never leave a caller waiting
-            outcomes = [exc] * len(taken)
+            outcomes = [self.released(exc)] * len(taken)
         for (_, future), outcome in zip(taken, outcomes):
             future.set_result(outcome)
 
@@ -201,7 +206,7 @@ class ImageModel(ModelReplica):
             try:
                 prepared = self.prepare(job)
             except Exception as exc:  # noqa: BLE001 - reported to this job's caller only
-                outcomes[index] = exc
+                outcomes[index] = self.released(exc)
             else:
                 groups.setdefault(prepared.key, []).append((index, prepared))
         for members in groups.values():
@@ -209,7 +214,7 @@ class ImageModel(ModelReplica):
                 images = iter(self.call_pipeline([prepared for _, prepared in members]))
             except Exception as exc:  # noqa: BLE001 - the call failed for the whole group
                 for index, _ in members:
-                    outcomes[index] = exc
+                    outcomes[index] = self.released(exc)
                 continue
             for index, prepared in members:
                 job = prepared.job
@@ -219,7 +224,7 @@ class ImageModel(ModelReplica):
                         encode_image(image, job.output_format, job.quality, self.config.png_compress_level)
                         for image in made])
                 except Exception as exc:  # noqa: BLE001 - this job's encoding failed, not its batch-mates'
-                    outcomes[index] = exc
+                    outcomes[index] = self.released(exc)
         self.counters["requests"] += len(jobs)
         return cast(list[Outcome], outcomes)
 
@@ -266,8 +271,10 @@ class ImageModel(ModelReplica):
         return [image.resize(size) if image.size != size else image for image in images]
 
     def generator(self, job: ImageJob, index: int) -> torch.Generator:
-        """The generator of a job's `index`-th image: `seed + index`, or random without a seed."""
-        generator = torch.Generator(device=self.device)
+        """The generator of a job's `index`-th image: `seed + index`, or random without a seed.
+        On the CPU whatever the model's device (diffusers draws the noise there and moves it),
+        so a seed makes the same image on CPU and GPU replicas."""
+        generator = torch.Generator()
         if job.seed is None:
             generator.seed()
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
@@ -34,12 +35,17 @@ def assigned_gpu_ids() -> list[str]:
 
 
 def resolve_device(config: BaseModelConfig) -> torch.device:
-    """'auto' is cuda when this replica holds a GPU and CUDA works, else cpu."""
+    """'auto' is cuda when this replica holds a GPU, else cpu. A replica that holds a GPU
+    but cannot use CUDA (a CPU-only torch, a driver mismatch) fails to start, rather than
+    computing on the CPU while the GPU it reserved idles."""
+    wants_gpu = config.deployment.num_gpus > 0 and config.device in ("auto", "cuda") or config.device.startswith("cuda")
+    if wants_gpu and not torch.cuda.is_available():
+        raise RuntimeError(f"{config.name}: this replica holds a GPU (num_gpus={config.deployment.num_gpus}, "
+                           f"device={config.device}) but torch {torch.__version__} cannot use CUDA here; "
+                           "install a CUDA build of torch or set num_gpus: 0")
     if config.device != "auto":
         return torch.device(config.device)
-    if config.deployment.num_gpus > 0 and torch.cuda.is_available():
-        return torch.device("cuda", 0)
-    return torch.device("cpu")
+    return torch.device("cuda", 0) if config.deployment.num_gpus > 0 else torch.device("cpu")
 
 
 def weights_device_map(config: BaseModelConfig, device: torch.device) -> str | torch.device:
@@ -62,7 +68,8 @@ def resolve_dtype(config: BaseModelConfig, device: torch.device) -> torch.dtype:
     if config.dtype != "auto":
         return _DTYPES[config.dtype]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Not emulated bf16 (older GPUs "support" it slowly): fp16 there.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.float32
 
 
@@ -96,6 +103,36 @@ class ModelReplica:
             # `num_cpus: 0.5` to fit the scheduler would otherwise compute on one core.
             torch.set_num_threads(config.torch_threads)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"torch-{config.name}")
+        self._device_failure: str | None = None
+        share = config.deployment.num_gpus
+        if self.device.type == "cuda" and 0 < share < 1:
+            # Ray's GPU fractions are bookkeeping only: without this cap one replica's KV cache
+            # or batch could take the memory of the replica sharing its GPU.
+            torch.cuda.set_per_process_memory_fraction(share, self.device)
+
+    def released(self, exc: BaseException) -> BaseException:
+        """`exc`, made safe to keep past its handler (posted to a request, logged later).
+
+        A kept exception keeps its traceback's frames alive, and with them the tensors of
+        the failed pass (activations, a batch's KV cache): on a GPU the memory of an
+        out-of-memory error would stay taken until a full garbage collection, and the next
+        pass would run out too. The frames' locals are cleared; the traceback still prints.
+        A CUDA error that poisons the context (an illegal address, a device-side assert)
+        is noted for `check_health`.
+        """
+        traceback.clear_frames(exc.__traceback__)
+        if isinstance(exc, torch.AcceleratorError) and self._device_failure is None:
+            self._device_failure = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, torch.OutOfMemoryError) and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # what the failed pass had reserved goes back to the GPU
+        return exc
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose CUDA context failed fails every later call
+        on the GPU, so it asks to be replaced rather than go on taking requests."""
+        if self._device_failure is not None:
+            raise RuntimeError(f"{self.config.name}: the GPU context failed ({self._device_failure}); "
+                               "this replica needs replacing")
 
     async def run_on_worker(self, fn: Callable[..., T], *args) -> T:
         """Run `fn(*args)` on the model's worker thread and await its result."""

@@ -134,3 +134,70 @@ def test_a_cancelled_request_no_longer_counts_as_waiting(replica):
         return during
 
     assert asyncio.run(run())["waiting_requests"] == 0
+
+
+def test_a_failed_pass_lets_go_of_its_memory_and_a_broken_gpu_context_fails_health(replica):
+    """The request that ran out of memory gets its error, and the pass's tensors are freed at
+    once (not at the next garbage collection: on a GPU the next pass would run out too). A CUDA
+    error that poisons the context makes the replica fail Serve's health check; running out of
+    memory does not."""
+    import gc
+    import weakref
+
+    import torch
+
+    held: list[weakref.ref] = []
+
+    def forward_failing_with(error: Exception):
+        def forward(**inputs):
+            activations = torch.empty(1_000_000)  # what the failed pass had computed
+            held.append(weakref.ref(activations))
+            raise error
+        return forward
+
+    async def fails(request: ChatJob) -> BaseException:
+        (outcome,) = await asyncio.gather(replica.generate(request), return_exceptions=True)
+        return outcome
+
+    replica._batch.model = forward_failing_with(torch.OutOfMemoryError("CUDA out of memory (injected)"))
+    gc.disable()
+    try:
+        assert isinstance(asyncio.run(fails(job("hello"))), torch.OutOfMemoryError)
+        assert held and held[0]() is None, "the failed pass's tensors outlived its request"
+    finally:
+        gc.enable()
+    replica.check_health()
+
+    replica._batch.model = forward_failing_with(torch.AcceleratorError("CUDA error: an illegal memory access"))
+    assert isinstance(asyncio.run(fails(job("hello"))), torch.AcceleratorError)
+    with pytest.raises(RuntimeError, match="GPU context failed"):
+        replica.check_health()
+
+
+def test_max_batch_size_counts_rows_so_choices_cannot_overfill_the_batch(models_dir):
+    """Every choice holds its own KV cache: with room for 4 rows, a 3-choice request and a
+    2-choice one take turns, and a 6-choice request still runs (alone)."""
+    config = ChatModelConfig.model_validate({"name": "m", "kind": "chat", "path": str(models_dir / "tiny-llama"),
+                                             "max_batch_size": 4})
+    replica = ChatModel.func_or_class(config)
+    rows: list[int] = []
+    tick = replica._batch.tick
+
+    def counting_tick(joining):
+        deltas = tick(joining)
+        rows.append(len(replica._batch.owners))
+        return deltas
+
+    replica._batch.tick = counting_tick
+
+    def choices(n: int, max_tokens: int) -> ChatJob:
+        return ChatJob(messages=[{"role": "user", "content": "hello"}], max_tokens=max_tokens,
+                       max_tokens_explicit=True, temperature=0, n=n)
+
+    async def run():
+        three, two = await asyncio.gather(replica.generate(choices(3, 8)), replica.generate(choices(2, 8)))
+        assert [len(three.choices), len(two.choices)] == [3, 2] and rows and max(rows) <= 4, rows
+        rows.clear()
+        assert len((await replica.generate(choices(6, 3))).choices) == 6 and max(rows) == 6, rows
+
+    asyncio.run(run())

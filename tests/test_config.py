@@ -60,7 +60,10 @@ def test_image_sizes_in_the_config_obey_the_rules_requests_do(fields, message):
 
 def test_device_is_auto_cpu_or_cuda():
     for device in ("auto", "cpu", "cuda", "cuda:1"):
-        assert validate(lambda a: a["models"][0].update(device=device)).models[0].device == device
+        def set_device(args):
+            args["models"][0].update(device=device)
+            args["models"][0]["deployment"].update(num_gpus=2)
+        assert validate(set_device).models[0].device == device
     with pytest.raises(ValidationError, match="device"):
         validate(lambda a: a["models"][0].update(device="gpu"))
 
@@ -107,3 +110,15 @@ def test_readme_documents_every_config_field():
                   c.ImageRetentionOptions, c.AuthOptions, c.RequestLimits):
         for field in model.model_fields:
             assert f"`{field}`" in readme, f"README lacks {model.__name__}.{field}"
+
+
+@pytest.mark.parametrize(("device", "gpus", "ok"), [
+    ("cuda", 1, True), ("cuda:0", 0.5, True), ("cuda:1", 2, True), ("auto", 0, True), ("cpu", 1, True),
+    ("cuda", 0, False), ("cuda:1", 1, False), ("cuda:2", 2, False), ("cuda:1", 0.5, False)])
+def test_a_cuda_device_is_one_of_the_gpus_the_replica_reserves(device, gpus, ok):
+    entry = {"name": "m", "kind": "chat", "path": "p", "device": device, "deployment": {"num_gpus": gpus}}
+    if ok:
+        AppConfig.model_validate({"models": [entry]})
+    else:
+        with pytest.raises(ValidationError, match="num_gpus"):
+            AppConfig.model_validate({"models": [entry]})

@@ -12,7 +12,7 @@ import torch
 
 from serve_app.chat_engine import DecodeBatch
 from serve_app.config import ChatModelConfig
-from serve_app.placement import describe, spread_devices, weights_device_map
+from serve_app.placement import describe, resolve_device, spread_devices, weights_device_map
 
 
 def chat_config(**fields) -> ChatModelConfig:
@@ -45,3 +45,12 @@ def test_a_spread_model_selects_its_rows_with_an_index_any_device_accepts():
     assert DecodeBatch(single, 0, torch.device("cuda", 0)).row_index_device == torch.device("cuda", 0)
     assert "layers spread over devices 0, 1" in describe(chat_config(), torch.device("cuda", 0), torch.float16,
                                                          spread_devices(spread))
+
+
+@pytest.mark.parametrize("fields", [{"deployment": {"num_gpus": 1}}, {"deployment": {"num_gpus": 0.5}, "device": "cuda"}])
+def test_a_replica_holding_a_gpu_it_cannot_use_refuses_to_start(fields, monkeypatch):
+    """Not a silent fall back to the CPU while the reserved GPU idles (a CPU-only torch, a driver mismatch)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="cannot use CUDA"):
+        resolve_device(chat_config(**fields))
+    assert resolve_device(chat_config()) == torch.device("cpu")
