@@ -83,6 +83,11 @@ class IncrementalText:
         return self.text
 
 
+PositionLogprobs = tuple[float, list[tuple[int, float]]]
+"""At one position: the chosen token's log-probability, and (token id, log-probability) of the
+most likely tokens, best first."""
+
+
 class ChoiceDecoder:
     """Turns one choice's tokens into text deltas, and decides truthfully why it ended.
 
@@ -107,7 +112,7 @@ class ChoiceDecoder:
     def wants_logprobs(self) -> bool:
         return self.top_logprobs is not None
 
-    def feed(self, token: int, logprobs: torch.Tensor | None = None) -> str:
+    def feed(self, token: int, logprobs: PositionLogprobs | None = None) -> str:
         """Add one token (with the model's log-probabilities at its position, when asked for);
         returns the text that may be sent now."""
         if self.finish_reason is not None:
@@ -144,12 +149,10 @@ class ChoiceDecoder:
         raw = self.token_bytes(token) if self.token_bytes is not None else text.encode("utf-8")
         return TokenAlternative(token=text, logprob=logprob, bytes=list(raw))
 
-    def _token_logprob(self, token: int, logprobs: torch.Tensor) -> TokenLogprob:
-        chosen = self._alternative(token, float(logprobs[token]))
-        top: list[TokenAlternative] = []
-        if self.top_logprobs:
-            values, ids = torch.topk(logprobs, self.top_logprobs)
-            top = [self._alternative(int(i), float(v)) for v, i in zip(values, ids)]
+    def _token_logprob(self, token: int, logprobs: PositionLogprobs) -> TokenLogprob:
+        chosen_logprob, ranked = logprobs
+        chosen = self._alternative(token, chosen_logprob)
+        top = [self._alternative(i, v) for i, v in ranked[:self.top_logprobs or 0]]
         return TokenLogprob(token=chosen.token, logprob=chosen.logprob, bytes=chosen.bytes, top=top)
 
     def _stop_at(self) -> int | None:
@@ -189,6 +192,18 @@ def _stop_prefix_at_end(text: str, stop: str) -> int:
             return len(text) - start
         start = text.find(stop[0], start + 1)
     return 0
+
+
+def _position_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, rows_at: list[int],
+                       rows: list[Row]) -> dict[int, PositionLogprobs]:
+    """Each asking row's chosen-token log-probability and its most likely tokens, for the whole
+    batch in a few tensor ops and host transfers (not two per alternative per row: on a GPU each
+    is a device sync)."""
+    picked = logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
+    k = max(row.decoder.top_logprobs or 0 for row in rows)
+    values, ids = (logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long()))
+    values, ids = values.tolist(), ids.tolist()
+    return {at: (picked[j], list(zip(ids[j], values[j]))) for j, at in enumerate(rows_at)}
 
 
 @dataclass
@@ -276,14 +291,18 @@ class DecodeBatch:
         return logits, output.get("cache", None) or output.past_key_values
 
     def _pick(self, owners: list[tuple[Slot, Row]], logits: torch.Tensor) -> tuple[torch.Tensor, list]:
-        # Log-probabilities of the model's own distribution, before penalties and temperature.
-        logprobs = torch.log_softmax(logits, dim=-1) if any(row.decoder.wants_logprobs for _, row in owners) else None
+        wanting = [i for i, (_, row) in enumerate(owners) if row.decoder.wants_logprobs]
+        # Log-probabilities of the model's own distribution, before bias, penalties and temperature.
+        logprobs = torch.log_softmax(logits[wanting], dim=-1) if wanting else None
         chosen = choose_tokens([row for _, row in owners], logits)
+        per_row: dict[int, PositionLogprobs] = {}
+        if logprobs is not None:
+            per_row = _position_logprobs(logprobs, chosen[wanting], wanting, [owners[i][1] for i in wanting])
         deltas = []
         for i, ((slot, row), token) in enumerate(zip(owners, chosen.tolist())):  # the step's one device sync
             row.count(token)
             try:
-                text = row.decoder.feed(token, None if logprobs is None else logprobs[i])
+                text = row.decoder.feed(token, per_row.get(i))
             except Exception as exc:  # noqa: BLE001 - turning a token into text failed for this request only
                 slot.error, text = slot.error or exc, ""
             deltas.append((slot, slot.rows.index(row), text))
