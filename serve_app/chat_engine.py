@@ -316,9 +316,13 @@ class DecodeBatch:
         return deltas
 
     def _join(self, slots: list[Slot]) -> list[tuple[Slot, int, str]]:
-        """Prefill the newcomers together, then merge their rows into the running batch."""
+        """Prefill the newcomers together, then merge their rows into the running batch.
+
+        Each request's prompt is prefilled once; its `n` choices then start from copies of
+        that one row (cache, logits, mask), not from n prefills of the same text.
+        """
         owners = [(slot, row) for slot in slots for row in slot.rows]
-        prompts = [slot.prompt_ids for slot, _ in owners]
+        prompts = [slot.prompt_ids for slot in slots]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -329,6 +333,11 @@ class DecodeBatch:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         try:
             logits, cache = self._forward(ids, mask, positions, None)
+            if len(owners) > len(slots):
+                copies = torch.repeat_interleave(torch.arange(len(slots)), torch.tensor([len(s.rows) for s in slots]))
+                cache.batch_select_indices(copies.to(self.row_index_device))
+                on_device = copies.to(self.device)
+                logits, mask, positions = logits[on_device], mask[on_device], positions[on_device]
             next_input, deltas = self._pick(owners, logits)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory for a long prompt: the newcomers fail,
             for slot in slots:      # the running batch (not touched yet) goes on

@@ -201,3 +201,20 @@ def test_max_batch_size_counts_rows_so_choices_cannot_overfill_the_batch(models_
         assert len((await replica.generate(choices(6, 3))).choices) == 6 and max(rows) == 6, rows
 
     asyncio.run(run())
+
+
+def test_a_requests_choices_share_one_prefill_and_start_alike(replica):
+    """n=3 prefills the prompt once (one row through the model), and greedy choices are all
+    the text a single choice gets."""
+    rows_in_prefill = []
+    handle = replica.model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows_in_prefill.append(kwargs["input_ids"].shape) if kwargs["input_ids"].shape[1] > 1
+        else None, with_kwargs=True)
+    try:
+        single = asyncio.run(replica.generate(job("hello there", max_tokens=10)))
+        three = asyncio.run(replica.generate(ChatJob(messages=[{"role": "user", "content": "hello there"}], max_tokens=10,
+                                                     max_tokens_explicit=True, temperature=0, n=3)))
+    finally:
+        handle.remove()
+    assert [shape[0] for shape in rows_in_prefill] == [1, 1], rows_in_prefill
+    assert [choice.text for choice in three.choices] == [single.choices[0].text] * 3
