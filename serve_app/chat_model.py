@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serve_app.chat_engine import ChoiceDecoder, DecodeBatch, Slot, deltas_by_slot, merge_deltas
 from serve_app.config import ChatModelConfig
-from serve_app.errors import InvalidRequest
+from serve_app.errors import APIError, InvalidRequest
 from serve_app.jobs import ChatJob, ChatResult, ChatStreamChunk, ChoiceDelta
 from serve_app.placement import ModelReplica, spread_devices, weights_device_map
 from serve_app.sampling import make_rows
@@ -68,16 +68,26 @@ class ChatModel(ModelReplica):
         self._tokens = 0
         self.log_loaded(spread_devices(self.model))
 
-    async def generate(self, job: ChatJob) -> ChatResult:
-        """The whole completion at once."""
-        slot = self._slot(job)
+    async def generate(self, job: ChatJob) -> ChatResult | APIError:
+        """The whole completion at once. A client's mistake (a conversation too long for the
+        context, messages the chat template refuses) comes back as a value: raised, Serve would
+        log it as a failed request, with a traceback, at ERROR."""
+        try:
+            slot = self._slot(job)
+        except APIError as refused:
+            return refused
         async for _ in self._decoded(slot, coalesce_s=None):
             pass
         return ChatResult(choices=[row.decoder.result() for row in slot.rows], prompt_tokens=len(slot.prompt_ids))
 
-    async def generate_stream(self, job: ChatJob) -> AsyncIterator[ChatStreamChunk]:
-        """The completion as it is produced; the first tokens go out at once."""
-        slot = self._slot(job)
+    async def generate_stream(self, job: ChatJob) -> AsyncIterator[ChatStreamChunk | APIError]:
+        """The completion as it is produced; the first tokens go out at once. A client's
+        mistake is the one item (see `generate`)."""
+        try:
+            slot = self._slot(job)
+        except APIError as refused:
+            yield refused
+            return
         # Every message through a streaming handle costs CPU: one message carries several tokens.
         async for deltas in self._decoded(slot, coalesce_s=self.config.stream_interval_s):
             used = sum(row.decoder.used for row in slot.rows)

@@ -38,7 +38,7 @@ from PIL import Image
 from ray import serve
 
 from serve_app.config import ImageModelConfig
-from serve_app.errors import InvalidRequest
+from serve_app.errors import APIError, InvalidRequest
 from serve_app.jobs import ImageJob, ImageResult
 from serve_app.placement import ModelReplica
 
@@ -143,17 +143,19 @@ class ImageModel(ModelReplica):
         self.counters = {"requests": 0, "pipeline_calls": 0, "images": 0, "largest_call_requests": 0}
         self.log_loaded()
 
-    async def generate(self, job: ImageJob) -> ImageResult:
+    async def generate(self, job: ImageJob) -> ImageResult | APIError:
         """Make `job.n` images without blocking the replica's event loop.
 
         With `max_batch_size: 1` the job skips Serve's batch queue (and its
-        wait) and runs alone, exactly as an unbatched server would.
+        wait) and runs alone, exactly as an unbatched server would. A client's
+        mistake (an unreadable input image) comes back as a value: raised, Serve
+        would log it as a failed request, with a traceback, at ERROR.
         """
         if self.config.max_batch_size == 1:
             [outcome] = await self.run_on_worker(self.run_jobs, [job])
         else:
             outcome = await asyncio.wrap_future(await self._queue_batch(job))
-        if isinstance(outcome, Exception):
+        if isinstance(outcome, Exception) and not isinstance(outcome, APIError):
             raise outcome
         return outcome
 

@@ -38,6 +38,7 @@ from serve_app.protocol import (
     ModelList,
 )
 from serve_app.registration import unregister_stale
+from serve_app.serve_logs import flush_serve_log, start_flushing
 from serve_app.request_guards import ApiKeys, ConfiguredCors, Metrics, RequestGuard, note
 from serve_app.streaming import ChatChunkEncoder, chat_events
 from serve_app.translate import chat_job, chat_response, image_job
@@ -124,18 +125,21 @@ class Ingress:
         loop = asyncio.get_running_loop()
         self._sweeper = loop.create_task(self.store.sweep_forever(), name="image retention")
         self._metrics_flusher = loop.create_task(self.metrics.flush_forever(), name="metrics flush")
+        self._log_flusher = start_flushing()
         if registrar is None:  # registration off now: withdraw what an earlier config of this app announced
             self._registration_cleanup = loop.create_task(unregister_stale(
                 serve.get_replica_context().app_name, set(), config.registration.timeout_s), name="registration cleanup")
 
     async def __del__(self) -> None:
         """Serve awaits this on graceful shutdown: stop the background tasks, record the last
-        counts, close the fetch client."""
-        for task in (getattr(self, "_sweeper", None), getattr(self, "_metrics_flusher", None)):
+        counts and log lines, close the fetch client."""
+        for name in ("_sweeper", "_metrics_flusher", "_log_flusher"):
+            task = getattr(self, name, None)
             if task is not None:
                 task.cancel()
         if getattr(self, "metrics", None) is not None:
             self.metrics.flush()
+        flush_serve_log()
         if getattr(self, "fetcher", None) is not None:
             await self.fetcher.aclose()
 
@@ -197,9 +201,11 @@ class Ingress:
         `/v1/models/` (no name) is the list."""
         if not model.strip("/"):
             return await self.list_models()
-        for live in await self.catalog.live_models():
-            if live.config.name == model:
-                return json_response(ModelDetail(**self._card(live).model_dump()))
+        live_models = await self.catalog.live_models()
+        for name in dict.fromkeys((model, model.rstrip("/"))):  # `/v1/models/<name>/` too
+            for live in live_models:
+                if live.config.name == name:
+                    return json_response(ModelDetail(**self._card(live).model_dump()))
         raise model_not_found(model)
 
     @api.get("/v1/registration")
@@ -232,7 +238,7 @@ class Ingress:
         """
         try:
             async with asyncio.timeout(self.config.limits.request_timeout_s):  # no extra task, unlike wait_for
-                return await answer
+                answered = await answer
         except APIError:
             raise
         except TimeoutError:
@@ -243,6 +249,9 @@ class Ingress:
             raise GatewayTimeout(f"The model {target.config.name!r} did not answer in time.") from None
         except Exception as exc:  # noqa: BLE001 - Serve would answer its own exceptions in plain text
             raise as_api_error(exc) from exc
+        if isinstance(answered, APIError):  # a model's answer to a client mistake (see ChatModel.generate)
+            raise answered
+        return answered
 
     async def _images(self, target: Target, body: ImageGenerationRequest, job: ImageJob) -> Response:
         call = target.generate.remote(job)

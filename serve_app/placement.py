@@ -16,6 +16,7 @@ from typing import Callable, TypeVar
 import torch
 
 from serve_app.config import BaseModelConfig
+from serve_app.serve_logs import flush_serve_log, start_flushing
 
 logger = logging.getLogger("ray.serve")
 
@@ -103,6 +104,7 @@ class ModelReplica:
             # `num_cpus: 0.5` to fit the scheduler would otherwise compute on one core.
             torch.set_num_threads(config.torch_threads)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"torch-{config.name}")
+        self._log_flusher = start_flushing()
         self._device_failure: str | None = None
         share = config.deployment.num_gpus
         if self.device.type == "cuda" and 0 < share < 1:
@@ -144,3 +146,4 @@ class ModelReplica:
 
     def log_loaded(self, spread: list[str] | None = None) -> None:
         logger.info("loaded %s", describe(self.config, self.device, self.dtype, spread))
+        flush_serve_log()  # the line operators look for, in the file now

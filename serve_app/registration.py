@@ -30,6 +30,7 @@ from ray.serve import Application
 
 from serve_app.catalog import ROUTES, LiveCatalog, LiveModel
 from serve_app.config import AppConfig
+from serve_app.serve_logs import flush_serve_log, start_flushing
 
 logger = logging.getLogger("ray.serve")
 
@@ -308,6 +309,7 @@ class RegistrarDeployment:
         self._app_name = serve.get_replica_context().app_name
         self._registrar = Registrar(config, LiveCatalog(config, self._app_name).live_models)
         self._registrar.start()
+        self._log_flusher = start_flushing()
         self._cleanup = asyncio.get_running_loop().create_task(
             unregister_stale(self._app_name, self._registrar.owned(), config.registration.timeout_s))
 
@@ -317,12 +319,16 @@ class RegistrarDeployment:
     async def __del__(self) -> None:
         """Serve awaits this on graceful replica shutdown (replica.py `call_destructor`)."""
         registrar = getattr(self, "_registrar", None)  # absent when __init__ failed
+        flusher = getattr(self, "_log_flusher", None)
+        if flusher is not None:
+            flusher.cancel()
         if registrar is not None:
             going_away = await self._app_is_going_away()
             await registrar.stop(unregister=going_away)
             if going_away:  # nothing is registered any more: forget the record too
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(_write_record, self._app_name, set())
+        flush_serve_log()  # the last unregister lines too
 
     async def _app_is_going_away(self) -> bool:
         """Unregister unless Serve says the application stays up.

@@ -78,8 +78,11 @@ def cluster(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from ray import serve
 
     port = free_port()
+    # Replica logs buffered as under RAY_SERVE_THROUGHPUT_OPTIMIZED (the default launch's), so
+    # the tests read them as an operator would: written by the replicas' periodic flush.
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                                       "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         yield ServeCluster(port, tmp_path_factory.mktemp("images"))

@@ -143,13 +143,16 @@ def test_batches_queued_during_a_call_share_the_next_one(model):
 
 
 def test_batch_size_one_runs_each_request_alone(model, monkeypatch):
-    """`max_batch_size: 1` bypasses Serve's batch queue; errors are raised to the caller."""
+    """`max_batch_size: 1` bypasses Serve's batch queue; a client's bad image is answered as the
+    error (not raised: Serve would log it as a failed request), other failures are raised."""
     monkeypatch.setattr(model, "config", model.config.model_copy(update={"max_batch_size": 1}))
     before = model.stats()
     result = asyncio.run(model.generate(job("a", n=2)))
     assert len(result.images) == 2 and model.stats()["pipeline_calls"] == before["pipeline_calls"] + 1
-    with pytest.raises(InvalidRequest):
-        asyncio.run(model.generate(job("b", init_image=b"junk")))
+    refused = asyncio.run(model.generate(job("b", init_image=b"junk")))
+    assert isinstance(refused, InvalidRequest) and refused.param == "image"
+    with pytest.raises(Exception, match="no-such-format|NO-SUCH-FORMAT"):
+        asyncio.run(model.generate(job("c", output_format="no-such-format")))
 
 
 # ------------------------------------------------------------------ through the server

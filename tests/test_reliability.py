@@ -166,6 +166,20 @@ def test_prompts_are_logged_only_where_log_prompts_is_on(shttp, http):
     assert not _serve_logs_mentioning(secret)  # the default application keeps prompts out of its logs
 
 
+def test_a_client_mistake_found_by_a_model_is_not_logged_as_a_server_error(http):
+    """A 400 the model replica finds (a token id the vocabulary lacks) is not Serve's
+    "Request failed" ERROR with a traceback: operators watch ERROR lines for real failures."""
+    request_id = uuid.uuid4().hex
+    answer = http.post("/v1/chat/completions", headers={"X-Request-Id": request_id},
+                       json={**SEED_CHAT, "max_tokens": 2, "logit_bias": {"99999999": 5}})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "logit_bias"
+    assert wait_for(lambda: _serve_logs_mentioning(request_id), timeout=10)  # the access line: logs flushed
+    time.sleep(1.5)  # a model replica's buffer too (an ERROR would have been written at once anyway)
+    lines = [line for path in _serve_logs_mentioning(request_id) for line in path.read_text().splitlines()
+             if request_id in line]
+    assert lines and not [line for line in lines if "ERROR" in line], lines
+
+
 def test_a_browser_ui_on_an_allowed_origin_may_call_the_api(secure, http):
     """Preflight without a key (browsers send none), then the call; errors carry the headers too,
     so the page can read them. The default application lists no origin: no CORS headers."""

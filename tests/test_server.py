@@ -67,6 +67,7 @@ def test_models_lists_live_models_in_both_shapes(http, client):
 
 def test_one_model_is_retrieved_by_name(http, client):
     assert http.get("/v1/models/").json()["object"] == "list"
+    assert http.get(f"/v1/models/{IMAGE}/").json()["id"] == IMAGE
     body = assert_success(http.get(f"/v1/models/{CHAT}"))
     assert body["id"] == body["model"] == CHAT and body["object"] == "model" and body["kind"] == "chat"
     assert client.models.retrieve(IMAGE).id == IMAGE
