@@ -111,7 +111,9 @@ def http_error(exc: StarletteHTTPException) -> APIError:
     if exc.status_code == 404:
         return NotFound("No such route.", code="route_not_found")
     if exc.status_code == 405:
-        return MethodNotAllowed("Method not allowed on this route.")
+        allowed = (exc.headers or {}).get("Allow")  # Starlette names the route's methods; HTTP wants them sent
+        return MethodNotAllowed(f"Method not allowed on this route{f' (it takes {allowed})' if allowed else ''}.",
+                                headers={"Allow": allowed} if allowed else None)
     if exc.status_code == 413:
         return PayloadTooLarge(str(exc.detail), code="body_too_large")
     error = APIError(str(exc.detail) if exc.detail else status_phrase(exc.status_code))

@@ -428,6 +428,12 @@ def test_bad_requests_get_the_error_envelope(http, method, path, kwargs, status,
         assert body["error"]["param"] == param
 
 
+def test_a_wrong_method_is_told_which_ones_the_route_takes(http):
+    response = http.get("/v1/chat/completions")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert "POST" in response.json()["message"]
+
+
 def test_a_body_without_content_type_is_told_what_to_send(http):
     response = http.post("/v1/chat/completions", content=b'{"model": "Llama3-8B", "messages": []}')
     assert response.status_code == 400 and "Content-Type: application/json" in response.json()["message"]
