@@ -258,16 +258,17 @@ class Ingress:
         result = await self._within_timeout(target, call, call.cancel)
         note(images=len(result.images))
         # Megabytes of base64 and JSON, or file writes: off the event loop, which serves every stream.
-        return Response(await asyncio.to_thread(self._images_body, body, result), media_type=JSON)
+        return Response(await asyncio.to_thread(self._images_body, body, job, result), media_type=JSON)
 
-    def _images_body(self, body: ImageGenerationRequest, result: ImageResult) -> str:
+    def _images_body(self, body: ImageGenerationRequest, job: ImageJob, result: ImageResult) -> str:
         """The response's JSON: each image in base64, or saved to the store and given by URL. Blocking."""
         if body.response_format == "b64_json":
             data = [ImageData(b64_json=base64.b64encode(image).decode()) for image in result.images]
         else:
-            extension = body.output_format or "png"
-            data = [ImageData(url=self.store.url(self.store.save(image, extension))) for image in result.images]
-        return ImagesResponse(model=body.model, data=data).model_dump_json()
+            data = [ImageData(url=self.store.url(self.store.save(image, job.output_format)))
+                    for image in result.images]
+        return ImagesResponse(model=body.model, data=data, output_format=job.output_format,
+                              size=f"{job.width}x{job.height}").model_dump_json()
 
     async def _read_edit(self, request: Request) -> tuple[Target, ImageEditRequest, InputImage, InputImage | None]:
         """An edit as JSON (image URLs) or multipart (uploaded files): its model resolved before any

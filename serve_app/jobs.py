@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
+
+ImageFormat = Literal["png", "jpeg", "webp"]
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ class ImageJob:
     init_image: bytes | None = None
     mask_image: bytes | None = None
     strength: float = 0.75
-    output_format: str = "png"  # "png" | "jpeg" | "webp"
+    output_format: ImageFormat = "png"
     quality: int | None = None  # JPEG/WebP quality 0-100; None: the encoder's default
 
     @property

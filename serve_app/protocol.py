@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from serve_app.jobs import ImageFormat
+
 logger = logging.getLogger("ray.serve")
 
 
@@ -283,7 +285,6 @@ class ChatCompletionChunk(WireModel):
 # -------------------------------------------------------------------------- images
 
 ResponseFormat = Literal["url", "b64_json"]
-OutputFormat = Literal["png", "jpeg", "webp"]
 
 
 class ImageGenerationRequest(WireModel):
@@ -300,7 +301,7 @@ class ImageGenerationRequest(WireModel):
     step: Annotated[int | None, Blankable] = Field(None, ge=0, description="The network node's name for `steps`.")
     negative_prompt: Text | None = None
     seed: Annotated[Seed | None, Blankable] = None
-    output_format: Annotated[OutputFormat | None, Blankable] = None
+    output_format: Annotated[ImageFormat | None, Blankable] = None
     output_compression: Annotated[int | None, Blankable] = Field(
         None, ge=0, le=100, description="JPEG/WebP quality, 0-100; PNG is lossless.")
     background: Annotated[Literal["auto", "opaque", "transparent"] | None, Blankable] = None
@@ -349,9 +350,13 @@ class ImageData(WireModel):
 
 
 class ImagesResponse(Success):
+    """OpenAI's images response; `output_format` and `size` say what was made, as gpt-image models do."""
+
     created: int = Field(default_factory=now)
     model: str
     data: list[ImageData]
+    output_format: ImageFormat
+    size: str
 
 
 # -------------------------------------------------------------------------- models

@@ -234,6 +234,7 @@ def test_image_seed_example_returns_fetchable_png(http):
         fetched = http.get(item["url"])
         assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
         assert png_of(fetched.content).size == (128, 96)
+    assert (body["output_format"], body["size"]) == ("png", "128x96")  # what was made, as gpt-image says
     ImagesResponse.model_validate(body)
 
 
@@ -258,6 +259,7 @@ def test_output_format_is_the_file_format_by_url_and_in_base64(http, client, fmt
                                      output_format=fmt, output_compression=20)
     image = Image.open(io.BytesIO(base64.b64decode(encoded.data[0].b64_json)))
     assert (image.format, image.size) == (fmt.upper(), (64, 64))
+    assert encoded.output_format == body["output_format"] == fmt
 
 
 def test_node_style_zero_values_mean_defaults(http):
@@ -266,6 +268,7 @@ def test_node_style_zero_values_mean_defaults(http):
         "response_format": "", "step": 0, "wallet": "w", "signature": "s", "hash": "h"}))
     assert len(body["data"]) == 1 and body["data"][0]["url"]
     assert png_of(http.get(body["data"][0]["url"]).content).size == (512, 512)  # the config's default
+    assert body["size"] == "512x512"
 
 
 def test_width_height_fields_set_the_size(http):
