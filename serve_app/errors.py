@@ -1,10 +1,9 @@
-"""Errors clients may see, and the one mapping from an exception to its reply.
+"""Errors clients may see, each with its HTTP status and OpenAI error type.
 
-Model deployments raise these too (a prompt longer than the context, an image
-that does not decode): Ray re-raises an exception from a replica at the caller
-as an instance of the same class, so the ingress maps them exactly like its own.
-Anything else is a server fault: logged with the request id, answered with a
-generic 500 that never carries internal text.
+Model deployments use these too (a prompt longer than the context, an image
+that does not decode): they cross Ray intact, keyword arguments included, so
+the ingress answers them exactly like its own. `http_errors` maps any
+exception to its reply.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ class APIError(Exception):
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
-        super().__init__(message, param, code, headers)
+        super().__init__(message)  # str(error) is the message; __reduce__ carries the rest
         self.message = message
         self.param = param
         self.code = code or self.default_code

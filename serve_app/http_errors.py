@@ -4,8 +4,8 @@ Every failure leaves the server through `error_response`: the standard's
 non-zero `code` and human `message`, OpenAI's `error` object, the right
 status, and exactly `Content-Type: application/json` (a network node compares
 that header as a string). Validation errors become 400 naming the parameter,
-not FastAPI's 422. Unexpected errors are logged with a reference and answered
-with a generic 500 that carries no internal text.
+not FastAPI's 422. Unexpected errors are logged with the request id as their
+reference and answered with a generic 500 that carries no internal text.
 """
 
 from __future__ import annotations
@@ -56,6 +56,17 @@ def error_response(error: APIError) -> Response:
     return json_response(error_body(error), error.status_code, error.headers)
 
 
+def serve_request_id() -> str | None:
+    """Ray Serve's id for the request being handled (the client's X-Request-Id when it sent
+    one; the access log line carries it too); None outside a Serve request."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        return _get_serve_request_context().request_id or None
+    except Exception:  # noqa: BLE001 - outside Serve (in-process tests) there is none
+        return None
+
+
 def as_api_error(exc: BaseException) -> APIError:
     """Classify any exception; unknown ones become a generic 500 (and are logged)."""
     if isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):
@@ -72,7 +83,7 @@ def as_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, (DeploymentUnavailableError, RayActorError)):
         return Overloaded("The model is restarting or unavailable; retry shortly.",
                           code="model_unavailable", headers={"Retry-After": "5"})
-    reference = uuid.uuid4().hex[:12]
+    reference = serve_request_id() or uuid.uuid4().hex[:12]
     logger.error("unhandled error (reference %s)", reference, exc_info=exc)
     return ServerError(f"Internal server error (reference {reference}).")
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from serve_app.config import ImageRetentionOptions
 from serve_app.errors import NotFound
+from serve_app.periodic import every
 
 logger = logging.getLogger("ray.serve")
 
@@ -110,16 +111,15 @@ class ImageStore:
         return sum(self._delete(entry.path) for entry in doomed)
 
     async def sweep_forever(self) -> None:
-        """Run `sweep` off the event loop every `sweep_interval_s` until cancelled; a failure is logged."""
+        """Run `sweep` off the event loop now and every `sweep_interval_s` until cancelled;
+        a failure (a full or read-only disk) is logged and the next sweep still runs."""
         interval = self.retention.sweep_interval_s if self.retention else ImageRetentionOptions().sweep_interval_s
-        while True:
-            try:
-                deleted = await asyncio.to_thread(self.sweep)
-                if deleted:
-                    logger.info("image retention deleted %d file(s) from %s", deleted, self.directory)
-            except Exception:  # noqa: BLE001 - a full or read-only disk must not stop the next sweep
-                logger.exception("image retention sweep of %s failed", self.directory)
-            await asyncio.sleep(interval)
+        await every(interval, self._sweep_off_loop, f"image retention sweep of {self.directory}", at_start=True)
+
+    async def _sweep_off_loop(self) -> None:
+        deleted = await asyncio.to_thread(self.sweep)
+        if deleted:
+            logger.info("image retention deleted %d file(s) from %s", deleted, self.directory)
 
     def _scan(self) -> tuple[list[_Entry], list[_Entry]]:
         """Regular files of this store: (images, temporary files). Anything else is left alone."""

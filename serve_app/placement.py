@@ -8,6 +8,7 @@ GPU runs on the CPU even on a GPU machine, so `num_gpus` alone decides.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -135,6 +136,19 @@ class ModelReplica:
         if self._device_failure is not None:
             raise RuntimeError(f"{self.config.name}: the GPU context failed ({self._device_failure}); "
                                "this replica needs replacing")
+
+    def __del__(self) -> None:
+        """Serve calls this on graceful shutdown (and Python again at garbage collection):
+        the last log lines reach the file, and queued torch work nobody waits for is dropped.
+        Not async: at garbage collection a coroutine would never run."""
+        flusher = getattr(self, "_log_flusher", None)  # absent when __init__ failed early
+        if flusher is not None:
+            with contextlib.suppress(RuntimeError):  # its event loop may be closed by now
+                flusher.cancel()
+        flush_serve_log()
+        worker = getattr(self, "_worker", None)
+        if worker is not None:
+            worker.shutdown(wait=False, cancel_futures=True)
 
     async def run_on_worker(self, fn: Callable[..., T], *args) -> T:
         """Run `fn(*args)` on the model's worker thread and await its result."""

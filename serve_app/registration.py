@@ -30,6 +30,7 @@ from ray.serve import Application
 
 from serve_app.catalog import ROUTES, LiveCatalog, LiveModel
 from serve_app.config import AppConfig
+from serve_app.periodic import every
 from serve_app.serve_logs import flush_serve_log, start_flushing
 
 logger = logging.getLogger("ray.serve")
@@ -253,14 +254,13 @@ class Registrar:
 
     async def _node_loop(self, node: NodeState) -> None:
         """Poll the live set and register with this node when due; survives anything but cancellation."""
-        while True:
-            try:
-                payload = await self._current_payload()
-                if payload is not None and node.due(payload, time.monotonic(), self.options.interval_s):
-                    await self._register(node, payload)
-            except Exception:  # noqa: BLE001 - a bug here must not end registration for good
-                logger.exception("registration loop for node %s failed; continuing", node.url)
-            await asyncio.sleep(self._poll_s)
+        await every(self._poll_s, lambda: self._register_if_due(node), f"registration loop for node {node.url}",
+                    at_start=True)
+
+    async def _register_if_due(self, node: NodeState) -> None:
+        payload = await self._current_payload()
+        if payload is not None and node.due(payload, time.monotonic(), self.options.interval_s):
+            await self._register(node, payload)
 
     async def _current_payload(self) -> ProjectRegistration | None:
         """What the nodes should hold now; the last known payload while the live source fails."""

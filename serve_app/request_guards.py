@@ -24,7 +24,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.config import AppConfig, CorsOptions
 from serve_app.errors import AuthenticationFailed, PayloadTooLarge
-from serve_app.http_errors import as_api_error, error_response
+from serve_app.http_errors import as_api_error, error_response, serve_request_id
+from serve_app.periodic import every
 
 logger = logging.getLogger("ray.serve")
 
@@ -245,22 +246,12 @@ class Metrics:
             counter.inc(value, tags=dict(zip(keys, tag_values)))
 
     async def flush_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.FLUSH_INTERVAL_S)
-            try:
-                self.flush()
-            except Exception:  # noqa: BLE001 - metrics must never take the ingress down
-                logger.exception("could not record serve_app metrics")
+        await every(self.FLUSH_INTERVAL_S, self.flush, "recording serve_app metrics")
 
 
 def _request_id(scope: Scope) -> str:
-    """Ray Serve's id for this request (the client's X-Request-Id when it sent one)."""
-    try:
-        from ray.serve.context import _get_serve_request_context
-
-        return _get_serve_request_context().request_id or "-"
-    except Exception:  # noqa: BLE001 - outside Serve (in-process tests) there is none
-        return (_header(scope, b"x-request-id") or b"-").decode("latin-1")
+    """Ray Serve's id for this request; outside Serve, the client's X-Request-Id."""
+    return serve_request_id() or (_header(scope, b"x-request-id") or b"-").decode("latin-1")
 
 
 def _log_access(scope: Scope, status: int, seconds: float, record: AccessRecord) -> None:

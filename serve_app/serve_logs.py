@@ -14,6 +14,8 @@ import asyncio
 import logging
 import logging.handlers
 
+from serve_app.periodic import every, in_background
+
 FLUSH_INTERVAL_S = 1.0
 
 
@@ -24,16 +26,6 @@ def flush_serve_log() -> None:
             handler.flush()
 
 
-async def flush_serve_log_forever(interval_s: float = FLUSH_INTERVAL_S) -> None:
-    while True:
-        await asyncio.sleep(interval_s)
-        flush_serve_log()
-
-
 def start_flushing() -> asyncio.Task | None:
-    """The flushing task, on the replica's event loop (None outside one, as in-process tests)."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-    return loop.create_task(flush_serve_log_forever(), name="serve log flush")
+    """Flush every `FLUSH_INTERVAL_S` on the replica's event loop (None outside one, as in-process tests)."""
+    return in_background(every(FLUSH_INTERVAL_S, flush_serve_log, "flushing the replica log"), "serve log flush")

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from serve_app.http_errors import as_api_error, error_body
 from serve_app.jobs import ChatStreamChunk
+from serve_app.request_guards import note
 from serve_app.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -80,4 +81,6 @@ async def chat_events(encoder: ChatChunkEncoder, first: ChatStreamChunk | None,
         cancel = getattr(rest, "cancel", None)
         if cancel is not None:
             cancel()  # the client left (or we are done): the model stops generating for it
+        if encoder.usage is not None:  # what was generated, even for a client that left: the access log, metrics
+            note(prompt_tokens=encoder.usage.prompt_tokens, completion_tokens=encoder.usage.completion_tokens)
     yield encoder.closing()
