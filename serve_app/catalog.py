@@ -18,7 +18,7 @@ from typing import Callable
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from ray.serve.schema import ServeStatus
+from ray.serve.schema import DeploymentStatus, ReplicaState, ServeStatus
 
 from serve_app.config import AppConfig, ChatModelConfig, ImageModelConfig
 from serve_app.errors import InvalidRequest, model_not_found
@@ -29,7 +29,7 @@ ROUTES = {
     "chat": ["/v1/chat/completions"],
     "image": ["/v1/images/generations", "/v1/images/edits"],
 }
-_DOWN = {"UNHEALTHY", "DEPLOY_FAILED"}
+_DOWN = {DeploymentStatus.UNHEALTHY, DeploymentStatus.DEPLOY_FAILED}
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,9 @@ class LiveCatalog:
             status = await asyncio.to_thread(self._status)
         except Exception:  # noqa: BLE001 - keep the last known catalog while the controller is away
             logger.warning("could not read Serve status; keeping the last catalog", exc_info=True)
-            return
-        self._live = self._from_status(status)
-        self._fetched_at = time.monotonic()
+        else:
+            self._live = self._from_status(status)
+        self._fetched_at = time.monotonic()  # after a failure too: ask an absent controller once per TTL
 
     def _from_status(self, status: ServeStatus) -> list[LiveModel]:
         app = status.applications.get(self.app_name)
@@ -77,11 +77,10 @@ class LiveCatalog:
                 continue
             # A running replica serves whatever the deployment's status: Serve calls a deployment
             # UNHEALTHY from one failed replica until its replacement is up, however many still run.
-            running = sum(count for state, count in deployment.replica_states.items()
-                          if str(getattr(state, "value", state)) == "RUNNING")
+            running = deployment.replica_states.get(ReplicaState.RUNNING, 0)
             autoscaling = model.deployment.autoscaling_config
             scaled_to_zero = (running == 0 and autoscaling is not None and autoscaling.min_replicas == 0
-                              and str(deployment.status.value) not in _DOWN)
+                              and deployment.status not in _DOWN)
             if running > 0 or scaled_to_zero:  # a scaled-to-zero model wakes on its first request
                 live.append(LiveModel(config=model, created=int(app.last_deployed_time_s),
                                       scaled_to_zero=scaled_to_zero))
@@ -108,8 +107,8 @@ class Target:
 class ModelRouter:
     """Resolves a request's `model` to its deployment: the one place that does it.
 
-    Handles are made once here: every `.options()` call would create a new
-    handle with its own metrics pusher and long-poll client.
+    Targets (and their handles' `.options()` copies) are made once here, so a
+    request costs one dict lookup.
     """
 
     def __init__(self, config: AppConfig, handles: dict[str, DeploymentHandle]) -> None:

@@ -31,7 +31,7 @@ try:  # incremental decoding in the fast tokenizers' own library (tokenizers >= 
 except ImportError:
     DecodeStream = None
 
-from serve_app.jobs import ChatChoiceResult, ChatJob, ChoiceDelta, TokenAlternative, TokenLogprob
+from serve_app.jobs import ChatChoiceResult, ChoiceDelta, TokenAlternative, TokenLogprob
 from serve_app.placement import spread_devices
 from serve_app.sampling import Row, choose_tokens
 
@@ -206,12 +206,11 @@ def _position_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, rows_at: li
     return {at: (picked[j], list(zip(ids[j], values[j]))) for j, at in enumerate(rows_at)}
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a slot is one request in flight, hashable, never equal to another
 class Slot:
     """One request in flight: its prompt, its rows, whether its client is still there,
     and the mailbox the engine loop posts its deltas to (then `END`, or an exception)."""
 
-    job: ChatJob
     prompt_ids: torch.Tensor  # 1-D
     rows: list[Row]
     cancelled: bool = False
@@ -261,7 +260,7 @@ class DecodeBatch:
     @property
     def live_slots(self) -> int:
         """Requests still decoding."""
-        return len({id(slot) for slot, _ in self.owners if not slot.finished})
+        return len({slot for slot, _ in self.owners if not slot.finished})
 
     @property
     def live_rows(self) -> int:
@@ -408,13 +407,14 @@ def _merge_caches(running, joining, pad_running: int, pad_joining: int) -> None:
                                            _pad_left(b, b.shape[2] + pad_joining, dim=2)]))
 
 
-def deltas_by_slot(slots: list[Slot], deltas: list[tuple[Slot, int, str]]) -> dict[int, list[ChoiceDelta]]:
-    """Group one step's row deltas by slot; a choice's last delta carries its finish_reason."""
-    grouped: dict[int, list[ChoiceDelta]] = {id(slot): [] for slot in slots}
+def deltas_by_slot(deltas: list[tuple[Slot, int, str]]) -> dict[Slot, list[ChoiceDelta]]:
+    """Group one step's row deltas by slot, in order; a choice's last delta carries its finish_reason."""
+    grouped: dict[Slot, list[ChoiceDelta]] = {}
     for slot, index, text in deltas:
+        choice = grouped.setdefault(slot, [])
         decoder = slot.rows[index].decoder
         if text or decoder.finish_reason is not None:
-            grouped[id(slot)].append(ChoiceDelta(index, text, decoder.finish_reason, decoder.take_logprobs()))
+            choice.append(ChoiceDelta(index, text, decoder.finish_reason, decoder.take_logprobs()))
     return grouped
 
 

@@ -63,7 +63,7 @@ class ChatModel(ModelReplica):
         self._batch = DecodeBatch(self.model, self.pad_id, self.device)
         self._waiting: deque[Slot] = deque()
         self._engine: asyncio.Task | None = None
-        self._active: set[int] = set()
+        self._active: set[Slot] = set()
         self._steps = 0
         self._tokens = 0
         self.log_loaded(spread_devices(self.model))
@@ -103,7 +103,7 @@ class ChatModel(ModelReplica):
     async def _decoded(self, slot: Slot, coalesce_s: float | None) -> AsyncIterator[list[ChoiceDelta]]:
         """The slot's deltas as the engine makes them, merged into one message per
         `coalesce_s` (None: only the final one); raises what the engine posted."""
-        self._active.add(id(slot))
+        self._active.add(slot)
         self._waiting.append(slot)
         if self._engine is None:
             self._engine = asyncio.get_running_loop().create_task(self._run_engine(), name="decode loop")
@@ -127,7 +127,7 @@ class ChatModel(ModelReplica):
                     pending, last_sent = [], time.monotonic()
         finally:
             slot.cancelled = True  # finished, or the client left: its rows leave the batch next step
-            self._active.discard(id(slot))
+            self._active.discard(slot)
 
     async def _run_engine(self) -> None:
         """Step the batch while anything is in flight or waiting; admits newcomers between steps."""
@@ -175,8 +175,7 @@ class ChatModel(ModelReplica):
         return joining
 
     def _deliver(self, deltas: list[tuple[Slot, int, str]]) -> None:
-        slots = list({id(slot): slot for slot, _, _ in deltas}.values())
-        for slot, grouped in zip(slots, deltas_by_slot(slots, deltas).values()):
+        for slot, grouped in deltas_by_slot(deltas).items():
             if slot.ended:
                 continue
             if slot.error is not None:
@@ -191,7 +190,7 @@ class ChatModel(ModelReplica):
 
     def _fail(self, slots: list[Slot], exc: BaseException) -> None:
         self.released(exc)
-        for slot in {id(slot): slot for slot in slots}.values():
+        for slot in dict.fromkeys(slots):  # each once, in order
             if not slot.ended:
                 slot.ended = True
                 slot.outbox.put_nowait(exc)
@@ -210,7 +209,7 @@ class ChatModel(ModelReplica):
         top_logprobs = job.top_logprobs if job.logprobs else None
         decoders = [ChoiceDecoder(self.tokenizer, self.eos_ids, job.stop, max_new, top_logprobs, self.token_bytes)
                     for _ in range(job.n)]
-        return Slot(job=job, prompt_ids=prompt_ids, rows=make_rows(job, self.model.generation_config, decoders))
+        return Slot(prompt_ids=prompt_ids, rows=make_rows(job, self.model.generation_config, decoders))
 
     def _fit_to_context(self, prompt_length: int, job: ChatJob) -> int:
         """max_tokens that fit the context: an explicit ask that does not fit is an error."""

@@ -11,12 +11,23 @@ from __future__ import annotations
 
 import math
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")  # bounded: int() refuses 4,300+ digits
+
+
+def _http_base_url(url: str) -> str:
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"{url!r} must start with http:// or https://")
+    return url.rstrip("/")
+
+
+BaseUrl = Annotated[str, AfterValidator(_http_base_url)]
+"""An http(s) URL that paths are appended to: without its trailing slash."""
 
 
 class StrictModel(BaseModel):
@@ -125,10 +136,6 @@ class BaseModelConfig(StrictModel):
     owned_by: str = Field("serve_app", description="Shown as `owned_by` in /v1/models.")
     cid: str | None = Field(None, min_length=1, description="The id network nodes record for this model (the node calls it the docker container id).")
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
-    max_batch_size: int = Field(
-        8, ge=1, description="Requests that share one forward pass (chat) or pipeline call (images); 1 = no batching.")
-    batch_wait_timeout_s: float = Field(
-        0.01, ge=0, description="How long a batch waits for more requests before it starts.")
 
     @field_validator("path")
     @classmethod
@@ -193,6 +200,11 @@ class ImageModelConfig(BaseModelConfig):
     """A text-to-image / image-to-image pipeline served with diffusers."""
 
     kind: Literal["image"] = "image"
+    max_batch_size: int = Field(
+        8, ge=1, description="Requests that share one pipeline call (each still gets its own `n` images); "
+        "1 = no batching.")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, description="How long a new batch waits for more requests before it starts.")
     default_size: str = Field("512x512", description="Size when a request gives none, 'WxH'.")
     default_steps: int = Field(25, ge=1, description="Denoising steps when a request gives none.")
     max_steps: int = Field(100, ge=1, description="Largest `steps` a request may ask for.")
@@ -228,22 +240,31 @@ class ImageModelConfig(BaseModelConfig):
         return value
 
     @model_validator(mode="after")
-    def _steps_within_limit(self) -> "ImageModelConfig":
+    def _defaults_within_limits(self) -> "ImageModelConfig":
         if self.default_steps > self.max_steps:
             raise ValueError("default_steps must not exceed max_steps")
         if self.min_side > self.max_side:
             raise ValueError("min_side must not exceed max_side")
         for name, sizes in (("default_size", [self.default_size]), ("allowed_sizes", self.allowed_sizes or [])):
             for size in sizes:  # the same rule requests are held to
-                width, height = parse_size(size)  # type: ignore[misc]
-                if not all(self.min_side <= side <= self.max_side and side % self.size_multiple == 0
-                           for side in (width, height)):
+                if not self.within_bounds(*parse_size(size)):  # type: ignore[misc]
                     raise ValueError(f"{name} {size!r}: width and height must be between min_side "
                                      f"{self.min_side} and max_side {self.max_side} and multiples of "
                                      f"size_multiple {self.size_multiple}")
-        if self.allowed_sizes and parse_size(self.default_size) not in map(parse_size, self.allowed_sizes):
+        if self.allowed_sizes and parse_size(self.default_size) not in self.allowed_size_pairs:
             raise ValueError(f"default_size {self.default_size!r} must be one of allowed_sizes")
         return self
+
+    def within_bounds(self, width: int, height: int) -> bool:
+        """The size rule for requests and this config alike: each side between `min_side` and
+        `max_side`, on the `size_multiple` grid."""
+        return all(self.min_side <= side <= self.max_side and side % self.size_multiple == 0
+                   for side in (width, height))
+
+    @cached_property
+    def allowed_size_pairs(self) -> list[tuple[int, int]]:
+        """`allowed_sizes` as (width, height); empty when any size within the bounds is allowed."""
+        return [parse_size(size) for size in self.allowed_sizes or []]  # type: ignore[misc]
 
 
 ModelConfig = Annotated[Union[ChatModelConfig, ImageModelConfig], Field(discriminator="kind")]
@@ -261,22 +282,15 @@ class RegistrationOptions(StrictModel):
     """Announcing the live models to the AI network's communication node(s)."""
 
     enabled: bool = Field(False, description="Register with the node(s) at all.")
-    node_urls: list[str] = Field(["http://127.0.0.1:7002"], min_length=1,
+    node_urls: list[BaseUrl] = Field(["http://127.0.0.1:7002"], min_length=1,
                                  description="Base URLs of the communication nodes.")
     project: str | None = Field(None, description="Project name on the node; default: the app's `project`.")
-    public_base_url: str | None = Field(
+    public_base_url: BaseUrl | None = Field(
         None, description="Base URL the node calls the models at; default: the app's `public_base_url`.")
     interval_s: float = Field(60.0, gt=0, description="Re-register this often, even with no change.")
     timeout_s: float = Field(5.0, gt=0, description="Timeout of one call to a node.")
     retry_max_s: float = Field(60.0, gt=0, description="Longest back-off between retries of a failing node.")
 
-    @field_validator("node_urls")
-    @classmethod
-    def _http_urls(cls, urls: list[str]) -> list[str]:
-        for url in urls:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"node URL {url!r} must start with http:// or https://")
-        return [url.rstrip("/") for url in urls]
 
 
 class ImageInputOptions(StrictModel):
@@ -336,7 +350,7 @@ class AppConfig(StrictModel):
     """The whole application: project identity, limits, storage and models."""
 
     project: str = Field("serve_app", min_length=1, description="Project name shown in /v1/models.")
-    public_base_url: str = Field(
+    public_base_url: BaseUrl = Field(
         "http://127.0.0.1:1088",
         description="Base URL clients reach this server at; image URLs are built from it.",
     )
@@ -358,13 +372,6 @@ class AppConfig(StrictModel):
     registration: RegistrationOptions = Field(default_factory=RegistrationOptions)
     models: list[ModelConfig] = Field(min_length=1, description="The models to serve.")
 
-    @field_validator("public_base_url")
-    @classmethod
-    def _strip_slash(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("public_base_url must start with http:// or https://")
-        return value.rstrip("/")
-
     @field_validator("image_dir")
     @classmethod
     def _absolute_dir(cls, value: str) -> str:
@@ -378,15 +385,15 @@ class AppConfig(StrictModel):
                 if key in seen:
                     raise ValueError(f"model name {model.name!r} is not unique (clashes with {seen[key]!r})")
                 seen[key] = model.name
+        return self
+
+    @model_validator(mode="after")
+    def _registration_needs_cids(self) -> "AppConfig":
         if self.registration.enabled:
             missing = [m.name for m in self.models if not m.cid]
             if missing:
                 raise ValueError(f"registration needs a `cid` for every model; missing for {missing}")
         return self
-
-    def find_model(self, name: str) -> ChatModelConfig | ImageModelConfig | None:
-        """The configured model with this public name, if any."""
-        return next((m for m in self.models if m.name == name), None)
 
 
 def parse_size(value: str) -> tuple[int, int] | None:

@@ -135,21 +135,16 @@ def http_error(exc: StarletteHTTPException) -> APIError:
 def install_error_handlers(app: FastAPI) -> None:
     """Route every exception FastAPI/Starlette can raise through `error_response`."""
 
-    async def on_api_error(request: Request, exc: Exception) -> Response:
+    async def on_error(request: Request, exc: Exception) -> Response:
         return error_response(as_api_error(exc))
 
-    async def on_http(request: Request, exc: Exception) -> Response:
-        return error_response(http_error(exc))  # type: ignore[arg-type]
-
-    app.add_exception_handler(RequestValidationError, on_api_error)
-    app.add_exception_handler(ValidationError, on_api_error)
-    app.add_exception_handler(StarletteHTTPException, on_http)
-    app.add_exception_handler(APIError, on_api_error)
-    app.add_exception_handler(Exception, on_api_error)
+    # FastAPI has handlers of its own for the first three; Exception catches the rest.
+    for kind in (RequestValidationError, ValidationError, StarletteHTTPException, APIError, Exception):
+        app.add_exception_handler(kind, on_error)
 
 
 def error_schema() -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for routes: each error status with the envelope's schema."""
     return {status: {"model": ErrorResponse, "description": status_phrase(status)}
-            for status in (400, 404, 413, 503)}
+            for status in (400, 401, 404, 413, 500, 503, 504)}
 

@@ -29,7 +29,7 @@ import httpx
 from PIL import Image
 
 from serve_app.config import ImageInputOptions
-from serve_app.url_guard import HostPolicy, IPAddress, is_forbidden_address
+from serve_app.url_guard import HostPolicy, IPAddress
 from serve_app.errors import InvalidRequest, PayloadTooLarge
 
 _DEFAULTS = ImageInputOptions()

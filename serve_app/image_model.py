@@ -159,7 +159,7 @@ class ImageModel(ModelReplica):
             raise outcome
         return outcome
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch  # its limits come from the config, set in __init__
     async def _queue_batch(self, jobs: list[ImageJob]) -> list[Future[Outcome]]:
         """Serve hands over the jobs that arrived together; each gets a future of its outcome.
 

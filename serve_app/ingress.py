@@ -38,8 +38,8 @@ from serve_app.protocol import (
     ModelList,
 )
 from serve_app.registration import unregister_stale
-from serve_app.serve_logs import flush_serve_log, start_flushing
 from serve_app.request_guards import ApiKeys, ConfiguredCors, Metrics, RequestGuard, note
+from serve_app.serve_logs import flush_serve_log, start_flushing
 from serve_app.streaming import ChatChunkEncoder, chat_events
 from serve_app.translate import chat_job, chat_response, image_job
 
@@ -58,41 +58,37 @@ install_error_handlers(api)
 T = TypeVar("T")
 PROMPT_LOG_CHARS = 500
 ERRORS = error_schema()
-EDIT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": ImageEditRequest.model_json_schema()},
-            "multipart/form-data": {"schema": {
-                "type": "object",
-                "required": ["model", "prompt", "image"],
-                "properties": {
-                    "model": {"type": "string"}, "prompt": {"type": "string"},
-                    "image": {"type": "string", "format": "binary"},
-                    "mask": {"type": "string", "format": "binary"},
-                    "n": {"type": "integer"}, "size": {"type": "string"},
-                    "response_format": {"type": "string"},
-                },
-            }},
-        },
-    }
-}
+
+
+def _edit_body_schema() -> dict[str, Any]:
+    """The edit route's OpenAPI body: JSON as `ImageEditRequest`, or a multipart form with the
+    same fields whose `image` and `mask` are uploaded files (the route parses it itself)."""
+    schema = ImageEditRequest.model_json_schema()
+    form = {**schema, "required": [*schema.get("required", []), "image"], "properties": {
+        **schema["properties"],
+        "image": {"type": "string", "format": "binary", "description": "The image to edit."},
+        "mask": {"type": "string", "format": "binary", "description": "Where to paint (white), optional."}}}
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": schema}, "multipart/form-data": {"schema": form}}}}
+
+
+EDIT_BODY = _edit_body_schema()
 
 
 # Defined before the class: `@serve.ingress` snapshots the module's globals when it runs.
 async def _read_form(request: Request) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Split a multipart form into plain fields and uploaded files (first file per name).
     A file field left empty (a browser form sends one when no file was chosen) is no upload."""
-    form = await request.form()
     fields: dict[str, Any] = {}
     files: dict[str, bytes] = {}
-    for key, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            data = await value.read()
-            if data or value.filename:
-                files.setdefault(key, data)
-        else:
-            fields.setdefault(key, value)
+    async with request.form() as form:  # closes the uploads' spooled temporary files at once
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                data = await value.read()
+                if data or value.filename:
+                    files.setdefault(key, data)
+            else:
+                fields.setdefault(key, value)
     return fields, files
 
 
@@ -145,10 +141,8 @@ class Ingress:
 
     @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
-        target = self.router.resolve(body.model, "chat")
-        note(model=body.model, stream=body.stream, n=body.n)
-        if self.config.log_prompts:
-            self._note_prompt(body.messages[-1].text())
+        target = self._target(body.model, "chat", body.messages[-1].text)
+        note(stream=body.stream, n=body.n)
         job = chat_job(body, target.config, self.config.limits)
         if not body.stream:
             call = target.generate.remote(job)
@@ -163,18 +157,12 @@ class Ingress:
 
     @api.post("/v1/images/generations", response_model=ImagesResponse, responses=ERRORS)
     async def image_generations(self, body: ImageGenerationRequest) -> Response:
-        target = self.router.resolve(body.model, "image")
-        note(model=body.model)
-        if self.config.log_prompts:
-            self._note_prompt(body.prompt)
+        target = self._target(body.model, "image", lambda: body.prompt)
         return await self._images(target, body, image_job(body, target.config, self.config.limits))
 
     @api.post("/v1/images/edits", response_model=ImagesResponse, responses=ERRORS, openapi_extra=EDIT_BODY)
     async def image_edits(self, request: Request) -> Response:
         target, body, image, mask = await self._read_edit(request)
-        note(model=body.model)
-        if self.config.log_prompts:
-            self._note_prompt(body.prompt)
         job = image_job(body, target.config, self.config.limits, source=image, mask=mask)
         return await self._images(target, body, job)
 
@@ -218,10 +206,16 @@ class Ingress:
     async def image_file(self, name: str) -> FileResponse:
         return FileResponse(self.store.path(name), media_type=self.store.media_type(name))
 
-    def _note_prompt(self, text: str) -> None:
-        """For `log_prompts`: the access log line quotes the prompt (a chat's last message),
+    def _target(self, model: str, kind: str, prompt: Callable[[], str]) -> Target:
+        """The deployment serving `model` (404 unless it is a `kind` model), noted for the
+        access log; with `log_prompts`, the line quotes the prompt (a chat's last message),
         JSON-escaped so it stays one line, cut at `PROMPT_LOG_CHARS`."""
-        note(prompt=json.dumps(text[:PROMPT_LOG_CHARS] + ("..." if len(text) > PROMPT_LOG_CHARS else "")))
+        target = self.router.resolve(model, kind)
+        note(model=model)
+        if self.config.log_prompts:
+            text = prompt()
+            note(prompt=json.dumps(text[:PROMPT_LOG_CHARS] + ("..." if len(text) > PROMPT_LOG_CHARS else "")))
+        return target
 
     def _card(self, live: LiveModel) -> ModelCard:
         return ModelCard(id=live.config.name, model=live.config.name, created=live.created,
@@ -276,7 +270,7 @@ class Ingress:
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             fields, files = await _read_form(request)
             body = ImageEditRequest.model_validate(fields)
-            target = self.router.resolve(body.model, "image")
+            target = self._target(body.model, "image", lambda: body.prompt)
             upload = files.pop("image", None) or files.pop("image[]", None)
             mask_upload = files.pop("mask", None)
             if upload is None and len(files) == 1:  # a node may name the field e.g. `face_image`
@@ -295,7 +289,7 @@ class Ingress:
         # Parsed by the json module first, as FastAPI parses the other routes: pydantic's own
         # parser calls a lone surrogate invalid JSON, where the field's check names the field.
         body = ImageEditRequest.model_validate(await _json_body(request))
-        target = self.router.resolve(body.model, "image")
+        target = self._target(body.model, "image", lambda: body.prompt)
         if not body.image:
             raise InvalidRequest("image is required: an http(s) URL or a data: URL.", param="image")
         image = await self.fetcher.load(body.image, param="image")

@@ -74,8 +74,9 @@ MAX_STOP_CHARS = 1000
 
 
 Count = Annotated[int, BeforeValidator(_zero_means_one), Field(ge=1)]
-Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # OpenAI's seed is a 64-bit integer
 """`n`: `0`, `null` or absent mean one, as a network node sends zero values."""
+
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # OpenAI's seed is a 64-bit integer
 
 
 # --------------------------------------------------------------------------- chat

@@ -27,6 +27,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve import Application
+from ray.serve.schema import ApplicationStatus
 
 from serve_app.catalog import ROUTES, LiveCatalog, LiveModel
 from serve_app.config import AppConfig
@@ -37,8 +38,8 @@ logger = logging.getLogger("ray.serve")
 
 REGISTER_PATH = "/api/v0/ai/project/register"
 UNREGISTER_PATH = "/api/v0/ai/project/unregister"
-NODE_TYPES = {"chat": (0,), "image": (1, 2)}
-"""The node's `type` for each route of `ROUTES[kind]`: 0 chat, 1 text-to-image, 2 image edit."""
+NODE_TYPES = {"/v1/chat/completions": 0, "/v1/images/generations": 1, "/v1/images/edits": 2}
+"""The node's `type` of each route a model kind serves (`ROUTES`): chat, text-to-image, image edit."""
 FIRST_RETRY_S = 1.0
 UNREGISTER_TIMEOUT_S = 2.0
 STATUS_TIMEOUT_S = 10.0
@@ -87,9 +88,9 @@ class NodeError(Exception):
 def project_registration(project: str, base_url: str, live: Sequence[LiveModel]) -> ProjectRegistration:
     """The node payload for these live models: one entry per model and route (image models twice)."""
     return ProjectRegistration(project=project, models=tuple(
-        NodeModel(model=m.config.name, api=base_url + route, type=node_type, cid=m.config.cid or "")
+        NodeModel(model=m.config.name, api=base_url + route, type=NODE_TYPES[route], cid=m.config.cid or "")
         for m in live
-        for node_type, route in zip(NODE_TYPES[m.config.kind], ROUTES[m.config.kind])
+        for route in ROUTES[m.config.kind]
     ))
 
 
@@ -199,7 +200,7 @@ class Registrar:
     def __init__(self, config: AppConfig, live: LiveSource, poll_s: float = 1.0) -> None:
         self.options = config.registration
         self.project = self.options.project or config.project
-        self.base_url = (self.options.public_base_url or config.public_base_url).rstrip("/")
+        self.base_url = self.options.public_base_url or config.public_base_url
         self._live = live
         self._poll_s = poll_s
         initial: NodeStateName = "pending" if self.options.enabled else "disabled"
@@ -348,7 +349,7 @@ class RegistrarDeployment:
         except Exception:  # noqa: BLE001 - controller gone: the whole server is going away
             return True
         app = status.applications.get(self._app_name)
-        return app is None or str(getattr(app.status, "value", app.status)) == "DELETING"
+        return app is None or app.status == ApplicationStatus.DELETING
 
 
 def registrar_deployment(config: AppConfig) -> Application | None:

@@ -25,12 +25,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serve_app.config import AppConfig, CorsOptions
 from serve_app.errors import AuthenticationFailed, PayloadTooLarge
 from serve_app.http_errors import as_api_error, error_response, serve_request_id
+from serve_app.image_store import FILES_ROUTE
 from serve_app.periodic import every
 
 logger = logging.getLogger("ray.serve")
 
 OPEN_PATHS = ("/health", "/ready")
-DOC_PATHS = ("/docs", "/redoc", "/openapi.json")
 
 
 @dataclass
@@ -75,7 +75,7 @@ class ApiKeys:
             return False
         if path in OPEN_PATHS:
             return self.protect_health
-        if path.startswith("/v1/files/"):
+        if path.startswith(FILES_ROUTE + "/"):
             return self.protect_files
         return path.startswith("/v1/")
 

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from serve_app.chat_engine import ChoiceDecoder
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a row is one choice in flight, hashable, never equal to another
 class Row:
     """One choice of one request: its sampling settings, RNG and decoder."""
 

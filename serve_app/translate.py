@@ -112,7 +112,7 @@ def _fit_within(width: int, height: int, config: ImageModelConfig) -> tuple[int,
 
 def _nearest_allowed(size: tuple[int, int], config: ImageModelConfig) -> tuple[int, int]:
     """`size`, or for a model that makes only some sizes, the one nearest it in shape, then in area."""
-    allowed = [wh for text in config.allowed_sizes or [] if (wh := parse_size(text))]
+    allowed = config.allowed_size_pairs
     if not allowed or size in allowed:
         return size
     shape, area = size[0] / size[1], size[0] * size[1]
@@ -129,13 +129,11 @@ def image_size(request: ImageGenerationRequest, config: ImageModelConfig,
             return _nearest_allowed(_fit_within(source.width, source.height, config), config)
         return parse_size(config.default_size)  # type: ignore[return-value]
     (width, height), param = requested
-    low, high, step = config.min_side, config.max_side, config.size_multiple
-    for side in (width, height):
-        if not low <= side <= high or side % step:
-            raise InvalidRequest(
-                f"{param}: width and height must be between {low} and {high} and multiples of {step}; "
-                f"got {width}x{height}.", param=param, code="invalid_size")
-    allowed = [parse_size(size) for size in config.allowed_sizes or []]
+    if not config.within_bounds(width, height):
+        raise InvalidRequest(
+            f"{param}: width and height must be between {config.min_side} and {config.max_side} and multiples "
+            f"of {config.size_multiple}; got {width}x{height}.", param=param, code="invalid_size")
+    allowed = config.allowed_size_pairs
     if allowed and (width, height) not in allowed:
         raise InvalidRequest(f"{param}: this model makes only {', '.join(config.allowed_sizes)}.",
                              param=param, code="invalid_size")

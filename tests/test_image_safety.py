@@ -30,7 +30,8 @@ from PIL import Image, ImageFile
 
 from serve_app.config import ImageInputOptions, ImageRetentionOptions
 from serve_app.errors import APIError, InvalidRequest, NotFound, PayloadTooLarge
-from serve_app.image_input import HostPolicy, ImageFetcher, InputImage, inspect_image, is_forbidden_address
+from serve_app.image_input import HostPolicy, ImageFetcher, InputImage, inspect_image
+from serve_app.url_guard import is_forbidden_address
 from serve_app.image_store import ImageStore
 
 
@@ -277,7 +278,7 @@ def test_slow_server_times_out_in_total(origin: str, path: str) -> None:
     started = time.monotonic()
     expect(InvalidRequest, 400, "image_url_timeout",
            lambda: fetch(origin + path, allowed_hosts=["127.0.0.1"], timeout_s=0.5))
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 3  # 0.5 s in total, not per read; the slack is for a loaded machine
 
 
 # ------------------------------------------------------------- DNS: check, then pin
