@@ -83,8 +83,8 @@ def cluster(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                                        "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield ServeCluster(port, tmp_path_factory.mktemp("images"))
     finally:
         serve.shutdown()

@@ -24,9 +24,9 @@ def _two_chat_models(cluster, prefix: str, names: list[str]) -> dict:
 def test_removed_model_is_unlisted_and_404(cluster):
     from ray import serve
 
-    base = cluster.deploy(_two_chat_models(cluster, "/catalog", ["chat-a", "chat-b"]), name="catalog_app",
-                          route_prefix="/catalog")
     try:
+        base = cluster.deploy(_two_chat_models(cluster, "/catalog", ["chat-a", "chat-b"]), name="catalog_app",
+                              route_prefix="/catalog")
         with httpx.Client(base_url=base, timeout=60) as http:
             listed = {m["model"] for m in http.get("/v1/models").json()["data"]}
             assert listed == {"chat-a", "chat-b"}

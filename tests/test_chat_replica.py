@@ -85,8 +85,9 @@ def test_a_newcomer_whose_prefill_fails_does_not_take_the_running_batch_down(rep
         alone = await replica.generate(job("hello there", max_tokens=24))
         steps = (await replica.stats())["decode_steps"]
         running = asyncio.ensure_future(replica.generate(job("hello there", max_tokens=24)))
-        while (await replica.stats())["decode_steps"] < steps + 3:  # it is decoding now
-            await asyncio.sleep(0.005)
+        async with asyncio.timeout(60):  # 24 tokens unless it ends early: then this fails, not hangs
+            while (await replica.stats())["decode_steps"] < steps + 3:  # it is decoding now
+                await asyncio.sleep(0.005)
         newcomer = await asyncio.gather(replica.generate(job(long_prompt)), return_exceptions=True)
         return alone, await running, newcomer[0], await replica.stats()
 
@@ -131,8 +132,9 @@ def test_a_cancelled_request_no_longer_counts_as_waiting(replica):
     async def run():
         running = asyncio.ensure_future(replica.generate(job("hello there", max_tokens=24)))
         queued = asyncio.ensure_future(replica.generate(job("and me", max_tokens=24)))
-        while (await replica.stats())["waiting_requests"] < 1:
-            await asyncio.sleep(0.005)
+        async with asyncio.timeout(60):
+            while (await replica.stats())["waiting_requests"] < 1:
+                await asyncio.sleep(0.005)
         queued.cancel()
         await asyncio.sleep(0.01)
         during = await replica.stats()

@@ -80,7 +80,8 @@ def test_disconnect_stops_generation(server, stream):
     # The step already running when the client left may still finish; none may start after it.
     assert chat_stats()["decode_steps"] <= steps + 1, "still decoding after the client left"
     assert steps - before < 1000, "the whole completion was generated"
-    assert stopped_after < 1.0, f"generation went on for {stopped_after:.2f}s after the disconnect"
+    # Seconds, where a step takes milliseconds: only a slow, loaded CI machine comes near it.
+    assert stopped_after < 5.0, f"generation went on for {stopped_after:.2f}s after the disconnect"
 
 
 def test_late_request_joins_the_running_batch(server):
@@ -119,8 +120,8 @@ def test_torch_threads_from_config_override_rays_one_thread_default(cluster, ser
     chat = next(m for m in args["models"] if m["kind"] == "chat")
     args["models"] = [{**chat, "name": "chat-threads", "torch_threads": 3,
                        "deployment": {**chat["deployment"], "num_cpus": 0.25}}]
-    base = cluster.deploy(args, name="threads_app", route_prefix="/threads")
     try:
+        base = cluster.deploy(args, name="threads_app", route_prefix="/threads")
         threads = serve.get_deployment_handle("model_chat-threads", app_name="threads_app").torch_threads
         assert threads.remote().result() == 3
         answer = httpx.post(base + "/v1/chat/completions", timeout=60, json={

@@ -1,8 +1,11 @@
-"""Errors keep their fields across Ray (they are pickled between replicas), and a server
-fault's 500 names a reference an operator can find in the log: the request id."""
+"""Errors keep their fields across Ray (they are pickled between replicas), a server fault's
+500 names a reference an operator can find in the log (the request id), and an error after a
+stream started is sent in-band."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import pickle
 
@@ -11,6 +14,9 @@ from ray.serve.context import _RequestContext, _serve_request_context
 
 from serve_app.errors import InvalidRequest, Overloaded, ServerError
 from serve_app.http_errors import as_api_error
+from serve_app.jobs import ChatStreamChunk, ChoiceDelta
+from serve_app.protocol import ChatCompletionRequest
+from serve_app.streaming import ChatChunkEncoder, chat_events
 
 
 def test_an_error_crosses_pickling_whole_and_prints_its_message() -> None:
@@ -33,3 +39,33 @@ def test_a_server_fault_is_a_generic_500_whose_reference_is_the_request_id(caplo
     assert error.message == "Internal server error (reference req-1234)." and "internal detail" not in error.message
     [record] = [r for r in caplog.records if "req-1234" in r.getMessage()]
     assert record.exc_info and isinstance(record.exc_info[1], KeyError)  # the traceback is in the log
+
+
+def test_an_error_after_the_stream_started_is_one_error_event_then_done() -> None:
+    """The 200 and the first tokens are already sent: the failure goes in-band, in the error
+    envelope, the stream still ends with [DONE], and the model is told to stop."""
+    class FailingStream:
+        cancelled = False
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self) -> ChatStreamChunk:
+            raise Overloaded("The model is restarting or unavailable; retry shortly.", code="model_unavailable")
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    async def events() -> list[str]:
+        request = ChatCompletionRequest.model_validate(
+            {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+        first = ChatStreamChunk(deltas=[ChoiceDelta(0, "Hel")], prompt_tokens=3, completion_tokens=1)
+        return [event async for event in chat_events(ChatChunkEncoder(request), first, rest)]
+
+    rest = FailingStream()
+    sent = asyncio.run(events())
+    assert len(sent) == 3 and sent[-1] == "data: [DONE]\n\n"
+    assert json.loads(sent[0].removeprefix("data: "))["choices"][0]["delta"] == {"role": "assistant", "content": "Hel"}
+    error = json.loads(sent[1].removeprefix("data: "))
+    assert error["code"] == 503 and error["error"]["code"] == "model_unavailable" and error["message"]
+    assert rest.cancelled

@@ -231,10 +231,16 @@ def test_a_stopping_registrar_unregisters_only_when_its_app_goes_away(monkeypatc
     assert asyncio.run(registration.RegistrarDeployment.func_or_class._app_is_going_away(replica)) is going_away
 
 
-def test_project_and_base_url_can_be_overridden_for_the_node(node: FakeNode) -> None:
+@pytest.mark.anyio
+async def test_project_and_base_url_can_be_overridden_for_the_node(node: FakeNode) -> None:
+    """What the node receives: the overriding project, and model URLs on the overriding base."""
     config = make_config([node.url], project="NodeProject", public_base_url="http://localhost:9000/")
-    registrar = Registrar(config, FakeLive(config))
-    assert (registrar.project, registrar.base_url) == ("NodeProject", "http://localhost:9000")
+    registrar = started(config, FakeLive(config, "Llama3-8B"))
+    await eventually(lambda: node.models_of("NodeProject") is not None)
+    [body] = node.bodies(REGISTER_PATH)
+    assert body["project"] == "NodeProject" and node.models_of(PROJECT) is None
+    assert [m["api"] for m in body["models"]] == ["http://localhost:9000/v1/chat/completions"]
+    await registrar.stop()
 
 
 # ---------------------------------------------------------------- the fake node itself
@@ -289,33 +295,36 @@ def test_registration_through_ray_serve(cluster, node: FakeNode) -> None:
         "enabled": True, "node_urls": [node.url], "interval_s": 2, "timeout_s": 1, "retry_max_s": 1})
     for model in args["models"]:
         model["cid"] = "cid-" + model["name"]
-    base = cluster.deploy(args, name="reg_app", route_prefix="/reg")
+    try:
+        base = cluster.deploy(args, name="reg_app", route_prefix="/reg")
 
-    def entries() -> list[tuple[str, str, int]] | None:
-        models = node.models_of(project)
-        return None if models is None else sorted((m["model"], m["api"], m["type"]) for m in models)
+        def entries() -> list[tuple[str, str, int]] | None:
+            models = node.models_of(project)
+            return None if models is None else sorted((m["model"], m["api"], m["type"]) for m in models)
 
-    everything = sorted((m["name"], base + route, kind)
-                        for m in args["models"]
-                        for kind, route in ([(0, "/v1/chat/completions")] if m["kind"] == "chat" else
-                                            [(1, "/v1/images/generations"), (2, "/v1/images/edits")]))
-    assert node.wait_for(lambda: entries() == everything, timeout=60), entries()
-    status = httpx.get(base + "/v1/registration", timeout=30).json()
-    assert status["project"] == project and status["nodes"][0]["state"] == "registered"
+        everything = sorted((m["name"], base + route, kind)
+                            for m in args["models"]
+                            for kind, route in ([(0, "/v1/chat/completions")] if m["kind"] == "chat" else
+                                                [(1, "/v1/images/generations"), (2, "/v1/images/edits")]))
+        assert node.wait_for(lambda: entries() == everything, timeout=60), entries()
+        status = httpx.get(base + "/v1/registration", timeout=30).json()
+        assert status["project"] == project and status["nodes"][0]["state"] == "registered"
 
-    chat_only = copy.deepcopy(args)
-    chat_only["models"] = [m for m in args["models"] if m["kind"] == "chat"]
-    cluster.deploy(chat_only, name="reg_app", route_prefix="/reg")
-    expected = [e for e in everything if e[2] == 0]
-    assert node.wait_for(lambda: entries() == expected, timeout=60), entries()
-    # The replaced registrar leaves its successor's work alone, also once it is gone for good.
-    assert wait_for(lambda: len(_registrar_replicas("reg_app")) == 1, timeout=60)
-    time.sleep(3)  # an interval and more: a stray unregister would have landed
-    assert node.bodies(UNREGISTER_PATH) == [] and entries() == expected
+        chat_only = copy.deepcopy(args)
+        chat_only["models"] = [m for m in args["models"] if m["kind"] == "chat"]
+        cluster.deploy(chat_only, name="reg_app", route_prefix="/reg")
+        expected = [e for e in everything if e[2] == 0]
+        assert node.wait_for(lambda: entries() == expected, timeout=60), entries()
+        # The replaced registrar leaves its successor's work alone, also once it is gone for good.
+        assert wait_for(lambda: len(_registrar_replicas("reg_app")) == 1, timeout=60)
+        time.sleep(3)  # an interval and more: a stray unregister would have landed
+        assert node.bodies(UNREGISTER_PATH) == [] and entries() == expected
 
-    serve.delete("reg_app")
-    assert node.wait_for(lambda: node.bodies(UNREGISTER_PATH) == [{"project": project}], timeout=30)
-    assert node.models_of(project) is None
+        serve.delete("reg_app")
+        assert node.wait_for(lambda: node.bodies(UNREGISTER_PATH) == [{"project": project}], timeout=30)
+        assert node.models_of(project) is None
+    finally:
+        serve.delete("reg_app")  # a no-op when the test got that far; else nothing is left running
 
 
 @pytest.mark.slow

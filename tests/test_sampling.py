@@ -87,3 +87,20 @@ def test_greedy_rows_take_the_argmax_and_penalties_push_repeats_away():
     # frequency 2.0: each used token loses 2.0 (0: 2.0 -> 0.0, 1: 1.5 -> -0.5, 2: 1.0 -> -1.0),
     # so 1, 2 and then 3 (0.5) come next.
     assert [step[1] for step in tokens] == [0, 1, 2, 3]
+
+
+def test_presence_penalty_counts_a_token_once_however_often_it_came():
+    """presence 1.0: a used token loses 1.0 once (0: 2.0 -> 1.0, below 1's 1.5); frequency 0.3 more
+    per use then pulls 1 (1.5 - 1.0 - 0.3) under 2 (1.0) after its first use."""
+    presence, both = row(greedy=True, presence=1.0), row(greedy=True, presence=1.0, frequency=0.3)
+    tokens = []
+    for _ in range(4):
+        picked = choose_tokens([presence, both], LOGITS.repeat(2, 1)).tolist()
+        for candidate, token in zip((presence, both), picked):
+            candidate.count(token)
+        tokens.append(picked)
+    # presence only: 0, then 1 (1.5 beats 0's 1.0), then 0 and 1 both at their penalised value,
+    # 1.0 and 0.5, with 2 at 1.0 (argmax takes the first): 0 again, and 0 stays ahead.
+    assert [step[0] for step in tokens] == [0, 1, 0, 0]
+    # with frequency: 0 (2.0 -> 0.7), 1 (1.5 -> 0.2), 2 (1.0 -> -0.3), then 0 (0.7 -> 0.4 next time)
+    assert [step[1] for step in tokens] == [0, 1, 2, 0]

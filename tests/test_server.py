@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import time
 import uuid
 
 import httpx
@@ -92,8 +94,9 @@ def test_chat_seed_example_matches_standard_and_openai(http):
     ChatCompletion.model_validate(body)
 
 
-def test_chat_max_tokens_gives_length_and_exact_usage(client):
-    result = client.chat.completions.create(model=CHAT, messages=SEED_CHAT["messages"], max_tokens=5,
+@pytest.mark.parametrize("name", ["max_tokens", "max_completion_tokens"])
+def test_chat_max_tokens_gives_length_and_exact_usage(client, name):
+    result = client.chat.completions.create(model=CHAT, messages=SEED_CHAT["messages"], **{name: 5},
                                             n=2, temperature=1.0, seed=1, logprobs=True)
     assert len(result.choices) == 2 and [c.index for c in result.choices] == [0, 1]
     # Every token of a choice has a log-probability entry, except an end-of-sequence token.
@@ -335,6 +338,31 @@ def test_an_edit_starts_from_its_input_image(http):
     assert np.abs(red - red_again).max() <= 1
 
 
+def test_an_edit_with_a_mask_inpaints(http):
+    """A mask selects the inpainting pipeline: the same input, prompt and seed make another
+    image with a mask than without; as a multipart upload or a data: URL in JSON alike."""
+    image = _png_bytes((64, 64), "red")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # repaint the left half
+    buffer = io.BytesIO()
+    mask.save(buffer, "PNG")
+    ask = {"model": IMAGE, "prompt": "beret", "seed": "5", "size": "64x64", "response_format": "b64_json"}
+
+    def made(response: httpx.Response) -> np.ndarray:
+        data = base64.b64decode(assert_success(response)["data"][0]["b64_json"])
+        assert png_of(data).size == (64, 64)
+        return np.asarray(png_of(data).convert("RGB"), dtype=np.int16)
+
+    masked = made(http.post("/v1/images/edits", data=ask, files={
+        "image": ("in.png", image, "image/png"), "mask": ("mask.png", buffer.getvalue(), "image/png")}))
+    unmasked = made(http.post("/v1/images/edits", data=ask, files={"image": ("in.png", image, "image/png")}))
+    as_json = made(http.post("/v1/images/edits", json={
+        **ask, "seed": 5, "image": "data:image/png;base64," + base64.b64encode(image).decode(),
+        "mask": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()}))
+    assert np.abs(masked - unmasked).mean() > 1
+    assert np.abs(masked - as_json).max() <= 1
+
+
 # ------------------------------------------------------------------------------ errors
 
 BAD_REQUESTS = [
@@ -349,6 +377,9 @@ BAD_REQUESTS = [
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [{"role": "robot", "content": "x"}]}}, 400, "messages[0].role"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "temperature": "hot"}}, 400, "temperature"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "max_tokens": 10**6}}, 400, "max_tokens"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "max_completion_tokens": 10**6}}, 400, "max_completion_tokens"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "stop": ["a", "b", "c", "d", "e"]}}, 400, "stop"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "presence_penalty": 2.5}}, 400, "presence_penalty"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "n": 1000}}, 400, "n"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "top_logprobs": 2}}, 400, "top_logprobs"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "logprobs": True, "top_logprobs": 21}}, 400, "top_logprobs"),
@@ -461,6 +492,9 @@ def test_openai_client_raises_typed_errors(client):
         client.images.generate(model=IMAGE, prompt="x", size="13x13")
 
 
+METRICS_EXPORT_GAP_S = 12  # longer than Ray's metrics report interval (10 s)
+
+
 def test_request_counters_are_exported_to_prometheus(http):
     """serve_app's counters (summed on the ingress, handed to Ray every second) reach Ray's
     Prometheus endpoint with the model, route and status of each request."""
@@ -491,12 +525,29 @@ def test_request_counters_are_exported_to_prometheus(http):
                     found[name] += float(line.rsplit(" ", 1)[1])
         return found
 
-    before = exported()
+    def settled() -> dict[str, float]:
+        """Totals that stopped moving: earlier tests' requests all exported (Ray exports every
+        few seconds, so two equal snapshots must be further apart than that)."""
+        last = exported()
+        for _ in range(6):
+            time.sleep(METRICS_EXPORT_GAP_S)
+            now = exported()
+            if now == last:
+                return now
+            last = now
+        raise AssertionError(f"the exported totals did not settle: {last}")
+
+    before = settled()
     answer = assert_success(http.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 3}))
+    with http.stream("POST", "/v1/chat/completions", json={
+            **SEED_CHAT, "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}}) as streamed:
+        events = [line for line in streamed.iter_lines() if line.startswith("data: {")]
+    streamed_tokens = json.loads(events[-1].removeprefix("data: "))["usage"]["completion_tokens"]
     assert http.post("/v1/chat/completions", json={**SEED_CHAT, "model": "no-such-model"}).status_code == 404
     junk = f"/v1/junk-{uuid.uuid4().hex}"
     assert http.get(junk).status_code == 404
-    grown = {"requests": 1, "errors": 1, "tokens": answer["usage"]["completion_tokens"], "unrouted": 1}
-    # Ray exports with a delay: wait until the snapshot includes this test's own requests.
-    assert wait_for(lambda: all(exported()[name] >= before[name] + grown[name] for name in wanted),
+    grown = {"requests": 2, "errors": 1, "tokens": answer["usage"]["completion_tokens"] + streamed_tokens,
+             "unrouted": 1}
+    # Ray exports with a delay: wait until the snapshot has this test's own requests, and only them.
+    assert wait_for(lambda: all(exported()[name] == before[name] + grown[name] for name in wanted),
                     timeout=60, interval=2), (before, exported(), grown)

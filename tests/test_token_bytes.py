@@ -1,4 +1,4 @@
-"""TokenBytes: the raw bytes of each token, for logprobs ``bytes`` (no Ray, no model weights)."""
+"""TokenBytes: the raw bytes of each token, for logprobs ``bytes`` (no Ray; tokenizers only)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from serve_app.token_bytes import TokenBytes, bytes_to_unicode
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
 TEXTS = ["héllo € 你好 🙂 plain", "plain ascii text", "naïve café — 日本語 👍🏽 end", "é"]
 REPLACEMENT = "\ufffd".encode()
 TRAIN = ["hello world, the quick brown fox", "plain text with a café in it", "hello hello plain"]
@@ -21,11 +20,8 @@ def joined(tb: TokenBytes, tok, text: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def tiny_llama():
-    path = MODELS / "tiny-llama"
-    if not (path / "tokenizer.json").exists():
-        pytest.skip("models/tiny-llama not built (python -m serve_app.tiny_models)")
-    return AutoTokenizer.from_pretrained(path)
+def tiny_llama(models_dir: Path):
+    return AutoTokenizer.from_pretrained(models_dir / "tiny-llama")
 
 
 def sentencepiece_like(*, strip: bool) -> PreTrainedTokenizerFast:
