@@ -2,7 +2,9 @@
 
 Ray sets CUDA_VISIBLE_DEVICES for a replica to the GPUs it was given, so inside
 the replica `cuda` (index 0) is always one of *its* GPUs; a replica given no
-GPU runs on the CPU even on a GPU machine, so `num_gpus` alone decides.
+GPU runs on the CPU even on a GPU machine, so `num_gpus` alone decides. Where an
+operator told Ray not to (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES), the
+replica narrows the view itself before CUDA starts (`see_only_assigned_gpus`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
@@ -34,6 +37,28 @@ def assigned_gpu_ids() -> list[str]:
         return [str(i) for i in ray.get_gpu_ids()] if ray.is_initialized() else []
     except Exception:  # noqa: BLE001 - outside a Ray worker there is simply no assignment
         return []
+
+
+NOSET_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
+
+def see_only_assigned_gpus(config: BaseModelConfig) -> None:
+    """With RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES set, Ray leaves every GPU of the node
+    visible to every replica: each would load onto cuda:0 (physical GPU 0) and spread
+    `device_map="auto"` over the other replicas' GPUs. Show this process only the GPUs Ray
+    assigned it, as Ray would have; this works only before CUDA is initialised here, which
+    nothing before a replica's constructor does."""
+    if not os.environ.get(NOSET_VISIBLE_DEVICES) or config.deployment.num_gpus <= 0:
+        return
+    ids = sorted(assigned_gpu_ids(), key=lambda gpu: (not gpu.isdigit(), int(gpu) if gpu.isdigit() else 0, gpu))
+    if not ids:
+        return
+    if torch.cuda.is_initialized():
+        logger.warning("%s is set and CUDA is already initialised in this replica: it sees every GPU, "
+                       "not only its own %s", NOSET_VISIBLE_DEVICES, ids)
+        return
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # Ray numbers GPUs as nvidia-smi does
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
 
 
 def resolve_device(config: BaseModelConfig) -> torch.device:
@@ -98,6 +123,7 @@ class ModelReplica:
 
     def __init__(self, config: BaseModelConfig) -> None:
         self.config = config
+        see_only_assigned_gpus(config)
         self.device = resolve_device(config)
         self.dtype = resolve_dtype(config, self.device)
         if config.torch_threads is not None:
