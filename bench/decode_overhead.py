@@ -26,7 +26,8 @@ from serve_app.jobs import ChatJob
 
 
 def overhead_per_step(model, tokenizer, decode_with, rows: int, tokens: int,
-                      temperature: float = 0.0, top_p: float = 1.0) -> tuple[float, float]:
+                      temperature: float = 0.0, top_p: float = 1.0, frequency_penalty: float = 0.0,
+                      logit_bias: dict[int, float] | None = None) -> tuple[float, float]:
     """(ms per step outside the forward pass, ms per step in it) for one batch run to `tokens`."""
     forward_s = 0.0
     batch = DecodeBatch(model, tokenizer.pad_token_id, torch.device("cpu"))
@@ -44,11 +45,12 @@ def overhead_per_step(model, tokenizer, decode_with, rows: int, tokens: int,
     slots = []
     for i in range(rows):
         job = ChatJob(messages=[{"role": "user", "content": f"Tell a story, number {i}."}], max_tokens=tokens,
-                      max_tokens_explicit=True, temperature=temperature, top_p=top_p, seed=i)
+                      max_tokens_explicit=True, temperature=temperature, top_p=top_p, seed=i,
+                      frequency_penalty=frequency_penalty, logit_bias=logit_bias)
         prompt = tokenizer.apply_chat_template(job.messages, add_generation_prompt=True, tokenize=False)
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
         decoder = ChoiceDecoder(decode_with, set(), [], tokens)  # no EOS: every row runs `tokens` steps
-        slots.append(Slot(job=job, prompt_ids=ids, rows=make_rows(job, model.generation_config, [decoder])))
+        slots.append(Slot(prompt_ids=ids, rows=make_rows(job, model.generation_config, [decoder])))
     started, steps = time.perf_counter(), 0
     batch.tick(slots)
     while not batch.done:
@@ -65,12 +67,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--frequency-penalty", type=float, default=0.0)
+    parser.add_argument("--logit-bias", type=int, default=0, metavar="N", help="bias N token ids of every row")
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     full_decode = SimpleNamespace(decode=tokenizer.decode, is_fast=False)
     overhead_per_step(model, tokenizer, tokenizer, 4, 8)  # warm-up
-    sampling = {"temperature": args.temperature, "top_p": args.top_p}
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "frequency_penalty": args.frequency_penalty,
+                "logit_bias": {token: 1.0 for token in range(args.logit_bias)}}
     incremental, forward = overhead_per_step(model, tokenizer, tokenizer, args.rows, args.tokens, **sampling)
     redecoded, _ = overhead_per_step(model, tokenizer, full_decode, args.rows, args.tokens, **sampling)
     print(f"{args.model}, {args.rows} rows x {args.tokens} tokens, {sampling}; forward pass {forward:.2f} ms/step on this CPU")

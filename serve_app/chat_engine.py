@@ -33,7 +33,7 @@ except ImportError:
 
 from serve_app.jobs import ChatChoiceResult, ChoiceDelta, TokenAlternative, TokenLogprob
 from serve_app.placement import spread_devices
-from serve_app.sampling import Row, choose_tokens
+from serve_app.sampling import Row, SamplingPlan, choose_tokens
 
 
 class IncrementalText:
@@ -206,6 +206,18 @@ def _position_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, rows_at: li
     return {at: (picked[j], list(zip(ids[j], values[j]))) for j, at in enumerate(rows_at)}
 
 
+class StepPlan:
+    """What a decode step needs that depends only on the batch's rows: their `SamplingPlan`,
+    and which rows want logprobs (as a list and as an index on the device; None: all)."""
+
+    def __init__(self, owners: list[tuple[Slot, Row]], vocab: int, device: torch.device) -> None:
+        rows = [row for _, row in owners]
+        self.sampling = SamplingPlan(rows, vocab, device)
+        self.wanting = [i for i, row in enumerate(rows) if row.decoder.wants_logprobs]
+        self.wanting_index = (None if not self.wanting or len(self.wanting) == len(rows)
+                              else torch.tensor(self.wanting, device=device))
+
+
 @dataclass(eq=False)  # identity: a slot is one request in flight, hashable, never equal to another
 class Slot:
     """One request in flight: its prompt, its rows, whether its client is still there,
@@ -242,6 +254,7 @@ class DecodeBatch:
         # index selects rows of a tensor on any device, a GPU index only on its own.
         self.row_index_device = device if len(spread_devices(model)) <= 1 else torch.device("cpu")
         self.owners: list[tuple[Slot, Row]] = []
+        self.plan: StepPlan | None = None  # for `owners` as they are; rebuilt when rows join or leave
         self.cache = None
         self.mask: torch.Tensor | None = None  # [rows, cached tokens + 1]: the cache and next_input
         self.positions: torch.Tensor | None = None  # [rows, 1]: position of next_input
@@ -289,17 +302,20 @@ class DecodeBatch:
         logits = output.logits[:, -1, :].to(device=self.device, dtype=torch.float32)  # a spread model's last GPU
         return logits, output.get("cache", None) or output.past_key_values
 
-    def _pick(self, owners: list[tuple[Slot, Row]], logits: torch.Tensor) -> tuple[torch.Tensor, list]:
-        wanting = [i for i, (_, row) in enumerate(owners) if row.decoder.wants_logprobs]
+    def _pick(self, owners: list[tuple[Slot, Row]], logits: torch.Tensor,
+              plan: StepPlan | None = None) -> tuple[torch.Tensor, list]:
+        plan = plan or StepPlan(owners, logits.shape[-1], logits.device)
         # Log-probabilities of the model's own distribution, before bias, penalties and temperature.
-        logprobs = torch.log_softmax(logits[wanting], dim=-1) if wanting else None
-        chosen = choose_tokens([row for _, row in owners], logits)
+        logprobs = None
+        if plan.wanting:
+            logprobs = torch.log_softmax(logits if plan.wanting_index is None else logits[plan.wanting_index], dim=-1)
+        chosen = choose_tokens([row for _, row in owners], logits, plan.sampling)
         per_row: dict[int, PositionLogprobs] = {}
         if logprobs is not None:
-            per_row = _position_logprobs(logprobs, chosen[wanting], wanting, [owners[i][1] for i in wanting])
+            wanted = chosen if plan.wanting_index is None else chosen[plan.wanting_index]
+            per_row = _position_logprobs(logprobs, wanted, plan.wanting, [owners[i][1] for i in plan.wanting])
         deltas = []
         for i, ((slot, row), token) in enumerate(zip(owners, chosen.tolist())):  # the step's one device sync
-            row.count(token)
             try:
                 text = row.decoder.feed(token, per_row.get(i))
             except Exception as exc:  # noqa: BLE001 - turning a token into text failed for this request only
@@ -309,7 +325,9 @@ class DecodeBatch:
 
     def _decode(self) -> list[tuple[Slot, int, str]]:
         logits, self.cache = self._forward(self.next_input, self.mask, self.positions, self.cache)
-        self.next_input, deltas = self._pick(self.owners, logits)
+        if self.plan is None:
+            self.plan = StepPlan(self.owners, logits.shape[-1], logits.device)
+        self.next_input, deltas = self._pick(self.owners, logits, self.plan)
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.owners), 1))], dim=1)
         self.positions = self.positions + 1
         return deltas
@@ -353,6 +371,7 @@ class DecodeBatch:
             self.positions = torch.cat([self.positions, positions])
             self.next_input = torch.cat([self.next_input, next_input])
         self.owners += owners
+        self.plan = None
         return deltas
 
     def _drop_finished(self) -> None:
@@ -362,6 +381,7 @@ class DecodeBatch:
         if len(keep) == len(self.owners):
             return
         self.owners = [self.owners[i] for i in keep]
+        self.plan = None
         if not keep:
             self.cache = self.mask = self.positions = self.next_input = None
             return

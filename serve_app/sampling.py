@@ -6,8 +6,9 @@ ops per row per step, and on a GPU a device sync per row: for a batch of 32
 that is milliseconds a step. `choose_tokens` instead applies temperature,
 top-k and top-p to the whole batch at once, draws each sampling row's one
 random number from that row's own generator, and brings every token to the
-host in one transfer. Only `logit_bias` and presence/frequency penalties stay
-per row (one op each, on rows that ask for them).
+host in one transfer. `logit_bias` and presence/frequency penalties are a few
+ops for the whole batch too, and everything that depends only on which rows
+are in the batch is built once per batch composition (`SamplingPlan`).
 
 The generators live on the CPU whatever the model's device, so a `seed` draws
 the same numbers on CPU and GPU, and a row's draw never depends on its
@@ -18,7 +19,7 @@ batched.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,6 +28,11 @@ from serve_app.jobs import ChatJob
 
 if TYPE_CHECKING:
     from serve_app.chat_engine import ChoiceDecoder
+
+
+UNIFORM_BLOCK = 64
+"""Numbers a sampling row draws from its generator at a time: one call instead of one per step
+(the same sequence as drawing them one by one)."""
 
 
 @dataclass(eq=False)  # identity: a row is one choice in flight, hashable, never equal to another
@@ -41,30 +47,24 @@ class Row:
     top_k: int
     presence: float
     frequency: float
-    counts: torch.Tensor | None = None  # occurrences of each token id so far, kept only for penalties
-    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (token ids, values) of `logit_bias`
-
-    def add_bias(self, logits: torch.Tensor) -> None:
-        """OpenAI's `logit_bias`, in place on this row's logits (1-D), before penalties and sampling."""
-        ids, values = self.bias  # type: ignore[misc]
-        if ids.device != logits.device:  # once: the row's tensors move to the model's device
-            ids, values = self.bias = ids.to(logits.device), values.to(logits.device)
-        logits[ids] += values
+    counts: torch.Tensor | None = None  # occurrences of each token id so far (penalized rows; see SamplingPlan)
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (token ids, values) of `logit_bias`, on the CPU
+    _uniforms: list[float] = field(default_factory=list, repr=False)
 
     @property
     def penalized(self) -> bool:
         return bool(self.presence or self.frequency)
 
-    def penalize(self, logits: torch.Tensor) -> None:
-        """OpenAI's presence and frequency penalties, in place on this row's logits (1-D)."""
-        if self.counts is None:
-            self.counts = torch.zeros_like(logits)
-        else:
-            logits -= self.frequency * self.counts + self.presence * (self.counts > 0)
+    def filtered(self, vocab: int) -> bool:
+        """Whether top-k or top-p cut this row's distribution (its vocabulary must be sorted)."""
+        return 0 < self.top_k < vocab or self.top_p < 1.0
 
-    def count(self, token: int) -> None:
-        if self.counts is not None:
-            self.counts[token] += 1
+    def uniform(self) -> float:
+        """This row's next random number, in (0, 1]."""
+        if not self._uniforms:
+            drawn = torch.rand(UNIFORM_BLOCK, generator=self.generator, dtype=torch.float64).tolist()
+            self._uniforms = drawn[::-1]  # popped from the end: in the order drawn
+        return 1.0 - self._uniforms.pop()
 
 
 def make_rows(job: ChatJob, defaults, decoders: list[ChoiceDecoder]) -> list[Row]:
@@ -87,44 +87,112 @@ def make_rows(job: ChatJob, defaults, decoders: list[ChoiceDecoder]) -> list[Row
             for index, decoder in enumerate(decoders)]
 
 
-def choose_tokens(rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
+class SampleGroup:
+    """Rows sampled the same way (with or without top-k/top-p), their settings on the device."""
+
+    def __init__(self, members: list[int], rows: list[Row], batch: int, vocab: int, device: torch.device,
+                 filtered: bool) -> None:
+        self.rows = [rows[i] for i in members]
+        self.filtered = filtered
+        self.index = None if len(members) == batch else torch.tensor(members, device=device)  # None: every row
+        self.temperature = torch.tensor([max(row.temperature, 1e-5) for row in self.rows], device=device)[:, None]
+        if filtered:
+            self.top_k_last = torch.tensor([(row.top_k if 0 < row.top_k < vocab else vocab) - 1
+                                            for row in self.rows], device=device)[:, None]
+            self.top_p = torch.tensor([row.top_p if row.top_p < 1.0 else float("inf")
+                                       for row in self.rows], device=device)[:, None]
+
+
+class SamplingPlan:
+    """Everything choosing a batch's tokens needs that depends only on which rows are in it:
+    the rows' settings, index tensors and `logit_bias` entries, on the logits' device, and
+    one [rows, vocab] tensor of token counts for the penalized rows.
+
+    Built once per batch composition (the engine rebuilds it when rows join or leave), so
+    a decode step sends nothing to the device but each sampling row's random number, and
+    penalties, biases and counting take a few ops for the whole batch instead of a few per
+    row: on a GPU every small copy is a sync and every op a kernel launch.
+    """
+
+    def __init__(self, rows: list[Row], vocab: int, device: torch.device) -> None:
+        self.rows = rows
+        batch = len(rows)
+        biased = [(i, row.bias) for i, row in enumerate(rows) if row.bias is not None]
+        self.bias = None
+        if biased:
+            self.bias = (torch.cat([torch.full((len(ids),), i) for i, (ids, _) in biased]).to(device),
+                         torch.cat([ids for _, (ids, _) in biased]).to(device),
+                         torch.cat([values for _, (_, values) in biased]).to(device))
+        penalized = [i for i, row in enumerate(rows) if row.penalized]
+        self.counts = None
+        if penalized:
+            # The rows' counts so far become rows of one tensor, and each row's `counts` a view
+            # of it: counting updates both, and the next plan starts from them.
+            self.counts = torch.stack([rows[i].counts.to(device) if rows[i].counts is not None
+                                       else torch.zeros(vocab, device=device) for i in penalized])
+            for j, i in enumerate(penalized):
+                rows[i].counts = self.counts[j]
+            self.counted = torch.arange(len(penalized), device=device)
+            self.penalized = None if len(penalized) == batch else torch.tensor(penalized, device=device)
+            self.frequency = torch.tensor([rows[i].frequency for i in penalized], device=device)[:, None]
+            self.presence = torch.tensor([rows[i].presence for i in penalized], device=device)[:, None]
+        self.groups = []
+        for filtered in (False, True):  # per row, not per batch: a row draws the same way whatever its batch-mates use
+            members = [i for i, row in enumerate(rows) if not row.greedy and row.filtered(vocab) == filtered]
+            if members:
+                self.groups.append(SampleGroup(members, rows, batch, vocab, device, filtered))
+
+    def adjust(self, logits: torch.Tensor) -> None:
+        """OpenAI's `logit_bias`, then presence and frequency penalties, in place."""
+        if self.bias is not None:
+            rows, ids, values = self.bias
+            logits.index_put_((rows, ids), values, accumulate=True)
+        if self.counts is not None:
+            penalty = self.frequency * self.counts + self.presence * (self.counts > 0)
+            if self.penalized is None:
+                logits -= penalty
+            else:
+                logits.index_put_((self.penalized,), -penalty, accumulate=True)
+
+    def count(self, tokens: torch.Tensor) -> None:
+        """Add each penalized row's chosen token to its counts."""
+        if self.counts is not None:
+            chosen = tokens if self.penalized is None else tokens[self.penalized]
+            self.counts[self.counted, chosen] += 1
+
+
+def choose_tokens(rows: list[Row], logits: torch.Tensor, plan: SamplingPlan | None = None) -> torch.Tensor:
     """Every row's next token ([rows], on the logits' device) from the batch's logits
-    ([rows, vocab], float32, changed in place by penalties)."""
-    for i, row in enumerate(rows):
-        if row.bias is not None:
-            row.add_bias(logits[i])
-        if row.penalized:
-            row.penalize(logits[i])
+    ([rows, vocab], float32, changed in place by bias and penalties). `plan` is the rows'
+    `SamplingPlan` when the caller keeps one across steps."""
+    plan = plan or SamplingPlan(rows, logits.shape[-1], logits.device)
+    plan.adjust(logits)
     tokens = logits.argmax(dim=-1)
-    vocab = logits.shape[-1]
-    for filtered in (False, True):  # per row, not per batch: a row draws the same way whatever its batch-mates use
-        group = [i for i, row in enumerate(rows)
-                 if not row.greedy and (0 < row.top_k < vocab or row.top_p < 1.0) == filtered]
-        if group:
-            index = torch.tensor(group, device=logits.device)
-            tokens[index] = _sample(logits[index], [rows[i] for i in group], filtered)
+    for group in plan.groups:
+        if group.index is None:
+            tokens = _sample(logits, group)
+        else:
+            tokens[group.index] = _sample(logits[group.index], group)
+    plan.count(tokens)
     return tokens
 
 
-def _sample(logits: torch.Tensor, rows: list[Row], filtered: bool) -> torch.Tensor:
-    """Temperature, then (when `filtered`) top-k and top-p as transformers applies them,
+def _sample(logits: torch.Tensor, group: SampleGroup) -> torch.Tensor:
+    """Temperature, then (for a filtered group) top-k and top-p as transformers applies them,
     then one draw per row by inverse CDF with a uniform number from the row's own generator.
 
     Top-k keeps ties with the k-th token; top-p keeps the most likely tokens until their
     mass reaches `top_p` (at least one). Only filtered rows sort the vocabulary (a full
     sort is most of the cost on a CPU); plain temperature sampling draws in vocabulary order.
     """
-    device, vocab = logits.device, logits.shape[-1]
-    temperature = torch.tensor([max(row.temperature, 1e-5) for row in rows], device=device)
-    scaled = logits / temperature[:, None]
+    vocab = logits.shape[-1]
+    scaled = logits / group.temperature
     order = None
-    if filtered:
-        top_k = torch.tensor([row.top_k if 0 < row.top_k < vocab else vocab for row in rows], device=device)
-        top_p = torch.tensor([row.top_p if row.top_p < 1.0 else float("inf") for row in rows], device=device)
+    if group.filtered:
         scaled, order = torch.sort(scaled, dim=-1, descending=True, stable=True)  # ties in a fixed order
-        scaled = scaled.masked_fill(scaled < scaled.gather(1, (top_k - 1)[:, None]), float("-inf"))
+        scaled = scaled.masked_fill(scaled < scaled.gather(1, group.top_k_last), float("-inf"))
         probs = torch.softmax(scaled, dim=-1)
-        outside = torch.cumsum(probs, dim=-1) - probs >= top_p[:, None]
+        outside = torch.cumsum(probs, dim=-1) - probs >= group.top_p
         outside[:, 0] = False
         probs = probs.masked_fill(outside, 0.0)
     else:
@@ -132,8 +200,8 @@ def _sample(logits: torch.Tensor, rows: list[Row], filtered: bool) -> torch.Tens
     cdf = torch.cumsum(probs, dim=-1)
     # u in (0, 1]: the first position whose cumulative probability reaches u * total has a
     # non-zero probability (where the cdf is flat, probabilities are zero), rounding included.
-    uniform = 1.0 - torch.cat([torch.rand(1, generator=row.generator, dtype=torch.float64) for row in rows])
-    target = uniform.to(device=device, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
+    uniform = torch.tensor([row.uniform() for row in group.rows], dtype=torch.float64)
+    target = uniform.to(device=logits.device, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
     picked = torch.searchsorted(cdf, target)
     if order is None:
         return picked.clamp_(max=vocab - 1).squeeze(1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve_app.sampling import Row, choose_tokens
+from serve_app.sampling import Row, SamplingPlan, choose_tokens
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -30.0])
 
@@ -79,10 +79,7 @@ def test_greedy_rows_take_the_argmax_and_penalties_push_repeats_away():
     greedy, penalized = row(greedy=True), row(greedy=True, frequency=2.0)
     tokens = []
     for _ in range(4):
-        picked = choose_tokens([greedy, penalized], LOGITS.repeat(2, 1)).tolist()
-        for candidate, token in zip((greedy, penalized), picked):
-            candidate.count(token)
-        tokens.append(picked)
+        tokens.append(choose_tokens([greedy, penalized], LOGITS.repeat(2, 1)).tolist())  # counts them too
     assert [step[0] for step in tokens] == [0, 0, 0, 0]
     # frequency 2.0: each used token loses 2.0 (0: 2.0 -> 0.0, 1: 1.5 -> -0.5, 2: 1.0 -> -1.0),
     # so 1, 2 and then 3 (0.5) come next.
@@ -95,12 +92,27 @@ def test_presence_penalty_counts_a_token_once_however_often_it_came():
     presence, both = row(greedy=True, presence=1.0), row(greedy=True, presence=1.0, frequency=0.3)
     tokens = []
     for _ in range(4):
-        picked = choose_tokens([presence, both], LOGITS.repeat(2, 1)).tolist()
-        for candidate, token in zip((presence, both), picked):
-            candidate.count(token)
-        tokens.append(picked)
+        tokens.append(choose_tokens([presence, both], LOGITS.repeat(2, 1)).tolist())
     # presence only: 0, then 1 (1.5 beats 0's 1.0), then 0 and 1 both at their penalised value,
     # 1.0 and 0.5, with 2 at 1.0 (argmax takes the first): 0 again, and 0 stays ahead.
     assert [step[0] for step in tokens] == [0, 1, 0, 0]
     # with frequency: 0 (2.0 -> 0.7), 1 (1.5 -> 0.2), 2 (1.0 -> -0.3), then 0 (0.7 -> 0.4 next time)
     assert [step[1] for step in tokens] == [0, 1, 2, 0]
+
+
+def test_bias_and_penalties_are_each_rows_own_with_a_plan_kept_or_not():
+    """The engine keeps one SamplingPlan while its rows stay; the tokens are those of a row
+    alone, whoever shares the batch and whether they are biased or penalised."""
+    def subject() -> Row:
+        subject = row(42, temperature=0.9, frequency=0.7, presence=0.3)
+        subject.bias = (torch.tensor([6, 2]), torch.tensor([4.0, -1.0]))
+        return subject
+
+    def run(batch: list[Row], keep_plan: bool) -> list[int]:
+        plan = SamplingPlan(batch, len(LOGITS), LOGITS.device) if keep_plan else None
+        return [choose_tokens(batch, LOGITS.repeat(len(batch), 1), plan).tolist()[0] for _ in range(40)]
+
+    alone = run([subject()], keep_plan=False)
+    assert alone == run([subject(), row(1, greedy=True), row(2, top_k=2)], keep_plan=True)
+    assert alone == run([subject(), row(3, frequency=1.0), row(4, top_p=0.5)], keep_plan=False)
+    assert len(set(alone)) > 1 and 6 in alone  # it sampled, and the +4 bias shows
