@@ -145,9 +145,11 @@ class ChoiceDecoder:
         return new
 
     def _alternative(self, token: int, logprob: float) -> TokenAlternative:
-        text = self.tokenizer.decode([token])  # U+FFFD for part of a character; `bytes` has the real ones
-        raw = self.token_bytes(token) if self.token_bytes is not None else text.encode("utf-8")
-        return TokenAlternative(token=text, logprob=logprob, bytes=list(raw))
+        if self.token_bytes is None:
+            text = self.tokenizer.decode([token])
+            return TokenAlternative(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+        # The text has U+FFFD for part of a character; `bytes` has the real ones.
+        return TokenAlternative(token=self.token_bytes.text(token), logprob=logprob, bytes=list(self.token_bytes(token)))
 
     def _token_logprob(self, token: int, logprobs: PositionLogprobs) -> TokenLogprob:
         chosen_logprob, ranked = logprobs

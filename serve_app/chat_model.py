@@ -39,6 +39,10 @@ END = object()
 """Posted to a slot's outbox after its last deltas."""
 
 
+INLINE_PROMPT_CHARS = 20_000
+"""Conversations longer than this are templated and tokenised off the replica's event loop."""
+
+
 @serve.deployment
 class ChatModel(ModelReplica):
     """One replica of one chat model."""
@@ -73,7 +77,7 @@ class ChatModel(ModelReplica):
         context, messages the chat template refuses) comes back as a value: raised, Serve would
         log it as a failed request, with a traceback, at ERROR."""
         try:
-            slot = self._slot(job)
+            slot = await self._prepared(job)
         except APIError as refused:
             return refused
         async for _ in self._decoded(slot, coalesce_s=None):
@@ -84,7 +88,7 @@ class ChatModel(ModelReplica):
         """The completion as it is produced; the first tokens go out at once. A client's
         mistake is the one item (see `generate`)."""
         try:
-            slot = self._slot(job)
+            slot = await self._prepared(job)
         except APIError as refused:
             yield refused
             return
@@ -194,6 +198,15 @@ class ChatModel(ModelReplica):
             if not slot.ended:
                 slot.ended = True
                 slot.outbox.put_nowait(exc)
+
+    async def _prepared(self, job: ChatJob) -> Slot:
+        """`_slot`, in a thread for a long conversation: templating and tokenising up to
+        `limits.max_prompt_chars` characters takes long enough to hold up the deltas of every
+        stream this replica serves. Short ones stay on the loop, where they cost less than
+        the hop to a thread."""
+        if sum(len(message["content"]) for message in job.messages) > INLINE_PROMPT_CHARS:
+            return await asyncio.to_thread(self._slot, job)
+        return self._slot(job)
 
     def _slot(self, job: ChatJob) -> Slot:
         """Tokenise and check a request before it joins a batch: its errors are its own."""

@@ -90,6 +90,7 @@ class TokenBytes:
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
         self._cache: dict[int, bytes] = {}
+        self._texts: dict[int, str] = {}
         self._backend: Any = getattr(tokenizer, "backend_tokenizer", None)
         self._steps: list[dict[str, Any]] = []
         self._special: dict[int, str] = self._special_tokens()
@@ -100,6 +101,14 @@ class TokenBytes:
         cached = self._cache.get(token_id)
         if cached is None:
             cached = self._cache[token_id] = self._compute(token_id)
+        return cached
+
+    def text(self, token_id: int) -> str:
+        """The token decoded alone, as logprobs show it (U+FFFD for part of a character), cached:
+        a step with `top_logprobs: 20` asks for 21 per row."""
+        cached = self._texts.get(token_id)
+        if cached is None:
+            cached = self._texts[token_id] = self._tokenizer.decode([token_id])
         return cached
 
     # -- detection -----------------------------------------------------------------------------

@@ -226,3 +226,30 @@ def test_a_requests_choices_share_one_prefill_and_start_alike(replica):
         handle.remove()
     assert [shape[0] for shape in rows_in_prefill] == [1, 1], rows_in_prefill
     assert [choice.text for choice in three.choices] == [single.choices[0].text] * 3
+
+
+def test_a_long_conversation_is_prepared_off_the_event_loop_and_answered(replica):
+    """Past INLINE_PROMPT_CHARS the template and tokenizer run in a thread (so the replica's
+    loop keeps serving streams); its answer, or its client mistake, comes back the same."""
+    import threading
+
+    from serve_app.chat_model import INLINE_PROMPT_CHARS
+
+    threads: list[str] = []
+    real_slot = replica._slot
+
+    def recording_slot(request):
+        threads.append(threading.current_thread().name)
+        return real_slot(request)
+
+    replica._slot = recording_slot
+    words = " ".join(["otter"] * (INLINE_PROMPT_CHARS // 6 + 1))
+
+    async def run():
+        return await replica.generate(job("hi")), await replica.generate(job(words))
+
+    short, long = asyncio.run(run())
+    assert short.choices[0].completion_tokens >= 1
+    assert threads[0] == threading.main_thread().name and threads[1] != threads[0]
+    assert replica.context_length == 2048  # the tiny model's: the long conversation does not fit
+    assert isinstance(long, InvalidRequest) and long.code == "context_length_exceeded"

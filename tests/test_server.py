@@ -20,6 +20,8 @@ from openai.types import ImagesResponse
 from openai.types.chat import ChatCompletion
 from PIL import Image
 
+from tests.conftest import METRICS_REPORT_INTERVAL_MS, wait_for
+
 CHAT = "Llama3-8B"
 IMAGE = "SuperImage"
 SEED_CHAT = {
@@ -492,7 +494,7 @@ def test_openai_client_raises_typed_errors(client):
         client.images.generate(model=IMAGE, prompt="x", size="13x13")
 
 
-METRICS_EXPORT_GAP_S = 12  # longer than Ray's metrics report interval (10 s)
+METRICS_EXPORT_GAP_S = METRICS_REPORT_INTERVAL_MS / 1000 + 1  # two equal snapshots further apart than an export
 
 
 def test_request_counters_are_exported_to_prometheus(http):
@@ -500,7 +502,6 @@ def test_request_counters_are_exported_to_prometheus(http):
     Prometheus endpoint with the model, route and status of each request."""
     import ray
 
-    from tests.conftest import wait_for
 
     node = next(n for n in ray.nodes() if n["Alive"])
     url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
