@@ -20,7 +20,8 @@ from types import SimpleNamespace
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from serve_app.chat_engine import ChoiceDecoder, DecodeBatch, Slot
+from serve_app.chat_engine import DecodeBatch, Slot
+from serve_app.decoding import ChoiceDecoder
 from serve_app.sampling import make_rows
 from serve_app.jobs import ChatJob
 

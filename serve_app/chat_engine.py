@@ -5,7 +5,7 @@ global RNG per call, so requests batched through it could neither keep their
 own `temperature`/`top_p`/penalties nor reproduce their `seed`. This loop
 keeps everything per row instead: each choice of each request is one row of
 the batch, with its own sampling parameters, its own `torch.Generator` and
-its own `ChoiceDecoder`; rows are left-padded, with position ids counted from
+its own `ChoiceDecoder` (`decoding`); rows are left-padded, with position ids counted from
 their first real token, so a row sees exactly what it would see alone.
 Requests join the running batch between steps (continuous batching) and a
 row leaves it (its KV cache rows dropped) the step it finishes or its client
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -26,174 +25,10 @@ try:  # the layer type whose tensors can be merged across batches (transformers 
 except ImportError:  # older transformers: requests batch, but do not join a running batch
     DynamicLayer = None
 
-try:  # incremental decoding in the fast tokenizers' own library (tokenizers >= 0.21)
-    from tokenizers.decoders import DecodeStream
-except ImportError:
-    DecodeStream = None
-
-from serve_app.jobs import ChatChoiceResult, ChoiceDelta, TokenAlternative, TokenLogprob
+from serve_app.decoding import PositionLogprobs
+from serve_app.jobs import ChoiceDelta
 from serve_app.placement import spread_devices
 from serve_app.sampling import Row, SamplingPlan, choose_tokens
-
-
-class IncrementalText:
-    """A choice's text, decoded as its tokens arrive, at a cost that does not grow with its length.
-
-    Decoding all tokens again at every step costs O(length) per token: about
-    0.25 ms per row per step at 1,000 tokens here, so 8 ms a step for a batch
-    of 32, the order of a GPU forward pass. Fast tokenizers decode through
-    `tokenizers`' `DecodeStream` instead (a few tokens of context; the bytes of
-    an unfinished UTF-8 character wait for the rest), the approach of vLLM's
-    detokenizer. Slow (Python) tokenizers decode in full each time.
-    """
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.tokens: list[int] = []
-        self.text = ""
-        self._backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-        self._stream = DecodeStream(skip_special_tokens=True) if self._backend and DecodeStream else None
-
-    def add(self, token: int) -> str:
-        """Append a token; returns the whole text so far."""
-        self.tokens.append(token)
-        if self._stream is None:
-            self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        else:
-            self.text += self._step(token) or ""
-        return self.text
-
-    def _step(self, token: int) -> str | None:
-        try:
-            return self._stream.step(self._backend, token)
-        except Exception:  # noqa: BLE001 - retried below; a real problem raises again there
-            # Byte-fallback decoders (Llama 2, Mistral) can turn a finished character back into
-            # U+FFFD once a later byte makes its run invalid, which breaks the stream's prefix
-            # check. Restart the stream from this token, as vLLM does; what was sent stays.
-            self._stream = DecodeStream(skip_special_tokens=True)
-            return self._stream.step(self._backend, token)
-
-    def complete(self) -> str:
-        """The final text, as a full decode gives it: bytes of a character the output
-        ended inside come out as U+FFFD instead of waiting for more."""
-        if self._stream is not None and self.tokens:
-            full = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-            if full.startswith(self.text):  # never contradict what was already sent
-                self.text = full
-        return self.text
-
-
-PositionLogprobs = tuple[float, list[tuple[int, float]]]
-"""At one position: the chosen token's log-probability, and (token id, log-probability) of the
-most likely tokens, best first."""
-
-
-class ChoiceDecoder:
-    """Turns one choice's tokens into text deltas, and decides truthfully why it ended.
-
-    Text that may still become a stop string, or half a UTF-8 character, is
-    held back until it is known to be safe to send.
-    """
-
-    def __init__(self, tokenizer, eos_ids: set[int], stop: list[str], max_tokens: int,
-                 top_logprobs: int | None = None, token_bytes: Callable[[int], bytes] | None = None) -> None:
-        self.tokenizer, self.eos_ids, self.stop, self.max_tokens = tokenizer, eos_ids, stop, max_tokens
-        self.top_logprobs = top_logprobs  # None: no logprobs asked for
-        self.token_bytes = token_bytes  # a token's own bytes (part of a character, maybe) for logprobs
-        self.decoded = IncrementalText(tokenizer)
-        self.text = ""
-        self.sent = 0
-        self.used = 0
-        self.finish_reason: str | None = None
-        self.logprobs: list[TokenLogprob] = []
-        self.logprobs_sent = 0
-
-    @property
-    def wants_logprobs(self) -> bool:
-        return self.top_logprobs is not None
-
-    def feed(self, token: int, logprobs: PositionLogprobs | None = None) -> str:
-        """Add one token (with the model's log-probabilities at its position, when asked for);
-        returns the text that may be sent now."""
-        if self.finish_reason is not None:
-            return ""
-        self.used += 1
-        if token in self.eos_ids:
-            return self._finish("stop")
-        if logprobs is not None and self.wants_logprobs:
-            self.logprobs.append(self._token_logprob(token, logprobs))
-        self.text = self.decoded.add(token)
-        cut = self._stop_at()
-        if cut is not None:
-            return self._finish("stop", cut)
-        if self.used >= self.max_tokens:
-            return self._finish("length")
-        safe = len(self.text) - self._unsafe_tail()
-        delta, self.sent = self.text[self.sent:safe], max(self.sent, safe)
-        return delta
-
-    def result(self) -> ChatChoiceResult:
-        return ChatChoiceResult(text=self.text, finish_reason=self.finish_reason or "stop",
-                                completion_tokens=self.used,
-                                logprobs=self.logprobs if self.wants_logprobs else None)
-
-    def take_logprobs(self) -> list[TokenLogprob] | None:
-        """Entries not yet sent (None when not asked for): they travel with the next delta."""
-        if not self.wants_logprobs:
-            return None
-        new, self.logprobs_sent = self.logprobs[self.logprobs_sent:], len(self.logprobs)
-        return new
-
-    def _alternative(self, token: int, logprob: float) -> TokenAlternative:
-        if self.token_bytes is None:
-            text = self.tokenizer.decode([token])
-            return TokenAlternative(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
-        # The text has U+FFFD for part of a character; `bytes` has the real ones.
-        return TokenAlternative(token=self.token_bytes.text(token), logprob=logprob, bytes=list(self.token_bytes(token)))
-
-    def _token_logprob(self, token: int, logprobs: PositionLogprobs) -> TokenLogprob:
-        chosen_logprob, ranked = logprobs
-        chosen = self._alternative(token, chosen_logprob)
-        top = [self._alternative(i, v) for i, v in ranked[:self.top_logprobs or 0]]
-        return TokenLogprob(token=chosen.token, logprob=chosen.logprob, bytes=chosen.bytes, top=top)
-
-    def _stop_at(self) -> int | None:
-        """Where the first stop string starts, if the text now holds one.
-
-        Only the unsent tail is searched (plus a stop string's length before
-        it): the sent text never changes and was searched when it was new.
-        """
-        found = (self.text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop)
-        return min((i for i in found if i >= 0), default=None)
-
-    def _finish(self, reason: str, stop_at: int | None = None) -> str:
-        """End the choice; returns the text not sent yet (up to the stop string, if one ended it)."""
-        self.finish_reason = reason
-        self.text = self.decoded.complete() if stop_at is None else self.text[:stop_at]
-        delta, self.sent = self.text[self.sent:], len(self.text)
-        return delta
-
-    def _unsafe_tail(self) -> int:
-        """How many trailing characters must wait: a possible start of a stop string,
-        or replacement characters a later token may still turn into a real character."""
-        decided = self.text.rstrip("\ufffd")
-        return len(self.text) - len(decided) + max((_stop_prefix_at_end(decided, s) for s in self.stop), default=0)
-
-
-def _stop_prefix_at_end(text: str, stop: str) -> int:
-    """Length of the longest proper prefix of `stop` that `text` ends with (0 if none).
-
-    Only places where `stop`'s first character occurs in the last len(stop) - 1
-    characters can start one, so ordinary text costs a `find` or two per step. Text
-    that repeats `stop`'s first character all along its tail costs one comparison per
-    repeat; stop strings are at most `MAX_STOP_CHARS` long, which bounds that.
-    """
-    start = text.find(stop[0], max(0, len(text) - len(stop) + 1))
-    while start != -1:
-        if stop.startswith(text[start:]):
-            return len(text) - start
-        start = text.find(stop[0], start + 1)
-    return 0
 
 
 def _position_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, rows_at: list[int],

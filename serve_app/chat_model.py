@@ -25,7 +25,8 @@ import jinja2
 from ray import serve
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from serve_app.chat_engine import ChoiceDecoder, DecodeBatch, Slot, deltas_by_slot, merge_deltas
+from serve_app.chat_engine import DecodeBatch, Slot, deltas_by_slot, merge_deltas
+from serve_app.decoding import ChoiceDecoder
 from serve_app.config import ChatModelConfig
 from serve_app.errors import APIError, InvalidRequest
 from serve_app.jobs import ChatJob, ChatResult, ChatStreamChunk, ChoiceDelta

@@ -27,7 +27,7 @@ import torch
 from serve_app.jobs import ChatJob
 
 if TYPE_CHECKING:
-    from serve_app.chat_engine import ChoiceDecoder
+    from serve_app.decoding import ChoiceDecoder
 
 
 UNIFORM_BLOCK = 64

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from serve_app.chat_engine import ChoiceDecoder
+from serve_app.decoding import ChoiceDecoder
 
 TEXTS = [
     "Hello, world! Ça va? 日本語のテキスト 🙂 emoji and more 🦦🦦 otters.",
@@ -134,7 +134,7 @@ def test_stop_string_after_an_unfinished_character_is_held_back(tokenizer):
 
 def test_held_back_tail_is_the_longest_stop_prefix_the_text_ends_with():
     """What may still become a stop string: checked against every prefix length, on random text."""
-    from serve_app.chat_engine import _stop_prefix_at_end
+    from serve_app.decoding import _stop_prefix_at_end
 
     rng = random.Random(3)
     for _ in range(5000):

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from serve_app.chat_engine import ChoiceDecoder
+from serve_app.decoding import ChoiceDecoder
 from serve_app.chat_model import ChatModel
 from serve_app.config import ChatModelConfig
 from serve_app.errors import InvalidRequest
