@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import re
-from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -261,7 +260,7 @@ class ImageModelConfig(BaseModelConfig):
         return all(self.min_side <= side <= self.max_side and side % self.size_multiple == 0
                    for side in (width, height))
 
-    @cached_property
+    @property
     def allowed_size_pairs(self) -> list[tuple[int, int]]:
         """`allowed_sizes` as (width, height); empty when any size within the bounds is allowed."""
         return [parse_size(size) for size in self.allowed_sizes or []]  # type: ignore[misc]
@@ -283,14 +282,13 @@ class RegistrationOptions(StrictModel):
 
     enabled: bool = Field(False, description="Register with the node(s) at all.")
     node_urls: list[BaseUrl] = Field(["http://127.0.0.1:7002"], min_length=1,
-                                 description="Base URLs of the communication nodes.")
+                                     description="Base URLs of the communication nodes.")
     project: str | None = Field(None, description="Project name on the node; default: the app's `project`.")
     public_base_url: BaseUrl | None = Field(
         None, description="Base URL the node calls the models at; default: the app's `public_base_url`.")
     interval_s: float = Field(60.0, gt=0, description="Re-register this often, even with no change.")
     timeout_s: float = Field(5.0, gt=0, description="Timeout of one call to a node.")
     retry_max_s: float = Field(60.0, gt=0, description="Longest back-off between retries of a failing node.")
-
 
 
 class ImageInputOptions(StrictModel):

@@ -207,7 +207,8 @@ class Ingress:
         return FileResponse(self.store.path(name), media_type=self.store.media_type(name))
 
     def _target(self, model: str, kind: str, prompt: Callable[[], str]) -> Target:
-        """The deployment serving `model` (404 unless it is a `kind` model), noted for the
+        """The deployment serving `model` (404 for an unknown model, 400 for one of another
+        kind), noted for the
         access log; with `log_prompts`, the line quotes the prompt (a chat's last message),
         JSON-escaped so it stays one line, cut at `PROMPT_LOG_CHARS`."""
         target = self.router.resolve(model, kind)

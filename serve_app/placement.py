@@ -57,7 +57,6 @@ def see_only_assigned_gpus(config: BaseModelConfig) -> None:
         logger.warning("%s is set and CUDA is already initialised in this replica: it sees every GPU, "
                        "not only its own %s", NOSET_VISIBLE_DEVICES, ids)
         return
-    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # Ray numbers GPUs as nvidia-smi does
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
 
 

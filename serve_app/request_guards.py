@@ -8,7 +8,6 @@ import time, the config only once the replica is constructed.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextvars
 import hmac

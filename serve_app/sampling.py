@@ -49,7 +49,7 @@ class Row:
     frequency: float
     counts: torch.Tensor | None = None  # occurrences of each token id so far (penalized rows; see SamplingPlan)
     bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (token ids, values) of `logit_bias`, on the CPU
-    _uniforms: list[float] = field(default_factory=list, repr=False)
+    _uniforms: list[float] = field(default_factory=list, init=False, repr=False)
 
     @property
     def penalized(self) -> bool:
@@ -165,7 +165,9 @@ def choose_tokens(rows: list[Row], logits: torch.Tensor, plan: SamplingPlan | No
     """Every row's next token ([rows], on the logits' device) from the batch's logits
     ([rows, vocab], float32, changed in place by bias and penalties). `plan` is the rows'
     `SamplingPlan` when the caller keeps one across steps."""
-    plan = plan or SamplingPlan(rows, logits.shape[-1], logits.device)
+    if plan is None:
+        plan = SamplingPlan(rows, logits.shape[-1], logits.device)
+    assert len(plan.rows) == len(rows) == logits.shape[0], "a plan is for the batch's rows as they are"
     plan.adjust(logits)
     tokens = logits.argmax(dim=-1)
     for group in plan.groups:

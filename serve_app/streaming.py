@@ -14,7 +14,6 @@ from pydantic import BaseModel
 
 from serve_app.http_errors import as_api_error, error_body
 from serve_app.jobs import ChatStreamChunk
-from serve_app.request_guards import note
 from serve_app.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -24,6 +23,7 @@ from serve_app.protocol import (
     new_id,
     now,
 )
+from serve_app.request_guards import note
 from serve_app.translate import choice_logprobs
 
 DONE = "data: [DONE]\n\n"
@@ -52,6 +52,8 @@ class ChatChunkEncoder:
                                        logprobs=choice_logprobs(delta.logprobs)))
         self.usage = Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens,
                            total_tokens=chunk.prompt_tokens + chunk.completion_tokens)
+        # The running totals, for the access log and metrics: right even if the client leaves.
+        note(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens)
         return event(self._chunk(choices))
 
     def closing(self) -> str:
@@ -81,6 +83,4 @@ async def chat_events(encoder: ChatChunkEncoder, first: ChatStreamChunk | None,
         cancel = getattr(rest, "cancel", None)
         if cancel is not None:
             cancel()  # the client left (or we are done): the model stops generating for it
-        if encoder.usage is not None:  # what was generated, even for a client that left: the access log, metrics
-            note(prompt_tokens=encoder.usage.prompt_tokens, completion_tokens=encoder.usage.completion_tokens)
     yield encoder.closing()

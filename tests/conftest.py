@@ -8,6 +8,7 @@ free port, and talks to it over HTTP like any client.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import socket
 import time
@@ -72,7 +73,16 @@ class ServeCluster:
         return self.base_url + route_prefix.rstrip("/")
 
 
+@pytest.fixture
+def serve_caplog(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> pytest.LogCaptureFixture:
+    """`caplog` that sees the "ray.serve" logger: once Serve configures it in this process it
+    stops propagating to the root logger, where pytest listens."""
+    monkeypatch.setattr(logging.getLogger("ray.serve"), "propagate", True)
+    return caplog
+
+
 METRICS_REPORT_INTERVAL_MS = 2000
+
 
 @pytest.fixture(scope="session")
 def cluster(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):

@@ -28,16 +28,16 @@ def test_an_error_crosses_pickling_whole_and_prints_its_message() -> None:
     assert str(InvalidRequest("bad n", param="n")) == "bad n"  # not the tuple of every argument
 
 
-def test_a_server_fault_is_a_generic_500_whose_reference_is_the_request_id(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_server_fault_is_a_generic_500_whose_reference_is_the_request_id(serve_caplog: pytest.LogCaptureFixture) -> None:
     token = _serve_request_context.set(_RequestContext(request_id="req-1234"))
     try:
-        with caplog.at_level(logging.ERROR, logger="ray.serve"):
+        with serve_caplog.at_level(logging.ERROR, logger="ray.serve"):
             error = as_api_error(KeyError("internal detail"))
     finally:
         _serve_request_context.reset(token)
     assert isinstance(error, ServerError) and error.status_code == 500
     assert error.message == "Internal server error (reference req-1234)." and "internal detail" not in error.message
-    [record] = [r for r in caplog.records if "req-1234" in r.getMessage()]
+    [record] = [r for r in serve_caplog.records if "req-1234" in r.getMessage()]
     assert record.exc_info and isinstance(record.exc_info[1], KeyError)  # the traceback is in the log
 
 

@@ -11,7 +11,7 @@ import pytest
 from serve_app.periodic import every, in_background
 
 
-def test_a_failed_run_is_logged_and_the_next_one_still_comes(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failed_run_is_logged_and_the_next_one_still_comes(serve_caplog: pytest.LogCaptureFixture) -> None:
     runs: list[int] = []
 
     def work() -> None:
@@ -27,9 +27,9 @@ def test_a_failed_run_is_logged_and_the_next_one_still_comes(caplog: pytest.LogC
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    with caplog.at_level(logging.ERROR, logger="ray.serve"):
+    with serve_caplog.at_level(logging.ERROR, logger="ray.serve"):
         asyncio.run(asyncio.wait_for(main(), 10))
-    [failure] = [record for record in caplog.records if "flushing failed" in record.getMessage()]
+    [failure] = [record for record in serve_caplog.records if "flushing failed" in record.getMessage()]
     assert failure.exc_info and "disk full" in str(failure.exc_info[1])
 
 

@@ -63,9 +63,9 @@ def test_a_replica_sees_only_its_gpus_when_ray_leaves_them_all_visible(monkeypat
     so the replica does, before CUDA starts; cuda:0 is then the first GPU Ray gave it."""
     from serve_app import placement
 
+    monkeypatch.delenv(placement.NOSET_VISIBLE_DEVICES, raising=False)
     monkeypatch.setattr(placement, "assigned_gpu_ids", lambda: ["10", "3"])
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7,8,9,10,11")
     placement.see_only_assigned_gpus(chat_config(deployment={"num_gpus": 2}))
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7,8,9,10,11"  # Ray narrowed it: left alone
@@ -74,4 +74,4 @@ def test_a_replica_sees_only_its_gpus_when_ray_leaves_them_all_visible(monkeypat
     placement.see_only_assigned_gpus(chat_config(deployment={"num_gpus": 0}))
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7,8,9,10,11"  # a CPU replica: nothing to narrow
     placement.see_only_assigned_gpus(chat_config(deployment={"num_gpus": 2}))
-    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,10" and os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,10"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve_app.sampling import Row, SamplingPlan, choose_tokens
+from serve_app.sampling import UNIFORM_BLOCK, Row, SamplingPlan, choose_tokens
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -30.0])
 
@@ -116,3 +116,27 @@ def test_bias_and_penalties_are_each_rows_own_with_a_plan_kept_or_not():
     assert alone == run([subject(), row(1, greedy=True), row(2, top_k=2)], keep_plan=True)
     assert alone == run([subject(), row(3, frequency=1.0), row(4, top_p=0.5)], keep_plan=False)
     assert len(set(alone)) > 1 and 6 in alone  # it sampled, and the +4 bias shows
+
+
+def test_uniforms_drawn_in_blocks_are_the_one_at_a_time_sequence():
+    """Across block boundaries (UNIFORM_BLOCK numbers each), the numbers a seed gives are those
+    of one draw per step: a seed means the same text as before blocks were drawn."""
+    blocked = row(7)
+    one_at_a_time = torch.Generator().manual_seed(7)
+    expected = [1.0 - torch.rand(1, generator=one_at_a_time, dtype=torch.float64).item()
+                for _ in range(2 * UNIFORM_BLOCK + 5)]
+    assert [blocked.uniform() for _ in expected] == expected
+
+
+def test_a_rebuilt_plan_keeps_the_counts_of_rows_that_stay():
+    """The engine rebuilds its plan when rows leave or join: a staying row keeps what it
+    generated so far (its penalty grows on), a newcomer starts from zero."""
+    staying, leaving = row(greedy=True, frequency=2.0), row(greedy=True, frequency=2.0)
+    first = SamplingPlan([staying, leaving], len(LOGITS), LOGITS.device)
+    for _ in range(2):  # each picks 0, then 1 (0 is down to 0.0)
+        choose_tokens([staying, leaving], LOGITS.repeat(2, 1), first)
+    newcomer = row(greedy=True, frequency=2.0)
+    second = SamplingPlan([newcomer, staying], len(LOGITS), LOGITS.device)
+    picked = choose_tokens([newcomer, staying], LOGITS.repeat(2, 1), second).tolist()
+    assert picked == [0, 2]  # the newcomer's first pick; the stayer's third (0 and 1 penalised)
+    assert staying.counts[:3].tolist() == [1, 1, 1] and newcomer.counts[:3].tolist() == [1, 0, 0]

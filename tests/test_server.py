@@ -494,14 +494,15 @@ def test_openai_client_raises_typed_errors(client):
         client.images.generate(model=IMAGE, prompt="x", size="13x13")
 
 
-METRICS_EXPORT_GAP_S = METRICS_REPORT_INTERVAL_MS / 1000 + 1  # two equal snapshots further apart than an export
+# Two equal snapshots this far apart: longer than a count's way out (the ingress's 1 s flush,
+# then Ray's report interval), twice over.
+METRICS_EXPORT_GAP_S = 2 * (1 + METRICS_REPORT_INTERVAL_MS / 1000)
 
 
 def test_request_counters_are_exported_to_prometheus(http):
     """serve_app's counters (summed on the ingress, handed to Ray every second) reach Ray's
     Prometheus endpoint with the model, route and status of each request."""
     import ray
-
 
     node = next(n for n in ray.nodes() if n["Alive"])
     url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"

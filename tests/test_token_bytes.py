@@ -1,4 +1,5 @@
-"""TokenBytes: the raw bytes of each token, for logprobs ``bytes`` (no Ray; tokenizers only)."""
+"""TokenBytes: the raw bytes of each token, for logprobs ``bytes`` (no Ray: tokenizers, trained
+here or the tiny default model's)."""
 from __future__ import annotations
 
 import json
