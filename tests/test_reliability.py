@@ -168,6 +168,12 @@ def _serve_logs_mentioning(marker: str) -> list[Path]:
     return [path for path in logs.glob("*.log") if marker in path.read_text(errors="replace")]
 
 
+def _access_lines(request_id: str) -> list[str]:
+    """The access log lines of one request (the ingress's; Serve's own lines name it too)."""
+    return [line for path in _serve_logs_mentioning(request_id) for line in path.read_text().splitlines()
+            if request_id in line and " access request_id=" in line]
+
+
 def test_prompts_are_logged_only_where_log_prompts_is_on(shttp, http):
     secret, quoted, request_id = uuid.uuid4().hex, uuid.uuid4().hex, uuid.uuid4().hex
     assert http.post("/v1/chat/completions", headers={"X-Request-Id": request_id}, json={
@@ -177,7 +183,7 @@ def test_prompts_are_logged_only_where_log_prompts_is_on(shttp, http):
     assert wait_for(lambda: _serve_logs_mentioning(quoted), timeout=10)
     line = next(line for path in _serve_logs_mentioning(quoted) for line in path.read_text().splitlines() if quoted in line)
     assert "access request_id=" in line and f'prompt="say \\"{quoted}\\"\\nplease"' in line, line
-    assert wait_for(lambda: _serve_logs_mentioning(request_id), timeout=10)  # its access line is written
+    assert wait_for(lambda: _access_lines(request_id), timeout=10)  # its access line is written
     assert not _serve_logs_mentioning(secret)  # the default application keeps prompts out of its logs
 
 
@@ -188,9 +194,8 @@ def test_a_streamed_completion_counts_its_tokens_in_the_access_log(shttp):
         events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
     assert response.status_code == 200 and events[-1] == "[DONE]"
     usage = json.loads(events[-2])["usage"]
-    assert wait_for(lambda: _serve_logs_mentioning(request_id), timeout=10)
-    [line] = [line for path in _serve_logs_mentioning(request_id) for line in path.read_text().splitlines()
-              if request_id in line and "access " in line]
+    assert wait_for(lambda: _access_lines(request_id), timeout=10)  # the model replica's lines may come first
+    [line] = _access_lines(request_id)
     assert (f"prompt_tokens={usage['prompt_tokens']} completion_tokens={usage['completion_tokens']}" in line
             and usage["completion_tokens"] > 0), line
 
@@ -202,7 +207,7 @@ def test_a_client_mistake_found_by_a_model_is_not_logged_as_a_server_error(http)
     answer = http.post("/v1/chat/completions", headers={"X-Request-Id": request_id},
                        json={**SEED_CHAT, "max_tokens": 2, "logit_bias": {"99999999": 5}})
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "logit_bias"
-    assert wait_for(lambda: _serve_logs_mentioning(request_id), timeout=10)  # the access line: logs flushed
+    assert wait_for(lambda: _access_lines(request_id), timeout=10)  # the ingress's log is flushed
     time.sleep(1.5)  # a model replica's buffer too (an ERROR would have been written at once anyway)
     lines = [line for path in _serve_logs_mentioning(request_id) for line in path.read_text().splitlines()
              if request_id in line]
