@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from types import SimpleNamespace
 
 import httpx
@@ -10,6 +11,7 @@ from ray.serve._private.common import DeploymentStatus, ReplicaState
 
 from serve_app.catalog import LiveCatalog
 from serve_app.config import AppConfig
+from serve_app.ingress import Ingress
 from tests.conftest import default_args
 
 
@@ -87,3 +89,21 @@ def test_deployments_without_a_running_replica_are_not_listed():
     live = asyncio.run(catalog.live_models())
     assert [m.config.name for m in live] == [image.name] and live[0].created == 1700000000
     assert asyncio.run(LiveCatalog(config, "other-app", status=lambda: starting).live_models()) == []
+
+
+def test_ready_is_503_naming_the_models_without_a_live_replica():
+    """`/ready` (a load balancer's readiness probe) as the ingress answers it, on Serve's
+    status with the image model still starting, then with both running."""
+    config = AppConfig.model_validate(default_args())
+    chat, image = config.models
+    status = _status("app", {chat.deployment_name: (DeploymentStatus.HEALTHY, {ReplicaState.RUNNING: 1}),
+                             image.deployment_name: (DeploymentStatus.UPDATING, {ReplicaState.STARTING: 1})})
+    ingress = SimpleNamespace(config=config, catalog=LiveCatalog(config, "app", status=lambda: status))
+    starting = asyncio.run(Ingress.func_or_class.ready(ingress))
+    assert starting.status_code == 503 and json.loads(starting.body) == {"ready": False, "missing": [image.name]}
+
+    status = _status("app", {model.deployment_name: (DeploymentStatus.HEALTHY, {ReplicaState.RUNNING: 1})
+                             for model in config.models})
+    ingress.catalog = LiveCatalog(config, "app", status=lambda: status)
+    ready = asyncio.run(Ingress.func_or_class.ready(ingress))
+    assert ready.status_code == 200 and json.loads(ready.body) == {"ready": True, "missing": []}
