@@ -344,10 +344,17 @@ class ImageEditRequest(ImageGenerationRequest):
     strength: Annotated[float | None, Blankable] = Field(None, gt=0, le=1)
 
 
+def _omitted_when_null() -> Any:
+    return Field(None, exclude_if=lambda value: value is None)
+
+
 class ImageData(WireModel):
-    url: str | None = None
-    b64_json: str | None = None
-    revised_prompt: str | None = None
+    """One image, as the standard's example and OpenAI show it: `{"url": ...}` or
+    `{"b64_json": ...}`, without the other fields as nulls."""
+
+    url: str | None = _omitted_when_null()
+    b64_json: str | None = _omitted_when_null()
+    revised_prompt: str | None = _omitted_when_null()
 
 
 class ImagesResponse(Success):

@@ -235,7 +235,7 @@ def test_image_seed_example_returns_fetchable_png(http):
         "model": IMAGE, "prompt": "A cute baby sea otter", "n": 2, "size": "128x96"}))
     assert len(body["data"]) == 2
     for item in body["data"]:
-        assert item["url"].startswith("http://")
+        assert list(item) == ["url"] and item["url"].startswith("http://")  # as the standard shows it, no nulls
         fetched = http.get(item["url"])
         assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
         assert png_of(fetched.content).size == (128, 96)
