@@ -81,7 +81,7 @@ def serve_caplog(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPat
     return caplog
 
 
-METRICS_REPORT_INTERVAL_MS = 2000
+METRICS_REPORT_INTERVAL_MS = 1000  # Ray's floor
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +92,7 @@ def cluster(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
     # Replica logs buffered as under RAY_SERVE_THROUGHPUT_OPTIMIZED (the default launch's), so
     # the tests read them as an operator would: written by the replicas' periodic flush.
-    # Metrics exported every 2 s rather than 10: the metrics test waits for them to settle.
+    # Metrics exported every second rather than every 10: the metrics test waits for them to settle.
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              _system_config={"metrics_report_interval_ms": METRICS_REPORT_INTERVAL_MS},
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
