@@ -3,9 +3,11 @@
 Built from what Ray Serve reports right now, not from the static config: a
 model whose deployment is gone, failed or has no running replica is not
 listed, so a node never forwards traffic to a model that cannot answer.
-`serve.status()` is a blocking call to the Serve controller, so it runs on a
-thread, and its answer is cached for `catalog_ttl_s`; concurrent callers
-share one refresh.
+Whether a model is scaled to zero on purpose comes from the scaling options in
+force, which an operator may have changed under the Serve config's
+`deployments:` without touching this app's args. Reading Serve's state is a
+blocking call to the Serve controller, so it runs on a thread, and its answer
+is cached for `catalog_ttl_s`; concurrent callers share one refresh.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ray import serve
+from ray.serve.context import _get_global_client
 from ray.serve.handle import DeploymentHandle
-from ray.serve.schema import DeploymentStatus, ReplicaState, ServeStatus
+from ray.serve.schema import DeploymentDetails, DeploymentStatus, ReplicaState, ServeInstanceDetails
 
 from serve_app.config import AppConfig, ChatModelConfig, ImageModelConfig
 from serve_app.errors import InvalidRequest, model_not_found
@@ -39,9 +41,23 @@ class LiveModel:
     scaled_to_zero: bool = False
 
 
+def serve_details() -> ServeInstanceDetails:
+    """Serve's state as `serve.status()` reads it, before it drops each deployment's
+    applied config (the scaling options in force, overrides included)."""
+    return ServeInstanceDetails(**_get_global_client().get_serve_details())
+
+
+def _min_replicas(deployment: DeploymentDetails) -> int | None:
+    """The autoscaling lower bound in force, or None for a fixed replica count."""
+    autoscaling = deployment.deployment_config.autoscaling_config
+    if isinstance(autoscaling, dict):
+        return autoscaling.get("min_replicas")
+    return getattr(autoscaling, "min_replicas", None)
+
+
 class LiveCatalog:
     def __init__(self, config: AppConfig, app_name: str,
-                 status: Callable[[], ServeStatus] = serve.status) -> None:
+                 status: Callable[[], ServeInstanceDetails] = serve_details) -> None:
         self.config = config
         self.app_name = app_name
         self._status = status
@@ -66,7 +82,7 @@ class LiveCatalog:
             self._live = self._from_status(status)
         self._fetched_at = time.monotonic()  # after a failure too: ask an absent controller once per TTL
 
-    def _from_status(self, status: ServeStatus) -> list[LiveModel]:
+    def _from_status(self, status: ServeInstanceDetails) -> list[LiveModel]:
         app = status.applications.get(self.app_name)
         if app is None:
             return []
@@ -77,10 +93,8 @@ class LiveCatalog:
                 continue
             # A running replica serves whatever the deployment's status: Serve calls a deployment
             # UNHEALTHY from one failed replica until its replacement is up, however many still run.
-            running = deployment.replica_states.get(ReplicaState.RUNNING, 0)
-            autoscaling = model.deployment.autoscaling_config
-            scaled_to_zero = (running == 0 and autoscaling is not None and autoscaling.min_replicas == 0
-                              and deployment.status not in _DOWN)
+            running = sum(replica.state == ReplicaState.RUNNING for replica in deployment.replicas)
+            scaled_to_zero = running == 0 and _min_replicas(deployment) == 0 and deployment.status not in _DOWN
             if running > 0 or scaled_to_zero:  # a scaled-to-zero model wakes on its first request
                 live.append(LiveModel(config=model, created=int(app.last_deployed_time_s),
                                       scaled_to_zero=scaled_to_zero))

@@ -15,11 +15,12 @@ from serve_app.ingress import Ingress
 from tests.conftest import default_args
 
 
-def _two_chat_models(cluster, prefix: str, names: list[str]) -> dict:
+def _echo_models(cluster, prefix: str, names: list[str]) -> dict:
+    """Chat models without weights (`engine: echo`): the catalog does not care what answers,
+    and they redeploy in moments."""
     args = cluster.args(route_prefix=prefix)
-    chat = next(m for m in args["models"] if m["kind"] == "chat")
-    chat["deployment"]["num_cpus"] = 0.25
-    args["models"] = [{**chat, "name": name} for name in names]  # two models may share a path
+    args["models"] = [{"name": name, "kind": "chat", "engine": "echo", "path": "echo",
+                       "deployment": {"num_cpus": 0.05}} for name in names]
     return args
 
 
@@ -27,12 +28,12 @@ def test_removed_model_is_unlisted_and_404(cluster):
     from ray import serve
 
     try:
-        base = cluster.deploy(_two_chat_models(cluster, "/catalog", ["chat-a", "chat-b"]), name="catalog_app",
+        base = cluster.deploy(_echo_models(cluster, "/catalog", ["chat-a", "chat-b"]), name="catalog_app",
                               route_prefix="/catalog")
         with httpx.Client(base_url=base, timeout=60) as http:
             listed = {m["model"] for m in http.get("/v1/models").json()["data"]}
             assert listed == {"chat-a", "chat-b"}
-            cluster.deploy(_two_chat_models(cluster, "/catalog", ["chat-a"]), name="catalog_app",
+            cluster.deploy(_echo_models(cluster, "/catalog", ["chat-a"]), name="catalog_app",
                            route_prefix="/catalog")
             assert {m["model"] for m in http.get("/v1/models").json()["data"]} == {"chat-a"}
             gone = http.post("/v1/chat/completions",
@@ -45,10 +46,14 @@ def test_removed_model_is_unlisted_and_404(cluster):
         serve.delete("catalog_app")
 
 
-def _status(app_name: str, deployments: dict) -> SimpleNamespace:
-    overview = {name: SimpleNamespace(status=status, replica_states=replicas)
-                for name, (status, replicas) in deployments.items()}
-    app = SimpleNamespace(deployments=overview, last_deployed_time_s=1700000000.5)
+def _status(app_name: str, deployments: dict, autoscaling: dict | None = None) -> SimpleNamespace:
+    """Serve's details as the controller reports them: per deployment its status, its
+    replicas' states and its applied config (`autoscaling` for every deployment)."""
+    details = {name: SimpleNamespace(
+        status=status, deployment_config=SimpleNamespace(autoscaling_config=autoscaling),
+        replicas=[SimpleNamespace(state=state) for state, count in replicas.items() for _ in range(count)])
+        for name, (status, replicas) in deployments.items()}
+    app = SimpleNamespace(deployments=details, last_deployed_time_s=1700000000.5)
     return SimpleNamespace(applications={app_name: app})
 
 
@@ -72,14 +77,17 @@ def test_deployments_without_a_running_replica_are_not_listed():
     live = asyncio.run(LiveCatalog(config, "app", status=lambda: degraded).live_models())
     assert [(m.config.name, m.scaled_to_zero) for m in live] == [(image.name, False)]
 
-    args = default_args()
-    args["models"][0]["deployment"] = {"autoscaling_config": {"min_replicas": 0, "max_replicas": 2}, "num_cpus": 0.5}
-    zero = AppConfig.model_validate(args)
-    idle = _status("app", {chat.deployment_name: (DeploymentStatus.HEALTHY, {})})
-    failed = _status("app", {chat.deployment_name: (DeploymentStatus.DEPLOY_FAILED, {})})
+    # Scaled to zero on purpose: the autoscaling config in force, which the Serve config's
+    # `deployments:` may set without the app's args saying so, allows zero replicas.
+    zero = {"min_replicas": 0, "max_replicas": 2}
+    idle = _status("app", {chat.deployment_name: (DeploymentStatus.HEALTHY, {})}, autoscaling=zero)
+    failed = _status("app", {chat.deployment_name: (DeploymentStatus.DEPLOY_FAILED, {})}, autoscaling=zero)
+    fixed = _status("app", {chat.deployment_name: (DeploymentStatus.HEALTHY, {})},
+                    autoscaling={"min_replicas": 1, "max_replicas": 2})
     assert [(m.config.name, m.scaled_to_zero) for m in asyncio.run(
-        LiveCatalog(zero, "app", status=lambda: idle).live_models())] == [(chat.name, True)]
-    assert asyncio.run(LiveCatalog(zero, "app", status=lambda: failed).live_models()) == []
+        LiveCatalog(config, "app", status=lambda: idle).live_models())] == [(chat.name, True)]
+    assert asyncio.run(LiveCatalog(config, "app", status=lambda: failed).live_models()) == []
+    assert asyncio.run(LiveCatalog(config, "app", status=lambda: fixed).live_models()) == []
 
     starting = _status("app", {
         chat.deployment_name: (DeploymentStatus.UPDATING, {ReplicaState.STARTING: 1}),

@@ -434,7 +434,9 @@ class LocalCluster:
         return result
 
     # -- configs
-    def config(self, models: list[dict[str, Any]]) -> dict[str, Any]:
+    def config(self, models: list[dict[str, Any]], overrides: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """A Serve config of these models; `overrides` is its `deployments:` list (Serve's own
+        per-deployment options, applied on top of what the app's args say)."""
         return {
             "proxy_location": "EveryNode",
             "http_options": {"host": "127.0.0.1", "port": self.http_port},
@@ -451,12 +453,13 @@ class LocalCluster:
                     "ingress": {"num_replicas": 1, "num_cpus": 0.1},
                     "models": models,
                 },
+                **({"deployments": overrides} if overrides else {}),
             }],
         }
 
-    def deploy(self, models: list[dict[str, Any]]) -> None:
+    def deploy(self, models: list[dict[str, Any]], overrides: list[dict[str, Any]] | None = None) -> None:
         """`local_cluster.sh deploy` of a config with these models (skipped if it is live already)."""
-        config = self.config(models)
+        config = self.config(models, overrides)
         if config == self.deployed:
             return
         self._count += 1
@@ -520,16 +523,19 @@ def image_model(name: str = "image-b", node: str = "node_b") -> dict[str, Any]:
 
 
 BASE = [chat_model(num_replicas=1), image_model()]
-SCALED = [chat_model(num_replicas=2), image_model()]
-# image-b removed; chat-a autoscales 1..3; chat-zero starts with no replica at all.
+# Scaled as the README says, in Serve's `deployments:`: a change there restarts no replica.
+SCALED_UP = [{"name": "model_chat-a", "num_replicas": 2}]
+# image-b removed; chat-a autoscales 1..3; chat-zero starts with no replica at all, by an
+# override its args do not know of (they say one replica).
 AUTOSCALED = [
     chat_model(max_ongoing_requests=2, autoscaling_config={
         "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
         "upscale_delay_s": 1, "downscale_delay_s": 3}),
-    chat_model("chat-zero", node="node_b", autoscaling_config={
-        "min_replicas": 0, "max_replicas": 1, "target_ongoing_requests": 1,
-        "upscale_delay_s": 0, "downscale_delay_s": 600}),
+    chat_model("chat-zero", node="node_b"),
 ]
+TO_ZERO = [{"name": "model_chat-zero", "autoscaling_config": {
+    "min_replicas": 0, "max_replicas": 1, "target_ongoing_requests": 1,
+    "upscale_delay_s": 0, "downscale_delay_s": 600}}]
 
 
 def chat(client: httpx.Client, model: str, max_tokens: int = 4) -> httpx.Response:
@@ -595,25 +601,34 @@ def test_replicas_land_on_the_raylets_their_resources_name(local_cluster: LocalC
             assert fetched.status_code == 200 and fetched.content.startswith(b"\x89PNG")
 
 
-def test_more_replicas_by_redeploy_without_failing_requests(local_cluster: LocalCluster):
+def test_more_replicas_by_redeploy_without_restarts_or_failing_requests(local_cluster: LocalCluster):
     local_cluster.deploy(BASE)
     node_a = local_cluster.node_with("node_a")
+
+    def replica_ids(deployment: str) -> set[str]:
+        replicas = local_cluster.details()["applications"][APP]["deployments"][deployment]["replicas"]
+        return {r["replica_id"] for r in replicas if r["state"] == "RUNNING"}
+
+    before = {name: replica_ids(name) for name in ("model_chat-a", "model_image-b", "ingress")}
     with RequestStream(local_cluster.base_url, "chat-a") as stream:
         assert wait_for(lambda: stream.ok >= 4, timeout=60)
-        local_cluster.deploy(SCALED)  # waits until the application is RUNNING again
+        local_cluster.deploy(BASE, SCALED_UP)  # waits until the application is RUNNING again
         assert wait_for(lambda: len(local_cluster.replicas("chat-a")) == 2, timeout=60)
         served = stream.ok
         assert wait_for(lambda: stream.ok >= served + 6, timeout=60)
     assert stream.failures == [], stream.failures[:5]
     assert [r["node_id"] for r in local_cluster.replicas("chat-a")] == [node_a, node_a]
-    assert len(local_cluster.replicas("image-b")) == 1
+    # Only the one replica was added: every replica that ran before runs on, its model loaded.
+    assert replica_ids("model_chat-a") > before["model_chat-a"]
+    assert replica_ids("model_image-b") == before["model_image-b"]
+    assert replica_ids("ingress") == before["ingress"]
 
 
 def test_removed_model_is_unlisted_and_404_while_the_other_serves(local_cluster: LocalCluster):
-    local_cluster.deploy(SCALED)
+    local_cluster.deploy(BASE, SCALED_UP)
     with RequestStream(local_cluster.base_url, "chat-a") as stream:
         assert wait_for(lambda: stream.ok >= 4, timeout=60)
-        local_cluster.deploy(AUTOSCALED)
+        local_cluster.deploy(AUTOSCALED, TO_ZERO)
         assert wait_for(lambda: "image-b" not in local_cluster.listed(), timeout=30)
         served = stream.ok
         assert wait_for(lambda: stream.ok >= served + 6, timeout=60)
@@ -626,7 +641,7 @@ def test_removed_model_is_unlisted_and_404_while_the_other_serves(local_cluster:
 
 
 def test_autoscaling_up_under_load_and_back_down(local_cluster: LocalCluster):
-    local_cluster.deploy(AUTOSCALED)
+    local_cluster.deploy(AUTOSCALED, TO_ZERO)
     assert wait_for(lambda: len(local_cluster.replicas("chat-a")) == 1, timeout=120)
     peak = 0
     started = time.monotonic()
@@ -647,7 +662,7 @@ def test_autoscaling_up_under_load_and_back_down(local_cluster: LocalCluster):
 
 
 def test_scaled_to_zero_model_is_listed_and_serves_its_first_request(local_cluster: LocalCluster):
-    local_cluster.deploy(AUTOSCALED)
+    local_cluster.deploy(AUTOSCALED, TO_ZERO)
     assert local_cluster.replicas("chat-zero") == []
     assert wait_for(lambda: local_cluster.listed().get("chat-zero", {}).get("scaled_to_zero") is True,
                     timeout=30)
