@@ -8,6 +8,9 @@ resources and scaling of its config; the ingress gets their handles.
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 from ray.serve import Application
 
 from serve_app.config import AppConfig, ChatModelConfig, ImageModelConfig
@@ -15,6 +18,24 @@ from serve_app.ingress import Ingress
 from serve_app.registration import registrar_deployment
 
 INGRESS_NAME = "ingress"
+# Under RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (the default launch) the ingress and the model replicas
+# talk gRPC, which caps a message at 4 MiB unless this says otherwise: one edit upload or a
+# few PNGs are more. What bounds a request is the ingress's body limit, so this one is set
+# as high as gRPC allows (Ray's own gRPC servers default to the same); the environment may
+# still set it.
+GRPC_MESSAGE_LIMIT_ENV = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
+GRPC_MESSAGE_LIMIT = 2**31 - 1
+
+
+def _with_replica_env(actor_options: dict[str, Any]) -> dict[str, Any]:
+    """`ray_actor_options` plus the environment every replica that handles payloads needs
+    (Serve merges these variables with the application's and the job's)."""
+    runtime_env = dict(actor_options.get("runtime_env") or {})
+    runtime_env["env_vars"] = {
+        GRPC_MESSAGE_LIMIT_ENV: os.environ.get(GRPC_MESSAGE_LIMIT_ENV, str(GRPC_MESSAGE_LIMIT)),
+        **(runtime_env.get("env_vars") or {}),
+    }
+    return {**actor_options, "runtime_env": runtime_env}
 
 
 def _model_deployment(model: ChatModelConfig | ImageModelConfig):
@@ -37,16 +58,15 @@ def build_app(args: AppConfig) -> Application:
     (when registration is enabled) the one registrar that announces them to nodes."""
     if not isinstance(args, AppConfig):  # called directly from Python with a dict
         args = AppConfig.model_validate(args)
-    models = {
-        model.name: _model_deployment(model)
-        .options(name=model.deployment_name, **model.deployment.serve_options())
-        .bind(model)
-        for model in args.models
-    }
+    models = {}
+    for model in args.models:
+        options = model.deployment.serve_options()
+        options["ray_actor_options"] = _with_replica_env(options["ray_actor_options"])
+        models[model.name] = _model_deployment(model).options(name=model.deployment_name, **options).bind(model)
     ingress = args.ingress
     return Ingress.options(
         name=INGRESS_NAME,
         num_replicas=ingress.num_replicas,
         max_ongoing_requests=ingress.max_ongoing_requests,
-        ray_actor_options={"num_cpus": ingress.num_cpus},
+        ray_actor_options=_with_replica_env({"num_cpus": ingress.num_cpus}),
     ).bind(args, models, registrar_deployment(args))

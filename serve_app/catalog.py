@@ -31,6 +31,7 @@ ROUTES = {
     "chat": ["/v1/chat/completions"],
     "image": ["/v1/images/generations", "/v1/images/edits"],
 }
+KIND_NAMES = {"chat": "a chat model", "image": "an image model"}
 _DOWN = {DeploymentStatus.UNHEALTHY, DeploymentStatus.DEPLOY_FAILED}
 
 
@@ -142,6 +143,6 @@ class ModelRouter:
             raise model_not_found(name)
         if target.config.kind != kind:
             raise InvalidRequest(
-                f"The model {name!r} is a {target.config.kind} model; call "
+                f"The model {name!r} is {KIND_NAMES[target.config.kind]}; call "
                 f"{ROUTES[target.config.kind][0]} for it.", param="model", code="wrong_model_kind")
         return target

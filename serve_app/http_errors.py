@@ -127,6 +127,8 @@ def http_error(exc: StarletteHTTPException) -> APIError:
                                 headers={"Allow": allowed} if allowed else None)
     if exc.status_code == 413:
         return PayloadTooLarge(str(exc.detail), code="body_too_large")
+    if exc.status_code == 400:  # FastAPI's for a body its JSON parser gave up on (not UTF-8, absurd nesting)
+        return InvalidRequest("The request body is not valid JSON.", code="invalid_json")
     error = APIError(str(exc.detail) if exc.detail else status_phrase(exc.status_code))
     error.status_code = exc.status_code
     return error

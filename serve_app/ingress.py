@@ -95,7 +95,7 @@ async def _read_form(request: Request) -> tuple[dict[str, Any], dict[str, bytes]
 async def _json_body(request: Request) -> Any:
     try:
         return json.loads(await request.body() or b"null")
-    except ValueError:  # JSONDecodeError and undecodable bytes alike
+    except (ValueError, RecursionError):  # JSONDecodeError, undecodable bytes, absurd nesting
         raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
 
 

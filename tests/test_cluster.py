@@ -601,6 +601,33 @@ def test_replicas_land_on_the_raylets_their_resources_name(local_cluster: LocalC
             assert fetched.status_code == 200 and fetched.content.startswith(b"\x89PNG")
 
 
+def test_image_payloads_over_grpcs_default_4_mib_cross_between_replicas(local_cluster: LocalCluster):
+    """The cluster runs the default launch's throughput-optimized Serve, where the ingress and
+    the model replicas talk gRPC, whose default cap is 4 MiB a message: an edit's upload and
+    a few PNGs are bigger than that, in each direction."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    local_cluster.deploy(BASE)
+    noise = np.random.default_rng(0).integers(0, 256, (1400, 1400, 3), dtype=np.uint8)
+    upload = io.BytesIO()
+    Image.fromarray(noise).save(upload, "PNG")
+    assert upload.tell() > 5 * 2**20
+    with httpx.Client(base_url=local_cluster.base_url, timeout=180) as http:
+        edit = http.post("/v1/images/edits", data={"model": "image-b", "prompt": "an otter"},
+                         files={"image": ("big.png", upload.getvalue(), "image/png")})
+        assert edit.status_code == 200, edit.text[:500]
+        # 4 PNGs of 768x768 (random weights draw noise, which does not compress): over 6 MiB back.
+        drawn = http.post("/v1/images/generations", json={
+            "model": "image-b", "prompt": "an otter", "n": 4, "size": "768x768", "response_format": "b64_json"})
+        assert drawn.status_code == 200, drawn.text[:500]
+        images = [base64.b64decode(item["b64_json"]) for item in drawn.json()["data"]]
+        assert len(images) == 4 and sum(map(len, images)) > 4 * 2**20
+
+
 def test_more_replicas_by_redeploy_without_restarts_or_failing_requests(local_cluster: LocalCluster):
     local_cluster.deploy(BASE)
     node_a = local_cluster.node_with("node_a")
@@ -674,3 +701,4 @@ def test_scaled_to_zero_model_is_listed_and_serves_its_first_request(local_clust
     assert len(local_cluster.replicas("chat-zero")) == 1
     assert wait_for(lambda: local_cluster.listed().get("chat-zero", {}).get("scaled_to_zero") is False,
                     timeout=30)
+

@@ -464,6 +464,24 @@ def test_bad_requests_get_the_error_envelope(http, method, path, kwargs, status,
         assert body["error"]["param"] == param
 
 
+@pytest.mark.parametrize("body", [b'{"model": "x",', b'{"model": "\xff\xfe"}', b"[" * 100_000 + b"]" * 100_000],
+                         ids=["cut", "not-utf8", "nested-100000"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/images/generations", "/v1/images/edits"])
+def test_a_body_that_is_not_json_is_400_invalid_json_on_every_route(http, path, body):
+    response = http.post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_json" and error["message"] == "The request body is not valid JSON."
+
+
+def test_a_model_called_on_the_other_kinds_route_is_told_where_to_go(http):
+    image_as_chat = http.post("/v1/chat/completions", json={**SEED_CHAT, "model": IMAGE}).json()["error"]
+    chat_as_image = http.post("/v1/images/generations", json={"model": CHAT, "prompt": "x"}).json()["error"]
+    assert image_as_chat["code"] == chat_as_image["code"] == "wrong_model_kind"
+    assert image_as_chat["message"] == f"The model '{IMAGE}' is an image model; call /v1/images/generations for it."
+    assert chat_as_image["message"] == f"The model '{CHAT}' is a chat model; call /v1/chat/completions for it."
+
+
 def test_a_wrong_method_is_told_which_ones_the_route_takes(http):
     response = http.get("/v1/chat/completions")
     assert response.status_code == 405 and response.headers["allow"] == "POST"
