@@ -260,9 +260,16 @@ class ChatCompletionResponse(Success):
     system_fingerprint: str | None = None
 
 
+def _omitted_when_null() -> Any:
+    return Field(None, exclude_if=lambda value: value is None)
+
+
 class DeltaMessage(WireModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
+    """What a chunk adds to a choice; as OpenAI sends it, the role only in a choice's first
+    delta and no content in its last (`{}` with the finish_reason)."""
+
+    role: Literal["assistant"] | None = _omitted_when_null()
+    content: str | None = _omitted_when_null()
 
 
 class ChunkChoice(WireModel):
@@ -342,10 +349,6 @@ class ImageEditRequest(ImageGenerationRequest):
     image: str | None = None
     mask: str | None = None
     strength: Annotated[float | None, Blankable] = Field(None, gt=0, le=1)
-
-
-def _omitted_when_null() -> Any:
-    return Field(None, exclude_if=lambda value: value is None)
 
 
 class ImageData(WireModel):

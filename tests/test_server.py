@@ -218,7 +218,13 @@ def test_streaming_raw_sse_format(http):
         events = [line for line in r.iter_lines() if line]
     assert all(line.startswith("data: ") for line in events)
     assert events[-1] == "data: [DONE]"
-    assert {c["index"] for line in events[:-1] for c in __import__("json").loads(line[6:])["choices"]} == {0, 1}
+    choices = [c for line in events[:-1] for c in json.loads(line[6:])["choices"]]
+    assert {c["index"] for c in choices} == {0, 1}
+    # As OpenAI sends them: the role in each choice's first delta only, no null fields.
+    for index in (0, 1):
+        deltas = [c["delta"] for c in choices if c["index"] == index]
+        assert deltas[0]["role"] == "assistant" and all("role" not in d for d in deltas[1:])
+        assert all(None not in d.values() for d in deltas)
 
 
 def test_streaming_error_before_start_is_plain_json(http):
