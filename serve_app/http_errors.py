@@ -118,6 +118,11 @@ def validation_error(exc: RequestValidationError | ValidationError) -> InvalidRe
     return InvalidRequest(f"{param}: {message}" if param else message, param=param)
 
 
+# FastAPI's detail for a JSON body its parser gave up on other than by a JSONDecodeError (not
+# UTF-8, nesting past the recursion limit); Starlette's multipart 400s keep their own words.
+FASTAPI_UNPARSED_BODY = "There was an error parsing the body"
+
+
 def http_error(exc: StarletteHTTPException) -> APIError:
     if exc.status_code == 404:
         return NotFound("No such route.", code="route_not_found")
@@ -127,7 +132,7 @@ def http_error(exc: StarletteHTTPException) -> APIError:
                                 headers={"Allow": allowed} if allowed else None)
     if exc.status_code == 413:
         return PayloadTooLarge(str(exc.detail), code="body_too_large")
-    if exc.status_code == 400:  # FastAPI's for a body its JSON parser gave up on (not UTF-8, absurd nesting)
+    if exc.status_code == 400 and exc.detail == FASTAPI_UNPARSED_BODY:
         return InvalidRequest("The request body is not valid JSON.", code="invalid_json")
     error = APIError(str(exc.detail) if exc.detail else status_phrase(exc.status_code))
     error.status_code = exc.status_code

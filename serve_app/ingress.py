@@ -76,12 +76,15 @@ EDIT_BODY = _edit_body_schema()
 
 
 # Defined before the class: `@serve.ingress` snapshots the module's globals when it runs.
-async def _read_form(request: Request) -> tuple[dict[str, Any], dict[str, bytes]]:
+async def _read_form(request: Request, max_field_bytes: int) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Split a multipart form into plain fields and uploaded files (first file per name).
-    A file field left empty (a browser form sends one when no file was chosen) is no upload."""
+    A file field left empty (a browser form sends one when no file was chosen) is no upload.
+    A text field may be as large as the body may (Starlette's default is 1 MiB): it may
+    carry the image as a data: URL."""
     fields: dict[str, Any] = {}
     files: dict[str, bytes] = {}
-    async with request.form() as form:  # closes the uploads' spooled temporary files at once
+    # `async with` closes the uploads' spooled temporary files at once.
+    async with request.form(max_part_size=max_field_bytes) as form:
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 data = await value.read()
@@ -269,7 +272,7 @@ class Ingress:
         """An edit as JSON (image URLs) or multipart (uploaded files): its model resolved before any
         image is fetched, its images checked before any model work."""
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            fields, files = await _read_form(request)
+            fields, files = await _read_form(request, self.config.max_body_bytes)
             body = ImageEditRequest.model_validate(fields)
             target = self._target(body.model, "image", lambda: body.prompt)
             upload = files.pop("image", None) or files.pop("image[]", None)

@@ -266,7 +266,7 @@ def _omitted_when_null() -> Any:
 
 class DeltaMessage(WireModel):
     """What a chunk adds to a choice; as OpenAI sends it, the role only in a choice's first
-    delta and no content in its last (`{}` with the finish_reason)."""
+    delta, and no null fields."""
 
     role: Literal["assistant"] | None = _omitted_when_null()
     content: str | None = _omitted_when_null()

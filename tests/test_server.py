@@ -320,16 +320,33 @@ def test_edit_json_with_http_url(http):
     assert png_of(http.get(body["data"][0]["url"]).content).size == (64, 64)
 
 
+def post_form(http, fields: dict[str, str], extra_parts: str = "") -> httpx.Response:
+    """An edit as a browser form: text fields written out by hand (httpx sends no form
+    without a file), then any parts given as they are."""
+    form = "".join(f'--b0undary\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+                   for name, value in fields.items()) + extra_parts + "--b0undary--\r\n"
+    return http.post("/v1/images/edits", content=form.encode(),
+                     headers={"content-type": "multipart/form-data; boundary=b0undary"})
+
+
 def test_multipart_edit_may_name_its_image_by_url(http):
     made = assert_success(http.post("/v1/images/generations", json={"model": IMAGE, "prompt": "x", "size": "64x64"}))
     # As a browser form sends it: the URL in a text field, and a file field left empty (filename="").
     fields = {"model": IMAGE, "prompt": "beret", "image": made["data"][0]["url"], "size": "64x64"}
-    form = "".join(f'--b0undary\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
-                   for name, value in fields.items())
-    form += ('--b0undary\r\nContent-Disposition: form-data; name="mask"; filename=""\r\n'
-             'Content-Type: application/octet-stream\r\n\r\n\r\n--b0undary--\r\n')
-    body = assert_success(http.post("/v1/images/edits", content=form.encode(),
-                                    headers={"content-type": "multipart/form-data; boundary=b0undary"}))
+    empty_file = ('--b0undary\r\nContent-Disposition: form-data; name="mask"; filename=""\r\n'
+                  'Content-Type: application/octet-stream\r\n\r\n\r\n')
+    body = assert_success(post_form(http, fields, empty_file))
+    assert png_of(http.get(body["data"][0]["url"]).content).size == (64, 64)
+
+
+def test_multipart_edit_may_carry_its_image_as_a_data_url_over_a_mebibyte(http):
+    noise = np.random.default_rng(1).integers(0, 256, (700, 700, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "PNG")
+    image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    assert len(image) > 2**20  # past Starlette's default cap on a form's text field
+    fields = {"model": IMAGE, "prompt": "beret", "image": image, "size": "64x64"}
+    body = assert_success(post_form(http, fields))
     assert png_of(http.get(body["data"][0]["url"]).content).size == (64, 64)
 
 
@@ -478,6 +495,12 @@ def test_a_body_that_is_not_json_is_400_invalid_json_on_every_route(http, path, 
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["code"] == "invalid_json" and error["message"] == "The request body is not valid JSON."
+
+
+def test_a_broken_multipart_form_is_told_what_is_wrong_with_it(http):
+    response = http.post("/v1/images/edits", content=b"--x\r\n", headers={"content-type": "multipart/form-data"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"] == "Missing boundary in multipart."
 
 
 def test_a_model_called_on_the_other_kinds_route_is_told_where_to_go(http):
