@@ -144,6 +144,14 @@ def dump(data: Any) -> str:
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
 
 
+def _env_var(name: str, value: Any) -> dict[str, Any]:
+    """A container env entry: a plain value, or a mapping taken as Kubernetes' `valueFrom`
+    (`{secretKeyRef: {name: hf-token, key: token}}`), so a token stays in a Secret."""
+    if isinstance(value, dict):
+        return {"name": name, "valueFrom": value}
+    return {"name": name, "value": str(value)}
+
+
 def _container(name: str, image: str, cpu: str, memory: str, gpus: int = 0,
                ports: list[dict[str, Any]] | None = None,
                env: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -161,7 +169,7 @@ def _container(name: str, image: str, cpu: str, memory: str, gpus: int = 0,
             {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
             # overrides.yaml `kuberay.env`: Serve's fast serving path (as scripts/serve.sh);
             # Serve reads it at import in every controller, proxy and replica process.
-            *({"name": key, "value": str(value)} for key, value in (env or {}).items()),
+            *(_env_var(key, value) for key, value in (env or {}).items()),
         ],
         "ports": ports or [],
         "resources": {"limits": limits, "requests": dict(limits)},

@@ -96,6 +96,19 @@ def test_rayservice_manifest_matches_serve_config(capsys):
         assert pod["securityContext"] == {"fsGroup": 100}
 
 
+def test_kuberay_env_takes_plain_values_and_secret_references():
+    make = _load("make_rayservice")
+    source = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    overrides = yaml.safe_load((CLUSTER / "overrides.yaml").read_text())
+    overrides["kuberay"]["env"] = {"HF_TOKEN": {"secretKeyRef": {"name": "hf-token", "key": "token"}}, "N": 2}
+    docs = make.rayservice_manifest(source, overrides)
+    cluster = next(d for d in docs if d["kind"] == "RayService")["spec"]["rayClusterConfig"]
+    for pod in (cluster["headGroupSpec"]["template"]["spec"], cluster["workerGroupSpecs"][0]["template"]["spec"]):
+        env = pod["containers"][0]["env"]
+        assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}}} in env
+        assert {"name": "N", "value": "2"} in env
+
+
 def test_cluster_model_paths_keep_their_structure(tmp_path):
     make = _load("make_rayservice")
     (tmp_path / "models" / "mine").mkdir(parents=True)
