@@ -56,6 +56,10 @@ def _min_replicas(deployment: DeploymentDetails) -> int | None:
     return getattr(autoscaling, "min_replicas", None)
 
 
+def _running(deployment: DeploymentDetails) -> int:
+    return sum(replica.state == ReplicaState.RUNNING for replica in deployment.replicas)
+
+
 class LiveCatalog:
     def __init__(self, config: AppConfig, app_name: str,
                  status: Callable[[], ServeInstanceDetails] = serve_details) -> None:
@@ -63,6 +67,7 @@ class LiveCatalog:
         self.app_name = app_name
         self._status = status
         self._live: list[LiveModel] = []
+        self._failed: frozenset[str] = frozenset()
         self._fetched_at = float("-inf")
         self._refreshing: asyncio.Task | None = None
 
@@ -81,6 +86,7 @@ class LiveCatalog:
             logger.warning("could not read Serve status; keeping the last catalog", exc_info=True)
         else:
             self._live = self._from_status(status)
+            self._failed = self._failed_from(status)
         self._fetched_at = time.monotonic()  # after a failure too: ask an absent controller once per TTL
 
     def _from_status(self, status: ServeInstanceDetails) -> list[LiveModel]:
@@ -94,12 +100,27 @@ class LiveCatalog:
                 continue
             # A running replica serves whatever the deployment's status: Serve calls a deployment
             # UNHEALTHY from one failed replica until its replacement is up, however many still run.
-            running = sum(replica.state == ReplicaState.RUNNING for replica in deployment.replicas)
+            running = _running(deployment)
             scaled_to_zero = running == 0 and _min_replicas(deployment) == 0 and deployment.status not in _DOWN
             if running > 0 or scaled_to_zero:  # a scaled-to-zero model wakes on its first request
                 live.append(LiveModel(config=model, created=int(app.last_deployed_time_s),
                                       scaled_to_zero=scaled_to_zero))
         return live
+
+    def _failed_from(self, status: ServeInstanceDetails) -> frozenset[str]:
+        """Models whose deployment Serve gave up on (its replicas kept failing to start) and
+        that have no replica left: no request to them can be answered."""
+        app = status.applications.get(self.app_name)
+        deployments = app.deployments if app is not None else {}
+        return frozenset(
+            model.name for model in self.config.models
+            if (deployment := deployments.get(model.deployment_name)) is not None
+            and deployment.status == DeploymentStatus.DEPLOY_FAILED and _running(deployment) == 0)
+
+    async def has_failed(self, name: str) -> bool:
+        """Whether the model's deployment failed (see `_failed_from`); cached as the catalog is."""
+        await self.live_models()
+        return name in self._failed
 
     async def is_running(self, name: str) -> bool:
         """Whether the model has a running replica now (not scaled to zero, not starting)."""

@@ -85,6 +85,15 @@ class Overloaded(APIError):
     default_code = "overloaded"
 
 
+class ModelFailed(APIError):
+    """503: the model's deployment failed (its replicas could not start); it will not answer
+    until an operator fixes and redeploys it, so the request is not kept waiting."""
+
+    status_code = 503
+    error_type = "unavailable_error"
+    default_code = "model_failed"
+
+
 class GatewayTimeout(APIError):
     """504: the model did not answer within the request timeout."""
 

@@ -21,7 +21,7 @@ from starlette.responses import Response
 
 from serve_app.catalog import ROUTES, LiveCatalog, LiveModel, ModelRouter, Target
 from serve_app.config import AppConfig
-from serve_app.errors import APIError, GatewayTimeout, InvalidRequest, Overloaded, model_not_found
+from serve_app.errors import APIError, GatewayTimeout, InvalidRequest, ModelFailed, Overloaded, model_not_found
 from serve_app.http_errors import JSON, as_api_error, error_schema, install_error_handlers, json_response
 from serve_app.image_input import ImageFetcher, InputImage
 from serve_app.image_store import FILES_ROUTE, ImageStore
@@ -234,6 +234,10 @@ class Ingress:
         handlers for its back-pressure and unavailability exceptions, which would
         answer in plain text without the envelope.
         """
+        if await self.catalog.has_failed(target.config.name):  # it would wait out the timeout in Serve's queue
+            cancel()
+            raise ModelFailed(f"The model {target.config.name!r} is not available: its replicas failed to "
+                              "start. The server's operator has to fix and redeploy it.")
         try:
             async with asyncio.timeout(self.config.limits.request_timeout_s):  # no extra task, unlike wait_for
                 answered = await answer

@@ -99,6 +99,21 @@ def test_deployments_without_a_running_replica_are_not_listed():
     assert asyncio.run(LiveCatalog(config, "other-app", status=lambda: starting).live_models()) == []
 
 
+def test_a_model_is_failed_only_while_serve_gave_up_and_no_replica_runs():
+    config = AppConfig.model_validate(default_args())
+    chat, image = config.models
+
+    def failed(status) -> list[str]:
+        catalog = LiveCatalog(config, "app", status=lambda: status)
+        return [m.name for m in config.models if asyncio.run(catalog.has_failed(m.name))]
+
+    assert failed(_status("app", {chat.deployment_name: (DeploymentStatus.DEPLOY_FAILED, {}),
+                                  image.deployment_name: (DeploymentStatus.UPDATING, {})})) == [chat.name]
+    # Still running replicas of an older version serve; a rollout that has not given up may yet.
+    assert failed(_status("app", {chat.deployment_name: (DeploymentStatus.DEPLOY_FAILED, {ReplicaState.RUNNING: 1}),
+                                  image.deployment_name: (DeploymentStatus.UNHEALTHY, {})})) == []
+
+
 def test_ready_is_503_naming_the_models_without_a_live_replica():
     """`/ready` (a load balancer's readiness probe) as the ingress answers it, on Serve's
     status with the image model still starting, then with both running."""

@@ -413,3 +413,28 @@ def test_a_model_waking_from_zero_answers_503_model_starting_not_504(cluster):
             assert response.json()["error"]["code"] == "model_starting" and response.headers["retry-after"]
     finally:
         serve.delete("waking_app")
+
+
+def test_a_model_whose_replicas_cannot_start_is_503_model_failed_at_once(cluster):
+    """A configured model Serve gave up on (here: weights that are not there) is not kept
+    waiting for `request_timeout_s` in Serve's queue; its neighbour serves on."""
+    from ray import serve
+
+    args = cluster.args(route_prefix="/broken", catalog_ttl_s=0.2)
+    args["models"] = [
+        {"name": "broken", "kind": "chat", "path": "/nonexistent/checkpoint", "deployment": {"num_cpus": 0.05}},
+        {"name": "echo", "kind": "chat", "engine": "echo", "path": "echo", "deployment": {"num_cpus": 0.05}},
+    ]
+    try:
+        with pytest.raises(RuntimeError):  # serve.run reports the failed deploy
+            cluster.deploy(args, name="broken_app", route_prefix="/broken")
+        with httpx.Client(base_url=cluster.base_url + "/broken", timeout=60) as client:
+            assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["echo"]
+            started = time.monotonic()
+            response = client.post("/v1/chat/completions", json={**SEED_CHAT, "model": "broken"})
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "model_failed" and time.monotonic() - started < 10
+            assert "/nonexistent" not in response.text  # the cause is in Serve's status, not told to clients
+            assert client.post("/v1/chat/completions", json={**SEED_CHAT, "model": "echo"}).status_code == 200
+    finally:
+        serve.delete("broken_app")
