@@ -73,11 +73,19 @@ class LiveCatalog:
 
     async def live_models(self) -> list[LiveModel]:
         """Models with a running replica, or scaled to zero on purpose (cached briefly)."""
-        if time.monotonic() - self._fetched_at > self.config.catalog_ttl_s:
-            if self._refreshing is None or self._refreshing.done():
-                self._refreshing = asyncio.create_task(self._refresh())
-            await asyncio.shield(self._refreshing)
+        refreshing = self._refresh_if_stale()
+        if refreshing is not None:
+            await asyncio.shield(refreshing)
         return self._live
+
+    def _refresh_if_stale(self) -> asyncio.Task | None:
+        """The refresh under way, started if the cached state is older than `catalog_ttl_s`;
+        None while it is fresh."""
+        if time.monotonic() - self._fetched_at <= self.config.catalog_ttl_s:
+            return None
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.create_task(self._refresh())
+        return self._refreshing
 
     async def _refresh(self) -> None:
         try:
@@ -117,9 +125,11 @@ class LiveCatalog:
             if (deployment := deployments.get(model.deployment_name)) is not None
             and deployment.status == DeploymentStatus.DEPLOY_FAILED and _running(deployment) == 0)
 
-    async def has_failed(self, name: str) -> bool:
-        """Whether the model's deployment failed (see `_failed_from`); cached as the catalog is."""
-        await self.live_models()
+    def has_failed(self, name: str) -> bool:
+        """Whether the model's deployment failed (see `_failed_from`), by the last known state:
+        a request never waits on the controller for it; a stale state is refreshed in the
+        background for the requests after."""
+        self._refresh_if_stale()
         return name in self._failed
 
     async def is_running(self, name: str) -> bool:

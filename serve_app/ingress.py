@@ -234,7 +234,7 @@ class Ingress:
         handlers for its back-pressure and unavailability exceptions, which would
         answer in plain text without the envelope.
         """
-        if await self.catalog.has_failed(target.config.name):  # it would wait out the timeout in Serve's queue
+        if self.catalog.has_failed(target.config.name):  # it would wait out the timeout in Serve's queue
             cancel()
             raise ModelFailed(f"The model {target.config.name!r} is not available: its replicas failed to "
                               "start. The server's operator has to fix and redeploy it.")

@@ -105,7 +105,8 @@ def test_a_model_is_failed_only_while_serve_gave_up_and_no_replica_runs():
 
     def failed(status) -> list[str]:
         catalog = LiveCatalog(config, "app", status=lambda: status)
-        return [m.name for m in config.models if asyncio.run(catalog.has_failed(m.name))]
+        asyncio.run(catalog.live_models())
+        return [m.name for m in config.models if catalog.has_failed(m.name)]
 
     assert failed(_status("app", {chat.deployment_name: (DeploymentStatus.DEPLOY_FAILED, {}),
                                   image.deployment_name: (DeploymentStatus.UPDATING, {})})) == [chat.name]
