@@ -8,7 +8,11 @@ every tokenizer before). The time outside the forward passes is the per-step
 overhead that a GPU does not hide: it runs on the replica's one worker thread
 between passes.
 
-    .venv/bin/python bench/decode_overhead.py --model models/tiny-llama --rows 32 --tokens 512
+A third run measures the forward passes with the KV cache copied at every step
+(`kv_room_tokens=0`, what transformers' `torch.cat`-grown `DynamicLayer` does) against
+the engine's cache with room reserved ahead (`serve_app/kv_cache.py`).
+
+    .venv/bin/python bench/decode_overhead.py --model models/bench-llama --rows 32 --tokens 512
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from types import SimpleNamespace
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from serve_app import kv_cache
 from serve_app.chat_engine import DecodeBatch, Slot
 from serve_app.decoding import ChoiceDecoder
 from serve_app.sampling import make_rows
@@ -28,10 +33,11 @@ from serve_app.jobs import ChatJob
 
 def overhead_per_step(model, tokenizer, decode_with, rows: int, tokens: int,
                       temperature: float = 0.0, top_p: float = 1.0, frequency_penalty: float = 0.0,
-                      logit_bias: dict[int, float] | None = None) -> tuple[float, float]:
+                      logit_bias: dict[int, float] | None = None,
+                      kv_room_tokens: int = kv_cache.ROOM_TOKENS) -> tuple[float, float]:
     """(ms per step outside the forward pass, ms per step in it) for one batch run to `tokens`."""
     forward_s = 0.0
-    batch = DecodeBatch(model, tokenizer.pad_token_id, torch.device("cpu"))
+    batch = DecodeBatch(model, tokenizer.pad_token_id, torch.device("cpu"), kv_room_tokens=kv_room_tokens)
     plain_forward = batch._forward
 
     def timed_forward(*args):
@@ -79,7 +85,12 @@ def main() -> None:
                 "logit_bias": {token: 1.0 for token in range(args.logit_bias)}}
     incremental, forward = overhead_per_step(model, tokenizer, tokenizer, args.rows, args.tokens, **sampling)
     redecoded, _ = overhead_per_step(model, tokenizer, full_decode, args.rows, args.tokens, **sampling)
-    print(f"{args.model}, {args.rows} rows x {args.tokens} tokens, {sampling}; forward pass {forward:.2f} ms/step on this CPU")
+    _, copied_forward = overhead_per_step(model, tokenizer, tokenizer, args.rows, args.tokens, **sampling,
+                                          kv_room_tokens=0)
+    print(f"{args.model}, {args.rows} rows x {args.tokens} tokens, {sampling}; on this CPU:")
+    print(f"  forward pass, KV cache with room ahead:                 {forward:.2f} ms/step")
+    print(f"  forward pass, KV cache copied every step (torch.cat):   {copied_forward:.2f} ms/step "
+          f"({copied_forward / forward:.2f}x)")
     print(f"  outside the forward pass, incremental detokenization: {incremental:.2f} ms/step")
     print(f"  outside the forward pass, full decode every step:      {redecoded:.2f} ms/step "
           f"({redecoded / incremental:.1f}x)")

@@ -6,7 +6,8 @@ own `temperature`/`top_p`/penalties nor reproduce their `seed`. This loop
 keeps everything per row instead: each choice of each request is one row of
 the batch, with its own sampling parameters, its own `torch.Generator` and
 its own `ChoiceDecoder` (`decoding`); rows are left-padded, with position ids counted from
-their first real token, so a row sees exactly what it would see alone.
+their first real token, so a row sees exactly what it would see alone. The KV cache keeps
+room ahead for the next positions (`kv_cache`), so a step does not copy it.
 Requests join the running batch between steps (continuous batching) and a
 row leaves it (its KV cache rows dropped) the step it finishes or its client
 goes away.
@@ -20,11 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-try:  # the layer type whose tensors can be merged across batches (transformers >= 4.56)
-    from transformers.cache_utils import DynamicLayer
-except ImportError:  # older transformers: requests batch, but do not join a running batch
-    DynamicLayer = None
-
+from serve_app import kv_cache
 from serve_app.decoding import PositionLogprobs
 from serve_app.jobs import ChoiceDelta
 from serve_app.placement import spread_devices
@@ -85,8 +82,10 @@ class DecodeBatch:
     batch to finish.
     """
 
-    def __init__(self, model, pad_id: int, device: torch.device) -> None:
+    def __init__(self, model, pad_id: int, device: torch.device,
+                 kv_room_tokens: int = kv_cache.ROOM_TOKENS) -> None:
         self.model, self.pad_id, self.device = model, pad_id, device
+        self.kv_room_tokens = kv_room_tokens  # 0: every step copies the cache, as `torch.cat` does
         # A model spread over several GPUs keeps each layer's cache on that layer's GPU; a CPU
         # index selects rows of a tensor on any device, a GPU index only on its own.
         self.row_index_device = device if len(spread_devices(model)) <= 1 else torch.device("cpu")
@@ -119,7 +118,7 @@ class DecodeBatch:
         return sum(1 for slot, _ in self.owners if not slot.finished)
 
     def can_join(self) -> bool:
-        return self.done or _mergeable(self.cache)
+        return self.done or kv_cache.mergeable(self.cache)
 
     @torch.inference_mode()
     def tick(self, joining: list[Slot]) -> list[tuple[Slot, int, str]]:
@@ -187,6 +186,7 @@ class DecodeBatch:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         try:
             logits, cache = self._forward(ids, mask, positions, None)
+            kv_cache.reserve_room(cache, self.kv_room_tokens)
             if len(owners) > len(slots):
                 copies = torch.repeat_interleave(torch.arange(len(slots)), torch.tensor([len(s.rows) for s in slots]))
                 cache.batch_select_indices(copies.to(self.row_index_device))
@@ -203,7 +203,7 @@ class DecodeBatch:
             self.cache, self.mask, self.positions, self.next_input = cache, mask, positions, next_input
         else:
             width = max(self.mask.shape[1], mask.shape[1])
-            _merge_caches(self.cache, cache, width - self.mask.shape[1], width - mask.shape[1])
+            kv_cache.merge(self.cache, cache, width - self.mask.shape[1], width - mask.shape[1])
             self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
             self.positions = torch.cat([self.positions, positions])
             self.next_input = torch.cat([self.next_input, next_input])
@@ -230,38 +230,18 @@ class DecodeBatch:
 
     def _trim_padding(self) -> None:
         """Drop leading columns that every remaining row masks out (left by rows that left)."""
-        if not _mergeable(self.cache):
+        if not kv_cache.mergeable(self.cache):
             return
         first = int(self.mask.any(dim=0).int().argmax())
         if first > 0:
             self.mask = self.mask[:, first:]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            kv_cache.drop_front(self.cache, first)
 
 
-def _mergeable(cache) -> bool:
-    """Whether this cache is plain per-layer key/value tensors that can be padded and concatenated."""
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and DynamicLayer is not None and all(
-        type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
-
-
-def _pad_left(tensor: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-
-def _merge_caches(running, joining, pad_running: int, pad_joining: int) -> None:
-    """Append `joining`'s rows to `running`, in place, left-padding the shorter to equal length."""
-    for mine, theirs in zip(running.layers, joining.layers):
-        for name in ("keys", "values"):
-            a, b = getattr(mine, name), getattr(theirs, name)
-            setattr(mine, name, torch.cat([_pad_left(a, a.shape[2] + pad_running, dim=2),
-                                           _pad_left(b, b.shape[2] + pad_joining, dim=2)]))
+def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """A [rows, tokens] mask with zero columns in front, to `width` columns."""
+    missing = width - mask.shape[1]
+    return mask if missing == 0 else torch.cat([mask.new_zeros((mask.shape[0], missing)), mask], dim=1)
 
 
 def deltas_by_slot(deltas: list[tuple[Slot, int, str]]) -> dict[Slot, list[ChoiceDelta]]:

@@ -1,0 +1,156 @@
+"""The KV cache of a running batch: room reserved ahead, and rows merged, dropped and trimmed.
+
+transformers' `DynamicLayer` grows by `torch.cat` at every step, which copies the
+layer's whole cache for one new position: at 32 rows of 500 tokens that copying
+doubles a CPU decode step, and on a GPU it is as much memory traffic as the
+attention itself. `ReservedLayer` keeps room for `room_tokens` more positions
+behind the cached ones, so a step writes its keys and values in place and the
+cache is copied once every `room_tokens` steps. The tensors it hands out are
+views of that room, so the model, the masks and `get_seq_length` see exactly
+what a `DynamicLayer` shows them.
+
+The batch's own operations (a newcomer's rows merged in, finished rows dropped,
+padding columns trimmed) keep the room too, so none of them costs a second copy
+at the next step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # the layer type whose tensors can be merged across batches (transformers >= 4.56)
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # older transformers: requests batch, but do not join a running batch
+    DynamicLayer = None
+
+ROOM_TOKENS = 128
+"""Positions reserved ahead per row: the cache is copied once per this many steps. On a GPU
+each costs a row what one token costs (Llama-3-8B in bf16: 128 KiB), so at most 16 MiB a row."""
+
+
+def _capacity(tokens: int, room_tokens: int) -> int:
+    """Room for `tokens` and at least one more, in whole multiples of `room_tokens` (0: no spare)."""
+    return tokens if room_tokens <= 0 else (tokens // room_tokens + 1) * room_tokens
+
+
+if DynamicLayer is not None:
+    class ReservedLayer(DynamicLayer):
+        """A `DynamicLayer` whose keys and values are the front of a larger tensor (its room).
+
+        `keys`/`values` stay plain attributes, so code that replaces them (transformers'
+        `crop`, offloading) still works: the next `update` sees they are no longer the front
+        of the room and reserves a new one around them.
+        """
+
+        def __init__(self, room_tokens: int = ROOM_TOKENS) -> None:
+            super().__init__()
+            self.room_tokens = room_tokens
+            self.key_room: torch.Tensor | None = None
+            self.value_room: torch.Tensor | None = None
+
+        @classmethod
+        def adopt(cls, layer: DynamicLayer, room_tokens: int) -> ReservedLayer:
+            """The same cached tensors as `layer` (not copied): room is reserved at the next update."""
+            reserved = cls(room_tokens)
+            reserved.__dict__.update(vars(layer))  # keys, values, device, is_initialized
+            return reserved
+
+        def _in_room(self, tokens: int) -> bool:
+            """Whether keys/values are the front `tokens`-or-fewer positions of the room and
+            `tokens` positions fit in it."""
+            pairs = ((self.keys, self.key_room), (self.values, self.value_room))
+            return all(room is not None and cached is not None and cached.data_ptr() == room.data_ptr()
+                       and cached.stride() == room.stride() and cached.shape[:2] == room.shape[:2]
+                       and tokens <= room.shape[2] for cached, room in pairs)
+
+        def _show(self, tokens: int) -> None:
+            self.keys, self.values = self.key_room[:, :, :tokens], self.value_room[:, :, :tokens]
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+            """Write the new positions in place (copying the cache into a new room only when full)."""
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            length = self.get_seq_length()
+            tokens = length + key_states.shape[-2]
+            if not self._in_room(tokens):
+                self.key_room, self.value_room = (
+                    _room_like(new, _capacity(tokens, self.room_tokens), old[:, :, :length] if length else None)
+                    for new, old in ((key_states, self.keys), (value_states, self.values)))
+            self.key_room[:, :, length:tokens] = key_states
+            self.value_room[:, :, length:tokens] = value_states
+            self._show(tokens)
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            """Keep the rows `indices` (in that order), room included."""
+            length = self.get_seq_length()
+            if length and self._in_room(length):
+                self.key_room, self.value_room = self.key_room[indices], self.value_room[indices]
+                self._show(length)
+            else:
+                super().batch_select_indices(indices)
+
+        def drop_front(self, count: int) -> None:
+            """Forget the first `count` positions of every row, without copying."""
+            length = self.get_seq_length()
+            if self._in_room(length):
+                self.key_room, self.value_room = self.key_room[:, :, count:], self.value_room[:, :, count:]
+                self._show(length - count)
+            else:
+                self.keys, self.values = self.keys[:, :, count:], self.values[:, :, count:]
+
+        def append_rows(self, joining: DynamicLayer, pad_mine: int, pad_joining: int) -> None:
+            """Add `joining`'s rows after these, each side left-padded with zeros to one length,
+            written straight into a new room (one copy, not a concatenation then a reserve)."""
+            tokens = self.get_seq_length() + pad_mine
+            rooms = []
+            for mine, theirs in ((self.keys, joining.keys), (self.values, joining.values)):
+                room = mine.new_empty((mine.shape[0] + theirs.shape[0], mine.shape[1],
+                                       _capacity(tokens, self.room_tokens), mine.shape[3]))
+                for rows, part, pad in ((room[:mine.shape[0]], mine, pad_mine),
+                                        (room[mine.shape[0]:], theirs, pad_joining)):
+                    rows[:, :, :pad].zero_()  # masked out, but must be finite: 0 x NaN is NaN
+                    rows[:, :, pad:tokens] = part
+                rooms.append(room)
+            self.key_room, self.value_room = rooms
+            self._show(tokens)
+else:
+    ReservedLayer = None
+
+
+def _room_like(like: torch.Tensor, capacity: int, front: torch.Tensor | None) -> torch.Tensor:
+    room = like.new_empty((like.shape[0], like.shape[1], capacity, like.shape[3]))
+    if front is not None:
+        room[:, :, :front.shape[2]] = front
+    return room
+
+
+def reserve_room(cache, room_tokens: int = ROOM_TOKENS):
+    """Make every plain `DynamicLayer` of a freshly prefilled cache a `ReservedLayer` (in place);
+    other layer types (sliding-window, recurrent) are left as they are."""
+    layers = getattr(cache, "layers", None)
+    if ReservedLayer is not None and layers:
+        for i, layer in enumerate(layers):
+            if type(layer) is DynamicLayer:
+                layers[i] = ReservedLayer.adopt(layer, room_tokens)
+    return cache
+
+
+def mergeable(cache) -> bool:
+    """Whether this cache is plain per-layer key/value tensors that can be padded and merged."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and ReservedLayer is not None and all(
+        type(layer) is ReservedLayer and layer.is_initialized for layer in layers)
+
+
+def merge(running, joining, pad_running: int, pad_joining: int) -> None:
+    """Append `joining`'s rows to `running`, in place, left-padding the shorter to equal length."""
+    for mine, theirs in zip(running.layers, joining.layers):
+        mine.append_rows(theirs, pad_running, pad_joining)
+
+
+def drop_front(cache, count: int) -> None:
+    """Forget the first `count` positions of every row (columns every row masks out)."""
+    for layer in cache.layers:
+        layer.drop_front(count)
