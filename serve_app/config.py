@@ -80,6 +80,10 @@ class DeploymentOptions(StrictModel):
     )
     max_replicas_per_node: int | None = Field(None, ge=1, description="Spread replicas over nodes.")
     health_check_period_s: float | None = Field(None, gt=0, description="Replica health check period.")
+    max_constructor_retry_count: int | None = Field(
+        None, ge=1, description="Failed replica starts before Serve marks the model failed (503 model_failed). "
+        "Default Serve's: 3 per replica, at most 20; Serve never allows more than 3 per replica. Lower it "
+        "where each start loads gigabytes of weights.")
 
     @model_validator(mode="after")
     def _replicas_xor_autoscaling(self) -> "DeploymentOptions":
@@ -109,8 +113,9 @@ class DeploymentOptions(StrictModel):
             options["num_replicas"] = self.num_replicas if self.num_replicas is not None else 1
         if self.max_replicas_per_node is not None:
             options["max_replicas_per_node"] = self.max_replicas_per_node
-        if self.health_check_period_s is not None:
-            options["health_check_period_s"] = self.health_check_period_s
+        for name in ("health_check_period_s", "max_constructor_retry_count"):  # Serve's default where unset
+            if getattr(self, name) is not None:
+                options[name] = getattr(self, name)
         return options
 
 

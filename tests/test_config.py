@@ -24,6 +24,15 @@ def test_shipped_config_is_valid_and_resolves_paths():
     chat = config.models[0].deployment.serve_options()
     assert chat["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.0}
     assert chat["max_ongoing_requests"] == 64 and chat["num_replicas"] == 1
+    assert "max_constructor_retry_count" not in chat and "health_check_period_s" not in chat  # Serve's defaults
+
+
+def test_serve_options_pass_retry_and_health_settings_on():
+    options = validate(lambda a: a["models"][0]["deployment"].update(
+        max_constructor_retry_count=2, health_check_period_s=5)).models[0].deployment.serve_options()
+    assert options["max_constructor_retry_count"] == 2 and options["health_check_period_s"] == 5
+    with pytest.raises(ValidationError, match="max_constructor_retry_count"):
+        validate(lambda a: a["models"][0]["deployment"].update(max_constructor_retry_count=0))
 
 
 def test_unknown_field_is_named():
