@@ -223,19 +223,15 @@ class DecodeBatch:
             self.cache = self.mask = self.positions = self.next_input = None
             return
         index = torch.tensor(keep, device=self.row_index_device)
-        self.cache.batch_select_indices(index)
         self.next_input, self.mask, self.positions = (
             self.next_input[index], self.mask[index], self.positions[index])
-        self._trim_padding()
-
-    def _trim_padding(self) -> None:
-        """Drop leading columns that every remaining row masks out (left by rows that left)."""
-        if not kv_cache.mergeable(self.cache):
-            return
-        first = int(self.mask.any(dim=0).int().argmax())
-        if first > 0:
+        if kv_cache.mergeable(self.cache):
+            # Leading columns every remaining row masks out (padding for rows that left) go with them.
+            first = int(self.mask.any(dim=0).int().argmax())
             self.mask = self.mask[:, first:]
-            kv_cache.drop_front(self.cache, first)
+            kv_cache.keep_rows(self.cache, index, first)
+        else:
+            self.cache.batch_select_indices(index)
 
 
 def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:

@@ -9,9 +9,10 @@ cache is copied once every `room_tokens` steps. The tensors it hands out are
 views of that room, so the model, the masks and `get_seq_length` see exactly
 what a `DynamicLayer` shows them.
 
-The batch's own operations (a newcomer's rows merged in, finished rows dropped,
-padding columns trimmed) keep the room too, so none of them costs a second copy
-at the next step.
+The batch's own operations keep the room too, so none of them costs a second copy
+at the next step: a newcomer's rows are merged straight into a new room, and
+finished rows leave in one copy of the rows that stay, without the leading
+columns only departed rows used (so a long row that left holds no memory).
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ if DynamicLayer is not None:
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                    ) -> tuple[torch.Tensor, torch.Tensor]:
             """Write the new positions in place (copying the cache into a new room only when full)."""
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
+            if not self.is_initialized:  # the installed transformers' own first update (its lazy init varies)
+                return super().update(key_states, value_states, *args, **kwargs)
             length = self.get_seq_length()
             tokens = length + key_states.shape[-2]
             if not self._in_room(tokens):
@@ -82,23 +83,19 @@ if DynamicLayer is not None:
             self._show(tokens)
             return self.keys, self.values
 
-        def batch_select_indices(self, indices: torch.Tensor) -> None:
-            """Keep the rows `indices` (in that order), room included."""
+        def keep_rows(self, indices: torch.Tensor, first: int = 0) -> None:
+            """Keep rows `indices` (in that order) from position `first` on, room included, in one
+            copy of just that: the memory of the rows and columns left behind is freed."""
             length = self.get_seq_length()
             if length and self._in_room(length):
-                self.key_room, self.value_room = self.key_room[indices], self.value_room[indices]
-                self._show(length)
-            else:
-                super().batch_select_indices(indices)
+                self.key_room = self.key_room[indices, :, first:]
+                self.value_room = self.value_room[indices, :, first:]
+                self._show(length - first)
+            elif length:
+                self.keys, self.values = self.keys[indices, :, first:], self.values[indices, :, first:]
 
-        def drop_front(self, count: int) -> None:
-            """Forget the first `count` positions of every row, without copying."""
-            length = self.get_seq_length()
-            if self._in_room(length):
-                self.key_room, self.value_room = self.key_room[:, :, count:], self.value_room[:, :, count:]
-                self._show(length - count)
-            else:
-                self.keys, self.values = self.keys[:, :, count:], self.values[:, :, count:]
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self.keep_rows(indices)
 
         def append_rows(self, joining: DynamicLayer, pad_mine: int, pad_joining: int) -> None:
             """Add `joining`'s rows after these, each side left-padded with zeros to one length,
@@ -150,7 +147,8 @@ def merge(running, joining, pad_running: int, pad_joining: int) -> None:
         mine.append_rows(theirs, pad_running, pad_joining)
 
 
-def drop_front(cache, count: int) -> None:
-    """Forget the first `count` positions of every row (columns every row masks out)."""
+def keep_rows(cache, indices: torch.Tensor, first: int = 0) -> None:
+    """Keep rows `indices` of a mergeable cache, from position `first` on (the columns before
+    it are padding for every row kept)."""
     for layer in cache.layers:
-        layer.drop_front(count)
+        layer.keep_rows(indices, first)
