@@ -1,9 +1,9 @@
 """The KV cache of a running batch: room reserved ahead, and rows merged, dropped and trimmed.
 
 transformers' `DynamicLayer` grows by `torch.cat` at every step, which copies the
-layer's whole cache for one new position: at 32 rows of 500 tokens that copying
-doubles a CPU decode step, and on a GPU it is as much memory traffic as the
-attention itself. `ReservedLayer` keeps room for `room_tokens` more positions
+layer's whole cache for one new position: at 32 rows of 400-500 tokens that copying
+made a CPU decode step up to 1.5x slower here, and on a GPU it is as much memory
+traffic as the attention itself. `ReservedLayer` keeps room for `room_tokens` more positions
 behind the cached ones, so a step writes its keys and values in place and the
 cache is copied once every `room_tokens` steps. The tensors it hands out are
 views of that room, so the model, the masks and `get_seq_length` see exactly
