@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +64,10 @@ class Slot:
     ended: bool = False
     error: Exception | None = None  # this request failed on its own (its batch-mates go on)
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    # For the replica's latency metrics (time.monotonic()): arrival, first token.
+    arrived: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    token_steps: int = 0  # steps that gave its rows a token
 
     @property
     def finished(self) -> bool:

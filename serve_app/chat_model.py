@@ -30,6 +30,7 @@ from serve_app.decoding import ChoiceDecoder
 from serve_app.config import ChatModelConfig
 from serve_app.errors import APIError, InvalidRequest
 from serve_app.jobs import ChatJob, ChatResult, ChatStreamChunk, ChoiceDelta
+from serve_app.metrics import ChatEngineMetrics
 from serve_app.placement import ModelReplica, spread_devices, weights_device_map
 from serve_app.sampling import make_rows
 from serve_app.token_bytes import TokenBytes
@@ -47,6 +48,8 @@ INLINE_PROMPT_CHARS = 20_000
 @serve.deployment
 class ChatModel(ModelReplica):
     """One replica of one chat model."""
+
+    metrics: ChatEngineMetrics
 
     def __init__(self, config: ChatModelConfig) -> None:
         super().__init__(config)
@@ -71,6 +74,7 @@ class ChatModel(ModelReplica):
         self._active: set[Slot] = set()
         self._steps = 0
         self._tokens = 0
+        self.record_metrics(ChatEngineMetrics(config.name, self._load))
         self.log_loaded(spread_devices(self.model))
 
     async def generate(self, job: ChatJob) -> ChatResult | APIError:
@@ -101,9 +105,13 @@ class ChatModel(ModelReplica):
     async def stats(self) -> dict[str, int]:
         """Requests in flight, forward passes and tokens so far: lets operators and tests see
         work stop, and how many rows the steps carried."""
+        decoding, waiting = self._load()
         return {"active_requests": len(self._active), "decode_steps": self._steps, "decoded_tokens": self._tokens,
-                "batch_requests": self._batch.live_slots,
-                "waiting_requests": sum(not slot.cancelled for slot in self._waiting)}
+                "batch_requests": decoding, "waiting_requests": waiting}
+
+    def _load(self) -> tuple[int, int]:
+        """Requests decoding and requests waiting for room, for the metrics' gauges."""
+        return self._batch.live_slots, sum(not slot.cancelled for slot in self._waiting)
 
     async def _decoded(self, slot: Slot, coalesce_s: float | None) -> AsyncIterator[list[ChoiceDelta]]:
         """The slot's deltas as the engine makes them, merged into one message per
@@ -176,10 +184,12 @@ class ChatModel(ModelReplica):
                     break  # it waits for room; those behind it wait too (first come, first served)
                 joining.append(slot)
                 room -= len(slot.rows)
+                self.metrics.admitted(time.monotonic() - slot.arrived)
             self._waiting.popleft()
         return joining
 
     def _deliver(self, deltas: list[tuple[Slot, int, str]]) -> None:
+        now = time.monotonic()
         for slot, grouped in deltas_by_slot(deltas).items():
             if slot.ended:
                 continue
@@ -187,11 +197,22 @@ class ChatModel(ModelReplica):
                 logger.error("request failed while decoding; its batch-mates go on", exc_info=slot.error)
                 self._fail([slot], slot.error)
                 continue
+            self._timed(slot, now)
             if grouped:
                 slot.outbox.put_nowait(grouped)
             if slot.finished:
                 slot.ended = True
                 slot.outbox.put_nowait(END)
+
+    def _timed(self, slot: Slot, now: float) -> None:
+        """A step gave `slot`'s rows a token: its time to first token, and once it finishes,
+        its mean time per token after the first."""
+        if slot.first_token_at is None:
+            slot.first_token_at = now
+            self.metrics.first_token(now - slot.arrived)
+        slot.token_steps += 1
+        if slot.finished and slot.token_steps > 1:
+            self.metrics.finished((now - slot.first_token_at) / (slot.token_steps - 1))
 
     def _fail(self, slots: list[Slot], exc: BaseException) -> None:
         self.released(exc)
@@ -205,9 +226,13 @@ class ChatModel(ModelReplica):
         `limits.max_prompt_chars` characters takes long enough to hold up the deltas of every
         stream this replica serves. Short ones stay on the loop, where they cost less than
         the hop to a thread."""
+        arrived = time.monotonic()
         if sum(len(message["content"]) for message in job.messages) > INLINE_PROMPT_CHARS:
-            return await asyncio.to_thread(self._slot, job)
-        return self._slot(job)
+            slot = await asyncio.to_thread(self._slot, job)
+        else:
+            slot = self._slot(job)
+        slot.arrived = arrived
+        return slot
 
     def _slot(self, job: ChatJob) -> Slot:
         """Tokenise and check a request before it joins a batch: its errors are its own."""

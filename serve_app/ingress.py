@@ -26,6 +26,7 @@ from serve_app.http_errors import JSON, as_api_error, error_schema, install_erro
 from serve_app.image_input import ImageFetcher, InputImage
 from serve_app.image_store import FILES_ROUTE, ImageStore
 from serve_app.jobs import ImageJob, ImageResult
+from serve_app.metrics import RequestMetrics
 from serve_app.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -38,7 +39,7 @@ from serve_app.protocol import (
     ModelList,
 )
 from serve_app.registration import unregister_stale
-from serve_app.request_guards import ApiKeys, ConfiguredCors, Metrics, RequestGuard, note
+from serve_app.request_guards import ApiKeys, ConfiguredCors, RequestGuard, note
 from serve_app.serve_logs import flush_serve_log, start_flushing
 from serve_app.streaming import ChatChunkEncoder, chat_events
 from serve_app.translate import chat_job, chat_response, image_job
@@ -115,7 +116,7 @@ class Ingress:
         api.state.api_keys = ApiKeys(config)
         api.state.cors = config.cors
         api.state.access_log = config.access_log
-        api.state.metrics = self.metrics = Metrics()
+        api.state.metrics = self.metrics = RequestMetrics()
         self.router = ModelRouter(config, handles)
         self.catalog = LiveCatalog(config, serve.get_replica_context().app_name)
         self.store = ImageStore(config.image_dir, config.public_base_url, config.image_retention)

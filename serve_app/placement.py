@@ -20,6 +20,8 @@ from typing import Callable, TypeVar
 import torch
 
 from serve_app.config import BaseModelConfig
+from serve_app.metrics import BufferedMetrics
+from serve_app.periodic import in_background
 from serve_app.serve_logs import flush_serve_log, start_flushing
 
 logger = logging.getLogger("ray.serve")
@@ -131,6 +133,8 @@ class ModelReplica:
             torch.set_num_threads(config.torch_threads)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"torch-{config.name}")
         self._log_flusher = start_flushing()
+        self.metrics: BufferedMetrics | None = None  # a subclass's own, flushed here as well
+        self._metrics_flusher: asyncio.Task | None = None
         self._device_failure: str | None = None
         share = config.deployment.num_gpus
         if self.device.type == "cuda" and 0 < share < 1:
@@ -166,14 +170,22 @@ class ModelReplica:
         """Serve calls this on graceful shutdown (and Python again at garbage collection):
         the last log lines reach the file, and queued torch work nobody waits for is dropped.
         Not async: at garbage collection a coroutine would never run."""
-        flusher = getattr(self, "_log_flusher", None)  # absent when __init__ failed early
-        if flusher is not None:
-            with contextlib.suppress(RuntimeError):  # its event loop may be closed by now
-                flusher.cancel()
+        for name in ("_log_flusher", "_metrics_flusher"):
+            flusher = getattr(self, name, None)  # absent when __init__ failed early
+            if flusher is not None:
+                with contextlib.suppress(RuntimeError):  # its event loop may be closed by now
+                    flusher.cancel()
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.flush()
         flush_serve_log()
         worker = getattr(self, "_worker", None)
         if worker is not None:
             worker.shutdown(wait=False, cancel_futures=True)
+
+    def record_metrics(self, metrics: BufferedMetrics) -> None:
+        """Keep `metrics`, handed to Ray every second from the replica's event loop."""
+        self.metrics = metrics
+        self._metrics_flusher = in_background(metrics.flush_forever(), "metrics flush")
 
     async def run_on_worker(self, fn: Callable[..., T], *args) -> T:
         """Run `fn(*args)` on the model's worker thread and await its result."""

@@ -8,7 +8,6 @@ import time, the config only once the replica is constructed.
 
 from __future__ import annotations
 
-import collections
 import contextvars
 import hmac
 import logging
@@ -25,7 +24,7 @@ from serve_app.config import AppConfig, CorsOptions
 from serve_app.errors import AuthenticationFailed, PayloadTooLarge
 from serve_app.http_errors import as_api_error, error_response, serve_request_id
 from serve_app.image_store import FILES_ROUTE
-from serve_app.periodic import every
+from serve_app.metrics import RequestMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -158,9 +157,9 @@ class RequestGuard:
             CURRENT.reset(token)
             if getattr(state, "access_log", False):
                 _log_access(scope, response["status"], time.perf_counter() - started_at, record)
-            metrics: Metrics | None = getattr(state, "metrics", None)
+            metrics: RequestMetrics | None = getattr(state, "metrics", None)
             if metrics is not None:
-                metrics.observe(_route_label(scope), response["status"], record)
+                metrics.request(record.model, _route_label(scope), response["status"], record.fields)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send, state: Any) -> None:
         keys: ApiKeys | None = getattr(state, "api_keys", None)
@@ -199,53 +198,6 @@ def _limited(receive: Receive, limit: int) -> Receive:
 
 def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"The request body is larger than {limit} bytes.", code="body_too_large")
-
-
-class Metrics:
-    """Per-model counters beside Ray Serve's own Prometheus metrics (exported the same way).
-
-    Requests only add to in-memory sums; `flush` hands them to Ray, every
-    `FLUSH_INTERVAL_S` from `flush_forever`. Recording a Ray metric costs tens of
-    microseconds, several times per request on the ingress's one event loop,
-    while Ray exports metrics only every few seconds anyway.
-    """
-
-    FLUSH_INTERVAL_S = 1.0
-
-    def __init__(self) -> None:
-        from ray.serve.metrics import Counter
-
-        described = {
-            "requests": ("Requests by model, route and status.", ("model", "route", "status")),
-            "errors": ("Failed requests (status >= 400).", ("model", "route", "status")),
-            "tokens": ("Prompt and completion tokens.", ("model", "kind")),
-            "images": ("Images generated.", ("model",)),
-        }
-        self.counters = {name: (Counter(f"serve_app_{name}", text, tag_keys=keys), keys)
-                         for name, (text, keys) in described.items()}
-        self.pending: collections.Counter[tuple[str, tuple[str, ...]]] = collections.Counter()
-
-    def observe(self, route: str, status: int, record: AccessRecord) -> None:
-        model = record.model or "-"
-        request = (model, route, str(status))
-        self.pending["requests", request] += 1
-        if status >= 400:
-            self.pending["errors", request] += 1
-        for kind in ("prompt_tokens", "completion_tokens"):
-            if record.fields.get(kind):
-                self.pending["tokens", (model, kind)] += record.fields[kind]
-        if record.fields.get("images"):
-            self.pending["images", (model,)] += record.fields["images"]
-
-    def flush(self) -> None:
-        """Hand the sums so far to Ray's counters (one `inc` per counter and tag set)."""
-        pending, self.pending = self.pending, collections.Counter()
-        for (name, tag_values), value in pending.items():
-            counter, keys = self.counters[name]
-            counter.inc(value, tags=dict(zip(keys, tag_values)))
-
-    async def flush_forever(self) -> None:
-        await every(self.FLUSH_INTERVAL_S, self.flush, "recording serve_app metrics")
 
 
 def _request_id(scope: Scope) -> str:

@@ -253,3 +253,27 @@ def test_a_long_conversation_is_prepared_off_the_event_loop_and_answered(replica
     assert threads[0] == threading.main_thread().name and threads[1] != threads[0]
     assert replica.context_length == 2048  # the tiny model's: the long conversation does not fit
     assert isinstance(long, InvalidRequest) and long.code == "context_length_exceeded"
+
+
+def test_latency_metrics_time_the_wait_for_room_the_first_token_and_the_tokens_after(models_dir):
+    """With room for one request, the second waits for the whole of the first: its queue
+    time is at least the first's time to its last token, and its time to first token
+    includes that wait. Each request is timed once (the values Ray gets at the next flush)."""
+    config = ChatModelConfig.model_validate({"name": "m", "kind": "chat", "path": str(models_dir / "tiny-llama"),
+                                             "max_batch_size": 1})
+    replica = ChatModel.func_or_class(config)
+
+    async def run():
+        return await asyncio.gather(replica.generate(job("hello there", 32)), replica.generate(job("hello again", 32)))
+
+    first, second = asyncio.run(run())
+    values = {name: observed for (name, tags), observed in replica.metrics.values.items() if tags == ("m",)}
+    queued, first_tokens, per_token = (values["queue_time_seconds"], values["time_to_first_token_seconds"],
+                                       values["time_per_output_token_seconds"])
+    tokens = [result.choices[0].completion_tokens for result in (first, second)]
+    assert len(queued) == len(first_tokens) == 2 and len(per_token) == sum(n > 1 for n in tokens), (values, tokens)
+    assert tokens[0] > 1, tokens  # 32 tokens unless the random model ends early; one would time nothing after
+    first_done = first_tokens[0] + (tokens[0] - 1) * per_token[0]  # from its arrival to its last token
+    assert queued[0] < first_done / 4 and queued[1] >= first_done * 0.8, (queued, first_done)
+    assert first_tokens[1] > queued[1] and all(0 < t < 1 for t in per_token), values
+    assert replica.metrics._gauges() == {"running_requests": {("m",): 0}, "waiting_requests": {("m",): 0}}

@@ -544,32 +544,41 @@ def test_openai_client_raises_typed_errors(client):
 # Two equal snapshots this far apart: longer than a count's way out (the ingress's 1 s flush,
 # then Ray's report interval), twice over.
 METRICS_EXPORT_GAP_S = 2 * (1 + METRICS_REPORT_INTERVAL_MS / 1000)
+REQUESTS_TAKE_AT_MOST_S = 10.0  # one of the time-to-first-token buckets
 
 
-def test_request_counters_are_exported_to_prometheus(http):
+def test_metrics_are_exported_to_prometheus(http):
     """serve_app's counters (summed on the ingress, handed to Ray every second) reach Ray's
-    Prometheus endpoint with the model, route and status of each request."""
+    Prometheus endpoint with the model, route and status of each request; the chat
+    replica's latency histograms count each request once, its time to first token (measured
+    inside the replica) in a bucket no longer than the client's whole requests took."""
     import ray
 
     node = next(n for n in ray.nodes() if n["Alive"])
     url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-    wanted = {  # what: (counter, labels)
-        "requests": ("requests", f'model="{CHAT}",route="/v1/chat/completions",status="200"'),
+    chat = f'model="{CHAT}"'
+    wanted = {  # what: (series, labels)
+        "requests": ("requests_total", f'{chat},route="/v1/chat/completions",status="200"'),
         # An unknown name is not a label value: clients could mint endless label sets.
-        "errors": ("errors", 'model="-",route="/v1/chat/completions",status="404"'),
-        "tokens": ("tokens", f'kind="completion_tokens",model="{CHAT}"'),
+        "errors": ("errors_total", 'model="-",route="/v1/chat/completions",status="404"'),
+        "tokens": ("tokens_total", f'kind="completion_tokens",{chat}'),
         # Nor is a path that no route matched: it counts as "other".
-        "unrouted": ("errors", 'model="-",route="other",status="404"'),
+        "unrouted": ("errors_total", 'model="-",route="other",status="404"'),
+        "queued": ("queue_time_seconds_count", chat),
+        "first_tokens": ("time_to_first_token_seconds_count", chat),
+        # The buckets count exactly (Ray's `_sum` of a histogram adds bucket midpoints).
+        "first_tokens_within": ("time_to_first_token_seconds_bucket", f'le="{REQUESTS_TAKE_AT_MOST_S}",{chat}'),
+        "per_token": ("time_per_output_token_seconds_count", chat),
     }
 
     def exported() -> dict[str, float]:
-        """This app's totals over every series: each ingress replica that ever ran exports
-        its own, tagged with its replica id (other tests deploy apps serving the same model)."""
+        """This app's totals over every series: each replica that ever ran exports its own,
+        tagged with its replica id (other tests deploy apps serving the same model)."""
         found = dict.fromkeys(wanted, 0.0)  # earlier tests' requests may or may not be exported yet
         for line in httpx.get(url, timeout=10).text.splitlines():
             assert "junk-" not in line, line
-            for name, (counter, labels) in wanted.items():
-                if line.startswith(f"ray_serve_app_{counter}_total{{") and all(
+            for name, (series, labels) in wanted.items():
+                if line.startswith(f"ray_serve_app_{series}{{") and all(
                         part in line for part in labels.split(",") + ['application="serve_app"']):
                     found[name] += float(line.rsplit(" ", 1)[1])
         return found
@@ -587,16 +596,22 @@ def test_request_counters_are_exported_to_prometheus(http):
         raise AssertionError(f"the exported totals did not settle: {last}")
 
     before = settled()
+    started = time.monotonic()
     answer = assert_success(http.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 3}))
     with http.stream("POST", "/v1/chat/completions", json={
             **SEED_CHAT, "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}}) as streamed:
         events = [line for line in streamed.iter_lines() if line.startswith("data: {")]
+    assert time.monotonic() - started < REQUESTS_TAKE_AT_MOST_S
     streamed_tokens = json.loads(events[-1].removeprefix("data: "))["usage"]["completion_tokens"]
     assert http.post("/v1/chat/completions", json={**SEED_CHAT, "model": "no-such-model"}).status_code == 404
     junk = f"/v1/junk-{uuid.uuid4().hex}"
     assert http.get(junk).status_code == 404
-    grown = {"requests": 2, "errors": 1, "tokens": answer["usage"]["completion_tokens"] + streamed_tokens,
-             "unrouted": 1}
+    tokens = [answer["usage"]["completion_tokens"], streamed_tokens]
+    grown = {"requests": 2, "errors": 1, "tokens": sum(tokens), "unrouted": 1, "queued": 2, "first_tokens": 2,
+             "first_tokens_within": 2}
     # Ray exports with a delay: wait until the snapshot has this test's own requests, and only them.
-    assert wait_for(lambda: all(exported()[name] == before[name] + grown[name] for name in wanted),
+    assert wait_for(lambda: all(exported()[name] == before[name] + grown[name] for name in grown),
                     timeout=60, interval=2), (before, exported(), grown)
+    after = exported()
+    # A request with one token (EOS right after it) has no time between tokens.
+    assert sum(t > 1 for t in tokens) <= after["per_token"] - before["per_token"] <= 2, (before, after, tokens)

@@ -1,0 +1,144 @@
+"""serve_app's own Prometheus metrics, beside Ray Serve's (exported the same way, `ray_` prefix).
+
+Recording a Ray metric costs tens of microseconds, several times per request, on an
+event loop that also moves every other request's bytes, while Ray exports metrics
+only every few seconds anyway. So requests only add to in-memory sums and lists, and
+`flush` hands them to Ray every `FLUSH_INTERVAL_S` (from `flush_forever`). Every
+metric is labelled with the `model` it concerns; Ray adds the application,
+deployment and replica.
+
+- `RequestMetrics` (the ingress): requests, errors, tokens and images by model.
+- `ChatEngineMetrics` (each chat replica): how long a request waits for a batch slot,
+  its time to first token and its time per output token, measured inside the replica
+  (so beside the client's figures they tell the model's share from the serving
+  path's), and gauges of the requests decoding and waiting.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable
+
+from serve_app.periodic import every
+
+# Seconds; vLLM's buckets for the same figures, so dashboards made for it read these too.
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0]
+TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0]
+QUEUE_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0]
+
+Tags = tuple[str, ...]
+
+
+class BufferedMetrics:
+    """Counters summed and histogram values kept in memory until `flush`; gauges read at
+    `flush` from `gauges()`. Declared as name -> (description, tag keys[, buckets])."""
+
+    FLUSH_INTERVAL_S = 1.0
+
+    def __init__(self, counters: dict[str, tuple[str, Tags]] | None = None,
+                 histograms: dict[str, tuple[str, Tags, list[float]]] | None = None,
+                 gauges: dict[str, tuple[str, Tags]] | None = None,
+                 read_gauges: Callable[[], dict[str, dict[Tags, float]]] | None = None) -> None:
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self.counters = {name: (Counter(f"serve_app_{name}", text, tag_keys=keys), keys)
+                         for name, (text, keys) in (counters or {}).items()}
+        self.histograms = {name: (Histogram(f"serve_app_{name}", text, boundaries=buckets, tag_keys=keys), keys)
+                           for name, (text, keys, buckets) in (histograms or {}).items()}
+        self.gauges = {name: (Gauge(f"serve_app_{name}", text, tag_keys=keys), keys)
+                       for name, (text, keys) in (gauges or {}).items()}
+        self.read_gauges = read_gauges
+        self.sums: collections.Counter[tuple[str, Tags]] = collections.Counter()
+        self.values: collections.defaultdict[tuple[str, Tags], list[float]] = collections.defaultdict(list)
+
+    def count(self, name: str, tags: Tags, value: float = 1) -> None:
+        self.sums[name, tags] += value
+
+    def observe(self, name: str, tags: Tags, value: float) -> None:
+        self.values[name, tags].append(value)
+
+    def flush(self) -> None:
+        """Hand what was recorded to Ray: one `inc` per counter and tag set, one `observe`
+        per histogram value, the gauges' current readings."""
+        sums, self.sums = self.sums, collections.Counter()
+        values, self.values = self.values, collections.defaultdict(list)
+        for (name, tag_values), value in sums.items():
+            counter, keys = self.counters[name]
+            counter.inc(value, tags=dict(zip(keys, tag_values)))
+        for (name, tag_values), observed in values.items():
+            histogram, keys = self.histograms[name]
+            tags = dict(zip(keys, tag_values))
+            for value in observed:
+                histogram.observe(value, tags=tags)
+        if self.read_gauges is not None:
+            for name, readings in self.read_gauges().items():
+                gauge, keys = self.gauges[name]
+                for tag_values, value in readings.items():
+                    gauge.set(value, tags=dict(zip(keys, tag_values)))
+
+    async def flush_forever(self) -> None:
+        await every(self.FLUSH_INTERVAL_S, self.flush, "recording serve_app metrics")
+
+
+class RequestMetrics(BufferedMetrics):
+    """The ingress's counters. `model` is `-` for a name that is not served and `route` the
+    matched route's template or `other`, so clients cannot mint label values."""
+
+    def __init__(self) -> None:
+        super().__init__(counters={
+            "requests": ("Requests by model, route and status.", ("model", "route", "status")),
+            "errors": ("Failed requests (status >= 400).", ("model", "route", "status")),
+            "tokens": ("Prompt and completion tokens.", ("model", "kind")),
+            "images": ("Images generated.", ("model",)),
+        })
+
+    def request(self, model: str | None, route: str, status: int, fields: dict) -> None:
+        model = model or "-"
+        request = (model, route, str(status))
+        self.count("requests", request)
+        if status >= 400:
+            self.count("errors", request)
+        for kind in ("prompt_tokens", "completion_tokens"):
+            if fields.get(kind):
+                self.count("tokens", (model, kind), fields[kind])
+        if fields.get("images"):
+            self.count("images", (model,), fields["images"])
+
+
+class ChatEngineMetrics(BufferedMetrics):
+    """One chat replica's latencies, as its decode loop sees them (from the request's
+    arrival at the replica, so without the HTTP hop and the ingress), and its load."""
+
+    def __init__(self, model: str, load: Callable[[], tuple[int, int]]) -> None:
+        self.tags: Tags = (model,)
+        self.load = load  # () -> (requests decoding, requests waiting)
+        keys = ("model",)
+        super().__init__(
+            histograms={
+                "queue_time_seconds": (
+                    "From a request's arrival at the replica to its joining the decode batch.", keys, QUEUE_BUCKETS),
+                "time_to_first_token_seconds": (
+                    "From a request's arrival at the replica to its first token.", keys, TTFT_BUCKETS),
+                "time_per_output_token_seconds": (
+                    "A request's mean time between tokens after its first.", keys, TPOT_BUCKETS),
+            },
+            gauges={
+                "running_requests": ("Requests decoding in the replica's batch.", keys),
+                "waiting_requests": ("Requests waiting for room in the batch.", keys),
+            },
+            read_gauges=self._gauges)
+
+    def admitted(self, waited_s: float) -> None:
+        self.observe("queue_time_seconds", self.tags, waited_s)
+
+    def first_token(self, after_s: float) -> None:
+        self.observe("time_to_first_token_seconds", self.tags, after_s)
+
+    def finished(self, per_token_s: float) -> None:
+        self.observe("time_per_output_token_seconds", self.tags, per_token_s)
+
+    def _gauges(self) -> dict[str, dict[Tags, float]]:
+        running, waiting = self.load()
+        return {"running_requests": {self.tags: running}, "waiting_requests": {self.tags: waiting}}
