@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from ray import serve
 from serve_app.config import ImageModelConfig
 from serve_app.errors import APIError, InvalidRequest
 from serve_app.jobs import ImageJob, ImageResult
+from serve_app.metrics import ImageMetrics
 from serve_app.placement import ModelReplica
 
 logger = logging.getLogger("ray.serve")
@@ -109,6 +111,8 @@ def per_image(group: list[PreparedJob], value: Callable[[PreparedJob], Any]) -> 
 class ImageModel(ModelReplica):
     """One replica of one image model; `max_batch_size` requests share a pipeline call."""
 
+    metrics: ImageMetrics
+
     def __init__(self, config: ImageModelConfig) -> None:
         super().__init__(config)
         if config.deployment.num_gpus > 1:
@@ -141,6 +145,7 @@ class ImageModel(ModelReplica):
         self._queue_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.queued: deque[tuple[ImageJob, Future[Outcome]]] = deque()
         self.counters = {"requests": 0, "pipeline_calls": 0, "images": 0, "largest_call_requests": 0}
+        self.record_metrics(ImageMetrics(config.name))
         self.log_loaded()
 
     async def generate(self, job: ImageJob) -> ImageResult | APIError:
@@ -265,8 +270,10 @@ class ImageModel(ModelReplica):
             arguments["mask_image"] = per_image(group, lambda item: item.mask_image)
         pipeline = self.pipelines[first.mode]
         assert pipeline is not None, "prepare() refuses modes this model lacks"
+        started = time.monotonic()
         with torch.inference_mode():
             images = pipeline(**arguments).images
+        self.metrics.pipeline_call(len(group), time.monotonic() - started)
         self.counters["pipeline_calls"] += 1
         self.counters["images"] += len(images)
         self.counters["largest_call_requests"] = max(self.counters["largest_call_requests"], len(group))

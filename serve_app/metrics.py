@@ -12,11 +12,16 @@ deployment and replica.
   its time to first token and its time per output token, measured inside the replica
   (so beside the client's figures they tell the model's share from the serving
   path's), and gauges of the requests decoding and waiting.
+- `ImageMetrics` (each image replica): how many requests shared each pipeline call and
+  how long it took, what `max_batch_size` and `batch_wait_timeout_s` tune.
+
+Image replicas record from their worker thread, so recording and flushing share a lock.
 """
 
 from __future__ import annotations
 
 import collections
+import threading
 from typing import Callable
 
 from serve_app.periodic import every
@@ -27,6 +32,8 @@ TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0]
 QUEUE_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0]
+CALL_REQUESTS_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+CALL_SECONDS_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0]
 
 Tags = tuple[str, ...]
 
@@ -50,20 +57,24 @@ class BufferedMetrics:
         self.gauges = {name: (Gauge(f"serve_app_{name}", text, tag_keys=keys), keys)
                        for name, (text, keys) in (gauges or {}).items()}
         self.read_gauges = read_gauges
+        self._lock = threading.Lock()
         self.sums: collections.Counter[tuple[str, Tags]] = collections.Counter()
         self.values: collections.defaultdict[tuple[str, Tags], list[float]] = collections.defaultdict(list)
 
     def count(self, name: str, tags: Tags, value: float = 1) -> None:
-        self.sums[name, tags] += value
+        with self._lock:
+            self.sums[name, tags] += value
 
     def observe(self, name: str, tags: Tags, value: float) -> None:
-        self.values[name, tags].append(value)
+        with self._lock:
+            self.values[name, tags].append(value)
 
     def flush(self) -> None:
         """Hand what was recorded to Ray: one `inc` per counter and tag set, one `observe`
         per histogram value, the gauges' current readings."""
-        sums, self.sums = self.sums, collections.Counter()
-        values, self.values = self.values, collections.defaultdict(list)
+        with self._lock:
+            sums, self.sums = self.sums, collections.Counter()
+            values, self.values = self.values, collections.defaultdict(list)
         for (name, tag_values), value in sums.items():
             counter, keys = self.counters[name]
             counter.inc(value, tags=dict(zip(keys, tag_values)))
@@ -142,3 +153,19 @@ class ChatEngineMetrics(BufferedMetrics):
     def _gauges(self) -> dict[str, dict[Tags, float]]:
         running, waiting = self.load()
         return {"running_requests": {self.tags: running}, "waiting_requests": {self.tags: waiting}}
+
+
+class ImageMetrics(BufferedMetrics):
+    """One image replica's pipeline calls."""
+
+    def __init__(self, model: str) -> None:
+        self.tags: Tags = (model,)
+        keys = ("model",)
+        super().__init__(histograms={
+            "image_call_requests": ("Requests that shared one pipeline call.", keys, CALL_REQUESTS_BUCKETS),
+            "image_call_seconds": ("How long one pipeline call took (all its images).", keys, CALL_SECONDS_BUCKETS),
+        })
+
+    def pipeline_call(self, requests: int, seconds: float) -> None:
+        self.observe("image_call_requests", self.tags, requests)
+        self.observe("image_call_seconds", self.tags, seconds)

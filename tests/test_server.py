@@ -551,7 +551,8 @@ def test_metrics_are_exported_to_prometheus(http):
     """serve_app's counters (summed on the ingress, handed to Ray every second) reach Ray's
     Prometheus endpoint with the model, route and status of each request; the chat
     replica's latency histograms count each request once, its time to first token (measured
-    inside the replica) in a bucket no longer than the client's whole requests took."""
+    inside the replica) in a bucket no longer than the client's whole requests took; the
+    image replica counts its pipeline call, of one request."""
     import ray
 
     node = next(n for n in ray.nodes() if n["Alive"])
@@ -569,6 +570,9 @@ def test_metrics_are_exported_to_prometheus(http):
         # The buckets count exactly (Ray's `_sum` of a histogram adds bucket midpoints).
         "first_tokens_within": ("time_to_first_token_seconds_bucket", f'le="{REQUESTS_TAKE_AT_MOST_S}",{chat}'),
         "per_token": ("time_per_output_token_seconds_count", chat),
+        "images": ("images_total", f'model="{IMAGE}"'),
+        "image_calls": ("image_call_requests_count", f'model="{IMAGE}"'),
+        "image_calls_of_one": ("image_call_requests_bucket", f'le="1.0",model="{IMAGE}"'),
     }
 
     def exported() -> dict[str, float]:
@@ -602,13 +606,15 @@ def test_metrics_are_exported_to_prometheus(http):
             **SEED_CHAT, "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}}) as streamed:
         events = [line for line in streamed.iter_lines() if line.startswith("data: {")]
     assert time.monotonic() - started < REQUESTS_TAKE_AT_MOST_S
+    drawn = assert_success(http.post("/v1/images/generations", json={
+        "model": IMAGE, "prompt": "an otter", "n": 2, "size": "64x64", "response_format": "b64_json"}))
     streamed_tokens = json.loads(events[-1].removeprefix("data: "))["usage"]["completion_tokens"]
     assert http.post("/v1/chat/completions", json={**SEED_CHAT, "model": "no-such-model"}).status_code == 404
     junk = f"/v1/junk-{uuid.uuid4().hex}"
     assert http.get(junk).status_code == 404
     tokens = [answer["usage"]["completion_tokens"], streamed_tokens]
     grown = {"requests": 2, "errors": 1, "tokens": sum(tokens), "unrouted": 1, "queued": 2, "first_tokens": 2,
-             "first_tokens_within": 2}
+             "first_tokens_within": 2, "images": len(drawn["data"]), "image_calls": 1, "image_calls_of_one": 1}
     # Ray exports with a delay: wait until the snapshot has this test's own requests, and only them.
     assert wait_for(lambda: all(exported()[name] == before[name] + grown[name] for name in grown),
                     timeout=60, interval=2), (before, exported(), grown)
