@@ -205,13 +205,13 @@ class ChatModel(ModelReplica):
                 slot.outbox.put_nowait(END)
 
     def _timed(self, slot: Slot, now: float) -> None:
-        """A step gave `slot`'s rows a token: its time to first token, and once it finishes,
-        its mean time per token after the first."""
+        """A step gave `slot`'s rows a token: its time to first token, and once it finishes
+        (not once its client leaves), its mean time per token after the first."""
         if slot.first_token_at is None:
             slot.first_token_at = now
             self.metrics.first_token(now - slot.arrived)
         slot.token_steps += 1
-        if slot.finished and slot.token_steps > 1:
+        if slot.finished and not slot.cancelled and slot.token_steps > 1:
             self.metrics.finished((now - slot.first_token_at) / (slot.token_steps - 1))
 
     def _fail(self, slots: list[Slot], exc: BaseException) -> None:

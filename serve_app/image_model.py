@@ -271,9 +271,11 @@ class ImageModel(ModelReplica):
         pipeline = self.pipelines[first.mode]
         assert pipeline is not None, "prepare() refuses modes this model lacks"
         started = time.monotonic()
-        with torch.inference_mode():
-            images = pipeline(**arguments).images
-        self.metrics.pipeline_call(len(group), time.monotonic() - started)
+        try:
+            with torch.inference_mode():
+                images = pipeline(**arguments).images
+        finally:
+            self.metrics.pipeline_call(len(group), time.monotonic() - started)
         self.counters["pipeline_calls"] += 1
         self.counters["images"] += len(images)
         self.counters["largest_call_requests"] = max(self.counters["largest_call_requests"], len(group))

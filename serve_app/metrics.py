@@ -3,8 +3,9 @@
 Recording a Ray metric costs tens of microseconds, several times per request, on an
 event loop that also moves every other request's bytes, while Ray exports metrics
 only every few seconds anyway. So requests only add to in-memory sums and lists, and
-`flush` hands them to Ray every `FLUSH_INTERVAL_S` (from `flush_forever`). Every
-metric is labelled with the `model` it concerns; Ray adds the application,
+`flush` hands them to Ray every `FLUSH_INTERVAL_S` (from `flush_forever`): a counter
+as one increment per label set, histogram values in one burst, off the request path.
+Every metric is labelled with the `model` it concerns; Ray adds the application,
 deployment and replica.
 
 - `RequestMetrics` (the ingress): requests, errors, tokens and images by model.
@@ -13,7 +14,7 @@ deployment and replica.
   (so beside the client's figures they tell the model's share from the serving
   path's), and gauges of the requests decoding and waiting.
 - `ImageMetrics` (each image replica): how many requests shared each pipeline call and
-  how long it took, what `max_batch_size` and `batch_wait_timeout_s` tune.
+  how long it took: what `max_batch_size` and `batch_wait_timeout_s` tune.
 
 Image replicas record from their worker thread, so recording and flushing share a lock.
 """
@@ -22,11 +23,12 @@ from __future__ import annotations
 
 import collections
 import threading
+import weakref
 from typing import Callable
 
 from serve_app.periodic import every
 
-# Seconds; vLLM's buckets for the same figures, so dashboards made for it read these too.
+# Seconds. Time to first token and per output token: vLLM's buckets for the same figures (up to 80 s).
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0]
 TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -40,7 +42,7 @@ Tags = tuple[str, ...]
 
 class BufferedMetrics:
     """Counters summed and histogram values kept in memory until `flush`; gauges read at
-    `flush` from `gauges()`. Declared as name -> (description, tag keys[, buckets])."""
+    `flush` from `read_gauges()`. Declared as name -> (description, tag keys[, buckets])."""
 
     FLUSH_INTERVAL_S = 1.0
 
@@ -124,7 +126,9 @@ class ChatEngineMetrics(BufferedMetrics):
 
     def __init__(self, model: str, load: Callable[[], tuple[int, int]]) -> None:
         self.tags: Tags = (model,)
-        self.load = load  # () -> (requests decoding, requests waiting)
+        # () -> (requests decoding, requests waiting): the replica's method, held weakly so
+        # that the flush task, which holds these metrics, does not keep the replica alive.
+        self.load = weakref.WeakMethod(load)  # type: ignore[arg-type]
         keys = ("model",)
         super().__init__(
             histograms={
@@ -151,7 +155,10 @@ class ChatEngineMetrics(BufferedMetrics):
         self.observe("time_per_output_token_seconds", self.tags, per_token_s)
 
     def _gauges(self) -> dict[str, dict[Tags, float]]:
-        running, waiting = self.load()
+        load = self.load()
+        if load is None:  # the replica is gone
+            return {}
+        running, waiting = load()
         return {"running_requests": {self.tags: running}, "waiting_requests": {self.tags: waiting}}
 
 
@@ -162,10 +169,11 @@ class ImageMetrics(BufferedMetrics):
         self.tags: Tags = (model,)
         keys = ("model",)
         super().__init__(histograms={
-            "image_call_requests": ("Requests that shared one pipeline call.", keys, CALL_REQUESTS_BUCKETS),
-            "image_call_seconds": ("How long one pipeline call took (all its images).", keys, CALL_SECONDS_BUCKETS),
+            "image_batch_requests": ("Requests that shared one pipeline call.", keys, CALL_REQUESTS_BUCKETS),
+            "image_batch_seconds": ("How long one pipeline call took (all its images), failed calls too.", keys,
+                                    CALL_SECONDS_BUCKETS),
         })
 
     def pipeline_call(self, requests: int, seconds: float) -> None:
-        self.observe("image_call_requests", self.tags, requests)
-        self.observe("image_call_seconds", self.tags, seconds)
+        self.observe("image_batch_requests", self.tags, requests)
+        self.observe("image_batch_seconds", self.tags, seconds)

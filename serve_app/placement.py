@@ -176,7 +176,10 @@ class ModelReplica:
                 with contextlib.suppress(RuntimeError):  # its event loop may be closed by now
                     flusher.cancel()
         if getattr(self, "metrics", None) is not None:
-            self.metrics.flush()
+            try:
+                self.metrics.flush()
+            except Exception:  # noqa: BLE001 - the last values are lost; shutting down goes on
+                logger.exception("recording the last metrics failed")
         flush_serve_log()
         worker = getattr(self, "_worker", None)
         if worker is not None:

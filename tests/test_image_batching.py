@@ -141,8 +141,8 @@ def test_batches_queued_during_a_call_share_the_next_one(model):
     after = model.stats()
     assert (after["pipeline_calls"] - before["pipeline_calls"], after["requests"] - before["requests"]) == (1, 3)
     # The metrics Ray gets at the next flush: that call carried 3 requests, and took time.
-    assert model.metrics.values["image_call_requests", (IMAGE,)][-1] == 3
-    assert model.metrics.values["image_call_seconds", (IMAGE,)][-1] > 0
+    assert model.metrics.values["image_batch_requests", (IMAGE,)][-1] == 3
+    assert model.metrics.values["image_batch_seconds", (IMAGE,)][-1] > 0
 
 
 def test_batch_size_one_runs_each_request_alone(model, monkeypatch):
