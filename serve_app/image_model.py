@@ -143,7 +143,7 @@ class ImageModel(ModelReplica):
         # Serve creates the batch queue lazily inside the replica; these only set its limits.
         self._queue_batch.set_max_batch_size(config.max_batch_size)
         self._queue_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
-        self.queued: deque[tuple[ImageJob, Future[Outcome]]] = deque()
+        self.queued: deque[tuple[ImageJob, float, Future[Outcome]]] = deque()  # job, its arrival, its outcome
         self.counters = {"requests": 0, "pipeline_calls": 0, "images": 0, "largest_call_requests": 0}
         self.record_metrics(ImageMetrics(config.name))
         self.log_loaded()
@@ -156,16 +156,17 @@ class ImageModel(ModelReplica):
         mistake (an unreadable input image) comes back as a value: raised, Serve
         would log it as a failed request, with a traceback, at ERROR.
         """
+        arrived = time.monotonic()
         if self.config.max_batch_size == 1:
-            [outcome] = await self.run_on_worker(self.run_jobs, [job])
+            [outcome] = await self.run_on_worker(self.run_jobs, [job], [arrived])
         else:
-            outcome = await asyncio.wrap_future(await self._queue_batch(job))
+            outcome = await asyncio.wrap_future(await self._queue_batch((job, arrived)))
         if isinstance(outcome, Exception) and not isinstance(outcome, APIError):
             raise outcome
         return outcome
 
     @serve.batch  # its limits come from the config, set in __init__
-    async def _queue_batch(self, jobs: list[ImageJob]) -> list[Future[Outcome]]:
+    async def _queue_batch(self, arrivals: list[tuple[ImageJob, float]]) -> list[Future[Outcome]]:
         """Serve hands over the jobs that arrived together; each gets a future of its outcome.
 
         The batch is queued for the worker rather than run here, because Serve
@@ -173,12 +174,14 @@ class ImageModel(ModelReplica):
         those batches would each get their own pipeline call. Queued instead,
         everything that arrived during a call shares the next one.
         """
-        return self.submit(jobs)
+        return self.submit([job for job, _ in arrivals], [arrived for _, arrived in arrivals])
 
-    def submit(self, jobs: list[ImageJob]) -> list[Future[Outcome]]:
-        """Queue jobs for the worker thread; it runs them with whatever else is queued."""
+    def submit(self, jobs: list[ImageJob], arrived: list[float] | None = None) -> list[Future[Outcome]]:
+        """Queue jobs (that reached the replica at `arrived`, else now) for the worker thread;
+        it runs them with whatever else is queued."""
         futures: list[Future[Outcome]] = [Future() for _ in jobs]
-        self.queued.extend(zip(jobs, futures))
+        now = time.monotonic()
+        self.queued.extend(zip(jobs, arrived or [now] * len(jobs), futures))
         self._worker.submit(self.run_queued)
         return futures
 
@@ -189,24 +192,28 @@ class ImageModel(ModelReplica):
         so its own jobs are taken by its run at the latest. Jobs whose caller
         went away (their future was cancelled) are dropped before the call.
         """
-        taken: list[tuple[ImageJob, Future[Outcome]]] = []
+        taken: list[tuple[ImageJob, float, Future[Outcome]]] = []
         while self.queued and len(taken) < self.config.max_batch_size:
-            job, future = self.queued.popleft()
+            job, arrived, future = self.queued.popleft()
             if future.set_running_or_notify_cancel():
-                taken.append((job, future))
+                taken.append((job, arrived, future))
         try:
-            outcomes = self.run_jobs([job for job, _ in taken])
+            outcomes = self.run_jobs([job for job, _, _ in taken], [arrived for _, arrived, _ in taken])
         except Exception as exc:  # noqa: BLE001 - never leave a caller waiting
             outcomes = [self.released(exc)] * len(taken)
-        for (_, future), outcome in zip(taken, outcomes):
+        for (_, _, future), outcome in zip(taken, outcomes):
             future.set_result(outcome)
 
     def stats(self) -> dict[str, int]:
         """Counters of requests, pipeline calls and images, to observe batching."""
         return dict(self.counters)
 
-    def run_jobs(self, jobs: list[ImageJob]) -> list[Outcome]:
-        """Run jobs on the worker thread: one pipeline call per group of compatible jobs."""
+    def run_jobs(self, jobs: list[ImageJob], arrived: list[float] | None = None) -> list[Outcome]:
+        """Run jobs on the worker thread: one pipeline call per group of compatible jobs.
+        `arrived`: when each reached the replica, for its queue time."""
+        now = time.monotonic()
+        for at in arrived or []:
+            self.metrics.queued(now - at)
         outcomes: list[Outcome | None] = [None] * len(jobs)
         groups: dict[tuple[Any, ...], list[tuple[int, PreparedJob]]] = {}
         for index, job in enumerate(jobs):

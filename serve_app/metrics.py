@@ -13,8 +13,9 @@ deployment and replica.
   its time to first token and its time per output token, measured inside the replica
   (so beside the client's figures they tell the model's share from the serving
   path's), and gauges of the requests decoding and waiting.
-- `ImageMetrics` (each image replica): how many requests shared each pipeline call and
-  how long it took: what `max_batch_size` and `batch_wait_timeout_s` tune.
+- `ImageMetrics` (each image replica): how long a request waited for its pipeline call,
+  how many requests shared each call and how long it took: what `max_batch_size` and
+  `batch_wait_timeout_s` tune.
 
 Image replicas record from their worker thread, so recording and flushing share a lock.
 """
@@ -169,10 +170,16 @@ class ImageMetrics(BufferedMetrics):
         self.tags: Tags = (model,)
         keys = ("model",)
         super().__init__(histograms={
+            "image_queue_time_seconds": (
+                "From a request's arrival at the replica to the worker taking up its batch.", keys,
+                QUEUE_BUCKETS),
             "image_batch_requests": ("Requests that shared one pipeline call.", keys, CALL_REQUESTS_BUCKETS),
             "image_batch_seconds": ("How long one pipeline call took (all its images), failed calls too.", keys,
                                     CALL_SECONDS_BUCKETS),
         })
+
+    def queued(self, waited_s: float) -> None:
+        self.observe("image_queue_time_seconds", self.tags, waited_s)
 
     def pipeline_call(self, requests: int, seconds: float) -> None:
         self.observe("image_batch_requests", self.tags, requests)

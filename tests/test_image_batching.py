@@ -16,6 +16,7 @@ import asyncio
 import base64
 import io
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -135,12 +136,14 @@ def test_batches_queued_during_a_call_share_the_next_one(model):
     futures = [future for jobs in ([job("a")], [job("b", n=2)], [job("c"), job("d", n=3)])
                for future in model.submit(jobs)]
     assert futures[0].cancel()
+    time.sleep(0.2)  # they wait: their queue time
     gate.set()
     outcomes = [future.result(timeout=300) for future in futures[1:]]
     assert [len(outcome.images) for outcome in outcomes] == [2, 1, 3]
     after = model.stats()
     assert (after["pipeline_calls"] - before["pipeline_calls"], after["requests"] - before["requests"]) == (1, 3)
-    # The metrics Ray gets at the next flush: that call carried 3 requests, and took time.
+    # The metrics Ray gets at the next flush: the 3 requests waited, shared a call, and it took time.
+    assert all(waited >= 0.2 for waited in model.metrics.values["image_queue_time_seconds", (IMAGE,)][-3:])
     assert model.metrics.values["image_batch_requests", (IMAGE,)][-1] == 3
     assert model.metrics.values["image_batch_seconds", (IMAGE,)][-1] > 0
 
@@ -150,8 +153,10 @@ def test_batch_size_one_runs_each_request_alone(model, monkeypatch):
     error (not raised: Serve would log it as a failed request), other failures are raised."""
     monkeypatch.setattr(model, "config", model.config.model_copy(update={"max_batch_size": 1}))
     before = model.stats()
+    queued = len(model.metrics.values["image_queue_time_seconds", (IMAGE,)])
     result = asyncio.run(model.generate(job("a", n=2)))
     assert len(result.images) == 2 and model.stats()["pipeline_calls"] == before["pipeline_calls"] + 1
+    assert len(model.metrics.values["image_queue_time_seconds", (IMAGE,)]) == queued + 1  # its wait, timed
     refused = asyncio.run(model.generate(job("b", init_image=b"junk")))
     assert isinstance(refused, InvalidRequest) and refused.param == "image"
     with pytest.raises(Exception, match="no-such-format|NO-SUCH-FORMAT"):

@@ -571,6 +571,7 @@ def test_metrics_are_exported_to_prometheus(http):
         "first_tokens_within": ("time_to_first_token_seconds_bucket", f'le="{REQUESTS_TAKE_AT_MOST_S}",{chat}'),
         "per_token": ("time_per_output_token_seconds_count", chat),
         "images": ("images_total", f'model="{IMAGE}"'),
+        "image_queued": ("image_queue_time_seconds_count", f'model="{IMAGE}"'),
         "image_calls": ("image_batch_requests_count", f'model="{IMAGE}"'),
         "image_calls_of_one": ("image_batch_requests_bucket", f'le="1.0",model="{IMAGE}"'),
     }
@@ -614,7 +615,8 @@ def test_metrics_are_exported_to_prometheus(http):
     assert http.get(junk).status_code == 404
     tokens = [answer["usage"]["completion_tokens"], streamed_tokens]
     grown = {"requests": 2, "errors": 1, "tokens": sum(tokens), "unrouted": 1, "queued": 2, "first_tokens": 2,
-             "first_tokens_within": 2, "images": len(drawn["data"]), "image_calls": 1, "image_calls_of_one": 1}
+             "first_tokens_within": 2, "images": len(drawn["data"]), "image_queued": 1, "image_calls": 1,
+             "image_calls_of_one": 1}
     # A request with one token (EOS right after it) has no time between tokens.
     timed_per_token = sum(t > 1 for t in tokens)
 
