@@ -8,6 +8,13 @@ force, which an operator may have changed under the Serve config's
 `deployments:` without touching this app's args. Reading Serve's state is a
 blocking call to the Serve controller, so it runs on a thread, and its answer
 is cached for `catalog_ttl_s`; concurrent callers share one refresh.
+
+The controller's answer is read into `ServeState`, a schema of only the fields
+used here, not into Serve's own `ServeInstanceDetails`: building that one
+cloudpickles each deployment's request router class, about 50 ms of CPU (and
+of the GIL) per refresh on a 2-core machine, repeated every `catalog_ttl_s`
+while requests arrive, which slowed the model replicas' work and the
+ingress's other requests.
 """
 
 from __future__ import annotations
@@ -16,11 +23,12 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
+from pydantic import BaseModel, Field
 from ray.serve.context import _get_global_client
 from ray.serve.handle import DeploymentHandle
-from ray.serve.schema import DeploymentDetails, DeploymentStatus, ReplicaState, ServeInstanceDetails
+from ray.serve.schema import DeploymentStatus, ReplicaState
 
 from serve_app.config import AppConfig, ChatModelConfig, ImageModelConfig
 from serve_app.errors import InvalidRequest, model_not_found
@@ -32,7 +40,7 @@ ROUTES = {
     "image": ["/v1/images/generations", "/v1/images/edits"],
 }
 KIND_NAMES = {"chat": "a chat model", "image": "an image model"}
-_DOWN = {DeploymentStatus.UNHEALTHY, DeploymentStatus.DEPLOY_FAILED}
+_DOWN = {DeploymentStatus.UNHEALTHY.value, DeploymentStatus.DEPLOY_FAILED.value}
 
 
 @dataclass(frozen=True)
@@ -42,27 +50,52 @@ class LiveModel:
     scaled_to_zero: bool = False
 
 
-def serve_details() -> ServeInstanceDetails:
-    """Serve's state as `serve.status()` reads it, before it drops each deployment's
-    applied config (the scaling options in force, overrides included)."""
-    return ServeInstanceDetails(**_get_global_client().get_serve_details())
+class ReplicaInfo(BaseModel):
+    state: str  # a `ReplicaState` value; a plain string, so a state a newer Ray adds still parses
 
 
-def _min_replicas(deployment: DeploymentDetails) -> int | None:
-    """The autoscaling lower bound in force, or None for a fixed replica count."""
-    autoscaling = deployment.deployment_config.autoscaling_config
-    if isinstance(autoscaling, dict):
-        return autoscaling.get("min_replicas")
-    return getattr(autoscaling, "min_replicas", None)
+class AppliedConfig(BaseModel):
+    """The deployment config in force, overrides from the Serve config's `deployments:` included."""
+
+    autoscaling_config: dict[str, Any] | None = None
 
 
-def _running(deployment: DeploymentDetails) -> int:
-    return sum(replica.state == ReplicaState.RUNNING for replica in deployment.replicas)
+class DeploymentState(BaseModel):
+    status: str  # a `DeploymentStatus` value
+    replicas: list[ReplicaInfo] = Field(default_factory=list)
+    deployment_config: AppliedConfig = Field(default_factory=AppliedConfig)
+
+    @property
+    def running(self) -> int:
+        return sum(replica.state == ReplicaState.RUNNING.value for replica in self.replicas)
+
+    @property
+    def min_replicas(self) -> int | None:
+        """The autoscaling lower bound in force, or None for a fixed replica count."""
+        return (self.deployment_config.autoscaling_config or {}).get("min_replicas")
+
+
+class ApplicationState(BaseModel):
+    last_deployed_time_s: float = 0.0
+    deployments: dict[str, DeploymentState] = Field(default_factory=dict)
+
+
+class ServeState(BaseModel):
+    """What the catalog reads of Serve's details (the shape of `serve status` and of Serve's
+    REST API); every other field of the controller's answer is ignored."""
+
+    applications: dict[str, ApplicationState] = Field(default_factory=dict)
+
+
+def serve_details() -> dict[str, Any]:
+    """Serve's state as the controller reports it to `serve.status()`, before that drops each
+    deployment's applied config (the scaling options in force, overrides included)."""
+    return _get_global_client().get_serve_details()
 
 
 class LiveCatalog:
     def __init__(self, config: AppConfig, app_name: str,
-                 status: Callable[[], ServeInstanceDetails] = serve_details) -> None:
+                 status: Callable[[], dict[str, Any]] = serve_details) -> None:
         self.config = config
         self.app_name = app_name
         self._status = status
@@ -89,7 +122,7 @@ class LiveCatalog:
 
     async def _refresh(self) -> None:
         try:
-            status = await asyncio.to_thread(self._status)
+            status = await asyncio.to_thread(lambda: ServeState.model_validate(self._status()))
         except Exception:  # noqa: BLE001 - keep the last known catalog while the controller is away
             logger.warning("could not read Serve status; keeping the last catalog", exc_info=True)
         else:
@@ -97,7 +130,7 @@ class LiveCatalog:
             self._failed = self._failed_from(status)
         self._fetched_at = time.monotonic()  # after a failure too: ask an absent controller once per TTL
 
-    def _from_status(self, status: ServeInstanceDetails) -> list[LiveModel]:
+    def _from_status(self, status: ServeState) -> list[LiveModel]:
         app = status.applications.get(self.app_name)
         if app is None:
             return []
@@ -108,14 +141,14 @@ class LiveCatalog:
                 continue
             # A running replica serves whatever the deployment's status: Serve calls a deployment
             # UNHEALTHY from one failed replica until its replacement is up, however many still run.
-            running = _running(deployment)
-            scaled_to_zero = running == 0 and _min_replicas(deployment) == 0 and deployment.status not in _DOWN
+            running = deployment.running
+            scaled_to_zero = running == 0 and deployment.min_replicas == 0 and deployment.status not in _DOWN
             if running > 0 or scaled_to_zero:  # a scaled-to-zero model wakes on its first request
                 live.append(LiveModel(config=model, created=int(app.last_deployed_time_s),
                                       scaled_to_zero=scaled_to_zero))
         return live
 
-    def _failed_from(self, status: ServeInstanceDetails) -> frozenset[str]:
+    def _failed_from(self, status: ServeState) -> frozenset[str]:
         """Models whose deployment Serve gave up on (its replicas kept failing to start) and
         that have no replica left: no request to them can be answered."""
         app = status.applications.get(self.app_name)
@@ -123,7 +156,7 @@ class LiveCatalog:
         return frozenset(
             model.name for model in self.config.models
             if (deployment := deployments.get(model.deployment_name)) is not None
-            and deployment.status == DeploymentStatus.DEPLOY_FAILED and _running(deployment) == 0)
+            and deployment.status == DeploymentStatus.DEPLOY_FAILED.value and deployment.running == 0)
 
     def has_failed(self, name: str) -> bool:
         """Whether the model's deployment failed (see `_failed_from`), by the last known state:

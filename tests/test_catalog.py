@@ -46,15 +46,20 @@ def test_removed_model_is_unlisted_and_404(cluster):
         serve.delete("catalog_app")
 
 
-def _status(app_name: str, deployments: dict, autoscaling: dict | None = None) -> SimpleNamespace:
-    """Serve's details as the controller reports them: per deployment its status, its
-    replicas' states and its applied config (`autoscaling` for every deployment)."""
-    details = {name: SimpleNamespace(
-        status=status, deployment_config=SimpleNamespace(autoscaling_config=autoscaling),
-        replicas=[SimpleNamespace(state=state) for state, count in replicas.items() for _ in range(count)])
+def _status(app_name: str, deployments: dict, autoscaling: dict | None = None) -> dict:
+    """Serve's details as the controller reports them (`get_serve_details()`): per deployment
+    its status, its replicas' states and its applied config (`autoscaling` for every
+    deployment), among fields the catalog does not read."""
+    details = {name: {
+        "name": name, "status": status, "status_trigger": "CONFIG_UPDATE_COMPLETED", "message": "",
+        "deployment_config": {"name": name, "num_replicas": None if autoscaling else 1,
+                              "autoscaling_config": autoscaling, "max_ongoing_requests": 5},
+        "replicas": [{"state": state, "replica_id": f"{name}-{state}-{i}", "node_id": "n", "pid": 1}
+                     for state, count in replicas.items() for i in range(count)]}
         for name, (status, replicas) in deployments.items()}
-    app = SimpleNamespace(deployments=details, last_deployed_time_s=1700000000.5)
-    return SimpleNamespace(applications={app_name: app})
+    app = {"name": app_name, "route_prefix": "/", "status": "RUNNING", "deployments": details,
+           "last_deployed_time_s": 1700000000.5}
+    return {"proxy_location": "EveryNode", "applications": {app_name: app}}
 
 
 def test_deployments_without_a_running_replica_are_not_listed():
