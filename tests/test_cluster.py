@@ -35,6 +35,7 @@ import httpx
 import pytest
 import yaml
 
+from tests import disconnect
 from tests.conftest import ROOT, free_port, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -639,6 +640,21 @@ def test_image_payloads_over_grpcs_default_4_mib_cross_between_replicas(local_cl
         assert drawn.status_code == 200, drawn.text[:500]
         images = [base64.b64decode(item["b64_json"]) for item in drawn.json()["data"]]
         assert len(images) == 4 and sum(map(len, images)) > 4 * 2**20
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+def test_a_client_hanging_up_stops_its_generation_behind_haproxy(local_cluster: LocalCluster, stream: bool):
+    """The default launch's path (HAProxy, the ingress's own HTTP server, gRPC to the model)
+    passes a hang-up on to the chat replica, as Serve's Python proxy does (test_chat_serving).
+    The replica's counters are read by a driver of the cluster's own (`tests/disconnect.py`)."""
+    local_cluster.deploy(BASE)
+    env = {**local_cluster.env, "RAY_AUTH_MODE": "disabled",
+           "RAY_ADDRESS": f"127.0.0.1:{local_cluster.env['SERVE_APP_GCS_PORT']}"}
+    done = subprocess.run([sys.executable, "-m", "tests.disconnect", "--app", APP, "--model", "chat-a",
+                           "--port", str(local_cluster.http_port), *(["--stream"] if stream else [])],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    disconnect.check(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def test_more_replicas_by_redeploy_without_restarts_or_failing_requests(local_cluster: LocalCluster):
