@@ -24,6 +24,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The multi-node cluster's tests first, before the session's own Ray starts: that Ray
+    stays up to the end, and its idle replicas and controller would share the cores with
+    three more raylets (on 2 cores this made the cluster module half again as slow)."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is None)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

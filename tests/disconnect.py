@@ -5,9 +5,10 @@ multi-node cluster, which runs the default launch (HAProxy in front, direct
 ingress, gRPC between replicas): the cluster is another Ray than the test
 process's, so there this module runs as a driver of its own,
 
-    RAY_ADDRESS=127.0.0.1:6390 python -m tests.disconnect --app serve_app --model chat-a --port 8000 --stream
+    RAY_ADDRESS=127.0.0.1:6390 python -m tests.disconnect --app serve_app --model chat-a --port 8000
 
-and prints its findings as one JSON line.
+and prints its findings as one JSON line, `{"stream": {...}, "json": {...}}` (one hang-up
+of each kind, through one connection to Ray: joining it takes seconds).
 """
 
 from __future__ import annotations
@@ -83,12 +84,12 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--stream", action="store_true")
     args = parser.parse_args()
     ray.init(log_to_driver=False)  # RAY_ADDRESS names the cluster
     replica = serve.get_deployment_handle(f"model_{args.model}", app_name=args.app)
-    found = hang_up_mid_generation(args.host, args.port, args.model, args.stream,
-                                   lambda: replica.stats.remote().result())
+    found = {mode: hang_up_mid_generation(args.host, args.port, args.model, mode == "stream",
+                                          lambda: replica.stats.remote().result())
+             for mode in ("stream", "json")}
     print(json.dumps(found))
 
 

@@ -642,19 +642,26 @@ def test_image_payloads_over_grpcs_default_4_mib_cross_between_replicas(local_cl
         assert len(images) == 4 and sum(map(len, images)) > 4 * 2**20
 
 
-@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
-def test_a_client_hanging_up_stops_its_generation_behind_haproxy(local_cluster: LocalCluster, stream: bool):
-    """The default launch's path (HAProxy, the ingress's own HTTP server, gRPC to the model)
-    passes a hang-up on to the chat replica, as Serve's Python proxy does (test_chat_serving).
-    The replica's counters are read by a driver of the cluster's own (`tests/disconnect.py`)."""
+@pytest.fixture(scope="module")
+def hang_ups(local_cluster: LocalCluster) -> dict[str, dict[str, Any]]:
+    """What the chat replica did when a client hung up mid-generation, streamed and not, as
+    a driver of the cluster's own found it (`tests/disconnect.py`: it reads the replica's
+    counters through a handle, so it must join the cluster's Ray)."""
     local_cluster.deploy(BASE)
     env = {**local_cluster.env, "RAY_AUTH_MODE": "disabled",
            "RAY_ADDRESS": f"127.0.0.1:{local_cluster.env['SERVE_APP_GCS_PORT']}"}
     done = subprocess.run([sys.executable, "-m", "tests.disconnect", "--app", APP, "--model", "chat-a",
-                           "--port", str(local_cluster.http_port), *(["--stream"] if stream else [])],
+                           "--port", str(local_cluster.http_port)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    disconnect.check(json.loads(done.stdout.strip().splitlines()[-1]))
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mode", ["stream", "json"])
+def test_a_client_hanging_up_stops_its_generation_behind_haproxy(hang_ups: dict[str, dict[str, Any]], mode: str):
+    """The default launch's path (HAProxy, the ingress's own HTTP server, gRPC to the model)
+    passes a hang-up on to the chat replica, as Serve's Python proxy does (test_chat_serving)."""
+    disconnect.check(hang_ups[mode])
 
 
 def test_more_replicas_by_redeploy_without_restarts_or_failing_requests(local_cluster: LocalCluster):
