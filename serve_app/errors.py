@@ -1,5 +1,8 @@
 """Errors clients may see, each with its HTTP status and OpenAI error type.
 
+The type follows OpenAI's own answers: `invalid_request_error` for every 4xx (an unknown
+model, a wrong API key included; `code` says which), `server_error` for every 5xx.
+
 Model deployments use these too (a prompt longer than the context, an image
 that does not decode): they cross Ray intact, keyword arguments included, so
 the ingress answers them exactly like its own. `http_errors` maps any
@@ -15,8 +18,8 @@ class APIError(Exception):
     """An error with an HTTP status and an OpenAI-style type, safe to show a client."""
 
     status_code: int = 400
-    error_type: str = "invalid_request_error"
     default_code: str | None = None
+    default_headers: dict[str, str] = {}
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
@@ -24,7 +27,11 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code or self.default_code
-        self.headers = headers or {}
+        self.headers = {**self.default_headers, **(headers or {})}
+
+    @property
+    def error_type(self) -> str:
+        return "server_error" if self.status_code >= 500 else "invalid_request_error"
 
     def __reduce__(self):  # keep keyword-only arguments across Ray's pickling
         return (_rebuild, (type(self), self.message, self.param, self.code, self.headers))
@@ -45,7 +52,6 @@ class AuthenticationFailed(APIError):
     """401: missing or wrong API key."""
 
     status_code = 401
-    error_type = "authentication_error"
     default_code = "invalid_api_key"
 
 
@@ -53,7 +59,6 @@ class NotFound(APIError):
     """404: unknown model, route or file."""
 
     status_code = 404
-    error_type = "not_found_error"
     default_code = "not_found"
 
 
@@ -81,32 +86,36 @@ class Overloaded(APIError):
     """503: the model cannot take more work now; retry later."""
 
     status_code = 503
-    error_type = "overloaded_error"
     default_code = "overloaded"
+
+
+# OpenAI's clients retry every 5xx (twice by default) unless this header says otherwise.
+NO_RETRY = {"x-should-retry": "false"}
 
 
 class ModelFailed(APIError):
     """503: the model's deployment failed (its replicas could not start); it will not answer
-    until an operator fixes and redeploys it, so the request is not kept waiting."""
+    until an operator fixes and redeploys it, so the request is not kept waiting, nor retried
+    by OpenAI's clients."""
 
     status_code = 503
-    error_type = "unavailable_error"
     default_code = "model_failed"
+    default_headers = NO_RETRY
 
 
 class GatewayTimeout(APIError):
-    """504: the model did not answer within the request timeout."""
+    """504: the model did not answer within the request timeout, which the caller has
+    waited out already: OpenAI's clients are told not to wait it out twice more."""
 
     status_code = 504
-    error_type = "timeout_error"
     default_code = "timeout"
+    default_headers = NO_RETRY
 
 
 class ServerError(APIError):
     """500: a fault on our side; the message is generic on purpose."""
 
     status_code = 500
-    error_type = "server_error"
     default_code = "internal_error"
 
 

@@ -123,7 +123,7 @@ class ConfiguredCors:
             self._options, self._cors = options, CORSMiddleware(
                 self.app, allow_origins=options.allow_origins, allow_methods=["GET", "POST", "OPTIONS"],
                 allow_headers=options.allow_headers, allow_credentials=options.allow_credentials,
-                expose_headers=["X-Request-Id", "Retry-After"], max_age=options.max_age_s)
+                expose_headers=["X-Request-Id", "Retry-After", "X-Should-Retry"], max_age=options.max_age_s)
         await self._cors(scope, receive, send)  # type: ignore[misc]
 
 

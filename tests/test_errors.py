@@ -12,8 +12,16 @@ import pickle
 import pytest
 from ray.serve.context import _RequestContext, _serve_request_context
 
-from serve_app.errors import InvalidRequest, Overloaded, ServerError
-from serve_app.http_errors import as_api_error
+from serve_app.errors import (
+    AuthenticationFailed,
+    GatewayTimeout,
+    InvalidRequest,
+    ModelFailed,
+    Overloaded,
+    ServerError,
+    model_not_found,
+)
+from serve_app.http_errors import as_api_error, error_body
 from serve_app.jobs import ChatStreamChunk, ChoiceDelta
 from serve_app.protocol import ChatCompletionRequest
 from serve_app.streaming import ChatChunkEncoder, chat_events
@@ -26,6 +34,24 @@ def test_an_error_crosses_pickling_whole_and_prints_its_message() -> None:
     assert (copy.message, copy.param, copy.code, copy.headers) == ("busy", "model", "model_starting",
                                                                     {"Retry-After": "10"})
     assert str(InvalidRequest("bad n", param="n")) == "bad n"  # not the tuple of every argument
+
+
+def test_error_types_and_retry_hints_are_openais() -> None:
+    """OpenAI answers every 4xx as `invalid_request_error` (an unknown model, a wrong key;
+    `code` says which) and every 5xx as `server_error`. Its clients retry any 5xx unless
+    `x-should-retry: false`: a failed model and a request that timed out are not retried."""
+    types = {type(e).__name__: (error_body(e).error.type, error_body(e).error.code)
+             for e in (model_not_found("x"), AuthenticationFailed("no"), InvalidRequest("n"),
+                       Overloaded("busy"), ModelFailed("gone"), GatewayTimeout("slow"))}
+    assert types == {"NotFound": ("invalid_request_error", "model_not_found"),
+                     "AuthenticationFailed": ("invalid_request_error", "invalid_api_key"),
+                     "InvalidRequest": ("invalid_request_error", "invalid_value"),
+                     "Overloaded": ("server_error", "overloaded"),
+                     "ModelFailed": ("server_error", "model_failed"),
+                     "GatewayTimeout": ("server_error", "timeout")}
+    assert ModelFailed("gone").headers == GatewayTimeout("slow").headers == {"x-should-retry": "false"}
+    assert "x-should-retry" not in Overloaded("busy", headers={"Retry-After": "1"}).headers  # worth retrying
+    assert pickle.loads(pickle.dumps(ModelFailed("gone"))).headers == {"x-should-retry": "false"}
 
 
 def test_a_server_fault_is_a_generic_500_whose_reference_is_the_request_id(serve_caplog: pytest.LogCaptureFixture) -> None:

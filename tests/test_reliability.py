@@ -380,7 +380,8 @@ def test_a_slow_model_answers_504_not_a_hang(cluster):
                                                                  "stop": ["\u2603\u2603\u2603"]})
             assert time.monotonic() - started < 10
             assert response.status_code == 504 and response.headers["content-type"] == "application/json"
-            assert response.json()["code"] == 504 and response.json()["error"]["type"] == "timeout_error"
+            assert response.json()["code"] == 504 and response.json()["error"]["type"] == "server_error"
+            assert response.json()["error"]["code"] == "timeout" and response.headers["x-should-retry"] == "false"
             # The answer given up on stops costing compute: its generation ends, well short of 1000 tokens.
             model = serve.get_deployment_handle("model_Llama3-8B", app_name="slow_app")
             assert wait_for(lambda: model.stats.remote().result()["active_requests"] == 0, timeout=10, interval=0.05)
@@ -437,5 +438,13 @@ def test_a_model_whose_replicas_cannot_start_is_503_model_failed_at_once(cluster
             assert response.json()["error"]["code"] == "model_failed" and time.monotonic() - started < 10
             assert "/nonexistent" not in response.text  # the cause is in Serve's status, not told to clients
             assert client.post("/v1/chat/completions", json={**SEED_CHAT, "model": "echo"}).status_code == 200
+        # OpenAI's client retries a 5xx twice by default; this one it is told not to retry.
+        sent: list[httpx.Request] = []
+        with httpx.Client(event_hooks={"request": [sent.append]}) as counted:
+            client = openai.OpenAI(base_url=cluster.base_url + "/broken/v1", api_key="unused", http_client=counted)
+            with pytest.raises(openai.InternalServerError) as failed:
+                client.chat.completions.create(model="broken", messages=SEED_CHAT["messages"])
+        assert failed.value.status_code == 503 and failed.value.code == "model_failed"
+        assert len(sent) == 1
     finally:
         serve.delete("broken_app")
