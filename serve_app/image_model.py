@@ -35,7 +35,7 @@ from diffusers import (
     AutoPipelineForText2Image,
     DiffusionPipeline,
 )
-from PIL import Image
+from PIL import Image, ImageOps
 from ray import serve
 
 from serve_app.config import ImageModelConfig
@@ -65,14 +65,38 @@ def encode_image(image: Image.Image, output_format: str = "png", quality: int | 
     return buffer.getvalue()
 
 
-def decode_rgb(data: bytes, size: tuple[int, int], *, param: str, mode: str = "RGB") -> Image.Image:
-    """Decode an input image and fit it to the requested (width, height)."""
+def open_image(data: bytes, *, param: str) -> Image.Image:
+    """An input image, decoded; any decoder failure is the client's bad input."""
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
     except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's bad input
         raise InvalidRequest(f"{param} is not a readable image", param=param) from exc
-    return image.convert(mode).resize(size, Image.Resampling.LANCZOS)
+    return image
+
+
+def transparency(image: Image.Image) -> Image.Image | None:
+    """The alpha channel (mode L) of an image that has at least one transparent pixel, else None
+    (no alpha channel, or one that is opaque everywhere, as many editors save)."""
+    if not image.has_transparency_data:
+        return None
+    alpha = image.convert("RGBA").getchannel("A")
+    return alpha if alpha.getextrema()[0] < 255 else None
+
+
+def paint_mask(image: Image.Image) -> Image.Image:
+    """An edit's mask as diffusers takes it (mode L, white = repaint, black = keep).
+
+    OpenAI's rule comes first: where the mask has transparent pixels, those are where to
+    edit. A mask without transparency is read as diffusers' own (white repaints), as
+    masks drawn for Stable Diffusion are."""
+    alpha = transparency(image)
+    return image.convert("L") if alpha is None else ImageOps.invert(alpha)
+
+
+def fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """An input image at the requested (width, height)."""
+    return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
 
 
 @dataclass(frozen=True)
@@ -243,18 +267,27 @@ class ImageModel(ModelReplica):
         return cast(list[Outcome], outcomes)
 
     def prepare(self, job: ImageJob) -> PreparedJob:
-        """Choose the pipeline and decode the input images of one job."""
+        """Choose the pipeline and decode the input images of one job.
+
+        As OpenAI's edits do, an image sent without a mask that has transparent pixels is
+        its own mask: those pixels are repainted (by a model that can inpaint; others
+        redraw the whole image, as for any image without a mask)."""
         if job.init_image is None:
             return PreparedJob(job, "t2i", job.steps)
         size = (job.width, job.height)
-        init_image = decode_rgb(job.init_image, size, param="image")
+        source = open_image(job.init_image, param="image")
+        init_image = fit(source.convert("RGB"), size)
         steps = job.pipeline_steps
-        if job.mask_image is None:
-            return PreparedJob(job, "i2i", steps, init_image)
-        if self.pipelines["inpaint"] is None:
-            raise InvalidRequest("this model does not support masks", param="mask")
-        return PreparedJob(job, "inpaint", steps, init_image,
-                           decode_rgb(job.mask_image, size, param="mask", mode="L"))
+        if job.mask_image is not None:
+            if self.pipelines["inpaint"] is None:
+                raise InvalidRequest("this model does not support masks", param="mask")
+            mask = paint_mask(open_image(job.mask_image, param="mask"))
+        else:
+            alpha = transparency(source) if self.pipelines["inpaint"] is not None else None
+            if alpha is None:
+                return PreparedJob(job, "i2i", steps, init_image)
+            mask = ImageOps.invert(alpha)
+        return PreparedJob(job, "inpaint", steps, init_image, fit(mask, size))
 
     def call_pipeline(self, group: list[PreparedJob]) -> list[Image.Image]:
         """One pipeline call for a group of compatible jobs: their images, in job order."""

@@ -68,7 +68,7 @@ def _edit_body_schema() -> dict[str, Any]:
     form = {**schema, "required": [*schema.get("required", []), "image"], "properties": {
         **schema["properties"],
         "image": {"type": "string", "format": "binary", "description": "The image to edit."},
-        "mask": {"type": "string", "format": "binary", "description": "Where to paint (white), optional."}}}
+        "mask": {"type": "string", "format": "binary", "description": ImageEditRequest.model_fields["mask"].description}}}
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": schema}, "multipart/form-data": {"schema": form}}}}
 

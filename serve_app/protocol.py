@@ -347,7 +347,10 @@ class ImageEditRequest(ImageGenerationRequest):
     as multipart, they are uploaded files and these fields stay empty."""
 
     image: str | None = None
-    mask: str | None = None
+    mask: str | None = Field(None, description=(
+        "Optional. Where to edit: its transparent pixels, as OpenAI reads a mask; a mask without "
+        "transparency paints where it is white. Without a mask, the image's own transparent pixels "
+        "are edited."))
     strength: Annotated[float | None, Blankable] = Field(None, gt=0, le=1)
 
 

@@ -388,6 +388,40 @@ def test_an_edit_with_a_mask_inpaints(http):
     assert np.abs(masked - as_json).max() <= 1
 
 
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_an_edit_reads_transparency_as_openai_does(http):
+    """OpenAI's mask edits where it is transparent; without a mask, the image's own
+    transparent pixels are edited. A mask without transparency (an RGBA one that is opaque
+    everywhere included) paints where it is white, as diffusers reads masks."""
+    ask = {"model": IMAGE, "prompt": "beret", "seed": "5", "size": "64x64", "response_format": "b64_json"}
+    red = Image.new("RGB", (64, 64), "red")
+    white_left = Image.new("L", (64, 64), 0)
+    white_left.paste(255, (0, 0, 32, 64))
+    clear_left = Image.new("RGBA", (64, 64), (0, 0, 0, 255))  # OpenAI's: opaque, with a hole to edit
+    clear_left.paste((0, 0, 0, 0), (0, 0, 32, 64))
+    red_clear_left = red.convert("RGBA")
+    red_clear_left.putalpha(white_left.point(lambda v: 255 - v))
+
+    def made(image: Image.Image, mask: Image.Image | None = None) -> np.ndarray:
+        files = {"image": ("in.png", _png(image), "image/png")}
+        if mask is not None:
+            files["mask"] = ("mask.png", _png(mask), "image/png")
+        data = base64.b64decode(assert_success(http.post("/v1/images/edits", data=ask, files=files))["data"][0]["b64_json"])
+        return np.asarray(png_of(data).convert("RGB"), dtype=np.int16)
+
+    left = made(red, white_left)
+    assert np.abs(left - made(red)).mean() > 1  # an inpainting, not a plain edit
+    assert np.abs(left - made(red, clear_left)).max() <= 1
+    assert np.abs(left - made(red_clear_left)).max() <= 1
+    assert np.abs(left - made(red, white_left.convert("RGBA"))).max() <= 1  # alpha 255 everywhere
+    assert np.abs(left - made(red, clear_left.convert("RGB"))).mean() > 1  # all black: repaint nothing
+
+
 # ------------------------------------------------------------------------------ errors
 
 BAD_REQUESTS = [
