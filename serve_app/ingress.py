@@ -276,7 +276,7 @@ class Ingress:
     async def _read_edit(self, request: Request) -> tuple[Target, ImageEditRequest, InputImage, InputImage | None]:
         """An edit as JSON (image URLs) or multipart (uploaded files): its model resolved before any
         image is fetched, its images checked before any model work."""
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # any case, as HTTP allows
             fields, files = await _read_form(request, self.config.max_body_bytes)
             body = ImageEditRequest.model_validate(fields)
             target = self._target(body.model, "image", lambda: body.prompt)
