@@ -83,18 +83,24 @@ Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # OpenAI's seed is a 64
 
 
 class ContentPart(WireModel):
-    """One part of a message's content; only text parts reach a text model."""
+    """One part of a message's content. Only text reaches a text model: `text` parts, and the
+    `refusal` parts OpenAI's clients may replay in an assistant's turn (as their text)."""
 
     type: str
     text: Text | None = None
+    refusal: Text | None = None
 
     @model_validator(mode="after")
     def _text_only(self) -> "ContentPart":
-        if self.type != "text":
+        if self.type not in ("text", "refusal"):
             raise ValueError(f"content parts of type {self.type!r} are not supported; use 'text'")
-        if self.text is None:
-            raise ValueError("a content part of type 'text' needs a 'text' string")
+        if getattr(self, self.type) is None:
+            raise ValueError(f"a content part of type {self.type!r} needs a {self.type!r} string")
         return self
+
+    @property
+    def value(self) -> str:
+        return (self.text if self.type == "text" else self.refusal) or ""
 
 
 class ChatMessage(WireModel):
@@ -108,11 +114,11 @@ class ChatMessage(WireModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "\n".join(part.text or "" for part in self.content)
+        return "\n".join(part.value for part in self.content)
 
 
 class StreamOptions(WireModel):
-    include_usage: bool = False
+    include_usage: bool | None = False  # null: absent, as for every other optional field
 
 
 class ResponseFormatSpec(WireModel):

@@ -7,6 +7,7 @@ and against the official `openai` client's own types.
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import json
 import time
@@ -133,6 +134,14 @@ def test_chat_accepts_content_parts_and_unknown_fields(http):
         "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}],
     }
     assert_success(http.post("/v1/chat/completions", json=body))
+    # An assistant's refusal part, as OpenAI's clients replay one, is that turn's text.
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "I can't help with that."},
+             {"role": "user", "content": "Why?"}]
+    as_part = copy.deepcopy(turns)
+    as_part[1]["content"] = [{"type": "refusal", "refusal": "I can't help with that."}]
+    prompt_tokens = [assert_success(http.post("/v1/chat/completions", json={**body, "messages": m}))["usage"]["prompt_tokens"]
+                     for m in (turns, as_part)]
+    assert prompt_tokens[0] == prompt_tokens[1]
 
 
 def test_streaming_equals_non_streaming(client):
@@ -210,6 +219,15 @@ def test_tools_in_auto_mode_function_role_and_text_format_are_plain_chat(http):
             "messages": [*SEED_CHAT["messages"], {"role": "function", "name": "get_weather", "content": "sunny"}]}
     answer = assert_success(http.post("/v1/chat/completions", json=body))
     assert answer["choices"][0]["message"]["content"] and "tool_calls" not in answer["choices"][0]["message"]
+
+
+def test_stream_options_may_say_null(http):
+    """Null is absent for every optional field, `stream_options.include_usage` too: no usage chunk."""
+    with http.stream("POST", "/v1/chat/completions", json={
+            **SEED_CHAT, "stream": True, "max_tokens": 2, "stream_options": {"include_usage": None}}) as r:
+        assert r.status_code == 200
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks and all(c["choices"] and c.get("usage") is None for c in chunks)
 
 
 def test_streaming_raw_sse_format(http):
