@@ -32,7 +32,7 @@ from serve_app.errors import APIError, InvalidRequest
 from serve_app.jobs import ChatJob, ChatResult, ChatStreamChunk, ChoiceDelta
 from serve_app.metrics import ChatEngineMetrics
 from serve_app.placement import ModelReplica, spread_devices, weights_device_map
-from serve_app.sampling import make_rows
+from serve_app.sampling import SamplingDefaults, make_rows
 from serve_app.token_bytes import TokenBytes
 
 logger = logging.getLogger("ray.serve")
@@ -61,6 +61,7 @@ class ChatModel(ModelReplica):
         self.model = AutoModelForCausalLM.from_pretrained(
             config.path, dtype=self.dtype, device_map=weights_device_map(config, self.device)).eval()
         generation = self.model.generation_config
+        self.sampling_defaults = SamplingDefaults.of(generation)
         eos = generation.eos_token_id if generation.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
@@ -248,7 +249,7 @@ class ChatModel(ModelReplica):
         top_logprobs = job.top_logprobs if job.logprobs else None
         decoders = [ChoiceDecoder(self.tokenizer, self.eos_ids, job.stop, max_new, top_logprobs, self.token_bytes)
                     for _ in range(job.n)]
-        return Slot(prompt_ids=prompt_ids, rows=make_rows(job, self.model.generation_config, decoders))
+        return Slot(prompt_ids=prompt_ids, rows=make_rows(job, self.sampling_defaults, decoders))
 
     def _fit_to_context(self, prompt_length: int, job: ChatJob) -> int:
         """max_tokens that fit the context: an explicit ask that does not fit is an error."""

@@ -67,9 +67,30 @@ class Row:
         return 1.0 - self._uniforms.pop()
 
 
-def make_rows(job: ChatJob, defaults, decoders: list[ChoiceDecoder]) -> list[Row]:
-    """Rows for a job; omitted parameters keep the checkpoint's `generation_config` defaults."""
-    sample = bool(defaults.do_sample) if job.temperature is None and job.top_p is None else job.temperature != 0
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a checkpoint's `generation_config` says for requests that omit a setting: only
+    the values it sets (transformers 4 fills unset ones with its own, e.g. top_k 50)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    @classmethod
+    def of(cls, generation_config) -> "SamplingDefaults":
+        given = generation_config.to_diff_dict() if generation_config is not None else {}
+        return cls(**{name: given[name] for name in ("temperature", "top_p", "top_k")
+                      if given.get(name) is not None})
+
+
+def make_rows(job: ChatJob, defaults: SamplingDefaults, decoders: list[ChoiceDecoder]) -> list[Row]:
+    """Rows for a job. Omitted settings take the checkpoint's values, else OpenAI's defaults
+    (temperature 1, top_p 1), as vLLM's server does; a request samples unless its
+    temperature is 0 (transformers' own `generate` is greedy unless told to sample, but an
+    OpenAI client that asks for n=3 expects three answers). The checkpoint's top_k applies
+    while the request leaves temperature to it."""
+    temperature = job.temperature if job.temperature is not None else defaults.temperature
+    sample = temperature != 0
     seed = job.seed if job.seed is not None else secrets.randbits(62)
     bias = None
     if job.logit_bias:
@@ -78,9 +99,9 @@ def make_rows(job: ChatJob, defaults, decoders: list[ChoiceDecoder]) -> list[Row
     return [Row(decoder=decoder,
                 generator=torch.Generator().manual_seed((seed + index) % 2**64),
                 greedy=not sample,
-                temperature=job.temperature if job.temperature is not None else (defaults.temperature or 1.0),
-                top_p=job.top_p if job.top_p is not None else (defaults.top_p or 1.0),
-                top_k=(defaults.top_k or 0) if job.temperature is None else 0,
+                temperature=temperature,
+                top_p=job.top_p if job.top_p is not None else defaults.top_p,
+                top_k=defaults.top_k if job.temperature is None else 0,
                 presence=job.presence_penalty or 0.0,
                 frequency=job.frequency_penalty or 0.0,
                 bias=bias)

@@ -15,7 +15,7 @@ from serve_app.chat_engine import DecodeBatch, Slot
 from serve_app.decoding import ChoiceDecoder
 from serve_app.jobs import ChatJob
 from serve_app.kv_cache import ReservedLayer
-from serve_app.sampling import make_rows
+from serve_app.sampling import SamplingDefaults, make_rows
 
 
 def states(rows: int, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +125,7 @@ def run_batch(model, tokenizer, requests: list[Request], room_tokens: int, join_
         text = tokenizer.apply_chat_template(job.messages, add_generation_prompt=True, tokenize=False)
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
         decoders = [ChoiceDecoder(tokenizer, set(), [], length) for _ in range(n)]  # no EOS: rows run their length
-        slots.append(Slot(prompt_ids=ids, rows=make_rows(job, model.generation_config, decoders)))
+        slots.append(Slot(prompt_ids=ids, rows=make_rows(job, SamplingDefaults.of(model.generation_config), decoders)))
     waiting, step = list(slots), 0
     while waiting or not batch.done:
         batch.tick([waiting.pop(0)] if waiting and step % join_every == 0 else [])

@@ -6,7 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve_app.sampling import UNIFORM_BLOCK, Row, SamplingPlan, choose_tokens
+from transformers import GenerationConfig
+
+from serve_app.jobs import ChatJob
+from serve_app.sampling import UNIFORM_BLOCK, Row, SamplingDefaults, SamplingPlan, choose_tokens, make_rows
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -30.0])
 
@@ -140,3 +143,20 @@ def test_a_rebuilt_plan_keeps_the_counts_of_rows_that_stay():
     picked = choose_tokens([newcomer, staying], LOGITS.repeat(2, 1), second).tolist()
     assert picked == [0, 2]  # the newcomer's first pick; the stayer's third (0 and 1 penalised)
     assert staying.counts[:3].tolist() == [1, 1, 1] and newcomer.counts[:3].tolist() == [1, 0, 0]
+
+
+@pytest.mark.parametrize("checkpoint, asked, expected", [
+    # Nothing set anywhere: OpenAI's defaults, sampling at temperature 1 (so n=3 gives three answers).
+    ({}, {}, (False, 1.0, 1.0, 0)),
+    # The checkpoint's own values for what the request omits; its top_k while it picks the temperature.
+    ({"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20}, {}, (False, 0.6, 0.9, 20)),
+    ({"temperature": 0.6, "top_p": 0.9, "top_k": 20}, {"top_p": 0.5}, (False, 0.6, 0.5, 20)),
+    ({"temperature": 0.6, "top_p": 0.9, "top_k": 20}, {"temperature": 1.2}, (False, 1.2, 0.9, 0)),
+    ({"temperature": 0.6}, {"temperature": 0}, (True, 0, 1.0, 0)),  # 0: greedy
+    ({"temperature": 0.0}, {}, (True, 0.0, 1.0, 0)),  # a checkpoint may default to greedy
+])
+def test_omitted_settings_take_the_checkpoints_then_openais_defaults(checkpoint, asked, expected):
+    defaults = SamplingDefaults.of(GenerationConfig(**checkpoint))
+    job = ChatJob(messages=[], max_tokens=4, max_tokens_explicit=True, n=3, seed=1, **asked)
+    rows = make_rows(job, defaults, [None] * 3)
+    assert {(r.greedy, r.temperature, r.top_p, r.top_k) for r in rows} == {expected}

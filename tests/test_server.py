@@ -118,6 +118,17 @@ def test_chat_seed_reproduces_and_differs(client):
     assert len({ask(7), ask(8), ask(9)}) > 1
 
 
+def test_omitted_temperature_samples_as_openai_does(client):
+    """OpenAI's default temperature is 1: n=3 without one gives three answers (the tiny
+    model's checkpoint sets no sampling defaults), and its seed reproduces them."""
+    def ask() -> list[str]:
+        result = client.chat.completions.create(model=CHAT, messages=SEED_CHAT["messages"], max_tokens=16, n=3, seed=4)
+        return [c.message.content for c in result.choices]
+
+    answers = ask()
+    assert len(set(answers)) > 1 and ask() == answers
+
+
 def test_chat_stop_string_cuts_output(client):
     greedy = dict(model=CHAT, messages=SEED_CHAT["messages"], max_tokens=24, temperature=0)
     full = client.chat.completions.create(**greedy).choices[0].message.content
