@@ -239,7 +239,9 @@ class ChatModel(ModelReplica):
         """Tokenise and check a request before it joins a batch: its errors are its own."""
         try:
             prompt = self.tokenizer.apply_chat_template(job.messages, add_generation_prompt=True, tokenize=False)
-        except jinja2.TemplateError as exc:  # the template refuses these messages (roles, order)
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            # The template refuses these messages (roles, order, a tool call's shape); its
+            # only input is the client's messages, so this is the client's error.
             raise InvalidRequest(f"This model's chat template rejects the messages: {exc}", param="messages") from exc
         prompt_ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
         max_new = self._fit_to_context(len(prompt_ids), job)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 
@@ -19,7 +19,7 @@ ImageFormat = Literal["png", "jpeg", "webp"]
 class ChatJob:
     """One chat completion: plain-text messages and resolved sampling parameters."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]  # as chat templates take them (`translate.template_message`)
     max_tokens: int
     max_tokens_explicit: bool
     max_tokens_param: str = "max_tokens"  # the request's name for it, for errors

@@ -103,10 +103,25 @@ class ContentPart(WireModel):
         return (self.text if self.type == "text" else self.refusal) or ""
 
 
+class ToolCallFunction(WireModel):
+    name: Text
+    arguments: Text | dict[str, Any] | None = None  # OpenAI sends a JSON string
+
+
+class ToolCall(WireModel):
+    """A tool call an earlier assistant turn made (from another model: this server makes none)."""
+
+    id: Text | None = None
+    type: Text = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(WireModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Text | list[ContentPart] | None = None
-    name: str | None = None
+    name: Text | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: Text | None = None
 
     def text(self) -> str:
         """The content as one string (text parts joined by newlines, as vLLM joins them)."""

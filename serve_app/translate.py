@@ -7,7 +7,9 @@ and gets a 400 naming the parameter.
 
 from __future__ import annotations
 
+import json
 import math
+from typing import Any
 
 from serve_app.config import ChatModelConfig, ImageModelConfig, RequestLimits, parse_size
 from serve_app.errors import InvalidRequest
@@ -18,6 +20,7 @@ from serve_app.protocol import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     ChoiceLogprobs,
     ImageEditRequest,
     ImageGenerationRequest,
@@ -29,6 +32,36 @@ from serve_app.protocol import TokenLogprob as WireTokenLogprob
 _ROLE_ALIASES = {"developer": "system", "function": "tool"}  # OpenAI's newer and older names
 
 
+def template_message(message: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates take it, as vLLM hands it to them: the role, the text,
+    and where given the name, the tool calls an assistant turn made (their arguments as an
+    object, which templates render with `tojson`) and the call a tool's result answers.
+    A conversation from another model that made tool calls then reads as it happened."""
+    entry: dict[str, Any] = {"role": _ROLE_ALIASES.get(message.role, message.role), "content": message.text()}
+    if message.name is not None:
+        entry["name"] = message.name
+    if message.tool_calls:
+        entry["tool_calls"] = [{"id": call.id, "type": call.type, "function": {
+            "name": call.function.name, "arguments": _arguments(call.function.arguments)}}
+            for call in message.tool_calls]
+    if message.tool_call_id is not None:
+        entry["tool_call_id"] = message.tool_call_id
+    return entry
+
+
+def _arguments(arguments: str | dict[str, Any] | None) -> str | dict[str, Any]:
+    """A tool call's arguments as an object; a string that is no JSON object stays as it is."""
+    if arguments is None:
+        return {}
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            return arguments
+        return parsed if isinstance(parsed, dict) else arguments
+    return arguments
+
+
 def _check_n(n: int, limit: int) -> None:
     if n > limit:
         raise InvalidRequest(f"n must be at most {limit} for this model.", param="n")
@@ -38,8 +71,8 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
     _check_n(request.n, config.max_n)
     if len(request.messages) > limits.max_messages:
         raise InvalidRequest(f"At most {limits.max_messages} messages are accepted.", param="messages")
-    texts = [m.text() for m in request.messages]
-    if sum(map(len, texts)) > limits.max_prompt_chars:
+    messages = [template_message(m) for m in request.messages]
+    if sum(len(m["content"]) + len(json.dumps(m.get("tool_calls", ""))) for m in messages) > limits.max_prompt_chars:
         raise InvalidRequest(f"The messages are longer than {limits.max_prompt_chars} characters in all.",
                              param="messages", code="prompt_too_long")
     requested = request.requested_max_tokens
@@ -48,8 +81,7 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
         raise InvalidRequest(f"{max_tokens_param} must be at most {config.max_tokens_limit} for this model.",
                              param=max_tokens_param)
     return ChatJob(
-        messages=[{"role": _ROLE_ALIASES.get(m.role, m.role), "content": text}
-                  for m, text in zip(request.messages, texts)],
+        messages=messages,
         max_tokens=requested or config.default_max_tokens,
         max_tokens_explicit=requested is not None,
         max_tokens_param=max_tokens_param,

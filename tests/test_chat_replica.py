@@ -13,9 +13,11 @@ import pytest
 
 from serve_app.decoding import ChoiceDecoder
 from serve_app.chat_model import ChatModel
-from serve_app.config import ChatModelConfig
+from serve_app.config import ChatModelConfig, RequestLimits
 from serve_app.errors import InvalidRequest
 from serve_app.jobs import ChatJob
+from serve_app.protocol import ChatCompletionRequest
+from serve_app.translate import chat_job
 
 
 class InjectedFailure(RuntimeError):
@@ -277,3 +279,33 @@ def test_latency_metrics_time_the_wait_for_room_the_first_token_and_the_tokens_a
     assert queued[0] < first_done / 4 and queued[1] >= first_done * 0.8, (queued, first_done)
     assert first_tokens[1] > queued[1] and all(0 < t < 1 for t in per_token), values
     assert replica.metrics._gauges() == {"running_requests": {("m",): 0}, "waiting_requests": {("m",): 0}}
+
+
+TOOL_TEMPLATE = (  # renders what tool-aware templates read: tool calls, their ids, arguments as objects
+    "{% for m in messages %}[{{ m.role }}{% if m.name %} {{ m.name }}{% endif %}]"
+    "{% for call in m.tool_calls or [] %}call {{ call.id }} {{ call.function.name }} "
+    "{{ call.function.arguments | tojson }} city={{ call.function.arguments.city }}{% endfor %}"
+    "{% if m.tool_call_id %}answers {{ m.tool_call_id }}: {% endif %}{{ m.content }}\n{% endfor %}")
+
+
+def test_tool_calls_of_an_earlier_turn_reach_the_chat_template(replica):
+    """A conversation from a model that called tools reads as it happened: the assistant's
+    calls (arguments as an object, as vLLM hands them over) and the results' call ids."""
+    body = {"model": "m", "messages": [
+        {"role": "user", "content": "Weather in Paris?", "name": "alice"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "22C"}]}
+    job = chat_job(ChatCompletionRequest.model_validate(body), replica.config, RequestLimits())
+    saved, replica.tokenizer.chat_template = replica.tokenizer.chat_template, TOOL_TEMPLATE
+    try:
+        prompt = replica.tokenizer.decode(replica._slot(job).prompt_ids)
+        # A template that cannot take the messages (a TypeError in it, not only raise_exception) is a 400.
+        replica.tokenizer.chat_template = "{{ messages[0].content + 1 }}"
+        refused = asyncio.run(replica.generate(job))
+    finally:
+        replica.tokenizer.chat_template = saved
+    assert prompt == ('[user alice]Weather in Paris?\n'
+                      '[assistant]call call_1 get_weather {"city": "Paris"} city=Paris\n'
+                      '[tool]answers call_1: 22C\n')
+    assert isinstance(refused, InvalidRequest) and refused.param == "messages"
