@@ -218,8 +218,12 @@ class ChatCompletionRequest(WireModel):
 
 
 class AssistantMessage(WireModel):
+    """As OpenAI sends it, `refusal` and `annotations` included (this server has neither)."""
+
     role: Literal["assistant"] = "assistant"
     content: str = ""
+    refusal: str | None = None
+    annotations: list[Any] = Field(default_factory=list)
 
 
 class TopLogprob(WireModel):
@@ -309,6 +313,7 @@ class ChatCompletionChunk(WireModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
+    system_fingerprint: str | None = None
 
 
 # -------------------------------------------------------------------------- images

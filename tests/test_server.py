@@ -90,6 +90,7 @@ def test_chat_seed_example_matches_standard_and_openai(http):
     choice = body["choices"][0]
     assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
     assert isinstance(choice["message"]["content"], str) and choice["message"]["content"]
+    assert (choice["message"]["refusal"], choice["message"]["annotations"]) == (None, [])  # as OpenAI's
     assert choice["finish_reason"] in ("stop", "length")
     usage = body["usage"]
     assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
