@@ -65,7 +65,8 @@ class ChatModel(ModelReplica):
         eos = generation.eos_token_id if generation.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
-        self.context_length = getattr(self.model.config, "max_position_embeddings", None)
+        # A multimodal checkpoint (Gemma 3) keeps its text model's context in the text config.
+        self.context_length = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         head = self.model.get_output_embeddings()  # the logits' width; some models name no head
         self.vocabulary = getattr(head, "out_features", None) or self.model.config.get_text_config().vocab_size
         self.token_bytes = TokenBytes(self.tokenizer)
@@ -243,6 +244,11 @@ class ChatModel(ModelReplica):
             # The template refuses these messages (roles, order, a tool call's shape); its
             # only input is the client's messages, so this is the client's error.
             raise InvalidRequest(f"This model's chat template rejects the messages: {exc}", param="messages") from exc
+        try:  # text the wire checks let through (a tool call's JSON arguments) may decode to a lone surrogate
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest("The messages hold an unpaired UTF-16 surrogate (such as \\ud800), here inside "
+                                 "a tool call's arguments; send valid Unicode.", param="messages") from None
         prompt_ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
         max_new = self._fit_to_context(len(prompt_ids), job)
         if any(token >= self.vocabulary for token in job.logit_bias):

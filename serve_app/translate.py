@@ -58,6 +58,8 @@ def _arguments(arguments: str | dict[str, Any] | None) -> str | dict[str, Any]:
             parsed = json.loads(arguments)
         except ValueError:
             return arguments
+        except RecursionError:  # absurd nesting inside a flat request body
+            raise InvalidRequest("A tool call's arguments nest too deeply.", param="messages") from None
         return parsed if isinstance(parsed, dict) else arguments
     return arguments
 

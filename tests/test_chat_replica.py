@@ -309,3 +309,25 @@ def test_tool_calls_of_an_earlier_turn_reach_the_chat_template(replica):
                       '[assistant]call call_1 get_weather {"city": "Paris"} city=Paris\n'
                       '[tool]answers call_1: 22C\n')
     assert isinstance(refused, InvalidRequest) and refused.param == "messages"
+
+
+def test_tool_call_arguments_no_tokenizer_can_take_are_the_clients_400(replica):
+    """Arguments pass the wire's text check as a JSON string, then decode to what the
+    template and tokenizer cannot take: a lone surrogate, or nesting past Python's limit."""
+    def request(arguments):
+        return ChatCompletionRequest.model_validate({"model": "m", "messages": [
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}]},
+            {"role": "user", "content": "hi"}]})
+
+    with pytest.raises(InvalidRequest) as nested:
+        chat_job(request("[" * 5000 + "]" * 5000), replica.config, RequestLimits())
+    assert nested.value.param == "messages" and "nest" in nested.value.message
+    job = chat_job(request('{"x": "\\ud83d"}'), replica.config, RequestLimits())
+    saved, replica.tokenizer.chat_template = replica.tokenizer.chat_template, TOOL_TEMPLATE
+    try:
+        with pytest.raises(InvalidRequest) as surrogate:
+            replica._slot(job)
+    finally:
+        replica.tokenizer.chat_template = saved
+    assert surrogate.value.param == "messages" and "surrogate" in surrogate.value.message
