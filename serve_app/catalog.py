@@ -201,7 +201,13 @@ class ModelRouter:
             for model in config.models
         }
 
-    def resolve(self, name: str, kind: str) -> Target:
+        self._names_by_kind = {kind: [m.name for m in config.models if m.kind == kind] for kind in ROUTES}
+
+    def resolve(self, name: str | None, kind: str) -> Target:
+        """The target named `name`; an omitted name means the one model of `kind`, as vLLM
+        serves its model and OpenAI's client may leave `model` out of an image request."""
+        if not name:
+            return self._only(kind)
         target = self._targets.get(name)
         if target is None:
             raise model_not_found(name)
@@ -210,3 +216,10 @@ class ModelRouter:
                 f"The model {name!r} is {KIND_NAMES[target.config.kind]}; call "
                 f"{ROUTES[target.config.kind][0]} for it.", param="model", code="wrong_model_kind")
         return target
+
+    def _only(self, kind: str) -> Target:
+        names = self._names_by_kind[kind]
+        if len(names) == 1:
+            return self._targets[names[0]]
+        served = f"this server serves {', '.join(map(repr, names))}" if names else f"this server serves no {kind} models"
+        raise InvalidRequest(f"model is required: {served}.", param="model", code="missing_model")

@@ -28,6 +28,7 @@ from serve_app.image_store import FILES_ROUTE, ImageStore
 from serve_app.jobs import ImageJob, ImageResult
 from serve_app.metrics import RequestMetrics
 from serve_app.protocol import (
+    ONE_IMAGE,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ImageData,
@@ -77,23 +78,34 @@ EDIT_BODY = _edit_body_schema()
 
 
 # Defined before the class: `@serve.ingress` snapshots the module's globals when it runs.
-async def _read_form(request: Request, max_field_bytes: int) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """Split a multipart form into plain fields and uploaded files (first file per name).
+async def _read_form(request: Request, max_field_bytes: int) -> tuple[dict[str, Any], dict[str, list[bytes]]]:
+    """Split a multipart form into plain fields (the first of each name) and uploaded files
+    (every one, by name: OpenAI's client sends a list of images as several `image[]` parts).
     A file field left empty (a browser form sends one when no file was chosen) is no upload.
     A text field may be as large as the body may (Starlette's default is 1 MiB): it may
     carry the image as a data: URL."""
     fields: dict[str, Any] = {}
-    files: dict[str, bytes] = {}
+    files: dict[str, list[bytes]] = {}
     # `async with` closes the uploads' spooled temporary files at once.
     async with request.form(max_part_size=max_field_bytes) as form:
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 data = await value.read()
                 if data or value.filename:
-                    files.setdefault(key, data)
+                    files.setdefault(key, []).append(data)
             else:
                 fields.setdefault(key, value)
     return fields, files
+
+
+def _one_upload(files: dict[str, list[bytes]], *names: str) -> bytes | None:
+    """The one file uploaded under any of `names` (taken out of `files`); more is a 400,
+    never a silent choice of one."""
+    uploads = [data for name in names for data in files.pop(name, [])]
+    if len(uploads) > 1:
+        one = "one mask per request" if names[0] == "mask" else ONE_IMAGE
+        raise InvalidRequest(f"{names[0]}: {len(uploads)} files came; {one}.", param=names[0], code="too_many_files")
+    return uploads[0] if uploads else None
 
 
 async def _json_body(request: Request) -> Any:
@@ -145,7 +157,7 @@ class Ingress:
 
     @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
-        target = self._target(body.model, "chat", body.messages[-1].text)
+        target = self._target(body, "chat", body.messages[-1].text)
         note(stream=body.stream, n=body.n)
         job = chat_job(body, target.config, self.config.limits)
         if not body.stream:
@@ -161,7 +173,7 @@ class Ingress:
 
     @api.post("/v1/images/generations", response_model=ImagesResponse, responses=ERRORS)
     async def image_generations(self, body: ImageGenerationRequest) -> Response:
-        target = self._target(body.model, "image", lambda: body.prompt)
+        target = self._target(body, "image", lambda: body.prompt)
         return await self._images(target, body, image_job(body, target.config, self.config.limits))
 
     @api.post("/v1/images/edits", response_model=ImagesResponse, responses=ERRORS, openapi_extra=EDIT_BODY)
@@ -210,13 +222,15 @@ class Ingress:
     async def image_file(self, name: str) -> FileResponse:
         return FileResponse(self.store.path(name), media_type=self.store.media_type(name))
 
-    def _target(self, model: str, kind: str, prompt: Callable[[], str]) -> Target:
-        """The deployment serving `model` (404 for an unknown model, 400 for one of another
-        kind), noted for the
+    def _target(self, body: ChatCompletionRequest | ImageGenerationRequest, kind: str,
+                prompt: Callable[[], str]) -> Target:
+        """The deployment serving the body's `model` (404 for an unknown model, 400 for one of
+        another kind; an omitted one filled in, so the answer names it), noted for the
         access log; with `log_prompts`, the line quotes the prompt (a chat's last message),
         JSON-escaped so it stays one line, cut at `PROMPT_LOG_CHARS`."""
-        target = self.router.resolve(model, kind)
-        note(model=model)
+        target = self.router.resolve(body.model, kind)
+        body.model = target.config.name
+        note(model=body.model)
         if self.config.log_prompts:
             text = prompt()
             note(prompt=json.dumps(text[:PROMPT_LOG_CHARS] + ("..." if len(text) > PROMPT_LOG_CHARS else "")))
@@ -279,11 +293,11 @@ class Ingress:
         if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # any case, as HTTP allows
             fields, files = await _read_form(request, self.config.max_body_bytes)
             body = ImageEditRequest.model_validate(fields)
-            target = self._target(body.model, "image", lambda: body.prompt)
-            upload = files.pop("image", None) or files.pop("image[]", None)
-            mask_upload = files.pop("mask", None)
+            target = self._target(body, "image", lambda: body.prompt)
+            upload = _one_upload(files, "image", "image[]")
+            mask_upload = _one_upload(files, "mask")
             if upload is None and len(files) == 1:  # a node may name the field e.g. `face_image`
-                upload = files.popitem()[1]
+                upload = _one_upload(files, *files)
             if upload is None and not body.image:
                 raise InvalidRequest("image is required: upload it as a file field named 'image'.", param="image")
             # A form may also give an image (or mask) as a URL in a text field.
@@ -298,7 +312,7 @@ class Ingress:
         # Parsed by the json module first, as FastAPI parses the other routes: pydantic's own
         # parser calls a lone surrogate invalid JSON, where the field's check names the field.
         body = ImageEditRequest.model_validate(await _json_body(request))
-        target = self._target(body.model, "image", lambda: body.prompt)
+        target = self._target(body, "image", lambda: body.prompt)
         if not body.image:
             raise InvalidRequest("image is required: an http(s) URL or a data: URL.", param="image")
         image = await self.fetcher.load(body.image, param="image")

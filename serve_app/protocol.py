@@ -153,8 +153,12 @@ MAX_LOGIT_BIAS = 300
 """Most `logit_bias` entries in one request: each is an op on every decoding step."""
 
 
+OptionalModel = Annotated[str | None, Blankable, Field(description=(
+    "The model's name. May be left out when the server serves one model of the route's kind."))]
+
+
 class ChatCompletionRequest(WireModel):
-    model: str = Field(min_length=1)
+    model: OptionalModel = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -324,7 +328,7 @@ ResponseFormat = Literal["url", "b64_json"]
 class ImageGenerationRequest(WireModel):
     """`/v1/images/generations`. Size as `size: "WxH"` or `width`/`height`."""
 
-    model: str = Field(min_length=1)
+    model: OptionalModel = None
     prompt: Text = Field(min_length=1)
     n: Count = 1
     size: str | None = None
@@ -368,16 +372,51 @@ class ImageGenerationRequest(WireModel):
         return self.steps or self.step or None
 
 
-class ImageEditRequest(ImageGenerationRequest):
-    """`/v1/images/edits`: as JSON, `image` (and `mask`) are http(s) or data: URLs;
-    as multipart, they are uploaded files and these fields stay empty."""
+def _image_url_of(value: Any) -> Any:
+    """OpenAI's JSON edits name an image as `{"image_url": ...}` (or `{"file_id": ...}`,
+    which needs OpenAI's file store); the URL is what this server fetches."""
+    if not isinstance(value, dict):
+        return value
+    if not value.get("image_url"):
+        raise ValueError("give the image as {\"image_url\": <http(s) or data: URL>}; this server keeps no "
+                         "files, so a file_id names nothing here")
+    return value["image_url"]
 
-    image: str | None = None
-    mask: str | None = Field(None, description=(
+
+ImageURL = Annotated[str | None, BeforeValidator(_image_url_of)]
+
+
+class ImageEditRequest(ImageGenerationRequest):
+    """`/v1/images/edits`: as JSON, `image` (and `mask`) are http(s) or data: URLs, plain or
+    as OpenAI's `{"image_url": ...}` (`images: [...]` holding the one image); as multipart,
+    they are uploaded files and these fields stay empty."""
+
+    image: ImageURL = None
+    images: list[ImageURL] | None = Field(None, description="OpenAI's JSON form of `image`: one `{\"image_url\": ...}`.")
+    mask: ImageURL = Field(None, description=(
         "Optional. Where to edit: its transparent pixels, as OpenAI reads a mask; a mask without "
         "transparency paints where it is white. Without a mask, the image's own transparent pixels "
         "are edited."))
     strength: Annotated[float | None, Blankable] = Field(None, gt=0, le=1)
+
+    @field_validator("images")
+    @classmethod
+    def _one_image(cls, value: list[str | None] | None, info: ValidationInfo) -> list[str | None] | None:
+        if value and len(value) > 1:
+            raise ValueError(ONE_IMAGE)
+        if value and info.data.get("image"):
+            raise ValueError("give the image as image or as images, not both")
+        return value
+
+    @model_validator(mode="after")
+    def _image_from_images(self) -> "ImageEditRequest":
+        if self.images:
+            self.image = self.images[0]
+        return self
+
+
+ONE_IMAGE = ("this server edits one image per request (OpenAI's newer models take several as references; "
+             "diffusers' edit pipelines take one); send one")
 
 
 class ImageData(WireModel):

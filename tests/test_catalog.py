@@ -33,6 +33,12 @@ def test_removed_model_is_unlisted_and_404(cluster):
         with httpx.Client(base_url=base, timeout=60) as http:
             listed = {m["model"] for m in http.get("/v1/models").json()["data"]}
             assert listed == {"chat-a", "chat-b"}
+            unnamed = {"max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
+            ambiguous = http.post("/v1/chat/completions", json=unnamed)
+            assert ambiguous.status_code == 400 and ambiguous.json()["error"]["code"] == "missing_model"
+            assert "'chat-a', 'chat-b'" in ambiguous.json()["message"]
+            no_image_model = http.post("/v1/images/generations", json={"prompt": "otter"})
+            assert no_image_model.status_code == 400 and "no image models" in no_image_model.json()["message"]
             cluster.deploy(_echo_models(cluster, "/catalog", ["chat-a"]), name="catalog_app",
                            route_prefix="/catalog")
             assert {m["model"] for m in http.get("/v1/models").json()["data"]} == {"chat-a"}
@@ -42,6 +48,8 @@ def test_removed_model_is_unlisted_and_404(cluster):
             still = http.post("/v1/chat/completions", json={
                 "model": "chat-a", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
             assert still.status_code == 200
+            # With one chat model left, an unnamed request is its (as vLLM serves its one model).
+            assert http.post("/v1/chat/completions", json=unnamed).json()["model"] == "chat-a"
     finally:
         serve.delete("catalog_app")
 

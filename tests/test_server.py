@@ -10,6 +10,7 @@ import base64
 import copy
 import io
 import json
+import re
 import time
 import uuid
 
@@ -21,7 +22,7 @@ from openai.types import ImagesResponse
 from openai.types.chat import ChatCompletion
 from PIL import Image
 
-from tests.conftest import METRICS_REPORT_INTERVAL_MS, wait_for
+from tests.conftest import METRICS_REPORT_INTERVAL_MS, ROOT, wait_for
 
 CHAT = "Llama3-8B"
 IMAGE = "SuperImage"
@@ -279,6 +280,42 @@ def test_image_seed_example_returns_fetchable_png(http):
     ImagesResponse.model_validate(body)
 
 
+def test_a_request_without_model_goes_to_the_one_model_of_its_kind(client, http):
+    """OpenAI's client may leave `model` out of an image request; the server serves one image
+    model and one chat model here, so each route knows which is meant, and says so."""
+    image = client.images.generate(prompt="otter", size="64x64", response_format="b64_json")
+    assert png_of(base64.b64decode(image.data[0].b64_json)).size == (64, 64)
+    assert image.model_extra["model"] == IMAGE
+    chat = assert_success(http.post("/v1/chat/completions", json={"model": "", "max_tokens": 2,
+                                                                  "messages": SEED_CHAT["messages"]}))
+    assert chat["model"] == CHAT
+
+
+def readme_seed_examples() -> list[tuple[str, str | None]]:
+    """The curl commands of the README's first example block (the standard's, verbatim), as
+    (path, body): what a new user pastes first."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Examples", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [c for c in re.split(r"\n\s*\n", block) if c.startswith("curl ")]
+    return [(re.match(r"curl http://127\.0\.0\.1:1088(\S+)", c)[1],  # type: ignore[index]
+             (body := re.search(r"-d '(.*?)'", c, re.S)) and body[1]) for c in commands]
+
+
+def test_readme_seed_examples_work_as_written(http):
+    examples = dict(readme_seed_examples())
+    assert list(examples) == ["/v1/chat/completions", "/v1/images/generations", "/v1/images/edits", "/v1/models"]
+
+    def post(path: str) -> httpx.Response:
+        return http.post(path, content=examples[path], headers={"Content-Type": "application/json"})
+
+    assert assert_success(post("/v1/chat/completions"))["choices"][0]["message"]["role"] == "assistant"
+    images = assert_success(post("/v1/images/generations"))["data"]  # 1024x1024, the largest size allowed
+    assert len(images) == 1 and png_of(http.get(images[0]["url"]).content).size == (1024, 1024)
+    placeholder = post("/v1/images/edits")  # "https://..." names no image, as the README says
+    assert placeholder.status_code == 400 and placeholder.json()["error"]["param"] == "image"
+    assert [m["model"] for m in http.get("/v1/models").json()["data"]] == [CHAT, IMAGE]
+
+
 def test_openai_images_generate_url_and_b64(client, http):
     by_url = client.images.generate(model=IMAGE, prompt="otter", size="256x256")
     assert png_of(http.get(by_url.data[0].url).content).size == (256, 256)
@@ -318,10 +355,14 @@ def test_width_height_fields_set_the_size(http):
     assert png_of(base64.b64decode(body["data"][0]["b64_json"])).size == (96, 64)
 
 
-def _png_bytes(size=(80, 60), color="red") -> bytes:
+def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, "PNG")
+    image.save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def _png_bytes(size=(80, 60), color="red") -> bytes:
+    return _png(Image.new("RGB", size, color))
 
 
 def test_openai_images_edit_with_file_upload(client, http):
@@ -344,10 +385,38 @@ def test_edit_json_with_data_url_keeps_input_size(http):
 
 
 def test_edit_json_with_http_url(http):
+    """The standard's edit example with a real URL, `n: 2` as in its request body."""
     made = assert_success(http.post("/v1/images/generations", json={"model": IMAGE, "prompt": "x", "size": "64x64"}))
     body = assert_success(http.post("/v1/images/edits", json={
-        "model": IMAGE, "prompt": "beret", "image": made["data"][0]["url"], "size": "64x64"}))
-    assert png_of(http.get(body["data"][0]["url"]).content).size == (64, 64)
+        "model": IMAGE, "prompt": "beret", "image": made["data"][0]["url"], "n": 2, "size": "64x64"}))
+    assert len(body["data"]) == 2 and len({item["url"] for item in body["data"]}) == 2
+    assert all(png_of(http.get(item["url"]).content).size == (64, 64) for item in body["data"])
+
+
+def test_edit_json_in_openai_image_url_form(http):
+    """OpenAI's JSON edits: `images: [{"image_url": ...}]` and `mask: {"image_url": ...}`,
+    read as `image` and `mask`; a `file_id` (OpenAI's file store) is a clear 400."""
+    image = "data:image/png;base64," + base64.b64encode(_png_bytes((64, 64))).decode()
+    mask = "data:image/png;base64," + base64.b64encode(_png(Image.new("L", (64, 64), 255))).decode()
+    ask = {"model": IMAGE, "prompt": "beret", "seed": 3, "response_format": "b64_json"}
+    plain = assert_success(http.post("/v1/images/edits", json={**ask, "image": image, "mask": mask}))
+    wrapped = assert_success(http.post("/v1/images/edits", json={
+        **ask, "images": [{"image_url": image}], "mask": {"image_url": mask}}))
+    assert wrapped["data"] == plain["data"]
+    for refs, param in ([{"file_id": "file-1"}], "images[0]"), ([{"image_url": image}] * 2, "images"):
+        refused = http.post("/v1/images/edits", json={**ask, "images": refs})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
+
+
+def test_openai_images_edit_with_several_images_is_refused_not_cut(client):
+    """OpenAI's client sends a list of images as `image[]` parts; this server edits one, so
+    two are a 400 rather than an edit of the first alone. A list of one is that image."""
+    one = client.images.edit(model=IMAGE, image=[("in.png", _png_bytes(), "image/png")], prompt="beret",
+                             size="64x64", response_format="b64_json")
+    assert png_of(base64.b64decode(one.data[0].b64_json)).size == (64, 64)
+    with pytest.raises(openai.BadRequestError) as two:
+        client.images.edit(model=IMAGE, image=[("a.png", _png_bytes(), "image/png")] * 2, prompt="beret")
+    assert two.value.body["param"] == "image" and two.value.body["code"] == "too_many_files"
 
 
 def post_form(http, fields: dict[str, str], extra_parts: str = "",
@@ -419,12 +488,6 @@ def test_an_edit_with_a_mask_inpaints(http):
     assert np.abs(masked - as_json).max() <= 1
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def test_an_edit_reads_transparency_as_openai_does(http):
     """OpenAI's mask edits where it is transparent; without a mask, the image's own
     transparent pixels are edited. A mask without transparency (an RGBA one that is opaque
@@ -463,7 +526,6 @@ BAD_REQUESTS = [
                                            + base64.b64encode(_png_bytes()).decode()}}, 404, "model"),
     ("post", "/v1/chat/completions", {"content": b"{bad json", "headers": {"content-type": "application/json"}}, 400, None),
     ("post", "/v1/chat/completions", {"json": {"model": CHAT}}, 400, "messages"),
-    ("post", "/v1/chat/completions", {"json": {"messages": SEED_CHAT["messages"]}}, 400, "model"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [{"role": "robot", "content": "x"}]}}, 400, "messages[0].role"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "temperature": "hot"}}, 400, "temperature"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "max_tokens": 10**6}}, 400, "max_tokens"),
