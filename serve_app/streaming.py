@@ -8,12 +8,12 @@ sent as one `data:` event carrying the error envelope, then `data: [DONE]`.
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from typing import AsyncIterator, Literal
 
 from pydantic import BaseModel
 
 from serve_app.http_errors import as_api_error, error_body
-from serve_app.jobs import ChatStreamChunk
+from serve_app.jobs import ChatStreamChunk, ChoiceDelta
 from serve_app.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -39,17 +39,22 @@ class ChatChunkEncoder:
     def __init__(self, request: ChatCompletionRequest) -> None:
         self.id, self.created, self.model = new_id("chatcmpl"), now(), request.model
         self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        self.started: set[int] = set()
+        self.n = request.n
+        self.opened = False
         self.usage: Usage | None = None
 
     def encode(self, chunk: ChatStreamChunk) -> str:
-        choices = []
-        for delta in chunk.deltas:
-            role = None if delta.index in self.started else "assistant"  # the first delta names the role
-            self.started.add(delta.index)
-            choices.append(ChunkChoice(index=delta.index, finish_reason=delta.finish_reason,
-                                       delta=DeltaMessage(role=role, content=delta.text),
-                                       logprobs=choice_logprobs(delta.logprobs)))
+        if self.opened:
+            choices = [self._choice(delta) for delta in chunk.deltas]
+        else:
+            # The first event opens every choice, in index order, with its role, whether its text
+            # has begun or not (it may be held back: part of a character, a possible stop string),
+            # as OpenAI's and vLLM's streams do: the openai client's stream helper builds its
+            # choices by position from the first chunk.
+            given = {delta.index: delta for delta in chunk.deltas}
+            choices = [self._choice(given.get(index, ChoiceDelta(index, "")), role="assistant")
+                       for index in range(self.n)]
+            self.opened = True
         self.usage = Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens,
                            total_tokens=chunk.prompt_tokens + chunk.completion_tokens)
         # The running totals, for the access log and metrics: right even if the client leaves.
@@ -61,6 +66,12 @@ class ChatChunkEncoder:
         if self.include_usage and self.usage is not None:
             return event(self._chunk([], usage=self.usage)) + DONE
         return DONE
+
+    @staticmethod
+    def _choice(delta: ChoiceDelta, role: Literal["assistant"] | None = None) -> ChunkChoice:
+        return ChunkChoice(index=delta.index, finish_reason=delta.finish_reason,
+                           delta=DeltaMessage(role=role, content=delta.text),
+                           logprobs=choice_logprobs(delta.logprobs))
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
