@@ -210,7 +210,11 @@ class ChatCompletionRequest(WireModel):
     @field_validator("tool_choice")
     @classmethod
     def _no_forced_tool_calls(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-        if value is not None and value not in ("auto", "none"):
+        # OpenAI's `allowed_tools` form carries the same modes: {"type": "allowed_tools", "allowed_tools": {"mode": ...}}
+        mode = value
+        if isinstance(value, dict):  # a named function (or custom tool) forces a call; allowed_tools has a mode
+            mode = (value.get("allowed_tools") or {}).get("mode") if value.get("type") == "allowed_tools" else value
+        if mode is not None and mode not in ("auto", "none"):
             raise ValueError("this server does not make tool calls: tool_choice may be 'auto' or 'none' "
                              "(the model then answers in text)")
         return value
@@ -254,10 +258,23 @@ class ChatChoice(WireModel):
     logprobs: ChoiceLogprobs | None = None
 
 
+class PromptTokensDetails(WireModel):
+    cached_tokens: int = 0  # no prefix cache: every prompt token is computed
+
+
+class CompletionTokensDetails(WireModel):
+    reasoning_tokens: int = 0  # no hidden reasoning: every token is in the answer
+
+
 class Usage(WireModel):
+    """OpenAI's usage, its details included (as OpenAI always sends them, so that code reading
+    `usage.prompt_tokens_details.cached_tokens` works here too)."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    completion_tokens_details: CompletionTokensDetails = Field(default_factory=CompletionTokensDetails)
 
 
 _ID_BITS = random.Random()  # its own generator, seeded from the OS: nobody else's seed() can repeat ids

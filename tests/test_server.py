@@ -167,6 +167,9 @@ def test_streaming_equals_non_streaming(client):
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == [whole.choices[0].finish_reason]
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # The details OpenAI always sends, so that code reading them works here too.
+    for usage in (whole.usage, chunks[-1].usage):
+        assert (usage.prompt_tokens_details.cached_tokens, usage.completion_tokens_details.reasoning_tokens) == (0, 0)
 
 
 def test_logprobs_follow_the_tokens_in_both_modes(client):
@@ -226,8 +229,9 @@ def test_top_p_zero_keeps_only_the_most_likely_token(client):
             for seed in (1, 2)} == {greedy}
 
 
-def test_tools_in_auto_mode_function_role_and_text_format_are_plain_chat(http):
-    body = {**SEED_CHAT, "max_tokens": 3, "tool_choice": "auto", "response_format": {"type": "text"},
+@pytest.mark.parametrize("tool_choice", ["auto", {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}])
+def test_tools_in_auto_mode_function_role_and_text_format_are_plain_chat(http, tool_choice):
+    body = {**SEED_CHAT, "max_tokens": 3, "response_format": {"type": "text"}, "tool_choice": tool_choice,
             "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
             "messages": [*SEED_CHAT["messages"], {"role": "function", "name": "get_weather", "content": "sunny"}]}
     answer = assert_success(http.post("/v1/chat/completions", json=body))
@@ -596,6 +600,10 @@ BAD_REQUESTS = [
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "response_format": {"type": "json_object"}}}, 400, "response_format"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
                                                "tool_choice": "required"}}, 400, "tool_choice"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "tool_choice": {"type": "allowed_tools", "allowed_tools": {
+        "mode": "required", "tools": [{"type": "function", "function": {"name": "f"}}]}}}}, 400, "tool_choice"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "tool_choice": {"type": "function", "function": {"name": "f"}}}},
+     400, "tool_choice"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "logit_bias": {"99999999": 5}}}, 400, "logit_bias"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "logit_bias": {"5": 101}}}, 400, None),
     ("post", "/v1/chat/completions", {"content": b'{"model": "Llama3-8B", "messages": []}'}, 400, None),  # no Content-Type
