@@ -11,7 +11,8 @@ Writes
                                      the shared volume) whose serveConfigV2 is that same config.
 
 serve_config.yaml stays the single source of the models and their options; only the few
-cluster differences live in overrides.yaml. Needs PyYAML only.
+cluster differences live in overrides.yaml. Needs PyYAML; where serve_app is importable
+(the project's .venv) the result is validated as the server will validate it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,40 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def _replicas_as_overridden(model: dict[str, Any], override: dict[str, Any], notes: list[str] | None) -> None:
+    """Serve takes a fixed `num_replicas` or an `autoscaling_config`, not both: the one an
+    override sets replaces the other of serve_config.yaml (said in `notes`)."""
+    deployment = model["deployment"]
+    replaced = None
+    if override.get("autoscaling_config") is not None and "num_replicas" not in override:
+        replaced = "num_replicas" if isinstance(deployment.get("num_replicas"), int) else None
+    elif isinstance(override.get("num_replicas"), int) and "autoscaling_config" not in override:
+        replaced = "autoscaling_config" if deployment.get("autoscaling_config") is not None else None
+    if replaced is None:
+        return
+    given = "autoscaling_config" if replaced == "num_replicas" else "num_replicas"
+    if notes is not None:
+        notes.append(f"{model['name']}: deployment.{replaced} {deployment[replaced]!r} dropped (overrides.yaml sets {given})")
+    del deployment[replaced]
+
+
+def _check(config: dict[str, Any]) -> None:
+    """Validate each application's args as the server will (where serve_app is importable,
+    as in the project's .venv), so a bad merge fails here, not after `kubectl apply`."""
+    try:
+        from pydantic import ValidationError
+
+        from serve_app.config import AppConfig
+    except ImportError:
+        return
+    for app in config.get("applications") or []:
+        try:
+            AppConfig.model_validate(app.get("args") or {})
+        except ValidationError as exc:
+            raise SystemExit(f"serve_config.yaml with overrides.yaml makes an invalid config for application "
+                             f"{app.get('name')!r}:\n{exc}") from None
 
 
 def _is_local_path(path: str, base: Path) -> bool:
@@ -115,6 +150,7 @@ def cluster_serve_config(config: dict[str, Any], overrides: dict[str, Any], base
                     and key not in (own.get("deployment") or {}))
             model["deployment"] = _merge(deployment, cluster_wide)
             model = _merge(model, own)
+            _replicas_as_overridden(model, _merge(cluster_wide, own.get("deployment") or {}), notes)
             models.append(model)
         args["models"] = models
     unknown = set(per_model) - {m["name"] for a in config.get("applications") or []
@@ -282,6 +318,7 @@ def render(serve_config_path: Path = SERVE_CONFIG, overrides_path: Path = OVERRI
     config = yaml.safe_load(serve_config_path.read_text())
     overrides = yaml.safe_load(overrides_path.read_text())
     adapted = cluster_serve_config(config, overrides, serve_config_path.resolve().parent, notes)
+    _check(adapted)
     port = int(adapted["http_options"]["port"])
     docs = rayservice_manifest(adapted, overrides)
     manifest = RAYSERVICE_HEADER.format(name=overrides["kuberay"]["name"], port=port) + "---\n".join(

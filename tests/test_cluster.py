@@ -148,6 +148,27 @@ def test_cluster_overrides_precedence_is_model_then_cluster_wide_then_per_model(
                      "m1: deployment.num_cpus 0.5 -> 1 (overrides.yaml serve.deployment)"]
 
 
+def test_cluster_overrides_that_scale_replace_the_fixed_count_and_bad_merges_fail_early(tmp_path):
+    """An override's autoscaling_config replaces serve_config.yaml's num_replicas (Serve takes
+    one of them), and a merge the server would refuse fails the generator, naming the field."""
+    make = _load("make_rayservice")
+    source = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    overrides = yaml.safe_load((CLUSTER / "overrides.yaml").read_text())
+    autoscaling = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
+    overrides["serve"]["models"] = {"Llama3-8B": {"deployment": {"num_gpus": 2, "autoscaling_config": autoscaling}}}
+    notes: list[str] = []
+    adapted = make.cluster_serve_config(source, overrides, ROOT, notes)
+    chat = adapted["applications"][0]["args"]["models"][0]
+    assert chat["deployment"]["autoscaling_config"] == autoscaling and "num_replicas" not in chat["deployment"]
+    assert "Llama3-8B: deployment.num_replicas 1 dropped (overrides.yaml sets autoscaling_config)" in notes
+    make._check(adapted)  # valid as the server reads it
+
+    overrides["serve"]["models"] = {"Llama3-8B": {"device": "cuda:1"}}  # one GPU per replica: cuda:0 only
+    (tmp_path / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    with pytest.raises(SystemExit, match=r"(?s)invalid config for application 'serve_app'.*cuda:1"):
+        make.render(ROOT / "serve_config.yaml", tmp_path / "overrides.yaml")
+
+
 def test_cluster_launcher_config_is_valid():
     import jsonschema
     import ray.autoscaler
