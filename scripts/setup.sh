@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Set up everything the server and the tests need, from this repository's own files:
 # a virtual environment in .venv, torch, this package with its dev extras, and the
-# tiny default models in ./models. Safe to run again: each step skips what is done.
+# tiny default models in ./models. Safe to run again: it skips the venv, torch and the
+# models already there, and reinstalls the package (a changed pyproject.toml takes effect).
 #
 #   TORCH_SPEC   torch requirement to pre-install when .venv has no torch (default without
 #                a GPU: the CPU build torch==2.13.0+cpu from PyTorch's CPU index or a local
 #                wheel; with a GPU: plain `torch`, PyPI's CUDA build)
+#   TORCH_INDEX  extra index torch is taken from (default without a GPU: PyTorch's CPU index)
 #   PYTHON       interpreter for the venv (default: python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."

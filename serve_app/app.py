@@ -1,21 +1,23 @@
 """The application builder named in `serve_config.yaml` (`import_path: serve_app.app:build_app`).
 
-Ray validates the config's `args` against `AppConfig` before calling this
-(the parameter's annotation tells it to), so a bad field fails the deploy with
-pydantic's message naming it. Each model becomes its own deployment, with the
+The config's `args` are validated as `AppConfig` here, first, so a bad field
+fails the deploy with pydantic's message naming it. Each model becomes its own deployment, with the
 resources and scaling of its config; the ingress gets their handles.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from ray.serve import Application
 
-from serve_app.config import AppConfig, ChatModelConfig, ImageModelConfig
+from serve_app.config import AppConfig, ChatModelConfig, ImageModelConfig, config_warnings
 from serve_app.ingress import Ingress
 from serve_app.registration import registrar_deployment
+
+logger = logging.getLogger("ray.serve")
 
 INGRESS_NAME = "ingress"
 # Under RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (the default launch) the ingress and the model replicas
@@ -53,11 +55,13 @@ def _model_deployment(model: ChatModelConfig | ImageModelConfig):
     return ChatModel
 
 
-def build_app(args: AppConfig) -> Application:
+def build_app(args: AppConfig | dict[str, Any]) -> Application:
     """One deployment per configured model, the ingress that routes to them, and
     (when registration is enabled) the one registrar that announces them to nodes."""
-    if not isinstance(args, AppConfig):  # called directly from Python with a dict
+    if not isinstance(args, AppConfig):  # the YAML's args, as Ray hands them over
         args = AppConfig.model_validate(args)
+    for warning in config_warnings(args):
+        logger.warning(warning)
     models = {}
     for model in args.models:
         options = model.deployment.serve_options()

@@ -2,9 +2,9 @@
 
 `serve_config.yaml` is a plain Ray Serve config file; everything this project
 adds lives in the application's `args`, which Ray hands to
-`serve_app.app:build_app`. That builder is typed with `AppConfig`, so Ray
-validates `args` with pydantic before anything is deployed, and a typo in the
-YAML fails the deploy with an error naming the field instead of being ignored.
+`serve_app.app:build_app`. That builder validates them as `AppConfig` before
+anything is deployed, so a typo in the YAML fails the deploy with an error
+naming the field instead of being ignored.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ class AutoscalingOptions(StrictModel):
     def _bounds(self) -> "AutoscalingOptions":
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must not exceed max_replicas")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
         return self
 
 
@@ -338,6 +340,13 @@ class CorsOptions(StrictModel):
     allow_credentials: bool = Field(False, description="Allow cookies and HTTP auth (not with allow_origins [\"*\"]).")
     max_age_s: int = Field(600, ge=0, description="How long a browser may cache a preflight answer.")
 
+    @model_validator(mode="after")
+    def _no_credentials_for_everyone(self) -> "CorsOptions":
+        if self.allow_credentials and "*" in self.allow_origins:
+            raise ValueError('allow_credentials with allow_origins ["*"] would let every web site call the API '
+                             "with its visitors' credentials; list the origins")
+        return self
+
 
 class RequestLimits(StrictModel):
     """Limits checked in the ingress before any model work."""
@@ -397,6 +406,21 @@ class AppConfig(StrictModel):
             if missing:
                 raise ValueError(f"registration needs a `cid` for every model; missing for {missing}")
         return self
+
+
+def config_warnings(config: AppConfig) -> list[str]:
+    """What in a valid config is probably not what its author meant, said when it deploys
+    (not errors: a cluster's weights may live only on the GPU nodes, say)."""
+    warnings = []
+    for model in config.models:
+        if Path(model.path).is_absolute() and not Path(model.path).exists():
+            warnings.append(f"model {model.name!r}: path {model.path} does not exist here; its replicas will fail "
+                            "to load unless it exists on the nodes that run them")
+        if model.deployment.max_ongoing_requests < model.max_batch_size:
+            warnings.append(f"model {model.name!r}: deployment.max_ongoing_requests "
+                            f"({model.deployment.max_ongoing_requests}) is below max_batch_size "
+                            f"({model.max_batch_size}), so a replica never gets enough requests to fill a batch")
+    return warnings
 
 
 def parse_size(value: str) -> tuple[int, int] | None:

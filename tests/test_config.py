@@ -7,7 +7,7 @@ import re
 import pytest
 from pydantic import ValidationError
 
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, config_warnings
 from tests.conftest import ROOT, default_args
 
 
@@ -99,6 +99,36 @@ def test_autoscaling_and_fixed_replicas_are_exclusive():
 
     options = validate(auto_only).models[0].deployment.serve_options()
     assert options["autoscaling_config"]["min_replicas"] == 0 and "num_replicas" not in options
+
+
+def test_initial_replicas_lie_within_the_bounds():
+    def autoscaling(**bounds):
+        def mutate(args):
+            del args["models"][0]["deployment"]["num_replicas"]
+            args["models"][0]["deployment"]["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 2, **bounds}
+        return mutate
+
+    assert validate(autoscaling(initial_replicas=2)).models[0].deployment.autoscaling_config.initial_replicas == 2
+    with pytest.raises(ValidationError, match="initial_replicas must lie between"):
+        validate(autoscaling(initial_replicas=3))
+
+
+def test_cors_refuses_credentials_for_every_origin():
+    with pytest.raises(ValidationError, match="allow_credentials"):
+        validate(lambda a: a.update(cors={"allow_origins": ["*"], "allow_credentials": True}))
+    assert validate(lambda a: a.update(cors={"allow_origins": ["https://ui.example"], "allow_credentials": True}))
+
+
+def test_likely_mistakes_are_warned_about_not_refused(models_dir):
+    """A path missing here may exist on the GPU nodes; batches that cannot fill still work."""
+    assert config_warnings(validate(lambda a: None)) == []  # the shipped config, its models built
+
+    def mutate(args):
+        args["models"][0]["path"] = "./models/not-built"
+        args["models"][1]["deployment"]["max_ongoing_requests"] = 4
+    warnings = config_warnings(validate(mutate))
+    assert len(warnings) == 2 and "not-built does not exist here" in warnings[0]
+    assert "max_ongoing_requests (4) is below max_batch_size (8)" in warnings[1]
 
 
 def test_gpu_config_requests_a_gpu():
