@@ -35,6 +35,8 @@ from serve_app.errors import InvalidRequest, PayloadTooLarge
 _DEFAULTS = ImageInputOptions()
 ACCEPTED_FORMATS: tuple[str, ...] = tuple(_DEFAULTS.accepted_formats)
 REDIRECTS = {301, 302, 303, 307, 308}
+EXIF_ORIENTATION = 0x0112
+SIDEWAYS = {5, 6, 7, 8}  # orientations that swap width and height (ImageOps.exif_transpose turns them upright)
 
 @dataclass(frozen=True)
 class InputImage:
@@ -63,6 +65,10 @@ def inspect_image(data: bytes, *, param: str, accepted_formats: Sequence[str] = 
         raise _unreadable(param, accepted_formats) from exc
     with image:
         width, height = image.size
+        # Stored sideways (a phone's photo): the model sees it upright. EXIF read from the header
+        # only (`info`); asking a PNG for EXIF it has not seen yet would decode its pixels.
+        if "exif" in image.info and image.getexif().get(EXIF_ORIENTATION) in SIDEWAYS:
+            width, height = height, width
         if width * height > max_pixels:
             raise _too_many_pixels(param, max_pixels)
         try:

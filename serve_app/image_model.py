@@ -20,6 +20,7 @@ the ingress's business.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
 import logging
 import time
@@ -66,13 +67,38 @@ def encode_image(image: Image.Image, output_format: str = "png", quality: int | 
 
 
 def open_image(data: bytes, *, param: str) -> Image.Image:
-    """An input image, decoded; any decoder failure is the client's bad input."""
+    """An input image, decoded and turned upright as its EXIF orientation says (a phone's
+    photo is stored sideways); any decoder failure is the client's bad input."""
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
+        return ImageOps.exif_transpose(image)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's bad input
         raise InvalidRequest(f"{param} is not a readable image", param=param) from exc
-    return image
+
+
+def call_parameters(pipeline: DiffusionPipeline) -> frozenset[str] | None:
+    """The keyword arguments a pipeline's call names (None when it takes any): diffusers'
+    families differ (FLUX Kontext edits take no `strength`, FLUX.2 no `negative_prompt`)."""
+    parameters = inspect.signature(pipeline).parameters  # of its __call__
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    return frozenset(parameters)
+
+
+def pixel_multiple(pipeline: DiffusionPipeline) -> int:
+    """What a side of this pipeline's images must be a multiple of: the VAE's downscaling,
+    times the transformer's patch (SD3: 16) or the 2x2 latent packing of FLUX-like pipelines."""
+    vae_scale = int(getattr(pipeline, "vae_scale_factor", 8) or 8)
+    patch = getattr(getattr(getattr(pipeline, "transformer", None), "config", None), "patch_size", None) or 1
+    packing = 2 if hasattr(pipeline, "_pack_latents") else 1
+    return vae_scale * max(int(patch) if isinstance(patch, int) else 1, packing)
+
+
+class ContentFiltered(InvalidRequest):
+    """The checkpoint's own safety checker blanked an image of this request."""
+
+    default_code = "content_policy_violation"
 
 
 def transparency(image: Image.Image) -> Image.Image | None:
@@ -148,14 +174,17 @@ class ImageModel(ModelReplica):
                 module = getattr(base, name, None)
                 if isinstance(module, torch.nn.Module):
                     module.to(memory_format=torch.channels_last)
-        self.pipelines: dict[str, DiffusionPipeline | None] = {
-            "t2i": AutoPipelineForText2Image.from_pipe(base),
-            "i2i": AutoPipelineForImage2Image.from_pipe(base),
-        }
-        try:
-            self.pipelines["inpaint"] = AutoPipelineForInpainting.from_pipe(base)
-        except (ValueError, KeyError):  # some families have no inpainting variant
-            self.pipelines["inpaint"] = None
+        multiple = pixel_multiple(base)
+        if config.size_multiple % multiple:
+            raise ValueError(f"image model {config.name!r}: size_multiple is {config.size_multiple}, but this "
+                             f"model's sides must be multiples of {multiple}: set size_multiple: {multiple} "
+                             "(and sizes on that grid) in its config")
+        self.pipelines: dict[str, DiffusionPipeline | None] = {"t2i": AutoPipelineForText2Image.from_pipe(base)}
+        for mode, auto in (("i2i", AutoPipelineForImage2Image), ("inpaint", AutoPipelineForInpainting)):
+            try:
+                self.pipelines[mode] = auto.from_pipe(base)
+            except (ValueError, KeyError):  # some families have no image-to-image or inpainting variant
+                self.pipelines[mode] = None
         for pipeline in self.pipelines.values():  # `from_pipe` does not copy this setting
             if pipeline is not None:
                 pipeline.set_progress_bar_config(disable=True)
@@ -257,6 +286,11 @@ class ImageModel(ModelReplica):
             for index, prepared in members:
                 job = prepared.job
                 made = [next(images) for _ in range(job.n)]  # taken first: the next job's start where they end
+                if any(image is None for image in made):
+                    outcomes[index] = ContentFiltered(
+                        "The model's safety checker flagged an image made for this request, so none is "
+                        "returned; change the prompt.", param="prompt")
+                    continue
                 try:
                     outcomes[index] = ImageResult(images=[
                         encode_image(image, job.output_format, job.quality, self.config.png_compress_level)
@@ -273,7 +307,9 @@ class ImageModel(ModelReplica):
         its own mask: those pixels are repainted (by a model that can inpaint; others
         redraw the whole image, as for any image without a mask)."""
         if job.init_image is None:
-            return PreparedJob(job, "t2i", job.steps)
+            return self._checked(PreparedJob(job, "t2i", job.steps))
+        if self.pipelines["i2i"] is None:
+            raise InvalidRequest("this model makes images from text only; it cannot edit one", param="image")
         size = (job.width, job.height)
         source = open_image(job.init_image, param="image")
         init_image = fit(source.convert("RGB"), size)
@@ -285,12 +321,21 @@ class ImageModel(ModelReplica):
         else:
             alpha = transparency(source) if self.pipelines["inpaint"] is not None else None
             if alpha is None:
-                return PreparedJob(job, "i2i", steps, init_image)
+                return self._checked(PreparedJob(job, "i2i", steps, init_image))
             mask = ImageOps.invert(alpha)
-        return PreparedJob(job, "inpaint", steps, init_image, fit(mask, size))
+        return self._checked(PreparedJob(job, "inpaint", steps, init_image, fit(mask, size)))
 
-    def call_pipeline(self, group: list[PreparedJob]) -> list[Image.Image]:
-        """One pipeline call for a group of compatible jobs: their images, in job order."""
+    def _checked(self, prepared: PreparedJob) -> PreparedJob:
+        """A job whose options its pipeline can take; a negative prompt the model cannot
+        use is refused rather than dropped."""
+        parameters = call_parameters(self.pipelines[prepared.mode])
+        if prepared.job.negative_prompt is not None and parameters is not None and "negative_prompt" not in parameters:
+            raise InvalidRequest("this model takes no negative_prompt", param="negative_prompt")
+        return prepared
+
+    def call_pipeline(self, group: list[PreparedJob]) -> list[Image.Image | None]:
+        """One pipeline call for a group of compatible jobs: their images, in job order (None
+        for an image the checkpoint's safety checker blanked)."""
         first = group[0]
         size = (first.job.width, first.job.height)
         arguments: dict[str, Any] = {
@@ -310,16 +355,25 @@ class ImageModel(ModelReplica):
             arguments["mask_image"] = per_image(group, lambda item: item.mask_image)
         pipeline = self.pipelines[first.mode]
         assert pipeline is not None, "prepare() refuses modes this model lacks"
+        expected, parameters = len(arguments["prompt"]), call_parameters(pipeline)
+        if parameters is not None:  # what this family does not take (a FLUX Kontext edit: strength, size)
+            arguments = {name: value for name, value in arguments.items() if name in parameters}
         started = time.monotonic()
         try:
             with torch.inference_mode():
-                images = pipeline(**arguments).images
+                output = pipeline(**arguments)
         finally:
             self.metrics.pipeline_call(len(group), time.monotonic() - started)
+        images = output.images
+        if len(images) != expected:
+            raise RuntimeError(f"the pipeline made {len(images)} images for {expected} prompts")
         self.counters["pipeline_calls"] += 1
         self.counters["images"] += len(images)
         self.counters["largest_call_requests"] = max(self.counters["largest_call_requests"], len(group))
-        return [image.resize(size) if image.size != size else image for image in images]
+        # A checkpoint's safety checker (Stable Diffusion 1.x/2.x) blanks what it flags; say so.
+        flagged = getattr(output, "nsfw_content_detected", None) or [False] * len(images)
+        return [None if flag else image.resize(size) if image.size != size else image
+                for image, flag in zip(images, flagged)]
 
     def generator(self, job: ImageJob, index: int) -> torch.Generator:
         """The generator of a job's `index`-th image: `seed + index`, or random without a seed.

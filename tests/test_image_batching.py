@@ -194,3 +194,67 @@ def test_concurrent_requests_share_pipeline_calls(http):
     assert after["images"] - before["images"] == sum(n for n, _ in requests)
     # Requests that queue while a call runs share the next one: at most half as many calls.
     assert after["pipeline_calls"] - before["pipeline_calls"] <= len(requests) // 2, (before, after)
+
+
+def sideways_jpeg(size: tuple[int, int] = (80, 48)) -> bytes:
+    """A photo as a phone stores it: pixels landscape, EXIF orientation 6 (turn 90° to view)."""
+    image, exif = Image.new("RGB", size, "green"), Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif)
+    return buffer.getvalue()
+
+
+def test_a_sideways_photo_is_edited_upright():
+    from serve_app.image_input import inspect_image
+    from serve_app.image_model import open_image
+
+    data = sideways_jpeg()
+    assert (inspect_image(data, param="image").width, inspect_image(data, param="image").height) == (48, 80)
+    assert open_image(data, param="image").size == (48, 80)
+
+
+def test_options_a_pipeline_does_not_take_are_left_out_or_refused(model, monkeypatch):
+    """diffusers' families take different options (a FLUX Kontext edit has no `strength`, FLUX.2
+    no `negative_prompt`): what a pipeline lacks is not passed, and a negative prompt it cannot
+    use is a 400, not a TypeError."""
+    real = model.pipelines["i2i"]
+    seen: list[set[str]] = []
+
+    def no_strength(prompt, image, num_inference_steps, height, width, generator, output_type):
+        seen.append({"prompt", "image", "height"})
+        return real(prompt=prompt, image=image, num_inference_steps=num_inference_steps, height=height,
+                    width=width, generator=generator, output_type=output_type, strength=1.0)
+
+    monkeypatch.setitem(model.pipelines, "i2i", no_strength)
+    [edited, refused] = model.run_jobs([job("a", init_image=png_bytes("red"), strength=0.5),
+                                        job("b", init_image=png_bytes("red"), negative_prompt="blurry")])
+    assert isinstance(edited, ImageResult) and len(edited.images) == 1 and seen
+    assert isinstance(refused, InvalidRequest) and refused.param == "negative_prompt"
+
+
+def test_images_the_safety_checker_blanks_fail_their_request_alone(model, monkeypatch):
+    """Stable Diffusion 1.x/2.x checkpoints ship a safety checker that blacks out what it flags;
+    that request gets a 400 content_policy_violation, not a black image; its batch-mates their images."""
+    real = model.pipelines["t2i"]
+
+    def checked(**arguments):
+        output = real(**arguments)
+        output.nsfw_content_detected = [prompt == "flag me" for prompt in arguments["prompt"]]
+        return output
+
+    monkeypatch.setitem(model.pipelines, "t2i", checked)
+    fine, flagged = model.run_jobs([job("fine", n=2), job("flag me")])
+    assert isinstance(fine, ImageResult) and len(fine.images) == 2
+    assert isinstance(flagged, InvalidRequest) and flagged.code == "content_policy_violation"
+
+
+def test_a_text_only_model_refuses_edits_and_a_grid_it_cannot_draw(model, monkeypatch, models_dir):
+    monkeypatch.setitem(model.pipelines, "i2i", None)
+    [refused] = model.run_jobs([job("a", init_image=png_bytes("red"))])
+    assert isinstance(refused, InvalidRequest) and refused.param == "image"
+    # A model whose sides must be multiples of 16 (SD3, FLUX) with the default grid of 8 fails
+    # to start, saying what to set, rather than answering odd sizes with a pipeline error.
+    monkeypatch.setattr("serve_app.image_model.pixel_multiple", lambda pipeline: 16)
+    with pytest.raises(ValueError, match="set size_multiple: 16"):
+        ImageModel.func_or_class(ImageModelConfig(name=IMAGE, path=str(models_dir / "tiny-sd")))
