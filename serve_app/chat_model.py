@@ -62,8 +62,10 @@ class ChatModel(ModelReplica):
             config.path, dtype=self.dtype, device_map=weights_device_map(config, self.device)).eval()
         generation = self.model.generation_config
         self.sampling_defaults = SamplingDefaults.of(generation)
-        eos = generation.eos_token_id if generation.eos_token_id is not None else self.tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        # Both lists, as vLLM stops on both: some checkpoints name only the base model's end in
+        # their generation config while the chat template ends a turn with the tokenizer's.
+        eos = generation.eos_token_id
+        self.eos_ids = {*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id} - {None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         # A multimodal checkpoint (Gemma 3) keeps its text model's context in the text config.
         self.context_length = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
@@ -157,17 +159,19 @@ class ChatModel(ModelReplica):
                     deltas = await self.run_on_worker(self._batch.tick, joining)
                 except Exception as exc:  # noqa: BLE001 - a failed pass fails the requests in it, not the loop
                     logger.exception("decode step failed")
-                    self._fail([slot for slot, _ in self._batch.owners] + joining, exc)
-                    self._batch = DecodeBatch(self.model, self.pad_id, self.device)
+                    failed, self._batch = self._batch, DecodeBatch(self.model, self.pad_id, self.device)
+                    # The failed batch (its KV cache) is let go before `released` returns memory to the GPU.
+                    self._fail([slot for slot, _ in failed.owners] + joining, exc)
+                    del failed
                     continue
                 if deltas:  # a tick that only dropped departed rows ran no forward pass
                     self._steps += 1
                     self._tokens += len(deltas)
                 self._deliver(deltas)
         except BaseException as exc:
-            self._fail(list(self._waiting) + [slot for slot, _ in self._batch.owners], exc)
+            failed, self._batch = self._batch, DecodeBatch(self.model, self.pad_id, self.device)
+            self._fail(list(self._waiting) + [slot for slot, _ in failed.owners], exc)
             self._waiting.clear()
-            self._batch = DecodeBatch(self.model, self.pad_id, self.device)
             raise
         finally:
             self._engine = None
@@ -217,11 +221,12 @@ class ChatModel(ModelReplica):
             self.metrics.finished((now - slot.first_token_at) / (slot.token_steps - 1))
 
     def _fail(self, slots: list[Slot], exc: BaseException) -> None:
-        self.released(exc)
+        """Each request gets the error first: nothing after that may leave one waiting."""
         for slot in dict.fromkeys(slots):  # each once, in order
             if not slot.ended:
                 slot.ended = True
                 slot.outbox.put_nowait(exc)
+        self.released(exc)
 
     async def _prepared(self, job: ChatJob) -> Slot:
         """`_slot`, in a thread for a long conversation: templating and tokenising up to

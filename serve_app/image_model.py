@@ -250,12 +250,15 @@ class ImageModel(ModelReplica):
             job, arrived, future = self.queued.popleft()
             if future.set_running_or_notify_cancel():
                 taken.append((job, arrived, future))
+        outcomes: list[Outcome] = [RuntimeError("the image batch failed")] * len(taken)
         try:
             outcomes = self.run_jobs([job for job, _, _ in taken], [arrived for _, arrived, _ in taken])
         except Exception as exc:  # noqa: BLE001 - never leave a caller waiting
-            outcomes = [self.released(exc)] * len(taken)
-        for (_, _, future), outcome in zip(taken, outcomes):
-            future.set_result(outcome)
+            outcomes = [exc] * len(taken)
+            self.released(exc)
+        finally:  # whatever failed, every caller gets an outcome
+            for (_, _, future), outcome in zip(taken, outcomes):
+                future.set_result(outcome)
 
     def stats(self) -> dict[str, int]:
         """Counters of requests, pipeline calls and images, to observe batching."""

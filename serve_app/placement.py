@@ -29,6 +29,8 @@ logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# A CUDA error that poisons the context; torch names it from 2.8 on (before, nothing is matched).
+ACCELERATOR_ERROR: type[BaseException] | tuple[()] = getattr(torch, "AcceleratorError", ())
 
 
 def assigned_gpu_ids() -> list[str]:
@@ -153,9 +155,9 @@ class ModelReplica:
         is noted for `check_health`.
         """
         traceback.clear_frames(exc.__traceback__)
-        if isinstance(exc, torch.AcceleratorError) and self._device_failure is None:
+        if isinstance(exc, ACCELERATOR_ERROR) and self._device_failure is None:
             self._device_failure = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if isinstance(exc, torch.OutOfMemoryError) and self.device.type == "cuda":
+        if isinstance(exc, torch.cuda.OutOfMemoryError) and self.device.type == "cuda":
             torch.cuda.empty_cache()  # what the failed pass had reserved goes back to the GPU
         return exc
 

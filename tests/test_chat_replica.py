@@ -331,3 +331,40 @@ def test_tool_call_arguments_no_tokenizer_can_take_are_the_clients_400(replica):
     finally:
         replica.tokenizer.chat_template = saved
     assert surrogate.value.param == "messages" and "surrogate" in surrogate.value.message
+
+
+def test_a_turn_ends_at_the_tokenizers_end_too(models_dir, tmp_path):
+    """A checkpoint whose generation config names only another end token (the base model's)
+    still stops where its tokenizer's end of turn comes, as vLLM stops on both."""
+    import json
+    import shutil
+
+    checkpoint = shutil.copytree(models_dir / "tiny-llama", tmp_path / "tiny-llama")
+    generation = json.loads((checkpoint / "generation_config.json").read_text())
+    (checkpoint / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": 5}))
+    config = ChatModelConfig.model_validate({"name": "m", "kind": "chat", "path": str(checkpoint)})
+    replica = ChatModel.func_or_class(config)
+    assert replica.tokenizer.eos_token_id == 2 and replica.eos_ids == {2, 5}
+
+
+def test_a_failing_cleanup_never_leaves_a_request_waiting(replica, monkeypatch):
+    """A decode step fails, and so does the cleanup after it (as `torch.AcceleratorError`
+    did on torch before 2.8): the request still gets the step's error, at once, and the
+    replica serves the next request."""
+    from serve_app.chat_engine import DecodeBatch
+
+    def failing_tick(self, joining):
+        raise InjectedFailure("step failed")
+
+    def failing_cleanup(exc):
+        raise AttributeError("module 'torch' has no attribute 'AcceleratorError'")
+
+    async def run():
+        monkeypatch.setattr(DecodeBatch, "tick", failing_tick)
+        monkeypatch.setattr(replica, "released", failing_cleanup)
+        failed = await asyncio.wait_for(asyncio.gather(replica.generate(job("hi")), return_exceptions=True), 30)
+        monkeypatch.undo()
+        return failed, await asyncio.wait_for(replica.generate(job("hi")), 60)
+
+    [failed], after = asyncio.run(run())
+    assert isinstance(failed, InjectedFailure) and after.choices[0].completion_tokens > 0
