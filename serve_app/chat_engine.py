@@ -194,7 +194,7 @@ class DecodeBatch:
             kv_cache.reserve_room(cache, self.kv_room_tokens)
             if len(owners) > len(slots):
                 copies = torch.repeat_interleave(torch.arange(len(slots)), torch.tensor([len(s.rows) for s in slots]))
-                cache.batch_select_indices(copies.to(self.row_index_device))
+                kv_cache.select_rows(cache, copies.to(self.row_index_device))
                 on_device = copies.to(self.device)
                 logits, mask, positions = logits[on_device], mask[on_device], positions[on_device]
             next_input, deltas = self._pick(owners, logits)
@@ -236,7 +236,7 @@ class DecodeBatch:
             self.mask = self.mask[:, first:]
             kv_cache.keep_rows(self.cache, index, first)
         else:
-            self.cache.batch_select_indices(index)
+            kv_cache.select_rows(self.cache, index)
 
 
 def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:

@@ -97,6 +97,9 @@ if DynamicLayer is not None:
         def batch_select_indices(self, indices: torch.Tensor) -> None:
             self.keep_rows(indices)
 
+        def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+            self.keep_rows(beam_idx)
+
         def append_rows(self, joining: DynamicLayer, pad_mine: int, pad_joining: int) -> None:
             """Add `joining`'s rows after these, each side left-padded with zeros to one length,
             written straight into a new room (one copy, not a concatenation then a reserve)."""
@@ -139,6 +142,14 @@ def mergeable(cache) -> bool:
     layers = getattr(cache, "layers", None)
     return bool(layers) and ReservedLayer is not None and all(
         type(layer) is ReservedLayer and layer.is_initialized for layer in layers)
+
+
+def select_rows(cache, indices: torch.Tensor) -> None:
+    """Keep (or repeat) rows `indices` of any cache, in place. `reorder_cache` (beam search's)
+    selects every state a layer has: keys and values, and a hybrid model's convolution and
+    recurrent states (LFM2, Granite-4 hybrid, Qwen3-Next), which `batch_select_indices`
+    does not reach."""
+    cache.reorder_cache(indices)
 
 
 def merge(running, joining, pad_running: int, pad_joining: int) -> None:

@@ -368,3 +368,40 @@ def test_a_failing_cleanup_never_leaves_a_request_waiting(replica, monkeypatch):
 
     [failed], after = asyncio.run(run())
     assert isinstance(failed, InjectedFailure) and after.choices[0].completion_tokens > 0
+
+
+def test_a_hybrid_recurrent_model_batches_rows_that_end_apart(models_dir, tmp_path):
+    """A hybrid model (LFM2: convolution layers beside attention, whose cache keeps conv
+    states, not only keys and values): rows that end at different steps leave the batch, and
+    a request's n choices start from copies of its one prefilled row, states included."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer_files = [f for f in (models_dir / "tiny-llama").iterdir() if "token" in f.name or f.suffix == ".jinja"]
+    config = AutoConfig.for_model("lfm2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1262,
+                                  layer_types=["conv", "full_attention", "conv", "full_attention"],
+                                  bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tiny-lfm2")
+    for file in tokenizer_files:
+        shutil.copy(file, tmp_path / "tiny-lfm2" / file.name)
+    replica = ChatModel.func_or_class(ChatModelConfig.model_validate(
+        {"name": "h", "kind": "chat", "path": str(tmp_path / "tiny-lfm2")}))
+
+    def ask(content: str, max_tokens: int, n: int = 1) -> ChatJob:  # never the end token: each runs its course
+        # Sampled with a seed: a random model's greedy text is one token repeated, which shows nothing.
+        return ChatJob(messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
+                       max_tokens_explicit=True, temperature=1.0, seed=5, n=n, logit_bias={2: -100.0})
+
+    async def run():
+        alone = await replica.generate(ask("hi", 9, n=2))
+        return alone, *await asyncio.gather(replica.generate(ask("hello there", 3)), replica.generate(ask("hi", 9, n=2)))
+
+    alone, short, long = asyncio.run(run())
+    assert [c.completion_tokens for c in short.choices] == [3]
+    assert [c.completion_tokens for c in long.choices] == [9, 9]
+    # Left-padded beside a longer prompt, copied for its two choices, and kept on after its
+    # batch-mate left: the same seeded text as alone (the conv states masked and selected).
+    assert [c.text for c in long.choices] == [c.text for c in alone.choices]
+    assert long.choices[0].text != long.choices[1].text
