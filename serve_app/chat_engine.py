@@ -199,19 +199,21 @@ class DecodeBatch:
                 logits, mask, positions = logits[on_device], mask[on_device], positions[on_device]
             next_input, deltas = self._pick(owners, logits)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory for a long prompt: the newcomers fail,
-            for slot in slots:      # the running batch (not touched yet) goes on
-                slot.error = slot.error or exc
-            return [(slot, 0, "") for slot in slots]
+            return _failed(slots, exc)  # the running batch (not touched yet) goes on
         mask = torch.cat([mask, mask.new_ones((len(owners), 1))], dim=1)
         positions = positions[:, -1:] + 1
         if self.done:
             self.cache, self.mask, self.positions, self.next_input = cache, mask, positions, next_input
         else:
             width = max(self.mask.shape[1], mask.shape[1])
-            kv_cache.merge(self.cache, cache, width - self.mask.shape[1], width - mask.shape[1])
-            self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
-            self.positions = torch.cat([self.positions, positions])
-            self.next_input = torch.cat([self.next_input, next_input])
+            try:  # the new rooms are this step's largest allocation; all or nothing (see `merge`)
+                merged_mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
+                merged_positions = torch.cat([self.positions, positions])
+                merged_input = torch.cat([self.next_input, next_input])
+                kv_cache.merge(self.cache, cache, width - self.mask.shape[1], width - mask.shape[1])
+            except Exception as exc:  # noqa: BLE001 - out of memory: the newcomers fail, the batch goes on
+                return _failed(slots, exc)
+            self.mask, self.positions, self.next_input = merged_mask, merged_positions, merged_input
         self.owners += owners
         self.plan = None
         return deltas
@@ -237,6 +239,14 @@ class DecodeBatch:
             kv_cache.keep_rows(self.cache, index, first)
         else:
             kv_cache.select_rows(self.cache, index)
+
+
+def _failed(slots: list[Slot], exc: Exception) -> list[tuple[Slot, int, str]]:
+    """Newcomers that could not join: each gets `exc` (the first error it met), delivered as
+    an empty delta of its first row."""
+    for slot in slots:
+        slot.error = slot.error or exc
+    return [(slot, 0, "") for slot in slots]
 
 
 def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:

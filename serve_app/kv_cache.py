@@ -100,6 +100,12 @@ if DynamicLayer is not None:
         def reorder_cache(self, beam_idx: torch.Tensor) -> None:
             self.keep_rows(beam_idx)
 
+        def drop_appended(self, rows: int, pad: int) -> None:
+            """Undo `append_rows`: the first `rows` rows, without the `pad` columns added in front."""
+            tokens = self.get_seq_length() - pad
+            self.key_room, self.value_room = self.key_room[:rows, :, pad:], self.value_room[:rows, :, pad:]
+            self._show(tokens)
+
         def append_rows(self, joining: DynamicLayer, pad_mine: int, pad_joining: int) -> None:
             """Add `joining`'s rows after these, each side left-padded with zeros to one length,
             written straight into a new room (one copy, not a concatenation then a reserve)."""
@@ -153,9 +159,21 @@ def select_rows(cache, indices: torch.Tensor) -> None:
 
 
 def merge(running, joining, pad_running: int, pad_joining: int) -> None:
-    """Append `joining`'s rows to `running`, in place, left-padding the shorter to equal length."""
-    for mine, theirs in zip(running.layers, joining.layers):
-        mine.append_rows(theirs, pad_running, pad_joining)
+    """Append `joining`'s rows to `running`, in place, left-padding the shorter to equal length.
+
+    All layers or none: when one fails (out of GPU memory for its new room), the layers
+    already merged show their running rows as before again (views of the new rooms: undoing
+    allocates nothing), so only the newcomers fail and the running batch goes on."""
+    merged = []
+    try:
+        for mine, theirs in zip(running.layers, joining.layers):
+            rows = mine.keys.shape[0]
+            mine.append_rows(theirs, pad_running, pad_joining)
+            merged.append((mine, rows))
+    except BaseException:
+        for layer, rows in merged:
+            layer.drop_appended(rows, pad_running)
+        raise
 
 
 def keep_rows(cache, indices: torch.Tensor, first: int = 0) -> None:

@@ -405,3 +405,34 @@ def test_a_hybrid_recurrent_model_batches_rows_that_end_apart(models_dir, tmp_pa
     # batch-mate left: the same seeded text as alone (the conv states masked and selected).
     assert [c.text for c in long.choices] == [c.text for c in alone.choices]
     assert long.choices[0].text != long.choices[1].text
+
+
+def test_a_newcomer_whose_merge_runs_out_of_memory_leaves_the_batch_as_it_was(replica, monkeypatch):
+    """Merging a newcomer's rows allocates every layer's new room; when the second layer's
+    fails (out of GPU memory), the layers already merged are undone, the newcomer gets the
+    error and the running request its usual text."""
+    from serve_app.kv_cache import ReservedLayer
+
+    real_append, appended = ReservedLayer.append_rows, []
+
+    def append_rows(self, joining, pad_mine, pad_joining):
+        appended.append(self)
+        if len(appended) == 2:
+            raise InjectedFailure("out of memory")
+        return real_append(self, joining, pad_mine, pad_joining)
+
+    async def run():
+        alone = await replica.generate(job("hello there", max_tokens=24))
+        steps = (await replica.stats())["decode_steps"]
+        running = asyncio.ensure_future(replica.generate(job("hello there", max_tokens=24)))
+        async with asyncio.timeout(60):
+            while (await replica.stats())["decode_steps"] < steps + 3:  # it is decoding now
+                await asyncio.sleep(0.005)
+        monkeypatch.setattr(ReservedLayer, "append_rows", append_rows)
+        newcomer = await asyncio.gather(replica.generate(job("a longer prompt than that one")),
+                                        return_exceptions=True)
+        return alone, await running, newcomer[0]
+
+    alone, survivor, failed = asyncio.run(run())
+    assert isinstance(failed, InjectedFailure) and len(appended) == 2
+    assert survivor.choices[0].text == alone.choices[0].text
