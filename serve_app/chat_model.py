@@ -178,16 +178,21 @@ class ChatModel(ModelReplica):
 
     def _admit(self) -> list[Slot]:
         """Waiting requests that join the batch now, oldest first, while their rows (one per
-        choice) fit in `max_batch_size`. A request with more choices than that runs alone."""
+        choice) fit in `max_batch_size` and their padded prompts in `max_prefill_tokens`. A
+        request with more choices than that runs alone."""
         if not self._batch.can_join():
             return []
         room = self.config.max_batch_size - self._batch.live_rows
         joining: list[Slot] = []
+        longest = 0  # newcomers are prefilled together, each padded to the longest prompt
         while self._waiting:
             slot = self._waiting[0]
             if not slot.cancelled:
                 if len(slot.rows) > room and (joining or not self._batch.done):
                     break  # it waits for room; those behind it wait too (first come, first served)
+                longest = max(longest, len(slot.prompt_ids))
+                if joining and longest * (len(joining) + 1) > self.config.max_prefill_tokens:
+                    break  # the next step prefills it (one prompt over the budget is prefilled alone)
                 joining.append(slot)
                 room -= len(slot.rows)
                 self.metrics.admitted(time.monotonic() - slot.arrived)

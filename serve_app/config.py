@@ -189,6 +189,10 @@ class ChatModelConfig(BaseModelConfig):
     max_batch_size: int = Field(
         32, ge=1, description="Rows decoding together on one replica (continuous batching; a request's n "
         "choices are n rows); 1 = no batching.")
+    max_prefill_tokens: int = Field(
+        16384, ge=1, description="Most prompt tokens prefilled together in one pass (each newcomer's prompt "
+        "padded to the longest): the prefill's memory peak. Newcomers beyond it join at the next step; one "
+        "longer prompt is prefilled alone.")
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, description="How long an idle replica waits before prefilling, to take a burst together.")
     stream_interval_s: float = Field(

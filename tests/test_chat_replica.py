@@ -436,3 +436,32 @@ def test_a_newcomer_whose_merge_runs_out_of_memory_leaves_the_batch_as_it_was(re
     alone, survivor, failed = asyncio.run(run())
     assert isinstance(failed, InjectedFailure) and len(appended) == 2
     assert survivor.choices[0].text == alone.choices[0].text
+
+
+def test_newcomers_are_prefilled_within_the_token_budget(models_dir):
+    """Newcomers whose padded prompts exceed `max_prefill_tokens` are prefilled over several
+    passes (the prefill's memory peak stays bounded); each still gets its own text."""
+    config = ChatModelConfig.model_validate({"name": "m", "kind": "chat", "path": str(models_dir / "tiny-llama"),
+                                             "max_prefill_tokens": 40})
+    replica = ChatModel.func_or_class(config)
+    widths: list[int] = []
+    model = replica._batch.model
+
+    def forward(**inputs):
+        if inputs["input_ids"].shape[1] > 1:  # a prefill
+            widths.append(inputs["input_ids"].numel())
+        return model(**inputs)
+
+    replica._batch.model = forward
+    prompts = ["one two three four", "five six seven eight", "nine ten eleven twelve"]
+
+    async def run():
+        alone = [await replica.generate(job(p, max_tokens=4)) for p in prompts]
+        widths.clear()
+        return alone, await asyncio.gather(*(replica.generate(job(p, max_tokens=4)) for p in prompts))
+
+    alone, together = asyncio.run(run())
+    lengths = [len(replica._slot(job(p)).prompt_ids) for p in prompts]
+    assert 2 * max(lengths[:2]) <= 40 < 3 * max(lengths), lengths  # two fit the budget, three do not
+    assert widths == [2 * max(lengths[:2]), lengths[2]], (lengths, widths)
+    assert [r.choices[0].text for r in together] == [r.choices[0].text for r in alone]
