@@ -280,28 +280,41 @@ class ImageModel(ModelReplica):
             else:
                 groups.setdefault(prepared.key, []).append((index, prepared))
         for members in groups.values():
-            try:
-                images = iter(self.call_pipeline([prepared for _, prepared in members]))
-            except Exception as exc:  # noqa: BLE001 - the call failed for the whole group
-                for index, _ in members:
-                    outcomes[index] = self.released(exc)
-                continue
-            for index, prepared in members:
-                job = prepared.job
-                made = [next(images) for _ in range(job.n)]  # taken first: the next job's start where they end
-                if any(image is None for image in made):
-                    outcomes[index] = ContentFiltered(
-                        "The model's safety checker flagged an image made for this request, so none is "
-                        "returned; change the prompt.", param="prompt")
-                    continue
-                try:
-                    outcomes[index] = ImageResult(images=[
-                        encode_image(image, job.output_format, job.quality, self.config.png_compress_level)
-                        for image in made])
-                except Exception as exc:  # noqa: BLE001 - this job's encoding failed, not its batch-mates'
-                    outcomes[index] = self.released(exc)
+            self._run_group(members, outcomes)
         self.counters["requests"] += len(jobs)
         return cast(list[Outcome], outcomes)
+
+    def _run_group(self, members: list[tuple[int, PreparedJob]], outcomes: list[Outcome | None]) -> None:
+        """One pipeline call for `members` (index in `outcomes`, job), their outcomes filled in.
+        Out of GPU memory together, each is tried once alone: a call's memory grows with its
+        images, so one request's images may fit where the batch's did not."""
+        try:
+            images = iter(self.call_pipeline([prepared for _, prepared in members]))
+        except Exception as exc:  # noqa: BLE001 - the call failed for the whole group
+            self.released(exc)
+            if len(members) > 1 and isinstance(exc, torch.cuda.OutOfMemoryError):
+                logger.warning("image model %r: out of memory for %d requests together; running each alone",
+                               self.config.name, len(members))
+                for member in members:
+                    self._run_group([member], outcomes)
+                return
+            for index, _ in members:
+                outcomes[index] = exc
+            return
+        for index, prepared in members:
+            job = prepared.job
+            made = [next(images) for _ in range(job.n)]  # taken first: the next job's start where they end
+            if any(image is None for image in made):
+                outcomes[index] = ContentFiltered(
+                    "The model's safety checker flagged an image made for this request, so none is "
+                    "returned; change the prompt.", param="prompt")
+                continue
+            try:
+                outcomes[index] = ImageResult(images=[
+                    encode_image(image, job.output_format, job.quality, self.config.png_compress_level)
+                    for image in made])
+            except Exception as exc:  # noqa: BLE001 - this job's encoding failed, not its batch-mates'
+                outcomes[index] = self.released(exc)
 
     def prepare(self, job: ImageJob) -> PreparedJob:
         """Choose the pipeline and decode the input images of one job.

@@ -99,7 +99,12 @@ def resolve_dtype(config: BaseModelConfig, device: torch.device) -> torch.dtype:
         return _DTYPES[config.dtype]
     if device.type == "cuda":
         # Not emulated bf16 (older GPUs "support" it slowly): fp16 there.
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return torch.bfloat16
+        logger.warning("model %r: this GPU has no native bfloat16, so dtype auto is float16; checkpoints trained "
+                       "in bfloat16 (Qwen2.5, Gemma) can overflow in float16 and answer garbage: set dtype: "
+                       "float32 for them", config.name)
+        return torch.float16
     return torch.float32
 
 

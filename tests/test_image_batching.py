@@ -258,3 +258,22 @@ def test_a_text_only_model_refuses_edits_and_a_grid_it_cannot_draw(model, monkey
     monkeypatch.setattr("serve_app.image_model.pixel_multiple", lambda pipeline: 16)
     with pytest.raises(ValueError, match="set size_multiple: 16"):
         ImageModel.func_or_class(ImageModelConfig(name=IMAGE, path=str(models_dir / "tiny-sd")))
+
+
+def test_a_batch_out_of_gpu_memory_runs_each_request_alone(model, monkeypatch):
+    """Together the requests' images do not fit; each alone does, and gets its own images."""
+    import torch
+
+    real = model.call_pipeline
+    calls: list[int] = []
+
+    def call_pipeline(group):
+        calls.append(len(group))
+        if len(group) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(group)
+
+    monkeypatch.setattr(model, "call_pipeline", call_pipeline)
+    outcomes = model.run_jobs([job("a", n=2), job("b", n=1)])
+    assert calls == [2, 1, 1]
+    assert [len(outcome.images) for outcome in outcomes] == [2, 1]

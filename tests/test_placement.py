@@ -7,6 +7,7 @@ only on a GPU machine.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 
 from serve_app.chat_engine import DecodeBatch
 from serve_app.config import ChatModelConfig
-from serve_app.placement import describe, resolve_device, spread_devices, weights_device_map
+from serve_app.placement import describe, resolve_device, resolve_dtype, spread_devices, weights_device_map
 
 
 def chat_config(**fields) -> ChatModelConfig:
@@ -75,3 +76,13 @@ def test_a_replica_sees_only_its_gpus_when_ray_leaves_them_all_visible(monkeypat
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7,8,9,10,11"  # a CPU replica: nothing to narrow
     placement.see_only_assigned_gpus(chat_config(deployment={"num_gpus": 2}))
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,10"
+
+
+def test_auto_dtype_on_a_gpu_without_bf16_is_float16_with_a_warning(monkeypatch, caplog):
+    """fp16 overflows for some bf16-trained checkpoints: the operator is told how to avoid it."""
+    monkeypatch.setattr(logging.getLogger("ray.serve"), "propagate", True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert resolve_dtype(chat_config(), torch.device("cuda:0")) == torch.float16
+    assert "set dtype: float32" in caplog.text
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_dtype(chat_config(), torch.device("cuda:0")) == torch.bfloat16
