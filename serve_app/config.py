@@ -14,7 +14,16 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")  # bounded: int() refuses 4,300+ digits
 
@@ -388,6 +397,16 @@ class AppConfig(StrictModel):
     registration: RegistrationOptions = Field(default_factory=RegistrationOptions)
     models: list[ModelConfig] = Field(min_length=1, description="The models to serve.")
 
+    @field_validator("models", mode="wrap")
+    @classmethod
+    def _errors_name_the_model(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> list[ModelConfig]:
+        """A mistake in a model is reported with its name (`model 'SuperImage' (models[1]):
+        deployment.num_gpu: ...`), not only its place in the list."""
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            raise ValueError("; ".join(_model_error(error, value) for error in exc.errors())) from None
+
     @field_validator("image_dir")
     @classmethod
     def _absolute_dir(cls, value: str) -> str:
@@ -410,6 +429,19 @@ class AppConfig(StrictModel):
             if missing:
                 raise ValueError(f"registration needs a `cid` for every model; missing for {missing}")
         return self
+
+
+def _model_error(error: Any, models: Any) -> str:
+    """One pydantic error inside `models`, said with the model's name and the field's path."""
+    loc = list(error["loc"])
+    index = loc.pop(0) if loc and isinstance(loc[0], int) else None
+    if loc and loc[0] in ("chat", "image"):  # the union's tag: which kind it was read as
+        loc.pop(0)
+    entry = models[index] if isinstance(models, list) and index is not None and index < len(models) else None
+    name = entry.get("name") if isinstance(entry, dict) else None
+    where = f"model {name!r} (models[{index}])" if name else f"models[{index}]" if index is not None else "models"
+    path = ".".join(str(part) for part in loc)
+    return f"{where}: {path + ': ' if path else ''}{error['msg'].removeprefix('Value error, ')}"
 
 
 def config_warnings(config: AppConfig) -> list[str]:

@@ -40,6 +40,14 @@ def test_unknown_field_is_named():
         validate(lambda a: a["models"][0]["deployment"].update(num_gpu=1))
 
 
+def test_a_mistake_in_a_model_names_the_model():
+    with pytest.raises(ValidationError) as mistakes:
+        validate(lambda a: (a["models"][1]["deployment"].update(num_gpu=1), a["models"][0].update(max_n=0)))
+    message = str(mistakes.value)
+    assert "model 'Llama3-8B' (models[0]): max_n: Input should be greater than or equal to 1" in message
+    assert "model 'SuperImage' (models[1]): deployment.num_gpu: Extra inputs are not permitted" in message
+
+
 def test_duplicate_model_names_are_refused():
     with pytest.raises(ValidationError, match="not unique"):
         validate(lambda a: a["models"].append(dict(a["models"][0])))
