@@ -179,11 +179,17 @@ class ImageModel(ModelReplica):
             raise ValueError(f"image model {config.name!r}: size_multiple is {config.size_multiple}, but this "
                              f"model's sides must be multiples of {multiple}: set size_multiple: {multiple} "
                              "(and sizes on that grid) in its config")
-        self.pipelines: dict[str, DiffusionPipeline | None] = {"t2i": AutoPipelineForText2Image.from_pipe(base)}
-        for mode, auto in (("i2i", AutoPipelineForImage2Image), ("inpaint", AutoPipelineForInpainting)):
+        # An inpainting checkpoint (its UNet also reads the mask and the masked image: 9 input
+        # channels) only inpaints: text-to-image and image-to-image built on it would fail.
+        inpaint_only = getattr(getattr(getattr(base, "unet", None), "config", None), "in_channels", None) == 9
+        self.pipelines: dict[str, DiffusionPipeline | None] = {}
+        for mode, auto in (("t2i", AutoPipelineForText2Image), ("i2i", AutoPipelineForImage2Image),
+                           ("inpaint", AutoPipelineForInpainting)):
             try:
-                self.pipelines[mode] = auto.from_pipe(base)
+                self.pipelines[mode] = None if inpaint_only and mode != "inpaint" else auto.from_pipe(base)
             except (ValueError, KeyError):  # some families have no image-to-image or inpainting variant
+                if mode == "t2i":
+                    raise
                 self.pipelines[mode] = None
         for pipeline in self.pipelines.values():  # `from_pipe` does not copy this setting
             if pipeline is not None:
@@ -323,8 +329,11 @@ class ImageModel(ModelReplica):
         its own mask: those pixels are repainted (by a model that can inpaint; others
         redraw the whole image, as for any image without a mask)."""
         if job.init_image is None:
+            if self.pipelines["t2i"] is None:
+                raise InvalidRequest("this model is an inpainting checkpoint: it edits images "
+                                     "(/v1/images/edits) but makes none from text alone", param="model")
             return self._checked(PreparedJob(job, "t2i", job.steps))
-        if self.pipelines["i2i"] is None:
+        if self.pipelines["i2i"] is None and self.pipelines["inpaint"] is None:
             raise InvalidRequest("this model makes images from text only; it cannot edit one", param="image")
         size = (job.width, job.height)
         source = open_image(job.init_image, param="image")
@@ -336,9 +345,12 @@ class ImageModel(ModelReplica):
             mask = paint_mask(open_image(job.mask_image, param="mask"))
         else:
             alpha = transparency(source) if self.pipelines["inpaint"] is not None else None
-            if alpha is None:
+            if alpha is not None:
+                mask = ImageOps.invert(alpha)
+            elif self.pipelines["i2i"] is not None:
                 return self._checked(PreparedJob(job, "i2i", steps, init_image))
-            mask = ImageOps.invert(alpha)
+            else:  # an inpainting checkpoint repaints the whole image, as an image-to-image edit would
+                mask = Image.new("L", size, 255)
         return self._checked(PreparedJob(job, "inpaint", steps, init_image, fit(mask, size)))
 
     def _checked(self, prepared: PreparedJob) -> PreparedJob:

@@ -251,6 +251,7 @@ def test_images_the_safety_checker_blanks_fail_their_request_alone(model, monkey
 
 def test_a_text_only_model_refuses_edits_and_a_grid_it_cannot_draw(model, monkeypatch, models_dir):
     monkeypatch.setitem(model.pipelines, "i2i", None)
+    monkeypatch.setitem(model.pipelines, "inpaint", None)
     [refused] = model.run_jobs([job("a", init_image=png_bytes("red"))])
     assert isinstance(refused, InvalidRequest) and refused.param == "image"
     # A model whose sides must be multiples of 16 (SD3, FLUX) with the default grid of 8 fails
@@ -277,3 +278,24 @@ def test_a_batch_out_of_gpu_memory_runs_each_request_alone(model, monkeypatch):
     outcomes = model.run_jobs([job("a", n=2), job("b", n=1)])
     assert calls == [2, 1, 1]
     assert [len(outcome.images) for outcome in outcomes] == [2, 1]
+
+
+def test_an_inpainting_checkpoint_edits_and_refuses_text_to_image(models_dir, tmp_path):
+    """A Stable Diffusion inpainting checkpoint (a 9-channel UNet: noise, mask, masked image)
+    only inpaints: an edit without a mask repaints the whole image, a generation is a 400
+    naming the edit route, rather than a channel-mismatch 500 on every request."""
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
+
+    parts = StableDiffusionPipeline.from_pretrained(models_dir / "tiny-sd").components
+    unet = UNet2DConditionModel.from_config({**parts["unet"].config, "in_channels": 9})
+    StableDiffusionInpaintPipeline(**{**parts, "unet": unet}).save_pretrained(tmp_path / "tiny-sd-inpaint")
+    inpainting = ImageModel.func_or_class(ImageModelConfig(name=IMAGE, path=str(tmp_path / "tiny-sd-inpaint"),
+                                                           default_steps=2))
+    assert inpainting.pipelines["t2i"] is None and inpainting.pipelines["i2i"] is None
+    mask = io.BytesIO()
+    Image.new("L", (64, 64), 255).save(mask, "PNG")
+    generated, unmasked, masked = inpainting.run_jobs([
+        job("a"), job("b", init_image=png_bytes("red", (64, 64)), strength=0.5),
+        job("c", init_image=png_bytes("red", (64, 64)), mask_image=mask.getvalue(), strength=0.5)])
+    assert isinstance(generated, InvalidRequest) and "/v1/images/edits" in generated.message
+    assert isinstance(unmasked, ImageResult) and isinstance(masked, ImageResult)
