@@ -239,6 +239,10 @@ class ImageModelConfig(BaseModelConfig):
     png_compress_level: int = Field(
         1, ge=0, le=9, description="zlib level of the PNGs the model returns: 1 encodes several times "
         "faster than PIL's default 6 for files a little larger; the pixels are the same at every level.")
+    true_cfg_scale: float | None = Field(
+        None, gt=1, description="For pipelines with true classifier-free guidance (FLUX.1, Qwen-Image): its "
+        "scale when a request gives a negative_prompt (each step then runs twice). Default: the pipeline's "
+        "own where it is above 1, else 4 (FLUX.1's default of 1 would ignore the negative prompt).")
     channels_last: bool = Field(
         True, description="Put the UNet and VAE in channels-last memory format, which convolution "
         "kernels run faster on (diffusers' own speed advice, on CPU and GPU).")

@@ -51,6 +51,7 @@ Outcome = ImageResult | Exception
 
 
 JPEG_WEBP_QUALITY = 90  # when a request gives no `output_compression`
+DEFAULT_TRUE_CFG_SCALE = 4.0  # Qwen-Image's own default
 
 
 def encode_image(image: Image.Image, output_format: str = "png", quality: int | None = None,
@@ -353,6 +354,18 @@ class ImageModel(ModelReplica):
                 mask = Image.new("L", size, 255)
         return self._checked(PreparedJob(job, "inpaint", steps, init_image, fit(mask, size)))
 
+    def _true_cfg_scale(self, mode: str) -> float | None:
+        """For a pipeline with true classifier-free guidance (FLUX.1, Qwen-Image), the scale a
+        negative prompt needs to count: the config's, else the pipeline's default where that
+        uses it (Qwen-Image's 4), else 4 (FLUX.1's default of 1 ignores a negative prompt)."""
+        parameter = inspect.signature(self.pipelines[mode]).parameters.get("true_cfg_scale")
+        if parameter is None:
+            return None
+        if self.config.true_cfg_scale is not None:
+            return self.config.true_cfg_scale
+        default = parameter.default if isinstance(parameter.default, (int, float)) else 1.0
+        return float(default) if default > 1 else DEFAULT_TRUE_CFG_SCALE
+
     def _checked(self, prepared: PreparedJob) -> PreparedJob:
         """A job whose options its pipeline can take; a negative prompt the model cannot
         use is refused rather than dropped."""
@@ -376,6 +389,9 @@ class ImageModel(ModelReplica):
         }
         if first.job.negative_prompt is not None:
             arguments["negative_prompt"] = per_image(group, lambda item: item.job.negative_prompt)
+            scale = self._true_cfg_scale(first.mode)
+            if scale is not None:
+                arguments["true_cfg_scale"] = scale
         if first.mode != "t2i":
             arguments["image"] = per_image(group, lambda item: item.init_image)
             arguments["strength"] = first.job.strength

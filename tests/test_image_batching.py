@@ -299,3 +299,19 @@ def test_an_inpainting_checkpoint_edits_and_refuses_text_to_image(models_dir, tm
         job("c", init_image=png_bytes("red", (64, 64)), mask_image=mask.getvalue(), strength=0.5)])
     assert isinstance(generated, InvalidRequest) and "/v1/images/edits" in generated.message
     assert isinstance(unmasked, ImageResult) and isinstance(masked, ImageResult)
+
+
+def test_a_negative_prompt_turns_on_true_guidance_where_a_pipeline_needs_it(model, monkeypatch):
+    """FLUX.1 uses a negative prompt only with `true_cfg_scale` above its default of 1: a
+    request's negative prompt gets 4 (or the config's), a request without one nothing."""
+    real, passed = model.pipelines["t2i"], []
+
+    def flux_like(prompt, num_inference_steps, height, width, generator, output_type,
+                  negative_prompt=None, true_cfg_scale: float = 1.0):
+        passed.append(true_cfg_scale)
+        return real(prompt=prompt, num_inference_steps=num_inference_steps, height=height, width=width,
+                    generator=generator, output_type=output_type, negative_prompt=negative_prompt)
+
+    monkeypatch.setitem(model.pipelines, "t2i", flux_like)
+    model.run_jobs([job("a", negative_prompt="blurry"), job("b")])
+    assert sorted(passed) == [1.0, 4.0]
