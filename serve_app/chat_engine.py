@@ -150,14 +150,22 @@ class DecodeBatch:
         logprobs = None
         if plan.wanting:
             logprobs = torch.log_softmax(logits if plan.wanting_index is None else logits[plan.wanting_index], dim=-1)
+        # A row whose logits are not numbers (fp16 overflow in a bf16-trained checkpoint) would
+        # draw garbage with no error: it fails instead. Its token is sent as -1, in the same transfer.
+        broken = logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1)
         chosen = choose_tokens([row for _, row in owners], logits, plan.sampling)
         per_row: dict[int, PositionLogprobs] = {}
         if logprobs is not None:
             wanted = chosen if plan.wanting_index is None else chosen[plan.wanting_index]
             per_row = _position_logprobs(logprobs, wanted, plan.wanting, [owners[i][1] for i in plan.wanting])
         deltas = []
-        for i, ((slot, row), token) in enumerate(zip(owners, chosen.tolist())):  # the step's one device sync
+        tokens = torch.where(broken, -1, chosen).tolist()  # the step's one device sync
+        for i, ((slot, row), token) in enumerate(zip(owners, tokens)):
             try:
+                if token < 0:
+                    raise NotANumber("the model's scores for the next token are not numbers (NaN or inf); in "
+                                     "float16, checkpoints trained in bfloat16 can overflow: set dtype to "
+                                     "bfloat16 or float32")
                 text = row.decoder.feed(token, per_row.get(i))
             except Exception as exc:  # noqa: BLE001 - turning a token into text failed for this request only
                 slot.error, text = slot.error or exc, ""
@@ -239,6 +247,10 @@ class DecodeBatch:
             kv_cache.keep_rows(self.cache, index, first)
         else:
             kv_cache.select_rows(self.cache, index)
+
+
+class NotANumber(RuntimeError):
+    """A row's logits hold NaN or +inf: the model computed nonsense for it."""
 
 
 def _failed(slots: list[Slot], exc: Exception) -> list[tuple[Slot, int, str]]:

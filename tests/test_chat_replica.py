@@ -465,3 +465,27 @@ def test_newcomers_are_prefilled_within_the_token_budget(models_dir):
     assert 2 * max(lengths[:2]) <= 40 < 3 * max(lengths), lengths  # two fit the budget, three do not
     assert widths == [2 * max(lengths[:2]), lengths[2]], (lengths, widths)
     assert [r.choices[0].text for r in together] == [r.choices[0].text for r in alone]
+
+
+def test_a_row_whose_logits_are_not_numbers_fails_alone(replica):
+    """fp16 overflow gives NaN logits, from which sampling draws garbage without an error: that
+    request fails (its batch-mate gets its usual text), rather than answering nonsense."""
+    from serve_app.chat_engine import NotANumber
+
+    model = replica._batch.model
+
+    def forward(**inputs):
+        output = model(**inputs)
+        if inputs["input_ids"].shape[0] == 2:  # both requests decoding: the second row overflows
+            output.logits[1] = float("nan")
+        return output
+
+    async def run():
+        alone = await replica.generate(job("hello there", max_tokens=8))
+        replica._batch.model = forward
+        return alone, await asyncio.gather(replica.generate(job("hello there", max_tokens=8)),
+                                           replica.generate(job("break", max_tokens=8)), return_exceptions=True)
+
+    alone, (survivor, failed) = asyncio.run(run())
+    assert isinstance(failed, NotANumber) and "set dtype" in str(failed)
+    assert survivor.choices[0].text == alone.choices[0].text
