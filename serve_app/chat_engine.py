@@ -152,7 +152,8 @@ class DecodeBatch:
             logprobs = torch.log_softmax(logits if plan.wanting_index is None else logits[plan.wanting_index], dim=-1)
         # A row whose logits are not numbers (fp16 overflow in a bf16-trained checkpoint) would
         # draw garbage with no error: it fails instead. Its token is sent as -1, in the same transfer.
-        broken = logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1)
+        peak = logits.amax(dim=-1)  # NaN where any logit is NaN: one vectorised pass, a fraction of the argmax's
+        broken = peak.isnan() | peak.isposinf()
         chosen = choose_tokens([row for _, row in owners], logits, plan.sampling)
         per_row: dict[int, PositionLogprobs] = {}
         if logprobs is not None:
