@@ -108,12 +108,26 @@ class ToolCallFunction(WireModel):
     arguments: Text | dict[str, Any] | None = None  # OpenAI sends a JSON string
 
 
+class CustomToolCall(WireModel):
+    name: Text
+    input: Text = ""
+
+
 class ToolCall(WireModel):
-    """A tool call an earlier assistant turn made (from another model: this server makes none)."""
+    """A tool call an earlier assistant turn made (from another model: this server makes none):
+    a function's (`type: function`) or, in OpenAI's newer form, a custom tool's (`type: custom`)."""
 
     id: Text | None = None
     type: Text = "function"
-    function: ToolCallFunction
+    function: ToolCallFunction | None = None
+    custom: CustomToolCall | None = None
+
+    @model_validator(mode="after")
+    def _says_what_it_called(self) -> "ToolCall":
+        if (self.function if self.type != "custom" else self.custom) is None:
+            raise ValueError(f"a tool call of type {self.type!r} needs its "
+                             f"{'custom' if self.type == 'custom' else 'function'} object")
+        return self
 
 
 class ChatMessage(WireModel):

@@ -24,6 +24,7 @@ from serve_app.protocol import (
     ChoiceLogprobs,
     ImageEditRequest,
     ImageGenerationRequest,
+    ToolCall,
     TopLogprob,
     Usage,
 )
@@ -41,12 +42,20 @@ def template_message(message: ChatMessage) -> dict[str, Any]:
     if message.name is not None:
         entry["name"] = message.name
     if message.tool_calls:
-        entry["tool_calls"] = [{"id": call.id, "type": call.type, "function": {
-            "name": call.function.name, "arguments": _arguments(call.function.arguments)}}
-            for call in message.tool_calls]
+        entry["tool_calls"] = [_template_call(call) for call in message.tool_calls]
     if message.tool_call_id is not None:
         entry["tool_call_id"] = message.tool_call_id
     return entry
+
+
+def _template_call(call: ToolCall) -> dict[str, Any]:
+    """A tool call as templates read it: a function's arguments as an object; a custom tool's
+    `input` (free text) passed as it came."""
+    if call.custom is not None and call.type == "custom":
+        return {"id": call.id, "type": "custom", "custom": {"name": call.custom.name, "input": call.custom.input}}
+    assert call.function is not None  # the wire model requires it for every other type
+    return {"id": call.id, "type": call.type, "function": {
+        "name": call.function.name, "arguments": _arguments(call.function.arguments)}}
 
 
 def _arguments(arguments: str | dict[str, Any] | None) -> str | dict[str, Any]:

@@ -489,3 +489,23 @@ def test_a_row_whose_logits_are_not_numbers_fails_alone(replica):
     alone, (survivor, failed) = asyncio.run(run())
     assert isinstance(failed, NotANumber) and "set dtype" in str(failed)
     assert survivor.choices[0].text == alone.choices[0].text
+
+
+def test_a_custom_tool_call_in_the_history_reaches_the_template_as_it_came():
+    """OpenAI's newer custom tools: `{"type": "custom", "custom": {"name", "input"}}` calls in an
+    assistant turn are read (a 400 before), their free-text input passed as it came."""
+    from pydantic import ValidationError
+
+    from serve_app.protocol import ChatMessage
+    from serve_app.translate import template_message
+
+    message = ChatMessage.model_validate({"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "custom", "custom": {"name": "grep", "input": "needle *.py"}},
+        {"id": "c2", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}]})
+    assert template_message(message)["tool_calls"] == [
+        {"id": "c1", "type": "custom", "custom": {"name": "grep", "input": "needle *.py"}},
+        {"id": "c2", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]
+    with pytest.raises(ValidationError, match="needs its custom object"):
+        ChatMessage.model_validate({"role": "assistant", "tool_calls": [{"id": "c", "type": "custom"}]})
+    with pytest.raises(ValidationError, match="needs its function object"):
+        ChatMessage.model_validate({"role": "assistant", "tool_calls": [{"id": "c", "type": "function"}]})
