@@ -149,8 +149,9 @@ def cluster_serve_config(config: dict[str, Any], overrides: dict[str, Any], base
                     if key in deployment and deployment[key] != value
                     and key not in (own.get("deployment") or {}))
             model["deployment"] = _merge(deployment, cluster_wide)
+            _replicas_as_overridden(model, cluster_wide, notes)
             model = _merge(model, own)
-            _replicas_as_overridden(model, _merge(cluster_wide, own.get("deployment") or {}), notes)
+            _replicas_as_overridden(model, own.get("deployment") or {}, notes)  # the model's own wins
             models.append(model)
         args["models"] = models
     unknown = set(per_model) - {m["name"] for a in config.get("applications") or []

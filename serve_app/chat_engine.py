@@ -125,6 +125,11 @@ class DecodeBatch:
     def can_join(self) -> bool:
         return self.done or kv_cache.mergeable(self.cache)
 
+    @property
+    def merges(self) -> bool | None:
+        """Whether this model's cache takes newcomers while rows decode (None: no cache yet)."""
+        return None if self.cache is None else kv_cache.mergeable(self.cache)
+
     @torch.inference_mode()
     def tick(self, joining: list[Slot]) -> list[tuple[Slot, int, str]]:
         """One decoding step for the running rows, then the prefill of `joining` (their first token).

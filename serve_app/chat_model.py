@@ -73,6 +73,7 @@ class ChatModel(ModelReplica):
         self.vocabulary = getattr(head, "out_features", None) or self.model.config.get_text_config().vocab_size
         self.token_bytes = TokenBytes(self.tokenizer)
         self._batch = DecodeBatch(self.model, self.pad_id, self.device)
+        self._cache_merges = True  # until a prefill shows this model's cache cannot take newcomers
         self._waiting: deque[Slot] = deque()
         self._engine: asyncio.Task | None = None
         self._active: set[Slot] = set()
@@ -164,6 +165,8 @@ class ChatModel(ModelReplica):
                     self._fail([slot for slot, _ in failed.owners] + joining, exc)
                     del failed
                     continue
+                if self._batch.merges is not None:
+                    self._cache_merges = self._batch.merges
                 if deltas:  # a tick that only dropped departed rows ran no forward pass
                     self._steps += 1
                     self._tokens += len(deltas)
@@ -191,8 +194,11 @@ class ChatModel(ModelReplica):
                 if len(slot.rows) > room and (joining or not self._batch.done):
                     break  # it waits for room; those behind it wait too (first come, first served)
                 longest = max(longest, len(slot.prompt_ids))
-                if joining and longest * (len(joining) + 1) > self.config.max_prefill_tokens:
-                    break  # the next step prefills it (one prompt over the budget is prefilled alone)
+                # Over the budget, it joins at the next step (one prompt over it is prefilled alone);
+                # where the cache cannot merge (sliding-window, recurrent layers) there is no next
+                # step to join until the batch is done, so the budget does not hold it back.
+                if joining and self._cache_merges and longest * (len(joining) + 1) > self.config.max_prefill_tokens:
+                    break
                 joining.append(slot)
                 room -= len(slot.rows)
                 self.metrics.admitted(time.monotonic() - slot.arrived)

@@ -201,7 +201,8 @@ class ChatModelConfig(BaseModelConfig):
     max_prefill_tokens: int = Field(
         16384, ge=1, description="Most prompt tokens prefilled together in one pass (each newcomer's prompt "
         "padded to the longest): the prefill's memory peak. Newcomers beyond it join at the next step; one "
-        "longer prompt is prefilled alone.")
+        "longer prompt is prefilled alone. Not applied to models whose cache cannot take newcomers while "
+        "decoding (sliding-window, recurrent layers): they prefill every waiting request at once.")
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, description="How long an idle replica waits before prefilling, to take a burst together.")
     stream_interval_s: float = Field(

@@ -100,25 +100,25 @@ if DynamicLayer is not None:
         def reorder_cache(self, beam_idx: torch.Tensor) -> None:
             self.keep_rows(beam_idx)
 
-        def drop_appended(self, rows: int, pad: int) -> None:
-            """Undo `append_rows`: the first `rows` rows, without the `pad` columns added in front."""
-            tokens = self.get_seq_length() - pad
-            self.key_room, self.value_room = self.key_room[:rows, :, pad:], self.value_room[:rows, :, pad:]
-            self._show(tokens)
-
-        def append_rows(self, joining: DynamicLayer, pad_mine: int, pad_joining: int) -> None:
-            """Add `joining`'s rows after these, each side left-padded with zeros to one length,
-            written straight into a new room (one copy, not a concatenation then a reserve)."""
+        def rooms_for(self, joining: DynamicLayer, pad_mine: int) -> list[torch.Tensor]:
+            """New (key, value) rooms for these rows and `joining`'s, allocated, not yet written."""
             tokens = self.get_seq_length() + pad_mine
-            rooms = []
-            for mine, theirs in ((self.keys, joining.keys), (self.values, joining.values)):
-                room = mine.new_empty((mine.shape[0] + theirs.shape[0], mine.shape[1],
-                                       _capacity(tokens, self.room_tokens), mine.shape[3]))
+            return [mine.new_empty((mine.shape[0] + theirs.shape[0], mine.shape[1],
+                                    _capacity(tokens, self.room_tokens), mine.shape[3]))
+                    for mine, theirs in ((self.keys, joining.keys), (self.values, joining.values))]
+
+        def append_rows(self, joining: DynamicLayer, pad_mine: int, pad_joining: int,
+                        rooms: list[torch.Tensor] | None = None) -> None:
+            """Add `joining`'s rows after these, each side left-padded with zeros to one length,
+            written straight into a new room (one copy, not a concatenation then a reserve):
+            `rooms`, when `rooms_for` made them already."""
+            tokens = self.get_seq_length() + pad_mine
+            rooms = rooms or self.rooms_for(joining, pad_mine)
+            for room, mine, theirs in zip(rooms, (self.keys, self.values), (joining.keys, joining.values)):
                 for rows, part, pad in ((room[:mine.shape[0]], mine, pad_mine),
                                         (room[mine.shape[0]:], theirs, pad_joining)):
                     rows[:, :, :pad].zero_()  # masked out, but must be finite: 0 x NaN is NaN
                     rows[:, :, pad:tokens] = part
-                rooms.append(room)
             self.key_room, self.value_room = rooms
             self._show(tokens)
 else:
@@ -161,19 +161,13 @@ def select_rows(cache, indices: torch.Tensor) -> None:
 def merge(running, joining, pad_running: int, pad_joining: int) -> None:
     """Append `joining`'s rows to `running`, in place, left-padding the shorter to equal length.
 
-    All layers or none: when one fails (out of GPU memory for its new room), the layers
-    already merged show their running rows as before again (views of the new rooms: undoing
-    allocates nothing), so only the newcomers fail and the running batch goes on."""
-    merged = []
-    try:
-        for mine, theirs in zip(running.layers, joining.layers):
-            rows = mine.keys.shape[0]
-            mine.append_rows(theirs, pad_running, pad_joining)
-            merged.append((mine, rows))
-    except BaseException:
-        for layer, rows in merged:
-            layer.drop_appended(rows, pad_running)
-        raise
+    All layers or none: every layer's new room is allocated before any is written, so running
+    out of GPU memory for one leaves `running` as it was (the rooms made so far are freed), only
+    the newcomers fail, and the running batch goes on."""
+    layers = list(zip(running.layers, joining.layers))
+    rooms = [mine.rooms_for(theirs, pad_running) for mine, theirs in layers]
+    for (mine, theirs), room in zip(layers, rooms):
+        mine.append_rows(theirs, pad_running, pad_joining, room)
 
 
 def keep_rows(cache, indices: torch.Tensor, first: int = 0) -> None:

@@ -227,7 +227,9 @@ class ChatCompletionRequest(WireModel):
         # OpenAI's `allowed_tools` form carries the same modes: {"type": "allowed_tools", "allowed_tools": {"mode": ...}}
         mode = value
         if isinstance(value, dict):  # a named function (or custom tool) forces a call; allowed_tools has a mode
-            mode = (value.get("allowed_tools") or {}).get("mode") if value.get("type") == "allowed_tools" else value
+            allowed = value.get("allowed_tools")
+            mode = (allowed.get("mode") if isinstance(allowed, dict) else allowed) \
+                if value.get("type") == "allowed_tools" else value
         if mode is not None and mode not in ("auto", "none"):
             raise ValueError("this server does not make tool calls: tool_choice may be 'auto' or 'none' "
                              "(the model then answers in text)")

@@ -370,24 +370,30 @@ def test_a_failing_cleanup_never_leaves_a_request_waiting(replica, monkeypatch):
     assert isinstance(failed, InjectedFailure) and after.choices[0].completion_tokens > 0
 
 
-def test_a_hybrid_recurrent_model_batches_rows_that_end_apart(models_dir, tmp_path):
-    """A hybrid model (LFM2: convolution layers beside attention, whose cache keeps conv
-    states, not only keys and values): rows that end at different steps leave the batch, and
-    a request's n choices start from copies of its one prefilled row, states included."""
+def tiny_lfm2(models_dir, tmp_path):
+    """A tiny random LFM2 (convolution layers beside attention: its cache keeps conv states)
+    with the tiny Llama's tokenizer."""
     import shutil
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    tokenizer_files = [f for f in (models_dir / "tiny-llama").iterdir() if "token" in f.name or f.suffix == ".jinja"]
     config = AutoConfig.for_model("lfm2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=1262,
                                   layer_types=["conv", "full_attention", "conv", "full_attention"],
                                   bos_token_id=1, eos_token_id=2, pad_token_id=3)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tiny-lfm2")
-    for file in tokenizer_files:
-        shutil.copy(file, tmp_path / "tiny-lfm2" / file.name)
+    for file in (models_dir / "tiny-llama").iterdir():
+        if "token" in file.name or file.suffix == ".jinja":
+            shutil.copy(file, tmp_path / "tiny-lfm2" / file.name)
+    return tmp_path / "tiny-lfm2"
+
+
+def test_a_hybrid_recurrent_model_batches_rows_that_end_apart(models_dir, tmp_path):
+    """A hybrid model (LFM2: convolution layers beside attention, whose cache keeps conv
+    states, not only keys and values): rows that end at different steps leave the batch, and
+    a request's n choices start from copies of its one prefilled row, states included."""
     replica = ChatModel.func_or_class(ChatModelConfig.model_validate(
-        {"name": "h", "kind": "chat", "path": str(tmp_path / "tiny-lfm2")}))
+        {"name": "h", "kind": "chat", "path": str(tiny_lfm2(models_dir, tmp_path))}))
 
     def ask(content: str, max_tokens: int, n: int = 1) -> ChatJob:  # never the end token: each runs its course
         # Sampled with a seed: a random model's greedy text is one token repeated, which shows nothing.
@@ -409,17 +415,17 @@ def test_a_hybrid_recurrent_model_batches_rows_that_end_apart(models_dir, tmp_pa
 
 def test_a_newcomer_whose_merge_runs_out_of_memory_leaves_the_batch_as_it_was(replica, monkeypatch):
     """Merging a newcomer's rows allocates every layer's new room; when the second layer's
-    fails (out of GPU memory), the layers already merged are undone, the newcomer gets the
-    error and the running request its usual text."""
+    fails (out of GPU memory), no layer has changed: the newcomer gets the error and the
+    running request its usual text."""
     from serve_app.kv_cache import ReservedLayer
 
-    real_append, appended = ReservedLayer.append_rows, []
+    real_rooms, appended = ReservedLayer.rooms_for, []
 
-    def append_rows(self, joining, pad_mine, pad_joining):
+    def rooms_for(self, joining, pad_mine):
         appended.append(self)
         if len(appended) == 2:
             raise InjectedFailure("out of memory")
-        return real_append(self, joining, pad_mine, pad_joining)
+        return real_rooms(self, joining, pad_mine)
 
     async def run():
         alone = await replica.generate(job("hello there", max_tokens=24))
@@ -428,7 +434,7 @@ def test_a_newcomer_whose_merge_runs_out_of_memory_leaves_the_batch_as_it_was(re
         async with asyncio.timeout(60):
             while (await replica.stats())["decode_steps"] < steps + 3:  # it is decoding now
                 await asyncio.sleep(0.005)
-        monkeypatch.setattr(ReservedLayer, "append_rows", append_rows)
+        monkeypatch.setattr(ReservedLayer, "rooms_for", rooms_for)
         newcomer = await asyncio.gather(replica.generate(job("a longer prompt than that one")),
                                         return_exceptions=True)
         return alone, await running, newcomer[0]
@@ -509,3 +515,27 @@ def test_a_custom_tool_call_in_the_history_reaches_the_template_as_it_came():
         ChatMessage.model_validate({"role": "assistant", "tool_calls": [{"id": "c", "type": "custom"}]})
     with pytest.raises(ValidationError, match="needs its function object"):
         ChatMessage.model_validate({"role": "assistant", "tool_calls": [{"id": "c", "type": "function"}]})
+
+
+def test_the_prefill_budget_never_holds_back_newcomers_of_a_cache_that_cannot_merge(models_dir, tmp_path):
+    """A recurrent model's newcomers cannot join a running batch: over-budget ones would wait
+    for the whole batch to finish, so they are all prefilled together instead."""
+    replica = ChatModel.func_or_class(ChatModelConfig.model_validate(
+        {"name": "h", "kind": "chat", "path": str(tiny_lfm2(models_dir, tmp_path)), "max_prefill_tokens": 1}))
+    prefills: list[int] = []
+    model = replica._batch.model
+
+    def forward(**inputs):
+        if inputs["input_ids"].shape[1] > 1:
+            prefills.append(inputs["input_ids"].shape[0])
+        return model(**inputs)
+
+    replica._batch.model = forward
+
+    async def run():
+        await replica.generate(job("first", max_tokens=2))  # shows the cache cannot merge
+        prefills.clear()
+        return await asyncio.gather(*(replica.generate(job(p, max_tokens=2)) for p in ("a", "b c", "d e f")))
+
+    asyncio.run(run())
+    assert prefills == [3]

@@ -162,6 +162,12 @@ def test_cluster_overrides_that_scale_replace_the_fixed_count_and_bad_merges_fai
     assert chat["deployment"]["autoscaling_config"] == autoscaling and "num_replicas" not in chat["deployment"]
     assert "Llama3-8B: deployment.num_replicas 1 dropped (overrides.yaml sets autoscaling_config)" in notes
     make._check(adapted)  # valid as the server reads it
+    # Cluster-wide autoscaling, one model pinned to a fixed count: the model's own wins.
+    overrides["serve"]["deployment"] = {**overrides["serve"]["deployment"], "autoscaling_config": autoscaling}
+    overrides["serve"]["models"] = {"SuperImage": {"deployment": {"num_replicas": 2}}}
+    chat, image = make.cluster_serve_config(source, overrides, ROOT)["applications"][0]["args"]["models"]
+    assert "num_replicas" not in chat["deployment"] and chat["deployment"]["autoscaling_config"] == autoscaling
+    assert image["deployment"]["num_replicas"] == 2 and "autoscaling_config" not in image["deployment"]
 
     overrides["serve"]["models"] = {"Llama3-8B": {"device": "cuda:1"}}  # one GPU per replica: cuda:0 only
     (tmp_path / "overrides.yaml").write_text(yaml.safe_dump(overrides))

@@ -604,6 +604,8 @@ BAD_REQUESTS = [
         "mode": "required", "tools": [{"type": "function", "function": {"name": "f"}}]}}}}, 400, "tool_choice"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "tool_choice": {"type": "function", "function": {"name": "f"}}}},
      400, "tool_choice"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "tool_choice": {"type": "allowed_tools", "allowed_tools": [1]}}},
+     400, "tool_choice"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "logit_bias": {"99999999": 5}}}, 400, "logit_bias"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "logit_bias": {"5": 101}}}, 400, None),
     ("post", "/v1/chat/completions", {"content": b'{"model": "Llama3-8B", "messages": []}'}, 400, None),  # no Content-Type
