@@ -266,11 +266,9 @@ class Registrar:
     async def _current_payload(self) -> ProjectRegistration | None:
         """What the nodes should hold now; the last known payload while the live source fails."""
         try:
-            live = await self._live()
+            self._payload = project_registration(self.project, self.base_url, await self._live())
         except Exception:  # noqa: BLE001 - keep registering what was live
             logger.warning("could not read the live models; keeping the last known set", exc_info=True)
-            return self._payload
-        self._payload = project_registration(self.project, self.base_url, live)
         return self._payload
 
     async def _register(self, node: NodeState, payload: ProjectRegistration) -> None:
@@ -280,6 +278,9 @@ class Registrar:
             await call_node(self._client, node.url, REGISTER_PATH, payload)
         except NodeError as exc:
             self._record_failure(node, str(exc))
+        except Exception as exc:  # noqa: BLE001 - anything else (a URL httpx refuses, ...): backed off and shown too
+            logger.warning("registering with node %s failed", node.url, exc_info=True)
+            self._record_failure(node, f"{type(exc).__name__}: {exc}")
         else:
             self._record_success(node, payload)
 

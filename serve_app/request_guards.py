@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -205,9 +206,19 @@ def _request_id(scope: Scope) -> str:
     return serve_request_id() or (_header(scope, b"x-request-id") or b"-").decode("latin-1")
 
 
+def _logged_path(scope: Scope) -> str:
+    """The path as the access log shows it: percent-encoded again (the server decoded it), so
+    an encoded newline or space cannot forge a log line or field; an image file's name left out,
+    since with `protect_files` off the name is all that guards the image."""
+    path = _app_path(scope)
+    if path.startswith(FILES_ROUTE + "/"):
+        return FILES_ROUTE + "/{name}"
+    return quote(path, safe="/")
+
+
 def _log_access(scope: Scope, status: int, seconds: float, record: AccessRecord) -> None:
     request_id = _request_id(scope)
     extras = " ".join(f"{key}={value}" for key, value in record.fields.items())
     logger.info("access request_id=%s method=%s path=%s model=%s status=%d latency_ms=%.1f %s",
-                request_id, scope["method"], _app_path(scope), record.model or "-", status,
+                request_id, scope["method"], _logged_path(scope), record.model or "-", status,
                 seconds * 1000, extras)

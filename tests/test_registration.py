@@ -152,6 +152,29 @@ async def test_node_answering_500_is_reported_and_retried(node: FakeNode) -> Non
 
 
 @pytest.mark.anyio
+async def test_any_failure_to_reach_a_node_is_reported_and_backed_off(node: FakeNode, monkeypatch) -> None:
+    """Not only the node's own errors: whatever a call raises (here what httpx raises for a
+    URL it cannot use, which is no HTTPError) shows in the status and waits its back-off,
+    rather than a traceback every poll."""
+    import serve_app.registration as registration
+
+    async def refusing(*args, **kwargs):
+        raise httpx.InvalidURL("Invalid non-printable ASCII character in URL")
+
+    monkeypatch.setattr(registration, "call_node", refusing)
+    config = make_config([node.url])
+    registrar = started(config, FakeLive(config, "Llama3-8B"))
+    await eventually(lambda: node_status(registrar)["attempts"] >= 1)
+    first = time.monotonic()
+    status = node_status(registrar)
+    assert status["state"] == "failing"
+    assert status["last_error"] == "InvalidURL: Invalid non-printable ASCII character in URL"
+    await eventually(lambda: node_status(registrar)["attempts"] >= 2)
+    assert time.monotonic() - first > 0.1  # the back-off (retry_max_s 0.2 here), not the next 0.02 s poll
+    await registrar.stop(unregister=False)
+
+
+@pytest.mark.anyio
 async def test_node_refusing_the_payload_is_reported_and_retried(node: FakeNode) -> None:
     config = make_config([node.url], base_url="http://10.11.12.13:1088")  # not the node's machine
     registrar = started(config, FakeLive(config, "Llama3-8B"))

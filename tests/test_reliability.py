@@ -187,6 +187,22 @@ def test_prompts_are_logged_only_where_log_prompts_is_on(shttp, http):
     assert not _serve_logs_mentioning(secret)  # the default application keeps prompts out of its logs
 
 
+def test_the_access_log_cannot_be_forged_and_keeps_image_names_out(http):
+    """The server decodes `%0A` and `%20` in a path: logged as they came, a path could write a
+    second, forged line. And an image's unguessable name is all that guards it (with
+    `protect_files` off), so its line names the route, not the file."""
+    forged, fetched = uuid.uuid4().hex, uuid.uuid4().hex
+    assert http.get("/v1/x%0Aaccess%20request_id%3Dfake%20status%3D200",
+                    headers={"X-Request-Id": forged}).status_code == 404
+    url = http.post("/v1/images/generations", json={"model": IMAGE, "prompt": "x", "size": "64x64"}).json()["data"][0]["url"]
+    assert http.get(url, headers={"X-Request-Id": fetched}).status_code == 200
+    assert wait_for(lambda: _access_lines(forged) and _access_lines(fetched), timeout=10)
+    [line] = _access_lines(forged)
+    assert "path=/v1/x%0Aaccess%20request_id%3Dfake%20status%3D200 " in line, line
+    [line] = _access_lines(fetched)
+    assert "path=/v1/files/images/{name} " in line and url.rsplit("/", 1)[1] not in line, line
+
+
 def test_a_streamed_completion_counts_its_tokens_in_the_access_log(shttp):
     request_id = uuid.uuid4().hex
     with shttp.stream("POST", "/v1/chat/completions", headers={"X-Request-Id": request_id}, json={
