@@ -118,26 +118,38 @@ def _record_key(app_name: str) -> str:
     return f"registration/{app_name}"
 
 
-def _read_record(app_name: str) -> set[tuple[str, str]]:
+def _read_record(app_name: str) -> set[tuple[str, str]] | None:
     """The (project, node URL) pairs this application last announced, from Ray's KV store
-    (in the GCS, so it outlives the replicas that wrote it). Blocking."""
+    (in the GCS, so it outlives the replicas that wrote it); None when there is no record.
+    Blocking."""
     from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
 
     if not _internal_kv_initialized():
-        return set()
+        return None
     raw = _internal_kv_get(_record_key(app_name), namespace=KV_NAMESPACE)
-    return {(project, url) for project, url in json.loads(raw)} if raw else set()
+    return {(project, url) for project, url in json.loads(raw)} if raw else None
 
 
-def _write_record(app_name: str, pairs: set[tuple[str, str]]) -> None:
+def _write_record(app_name: str, pairs: set[tuple[str, str]] | None) -> None:
     from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_initialized, _internal_kv_put
 
     if not _internal_kv_initialized():
         return
-    if pairs:
+    if pairs is not None:  # an empty record says "nothing announced", which no record does not
         _internal_kv_put(_record_key(app_name), json.dumps(sorted(pairs)), overwrite=True, namespace=KV_NAMESPACE)
     else:
         _internal_kv_del(_record_key(app_name), namespace=KV_NAMESPACE)
+
+
+async def unregister_pairs(pairs: list[tuple[str, str]], timeout_s: float, why: str) -> None:
+    """Unregister each (project, node URL), concurrently; each outcome logged, none raised."""
+    async with httpx.AsyncClient(timeout=min(timeout_s, UNREGISTER_TIMEOUT_S)) as client:
+        results = await asyncio.gather(*(call_node(client, url, UNREGISTER_PATH, ProjectUnregistration(
+            project=project)) for project, url in pairs), return_exceptions=True)
+    for (project, url), result in zip(pairs, results):
+        logger.log(logging.WARNING if isinstance(result, BaseException) else logging.INFO,
+                   "unregistering project %r from node %s, %s: %s", project, url, why,
+                   result if isinstance(result, BaseException) else result.message or "done")
 
 
 async def unregister_stale(app_name: str, current: set[tuple[str, str]], timeout_s: float) -> None:
@@ -146,16 +158,9 @@ async def unregister_stale(app_name: str, current: set[tuple[str, str]], timeout
     then record `current`. A redeploy keeps the application up, so its outgoing registrar
     leaves the nodes alone; this is where the new config's owner cleans up. Never raises."""
     try:
-        previous = await asyncio.to_thread(_read_record, app_name)
-        stale = sorted(previous - current)
-        async with httpx.AsyncClient(timeout=min(timeout_s, UNREGISTER_TIMEOUT_S)) as client:
-            results = await asyncio.gather(*(call_node(client, url, UNREGISTER_PATH, ProjectUnregistration(
-                project=project)) for project, url in stale), return_exceptions=True)
-        for (project, url), result in zip(stale, results):
-            logger.log(logging.WARNING if isinstance(result, BaseException) else logging.INFO,
-                       "unregistering project %r from node %s, no longer in the config: %s", project, url,
-                       result if isinstance(result, BaseException) else result.message or "done")
-        if previous != current:
+        previous = await asyncio.to_thread(_read_record, app_name) or set()
+        await unregister_pairs(sorted(previous - current), timeout_s, "no longer in the config")
+        if previous != current:  # an empty record where pairs were: what the outgoing registrar reads
             await asyncio.to_thread(_write_record, app_name, current)
     except Exception:  # noqa: BLE001 - cleanup of an old config must never stop serving
         logger.warning("could not clean up registrations of an earlier config", exc_info=True)
@@ -329,8 +334,25 @@ class RegistrarDeployment:
             await registrar.stop(unregister=going_away)
             if going_away:  # nothing is registered any more: forget the record too
                 with contextlib.suppress(Exception):
-                    await asyncio.to_thread(_write_record, self._app_name, set())
+                    await asyncio.to_thread(_write_record, self._app_name, None)
+            else:
+                await self._withdraw_what_the_successor_dropped(registrar)
         flush_serve_log()  # the last unregister lines too
+
+    async def _withdraw_what_the_successor_dropped(self, registrar: Registrar) -> None:
+        """A redeploy: the new config's owner withdrew the pairs it no longer announces and
+        recorded its own, but this replica's loops ran until now and may have announced an
+        old pair again since. Whatever this replica holds that the record no longer lists is
+        withdrawn here (before the successor's record is written, nothing is: it withdraws
+        them itself). Never raises."""
+        try:
+            recorded = await asyncio.to_thread(_read_record, self._app_name)
+            if recorded is None:  # no owner recorded anything: nothing tells what the new config dropped
+                return
+            await unregister_pairs(sorted(registrar.owned() - recorded), registrar.options.timeout_s,
+                                   "dropped by the new config after this replica announced it again")
+        except Exception:  # noqa: BLE001 - a replica going away must not fail on cleanup
+            logger.warning("could not withdraw registrations the new config dropped", exc_info=True)
 
     async def _app_is_going_away(self) -> bool:
         """Unregister unless Serve says the application stays up.

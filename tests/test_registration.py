@@ -254,6 +254,34 @@ def test_a_stopping_registrar_unregisters_only_when_its_app_goes_away(monkeypatc
     assert asyncio.run(registration.RegistrarDeployment.func_or_class._app_is_going_away(replica)) is going_away
 
 
+@pytest.mark.parametrize(("record", "withdrawn"), [
+    ({("NewName", "node")}, [{"project": PROJECT}]),  # the new config renamed the project: the old name goes
+    ({(PROJECT, "node")}, []),  # the new config still announces it: left alone
+    (None, []),  # no owner recorded anything yet: the successor withdraws what it drops itself
+])
+def test_an_outgoing_registrar_withdraws_what_its_successor_dropped(monkeypatch, node: FakeNode, record, withdrawn):
+    """A rolling redeploy: the old registrar's loops may announce an old pair again after the
+    new config's owner withdrew it; the old replica withdraws, as it goes, what the record no
+    longer lists."""
+    import types
+
+    from serve_app import registration
+
+    record = {(project, node.url if url == "node" else url) for project, url in record} if record else record
+    monkeypatch.setattr(registration, "_read_record", lambda app_name: record)
+    config = make_config([node.url])
+
+    async def run():
+        registrar = started(config, FakeLive(config, "Llama3-8B"))
+        await eventually(lambda: node.models_of(PROJECT) is not None)
+        await registrar.stop(unregister=False)  # the app stays: as __del__ stops it
+        replica = types.SimpleNamespace(_app_name="app")
+        await registration.RegistrarDeployment.func_or_class._withdraw_what_the_successor_dropped(replica, registrar)
+
+    asyncio.run(run())
+    assert node.bodies(UNREGISTER_PATH) == withdrawn
+
+
 @pytest.mark.anyio
 async def test_project_and_base_url_can_be_overridden_for_the_node(node: FakeNode) -> None:
     """What the node receives: the overriding project, and model URLs on the overriding base."""
