@@ -13,6 +13,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
+if ! "$PYTHON" -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "setup.sh: $PYTHON is missing, older than Python 3.11, or lacks venv (Debian/Ubuntu: python3-venv);" >&2
+    echo "          set PYTHON=python3.11 (or newer) ./scripts/setup.sh" >&2
+    exit 1
+fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 

@@ -98,8 +98,11 @@ class DeploymentOptions(StrictModel):
 
     @model_validator(mode="after")
     def _replicas_xor_autoscaling(self) -> "DeploymentOptions":
-        if self.autoscaling_config is not None and isinstance(self.num_replicas, int):
-            raise ValueError("set either num_replicas or autoscaling_config, not both")
+        if self.autoscaling_config is not None and self.num_replicas is not None:
+            # `auto` too: Ray would lay this config over its own `auto` bounds (up to 100
+            # replicas), which this config's defaults would silently replace.
+            raise ValueError("set either num_replicas or autoscaling_config, not both "
+                             "(with autoscaling_config, leave num_replicas unset and give the bounds there)")
         if self.num_gpus > 1 and not self.num_gpus.is_integer():  # Ray's rule, said at load time
             raise ValueError(f"num_gpus above 1 must be a whole number of GPUs (got {self.num_gpus})")
         return self
@@ -235,8 +238,12 @@ class ImageModelConfig(BaseModelConfig):
     allowed_sizes: list[str] | None = Field(
         None, description="If set, only these sizes ('WxH') are accepted; else any size within the bounds.")
     default_strength: float = Field(
-        0.75, gt=0, le=1, description="How far edits move from the input image."
+        0.75, gt=0, le=1, description="How far an image-to-image edit (no mask) moves from the input image, "
+        "when the request gives no strength."
     )
+    default_inpaint_strength: float = Field(
+        1.0, gt=0, le=1, description="The same for a masked edit (a mask, or transparent pixels in the image): "
+        "1 repaints the masked area from scratch, as OpenAI's edits do; below 1 keeps some of what was there.")
     png_compress_level: int = Field(
         1, ge=0, le=9, description="zlib level of the PNGs the model returns: 1 encodes several times "
         "faster than PIL's default 6 for files a little larger; the pixels are the same at every level.")

@@ -101,6 +101,13 @@ def test_autoscaling_and_fixed_replicas_are_exclusive():
     with pytest.raises(ValidationError, match="either num_replicas or autoscaling_config"):
         validate(both)
 
+    def auto_and_bounds(args):
+        both(args)
+        args["models"][0]["deployment"]["num_replicas"] = "auto"
+
+    with pytest.raises(ValidationError, match="either num_replicas or autoscaling_config"):
+        validate(auto_and_bounds)
+
     def auto_only(args):
         both(args)
         del args["models"][0]["deployment"]["num_replicas"]
