@@ -26,7 +26,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, cast
 
 import torch
@@ -339,7 +339,6 @@ class ImageModel(ModelReplica):
         size = (job.width, job.height)
         source = open_image(job.init_image, param="image")
         init_image = fit(source.convert("RGB"), size)
-        steps = job.pipeline_steps
         if job.mask_image is not None:
             if self.pipelines["inpaint"] is None:
                 raise InvalidRequest("this model does not support masks", param="mask")
@@ -349,10 +348,17 @@ class ImageModel(ModelReplica):
             if alpha is not None:
                 mask = ImageOps.invert(alpha)
             elif self.pipelines["i2i"] is not None:
-                return self._checked(PreparedJob(job, "i2i", steps, init_image))
+                job = self._with_strength(job, self.config.default_strength)
+                return self._checked(PreparedJob(job, "i2i", job.pipeline_steps, init_image))
             else:  # an inpainting checkpoint repaints the whole image, as an image-to-image edit would
                 mask = Image.new("L", size, 255)
-        return self._checked(PreparedJob(job, "inpaint", steps, init_image, fit(mask, size)))
+        job = self._with_strength(job, self.config.default_inpaint_strength)
+        return self._checked(PreparedJob(job, "inpaint", job.pipeline_steps, init_image, fit(mask, size)))
+
+    @staticmethod
+    def _with_strength(job: ImageJob, default: float) -> ImageJob:
+        """The job with its strength: the request's, else this kind of edit's default."""
+        return job if job.strength is not None else replace(job, strength=default)
 
     def _true_cfg_scale(self, mode: str) -> float | None:
         """For a pipeline with true classifier-free guidance (FLUX.1, Qwen-Image), the scale a

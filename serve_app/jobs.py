@@ -104,7 +104,7 @@ class ImageJob:
     negative_prompt: str | None = None
     init_image: bytes | None = None
     mask_image: bytes | None = None
-    strength: float = 0.75
+    strength: float | None = None  # None: the model's default for the edit (image-to-image or inpainting)
     output_format: ImageFormat = "png"
     quality: int | None = None  # JPEG/WebP quality 0-100; None: the encoder's default
 
@@ -116,6 +116,8 @@ class ImageJob:
         The ingress refuses a strength below 1 / max_steps first: a strength near zero
         would ask for more steps than a float can count one by one."""
         steps = self.steps
+        if self.init_image is not None and self.strength is None:
+            raise ValueError("an edit's strength is chosen (ImageModel.prepare) before its steps are counted")
         if self.init_image is not None and int(steps * self.strength) < 1:
             steps = max(steps, math.ceil(1 / self.strength))
             while int(steps * self.strength) < 1:

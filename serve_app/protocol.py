@@ -370,7 +370,7 @@ class ImageGenerationRequest(WireModel):
     response_format: ResponseFormat = "url"
     steps: Annotated[int | None, Blankable] = Field(None, ge=0)
     step: Annotated[int | None, Blankable] = Field(None, ge=0, description="The network node's name for `steps`.")
-    negative_prompt: Text | None = None
+    negative_prompt: Annotated[Text | None, Blankable] = None  # a form's empty field, a node's "": none
     seed: Annotated[Seed | None, Blankable] = None
     output_format: Annotated[ImageFormat | None, Blankable] = None
     output_compression: Annotated[int | None, Blankable] = Field(

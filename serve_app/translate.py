@@ -195,12 +195,12 @@ def image_job(request: ImageGenerationRequest, config: ImageModelConfig, limits:
         raise InvalidRequest(f"steps must be at most {config.max_steps} for this model.",
                              param="steps" if request.steps else "step")
     width, height = image_size(request, config, source)
-    strength = config.default_strength
-    if isinstance(request, ImageEditRequest) and request.strength is not None:
-        strength = request.strength
+    # None leaves the choice to the model, which knows whether the edit is an inpainting
+    # (default_inpaint_strength) or an image-to-image one (default_strength).
+    strength = request.strength if isinstance(request, ImageEditRequest) else None
     too_weak = InvalidRequest(f"strength must be at least {1 / config.max_steps:.4g} for this model "
                               f"(it runs {config.max_steps} steps at most).", param="strength")
-    if source is not None and strength < 1 / config.max_steps:
+    if source is not None and strength is not None and strength < 1 / config.max_steps:
         raise too_weak
     job = ImageJob(
         prompt=request.prompt, n=request.n, width=width, height=height, steps=steps, seed=request.seed,
@@ -208,6 +208,6 @@ def image_job(request: ImageGenerationRequest, config: ImageModelConfig, limits:
         output_format=request.output_format or "png", quality=request.output_compression,
         init_image=source.data if source else None, mask_image=mask.data if mask else None,
     )
-    if job.pipeline_steps > config.max_steps:  # 1 / max_steps itself may round to a step too many
+    if strength is not None and job.pipeline_steps > config.max_steps:  # 1 / max_steps may round to a step too many
         raise too_weak
     return job

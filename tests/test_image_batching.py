@@ -315,3 +315,41 @@ def test_a_negative_prompt_turns_on_true_guidance_where_a_pipeline_needs_it(mode
     monkeypatch.setitem(model.pipelines, "t2i", flux_like)
     model.run_jobs([job("a", negative_prompt="blurry"), job("b")])
     assert sorted(passed) == [1.0, 4.0]
+
+
+def test_an_edit_without_strength_gets_its_kind_of_edit_default(model, monkeypatch):
+    """OpenAI clients send no strength. A masked edit (a mask, or transparent pixels) repaints
+    the masked area from scratch (`default_inpaint_strength`, 1), as OpenAI's edits do; an
+    edit without a mask keeps the picture's layout (`default_strength`, 0.75). A strength the
+    request gives is used as it is, either way."""
+    real, passed = model.pipelines["inpaint"], []
+
+    def recording(**arguments):
+        passed.append(arguments["strength"])
+        return real(**arguments)
+
+    monkeypatch.setitem(model.pipelines, "inpaint", recording)
+    mask = io.BytesIO()
+    Image.new("RGBA", (64, 64), (0, 0, 0, 0)).save(mask, "PNG")
+    see_through = io.BytesIO()
+    Image.new("RGBA", (64, 64), (255, 0, 0, 0)).save(see_through, "PNG")
+    red = png_bytes("red", (64, 64))
+    masked, transparent, plain, given = (job("a", init_image=red, mask_image=mask.getvalue()),
+                                         job("b", init_image=see_through.getvalue()),
+                                         job("c", init_image=red), job("d", init_image=red, mask_image=mask.getvalue(),
+                                                                       strength=0.5))
+    assert [model.prepare(each).job.strength for each in (masked, transparent, plain, given)] == [1.0, 1.0, 0.75, 0.5]
+    assert [model.prepare(each).mode for each in (masked, transparent, plain)] == ["inpaint", "inpaint", "i2i"]
+    outcomes = model.run_jobs([masked, given])
+    assert all(isinstance(outcome, ImageResult) for outcome in outcomes), outcomes
+    assert sorted(passed) == [0.5, 1.0]
+
+
+def test_a_blank_negative_prompt_is_none():
+    """A form's empty field (or a node's zero value "") is no negative prompt: FLUX.1 would
+    otherwise run true guidance (twice the compute) and SDXL drop its zero embeddings."""
+    from serve_app.protocol import ImageEditRequest, ImageGenerationRequest
+
+    for request in (ImageGenerationRequest, ImageEditRequest):
+        assert request.model_validate({"prompt": "x", "negative_prompt": " "}).negative_prompt is None
+        assert request.model_validate({"prompt": "x", "negative_prompt": "blurry"}).negative_prompt == "blurry"
