@@ -17,7 +17,12 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # link-local / private / shared space; named so that an allowed network does not re-open them.
 METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in
                                ("169.254.169.254", "fd00:ec2::254", "100.100.100.200"))
-_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+# The well-known NAT64 prefix: the IPv4 address is the last 32 bits.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# Never public, though Python before 3.13 may call them global: local-use NAT64 (an operator
+# picks the prefix length, /48 to /96, so where the IPv4 address sits is unknown) and the
+# deprecated site-local range.
+_NEVER_PUBLIC = (ipaddress.ip_network("64:ff9b:1::/48"), ipaddress.ip_network("fec0::/10"))
 
 
 def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -31,7 +36,7 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | No
         return address.sixtofour
     if address.teredo is not None:
         return address.teredo[1]
-    if any(address in network for network in _NAT64):
+    if address in _NAT64:
         return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return None
 
@@ -41,6 +46,8 @@ def is_forbidden_address(address: IPAddress) -> bool:
     embedded = _embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else None
     if embedded is not None:
         return is_forbidden_address(embedded)
+    if isinstance(address, ipaddress.IPv6Address) and any(address in network for network in _NEVER_PUBLIC):
+        return True
     return (address in METADATA_ADDRESSES or not address.is_global or address.is_private
             or address.is_loopback or address.is_link_local or address.is_multicast
             or address.is_reserved or address.is_unspecified)

@@ -183,7 +183,7 @@ def forbidden(run: Callable[[], Any]) -> None:
     ("169.254.169.254", True), ("0.0.0.0", True), ("224.0.1.1", True), ("240.0.0.1", True),
     ("255.255.255.255", True), ("::1", True), ("::", True), ("fe80::1", True), ("fd00:ec2::254", True),
     ("ff02::1", True), ("::ffff:127.0.0.1", True), ("::ffff:169.254.169.254", True),
-    ("::ffff:8.8.8.8", False), ("64:ff9b::a00:1", True), ("2002:7f00:1::", True), ("2002:808:808::", False),
+    ("::ffff:8.8.8.8", False), ("64:ff9b::a00:1", True), ("64:ff9b:1:a9fe:a9:fe00:808:808", True), ("fec0::1", True), ("2002:7f00:1::", True), ("2002:808:808::", False),
 ])
 def test_address_classification(address: str, refused: bool) -> None:
     assert is_forbidden_address(ipaddress.ip_address(address)) is refused
