@@ -22,7 +22,7 @@ import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, quote, urlparse
 
 import httpx
 import pytest
@@ -250,9 +250,10 @@ def test_redirect_from_allowed_host_to_forbidden_one_refused(origin: str, target
     assert len(transport.sent) == 1
 
 
-def test_redirect_to_a_file_url_refused(origin: str) -> None:
+@pytest.mark.parametrize("target", ["file:///etc/passwd", "http://[::1", "//[zz]/"])
+def test_redirect_to_a_file_or_malformed_url_refused(origin: str, target: str) -> None:
     expect(InvalidRequest, 400, "invalid_image_url",
-           lambda: fetch(f"{origin}/redirect?to=file:///etc/passwd", allowed_hosts=["127.0.0.1"]))
+           lambda: fetch(f"{origin}/redirect?to={quote(target)}", allowed_hosts=["127.0.0.1"]))
 
 
 def test_redirects_followed_up_to_the_limit(origin: str) -> None:
