@@ -58,8 +58,16 @@ def _template_call(call: ToolCall) -> dict[str, Any]:
         "name": call.function.name, "arguments": _arguments(call.function.arguments)}}
 
 
+MAX_ARGUMENT_NESTING = 64
+"""Deepest nesting of a tool call's arguments: far beyond any real tool's, and far below where
+re-encoding them (the prompt-size check here, the chat template's `tojson` on the replica) would
+exhaust Python's stack, which the JSON parser, a few frames shallower, lets through."""
+
+
 def _arguments(arguments: str | dict[str, Any] | None) -> str | dict[str, Any]:
     """A tool call's arguments as an object; a string that is no JSON object stays as it is."""
+    too_deep = InvalidRequest(f"A tool call's arguments nest more than {MAX_ARGUMENT_NESTING} levels deep.",
+                              param="messages")
     if arguments is None:
         return {}
     if isinstance(arguments, str):
@@ -68,9 +76,25 @@ def _arguments(arguments: str | dict[str, Any] | None) -> str | dict[str, Any]:
         except ValueError:
             return arguments
         except RecursionError:  # absurd nesting inside a flat request body
-            raise InvalidRequest("A tool call's arguments nest too deeply.", param="messages") from None
-        return parsed if isinstance(parsed, dict) else arguments
+            raise too_deep from None
+        if not isinstance(parsed, dict):
+            return arguments
+        arguments = parsed
+    if _nesting(arguments) > MAX_ARGUMENT_NESTING:
+        raise too_deep
     return arguments
+
+
+def _nesting(value: Any) -> int:
+    """How deeply lists and objects nest in a JSON value (without recursion: it may be deep)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            pending.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _check_n(n: int, limit: int) -> None:

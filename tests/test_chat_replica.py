@@ -7,6 +7,7 @@ pass for one long prompt, the chat template); everything else is the real code.
 from __future__ import annotations
 
 import asyncio
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -323,6 +324,14 @@ def test_tool_call_arguments_no_tokenizer_can_take_are_the_clients_400(replica):
     with pytest.raises(InvalidRequest) as nested:
         chat_job(request("[" * 5000 + "]" * 5000), replica.config, RequestLimits())
     assert nested.value.param == "messages" and "nest" in nested.value.message
+    deep: dict = {}
+    for _ in range(900):  # an object the JSON parser takes, a few frames short of json.dumps' limit
+        deep = {"a": deep}
+    for arguments in (deep, json.dumps({"a": [{"b": [0]}] * 3} | {"deep": json.loads("[" * 70 + "]" * 70)})):
+        with pytest.raises(InvalidRequest, match="nest more than 64 levels") as nested:
+            chat_job(request(arguments), replica.config, RequestLimits())
+        assert nested.value.param == "messages"
+    chat_job(request(json.loads("{" + '"a": {' * 60 + "}" * 61)), replica.config, RequestLimits())  # deep enough
     job = chat_job(request('{"x": "\\ud83d"}'), replica.config, RequestLimits())
     saved, replica.tokenizer.chat_template = replica.tokenizer.chat_template, TOOL_TEMPLATE
     try:
