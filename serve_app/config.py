@@ -380,7 +380,8 @@ class RequestLimits(StrictModel):
     max_prompt_chars: int = Field(200_000, ge=1, description="Most characters across a chat request's messages.")
     max_prompt_chars_image: int = Field(4_000, ge=1, description="Most characters in an image prompt (and in its negative prompt).")
     request_timeout_s: float = Field(
-        300.0, gt=0, description="Longest wait for a model's answer: 504, or 503 while it has no replica.")
+        300.0, gt=0, description="Longest wait for a model's answer: 504, or 503 while it has no replica; "
+        "also the longest silence within a stream (then an in-band 504 event).")
 
 
 class AppConfig(StrictModel):

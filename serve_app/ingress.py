@@ -168,7 +168,8 @@ class Ingress:
         chunks = target.stream.remote(job)
         # Peek at the first chunk: an early error still gets its HTTP status.
         first = await self._within_timeout(target, anext(chunks, None), chunks.cancel)
-        return StreamingResponse(chat_events(ChatChunkEncoder(body), first, chunks),
+        return StreamingResponse(chat_events(ChatChunkEncoder(body), first, chunks,
+                                             silence_s=self.config.limits.request_timeout_s),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @api.post("/v1/images/generations", response_model=ImagesResponse, responses=ERRORS)

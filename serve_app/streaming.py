@@ -8,10 +8,12 @@ sent as one `data:` event carrying the error envelope, then `data: [DONE]`.
 
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator, Literal
 
 from pydantic import BaseModel
 
+from serve_app.errors import GatewayTimeout
 from serve_app.http_errors import as_api_error, error_body
 from serve_app.jobs import ChatStreamChunk, ChoiceDelta
 from serve_app.protocol import (
@@ -79,12 +81,23 @@ class ChatChunkEncoder:
 
 
 async def chat_events(encoder: ChatChunkEncoder, first: ChatStreamChunk | None,
-                      rest: AsyncIterator[ChatStreamChunk]) -> AsyncIterator[str]:
-    """The SSE body: the peeked first chunk, the rest as they come, then the closing events."""
+                      rest: AsyncIterator[ChatStreamChunk], silence_s: float | None = None) -> AsyncIterator[str]:
+    """The SSE body: the peeked first chunk, the rest as they come, then the closing events.
+
+    A model that stops sending without failing (a hung GPU, a stuck engine) would hold the
+    connection open for ever: after `silence_s` without a chunk the stream ends with a 504
+    error event, as a request that waits that long for its answer gets a 504."""
     try:
         if first is not None:
             yield encoder.encode(first)
-        async for chunk in rest:
+        while True:
+            try:
+                async with asyncio.timeout(silence_s):
+                    chunk = await anext(rest)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise GatewayTimeout(f"The model sent nothing for {silence_s:g} s; the stream was ended.") from None
             yield encoder.encode(chunk)
     except Exception as exc:  # noqa: BLE001 - the status is already sent; report in-band
         yield event(error_body(as_api_error(exc)))

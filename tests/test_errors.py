@@ -95,3 +95,36 @@ def test_an_error_after_the_stream_started_is_one_error_event_then_done() -> Non
     error = json.loads(sent[1].removeprefix("data: "))
     assert error["code"] == 503 and error["error"]["code"] == "model_unavailable" and error["message"]
     assert rest.cancelled
+
+
+def test_a_stream_whose_model_goes_silent_ends_with_a_timeout_event() -> None:
+    """A model that stops sending without failing (a hung GPU) must not hold the connection
+    open for ever: past the silence limit the stream ends with a 504 event, [DONE], and the
+    model is told to stop; chunks that keep coming within the limit go through."""
+    class StallingStream:
+        cancelled, sent = False, 0
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self) -> ChatStreamChunk:
+            if self.sent == 3:
+                await asyncio.Event().wait()  # hangs
+            self.sent += 1
+            await asyncio.sleep(0.05)
+            return ChatStreamChunk(deltas=[ChoiceDelta(0, "x")], prompt_tokens=3, completion_tokens=self.sent)
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    async def events() -> list[str]:
+        request = ChatCompletionRequest.model_validate(
+            {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+        return [event async for event in chat_events(ChatChunkEncoder(request), None, rest, silence_s=0.3)]
+
+    rest = StallingStream()
+    sent = asyncio.run(events())
+    assert len(sent) == 5 and sent[-1] == "data: [DONE]\n\n", sent
+    error = json.loads(sent[3].removeprefix("data: "))
+    assert error["code"] == 504 and error["error"]["code"] == "timeout" and "0.3 s" in error["message"]
+    assert rest.cancelled
