@@ -36,6 +36,7 @@ class IncrementalText:
         self.text = ""
         self._backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
         self._stream = DecodeStream(skip_special_tokens=True) if self._backend and DecodeStream else None
+        self._context = ""  # text of tokens a restarted stream was given as context, not yet cut off
 
     def add(self, token: int) -> str:
         """Append a token; returns the whole text so far."""
@@ -48,13 +49,34 @@ class IncrementalText:
 
     def _step(self, token: int) -> str | None:
         try:
-            return self._stream.step(self._backend, token)
+            return self._cut_context(self._stream.step(self._backend, token))
         except Exception:  # noqa: BLE001 - retried below; a real problem raises again there
             # Byte-fallback decoders (Llama 2, Mistral) can turn a finished character back into
             # U+FFFD once a later byte makes its run invalid, which breaks the stream's prefix
-            # check. Restart the stream from this token, as vLLM does; what was sent stays.
-            self._stream = DecodeStream(skip_special_tokens=True)
+            # check. Restart the stream, as vLLM does; what was sent stays. The token before this
+            # one is its context (not sent again), so that a SentencePiece decoder does not strip
+            # this word's leading space as the start of a text; without it if even that fails.
+            previous = self.tokens[-2:-1]
+            if previous:
+                try:
+                    return self._restart(previous, token)
+                except Exception:  # noqa: BLE001 - an older tokenizers, or that token is in the bad run
+                    pass
+            self._stream, self._context = DecodeStream(skip_special_tokens=True), ""
             return self._stream.step(self._backend, token)
+
+    def _restart(self, context: list[int], token: int) -> str | None:
+        """A new stream that has seen `context`: its first text starts with the context's own,
+        which was dealt with already and is cut off (see `_cut_context`)."""
+        self._stream = DecodeStream(ids=context, skip_special_tokens=True)
+        self._context = self._backend.decode(context, skip_special_tokens=True)
+        return self._cut_context(self._stream.step(self._backend, token))
+
+    def _cut_context(self, text: str | None) -> str | None:
+        if text is None or not self._context:
+            return text
+        context, self._context = self._context, ""
+        return text[len(context):] if text.startswith(context) else text
 
     def complete(self) -> str:
         """The final text, as a full decode gives it: bytes of a character the output
