@@ -29,7 +29,7 @@ from serve_app.chat_engine import DecodeBatch, Slot, deltas_by_slot, merge_delta
 from serve_app.decoding import ChoiceDecoder
 from serve_app.config import ChatModelConfig
 from serve_app.errors import APIError, InvalidRequest
-from serve_app.jobs import ChatJob, ChatResult, ChatStreamChunk, ChoiceDelta
+from serve_app.jobs import ChatJob, ChatResult, ChatStreamChunk, ChoiceDelta, prompt_chars
 from serve_app.metrics import ChatEngineMetrics
 from serve_app.placement import ModelReplica, spread_devices, weights_device_map
 from serve_app.sampling import SamplingDefaults, make_rows
@@ -66,7 +66,10 @@ class ChatModel(ModelReplica):
         # their generation config while the chat template ends a turn with the tokenizer's.
         eos = generation.eos_token_id
         self.eos_ids = {*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id} - {None}
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        # Padding is masked, but its id is still looked up: a pad token added to the tokenizer
+        # without resizing the embeddings (some fine-tunes ship that) would index past them.
+        pad, embeddings = self.tokenizer.pad_token_id, self.model.get_input_embeddings().num_embeddings
+        self.pad_id = pad if pad is not None and 0 <= pad < embeddings else min(self.eos_ids)
         # A multimodal checkpoint (Gemma 3) keeps its text model's context in the text config.
         self.context_length = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         head = self.model.get_output_embeddings()  # the logits' width; some models name no head
@@ -245,7 +248,7 @@ class ChatModel(ModelReplica):
         stream this replica serves. Short ones stay on the loop, where they cost less than
         the hop to a thread."""
         arrived = time.monotonic()
-        if sum(len(message["content"]) for message in job.messages) > INLINE_PROMPT_CHARS:
+        if prompt_chars(job.messages) > INLINE_PROMPT_CHARS:
             slot = await asyncio.to_thread(self._slot, job)
         else:
             slot = self._slot(job)

@@ -8,6 +8,7 @@ on the wire format.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -33,6 +34,13 @@ class ChatJob:
     logprobs: bool = False
     top_logprobs: int = 0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+
+
+def prompt_chars(messages: list[dict[str, Any]]) -> int:
+    """How much text a conversation gives the chat template: each message's content and its
+    tool calls as JSON (the ingress's `limits.max_prompt_chars`, and the replica's measure
+    of a prompt long enough to template off its event loop)."""
+    return sum(len(message["content"]) + len(json.dumps(message.get("tool_calls", ""))) for message in messages)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 from serve_app.config import ChatModelConfig, ImageModelConfig, RequestLimits, parse_size
 from serve_app.errors import InvalidRequest
 from serve_app.image_input import InputImage
-from serve_app.jobs import ChatJob, ChatResult, ImageJob, TokenLogprob
+from serve_app.jobs import ChatJob, ChatResult, ImageJob, TokenLogprob, prompt_chars
 from serve_app.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -107,7 +107,7 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
     if len(request.messages) > limits.max_messages:
         raise InvalidRequest(f"At most {limits.max_messages} messages are accepted.", param="messages")
     messages = [template_message(m) for m in request.messages]
-    if sum(len(m["content"]) + len(json.dumps(m.get("tool_calls", ""))) for m in messages) > limits.max_prompt_chars:
+    if prompt_chars(messages) > limits.max_prompt_chars:
         raise InvalidRequest(f"The messages are longer than {limits.max_prompt_chars} characters in all.",
                              param="messages", code="prompt_too_long")
     requested = request.requested_max_tokens

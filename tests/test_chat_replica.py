@@ -248,12 +248,18 @@ def test_a_long_conversation_is_prepared_off_the_event_loop_and_answered(replica
     replica._slot = recording_slot
     words = " ".join(["otter"] * (INLINE_PROMPT_CHARS // 6 + 1))
 
-    async def run():
-        return await replica.generate(job("hi")), await replica.generate(job(words))
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"notes": words}}}]
+    long_calls = ChatJob(messages=[{"role": "assistant", "content": "", "tool_calls": calls},
+                                   {"role": "user", "content": "hi"}], max_tokens=4, max_tokens_explicit=True)
 
-    short, long = asyncio.run(run())
+    async def run():
+        return (await replica.generate(job("hi")), await replica.generate(job(words)),
+                await replica.generate(long_calls))
+
+    short, long, _ = asyncio.run(run())
     assert short.choices[0].completion_tokens >= 1
-    assert threads[0] == threading.main_thread().name and threads[1] != threads[0]
+    # Tool calls count as the ingress counts them: short contents, long arguments.
+    assert threads[0] == threading.main_thread().name and threads[1] != threads[0] and threads[2] != threads[0]
     assert replica.context_length == 2048  # the tiny model's: the long conversation does not fit
     assert isinstance(long, InvalidRequest) and long.code == "context_length_exceeded"
 
@@ -354,6 +360,30 @@ def test_a_turn_ends_at_the_tokenizers_end_too(models_dir, tmp_path):
     config = ChatModelConfig.model_validate({"name": "m", "kind": "chat", "path": str(checkpoint)})
     replica = ChatModel.func_or_class(config)
     assert replica.tokenizer.eos_token_id == 2 and replica.eos_ids == {2, 5}
+
+
+def test_a_pad_token_beyond_the_embeddings_is_not_used(models_dir, tmp_path):
+    """A fine-tune that added a pad token to its tokenizer without resizing the model's
+    embeddings: padding (masked, but still looked up) takes an end token's id instead, so two
+    prompts of different lengths batch, rather than failing on an out-of-range index."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    checkpoint = shutil.copytree(models_dir / "tiny-llama", tmp_path / "tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer.add_special_tokens({"pad_token": "<added_pad>"})
+    tokenizer.save_pretrained(checkpoint)
+    config = ChatModelConfig.model_validate({"name": "m", "kind": "chat", "path": str(checkpoint)})
+    replica = ChatModel.func_or_class(config)
+    assert replica.tokenizer.pad_token_id >= replica.model.get_input_embeddings().num_embeddings
+    assert replica.pad_id == min(replica.eos_ids)
+
+    async def both():
+        return await asyncio.wait_for(asyncio.gather(replica.generate(job("hi")),
+                                                     replica.generate(job("a much longer question " * 4))), 60)
+
+    assert all(result.choices[0].completion_tokens > 0 for result in asyncio.run(both()))
 
 
 def test_a_failing_cleanup_never_leaves_a_request_waiting(replica, monkeypatch):
