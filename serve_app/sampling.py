@@ -70,7 +70,8 @@ class Row:
 @dataclass(frozen=True)
 class SamplingDefaults:
     """What a checkpoint's `generation_config` says for requests that omit a setting: only
-    the values it sets (transformers 4 fills unset ones with its own, e.g. top_k 50)."""
+    the values it sets (unset ones are None in transformers 5, which this needs: transformers 4
+    left out any value equal to its own default, a checkpoint's explicit top_k 50 included)."""
 
     temperature: float = 1.0
     top_p: float = 1.0

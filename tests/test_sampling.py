@@ -154,6 +154,8 @@ def test_a_rebuilt_plan_keeps_the_counts_of_rows_that_stay():
     ({"temperature": 0.6, "top_p": 0.9, "top_k": 20}, {"temperature": 1.2}, (False, 1.2, 0.9, 0)),
     ({"temperature": 0.6}, {"temperature": 0}, (True, 0, 1.0, 0)),  # 0: greedy
     ({"temperature": 0.0}, {}, (True, 0.0, 1.0, 0)),  # a checkpoint may default to greedy
+    # A value equal to transformers 4's own default is still the checkpoint's (4.x dropped it).
+    ({"do_sample": True, "top_k": 50, "temperature": 1.0}, {}, (False, 1.0, 1.0, 50)),
 ])
 def test_omitted_settings_take_the_checkpoints_then_openais_defaults(checkpoint, asked, expected):
     defaults = SamplingDefaults.of(GenerationConfig(**checkpoint))
