@@ -107,19 +107,25 @@ if DynamicLayer is not None:
                                     _capacity(tokens, self.room_tokens), mine.shape[3]))
                     for mine, theirs in ((self.keys, joining.keys), (self.values, joining.values))]
 
-        def append_rows(self, joining: DynamicLayer, pad_mine: int, pad_joining: int,
-                        rooms: list[torch.Tensor] | None = None) -> None:
+        def append_rows(self, joining: DynamicLayer, pad_mine: int, pad_joining: int) -> None:
             """Add `joining`'s rows after these, each side left-padded with zeros to one length,
-            written straight into a new room (one copy, not a concatenation then a reserve):
-            `rooms`, when `rooms_for` made them already."""
+            written straight into a new room (one copy, not a concatenation then a reserve)."""
             tokens = self.get_seq_length() + pad_mine
-            rooms = rooms or self.rooms_for(joining, pad_mine)
+            rooms = self.rooms_for(joining, pad_mine)
             for room, mine, theirs in zip(rooms, (self.keys, self.values), (joining.keys, joining.values)):
                 for rows, part, pad in ((room[:mine.shape[0]], mine, pad_mine),
                                         (room[mine.shape[0]:], theirs, pad_joining)):
                     rows[:, :, :pad].zero_()  # masked out, but must be finite: 0 x NaN is NaN
                     rows[:, :, pad:tokens] = part
             self.key_room, self.value_room = rooms
+            self._show(tokens)
+
+        def give_back_rows(self, rows: int, pad_mine: int) -> None:
+            """Undo `append_rows`: the first `rows` rows without the `pad_mine` columns it put in
+            front of them, as views of the merged room (keeping its room ahead, so the next step
+            still writes in place); the room's memory is freed when the rows next change."""
+            tokens = self.get_seq_length() - pad_mine
+            self.key_room, self.value_room = self.key_room[:rows, :, pad_mine:], self.value_room[:rows, :, pad_mine:]
             self._show(tokens)
 else:
     ReservedLayer = None
@@ -161,13 +167,22 @@ def select_rows(cache, indices: torch.Tensor) -> None:
 def merge(running, joining, pad_running: int, pad_joining: int) -> None:
     """Append `joining`'s rows to `running`, in place, left-padding the shorter to equal length.
 
-    All layers or none: every layer's new room is allocated before any is written, so running
-    out of GPU memory for one leaves `running` as it was (the rooms made so far are freed), only
-    the newcomers fail, and the running batch goes on."""
-    layers = list(zip(running.layers, joining.layers))
-    rooms = [mine.rooms_for(theirs, pad_running) for mine, theirs in layers]
-    for (mine, theirs), room in zip(layers, rooms):
-        mine.append_rows(theirs, pad_running, pad_joining, room)
+    Layer by layer: each layer's new room replaces its old one (freed at once) before the next
+    is made, so the merge needs one layer's room more than the running cache, not a second
+    cache beside it (at 32 rows of 8k tokens of an 8B model, 32 GB). All layers or none: out of
+    GPU memory part-way, the layers merged so far give the newcomers' rows back (as views of
+    their new rooms: no memory is needed to undo), only the newcomers fail, and the running
+    batch goes on as it was."""
+    merged = []
+    try:
+        for mine, theirs in zip(running.layers, joining.layers):
+            rows = mine.keys.shape[0]
+            mine.append_rows(theirs, pad_running, pad_joining)
+            merged.append((mine, rows))
+    except BaseException:
+        for layer, rows in merged:
+            layer.give_back_rows(rows, pad_running)
+        raise
 
 
 def keep_rows(cache, indices: torch.Tensor, first: int = 0) -> None:

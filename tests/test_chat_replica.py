@@ -453,9 +453,9 @@ def test_a_hybrid_recurrent_model_batches_rows_that_end_apart(models_dir, tmp_pa
 
 
 def test_a_newcomer_whose_merge_runs_out_of_memory_leaves_the_batch_as_it_was(replica, monkeypatch):
-    """Merging a newcomer's rows allocates every layer's new room; when the second layer's
-    fails (out of GPU memory), no layer has changed: the newcomer gets the error and the
-    running request its usual text."""
+    """Merging a newcomer's rows makes each layer's new room in turn; when the second layer's
+    fails (out of GPU memory), the first gives the newcomer's rows back: the newcomer gets the
+    error and the running request its usual text."""
     from serve_app.kv_cache import ReservedLayer
 
     real_rooms, appended = ReservedLayer.rooms_for, []

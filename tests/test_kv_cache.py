@@ -96,6 +96,42 @@ def test_merged_rows_are_left_padded_with_zeros_into_a_room(nan_allocations, run
     assert reserved.key_room.data_ptr() == room and reserved.keys.shape[2] == width + 1
 
 
+def test_a_merge_frees_each_layers_old_room_before_making_the_next_and_undoes_itself_in_place(monkeypatch):
+    """Layer by layer: when a layer's new room is made, the layers merged before it hold only
+    their new rooms (the peak is the cache plus one layer, not two caches). Out of memory at
+    the third layer, the first two give the newcomers' rows back without allocating, every
+    layer shows what it showed before, and the next step still writes in place."""
+    import gc
+    import weakref
+
+    running = [filled(rows=2, tokens=5)[0] for _ in range(4)]
+    joining = [kv_cache.reserve_room(SimpleNamespace(layers=[filled(rows=1, tokens=7)[0]])).layers[0]
+               for _ in range(4)]
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in running]
+    old_rooms = [weakref.ref(layer.key_room) for layer in running]
+    real_rooms, alive_at_call = ReservedLayer.rooms_for, []
+
+    def rooms_for(self, theirs, pad_mine):
+        gc.collect()
+        alive_at_call.append([room() is not None for room in old_rooms])
+        if len(alive_at_call) == 3:
+            raise torch.OutOfMemoryError("injected")
+        return real_rooms(self, theirs, pad_mine)
+
+    monkeypatch.setattr(ReservedLayer, "rooms_for", rooms_for)
+    with pytest.raises(torch.OutOfMemoryError):
+        kv_cache.merge(SimpleNamespace(layers=running), SimpleNamespace(layers=joining), 2, 0)
+    assert alive_at_call == [[True] * 4, [False, True, True, True], [False, False, True, True]]
+    monkeypatch.undo()
+    for layer, (keys, values) in zip(running, before):
+        assert_same(layer, keys, values)
+        room = layer.key_room.data_ptr()
+        step = states(2, 1, 12)
+        layer.update(*step)
+        assert layer.key_room.data_ptr() == room  # in place, in the room given back
+        assert_same(layer, torch.cat([keys, step[0]], dim=2), torch.cat([values, step[1]], dim=2))
+
+
 def test_only_plain_layers_get_room_and_only_such_caches_merge():
     plain = DynamicCache()
     plain.layers = [DynamicLayer(), DynamicLayer()]
