@@ -91,6 +91,8 @@ class DecodeBatch:
                  kv_room_tokens: int = kv_cache.ROOM_TOKENS) -> None:
         self.model, self.pad_id, self.device = model, pad_id, device
         self.kv_room_tokens = kv_room_tokens  # 0: every step copies the cache, as `torch.cat` does
+        # A multimodal checkpoint (Gemma 3) keeps its text model's context in the text config.
+        self.context_length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         # A model spread over several GPUs keeps each layer's cache on that layer's GPU; a CPU
         # index selects rows of a tensor on any device, a GPU index only on its own.
         self.row_index_device = device if len(spread_devices(model)) <= 1 else torch.device("cpu")
@@ -205,7 +207,7 @@ class DecodeBatch:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         try:
             logits, cache = self._forward(ids, mask, positions, None)
-            kv_cache.reserve_room(cache, self.kv_room_tokens)
+            kv_cache.reserve_room(cache, self.kv_room_tokens, self.context_length)
             if len(owners) > len(slots):
                 copies = torch.repeat_interleave(torch.arange(len(slots)), torch.tensor([len(s.rows) for s in slots]))
                 kv_cache.select_rows(cache, copies.to(self.row_index_device))

@@ -70,12 +70,11 @@ class ChatModel(ModelReplica):
         # without resizing the embeddings (some fine-tunes ship that) would index past them.
         pad, embeddings = self.tokenizer.pad_token_id, self.model.get_input_embeddings().num_embeddings
         self.pad_id = pad if pad is not None and 0 <= pad < embeddings else min(self.eos_ids)
-        # A multimodal checkpoint (Gemma 3) keeps its text model's context in the text config.
-        self.context_length = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         head = self.model.get_output_embeddings()  # the logits' width; some models name no head
         self.vocabulary = getattr(head, "out_features", None) or self.model.config.get_text_config().vocab_size
         self.token_bytes = TokenBytes(self.tokenizer)
         self._batch = DecodeBatch(self.model, self.pad_id, self.device)
+        self.context_length = self._batch.context_length
         self._cache_merges = True  # until a prefill shows this model's cache cannot take newcomers
         self._waiting: deque[Slot] = deque()
         self._engine: asyncio.Task | None = None

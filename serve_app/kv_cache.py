@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 
 try:  # the layer type whose tensors can be merged across batches (transformers >= 4.56)
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 except ImportError:  # older transformers: requests batch, but do not join a running batch
-    DynamicLayer = None
+    DynamicLayer = DynamicSlidingWindowLayer = None
 
 ROOM_TOKENS = 128
 """Positions reserved ahead per row: the cache is copied once per this many steps. On a GPU
@@ -138,15 +138,24 @@ def _room_like(like: torch.Tensor, capacity: int, front: torch.Tensor | None) ->
     return room
 
 
-def reserve_room(cache, room_tokens: int = ROOM_TOKENS):
+def reserve_room(cache, room_tokens: int = ROOM_TOKENS, context_length: int | None = None):
     """Make every plain `DynamicLayer` of a freshly prefilled cache a `ReservedLayer` (in place);
-    other layer types (sliding-window, recurrent) are left as they are."""
+    other layer types (sliding-window, recurrent) are left as they are, except a sliding window
+    longer than the model's context (Phi-3.5-mini: 262,144 against 131,072), which never
+    slides: that layer is a plain one, and the batch can take newcomers."""
     layers = getattr(cache, "layers", None)
     if ReservedLayer is not None and layers:
         for i, layer in enumerate(layers):
-            if type(layer) is DynamicLayer:
+            if type(layer) is DynamicLayer or _never_slides(layer, context_length):
                 layers[i] = ReservedLayer.adopt(layer, room_tokens)
     return cache
+
+
+def _never_slides(layer, context_length: int | None) -> bool:
+    """A sliding-window layer keeps its last `sliding_window - 1` positions: with a context
+    shorter than that it keeps them all, exactly as a plain layer does."""
+    return (context_length is not None and type(layer) is DynamicSlidingWindowLayer
+            and layer.sliding_window > context_length)
 
 
 def mergeable(cache) -> bool:

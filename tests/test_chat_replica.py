@@ -409,6 +409,54 @@ def test_a_failing_cleanup_never_leaves_a_request_waiting(replica, monkeypatch):
     assert isinstance(failed, InjectedFailure) and after.choices[0].completion_tokens > 0
 
 
+def tiny_sliding(models_dir, tmp_path, window: int):
+    """A tiny random Mistral (every layer a sliding-window one) with the tiny Llama's
+    tokenizer, its context 2048 tokens."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1262,
+                                  max_position_embeddings=2048, sliding_window=window,
+                                  bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    folder = tmp_path / f"tiny-mistral-{window}"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for file in (models_dir / "tiny-llama").iterdir():
+        if "token" in file.name or file.suffix == ".jinja":
+            shutil.copy(file, folder / file.name)
+    return folder
+
+
+@pytest.mark.parametrize("window, merges", [(4096, True), (16, False)])
+def test_a_sliding_window_longer_than_the_context_takes_newcomers(models_dir, tmp_path, window, merges):
+    """A window longer than the context (Phi-3.5-mini's) never slides: its cache is a plain
+    one, newcomers join the running batch, and a seeded request's text is the same as alone.
+    A window that does slide keeps transformers' own layer, and newcomers wait."""
+    replica = ChatModel.func_or_class(ChatModelConfig.model_validate(
+        {"name": "w", "kind": "chat", "path": str(tiny_sliding(models_dir, tmp_path, window))}))
+
+    def ask(content: str, max_tokens: int) -> ChatJob:
+        return ChatJob(messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
+                       max_tokens_explicit=True, temperature=1.0, seed=7, logit_bias={2: -100.0})
+
+    async def run():
+        alone = await replica.generate(ask("hi", 12))
+        running = asyncio.ensure_future(replica.generate(ask("hi", 12)))
+        async with asyncio.timeout(60):
+            while not replica._batch.owners:  # it is decoding now
+                await asyncio.sleep(0.001)
+        joined = replica._batch.merges
+        newcomer = await replica.generate(ask("a longer prompt than the first one", 4))
+        return alone, await running, newcomer, joined
+
+    alone, running, newcomer, joined = asyncio.run(run())
+    assert joined is merges
+    assert newcomer.choices[0].completion_tokens == 4
+    if merges:
+        assert running.choices[0].text == alone.choices[0].text
+
+
 def tiny_lfm2(models_dir, tmp_path):
     """A tiny random LFM2 (convolution layers beside attention: its cache keeps conv states)
     with the tiny Llama's tokenizer."""
