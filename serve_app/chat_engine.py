@@ -91,8 +91,7 @@ class DecodeBatch:
                  kv_room_tokens: int = kv_cache.ROOM_TOKENS) -> None:
         self.model, self.pad_id, self.device = model, pad_id, device
         self.kv_room_tokens = kv_room_tokens  # 0: every step copies the cache, as `torch.cat` does
-        # A multimodal checkpoint (Gemma 3) keeps its text model's context in the text config.
-        self.context_length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        self.context_length = context_length(model)
         # A model spread over several GPUs keeps each layer's cache on that layer's GPU; a CPU
         # index selects rows of a tensor on any device, a GPU index only on its own.
         self.row_index_device = device if len(spread_devices(model)) <= 1 else torch.device("cpu")
@@ -255,6 +254,13 @@ class DecodeBatch:
             kv_cache.keep_rows(self.cache, index, first)
         else:
             kv_cache.select_rows(self.cache, index)
+
+
+def context_length(model) -> int | None:
+    """The most positions the model takes (None where its config does not say); a multimodal
+    checkpoint (Gemma 3) keeps its text model's in the text config."""
+    config = getattr(model, "config", None)
+    return None if config is None else getattr(config.get_text_config(), "max_position_embeddings", None)
 
 
 class NotANumber(RuntimeError):
