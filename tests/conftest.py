@@ -89,6 +89,7 @@ def serve_caplog(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPat
 
 
 METRICS_REPORT_INTERVAL_MS = 1000  # Ray's floor
+SERVING_SWITCHES = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
 
 
 @pytest.fixture(scope="session")
@@ -100,16 +101,26 @@ def cluster(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     # Replica logs buffered as under RAY_SERVE_THROUGHPUT_OPTIMIZED (the default launch's), so
     # the tests read them as an operator would: written by the replicas' periodic flush.
     # Metrics exported every second rather than every 10: the metrics test waits for them to settle.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             _system_config={"metrics_report_interval_ms": METRICS_REPORT_INTERVAL_MS},
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                                       "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}})
+    # A Ray of its own (`address="local"`: never a cluster the shell's RAY_ADDRESS or a running
+    # `ray start` offers, whose Serve apps the teardown would shut down), on Serve's default
+    # proxy whatever the shell exports (the default launch's switches are tested on the
+    # multi-node cluster, `test_cluster`).
+    pinned = {name: os.environ.pop(name, None) for name in SERVING_SWITCHES}
+    try:
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 _system_config={"metrics_report_interval_ms": METRICS_REPORT_INTERVAL_MS},
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                                           "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}})
+    finally:
+        os.environ.update({name: value for name, value in pinned.items() if value is not None})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield ServeCluster(port, tmp_path_factory.mktemp("images"))
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -626,3 +626,34 @@ def test_the_prefill_budget_never_holds_back_newcomers_of_a_cache_that_cannot_me
 
     asyncio.run(run())
     assert prefills == [3]
+
+
+def test_max_tokens_defaults_from_the_config_and_fits_the_context(replica):
+    """No max_tokens: the config's `default_max_tokens`, or what the context has room for
+    after a long conversation (the answer then ends with `length`); an explicit max_tokens
+    the context cannot hold is the client's 400, naming the parameter it used."""
+    def request(content: str, **fields) -> ChatJob:
+        return chat_job(ChatCompletionRequest.model_validate({
+            "model": "m", "messages": [{"role": "user", "content": content}], "temperature": 0,
+            "logit_bias": {str(token): -100 for token in replica.eos_ids}, **fields}), replica.config, RequestLimits())
+
+    def prompt_length(words: int) -> int:
+        return len(replica._slot(request("otter " * words)).prompt_ids)
+
+    per_100_words = prompt_length(101) - prompt_length(1)
+    words = 1 + (replica.context_length - 30 - prompt_length(1)) * 100 // per_100_words  # about 30 tokens short
+    long = request("otter " * words)
+    prompt = len(replica._slot(long).prompt_ids)
+    assert replica.context_length - 60 < prompt < replica.context_length
+
+    async def run():
+        return (await replica.generate(request("hi")), await replica.generate(long),
+                await replica.generate(request("otter " * words, max_completion_tokens=1000)))
+
+    short, fitted, refused = asyncio.run(run())
+    assert short.choices[0].completion_tokens == replica.config.default_max_tokens
+    assert short.choices[0].finish_reason == "length"
+    assert fitted.prompt_tokens == prompt and fitted.choices[0].completion_tokens == replica.context_length - prompt
+    assert fitted.choices[0].finish_reason == "length"
+    assert isinstance(refused, InvalidRequest) and refused.code == "context_length_exceeded"
+    assert refused.param == "max_completion_tokens"

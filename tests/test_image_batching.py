@@ -132,12 +132,14 @@ def test_batches_queued_during_a_call_share_the_next_one(model):
     """Serve's batches that arrive while the worker is busy merge; a cancelled caller drops out."""
     gate = threading.Event()
     model._worker.submit(gate.wait)  # the worker is busy, as during a pipeline call
-    before = model.stats()
-    futures = [future for jobs in ([job("a")], [job("b", n=2)], [job("c"), job("d", n=3)])
-               for future in model.submit(jobs)]
-    assert futures[0].cancel()
-    time.sleep(0.2)  # they wait: their queue time
-    gate.set()
+    try:
+        before = model.stats()
+        futures = [future for jobs in ([job("a")], [job("b", n=2)], [job("c"), job("d", n=3)])
+                   for future in model.submit(jobs)]
+        assert futures[0].cancel()
+        time.sleep(0.2)  # they wait: their queue time
+    finally:
+        gate.set()  # else the module's model is blocked for every later test
     outcomes = [future.result(timeout=300) for future in futures[1:]]
     assert [len(outcome.images) for outcome in outcomes] == [2, 1, 3]
     after = model.stats()

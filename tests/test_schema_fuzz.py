@@ -21,8 +21,8 @@ def test_no_generated_request_gets_a_server_error(server):
                                              "/v1/images/edits", "/v1/models"}
     for operation in operations:
         @given(case=operation.as_strategy())
-        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None, derandomize=True,
+                  print_blob=True, suppress_health_check=list(HealthCheck))
         def no_server_error(case) -> None:
             case.call_and_validate(checks=[not_a_server_error], timeout=120)
 
