@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -657,3 +658,29 @@ def test_max_tokens_defaults_from_the_config_and_fits_the_context(replica):
     assert fitted.choices[0].finish_reason == "length"
     assert isinstance(refused, InvalidRequest) and refused.code == "context_length_exceeded"
     assert refused.param == "max_completion_tokens"
+
+
+@pytest.mark.parametrize("interval, messages", [(0.0, "one a step"), (1.0, "first, then coalesced")])
+def test_a_stream_sends_its_first_tokens_at_once_and_coalesces_the_rest(models_dir, interval, messages):
+    """`stream_interval_s`: 0 sends each step's tokens as one message; a longer interval sends
+    the first tokens at once and then at most one message per interval, each carrying every
+    token made meanwhile. The text is the same either way."""
+    replica = ChatModel.func_or_class(ChatModelConfig.model_validate(
+        {"name": "m", "kind": "chat", "path": str(models_dir / "tiny-llama"), "stream_interval_s": interval}))
+    ask = ChatJob(messages=[{"role": "user", "content": "hi"}], max_tokens=24, max_tokens_explicit=True,
+                  temperature=0, logit_bias={token: -100.0 for token in replica.eos_ids})
+
+    async def run():
+        started, chunks = time.monotonic(), []
+        async for chunk in replica.generate_stream(ask):
+            chunks.append((time.monotonic() - started, chunk))
+        return chunks, await replica.generate(ask)
+
+    chunks, whole = asyncio.run(run())
+    text = "".join(delta.text for _, chunk in chunks for delta in chunk.deltas)
+    assert text == whole.choices[0].text and chunks[-1][1].completion_tokens == 24
+    if interval == 0:
+        assert len(chunks) >= 12  # a message a step (a step's text may be held back: part of a character)
+    else:
+        assert len(chunks) == 2 and chunks[0][1].completion_tokens == 1  # the first token, then the rest
+        assert chunks[1][0] - chunks[0][0] >= interval * 0.9 and chunks[1][1].deltas[0].finish_reason == "length"
