@@ -32,12 +32,15 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def secure(cluster) -> str:
+def secure(cluster, tmp_path_factory) -> str:
     from ray import serve
 
     args = cluster.args(route_prefix="/secure", auth={"api_keys": [KEY]},
                         limits={"max_messages": 8, "max_prompt_chars": 2000, "request_timeout_s": 60},
-                        catalog_ttl_s=0.2, log_prompts=True, cors={"allow_origins": [UI]})
+                        catalog_ttl_s=0.2, log_prompts=True, cors={"allow_origins": [UI]},
+                        # Its own folder, whose images expire quickly (the sweep runs in the ingress).
+                        image_dir=str(tmp_path_factory.mktemp("secure_images")),
+                        image_retention={"max_age_s": RETENTION_S, "sweep_interval_s": 0.5})
     chat, image = args["models"]
     chat["deployment"].update(num_cpus=0.25, max_ongoing_requests=2, max_queued_requests=4)
     image["deployment"].update(num_cpus=0.25)
@@ -46,6 +49,9 @@ def secure(cluster) -> str:
         yield cluster.deploy(args, name="secure_app", route_prefix="/secure")
     finally:
         serve.delete("secure_app")
+
+
+RETENTION_S = 6.0
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +147,18 @@ def test_keys_let_the_openai_client_in_and_health_stays_open(secure, shttp):
         assert anonymous.get("/ready").json() == {"ready": True, "missing": []}
         # Image URLs work without a key by default (`protect_files`): their names are unguessable.
         assert anonymous.get(made["data"][0]["url"]).headers["content-type"] == "image/png"
+
+
+def test_generated_images_expire_as_image_retention_says(shttp):
+    """The running server deletes its images once they are `max_age_s` old: an image URL
+    works when returned, and is a 404 in the error envelope after that."""
+    made = time.monotonic()
+    url = shttp.post("/v1/images/generations", json={"model": IMAGE, "prompt": "x", "size": "64x64"}
+                     ).json()["data"][0]["url"]
+    assert shttp.get(url).status_code == 200
+    assert wait_for(lambda: shttp.get(url).status_code == 404, timeout=RETENTION_S + 30, interval=0.5)
+    assert time.monotonic() - made >= RETENTION_S - 1  # not before its time (file times are whole seconds at worst)
+    assert shttp.get(url).json()["error"]["code"] == "file_not_found"
 
 
 @pytest.mark.parametrize("protect_health,protect_files", [(False, False), (True, True)])
