@@ -13,13 +13,13 @@ from typing import Any
 
 from ray.serve import Application
 
+from serve_app.catalog import INGRESS_NAME
 from serve_app.config import AppConfig, ChatModelConfig, ImageModelConfig, config_warnings
 from serve_app.ingress import Ingress
 from serve_app.registration import registrar_deployment
 
 logger = logging.getLogger("ray.serve")
 
-INGRESS_NAME = "ingress"
 # Under RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (the default launch) the ingress and the model replicas
 # talk gRPC, which caps a message at 4 MiB unless this says otherwise: one edit upload or a
 # few PNGs are more. What bounds a request is the ingress's body limit, so this one is set

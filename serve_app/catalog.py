@@ -54,6 +54,11 @@ class ReplicaInfo(BaseModel):
     state: str  # a `ReplicaState` value; a plain string, so a state a newer Ray adds still parses
 
 
+SERVING_STATES = frozenset({ReplicaState.RUNNING.value, ReplicaState.PENDING_MIGRATION.value})
+INGRESS_NAME = "ingress"
+"""The ingress deployment's name: a model is reachable only through it."""
+
+
 class AppliedConfig(BaseModel):
     """The deployment config in force, overrides from the Serve config's `deployments:` included."""
 
@@ -67,7 +72,9 @@ class DeploymentState(BaseModel):
 
     @property
     def running(self) -> int:
-        return sum(replica.state == ReplicaState.RUNNING.value for replica in self.replicas)
+        """Replicas that take requests: running ones, and those Serve is moving off a draining
+        node, which it keeps routing to until their replacement runs (a whole model load)."""
+        return sum(replica.state in SERVING_STATES for replica in self.replicas)
 
     @property
     def min_replicas(self) -> int | None:
@@ -134,6 +141,9 @@ class LiveCatalog:
         app = status.applications.get(self.app_name)
         if app is None:
             return []
+        ingress = app.deployments.get(INGRESS_NAME)
+        if ingress is not None and ingress.running == 0:  # no route reaches the models (what the registrar
+            return []                                    # announces; an ingress asking is running itself)
         live = []
         for model in self.config.models:
             deployment = app.deployments.get(model.deployment_name)

@@ -112,6 +112,28 @@ def test_deployments_without_a_running_replica_are_not_listed():
     assert asyncio.run(LiveCatalog(config, "other-app", status=lambda: starting).live_models()) == []
 
 
+def test_a_replica_moving_off_a_draining_node_still_serves_and_nothing_serves_without_an_ingress():
+    """Serve keeps routing to a replica it is moving off a draining node (PENDING_MIGRATION)
+    until its replacement runs, a whole model load later: the model stays listed (and
+    registered). Without a running ingress no request reaches any model: nothing is live,
+    so the registrar does not announce models whose routes answer nothing."""
+    from serve_app.catalog import INGRESS_NAME
+
+    config = AppConfig.model_validate(default_args())
+    chat, image = config.models
+    moving = {chat.deployment_name: (DeploymentStatus.UPDATING, {ReplicaState.PENDING_MIGRATION: 1,
+                                                                   ReplicaState.STARTING: 1}),
+              image.deployment_name: (DeploymentStatus.HEALTHY, {ReplicaState.RUNNING: 1})}
+
+    def live(deployments) -> list[str]:
+        status = _status("app", deployments)
+        return [m.config.name for m in asyncio.run(LiveCatalog(config, "app", status=lambda: status).live_models())]
+
+    assert live(moving) == [chat.name, image.name]
+    assert live({**moving, INGRESS_NAME: (DeploymentStatus.HEALTHY, {ReplicaState.RUNNING: 1})}) == [chat.name, image.name]
+    assert live({**moving, INGRESS_NAME: (DeploymentStatus.DEPLOY_FAILED, {ReplicaState.STARTING: 1})}) == []
+
+
 def test_a_model_is_failed_only_while_serve_gave_up_and_no_replica_runs():
     config = AppConfig.model_validate(default_args())
     chat, image = config.models
