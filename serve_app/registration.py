@@ -45,6 +45,7 @@ UNREGISTER_TIMEOUT_S = 2.0
 STATUS_TIMEOUT_S = 10.0
 """How long a stopping registrar waits for Serve to say whether its application stays."""
 DEPLOYMENT_NAME = "registrar"
+HEAD_NODE_RESOURCE_NAME = "node:__internal_head__"  # Ray's resource of the head node (what Serve pins its controller with)
 
 LiveSource = Callable[[], Awaitable[Sequence[LiveModel]]]
 NodeStateName = Literal["pending", "registered", "failing", "disabled"]
@@ -376,9 +377,15 @@ class RegistrarDeployment:
 
 
 def registrar_deployment(config: AppConfig) -> Application | None:
-    """The bound registrar (one replica, no CPU reserved) when registration is enabled, else None."""
+    """The bound registrar (one replica, no CPU reserved) when registration is enabled, else None.
+
+    It runs on the head node, as Serve's controller does: a node's URL such as the default
+    `http://127.0.0.1:7002` names the machine the operator runs the node on, which on a
+    cluster is the head's (the address clients reach), not whichever worker Serve picked,
+    nor a different one after a restart."""
     if not config.registration.enabled:
         return None
     return RegistrarDeployment.options(
-        name=DEPLOYMENT_NAME, num_replicas=1, ray_actor_options={"num_cpus": 0},
+        name=DEPLOYMENT_NAME, num_replicas=1,
+        ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE_NAME: 0.001}},
     ).bind(config)
