@@ -331,10 +331,12 @@ class RegistrarDeployment:
         if flusher is not None:
             flusher.cancel()
         if registrar is not None:
-            going_away = await self._app_is_going_away()
-            await registrar.stop(unregister=going_away)
-            if going_away:  # nothing is registered any more: forget the record too
-                with contextlib.suppress(Exception):
+            # The loops stop first: asking Serve may take seconds, in which they would send the
+            # old config's payload after the successor's (same project: nothing withdraws it).
+            await registrar.stop(unregister=False)
+            if await self._app_is_going_away():
+                await registrar.unregister()
+                with contextlib.suppress(Exception):  # nothing is registered any more: forget the record too
                     await asyncio.to_thread(_write_record, self._app_name, None)
             else:
                 await self._withdraw_what_the_successor_dropped(registrar)
