@@ -80,7 +80,7 @@ class ImageStore:
         return MEDIA_TYPES[name.rsplit(".", 1)[-1]]
 
     def path(self, name: str) -> Path:
-        """The file for a name from a URL; 404 for anything this store did not make."""
+        """The file for a name from a URL; 404 for anything this store did not make. Blocking (a stat)."""
         if _NAME.fullmatch(name):
             path = (self.directory / name).resolve()
             if path.parent == self.directory and path.is_file():

@@ -221,7 +221,8 @@ class Ingress:
 
     @api.get(FILES_ROUTE + "/{name}", response_class=FileResponse, responses={404: ERRORS[404]})
     async def image_file(self, name: str) -> FileResponse:
-        return FileResponse(self.store.path(name), media_type=self.store.media_type(name))
+        # A stat, off the event loop: on a shared file system (NFS, EFS) one can stall every stream here.
+        return FileResponse(await asyncio.to_thread(self.store.path, name), media_type=self.store.media_type(name))
 
     def _target(self, body: ChatCompletionRequest | ImageGenerationRequest, kind: str,
                 prompt: Callable[[], str]) -> Target:
