@@ -20,6 +20,7 @@ ingress's other requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ class ReplicaInfo(BaseModel):
     state: str  # a `ReplicaState` value; a plain string, so a state a newer Ray adds still parses
 
 
+STATUS_WAIT_S = 10.0
+"""Longest a caller waits for Serve's status before it takes the last catalog."""
 SERVING_STATES = frozenset({ReplicaState.RUNNING.value, ReplicaState.PENDING_MIGRATION.value})
 INGRESS_NAME = "ingress"
 """The ingress deployment's name: a model is reachable only through it."""
@@ -115,7 +118,11 @@ class LiveCatalog:
         """Models with a running replica, or scaled to zero on purpose (cached briefly)."""
         refreshing = self._refresh_if_stale()
         if refreshing is not None:
-            await asyncio.shield(refreshing)
+            # A controller that does not answer (GCS trouble) must not hold up /v1/models, /ready
+            # and the registrar: after a while they get the last catalog, and the one refresh
+            # under way goes on (no second thread is started while it hangs).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(refreshing), STATUS_WAIT_S)
         return self._live
 
     def _refresh_if_stale(self) -> asyncio.Task | None:

@@ -134,6 +134,44 @@ def test_a_replica_moving_off_a_draining_node_still_serves_and_nothing_serves_wi
     assert live({**moving, INGRESS_NAME: (DeploymentStatus.DEPLOY_FAILED, {ReplicaState.STARTING: 1})}) == []
 
 
+def test_a_controller_that_does_not_answer_holds_no_caller_for_long(monkeypatch):
+    """Serve's status hangs (GCS trouble): callers get the last catalog after a bounded wait,
+    and the one refresh under way is not joined by another for each caller."""
+    import threading
+
+    from serve_app import catalog as catalog_module
+
+    config = AppConfig.model_validate({**default_args(), "catalog_ttl_s": 0.01})
+    chat, image = config.models
+    healthy = _status("app", {chat.deployment_name: (DeploymentStatus.HEALTHY, {ReplicaState.RUNNING: 1})})
+    calls, hang = [], threading.Event()
+
+    def status():
+        calls.append(1)
+        if len(calls) > 1:
+            hang.wait(30)
+        return healthy
+
+    monkeypatch.setattr(catalog_module, "STATUS_WAIT_S", 0.3)
+    catalog = LiveCatalog(config, "app", status=status)
+
+    async def run():
+        first = await catalog.live_models()
+        await asyncio.sleep(0.05)  # stale now
+        started = asyncio.get_running_loop().time()
+        later = await asyncio.gather(*(catalog.live_models() for _ in range(5)))
+        waited = asyncio.get_running_loop().time() - started
+        hang.set()
+        return first, later, waited
+
+    try:
+        first, later, waited = asyncio.run(run())
+    finally:
+        hang.set()
+    assert [m.config.name for m in first] == [chat.name] and all(models == first for models in later)
+    assert waited < 5 and len(calls) == 2
+
+
 def test_a_model_is_failed_only_while_serve_gave_up_and_no_replica_runs():
     config = AppConfig.model_validate(default_args())
     chat, image = config.models
