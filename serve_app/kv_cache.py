@@ -127,6 +127,14 @@ if DynamicLayer is not None:
             tokens = self.get_seq_length() - pad_mine
             self.key_room, self.value_room = self.key_room[:rows, :, pad_mine:], self.value_room[:rows, :, pad_mine:]
             self._show(tokens)
+
+        def compact(self) -> None:
+            """Move the rows into a room of their own size (as `keep_rows` leaves them), letting go
+            of a larger one they are views of (`give_back_rows`)."""
+            tokens = self.get_seq_length()
+            self.key_room, self.value_room = (_room_like(cached, _capacity(tokens, self.room_tokens), cached)
+                                              for cached in (self.keys, self.values))
+            self._show(tokens)
 else:
     ReservedLayer = None
 
@@ -180,8 +188,9 @@ def merge(running, joining, pad_running: int, pad_joining: int) -> None:
     is made, so the merge needs one layer's room more than the running cache, not a second
     cache beside it (at 32 rows of 8k tokens of an 8B model, 32 GB). All layers or none: out of
     GPU memory part-way, the layers merged so far give the newcomers' rows back (as views of
-    their new rooms: no memory is needed to undo), only the newcomers fail, and the running
-    batch goes on as it was."""
+    their new rooms: no memory is needed to undo) and then move them into rooms of their own
+    size, freeing the merged ones; only the newcomers fail, and the running batch goes on as
+    it was."""
     merged = []
     try:
         for mine, theirs in zip(running.layers, joining.layers):
@@ -191,6 +200,13 @@ def merge(running, joining, pad_running: int, pad_joining: int) -> None:
     except BaseException:
         for layer, rows in merged:
             layer.give_back_rows(rows, pad_running)
+        # Then out of the merged rooms (the newcomers' rows, their width), one layer at a time:
+        # each copy is smaller than the room it frees. Still out of memory: the views stay.
+        for layer, _ in merged:
+            try:
+                layer.compact()
+            except Exception:  # noqa: BLE001 - the views serve as well, only larger
+                break
         raise
 
 

@@ -99,8 +99,9 @@ def test_merged_rows_are_left_padded_with_zeros_into_a_room(nan_allocations, run
 def test_a_merge_frees_each_layers_old_room_before_making_the_next_and_undoes_itself_in_place(monkeypatch):
     """Layer by layer: when a layer's new room is made, the layers merged before it hold only
     their new rooms (the peak is the cache plus one layer, not two caches). Out of memory at
-    the third layer, the first two give the newcomers' rows back without allocating, every
-    layer shows what it showed before, and the next step still writes in place."""
+    the third layer, the first two give the newcomers' rows back and move into rooms of their
+    own size (the merged rooms are let go), every layer shows what it showed before, and the
+    next step still writes in place."""
     import gc
     import weakref
 
@@ -125,6 +126,8 @@ def test_a_merge_frees_each_layers_old_room_before_making_the_next_and_undoes_it
     monkeypatch.undo()
     for layer, (keys, values) in zip(running, before):
         assert_same(layer, keys, values)
+        assert layer.key_room.shape[:3] == layer.value_room.shape[:3] == (2, 2, 8)  # its rows, its width's room
+        assert layer.key_room._base is None and layer.value_room._base is None  # no view of a merged room
         room = layer.key_room.data_ptr()
         step = states(2, 1, 12)
         layer.update(*step)
