@@ -13,12 +13,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
-if ! "$PYTHON" -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+# ensurepip too: Debian/Ubuntu ship `venv` itself but leave ensurepip to python3-venv.
+if ! "$PYTHON" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
     echo "setup.sh: $PYTHON is missing, older than Python 3.11, or lacks venv (Debian/Ubuntu: python3-venv);" >&2
     echo "          set PYTHON=python3.11 (or newer) ./scripts/setup.sh" >&2
     exit 1
 fi
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv || { rm -rf .venv; exit 1; }  # no half-made venv left
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then

@@ -68,8 +68,10 @@ class ChatModel(ModelReplica):
         self.eos_ids = {*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id} - {None}
         # Padding is masked, but its id is still looked up: a pad token added to the tokenizer
         # without resizing the embeddings (some fine-tunes ship that) would index past them.
-        pad, embeddings = self.tokenizer.pad_token_id, self.model.get_input_embeddings().num_embeddings
-        self.pad_id = pad if pad is not None and 0 <= pad < embeddings else min(self.eos_ids)
+        pad = self.tokenizer.pad_token_id
+        embeddings = getattr(self.model.get_input_embeddings(), "num_embeddings", None)
+        fits = pad is not None and pad >= 0 and (embeddings is None or pad < embeddings)
+        self.pad_id = pad if fits else min(self.eos_ids)
         head = self.model.get_output_embeddings()  # the logits' width; some models name no head
         self.vocabulary = getattr(head, "out_features", None) or self.model.config.get_text_config().vocab_size
         self.token_bytes = TokenBytes(self.tokenizer)

@@ -76,7 +76,7 @@ class DeploymentOptions(StrictModel):
         None, description="Fixed replica count, or 'auto'. Default 1 unless autoscaling_config is set."
     )
     autoscaling_config: AutoscalingOptions | None = Field(
-        None, description="Autoscaling bounds; mutually exclusive with a numeric num_replicas."
+        None, description="Autoscaling bounds; num_replicas is then left unset (a number and 'auto' are refused)."
     )
     num_cpus: float = Field(1.0, ge=0, description="Logical CPUs reserved per replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractions share a GPU).")
@@ -284,6 +284,10 @@ class ImageModelConfig(BaseModelConfig):
                                      f"size_multiple {self.size_multiple}")
         if self.allowed_sizes and parse_size(self.default_size) not in self.allowed_size_pairs:
             raise ValueError(f"default_size {self.default_size!r} must be one of allowed_sizes")
+        for name in ("default_strength", "default_inpaint_strength"):  # the rule for a request's strength
+            if getattr(self, name) < 1 / self.max_steps:
+                raise ValueError(f"{name} must be at least 1/max_steps ({1 / self.max_steps:.4g}): an edit runs "
+                                 "int(steps x strength) steps, and max_steps bounds them")
         return self
 
     def within_bounds(self, width: int, height: int) -> bool:

@@ -66,10 +66,13 @@ class IncrementalText:
             return self._stream.step(self._backend, token)
 
     def _restart(self, context: list[int], token: int) -> str | None:
-        """A new stream that has seen `context`: its first text starts with the context's own,
-        which was dealt with already and is cut off (see `_cut_context`)."""
+        """A new stream that has seen `context`. A context that decodes to clean text is counted
+        as read; one that ends inside a character (U+FFFD, the usual case here: the bytes of the
+        run that went bad) comes out again at the start of the next text, and is cut off there
+        (see `_cut_context`)."""
         self._stream = DecodeStream(ids=context, skip_special_tokens=True)
-        self._context = self._backend.decode(context, skip_special_tokens=True)
+        text = self._backend.decode(context, skip_special_tokens=True)
+        self._context = text if text.endswith("\ufffd") else ""
         return self._cut_context(self._stream.step(self._backend, token))
 
     def _cut_context(self, text: str | None) -> str | None:

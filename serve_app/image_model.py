@@ -339,6 +339,7 @@ class ImageModel(ModelReplica):
         size = (job.width, job.height)
         source = open_image(job.init_image, param="image")
         init_image = fit(source.convert("RGB"), size)
+        strength = self.config.default_inpaint_strength  # what a masked edit repaints by default
         if job.mask_image is not None:
             if self.pipelines["inpaint"] is None:
                 raise InvalidRequest("this model does not support masks", param="mask")
@@ -350,9 +351,10 @@ class ImageModel(ModelReplica):
             elif self.pipelines["i2i"] is not None:
                 job = self._with_strength(job, self.config.default_strength)
                 return self._checked(PreparedJob(job, "i2i", job.pipeline_steps, init_image))
-            else:  # an inpainting checkpoint repaints the whole image, as an image-to-image edit would
-                mask = Image.new("L", size, 255)
-        job = self._with_strength(job, self.config.default_inpaint_strength)
+            else:  # an inpainting checkpoint repaints the whole image, as an image-to-image edit would,
+                mask = Image.new("L", size, 255)  # keeping the picture (at 1 it would start from noise)
+                strength = self.config.default_strength
+        job = self._with_strength(job, strength)
         return self._checked(PreparedJob(job, "inpaint", job.pipeline_steps, init_image, fit(mask, size)))
 
     @staticmethod

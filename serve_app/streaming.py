@@ -91,12 +91,15 @@ async def chat_events(encoder: ChatChunkEncoder, first: ChatStreamChunk | None,
         if first is not None:
             yield encoder.encode(first)
         while True:
+            silence = asyncio.timeout(silence_s)
             try:
-                async with asyncio.timeout(silence_s):
+                async with silence:
                     chunk = await anext(rest)
             except StopAsyncIteration:
                 break
             except TimeoutError:
+                if not silence.expired():  # the model's own timeout error: reported as it is
+                    raise
                 raise GatewayTimeout(f"The model sent nothing for {silence_s:g} s; the stream was ended.") from None
             yield encoder.encode(chunk)
     except Exception as exc:  # noqa: BLE001 - the status is already sent; report in-band

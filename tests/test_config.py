@@ -7,7 +7,7 @@ import re
 import pytest
 from pydantic import ValidationError
 
-from serve_app.config import AppConfig, config_warnings
+from serve_app.config import AppConfig, ImageModelConfig, config_warnings
 from tests.conftest import ROOT, default_args
 
 
@@ -114,6 +114,14 @@ def test_autoscaling_and_fixed_replicas_are_exclusive():
 
     options = validate(auto_only).models[0].deployment.serve_options()
     assert options["autoscaling_config"]["min_replicas"] == 0 and "num_replicas" not in options
+
+
+def test_default_strengths_leave_an_edit_a_step_within_max_steps():
+    image = {"name": "i", "kind": "image", "path": "x", "max_steps": 10, "default_steps": 10}
+    assert ImageModelConfig.model_validate({**image, "default_strength": 0.1}).default_strength == 0.1
+    for name in ("default_strength", "default_inpaint_strength"):
+        with pytest.raises(ValidationError, match=f"{name} must be at least 1/max_steps"):
+            ImageModelConfig.model_validate({**image, name: 0.05})
 
 
 def test_initial_replicas_lie_within_the_bounds():

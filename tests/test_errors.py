@@ -128,3 +128,11 @@ def test_a_stream_whose_model_goes_silent_ends_with_a_timeout_event() -> None:
     error = json.loads(sent[3].removeprefix("data: "))
     assert error["code"] == 504 and error["error"]["code"] == "timeout" and "0.3 s" in error["message"]
     assert rest.cancelled
+
+    class TimingOutStream(StallingStream):  # a timeout of the model's own is not the silence limit
+        async def __anext__(self) -> ChatStreamChunk:
+            raise TimeoutError("the model's own")
+
+    rest = TimingOutStream()
+    error = json.loads(asyncio.run(events())[0].removeprefix("data: "))
+    assert error["code"] == 500 and "sent nothing" not in error["message"]

@@ -301,6 +301,11 @@ def test_an_inpainting_checkpoint_edits_and_refuses_text_to_image(models_dir, tm
         job("c", init_image=png_bytes("red", (64, 64)), mask_image=mask.getvalue(), strength=0.5)])
     assert isinstance(generated, InvalidRequest) and "/v1/images/edits" in generated.message
     assert isinstance(unmasked, ImageResult) and isinstance(masked, ImageResult)
+    # Without a strength, an unmasked edit keeps the picture as image-to-image does (at 1 it
+    # would start from noise, the photo blanked by the all-white mask); a masked one repaints.
+    red = png_bytes("red", (64, 64))
+    assert inpainting.prepare(job("b", init_image=red)).job.strength == 0.75
+    assert inpainting.prepare(job("c", init_image=red, mask_image=mask.getvalue())).job.strength == 1.0
 
 
 def test_a_negative_prompt_turns_on_true_guidance_where_a_pipeline_needs_it(model, monkeypatch):
