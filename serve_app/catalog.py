@@ -40,6 +40,16 @@ ROUTES = {
     "chat": ["/v1/chat/completions"],
     "image": ["/v1/images/generations", "/v1/images/edits"],
 }
+"""The routes of each kind of model; an image model may serve fewer (`served_routes`)."""
+
+
+def served_routes(model: ChatModelConfig | ImageModelConfig) -> list[str]:
+    """The routes this model answers: its kind's, or those its config's `routes` names."""
+    routes = getattr(model, "routes", None)
+    return ROUTES[model.kind] if routes is None else [f"/v1/images/{route}" for route in routes]
+
+
+ROUTE_KINDS = {route: kind for kind, routes in ROUTES.items() for route in routes}
 KIND_NAMES = {"chat": "a chat model", "image": "an image model"}
 _DOWN = {DeploymentStatus.UNHEALTHY.value, DeploymentStatus.DEPLOY_FAILED.value}
 
@@ -187,8 +197,8 @@ class LiveCatalog:
         return any(m.config.name == name and not m.scaled_to_zero for m in await self.live_models())
 
     def url_for(self, model: ChatModelConfig | ImageModelConfig) -> str:
-        """The route a client calls for this model (generations for image models)."""
-        return self.config.public_base_url + ROUTES[model.kind][0]
+        """The route a client calls for this model (generations for image models that make them)."""
+        return self.config.public_base_url + served_routes(model)[0]
 
 
 @dataclass(frozen=True)
@@ -220,18 +230,22 @@ class ModelRouter:
 
         self._names_by_kind = {kind: [m.name for m in config.models if m.kind == kind] for kind in ROUTES}
 
-    def resolve(self, name: str | None, kind: str) -> Target:
-        """The target named `name`; an omitted name means the one model of `kind`, as vLLM
-        serves its model and OpenAI's client may leave `model` out of an image request."""
-        if not name:
-            return self._only(kind)
-        target = self._targets.get(name)
+    def resolve(self, name: str | None, route: str) -> Target:
+        """The target named `name` for a request to `route`; an omitted name means the one model
+        of the route's kind, as vLLM serves its model and OpenAI's client may leave `model` out
+        of an image request."""
+        kind = ROUTE_KINDS[route]
+        target = self._only(kind) if not name else self._targets.get(name)
         if target is None:
-            raise model_not_found(name)
+            raise model_not_found(name or "")
         if target.config.kind != kind:
             raise InvalidRequest(
                 f"The model {name!r} is {KIND_NAMES[target.config.kind]}; call "
-                f"{ROUTES[target.config.kind][0]} for it.", param="model", code="wrong_model_kind")
+                f"{served_routes(target.config)[0]} for it.", param="model", code="wrong_model_kind")
+        served = served_routes(target.config)
+        if route not in served:
+            raise InvalidRequest(f"The model {target.config.name!r} does not serve {route}; it serves "
+                                 f"{', '.join(served)}.", param="model", code="unsupported_route")
         return target
 
     def _only(self, kind: str) -> Target:

@@ -223,6 +223,10 @@ class ImageModelConfig(BaseModelConfig):
     """A text-to-image / image-to-image pipeline served with diffusers."""
 
     kind: Literal["image"] = "image"
+    routes: list[Literal["generations", "edits"]] | None = Field(
+        None, min_length=1, description="The image routes this model serves, as /v1/models and the nodes are "
+        "told: ['edits'] for an inpainting-only checkpoint, ['generations'] for a family without image-to-image "
+        "or inpainting pipelines. Default: both (a checkpoint that lacks one says so in a warning at start).")
     max_batch_size: int = Field(
         8, ge=1, description="Requests that share one pipeline call (each still gets its own `n` images); "
         "1 = no batching.")

@@ -195,6 +195,7 @@ class ImageModel(ModelReplica):
         for pipeline in self.pipelines.values():  # `from_pipe` does not copy this setting
             if pipeline is not None:
                 pipeline.set_progress_bar_config(disable=True)
+        self._check_routes(config)
         vae = getattr(base, "vae", None)
         if self.device.type == "cuda" and hasattr(vae, "enable_slicing"):
             # Decoding a whole batch's latents at once is the call's memory peak (8 requests x
@@ -361,6 +362,27 @@ class ImageModel(ModelReplica):
     def _with_strength(job: ImageJob, default: float) -> ImageJob:
         """The job with its strength: the request's, else this kind of edit's default."""
         return job if job.strength is not None else replace(job, strength=default)
+
+    def _check_routes(self, config: ImageModelConfig) -> None:
+        """What the config says this model serves (what /v1/models and the nodes are told) must
+        be what the checkpoint can do: a route it names and cannot serve stops the start, saying
+        what to set; one it lacks by default is a warning (its requests get a 400 from here)."""
+        lacking = {"generations": "an inpainting-only checkpoint: it makes no image from text alone",
+                   "edits": "a pipeline family without image-to-image or inpainting"}
+        if self.pipelines["t2i"] is not None:
+            del lacking["generations"]
+        if self.pipelines["i2i"] is not None or self.pipelines["inpaint"] is not None:
+            del lacking["edits"]
+        if not lacking:
+            return
+        able = [route for route in ("generations", "edits") if route not in lacking]
+        why = "; ".join(f"{route} ({reason})" for route, reason in lacking.items())
+        if config.routes is None:
+            logger.warning("image model %r cannot serve %s: set routes: %s in its config, so that /v1/models and "
+                           "the nodes are not told it does", config.name, why, able)
+        elif lacking.keys() & set(config.routes):
+            raise ValueError(f"image model {config.name!r}: its routes name what this checkpoint cannot serve, "
+                             f"{why}: set routes: {able}")
 
     def _true_cfg_scale(self, mode: str) -> float | None:
         """For a pipeline with true classifier-free guidance (FLUX.1, Qwen-Image), the scale a

@@ -19,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
-from serve_app.catalog import ROUTES, LiveCatalog, LiveModel, ModelRouter, Target
+from serve_app.catalog import LiveCatalog, LiveModel, ModelRouter, Target, served_routes
 from serve_app.config import AppConfig
 from serve_app.errors import APIError, GatewayTimeout, InvalidRequest, ModelFailed, Overloaded, model_not_found
 from serve_app.http_errors import JSON, as_api_error, error_schema, install_error_handlers, json_response
@@ -157,7 +157,7 @@ class Ingress:
 
     @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
-        target = self._target(body, "chat", body.messages[-1].text)
+        target = self._target(body, "/v1/chat/completions", body.messages[-1].text)
         note(stream=body.stream, n=body.n)
         job = chat_job(body, target.config, self.config.limits)
         if not body.stream:
@@ -174,7 +174,7 @@ class Ingress:
 
     @api.post("/v1/images/generations", response_model=ImagesResponse, responses=ERRORS)
     async def image_generations(self, body: ImageGenerationRequest) -> Response:
-        target = self._target(body, "image", lambda: body.prompt)
+        target = self._target(body, "/v1/images/generations", lambda: body.prompt)
         return await self._images(target, body, image_job(body, target.config, self.config.limits))
 
     @api.post("/v1/images/edits", response_model=ImagesResponse, responses=ERRORS, openapi_extra=EDIT_BODY)
@@ -224,13 +224,14 @@ class Ingress:
         # A stat, off the event loop: on a shared file system (NFS, EFS) one can stall every stream here.
         return FileResponse(await asyncio.to_thread(self.store.path, name), media_type=self.store.media_type(name))
 
-    def _target(self, body: ChatCompletionRequest | ImageGenerationRequest, kind: str,
+    def _target(self, body: ChatCompletionRequest | ImageGenerationRequest, route: str,
                 prompt: Callable[[], str]) -> Target:
-        """The deployment serving the body's `model` (404 for an unknown model, 400 for one of
-        another kind; an omitted one filled in, so the answer names it), noted for the
+        """The deployment serving the body's `model` on `route` (404 for an unknown model, 400 for
+        one of another kind or that does not serve the route; an omitted one filled in, so the
+        answer names it), noted for the
         access log; with `log_prompts`, the line quotes the prompt (a chat's last message),
         JSON-escaped so it stays one line, cut at `PROMPT_LOG_CHARS`."""
-        target = self.router.resolve(body.model, kind)
+        target = self.router.resolve(body.model, route)
         body.model = target.config.name
         note(model=body.model)
         if self.config.log_prompts:
@@ -241,7 +242,7 @@ class Ingress:
     def _card(self, live: LiveModel) -> ModelCard:
         return ModelCard(id=live.config.name, model=live.config.name, created=live.created,
                          owned_by=live.config.owned_by, url=self.catalog.url_for(live.config),
-                         kind=live.config.kind, endpoints=ROUTES[live.config.kind],
+                         kind=live.config.kind, endpoints=served_routes(live.config),
                          scaled_to_zero=live.scaled_to_zero)
 
     async def _within_timeout(self, target: Target, answer: Awaitable[T], cancel: Callable[[], None]) -> T:
@@ -295,7 +296,7 @@ class Ingress:
         if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # any case, as HTTP allows
             fields, files = await _read_form(request, self.config.max_body_bytes)
             body = ImageEditRequest.model_validate(fields)
-            target = self._target(body, "image", lambda: body.prompt)
+            target = self._target(body, "/v1/images/edits", lambda: body.prompt)
             upload = _one_upload(files, "image", "image[]")
             mask_upload = _one_upload(files, "mask")
             if upload is None and len(files) == 1:  # a node may name the field e.g. `face_image`
@@ -314,7 +315,7 @@ class Ingress:
         # Parsed by the json module first, as FastAPI parses the other routes: pydantic's own
         # parser calls a lone surrogate invalid JSON, where the field's check names the field.
         body = ImageEditRequest.model_validate(await _json_body(request))
-        target = self._target(body, "image", lambda: body.prompt)
+        target = self._target(body, "/v1/images/edits", lambda: body.prompt)
         if not body.image:
             raise InvalidRequest("image is required: an http(s) URL or a data: URL.", param="image")
         image = await self.fetcher.load(body.image, param="image")

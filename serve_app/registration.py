@@ -29,7 +29,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.schema import ApplicationStatus
 
-from serve_app.catalog import ROUTES, LiveCatalog, LiveModel
+from serve_app.catalog import LiveCatalog, LiveModel, served_routes
 from serve_app.config import AppConfig
 from serve_app.periodic import every
 from serve_app.serve_logs import flush_serve_log, start_flushing
@@ -39,7 +39,7 @@ logger = logging.getLogger("ray.serve")
 REGISTER_PATH = "/api/v0/ai/project/register"
 UNREGISTER_PATH = "/api/v0/ai/project/unregister"
 NODE_TYPES = {"/v1/chat/completions": 0, "/v1/images/generations": 1, "/v1/images/edits": 2}
-"""The node's `type` of each route a model kind serves (`ROUTES`): chat, text-to-image, image edit."""
+"""The node's `type` of each route a model serves (`served_routes`): chat, text-to-image, image edit."""
 FIRST_RETRY_S = 1.0
 UNREGISTER_TIMEOUT_S = 2.0
 STATUS_TIMEOUT_S = 10.0
@@ -91,7 +91,7 @@ def project_registration(project: str, base_url: str, live: Sequence[LiveModel])
     return ProjectRegistration(project=project, models=tuple(
         NodeModel(model=m.config.name, api=base_url + route, type=NODE_TYPES[route], cid=m.config.cid or "")
         for m in live
-        for route in ROUTES[m.config.kind]
+        for route in served_routes(m.config)
     ))
 
 

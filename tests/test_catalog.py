@@ -54,6 +54,38 @@ def test_removed_model_is_unlisted_and_404(cluster):
         serve.delete("catalog_app")
 
 
+def test_an_image_model_serves_and_lists_only_its_routes(cluster):
+    """An inpainting-only checkpoint, configured `routes: [edits]`: /v1/models lists only the
+    edit route (its URL too), a generation is a 400 naming what it serves, an edit works."""
+    import base64
+    import io
+
+    from PIL import Image
+    from ray import serve
+
+    args = cluster.args(route_prefix="/editor")
+    image = next(m for m in args["models"] if m["kind"] == "image")
+    image.update(name="editor", routes=["edits"], default_steps=2)
+    image["deployment"]["num_cpus"] = 0.25
+    args["models"] = [image]
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(png, "PNG")
+    try:
+        base = cluster.deploy(args, name="editor_app", route_prefix="/editor")
+        with httpx.Client(base_url=base, timeout=120) as http:
+            [card] = http.get("/v1/models").json()["data"]
+            assert card["endpoints"] == ["/v1/images/edits"] and card["url"].endswith("/editor/v1/images/edits")
+            refused = http.post("/v1/images/generations", json={"prompt": "otter", "size": "64x64"})
+            assert refused.status_code == 400 and refused.json()["error"]["code"] == "unsupported_route"
+            assert "serves /v1/images/edits" in refused.json()["message"]
+            edited = http.post("/v1/images/edits", json={
+                "prompt": "otter", "size": "64x64", "response_format": "b64_json",
+                "image": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()})
+            assert edited.status_code == 200 and edited.json()["model"] == "editor"
+    finally:
+        serve.delete("editor_app")
+
+
 def _status(app_name: str, deployments: dict, autoscaling: dict | None = None) -> dict:
     """Serve's details as the controller reports them (`get_serve_details()`): per deployment
     its status, its replicas' states and its applied config (`autoscaling` for every

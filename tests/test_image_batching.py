@@ -282,17 +282,22 @@ def test_a_batch_out_of_gpu_memory_runs_each_request_alone(model, monkeypatch):
     assert [len(outcome.images) for outcome in outcomes] == [2, 1]
 
 
-def test_an_inpainting_checkpoint_edits_and_refuses_text_to_image(models_dir, tmp_path):
-    """A Stable Diffusion inpainting checkpoint (a 9-channel UNet: noise, mask, masked image)
-    only inpaints: an edit without a mask repaints the whole image, a generation is a 400
-    naming the edit route, rather than a channel-mismatch 500 on every request."""
+def inpainting_checkpoint(models_dir: Path, folder: Path) -> Path:
+    """The tiny Stable Diffusion as an inpainting checkpoint (a 9-channel UNet), saved in `folder`."""
     from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
 
     parts = StableDiffusionPipeline.from_pretrained(models_dir / "tiny-sd").components
     unet = UNet2DConditionModel.from_config({**parts["unet"].config, "in_channels": 9})
-    StableDiffusionInpaintPipeline(**{**parts, "unet": unet}).save_pretrained(tmp_path / "tiny-sd-inpaint")
-    inpainting = ImageModel.func_or_class(ImageModelConfig(name=IMAGE, path=str(tmp_path / "tiny-sd-inpaint"),
-                                                           default_steps=2))
+    StableDiffusionInpaintPipeline(**{**parts, "unet": unet}).save_pretrained(folder / "tiny-sd-inpaint")
+    return folder / "tiny-sd-inpaint"
+
+
+def test_an_inpainting_checkpoint_edits_and_refuses_text_to_image(models_dir, tmp_path):
+    """A Stable Diffusion inpainting checkpoint (a 9-channel UNet: noise, mask, masked image)
+    only inpaints: an edit without a mask repaints the whole image, a generation is a 400
+    naming the edit route, rather than a channel-mismatch 500 on every request."""
+    inpainting = ImageModel.func_or_class(ImageModelConfig(name=IMAGE, path=str(inpainting_checkpoint(
+        models_dir, tmp_path)), default_steps=2))
     assert inpainting.pipelines["t2i"] is None and inpainting.pipelines["i2i"] is None
     mask = io.BytesIO()
     Image.new("L", (64, 64), 255).save(mask, "PNG")
@@ -306,6 +311,25 @@ def test_an_inpainting_checkpoint_edits_and_refuses_text_to_image(models_dir, tm
     red = png_bytes("red", (64, 64))
     assert inpainting.prepare(job("b", init_image=red)).job.strength == 0.75
     assert inpainting.prepare(job("c", init_image=red, mask_image=mask.getvalue())).job.strength == 1.0
+
+
+def test_routes_a_checkpoint_cannot_serve_are_refused_at_start_or_warned_of(models_dir, tmp_path, serve_caplog):
+    """An inpainting-only checkpoint: configured to serve generations it fails to start, saying
+    what to set; left to the default it starts and warns; `routes: [edits]` starts quietly."""
+    import logging
+
+    checkpoint = inpainting_checkpoint(models_dir, tmp_path)
+
+    def start(**fields) -> ImageModel:
+        return ImageModel.func_or_class(ImageModelConfig(name=IMAGE, path=str(checkpoint), **fields))
+
+    with pytest.raises(ValueError, match=r"cannot serve, generations \(an inpainting-only.*set routes: \['edits'\]"):
+        start(routes=["generations", "edits"])
+    with serve_caplog.at_level(logging.WARNING, logger="ray.serve"):
+        start()
+        start(routes=["edits"])
+    [warning] = [r.getMessage() for r in serve_caplog.records if "set routes" in r.getMessage()]
+    assert "cannot serve generations" in warning and "['edits']" in warning
 
 
 def test_a_negative_prompt_turns_on_true_guidance_where_a_pipeline_needs_it(model, monkeypatch):

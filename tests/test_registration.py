@@ -101,6 +101,18 @@ async def test_registers_each_live_model_once_per_type_then_unregisters(node: Fa
     assert node_status(registrar)["state"] == "pending"
 
 
+def test_an_image_model_is_registered_for_the_routes_it_serves() -> None:
+    """An inpainting-only checkpoint (`routes: [edits]`) is announced as an editor only: the
+    node would otherwise send it text-to-image traffic it refuses."""
+    from serve_app.registration import project_registration
+
+    config = make_config(["http://127.0.0.1:1"])
+    editor = config.models[1].model_copy(update={"routes": ["edits"]})
+    payload = project_registration(PROJECT, BASE, [LiveModel(config=config.models[0], created=0),
+                                                   LiveModel(config=editor, created=0)])
+    assert [entry.model_dump() for entry in payload.models] == [CHAT, IMAGE_EDIT]
+
+
 @pytest.mark.anyio
 async def test_reregisters_when_the_live_set_changes(node: FakeNode) -> None:
     config = make_config([node.url])
