@@ -13,13 +13,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
-# ensurepip too: Debian/Ubuntu ship `venv` itself but leave ensurepip to python3-venv.
-if ! "$PYTHON" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-    echo "setup.sh: $PYTHON is missing, older than Python 3.11, or lacks venv (Debian/Ubuntu: python3-venv);" >&2
-    echo "          set PYTHON=python3.11 (or newer) ./scripts/setup.sh" >&2
-    exit 1
+NEW_ENOUGH='sys.exit(sys.version_info < (3, 11))'  # after the imports it checks
+# A venv made before (by any interpreter) is kept if it is new enough and has pip; one left
+# half-made (no pip) or too old is made again.
+if [ -x .venv/bin/python ] && ! .venv/bin/python -c "import sys, pip; $NEW_ENOUGH" 2>/dev/null; then
+    echo "setup.sh: .venv is older than Python 3.11 or has no pip: making it again" >&2
+    rm -rf .venv
 fi
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv || { rm -rf .venv; exit 1; }  # no half-made venv left
+if [ ! -x .venv/bin/python ]; then
+    # ensurepip too: Debian/Ubuntu ship `venv` itself but leave ensurepip to python3.X-venv.
+    if ! "$PYTHON" -c "import sys, venv, ensurepip; $NEW_ENOUGH" 2>/dev/null; then
+        echo "setup.sh: $PYTHON is missing, older than Python 3.11, or cannot make a venv (Debian/Ubuntu:" >&2
+        echo "          the python3.X-venv package of that Python); set PYTHON=python3.11 (or newer)" >&2
+        exit 1
+    fi
+    "$PYTHON" -m venv .venv || { rm -rf .venv; exit 1; }  # no half-made venv left
+fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then

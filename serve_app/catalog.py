@@ -46,7 +46,7 @@ ROUTES = {
 def served_routes(model: ChatModelConfig | ImageModelConfig) -> list[str]:
     """The routes this model answers: its kind's, or those its config's `routes` names."""
     routes = getattr(model, "routes", None)
-    return ROUTES[model.kind] if routes is None else [f"/v1/images/{route}" for route in routes]
+    return [route for route in ROUTES[model.kind] if routes is None or route.rsplit("/", 1)[1] in routes]
 
 
 ROUTE_KINDS = {route: kind for kind, routes in ROUTES.items() for route in routes}
@@ -229,13 +229,15 @@ class ModelRouter:
         }
 
         self._names_by_kind = {kind: [m.name for m in config.models if m.kind == kind] for kind in ROUTES}
+        self._names_by_route = {route: [m.name for m in config.models if route in served_routes(m)]
+                                for route in ROUTE_KINDS}
 
     def resolve(self, name: str | None, route: str) -> Target:
         """The target named `name` for a request to `route`; an omitted name means the one model
-        of the route's kind, as vLLM serves its model and OpenAI's client may leave `model` out
-        of an image request."""
+        that serves the route, as vLLM serves its model and OpenAI's client may leave `model`
+        out of an image request."""
         kind = ROUTE_KINDS[route]
-        target = self._only(kind) if not name else self._targets.get(name)
+        target = self._only(route) if not name else self._targets.get(name)
         if target is None:
             raise model_not_found(name or "")
         if target.config.kind != kind:
@@ -248,9 +250,17 @@ class ModelRouter:
                                  f"{', '.join(served)}.", param="model", code="unsupported_route")
         return target
 
-    def _only(self, kind: str) -> Target:
-        names = self._names_by_kind[kind]
-        if len(names) == 1:
-            return self._targets[names[0]]
-        served = f"this server serves {', '.join(map(repr, names))}" if names else f"this server serves no {kind} models"
-        raise InvalidRequest(f"model is required: {served}.", param="model", code="missing_model")
+    def _only(self, route: str) -> Target:
+        """The one model serving `route` (or, where none does, the one model of its kind, which
+        `resolve` then refuses, naming what it serves)."""
+        serving, kind = self._names_by_route[route], ROUTE_KINDS[route]
+        of_kind = self._names_by_kind[kind]
+        if len(serving) == 1 or (not serving and len(of_kind) == 1):
+            return self._targets[(serving or of_kind)[0]]
+        if not of_kind:
+            raise InvalidRequest(f"model is required: this server serves no {kind} models.", param="model",
+                                 code="missing_model")
+        if not serving:
+            raise InvalidRequest(f"No model here serves {route}.", param="model", code="unsupported_route")
+        raise InvalidRequest(f"model is required: this server serves {', '.join(map(repr, serving))} on {route}.",
+                             param="model", code="missing_model")

@@ -7,9 +7,11 @@ import json
 from types import SimpleNamespace
 
 import httpx
+import pytest
 from ray.serve._private.common import DeploymentStatus, ReplicaState
 
-from serve_app.catalog import LiveCatalog
+from serve_app.catalog import LiveCatalog, served_routes
+from serve_app.errors import InvalidRequest
 from serve_app.config import AppConfig
 from serve_app.ingress import Ingress
 from tests.conftest import default_args
@@ -55,7 +57,8 @@ def test_removed_model_is_unlisted_and_404(cluster):
 
 
 def test_an_image_model_serves_and_lists_only_its_routes(cluster):
-    """An inpainting-only checkpoint, configured `routes: [edits]`: /v1/models lists only the
+    """A model configured `routes: [edits]` (as an inpainting-only checkpoint would be; the tiny SD
+    here could do both): /v1/models lists only the
     edit route (its URL too), a generation is a 400 naming what it serves, an edit works."""
     import base64
     import io
@@ -84,6 +87,44 @@ def test_an_image_model_serves_and_lists_only_its_routes(cluster):
             assert edited.status_code == 200 and edited.json()["model"] == "editor"
     finally:
         serve.delete("editor_app")
+
+
+def test_an_unnamed_request_goes_to_the_one_model_serving_its_route():
+    """A text-to-image model beside an inpainting-only one (`routes: [edits]`): an edit that
+    names no model is the editor's, a generation the other's; with no model serving the
+    route, or several, the 400 says so, naming only those that serve it."""
+    from serve_app.catalog import ModelRouter
+
+    def config(*images: dict) -> AppConfig:
+        return AppConfig.model_validate({**default_args(), "models": [
+            {"name": name, "kind": "image", "path": "org/x", **fields} for name, fields in images]})
+
+    def router(app: AppConfig) -> ModelRouter:
+        handle = SimpleNamespace(options=lambda **_: handle)  # routing alone: nothing is called
+        return ModelRouter(app, {model.name: handle for model in app.models})
+
+    def refusal(route_router: ModelRouter, route: str) -> tuple[str, str]:
+        with pytest.raises(InvalidRequest) as refused:
+            route_router.resolve(None, route)
+        return refused.value.code, refused.value.message
+
+    pair = router(config(("SD", {"routes": ["generations"]}), ("SD-inpaint", {"routes": ["edits"]})))
+    assert pair.resolve(None, "/v1/images/edits").config.name == "SD-inpaint"
+    assert pair.resolve(None, "/v1/images/generations").config.name == "SD"
+    assert pair.resolve("SD", "/v1/images/generations").config.name == "SD"
+    with pytest.raises(InvalidRequest, match="does not serve /v1/images/edits; it serves /v1/images/generations"):
+        pair.resolve("SD", "/v1/images/edits")
+    both = router(config(("A", {}), ("B", {}), ("C", {"routes": ["generations"]})))
+    assert refusal(both, "/v1/images/edits") == ("missing_model", "model is required: this server serves 'A', 'B' "
+                                                                  "on /v1/images/edits.")
+    assert refusal(router(config(("A", {"routes": ["generations"]}), ("C", {"routes": ["generations"]}))),
+                   "/v1/images/edits") == ("unsupported_route", "No model here serves /v1/images/edits.")
+    lone = router(config(("A", {"routes": ["generations"]})))
+    assert refusal(lone, "/v1/images/edits")[0] == "unsupported_route"  # named: what it serves
+    assert refusal(lone, "/v1/chat/completions") == ("missing_model", "model is required: this server serves "
+                                                                      "no chat models.")
+    listed = config(("A", {"routes": ["edits", "generations", "edits"]})).models[0]
+    assert served_routes(listed) == ["/v1/images/generations", "/v1/images/edits"]  # in order, once each
 
 
 def _status(app_name: str, deployments: dict, autoscaling: dict | None = None) -> dict:
