@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         kept = results["inprocess"]["keep"]
         if kept:
             prompts = [prompts[i] for i in kept]
+        else:  # every system still gets the same prompts; the table flags cells that ended early
+            results["notes"].append(f"no prompt ran {plan.max_tokens} tokens without an end token in-process: "
+                                    "all are used")
         log(f"in-process generate: TTFT p50 {results['inprocess']['ttft_p50_ms']} ms, torch threads "
             f"{results['inprocess']['torch_threads']}, {len(kept)}/{len(scenarios.TOPICS)} prompts run "
             f"{plan.max_tokens} tokens without EOS")
@@ -236,6 +239,10 @@ def finish(results: dict[str, Any], plan: Plan, out: Path, stamp: str) -> None:
     """Print the tables and the targets; write the JSON and the plot."""
     results["targets"] = report.targets(results)
     log("\n" + report.chat_table(results["chat"], plan.concurrency))
+    unequal = report.unequal_work(results["chat"], plan.max_tokens)
+    results["unequal_work"] = unequal
+    for cell in unequal:
+        log(f"WARNING: not {plan.max_tokens} tokens per request, so not the same work as the other rows: {cell}")
     if results["echo"]:
         log(report.simple_table("Serving path alone (echo)", results["echo"], "req/s") + "\n")
     if results["images"]:

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from serve_app import kv_cache
 from serve_app.chat_engine import DecodeBatch, Slot
 from serve_app.decoding import ChoiceDecoder
-from serve_app.sampling import make_rows
+from serve_app.sampling import SamplingDefaults, make_rows
 from serve_app.jobs import ChatJob
 
 
@@ -57,9 +57,10 @@ def overhead_per_step(model, tokenizer, decode_with, rows: int, tokens: int,
         prompt = tokenizer.apply_chat_template(job.messages, add_generation_prompt=True, tokenize=False)
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
         decoder = ChoiceDecoder(decode_with, set(), [], tokens)  # no EOS: every row runs `tokens` steps
-        slots.append(Slot(prompt_ids=ids, rows=make_rows(job, model.generation_config, [decoder])))
+        slots.append(Slot(prompt_ids=ids, rows=make_rows(job, SamplingDefaults.of(model.generation_config), [decoder])))
+    batch.tick(slots)  # the prefill: not a decode step, so not in the per-step figures
+    forward_s = 0.0
     started, steps = time.perf_counter(), 0
-    batch.tick(slots)
     while not batch.done:
         batch.tick([])
         steps += 1

@@ -149,7 +149,8 @@ async def _request(session: aiohttp.ClientSession, url: str, body: dict[str, Any
             if stream:
                 return await _read_sse(response, started)
             return await _read_json(response, started, count)
-    except (aiohttp.ClientError, ValueError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - anything (a malformed event too) is this request's error,
+        # not a worker lost without a trace (its request would count as cut, and concurrency drop)
         return Sample(False, time.perf_counter() - started, error=f"{type(exc).__name__}: {exc}"[:160])
 
 

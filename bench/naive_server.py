@@ -160,7 +160,7 @@ def build_app(chat: ChatModel, image_path: str | None) -> FastAPI:
         data = []
         for image in images:
             buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
+            image.save(buffer, format="PNG", compress_level=1)  # serve_app's png_compress_level: equal work
             data.append({"b64_json": base64.b64encode(buffer.getvalue()).decode()})
         return JSONResponse({"created": int(time.time()), "data": data})
 

@@ -34,7 +34,7 @@ class Context:
     threads: int
     log_dir: Path
     extra: dict[str, Any] = field(default_factory=dict)
-    litserve_batch: int = 16
+    litserve_batch: int | None = None  # None: row 1's chat max_batch_size, so both batch alike
 
 
 def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
@@ -201,10 +201,18 @@ def launch_naive(ctx: Context, with_images: bool = True) -> Server:
     return start("naive", argv, base_env(ctx.threads), port, ctx.log_dir)
 
 
+def row1_chat_batch(ctx: Context) -> int:
+    """The chat model's max_batch_size in row 1's config (serve_config.yaml's, with --serve-config-extra)."""
+    config, _ = serve_config(ctx, 0, Path("/tmp"), batching=True, echo=False)
+    chat = next(m for m in config["applications"][0]["args"]["models"] if m["kind"] == "chat")
+    return effective_batching(chat)["max_batch_size"]
+
+
 def launch_litserve(ctx: Context) -> Server:
     port = free_port()
+    batch = ctx.litserve_batch or row1_chat_batch(ctx)
     argv = [PYTHON, "-m", "bench.litserve_server", "--model", str(ctx.chat_path), "--port", str(port),
-            "--max-batch-size", str(ctx.litserve_batch), "--batch-timeout", "0.01"]
+            "--max-batch-size", str(batch), "--batch-timeout", "0.01"]
     return start("litserve", argv, base_env(ctx.threads), port, ctx.log_dir)
 
 
