@@ -270,7 +270,7 @@ stop_nodes() {  # stop_nodes NAME...: SIGTERM their `ray start` (it drains the n
     kill -TERM "$pid" 2>/dev/null || true
     pids+=("$pid")
   done
-  for pid in "${pids[@]}"; do
+  for pid in ${pids[@]+"${pids[@]}"}; do  # none running: an empty array (bash <= 4.3 calls it unset)
     while alive "$pid" && (( SECONDS < deadline )); do sleep 0.5; done
     if alive "$pid"; then
       log "pid $pid did not stop within ${STOP_TIMEOUT_S}s: killing its process group"

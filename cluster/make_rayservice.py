@@ -235,7 +235,9 @@ def rayservice_manifest(serve_config: dict[str, Any], overrides: dict[str, Any])
     env = kube.get("env") or {}
     # The Ray image runs as uid 1000, gid 100: a volume whose root is owned by root is
     # writable through the pod's fsGroup (where the volume type supports it).
-    security = {"fsGroup": int(kube["fs_group"])} if kube.get("fs_group") is not None else None
+    # OnRootMismatch: not a re-chown of every checkpoint on the volume at each pod start.
+    security = ({"fsGroup": int(kube["fs_group"]), "fsGroupChangePolicy": "OnRootMismatch"}
+                if kube.get("fs_group") is not None else None)
     head = _container("ray-head", kube["image"], kube["head"]["cpu"], kube["head"]["memory"], env=env, ports=[
         {"containerPort": 6379, "name": "gcs-server"},
         {"containerPort": 8265, "name": "dashboard"},
@@ -250,7 +252,11 @@ def rayservice_manifest(serve_config: dict[str, Any], overrides: dict[str, Any])
             "name": "prepare-models",
             "image": kube["image"],
             "command": ["bash", "-c", kube["init_models_command"]],
-            "env": [{"name": "HF_HOME", "value": "/data/huggingface"}],
+            # `kuberay.env` too: a download of a gated checkpoint needs its HF_TOKEN.
+            "env": [{"name": "HF_HOME", "value": "/data/huggingface"},
+                    *(_env_var(key, value) for key, value in env.items())],
+            # Small and stated: a namespace with a ResourceQuota refuses a pod without them.
+            "resources": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"cpu": "1", "memory": "4Gi"}},
             "volumeMounts": [{"name": "shared-data", "mountPath": "/data"}],
         }]
     gpu = kube["gpu_workers"]

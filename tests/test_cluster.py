@@ -93,8 +93,9 @@ def test_rayservice_manifest_matches_serve_config(capsys):
         # Serve's fast path, as scripts/serve.sh sets it, in the environment of `ray start`.
         assert {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"} in container["env"]
         assert {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"} in container["env"]
-        # The Ray image runs as uid 1000 / gid 100: the volume is group-writable for it.
-        assert pod["securityContext"] == {"fsGroup": 100}
+        # The Ray image runs as uid 1000 / gid 100: the volume is group-writable for it, and a pod
+        # start does not re-chown every checkpoint on it.
+        assert pod["securityContext"] == {"fsGroup": 100, "fsGroupChangePolicy": "OnRootMismatch"}
 
 
 def test_kuberay_env_takes_plain_values_and_secret_references():
@@ -104,8 +105,11 @@ def test_kuberay_env_takes_plain_values_and_secret_references():
     overrides["kuberay"]["env"] = {"HF_TOKEN": {"secretKeyRef": {"name": "hf-token", "key": "token"}}, "N": 2}
     docs = make.rayservice_manifest(source, overrides)
     cluster = next(d for d in docs if d["kind"] == "RayService")["spec"]["rayClusterConfig"]
-    for pod in (cluster["headGroupSpec"]["template"]["spec"], cluster["workerGroupSpecs"][0]["template"]["spec"]):
-        env = pod["containers"][0]["env"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    # The model-preparing init container too: a gated checkpoint's download needs the token.
+    for container in (head["containers"][0], cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0],
+                      head["initContainers"][0]):
+        env = container["env"]
         assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}}} in env
         assert {"name": "N", "value": "2"} in env
 
