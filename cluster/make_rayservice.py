@@ -181,12 +181,13 @@ def dump(data: Any) -> str:
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
 
 
-def _env_var(name: str, value: Any) -> dict[str, Any]:
-    """A container env entry: a plain value, or a mapping taken as Kubernetes' `valueFrom`
+def _env(defaults: dict[str, Any], env: dict[str, Any]) -> list[dict[str, Any]]:
+    """A container's env list: `defaults`, then overrides.yaml's `kuberay.env`, one entry per
+    name (`kuberay.env` wins: Kubernetes' server-side apply refuses a list naming one twice).
+    A value is plain, or a mapping taken as Kubernetes' `valueFrom`
     (`{secretKeyRef: {name: hf-token, key: token}}`), so a token stays in a Secret."""
-    if isinstance(value, dict):
-        return {"name": name, "valueFrom": value}
-    return {"name": name, "value": str(value)}
+    return [{"name": name, "valueFrom": value} if isinstance(value, dict) else {"name": name, "value": str(value)}
+            for name, value in {**defaults, **env}.items()]
 
 
 def _container(name: str, image: str, cpu: str, memory: str, gpus: int = 0,
@@ -198,16 +199,15 @@ def _container(name: str, image: str, cpu: str, memory: str, gpus: int = 0,
     container: dict[str, Any] = {
         "name": name,
         "image": image,
-        "env": [
+        "env": _env({
             # Every Ray process and the KubeRay operator must agree on auth (Ray 2.60
             # defaults to token auth once a token exists); see README.md, "Scaling and clusters".
-            {"name": "RAY_AUTH_MODE", "value": "disabled"},
-            {"name": "HF_HOME", "value": "/data/huggingface"},
-            {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
-            # overrides.yaml `kuberay.env`: Serve's fast serving path (as scripts/serve.sh);
+            "RAY_AUTH_MODE": "disabled",
+            "HF_HOME": "/data/huggingface",
+            "TOKENIZERS_PARALLELISM": "false",
+            # then overrides.yaml `kuberay.env`: Serve's fast serving path (as scripts/serve.sh);
             # Serve reads it at import in every controller, proxy and replica process.
-            *(_env_var(key, value) for key, value in (env or {}).items()),
-        ],
+        }, env or {}),
         "ports": ports or [],
         "resources": {"limits": limits, "requests": dict(limits)},
         "volumeMounts": [{"name": "shared-data", "mountPath": "/data"}],
@@ -253,8 +253,7 @@ def rayservice_manifest(serve_config: dict[str, Any], overrides: dict[str, Any])
             "image": kube["image"],
             "command": ["bash", "-c", kube["init_models_command"]],
             # `kuberay.env` too: a download of a gated checkpoint needs its HF_TOKEN.
-            "env": [{"name": "HF_HOME", "value": "/data/huggingface"},
-                    *(_env_var(key, value) for key, value in env.items())],
+            "env": _env({"HF_HOME": "/data/huggingface"}, env),
             # Small and stated: a namespace with a ResourceQuota refuses a pod without them.
             "resources": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"cpu": "1", "memory": "4Gi"}},
             "volumeMounts": [{"name": "shared-data", "mountPath": "/data"}],

@@ -102,7 +102,8 @@ def test_kuberay_env_takes_plain_values_and_secret_references():
     make = _load("make_rayservice")
     source = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     overrides = yaml.safe_load((CLUSTER / "overrides.yaml").read_text())
-    overrides["kuberay"]["env"] = {"HF_TOKEN": {"secretKeyRef": {"name": "hf-token", "key": "token"}}, "N": 2}
+    overrides["kuberay"]["env"] = {"HF_TOKEN": {"secretKeyRef": {"name": "hf-token", "key": "token"}}, "N": 2,
+                                   "HF_HOME": "/models/hf"}  # one the manifest sets too: this one wins
     docs = make.rayservice_manifest(source, overrides)
     cluster = next(d for d in docs if d["kind"] == "RayService")["spec"]["rayClusterConfig"]
     head = cluster["headGroupSpec"]["template"]["spec"]
@@ -112,6 +113,10 @@ def test_kuberay_env_takes_plain_values_and_secret_references():
         env = container["env"]
         assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}}} in env
         assert {"name": "N", "value": "2"} in env
+        # Each name once (server-side apply refuses a list naming one twice), the operator's value.
+        names = [entry["name"] for entry in env]
+        assert len(names) == len(set(names)), names
+        assert {"name": "HF_HOME", "value": "/models/hf"} in env
 
 
 def test_cluster_model_paths_keep_their_structure(tmp_path):
