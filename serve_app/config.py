@@ -225,7 +225,7 @@ class ImageModelConfig(BaseModelConfig):
     kind: Literal["image"] = "image"
     routes: list[Literal["generations", "edits"]] | None = Field(
         None, min_length=1, description="The image routes this model serves, as /v1/models and the nodes are "
-        "told: ['edits'] for an inpainting-only checkpoint, ['generations'] for a family without image-to-image "
+        "told: ['edits'] for an edit-only checkpoint (inpainting, Qwen-Image-Edit), ['generations'] for a family without image-to-image "
         "or inpainting pipelines. Default: both (a checkpoint that lacks one says so in a warning at start).")
     max_batch_size: int = Field(
         8, ge=1, description="Requests that share one pipeline call (each still gets its own `n` images); "

@@ -29,6 +29,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any, Callable, cast
 
+import numpy as np
 import torch
 from diffusers import (
     AutoPipelineForImage2Image,
@@ -52,6 +53,11 @@ Outcome = ImageResult | Exception
 
 JPEG_WEBP_QUALITY = 90  # when a request gives no `output_compression`
 DEFAULT_TRUE_CFG_SCALE = 4.0  # Qwen-Image's own default
+REFERENCE_IMAGE_PIPELINES = frozenset({
+    "Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinKVPipeline", "QwenImageEditPlusPipeline"})
+"""Pipelines whose `image` list is a set of reference images that every prompt of the call
+sees (FLUX.2 joins them into one sequence for each row), not one image per prompt: two
+requests' edits cannot share a call, or each would be conditioned on the other's image."""
 
 
 def encode_image(image: Image.Image, output_format: str = "png", quality: int | None = None,
@@ -73,9 +79,25 @@ def open_image(data: bytes, *, param: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-        return ImageOps.exif_transpose(image)
+        return eight_bit(ImageOps.exif_transpose(image))
     except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's bad input
         raise InvalidRequest(f"{param} is not a readable image", param=param) from exc
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image (a 16-bit PNG, Pillow's mode I;16 or I) as 8-bit L, its
+    levels scaled: Pillow's own `convert` clips them, which turns all but the darkest
+    0.4% of the range white."""
+    if image.mode not in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        return image
+    levels = np.asarray(image).astype(np.int64)
+    return Image.fromarray((np.clip(levels, 0, 65535) >> 8).astype(np.uint8), mode="L")
+
+
+def takes_reference_images(pipeline: DiffusionPipeline | None) -> bool:
+    """Whether the pipeline reads an `image` list as references for every prompt (see
+    `REFERENCE_IMAGE_PIPELINES`); a subclass of one does too."""
+    return any(cls.__name__ in REFERENCE_IMAGE_PIPELINES for cls in type(pipeline).__mro__)
 
 
 def call_parameters(pipeline: DiffusionPipeline) -> frozenset[str] | None:
@@ -133,7 +155,8 @@ class PreparedJob:
     `key` says which jobs may share one pipeline call: everything that is one
     value per call in diffusers (pipeline, size, steps, strength) must match,
     and so must the presence of a negative prompt, since a missing one is not
-    always the same as "" (SDXL uses zero embeddings for it).
+    always the same as "" (SDXL uses zero embeddings for it). An edit on a
+    pipeline that takes its images as references (`alone`) shares no call.
     """
 
     job: ImageJob
@@ -141,12 +164,13 @@ class PreparedJob:
     steps: int
     init_image: Image.Image | None = None
     mask_image: Image.Image | None = None
+    alone: bool = False
 
     @property
     def key(self) -> tuple[Any, ...]:
         strength = None if self.mode == "t2i" else self.job.strength
         return (self.mode, self.job.width, self.job.height, self.steps, strength,
-                self.job.negative_prompt is not None)
+                self.job.negative_prompt is not None, id(self) if self.alone else None)
 
 
 def per_image(group: list[PreparedJob], value: Callable[[PreparedJob], Any]) -> list[Any]:
@@ -188,10 +212,11 @@ class ImageModel(ModelReplica):
                            ("inpaint", AutoPipelineForInpainting)):
             try:
                 self.pipelines[mode] = None if inpaint_only and mode != "inpaint" else auto.from_pipe(base)
-            except (ValueError, KeyError):  # some families have no image-to-image or inpainting variant
-                if mode == "t2i":
-                    raise
-                self.pipelines[mode] = None
+            except (ValueError, KeyError):  # a family without this variant: Sana has no image-to-image,
+                self.pipelines[mode] = None  # an edit family (Qwen-Image-Edit) no text-to-image
+        if not any(self.pipelines.values()):
+            raise ValueError(f"image model {config.name!r}: diffusers has no text-to-image, image-to-image or "
+                             f"inpainting pipeline for {type(base).__name__}")
         for pipeline in self.pipelines.values():  # `from_pipe` does not copy this setting
             if pipeline is not None:
                 pipeline.set_progress_bar_config(disable=True)
@@ -332,9 +357,9 @@ class ImageModel(ModelReplica):
         redraw the whole image, as for any image without a mask)."""
         if job.init_image is None:
             if self.pipelines["t2i"] is None:
-                raise InvalidRequest("this model is an inpainting checkpoint: it edits images "
-                                     "(/v1/images/edits) but makes none from text alone", param="model")
-            return self._checked(PreparedJob(job, "t2i", job.steps))
+                raise InvalidRequest("this model edits images (/v1/images/edits) but makes none from "
+                                     "text alone", param="model")
+            return self._prepared(job, "t2i")
         if self.pipelines["i2i"] is None and self.pipelines["inpaint"] is None:
             raise InvalidRequest("this model makes images from text only; it cannot edit one", param="image")
         size = (job.width, job.height)
@@ -351,12 +376,12 @@ class ImageModel(ModelReplica):
                 mask = ImageOps.invert(alpha)
             elif self.pipelines["i2i"] is not None:
                 job = self._with_strength(job, self.config.default_strength)
-                return self._checked(PreparedJob(job, "i2i", job.pipeline_steps, init_image))
+                return self._prepared(job, "i2i", init_image)
             else:  # an inpainting checkpoint repaints the whole image, as an image-to-image edit would,
                 mask = Image.new("L", size, 255)  # keeping the picture (at 1 it would start from noise)
                 strength = self.config.default_strength
         job = self._with_strength(job, strength)
-        return self._checked(PreparedJob(job, "inpaint", job.pipeline_steps, init_image, fit(mask, size)))
+        return self._prepared(job, "inpaint", init_image, fit(mask, size))
 
     @staticmethod
     def _with_strength(job: ImageJob, default: float) -> ImageJob:
@@ -367,7 +392,8 @@ class ImageModel(ModelReplica):
         """What the config says this model serves (what /v1/models and the nodes are told) must
         be what the checkpoint can do: a route it names and cannot serve stops the start, saying
         what to set; one it lacks by default is a warning (its requests get a 400 from here)."""
-        lacking = {"generations": "an inpainting-only checkpoint: it makes no image from text alone",
+        lacking = {"generations": "an edit-only checkpoint (inpainting, or an edit family as Qwen-Image-Edit): "
+                                  "it makes no image from text alone",
                    "edits": "a pipeline family without image-to-image or inpainting"}
         if self.pipelines["t2i"] is not None:
             del lacking["generations"]
@@ -396,40 +422,54 @@ class ImageModel(ModelReplica):
         default = parameter.default if isinstance(parameter.default, (int, float)) else 1.0
         return float(default) if default > 1 else DEFAULT_TRUE_CFG_SCALE
 
-    def _checked(self, prepared: PreparedJob) -> PreparedJob:
-        """A job whose options its pipeline can take; a negative prompt the model cannot
-        use is refused rather than dropped."""
-        parameters = call_parameters(self.pipelines[prepared.mode])
-        if prepared.job.negative_prompt is not None and parameters is not None and "negative_prompt" not in parameters:
+    def _prepared(self, job: ImageJob, mode: str, init_image: Image.Image | None = None,
+                  mask_image: Image.Image | None = None) -> PreparedJob:
+        """A job for the `mode` pipeline, checked against what that pipeline takes: a negative
+        prompt the model cannot use is refused rather than dropped; an edit on a pipeline
+        without `strength` (FLUX Kontext, Qwen-Image-Edit) runs `steps` as asked, not the
+        more a small strength would need to make one of them run."""
+        pipeline = self.pipelines[mode]
+        parameters = call_parameters(pipeline)
+        if job.negative_prompt is not None and parameters is not None and "negative_prompt" not in parameters:
             raise InvalidRequest("this model takes no negative_prompt", param="negative_prompt")
-        return prepared
+        steps = job.pipeline_steps if parameters is None or "strength" in parameters else job.steps
+        return PreparedJob(job, mode, steps, init_image, mask_image,
+                           alone=init_image is not None and takes_reference_images(pipeline))
 
     def call_pipeline(self, group: list[PreparedJob]) -> list[Image.Image | None]:
         """One pipeline call for a group of compatible jobs: their images, in job order (None
         for an image the checkpoint's safety checker blanked)."""
         first = group[0]
         size = (first.job.width, first.job.height)
+
+        def each(value: Callable[[PreparedJob], Any]) -> Any:
+            """One value per image; for a job that runs alone (its image a reference for every
+            prompt, see `REFERENCE_IMAGE_PIPELINES`), its own value once, made `n` times."""
+            return value(first) if first.alone else per_image(group, value)
+
         arguments: dict[str, Any] = {
-            "prompt": per_image(group, lambda item: item.job.prompt),
+            "prompt": each(lambda item: item.job.prompt),
             "num_inference_steps": first.steps,
             "height": first.job.height,
             "width": first.job.width,
             "generator": [self.generator(item.job, i) for item in group for i in range(item.job.n)],
             "output_type": "pil",
         }
+        if first.alone:
+            arguments["num_images_per_prompt"] = first.job.n
         if first.job.negative_prompt is not None:
-            arguments["negative_prompt"] = per_image(group, lambda item: item.job.negative_prompt)
+            arguments["negative_prompt"] = each(lambda item: item.job.negative_prompt)
             scale = self._true_cfg_scale(first.mode)
             if scale is not None:
                 arguments["true_cfg_scale"] = scale
         if first.mode != "t2i":
-            arguments["image"] = per_image(group, lambda item: item.init_image)
+            arguments["image"] = each(lambda item: item.init_image)
             arguments["strength"] = first.job.strength
         if first.mode == "inpaint":
-            arguments["mask_image"] = per_image(group, lambda item: item.mask_image)
+            arguments["mask_image"] = each(lambda item: item.mask_image)
         pipeline = self.pipelines[first.mode]
         assert pipeline is not None, "prepare() refuses modes this model lacks"
-        expected, parameters = len(arguments["prompt"]), call_parameters(pipeline)
+        expected, parameters = sum(item.job.n for item in group), call_parameters(pipeline)
         if parameters is not None:  # what this family does not take (a FLUX Kontext edit: strength, size)
             arguments = {name: value for name, value in arguments.items() if name in parameters}
         started = time.monotonic()

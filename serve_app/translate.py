@@ -218,6 +218,10 @@ def image_job(request: ImageGenerationRequest, config: ImageModelConfig, limits:
     if steps > config.max_steps:
         raise InvalidRequest(f"steps must be at most {config.max_steps} for this model.",
                              param="steps" if request.steps else "step")
+    if source is not None and mask is not None and (mask.width, mask.height) != (source.width, source.height):
+        # As OpenAI requires: a mask of another shape, stretched onto the image, would repaint elsewhere.
+        raise InvalidRequest(f"mask must have the same dimensions as image: image is {source.width}x{source.height}, "
+                             f"mask is {mask.width}x{mask.height}.", param="mask")
     width, height = image_size(request, config, source)
     # None leaves the choice to the model, which knows whether the edit is an inpainting
     # (default_inpaint_strength) or an image-to-image one (default_strength).

@@ -323,7 +323,7 @@ def test_routes_a_checkpoint_cannot_serve_are_refused_at_start_or_warned_of(mode
     def start(**fields) -> ImageModel:
         return ImageModel.func_or_class(ImageModelConfig(name=IMAGE, path=str(checkpoint), **fields))
 
-    with pytest.raises(ValueError, match=r"cannot serve, generations \(an inpainting-only.*set routes: \['edits'\]"):
+    with pytest.raises(ValueError, match=r"cannot serve, generations \(an edit-only.*set routes: \['edits'\]"):
         start(routes=["generations", "edits"])
     with serve_caplog.at_level(logging.WARNING, logger="ray.serve"):
         start()
@@ -384,3 +384,60 @@ def test_a_blank_negative_prompt_is_none():
     for request in (ImageGenerationRequest, ImageEditRequest):
         assert request.model_validate({"prompt": "x", "negative_prompt": " "}).negative_prompt is None
         assert request.model_validate({"prompt": "x", "negative_prompt": "blurry"}).negative_prompt == "blurry"
+
+
+def test_edits_on_a_reference_image_pipeline_run_alone_with_their_own_image(model, monkeypatch):
+    """FLUX.2 (and Qwen-Image-Edit-Plus) read a call's `image` list as references for every
+    image it makes: two requests' edits in one call would each be conditioned on the other's
+    image. Each edit runs alone, its image given once and made `n` times; and such a pipeline
+    takes no `strength`, so a small one does not raise the steps run."""
+    real, calls = model.pipelines["i2i"], []
+
+    class Flux2Pipeline:  # diffusers' FLUX.2 by name, as the replica recognises it
+        def __call__(self, prompt, image, num_inference_steps, height, width, generator, output_type,
+                     num_images_per_prompt=1):
+            calls.append((prompt, image, num_images_per_prompt, num_inference_steps))
+            return real(prompt=prompt, image=image, num_inference_steps=num_inference_steps, height=height,
+                        width=width, generator=generator, output_type=output_type,
+                        num_images_per_prompt=num_images_per_prompt, strength=1.0)
+
+    monkeypatch.setitem(model.pipelines, "i2i", Flux2Pipeline())
+    red, blue = png_bytes("red", (64, 64)), png_bytes("blue", (64, 64))
+    outcomes = model.run_jobs([job("a", n=2, init_image=red, strength=0.01, seed=1),
+                               job("b", init_image=blue, strength=0.01, seed=2), job("c")])
+    assert [len(outcome.images) for outcome in outcomes] == [2, 1, 1]
+    assert [(prompt, image.getpixel((0, 0)), n, steps) for prompt, image, n, steps in calls] == [
+        ("a", (255, 0, 0), 2, 2), ("b", (0, 0, 255), 1, 2)]
+
+
+def test_a_16_bit_grayscale_image_keeps_its_levels():
+    """Pillow opens a 16-bit grayscale PNG as mode I;16 and its `convert` clips the levels, so
+    anything above 255 of 65535 became white; they are scaled to 8 bits instead."""
+    from serve_app.image_model import open_image
+
+    levels = np.array([[0, 257 * 50, 30000, 65535]], dtype=np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(levels).save(buffer, "PNG")
+    opened = open_image(buffer.getvalue(), param="image")
+    assert np.asarray(opened.convert("RGB"))[0, :, 0].tolist() == [0, 50, 117, 255]
+
+
+def test_an_edit_only_family_loads_and_refuses_generations(models_dir, monkeypatch):
+    """diffusers has no text-to-image pipeline for an edit family (Qwen-Image-Edit): such a
+    checkpoint serves edits and answers a generation with a 400, instead of failing to start;
+    one for which diffusers has no pipeline at all fails to start saying so."""
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+
+    def no_pipeline(pipeline, **_):
+        raise ValueError(f"AutoPipeline can't find a pipeline linked to {type(pipeline).__name__}")
+
+    monkeypatch.setattr(AutoPipelineForText2Image, "from_pipe", no_pipeline)
+    config = ImageModelConfig(name=IMAGE, path=str(models_dir / "tiny-sd"), default_steps=2, routes=["edits"])
+    editor = ImageModel.func_or_class(config)
+    generated, edited = editor.run_jobs([job("a"), job("b", init_image=png_bytes("red"), strength=0.5)])
+    assert isinstance(generated, InvalidRequest) and "makes none from text" in generated.message
+    assert isinstance(edited, ImageResult) and len(edited.images) == 1
+    monkeypatch.setattr(AutoPipelineForImage2Image, "from_pipe", no_pipeline)
+    monkeypatch.setattr(AutoPipelineForInpainting, "from_pipe", no_pipeline)
+    with pytest.raises(ValueError, match="diffusers has no text-to-image, image-to-image or inpainting pipeline"):
+        ImageModel.func_or_class(config)

@@ -557,6 +557,9 @@ BAD_REQUESTS = [
                                            "image": "data:text/plain;base64," + base64.b64encode(b"hello").decode()}}, 400, "image"),
     ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x"}}, 400, "image"),
     ("post", "/v1/images/edits", {"data": {"model": IMAGE, "prompt": "x"}, "files": {"image": ("a.png", b"not an image")}}, 400, "image"),
+    # A mask must have the image's dimensions (as OpenAI requires): stretched, it would repaint elsewhere.
+    ("post", "/v1/images/edits", {"data": {"model": IMAGE, "prompt": "x"}, "files": {
+        "image": ("a.png", _png_bytes((80, 60))), "mask": ("m.png", _png_bytes((60, 60), "white"))}}, 400, "mask"),
     ("get", "/v1/files/images/..%2F..%2Fetc%2Fpasswd", {}, 404, None),
     ("get", "/v1/files/images/nothere1234567890123.png", {}, 404, None),
     ("get", "/v1/nothing", {}, 404, None),
