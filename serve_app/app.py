@@ -11,6 +11,7 @@ import logging
 import os
 from typing import Any
 
+import ray
 from ray.serve import Application
 
 from serve_app.catalog import INGRESS_NAME
@@ -29,13 +30,25 @@ GRPC_MESSAGE_LIMIT_ENV = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
 GRPC_MESSAGE_LIMIT = 2**31 - 1
 
 
-def _with_replica_env(actor_options: dict[str, Any]) -> dict[str, Any]:
-    """`ray_actor_options` plus the environment every replica that handles payloads needs
-    (Serve merges these variables with the application's and the job's)."""
-    runtime_env = dict(actor_options.get("runtime_env") or {})
+def application_runtime_env() -> dict[str, Any]:
+    """The runtime_env the application is built in: the Serve config's `runtime_env` for the
+    application (and the job's), as `serve deploy` / `serve run` hand it to the build."""
+    return dict(ray.get_runtime_context().runtime_env or {}) if ray.is_initialized() else {}
+
+
+def _with_replica_env(actor_options: dict[str, Any], inherited: dict[str, Any]) -> dict[str, Any]:
+    """`ray_actor_options` whose runtime_env is the application's (`inherited`) plus the
+    environment every replica that handles payloads needs.
+
+    Serve gives a deployment that states a runtime_env of its own nothing of the
+    application's but its `working_dir`: without the merge here, the application's
+    `env_vars` (an API key variable, HF_TOKEN), `pip` and the rest would never reach a replica."""
+    own = actor_options.get("runtime_env") or {}
+    runtime_env = {**inherited, **own}
     runtime_env["env_vars"] = {
         GRPC_MESSAGE_LIMIT_ENV: os.environ.get(GRPC_MESSAGE_LIMIT_ENV, str(GRPC_MESSAGE_LIMIT)),
-        **(runtime_env.get("env_vars") or {}),
+        **(inherited.get("env_vars") or {}),
+        **(own.get("env_vars") or {}),
     }
     return {**actor_options, "runtime_env": runtime_env}
 
@@ -63,14 +76,15 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
     for warning in config_warnings(args):
         logger.warning(warning)
     models = {}
+    inherited = application_runtime_env()
     for model in args.models:
         options = model.deployment.serve_options()
-        options["ray_actor_options"] = _with_replica_env(options["ray_actor_options"])
+        options["ray_actor_options"] = _with_replica_env(options["ray_actor_options"], inherited)
         models[model.name] = _model_deployment(model).options(name=model.deployment_name, **options).bind(model)
     ingress = args.ingress
     return Ingress.options(
         name=INGRESS_NAME,
         num_replicas=ingress.num_replicas,
         max_ongoing_requests=ingress.max_ongoing_requests,
-        ray_actor_options=_with_replica_env({"num_cpus": ingress.num_cpus}),
+        ray_actor_options=_with_replica_env({"num_cpus": ingress.num_cpus}, inherited),
     ).bind(args, models, registrar_deployment(args))

@@ -484,3 +484,33 @@ def test_a_model_whose_replicas_cannot_start_is_503_model_failed_at_once(cluster
         assert len(sent) == 1
     finally:
         serve.delete("broken_app")
+
+
+def test_the_applications_runtime_env_reaches_its_replicas(cluster):
+    """What a Serve config gives an application in `runtime_env` (env_vars: an API key
+    variable, HF_TOKEN) reaches the ingress and the models. Serve builds the application in
+    a task that runs in that runtime_env, and gives a deployment that states a runtime_env of
+    its own (each of ours does) only the application's working_dir of it; here the task
+    is made as Serve makes it, and the key reaches the ingress only through the app's merge."""
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+    from serve_app.config import AppConfig
+
+    variable, key = "SERVE_APP_TEST_APP_KEYS", "key-from-the-app-runtime-env"
+    args = cluster.args(route_prefix="/envapp", auth={"api_keys_env": variable})
+    args["models"] = [{"name": "echo", "kind": "chat", "engine": "echo", "path": "echo",
+                       "deployment": {"num_cpus": 0.05}}]
+
+    @ray.remote(num_cpus=0, runtime_env={"env_vars": {variable: key}})
+    def build_and_run() -> None:
+        serve.run(build_app(AppConfig.model_validate(args)), name="env_app", route_prefix="/envapp")
+
+    try:
+        ray.get(build_and_run.remote(), timeout=120)
+        with httpx.Client(base_url=cluster.base_url + "/envapp", timeout=60) as http:
+            assert http.get("/v1/models").status_code == 401
+            assert http.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"]
+    finally:
+        serve.delete("env_app")
