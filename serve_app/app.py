@@ -78,7 +78,7 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
     models = {}
     inherited = application_runtime_env()
     for model in args.models:
-        options = model.deployment.serve_options()
+        options = model.deployment.serve_options(target_ongoing_requests=model.max_batch_size)
         options["ray_actor_options"] = _with_replica_env(options["ray_actor_options"], inherited)
         models[model.name] = _model_deployment(model).options(name=model.deployment_name, **options).bind(model)
     ingress = args.ingress
@@ -86,5 +86,7 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
         name=INGRESS_NAME,
         num_replicas=ingress.num_replicas,
         max_ongoing_requests=ingress.max_ongoing_requests,
+        graceful_shutdown_timeout_s=ingress.graceful_shutdown_timeout_s,
+        max_surge_percent=ingress.max_surge_percent,
         ray_actor_options=_with_replica_env({"num_cpus": ingress.num_cpus}, inherited),
     ).bind(args, models, registrar_deployment(args))

@@ -50,9 +50,10 @@ class AutoscalingOptions(StrictModel):
     min_replicas: int = Field(1, ge=0, description="Fewest replicas; 0 allows scale to zero.")
     max_replicas: int = Field(1, ge=1, description="Most replicas.")
     initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time.")
-    target_ongoing_requests: float = Field(
-        2.0, gt=0, description="Ongoing requests per replica the autoscaler aims for."
-    )
+    target_ongoing_requests: float | None = Field(
+        None, gt=0, description="Ongoing requests per replica the autoscaler aims for. Default: the model's "
+        "max_batch_size (a replica asks for another when its batches are full on average, not at Ray's 2, "
+        "which would add a GPU replica for every third request in flight).")
     upscale_delay_s: float = Field(30.0, ge=0, description="Seconds of high load before adding.")
     downscale_delay_s: float = Field(600.0, ge=0, description="Seconds of low load before removing.")
     downscale_to_zero_delay_s: float | None = Field(
@@ -87,9 +88,16 @@ class DeploymentOptions(StrictModel):
         32, ge=1, description="Requests a replica works on at once (Ray's default of 5 is too low)."
     )
     max_queued_requests: int = Field(
-        -1, ge=-1, description="Requests waiting per caller before 503; -1 is unbounded."
+        -1, ge=-1, description="Requests waiting per caller before 503; -1 is unbounded (0 is not allowed, as Ray's)."
     )
     max_replicas_per_node: int | None = Field(None, ge=1, description="Spread replicas over nodes.")
+    graceful_shutdown_timeout_s: float = Field(
+        120.0, gt=0, description="How long a replica being replaced or removed (a redeploy, a scale-down) "
+        "may finish its requests in flight before Serve stops it (Ray's default, 20 s, cuts a long stream).")
+    max_surge_percent: int = Field(
+        0, ge=0, le=100, description="Replicas a restarting redeploy may start beside the old ones, in percent "
+        "of the count: 100 keeps every old replica serving until its replacement runs (no gap), where the "
+        "cluster has room (GPUs) for both; 0 (Ray's default) stops old replicas first.")
     health_check_period_s: float | None = Field(None, gt=0, description="Replica health check period.")
     max_constructor_retry_count: int | None = Field(
         None, ge=1, description="Failed replica starts before Serve marks the model failed (503 model_failed). "
@@ -105,10 +113,13 @@ class DeploymentOptions(StrictModel):
                              "(with autoscaling_config, leave num_replicas unset and give the bounds there)")
         if self.num_gpus > 1 and not self.num_gpus.is_integer():  # Ray's rule, said at load time
             raise ValueError(f"num_gpus above 1 must be a whole number of GPUs (got {self.num_gpus})")
+        if self.max_queued_requests == 0:  # Ray refuses it at deploy time, with its own message
+            raise ValueError("max_queued_requests must be -1 (unbounded) or at least 1")
         return self
 
-    def serve_options(self) -> dict[str, Any]:
-        """Keyword arguments for `Deployment.options(...)`."""
+    def serve_options(self, target_ongoing_requests: float = 2.0) -> dict[str, Any]:
+        """Keyword arguments for `Deployment.options(...)`; `target_ongoing_requests` is the
+        autoscaling target where the config gives none (the model's batch size)."""
         actor_options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
         if self.memory is not None:
             actor_options["memory"] = self.memory
@@ -120,9 +131,12 @@ class DeploymentOptions(StrictModel):
             "ray_actor_options": actor_options,
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "max_surge_percent": self.max_surge_percent,
         }
         if self.autoscaling_config is not None:
-            options["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
+            options["autoscaling_config"] = {"target_ongoing_requests": target_ongoing_requests,
+                                             **self.autoscaling_config.model_dump(exclude_none=True)}
         else:
             options["num_replicas"] = self.num_replicas if self.num_replicas is not None else 1
         if self.max_replicas_per_node is not None:
@@ -315,6 +329,12 @@ class IngressOptions(StrictModel):
     num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
     num_cpus: float = Field(0.1, ge=0, description="Logical CPUs per ingress replica.")
     max_ongoing_requests: int = Field(512, ge=1, description="Concurrent requests per ingress replica.")
+    graceful_shutdown_timeout_s: float = Field(
+        120.0, gt=0, description="How long a replaced ingress replica may finish its requests and streams "
+        "in flight (under HAProxy, Serve first keeps it reachable 30 s of that while HAProxy moves off it).")
+    max_surge_percent: int = Field(
+        100, ge=0, le=100, description="Ingress replicas a restarting redeploy starts before stopping the old "
+        "ones: 100 (a tenth of a CPU each) leaves no moment without a route to the models.")
 
 
 class RegistrationOptions(StrictModel):

@@ -27,6 +27,42 @@ def test_shipped_config_is_valid_and_resolves_paths():
     assert "max_constructor_retry_count" not in chat and "health_check_period_s" not in chat  # Serve's defaults
 
 
+def test_redeploys_let_requests_in_flight_finish_and_the_ingress_surges():
+    """A replaced or removed replica finishes its requests for up to 120 s (Ray's 20 s would cut
+    a long stream); the ingress starts its replacement before the old one stops (a tenth of a
+    CPU), so a redeploy leaves no moment without a route; a model does so only when asked
+    (its second copy needs a second GPU). Ray refuses max_queued_requests: 0 at deploy time;
+    the config says so first."""
+    from serve_app.app import build_app
+
+    config = validate(lambda a: a["models"][1]["deployment"].update(max_surge_percent=100,
+                                                                    graceful_shutdown_timeout_s=600))
+    chat, image = (model.deployment.serve_options() for model in config.models)
+    assert (chat["graceful_shutdown_timeout_s"], chat["max_surge_percent"]) == (120, 0)
+    assert (image["graceful_shutdown_timeout_s"], image["max_surge_percent"]) == (600, 100)
+    ingress = build_app(config)._bound_deployment
+    assert ingress.name == "ingress"
+    assert (ingress._deployment_config.max_surge_percent, ingress._deployment_config.graceful_shutdown_timeout_s) \
+        == (100, 120)
+    with pytest.raises(ValidationError, match="max_queued_requests must be -1 .unbounded. or at least 1"):
+        validate(lambda a: a["models"][0]["deployment"].update(max_queued_requests=0))
+
+
+def test_the_autoscaling_target_is_the_models_batch_by_default():
+    """Ray's default of 2 requests per replica would add a GPU replica of a model that batches
+    32 for every third request in flight; the target is the model's batch unless given."""
+    from serve_app.app import build_app
+
+    bounds = {"min_replicas": 1, "max_replicas": 4}
+    config = validate(lambda a: (a["models"][0].update(max_batch_size=32, deployment={"autoscaling_config": bounds}),
+                                 a["models"][1].update(deployment={"autoscaling_config": {
+                                     **bounds, "target_ongoing_requests": 3}})))
+    models = build_app(config)._bound_deployment.init_args[1]  # the ingress's handles, by model name
+    targets = {name: model._bound_deployment._deployment_config.autoscaling_config.target_ongoing_requests
+               for name, model in models.items()}
+    assert targets == {"Llama3-8B": 32, "SuperImage": 3}
+
+
 def test_serve_options_pass_retry_and_health_settings_on():
     options = validate(lambda a: a["models"][0]["deployment"].update(
         max_constructor_retry_count=2, health_check_period_s=5)).models[0].deployment.serve_options()

@@ -359,7 +359,9 @@ def test_registration_through_ray_serve(cluster, node: FakeNode) -> None:
     for model in args["models"]:
         model["cid"] = "cid-" + model["name"]
         if model["kind"] == "chat":  # what registers is the name and route: no weights needed
-            model.update(engine="echo", path="echo", deployment={"num_cpus": 0.05})
+            # Restarted by the redeploy below beside its old replica, as a model with room for a
+            # second copy is (`max_surge_percent`).
+            model.update(engine="echo", path="echo", deployment={"num_cpus": 0.05, "max_surge_percent": 100})
     try:
         base = cluster.deploy(args, name="reg_app", route_prefix="/reg")
 
@@ -384,6 +386,9 @@ def test_registration_through_ray_serve(cluster, node: FakeNode) -> None:
         assert wait_for(lambda: len(_registrar_replicas("reg_app")) == 1, timeout=60)
         time.sleep(3)  # an interval and more: a stray unregister would have landed
         assert node.bodies(UNREGISTER_PATH) == [] and entries() == expected
+        # The redeploy restarted the ingress and the chat model too (their args changed): each
+        # replacement started before the old replica stopped, so at no moment was nothing live.
+        assert all(body["models"] for body in node.bodies(REGISTER_PATH)), node.bodies(REGISTER_PATH)
 
         serve.delete("reg_app")
         assert node.wait_for(lambda: node.bodies(UNREGISTER_PATH) == [{"project": project}], timeout=30)
