@@ -37,6 +37,11 @@ ACCEPTED_FORMATS: tuple[str, ...] = tuple(_DEFAULTS.accepted_formats)
 REDIRECTS = {301, 302, 303, 307, 308}
 EXIF_ORIENTATION = 0x0112
 SIDEWAYS = {5, 6, 7, 8}  # orientations that swap width and height (ImageOps.exif_transpose turns them upright)
+JPEG_START_OF_SCAN = b"\xff\xda"  # cannot occur in entropy-coded data, where a 0xff byte is followed by 0x00
+MAX_JPEG_SCANS = 100
+"""Most scans a JPEG may have: a progressive one has about 10, and each costs a pass over
+every pixel when the replica decodes it (a 16-megapixel image repeating one tiny scan
+thousands of times is a small file that takes minutes to decode)."""
 
 @dataclass(frozen=True)
 class InputImage:
@@ -75,6 +80,10 @@ def inspect_image(data: bytes, *, param: str, accepted_formats: Sequence[str] = 
             image.verify()  # structure and checksums; does not decode the pixels
         except Exception as exc:  # noqa: BLE001
             raise _unreadable(param, accepted_formats) from exc
+        # Counted over the whole file, an EXIF thumbnail's scans included: an over-count, never an under-count.
+        if image.format == "JPEG" and (scans := data.count(JPEG_START_OF_SCAN)) > MAX_JPEG_SCANS:
+            raise InvalidRequest(f"{param} is a JPEG of {scans} scans; at most {MAX_JPEG_SCANS} are accepted.",
+                                 param=param, code="invalid_image")
     return InputImage(data=data, width=width, height=height)
 
 

@@ -408,6 +408,21 @@ def test_formats_and_upload_size_from_config() -> None:
         ImageFetcher(ImageInputOptions(accepted_formats=["PNG", "NOPE"]))
 
 
+def test_a_jpeg_of_endless_scans_is_refused_without_decoding() -> None:
+    """Each scan of a progressive JPEG is a pass over every pixel: one tiny refinement scan
+    repeated thousands of times in a 16-megapixel frame is a small file whose decoding holds
+    the model's worker for minutes. A progressive photo (about 10 scans) still passes."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), "teal").save(buffer, "JPEG", progressive=True)
+    photo = buffer.getvalue()
+    assert inspect_image(photo, param="image").width == 64 and 1 < photo.count(b"\xff\xda") < 20
+    end = photo.rindex(b"\xff\xd9")
+    last_scan = photo[photo.rindex(b"\xff\xda"):end]
+    endless = photo[:end] + last_scan * 200 + photo[end:]
+    assert Image.open(io.BytesIO(endless)).size == (64, 48)  # a well-formed header: what the ingress reads
+    expect(InvalidRequest, 400, "invalid_image", lambda: inspect_image(endless, param="image"))
+
+
 def test_inspect_image_defaults() -> None:
     assert inspect_image(PNG, param="image") == InputImage(PNG, 40, 30)
 
