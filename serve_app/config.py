@@ -423,8 +423,12 @@ class AppConfig(StrictModel):
     image_dir: str = Field("./generated_images", validate_default=True,
                            description="Folder where generated images are stored (made absolute where the config is read).")
     max_body_bytes: int = Field(
-        25 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above)."
+        25 * 1024 * 1024, ge=1024, description="Largest body of an image edit, which carries images (413 above)."
     )
+    max_text_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest body of a request without images: chat completions and "
+        "image generations (413 above). Parsing a JSON body holds the ingress's event loop for every object "
+        "in it, so these stay small; raise it with limits.max_prompt_chars.")
     image_input: ImageInputOptions = Field(default_factory=ImageInputOptions)
     image_retention: ImageRetentionOptions = Field(default_factory=ImageRetentionOptions)
     catalog_ttl_s: float = Field(1.5, ge=0, description="How long /v1/models caches Serve's status.")
@@ -497,6 +501,10 @@ def config_warnings(config: AppConfig) -> list[str]:
             warnings.append(f"model {model.name!r}: deployment.max_ongoing_requests "
                             f"({model.deployment.max_ongoing_requests}) is below max_batch_size "
                             f"({model.max_batch_size}), so a replica never gets enough requests to fill a batch")
+    if config.max_text_body_bytes < 4 * config.limits.max_prompt_chars:  # UTF-8 takes up to 4 bytes a character
+        warnings.append(f"max_text_body_bytes ({config.max_text_body_bytes}) is below 4 bytes per character of "
+                        f"limits.max_prompt_chars ({config.limits.max_prompt_chars}): a chat request within the "
+                        "prompt limit may be refused as too large (413)")
     return warnings
 
 

@@ -165,6 +165,15 @@ TokenId = Annotated[int, BeforeValidator(_token_id), Field(ge=0)]
 
 MAX_LOGIT_BIAS = 300
 """Most `logit_bias` entries in one request: each is an op on every decoding step."""
+MAX_CHAT_ITEMS = 10_000
+"""Most messages, content parts and tool calls in one chat request together (and most
+tools), counted before any is validated: a body of a million tiny tool calls held the
+ingress's event loop for seconds and gigabytes while pydantic built them, before any
+configured limit (`max_messages`, `max_prompt_chars`) could refuse it."""
+
+
+def _items(value: Any) -> int:
+    return len(value) if isinstance(value, list) else 0
 
 
 OptionalModel = Annotated[str | None, Blankable, Field(description=(
@@ -192,6 +201,20 @@ class ChatCompletionRequest(WireModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     user: str | None = None
+
+    @field_validator("messages", "tools", mode="before")
+    @classmethod
+    def _few_enough_items(cls, value: Any, info: ValidationInfo) -> Any:
+        """At most `MAX_CHAT_ITEMS`, counted on the parsed JSON, before the models are built."""
+        if len(value) > MAX_CHAT_ITEMS if isinstance(value, list) else False:
+            raise ValueError(f"at most {MAX_CHAT_ITEMS} {info.field_name} are accepted")
+        if info.field_name == "messages" and isinstance(value, list):
+            items = len(value) + sum(_items(message.get("content")) + _items(message.get("tool_calls"))
+                                     for message in value if isinstance(message, dict))
+            if items > MAX_CHAT_ITEMS:
+                raise ValueError(f"at most {MAX_CHAT_ITEMS} messages, content parts and tool calls together "
+                                 "are accepted")
+        return value
 
     @field_validator("top_logprobs")
     @classmethod

@@ -30,6 +30,7 @@ from serve_app.metrics import RequestMetrics
 logger = logging.getLogger("ray.serve")
 
 OPEN_PATHS = ("/health", "/ready")
+EDITS_ROUTE = "/v1/images/edits"
 
 
 @dataclass
@@ -170,7 +171,9 @@ class RequestGuard:
                                              headers={"WWW-Authenticate": "Bearer"})
                 await error_response(error)(scope, receive, send)
                 return
-        limit: int | None = getattr(state, "max_body_bytes", None)
+        # An edit carries images; every other body is text, whose parsing costs the event loop per object.
+        limit: int | None = getattr(state, "max_body_bytes" if _app_path(scope) == EDITS_ROUTE else "max_text_body_bytes",
+                                    None)
         declared = _header(scope, b"content-length")
         if limit and declared and declared.isdigit() and int(declared) > limit:
             await error_response(_too_large(limit))(scope, receive, send)

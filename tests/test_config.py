@@ -185,9 +185,11 @@ def test_likely_mistakes_are_warned_about_not_refused(models_dir):
     def mutate(args):
         args["models"][0]["path"] = "./models/not-built"
         args["models"][1]["deployment"]["max_ongoing_requests"] = 4
+        args["limits"] = {"max_prompt_chars": 2_000_000}  # a long-context model's, without a larger body limit
     warnings = config_warnings(validate(mutate))
-    assert len(warnings) == 2 and "not-built does not exist here" in warnings[0]
+    assert len(warnings) == 3 and "not-built does not exist here" in warnings[0]
     assert "max_ongoing_requests (4) is below max_batch_size (8)" in warnings[1]
+    assert "max_text_body_bytes (4194304) is below 4 bytes per character of limits.max_prompt_chars" in warnings[2]
 
 
 def test_gpu_config_requests_a_gpu():

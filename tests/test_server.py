@@ -570,6 +570,15 @@ BAD_REQUESTS = [
     # Chunked (no Content-Length): the limit holds as the body arrives, on routes FastAPI parses too.
     ("post", "/v1/chat/completions", {"content": [b" " * 2**20] * 27, "headers": {"content-type": "application/json"}}, 413, None),
     ("post", "/v1/images/generations", {"content": [b" " * 2**20] * 27, "headers": {"content-type": "application/json"}}, 413, None),
+    # A body without images may be 4 MiB (`max_text_body_bytes`); an edit's, which carries them, 25.
+    ("post", "/v1/chat/completions", {"content": b" " * (5 * 2**20), "headers": {"content-type": "application/json"}}, 413, None),
+    ("post", "/v1/images/generations", {"content": [b" " * 2**20] * 5, "headers": {"content-type": "application/json"}}, 413, None),
+    ("post", "/v1/images/edits", {"data": {"model": IMAGE, "prompt": "x", "note": "n" * (5 * 2**20)},
+                                  "files": {"image": ("a.png", b"not an image")}}, 400, "image"),
+    # Objects are counted before pydantic builds them: a million tiny tool calls cost the ingress seconds.
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [
+        {"role": "assistant", "tool_calls": [{"function": {"name": "f"}}] * 10_001}]}}, 400, "messages"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "tools": [{}] * 10_001}}, 400, "tools"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}},
      400, "messages[0].content[0]"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [{"role": "user", "content": [{"type": "text"}]}]}},
