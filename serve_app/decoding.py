@@ -27,7 +27,7 @@ class IncrementalText:
     of 32, the order of a GPU forward pass. Fast tokenizers decode through
     `tokenizers`' `DecodeStream` instead (a few tokens of context; the bytes of
     an unfinished UTF-8 character wait for the rest), the approach of vLLM's
-    detokenizer. Slow (Python) tokenizers decode in full each time.
+    detokenizer. Slow (Python) tokenizers decode in full each time (see `_decode_all`).
     """
 
     def __init__(self, tokenizer) -> None:
@@ -42,10 +42,18 @@ class IncrementalText:
         """Append a token; returns the whole text so far."""
         self.tokens.append(token)
         if self._stream is None:
-            self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+            self.text = self._decode_all()
         else:
             self.text += self._step(token) or ""
         return self.text
+
+    def _decode_all(self) -> str:
+        """All tokens again, without `clean_up_tokenization_spaces`: that clean-up joins a space
+        to the punctuation after it ("a " then "a ." becomes "a."), so a later token would
+        rewrite text already sent, and the streamed deltas would miss text the final answer has.
+        Without it, text already decoded stays as it was, as with the fast tokenizers' stream
+        (which never cleans up either)."""
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def _step(self, token: int) -> str | None:
         try:
@@ -175,9 +183,20 @@ class ChoiceDecoder:
         return min((i for i in found if i >= 0), default=None)
 
     def _finish(self, reason: str, stop_at: int | None = None) -> str:
-        """End the choice; returns the text not sent yet (up to the stop string, if one ended it)."""
+        """End the choice; returns the text not sent yet (up to the stop string, if one ended it).
+
+        Ending with no stop string found (EOS, `max_tokens`) completes the text: what the decode
+        stream held back for the rest of a character comes out, and can hold a stop string the
+        check never saw ("STOP" in a byte-level token "STOP\\xc3"). It is searched for there too,
+        and ends the choice as any stop string does. `complete` only ever extends the text, so
+        what was already sent still stands.
+        """
+        if stop_at is None:
+            self.text = self.decoded.complete()
+            stop_at = self._stop_at()
+        if stop_at is not None:
+            reason, self.text = "stop", self.text[:stop_at]
         self.finish_reason = reason
-        self.text = self.decoded.complete() if stop_at is None else self.text[:stop_at]
         delta, self.sent = self.text[self.sent:], len(self.text)
         return delta
 

@@ -131,6 +131,83 @@ def test_stop_string_after_an_unfinished_character_is_held_back(tokenizer):
         assert decoder.result().text == "".join(deltas) == "Price: x"
 
 
+def byte_level_tokenizer():
+    """A GPT-2-style byte-level tokenizer, built in memory. Its alphabet writes bytes 0xA1-0xFF
+    (but 0xAD) as the same code point, so "STOP\u00c3" is the token of the bytes b"STOP\xc3":
+    letters, then the first byte of "\u00e9" (0xC3 0xA9)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<eos>", "X", "STOP\u00c3", "\u00a9"]
+    backend = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[]))
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+
+
+@pytest.mark.parametrize("ending", ["eos", "max_tokens"])
+def test_stop_string_in_text_held_back_for_an_unfinished_character_does_not_leak(ending):
+    """The decode stream holds "STOP\xc3" back whole while the character is unfinished, so
+    the stop check sees nothing; the choice then ends (EOS, or `max_tokens`) and the completed
+    text shows "STOP". It must end the choice there, as a stop string, not leak."""
+    tokenizer = byte_level_tokenizer()
+    x, stop_and_lead_byte = tokenizer.convert_tokens_to_ids(["X", "STOP\u00c3"])
+    tokens = [x, stop_and_lead_byte] + ([tokenizer.eos_token_id] if ending == "eos" else [])
+    deltas, decoder = run(tokenizer, tokens, ["STOP"], eos={tokenizer.eos_token_id})
+    assert decoder.result().text == "".join(deltas) == "X"
+    assert decoder.result().finish_reason == "stop"
+    # A stop string the completed text does not hold changes nothing: the half character comes out.
+    deltas, decoder = run(tokenizer, tokens, ["STOPS"], eos={tokenizer.eos_token_id})
+    assert decoder.result().text == "".join(deltas) == "XSTOP\ufffd"
+    assert decoder.result().finish_reason == ("stop" if ending == "eos" else "length")
+
+
+def slow_cleaning_tokenizer():
+    """A real slow (Python) tokenizer, one character a token, that cleans up tokenization
+    spaces: its full decode of "a", " ", "." is "a." (the space joined to the period)."""
+    from transformers import PreTrainedTokenizer
+
+    class CharTokenizer(PreTrainedTokenizer):
+        pieces = ["<eos>", "a", " ", ".", "b"]
+
+        def __init__(self, **kwargs):
+            self.ids = {p: i for i, p in enumerate(self.pieces)}
+            super().__init__(eos_token="<eos>", **kwargs)
+
+        @property
+        def vocab_size(self):
+            return len(self.pieces)
+
+        def get_vocab(self):
+            return dict(self.ids)
+
+        def _tokenize(self, text):
+            return list(text)
+
+        def _convert_token_to_id(self, token):
+            return self.ids[token]
+
+        def _convert_id_to_token(self, index):
+            return self.pieces[index]
+
+        def convert_tokens_to_string(self, tokens):
+            return "".join(tokens)
+
+    tokenizer = CharTokenizer(clean_up_tokenization_spaces=True)
+    assert not tokenizer.is_fast and tokenizer.decode(tokenizer.encode("a .", add_special_tokens=False)) == "a."
+    return tokenizer
+
+
+@pytest.mark.parametrize("text, ending", [("a .", "max_tokens"), ("a .", "eos"), ("a . b", "max_tokens")])
+def test_slow_tokenizer_clean_up_does_not_rewrite_sent_text(text, ending):
+    """Clean-up would turn the sent "a " into "a." one token later, so the stream would never
+    send the period the final text has. Streamed and final text must agree: both uncleaned,
+    as the fast tokenizers' stream gives them."""
+    tokenizer = slow_cleaning_tokenizer()
+    tokens = tokenizer.encode(text, add_special_tokens=False) + ([tokenizer.eos_token_id] if ending == "eos" else [])
+    deltas, decoder = run(tokenizer, tokens, eos={tokenizer.eos_token_id})
+    assert "".join(deltas) == decoder.result().text == text
+
+
 
 def test_held_back_tail_is_the_longest_stop_prefix_the_text_ends_with():
     """What may still become a stop string: checked against every prefix length, on random text."""
