@@ -9,14 +9,16 @@ torch: the ingress can run on a CPU-only node with a fraction of a core.
 
 import asyncio
 import base64
+import contextlib
 import json
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from serve_app.catalog import LiveCatalog, LiveModel, ModelRouter, Target, served_routes
@@ -87,15 +89,27 @@ async def _read_form(request: Request, max_field_bytes: int) -> tuple[dict[str, 
     fields: dict[str, Any] = {}
     files: dict[str, list[bytes]] = {}
     # `async with` closes the uploads' spooled temporary files at once.
-    async with request.form(max_part_size=max_field_bytes) as form:
-        for key, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                data = await value.read()
-                if data or value.filename:
-                    files.setdefault(key, []).append(data)
-            else:
-                fields.setdefault(key, value)
+    with _client_gone_is_a_client_mistake():
+        async with request.form(max_part_size=max_field_bytes) as form:
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    data = await value.read()
+                    if data or value.filename:
+                        files.setdefault(key, []).append(data)
+                else:
+                    fields.setdefault(key, value)
     return fields, files
+
+
+@contextlib.contextmanager
+def _client_gone_is_a_client_mistake() -> Iterator[None]:
+    """A client that hangs up while its body is read (an aborted upload) gets, and is logged
+    with, a 400, as FastAPI treats it on the routes it parses: not a server fault, traceback and all."""
+    try:
+        yield
+    except ClientDisconnect:
+        raise InvalidRequest("The client disconnected before its request body arrived.",
+                             code="client_disconnected") from None
 
 
 def _one_upload(files: dict[str, list[bytes]], *names: str) -> bytes | None:
@@ -109,8 +123,10 @@ def _one_upload(files: dict[str, list[bytes]], *names: str) -> bytes | None:
 
 
 async def _json_body(request: Request) -> Any:
+    with _client_gone_is_a_client_mistake():
+        raw = await request.body()
     try:
-        return json.loads(await request.body() or b"null")
+        return json.loads(raw or b"null")
     except (ValueError, RecursionError):  # JSONDecodeError, undecodable bytes, absurd nesting
         raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
 
@@ -165,6 +181,9 @@ class Ingress:
             call = target.generate.remote(job)
             result = await self._within_timeout(target, call, call.cancel)
             note(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
+            if body.logprobs:  # up to n x max_tokens x 21 objects (seconds at 8 x 4096): off the event loop
+                return Response(await asyncio.to_thread(lambda: chat_response(body, result).model_dump_json()),
+                                media_type=JSON)
             return json_response(chat_response(body, result))
         chunks = target.stream.remote(job)
         # Peek at the first chunk: an early error still gets its HTTP status.
