@@ -21,6 +21,7 @@ import binascii
 import io
 import ipaddress
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Iterable, Sequence
@@ -35,6 +36,11 @@ from serve_app.errors import InvalidRequest, PayloadTooLarge
 _DEFAULTS = ImageInputOptions()
 ACCEPTED_FORMATS: tuple[str, ...] = tuple(_DEFAULTS.accepted_formats)
 REDIRECTS = {301, 302, 303, 307, 308}
+RESOLVER_THREADS = 8
+"""Threads that resolve image URLs' host names. A lookup cannot be cancelled: a name whose
+DNS server never answers holds its thread until the system resolver gives up, long after
+the request's 400. On threads of their own, such names can stall only other lookups, never
+the event loop's shared pool (image encoding, uploads, file responses, Serve's status)."""
 EXIF_ORIENTATION = 0x0112
 SIDEWAYS = {5, 6, 7, 8}  # orientations that swap width and height (ImageOps.exif_transpose turns them upright)
 JPEG_START_OF_SCAN = b"\xff\xda"  # cannot occur in entropy-coded data, where a 0xff byte is followed by 0x00
@@ -116,6 +122,7 @@ class ImageFetcher:
         self.max_bytes = options.max_bytes
         self.formats = _known_formats(options.accepted_formats)
         self.hosts = HostPolicy(options.allowed_hosts)
+        self._resolver = ThreadPoolExecutor(RESOLVER_THREADS, thread_name_prefix="image-url-dns")
         self._client = httpx.AsyncClient(
             transport=transport, timeout=options.timeout_s, follow_redirects=False, trust_env=False,
             # No state shared between strangers' fetches: no cookies, and no pooled connection
@@ -142,6 +149,7 @@ class ImageFetcher:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        self._resolver.shutdown(wait=False, cancel_futures=True)
 
     def _too_large(self, param: str) -> PayloadTooLarge:
         return PayloadTooLarge(f"{param} is larger than {self.max_bytes} bytes.", param=param)
@@ -215,13 +223,14 @@ class ImageFetcher:
         return addresses
 
     async def _resolve(self, host: str, port: int, *, param: str) -> list[IPAddress]:
-        """The host's addresses: an IP literal as is, a name through DNS off the event loop."""
+        """The host's addresses: an IP literal as is, a name through DNS on the resolver's threads."""
         try:
             return [ipaddress.ip_address(host.strip("[]"))]
         except ValueError:
             pass
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = await asyncio.get_running_loop().run_in_executor(
+                self._resolver, lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
         except (socket.gaierror, UnicodeError) as exc:
             raise _bad_url(param, "URL names a host that does not resolve") from exc
         found = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]

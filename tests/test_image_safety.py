@@ -504,3 +504,40 @@ def test_sweep_forever_runs_until_cancelled(tmp_path: Path) -> None:
         assert not (tmp_path / name).exists()
 
     asyncio.run(run())
+
+
+def test_names_that_never_resolve_leave_the_shared_threads_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DNS lookup cannot be cancelled: image URLs naming hosts whose DNS never answers hold
+    their threads long after their 400s. They run on the fetcher's own threads, so the event
+    loop's shared pool (image encoding, uploads, file responses) keeps working."""
+    import socket
+
+    release, real = threading.Event(), socket.getaddrinfo
+
+    def getaddrinfo(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host.endswith(".stuck.test"):
+            release.wait(30)
+            raise socket.gaierror("no answer")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+    async def main() -> tuple[float, list[Any]]:
+        fetcher = ImageFetcher(ImageInputOptions(timeout_s=0.5))
+        fetches = [asyncio.ensure_future(fetcher.load(f"http://h{i}.stuck.test/x.png", param="image"))
+                   for i in range(40)]
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await asyncio.wait_for(asyncio.to_thread(lambda: None), 5)
+        took = time.monotonic() - started
+        outcomes = await asyncio.gather(*fetches, return_exceptions=True)
+        release.set()
+        await fetcher.aclose()
+        return took, outcomes
+
+    try:
+        took, outcomes = asyncio.run(main())
+    finally:
+        release.set()
+    assert took < 1, took
+    assert all(isinstance(o, InvalidRequest) and o.code == "image_url_timeout" for o in outcomes), outcomes
