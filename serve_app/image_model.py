@@ -242,6 +242,10 @@ class ImageModel(ModelReplica):
         mistake (an unreadable input image) comes back as a value: raised, Serve
         would log it as a failed request, with a traceback, at ERROR.
         """
+        try:
+            self.refuse_if_device_failed()
+        except APIError as refused:
+            return refused
         arrived = time.monotonic()
         if self.config.max_batch_size == 1:
             [outcome] = await self.run_on_worker(self.run_jobs, [job], [arrived])

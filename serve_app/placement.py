@@ -20,6 +20,7 @@ from typing import Callable, TypeVar
 import torch
 
 from serve_app.config import BaseModelConfig
+from serve_app.errors import Overloaded
 from serve_app.metrics import BufferedMetrics
 from serve_app.periodic import in_background
 from serve_app.serve_logs import flush_serve_log, start_flushing
@@ -165,6 +166,14 @@ class ModelReplica:
         if isinstance(exc, torch.cuda.OutOfMemoryError) and self.device.type == "cuda":
             torch.cuda.empty_cache()  # what the failed pass had reserved goes back to the GPU
         return exc
+
+    def refuse_if_device_failed(self) -> None:
+        """A replica whose GPU context failed answers 503 at once until Serve replaces it
+        (Serve acts after three failed health checks, 30 s by default), rather than take
+        each request to a GPU that fails it; a client's retry may find another replica."""
+        if self._device_failure is not None:
+            raise Overloaded(f"A replica of {self.config.name!r} lost its GPU and is being replaced; retry.",
+                             code="replica_failed")
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose CUDA context failed fails every later call

@@ -16,7 +16,7 @@ import pytest
 from serve_app.decoding import ChoiceDecoder
 from serve_app.chat_model import ChatModel
 from serve_app.config import ChatModelConfig, RequestLimits
-from serve_app.errors import InvalidRequest
+from serve_app.errors import InvalidRequest, Overloaded
 from serve_app.jobs import ChatJob
 from serve_app.protocol import ChatCompletionRequest
 from serve_app.translate import chat_job
@@ -184,6 +184,9 @@ def test_a_failed_pass_lets_go_of_its_memory_and_a_broken_gpu_context_fails_heal
     assert isinstance(asyncio.run(fails(job("hello"))), torch.AcceleratorError)
     with pytest.raises(RuntimeError, match="GPU context failed"):
         replica.check_health()
+    # Until Serve replaces it, the replica answers 503 at once instead of failing on the GPU.
+    refused = asyncio.run(replica.generate(job("hello")))
+    assert isinstance(refused, Overloaded) and refused.code == "replica_failed", refused
 
 
 def test_max_batch_size_counts_rows_so_choices_cannot_overfill_the_batch(models_dir):

@@ -441,3 +441,13 @@ def test_an_edit_only_family_loads_and_refuses_generations(models_dir, monkeypat
     monkeypatch.setattr(AutoPipelineForInpainting, "from_pipe", no_pipeline)
     with pytest.raises(ValueError, match="diffusers has no text-to-image, image-to-image or inpainting pipeline"):
         ImageModel.func_or_class(config)
+
+
+def test_a_replica_whose_gpu_failed_answers_503_at_once(model, monkeypatch):
+    """Until Serve replaces it (after three failed health checks), a replica whose CUDA context
+    failed refuses at once with a 503 a client may retry, rather than fail on the GPU."""
+    from serve_app.errors import Overloaded
+
+    monkeypatch.setattr(model, "_device_failure", "CUDA error: an illegal memory access")
+    refused = asyncio.run(model.generate(job("a")))
+    assert isinstance(refused, Overloaded) and refused.code == "replica_failed"
