@@ -43,7 +43,6 @@ the request's 400. On threads of their own, such names can stall only other look
 the event loop's shared pool (image encoding, uploads, file responses, Serve's status)."""
 EXIF_ORIENTATION = 0x0112
 SIDEWAYS = {5, 6, 7, 8}  # orientations that swap width and height (ImageOps.exif_transpose turns them upright)
-JPEG_START_OF_SCAN = b"\xff\xda"  # cannot occur in entropy-coded data, where a 0xff byte is followed by 0x00
 MAX_JPEG_SCANS = 100
 """Most scans a JPEG may have: a progressive one has about 10, and each costs a pass over
 every pixel when the replica decodes it (a 16-megapixel image repeating one tiny scan
@@ -86,11 +85,49 @@ def inspect_image(data: bytes, *, param: str, accepted_formats: Sequence[str] = 
             image.verify()  # structure and checksums; does not decode the pixels
         except Exception as exc:  # noqa: BLE001
             raise _unreadable(param, accepted_formats) from exc
-        # Counted over the whole file, an EXIF thumbnail's scans included: an over-count, never an under-count.
-        if image.format == "JPEG" and (scans := data.count(JPEG_START_OF_SCAN)) > MAX_JPEG_SCANS:
-            raise InvalidRequest(f"{param} is a JPEG of {scans} scans; at most {MAX_JPEG_SCANS} are accepted.",
+        # MPO: a JPEG with more pictures after its first (phones' HDR photos); the first is what decodes.
+        if image.format in ("JPEG", "MPO") and jpeg_scans(data) > MAX_JPEG_SCANS:
+            raise InvalidRequest(f"{param} is a JPEG of more than {MAX_JPEG_SCANS} scans; a photo has about 10.",
                                  param=param, code="invalid_image")
     return InputImage(data=data, width=width, height=height)
+
+
+def jpeg_scans(data: bytes, limit: int = MAX_JPEG_SCANS) -> int:
+    """The scans (SOS segments) of a JPEG's first picture, counted up to `limit` + 1.
+
+    The segments are walked from the start to the picture's end (EOI), so bytes inside
+    other segments (an EXIF thumbnail's scans, an ICC profile) and after the picture (a
+    phone's second picture, a motion photo's video) are not taken for scans. Within a
+    scan's coded data a 0xff byte is followed by 0x00 or a restart marker; any other
+    marker ends it."""
+    pos, scans, end = 2, 0, len(data)
+    while pos + 4 <= end and scans <= limit:
+        if data[pos] != 0xFF:
+            break  # not a segment: Pillow's own parser judges the file
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0xD9:  # EOI: the first picture ends
+            break
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker != 0xDA:
+            continue
+        scans += 1
+        while (pos := data.find(b"\xff", pos)) != -1 and pos + 1 < end:  # the scan's coded data
+            following = data[pos + 1]
+            if following == 0x00 or 0xD0 <= following <= 0xD7:
+                pos += 2
+            elif following == 0xFF:
+                pos += 1
+            else:
+                break  # the next segment's marker
+        else:
+            break
+    return scans
 
 
 def _unreadable(param: str, formats: Iterable[str]) -> InvalidRequest:

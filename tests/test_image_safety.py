@@ -421,6 +421,25 @@ def test_a_jpeg_of_endless_scans_is_refused_without_decoding() -> None:
     endless = photo[:end] + last_scan * 200 + photo[end:]
     assert Image.open(io.BytesIO(endless)).size == (64, 48)  # a well-formed header: what the ingress reads
     expect(InvalidRequest, 400, "invalid_image", lambda: inspect_image(endless, param="image"))
+    # The same as the first picture of an MPO (a phone's multi-picture JPEG), which Pillow opens as such.
+    second = io.BytesIO()
+    Image.new("RGB", (64, 48), "red").save(second, "MPO", save_all=True, progressive=True,
+                                           append_images=[Image.new("RGB", (64, 48), "blue")])
+    mpo = second.getvalue()
+    assert Image.open(io.BytesIO(mpo)).format == "MPO" and inspect_image(mpo, param="image").width == 64
+    eoi = mpo.index(b"\xff\xda")
+    eoi = mpo.index(b"\xff\xd9", eoi)  # the first picture's end
+    scan = mpo[mpo.rindex(b"\xff\xda", 0, eoi):eoi]
+    expect(InvalidRequest, 400, "invalid_image",
+           lambda: inspect_image(mpo[:eoi] + scan * 200 + mpo[eoi:], param="image"))
+    # Bytes that look like scan markers outside the picture's own segments (in an EXIF block,
+    # after its end: a motion photo's video) are not scans.
+    exif = Image.Exif()
+    exif[0x927C] = b"\xff\xda" * 300  # MakerNote: bytes a camera writes as it likes
+    described = io.BytesIO()
+    Image.new("RGB", (64, 48), "teal").save(described, "JPEG", progressive=True, exif=exif.tobytes())
+    trailing = described.getvalue() + b"\xff\xda" * 300
+    assert trailing.count(b"\xff\xda") > 600 and inspect_image(trailing, param="image").height == 48
 
 
 def test_inspect_image_defaults() -> None:
