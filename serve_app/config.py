@@ -428,7 +428,7 @@ class AppConfig(StrictModel):
     max_text_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest body of a request without images: chat completions and "
         "image generations (413 above). Parsing a JSON body holds the ingress's event loop for every object "
-        "in it, so these stay small; raise it with limits.max_prompt_chars.")
+        "in it, so these stay small; raise it with limits.max_prompt_chars. Never more than max_body_bytes.")
     image_input: ImageInputOptions = Field(default_factory=ImageInputOptions)
     image_retention: ImageRetentionOptions = Field(default_factory=ImageRetentionOptions)
     catalog_ttl_s: float = Field(1.5, ge=0, description="How long /v1/models caches Serve's status.")

@@ -141,7 +141,7 @@ class Ingress:
         self.config = config
         self.registrar = registrar
         api.state.max_body_bytes = config.max_body_bytes
-        api.state.max_text_body_bytes = config.max_text_body_bytes
+        api.state.max_text_body_bytes = min(config.max_text_body_bytes, config.max_body_bytes)
         api.state.api_keys = ApiKeys(config)
         api.state.cors = config.cors
         api.state.access_log = config.access_log

@@ -165,22 +165,44 @@ TokenId = Annotated[int, BeforeValidator(_token_id), Field(ge=0)]
 
 MAX_LOGIT_BIAS = 300
 """Most `logit_bias` entries in one request: each is an op on every decoding step."""
-MAX_CHAT_ITEMS = 10_000
-"""Most messages, content parts and tool calls in one chat request together (and most
-tools), counted before any is validated: a body of a million tiny tool calls held the
-ingress's event loop for seconds and gigabytes while pydantic built them, before any
-configured limit (`max_messages`, `max_prompt_chars`) could refuse it."""
+MAX_JSON_VALUES = 100_000
+"""Most JSON values (objects, arrays, strings, numbers...) in one request body, counted on
+the parsed JSON before pydantic builds or checks any of it. pydantic's cost is per value,
+and so is its error list: a 4 MiB body of a million tiny tool calls, `stop` entries or
+`logit_bias` keys held the ingress's event loop for seconds and gigabytes before any
+limit (`max_messages`, at most 4 stops, 300 biases) refused it. A long conversation
+with tools is a few thousand values; its text counts one per string."""
 
 
-def _items(value: Any) -> int:
-    return len(value) if isinstance(value, list) else 0
+def _at_most_values(data: Any, budget: int = MAX_JSON_VALUES) -> Any:
+    """`data`, unless it holds more than `budget` JSON values (a 400 naming the limit)."""
+    pending, seen = [data], 0
+    while pending:
+        value = pending.pop()
+        seen += 1
+        if seen > budget:
+            raise ValueError(f"the request holds more than {budget} JSON values")
+        if isinstance(value, dict):
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return data
+
+
+class BoundedRequest(WireModel):
+    """A request body: its size in JSON values is checked before anything in it is validated."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, data: Any) -> Any:
+        return _at_most_values(data)
 
 
 OptionalModel = Annotated[str | None, Blankable, Field(description=(
     "The model's name. May be left out when the server serves one model of the route's kind."))]
 
 
-class ChatCompletionRequest(WireModel):
+class ChatCompletionRequest(BoundedRequest):
     model: OptionalModel = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -201,20 +223,6 @@ class ChatCompletionRequest(WireModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     user: str | None = None
-
-    @field_validator("messages", "tools", mode="before")
-    @classmethod
-    def _few_enough_items(cls, value: Any, info: ValidationInfo) -> Any:
-        """At most `MAX_CHAT_ITEMS`, counted on the parsed JSON, before the models are built."""
-        if len(value) > MAX_CHAT_ITEMS if isinstance(value, list) else False:
-            raise ValueError(f"at most {MAX_CHAT_ITEMS} {info.field_name} are accepted")
-        if info.field_name == "messages" and isinstance(value, list):
-            items = len(value) + sum(_items(message.get("content")) + _items(message.get("tool_calls"))
-                                     for message in value if isinstance(message, dict))
-            if items > MAX_CHAT_ITEMS:
-                raise ValueError(f"at most {MAX_CHAT_ITEMS} messages, content parts and tool calls together "
-                                 "are accepted")
-        return value
 
     @field_validator("top_logprobs")
     @classmethod
@@ -381,7 +389,7 @@ class ChatCompletionChunk(WireModel):
 ResponseFormat = Literal["url", "b64_json"]
 
 
-class ImageGenerationRequest(WireModel):
+class ImageGenerationRequest(BoundedRequest):
     """`/v1/images/generations`. Size as `size: "WxH"` or `width`/`height`."""
 
     model: OptionalModel = None

@@ -575,10 +575,12 @@ BAD_REQUESTS = [
     ("post", "/v1/images/generations", {"content": [b" " * 2**20] * 5, "headers": {"content-type": "application/json"}}, 413, None),
     ("post", "/v1/images/edits", {"data": {"model": IMAGE, "prompt": "x", "note": "n" * (5 * 2**20)},
                                   "files": {"image": ("a.png", b"not an image")}}, 400, "image"),
-    # Objects are counted before pydantic builds them: a million tiny tool calls cost the ingress seconds.
+    # JSON values are counted before pydantic builds or checks them: a million tiny tool calls,
+    # stops or biases cost the ingress seconds and gigabytes.
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [
-        {"role": "assistant", "tool_calls": [{"function": {"name": "f"}}] * 10_001}]}}, 400, "messages"),
-    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "tools": [{}] * 10_001}}, 400, "tools"),
+        {"role": "assistant", "tool_calls": [{"function": {"name": "f"}}] * 40_000}]}}, 400, None),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "stop": [0] * 100_001}}, 400, None),
+    ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x", "images": [{}] * 100_001}}, 400, None),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}},
      400, "messages[0].content[0]"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [{"role": "user", "content": [{"type": "text"}]}]}},
