@@ -436,7 +436,10 @@ class ImageModel(ModelReplica):
         parameters = call_parameters(pipeline)
         if job.negative_prompt is not None and parameters is not None and "negative_prompt" not in parameters:
             raise InvalidRequest("this model takes no negative_prompt", param="negative_prompt")
-        steps = job.pipeline_steps if parameters is None or "strength" in parameters else job.steps
+        if parameters is None or "strength" in parameters:
+            steps = job.pipeline_steps
+        else:  # and edits of any strength share its calls
+            steps, job = job.steps, replace(job, strength=None)
         return PreparedJob(job, mode, steps, init_image, mask_image,
                            alone=init_image is not None and takes_reference_images(pipeline))
 

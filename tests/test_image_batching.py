@@ -233,6 +233,11 @@ def test_options_a_pipeline_does_not_take_are_left_out_or_refused(model, monkeyp
                                         job("b", init_image=png_bytes("red"), negative_prompt="blurry")])
     assert isinstance(edited, ImageResult) and len(edited.images) == 1 and seen
     assert isinstance(refused, InvalidRequest) and refused.param == "negative_prompt"
+    # Its edits share a call whatever strengths they ask (it takes none).
+    seen.clear()
+    assert all(isinstance(outcome, ImageResult) for outcome in model.run_jobs([
+        job("c", init_image=png_bytes("red"), strength=0.5), job("d", init_image=png_bytes("red"), strength=0.9)]))
+    assert len(seen) == 1
 
 
 def test_images_the_safety_checker_blanks_fail_their_request_alone(model, monkeypatch):
