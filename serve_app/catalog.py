@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from dataclasses import dataclass
@@ -141,7 +142,8 @@ class LiveCatalog:
         if time.monotonic() - self._fetched_at <= self.config.catalog_ttl_s:
             return None
         if self._refreshing is None or self._refreshing.done():
-            self._refreshing = asyncio.create_task(self._refresh())
+            # Its own context: shared by every caller, it is none of the first one's request.
+            self._refreshing = asyncio.create_task(self._refresh(), context=contextvars.Context())
         return self._refreshing
 
     async def _refresh(self) -> None:

@@ -16,6 +16,7 @@ loop.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import deque
@@ -128,7 +129,10 @@ class ChatModel(ModelReplica):
         self._active.add(slot)
         self._waiting.append(slot)
         if self._engine is None:
-            self._engine = asyncio.get_running_loop().create_task(self._run_engine(), name="decode loop")
+            # In a context of its own: it outlives the request that starts it, whose id Serve keeps in a
+            # context variable and would stamp on every log line of the loop.
+            self._engine = asyncio.get_running_loop().create_task(self._run_engine(), name="decode loop",
+                                                                  context=contextvars.Context())
         try:
             last_sent, pending, ended = None, [], False
             while not ended:

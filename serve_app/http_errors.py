@@ -22,6 +22,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from serve_app.access_log import note, serve_request_id
 from serve_app.errors import (
     APIError,
     InvalidRequest,
@@ -53,18 +54,10 @@ def error_body(error: APIError) -> ErrorResponse:
 
 
 def error_response(error: APIError) -> Response:
+    """The error's reply; its code goes in the access-log line (503 `overloaded`, `model_starting`
+    and `replica_failed` are one status, and an operator tells them apart there)."""
+    note(error=error.code)
     return json_response(error_body(error), error.status_code, error.headers)
-
-
-def serve_request_id() -> str | None:
-    """Ray Serve's id for the request being handled (the client's X-Request-Id when it sent
-    one; the access log line carries it too); None outside a Serve request."""
-    try:
-        from ray.serve.context import _get_serve_request_context
-
-        return _get_serve_request_context().request_id or None
-    except Exception:  # noqa: BLE001 - outside Serve (in-process tests) there is none
-        return None
 
 
 def as_api_error(exc: BaseException) -> APIError:

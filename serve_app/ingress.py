@@ -21,6 +21,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from serve_app.access_log import note
 from serve_app.catalog import LiveCatalog, LiveModel, ModelRouter, Target, served_routes
 from serve_app.config import AppConfig
 from serve_app.errors import APIError, GatewayTimeout, InvalidRequest, ModelFailed, Overloaded, model_not_found
@@ -42,7 +43,7 @@ from serve_app.protocol import (
     ModelList,
 )
 from serve_app.registration import unregister_stale
-from serve_app.request_guards import ApiKeys, ConfiguredCors, RequestGuard, note
+from serve_app.request_guards import ApiKeys, ConfiguredCors, RequestGuard
 from serve_app.serve_logs import flush_serve_log, start_flushing
 from serve_app.streaming import ChatChunkEncoder, chat_events
 from serve_app.translate import chat_job, chat_response, image_job

@@ -29,14 +29,16 @@ from typing import Callable
 
 from serve_app.periodic import every
 
-# Seconds. Time to first token and per output token: vLLM's buckets for the same figures (up to 80 s).
+# Seconds. Time to first token and per output token: vLLM's buckets for the same figures (up to 80 s),
+# waits on to 320 s: `request_timeout_s` (300) lets a request wait that long, and an overload's quantiles
+# must not all fall in +Inf.
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0]
+                20.0, 40.0, 80.0, 160.0, 320.0]
 TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0]
-QUEUE_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0]
+QUEUE_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0]
 CALL_REQUESTS_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
-CALL_SECONDS_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0]
+CALL_SECONDS_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0]
 
 Tags = tuple[str, ...]
 
@@ -109,11 +111,13 @@ class RequestMetrics(BufferedMetrics):
         })
 
     def request(self, model: str | None, route: str, status: int, fields: dict) -> None:
+        """One finished request. A stream that failed after its 200, or whose client left, counts as
+        an error of the status it would have had (`error_status`, noted by the route or guard)."""
         model = model or "-"
-        request = (model, route, str(status))
-        self.count("requests", request)
-        if status >= 400:
-            self.count("errors", request)
+        self.count("requests", (model, route, str(status)))
+        failed = fields.get("error_status", status)
+        if failed >= 400:
+            self.count("errors", (model, route, str(failed)))
         for kind in ("prompt_tokens", "completion_tokens"):
             if fields.get(kind):
                 self.count("tokens", (model, kind), fields[kind])

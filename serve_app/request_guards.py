@@ -1,4 +1,4 @@
-"""Per-request guards that run before any route: API keys, body size, the access log.
+"""Per-request guards that run before any route: API keys, body size; and the access log line (`access_log`).
 
 They are plain ASGI middleware (no extra task per request, unlike
 BaseHTTPMiddleware) and read their settings from `app.state`, which the
@@ -8,48 +8,31 @@ import time, the config only once the replica is constructed.
 
 from __future__ import annotations
 
-import contextvars
+import asyncio
 import hmac
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
 
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve_app.access_log import CURRENT, AccessRecord, app_path, header, log_access, note
 from serve_app.config import AppConfig, CorsOptions
 from serve_app.errors import AuthenticationFailed, PayloadTooLarge
-from serve_app.http_errors import as_api_error, error_response, serve_request_id
+from serve_app.http_errors import as_api_error, error_response
 from serve_app.image_store import FILES_ROUTE
 from serve_app.metrics import RequestMetrics
 
 logger = logging.getLogger("ray.serve")
 
 OPEN_PATHS = ("/health", "/ready")
+CLIENT_CLOSED_REQUEST = 499
+"""The status a request whose client left before its answer is logged and counted with
+(nginx's, and what Serve's own metrics record)."""
 EDITS_ROUTE = "/v1/images/edits"
-
-
-@dataclass
-class AccessRecord:
-    """What a route learns about its request, for the one access-log line."""
-
-    model: str | None = None
-    fields: dict[str, Any] = field(default_factory=dict)
-
-
-CURRENT = contextvars.ContextVar[AccessRecord | None]("serve_app_access", default=None)
-
-
-def note(**fields: Any) -> None:
-    """Add facts (model, tokens, images, ...) to this request's access-log line."""
-    record = CURRENT.get()
-    if record is not None:
-        record.model = fields.pop("model", record.model)
-        record.fields.update(fields)
 
 
 class ApiKeys:
@@ -90,20 +73,10 @@ class ApiKeys:
         return matched
 
 
-def _app_path(scope: Scope) -> str:
-    """The path inside this application (without the route prefix it is mounted at)."""
-    path, root = scope["path"], scope.get("root_path", "")
-    return path[len(root):] or "/" if root and path.startswith(root) else path
-
-
 def _route_label(scope: Scope) -> str:
     """The template of the route that matched (`/v1/chat/completions`, `/v1/files/images/{name}`),
     else "other": a metrics label per raw path would let anyone mint label sets without end."""
     return getattr(scope.get("route"), "path", None) or "other"
-
-
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    return next((value for key, value in scope.get("headers") or [] if key == name), None)
 
 
 class ConfiguredCors:
@@ -151,6 +124,11 @@ class RequestGuard:
         token = CURRENT.set(record)
         try:
             await self._guarded(scope, receive, send_noting_status, state)
+        except asyncio.CancelledError:  # Serve cancels a request whose client hung up: not a server fault
+            if not response["started"]:
+                response["status"] = CLIENT_CLOSED_REQUEST
+            note(error="client_disconnected", error_status=CLIENT_CLOSED_REQUEST)
+            raise
         except Exception as exc:  # noqa: BLE001 - answer here: Starlette would re-raise it to Serve
             if response["started"]:
                 raise
@@ -158,23 +136,23 @@ class RequestGuard:
         finally:
             CURRENT.reset(token)
             if getattr(state, "access_log", False):
-                _log_access(scope, response["status"], time.perf_counter() - started_at, record)
+                log_access(scope, response["status"], time.perf_counter() - started_at, record)
             metrics: RequestMetrics | None = getattr(state, "metrics", None)
             if metrics is not None:
                 metrics.request(record.model, _route_label(scope), response["status"], record.fields)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send, state: Any) -> None:
         keys: ApiKeys | None = getattr(state, "api_keys", None)
-        if keys is not None and keys.required_for(_app_path(scope)):
-            if not keys.accepts(_header(scope, b"authorization")):
+        if keys is not None and keys.required_for(app_path(scope)):
+            if not keys.accepts(header(scope, b"authorization")):
                 error = AuthenticationFailed("A valid API key is required: send `Authorization: Bearer <key>`.",
                                              headers={"WWW-Authenticate": "Bearer"})
                 await error_response(error)(scope, receive, send)
                 return
         # An edit carries images; every other body is text, whose parsing costs the event loop per object.
-        limit: int | None = getattr(state, "max_body_bytes" if _app_path(scope) == EDITS_ROUTE else "max_text_body_bytes",
+        limit: int | None = getattr(state, "max_body_bytes" if app_path(scope) == EDITS_ROUTE else "max_text_body_bytes",
                                     None)
-        declared = _header(scope, b"content-length")
+        declared = header(scope, b"content-length")
         if limit and declared and declared.isdigit() and int(declared) > limit:
             await error_response(_too_large(limit))(scope, receive, send)
             return
@@ -202,26 +180,3 @@ def _limited(receive: Receive, limit: int) -> Receive:
 
 def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"The request body is larger than {limit} bytes.", code="body_too_large")
-
-
-def _request_id(scope: Scope) -> str:
-    """Ray Serve's id for this request; outside Serve, the client's X-Request-Id."""
-    return serve_request_id() or (_header(scope, b"x-request-id") or b"-").decode("latin-1")
-
-
-def _logged_path(scope: Scope) -> str:
-    """The path as the access log shows it: percent-encoded again (the server decoded it), so
-    an encoded newline or space cannot forge a log line or field; an image file's name left out,
-    since with `protect_files` off the name is all that guards the image."""
-    path = _app_path(scope)
-    if path.startswith(FILES_ROUTE + "/"):
-        return FILES_ROUTE + "/{name}"
-    return quote(path, safe="/")
-
-
-def _log_access(scope: Scope, status: int, seconds: float, record: AccessRecord) -> None:
-    request_id = _request_id(scope)
-    extras = " ".join(f"{key}={value}" for key, value in record.fields.items())
-    logger.info("access request_id=%s method=%s path=%s model=%s status=%d latency_ms=%.1f %s",
-                request_id, scope["method"], _logged_path(scope), record.model or "-", status,
-                seconds * 1000, extras)

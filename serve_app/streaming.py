@@ -25,7 +25,7 @@ from serve_app.protocol import (
     new_id,
     now,
 )
-from serve_app.request_guards import note
+from serve_app.access_log import note
 from serve_app.translate import choice_logprobs
 
 DONE = "data: [DONE]\n\n"
@@ -103,7 +103,9 @@ async def chat_events(encoder: ChatChunkEncoder, first: ChatStreamChunk | None,
                 raise GatewayTimeout(f"The model sent nothing for {silence_s:g} s; the stream was ended.") from None
             yield encoder.encode(chunk)
     except Exception as exc:  # noqa: BLE001 - the status is already sent; report in-band
-        yield event(error_body(as_api_error(exc)))
+        error = as_api_error(exc)
+        note(error=error.code, error_status=error.status_code)  # a 200 in the log, counted as the error it was
+        yield event(error_body(error))
         yield DONE
         return
     finally:

@@ -5,6 +5,7 @@ stream started is sent in-band."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import pickle
@@ -156,3 +157,71 @@ def test_a_client_hanging_up_during_its_upload_is_a_client_mistake(content_type:
     with pytest.raises(InvalidRequest) as caught:
         asyncio.run(read)
     assert caught.value.status_code == 400 and caught.value.code == "client_disconnected"
+
+
+def test_the_access_log_and_metrics_tell_a_client_leaving_and_a_failed_stream_from_success(serve_caplog) -> None:
+    """Serve cancels a request whose client hung up: logged and counted as 499, not a 500 (a
+    false alarm) and not lost. A stream that failed after its 200 counts as the error it was,
+    with its code in the line. A client's X-Request-Id cannot add fields to the line."""
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    from serve_app.metrics import RequestMetrics
+    from serve_app.request_guards import RequestGuard
+
+    started = asyncio.Event()
+
+    async def hang(request):
+        started.set()
+        await asyncio.sleep(3600)
+
+    async def failing(request):
+        async def events():
+            raise GatewayTimeout("The model sent nothing for 300 s; the stream was ended.")
+            yield  # an async generator, whose first item after the peeked one fails
+        first = ChatStreamChunk([ChoiceDelta(index=0, text="hi")], 3, 1)
+        encoder = ChatChunkEncoder(ChatCompletionRequest.model_validate(
+            {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}))
+        return StreamingResponse(chat_events(encoder, first, events()), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/v1/chat/completions", hang, methods=["POST"]),
+                            Route("/v1/stream", failing, methods=["POST"])])
+    app.add_middleware(RequestGuard)
+    app.state.metrics, app.state.access_log = RequestMetrics(), True
+
+    async def call(path: str, cancel: bool) -> list[dict]:
+        sent: list[dict] = []
+        body = [{"type": "http.request", "body": b"{}", "more_body": False}]
+
+        async def receive() -> dict:
+            if body:
+                return body.pop()
+            await asyncio.sleep(3600)  # the client stays connected
+            raise AssertionError("unreachable")
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": path, "root_path": "", "query_string": b"",
+                 "headers": [(b"x-request-id", b"abc status=200 model=evil")]}
+        task = asyncio.create_task(app(scope, receive, send))
+        if cancel:
+            await started.wait()
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return sent
+
+    serve_caplog.set_level(logging.INFO, logger="ray.serve")
+    assert asyncio.run(call("/v1/chat/completions", cancel=True)) == []
+    streamed = asyncio.run(call("/v1/stream", cancel=False))
+    assert streamed[0]["status"] == 200 and b'"code":504' in b"".join(m.get("body", b"") for m in streamed)
+    sums = app.state.metrics.sums
+    assert sums["requests", ("-", "/v1/chat/completions", "499")] == 1
+    assert sums["errors", ("-", "/v1/chat/completions", "499")] == 1
+    assert sums["requests", ("-", "/v1/stream", "200")] == 1 and sums["errors", ("-", "/v1/stream", "504")] == 1
+    lines = [r.getMessage() for r in serve_caplog.records if r.getMessage().startswith("access ")]
+    assert "status=499" in lines[0] and "error=client_disconnected" in lines[0]
+    assert "status=200" in lines[1] and "error=timeout error_status=504" in lines[1]
+    assert all(line.startswith("access request_id=abc%20status%3D200%20model%3Devil method=") for line in lines)
