@@ -173,7 +173,7 @@ class ModelReplica:
         each request to a GPU that fails it; a client's retry may find another replica."""
         if self._device_failure is not None:
             raise Overloaded(f"A replica of {self.config.name!r} lost its GPU and is being replaced; retry.",
-                             code="replica_failed")
+                             code="replica_failed", headers={"Retry-After": "1"})
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose CUDA context failed fails every later call
