@@ -165,6 +165,7 @@ class ChatModel(ModelReplica):
                 if self._batch.done and not joining:
                     return
                 try:
+                    started = time.monotonic()
                     deltas = await self.run_on_worker(self._batch.tick, joining)
                 except Exception as exc:  # noqa: BLE001 - a failed pass fails the requests in it, not the loop
                     logger.exception("decode step failed")
@@ -176,6 +177,7 @@ class ChatModel(ModelReplica):
                 if self._batch.merges is not None:
                     self._cache_merges = self._batch.merges
                 if deltas:  # a tick that only dropped departed rows ran no forward pass
+                    self.metrics.step(time.monotonic() - started)
                     self._steps += 1
                     self._tokens += len(deltas)
                 self._deliver(deltas)
@@ -228,6 +230,8 @@ class ChatModel(ModelReplica):
             if slot.finished:
                 slot.ended = True
                 slot.outbox.put_nowait(END)
+                for row in slot.rows:
+                    self.metrics.choice_finished(row.decoder.finish_reason or "stop")
 
     def _timed(self, slot: Slot, now: float) -> None:
         """A step gave `slot`'s rows a token: its time to first token, and once it finishes

@@ -12,7 +12,9 @@ deployment and replica.
 - `ChatEngineMetrics` (each chat replica): how long a request waits for a batch slot,
   its time to first token and its time per output token, measured inside the replica
   (so beside the client's figures they tell the model's share from the serving
-  path's), and gauges of the requests decoding and waiting.
+  path's), each decode step's time (a newcomers' prefill shows there as the stall of
+  every stream in the batch), the choices finished by reason, and gauges of the
+  requests decoding and waiting.
 - `ImageMetrics` (each image replica): how long a request waited for its pipeline call,
   how many requests shared each call and how long it took: what `max_batch_size` and
   `batch_wait_timeout_s` tune.
@@ -136,7 +138,14 @@ class ChatEngineMetrics(BufferedMetrics):
         self.load = weakref.WeakMethod(load)  # type: ignore[arg-type]
         keys = ("model",)
         super().__init__(
+            counters={
+                "finished_choices": ("Choices finished, by finish_reason (stop, length): how often answers "
+                                     "are cut at max_tokens.", ("model", "finish_reason")),
+            },
             histograms={
+                "decode_step_seconds": (
+                    "One step of the replica's batch: a token for every row, newcomers' prefill included.",
+                    keys, TPOT_BUCKETS),
                 "queue_time_seconds": (
                     "From a request's arrival at the replica to its joining the decode batch.", keys, QUEUE_BUCKETS),
                 "time_to_first_token_seconds": (
@@ -158,6 +167,12 @@ class ChatEngineMetrics(BufferedMetrics):
 
     def finished(self, per_token_s: float) -> None:
         self.observe("time_per_output_token_seconds", self.tags, per_token_s)
+
+    def step(self, seconds: float) -> None:
+        self.observe("decode_step_seconds", self.tags, seconds)
+
+    def choice_finished(self, finish_reason: str) -> None:
+        self.count("finished_choices", (*self.tags, finish_reason))
 
     def _gauges(self) -> dict[str, dict[Tags, float]]:
         load = self.load()

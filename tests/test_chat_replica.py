@@ -289,6 +289,11 @@ def test_latency_metrics_time_the_wait_for_room_the_first_token_and_the_tokens_a
     first_done = first_tokens[0] + (tokens[0] - 1) * per_token[0]  # from its arrival to its last token
     assert queued[0] < first_done / 4 and queued[1] >= first_done * 0.8, (queued, first_done)
     assert first_tokens[1] > queued[1] and all(0 < t < 1 for t in per_token), values
+    # A step per token of each (one row at a time), and how each answer ended.
+    assert len(values["decode_step_seconds"]) == sum(tokens) and all(0 < t < 1 for t in values["decode_step_seconds"])
+    reasons = [result.choices[0].finish_reason for result in (first, second)]
+    assert {tags: n for (name, tags), n in replica.metrics.sums.items() if name == "finished_choices"} == {
+        ("m", reason): reasons.count(reason) for reason in set(reasons)}
     assert replica.metrics._gauges() == {"running_requests": {("m",): 0}, "waiting_requests": {("m",): 0}}
 
 
