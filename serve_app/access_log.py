@@ -23,6 +23,9 @@ logger = logging.getLogger("ray.serve")
 
 REQUEST_ID_CHARS = 128
 """Longest request id the line quotes (a client may send any X-Request-Id)."""
+ID_CHARS_KEPT = "/:+@.,;~!$&'()*[]"
+"""What a request id keeps as it came (a path-like or URL-ish id still greps as sent): all
+but whitespace, `=`, quotes and `%`, which could start a field of its own."""
 
 
 @dataclass
@@ -67,9 +70,10 @@ def header(scope: Scope, name: bytes) -> bytes | None:
 
 def _logged_request_id(scope: Scope) -> str:
     """Ray Serve's id for this request (outside Serve, the client's X-Request-Id), escaped as
-    the path is: Serve takes the client's header as it came, spaces and `status=` included."""
+    the path is: Serve takes the client's header as it came, spaces and `status=` included.
+    (Serve's own TEXT log prefix still shows it raw; its JSON encoding quotes it.)"""
     request_id = serve_request_id() or (header(scope, b"x-request-id") or b"-").decode("latin-1")
-    return quote(request_id[:REQUEST_ID_CHARS], safe="")
+    return quote(request_id[:REQUEST_ID_CHARS], safe=ID_CHARS_KEPT)
 
 
 def _logged_path(scope: Scope) -> str:

@@ -230,8 +230,9 @@ class ChatModel(ModelReplica):
             if slot.finished:
                 slot.ended = True
                 slot.outbox.put_nowait(END)
-                for row in slot.rows:
-                    self.metrics.choice_finished(row.decoder.finish_reason or "stop")
+                for row in slot.rows:  # not a client's leaving, which also ends the slot
+                    if row.decoder.finish_reason is not None and not slot.cancelled:
+                        self.metrics.choice_finished(row.decoder.finish_reason)
 
     def _timed(self, slot: Slot, now: float) -> None:
         """A step gave `slot`'s rows a token: its time to first token, and once it finishes

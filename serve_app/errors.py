@@ -82,6 +82,14 @@ class PayloadTooLarge(APIError):
     default_code = "payload_too_large"
 
 
+class ClientClosedRequest(APIError):
+    """499 (nginx's): the client went away before its request was whole. No one reads the
+    answer; the status is what the access log and the metrics record, as Serve's own do."""
+
+    status_code = 499
+    default_code = "client_disconnected"
+
+
 class Overloaded(APIError):
     """503: the model cannot take more work now; retry later."""
 

@@ -20,6 +20,7 @@ import base64
 import binascii
 import io
 import ipaddress
+import re
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ the event loop's shared pool (image encoding, uploads, file responses, Serve's s
 EXIF_ORIENTATION = 0x0112
 SIDEWAYS = {5, 6, 7, 8}  # orientations that swap width and height (ImageOps.exif_transpose turns them upright)
 MAX_JPEG_SCANS = 100
+_MARKER = re.compile(rb"\xff+([^\x00\xff])")  # a marker, after any junk, stuffed zeros and fill bytes
+_SCAN_END = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")  # the first marker after coded data (restarts go on)
 """Most scans a JPEG may have: a progressive one has about 10, and each costs a pass over
 every pixel when the replica decodes it (a 16-megapixel image repeating one tiny scan
 thousands of times is a small file that takes minutes to decode)."""
@@ -95,38 +98,28 @@ def inspect_image(data: bytes, *, param: str, accepted_formats: Sequence[str] = 
 def jpeg_scans(data: bytes, limit: int = MAX_JPEG_SCANS) -> int:
     """The scans (SOS segments) of a JPEG's first picture, counted up to `limit` + 1.
 
-    The segments are walked from the start to the picture's end (EOI), so bytes inside
-    other segments (an EXIF thumbnail's scans, an ICC profile) and after the picture (a
-    phone's second picture, a motion photo's video) are not taken for scans. Within a
-    scan's coded data a 0xff byte is followed by 0x00 or a restart marker; any other
-    marker ends it."""
+    Markers are found as libjpeg finds them (`next_marker`): stray bytes, stuffed zeros and
+    fill bytes before one are skipped, as a decoder skips them, so junk cannot hide the
+    scans after it. Segments are stepped over by their length, so bytes inside them (an
+    EXIF thumbnail's scans, an ICC profile) are not taken for markers, and counting ends
+    at the picture's end (EOI): a phone's second picture or a motion photo's video is not
+    counted. In a scan's coded data a 0xff is followed by 0x00 or a restart marker; any
+    other marker ends it. The searches are regular expressions: C speed over 20 MiB."""
     pos, scans, end = 2, 0, len(data)
-    while pos + 4 <= end and scans <= limit:
-        if data[pos] != 0xFF:
-            break  # not a segment: Pillow's own parser judges the file
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            pos += 1
-            continue
+    while scans <= limit and (found := _MARKER.search(data, pos)) is not None:
+        marker, pos = found[1][0], found.end()
         if marker == 0xD9:  # EOI: the first picture ends
             break
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
-            pos += 2
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
             continue
-        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
-        if marker != 0xDA:
-            continue
-        scans += 1
-        while (pos := data.find(b"\xff", pos)) != -1 and pos + 1 < end:  # the scan's coded data
-            following = data[pos + 1]
-            if following == 0x00 or 0xD0 <= following <= 0xD7:
-                pos += 2
-            elif following == 0xFF:
-                pos += 1
-            else:
-                break  # the next segment's marker
-        else:
+        if pos + 2 > end:
             break
+        pos += int.from_bytes(data[pos:pos + 2], "big")
+        if marker == 0xDA:
+            scans += 1
+            if (scan_end := _SCAN_END.search(data, pos)) is None:
+                break
+            pos = scan_end.start()
     return scans
 
 

@@ -24,7 +24,7 @@ from starlette.responses import Response
 from serve_app.access_log import note
 from serve_app.catalog import LiveCatalog, LiveModel, ModelRouter, Target, served_routes
 from serve_app.config import AppConfig
-from serve_app.errors import APIError, GatewayTimeout, InvalidRequest, ModelFailed, Overloaded, model_not_found
+from serve_app.errors import APIError, ClientClosedRequest, GatewayTimeout, InvalidRequest, ModelFailed, Overloaded, model_not_found
 from serve_app.http_errors import JSON, as_api_error, error_schema, install_error_handlers, json_response
 from serve_app.image_input import ImageFetcher, InputImage
 from serve_app.image_store import FILES_ROUTE, ImageStore
@@ -90,7 +90,7 @@ async def _read_form(request: Request, max_field_bytes: int) -> tuple[dict[str, 
     fields: dict[str, Any] = {}
     files: dict[str, list[bytes]] = {}
     # `async with` closes the uploads' spooled temporary files at once.
-    with _client_gone_is_a_client_mistake():
+    with _client_gone():
         async with request.form(max_part_size=max_field_bytes) as form:
             for key, value in form.multi_items():
                 if isinstance(value, UploadFile):
@@ -103,14 +103,14 @@ async def _read_form(request: Request, max_field_bytes: int) -> tuple[dict[str, 
 
 
 @contextlib.contextmanager
-def _client_gone_is_a_client_mistake() -> Iterator[None]:
-    """A client that hangs up while its body is read (an aborted upload) gets, and is logged
-    with, a 400, as FastAPI treats it on the routes it parses: not a server fault, traceback and all."""
+def _client_gone() -> Iterator[None]:
+    """A client that hangs up while its body is read (an aborted upload) is logged and counted
+    as a 499, as when Serve cancels a request whose client left: not a server fault, traceback
+    and all."""
     try:
         yield
     except ClientDisconnect:
-        raise InvalidRequest("The client disconnected before its request body arrived.",
-                             code="client_disconnected") from None
+        raise ClientClosedRequest("The client disconnected before its request body arrived.") from None
 
 
 def _one_upload(files: dict[str, list[bytes]], *names: str) -> bytes | None:
@@ -124,7 +124,7 @@ def _one_upload(files: dict[str, list[bytes]], *names: str) -> bytes | None:
 
 
 async def _json_body(request: Request) -> Any:
-    with _client_gone_is_a_client_mistake():
+    with _client_gone():
         raw = await request.body()
     try:
         return json.loads(raw or b"null")

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.access_log import CURRENT, AccessRecord, app_path, header, log_access, note
 from serve_app.config import AppConfig, CorsOptions
-from serve_app.errors import AuthenticationFailed, PayloadTooLarge
+from serve_app.errors import AuthenticationFailed, ClientClosedRequest, PayloadTooLarge
 from serve_app.http_errors import as_api_error, error_response
 from serve_app.image_store import FILES_ROUTE
 from serve_app.metrics import RequestMetrics
@@ -29,9 +29,8 @@ from serve_app.metrics import RequestMetrics
 logger = logging.getLogger("ray.serve")
 
 OPEN_PATHS = ("/health", "/ready")
-CLIENT_CLOSED_REQUEST = 499
-"""The status a request whose client left before its answer is logged and counted with
-(nginx's, and what Serve's own metrics record)."""
+CLIENT_CLOSED_REQUEST = ClientClosedRequest.status_code
+"""The status a request Serve cancelled (its client left) is logged and counted with."""
 EDITS_ROUTE = "/v1/images/edits"
 
 
@@ -124,10 +123,10 @@ class RequestGuard:
         token = CURRENT.set(record)
         try:
             await self._guarded(scope, receive, send_noting_status, state)
-        except asyncio.CancelledError:  # Serve cancels a request whose client hung up: not a server fault
-            if not response["started"]:
+        except asyncio.CancelledError:  # Serve cancels a request whose client hung up (or past its own
+            if not response["started"]:  # http_options.request_timeout_s): not a server fault
                 response["status"] = CLIENT_CLOSED_REQUEST
-            note(error="client_disconnected", error_status=CLIENT_CLOSED_REQUEST)
+            note(error="request_cancelled", error_status=CLIENT_CLOSED_REQUEST)
             raise
         except Exception as exc:  # noqa: BLE001 - answer here: Starlette would re-raise it to Serve
             if response["started"]:

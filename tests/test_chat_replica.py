@@ -130,6 +130,41 @@ def test_messages_the_chat_template_refuses_are_a_client_error(replica):
     assert [type(item) for item in asyncio.run(first_of_stream())] == [InvalidRequest]
 
 
+def test_a_client_leaving_is_not_counted_as_a_finished_answer(replica, monkeypatch):
+    """`finished_choices` tells how answers ended (stop, length); a stream whose client left
+    mid-answer ended neither way and is not counted, also when it leaves during a step that
+    gave it a token."""
+    import threading
+
+    from serve_app.chat_engine import DecodeBatch
+
+    tick, ticks, made, left = DecodeBatch.tick, [], threading.Event(), threading.Event()
+
+    def tick_the_client_leaves_during(self, joining):
+        deltas = tick(self, joining)
+        ticks.append(len(deltas))
+        if len(ticks) == 2:  # the second step has made the row's token; now its client leaves
+            made.set()
+            left.wait(10)
+        return deltas
+
+    monkeypatch.setattr(DecodeBatch, "tick", tick_the_client_leaves_during)
+
+    async def run():
+        stream = replica.generate_stream(job("hello there", max_tokens=64))
+        await anext(stream)
+        await asyncio.to_thread(made.wait, 10)
+        await stream.aclose()  # the client leaves
+        left.set()
+        async with asyncio.timeout(60):
+            while replica._engine is not None:
+                await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+    assert ticks[:2] == [1, 1], ticks
+    assert not [key for key in replica.metrics.sums if key[0] == "finished_choices"]
+
+
 def test_a_cancelled_request_no_longer_counts_as_waiting(replica):
     replica.config = replica.config.model_copy(update={"max_batch_size": 1})
 

@@ -15,6 +15,7 @@ from ray.serve.context import _RequestContext, _serve_request_context
 
 from serve_app.errors import (
     AuthenticationFailed,
+    ClientClosedRequest,
     GatewayTimeout,
     InvalidRequest,
     ModelFailed,
@@ -140,9 +141,9 @@ def test_a_stream_whose_model_goes_silent_ends_with_a_timeout_event() -> None:
 
 
 @pytest.mark.parametrize("content_type", ["application/json", "multipart/form-data; boundary=b0undary"])
-def test_a_client_hanging_up_during_its_upload_is_a_client_mistake(content_type: str) -> None:
-    """An edit whose client goes away while its body arrives is a 400 in the log and the
-    metrics (as FastAPI treats it on the routes it parses), not a 500 with a traceback."""
+def test_a_client_hanging_up_during_its_upload_is_a_499_not_a_server_fault(content_type: str) -> None:
+    """An edit whose client goes away while its body arrives is a 499 in the log and the
+    metrics, as a request Serve cancels because its client left, not a 500 with a traceback."""
     from starlette.requests import Request
 
     from serve_app.ingress import _json_body, _read_form
@@ -154,9 +155,9 @@ def test_a_client_hanging_up_during_its_upload_is_a_client_mistake(content_type:
         (b"content-type", content_type.encode()), (b"content-length", b"1000")]}
     read = _json_body(Request(scope, hang_up)) if content_type == "application/json" \
         else _read_form(Request(scope, hang_up), 1000)
-    with pytest.raises(InvalidRequest) as caught:
+    with pytest.raises(ClientClosedRequest) as caught:
         asyncio.run(read)
-    assert caught.value.status_code == 400 and caught.value.code == "client_disconnected"
+    assert caught.value.status_code == 499 and caught.value.code == "client_disconnected"
 
 
 def test_the_access_log_and_metrics_tell_a_client_leaving_and_a_failed_stream_from_success(serve_caplog) -> None:
@@ -222,6 +223,6 @@ def test_the_access_log_and_metrics_tell_a_client_leaving_and_a_failed_stream_fr
     assert sums["errors", ("-", "/v1/chat/completions", "499")] == 1
     assert sums["requests", ("-", "/v1/stream", "200")] == 1 and sums["errors", ("-", "/v1/stream", "504")] == 1
     lines = [r.getMessage() for r in serve_caplog.records if r.getMessage().startswith("access ")]
-    assert "status=499" in lines[0] and "error=client_disconnected" in lines[0]
+    assert "status=499" in lines[0] and "error=request_cancelled" in lines[0]
     assert "status=200" in lines[1] and "error=timeout error_status=504" in lines[1]
     assert all(line.startswith("access request_id=abc%20status%3D200%20model%3Devil method=") for line in lines)

@@ -421,6 +421,12 @@ def test_a_jpeg_of_endless_scans_is_refused_without_decoding() -> None:
     endless = photo[:end] + last_scan * 200 + photo[end:]
     assert Image.open(io.BytesIO(endless)).size == (64, 48)  # a well-formed header: what the ingress reads
     expect(InvalidRequest, 400, "invalid_image", lambda: inspect_image(endless, param="image"))
+    # Junk before a marker hides nothing: libjpeg skips it (stray bytes, stuffed zeros) and decodes on.
+    first_scan = endless.index(b"\xff\xda")
+    for junk in (b"\x00", b"\xff\x00", b"junk"):
+        hidden = endless[:first_scan] + junk + endless[first_scan:]
+        assert Image.open(io.BytesIO(hidden)).size == (64, 48)
+        expect(InvalidRequest, 400, "invalid_image", lambda: inspect_image(hidden, param="image"))
     # The same as the first picture of an MPO (a phone's multi-picture JPEG), which Pillow opens as such.
     second = io.BytesIO()
     Image.new("RGB", (64, 48), "red").save(second, "MPO", save_all=True, progressive=True,
