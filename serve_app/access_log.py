@@ -25,7 +25,7 @@ REQUEST_ID_CHARS = 128
 """Longest request id the line quotes (a client may send any X-Request-Id)."""
 ID_CHARS_KEPT = "/:+@.,;~!$&'()*[]"
 """What a request id keeps as it came (a path-like or URL-ish id still greps as sent): all
-but whitespace, `=`, quotes and `%`, which could start a field of its own."""
+but whitespace, `=`, double quotes and `%`, which could start a field of its own."""
 
 
 @dataclass

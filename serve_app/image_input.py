@@ -45,8 +45,9 @@ the event loop's shared pool (image encoding, uploads, file responses, Serve's s
 EXIF_ORIENTATION = 0x0112
 SIDEWAYS = {5, 6, 7, 8}  # orientations that swap width and height (ImageOps.exif_transpose turns them upright)
 MAX_JPEG_SCANS = 100
-_MARKER = re.compile(rb"\xff+([^\x00\xff])")  # a marker, after any junk, stuffed zeros and fill bytes
-_SCAN_END = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")  # the first marker after coded data (restarts go on)
+# One 0xff, not `\xff+`: a long run of 0xff bytes would make the search backtrack quadratically.
+_MARKER = re.compile(rb"\xff([^\x00\xff])")  # a marker, after any junk, stuffed zeros and fill bytes
+_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # the first marker after coded data (restarts go on)
 """Most scans a JPEG may have: a progressive one has about 10, and each costs a pass over
 every pixel when the replica decodes it (a 16-megapixel image repeating one tiny scan
 thousands of times is a small file that takes minutes to decode)."""
@@ -104,13 +105,15 @@ def jpeg_scans(data: bytes, limit: int = MAX_JPEG_SCANS) -> int:
     EXIF thumbnail's scans, an ICC profile) are not taken for markers, and counting ends
     at the picture's end (EOI): a phone's second picture or a motion photo's video is not
     counted. In a scan's coded data a 0xff is followed by 0x00 or a restart marker; any
-    other marker ends it. The searches are regular expressions: C speed over 20 MiB."""
+    other marker ends it. The searches are regular expressions, linear in the file's size."""
     pos, scans, end = 2, 0, len(data)
     while scans <= limit and (found := _MARKER.search(data, pos)) is not None:
         marker, pos = found[1][0], found.end()
         if marker == 0xD9:  # EOI: the first picture ends
             break
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+        # Without a length: TEM, RSTn, SOI, and those below SOF0, which libjpeg skips as junk (in
+        # a scan at a restart boundary) or refuses: read as lengths, they would hide what follows.
+        if marker < 0xC0 or 0xD0 <= marker <= 0xD8:
             continue
         if pos + 2 > end:
             break

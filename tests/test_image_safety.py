@@ -412,6 +412,10 @@ def test_a_jpeg_of_endless_scans_is_refused_without_decoding() -> None:
     """Each scan of a progressive JPEG is a pass over every pixel: one tiny refinement scan
     repeated thousands of times in a 16-megapixel frame is a small file whose decoding holds
     the model's worker for minutes. A progressive photo (about 10 scans) still passes."""
+    import numpy as np
+
+    from serve_app.image_input import jpeg_scans
+
     buffer = io.BytesIO()
     Image.new("RGB", (64, 48), "teal").save(buffer, "JPEG", progressive=True)
     photo = buffer.getvalue()
@@ -427,6 +431,17 @@ def test_a_jpeg_of_endless_scans_is_refused_without_decoding() -> None:
         hidden = endless[:first_scan] + junk + endless[first_scan:]
         assert Image.open(io.BytesIO(hidden)).size == (64, 48)
         expect(InvalidRequest, 400, "invalid_image", lambda: inspect_image(hidden, param="image"))
+    # A marker below SOF0 in coded data, at a restart, is skipped by libjpeg as junk: read as a
+    # segment with a length, it would hide the scans within that length from the count.
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buffer, "JPEG", progressive=True, restart_marker_rows=2)
+    restarting = buffer.getvalue()
+    restart = restarting.index(b"\xff\xd0", restarting.index(b"\xff\xda"))
+    hidden = restarting[:restart] + b"\xff\x02\xfe\x00" + restarting[restart:]
+    decoded = Image.open(io.BytesIO(hidden))
+    assert np.array_equal(np.asarray(decoded), np.asarray(Image.open(io.BytesIO(restarting))))  # all scans read
+    assert jpeg_scans(hidden) == jpeg_scans(restarting) > 5
     # The same as the first picture of an MPO (a phone's multi-picture JPEG), which Pillow opens as such.
     second = io.BytesIO()
     Image.new("RGB", (64, 48), "red").save(second, "MPO", save_all=True, progressive=True,
@@ -446,6 +461,18 @@ def test_a_jpeg_of_endless_scans_is_refused_without_decoding() -> None:
     Image.new("RGB", (64, 48), "teal").save(described, "JPEG", progressive=True, exif=exif.tobytes())
     trailing = described.getvalue() + b"\xff\xda" * 300
     assert trailing.count(b"\xff\xda") > 600 and inspect_image(trailing, param="image").height == 48
+
+
+def test_counting_scans_takes_linear_time_on_runs_of_0xff() -> None:
+    """A run of 0xff bytes made a `\\xff+` search backtrack quadratically (2.4 s for 30 KB,
+    holding the GIL): the count must take a moment even over the largest upload."""
+    from serve_app.image_input import jpeg_scans
+
+    started = time.monotonic()
+    for tail in (b"\x00", b""):
+        jpeg_scans(b"\xff\xd8" + b"\xff" * (4 * 2**20) + tail)
+        jpeg_scans(b"\xff\xd8\xff\xda\x00\x02" + b"\xff" * (4 * 2**20) + tail)
+    assert time.monotonic() - started < 2
 
 
 def test_inspect_image_defaults() -> None:
