@@ -37,6 +37,10 @@ from serve_app.errors import InvalidRequest, PayloadTooLarge
 _DEFAULTS = ImageInputOptions()
 ACCEPTED_FORMATS: tuple[str, ...] = tuple(_DEFAULTS.accepted_formats)
 REDIRECTS = {301, 302, 303, 307, 308}
+MAX_DOWNLOADS = 16
+"""Image URLs one ingress replica downloads at once; the rest wait (within their
+`timeout_s`). Each holds up to `max_bytes` (twice, while it is joined): without a bound,
+`max_ongoing_requests` edits pointing at large public images pin gigabytes."""
 RESOLVER_THREADS = 8
 """Threads that resolve image URLs' host names. A lookup cannot be cancelled: a name whose
 DNS server never answers holds its thread until the system resolver gives up, long after
@@ -156,6 +160,7 @@ class ImageFetcher:
         self.formats = _known_formats(options.accepted_formats)
         self.hosts = HostPolicy(options.allowed_hosts)
         self._resolver = ThreadPoolExecutor(RESOLVER_THREADS, thread_name_prefix="image-url-dns")
+        self._downloads = asyncio.Semaphore(MAX_DOWNLOADS)
         self._client = httpx.AsyncClient(
             transport=transport, timeout=options.timeout_s, follow_redirects=False, trust_env=False,
             # No state shared between strangers' fetches: no cookies, and no pooled connection
@@ -221,12 +226,14 @@ class ImageFetcher:
             raise _bad_url(param, "URL could not be fetched") from exc
 
     async def _follow(self, url: httpx.URL, *, param: str) -> bytes:
-        """Redirects by hand, so that each target's scheme and addresses are checked like the first."""
-        for _ in range(self.options.max_redirects + 1):
-            outcome = await self._fetch_once(url, param=param)
-            if isinstance(outcome, bytes):
-                return outcome
-            url = self._web_url(str(outcome), param=param)
+        """Redirects by hand, so that each target's scheme and addresses are checked like the first;
+        at most `MAX_DOWNLOADS` at once."""
+        async with self._downloads:
+            for _ in range(self.options.max_redirects + 1):
+                outcome = await self._fetch_once(url, param=param)
+                if isinstance(outcome, bytes):
+                    return outcome
+                url = self._web_url(str(outcome), param=param)
         raise InvalidRequest(f"Fetching {param} was redirected more than {self.options.max_redirects} times.",
                              param=param, code="too_many_redirects")
 

@@ -593,3 +593,42 @@ def test_names_that_never_resolve_leave_the_shared_threads_alone(monkeypatch: py
         release.set()
     assert took < 1, took
     assert all(isinstance(o, InvalidRequest) and o.code == "image_url_timeout" for o in outcomes), outcomes
+
+
+def test_downloads_at_once_are_bounded(origin: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each image download holds up to `max_bytes`: one replica runs at most MAX_DOWNLOADS at
+    once, the others wait their turn (within their timeout) and still succeed."""
+    from serve_app.image_input import MAX_DOWNLOADS
+
+    lock, release, active, most = threading.Lock(), threading.Event(), [0], [0]
+
+    def held(handler: Handler, query: dict[str, list[str]]) -> None:
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        release.wait(10)
+        with lock:
+            active[0] -= 1
+        handler.reply(PNG, length=len(PNG))
+
+    monkeypatch.setitem(ROUTES, "/held", held)
+
+    async def run() -> list[InputImage]:
+        fetcher = ImageFetcher(ImageInputOptions(allowed_hosts=["127.0.0.1"]), transport=LoopbackOnly())
+        loads = [asyncio.ensure_future(fetcher.load(f"{origin}/held?i={i}", param="image"))
+                 for i in range(MAX_DOWNLOADS + 8)]
+        async with asyncio.timeout(10):
+            while most[0] < MAX_DOWNLOADS and not any(load.done() for load in loads):
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # time for any download over the bound to start
+        release.set()
+        try:
+            return await asyncio.gather(*loads)
+        finally:
+            await fetcher.aclose()
+
+    try:
+        loaded = asyncio.run(run())
+    finally:
+        release.set()
+    assert most[0] == MAX_DOWNLOADS and all(image.width == 40 for image in loaded), most
