@@ -49,6 +49,9 @@ the event loop's shared pool (image encoding, uploads, file responses, Serve's s
 EXIF_ORIENTATION = 0x0112
 SIDEWAYS = {5, 6, 7, 8}  # orientations that swap width and height (ImageOps.exif_transpose turns them upright)
 MAX_JPEG_SCANS = 100
+MAX_JPEG_SEGMENTS = 1000
+"""Most markers a JPEG may have before its first picture ends (restart markers inside
+coded data not counted); more is refused as if it had too many scans."""
 # One 0xff, not `\xff+`: a long run of 0xff bytes would make the search backtrack quadratically.
 _MARKER = re.compile(rb"\xff([^\x00\xff])")  # a marker, after any junk, stuffed zeros and fill bytes
 _SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # the first marker after coded data (restarts go on)
@@ -110,11 +113,16 @@ def jpeg_scans(data: bytes, limit: int = MAX_JPEG_SCANS) -> int:
     at the picture's end (EOI): a phone's second picture or a motion photo's video is not
     counted. In a scan's coded data a 0xff is followed by 0x00 or a restart marker; any
     other marker ends it. The searches are regular expressions, linear in the file's size."""
-    pos, scans, end = 2, 0, len(data)
+    pos, scans, segments, end = 2, 0, 0, len(data)
     while scans <= limit and (found := _MARKER.search(data, pos)) is not None:
         marker, pos = found[1][0], found.end()
-        if marker == 0xD9:  # EOI: the first picture ends
-            break
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:  # a real file has a few dozen; millions cost seconds here
+            return limit + 1
+        if marker == 0xD9:  # EOI: the first picture ends, unless it had no scan (a tables-only
+            if scans:       # block, which libjpeg passes over to decode the picture after it)
+                break
+            continue
         # Without a length: TEM, RSTn, SOI, and those below SOF0, which libjpeg skips as junk (in
         # a scan at a restart boundary) or refuses: read as lengths, they would hide what follows.
         if marker < 0xC0 or 0xD0 <= marker <= 0xD8:

@@ -431,6 +431,12 @@ def test_a_jpeg_of_endless_scans_is_refused_without_decoding() -> None:
         hidden = endless[:first_scan] + junk + endless[first_scan:]
         assert Image.open(io.BytesIO(hidden)).size == (64, 48)
         expect(InvalidRequest, 400, "invalid_image", lambda: inspect_image(hidden, param="image"))
+    # A tables-only block before the picture (libjpeg decodes the picture after its EOI) hides
+    # nothing, nor do millions of tiny segments cost seconds to count.
+    expect(InvalidRequest, 400, "invalid_image", lambda: inspect_image(b"\xff\xd8\xff\xd9" + endless, param="image"))
+    started = time.monotonic()
+    assert jpeg_scans(photo[:end] + b"\xff\xfe\x00\x02" * (5 * 2**20) + photo[end:]) > 100
+    assert time.monotonic() - started < 1
     # A marker below SOF0 in coded data, at a restart, is skipped by libjpeg as junk: read as a
     # segment with a length, it would hide the scans within that length from the count.
     buffer = io.BytesIO()
