@@ -414,7 +414,7 @@ def test_a_jpeg_of_endless_scans_is_refused_without_decoding() -> None:
     the model's worker for minutes. A progressive photo (about 10 scans) still passes."""
     import numpy as np
 
-    from serve_app.image_input import jpeg_scans
+    from serve_app.image_input import jpeg_structure
 
     buffer = io.BytesIO()
     Image.new("RGB", (64, 48), "teal").save(buffer, "JPEG", progressive=True)
@@ -435,7 +435,7 @@ def test_a_jpeg_of_endless_scans_is_refused_without_decoding() -> None:
     # nothing, nor do millions of tiny segments cost seconds to count.
     expect(InvalidRequest, 400, "invalid_image", lambda: inspect_image(b"\xff\xd8\xff\xd9" + endless, param="image"))
     started = time.monotonic()
-    assert jpeg_scans(photo[:end] + b"\xff\xfe\x00\x02" * (5 * 2**20) + photo[end:]) > 100
+    assert jpeg_structure(photo[:end] + b"\xff\xfe\x00\x02" * (5 * 2**20) + photo[end:]).segments > 1000
     assert time.monotonic() - started < 1
     # A marker below SOF0 in coded data, at a restart, is skipped by libjpeg as junk: read as a
     # segment with a length, it would hide the scans within that length from the count.
@@ -447,7 +447,7 @@ def test_a_jpeg_of_endless_scans_is_refused_without_decoding() -> None:
     hidden = restarting[:restart] + b"\xff\x02\xfe\x00" + restarting[restart:]
     decoded = Image.open(io.BytesIO(hidden))
     assert np.array_equal(np.asarray(decoded), np.asarray(Image.open(io.BytesIO(restarting))))  # all scans read
-    assert jpeg_scans(hidden) == jpeg_scans(restarting) > 5
+    assert jpeg_structure(hidden).scans == jpeg_structure(restarting).scans > 5
     # The same as the first picture of an MPO (a phone's multi-picture JPEG), which Pillow opens as such.
     second = io.BytesIO()
     Image.new("RGB", (64, 48), "red").save(second, "MPO", save_all=True, progressive=True,
@@ -472,13 +472,30 @@ def test_a_jpeg_of_endless_scans_is_refused_without_decoding() -> None:
 def test_counting_scans_takes_linear_time_on_runs_of_0xff() -> None:
     """A run of 0xff bytes made a `\\xff+` search backtrack quadratically (2.4 s for 30 KB,
     holding the GIL): the count must take a moment even over the largest upload."""
-    from serve_app.image_input import jpeg_scans
+    from serve_app.image_input import jpeg_structure
 
     started = time.monotonic()
     for tail in (b"\x00", b""):
-        jpeg_scans(b"\xff\xd8" + b"\xff" * (4 * 2**20) + tail)
-        jpeg_scans(b"\xff\xd8\xff\xda\x00\x02" + b"\xff" * (4 * 2**20) + tail)
+        jpeg_structure(b"\xff\xd8" + b"\xff" * (4 * 2**20) + tail)
+        jpeg_structure(b"\xff\xd8\xff\xda\x00\x02" + b"\xff" * (4 * 2**20) + tail)
     assert time.monotonic() - started < 2
+
+
+def test_a_jpeg_header_padded_with_junk_is_refused_before_pillow_reads_it() -> None:
+    """Pillow's JPEG header parser steps over bytes outside segments one Python call at a time:
+    20 MiB of stuffed zeros or tiny comments before the picture held an ingress thread (and the
+    GIL its event loop needs) for seconds. They are counted first, in C, and refused; a few
+    stray bytes, which libjpeg skips with a warning, still pass."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), "teal").save(buffer, "JPEG")
+    photo = buffer.getvalue()
+    after_app0 = 4 + int.from_bytes(photo[4:6], "big")
+    for padding in (b"\xff\x00" * (10 * 2**20), b"\xff\xfe\x00\x02" * (5 * 2**20), b"\x00" * (20 * 2**20)):
+        padded = photo[:after_app0] + padding + photo[after_app0:]
+        started = time.monotonic()
+        error = expect(InvalidRequest, 400, "invalid_image", lambda: inspect_image(padded, param="image"))
+        assert time.monotonic() - started < 1.5 and "malformed JPEG" in error.message
+    assert inspect_image(photo[:after_app0] + b"\x00" * 100 + photo[after_app0:], param="image").width == 64
 
 
 def test_inspect_image_defaults() -> None:
