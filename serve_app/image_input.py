@@ -20,12 +20,11 @@ import base64
 import binascii
 import io
 import ipaddress
-import re
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Iterable, NamedTuple, Sequence
+from typing import Iterable, Sequence
 
 import httpx
 from PIL import Image
@@ -33,11 +32,11 @@ from PIL import Image
 from serve_app.config import ImageInputOptions
 from serve_app.url_guard import HostPolicy, IPAddress
 from serve_app.errors import InvalidRequest, PayloadTooLarge
+from serve_app.image_structure import check_structure
 
 _DEFAULTS = ImageInputOptions()
 ACCEPTED_FORMATS: tuple[str, ...] = tuple(_DEFAULTS.accepted_formats)
 REDIRECTS = {301, 302, 303, 307, 308}
-JPEG_START = b"\xff\xd8\xff"  # what Pillow takes for a JPEG
 MAX_DOWNLOADS = 16
 """Image URLs one ingress replica downloads at once; the rest wait (within their
 `timeout_s`). Each holds up to `max_bytes` (twice, while it is joined): without a bound,
@@ -49,21 +48,6 @@ the request's 400. On threads of their own, such names can stall only other look
 the event loop's shared pool (image encoding, uploads, file responses, Serve's status)."""
 EXIF_ORIENTATION = 0x0112
 SIDEWAYS = {5, 6, 7, 8}  # orientations that swap width and height (ImageOps.exif_transpose turns them upright)
-MAX_JPEG_SCANS = 100
-MAX_JPEG_SEGMENTS = 1000
-"""Most markers a JPEG may have before its first picture ends (restart markers inside
-coded data not counted): a real file has a few dozen."""
-MAX_JPEG_STRAY_BYTES = 64 * 1024
-"""Most bytes outside any segment (junk, stuffed zeros, fill) a JPEG may have before its
-first scan: a real file has none or a few. Pillow's header parser steps over them one
-Python call per byte (3.7 s for 20 MiB, holding the GIL the event loop needs)."""
-# One 0xff, not `\xff+`: a long run of 0xff bytes would make the search backtrack quadratically.
-_MARKER = re.compile(rb"\xff([^\x00\xff])")  # a marker, after any junk, stuffed zeros and fill bytes
-_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # the first marker after coded data (restarts go on)
-"""Most scans a JPEG may have: a progressive one has about 10, and each costs a pass over
-every pixel when the replica decodes it (a 16-megapixel image repeating one tiny scan
-thousands of times is a small file that takes minutes to decode)."""
-
 @dataclass(frozen=True)
 class InputImage:
     data: bytes
@@ -83,12 +67,7 @@ def inspect_image(data: bytes, *, param: str, accepted_formats: Sequence[str] = 
     is refused without decoding a single pixel. Only the accepted formats'
     parsers are tried, which keeps Pillow's rarer decoders away from strangers.
     """
-    # Counted before Pillow reads the header: its cost is what the count refuses.
-    jpeg = jpeg_structure(data) if data[:3] == JPEG_START and "JPEG" in accepted_formats else None
-    if jpeg is not None and (jpeg.segments > MAX_JPEG_SEGMENTS or jpeg.stray_bytes > MAX_JPEG_STRAY_BYTES):
-        raise InvalidRequest(f"{param} is a malformed JPEG: more than {MAX_JPEG_SEGMENTS} markers or "
-                             f"{MAX_JPEG_STRAY_BYTES} stray bytes before its picture; a photo has a few dozen "
-                             "markers and no stray bytes.", param=param, code="invalid_image")
+    check_structure(data, param=param, formats=accepted_formats)  # before Pillow reads a byte of it
     try:
         image = Image.open(io.BytesIO(data), formats=list(accepted_formats))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -107,61 +86,7 @@ def inspect_image(data: bytes, *, param: str, accepted_formats: Sequence[str] = 
             image.verify()  # structure and checksums; does not decode the pixels
         except Exception as exc:  # noqa: BLE001
             raise _unreadable(param, accepted_formats) from exc
-        # MPO: a JPEG with more pictures after its first (phones' HDR photos); the first is what decodes.
-        if jpeg is not None and image.format in ("JPEG", "MPO") and jpeg.scans > MAX_JPEG_SCANS:
-            raise InvalidRequest(f"{param} is a JPEG of more than {MAX_JPEG_SCANS} scans; a photo has about 10.",
-                                 param=param, code="invalid_image")
     return InputImage(data=data, width=width, height=height)
-
-
-class JpegStructure(NamedTuple):
-    scans: int
-    """Scans (SOS segments) of the first picture, counted up to `MAX_JPEG_SCANS` + 1."""
-    segments: int
-    """Markers before the first picture ends, counted up to `MAX_JPEG_SEGMENTS` + 1."""
-    stray_bytes: int
-    """Bytes outside segments before the first scan: what Pillow's header parser steps over one by one."""
-
-
-def jpeg_structure(data: bytes) -> JpegStructure:
-    """What a JPEG's first picture costs to read: its scans, its markers and its stray bytes.
-
-    Markers are found as libjpeg finds them (`next_marker`): stray bytes, stuffed zeros and
-    fill bytes before one are skipped, as a decoder skips them, so junk cannot hide the
-    scans after it. Segments are stepped over by their length, so bytes inside them (an
-    EXIF thumbnail's scans, an ICC profile) are not taken for markers, and counting ends
-    at the picture's end (EOI): a phone's second picture or a motion photo's video is not
-    counted. In a scan's coded data a 0xff is followed by 0x00 or a restart marker; any
-    other marker ends it. The searches are regular expressions, linear in the file's size,
-    and stop once a limit is passed."""
-    pos, scans, segments, stray, end = 2, 0, 0, 0, len(data)
-    while scans <= MAX_JPEG_SCANS:
-        found = _MARKER.search(data, pos)
-        if not scans:  # up to the next marker, or to the end where none is left
-            stray += (found.start() if found else end) - min(pos, end)
-        if found is None or stray > MAX_JPEG_STRAY_BYTES:
-            break
-        marker, pos = found[1][0], found.end()
-        segments += 1
-        if segments > MAX_JPEG_SEGMENTS:  # millions of tiny segments cost seconds to read
-            break
-        if marker == 0xD9:  # EOI: the first picture ends, unless it had no scan (a tables-only
-            if scans:       # block, which libjpeg passes over to decode the picture after it)
-                break
-            continue
-        # Without a length: TEM, RSTn, SOI, and those below SOF0, which libjpeg skips as junk (in
-        # a scan at a restart boundary) or refuses: read as lengths, they would hide what follows.
-        if marker < 0xC0 or 0xD0 <= marker <= 0xD8:
-            continue
-        if pos + 2 > end:
-            break
-        pos += int.from_bytes(data[pos:pos + 2], "big")
-        if marker == 0xDA:
-            scans += 1
-            if (scan_end := _SCAN_END.search(data, pos)) is None:
-                break
-            pos = scan_end.start()
-    return JpegStructure(scans, segments, stray)
 
 
 def _unreadable(param: str, formats: Iterable[str]) -> InvalidRequest:
