@@ -17,6 +17,7 @@ from serve_app.errors import InvalidRequest
 
 JPEG_START = b"\xff\xd8\xff"  # what Pillow takes for a JPEG
 PNG_START = b"\x89PNG\r\n\x1a\n"
+GIF_STARTS = (b"GIF87a", b"GIF89a")
 MAX_JPEG_SCANS = 100
 """Most scans a JPEG may have: a progressive one has about 10, and each costs a pass over
 every pixel when the replica decodes it (a 16-megapixel image repeating one tiny scan
@@ -32,6 +33,11 @@ MAX_PNG_CHUNKS = 50_000
 """Most chunks a PNG may have up to its end (IEND): an encoder writes its pixels in
 chunks of 8-64 KiB (some in one per row), an animated PNG two per frame. Pillow reads
 and checksums each in Python, about 1-2 us apiece (1.6-3.8 s for 20 MiB of empty ones)."""
+MAX_GIF_STEPS = 10_000
+"""Most blocks and stray bytes a GIF may have before its first picture: an animation's
+loop count, a frame's timing, a comment, XMP metadata (which GIF readers step over in
+hundreds of small blocks). Pillow reads each with a Python call (4.5 s for 20 MiB of
+one-byte blocks)."""
 # One 0xff, not `\xff+`: a long run of 0xff bytes would make the search backtrack quadratically.
 _MARKER = re.compile(rb"\xff([^\x00\xff])")  # a marker, after any junk, stuffed zeros and fill bytes
 _SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # the first marker after coded data (restarts go on)
@@ -50,6 +56,9 @@ def check_structure(data: bytes, *, param: str, formats: Sequence[str]) -> None:
             raise _malformed(param, f"a JPEG of more than {MAX_JPEG_SCANS} scans; a photo has about 10")
     elif data[:8] == PNG_START and "PNG" in formats and png_chunks(data) > MAX_PNG_CHUNKS:
         raise _malformed(param, f"a PNG of more than {MAX_PNG_CHUNKS} chunks; an image has a few hundred at most")
+    elif data[:6] in GIF_STARTS and "GIF" in formats and gif_steps(data) > MAX_GIF_STEPS:
+        raise _malformed(param, f"a GIF of more than {MAX_GIF_STEPS} blocks or stray bytes before its first "
+                                "picture; an image has a few dozen")
 
 
 def png_chunks(data: bytes, limit: int = MAX_PNG_CHUNKS) -> int:
@@ -62,6 +71,46 @@ def png_chunks(data: bytes, limit: int = MAX_PNG_CHUNKS) -> int:
             break
         pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
     return chunks
+
+
+def gif_steps(data: bytes, limit: int = MAX_GIF_STEPS) -> int:
+    """The reads Pillow makes before a GIF's first picture (its image descriptor), counted up
+    to `limit` + 1: each extension's sub-blocks and each stray byte between blocks.
+
+    Walked as Pillow walks them (`GifImageFile._seek`), quirks included, or a file could be
+    read one way here and another there: after an extension's first sub-block, even an empty
+    one, Pillow reads sub-blocks until an empty one (a comment's end at its first empty one),
+    and after the NETSCAPE2.0 application block one more before that."""
+    end = len(data)
+    pos = 13 + (3 << ((data[10] & 7) + 1) if len(data) > 10 and data[10] & 0x80 else 0)  # global palette
+    steps = 0
+
+    def sub_block() -> bytes:  # Pillow's `data()`: a length byte, then that many bytes
+        nonlocal pos, steps
+        steps += 1
+        size = data[pos] if pos < end else 0
+        block = data[pos + 1:pos + 1 + size]
+        pos += 1 + size
+        return block
+
+    while pos < end and steps <= limit:
+        introducer, label = data[pos], data[pos + 1] if pos + 1 < end else 0
+        if introducer in b",;":  # the first picture, or the end
+            break
+        if introducer != ord("!"):  # a stray byte, skipped
+            steps, pos = steps + 1, pos + 1
+            continue
+        pos += 2
+        block = sub_block()
+        if label == 0xFE:  # a comment: its sub-blocks up to the first empty one
+            while block and steps <= limit:
+                block = sub_block()
+            continue
+        if label == 0xFF and block.startswith(b"NETSCAPE2.0"):
+            sub_block()
+        while sub_block() and steps <= limit:
+            pass
+    return steps
 
 
 class JpegStructure(NamedTuple):
