@@ -82,6 +82,13 @@ class PayloadTooLarge(APIError):
     default_code = "payload_too_large"
 
 
+class RangeNotSatisfiable(APIError):
+    """416: a `Range` that starts past a file's end; `Content-Range` says how long it is."""
+
+    status_code = 416
+    default_code = "range_not_satisfiable"
+
+
 class ClientClosedRequest(APIError):
     """499 (nginx's): the client went away before its request was whole. No one reads the
     answer; the status is what the access log and the metrics record, as Serve's own do."""

@@ -146,5 +146,5 @@ def install_error_handlers(app: FastAPI) -> None:
 def error_schema() -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for routes: each error status with the envelope's schema."""
     return {status: {"model": ErrorResponse, "description": status_phrase(status)}
-            for status in (400, 401, 404, 413, 500, 503, 504)}
+            for status in (400, 401, 404, 413, 416, 500, 503, 504)}
 

@@ -79,12 +79,18 @@ class ImageStore:
     def media_type(name: str) -> str:
         return MEDIA_TYPES[name.rsplit(".", 1)[-1]]
 
-    def path(self, name: str) -> Path:
-        """The file for a name from a URL; 404 for anything this store did not make. Blocking (a stat)."""
+    def locate(self, name: str) -> tuple[Path, os.stat_result]:
+        """The file for a name from a URL, and its stat (its size and time, for the reply's headers);
+        404 for anything this store did not make. Blocking (a stat)."""
         if _NAME.fullmatch(name):
             path = (self.directory / name).resolve()
-            if path.parent == self.directory and path.is_file():
-                return path
+            try:
+                info = path.stat()
+            except FileNotFoundError:
+                pass
+            else:
+                if path.parent == self.directory and stat.S_ISREG(info.st_mode):
+                    return path, info
         raise NotFound(f"No image named {name!r}.", param="name", code="file_not_found")
 
     def sweep(self, now: float | None = None) -> int:

@@ -27,6 +27,7 @@ from serve_app.config import AppConfig
 from serve_app.errors import APIError, ClientClosedRequest, GatewayTimeout, InvalidRequest, ModelFailed, Overloaded, model_not_found
 from serve_app.http_errors import JSON, as_api_error, error_schema, install_error_handlers, json_response
 from serve_app.image_input import ImageFetcher, InputImage
+from serve_app.image_files import StoredImageResponse
 from serve_app.image_store import FILES_ROUTE, ImageStore
 from serve_app.jobs import ImageJob, ImageResult
 from serve_app.metrics import RequestMetrics
@@ -240,10 +241,11 @@ class Ingress:
         status = await self.registrar.status.remote() if self.registrar else {"enabled": False}
         return JSONResponse(status)  # Content-Type exactly application/json
 
-    @api.get(FILES_ROUTE + "/{name}", response_class=FileResponse, responses={404: ERRORS[404]})
+    @api.get(FILES_ROUTE + "/{name}", response_class=FileResponse, responses={404: ERRORS[404], 416: ERRORS[416]})
     async def image_file(self, name: str) -> FileResponse:
         # A stat, off the event loop: on a shared file system (NFS, EFS) one can stall every stream here.
-        return FileResponse(await asyncio.to_thread(self.store.path, name), media_type=self.store.media_type(name))
+        path, info = await asyncio.to_thread(self.store.locate, name)
+        return StoredImageResponse(path, info, media_type=self.store.media_type(name))
 
     def _target(self, body: ChatCompletionRequest | ImageGenerationRequest, route: str,
                 prompt: Callable[[], str]) -> Target:

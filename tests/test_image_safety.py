@@ -574,7 +574,7 @@ def test_saves_are_unguessable_complete_and_leave_no_temp_files(tmp_path: Path) 
     assert len(names) == 50 and all(len(name) >= 28 for name in names)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
     name = names.pop()
-    assert store.path(name).read_bytes() == PNG and store.url(name) == f"http://h/v1/files/images/{name}"
+    assert store.locate(name)[0].read_bytes() == PNG and store.url(name) == f"http://h/v1/files/images/{name}"
 
 
 def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -595,7 +595,7 @@ def test_unknown_or_escaping_names_are_404(tmp_path: Path, name: str) -> None:
     store = ImageStore(str(tmp_path / "store"), "http://h")
     (store.directory / "link_outside_0000000.png").symlink_to(tmp_path / "outside.png")
     (store.directory / ".tmp-abcdefgh.png").write_bytes(PNG)
-    expect(NotFound, 404, "file_not_found", lambda: store.path(name), param="name")
+    expect(NotFound, 404, "file_not_found", lambda: store.locate(name), param="name")
 
 
 def test_sweep_by_age_then_total_size_and_dead_temp_files(tmp_path: Path) -> None:
@@ -619,7 +619,7 @@ def test_without_retention_images_stay(tmp_path: Path) -> None:
     store = ImageStore(str(tmp_path), "http://h")
     name = store.save(PNG)
     age(tmp_path / name, 10**8)
-    assert store.sweep() == 0 and store.path(name)
+    assert store.sweep() == 0 and store.locate(name)
 
 
 def test_sweep_forever_runs_until_cancelled(tmp_path: Path) -> None:

@@ -287,6 +287,28 @@ def test_image_seed_example_returns_fetchable_png(http):
     ImagesResponse.model_validate(body)
 
 
+def test_image_files_serve_ranges_and_answer_their_failures_as_the_api_does(http):
+    """A byte range is served; one that cannot be parsed is ignored, as RFC 9110 allows (the
+    whole image, where Starlette answered a plain-text 400), and one past the end is a 416
+    with the API's JSON error and the file's length."""
+    body = assert_success(http.post("/v1/images/generations", json={"model": IMAGE, "prompt": "otter",
+                                                                    "size": "64x64"}))
+    url = body["data"][0]["url"]
+    whole = http.get(url).content
+    part = http.get(url, headers={"Range": "bytes=0-7"})
+    assert part.status_code == 206 and part.content == whole[:8] == b"\x89PNG\r\n\x1a\n"
+    assert part.headers["content-range"] == f"bytes 0-7/{len(whole)}"
+    for unparsable in ("pages=1-2", "bytes=abc", "bytes=5-2", "bytes"):
+        response = http.get(url, headers={"Range": unparsable})
+        assert response.status_code == 200 and response.content == whole, unparsable
+    past = http.get(url, headers={"Range": f"bytes={len(whole)}-"})
+    assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{len(whole)}"
+    assert past.headers["content-type"] == "application/json"
+    assert past.json()["code"] == 416 and past.json()["error"]["code"] == "range_not_satisfiable"
+    stale = http.get(url, headers={"Range": f"bytes={len(whole)}-", "If-Range": '"another-version"'})
+    assert stale.status_code == 200 and stale.content == whole  # If-Range: a changed file is sent whole
+
+
 def test_a_request_without_model_goes_to_the_one_model_of_its_kind(client, http):
     """OpenAI's client may leave `model` out of an image request; the server serves one image
     model and one chat model here, so each route knows which is meant, and says so."""
