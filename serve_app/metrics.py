@@ -8,7 +8,8 @@ as one increment per label set, histogram values in one burst, off the request p
 Every metric is labelled with the `model` it concerns; Ray adds the application,
 deployment and replica.
 
-- `RequestMetrics` (the ingress): requests, errors, tokens and images by model.
+- `RequestMetrics` (the ingress): requests, errors, tokens and images by model; a served
+  request's whole time and its prompt and completion lengths.
 - `ChatEngineMetrics` (each chat replica): how long a request waits for a batch slot,
   its time to first token and its time per output token, measured inside the replica
   (so beside the client's figures they tell the model's share from the serving
@@ -39,6 +40,11 @@ TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 TPOT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0]
 QUEUE_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0]
+# A request's whole time at the ingress, streams to their last byte: up to `request_timeout_s` (300) and past it.
+REQUEST_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0]
+# Tokens in one request (vLLM's 1-2-5 steps), up to the longest context a checkpoint has.
+TOKEN_COUNT_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000,
+                       200_000, 500_000, 1_000_000]
 CALL_REQUESTS_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 CALL_SECONDS_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0]
 
@@ -101,8 +107,11 @@ class BufferedMetrics:
 
 
 class RequestMetrics(BufferedMetrics):
-    """The ingress's counters. `model` is `-` for a name that is not served and `route` the
-    matched route's template or `other`, so clients cannot mint label values."""
+    """The ingress's counters, and the histograms of a served request: its whole time, as the
+    client sees it less the network (a model's own latency, which Serve's per-route figures
+    mix across models), and its prompt and completion lengths (what `max_batch_size`, the
+    context and a GPU's memory are sized by). `model` is `-` for a name that is not served
+    and `route` the matched route's template or `other`, so clients cannot mint label values."""
 
     def __init__(self) -> None:
         super().__init__(counters={
@@ -110,21 +119,32 @@ class RequestMetrics(BufferedMetrics):
             "errors": ("Failed requests (status >= 400).", ("model", "route", "status")),
             "tokens": ("Prompt and completion tokens.", ("model", "kind")),
             "images": ("Images generated.", ("model",)),
+        }, histograms={
+            "request_seconds": ("A successful model request's time in the ingress, to its last byte (a stream's "
+                                "too).", ("model", "route"), REQUEST_BUCKETS),
+            "request_prompt_tokens": ("Prompt tokens of one successful chat request.", ("model",),
+                                      TOKEN_COUNT_BUCKETS),
+            "request_completion_tokens": ("Completion tokens of one successful chat request, all its choices.",
+                                          ("model",), TOKEN_COUNT_BUCKETS),
         })
 
-    def request(self, model: str | None, route: str, status: int, fields: dict) -> None:
+    def request(self, model: str | None, route: str, status: int, fields: dict, seconds: float) -> None:
         """One finished request. A stream that failed after its 200, or whose client left, counts as
         an error of the status it would have had (`error_status`, noted by the route or guard)."""
-        model = model or "-"
-        self.count("requests", (model, route, str(status)))
         failed = fields.get("error_status", status)
+        self.count("requests", (model or "-", route, str(status)))
         if failed >= 400:
-            self.count("errors", (model, route, str(failed)))
+            self.count("errors", (model or "-", route, str(failed)))
         for kind in ("prompt_tokens", "completion_tokens"):
             if fields.get(kind):
-                self.count("tokens", (model, kind), fields[kind])
+                self.count("tokens", (model or "-", kind), fields[kind])
         if fields.get("images"):
-            self.count("images", (model,), fields["images"])
+            self.count("images", (model or "-",), fields["images"])
+        if model and failed < 400:  # a failure's time says little (a 400 is instant, a 504 the timeout)
+            self.observe("request_seconds", (model, route), seconds)
+            for kind in ("prompt_tokens", "completion_tokens"):
+                if kind in fields:
+                    self.observe(f"request_{kind}", (model,), fields[kind])
 
 
 class ChatEngineMetrics(BufferedMetrics):

@@ -134,11 +134,12 @@ class RequestGuard:
             await error_response(as_api_error(exc))(scope, receive, send_noting_status)
         finally:
             CURRENT.reset(token)
+            seconds = time.perf_counter() - started_at
             if getattr(state, "access_log", False):
-                log_access(scope, response["status"], time.perf_counter() - started_at, record)
+                log_access(scope, response["status"], seconds, record)
             metrics: RequestMetrics | None = getattr(state, "metrics", None)
             if metrics is not None:
-                metrics.request(record.model, _route_label(scope), response["status"], record.fields)
+                metrics.request(record.model, _route_label(scope), response["status"], record.fields, seconds)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send, state: Any) -> None:
         keys: ApiKeys | None = getattr(state, "api_keys", None)

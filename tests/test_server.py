@@ -750,6 +750,12 @@ def test_metrics_are_exported_to_prometheus(http):
         "image_queued": ("image_queue_time_seconds_count", f'model="{IMAGE}"'),
         "image_calls": ("image_batch_requests_count", f'model="{IMAGE}"'),
         "image_calls_of_one": ("image_batch_requests_bucket", f'le="1.0",model="{IMAGE}"'),
+        # The ingress's histograms of served requests, by model (failures are not timed).
+        "served_chats": ("request_seconds_count", f'{chat},route="/v1/chat/completions"'),
+        "served_within": ("request_seconds_bucket", f'le="{REQUESTS_TAKE_AT_MOST_S}",{chat}'),
+        "served_images": ("request_seconds_count", f'model="{IMAGE}",route="/v1/images/generations"'),
+        "prompt_lengths": ("request_prompt_tokens_count", chat),
+        "short_completions": ("request_completion_tokens_bucket", f'le="5.0",{chat}'),
     }
 
     def exported() -> dict[str, float]:
@@ -792,7 +798,8 @@ def test_metrics_are_exported_to_prometheus(http):
     tokens = [answer["usage"]["completion_tokens"], streamed_tokens]
     grown = {"requests": 2, "errors": 1, "tokens": sum(tokens), "unrouted": 1, "queued": 2, "first_tokens": 2,
              "first_tokens_within": 2, "images": len(drawn["data"]), "image_queued": 1, "image_calls": 1,
-             "image_calls_of_one": 1}
+             "image_calls_of_one": 1, "served_chats": 2, "served_within": 2, "served_images": 1,
+             "prompt_lengths": 2, "short_completions": 2}
     # A request with one token (EOS right after it) has no time between tokens.
     timed_per_token = sum(t > 1 for t in tokens)
 
