@@ -16,6 +16,7 @@ deployment and replica.
   path's), each decode step's time (a newcomers' prefill shows there as the stall of
   every stream in the batch), the choices finished by reason, and gauges of the
   requests decoding and waiting.
+- `ReplicaMetrics` (both kinds of replica): failures of the model's work, by kind.
 - `ImageMetrics` (each image replica): how long a request waited for its pipeline call,
   how many requests shared each call and how long it took: what `max_batch_size` and
   `batch_wait_timeout_s` tune.
@@ -147,17 +148,34 @@ class RequestMetrics(BufferedMetrics):
                     self.observe(f"request_{kind}", (model,), fields[kind])
 
 
-class ChatEngineMetrics(BufferedMetrics):
+class ReplicaMetrics(BufferedMetrics):
+    """A model replica's metrics: its kind's own (a subclass's), and its failures, which the
+    ingress can only count as 500s of every cause alike."""
+
+    FAILURE = ("model_failures", "Model work that failed (a batch's prefill or step, a pipeline call, an "
+               "image's encoding), by kind: out_of_memory, accelerator (the GPU context failed: the replica "
+               "asks to be replaced), other. A client's mistake is not one.", ("model", "kind"))
+
+    def __init__(self, model: str, counters: dict[str, tuple[str, Tags]] | None = None, **kwargs) -> None:
+        self.tags: Tags = (model,)
+        name, text, keys = self.FAILURE
+        super().__init__(counters={name: (text, keys), **(counters or {})}, **kwargs)
+
+    def failed(self, kind: str) -> None:
+        self.count("model_failures", (*self.tags, kind))
+
+
+class ChatEngineMetrics(ReplicaMetrics):
     """One chat replica's latencies, as its decode loop sees them (from the request's
     arrival at the replica, so without the HTTP hop and the ingress), and its load."""
 
     def __init__(self, model: str, load: Callable[[], tuple[int, int]]) -> None:
-        self.tags: Tags = (model,)
         # () -> (requests decoding, requests waiting): the replica's method, held weakly so
         # that the flush task, which holds these metrics, does not keep the replica alive.
         self.load = weakref.WeakMethod(load)  # type: ignore[arg-type]
         keys = ("model",)
         super().__init__(
+            model,
             counters={
                 "finished_choices": ("Choices finished, by finish_reason (stop, length): how often answers "
                                      "are cut at max_tokens.", ("model", "finish_reason")),
@@ -202,13 +220,12 @@ class ChatEngineMetrics(BufferedMetrics):
         return {"running_requests": {self.tags: running}, "waiting_requests": {self.tags: waiting}}
 
 
-class ImageMetrics(BufferedMetrics):
+class ImageMetrics(ReplicaMetrics):
     """One image replica's pipeline calls."""
 
     def __init__(self, model: str) -> None:
-        self.tags: Tags = (model,)
         keys = ("model",)
-        super().__init__(histograms={
+        super().__init__(model, histograms={
             "image_queue_time_seconds": (
                 "From a request's arrival at the replica to the worker taking up its batch.", keys,
                 QUEUE_BUCKETS),

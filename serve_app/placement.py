@@ -20,8 +20,8 @@ from typing import Callable, TypeVar
 import torch
 
 from serve_app.config import BaseModelConfig
-from serve_app.errors import Overloaded
-from serve_app.metrics import BufferedMetrics
+from serve_app.errors import APIError, Overloaded
+from serve_app.metrics import ReplicaMetrics
 from serve_app.periodic import in_background
 from serve_app.serve_logs import flush_serve_log, start_flushing
 
@@ -32,6 +32,13 @@ T = TypeVar("T")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # A CUDA error that poisons the context; torch names it from 2.8 on (before, nothing is matched).
 ACCELERATOR_ERROR: type[BaseException] | tuple[()] = getattr(torch, "AcceleratorError", ())
+
+
+def failure_kind(exc: BaseException) -> str:
+    """How model work failed, for `serve_app_model_failures_total`."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return "out_of_memory"
+    return "accelerator" if isinstance(exc, ACCELERATOR_ERROR) else "other"
 
 
 def assigned_gpu_ids() -> list[str]:
@@ -141,7 +148,7 @@ class ModelReplica:
             torch.set_num_threads(config.torch_threads)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"torch-{config.name}")
         self._log_flusher = start_flushing()
-        self.metrics: BufferedMetrics | None = None  # a subclass's own, flushed here as well
+        self.metrics: ReplicaMetrics | None = None  # a subclass's own, flushed here as well
         self._metrics_flusher: asyncio.Task | None = None
         self._device_failure: str | None = None
         share = config.deployment.num_gpus
@@ -165,6 +172,8 @@ class ModelReplica:
             self._device_failure = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if isinstance(exc, torch.cuda.OutOfMemoryError) and self.device.type == "cuda":
             torch.cuda.empty_cache()  # what the failed pass had reserved goes back to the GPU
+        if self.metrics is not None and not isinstance(exc, APIError):  # a client's mistake is no failure
+            self.metrics.failed(failure_kind(exc))
         return exc
 
     def refuse_if_device_failed(self) -> None:
@@ -201,7 +210,7 @@ class ModelReplica:
         if worker is not None:
             worker.shutdown(wait=False, cancel_futures=True)
 
-    def record_metrics(self, metrics: BufferedMetrics) -> None:
+    def record_metrics(self, metrics: ReplicaMetrics) -> None:
         """Keep `metrics`, handed to Ray every second from the replica's event loop."""
         self.metrics = metrics
         self._metrics_flusher = in_background(metrics.flush_forever(), "metrics flush")

@@ -222,6 +222,9 @@ def test_a_failed_pass_lets_go_of_its_memory_and_a_broken_gpu_context_fails_heal
     # Until Serve replaces it, the replica answers 503 at once instead of failing on the GPU.
     refused = asyncio.run(replica.generate(job("hello")))
     assert isinstance(refused, Overloaded) and refused.code == "replica_failed", refused
+    # Each failure counted by kind (the refusal is no failure of the model's), for an operator's alerts.
+    failures = {tags: n for (name, tags), n in replica.metrics.sums.items() if name == "model_failures"}
+    assert failures == {(replica.config.name, "out_of_memory"): 1, (replica.config.name, "accelerator"): 1}, failures
 
 
 def test_max_batch_size_counts_rows_so_choices_cannot_overfill_the_batch(models_dir):

@@ -282,9 +282,12 @@ def test_a_batch_out_of_gpu_memory_runs_each_request_alone(model, monkeypatch):
         return real(group)
 
     monkeypatch.setattr(model, "call_pipeline", call_pipeline)
+    counted = ("model_failures", (model.config.name, "out_of_memory"))
+    failures = model.metrics.sums[counted]
     outcomes = model.run_jobs([job("a", n=2), job("b", n=1)])
     assert calls == [2, 1, 1]
     assert [len(outcome.images) for outcome in outcomes] == [2, 1]
+    assert model.metrics.sums[counted] == failures + 1  # the call that ran out, for an operator's alerts
 
 
 def inpainting_checkpoint(models_dir: Path, folder: Path) -> Path:
