@@ -1,17 +1,19 @@
 """The HTTP reply for a stored image: Starlette's `FileResponse`, failing as the API fails.
 
-Starlette stats the file again as it answers (one deleted by the retention sweep in
-between became a 500), answers a `Range` it cannot parse with a plain-text 400 and one
-past the file's end with an empty 416. Here the route's own stat is used, a `Range`
-Starlette cannot parse is ignored, as RFC 9110 lets a server do (the whole image is
-sent, as nginx sends it), and one past the end is a 416 with the API's JSON error.
+Starlette stats and opens the file again as it answers (one deleted by the retention sweep
+in between became a 500, or a reply cut off after its headers), answers a `Range` it cannot
+parse with a plain-text 400 and one past the file's end with an empty 416. Here the file the
+route opened and its stat are used, a `Range` Starlette cannot parse is ignored, as RFC 9110
+lets a server do (the whole image is sent, as nginx sends it), and one past the end is a 416
+with the API's JSON error.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
+import anyio
 from starlette.datastructures import Headers
 from starlette.responses import FileResponse, MalformedRangeHeader
 from starlette.responses import RangeNotSatisfiable as UnsatisfiableRange
@@ -19,13 +21,29 @@ from starlette.types import Receive, Scope, Send
 
 from serve_app.errors import RangeNotSatisfiable
 from serve_app.http_errors import error_response
+from serve_app.image_store import StoredImage
 
 
 class StoredImageResponse(FileResponse):
-    def __init__(self, path: Path, stat_result: os.stat_result, media_type: str) -> None:
-        super().__init__(path, stat_result=stat_result, media_type=media_type)
+    def __init__(self, image: StoredImage, media_type: str) -> None:
+        super().__init__(image.path, stat_result=image.stat, media_type=media_type)
+        self.file = image.file
+
+    @asynccontextmanager
+    async def _open_file(self) -> AsyncIterator[anyio.AsyncFile[bytes]]:
+        """The file the route opened, not the path opened again (Starlette's hook for opening)."""
+        yield anyio.AsyncFile(self.file)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._answer(scope, receive, send)
+        finally:
+            self.file.close()
+
+    async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # No `pathsend`: a server sending the file by its path would open it again.
+        scope = {**scope, "extensions": {key: value for key, value in scope.get("extensions", {}).items()
+                                         if key != "http.response.pathsend"}}
         headers = Headers(scope=scope)
         requested, if_range = headers.get("range"), headers.get("if-range")
         # Checked as Starlette checks it, when Starlette would use it (a stale If-Range sends the whole file).

@@ -23,6 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from serve_app.config import ImageRetentionOptions
 from serve_app.errors import NotFound
@@ -35,6 +36,15 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{16,64}\.(png|jpeg|webp)")  # fullmatch: no tr
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 TEMP_PREFIX = ".tmp-"
 TEMP_GRACE_S = 60.0  # a temp file this old belongs to no write in progress
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """An image found by its name: open, so that it can be sent whole even if swept meanwhile."""
+
+    path: Path
+    file: BinaryIO
+    stat: os.stat_result
 
 
 @dataclass(frozen=True)
@@ -79,18 +89,23 @@ class ImageStore:
     def media_type(name: str) -> str:
         return MEDIA_TYPES[name.rsplit(".", 1)[-1]]
 
-    def locate(self, name: str) -> tuple[Path, os.stat_result]:
-        """The file for a name from a URL, and its stat (its size and time, for the reply's headers);
-        404 for anything this store did not make. Blocking (a stat)."""
+    def open(self, name: str) -> StoredImage:
+        """The file for a name from a URL, opened, with its stat (its size and time, for the
+        reply's headers); 404 for anything this store did not make. Opened here, before the reply
+        starts, so that a sweep deleting the file meanwhile cannot cut the reply off after its
+        headers: an open file is read to its end on POSIX even once unlinked. Blocking."""
         if _NAME.fullmatch(name):
             path = (self.directory / name).resolve()
-            try:
-                info = path.stat()
-            except FileNotFoundError:
-                pass
-            else:
-                if path.parent == self.directory and stat.S_ISREG(info.st_mode):
-                    return path, info
+            if path.parent == self.directory:
+                try:  # non-blocking: a FIFO under an image's name must not hang the open
+                    handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+                except FileNotFoundError:
+                    pass
+                else:
+                    info = os.fstat(handle)
+                    if stat.S_ISREG(info.st_mode):
+                        return StoredImage(path, os.fdopen(handle, "rb"), info)
+                    os.close(handle)
         raise NotFound(f"No image named {name!r}.", param="name", code="file_not_found")
 
     def sweep(self, now: float | None = None) -> int:

@@ -243,9 +243,10 @@ class Ingress:
 
     @api.get(FILES_ROUTE + "/{name}", response_class=FileResponse, responses={404: ERRORS[404], 416: ERRORS[416]})
     async def image_file(self, name: str) -> FileResponse:
-        # A stat, off the event loop: on a shared file system (NFS, EFS) one can stall every stream here.
-        path, info = await asyncio.to_thread(self.store.locate, name)
-        return StoredImageResponse(path, info, media_type=self.store.media_type(name))
+        # An open and a stat, off the event loop: on a shared file system (NFS, EFS) one can stall
+        # every stream here.
+        image = await asyncio.to_thread(self.store.open, name)
+        return StoredImageResponse(image, media_type=self.store.media_type(name))
 
     def _target(self, body: ChatCompletionRequest | ImageGenerationRequest, route: str,
                 prompt: Callable[[], str]) -> Target:

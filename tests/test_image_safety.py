@@ -574,7 +574,8 @@ def test_saves_are_unguessable_complete_and_leave_no_temp_files(tmp_path: Path) 
     assert len(names) == 50 and all(len(name) >= 28 for name in names)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
     name = names.pop()
-    assert store.locate(name)[0].read_bytes() == PNG and store.url(name) == f"http://h/v1/files/images/{name}"
+    with store.open(name).file as file:
+        assert file.read() == PNG and store.url(name) == f"http://h/v1/files/images/{name}"
 
 
 def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -589,13 +590,41 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 @pytest.mark.parametrize("name", ["../x.png", "..%2Fx.png", "%2e%2e%2fetc%2fpasswd", "/etc/passwd",
                                   "../../../../etc/passwd", "AAAAAAAAAAAAAAAAAAAA.png/../x", "",
-                                  "nothere1234567890123.png", "link_outside_0000000.png", ".tmp-abcdefgh.png"])
+                                  "nothere1234567890123.png", "link_outside_0000000.png", ".tmp-abcdefgh.png",
+                                  "a_folder_00000000000.png", "a_fifo_0000000000000.png"])
 def test_unknown_or_escaping_names_are_404(tmp_path: Path, name: str) -> None:
     (tmp_path / "outside.png").write_bytes(PNG)
     store = ImageStore(str(tmp_path / "store"), "http://h")
     (store.directory / "link_outside_0000000.png").symlink_to(tmp_path / "outside.png")
     (store.directory / ".tmp-abcdefgh.png").write_bytes(PNG)
-    expect(NotFound, 404, "file_not_found", lambda: store.locate(name), param="name")
+    (store.directory / "a_folder_00000000000.png").mkdir()
+    os.mkfifo(store.directory / "a_fifo_0000000000000.png")  # opening it for reading must not hang
+    expect(NotFound, 404, "file_not_found", lambda: store.open(name), param="name")
+
+
+@pytest.mark.parametrize("headers, status, body", [
+    ({}, 200, PNG), ({"Range": "bytes=1-4"}, 206, PNG[1:5]), ({"Range": "bytes=x"}, 200, PNG)])
+def test_an_image_swept_as_it_is_sent_is_still_sent_whole(tmp_path: Path, headers: dict[str, str],
+                                                            status: int, body: bytes) -> None:
+    """The retention sweep may delete a file between the route finding it and the reply reading
+    it: the reply still carries the image, not headers and then a cut connection."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from serve_app.image_files import StoredImageResponse
+
+    store = ImageStore(str(tmp_path), "http://h")
+    name = store.save(PNG)
+
+    def image_file(request: Any) -> StoredImageResponse:
+        image = store.open(request.path_params["name"])
+        (tmp_path / name).unlink()  # swept
+        return StoredImageResponse(image, media_type="image/png")
+
+    with TestClient(Starlette(routes=[Route("/{name}", image_file)])) as client:
+        response = client.get(f"/{name}", headers=headers)
+    assert (response.status_code, response.content) == (status, body)
 
 
 def test_sweep_by_age_then_total_size_and_dead_temp_files(tmp_path: Path) -> None:
@@ -619,7 +648,8 @@ def test_without_retention_images_stay(tmp_path: Path) -> None:
     store = ImageStore(str(tmp_path), "http://h")
     name = store.save(PNG)
     age(tmp_path / name, 10**8)
-    assert store.sweep() == 0 and store.locate(name)
+    assert store.sweep() == 0
+    store.open(name).file.close()
 
 
 def test_sweep_forever_runs_until_cancelled(tmp_path: Path) -> None:
