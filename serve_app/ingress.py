@@ -79,6 +79,8 @@ def _edit_body_schema() -> dict[str, Any]:
 
 
 EDIT_BODY = _edit_body_schema()
+GENERATION_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": ImageGenerationRequest.model_json_schema()}}}}
 
 
 # Defined before the class: `@serve.ingress` snapshots the module's globals when it runs.
@@ -122,6 +124,10 @@ def _one_upload(files: dict[str, list[bytes]], *names: str) -> bytes | None:
         one = "one mask per request" if names[0] == "mask" else ONE_IMAGE
         raise InvalidRequest(f"{names[0]}: {len(uploads)} files came; {one}.", param=names[0], code="too_many_files")
     return uploads[0] if uploads else None
+
+
+def _is_form(request: Request) -> bool:
+    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")  # any case, as HTTP allows
 
 
 async def _json_body(request: Request) -> Any:
@@ -194,16 +200,26 @@ class Ingress:
                                              silence_s=self.config.limits.request_timeout_s),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @api.post("/v1/images/generations", response_model=ImagesResponse, responses=ERRORS)
-    async def image_generations(self, body: ImageGenerationRequest) -> Response:
+    @api.post("/v1/images/generations", response_model=ImagesResponse, responses=ERRORS,
+              openapi_extra=GENERATION_BODY)
+    async def image_generations(self, request: Request) -> Response:
+        """A generation; an edit sent here (a multipart form, or JSON with an `image`) is run as an
+        edit, not answered with a picture that ignores its image: the network's node looks an
+        image model up by its name alone and forwards edits to its generations URL too."""
+        if _is_form(request):
+            return await self._edit(*await self._read_form_edit(request))
+        raw = await _json_body(request)
+        if isinstance(raw, dict) and (raw.get("image") or raw.get("images")):
+            return await self._edit(*await self._read_json_edit(raw))
+        body = ImageGenerationRequest.model_validate(raw)
         target = self._target(body, "/v1/images/generations", lambda: body.prompt)
         return await self._images(target, body, image_job(body, target.config, self.config.limits))
 
     @api.post("/v1/images/edits", response_model=ImagesResponse, responses=ERRORS, openapi_extra=EDIT_BODY)
     async def image_edits(self, request: Request) -> Response:
-        target, body, image, mask = await self._read_edit(request)
-        job = image_job(body, target.config, self.config.limits, source=image, mask=mask)
-        return await self._images(target, body, job)
+        if _is_form(request):
+            return await self._edit(*await self._read_form_edit(request))
+        return await self._edit(*await self._read_json_edit(await _json_body(request)))
 
     @api.get("/health")
     async def health(self) -> Response:
@@ -314,35 +330,41 @@ class Ingress:
         return ImagesResponse(model=body.model, data=data, output_format=job.output_format,
                               size=f"{job.width}x{job.height}").model_dump_json()
 
-    async def _read_edit(self, request: Request) -> tuple[Target, ImageEditRequest, InputImage, InputImage | None]:
-        """An edit as JSON (image URLs) or multipart (uploaded files): its model resolved before any
-        image is fetched, its images checked before any model work."""
-        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # any case, as HTTP allows
-            fields, files = await _read_form(request, self.config.max_body_bytes)
-            body = ImageEditRequest.model_validate(fields)
-            target = self._target(body, "/v1/images/edits", lambda: body.prompt)
-            upload = _one_upload(files, "image", "image[]")
-            mask_upload = _one_upload(files, "mask")
-            if upload is None and len(files) == 1:  # a node may name the field e.g. `face_image`
-                upload = _one_upload(files, *files)
-            if upload is None and not body.image:
-                raise InvalidRequest("image is required: upload it as a file field named 'image'.", param="image")
-            # A form may also give an image (or mask) as a URL in a text field.
-            image = (await asyncio.to_thread(self.fetcher.check_upload, upload, param="image") if upload is not None
-                     else await self.fetcher.load(body.image, param="image"))  # type: ignore[arg-type]
-            mask = None
-            if mask_upload is not None:
-                mask = await asyncio.to_thread(self.fetcher.check_upload, mask_upload, param="mask")
-            elif body.mask:
-                mask = await self.fetcher.load(body.mask, param="mask")
-            return target, body, image, mask
-        # Parsed by the json module first, as FastAPI parses the other routes: pydantic's own
-        # parser calls a lone surrogate invalid JSON, where the field's check names the field.
-        body = ImageEditRequest.model_validate(await _json_body(request))
+    async def _edit(self, target: Target, body: ImageEditRequest, image: InputImage,
+                    mask: InputImage | None) -> Response:
+        job = image_job(body, target.config, self.config.limits, source=image, mask=mask)
+        return await self._images(target, body, job)
+
+    async def _read_form_edit(self, request: Request) -> tuple[Target, ImageEditRequest, InputImage, InputImage | None]:
+        """An edit as a multipart form (uploaded files): its model resolved before any image is
+        fetched, its images checked before any model work."""
+        fields, files = await _read_form(request, self.config.max_body_bytes)
+        body = ImageEditRequest.model_validate(fields)
+        target = self._target(body, "/v1/images/edits", lambda: body.prompt)
+        upload = _one_upload(files, "image", "image[]")
+        mask_upload = _one_upload(files, "mask")
+        if upload is None and len(files) == 1:  # a node may name the field e.g. `face_image`
+            upload = _one_upload(files, *files)
+        if upload is None and not body.image:
+            raise InvalidRequest("image is required: upload it as a file field named 'image'.", param="image")
+        # A form may also give an image (or mask) as a URL in a text field.
+        image = (await asyncio.to_thread(self.fetcher.check_upload, upload, param="image") if upload is not None
+                 else await self.fetcher.load(body.image, param="image"))  # type: ignore[arg-type]
+        mask = None
+        if mask_upload is not None:
+            mask = await asyncio.to_thread(self.fetcher.check_upload, mask_upload, param="mask")
+        elif body.mask:
+            mask = await self.fetcher.load(body.mask, param="mask")
+        return target, body, image, mask
+
+    async def _read_json_edit(self, raw: Any) -> tuple[Target, ImageEditRequest, InputImage, InputImage | None]:
+        """An edit as JSON (image URLs), parsed by the json module first, as FastAPI parses the
+        other routes: pydantic's own parser calls a lone surrogate invalid JSON, where the
+        field's check names the field."""
+        body = ImageEditRequest.model_validate(raw)
         target = self._target(body, "/v1/images/edits", lambda: body.prompt)
         if not body.image:
             raise InvalidRequest("image is required: an http(s) URL or a data: URL.", param="image")
         image = await self.fetcher.load(body.image, param="image")
         mask = await self.fetcher.load(body.mask, param="mask") if body.mask else None
         return target, body, image, mask
-

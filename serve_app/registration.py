@@ -38,7 +38,8 @@ logger = logging.getLogger("ray.serve")
 
 REGISTER_PATH = "/api/v0/ai/project/register"
 UNREGISTER_PATH = "/api/v0/ai/project/unregister"
-NODE_TYPES = {"/v1/chat/completions": 0, "/v1/images/generations": 1, "/v1/images/edits": 2}
+GENERATIONS_ROUTE, EDITS_ROUTE = "/v1/images/generations", "/v1/images/edits"
+NODE_TYPES = {"/v1/chat/completions": 0, GENERATIONS_ROUTE: 1, EDITS_ROUTE: 2}
 """The node's `type` of each route a model serves (`served_routes`): chat, text-to-image, image edit."""
 FIRST_RETRY_S = 1.0
 UNREGISTER_TIMEOUT_S = 2.0
@@ -87,12 +88,27 @@ class NodeError(Exception):
 
 
 def project_registration(project: str, base_url: str, live: Sequence[LiveModel]) -> ProjectRegistration:
-    """The node payload for these live models: one entry per model and route (image models twice)."""
-    return ProjectRegistration(project=project, models=tuple(
-        NodeModel(model=m.config.name, api=base_url + route, type=NODE_TYPES[route], cid=m.config.cid or "")
-        for m in live
-        for route in served_routes(m.config)
-    ))
+    """The node payload for these live models: one entry per model and route (image models twice).
+
+    A model that both generates and edits gives the generations URL for both: the node looks a
+    model up by its name alone, whatever the task, and forwards generations and edits alike to
+    the first entry it finds; the generations route runs an edit it is sent (a multipart form or
+    an `image` in the JSON) as an edit, where the edits route would refuse a generation."""
+    entries = []
+    for m in live:
+        routes = served_routes(m.config)
+        for route in routes:
+            url = GENERATIONS_ROUTE if route == EDITS_ROUTE and GENERATIONS_ROUTE in routes else route
+            entries.append(NodeModel(model=m.config.name, api=base_url + url, type=NODE_TYPES[route],
+                                     cid=m.config.cid or ""))
+    return ProjectRegistration(project=project, models=tuple(entries))
+
+
+def node_client(timeout_s: float) -> httpx.AsyncClient:
+    """A client for the nodes that ignores HTTP(S)_PROXY and the like from the environment: a
+    node is on this machine or its network (it only takes URLs of its own machine), and a proxy
+    set for the replicas' downloads would carry, or refuse, calls meant for it."""
+    return httpx.AsyncClient(timeout=timeout_s, trust_env=False)
 
 
 async def call_node(client: httpx.AsyncClient, url: str, path: str, body: BaseModel) -> NodeReply:
@@ -144,7 +160,7 @@ def _write_record(app_name: str, pairs: set[tuple[str, str]] | None) -> None:
 
 async def unregister_pairs(pairs: list[tuple[str, str]], timeout_s: float, why: str) -> None:
     """Unregister each (project, node URL), concurrently; each outcome logged, none raised."""
-    async with httpx.AsyncClient(timeout=min(timeout_s, UNREGISTER_TIMEOUT_S)) as client:
+    async with node_client(min(timeout_s, UNREGISTER_TIMEOUT_S)) as client:
         results = await asyncio.gather(*(call_node(client, url, UNREGISTER_PATH, ProjectUnregistration(
             project=project)) for project, url in pairs), return_exceptions=True)
     for (project, url), result in zip(pairs, results):
@@ -174,6 +190,8 @@ class NodeState:
     url: str
     state: NodeStateName = "pending"
     registered: ProjectRegistration | None = None
+    """What this registrar last had the node hold; None: unknown (the node keeps registrations
+    across restarts of either side, so it may hold what an earlier run announced)."""
     registered_at: float = float("-inf")  # monotonic
     retry_at: float = float("-inf")  # monotonic; back-off after a failure
     last_success: float | None = None  # wall clock, for humans
@@ -184,14 +202,15 @@ class NodeState:
     def due(self, payload: ProjectRegistration, now: float, interval_s: float) -> bool:
         """Register now? On a change, or when the interval passed; never while backing off.
 
-        An empty model list is only sent to replace models registered before:
-        before anything is live there is nothing to announce.
+        An empty model list is sent too, at start as well: the node keeps what an earlier run
+        of this application announced (its registrations outlive both sides' restarts), and
+        would otherwise send traffic for models that are not live, or no longer configured.
         """
         if now < self.retry_at:
             return False
         if payload == self.registered:
             return now - self.registered_at >= interval_s
-        return bool(payload.models) or self.registered is not None
+        return True
 
     def as_status(self) -> dict[str, Any]:
         models = [m.model_dump() for m in self.registered.models] if self.registered else []
@@ -219,7 +238,7 @@ class Registrar:
         """Start one background loop per node on the running event loop (nothing when disabled)."""
         if not self.options.enabled or self._tasks:
             return
-        self._client = httpx.AsyncClient(timeout=self.options.timeout_s)
+        self._client = node_client(self.options.timeout_s)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._node_loop(node), name=f"register {node.url}")
                        for node in self._nodes]
@@ -239,7 +258,7 @@ class Registrar:
     async def unregister(self) -> None:
         """Tell every node the project is gone: best effort, bounded by a short timeout."""
         body = ProjectUnregistration(project=self.project)
-        async with httpx.AsyncClient(timeout=min(self.options.timeout_s, UNREGISTER_TIMEOUT_S)) as client:
+        async with node_client(min(self.options.timeout_s, UNREGISTER_TIMEOUT_S)) as client:
             results = await asyncio.gather(*(call_node(client, node.url, UNREGISTER_PATH, body)
                                              for node in self._nodes), return_exceptions=True)
         for node, result in zip(self._nodes, results):

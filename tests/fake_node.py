@@ -5,7 +5,7 @@ validation and reply shapes (success is `{"message": "ok"}` with no `code`),
 so the registrar is tested against what it will meet, over real sockets. Tests
 can make it fail (`fail_status = 500`), take it down (`stop()`: connection
 refused) and bring it back on the same port (`start()`), or restart it with an
-empty registry (`restart()`), and read what it received (`received`) and what
+empty registry (`restart()`, a reset), and read what it received (`received`) and what
 it holds (`projects`). Written independently of `serve_app.registration` on
 purpose: a shared model would hide a shared mistake.
 """
@@ -115,7 +115,8 @@ class FakeNode:
             self._thread = None
 
     def restart(self) -> None:
-        """A node restart that forgot every registration."""
+        """A node whose registry was reset (the real node keeps registrations in its config
+        file across a plain restart; one reinstalled, or its file replaced, forgets them)."""
         self.stop()
         with self._lock:
             self.projects.clear()

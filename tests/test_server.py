@@ -437,6 +437,22 @@ def test_edit_json_in_openai_image_url_form(http):
         assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
 
 
+def test_an_edit_sent_to_the_generations_url_runs_as_an_edit(http):
+    """The network's node finds an image model by name alone and may forward an edit (a
+    multipart form, as it sends edits) to the generations URL: it is run as the same edit,
+    not answered with a picture that ignores its image. JSON with an `image` too."""
+    form = {"data": {"model": IMAGE, "prompt": "beret", "seed": "5", "size": "64x64", "response_format": "b64_json"},
+            "files": {"image": ("in.png", _png_bytes((64, 64), "red"), "image/png")}}
+    edited = assert_success(http.post("/v1/images/edits", **form))["data"]
+    assert assert_success(http.post("/v1/images/generations", **form))["data"] == edited
+    data_url = "data:image/png;base64," + base64.b64encode(_png_bytes((120, 80))).decode()
+    body = assert_success(http.post("/v1/images/generations", json={
+        "model": IMAGE, "prompt": "beret", "image": data_url, "response_format": "b64_json"}))
+    assert png_of(base64.b64decode(body["data"][0]["b64_json"])).size == (120, 80)  # the input's, as edits keep it
+    refused = http.post("/v1/images/generations", json={"model": IMAGE, "prompt": "beret", "image": "data:,nope"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "image", refused.text
+
+
 def test_openai_images_edit_with_several_images_is_refused_not_cut(client):
     """OpenAI's client sends a list of images as `image[]` parts; this server edits one, so
     two are a 400 rather than an edit of the first alone. A list of one is that image."""
