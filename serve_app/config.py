@@ -10,6 +10,7 @@ naming the field instead of being ignored.
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -505,6 +506,10 @@ def config_warnings(config: AppConfig) -> list[str]:
         warnings.append(f"max_text_body_bytes ({config.max_text_body_bytes}) is below 4 bytes per character of "
                         f"limits.max_prompt_chars ({config.limits.max_prompt_chars}): a chat request within the "
                         "prompt limit may be refused as too large (413)")
+    if config.registration.enabled and (config.auth.api_keys or os.environ.get(config.auth.api_keys_env, "").strip()):
+        warnings.append("registration is on and API keys are required: the network's node forwards requests "
+                        "without a key, so each one will be refused (401); to serve the network, turn the keys "
+                        "off and let only the node's machine reach this port (a firewall rule)")
     return warnings
 
 

@@ -192,6 +192,21 @@ def test_likely_mistakes_are_warned_about_not_refused(models_dir):
     assert "max_text_body_bytes (4194304) is below 4 bytes per character of limits.max_prompt_chars" in warnings[2]
 
 
+def test_registration_with_api_keys_is_warned_about(models_dir, monkeypatch):
+    """The network's node forwards requests without a key: with keys on, each would be a 401."""
+    monkeypatch.delenv("SERVE_APP_API_KEYS", raising=False)
+
+    def registered(args, keys=()):
+        args["registration"] = {"enabled": True}
+        for model in args["models"]:
+            model["cid"] = "cid-" + model["name"]
+        args["auth"] = {"api_keys": list(keys)}
+    assert config_warnings(validate(registered)) == []
+    assert "refused (401)" in " ".join(config_warnings(validate(lambda a: registered(a, ["k"]))))
+    monkeypatch.setenv("SERVE_APP_API_KEYS", "k1,k2")
+    assert "refused (401)" in " ".join(config_warnings(validate(registered)))
+
+
 def test_gpu_config_requests_a_gpu():
     options = validate(lambda a: a["models"][0]["deployment"].update(num_gpus=1)).models[0].deployment.serve_options()
     assert options["ray_actor_options"]["num_gpus"] == 1
