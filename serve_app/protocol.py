@@ -136,6 +136,7 @@ class ChatMessage(WireModel):
     name: Text | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: Text | None = None
+    function_call: ToolCallFunction | None = None  # OpenAI's older form of an assistant's one tool call
 
     def text(self) -> str:
         """The content as one string (text parts joined by newlines, as vLLM joins them)."""
@@ -222,6 +223,9 @@ class ChatCompletionRequest(BoundedRequest):
     response_format: ResponseFormatSpec | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    function_call: str | dict[str, Any] | None = None  # OpenAI's older `tool_choice`
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
     user: str | None = None
 
     @field_validator("top_logprobs")
@@ -252,9 +256,24 @@ class ChatCompletionRequest(BoundedRequest):
                              "decoding); use 'text' and ask for JSON in the prompt")
         return value
 
-    @field_validator("tool_choice")
+    @field_validator("modalities")
     @classmethod
-    def _no_forced_tool_calls(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    def _text_out_only(cls, value: list[str] | None) -> list[str] | None:
+        if value and set(value) != {"text"}:
+            raise ValueError("this server answers in text only: modalities may only name 'text'")
+        return value
+
+    @field_validator("audio")
+    @classmethod
+    def _no_audio_out(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            raise ValueError("this server answers in text only, never in audio")
+        return value
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_forced_tool_calls(cls, value: str | dict[str, Any] | None,
+                              info: ValidationInfo) -> str | dict[str, Any] | None:
         # OpenAI's `allowed_tools` form carries the same modes: {"type": "allowed_tools", "allowed_tools": {"mode": ...}}
         mode = value
         if isinstance(value, dict):  # a named function (or custom tool) forces a call; allowed_tools has a mode
@@ -262,7 +281,7 @@ class ChatCompletionRequest(BoundedRequest):
             mode = (allowed.get("mode") if isinstance(allowed, dict) else allowed) \
                 if value.get("type") == "allowed_tools" else value
         if mode is not None and mode not in ("auto", "none"):
-            raise ValueError("this server does not make tool calls: tool_choice may be 'auto' or 'none' "
+            raise ValueError(f"this server does not make tool calls: {info.field_name} may be 'auto' or 'none' "
                              "(the model then answers in text)")
         return value
 
@@ -281,10 +300,20 @@ class AssistantMessage(WireModel):
     annotations: list[Any] = Field(default_factory=list)
 
 
+LEAST_LOGPROB = -9999.0
+"""What a token the sampler ruled out (top-k, top-p, a -100 bias) reports, as vLLM and OpenAI
+report it: JSON has no -Infinity, and pydantic would write it as null, which clients reject."""
+
+
 class TopLogprob(WireModel):
     token: str
     logprob: float
     bytes: list[int] | None = None
+
+    @field_validator("logprob")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        return max(value, LEAST_LOGPROB)
 
 
 class TokenLogprob(TopLogprob):

@@ -48,6 +48,23 @@ def template_message(message: ChatMessage) -> dict[str, Any]:
     return entry
 
 
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The conversation as chat templates take it (`template_message`), OpenAI's older function
+    calling read as the tool call and result it is: an assistant's `function_call` as its one
+    tool call, under an id made up here, and the `function` message(s) after it as that call's
+    result (templates that pair calls and results by id need one)."""
+    entries, call_id = [], None
+    for index, message in enumerate(messages):
+        entry = template_message(message)
+        if message.function_call is not None and not message.tool_calls:
+            call_id = f"call_{index}"
+            entry["tool_calls"] = [_template_call(ToolCall(id=call_id, function=message.function_call))]
+        elif message.role == "function" and message.tool_call_id is None and call_id is not None:
+            entry["tool_call_id"] = call_id
+        entries.append(entry)
+    return entries
+
+
 def _template_call(call: ToolCall) -> dict[str, Any]:
     """A tool call as templates read it: a function's arguments as an object; a custom tool's
     `input` (free text) passed as it came."""
@@ -106,7 +123,7 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
     _check_n(request.n, config.max_n)
     if len(request.messages) > limits.max_messages:
         raise InvalidRequest(f"At most {limits.max_messages} messages are accepted.", param="messages")
-    messages = [template_message(m) for m in request.messages]
+    messages = template_messages(request.messages)
     if prompt_chars(messages) > limits.max_prompt_chars:
         raise InvalidRequest(f"The messages are longer than {limits.max_prompt_chars} characters in all.",
                              param="messages", code="prompt_too_long")

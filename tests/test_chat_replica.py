@@ -651,6 +651,57 @@ def test_a_custom_tool_call_in_the_history_reaches_the_template_as_it_came():
         ChatMessage.model_validate({"role": "assistant", "tool_calls": [{"id": "c", "type": "function"}]})
 
 
+def test_openai_legacy_function_calling_in_the_history_reads_as_tool_calls():
+    """OpenAI's older function calling: an assistant's `function_call` reaches the template as
+    its one tool call, and the `function` message answering it as that call's result (a tool
+    message with the call's id, which templates that pair them need)."""
+    from serve_app.protocol import ChatMessage
+    from serve_app.translate import template_messages
+
+    history = [ChatMessage.model_validate(m) for m in (
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "function_call": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}},
+        {"role": "function", "name": "weather", "content": "18C"})]
+    user, assistant, result = template_messages(history)
+    assert user == {"role": "user", "content": "Weather in Paris?"}
+    assert assistant["tool_calls"] == [{"id": "call_1", "type": "function",
+                                        "function": {"name": "weather", "arguments": {"city": "Paris"}}}]
+    assert result == {"role": "tool", "content": "18C", "name": "weather", "tool_call_id": "call_1"}
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"function_call": {"name": "weather"}}, "function_call"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio")])
+def test_asking_for_what_this_server_never_does_is_a_400_not_ignored(fields, param):
+    """A forced function call (the older `tool_choice`) or an answer in audio would silently be
+    plain text: refused, naming the parameter. `function_call: "auto"` and text-only
+    `modalities` are what this server does anyway, so they pass."""
+    from pydantic import ValidationError
+
+    from serve_app.http_errors import validation_error
+    from serve_app.protocol import ChatCompletionRequest
+
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(ValidationError) as refused:
+        ChatCompletionRequest.model_validate({**base, **fields})
+    error = validation_error(refused.value)
+    assert (error.status_code, error.param) == (400, param) and "text" in error.message
+    ChatCompletionRequest.model_validate({**base, "function_call": "auto", "modalities": ["text"], "audio": None})
+
+
+def test_a_token_the_model_rules_out_reports_a_finite_logprob():
+    """JSON has no -Infinity (pydantic would write null, which OpenAI's client rejects): such a
+    token reports -9999.0, as vLLM and OpenAI report it."""
+    from serve_app.jobs import TokenAlternative, TokenLogprob
+    from serve_app.translate import choice_logprobs
+
+    entry = TokenLogprob(token="a", logprob=float("-inf"), bytes=[97],
+                         top=[TokenAlternative(token="a", logprob=float("-inf"), bytes=[97])])
+    wire = json.loads(choice_logprobs([entry]).model_dump_json())
+    assert wire["content"][0]["logprob"] == -9999.0 and wire["content"][0]["top_logprobs"][0]["logprob"] == -9999.0
+
+
 def test_the_prefill_budget_never_holds_back_newcomers_of_a_cache_that_cannot_merge(models_dir, tmp_path):
     """A recurrent model's newcomers cannot join a running batch: over-budget ones would wait
     for the whole batch to finish, so they are all prefilled together instead."""
