@@ -179,8 +179,26 @@ async def unregister_stale(app_name: str, current: set[tuple[str, str]], timeout
         await unregister_pairs(sorted(previous - current), timeout_s, "no longer in the config")
         if previous != current:  # an empty record where pairs were: what the outgoing registrar reads
             await asyncio.to_thread(_write_record, app_name, current)
+        for other, pairs in (await asyncio.to_thread(_shared_pairs, app_name, current)).items():
+            logger.warning("application %r registers the same project with the same node as this one (%s): "
+                           "each registration replaces the other's model list, so the node routes to one "
+                           "application's models at a time; give each application its own `project` "
+                           "(or `registration.project`)", other,
+                           ", ".join(f"{project} at {url}" for project, url in sorted(pairs)))
     except Exception:  # noqa: BLE001 - cleanup of an old config must never stop serving
         logger.warning("could not clean up registrations of an earlier config", exc_info=True)
+
+
+def _shared_pairs(app_name: str, pairs: set[tuple[str, str]]) -> dict[str, set[tuple[str, str]]]:
+    """Other applications of this Ray cluster whose record holds any of `pairs`. Blocking."""
+    from ray.experimental.internal_kv import _internal_kv_initialized, _internal_kv_list
+
+    if not pairs or not _internal_kv_initialized():
+        return {}
+    prefix = _record_key("")
+    others = (key.decode().removeprefix(prefix) for key in _internal_kv_list(prefix, namespace=KV_NAMESPACE))
+    shared = {other: (_read_record(other) or set()) & pairs for other in others if other != app_name}
+    return {other: both for other, both in shared.items() if both}
 
 
 @dataclass

@@ -444,3 +444,23 @@ def test_a_redeploy_withdraws_what_the_new_config_no_longer_announces(cluster, n
         assert node.models_of("NewName") is None and node.models_of("OldName") is None
     finally:
         serve.delete("rereg_app")
+
+
+@pytest.mark.slow
+def test_two_applications_registering_one_project_with_one_node_are_warned_about(cluster, serve_caplog) -> None:
+    """Each registration replaces the project's whole model list on the node: two applications
+    announcing one project to one node would take turns holding it. The second to start says so."""
+    from serve_app.registration import _write_record, unregister_stale
+
+    pairs = {("SharedProject", "http://127.0.0.1:7002")}
+    try:
+        asyncio.run(unregister_stale("shared_a", pairs, timeout_s=1))
+        assert "registers the same project" not in serve_caplog.text
+        asyncio.run(unregister_stale("shared_b", {("OtherProject", "http://127.0.0.1:7002")}, timeout_s=1))
+        assert "registers the same project" not in serve_caplog.text
+        asyncio.run(unregister_stale("shared_c", pairs | {("X", "http://127.0.0.1:7002")}, timeout_s=1))
+        assert "application 'shared_a' registers the same project with the same node as this one " \
+               "(SharedProject at http://127.0.0.1:7002)" in serve_caplog.text
+    finally:
+        for app in ("shared_a", "shared_b", "shared_c"):
+            _write_record(app, None)
