@@ -31,7 +31,7 @@ logger = logging.getLogger("ray.serve")
 OPEN_PATHS = ("/health", "/ready")
 CLIENT_CLOSED_REQUEST = ClientClosedRequest.status_code
 """The status a request Serve cancelled (its client left) is logged and counted with."""
-EDITS_ROUTE = "/v1/images/edits"
+EDITS_ROUTE, GENERATIONS_ROUTE = "/v1/images/edits", "/v1/images/generations"
 
 
 class ApiKeys:
@@ -150,13 +150,21 @@ class RequestGuard:
                 await error_response(error)(scope, receive, send)
                 return
         # An edit carries images; every other body is text, whose parsing costs the event loop per object.
-        limit: int | None = getattr(state, "max_body_bytes" if app_path(scope) == EDITS_ROUTE else "max_text_body_bytes",
+        limit: int | None = getattr(state, "max_body_bytes" if _may_carry_images(scope) else "max_text_body_bytes",
                                     None)
         declared = header(scope, b"content-length")
         if limit and declared and declared.isdigit() and int(declared) > limit:
             await error_response(_too_large(limit))(scope, receive, send)
             return
         await self.app(scope, _limited(receive, limit) if limit else receive, send)
+
+
+def _may_carry_images(scope: Scope) -> bool:
+    """An edit's body: on the edits route, or a multipart form on the generations route (which runs
+    the edits the network's node forwards there, as forms)."""
+    path = app_path(scope)
+    return path == EDITS_ROUTE or (path == GENERATIONS_ROUTE and (header(scope, b"content-type") or b"").lower()
+                                   .startswith(b"multipart/form-data"))
 
 
 def _limited(receive: Receive, limit: int) -> Receive:

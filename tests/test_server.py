@@ -613,6 +613,9 @@ BAD_REQUESTS = [
     ("post", "/v1/images/generations", {"content": [b" " * 2**20] * 5, "headers": {"content-type": "application/json"}}, 413, None),
     ("post", "/v1/images/edits", {"data": {"model": IMAGE, "prompt": "x", "note": "n" * (5 * 2**20)},
                                   "files": {"image": ("a.png", b"not an image")}}, 400, "image"),
+    # ... and so may an edit's form sent to the generations route (as the network's node sends it).
+    ("post", "/v1/images/generations", {"data": {"model": IMAGE, "prompt": "x", "note": "n" * (5 * 2**20)},
+                                        "files": {"image": ("a.png", b"not an image")}}, 400, "image"),
     # JSON values are counted before pydantic builds or checks them: a million tiny tool calls,
     # stops or biases cost the ingress seconds and gigabytes.
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [
