@@ -182,6 +182,16 @@ def per_image(group: list[PreparedJob], value: Callable[[PreparedJob], Any]) -> 
     return [value(item) for item in group for _ in range(item.job.n)]
 
 
+def to_channels_last(module: torch.nn.Module) -> bool:
+    """Put a module's weights in channels-last layout, faster for 2-D convolutions on GPUs; one
+    with 3-D convolutions (5-D weights: Qwen-Image's VAE, video VAEs) is left as it is, as torch
+    refuses that layout for them (the replica failed to start). Returns whether it moved."""
+    if any(parameter.dim() == 5 for parameter in module.parameters()):
+        return False
+    module.to(memory_format=torch.channels_last)
+    return True
+
+
 @serve.deployment
 class ImageModel(ModelReplica):
     """One replica of one image model; `max_batch_size` requests share a pipeline call."""
@@ -198,7 +208,7 @@ class ImageModel(ModelReplica):
             for name in ("unet", "vae"):  # the convolutional parts; transformer-based pipelines have no unet
                 module = getattr(base, name, None)
                 if isinstance(module, torch.nn.Module):
-                    module.to(memory_format=torch.channels_last)
+                    to_channels_last(module)
         multiple = pixel_multiple(base)
         if config.size_multiple % multiple:
             raise ValueError(f"image model {config.name!r}: size_multiple is {config.size_multiple}, but this "

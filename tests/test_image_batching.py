@@ -168,6 +168,20 @@ def test_batch_size_one_runs_each_request_alone(model, monkeypatch):
 # ------------------------------------------------------------------ through the server
 
 
+def test_channels_last_leaves_3d_convolutions_as_they_are():
+    """Qwen-Image's VAE is built of 3-D convolutions, whose 5-D weights torch refuses to put in
+    channels-last layout: with `channels_last: true` (the default) the replica failed to start."""
+    import torch
+    from diffusers import AutoencoderKLQwenImage
+
+    from serve_app.image_model import to_channels_last
+
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False])
+    assert to_channels_last(vae) is False
+    conv = torch.nn.Conv2d(3, 4, 3)
+    assert to_channels_last(conv) is True and conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_concurrent_requests_share_pipeline_calls(http):
     from ray import serve
 
