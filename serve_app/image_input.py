@@ -20,6 +20,7 @@ import base64
 import binascii
 import io
 import ipaddress
+import re
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,7 +48,33 @@ DNS server never answers holds its thread until the system resolver gives up, lo
 the request's 400. On threads of their own, such names can stall only other lookups, never
 the event loop's shared pool (image encoding, uploads, file responses, Serve's status)."""
 EXIF_ORIENTATION = 0x0112
-SIDEWAYS = {5, 6, 7, 8}  # orientations that swap width and height (ImageOps.exif_transpose turns them upright)
+SIDEWAYS = {5, 6, 7, 8}  # orientations that swap width and height (`upright` turns them upright)
+UPRIGHT_BY = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+"""How each EXIF orientation is turned upright (as `ImageOps.exif_transpose` turns it)."""
+_XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')  # as Pillow finds it
+
+
+def orientation(image: Image.Image) -> int:
+    """A picture's orientation, from what its header says (EXIF, else XMP's tiff:Orientation, as
+    Pillow reads them), before a pixel is decoded; 1 (upright) when it says nothing. The ingress
+    sizes an edit by it and the replica turns the picture by it: read the same way in both, an
+    image is never sized one way and turned another (a PNG's chunks after its pixels, which
+    Pillow reads once it decodes them, are not asked)."""
+    if "exif" in image.info:
+        return image.getexif().get(EXIF_ORIENTATION, 1)
+    xmp = image.info.get("XML:com.adobe.xmp") or image.info.get("xmp")
+    if isinstance(xmp, str):
+        xmp = xmp.encode("utf-8", "surrogatepass")
+    match = _XMP_ORIENTATION.search(xmp) if xmp else None
+    return int(match[2]) if match else 1
+
+
+def upright(image: Image.Image, turned_by: int) -> Image.Image:
+    """The decoded picture turned as its header's `orientation` says (a phone's photo is stored sideways)."""
+    method = UPRIGHT_BY.get(turned_by)
+    return image.transpose(method) if method is not None else image
 @dataclass(frozen=True)
 class InputImage:
     data: bytes
@@ -76,9 +103,8 @@ def inspect_image(data: bytes, *, param: str, accepted_formats: Sequence[str] = 
         raise _unreadable(param, accepted_formats) from exc
     with image:
         width, height = image.size
-        # Stored sideways (a phone's photo): the model sees it upright. EXIF read from the header
-        # only (`info`); asking a PNG for EXIF it has not seen yet would decode its pixels.
-        if "exif" in image.info and image.getexif().get(EXIF_ORIENTATION) in SIDEWAYS:
+        # Stored sideways (a phone's photo): the model sees it upright.
+        if orientation(image) in SIDEWAYS:
             width, height = height, width
         if width * height > max_pixels:
             raise _too_many_pixels(param, max_pixels)

@@ -42,6 +42,7 @@ from ray import serve
 
 from serve_app.config import ImageModelConfig
 from serve_app.errors import APIError, InvalidRequest
+from serve_app.image_input import orientation, upright
 from serve_app.jobs import ImageJob, ImageResult
 from serve_app.metrics import ImageMetrics
 from serve_app.placement import ModelReplica
@@ -74,12 +75,14 @@ def encode_image(image: Image.Image, output_format: str = "png", quality: int | 
 
 
 def open_image(data: bytes, *, param: str) -> Image.Image:
-    """An input image, decoded and turned upright as its EXIF orientation says (a phone's
-    photo is stored sideways); any decoder failure is the client's bad input."""
+    """An input image, decoded and turned upright as its header says (a phone's photo is
+    stored sideways), read as the ingress read it to size the edit (`image_input.orientation`);
+    any decoder failure is the client's bad input."""
     try:
         image = Image.open(io.BytesIO(data))
+        turned_by = orientation(image)  # from the header, before decoding adds a PNG's late chunks
         image.load()
-        return eight_bit(ImageOps.exif_transpose(image))
+        return eight_bit(upright(image, turned_by))
     except Exception as exc:  # noqa: BLE001 - any decoder failure is the client's bad input
         raise InvalidRequest(f"{param} is not a readable image", param=param) from exc
 

@@ -230,6 +230,32 @@ def test_a_sideways_photo_is_edited_upright():
     assert open_image(data, param="image").size == (48, 80)
 
 
+@pytest.mark.parametrize("image_format", ["JPEG", "PNG", "WEBP"])
+def test_a_photo_turned_by_xmp_alone_is_sized_and_turned_alike(image_format):
+    """An orientation given only in XMP (`tiff:Orientation`, which Pillow honours): the ingress
+    sized the edit as stored while the replica turned the picture, squashing it (and a mask
+    drawn for the upright picture was refused)."""
+    from PIL import PngImagePlugin
+
+    from serve_app.image_input import inspect_image
+    from serve_app.image_model import open_image
+
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    image, buffer = Image.new("RGB", (80, 48), "green"), io.BytesIO()
+    image.paste((255, 0, 0), (0, 0, 10, 48))  # a red left edge: the top once turned upright
+    if image_format == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", xmp)
+        image.save(buffer, "PNG", pnginfo=info)
+    else:
+        image.save(buffer, image_format, xmp=xmp.encode())
+    data = buffer.getvalue()
+    checked, opened = inspect_image(data, param="image"), open_image(data, param="image")
+    assert (checked.width, checked.height) == opened.size == (48, 80)
+    assert opened.convert("RGB").getpixel((24, 2))[0] > 200  # turned, not stretched: red on top
+
+
 def test_options_a_pipeline_does_not_take_are_left_out_or_refused(model, monkeypatch):
     """diffusers' families take different options (a FLUX Kontext edit has no `strength`, FLUX.2
     no `negative_prompt`): what a pipeline lacks is not passed, and a negative prompt it cannot
