@@ -270,6 +270,10 @@ class ImageModelConfig(BaseModelConfig):
         None, gt=1, description="For pipelines with true classifier-free guidance (FLUX.1, Qwen-Image): its "
         "scale when a request gives a negative_prompt (each step then runs twice). Default: the pipeline's "
         "own where it is above 1, else 4 (FLUX.1's default of 1 would ignore the negative prompt).")
+    guidance_scale: float | None = Field(
+        None, ge=0, description="Classifier-free guidance scale for every call, where the pipeline takes one. "
+        "Default: the pipeline's own (7.5 for Stable Diffusion); distilled checkpoints want theirs: 0 for "
+        "sd-turbo and sdxl-turbo, which at 7.5 burn their images and run each step twice.")
     channels_last: bool = Field(
         True, description="Put the UNet and VAE in channels-last memory format, which convolution "
         "kernels run faster on (diffusers' own speed advice, on CPU and GPU).")

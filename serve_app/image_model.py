@@ -482,6 +482,8 @@ class ImageModel(ModelReplica):
             scale = self._true_cfg_scale(first.mode)
             if scale is not None:
                 arguments["true_cfg_scale"] = scale
+        if self.config.guidance_scale is not None:
+            arguments["guidance_scale"] = self.config.guidance_scale
         if first.mode != "t2i":
             arguments["image"] = each(lambda item: item.init_image)
             arguments["strength"] = first.job.strength

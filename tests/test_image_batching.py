@@ -396,6 +396,24 @@ def test_a_negative_prompt_turns_on_true_guidance_where_a_pipeline_needs_it(mode
     assert sorted(passed) == [1.0, 4.0]
 
 
+def test_the_configured_guidance_scale_reaches_every_call(model, monkeypatch):
+    """Turbo checkpoints want guidance 0 (at the pipeline's 7.5 their images burn): the
+    config's `guidance_scale` is passed to every call, generation and edit; unset, none is."""
+    passed = []
+    for mode in ("t2i", "i2i"):
+        real = model.pipelines[mode]
+
+        def recording(real=real, **arguments):
+            passed.append(arguments.get("guidance_scale"))
+            return real(**arguments)
+        monkeypatch.setitem(model.pipelines, mode, recording)
+    model.run_jobs([job("a")])
+    monkeypatch.setattr(model, "config", model.config.model_copy(update={"guidance_scale": 0.0}))
+    model.run_jobs([job("b")])
+    model.run_jobs([job("c", init_image=png_bytes("red"), strength=0.5)])
+    assert passed == [None, 0.0, 0.0]
+
+
 def test_an_edit_without_strength_gets_its_kind_of_edit_default(model, monkeypatch):
     """OpenAI clients send no strength. A masked edit (a mask, or transparent pixels) repaints
     the masked area from scratch (`default_inpaint_strength`, 1), as OpenAI's edits do; an
