@@ -24,6 +24,7 @@ import torch
 
 from serve_app import kv_cache
 from serve_app.decoding import PositionLogprobs
+from serve_app.errors import ServerError
 from serve_app.jobs import ChoiceDelta
 from serve_app.placement import spread_devices
 from serve_app.sampling import Row, SamplingPlan, choose_tokens
@@ -263,8 +264,11 @@ def context_length(model) -> int | None:
     return None if config is None else getattr(config.get_text_config(), "max_position_embeddings", None)
 
 
-class NotANumber(RuntimeError):
-    """A row's logits hold NaN or +inf: the model computed nonsense for it."""
+class NotANumber(ServerError):
+    """A row's logits hold NaN or +inf: the model computed nonsense for it. A 500 whose message
+    says so (and what to set), not the generic one: the client's request was fine."""
+
+    default_code = "model_output_not_a_number"
 
 
 def _failed(slots: list[Slot], exc: Exception) -> list[tuple[Slot, int, str]]:

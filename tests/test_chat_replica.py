@@ -17,6 +17,7 @@ from serve_app.decoding import ChoiceDecoder
 from serve_app.chat_model import ChatModel
 from serve_app.config import ChatModelConfig, RequestLimits
 from serve_app.errors import InvalidRequest, Overloaded
+from serve_app.http_errors import as_api_error
 from serve_app.jobs import ChatJob
 from serve_app.protocol import ChatCompletionRequest
 from serve_app.translate import chat_job
@@ -629,6 +630,9 @@ def test_a_row_whose_logits_are_not_numbers_fails_alone(replica):
     alone, (survivor, failed) = asyncio.run(run())
     assert isinstance(failed, NotANumber) and "set dtype" in str(failed)
     assert survivor.choices[0].text == alone.choices[0].text
+    # The client is told what happened (a 500 of its own), not the generic "Internal server error".
+    error = as_api_error(failed)
+    assert (error.status_code, error.code) == (500, "model_output_not_a_number") and "NaN" in error.message
 
 
 def test_a_custom_tool_call_in_the_history_reaches_the_template_as_it_came():
