@@ -301,6 +301,9 @@ class Ingress:
                 answered = await answer
         except APIError:
             raise
+        except asyncio.CancelledError:  # the client left: Serve 2.60 cancels the model call too, this makes sure
+            cancel()
+            raise
         except TimeoutError:
             cancel()
             if not await self.catalog.is_running(target.config.name):
