@@ -99,7 +99,7 @@ class ImageStore:
             if path.parent == self.directory:
                 try:  # non-blocking: a FIFO under an image's name must not hang the open
                     handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-                except FileNotFoundError:
+                except OSError:  # gone, or not a file anyone may read (a socket: ENXIO; EACCES)
                     pass
                 else:
                     info = os.fstat(handle)

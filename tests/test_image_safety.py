@@ -14,6 +14,7 @@ import datetime
 import io
 import ipaddress
 import os
+import socket
 import ssl
 import struct
 import threading
@@ -591,7 +592,7 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
 @pytest.mark.parametrize("name", ["../x.png", "..%2Fx.png", "%2e%2e%2fetc%2fpasswd", "/etc/passwd",
                                   "../../../../etc/passwd", "AAAAAAAAAAAAAAAAAAAA.png/../x", "",
                                   "nothere1234567890123.png", "link_outside_0000000.png", ".tmp-abcdefgh.png",
-                                  "a_folder_00000000000.png", "a_fifo_0000000000000.png"])
+                                  "a_folder_00000000000.png", "a_fifo_0000000000000.png", "a_socket_00000000000.png"])
 def test_unknown_or_escaping_names_are_404(tmp_path: Path, name: str) -> None:
     (tmp_path / "outside.png").write_bytes(PNG)
     store = ImageStore(str(tmp_path / "store"), "http://h")
@@ -599,7 +600,12 @@ def test_unknown_or_escaping_names_are_404(tmp_path: Path, name: str) -> None:
     (store.directory / ".tmp-abcdefgh.png").write_bytes(PNG)
     (store.directory / "a_folder_00000000000.png").mkdir()
     os.mkfifo(store.directory / "a_fifo_0000000000000.png")  # opening it for reading must not hang
-    expect(NotFound, 404, "file_not_found", lambda: store.open(name), param="name")
+    listener = socket.socket(socket.AF_UNIX)  # opening one fails with ENXIO, which was a 500
+    listener.bind(str(store.directory / "a_socket_00000000000.png"))
+    try:
+        expect(NotFound, 404, "file_not_found", lambda: store.open(name), param="name")
+    finally:
+        listener.close()
 
 
 @pytest.mark.parametrize("headers, status, body", [
