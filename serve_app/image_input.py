@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import io
 import ipaddress
 import re
@@ -57,13 +58,21 @@ _XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')  # as Pillow fi
 
 
 def orientation(image: Image.Image) -> int:
-    """A picture's orientation, from what its header says (EXIF, else XMP's tiff:Orientation, as
+    """A picture's orientation, from what its header says (EXIF, or a PNG's ImageMagick raw
+    profile of it; else XMP's tiff:Orientation, as
     Pillow reads them), before a pixel is decoded; 1 (upright) when it says nothing. The ingress
     sizes an edit by it and the replica turns the picture by it: read the same way in both, an
     image is never sized one way and turned another (a PNG's chunks after its pixels, which
     Pillow reads once it decodes them, are not asked)."""
+    exif = None
     if "exif" in image.info:
-        return image.getexif().get(EXIF_ORIENTATION, 1)
+        exif = image.getexif()
+    elif "Raw profile type exif" in image.info:  # ImageMagick's PNG text chunk: hex, after three header lines
+        exif = Image.Exif()
+        with contextlib.suppress(Exception):  # a broken profile says nothing, as a missing one
+            exif.load(bytes.fromhex("".join(image.info["Raw profile type exif"].split("\n")[3:])))
+    if exif is not None and EXIF_ORIENTATION in exif:
+        return exif[EXIF_ORIENTATION]
     xmp = image.info.get("XML:com.adobe.xmp") or image.info.get("xmp")
     if isinstance(xmp, str):
         xmp = xmp.encode("utf-8", "surrogatepass")

@@ -230,7 +230,7 @@ def test_a_sideways_photo_is_edited_upright():
     assert open_image(data, param="image").size == (48, 80)
 
 
-@pytest.mark.parametrize("image_format", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("image_format", ["JPEG", "PNG", "WEBP", "PNG raw profile"])
 def test_a_photo_turned_by_xmp_alone_is_sized_and_turned_alike(image_format):
     """An orientation given only in XMP (`tiff:Orientation`, which Pillow honours): the ingress
     sized the edit as stored while the replica turned the picture, squashing it (and a mask
@@ -247,6 +247,13 @@ def test_a_photo_turned_by_xmp_alone_is_sized_and_turned_alike(image_format):
     if image_format == "PNG":
         info = PngImagePlugin.PngInfo()
         info.add_itxt("XML:com.adobe.xmp", xmp)
+        image.save(buffer, "PNG", pnginfo=info)
+    elif image_format == "PNG raw profile":  # EXIF as ImageMagick writes it into a PNG: a hex text chunk
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        raw = b"Exif\x00\x00" + exif.tobytes()
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Raw profile type exif", f"\nexif\n{len(raw):8d}\n{raw.hex()}\n")
         image.save(buffer, "PNG", pnginfo=info)
     else:
         image.save(buffer, image_format, xmp=xmp.encode())
