@@ -428,11 +428,12 @@ class AppConfig(StrictModel):
     image_dir: str = Field("./generated_images", validate_default=True,
                            description="Folder where generated images are stored (made absolute where the config is read).")
     max_body_bytes: int = Field(
-        25 * 1024 * 1024, ge=1024, description="Largest body of an image edit, which carries images (413 above)."
+        25 * 1024 * 1024, ge=1024, description="Largest body of the image routes, edits and generations (which runs an "
+        "edit sent to it): an edit carries images (413 above)."
     )
     max_text_body_bytes: int = Field(
-        4 * 1024 * 1024, ge=1024, description="Largest body of a request without images: chat completions and "
-        "image generations (413 above). Parsing a JSON body holds the ingress's event loop for every object "
+        4 * 1024 * 1024, ge=1024, description="Largest body of a chat completion, which carries no images (413 "
+        "above). Parsing a JSON body holds the ingress's event loop for every object "
         "in it, so these stay small; raise it with limits.max_prompt_chars. Never more than max_body_bytes.")
     image_input: ImageInputOptions = Field(default_factory=ImageInputOptions)
     image_retention: ImageRetentionOptions = Field(default_factory=ImageRetentionOptions)

@@ -80,7 +80,9 @@ def _edit_body_schema() -> dict[str, Any]:
 
 EDIT_BODY = _edit_body_schema()
 GENERATION_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": ImageGenerationRequest.model_json_schema()}}}}
+    "application/json": {"schema": ImageGenerationRequest.model_json_schema()},
+    "multipart/form-data": EDIT_BODY["requestBody"]["content"]["multipart/form-data"]}}}
+"""A generation as JSON; an edit's form is taken too (and run as that edit)."""
 
 
 # Defined before the class: `@serve.ingress` snapshots the module's globals when it runs.

@@ -31,7 +31,7 @@ logger = logging.getLogger("ray.serve")
 OPEN_PATHS = ("/health", "/ready")
 CLIENT_CLOSED_REQUEST = ClientClosedRequest.status_code
 """The status a request Serve cancelled (its client left) is logged and counted with."""
-EDITS_ROUTE, GENERATIONS_ROUTE = "/v1/images/edits", "/v1/images/generations"
+IMAGE_ROUTES = ("/v1/images/edits", "/v1/images/generations")
 
 
 class ApiKeys:
@@ -160,11 +160,9 @@ class RequestGuard:
 
 
 def _may_carry_images(scope: Scope) -> bool:
-    """An edit's body: on the edits route, or a multipart form on the generations route (which runs
-    the edits the network's node forwards there, as forms)."""
-    path = app_path(scope)
-    return path == EDITS_ROUTE or (path == GENERATIONS_ROUTE and (header(scope, b"content-type") or b"").lower()
-                                   .startswith(b"multipart/form-data"))
+    """An image route's body: an edit's, or a generation's (that route runs the edits sent to it,
+    as the network's node forwards them there). Their JSON's cost is bounded by its values."""
+    return app_path(scope) in IMAGE_ROUTES
 
 
 def _limited(receive: Receive, limit: int) -> Receive:

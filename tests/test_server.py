@@ -608,12 +608,13 @@ BAD_REQUESTS = [
     # Chunked (no Content-Length): the limit holds as the body arrives, on routes FastAPI parses too.
     ("post", "/v1/chat/completions", {"content": [b" " * 2**20] * 27, "headers": {"content-type": "application/json"}}, 413, None),
     ("post", "/v1/images/generations", {"content": [b" " * 2**20] * 27, "headers": {"content-type": "application/json"}}, 413, None),
-    # A body without images may be 4 MiB (`max_text_body_bytes`); an edit's, which carries them, 25.
+    # A chat's body may be 4 MiB (`max_text_body_bytes`); an image route's, which may carry images, 25.
     ("post", "/v1/chat/completions", {"content": b" " * (5 * 2**20), "headers": {"content-type": "application/json"}}, 413, None),
-    ("post", "/v1/images/generations", {"content": [b" " * 2**20] * 5, "headers": {"content-type": "application/json"}}, 413, None),
+    # The image routes take an edit's size, JSON (a data: URL) or a form, also where an edit goes to generations.
+    ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "image": "data:image/png;base64,"
+                                                 + base64.b64encode(b"x" * (4 * 2**20)).decode()}}, 400, "image"),
     ("post", "/v1/images/edits", {"data": {"model": IMAGE, "prompt": "x", "note": "n" * (5 * 2**20)},
                                   "files": {"image": ("a.png", b"not an image")}}, 400, "image"),
-    # ... and so may an edit's form sent to the generations route (as the network's node sends it).
     ("post", "/v1/images/generations", {"data": {"model": IMAGE, "prompt": "x", "note": "n" * (5 * 2**20)},
                                         "files": {"image": ("a.png", b"not an image")}}, 400, "image"),
     # JSON values are counted before pydantic builds or checks them: a million tiny tool calls,
