@@ -301,8 +301,9 @@ class AssistantMessage(WireModel):
 
 
 LEAST_LOGPROB = -9999.0
-"""What a token the sampler ruled out (top-k, top-p, a -100 bias) reports, as vLLM and OpenAI
-report it: JSON has no -Infinity, and pydantic would write it as null, which clients reject."""
+"""What a token the model itself rules out (a -inf logit, as some checkpoints give tokens they
+never emit) reports, as vLLM and OpenAI report it: JSON has no -Infinity, and pydantic would
+write it as null, which clients reject."""
 
 
 class TopLogprob(WireModel):
