@@ -59,9 +59,14 @@ def serve_request_id() -> str | None:
 
 
 def app_path(scope: Scope) -> str:
-    """The path inside this application (without the route prefix it is mounted at)."""
-    path, root = scope["path"], scope.get("root_path", "")
-    return path[len(root):] or "/" if root and path.startswith(root) else path
+    """The path inside this application (without the route prefix it is mounted at), cut where
+    Starlette's router cuts it: at a segment boundary only. Under a prefix `/v`, `/v1/models`
+    is the application's `/v1/models` (Serve's replica-port server matches prefixes by plain
+    string), not `1/models`, which the key check did not recognise as an API route."""
+    path, root = scope["path"], scope.get("root_path", "").rstrip("/")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
+        return path[len(root):] or "/"
+    return path
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:

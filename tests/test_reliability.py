@@ -179,6 +179,21 @@ def test_which_paths_need_a_key(monkeypatch, protect_health, protect_files):
     assert keys.required_for("/v1/files/images/abc.png") is protect_files
 
 
+@pytest.mark.parametrize("path, root_path, inside", [
+    ("/v1/models", "", "/v1/models"), ("/api/v1/models", "/api", "/v1/models"), ("/api", "/api", "/"),
+    ("/api/", "/api/", "/"),
+    # Under a prefix that ends inside a segment (Serve's replica port matches prefixes by plain string),
+    # the router still sees /v1/models: so must the key check, which took "1/models" for no API route.
+    ("/v1/models", "/v", "/v1/models"), ("/v1/models/m", "/v1/m", "/v1/models/m")])
+def test_the_path_the_guards_check_is_the_one_the_router_routes(path, root_path, inside):
+    from starlette._utils import get_route_path
+
+    from serve_app.access_log import app_path
+
+    scope = {"type": "http", "path": path, "root_path": root_path}
+    assert app_path(scope) == inside == (get_route_path(scope) or "/")
+
+
 def _serve_logs_mentioning(marker: str) -> list[Path]:
     import ray
 
