@@ -259,9 +259,26 @@ class DecodeBatch:
 
 def context_length(model) -> int | None:
     """The most positions the model takes (None where its config does not say); a multimodal
-    checkpoint (Gemma 3) keeps its text model's in the text config."""
+    checkpoint (Gemma 3) keeps its text model's in the text config.
+
+    YaRN scaling extends it past `max_position_embeddings`, which such configs often leave at
+    the original length (Qwen2.5's card adds `rope_scaling` alone to reach 128K): there it is
+    `original_max_position_embeddings` times the factor, as vLLM reads it. Llama 3's, LongRoPE's
+    and linear scaling's configs already give the extended length."""
     config = getattr(model, "config", None)
-    return None if config is None else getattr(config.get_text_config(), "max_position_embeddings", None)
+    if config is None:
+        return None
+    text = config.get_text_config()
+    positions = getattr(text, "max_position_embeddings", None)
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    # One set of parameters, or one per attention type (transformers 5: {"full_attention": {...}, ...}).
+    for parameters in [rope] if "factor" in rope or "rope_type" in rope else list(rope.values()):
+        if not isinstance(parameters, dict) or (parameters.get("rope_type") or parameters.get("type")) != "yarn":
+            continue
+        original, factor = parameters.get("original_max_position_embeddings"), parameters.get("factor")
+        if original and factor:
+            positions = max(positions or 0, int(original * factor))
+    return positions
 
 
 class NotANumber(ServerError):

@@ -655,6 +655,25 @@ def test_a_custom_tool_call_in_the_history_reaches_the_template_as_it_came():
         ChatMessage.model_validate({"role": "assistant", "tool_calls": [{"id": "c", "type": "function"}]})
 
 
+@pytest.mark.parametrize("rope, expected", [
+    (None, 64),
+    ({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}, 256),  # Qwen2.5's card, at 1/512 scale
+    ({"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4}, 160),  # DeepSeek's style
+    ({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16}, 64),  # already extended
+    ({"rope_type": "linear", "factor": 4.0}, 64)])
+def test_yarn_scaling_extends_the_context(rope, expected):
+    """A checkpoint extended by YaRN in `rope_scaling` alone takes original x factor positions
+    (vLLM's reading): its long conversations were refused as over the original context."""
+    from types import SimpleNamespace
+
+    from transformers import Qwen2Config
+
+    from serve_app.chat_engine import context_length
+
+    config = Qwen2Config(max_position_embeddings=64, **({"rope_scaling": rope} if rope else {}))
+    assert context_length(SimpleNamespace(config=config)) == expected
+
+
 def test_openai_legacy_function_calling_in_the_history_reads_as_tool_calls():
     """OpenAI's older function calling: an assistant's `function_call` reaches the template as
     its one tool call, and the `function` message answering it as that call's result (a tool
