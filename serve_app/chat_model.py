@@ -287,7 +287,7 @@ class ChatModel(ModelReplica):
         top_logprobs = job.top_logprobs if job.logprobs else None
         decoders = [ChoiceDecoder(self.tokenizer, self.eos_ids, job.stop, max_new, top_logprobs, self.token_bytes)
                     for _ in range(job.n)]
-        return Slot(prompt_ids=prompt_ids, rows=make_rows(job, self.sampling_defaults, decoders))
+        return Slot(prompt_ids=prompt_ids, rows=make_rows(job, self.sampling_defaults, decoders, prompt_ids))
 
     def _fit_to_context(self, prompt_length: int, job: ChatJob) -> int:
         """max_tokens that fit the context: an explicit ask that does not fit is an error."""

@@ -31,6 +31,7 @@ class ChatJob:
     stop: list[str] = field(default_factory=list)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
     logprobs: bool = False
     top_logprobs: int = 0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit

@@ -217,6 +217,9 @@ class ChatCompletionRequest(BoundedRequest):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=2, description=(
+        "vLLM's and transformers' multiplicative penalty on tokens already in the prompt or the answer "
+        "(1: none). Default: the checkpoint's generation_config, else 1."))
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: dict[TokenId, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=MAX_LOGIT_BIAS)

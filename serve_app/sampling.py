@@ -47,13 +47,15 @@ class Row:
     top_k: int
     presence: float
     frequency: float
+    repetition: float = 1.0  # transformers' and vLLM's multiplicative penalty on tokens seen (1: none)
+    prompt_tokens: torch.Tensor | None = None  # the prompt's distinct token ids, on the CPU (repetition-penalized rows)
     counts: torch.Tensor | None = None  # occurrences of each token id so far (penalized rows; see SamplingPlan)
     bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (token ids, values) of `logit_bias`, on the CPU
     _uniforms: list[float] = field(default_factory=list, init=False, repr=False)
 
     @property
     def penalized(self) -> bool:
-        return bool(self.presence or self.frequency)
+        return bool(self.presence or self.frequency) or self.repetition != 1.0
 
     def filtered(self, vocab: int) -> bool:
         """Whether top-k or top-p cut this row's distribution (its vocabulary must be sorted)."""
@@ -76,15 +78,17 @@ class SamplingDefaults:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    repetition_penalty: float = 1.0  # Qwen2.5's checkpoints set 1.05, which vLLM applies too
 
     @classmethod
     def of(cls, generation_config) -> "SamplingDefaults":
         given = generation_config.to_diff_dict() if generation_config is not None else {}
-        return cls(**{name: given[name] for name in ("temperature", "top_p", "top_k")
+        return cls(**{name: given[name] for name in ("temperature", "top_p", "top_k", "repetition_penalty")
                       if given.get(name) is not None})
 
 
-def make_rows(job: ChatJob, defaults: SamplingDefaults, decoders: list[ChoiceDecoder]) -> list[Row]:
+def make_rows(job: ChatJob, defaults: SamplingDefaults, decoders: list[ChoiceDecoder],
+              prompt_ids: torch.Tensor | None = None) -> list[Row]:
     """Rows for a job. Omitted settings take the checkpoint's values, else OpenAI's defaults
     (temperature 1, top_p 1), as vLLM's server does; a request samples unless its
     temperature is 0 (transformers' own `generate` is greedy unless told to sample, but an
@@ -93,6 +97,10 @@ def make_rows(job: ChatJob, defaults: SamplingDefaults, decoders: list[ChoiceDec
     temperature = job.temperature if job.temperature is not None else defaults.temperature
     sample = temperature != 0
     seed = job.seed if job.seed is not None else secrets.randbits(62)
+    repetition = job.repetition_penalty if job.repetition_penalty is not None else defaults.repetition_penalty
+    prompt_tokens = None
+    if repetition != 1.0 and prompt_ids is not None:
+        prompt_tokens = torch.unique(prompt_ids.to("cpu", torch.long))
     bias = None
     if job.logit_bias:
         bias = (torch.tensor(list(job.logit_bias), dtype=torch.long),
@@ -105,6 +113,8 @@ def make_rows(job: ChatJob, defaults: SamplingDefaults, decoders: list[ChoiceDec
                 top_k=defaults.top_k if job.temperature is None else 0,
                 presence=job.presence_penalty or 0.0,
                 frequency=job.frequency_penalty or 0.0,
+                repetition=repetition,
+                prompt_tokens=prompt_tokens,
                 bias=bias)
             for index, decoder in enumerate(decoders)]
 
@@ -158,6 +168,16 @@ class SamplingPlan:
             self.penalized = None if len(penalized) == batch else torch.tensor(penalized, device=device)
             self.frequency = torch.tensor([rows[i].frequency for i in penalized], device=device)[:, None]
             self.presence = torch.tensor([rows[i].presence for i in penalized], device=device)[:, None]
+            self.repetition = None
+            if any(rows[i].repetition != 1.0 for i in penalized):
+                self.repetition = torch.tensor([rows[i].repetition for i in penalized], device=device)[:, None]
+                # The prompt's tokens, per penalized row (a row without a repetition penalty has none:
+                # its factor is 1 anyway); what the answer adds shows in `counts`.
+                self.in_prompt = torch.zeros((len(penalized), vocab), dtype=torch.bool, device=device)
+                for j, i in enumerate(penalized):
+                    ids = rows[i].prompt_tokens
+                    if ids is not None and rows[i].repetition != 1.0:
+                        self.in_prompt[j, ids[ids < vocab].to(device)] = True
         self.groups = []
         for filtered in (False, True):  # per row, not per batch: a row draws the same way whatever its batch-mates use
             members = [i for i, row in enumerate(rows) if not row.greedy and row.filtered(vocab) == filtered]
@@ -165,11 +185,21 @@ class SamplingPlan:
                 self.groups.append(SampleGroup(members, rows, batch, vocab, device, filtered))
 
     def adjust(self, logits: torch.Tensor) -> None:
-        """OpenAI's `logit_bias`, then presence and frequency penalties, in place."""
+        """OpenAI's `logit_bias`, then the repetition penalty (a seen token's logit divided by it
+        where positive, multiplied where negative, as transformers and vLLM apply it), then
+        presence and frequency penalties, in place."""
         if self.bias is not None:
             rows, ids, values = self.bias
             logits.index_put_((rows, ids), values, accumulate=True)
         if self.counts is not None:
+            if self.repetition is not None:
+                mine = logits if self.penalized is None else logits[self.penalized]
+                seen = self.in_prompt | (self.counts > 0)
+                mine = torch.where(seen, torch.where(mine > 0, mine / self.repetition, mine * self.repetition), mine)
+                if self.penalized is None:
+                    logits.copy_(mine)
+                else:
+                    logits[self.penalized] = mine
             penalty = self.frequency * self.counts + self.presence * (self.counts > 0)
             if self.penalized is None:
                 logits -= penalty

@@ -144,6 +144,7 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
         stop=list(request.stop or []),
         presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty,
+        repetition_penalty=request.repetition_penalty,
         logprobs=bool(request.logprobs),
         top_logprobs=request.top_logprobs or 0,
         logit_bias=request.logit_bias or {},

@@ -674,6 +674,23 @@ def test_yarn_scaling_extends_the_context(rope, expected):
     assert context_length(SimpleNamespace(config=config)) == expected
 
 
+def test_a_repetition_penalty_request_keeps_its_own_text_in_a_batch(replica):
+    """`repetition_penalty` reaches the model's sampling through the request (greedy here): it
+    changes the answer, which is the same alone and beside an unpenalized request."""
+    import dataclasses
+
+    plain = job("otter otter otter", max_tokens=16)
+    penalized = dataclasses.replace(plain, repetition_penalty=2.0)
+
+    async def run():
+        alone = await replica.generate(penalized)
+        together = await asyncio.gather(replica.generate(penalized), replica.generate(plain))
+        return alone, together
+
+    alone, (batched, unpenalized) = asyncio.run(run())
+    assert batched.choices[0].text == alone.choices[0].text != unpenalized.choices[0].text
+
+
 def test_openai_legacy_function_calling_in_the_history_reads_as_tool_calls():
     """OpenAI's older function calling: an assistant's `function_call` reaches the template as
     its one tool call, and the `function` message answering it as that call's result (a tool

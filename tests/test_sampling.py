@@ -162,3 +162,50 @@ def test_omitted_settings_take_the_checkpoints_then_openais_defaults(checkpoint,
     job = ChatJob(messages=[], max_tokens=4, max_tokens_explicit=True, n=3, seed=1, **asked)
     rows = make_rows(job, defaults, [None] * 3)
     assert {(r.greedy, r.temperature, r.top_p, r.top_k) for r in rows} == {expected}
+
+
+def test_repetition_penalty_is_transformers_own_per_row():
+    """`repetition_penalty` as transformers applies it (a seen token's logit divided where
+    positive, multiplied where negative), over the prompt and the answer so far, for the rows
+    that ask for it alone, whatever shares their batch."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    prompts = [torch.tensor([0, 6, 6]), torch.tensor([1, 2]), torch.tensor([3])]
+    job = ChatJob(messages=[], max_tokens=4, max_tokens_explicit=True, temperature=0)
+    rows = [make_rows(job, SamplingDefaults(), [None], prompts[0].clone())[0],  # no penalty asked
+            make_rows(ChatJob(**{**job.__dict__, "repetition_penalty": 1.5}), SamplingDefaults(), [None], prompts[1])[0],
+            make_rows(job, SamplingDefaults(repetition_penalty=1.3), [None], prompts[2])[0]]  # the checkpoint's
+    plan = SamplingPlan(rows, len(LOGITS), LOGITS.device)
+    seen = [prompt.tolist() for prompt in prompts]
+    for _ in range(4):
+        logits = LOGITS.repeat(3, 1)
+        want = logits.clone()
+        for i, penalty in ((1, 1.5), (2, 1.3)):
+            want[i] = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([seen[i]]), want[i:i + 1].clone())[0]
+        plan.adjust(logits)
+        assert torch.allclose(logits, want), (logits, want)
+        tokens = want.argmax(dim=-1)
+        plan.count(tokens)
+        for i, token in enumerate(tokens.tolist()):
+            seen[i].append(token)
+
+
+def test_the_checkpoints_repetition_penalty_is_the_default():
+    assert SamplingDefaults.of(GenerationConfig(repetition_penalty=1.05, temperature=0.7)).repetition_penalty == 1.05
+    assert SamplingDefaults.of(GenerationConfig()).repetition_penalty == 1.0
+
+
+def test_a_requests_repetition_penalty_reaches_its_job():
+    from pydantic import ValidationError
+
+    from serve_app.config import ChatModelConfig, RequestLimits
+    from serve_app.protocol import ChatCompletionRequest
+    from serve_app.translate import chat_job
+
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    config = ChatModelConfig.model_validate({"name": "m", "kind": "chat", "path": "p"})
+    request = ChatCompletionRequest.model_validate({**base, "repetition_penalty": 1.2})
+    assert chat_job(request, config, RequestLimits()).repetition_penalty == 1.2
+    for bad in (0, 2.5):
+        with pytest.raises(ValidationError, match="repetition_penalty"):
+            ChatCompletionRequest.model_validate({**base, "repetition_penalty": bad})
