@@ -217,7 +217,7 @@ class ChatCompletionRequest(BoundedRequest):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0, le=2, description=(
+    repetition_penalty: float | None = Field(None, ge=0.01, le=2, description=(  # 0.01: a logit / 1e-40 is inf
         "vLLM's and transformers' multiplicative penalty on tokens already in the prompt or the answer "
         "(1: none). Default: the checkpoint's generation_config, else 1."))
     logprobs: bool | None = None

@@ -174,10 +174,13 @@ class SamplingPlan:
                 # The prompt's tokens, per penalized row (a row without a repetition penalty has none:
                 # its factor is 1 anyway); what the answer adds shows in `counts`.
                 self.in_prompt = torch.zeros((len(penalized), vocab), dtype=torch.bool, device=device)
-                for j, i in enumerate(penalized):
-                    ids = rows[i].prompt_tokens
-                    if ids is not None and rows[i].repetition != 1.0:
-                        self.in_prompt[j, ids[ids < vocab].to(device)] = True
+                prompts = [(j, rows[i].prompt_tokens) for j, i in enumerate(penalized)
+                           if rows[i].prompt_tokens is not None and rows[i].repetition != 1.0]
+                if prompts:  # one upload for all rows: each small host-to-device copy is a sync
+                    ids = torch.cat([tokens for _, tokens in prompts])
+                    owners = torch.cat([torch.full((len(tokens),), j) for j, tokens in prompts])
+                    known = ids < vocab
+                    self.in_prompt[owners[known].to(device), ids[known].to(device)] = True
         self.groups = []
         for filtered in (False, True):  # per row, not per batch: a row draws the same way whatever its batch-mates use
             members = [i for i, row in enumerate(rows) if not row.greedy and row.filtered(vocab) == filtered]

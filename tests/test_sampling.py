@@ -206,6 +206,6 @@ def test_a_requests_repetition_penalty_reaches_its_job():
     config = ChatModelConfig.model_validate({"name": "m", "kind": "chat", "path": "p"})
     request = ChatCompletionRequest.model_validate({**base, "repetition_penalty": 1.2})
     assert chat_job(request, config, RequestLimits()).repetition_penalty == 1.2
-    for bad in (0, 2.5):
+    for bad in (0, 1e-40, 2.5):  # a tiny one would make a seen token's logit infinite
         with pytest.raises(ValidationError, match="repetition_penalty"):
             ChatCompletionRequest.model_validate({**base, "repetition_penalty": bad})
