@@ -33,7 +33,7 @@ from serve_app.errors import (
     ServerError,
     status_phrase,
 )
-from serve_app.protocol import ErrorDetail, ErrorResponse
+from serve_app.protocol import TOO_MANY_FILES, ErrorDetail, ErrorResponse
 
 logger = logging.getLogger("ray.serve")
 
@@ -108,7 +108,13 @@ def validation_error(exc: RequestValidationError | ValidationError) -> InvalidRe
                               code="invalid_body")
     message = str(first.get("msg", "Invalid request"))
     message = message.removeprefix("Value error, ")
-    return InvalidRequest(f"{param}: {message}" if param else message, param=param)
+    code = first["type"] if first.get("type") in ERROR_CODES_FROM_VALIDATORS else None
+    return InvalidRequest(f"{param}: {message}" if param else message, param=param, code=code)
+
+
+# The error types the protocol's validators raise (as pydantic's `PydanticCustomError`) that are
+# also the answer's `code`: the same mistake gets the same code in JSON and in a multipart form.
+ERROR_CODES_FROM_VALIDATORS = frozenset({TOO_MANY_FILES})
 
 
 # FastAPI's detail for a JSON body its parser gave up on other than by a JSONDecodeError (not

@@ -33,6 +33,7 @@ from serve_app.jobs import ImageJob, ImageResult
 from serve_app.metrics import RequestMetrics
 from serve_app.protocol import (
     ONE_IMAGE,
+    TOO_MANY_FILES,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ImageData,
@@ -124,7 +125,7 @@ def _one_upload(files: dict[str, list[bytes]], *names: str) -> bytes | None:
     uploads = [data for name in names for data in files.pop(name, [])]
     if len(uploads) > 1:
         one = "one mask per request" if names[0] == "mask" else ONE_IMAGE
-        raise InvalidRequest(f"{names[0]}: {len(uploads)} files came; {one}.", param=names[0], code="too_many_files")
+        raise InvalidRequest(f"{names[0]}: {len(uploads)} files came; {one}.", param=names[0], code=TOO_MANY_FILES)
     return uploads[0] if uploads else None
 
 

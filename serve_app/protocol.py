@@ -25,6 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from serve_app.jobs import ImageFormat
 
@@ -499,8 +500,8 @@ class ImageEditRequest(ImageGenerationRequest):
     @field_validator("images")
     @classmethod
     def _one_image(cls, value: list[str | None] | None, info: ValidationInfo) -> list[str | None] | None:
-        if value and len(value) > 1:
-            raise ValueError(ONE_IMAGE)
+        if value and len(value) > 1:  # the code a multipart form's second `image[]` part gets too
+            raise PydanticCustomError(TOO_MANY_FILES, ONE_IMAGE)
         if value and info.data.get("image"):
             raise ValueError("give the image as image or as images, not both")
         return value
@@ -512,6 +513,7 @@ class ImageEditRequest(ImageGenerationRequest):
         return self
 
 
+TOO_MANY_FILES = "too_many_files"
 ONE_IMAGE = ("this server edits one image per request (OpenAI's newer models take several as references; "
              "diffusers' edit pipelines take one); send one")
 

@@ -432,9 +432,11 @@ def test_edit_json_in_openai_image_url_form(http):
     wrapped = assert_success(http.post("/v1/images/edits", json={
         **ask, "images": [{"image_url": image}], "mask": {"image_url": mask}}))
     assert wrapped["data"] == plain["data"]
-    for refs, param in ([{"file_id": "file-1"}], "images[0]"), ([{"image_url": image}] * 2, "images"):
+    for refs, param, code in (([{"file_id": "file-1"}], "images[0]", "invalid_value"),
+                              ([{"image_url": image}] * 2, "images", "too_many_files")):  # as two `image[]` parts
         refused = http.post("/v1/images/edits", json={**ask, "images": refs})
-        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
+        assert refused.status_code == 400, refused.text
+        assert (refused.json()["error"]["param"], refused.json()["error"]["code"]) == (param, code), refused.text
 
 
 def test_an_edit_sent_to_the_generations_url_runs_as_an_edit(http):
