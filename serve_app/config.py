@@ -299,6 +299,8 @@ class ImageModelConfig(BaseModelConfig):
             raise ValueError("default_steps must not exceed max_steps")
         if self.min_side > self.max_side:
             raise ValueError("min_side must not exceed max_side")
+        if self.min_side % self.size_multiple:  # an edit of a small picture is scaled up to min_side
+            raise ValueError(f"min_side {self.min_side} must be a multiple of size_multiple {self.size_multiple}")
         for name, sizes in (("default_size", [self.default_size]), ("allowed_sizes", self.allowed_sizes or [])):
             for size in sizes:  # the same rule requests are held to
                 if not self.within_bounds(*parse_size(size)):  # type: ignore[misc]

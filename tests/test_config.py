@@ -106,6 +106,7 @@ def test_bad_kind_and_limits_are_refused():
     ({"max_side": 256}, "default_size '512x512'"),  # the default would be a size no request may ask for
     ({"allowed_sizes": ["768x768"]}, "must be one of allowed_sizes"),
     ({"allowed_sizes": ["512x512", "4096x4096"]}, "allowed_sizes '4096x4096'"),
+    ({"min_side": 100}, "min_side 100 must be a multiple of size_multiple 8"),  # a small edit's size, off the grid
 ])
 def test_image_sizes_in_the_config_obey_the_rules_requests_do(fields, message):
     with pytest.raises(ValidationError, match=message):
