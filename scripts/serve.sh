@@ -3,8 +3,13 @@
 # (see README, "Serving path"). Any of them can be turned off from the environment,
 # e.g. `RAY_SERVE_ENABLE_HA_PROXY=0 ./scripts/serve.sh`.
 #
-#   ./scripts/serve.sh [CONFIG]        CONFIG defaults to serve_config.yaml
+#   ./scripts/serve.sh [CONFIG]        CONFIG defaults to the repo's serve_config.yaml; a relative
+#                                      path is read from the current directory first, then the repo's
 set -euo pipefail
+config="${1:-serve_config.yaml}"
+if [[ $# -ge 1 && -f "$config" ]]; then  # a file named from the caller's directory, before the cd below
+    config="$(realpath "$config")"
+fi
 cd "$(dirname "$0")/.."
 
 # HAProxy in front instead of Serve's Python proxy (the binary ships with ray[serve]).
@@ -17,4 +22,4 @@ export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-0}"
 
-exec .venv/bin/serve run "${1:-serve_config.yaml}"
+exec .venv/bin/serve run "$config"
