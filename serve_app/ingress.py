@@ -80,10 +80,12 @@ def _edit_body_schema() -> dict[str, Any]:
 
 
 EDIT_BODY = _edit_body_schema()
+_EDIT_FORM = EDIT_BODY["requestBody"]["content"]["multipart/form-data"]["schema"]
 GENERATION_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": ImageGenerationRequest.model_json_schema()},
-    "multipart/form-data": EDIT_BODY["requestBody"]["content"]["multipart/form-data"]}}}
-"""A generation as JSON; an edit's form is taken too (and run as that edit)."""
+    "multipart/form-data": {"schema": {**_EDIT_FORM, "required": [
+        name for name in _EDIT_FORM["required"] if name != "image"]}}}}}
+"""A generation as JSON or as a form; a form with an image is an edit (and run as that edit)."""
 
 
 # Defined before the class: `@serve.ingress` snapshots the module's globals when it runs.
@@ -131,6 +133,11 @@ def _one_upload(files: dict[str, list[bytes]], *names: str) -> bytes | None:
 
 def _is_form(request: Request) -> bool:
     return request.headers.get("content-type", "").lower().startswith("multipart/form-data")  # any case, as HTTP allows
+
+
+def _names_an_image(body: Any) -> bool:
+    """Whether a body sent to the generations route gives an image (as an edit does)."""
+    return isinstance(body, dict) and bool(body.get("image") or body.get("images"))
 
 
 async def _json_body(request: Request) -> Any:
@@ -206,14 +213,19 @@ class Ingress:
     @api.post("/v1/images/generations", response_model=ImagesResponse, responses=ERRORS,
               openapi_extra=GENERATION_BODY)
     async def image_generations(self, request: Request) -> Response:
-        """A generation; an edit sent here (a multipart form, or JSON with an `image`) is run as an
-        edit, not answered with a picture that ignores its image: the network's node looks an
-        image model up by its name alone and forwards edits to its generations URL too."""
+        """A generation; an edit sent here (a multipart form with an image, or JSON with an
+        `image`) is run as an edit, not answered with a picture that ignores its image: the
+        network's node looks an image model up by its name alone and forwards edits to its
+        generations URL too. A form without an image is the generation its fields ask for."""
         if _is_form(request):
-            return await self._edit(*await self._read_form_edit(request))
-        raw = await _json_body(request)
-        if isinstance(raw, dict) and (raw.get("image") or raw.get("images")):
-            return await self._edit(*await self._read_json_edit(raw))
+            fields, files = await _read_form(request, self.config.max_body_bytes)
+            if files or _names_an_image(fields):
+                return await self._edit(*await self._form_edit(fields, files))
+            raw: Any = fields  # a form without an image (curl -F): the generation it asks for
+        else:
+            raw = await _json_body(request)
+            if _names_an_image(raw):
+                return await self._edit(*await self._read_json_edit(raw))
         body = ImageGenerationRequest.model_validate(raw)
         target = self._target(body, "/v1/images/generations", lambda: body.prompt)
         return await self._images(target, body, image_job(body, target.config, self.config.limits))
@@ -221,7 +233,7 @@ class Ingress:
     @api.post("/v1/images/edits", response_model=ImagesResponse, responses=ERRORS, openapi_extra=EDIT_BODY)
     async def image_edits(self, request: Request) -> Response:
         if _is_form(request):
-            return await self._edit(*await self._read_form_edit(request))
+            return await self._edit(*await self._form_edit(*await _read_form(request, self.config.max_body_bytes)))
         return await self._edit(*await self._read_json_edit(await _json_body(request)))
 
     @api.get("/health")
@@ -341,10 +353,10 @@ class Ingress:
         job = image_job(body, target.config, self.config.limits, source=image, mask=mask)
         return await self._images(target, body, job)
 
-    async def _read_form_edit(self, request: Request) -> tuple[Target, ImageEditRequest, InputImage, InputImage | None]:
+    async def _form_edit(self, fields: dict[str, Any], files: dict[str, list[bytes]],
+                         ) -> tuple[Target, ImageEditRequest, InputImage, InputImage | None]:
         """An edit as a multipart form (uploaded files): its model resolved before any image is
         fetched, its images checked before any model work."""
-        fields, files = await _read_form(request, self.config.max_body_bytes)
         body = ImageEditRequest.model_validate(fields)
         target = self._target(body, "/v1/images/edits", lambda: body.prompt)
         upload = _one_upload(files, "image", "image[]")

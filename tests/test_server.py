@@ -467,13 +467,22 @@ def test_openai_images_edit_with_several_images_is_refused_not_cut(client):
 
 
 def post_form(http, fields: dict[str, str], extra_parts: str = "",
-              media_type: str = "multipart/form-data") -> httpx.Response:
-    """An edit as a browser form: text fields written out by hand (httpx sends no form
-    without a file), then any parts given as they are."""
+              media_type: str = "multipart/form-data", route: str = "/v1/images/edits") -> httpx.Response:
+    """A browser form: text fields written out by hand (httpx sends no form without a file),
+    then any parts given as they are."""
     form = "".join(f'--b0undary\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
                    for name, value in fields.items()) + extra_parts + "--b0undary--\r\n"
-    return http.post("/v1/images/edits", content=form.encode(),
-                     headers={"content-type": f"{media_type}; boundary=b0undary"})
+    return http.post(route, content=form.encode(), headers={"content-type": f"{media_type}; boundary=b0undary"})
+
+
+def test_a_generation_sent_as_a_form_without_an_image_is_that_generation(http):
+    """`curl -F model=... -F prompt=...` to the generations route: a form with no image is
+    the generation its fields ask for (not an edit missing its image), and the same as JSON."""
+    ask = {"model": IMAGE, "prompt": "a hat", "seed": 9, "size": "64x72", "n": 2, "response_format": "b64_json"}
+    as_json = assert_success(http.post("/v1/images/generations", json=ask))["data"]
+    as_form = assert_success(post_form(http, {k: str(v) for k, v in ask.items()}, route="/v1/images/generations"))
+    assert as_form["data"] == as_json and len(as_json) == 2
+    assert png_of(base64.b64decode(as_json[0]["b64_json"])).size == (64, 72)
 
 
 def test_multipart_edit_may_name_its_image_by_url(http):
