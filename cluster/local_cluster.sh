@@ -55,7 +55,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${SERVE_APP_VENV:-$ROOT/.venv}"
+VENV="$(realpath -ms -- "${SERVE_APP_VENV:-$ROOT/.venv}")"  # absolute: start cds to the repo root
 RAY="$VENV/bin/ray"
 SERVE="$VENV/bin/serve"
 PYTHON="$VENV/bin/python"

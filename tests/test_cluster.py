@@ -270,9 +270,9 @@ class FakeCluster:
             "FAKE_DRAIN_S": "1",
         })
 
-    def script(self, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
+    def script(self, *args: str, timeout: float = 60, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(SCRIPT), *args], env={**self.env, **env}, capture_output=True,
-                              text=True, timeout=timeout)
+                              text=True, timeout=timeout, cwd=cwd)
 
     def log(self) -> list[str]:
         path = self.dir / "fake_ray.log"
@@ -352,6 +352,13 @@ def test_script_start_ports_environment_and_stop_order(fake_cluster: FakeCluster
     assert fake_cluster.script("start").returncode == 0
     assert not (fake_cluster.dir / "head" / "old_session").exists()
     assert (fake_cluster.dir / "test_config_1.yaml").exists()
+
+
+def test_script_takes_a_venv_relative_to_where_it_is_run(fake_cluster: FakeCluster, tmp_path: Path):
+    """`start` cds to the repo root; a relative SERVE_APP_VENV still names the caller's venv."""
+    started = fake_cluster.script("start", cwd=tmp_path, SERVE_APP_VENV="venv")
+    assert started.returncode == 0, started.stderr
+    assert {line.split()[0] for line in fake_cluster.log() if " start " in line} == {"head", "node_a", "node_b"}
 
 
 def test_script_stop_kills_a_node_that_ignores_sigterm(fake_cluster: FakeCluster):
