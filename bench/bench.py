@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from bench import report, scenarios, systems  # noqa: E402
-from bench.procs import PYTHON, Server, base_env, http_ok  # noqa: E402
+from bench.procs import PYTHON, Server, base_env, http_ok, wait_quiet  # noqa: E402
 from bench.scenarios import Plan  # noqa: E402
 
 
@@ -63,18 +63,20 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 def ensure_ready(ctx: systems.Context, notes: list[str]) -> None:
-    """The bench model (built if missing), and LitServe/matplotlib (installed into this venv if missing)."""
+    """The bench model (built if missing), and the bench extra (LitServe, matplotlib, aiohttp:
+    installed into this venv if missing)."""
     if not (ctx.chat_path / "config.json").exists() or not (ctx.image_path / "model_index.json").exists():
         log("building models/bench-llama and models/tiny-sd ...")
         subprocess.run([PYTHON, "-m", "serve_app.tiny_models", str(ctx.chat_path.parent), "--chat-preset", "bench"],
                        cwd=ROOT, check=True, env=base_env(ctx.threads))
-    for module in ("litserve", "matplotlib"):
-        probe = subprocess.run([PYTHON, "-c", f"import {module}"], capture_output=True)
-        if probe.returncode != 0:
-            log(f"installing {module} into the venv ...")
-            done = subprocess.run([PYTHON, "-m", "pip", "install", "-q", module], capture_output=True, text=True)
-            if done.returncode != 0:
-                notes.append(f"{module} missing and could not be installed: {done.stderr.strip()[-200:]}")
+    missing = [module for module in ("litserve", "matplotlib", "aiohttp")
+               if subprocess.run([PYTHON, "-c", f"import {module}"], capture_output=True).returncode != 0]
+    if missing:  # the versions pyproject's `bench` extra names (LitServe's OpenAI spec changes between minors)
+        log(f"installing the bench extra ({', '.join(missing)} missing) into the venv ...")
+        done = subprocess.run([PYTHON, "-m", "pip", "install", "-q", "-e", f"{ROOT}[bench]"],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            notes.append(f"{', '.join(missing)} missing and could not be installed: {done.stderr.strip()[-200:]}")
 
 
 def run_inprocess(ctx: systems.Context, plan: Plan, prompts: list, tmp: Path) -> dict[str, Any]:
@@ -95,7 +97,9 @@ def running(server: Server, probe: Callable[[], bool], timeout_s: float) -> Iter
     started = time.monotonic()
     try:
         server.wait_ready(probe, timeout_s)
-        log(f"  {server.name} ready on :{server.port} in {time.monotonic() - started:.1f}s")
+        waited, busy = wait_quiet()  # every system is measured on a settled machine
+        log(f"  {server.name} ready on :{server.port} in {time.monotonic() - started:.1f}s; "
+            f"cores {busy:.0%} busy after {waited}s")
         yield server
     finally:
         server.stop()
@@ -143,12 +147,10 @@ def measure_system(key: str, ctx: systems.Context, plan: Plan, prompts: list, re
     settings: dict[str, Any] = {}
     started = time.monotonic()
     if key.startswith("ray"):
-        echo = key == "ray_batch" and "echo" in wanted
-        server, settings = start_ray(ctx, key, batching=key == "ray_batch", echo=echo, results=results)
+        server, settings = start_ray(ctx, key, batching=key == "ray_batch", echo=False, results=results)
         probe: Callable[[], bool] = lambda: True  # noqa: E731 - start_ray waited already
     else:
         server = systems.launch_naive(ctx, "images" in wanted) if key == "naive" else systems.launch_litserve(ctx)
-        echo = False
         probe = lambda: http_ok(server.base_url + "/health")  # noqa: E731
     with running(server, probe, 300):
         model, image_model = model_names(settings)
@@ -158,16 +160,30 @@ def measure_system(key: str, ctx: systems.Context, plan: Plan, prompts: list, re
             name = "serve_app" if key == "ray_batch" else "naive"
             results["images"][name] = asyncio.run(scenarios.measure_images(
                 server.base_url + "/v1/images/generations", image_model, plan, log))
-        if echo:
-            own = systems.echo_kind_entry() is not None
-            cells = asyncio.run(scenarios.measure_echo(systems.echo_url(server.base_url, own),
-                                                       systems.ECHO_MODEL, plan, log))
-            results["echo"].update({f"serve_app@{c}": cell for c, cell in cells.items()})
-            floor = asyncio.run(scenarios.measure_handle_floor(server.base_url + systems.FLOOR_PREFIX, plan, log))
-            results["echo"].update({f"ray_handle@{c}": cell for c, cell in floor.items()})
+    _record_system(results, key, settings, started)
+
+
+def _record_system(results: dict, key: str, settings: dict[str, Any], started: float) -> None:
     settings["seconds"] = round(time.monotonic() - started, 1)
     results["systems"][key] = {k: v for k, v in settings.items() if k != "config"} | (
         {"serve_config": settings["config"]} if "config" in settings else {})
+
+
+def measure_ray_echo(ctx: systems.Context, plan: Plan, results: dict) -> None:
+    """The serving path (the echo model through proxy, ingress and model deployment) and Ray's
+    handle floor, on a Serve instance of their own: row 1's config plus the echo deployments,
+    which the chat rows then run without (idle deployments cost CPU on 2 cores)."""
+    log("\n== serve_app echo (the full serving path) and Ray's handle floor")
+    started = time.monotonic()
+    server, settings = start_ray(ctx, "ray_echo", batching=True, echo=True, results=results)
+    with running(server, lambda: True, 300):
+        own = systems.echo_kind_entry() is not None
+        cells = asyncio.run(scenarios.measure_echo(systems.echo_url(server.base_url, own),
+                                                   systems.ECHO_MODEL, plan, log))
+        results["echo"].update({f"serve_app@{c}": cell for c, cell in cells.items()})
+        floor = asyncio.run(scenarios.measure_handle_floor(server.base_url + systems.FLOOR_PREFIX, plan, log))
+        results["echo"].update({f"ray_handle@{c}": cell for c, cell in floor.items()})
+    _record_system(results, "ray_echo", settings, started)
 
 
 def measure_plain_echo(ctx: systems.Context, plan: Plan, results: dict) -> None:
@@ -212,8 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         results["skipped"]["inprocess"] = str(exc)[-500:]
         log(f"in-process reference skipped: {str(exc)[-300:]}")
     steps: list[tuple[str, Callable[[], None]]] = []
+    if "images" in wanted and not {"ray_batch", "naive"} <= wanted:
+        results["notes"].append("images are measured on the ray_batch and naive servers: --only needs both "
+                                "beside images for the images row and its ratio")
     if "echo" in wanted:
         steps.append(("plain_echo", lambda: measure_plain_echo(ctx, plan, results)))
+        steps.append(("ray_echo", lambda: measure_ray_echo(ctx, plan, results)))
     for key in ("naive", "litserve", "ray_batch", "ray_nobatch"):
         if key in wanted:
             steps.append((key, lambda key=key: measure_system(key, ctx, plan, prompts, results, wanted)))
@@ -271,12 +291,14 @@ def finish(results: dict[str, Any], plan: Plan, out: Path, stamp: str) -> None:
 
 
 def _unwind_on_sigterm() -> None:
-    """SIGTERM (`timeout`, `kill`) unwinds like Ctrl-C, so the `finally` of every started
-    server runs and no Ray instance or HAProxy outlives the benchmark."""
+    """SIGTERM (`timeout`, `kill`) and SIGHUP (a closed terminal or SSH session) unwind like
+    Ctrl-C, so the `finally` of every started server runs and no Ray instance or HAProxy
+    outlives the benchmark."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,14 @@ command line names *its* config file, is killed afterwards. Never `ray stop`.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +92,12 @@ class Server:
         raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f}s:\n{self.log_tail()}")
 
     def stop(self, grace_s: float = 30.0) -> None:
-        """SIGTERM to the server's pid, wait; then whatever is left of its group and its HAProxy."""
+        """SIGTERM to the server's pid, wait; then whatever is left of its group and its HAProxy.
+        Ctrl-C, SIGTERM and SIGHUP wait until it is done (they would skip the rest of it)."""
+        with _signals_held():
+            self._stop(grace_s)
+
+    def _stop(self, grace_s: float) -> None:
         if self.alive():
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -111,9 +119,53 @@ def start(name: str, argv: list[str], env: dict[str, str], port: int, log_dir: P
     log_path = log_dir / f"{name}.log"
     log = open(log_path, "wb")  # noqa: SIM115 - the child owns it for its whole life
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+                            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_term_when_orphaned)
     log.close()
     return Server(name, proc, port, log_path, list(cleanup_marks or []), list(remove_dirs or []))
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def wait_quiet(busy_below: float = 0.25, timeout_s: float = 30.0, window_s: float = 1.0) -> tuple[float, float]:
+    """Wait until the machine's cores are busy less than `busy_below` of the time over one
+    window (a Ray instance just up is still starting its agents and pushing its first
+    metrics), at most `timeout_s`: (seconds waited, last busy fraction)."""
+    began = time.monotonic()
+    while True:
+        busy0, total0 = _cpu_times()
+        time.sleep(window_s)
+        busy1, total1 = _cpu_times()
+        busy = (busy1 - busy0) / max(1, total1 - total0)
+        waited = time.monotonic() - began
+        if busy < busy_below or waited >= timeout_s:
+            return round(waited, 1), round(busy, 2)
+
+
+HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold the signals that end the benchmark until the block is done; one that came meanwhile
+    is delivered (and unwinds) after it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
+
+
+def _term_when_orphaned() -> None:
+    """In the child, before exec: SIGTERM when the benchmark dies without stopping it (SIGKILL,
+    out of memory), which its own session would otherwise outlive with Ray and HAProxy."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _kill_group(pgid: int) -> None:

@@ -25,7 +25,7 @@ class Plan:
     concurrency: list[int]
     max_tokens: int
     deadline_s: float
-    waves: int  # requests per client slot at low concurrency
+    waves: int  # requests per client slot up to concurrency 16
     min_requests: int  # at least this many per cell (TTFT at concurrency 1 wants samples)
     echo_connections: tuple[int, ...]
     echo_seconds: float  # each echo cell issues requests for this long (at most 100,000)
@@ -35,9 +35,11 @@ class Plan:
     image_steps: int = 2
 
     def chat_requests(self, concurrency: int) -> int:
-        """Enough requests to measure, bounded: `waves` per client up to 4 clients, then one wave
-        (a system without batching needs 64 x one request's time for 64 clients), at least `min_requests`."""
-        return max(self.min_requests, concurrency * (self.waves if concurrency <= 4 else 1))
+        """Enough requests to measure, bounded: `waves` per client up to 16 clients (so that at
+        16, where the batching targets are, requests also arrive while a batch decodes, as in
+        service), then one wave (a system without batching needs 64 x one request's time for
+        64 clients), at least `min_requests`."""
+        return max(self.min_requests, concurrency * (self.waves if concurrency <= 16 else 1))
 
 
 def candidate_prompts() -> list[list[dict[str, str]]]:

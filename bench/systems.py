@@ -10,6 +10,7 @@ dir with Ray's fast-path switches in the environment. Optional keys come from
 from __future__ import annotations
 
 import copy
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +132,11 @@ def launch_ray(ctx: Context, name: str, *, batching: bool, echo: bool, fast: boo
     """`serve run` of a generated config in its own Ray temp dir; returns the server and its settings."""
     port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="sab_", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
-    config, notes = serve_config(ctx, port, tmp / "images", batching=batching, echo=echo)
+    try:
+        config, notes = serve_config(ctx, port, tmp / "images", batching=batching, echo=echo)
+    except BaseException:  # a config that does not validate (--serve-config-extra): no folder left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     config_path = tmp / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = base_env(ctx.threads) | {"RAY_TMPDIR": str(tmp / "ray")}
