@@ -97,6 +97,9 @@ class ClientClosedRequest(APIError):
     default_code = "client_disconnected"
 
 
+BODY_NEVER_ARRIVED = "The client disconnected before its request body arrived."
+
+
 class Overloaded(APIError):
     """503: the model cannot take more work now; retry later."""
 

@@ -15,18 +15,30 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
+import grpc
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import (
+    LocalRayletDiedError,
+    NodeDiedError,
+    ObjectLostError,
+    RayActorError,
+    RayTaskError,
+    WorkerCrashedError,
+)
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from serve_app.access_log import note, serve_request_id
 from serve_app.errors import (
+    BODY_NEVER_ARRIVED,
     APIError,
+    ClientClosedRequest,
     InvalidRequest,
     MethodNotAllowed,
+    ModelFailed,
     NotFound,
     Overloaded,
     PayloadTooLarge,
@@ -60,6 +72,13 @@ def error_response(error: APIError) -> Response:
     return json_response(error_body(error), error.status_code, error.headers)
 
 
+# A model replica died, or the way to it broke, while it had the request: a replica that died
+# (Ray's actor errors), its worker or node that crashed, the answer's object lost with it, and
+# gRPC errors between replicas (RAY_SERVE_THROUGHPUT_OPTIMIZED) that Serve does not translate.
+REPLICA_LOST = (RayActorError, WorkerCrashedError, NodeDiedError, LocalRayletDiedError, ObjectLostError,
+                grpc.aio.AioRpcError)
+
+
 def as_api_error(exc: BaseException) -> APIError:
     """Classify any exception; unknown ones become a generic 500 (and are logged)."""
     if isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException):
@@ -73,7 +92,10 @@ def as_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, BackPressureError):
         return Overloaded("The model is handling too many requests; retry shortly.",
                           headers={"Retry-After": "1"})
-    if isinstance(exc, (DeploymentUnavailableError, RayActorError)):
+    if isinstance(exc, DeploymentUnavailableError):  # Serve raises it for a deployment that failed for good
+        return ModelFailed("The model is not available: its deployment failed. The server's operator has "
+                           "to fix and redeploy it.")
+    if isinstance(exc, REPLICA_LOST):
         return Overloaded("The model is restarting or unavailable; retry shortly.",
                           code="model_unavailable", headers={"Retry-After": "5"})
     reference = serve_request_id() or uuid.uuid4().hex[:12]
@@ -132,6 +154,8 @@ def http_error(exc: StarletteHTTPException) -> APIError:
     if exc.status_code == 413:
         return PayloadTooLarge(str(exc.detail), code="body_too_large")
     if exc.status_code == 400 and exc.detail == FASTAPI_UNPARSED_BODY:
+        if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's 400 for a client that hung up mid-body
+            return ClientClosedRequest(BODY_NEVER_ARRIVED)
         return InvalidRequest("The request body is not valid JSON.", code="invalid_json")
     error = APIError(str(exc.detail) if exc.detail else status_phrase(exc.status_code))
     error.status_code = exc.status_code

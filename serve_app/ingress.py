@@ -24,7 +24,16 @@ from starlette.responses import Response
 from serve_app.access_log import note
 from serve_app.catalog import LiveCatalog, LiveModel, ModelRouter, Target, served_routes
 from serve_app.config import AppConfig
-from serve_app.errors import APIError, ClientClosedRequest, GatewayTimeout, InvalidRequest, ModelFailed, Overloaded, model_not_found
+from serve_app.errors import (
+    BODY_NEVER_ARRIVED,
+    APIError,
+    ClientClosedRequest,
+    GatewayTimeout,
+    InvalidRequest,
+    ModelFailed,
+    Overloaded,
+    model_not_found,
+)
 from serve_app.http_errors import JSON, as_api_error, error_schema, install_error_handlers, json_response
 from serve_app.image_input import ImageFetcher, InputImage
 from serve_app.image_files import StoredImageResponse
@@ -118,7 +127,7 @@ def _client_gone() -> Iterator[None]:
     try:
         yield
     except ClientDisconnect:
-        raise ClientClosedRequest("The client disconnected before its request body arrived.") from None
+        raise ClientClosedRequest(BODY_NEVER_ARRIVED) from None
 
 
 def _one_upload(files: dict[str, list[bytes]], *names: str) -> bytes | None:

@@ -10,8 +10,13 @@ import json
 import logging
 import pickle
 
+import grpc
 import pytest
+from fastapi import FastAPI
+from ray.exceptions import ActorDiedError, NodeDiedError, WorkerCrashedError
+from ray.serve._private.common import DeploymentID
 from ray.serve.context import _RequestContext, _serve_request_context
+from ray.serve.exceptions import DeploymentUnavailableError
 
 from serve_app.errors import (
     AuthenticationFailed,
@@ -23,7 +28,7 @@ from serve_app.errors import (
     ServerError,
     model_not_found,
 )
-from serve_app.http_errors import as_api_error, error_body
+from serve_app.http_errors import as_api_error, error_body, install_error_handlers
 from serve_app.jobs import ChatStreamChunk, ChoiceDelta
 from serve_app.protocol import ChatCompletionRequest
 from serve_app.streaming import ChatChunkEncoder, chat_events
@@ -54,6 +59,46 @@ def test_error_types_and_retry_hints_are_openais() -> None:
     assert ModelFailed("gone").headers == GatewayTimeout("slow").headers == {"x-should-retry": "false"}
     assert "x-should-retry" not in Overloaded("busy", headers={"Retry-After": "1"}).headers  # worth retrying
     assert pickle.loads(pickle.dumps(ModelFailed("gone"))).headers == {"x-should-retry": "false"}
+
+
+def test_what_ray_raises_for_a_failed_or_lost_model_is_told_apart() -> None:
+    """Serve raises DeploymentUnavailableError only for a deployment that failed for good: no
+    retry can help, whatever the ingress's catalog knows yet. A replica, worker or node lost
+    while it had the request (gRPC errors between replicas included) is worth a retry."""
+    failed = as_api_error(DeploymentUnavailableError(DeploymentID(name="model_x", app_name="default")))
+    assert (failed.status_code, failed.code, failed.headers) == (503, "model_failed", {"x-should-retry": "false"})
+    rpc = grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(), "shutting down")
+    for lost in (ActorDiedError(), WorkerCrashedError(), NodeDiedError("n1"), rpc):
+        error = as_api_error(lost)
+        assert (error.status_code, error.code, error.headers) == (503, "model_unavailable", {"Retry-After": "5"}), lost
+
+
+def test_a_chat_client_hanging_up_while_its_body_arrives_is_a_499() -> None:
+    """FastAPI answers a body it could not read with a 400 ("There was an error parsing the
+    body"), a client that left included: that one is a 499 in the log and the metrics, as on
+    the image routes, not a client's invalid JSON."""
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest) -> dict:
+        return {}
+
+    sent: list[dict] = []
+
+    async def hang_up() -> dict:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "root_path": "", "scheme": "http", "http_version": "1.1",
+             "server": ("127.0.0.1", 1088), "client": ("127.0.0.1", 5000),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")]}
+    asyncio.run(app(scope, hang_up, send))
+    assert sent[0]["status"] == 499
+    assert json.loads(sent[1]["body"])["error"]["code"] == "client_disconnected"
 
 
 def test_a_server_fault_is_a_generic_500_whose_reference_is_the_request_id(serve_caplog: pytest.LogCaptureFixture) -> None:
