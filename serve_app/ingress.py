@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from serve_app.access_log import note
-from serve_app.catalog import LiveCatalog, LiveModel, ModelRouter, Target, served_routes
+from serve_app.catalog import STATUS_WAIT_S, LiveCatalog, LiveModel, ModelRouter, Target, served_routes
 from serve_app.config import AppConfig
 from serve_app.errors import (
     BODY_NEVER_ARRIVED,
@@ -278,7 +278,15 @@ class Ingress:
     @api.get("/v1/registration")
     async def registration(self) -> Response:
         """Registration with the network node(s): per node state, last error, models registered."""
-        status = await self.registrar.status.remote() if self.registrar else {"enabled": False}
+        if self.registrar is None:
+            return JSONResponse({"enabled": False})
+        try:  # a registrar restarting or failed: an answer in time, in the error envelope
+            async with asyncio.timeout(STATUS_WAIT_S):
+                status = await self.registrar.status.remote()
+        except TimeoutError:
+            raise GatewayTimeout("The registrar did not answer in time.") from None
+        except Exception as exc:  # noqa: BLE001 - Serve would answer its own exceptions in plain text
+            raise as_api_error(exc) from exc
         return JSONResponse(status)  # Content-Type exactly application/json
 
     @api.get(FILES_ROUTE + "/{name}", response_class=FileResponse, responses={404: ERRORS[404], 416: ERRORS[416]})
@@ -320,15 +328,18 @@ class Ingress:
             cancel()
             raise ModelFailed(f"The model {target.config.name!r} is not available: its replicas failed to "
                               "start. The server's operator has to fix and redeploy it.")
+        deadline = asyncio.timeout(self.config.limits.request_timeout_s)  # no extra task, unlike wait_for
         try:
-            async with asyncio.timeout(self.config.limits.request_timeout_s):  # no extra task, unlike wait_for
+            async with deadline:
                 answered = await answer
         except APIError:
             raise
         except asyncio.CancelledError:  # the client left: Serve 2.60 cancels the model call too, this makes sure
             cancel()
             raise
-        except TimeoutError:
+        except TimeoutError as exc:
+            if not deadline.expired():  # the model's own TimeoutError (Ray's error is also one): its failure
+                raise as_api_error(exc) from exc
             cancel()
             if not await self.catalog.is_running(target.config.name):
                 raise Overloaded(f"The model {target.config.name!r} is starting; retry shortly.",

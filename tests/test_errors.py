@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import pickle
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -71,6 +72,52 @@ def test_what_ray_raises_for_a_failed_or_lost_model_is_told_apart() -> None:
     for lost in (ActorDiedError(), WorkerCrashedError(), NodeDiedError("n1"), rpc):
         error = as_api_error(lost)
         assert (error.status_code, error.code, error.headers) == (503, "model_unavailable", {"Retry-After": "5"}), lost
+
+
+def test_a_models_own_timeout_error_is_its_failure_not_the_request_timeout(serve_caplog) -> None:
+    """A replica's TimeoutError reaches the ingress as one (Ray's error is an instance of its
+    cause): only the ingress's own deadline is a 504; the model's is its failure, logged."""
+    from serve_app.ingress import Ingress
+
+    async def catalog_running(name: str) -> bool:
+        return True
+
+    ingress = SimpleNamespace(config=SimpleNamespace(limits=SimpleNamespace(request_timeout_s=0.2)),
+                              catalog=SimpleNamespace(has_failed=lambda name: False, is_running=catalog_running))
+    target = SimpleNamespace(config=SimpleNamespace(name="m"))
+    within = Ingress.func_or_class._within_timeout
+
+    async def times_out_inside() -> None:
+        raise TimeoutError("the replica's own call timed out")
+
+    with pytest.raises(ServerError):
+        asyncio.run(within(ingress, target, times_out_inside(), lambda: None))
+    assert "the replica's own call timed out" in serve_caplog.text
+    cancelled = []
+    with pytest.raises(GatewayTimeout):
+        asyncio.run(within(ingress, target, asyncio.sleep(5), lambda: cancelled.append(True)))
+    assert cancelled == [True]
+
+
+def test_registration_status_answers_in_time_in_the_envelope(monkeypatch) -> None:
+    """A registrar that is restarting or failed: /v1/registration answers a 504 or the
+    mapped error in the envelope, never a hung connection or Serve's plain-text 503."""
+    from serve_app import ingress as ingress_module
+
+    registration = ingress_module.Ingress.func_or_class.registration
+    monkeypatch.setitem(registration.__globals__, "STATUS_WAIT_S", 0.1)  # serve.ingress copied the module's
+
+    def registrar(answer) -> SimpleNamespace:
+        return SimpleNamespace(registrar=SimpleNamespace(status=SimpleNamespace(remote=answer)))
+
+    with pytest.raises(GatewayTimeout):
+        asyncio.run(registration(registrar(lambda: asyncio.sleep(5))))
+
+    async def failed() -> None:
+        raise DeploymentUnavailableError(DeploymentID(name="registrar", app_name="default"))
+
+    with pytest.raises(ModelFailed):
+        asyncio.run(registration(registrar(failed)))
 
 
 def test_a_chat_client_hanging_up_while_its_body_arrives_is_a_499() -> None:
