@@ -24,7 +24,7 @@ import torch
 
 from serve_app import kv_cache
 from serve_app.decoding import PositionLogprobs
-from serve_app.errors import ServerError
+from serve_app.errors import NotANumber
 from serve_app.jobs import ChoiceDelta
 from serve_app.placement import spread_devices
 from serve_app.sampling import Row, SamplingPlan, choose_tokens
@@ -279,13 +279,6 @@ def context_length(model) -> int | None:
         if original and factor:
             positions = max(positions or 0, int(original * factor))
     return positions
-
-
-class NotANumber(ServerError):
-    """A row's logits hold NaN or +inf: the model computed nonsense for it. A 500 whose message
-    says so (and what to set), not the generic one: the client's request was fine."""
-
-    default_code = "model_output_not_a_number"
 
 
 def _failed(slots: list[Slot], exc: Exception) -> list[tuple[Slot, int, str]]:

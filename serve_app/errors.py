@@ -137,6 +137,21 @@ class ServerError(APIError):
     default_code = "internal_error"
 
 
+# Errors the model replicas raise: they live here, not beside the model code, because the
+# ingress unpickles them by class and must not import torch or diffusers to do so.
+class ContentFiltered(InvalidRequest):
+    """The checkpoint's own safety checker blanked an image of this request."""
+
+    default_code = "content_policy_violation"
+
+
+class NotANumber(ServerError):
+    """A row's logits hold NaN or +inf: the model computed nonsense for it. A 500 whose message
+    says so (and what to set), not the generic one: the client's request was fine."""
+
+    default_code = "model_output_not_a_number"
+
+
 def status_phrase(status_code: int) -> str:
     """'Not Found' for 404: used where only a status is known."""
     try:

@@ -41,11 +41,11 @@ from PIL import Image, ImageOps
 from ray import serve
 
 from serve_app.config import ImageModelConfig
-from serve_app.errors import APIError, InvalidRequest
+from serve_app.errors import APIError, ContentFiltered, InvalidRequest
 from serve_app.image_input import orientation, upright
 from serve_app.jobs import ImageJob, ImageResult
 from serve_app.metrics import ImageMetrics
-from serve_app.placement import ModelReplica
+from serve_app.placement import ModelReplica, raise_to_caller
 
 logger = logging.getLogger("ray.serve")
 
@@ -119,12 +119,6 @@ def pixel_multiple(pipeline: DiffusionPipeline) -> int:
     patch = getattr(getattr(getattr(pipeline, "transformer", None), "config", None), "patch_size", None) or 1
     packing = 2 if hasattr(pipeline, "_pack_latents") else 1
     return vae_scale * max(int(patch) if isinstance(patch, int) else 1, packing)
-
-
-class ContentFiltered(InvalidRequest):
-    """The checkpoint's own safety checker blanked an image of this request."""
-
-    default_code = "content_policy_violation"
 
 
 def transparency(image: Image.Image) -> Image.Image | None:
@@ -265,7 +259,7 @@ class ImageModel(ModelReplica):
         else:
             outcome = await asyncio.wrap_future(await self._queue_batch((job, arrived)))
         if isinstance(outcome, Exception) and not isinstance(outcome, APIError):
-            raise outcome
+            raise_to_caller(outcome)
         return outcome
 
     @serve.batch  # its limits come from the config, set in __init__

@@ -15,7 +15,7 @@ import logging
 import os
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, TypeVar
+from typing import Callable, NoReturn, TypeVar
 
 import torch
 
@@ -126,6 +126,17 @@ def describe(config: BaseModelConfig, device: torch.device, dtype: torch.dtype, 
     where = f"{device}, layers spread over devices {', '.join(spread)}" if spread and len(spread) > 1 else device
     return (f"model {config.name!r} from {config.path} on {where} ({dtype}); "
             f"Ray GPU ids {assigned_gpu_ids() or 'none'}; torch CPU threads {torch.get_num_threads()}")
+
+
+def raise_to_caller(exc: BaseException) -> NoReturn:
+    """Raise `exc` to the model's caller, the ingress. Ray pickles a raised error by its
+    class: one of torch, transformers or diffusers (CUDA out of memory) would make the ingress
+    import those to read it, for seconds, holding the GIL on the event loop every stream uses.
+    Such an error goes as a builtin RuntimeError naming it (chained to it in this replica's
+    log; pickling drops the chain); ours and builtins go as they are."""
+    if isinstance(exc, APIError) or type(exc).__module__ == "builtins":
+        raise exc
+    raise RuntimeError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}") from exc
 
 
 class ModelReplica:

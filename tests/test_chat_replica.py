@@ -611,7 +611,7 @@ def test_newcomers_are_prefilled_within_the_token_budget(models_dir):
 def test_a_row_whose_logits_are_not_numbers_fails_alone(replica):
     """fp16 overflow gives NaN logits, from which sampling draws garbage without an error: that
     request fails (its batch-mate gets its usual text), rather than answering nonsense."""
-    from serve_app.chat_engine import NotANumber
+    from serve_app.errors import NotANumber
 
     model = replica._batch.model
 

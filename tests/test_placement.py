@@ -9,13 +9,24 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from serve_app.chat_engine import DecodeBatch
 from serve_app.config import ChatModelConfig
-from serve_app.placement import describe, resolve_device, resolve_dtype, spread_devices, weights_device_map
+from serve_app.errors import ContentFiltered, NotANumber
+from serve_app.placement import (
+    describe,
+    raise_to_caller,
+    resolve_device,
+    resolve_dtype,
+    spread_devices,
+    weights_device_map,
+)
 
 
 def chat_config(**fields) -> ChatModelConfig:
@@ -86,3 +97,20 @@ def test_auto_dtype_on_a_gpu_without_bf16_is_float16_with_a_warning(monkeypatch,
     assert "set dtype: float32" in caplog.text
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert resolve_dtype(chat_config(), torch.device("cuda:0")) == torch.bfloat16
+
+
+def test_the_errors_a_model_raises_are_read_at_the_ingress_without_torch():
+    """Ray pickles an error a replica raises by its class, and the ingress, which never loads
+    torch, unpickles it: a CUDA out-of-memory error goes as a builtin RuntimeError naming it,
+    and the replicas' own errors live with the others in serve_app.errors."""
+    with pytest.raises(RuntimeError) as raised:
+        raise_to_caller(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert type(raised.value) is RuntimeError and "OutOfMemoryError: CUDA out of memory" in str(raised.value)
+    with pytest.raises(ValueError):  # builtins and ours as they are
+        raise_to_caller(ValueError("x"))
+    errors = [raised.value, NotANumber("nan"), ContentFiltered("flagged", param="prompt")]
+    read = subprocess.run([sys.executable, "-c", (
+        "import pickle, sys; errors = pickle.loads(sys.stdin.buffer.read()); "
+        "print([type(e).__name__ for e in errors], sorted(m for m in ('torch', 'diffusers', 'transformers') "
+        "if m in sys.modules))")], input=pickle.dumps(errors), capture_output=True, check=True)
+    assert read.stdout.decode().split() == ["['RuntimeError',", "'NotANumber',", "'ContentFiltered']", "[]"]
