@@ -81,6 +81,8 @@ def resolve_device(config: BaseModelConfig) -> torch.device:
         raise RuntimeError(f"{config.name}: this replica holds a GPU (num_gpus={config.deployment.num_gpus}, "
                            f"device={config.device}) but torch {torch.__version__} cannot use CUDA here; "
                            "install a CUDA build of torch or set num_gpus: 0")
+    if config.device == "cuda":  # with its index, as memory caps and device guards need
+        return torch.device("cuda", 0)
     if config.device != "auto":
         return torch.device(config.device)
     return torch.device("cuda", 0) if config.deployment.num_gpus > 0 else torch.device("cpu")
@@ -89,13 +91,13 @@ def resolve_device(config: BaseModelConfig) -> torch.device:
 def weights_device_map(config: BaseModelConfig, device: torch.device) -> str | torch.device:
     """Where `from_pretrained` puts a transformers model's weights.
 
-    A replica given several GPUs (`num_gpus: 2` or more, `device: auto`) spreads the
+    A replica given several GPUs (`num_gpus: 2` or more, `device: auto` or `cuda`) spreads the
     model's layers over all of them with accelerate's `device_map="auto"`: that is why
     someone asks for more than one GPU per replica (a model too big for one). Its inputs
     still go to `device` (the first GPU) and its outputs come back there. Otherwise the
     weights go straight to `device`, with no full copy in CPU memory first.
     """
-    if (config.device == "auto" and device.type == "cuda" and config.deployment.num_gpus > 1
+    if (config.device in ("auto", "cuda") and device.type == "cuda" and config.deployment.num_gpus > 1
             and torch.cuda.device_count() > 1):
         return "auto"
     return device

@@ -38,7 +38,8 @@ def chat_config(**fields) -> ChatModelConfig:
     ({"deployment": {"num_gpus": 4}}, "cuda:0", 4, "auto"),
     ({"deployment": {"num_gpus": 1}}, "cuda:0", 1, "cuda:0"),
     ({"deployment": {"num_gpus": 0.5}}, "cuda:0", 1, "cuda:0"),
-    ({"deployment": {"num_gpus": 2}, "device": "cuda"}, "cuda:0", 2, "cuda:0"),  # pinned by the operator
+    ({"deployment": {"num_gpus": 2}, "device": "cuda"}, "cuda:0", 2, "auto"),  # any of its GPUs
+    ({"deployment": {"num_gpus": 2}, "device": "cuda:1"}, "cuda:1", 2, "cuda:1"),  # pinned by the operator
     ({"deployment": {"num_gpus": 2}}, "cuda:0", 1, "cuda:0"),  # only one visible after all
     ({"deployment": {"num_gpus": 0}}, "cpu", 0, "cpu"),
 ])
@@ -68,6 +69,15 @@ def test_a_replica_holding_a_gpu_it_cannot_use_refuses_to_start(fields, monkeypa
     with pytest.raises(RuntimeError, match="cannot use CUDA"):
         resolve_device(chat_config(**fields))
     assert resolve_device(chat_config()) == torch.device("cpu")
+
+
+@pytest.mark.parametrize(("device", "expected"), [("cuda", "cuda:0"), ("cuda:1", "cuda:1"), ("auto", "cuda:0")])
+def test_a_gpu_device_has_an_index(monkeypatch, device, expected):
+    """`device: cuda` is the replica's first GPU by index: the memory cap of a GPU shared with
+    `num_gpus: 0.5` (set_per_process_memory_fraction) refuses a device without one."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    resolved = resolve_device(chat_config(device=device, deployment={"num_gpus": 2}))
+    assert str(resolved) == expected and resolved.index is not None
 
 
 def test_a_replica_sees_only_its_gpus_when_ray_leaves_them_all_visible(monkeypatch):
