@@ -170,9 +170,10 @@ class ChatModel(ModelReplica):
                 except Exception as exc:  # noqa: BLE001 - a failed pass fails the requests in it, not the loop
                     logger.exception("decode step failed")
                     failed, self._batch = self._batch, DecodeBatch(self.model, self.pad_id, self.device)
+                    slots = [slot for slot, _ in failed.owners] + joining
                     # The failed batch (its KV cache) is let go before `released` returns memory to the GPU.
-                    self._fail([slot for slot, _ in failed.owners] + joining, exc)
                     del failed
+                    self._fail(slots, exc)
                     continue
                 if self._batch.merges is not None:
                     self._cache_merges = self._batch.merges

@@ -229,7 +229,7 @@ class ImageModel(ModelReplica):
                 pipeline.set_progress_bar_config(disable=True)
         self._check_routes(config)
         vae = getattr(base, "vae", None)
-        if self.device.type == "cuda" and hasattr(vae, "enable_slicing"):
+        if self.device.type == "cuda" and hasattr(vae, "use_slicing"):  # enable_slicing raises without it
             # Decoding a whole batch's latents at once is the call's memory peak (8 requests x
             # 4 images at 2048 px); one image at a time costs little time on a GPU.
             vae.enable_slicing()
