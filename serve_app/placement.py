@@ -19,7 +19,7 @@ from typing import Callable, NoReturn, TypeVar
 
 import torch
 
-from serve_app.config import BaseModelConfig
+from serve_app.config import NOSET_VISIBLE_DEVICES, BaseModelConfig
 from serve_app.errors import APIError, Overloaded
 from serve_app.metrics import ReplicaMetrics
 from serve_app.periodic import in_background
@@ -51,7 +51,6 @@ def assigned_gpu_ids() -> list[str]:
         return []
 
 
-NOSET_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 
 
 def see_only_assigned_gpus(config: BaseModelConfig) -> None:

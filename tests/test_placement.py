@@ -18,6 +18,7 @@ import torch
 
 from serve_app.chat_engine import DecodeBatch
 from serve_app.config import ChatModelConfig
+from serve_app.config import NOSET_VISIBLE_DEVICES
 from serve_app.errors import ContentFiltered, NotANumber
 from serve_app.placement import (
     describe,
@@ -85,7 +86,7 @@ def test_a_replica_sees_only_its_gpus_when_ray_leaves_them_all_visible(monkeypat
     so the replica does, before CUDA starts; cuda:0 is then the first GPU Ray gave it."""
     from serve_app import placement
 
-    monkeypatch.delenv(placement.NOSET_VISIBLE_DEVICES, raising=False)
+    monkeypatch.delenv(NOSET_VISIBLE_DEVICES, raising=False)
     monkeypatch.setattr(placement, "assigned_gpu_ids", lambda: ["10", "3"])
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7,8,9,10,11")
@@ -97,6 +98,24 @@ def test_a_replica_sees_only_its_gpus_when_ray_leaves_them_all_visible(monkeypat
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7,8,9,10,11"  # a CPU replica: nothing to narrow
     placement.see_only_assigned_gpus(chat_config(deployment={"num_gpus": 2}))
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,10"
+
+
+def test_gpu_replicas_count_gpus_without_starting_cuda_where_they_narrow_their_view(monkeypatch):
+    """The CUDA driver reads CUDA_VISIBLE_DEVICES once, at its start, and importing diffusers
+    starts it (torch.cuda.is_available) before the replica's constructor narrows the view:
+    with Ray's NOSET switch, the GPU replicas count GPUs by NVML instead."""
+    from serve_app.app import gpu_replica_env
+
+    gpu, cpu = chat_config(deployment={"num_gpus": 1}), chat_config()
+    monkeypatch.delenv(NOSET_VISIBLE_DEVICES, raising=False)
+    assert gpu_replica_env(gpu, {}) == {}
+    assert gpu_replica_env(gpu, {"env_vars": {NOSET_VISIBLE_DEVICES: "1"}}) == {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+    monkeypatch.setenv(NOSET_VISIBLE_DEVICES, "1")
+    assert gpu_replica_env(gpu, {}) == {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+    assert gpu_replica_env(cpu, {}) == {}
+    # Where torch reads it: with it, is_available (as diffusers' import calls it) asks NVML.
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    assert torch.cuda._nvml_based_avail()
 
 
 def test_auto_dtype_on_a_gpu_without_bf16_is_float16_with_a_warning(monkeypatch, caplog):
