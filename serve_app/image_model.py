@@ -200,7 +200,11 @@ class ImageModel(ModelReplica):
         if config.deployment.num_gpus > 1:
             logger.warning("image model %r: a pipeline runs on one GPU; num_gpus %s leaves the others idle, "
                            "use num_replicas to use more GPUs", config.name, config.deployment.num_gpus)
-        base = DiffusionPipeline.from_pretrained(config.path, dtype=self.dtype).to(self.device)
+        # On a GPU the weights load straight onto it: otherwise every component is built in host
+        # memory first (FLUX.1's ~33 GB, more than a GPU node's pod may have). diffusers' device_map
+        # takes a device type only: "cuda" is cuda:0, this replica's first GPU.
+        straight_to_gpu = {"device_map": "cuda"} if self.device == torch.device("cuda", 0) else {}
+        base = DiffusionPipeline.from_pretrained(config.path, dtype=self.dtype, **straight_to_gpu).to(self.device)
         if config.channels_last:
             for name in ("unet", "vae"):  # the convolutional parts; transformer-based pipelines have no unet
                 module = getattr(base, name, None)
