@@ -27,6 +27,12 @@ class InjectedFailure(RuntimeError):
     pass
 
 
+def injected(outcome: object) -> bool:
+    """Whether `outcome` is the injected failure as the replica raises it to the ingress: a
+    builtin RuntimeError naming it (see placement.raise_to_caller)."""
+    return type(outcome) is RuntimeError and "InjectedFailure: " in str(outcome)
+
+
 @pytest.fixture
 def replica(models_dir):
     config = ChatModelConfig.model_validate({"name": "m", "kind": "chat", "path": str(models_dir / "tiny-llama")})
@@ -66,7 +72,7 @@ def test_a_request_whose_text_cannot_be_decoded_fails_alone(replica):
         return alone, together, await replica.stats()
 
     alone, (survivor, failed), stats = asyncio.run(run())
-    assert isinstance(failed, InjectedFailure)
+    assert injected(failed)
     assert survivor.choices[0].text == alone.choices[0].text
     assert survivor.choices[0].completion_tokens == alone.choices[0].completion_tokens
     assert stats["active_requests"] == 0 and stats["batch_requests"] == 0
@@ -97,7 +103,7 @@ def test_a_newcomer_whose_prefill_fails_does_not_take_the_running_batch_down(rep
         return alone, await running, newcomer[0], await replica.stats()
 
     alone, survivor, failed, stats = asyncio.run(run())
-    assert isinstance(failed, InjectedFailure)
+    assert injected(failed)
     assert survivor.choices[0].text == alone.choices[0].text
     assert stats["active_requests"] == 0 and stats["batch_requests"] == 0
 
@@ -497,7 +503,7 @@ def test_a_failing_cleanup_never_leaves_a_request_waiting(replica, monkeypatch):
         return failed, await asyncio.wait_for(replica.generate(job("hi")), 60)
 
     [failed], after = asyncio.run(run())
-    assert isinstance(failed, InjectedFailure) and after.choices[0].completion_tokens > 0
+    assert injected(failed) and after.choices[0].completion_tokens > 0
 
 
 def tiny_sliding(models_dir, tmp_path, window: int):
@@ -618,7 +624,7 @@ def test_a_newcomer_whose_merge_runs_out_of_memory_leaves_the_batch_as_it_was(re
         return alone, await running, newcomer[0]
 
     alone, survivor, failed = asyncio.run(run())
-    assert isinstance(failed, InjectedFailure) and len(appended) == 2
+    assert injected(failed) and len(appended) == 2
     assert survivor.choices[0].text == alone.choices[0].text
 
 
