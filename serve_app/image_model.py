@@ -37,11 +37,12 @@ from diffusers import (
     AutoPipelineForText2Image,
     DiffusionPipeline,
 )
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageOps
 from ray import serve
 
 from serve_app.config import ImageModelConfig
-from serve_app.errors import APIError, ContentFiltered, InvalidRequest
+from serve_app.errors import APIError, ContentFiltered, InvalidRequest, NotANumber
 from serve_app.image_input import orientation, upright
 from serve_app.jobs import ImageJob, ImageResult
 from serve_app.metrics import ImageMetrics
@@ -119,6 +120,19 @@ def pixel_multiple(pipeline: DiffusionPipeline) -> int:
     patch = getattr(getattr(getattr(pipeline, "transformer", None), "config", None), "patch_size", None) or 1
     packing = 2 if hasattr(pipeline, "_pack_latents") else 1
     return vae_scale * max(int(patch) if isinstance(patch, int) else 1, packing)
+
+
+def picture(image: Any, size: tuple[int, int]) -> Image.Image | NotANumber:
+    """A pipeline's image (an array of floats in [0, 1], or a picture from a family that makes
+    only pictures) at `size`. An array with NaN or inf is the model's overflow, which as a
+    picture would be black, answered as a success: its request fails saying so."""
+    if not isinstance(image, Image.Image):
+        array = np.asarray(image)
+        if not np.isfinite(array).all():
+            return NotANumber("the image model's output is not numbers (NaN or inf); in float16, checkpoints "
+                              "trained in bfloat16 can overflow: set dtype to bfloat16 or float32")
+        [image] = VaeImageProcessor.numpy_to_pil(array[None])  # as the pipeline makes its pictures
+    return image.resize(size) if image.size != size else image
 
 
 def transparency(image: Image.Image) -> Image.Image | None:
@@ -352,6 +366,10 @@ class ImageModel(ModelReplica):
         for index, prepared in members:
             job = prepared.job
             made = [next(images) for _ in range(job.n)]  # taken first: the next job's start where they end
+            overflowed = next((image for image in made if isinstance(image, NotANumber)), None)
+            if overflowed is not None:
+                outcomes[index] = self.released(overflowed)
+                continue
             if any(image is None for image in made):
                 outcomes[index] = ContentFiltered(
                     "The model's safety checker flagged an image made for this request, so none is "
@@ -471,7 +489,7 @@ class ImageModel(ModelReplica):
             "height": first.job.height,
             "width": first.job.width,
             "generator": [self.generator(item.job, i) for item in group for i in range(item.job.n)],
-            "output_type": "pil",
+            "output_type": "np",  # made into pictures by `picture`, which sees NaN first
         }
         if first.alone:
             arguments["num_images_per_prompt"] = first.job.n
@@ -506,8 +524,7 @@ class ImageModel(ModelReplica):
         self.counters["largest_call_requests"] = max(self.counters["largest_call_requests"], len(group))
         # A checkpoint's safety checker (Stable Diffusion 1.x/2.x) blanks what it flags; say so.
         flagged = getattr(output, "nsfw_content_detected", None) or [False] * len(images)
-        return [None if flag else image.resize(size) if image.size != size else image
-                for image, flag in zip(images, flagged)]
+        return [None if flag else picture(image, size) for image, flag in zip(images, flagged)]
 
     def generator(self, job: ImageJob, index: int) -> torch.Generator:
         """The generator of a job's `index`-th image: `seed + index`, or random without a seed.

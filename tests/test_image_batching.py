@@ -303,6 +303,25 @@ def test_images_the_safety_checker_blanks_fail_their_request_alone(model, monkey
     assert isinstance(flagged, InvalidRequest) and flagged.code == "content_policy_violation"
 
 
+def test_images_that_overflowed_fail_their_request_alone_not_as_black_pictures(model, monkeypatch):
+    """In float16 a checkpoint can overflow and decode NaN, which as a picture is black: that
+    request gets a 500 saying what to set (model_output_not_a_number), its batch-mates their images."""
+    real = model.pipelines["t2i"]
+
+    def overflowing(**arguments):
+        output = real(**arguments)
+        for index, prompt in enumerate(arguments["prompt"]):
+            if prompt == "overflow":
+                output.images[index][:8, :8] = np.nan  # what a float16 overflow decodes to
+        return output
+
+    monkeypatch.setitem(model.pipelines, "t2i", overflowing)
+    fine, overflowed = model.run_jobs([job("fine", n=2), job("overflow")])
+    assert isinstance(fine, ImageResult) and len(fine.images) == 2
+    assert pixels(fine.images[0]).std() > 0  # a real picture, not a blank one
+    assert (overflowed.status_code, overflowed.code) == (500, "model_output_not_a_number") and "dtype" in str(overflowed)
+
+
 def test_a_text_only_model_refuses_edits_and_a_grid_it_cannot_draw(model, monkeypatch, models_dir):
     monkeypatch.setitem(model.pipelines, "i2i", None)
     monkeypatch.setitem(model.pipelines, "inpaint", None)
