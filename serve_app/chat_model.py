@@ -184,7 +184,9 @@ class ChatModel(ModelReplica):
                 self._deliver(deltas)
         except BaseException as exc:
             failed, self._batch = self._batch, DecodeBatch(self.model, self.pad_id, self.device)
-            self._fail(list(self._waiting) + [slot for slot, _ in failed.owners], exc)
+            slots = list(self._waiting) + [slot for slot, _ in failed.owners]
+            del failed  # before `released` returns memory to the GPU, as above
+            self._fail(slots, exc)
             self._waiting.clear()
             raise
         finally:

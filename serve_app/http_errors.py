@@ -73,10 +73,17 @@ def error_response(error: APIError) -> Response:
 
 
 # A model replica died, or the way to it broke, while it had the request: a replica that died
-# (Ray's actor errors), its worker or node that crashed, the answer's object lost with it, and
-# gRPC errors between replicas (RAY_SERVE_THROUGHPUT_OPTIMIZED) that Serve does not translate.
-REPLICA_LOST = (RayActorError, WorkerCrashedError, NodeDiedError, LocalRayletDiedError, ObjectLostError,
-                grpc.aio.AioRpcError)
+# (Ray's actor errors; Serve turns gRPC's UNAVAILABLE into one), its worker or node that crashed,
+# the answer's object lost with it.
+REPLICA_LOST = (RayActorError, WorkerCrashedError, NodeDiedError, LocalRayletDiedError, ObjectLostError)
+
+
+def _replica_lost(exc: BaseException) -> bool:
+    """Also a gRPC call between replicas (RAY_SERVE_THROUGHPUT_OPTIMIZED) that a replica shutting
+    down cancelled; gRPC's other codes are faults, answered and logged as such."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code() == grpc.StatusCode.CANCELLED
+    return isinstance(exc, REPLICA_LOST)
 
 
 def as_api_error(exc: BaseException) -> APIError:
@@ -92,10 +99,12 @@ def as_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, BackPressureError):
         return Overloaded("The model is handling too many requests; retry shortly.",
                           headers={"Retry-After": "1"})
-    if isinstance(exc, DeploymentUnavailableError):  # Serve raises it for a deployment that failed for good
-        return ModelFailed("The model is not available: its deployment failed. The server's operator has "
-                           "to fix and redeploy it.")
-    if isinstance(exc, REPLICA_LOST):
+    if isinstance(exc, DeploymentUnavailableError):  # a deployment that failed for good (or was just deleted)
+        return ModelFailed("The model is not available: its deployment failed or was removed; the server's "
+                           "operator has to redeploy it.")
+    if _replica_lost(exc):
+        logger.warning("a model replica was lost with a request: %s", str(exc).splitlines()[0] if str(exc) else
+                       type(exc).__name__)
         return Overloaded("The model is restarting or unavailable; retry shortly.",
                           code="model_unavailable", headers={"Retry-After": "5"})
     reference = serve_request_id() or uuid.uuid4().hex[:12]

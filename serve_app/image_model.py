@@ -125,11 +125,12 @@ def pixel_multiple(pipeline: DiffusionPipeline) -> int:
 def picture(image: Any, size: tuple[int, int]) -> Image.Image | NotANumber:
     """A pipeline's image (an array of floats in [0, 1], or a picture from a family that makes
     only pictures) at `size`. An array with NaN or inf is the model's overflow, which as a
-    picture would be black, answered as a success: its request fails saying so."""
+    picture would be black, answered as a success: its request fails saying so. (The pipeline's
+    post-processing clamps inf into range; NaN stays NaN.)"""
     if not isinstance(image, Image.Image):
         array = np.asarray(image)
         if not np.isfinite(array).all():
-            return NotANumber("the image model's output is not numbers (NaN or inf); in float16, checkpoints "
+            return NotANumber("the image model's output is not numbers (NaN); in float16, checkpoints "
                               "trained in bfloat16 can overflow: set dtype to bfloat16 or float32")
         [image] = VaeImageProcessor.numpy_to_pil(array[None])  # as the pipeline makes its pictures
     return image.resize(size) if image.size != size else image

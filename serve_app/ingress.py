@@ -280,10 +280,13 @@ class Ingress:
         """Registration with the network node(s): per node state, last error, models registered."""
         if self.registrar is None:
             return JSONResponse({"enabled": False})
+        deadline = asyncio.timeout(STATUS_WAIT_S)
         try:  # a registrar restarting or failed: an answer in time, in the error envelope
-            async with asyncio.timeout(STATUS_WAIT_S):
+            async with deadline:
                 status = await self.registrar.status.remote()
-        except TimeoutError:
+        except TimeoutError as exc:
+            if not deadline.expired():
+                raise as_api_error(exc) from exc
             raise GatewayTimeout("The registrar did not answer in time.") from None
         except Exception as exc:  # noqa: BLE001 - Serve would answer its own exceptions in plain text
             raise as_api_error(exc) from exc

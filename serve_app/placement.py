@@ -135,8 +135,8 @@ def raise_to_caller(exc: BaseException) -> NoReturn:
     import those to read it, for seconds, holding the GIL on the event loop every stream uses.
     Such an error goes as a builtin RuntimeError naming it (chained to it in this replica's
     log; pickling drops the chain); ours and builtins go as they are."""
-    if isinstance(exc, APIError) or type(exc).__module__ == "builtins":
-        raise exc
+    if isinstance(exc, APIError) or type(exc).__module__ == "builtins" or not isinstance(exc, Exception):
+        raise exc  # ours, builtins, and cancellation (asyncio's CancelledError) as they are
     raise RuntimeError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}") from exc
 
 

@@ -68,10 +68,14 @@ def test_what_ray_raises_for_a_failed_or_lost_model_is_told_apart() -> None:
     while it had the request (gRPC errors between replicas included) is worth a retry."""
     failed = as_api_error(DeploymentUnavailableError(DeploymentID(name="model_x", app_name="default")))
     assert (failed.status_code, failed.code, failed.headers) == (503, "model_failed", {"x-should-retry": "false"})
-    rpc = grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(), "shutting down")
-    for lost in (ActorDiedError(), WorkerCrashedError(), NodeDiedError("n1"), rpc):
+    def rpc(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "details")
+
+    for lost in (ActorDiedError(), WorkerCrashedError(), NodeDiedError("n1"), rpc(grpc.StatusCode.CANCELLED)):
         error = as_api_error(lost)
         assert (error.status_code, error.code, error.headers) == (503, "model_unavailable", {"Retry-After": "5"}), lost
+    # gRPC's other codes are faults: a logged 500, never an endless "retry in 5 s".
+    assert as_api_error(rpc(grpc.StatusCode.INTERNAL)).code == "internal_error"
 
 
 def test_a_models_own_timeout_error_is_its_failure_not_the_request_timeout(serve_caplog) -> None:
@@ -118,6 +122,12 @@ def test_registration_status_answers_in_time_in_the_envelope(monkeypatch) -> Non
 
     with pytest.raises(ModelFailed):
         asyncio.run(registration(registrar(failed)))
+
+    async def times_out_inside() -> None:  # the registrar's own, not this route's deadline
+        raise TimeoutError("a node did not answer")
+
+    with pytest.raises(ServerError):
+        asyncio.run(registration(registrar(times_out_inside)))
 
 
 def test_a_chat_client_hanging_up_while_its_body_arrives_is_a_499() -> None:

@@ -7,6 +7,7 @@ only on a GPU machine.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import pickle
@@ -137,6 +138,8 @@ def test_the_errors_a_model_raises_are_read_at_the_ingress_without_torch():
     assert type(raised.value) is RuntimeError and "OutOfMemoryError: CUDA out of memory" in str(raised.value)
     with pytest.raises(ValueError):  # builtins and ours as they are
         raise_to_caller(ValueError("x"))
+    with pytest.raises(asyncio.CancelledError):  # a cancellation stays one, not a 500
+        raise_to_caller(asyncio.CancelledError())
     errors = [raised.value, NotANumber("nan"), ContentFiltered("flagged", param="prompt")]
     read = subprocess.run([sys.executable, "-c", (
         "import pickle, sys; errors = pickle.loads(sys.stdin.buffer.read()); "
