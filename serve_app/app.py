@@ -15,7 +15,7 @@ import ray
 from ray.serve import Application
 
 from serve_app.catalog import INGRESS_NAME
-from serve_app.config import NOSET_VISIBLE_DEVICES, AppConfig, ChatModelConfig, ImageModelConfig, config_warnings
+from serve_app.config import AppConfig, ChatModelConfig, ImageModelConfig, config_warnings
 from serve_app.ingress import Ingress
 from serve_app.registration import registrar_deployment
 
@@ -36,20 +36,9 @@ def application_runtime_env() -> dict[str, Any]:
     return dict(ray.get_runtime_context().runtime_env or {}) if ray.is_initialized() else {}
 
 
-def gpu_replica_env(model: ChatModelConfig | ImageModelConfig, inherited: dict[str, Any]) -> dict[str, str]:
-    """With RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES, a GPU replica narrows its own
-    CUDA_VISIBLE_DEVICES in its constructor, and the CUDA driver reads that once, when it
-    starts. Serve imports the model's module before the constructor runs, and importing
-    diffusers already starts the driver (its device probe calls torch.cuda.is_available):
-    torch's NVML-based check counts the GPUs without starting it."""
-    noset = os.environ.get(NOSET_VISIBLE_DEVICES) or (inherited.get("env_vars") or {}).get(NOSET_VISIBLE_DEVICES)
-    return {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"} if noset and model.deployment.num_gpus > 0 else {}
-
-
-def _with_replica_env(actor_options: dict[str, Any], inherited: dict[str, Any],
-                      extra: dict[str, str] | None = None) -> dict[str, Any]:
+def _with_replica_env(actor_options: dict[str, Any], inherited: dict[str, Any]) -> dict[str, Any]:
     """`ray_actor_options` whose runtime_env is the application's (`inherited`) plus the
-    environment every replica that handles payloads needs, and `extra`.
+    environment every replica that handles payloads needs.
 
     Serve gives a deployment that states a runtime_env of its own nothing of the
     application's but its `working_dir`: without the merge here, the application's
@@ -58,7 +47,6 @@ def _with_replica_env(actor_options: dict[str, Any], inherited: dict[str, Any],
     runtime_env = {**inherited, **own}
     runtime_env["env_vars"] = {
         GRPC_MESSAGE_LIMIT_ENV: os.environ.get(GRPC_MESSAGE_LIMIT_ENV, str(GRPC_MESSAGE_LIMIT)),
-        **(extra or {}),
         **(inherited.get("env_vars") or {}),
         **(own.get("env_vars") or {}),
     }
@@ -91,8 +79,7 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
     inherited = application_runtime_env()
     for model in args.models:
         options = model.deployment.serve_options(target_ongoing_requests=model.max_batch_size)
-        options["ray_actor_options"] = _with_replica_env(options["ray_actor_options"], inherited,
-                                                         gpu_replica_env(model, inherited))
+        options["ray_actor_options"] = _with_replica_env(options["ray_actor_options"], inherited)
         models[model.name] = _model_deployment(model).options(name=model.deployment_name, **options).bind(model)
     ingress = args.ingress
     return Ingress.options(

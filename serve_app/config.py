@@ -26,9 +26,6 @@ from pydantic import (
     model_validator,
 )
 
-# Where set, Ray leaves every GPU of a node visible to every replica; a GPU replica then
-# narrows its own view (placement.see_only_assigned_gpus), and its runtime_env is set for it (app).
-NOSET_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")  # bounded: int() refuses 4,300+ digits
 
 

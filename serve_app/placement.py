@@ -19,7 +19,8 @@ from typing import Callable, NoReturn, TypeVar
 
 import torch
 
-from serve_app.config import NOSET_VISIBLE_DEVICES, BaseModelConfig
+from serve_app import NOSET_VISIBLE_DEVICES
+from serve_app.config import BaseModelConfig
 from serve_app.errors import APIError, Overloaded
 from serve_app.metrics import ReplicaMetrics
 from serve_app.periodic import in_background

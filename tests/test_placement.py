@@ -19,7 +19,7 @@ import torch
 
 from serve_app.chat_engine import DecodeBatch
 from serve_app.config import ChatModelConfig
-from serve_app.config import NOSET_VISIBLE_DEVICES
+from serve_app import NOSET_VISIBLE_DEVICES
 from serve_app.errors import ContentFiltered, NotANumber
 from serve_app.placement import (
     describe,
@@ -101,22 +101,17 @@ def test_a_replica_sees_only_its_gpus_when_ray_leaves_them_all_visible(monkeypat
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,10"
 
 
-def test_gpu_replicas_count_gpus_without_starting_cuda_where_they_narrow_their_view(monkeypatch):
+def test_gpu_replicas_count_gpus_without_starting_cuda_where_they_narrow_their_view():
     """The CUDA driver reads CUDA_VISIBLE_DEVICES once, at its start, and importing diffusers
     starts it (torch.cuda.is_available) before the replica's constructor narrows the view:
-    with Ray's NOSET switch, the GPU replicas count GPUs by NVML instead."""
-    from serve_app.app import gpu_replica_env
-
-    gpu, cpu = chat_config(deployment={"num_gpus": 1}), chat_config()
-    monkeypatch.delenv(NOSET_VISIBLE_DEVICES, raising=False)
-    assert gpu_replica_env(gpu, {}) == {}
-    assert gpu_replica_env(gpu, {"env_vars": {NOSET_VISIBLE_DEVICES: "1"}}) == {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
-    monkeypatch.setenv(NOSET_VISIBLE_DEVICES, "1")
-    assert gpu_replica_env(gpu, {}) == {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
-    assert gpu_replica_env(cpu, {}) == {}
-    # Where torch reads it: with it, is_available (as diffusers' import calls it) asks NVML.
-    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    assert torch.cuda._nvml_based_avail()
+    under Ray's NOSET switch, importing serve_app makes torch count GPUs by NVML instead."""
+    probe = ("import os, sys, serve_app, torch; "
+             "print(os.environ.get('PYTORCH_NVML_BASED_CUDA_CHECK'), torch.cuda._nvml_based_avail())")
+    env = {k: v for k, v in os.environ.items() if k not in (NOSET_VISIBLE_DEVICES, "PYTORCH_NVML_BASED_CUDA_CHECK")}
+    plain = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    noset = subprocess.run([sys.executable, "-c", probe], env={**env, NOSET_VISIBLE_DEVICES: "1"},
+                           capture_output=True, text=True, check=True)
+    assert (plain.stdout.split(), noset.stdout.split()) == (["None", "False"], ["1", "True"])
 
 
 def test_auto_dtype_on_a_gpu_without_bf16_is_float16_with_a_warning(monkeypatch, caplog):
