@@ -125,10 +125,13 @@ def start(name: str, argv: list[str], env: dict[str, str], port: int, log_dir: P
 
 
 def _cpu_times() -> tuple[int, int]:
-    """(busy, total) jiffies of all cores, from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields) - idle, sum(fields)
+    """(busy, total) jiffies of all cores, from /proc/stat: user, nice, system, irq and softirq
+    are busy; idle and iowait are not; steal (other VMs' time) and guest (already in user) are
+    left out, so a shared VM's steal does not read as this machine's load."""
+    user, nice, system, idle, iowait, irq, softirq = (
+        int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8])
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait
 
 
 def wait_quiet(busy_below: float = 0.25, timeout_s: float = 30.0, window_s: float = 1.0) -> tuple[float, float]:
