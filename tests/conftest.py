@@ -89,6 +89,10 @@ def serve_caplog(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPat
 
 
 METRICS_REPORT_INTERVAL_MS = 1000  # Ray's floor
+# As scripts/serve.sh runs Ray, unless the shell says otherwise: with it unset, Ray 2.60 turns
+# token auth on, and the tests' ray.init would write ~/.ray/auth_token, which then switches
+# token auth on for the user's own `ray start` and `serve deploy` (README, "Authentication").
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 SERVING_SWITCHES = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
 
 
