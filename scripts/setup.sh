@@ -14,11 +14,21 @@ cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 NEW_ENOUGH='sys.exit(sys.version_info < (3, 11))'  # after the imports it checks
-# A venv made before (by any interpreter) is kept if it is new enough and has pip; one left
-# half-made (no pip) or too old is made again.
-if [ -x .venv/bin/python ] && ! .venv/bin/python -c "import sys, pip; $NEW_ENOUGH" 2>/dev/null; then
-    echo "setup.sh: .venv is older than Python 3.11 or has no pip: making it again" >&2
-    rm -rf .venv
+# A venv made before (by any interpreter) is kept if it works, is new enough, has pip and was
+# made here; one left half-made, too old, whose interpreter is gone (a Python upgrade) or made
+# at another path (a moved or copied checkout: its scripts' #! lines name the old one) is made again.
+if [ -e .venv ] || [ -L .venv ]; then
+    why=""
+    pip_line="$(head -n 1 .venv/bin/pip 2>/dev/null || true)"
+    if ! .venv/bin/python -c "import sys, pip; $NEW_ENOUGH" 2>/dev/null; then
+        why="is older than Python 3.11, has no pip, or its interpreter is gone"
+    elif [[ "$pip_line" == "#!/"* && "$pip_line" != "#!$PWD/.venv/"* ]]; then
+        why="was made at another path (${pip_line#\#!})"
+    fi
+    if [ -n "$why" ]; then
+        echo "setup.sh: .venv $why: making it again" >&2
+        rm -rf .venv
+    fi
 fi
 if [ ! -x .venv/bin/python ]; then
     # ensurepip too: Debian/Ubuntu ship `venv` itself but leave ensurepip to python3.X-venv.
@@ -43,8 +53,12 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
         fi
     fi
     echo "setup: installing $TORCH_SPEC"
-    # torch alone from its index; its dependencies come with the package's, from the usual index.
-    "${PIP[@]}" --no-deps ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "$TORCH_SPEC"
+    # torch alone; its dependencies come with the package's, from the usual index. A wheel pip's
+    # find-links (PIP_FIND_LINKS, pip.conf) hold first, with no index asked (an index that cannot
+    # be reached costs retries); else from its index.
+    if ! "${PIP[@]}" --no-deps --no-index "$TORCH_SPEC" 2>/dev/null; then
+        "${PIP[@]}" --no-deps ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "$TORCH_SPEC"
+    fi
 fi
 
 echo "setup: installing serve_app and its dependencies"
