@@ -42,7 +42,7 @@ def log(message: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="concurrency 1,4, fewer requests, 16 tokens (~2.5 min)")
+    parser.add_argument("--quick", action="store_true", help="concurrency 1,4, fewer requests, 16 tokens (~4 min)")
     parser.add_argument("--concurrency", help="comma-separated client counts (default 1,4,16,64)")
     parser.add_argument("--max-tokens", type=int, help="output tokens per request (default 32, quick 16)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
