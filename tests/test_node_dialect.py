@@ -81,6 +81,15 @@ FAILURES = [
 def test_node_decodes_every_success(http, method, path, kwargs):
     body = node_decode(http.request(method.upper(), path, **kwargs))
     assert body.get("code", 0) == 0
+    if path == "/v1/chat/completions":  # what the node forwards: one answer and its token counts
+        assert len(body["choices"]) == 1 and body["choices"][0]["finish_reason"] in ("stop", "length")
+        assert body["usage"]["completion_tokens"] >= 1
+    elif path.startswith("/v1/images/"):  # the node's `n: 0` is one picture
+        assert len(body["data"]) == 1 and (body["data"][0].get("url") or body["data"][0].get("b64_json"))
+    elif path == "/v1/models":
+        assert {"Llama3-8B", "SuperImage"} <= {card["id"] for card in body["data"]}
+    else:
+        assert body == {"enabled": False}
 
 
 @pytest.mark.parametrize("method,path,kwargs", FAILURES, ids=[f"{m}-{p}-{i}" for i, (m, p, _) in enumerate(FAILURES)])

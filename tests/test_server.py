@@ -574,13 +574,15 @@ def test_an_edit_reads_transparency_as_openai_does(http):
 
 # ------------------------------------------------------------------------------ errors
 
+TOO_LARGE = {"code": "body_too_large"}
+TOO_MANY_VALUES = {"code": "invalid_value", "message": "the request holds more than 100000 JSON values"}
 BAD_REQUESTS = [
-    # (method, path, kwargs, status, param)
+    # (method, path, kwargs, status, the error's param, or the error fields expected)
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "model": "nope"}}, 404, "model"),
     ("post", "/v1/images/generations", {"json": {"model": "nope", "prompt": "x"}}, 404, "model"),
     ("post", "/v1/images/edits", {"json": {"model": "nope", "prompt": "x", "image": "data:image/png;base64,"
                                            + base64.b64encode(_png_bytes()).decode()}}, 404, "model"),
-    ("post", "/v1/chat/completions", {"content": b"{bad json", "headers": {"content-type": "application/json"}}, 400, None),
+    ("post", "/v1/chat/completions", {"content": b"{bad json", "headers": {"content-type": "application/json"}}, 400, {"code": "invalid_json"}),
     ("post", "/v1/chat/completions", {"json": {"model": CHAT}}, 400, "messages"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [{"role": "robot", "content": "x"}]}}, 400, "messages[0].role"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "temperature": "hot"}}, 400, "temperature"),
@@ -609,18 +611,18 @@ BAD_REQUESTS = [
     # A mask must have the image's dimensions (as OpenAI requires): stretched, it would repaint elsewhere.
     ("post", "/v1/images/edits", {"data": {"model": IMAGE, "prompt": "x"}, "files": {
         "image": ("a.png", _png_bytes((80, 60))), "mask": ("m.png", _png_bytes((60, 60), "white"))}}, 400, "mask"),
-    ("get", "/v1/files/images/..%2F..%2Fetc%2Fpasswd", {}, 404, None),
-    ("get", "/v1/files/images/nothere1234567890123.png", {}, 404, None),
-    ("get", "/v1/nothing", {}, 404, None),
-    ("delete", "/v1/models", {}, 405, None),
-    ("get", "/v1/chat/completions", {}, 405, None),
+    ("get", "/v1/files/images/..%2F..%2Fetc%2Fpasswd", {}, 404, {"code": "route_not_found"}),
+    ("get", "/v1/files/images/nothere1234567890123.png", {}, 404, {"param": "name", "code": "file_not_found"}),
+    ("get", "/v1/nothing", {}, 404, {"code": "route_not_found"}),
+    ("delete", "/v1/models", {}, 405, {"code": "method_not_allowed"}),
+    ("get", "/v1/chat/completions", {}, 405, {"code": "method_not_allowed"}),
     ("post", "/v1/chat/completions", {"content": b"x" * (26 * 1024 * 1024),
-                                      "headers": {"content-type": "application/json"}}, 413, None),
+                                      "headers": {"content-type": "application/json"}}, 413, TOO_LARGE),
     # Chunked (no Content-Length): the limit holds as the body arrives, on routes FastAPI parses too.
-    ("post", "/v1/chat/completions", {"content": [b" " * 2**20] * 27, "headers": {"content-type": "application/json"}}, 413, None),
-    ("post", "/v1/images/generations", {"content": [b" " * 2**20] * 27, "headers": {"content-type": "application/json"}}, 413, None),
+    ("post", "/v1/chat/completions", {"content": [b" " * 2**20] * 27, "headers": {"content-type": "application/json"}}, 413, TOO_LARGE),
+    ("post", "/v1/images/generations", {"content": [b" " * 2**20] * 27, "headers": {"content-type": "application/json"}}, 413, TOO_LARGE),
     # A chat's body may be 4 MiB (`max_text_body_bytes`); an image route's, which may carry images, 25.
-    ("post", "/v1/chat/completions", {"content": b" " * (5 * 2**20), "headers": {"content-type": "application/json"}}, 413, None),
+    ("post", "/v1/chat/completions", {"content": b" " * (5 * 2**20), "headers": {"content-type": "application/json"}}, 413, TOO_LARGE),
     # The image routes take an edit's size, JSON (a data: URL) or a form, also where an edit goes to generations.
     ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "image": "data:image/png;base64,"
                                                  + base64.b64encode(b"x" * (4 * 2**20)).decode()}}, 400, "image"),
@@ -631,9 +633,9 @@ BAD_REQUESTS = [
     # JSON values are counted before pydantic builds or checks them: a million tiny tool calls,
     # stops or biases cost the ingress seconds and gigabytes.
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [
-        {"role": "assistant", "tool_calls": [{"function": {"name": "f"}}] * 40_000}]}}, 400, None),
-    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "stop": [0] * 100_001}}, 400, None),
-    ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x", "images": [{}] * 100_001}}, 400, None),
+        {"role": "assistant", "tool_calls": [{"function": {"name": "f"}}] * 40_000}]}}, 400, TOO_MANY_VALUES),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "stop": [0] * 100_001}}, 400, TOO_MANY_VALUES),
+    ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x", "images": [{}] * 100_001}}, 400, TOO_MANY_VALUES),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}},
      400, "messages[0].content[0]"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [{"role": "user", "content": [{"type": "text"}]}]}},
@@ -641,7 +643,7 @@ BAD_REQUESTS = [
     ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "negative_prompt": "n" * 5000}}, 400, "negative_prompt"),
     ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "size": "9" * 5000 + "x512"}}, 400, "size"),
     ("post", "/v1/images/generations", {"content": b'{"model": "SuperImage", "prompt": "x", "width": ' + b"9" * 5000 + b', "height": 64}',
-                                        "headers": {"content-type": "application/json"}}, 400, None),
+                                        "headers": {"content-type": "application/json"}}, 400, {"code": "invalid_json"}),
     # An edit runs int(steps * strength) steps: a tiny strength would need 10^8 of them.
     ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x", "strength": 1e-8, "image": "data:image/png;base64,"
                                            + base64.b64encode(_png_bytes()).decode()}}, 400, "strength"),
@@ -656,7 +658,7 @@ BAD_REQUESTS = [
                                                  b'"stop": ["a\\udfff"]}', "headers": {"content-type": "application/json"}}, 400, "stop[0]"),
     ("post", "/v1/images/edits", {"content": b'{"model": "SuperImage", "prompt": "otter \\ud83d", "image": "x"}',
                                   "headers": {"content-type": "application/json"}}, 400, "prompt"),
-    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "logit_bias": {"01": 5}}}, 400, None),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "logit_bias": {"01": 5}}}, 400, "logit_bias"),
     ("post", "/v1/images/generations", {"content": b'{"model": "SuperImage", "prompt": "otter \\ud83d"}',
                                         "headers": {"content-type": "application/json"}}, 400, "prompt"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "stop": ["x" * 1001]}}, 400, "stop"),
@@ -674,14 +676,14 @@ BAD_REQUESTS = [
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "tool_choice": {"type": "allowed_tools", "allowed_tools": [1]}}},
      400, "tool_choice"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "logit_bias": {"99999999": 5}}}, 400, "logit_bias"),
-    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "logit_bias": {"5": 101}}}, 400, None),
-    ("post", "/v1/chat/completions", {"content": b'{"model": "Llama3-8B", "messages": []}'}, 400, None),  # no Content-Type
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "logit_bias": {"5": 101}}}, 400, "logit_bias"),
+    ("post", "/v1/chat/completions", {"content": b'{"model": "Llama3-8B", "messages": []}'}, 400, {"code": "invalid_body"}),  # no Content-Type
 ]
 
 
-@pytest.mark.parametrize("method,path,kwargs,status,param", BAD_REQUESTS,
+@pytest.mark.parametrize("method,path,kwargs,status,expected", BAD_REQUESTS,
                          ids=[f"{i}-{case[1]}-{case[3]}" for i, case in enumerate(BAD_REQUESTS)])
-def test_bad_requests_get_the_error_envelope(http, method, path, kwargs, status, param):
+def test_bad_requests_get_the_error_envelope(http, method, path, kwargs, status, expected):
     response = http.request(method.upper(), path, **kwargs)
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
@@ -690,8 +692,9 @@ def test_bad_requests_get_the_error_envelope(http, method, path, kwargs, status,
     assert isinstance(body["message"], str) and body["message"]
     assert body["error"]["message"] and body["error"]["type"]
     assert "Traceback" not in response.text
-    if param is not None:
-        assert body["error"]["param"] == param
+    expected = expected if isinstance(expected, dict) else {"param": expected}
+    for field, value in expected.items():
+        assert body["error"][field] == value, body
 
 
 @pytest.mark.parametrize("body", [b'{"model": "x",', b'{"model": "\xff\xfe"}', b"[" * 100_000 + b"]" * 100_000],
