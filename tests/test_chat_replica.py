@@ -323,11 +323,12 @@ def test_a_requests_choices_share_one_prefill_and_start_alike(replica):
     assert [choice.text for choice in three.choices] == [single.choices[0].text] * 3
 
 
-def test_a_long_conversation_is_prepared_off_the_event_loop_and_answered(replica):
+def test_a_long_conversation_is_prepared_off_the_event_loop_and_answered(replica, monkeypatch):
     """Past INLINE_PROMPT_CHARS the template and tokenizer run in a thread (so the replica's
     loop keeps serving streams); its answer, or its client mistake, comes back the same."""
     import threading
 
+    from serve_app import chat_model
     from serve_app.chat_model import INLINE_PROMPT_CHARS
 
     threads: list[str] = []
@@ -338,22 +339,33 @@ def test_a_long_conversation_is_prepared_off_the_event_loop_and_answered(replica
         return real_slot(request)
 
     replica._slot = recording_slot
-    words = " ".join(["otter"] * (INLINE_PROMPT_CHARS // 6 + 1))
-
-    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"notes": words}}}]
+    too_long = " ".join(["otter"] * (INLINE_PROMPT_CHARS // 6 + 1))  # a token a word: past the context
+    # The tiny tokenizer's longest word, a token of 14 characters: past INLINE_PROMPT_CHARS, yet
+    # about 1,450 tokens, within the 2,048 of the context.
+    fits = " conversations" * (INLINE_PROMPT_CHARS // 14 + 1)
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"notes": fits}}}]
     long_calls = ChatJob(messages=[{"role": "assistant", "content": "", "tool_calls": calls},
-                                   {"role": "user", "content": "hi"}], max_tokens=4, max_tokens_explicit=True)
+                                   {"role": "user", "content": "hi"}], max_tokens=4, max_tokens_explicit=True,
+                         temperature=0)
 
     async def run():
-        return (await replica.generate(job("hi")), await replica.generate(job(words)),
-                await replica.generate(long_calls))
+        return [await replica.generate(request) for request in (job("hi"), job(too_long), job(fits), long_calls)]
 
-    short, long, _ = asyncio.run(run())
-    assert short.choices[0].completion_tokens >= 1
+    short, long, fitting, tool_calls = asyncio.run(run())
     # Tool calls count as the ingress counts them: short contents, long arguments.
-    assert threads[0] == threading.main_thread().name and threads[1] != threads[0] and threads[2] != threads[0]
-    assert replica.context_length == 2048  # the tiny model's: the long conversation does not fit
+    assert threads[0] == threading.main_thread().name and all(name != threads[0] for name in threads[1:])
+    assert replica.context_length == 2048
     assert isinstance(long, InvalidRequest) and long.code == "context_length_exceeded"
+    assert short.choices[0].completion_tokens >= 1 and tool_calls.choices[0].completion_tokens >= 1
+    assert fitting.prompt_tokens > 1_000 and fitting.choices[0].completion_tokens >= 1
+
+    # The same request prepared on the loop gets the same answer.
+    threads.clear()
+    monkeypatch.setattr(chat_model, "INLINE_PROMPT_CHARS", 10**9)
+    inline = asyncio.run(replica.generate(job(fits)))
+    assert threads == [threading.main_thread().name]
+    assert [choice.text for choice in inline.choices] == [choice.text for choice in fitting.choices]
+    assert inline.prompt_tokens == fitting.prompt_tokens
 
 
 def test_latency_metrics_time_the_wait_for_room_the_first_token_and_the_tokens_after(models_dir):
@@ -457,6 +469,12 @@ def test_a_turn_ends_at_the_tokenizers_end_too(models_dir, tmp_path):
     config = ChatModelConfig.model_validate({"name": "m", "kind": "chat", "path": str(checkpoint)})
     replica = ChatModel.func_or_class(config)
     assert replica.tokenizer.eos_token_id == 2 and replica.eos_ids == {2, 5}
+    for end in (2, 5):  # either end token, made first, ends the turn with nothing shown
+        answer = asyncio.run(replica.generate(ChatJob(
+            messages=[{"role": "user", "content": "hi"}], max_tokens=8, max_tokens_explicit=True,
+            temperature=0, logit_bias={end: 100.0})))
+        assert (answer.choices[0].finish_reason, answer.choices[0].text) == ("stop", "")
+        assert answer.choices[0].completion_tokens == 1
 
 
 def test_a_pad_token_beyond_the_embeddings_is_not_used(models_dir, tmp_path):
