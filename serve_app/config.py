@@ -9,10 +9,12 @@ naming the field instead of being ignored.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
@@ -37,6 +39,26 @@ def _http_base_url(url: str) -> str:
 
 BaseUrl = Annotated[str, AfterValidator(_http_base_url)]
 """An http(s) URL that paths are appended to: without its trailing slash."""
+
+ORIGIN_PATTERN = re.compile(r"[a-z][a-z0-9+.-]*://(\[[0-9a-fA-F:.]+\]|[^/:\[\]\s]+)(:\d{1,5})?")
+"""A web origin as a browser sends it: scheme://host[:port], nothing after."""
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_bare_host(entry: str) -> bool:
+    """A host name, an IP address ([bracketed] IPv6 too) or an IP network; no scheme, port or path."""
+    try:
+        ipaddress.ip_network(entry.strip().strip("[]"), strict=False)
+        return True
+    except ValueError:
+        return bool(entry.strip()) and not any(char in entry for char in ":/@?#[] ")
 
 
 class StrictModel(BaseModel):
@@ -74,8 +96,10 @@ class AutoscalingOptions(StrictModel):
 class DeploymentOptions(StrictModel):
     """How Ray Serve runs the replicas of one deployment."""
 
-    num_replicas: int | Literal["auto"] | None = Field(
-        None, description="Fixed replica count, or 'auto'. Default 1 unless autoscaling_config is set."
+    num_replicas: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        None, description="Fixed replica count, or 'auto'. Default 1 unless autoscaling_config is set "
+        "(for scale to zero: autoscaling_config with min_replicas 0; a fixed 0 would leave the model "
+        "configured yet never live)."
     )
     autoscaling_config: AutoscalingOptions | None = Field(
         None, description="Autoscaling bounds; num_replicas is then left unset (a number and 'auto' are refused)."
@@ -368,6 +392,17 @@ class ImageInputOptions(StrictModel):
     allowed_hosts: list[str] = Field(
         default_factory=list,
         description="Hosts or IPs that may be fetched even though they are private/loopback (refused by default).")
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _bare_hosts(cls, hosts: list[str]) -> list[str]:
+        """A URL's host is matched against these as it is: an entry with a scheme, a port or a
+        path (`http://minio:9000`) would never match, and its fetches would be refused unexplained."""
+        for host in hosts:
+            if not _is_bare_host(host):
+                raise ValueError(f"{host!r} is not a host: give a name, an IP address or a network (CIDR), "
+                                 "without a scheme, port or path (every port of a listed host is allowed)")
+        return hosts
     accepted_formats: list[str] = Field(["PNG", "JPEG", "WEBP", "GIF", "BMP"],
                                         description="Image formats accepted (recognised from the bytes).")
 
@@ -399,6 +434,17 @@ class CorsOptions(StrictModel):
     allow_headers: list[str] = Field(default_factory=lambda: ["*"], description="Request headers they may send.")
     allow_credentials: bool = Field(False, description="Allow cookies and HTTP auth (not with allow_origins [\"*\"]).")
     max_age_s: int = Field(600, ge=0, description="How long a browser may cache a preflight answer.")
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        """A browser sends its origin as `scheme://host[:port]` and it is compared as text: one
+        written with a path or a trailing slash (`https://chat.example.com/`) never matches."""
+        for origin in origins:
+            if origin != "*" and not ORIGIN_PATTERN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin: write scheme://host[:port] with no path or "
+                                 "trailing slash, e.g. https://chat.example.com, or \"*\" for any")
+        return origins
 
     @model_validator(mode="after")
     def _no_credentials_for_everyone(self) -> "CorsOptions":
@@ -481,6 +527,22 @@ class AppConfig(StrictModel):
             missing = [m.name for m in self.models if not m.cid]
             if missing:
                 raise ValueError(f"registration needs a `cid` for every model; missing for {missing}")
+        return self
+
+    @model_validator(mode="after")
+    def _registered_urls_name_the_nodes_machine(self) -> "AppConfig":
+        """The node takes a model's URL only at `localhost` or an IP address of its own machine
+        (AIComputingNode refuses any other: "parse ip from model api failed"), so a public
+        host name here would be retried and refused for ever."""
+        if self.registration.enabled:
+            base_url = self.registration.public_base_url or self.public_base_url
+            host = urlsplit(base_url).hostname or ""
+            if host != "localhost" and not _is_ip_address(host):
+                source = "registration.public_base_url" if self.registration.public_base_url else "public_base_url"
+                raise ValueError(
+                    f"registration: the node accepts a model's URL only at localhost or one of its own machine's "
+                    f"IP addresses, not {host!r} ({source} {base_url!r}); set registration.public_base_url, "
+                    "e.g. http://127.0.0.1:1088 where the node runs on this machine")
         return self
 
 

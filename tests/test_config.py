@@ -176,7 +176,8 @@ def test_initial_replicas_lie_within_the_bounds():
 def test_cors_refuses_credentials_for_every_origin():
     with pytest.raises(ValidationError, match="allow_credentials"):
         validate(lambda a: a.update(cors={"allow_origins": ["*"], "allow_credentials": True}))
-    assert validate(lambda a: a.update(cors={"allow_origins": ["https://ui.example"], "allow_credentials": True}))
+    assert validate(lambda a: a.update(cors={"allow_origins": ["https://ui.example"], "allow_credentials": True})
+                    ).cors.allow_credentials is True
 
 
 def test_likely_mistakes_are_warned_about_not_refused(models_dir):
@@ -266,3 +267,58 @@ def test_a_cuda_device_is_one_of_the_gpus_the_replica_reserves(device, gpus, ok)
     else:
         with pytest.raises(ValidationError, match="num_gpus"):
             AppConfig.model_validate({"models": [entry]})
+
+
+def registered(args, **registration):
+    args["registration"] = {"enabled": True, **registration}
+    for model in args["models"]:
+        model["cid"] = "cid-" + model["name"]
+
+
+def test_registration_names_the_nodes_machine():
+    """The node refuses a model URL at any host but localhost or its own IP addresses: a public
+    host name would fail every registration, so the config says so at once."""
+    assert validate(registered).registration.enabled  # the default public_base_url, 127.0.0.1
+    with pytest.raises(ValidationError, match=r"not 'ai.example.com' \(public_base_url "):
+        validate(lambda a: (registered(a), a.update(public_base_url="https://ai.example.com")))
+    # The node's own address beside a public URL for clients' image links:
+    assert validate(lambda a: (registered(a, public_base_url="http://10.1.2.3:1088"),
+                               a.update(public_base_url="https://ai.example.com")))
+    assert validate(lambda a: registered(a, public_base_url="http://localhost:1088"))
+    assert validate(lambda a: registered(a, public_base_url="http://[::1]:1088"))
+    with pytest.raises(ValidationError, match=r"registration.public_base_url 'http://node.lan:1088'"):
+        validate(lambda a: registered(a, public_base_url="http://node.lan:1088"))
+    # Off, any URL goes.
+    assert validate(lambda a: a.update(public_base_url="https://ai.example.com"))
+
+
+@pytest.mark.parametrize("hosts,ok", [
+    (["minio", "minio.internal.", "10.0.0.5", "10.0.0.0/8", "::1", "[fd00::1]", "fd00::/8"], True),
+    (["http://10.0.0.5"], False), (["minio:9000"], False), (["minio/images"], False), ([""], False)])
+def test_allowed_hosts_are_hosts(hosts, ok):
+    """A URL's host is matched as it is: an entry with a scheme, port or path would never match."""
+    if ok:
+        assert validate(lambda a: a.update(image_input={"allowed_hosts": hosts})).image_input.allowed_hosts == hosts
+    else:
+        with pytest.raises(ValidationError, match="is not a host"):
+            validate(lambda a: a.update(image_input={"allowed_hosts": hosts}))
+
+
+@pytest.mark.parametrize("origin,ok", [
+    ("https://chat.example.com", True), ("http://localhost:3000", True), ("http://[::1]:8080", True), ("*", True),
+    ("https://chat.example.com/", False), ("https://chat.example.com/app", False), ("chat.example.com", False)])
+def test_cors_origins_are_origins(origin, ok):
+    """A browser's Origin is compared as text: a trailing slash or a path would never match."""
+    if ok:
+        assert validate(lambda a: a.update(cors={"allow_origins": [origin]})).cors.allow_origins == [origin]
+    else:
+        with pytest.raises(ValidationError, match="is not an origin"):
+            validate(lambda a: a.update(cors={"allow_origins": [origin]}))
+
+
+@pytest.mark.parametrize("count", [0, -1])
+def test_a_fixed_replica_count_is_at_least_one(count):
+    """0 would leave the model configured but never live (each request waiting out the timeout);
+    scale to zero is autoscaling's min_replicas 0."""
+    with pytest.raises(ValidationError, match=r"model 'Llama3-8B' \(models\[0\]\): deployment.num_replicas"):
+        validate(lambda a: a["models"][0]["deployment"].update(num_replicas=count))
