@@ -44,7 +44,7 @@ from ray import serve
 from serve_app.config import ImageModelConfig
 from serve_app.errors import APIError, ContentFiltered, InvalidRequest, NotANumber
 from serve_app.image_input import orientation, upright
-from serve_app.jobs import ImageJob, ImageResult
+from serve_app.jobs import ImageJob, ImageResult, generator_seed
 from serve_app.metrics import ImageMetrics
 from serve_app.placement import ModelReplica, raise_to_caller
 
@@ -535,5 +535,5 @@ class ImageModel(ModelReplica):
         if job.seed is None:
             generator.seed()
         else:
-            generator.manual_seed((job.seed + index) % 2**64)
+            generator.manual_seed(generator_seed(job.seed, index))
         return generator

@@ -8,6 +8,7 @@ on the wire format.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -35,6 +36,21 @@ class ChatJob:
     logprobs: bool = False
     top_logprobs: int = 0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+
+
+def generator_seed(seed: int, index: int) -> int:
+    """The seed of the generator that draws the `index`-th choice's or image's numbers: `seed +
+    index`, so the i-th of a request is the first of `seed + i` (one image of a seeded batch can
+    be made again alone).
+
+    torch's CPU generator (mt19937) keeps only the low 32 bits of its seed, which would make
+    seeds 2**32 apart draw the same numbers (and `-1` the same as 4294967295). A value past 32
+    bits is hashed down to 32 instead, so every bit of a 64-bit seed counts; values below
+    2**32 stay as they are, drawing what `manual_seed(value)` draws."""
+    value = (seed + index) % 2**64
+    if value < 2**32:
+        return value
+    return int.from_bytes(hashlib.blake2b(value.to_bytes(8, "little"), digest_size=4).digest(), "little")
 
 
 def prompt_chars(messages: list[dict[str, Any]]) -> int:

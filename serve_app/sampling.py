@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from serve_app.jobs import ChatJob
+from serve_app.jobs import ChatJob, generator_seed
 
 if TYPE_CHECKING:
     from serve_app.decoding import ChoiceDecoder
@@ -106,7 +106,7 @@ def make_rows(job: ChatJob, defaults: SamplingDefaults, decoders: list[ChoiceDec
         bias = (torch.tensor(list(job.logit_bias), dtype=torch.long),
                 torch.tensor(list(job.logit_bias.values()), dtype=torch.float32))
     return [Row(decoder=decoder,
-                generator=torch.Generator().manual_seed((seed + index) % 2**64),
+                generator=torch.Generator().manual_seed(generator_seed(seed, index)),
                 greedy=not sample,
                 temperature=temperature,
                 top_p=job.top_p if job.top_p is not None else defaults.top_p,

@@ -101,6 +101,15 @@ def test_seeded_job_same_alone_and_batched(model, extra):
     assert np.abs(pixels(alone.images[0]) - pixels(other_seed.images[0])).mean() > 1
 
 
+def test_every_bit_of_an_image_seed_counts(model):
+    """Seeds 2**32 apart (which torch's CPU generator would take alike) make different images;
+    the second image of seed s is the first of seed s + 1."""
+    [pair] = model.run_jobs([job("an otter", n=2, seed=2**40)])
+    [next_seed, far_seed] = model.run_jobs([job("an otter", n=1, seed=2**40 + 1), job("an otter", n=1, seed=2**40 + 2**32)])
+    assert_same_image(pair.images[1], next_seed.images[0])
+    assert np.abs(pixels(pair.images[0]) - pixels(far_seed.images[0])).mean() > 1
+
+
 def test_an_edit_runs_at_least_one_step_whatever_its_strength(model):
     """An edit runs int(steps * strength) steps, and 161 * (1 / 161) is 0.999... in floating point."""
     edit = job("a", init_image=png_bytes("red"), strength=1 / 161)

@@ -209,3 +209,18 @@ def test_a_requests_repetition_penalty_reaches_its_job():
     for bad in (0, 1e-40, 2.5):  # a tiny one would make a seen token's logit infinite
         with pytest.raises(ValidationError, match="repetition_penalty"):
             ChatCompletionRequest.model_validate({**base, "repetition_penalty": bad})
+
+
+def test_every_bit_of_a_seed_counts():
+    """torch's CPU generator keeps 32 bits of its seed: seeds 2**32 apart would draw alike.
+    Below 2**32 a seed draws what manual_seed draws; the i-th choice is the first of seed + i."""
+    def draws(seed: int, n: int = 1) -> list[list[float]]:
+        rows = make_rows(ChatJob(messages=[], max_tokens=1, max_tokens_explicit=True, seed=seed, n=n),
+                         SamplingDefaults(), [None] * n)
+        return [[row.uniform() for _ in range(4)] for row in rows]
+
+    seeds = [7, 7 + 2**32, 7 + 2**40, 2**63 - 1, -1, 2**32 - 1, -(2**63)]
+    assert len({tuple(draws(seed)[0]) for seed in seeds}) == len(seeds)
+    assert draws(7) == draws(7) and draws(7)[0] == [1.0 - x for x in torch.rand(4, generator=torch.Generator()
+                                                                                 .manual_seed(7), dtype=torch.float64).tolist()]
+    assert draws(2**40, n=2)[1] == draws(2**40 + 1)[0] and draws(-1, n=2)[1] == draws(0)[0]

@@ -737,11 +737,20 @@ def test_server_still_serves_after_bad_input(http):
 
 
 def test_null_stream_and_extreme_seeds_are_plain_requests(http):
-    """OpenAI documents `stream` as boolean or null; a seed may be any 64-bit integer."""
-    for extra in ({"stream": None}, {"seed": 2**63 - 1, "n": 2, "temperature": 1.0}, {"seed": -(2**63)}):
-        response = http.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 3, **extra})
-        assert_success(response)
+    """OpenAI documents `stream` as boolean or null; a seed may be any 64-bit integer, and
+    every bit of it counts."""
+    texts = {}
+    for extra in ({"stream": None}, {"seed": 2**63 - 1}, {"seed": 2**63 - 1}, {"seed": -(2**63)},
+                  {"seed": 2**40 + 7}, {"seed": 7}):
+        response = http.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 8, "n": 2, "temperature": 1.0,
+                                                           **extra})
+        body = assert_success(response)
         assert response.headers["content-type"] == "application/json"
+        answers = tuple(choice["message"]["content"] for choice in body["choices"])
+        assert answers[0] != answers[1]  # each choice its own generator
+        if "seed" in extra:
+            assert texts.setdefault(extra["seed"], answers) == answers  # the same seed, the same answers
+    assert len(set(texts.values())) == len(texts)  # seeds 2**40 apart, or at the ends of the range, differ
 
 
 def test_openai_client_raises_typed_errors(client):
