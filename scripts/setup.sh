@@ -17,12 +17,13 @@ NEW_ENOUGH='sys.exit(sys.version_info < (3, 11))'  # after the imports it checks
 # A venv made before (by any interpreter) is kept if it works, is new enough, has pip and was
 # made here; one left half-made, too old, whose interpreter is gone (a Python upgrade) or made
 # at another path (a moved or copied checkout: its scripts' #! lines name the old one) is made again.
+# "Here" as the shell names it or as the venv does, through any symlink (/home -> /data/home).
 if [ -e .venv ] || [ -L .venv ]; then
     why=""
     pip_line="$(head -n 1 .venv/bin/pip 2>/dev/null || true)"
     if ! .venv/bin/python -c "import sys, pip; $NEW_ENOUGH" 2>/dev/null; then
         why="is older than Python 3.11, has no pip, or its interpreter is gone"
-    elif [[ "$pip_line" == "#!/"* && "$pip_line" != "#!$PWD/.venv/"* ]]; then
+    elif [[ "$pip_line" == "#!/"* && "$pip_line" != "#!$PWD/.venv/"* && "$pip_line" != "#!$(pwd -P)/.venv/"* ]]; then
         why="was made at another path (${pip_line#\#!})"
     fi
     if [ -n "$why" ]; then
