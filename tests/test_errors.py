@@ -78,6 +78,31 @@ def test_what_ray_raises_for_a_failed_or_lost_model_is_told_apart() -> None:
     assert as_api_error(rpc(grpc.StatusCode.INTERNAL)).code == "internal_error"
 
 
+def test_an_error_a_replica_raised_is_answered_as_its_cause(serve_caplog) -> None:
+    """A model replica's exception reaches the ingress wrapped in Ray's RayTaskError (plain, or
+    as an instance of the cause's class): the client gets the cause's own status and fields."""
+    from ray.exceptions import RayTaskError
+
+    from serve_app.errors import NotANumber
+
+    def raised_by_replica(cause: BaseException, instance_of_cause: bool) -> RayTaskError:
+        wrapped = RayTaskError("generate", "Traceback (most recent call last):\n  ...", cause)
+        return wrapped.as_instanceof_cause() if instance_of_cause else wrapped
+
+    for instance_of_cause in (False, True):
+        bad = InvalidRequest("logit_bias names a token id this model does not have", param="logit_bias")
+        assert as_api_error(raised_by_replica(bad, instance_of_cause)) is bad
+        nan = as_api_error(raised_by_replica(NotANumber("float16 overflowed; set dtype"), instance_of_cause))
+        assert (nan.status_code, nan.code, nan.message) == (500, "model_output_not_a_number",
+                                                            "float16 overflowed; set dtype")
+        serve_caplog.clear()
+        oom = as_api_error(raised_by_replica(RuntimeError("OutOfMemoryError: CUDA out of memory"), instance_of_cause))
+        assert (oom.status_code, oom.code) == (500, "internal_error") and "CUDA" not in oom.message  # no internals
+        assert "OutOfMemoryError: CUDA out of memory" in serve_caplog.text  # but the operator's log has them
+        lost = as_api_error(raised_by_replica(ActorDiedError(), instance_of_cause))
+        assert (lost.status_code, lost.code) == (503, "model_unavailable")
+
+
 def test_a_models_own_timeout_error_is_its_failure_not_the_request_timeout(serve_caplog) -> None:
     """A replica's TimeoutError reaches the ingress as one (Ray's error is an instance of its
     cause): only the ingress's own deadline is a 504; the model's is its failure, logged."""

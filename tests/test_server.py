@@ -265,10 +265,18 @@ def test_streaming_raw_sse_format(http):
         assert all(None not in d.values() for d in deltas)
 
 
-def test_streaming_error_before_start_is_plain_json(http):
-    response = http.post("/v1/chat/completions", json={**SEED_CHAT, "model": "nope", "stream": True})
-    assert response.status_code == 404 and response.headers["content-type"] == "application/json"
-    assert response.json()["error"]["param"] == "model"
+@pytest.mark.parametrize("extra,status,param,code", [
+    ({"model": "nope"}, 404, "model", "model_not_found"),  # found by the ingress
+    # Found by the model's replica, from its tokenizer and vocabulary: the first item of the stream.
+    ({"logit_bias": {"5000": 5}}, 400, "logit_bias", "invalid_value"),
+    ({"max_tokens": 1024, "messages": [{"role": "user", "content": " conversations" * 1100}]}, 400, "max_tokens",
+     "context_length_exceeded"),
+], ids=["unknown-model", "token-beyond-vocabulary", "past-the-context"])
+def test_streaming_error_before_start_is_plain_json(http, extra, status, param, code):
+    """An error found before the first token is a plain JSON error with its status, not a 200 stream."""
+    response = http.post("/v1/chat/completions", json={**SEED_CHAT, "stream": True, **extra})
+    assert response.status_code == status and response.headers["content-type"] == "application/json"
+    assert (response.json()["error"]["param"], response.json()["error"]["code"]) == (param, code)
 
 
 # ------------------------------------------------------------------------------ images
