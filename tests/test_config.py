@@ -87,6 +87,29 @@ def test_a_mistake_in_a_model_names_the_model():
 def test_duplicate_model_names_are_refused():
     with pytest.raises(ValidationError, match="not unique"):
         validate(lambda a: a["models"].append(dict(a["models"][0])))
+    # Two names whose Ray deployment names would be one (unsafe characters become "_"):
+    def clash(args):
+        args["models"] = [{**args["models"][0], "name": "org/llama"}, {**args["models"][0], "name": "org_llama"}]
+    with pytest.raises(ValidationError, match="model name 'org_llama' is not unique \\(clashes with 'org/llama'\\)"):
+        validate(clash)
+
+
+@pytest.mark.parametrize("url,ok", [("https://ai.example.com/", True), ("http://10.0.0.1:1088", True),
+                                    ("ai.example.com", False), ("ftp://ai.example.com", False)])
+def test_base_urls_are_http_without_a_trailing_slash(url, ok):
+    if ok:
+        assert validate(lambda a: a.update(public_base_url=url)).public_base_url == url.rstrip("/")
+    else:
+        with pytest.raises(ValidationError, match="must start with http:// or https://"):
+            validate(lambda a: a.update(public_base_url=url))
+
+
+def test_autoscaling_bounds_are_ordered():
+    def bounds(args):
+        del args["models"][0]["deployment"]["num_replicas"]
+        args["models"][0]["deployment"]["autoscaling_config"] = {"min_replicas": 3, "max_replicas": 2}
+    with pytest.raises(ValidationError, match="min_replicas must not exceed max_replicas"):
+        validate(bounds)
 
 
 def test_two_names_may_share_a_path():

@@ -331,11 +331,22 @@ def test_images_that_overflowed_fail_their_request_alone_not_as_black_pictures(m
     assert (overflowed.status_code, overflowed.code) == (500, "model_output_not_a_number") and "dtype" in str(overflowed)
 
 
-def test_a_text_only_model_refuses_edits_and_a_grid_it_cannot_draw(model, monkeypatch, models_dir):
+def test_a_text_only_model_refuses_edits(model, monkeypatch):
     monkeypatch.setitem(model.pipelines, "i2i", None)
     monkeypatch.setitem(model.pipelines, "inpaint", None)
     [refused] = model.run_jobs([job("a", init_image=png_bytes("red"))])
     assert isinstance(refused, InvalidRequest) and refused.param == "image"
+
+
+def test_a_model_without_inpainting_refuses_a_mask_and_edits_without_one(model, monkeypatch):
+    monkeypatch.setitem(model.pipelines, "inpaint", None)
+    masked, plain = model.run_jobs([job("a", init_image=png_bytes("red"), mask_image=png_bytes("white")),
+                                    job("a", init_image=png_bytes("red"))])
+    assert isinstance(masked, InvalidRequest) and (masked.param, str(masked)) == ("mask", "this model does not support masks")
+    assert isinstance(plain, ImageResult) and len(plain.images) == 1  # an image-to-image edit
+
+
+def test_a_model_whose_sides_are_multiples_of_16_needs_that_grid(monkeypatch, models_dir):
     # A model whose sides must be multiples of 16 (SD3, FLUX) with the default grid of 8 fails
     # to start, saying what to set, rather than answering odd sizes with a pipeline error.
     monkeypatch.setattr("serve_app.image_model.pixel_multiple", lambda pipeline: 16)

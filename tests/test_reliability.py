@@ -483,6 +483,8 @@ def test_a_model_whose_replicas_cannot_start_is_503_model_failed_at_once(cluster
             cluster.deploy(args, name="broken_app", route_prefix="/broken")
         with httpx.Client(base_url=cluster.base_url + "/broken", timeout=60) as client:
             assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["echo"]
+            ready = client.get("/ready")  # a load balancer's probe: not ready, and which model is missing
+            assert (ready.status_code, ready.json()) == (503, {"ready": False, "missing": ["broken"]})
             started = time.monotonic()
             response = client.post("/v1/chat/completions", json={**SEED_CHAT, "model": "broken"})
             assert response.status_code == 503, response.text

@@ -619,6 +619,12 @@ BAD_REQUESTS = [
     # A mask must have the image's dimensions (as OpenAI requires): stretched, it would repaint elsewhere.
     ("post", "/v1/images/edits", {"data": {"model": IMAGE, "prompt": "x"}, "files": {
         "image": ("a.png", _png_bytes((80, 60))), "mask": ("m.png", _png_bytes((60, 60), "white"))}}, 400, "mask"),
+    # One mask per edit, and of files under names it does not know, one (a node's `face_image`), not a choice.
+    ("post", "/v1/images/edits", {"data": {"model": IMAGE, "prompt": "x"}, "files": [
+        ("image", ("a.png", _png_bytes())), ("mask", ("m.png", _png_bytes())), ("mask", ("n.png", _png_bytes()))]},
+     400, {"param": "mask", "code": "too_many_files"}),
+    ("post", "/v1/images/edits", {"data": {"model": IMAGE, "prompt": "x"}, "files": [
+        ("face", ("a.png", _png_bytes())), ("photo", ("b.png", _png_bytes()))]}, 400, "image"),
     ("get", "/v1/files/images/..%2F..%2Fetc%2Fpasswd", {}, 404, {"code": "route_not_found"}),
     ("get", "/v1/files/images/nothere1234567890123.png", {}, 404, {"param": "name", "code": "file_not_found"}),
     ("get", "/v1/nothing", {}, 404, {"code": "route_not_found"}),
