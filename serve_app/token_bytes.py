@@ -11,10 +11,11 @@ client that wants to join the ``bytes`` of consecutive tokens back into the real
 
 ``token`` vs ``bytes``
 ----------------------
-Callers should keep the entry's ``token`` string as ``tokenizer.decode([id])`` (which may hold U+FFFD
-for a partial character; this is what vLLM returns as well) and take only ``bytes`` from here. A
-string cannot hold half a character, while the bytes can; clients that care rebuild the text from
-``bytes``, the others see the usual decoded text.
+An entry's ``token`` string is its bytes as text (:meth:`TokenBytes.text`): U+FFFD where they are
+part of a character, since a string cannot hold half a character while the bytes can; clients that
+care rebuild the text from ``bytes``. For whole characters the two agree, a SentencePiece word's
+space included (``tokenizer.decode([id])`` would strip it: "world" for ``▁world``), so the tokens of
+an answer joined are its text, as with OpenAI's byte-level tokens.
 
 How the tokenizer family is found
 ---------------------------------
@@ -104,11 +105,13 @@ class TokenBytes:
         return cached
 
     def text(self, token_id: int) -> str:
-        """The token decoded alone, as logprobs show it (U+FFFD for part of a character), cached:
-        a step with `top_logprobs: 20` asks for 21 per row."""
+        """The token as logprobs show it: its bytes as text (U+FFFD for part of a character), so
+        `token` and `bytes` agree and a SentencePiece word keeps its space (" world", as OpenAI
+        shows it, where `decode([id])` strips it to "world"); cached: a step with
+        `top_logprobs: 20` asks for 21 per row."""
         cached = self._texts.get(token_id)
         if cached is None:
-            cached = self._texts[token_id] = self._tokenizer.decode([token_id])
+            cached = self._texts[token_id] = self(token_id).decode("utf-8", "replace")
         return cached
 
     # -- detection -----------------------------------------------------------------------------

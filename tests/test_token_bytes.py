@@ -130,6 +130,18 @@ def test_sentencepiece_byte_tokens_and_spaces():
     assert tb(tok.convert_tokens_to_ids("é")) == "é".encode()  # a whole-character vocabulary entry
 
 
+def test_sentencepiece_tokens_as_logprobs_show_them_keep_their_space():
+    """`token` is the entry's bytes as text: a word keeps the space `decode([id])` strips, so the
+    tokens of a text joined are that text (after the one space the decoder drops at its start)."""
+    tok = sentencepiece_like(strip=True)
+    tb = TokenBytes(tok)
+    ids = tok("hello plain €", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids[0]) == "▁hello▁" and tok.decode([ids[0]]) == "hello "  # stripped alone
+    assert tb.text(ids[0]) == " hello " and all(tb.text(i).encode() == tb(i) for i in ids[:-3])
+    assert "".join(tb.text(i) for i in ids[:-3]) == " hello plain "
+    assert [tb.text(i) for i in ids[-3:]] == ["\ufffd"] * 3  # the euro sign's three bytes: part of a character each
+
+
 def test_sentencepiece_special_tokens_give_their_text():
     tok = sentencepiece_like(strip=True)
     tb = TokenBytes(tok)
