@@ -293,10 +293,12 @@ class ImageModelConfig(BaseModelConfig):
     true_cfg_scale: float | None = Field(
         None, gt=1, description="For pipelines with true classifier-free guidance (FLUX.1, Qwen-Image): its "
         "scale when a request gives a negative_prompt (each step then runs twice). Default: the pipeline's "
-        "own where it is above 1, else 4 (FLUX.1's default of 1 would ignore the negative prompt).")
+        "own where it is above 1, else 4 (FLUX.1's default of 1 would ignore the negative prompt). A pipeline "
+        "guided by default (Qwen-Image) is guided on every request, with a blank negative prompt where none is given.")
     guidance_scale: float | None = Field(
         None, ge=0, description="Classifier-free guidance scale for every call, where the pipeline takes one. "
-        "Default: the pipeline's own (7.5 for Stable Diffusion); distilled checkpoints want theirs: 0 for "
+        "Default: the pipeline's own (7.5 for Stable Diffusion), edits taking the text-to-image pipeline's; "
+        "distilled checkpoints want theirs: 0 for "
         "sd-turbo and sdxl-turbo, which at 7.5 burn their images and run each step twice.")
     channels_last: bool = Field(
         True, description="Put the UNet and VAE in channels-last memory format, which convolution "

@@ -185,6 +185,22 @@ class PreparedJob:
                 self.job.negative_prompt is not None, id(self) if self.alone else None)
 
 
+BLANK_NEGATIVE_PROMPT = " "
+"""The negative prompt of a request without one, for a pipeline guided by default (Qwen-Image's)."""
+
+
+def guided_by_default(pipeline: Any) -> bool:
+    """Whether a pipeline's true classifier-free guidance is on by default (`true_cfg_scale`
+    above 1: Qwen-Image's 4, where FLUX.1's is 1), so that it needs a negative prompt on every
+    call: diffusers guides only where one is given."""
+    try:
+        parameter = inspect.signature(pipeline).parameters.get("true_cfg_scale")
+    except (TypeError, ValueError):
+        return False
+    default = parameter.default if parameter is not None else None
+    return isinstance(default, (int, float)) and default > 1
+
+
 def per_image(group: list[PreparedJob], value: Callable[[PreparedJob], Any]) -> list[Any]:
     """One entry per output image, in order: a job's value repeated `n` times.
 
@@ -456,6 +472,20 @@ class ImageModel(ModelReplica):
         default = parameter.default if isinstance(parameter.default, (int, float)) else 1.0
         return float(default) if default > 1 else DEFAULT_TRUE_CFG_SCALE
 
+    def _guidance_scale(self, mode: str) -> float | None:
+        """The config's guidance scale; unset, an edit takes the text-to-image pipeline's default
+        (None: each pipeline its own). diffusers' edit pipelines default to other values than
+        their family's generation: FLUX.1's image-to-image and inpainting 7.0 against its 3.5,
+        SDXL's inpainting 7.5 against 5, so a checkpoint's edits ran at twice its guidance."""
+        if self.config.guidance_scale is not None or mode == "t2i" or self.pipelines["t2i"] is None:
+            return self.config.guidance_scale
+        try:
+            parameter = inspect.signature(self.pipelines["t2i"]).parameters.get("guidance_scale")
+        except (TypeError, ValueError):
+            return None
+        default = parameter.default if parameter is not None else None
+        return float(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else None
+
     def _prepared(self, job: ImageJob, mode: str, init_image: Image.Image | None = None,
                   mask_image: Image.Image | None = None) -> PreparedJob:
         """A job for the `mode` pipeline, checked against what that pipeline takes: a negative
@@ -466,6 +496,10 @@ class ImageModel(ModelReplica):
         parameters = call_parameters(pipeline)
         if job.negative_prompt is not None and parameters is not None and "negative_prompt" not in parameters:
             raise InvalidRequest("this model takes no negative_prompt", param="negative_prompt")
+        if job.negative_prompt is None and guided_by_default(pipeline):
+            # Qwen-Image runs its true guidance (scale 4) only with a negative prompt: its model card
+            # gives " " where there is none; without one every step ran unguided.
+            job = replace(job, negative_prompt=BLANK_NEGATIVE_PROMPT)
         if parameters is None or "strength" in parameters:
             steps = job.pipeline_steps
         else:  # and edits of any strength share its calls
@@ -499,8 +533,9 @@ class ImageModel(ModelReplica):
             scale = self._true_cfg_scale(first.mode)
             if scale is not None:
                 arguments["true_cfg_scale"] = scale
-        if self.config.guidance_scale is not None:
-            arguments["guidance_scale"] = self.config.guidance_scale
+        guidance = self._guidance_scale(first.mode)
+        if guidance is not None:
+            arguments["guidance_scale"] = guidance
         if first.mode != "t2i":
             arguments["image"] = each(lambda item: item.init_image)
             arguments["strength"] = first.job.strength

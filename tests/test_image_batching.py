@@ -442,6 +442,24 @@ def test_a_negative_prompt_turns_on_true_guidance_where_a_pipeline_needs_it(mode
     assert sorted(passed) == [1.0, 4.0]
 
 
+def test_a_pipeline_guided_by_default_gets_a_blank_negative_prompt(model, monkeypatch):
+    """Qwen-Image's true guidance (its default scale 4) runs only where a negative prompt is
+    given: a request without one gets its model card's " ", and shares a call with one that
+    gives its own; its guidance is the pipeline's 4."""
+    real, passed = model.pipelines["t2i"], []
+
+    def qwen_like(prompt, num_inference_steps, height, width, generator, output_type,
+                  negative_prompt=None, true_cfg_scale: float = 4.0):
+        passed.append((negative_prompt, true_cfg_scale))
+        return real(prompt=prompt, num_inference_steps=num_inference_steps, height=height, width=width,
+                    generator=generator, output_type=output_type, negative_prompt=negative_prompt)
+
+    monkeypatch.setitem(model.pipelines, "t2i", qwen_like)
+    outcomes, calls = calls_for(model, [job("a", negative_prompt="blurry"), job("b", n=2)])
+    assert calls == 1 and passed == [(["blurry", " ", " "], 4.0)]
+    assert [len(outcome.images) for outcome in outcomes] == [1, 2]
+
+
 def test_the_configured_guidance_scale_reaches_every_call(model, monkeypatch):
     """Turbo checkpoints want guidance 0 (at the pipeline's 7.5 their images burn): the
     config's `guidance_scale` is passed to every call, generation and edit; unset, none is."""
@@ -458,6 +476,33 @@ def test_the_configured_guidance_scale_reaches_every_call(model, monkeypatch):
     model.run_jobs([job("b")])
     model.run_jobs([job("c", init_image=png_bytes("red"), strength=0.5)])
     assert passed == [None, 0.0, 0.0]
+
+
+def test_an_edit_is_guided_as_its_checkpoints_generations(model, monkeypatch):
+    """diffusers' FLUX.1 image-to-image defaults to guidance 7.0 where its text-to-image has 3.5:
+    with the config silent, an edit runs at the text-to-image pipeline's default."""
+    passed = []
+    real_t2i, real_i2i = model.pipelines["t2i"], model.pipelines["i2i"]
+
+    def flux_t2i(prompt, num_inference_steps, height, width, generator, output_type, guidance_scale: float = 3.5):
+        passed.append(("t2i", guidance_scale))
+        return real_t2i(prompt=prompt, num_inference_steps=num_inference_steps, height=height, width=width,
+                        generator=generator, output_type=output_type)
+
+    def flux_i2i(prompt, image, strength, num_inference_steps, height, width, generator, output_type,
+                 guidance_scale: float = 7.0):
+        passed.append(("i2i", guidance_scale))
+        return real_i2i(prompt=prompt, image=image, strength=strength, num_inference_steps=num_inference_steps,
+                        height=height, width=width, generator=generator, output_type=output_type)
+
+    monkeypatch.setitem(model.pipelines, "t2i", flux_t2i)
+    monkeypatch.setitem(model.pipelines, "i2i", flux_i2i)
+    model.run_jobs([job("a")])
+    model.run_jobs([job("c", init_image=png_bytes("red"), strength=0.5)])
+    assert passed == [("t2i", 3.5), ("i2i", 3.5)]
+    monkeypatch.setattr(model, "config", model.config.model_copy(update={"guidance_scale": 5.0}))
+    model.run_jobs([job("c", init_image=png_bytes("red"), strength=0.5)])
+    assert passed[-1] == ("i2i", 5.0)
 
 
 def test_an_edit_without_strength_gets_its_kind_of_edit_default(model, monkeypatch):
