@@ -22,4 +22,32 @@ export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-0}"
 
+# Say when every model is live: `serve run`'s own output ends at "Submitted deploy config",
+# before any model has loaded. A background check of /ready once a second (bash's /dev/tcp: no
+# process started per check), that ends with the server.
+read -r port prefix < <(.venv/bin/python - "$config" <<'PY' 2>/dev/null || echo "1088 /"
+import sys, yaml
+config = yaml.safe_load(open(sys.argv[1])) or {}
+apps = config.get("applications") or [{}]
+print((config.get("http_options") or {}).get("port", 8000), (apps[0].get("route_prefix") or "/").rstrip("/") or "/")
+PY
+)
+announce_when_ready() {
+    local server=$1 path="${prefix%/}/ready" status=""
+    trap '' PIPE  # a connection closed under the request (the port changing hands at start) is one more try
+    while kill -0 "$server" 2>/dev/null; do
+        sleep 1
+        status=""
+        if { exec 3<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null; then
+            { printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' "$path" >&3 && read -r -t 5 _ status _ <&3; } 2>/dev/null || true
+            exec 3<&-
+        fi
+        if [[ "$status" == 200 || "$status" == 401 ]]; then  # 401: /ready behind API keys (auth.protect_health)
+            echo "serve.sh: ready: every model is live at http://127.0.0.1:$port${prefix%/} (GET ${path})" >&2
+            return
+        fi
+    done
+}
+announce_when_ready $$ &
+
 exec .venv/bin/serve run "$config"
