@@ -1,0 +1,73 @@
+"""The README's run command, `scripts/serve.sh`, as a user runs it: it starts Ray Serve on
+the fast path (HAProxy), says when every model is live, serves, and a SIGTERM stops it all,
+freeing the port.
+
+Marked `cluster` so that it runs before the session's own Ray starts (see conftest), with a
+Ray of its own (its own temp dir) on a free port.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import ROOT, free_port, wait_for
+
+pytestmark = pytest.mark.cluster
+
+READY_LINE = "serve.sh: ready: every model is live at"
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_serve_script_says_when_ready_serves_and_stops_on_sigterm(models_dir: Path, tmp_path: Path):
+    port = free_port()
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = port
+    args = config["applications"][0]["args"]
+    args.update(public_base_url=f"http://127.0.0.1:{port}", image_dir=str(tmp_path / "images"))
+    config_file = tmp_path / "serve_config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    ray_tmp = tempfile.mkdtemp(prefix="sss_", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)  # its own Ray, never a cluster the shell names
+    # Relative to the caller's folder, as the README allows; models resolve from the repo root.
+    server = subprocess.Popen([str(ROOT / "scripts" / "serve.sh"), config_file.name], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(server.stderr), daemon=True)
+    reader.start()
+    try:
+        assert wait_for(lambda: any(READY_LINE in line for line in lines) or server.poll() is not None,
+                        timeout=240, interval=0.5), "no ready line"
+        assert server.poll() is None, "".join(lines[-30:])
+        # Said only once /ready holds: both models answer at once.
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(base + "/ready").json() == {"ready": True, "missing": []}
+        answer = httpx.post(base + "/v1/chat/completions", timeout=60, json={
+            "model": "Llama3-8B", "max_tokens": 4, "messages": [{"role": "user", "content": "Hello!"}]})
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
+        server.send_signal(signal.SIGTERM)  # as the README says to stop it in the background
+        assert server.wait(timeout=90) is not None
+        # HAProxy (a child of Serve's proxy) goes too: the port is free again.
+        assert wait_for(lambda: port_is_free(port), timeout=30), "the port is still held"
+    finally:
+        if server.poll() is None:  # a failed test: its whole process group (Ray's processes start in it)
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert sum(READY_LINE in line for line in lines) == 1
