@@ -12,11 +12,13 @@ import asyncio
 import hmac
 import logging
 import os
+import re
 import time
 from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.access_log import CURRENT, AccessRecord, app_path, header, log_access, note
@@ -74,8 +76,28 @@ class ApiKeys:
 
 def _route_label(scope: Scope) -> str:
     """The template of the route that matched (`/v1/chat/completions`, `/v1/files/images/{name}`),
-    else "other": a metrics label per raw path would let anyone mint label sets without end."""
-    return getattr(scope.get("route"), "path", None) or "other"
+    else "other": a metrics label per raw path would let anyone mint label sets without end. A
+    request answered before routing (a 401, a 413 by its Content-Length) counts under the
+    template its path fits."""
+    matched = scope.get("route")  # its template as OpenAPI writes it: `{model}`, not `{model:path}`
+    route = getattr(matched, "path_format", None) or getattr(matched, "path", None)
+    if route is None:
+        path = app_path(scope)
+        route = next((template for template, pattern in _route_templates(scope["app"]) if pattern.match(path)), None)
+    return route or "other"
+
+
+def _route_templates(app: Any) -> list[tuple[str, re.Pattern[str]]]:
+    """The app's route templates with their patterns, from its OpenAPI schema (FastAPI's public
+    view of its routes, built once and cached on the app). OpenAPI drops a parameter's
+    convertor: a last parameter takes the rest of the path, as `/v1/models/{model:path}` does."""
+    templates = getattr(app.state, "route_templates", None)
+    if templates is None:
+        openapi = getattr(app, "openapi", None)
+        paths = openapi()["paths"] if callable(openapi) else {}
+        templates = app.state.route_templates = [
+            (template, compile_path(re.sub(r"\{(\w+)\}$", r"{\1:path}", template))[0]) for template in paths]
+    return templates
 
 
 class ConfiguredCors:

@@ -353,3 +353,17 @@ def test_the_access_log_and_metrics_tell_a_client_leaving_and_a_failed_stream_fr
     assert "status=499" in lines[0] and "error=request_cancelled" in lines[0]
     assert "status=200" in lines[1] and "error=timeout error_status=504" in lines[1]
     assert all(line.startswith("access request_id=abc%20status%3D200%20model%3Devil method=") for line in lines)
+
+
+@pytest.mark.parametrize("path,label", [
+    ("/v1/chat/completions", "/v1/chat/completions"), ("/v1/models/org/llama", "/v1/models/{model}"),
+    ("/v1/files/images/a.png", "/v1/files/images/{name}"), ("/v1/junk-123", "other")])
+def test_a_request_answered_before_routing_is_counted_under_its_routes_template(path, label) -> None:
+    """A 401 or a 413 by Content-Length is answered before the router runs: its metrics label is
+    the template its path fits (as a routed request's), never the raw path."""
+    from serve_app.ingress import api
+    from serve_app.request_guards import _route_label
+
+    scope = {"type": "http", "method": "POST", "path": "/prefix" + path, "root_path": "/prefix", "app": api,
+             "headers": [], "query_string": b""}
+    assert _route_label(scope) == label

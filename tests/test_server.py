@@ -798,6 +798,8 @@ def test_metrics_are_exported_to_prometheus(http):
         "tokens": ("tokens_total", f'kind="completion_tokens",{chat}'),
         # Nor is a path that no route matched: it counts as "other".
         "unrouted": ("errors_total", 'model="-",route="other",status="404"'),
+        # A request refused before routing (by its Content-Length) counts under its route.
+        "too_large": ("errors_total", 'model="-",route="/v1/chat/completions",status="413"'),
         "queued": ("queue_time_seconds_count", chat),
         "first_tokens": ("time_to_first_token_seconds_count", chat),
         # The buckets count exactly (Ray's `_sum` of a histogram adds bucket midpoints).
@@ -852,8 +854,10 @@ def test_metrics_are_exported_to_prometheus(http):
     assert http.post("/v1/chat/completions", json={**SEED_CHAT, "model": "no-such-model"}).status_code == 404
     junk = f"/v1/junk-{uuid.uuid4().hex}"
     assert http.get(junk).status_code == 404
+    assert http.post("/v1/chat/completions", content=b" " * (5 * 2**20),
+                     headers={"content-type": "application/json"}).status_code == 413
     tokens = [answer["usage"]["completion_tokens"], streamed_tokens]
-    grown = {"requests": 2, "errors": 1, "tokens": sum(tokens), "unrouted": 1, "queued": 2, "first_tokens": 2,
+    grown = {"requests": 2, "errors": 1, "tokens": sum(tokens), "unrouted": 1, "too_large": 1, "queued": 2, "first_tokens": 2,
              "first_tokens_within": 2, "images": len(drawn["data"]), "image_queued": 1, "image_calls": 1,
              "image_calls_of_one": 1, "served_chats": 2, "served_within": 2, "served_images": 1,
              "prompt_lengths": 2, "short_completions": 2}
