@@ -131,13 +131,27 @@ class ToolCall(WireModel):
         return self
 
 
+ROLES_WITH_CONTENT = ("system", "developer", "user", "tool")
+"""Roles whose messages must have `content`, as OpenAI requires: an assistant's may be left out
+(a tool call's turn), and a `function` result's may be null."""
+
+
 class ChatMessage(WireModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: Text | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = Field(None, validate_default=True)
     name: Text | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: Text | None = None
     function_call: ToolCallFunction | None = None  # OpenAI's older form of an assistant's one tool call
+
+    @field_validator("content")
+    @classmethod
+    def _required_for_the_role(cls, value: Any, info: ValidationInfo) -> Any:
+        role = info.data.get("role")
+        if value is None and role in ROLES_WITH_CONTENT:
+            raise PydanticCustomError("missing", "a {role} message needs content (a string or a list of text parts)",
+                                      {"role": role})
+        return value
 
     def text(self) -> str:
         """The content as one string (text parts joined by newlines, as vLLM joins them)."""
