@@ -62,6 +62,12 @@ class NotFound(APIError):
     default_code = "not_found"
 
 
+def json_too_deep() -> InvalidRequest:
+    """400 for valid JSON nested past what Python's parser takes (about 1,000 levels)."""
+    return InvalidRequest("The request body's JSON is nested too deeply (more than about 1,000 levels of "
+                          "arrays and objects).", code="invalid_json")
+
+
 def model_not_found(name: str) -> NotFound:
     """404 for the `model` parameter, worded and coded as OpenAI answers it."""
     return NotFound(f"The model {name!r} does not exist or is not available.",

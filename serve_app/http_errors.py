@@ -43,6 +43,7 @@ from serve_app.errors import (
     Overloaded,
     PayloadTooLarge,
     ServerError,
+    json_too_deep,
     status_phrase,
 )
 from serve_app.protocol import TOO_MANY_FILES, ErrorDetail, ErrorResponse
@@ -165,6 +166,8 @@ def http_error(exc: StarletteHTTPException) -> APIError:
     if exc.status_code == 400 and exc.detail == FASTAPI_UNPARSED_BODY:
         if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's 400 for a client that hung up mid-body
             return ClientClosedRequest(BODY_NEVER_ARRIVED)
+        if isinstance(exc.__cause__, RecursionError):
+            return json_too_deep()
         return InvalidRequest("The request body is not valid JSON.", code="invalid_json")
     error = APIError(str(exc.detail) if exc.detail else status_phrase(exc.status_code))
     error.status_code = exc.status_code

@@ -32,6 +32,7 @@ from serve_app.errors import (
     InvalidRequest,
     ModelFailed,
     Overloaded,
+    json_too_deep,
     model_not_found,
 )
 from serve_app.http_errors import JSON, as_api_error, error_schema, install_error_handlers, json_response
@@ -154,8 +155,10 @@ async def _json_body(request: Request) -> Any:
         raw = await request.body()
     try:
         return json.loads(raw or b"null")
-    except (ValueError, RecursionError):  # JSONDecodeError, undecodable bytes, absurd nesting
+    except ValueError:  # JSONDecodeError, undecodable bytes
         raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+    except RecursionError:
+        raise json_too_deep() from None
 
 
 @serve.deployment

@@ -583,6 +583,8 @@ def test_an_edit_reads_transparency_as_openai_does(http):
 # ------------------------------------------------------------------------------ errors
 
 TOO_LARGE = {"code": "body_too_large"}
+TOO_DEEP = {"code": "invalid_json", "message": "The request body's JSON is nested too deeply (more than about 1,000 "
+                                               "levels of arrays and objects)."}
 TOO_MANY_VALUES = {"code": "invalid_value", "message": "the request holds more than 100000 JSON values"}
 BAD_REQUESTS = [
     # (method, path, kwargs, status, the error's param, or the error fields expected)
@@ -591,8 +593,17 @@ BAD_REQUESTS = [
     ("post", "/v1/images/edits", {"json": {"model": "nope", "prompt": "x", "image": "data:image/png;base64,"
                                            + base64.b64encode(_png_bytes()).decode()}}, 404, "model"),
     ("post", "/v1/chat/completions", {"content": b"{bad json", "headers": {"content-type": "application/json"}}, 400, {"code": "invalid_json"}),
+    # Valid JSON nested past what Python's parser takes is told as that, on FastAPI's route and ours.
+    ("post", "/v1/chat/completions", {"content": b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                                      "headers": {"content-type": "application/json"}}, 400, TOO_DEEP),
+    ("post", "/v1/images/generations", {"content": b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                                        "headers": {"content-type": "application/json"}}, 400, TOO_DEEP),
     ("post", "/v1/chat/completions", {"json": {"model": CHAT}}, 400, "messages"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [{"role": "robot", "content": "x"}]}}, 400, "messages[0].role"),
+    # A user's (system's, tool's) message needs content, as OpenAI requires; an assistant's tool-call turn need not.
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [{"role": "user"}]}}, 400, "messages[0].content"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [
+        {"role": "system", "content": None}, {"role": "user", "content": "x"}]}}, 400, "messages[0].content"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "temperature": "hot"}}, 400, "temperature"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "max_tokens": 10**6}}, 400, "max_tokens"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "max_completion_tokens": 10**6}}, 400, "max_completion_tokens"),
