@@ -315,6 +315,12 @@ def test_image_files_serve_ranges_and_answer_their_failures_as_the_api_does(http
     assert past.json()["code"] == 416 and past.json()["error"]["code"] == "range_not_satisfiable"
     stale = http.get(url, headers={"Range": f"bytes={len(whole)}-", "If-Range": '"another-version"'})
     assert stale.status_code == 200 and stale.content == whole  # If-Range: a changed file is sent whole
+    # HEAD (a client checking an image before fetching it, an uptime probe) answers the headers alone.
+    head = http.head(url)
+    assert (head.status_code, head.content, head.headers["content-length"]) == (200, b"", str(len(whole)))
+    for probe in ("/health", "/ready"):
+        assert (http.head(probe).status_code, http.head(probe).content) == (200, b"")
+    assert http.head("/v1/chat/completions").status_code == 405
 
 
 def test_a_request_without_model_goes_to_the_one_model_of_its_kind(client, http):
