@@ -248,12 +248,14 @@ class Ingress:
             return await self._edit(*await self._form_edit(*await _read_form(request, self.config.max_body_bytes)))
         return await self._edit(*await self._read_json_edit(await _json_body(request)))
 
-    @api.api_route("/health", methods=["GET", "HEAD"])  # HEAD: the probe of many uptime checkers
+    @api.get("/health")
+    @api.head("/health", include_in_schema=False)  # HEAD: the probe of many uptime checkers
     async def health(self) -> Response:
         """Liveness: the ingress answers."""
         return JSONResponse({"status": "ok"})
 
-    @api.api_route("/ready", methods=["GET", "HEAD"])
+    @api.get("/ready")
+    @api.head("/ready", include_in_schema=False)
     async def ready(self) -> Response:
         """Readiness: every configured model has a live replica (or is scaled to zero on purpose)."""
         live = {model.config.name for model in await self.catalog.live_models()}
@@ -295,8 +297,8 @@ class Ingress:
             raise as_api_error(exc) from exc
         return JSONResponse(status)  # Content-Type exactly application/json
 
-    @api.api_route(FILES_ROUTE + "/{name}", methods=["GET", "HEAD"], response_class=FileResponse,
-                   responses={404: ERRORS[404], 416: ERRORS[416]})
+    @api.get(FILES_ROUTE + "/{name}", response_class=FileResponse, responses={404: ERRORS[404], 416: ERRORS[416]})
+    @api.head(FILES_ROUTE + "/{name}", response_class=FileResponse, include_in_schema=False)
     async def image_file(self, name: str) -> FileResponse:
         # An open and a stat, off the event loop: on a shared file system (NFS, EFS) one can stall
         # every stream here.
