@@ -24,7 +24,7 @@ export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-0}"
 
 # Say when every model is live: `serve run`'s own output ends at "Submitted deploy config",
 # before any model has loaded. A background check of /ready once a second (bash's /dev/tcp: no
-# process started per check), that ends with the server.
+# interpreter started per check), that ends with the server.
 read -r port prefix < <(.venv/bin/python - "$config" <<'PY' 2>/dev/null || echo "1088 /"
 import sys, yaml
 config = yaml.safe_load(open(sys.argv[1])) or {}
@@ -42,8 +42,12 @@ announce_when_ready() {
             { printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' "$path" >&3 && read -r -t 5 _ status _ <&3; } 2>/dev/null || true
             exec 3<&-
         fi
-        if [[ "$status" == 200 || "$status" == 401 ]]; then  # 401: /ready behind API keys (auth.protect_health)
+        if [[ "$status" == 200 ]]; then
             echo "serve.sh: ready: every model is live at http://127.0.0.1:$port${prefix%/} (GET ${path})" >&2
+            return
+        elif [[ "$status" == 401 ]]; then  # /ready behind the API keys (auth.protect_health): not told here
+            echo "serve.sh: the server answers at http://127.0.0.1:$port${prefix%/}; ${path} needs an API key" \
+                 "(auth.protect_health), so whether every model is live is not checked here" >&2
             return
         fi
     done

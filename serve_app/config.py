@@ -44,6 +44,23 @@ ORIGIN_PATTERN = re.compile(r"[a-z][a-z0-9+.-]*://(\[[0-9a-fA-F:.]+\]|[^/:\[\]\s
 """A web origin as a browser sends it: scheme://host[:port], nothing after."""
 
 
+def _origin_problem(origin: str) -> str | None:
+    """Why a browser's Origin header would never equal `origin` (compared as text), or None."""
+    if origin in ("*", "null"):  # any; the opaque origin of file:// pages and sandboxed frames
+        return None
+    match = ORIGIN_PATTERN.fullmatch(origin)
+    if not match:
+        return ("write scheme://host[:port] with no path or trailing slash, e.g. https://chat.example.com, "
+                'or "*" for any')
+    if "*" in origin:
+        return 'a wildcard inside a host is not matched: list each origin, or give "*" for any'
+    if origin != origin.lower():
+        return "browsers send it in lower case"
+    if match.group(2) in {"http": (":80",), "https": (":443",)}.get(origin.split(":", 1)[0], ()):
+        return "browsers leave the scheme's default port out"
+    return None
+
+
 def _is_ip_address(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -58,7 +75,7 @@ def _is_bare_host(entry: str) -> bool:
         ipaddress.ip_network(entry.strip().strip("[]"), strict=False)
         return True
     except ValueError:
-        return bool(entry.strip()) and not any(char in entry for char in ":/@?#[] ")
+        return bool(entry.strip()) and not any(char in entry for char in ":/@?#[]* ")
 
 
 class StrictModel(BaseModel):
@@ -96,7 +113,7 @@ class AutoscalingOptions(StrictModel):
 class DeploymentOptions(StrictModel):
     """How Ray Serve runs the replicas of one deployment."""
 
-    num_replicas: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+    num_replicas: int | Literal["auto"] | None = Field(
         None, description="Fixed replica count, or 'auto'. Default 1 unless autoscaling_config is set "
         "(for scale to zero: autoscaling_config with min_replicas 0; a fixed 0 would leave the model "
         "configured yet never live)."
@@ -128,6 +145,14 @@ class DeploymentOptions(StrictModel):
         None, ge=1, description="Failed replica starts before Serve marks the model failed (503 model_failed). "
         "Default Serve's: 3 per replica, at most 20; Serve never allows more than 3 per replica. Lower it "
         "where each start loads gigabytes of weights.")
+
+    @field_validator("num_replicas")
+    @classmethod
+    def _at_least_one(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"a fixed num_replicas is at least 1 (got {value}); to scale to zero, leave it unset "
+                             "and give autoscaling_config with min_replicas: 0")
+        return value
 
     @model_validator(mode="after")
     def _replicas_xor_autoscaling(self) -> "DeploymentOptions":
@@ -291,10 +316,12 @@ class ImageModelConfig(BaseModelConfig):
         1, ge=0, le=9, description="zlib level of the PNGs the model returns: 1 encodes several times "
         "faster than PIL's default 6 for files a little larger; the pixels are the same at every level.")
     true_cfg_scale: float | None = Field(
-        None, gt=1, description="For pipelines with true classifier-free guidance (FLUX.1, Qwen-Image): its "
+        None, ge=1, description="For pipelines with true classifier-free guidance (FLUX.1, Qwen-Image): its "
         "scale when a request gives a negative_prompt (each step then runs twice). Default: the pipeline's "
         "own where it is above 1, else 4 (FLUX.1's default of 1 would ignore the negative prompt). A pipeline "
-        "guided by default (Qwen-Image) is guided on every request, with a blank negative prompt where none is given.")
+        "guided by default (Qwen-Image) is guided on every request, with a blank negative prompt where none is "
+        "given; 1 turns guidance off (distilled checkpoints such as Qwen-Image-Lightning), and a negative "
+        "prompt is then a 400.")
     guidance_scale: float | None = Field(
         None, ge=0, description="Classifier-free guidance scale for every call, where the pipeline takes one. "
         "Default: the pipeline's own (7.5 for Stable Diffusion), edits taking the text-to-image pipeline's; "
@@ -403,7 +430,7 @@ class ImageInputOptions(StrictModel):
         for host in hosts:
             if not _is_bare_host(host):
                 raise ValueError(f"{host!r} is not a host: give a name, an IP address or a network (CIDR), "
-                                 "without a scheme, port or path (every port of a listed host is allowed)")
+                                 "without a scheme, port, path or wildcard (every port of a listed host is allowed)")
         return hosts
     accepted_formats: list[str] = Field(["PNG", "JPEG", "WEBP", "GIF", "BMP"],
                                         description="Image formats accepted (recognised from the bytes).")
@@ -443,9 +470,9 @@ class CorsOptions(StrictModel):
         """A browser sends its origin as `scheme://host[:port]` and it is compared as text: one
         written with a path or a trailing slash (`https://chat.example.com/`) never matches."""
         for origin in origins:
-            if origin != "*" and not ORIGIN_PATTERN.fullmatch(origin):
-                raise ValueError(f"{origin!r} is not an origin: write scheme://host[:port] with no path or "
-                                 "trailing slash, e.g. https://chat.example.com, or \"*\" for any")
+            problem = _origin_problem(origin)
+            if problem:
+                raise ValueError(f"{origin!r} is not an origin as a browser sends it: {problem}")
         return origins
 
     @model_validator(mode="after")
@@ -539,11 +566,15 @@ class AppConfig(StrictModel):
         if self.registration.enabled:
             base_url = self.registration.public_base_url or self.public_base_url
             host = urlsplit(base_url).hostname or ""
-            if host != "localhost" and not _is_ip_address(host):
+            raw_host = urlsplit(base_url).netloc.rpartition("@")[2]  # as the node reads it: case kept
+            local = host == "localhost" and raw_host.startswith("localhost")
+            if not local and (not _is_ip_address(host) or ipaddress.ip_address(host).is_unspecified):
                 source = "registration.public_base_url" if self.registration.public_base_url else "public_base_url"
+                shown = raw_host if raw_host.endswith("]") else raw_host.rsplit(":", 1)[0]  # without its port
                 raise ValueError(
                     f"registration: the node accepts a model's URL only at localhost or one of its own machine's "
-                    f"IP addresses, not {host!r} ({source} {base_url!r}); set registration.public_base_url, "
+                    f"IP addresses (not 0.0.0.0), not {shown!r} "
+                    f"({source} {base_url!r}); set registration.public_base_url, "
                     "e.g. http://127.0.0.1:1088 where the node runs on this machine")
         return self
 

@@ -462,8 +462,9 @@ class ImageModel(ModelReplica):
 
     def _true_cfg_scale(self, mode: str) -> float | None:
         """For a pipeline with true classifier-free guidance (FLUX.1, Qwen-Image), the scale a
-        negative prompt needs to count: the config's, else the pipeline's default where that
-        uses it (Qwen-Image's 4), else 4 (FLUX.1's default of 1 ignores a negative prompt)."""
+        negative prompt needs to count: the config's (1: guidance off, for a distilled
+        checkpoint), else the pipeline's default where that uses it (Qwen-Image's 4), else 4
+        (FLUX.1's default of 1 ignores a negative prompt)."""
         parameter = inspect.signature(self.pipelines[mode]).parameters.get("true_cfg_scale")
         if parameter is None:
             return None
@@ -496,7 +497,11 @@ class ImageModel(ModelReplica):
         parameters = call_parameters(pipeline)
         if job.negative_prompt is not None and parameters is not None and "negative_prompt" not in parameters:
             raise InvalidRequest("this model takes no negative_prompt", param="negative_prompt")
-        if job.negative_prompt is None and guided_by_default(pipeline):
+        true_cfg = self._true_cfg_scale(mode)
+        if job.negative_prompt is not None and true_cfg is not None and true_cfg <= 1:
+            raise InvalidRequest("this model takes no negative_prompt: its true guidance is off (true_cfg_scale 1 "
+                                 "in its config)", param="negative_prompt")
+        if job.negative_prompt is None and guided_by_default(pipeline) and true_cfg is not None and true_cfg > 1:
             # Qwen-Image runs its true guidance (scale 4) only with a negative prompt: its model card
             # gives " " where there is none; without one every step ran unguided.
             job = replace(job, negative_prompt=BLANK_NEGATIVE_PROMPT)

@@ -311,13 +311,18 @@ def test_registration_names_the_nodes_machine():
     assert validate(lambda a: registered(a, public_base_url="http://[::1]:1088"))
     with pytest.raises(ValidationError, match=r"registration.public_base_url 'http://node.lan:1088'"):
         validate(lambda a: registered(a, public_base_url="http://node.lan:1088"))
+    # The node compares its interfaces' addresses (never 0.0.0.0) and `localhost` as written.
+    for refused in ("http://0.0.0.0:1088", "http://[::]:1088", "http://LOCALHOST:1088"):
+        with pytest.raises(ValidationError, match="the node accepts a model's URL only at localhost"):
+            validate(lambda a: registered(a, public_base_url=refused))
     # Off, any URL goes.
     assert validate(lambda a: a.update(public_base_url="https://ai.example.com"))
 
 
 @pytest.mark.parametrize("hosts,ok", [
     (["minio", "minio.internal.", "10.0.0.5", "10.0.0.0/8", "::1", "[fd00::1]", "fd00::/8"], True),
-    (["http://10.0.0.5"], False), (["minio:9000"], False), (["minio/images"], False), ([""], False)])
+    (["http://10.0.0.5"], False), (["minio:9000"], False), (["minio/images"], False), ([""], False),
+    (["*.internal"], False)])
 def test_allowed_hosts_are_hosts(hosts, ok):
     """A URL's host is matched as it is: an entry with a scheme, port or path would never match."""
     if ok:
@@ -329,7 +334,10 @@ def test_allowed_hosts_are_hosts(hosts, ok):
 
 @pytest.mark.parametrize("origin,ok", [
     ("https://chat.example.com", True), ("http://localhost:3000", True), ("http://[::1]:8080", True), ("*", True),
-    ("https://chat.example.com/", False), ("https://chat.example.com/app", False), ("chat.example.com", False)])
+    ("null", True),  # file:// pages and sandboxed frames
+    ("https://chat.example.com/", False), ("https://chat.example.com/app", False), ("chat.example.com", False),
+    ("https://*.example.com", False), ("https://Chat.Example.com", False), ("https://chat.example.com:443", False),
+    ("http://chat.example.com:80", False)])
 def test_cors_origins_are_origins(origin, ok):
     """A browser's Origin is compared as text: a trailing slash or a path would never match."""
     if ok:

@@ -458,6 +458,12 @@ def test_a_pipeline_guided_by_default_gets_a_blank_negative_prompt(model, monkey
     outcomes, calls = calls_for(model, [job("a", negative_prompt="blurry"), job("b", n=2)])
     assert calls == 1 and passed == [(["blurry", " ", " "], 4.0)]
     assert [len(outcome.images) for outcome in outcomes] == [1, 2]
+    # A distilled checkpoint (Qwen-Image-Lightning) runs unguided: true_cfg_scale 1 in its config.
+    monkeypatch.setattr(model, "config", model.config.model_copy(update={"true_cfg_scale": 1.0}))
+    passed.clear()
+    plain, negative = model.run_jobs([job("b"), job("a", negative_prompt="blurry")])
+    assert passed == [(None, 4.0)] and len(plain.images) == 1  # no negative prompt: diffusers guides nothing
+    assert isinstance(negative, InvalidRequest) and negative.param == "negative_prompt"
 
 
 def test_the_configured_guidance_scale_reaches_every_call(model, monkeypatch):
