@@ -667,6 +667,10 @@ BAD_REQUESTS = [
         {"role": "assistant", "tool_calls": [{"function": {"name": "f"}}] * 40_000}]}}, 400, TOO_MANY_VALUES),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "stop": [0] * 100_001}}, 400, TOO_MANY_VALUES),
     ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x", "images": [{}] * 100_001}}, 400, TOO_MANY_VALUES),
+    # Counted before the image routes parse a body (up to 25 MiB, a second of the event loop): this
+    # one is not even read to its (missing) end.
+    ("post", "/v1/images/generations", {"content": b'{"model": "SuperImage", "prompt": "x", "junk": [' + b"0," * 100_001,
+                                        "headers": {"content-type": "application/json"}}, 400, TOO_MANY_VALUES),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}},
      400, "messages[0].content[0]"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [{"role": "user", "content": [{"type": "text"}]}]}},
