@@ -157,6 +157,7 @@ class ChatModel(ModelReplica):
 
     async def _run_engine(self) -> None:
         """Step the batch while anything is in flight or waiting; admits newcomers between steps."""
+        joining: list[Slot] = []
         try:
             if self.config.batch_wait_timeout_s:  # an idle replica may wait to prefill a burst together
                 await asyncio.sleep(self.config.batch_wait_timeout_s)
@@ -184,7 +185,8 @@ class ChatModel(ModelReplica):
                 self._deliver(deltas)
         except BaseException as exc:
             failed, self._batch = self._batch, DecodeBatch(self.model, self.pad_id, self.device)
-            slots = list(self._waiting) + [slot for slot, _ in failed.owners]
+            # Those being admitted too: out of the queue, maybe not yet in the batch.
+            slots = list(self._waiting) + joining + [slot for slot, _ in failed.owners]
             del failed  # before `released` returns memory to the GPU, as above
             self._fail(slots, exc)
             self._waiting.clear()

@@ -185,7 +185,9 @@ class ModelReplica:
             self._device_failure = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if isinstance(exc, torch.cuda.OutOfMemoryError) and self.device.type == "cuda":
             torch.cuda.empty_cache()  # what the failed pass had reserved goes back to the GPU
-        if self.metrics is not None and not (isinstance(exc, APIError) and exc.status_code < 500):  # a client's mistake is no failure
+        # A client's mistake is no failure, nor a cancellation (the replica shutting down).
+        if self.metrics is not None and not (isinstance(exc, APIError) and exc.status_code < 500
+                                             or isinstance(exc, asyncio.CancelledError)):
             self.metrics.failed(failure_kind(exc))
         return exc
 

@@ -190,6 +190,41 @@ def test_a_cancelled_request_no_longer_counts_as_waiting(replica):
     assert asyncio.run(run())["waiting_requests"] == 0
 
 
+def test_an_engine_stopped_mid_admission_fails_the_requests_it_was_admitting(replica):
+    """The engine cancelled (the replica shutting down) while its first step prefills a newcomer:
+    that request, out of the queue and not yet in the batch, gets the cancellation at once
+    rather than waiting for the ingress's timeout; it is not counted as a model failure."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    tick = replica._batch.tick
+
+    def blocking_tick(joining):
+        entered.set()
+        release.wait(30)
+        return tick(joining)
+
+    replica._batch.tick = blocking_tick
+    failures_before = dict(replica.metrics.sums)
+
+    async def run():
+        request = asyncio.ensure_future(replica.generate(job("hi")))
+        async with asyncio.timeout(30):
+            while not entered.is_set():
+                await asyncio.sleep(0.005)
+        replica._engine.cancel()
+        try:
+            async with asyncio.timeout(10):
+                return await asyncio.gather(request, return_exceptions=True)
+        finally:
+            release.set()
+
+    [outcome] = asyncio.run(run())
+    assert isinstance(outcome, asyncio.CancelledError)
+    assert {key: value for key, value in replica.metrics.sums.items() if key[0] == "model_failures"} == \
+        {key: value for key, value in failures_before.items() if key[0] == "model_failures"}
+
+
 def test_a_failed_pass_lets_go_of_its_memory_and_a_broken_gpu_context_fails_health(replica):
     """The request that ran out of memory gets its error, and the pass's tensors are freed at
     once (not at the next garbage collection: on a GPU the next pass would run out too). A CUDA
