@@ -170,15 +170,18 @@ async def unregister_pairs(pairs: list[tuple[str, str]], timeout_s: float, why: 
 
 
 async def unregister_stale(app_name: str, current: set[tuple[str, str]], timeout_s: float) -> None:
-    """Unregister what this application announced under an earlier config and announces no
-    more (another project name, a node dropped from `node_urls`, registration turned off),
-    then record `current`. A redeploy keeps the application up, so its outgoing registrar
-    leaves the nodes alone; this is where the new config's owner cleans up. Never raises."""
+    """Record `current`, then unregister what this application announced under an earlier
+    config and announces no more (another project name, a node dropped from `node_urls`,
+    registration turned off). A redeploy keeps the application up, so its outgoing registrar
+    leaves the nodes alone; this is where the new config's owner cleans up. The record comes
+    first: the outgoing registrar, whose loops may announce an old pair again during these
+    unregisters, withdraws as it stops whatever it holds that the record does not list, so it
+    must read the new record, not the old one. Never raises."""
     try:
         previous = await asyncio.to_thread(_read_record, app_name) or set()
-        await unregister_pairs(sorted(previous - current), timeout_s, "no longer in the config")
         if previous != current:  # an empty record where pairs were: what the outgoing registrar reads
             await asyncio.to_thread(_write_record, app_name, current)
+        await unregister_pairs(sorted(previous - current), timeout_s, "no longer in the config")
         for other, pairs in (await asyncio.to_thread(_shared_pairs, app_name, current)).items():
             logger.warning("application %r registers the same project with the same node as this one (%s): "
                            "each registration replaces the other's model list, so the node routes to one "

@@ -466,3 +466,22 @@ def test_two_applications_registering_one_project_with_one_node_are_warned_about
     finally:
         for app in ("shared_a", "shared_b", "shared_c"):
             _write_record(app, None)
+
+
+def test_a_new_config_records_what_it_announces_before_withdrawing_the_rest(monkeypatch):
+    """The outgoing registrar withdraws, as it stops, what it holds that the record does not
+    list; it may announce an old pair again while the new owner's unregisters are under way,
+    so the new record must be written before them, or it would read the old one and keep it."""
+    from serve_app import registration
+
+    events: list[tuple] = []
+    monkeypatch.setattr(registration, "_read_record", lambda app: {("old", "http://n")})
+    monkeypatch.setattr(registration, "_write_record", lambda app, pairs: events.append(("record", pairs)))
+    monkeypatch.setattr(registration, "_shared_pairs", lambda app, pairs: {})
+
+    async def unregister(pairs, timeout_s, why):
+        events.append(("unregister", pairs))
+
+    monkeypatch.setattr(registration, "unregister_pairs", unregister)
+    asyncio.run(registration.unregister_stale("app", {("new", "http://n")}, 1.0))
+    assert events == [("record", {("new", "http://n")}), ("unregister", [("old", "http://n")])]
