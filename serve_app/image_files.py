@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import anyio
+from anyio import AsyncFile  # at import, not lazily (anyio's default) on the first reply
 from starlette.datastructures import Headers
 from starlette.responses import FileResponse, MalformedRangeHeader
 from starlette.responses import RangeNotSatisfiable as UnsatisfiableRange
@@ -30,9 +30,9 @@ class StoredImageResponse(FileResponse):
         self.file = image.file
 
     @asynccontextmanager
-    async def _open_file(self) -> AsyncIterator[anyio.AsyncFile[bytes]]:
+    async def _open_file(self) -> AsyncIterator[AsyncFile[bytes]]:
         """The file the route opened, not the path opened again (Starlette's hook for opening)."""
-        yield anyio.AsyncFile(self.file)
+        yield AsyncFile(self.file)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

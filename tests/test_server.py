@@ -739,7 +739,9 @@ def test_a_body_that_is_not_json_is_400_invalid_json_on_every_route(http, path, 
     response = http.post(path, content=body, headers={"content-type": "application/json"})
     assert response.status_code == 400, response.text
     error = response.json()["error"]
-    assert error["code"] == "invalid_json" and error["message"] == "The request body is not valid JSON."
+    # Nested past Python's parser, it is valid JSON, and told as too deep.
+    message = TOO_DEEP["message"] if body.startswith(b"[[") else "The request body is not valid JSON."
+    assert (error["code"], error["message"]) == ("invalid_json", message)
 
 
 def test_a_broken_multipart_form_is_told_what_is_wrong_with_it(http):
