@@ -292,13 +292,21 @@ class ImageModel(ModelReplica):
         if self.config.max_batch_size == 1:
             [outcome] = await self.run_on_worker(self.run_jobs, [job], [arrived])
         else:
-            outcome = await asyncio.wrap_future(await self._queue_batch((job, arrived)))
+            # The future is this call's from the start: cancelled between Serve's batcher queueing
+            # the job and the wait below, it is still dropped, not made for nobody.
+            future: Future[Outcome] = Future()
+            try:
+                await self._queue_batch((job, arrived, future))
+                outcome = await asyncio.wrap_future(future)
+            except asyncio.CancelledError:
+                future.cancel()  # False once the worker has taken it
+                raise
         if isinstance(outcome, Exception) and not isinstance(outcome, APIError):
             raise_to_caller(outcome)
         return outcome
 
     @serve.batch  # its limits come from the config, set in __init__
-    async def _queue_batch(self, arrivals: list[tuple[ImageJob, float]]) -> list[Future[Outcome]]:
+    async def _queue_batch(self, arrivals: list[tuple[ImageJob, float, Future[Outcome]]]) -> list[Future[Outcome]]:
         """Serve hands over the jobs that arrived together; each gets a future of its outcome.
 
         The batch is queued for the worker rather than run here, because Serve
@@ -306,12 +314,14 @@ class ImageModel(ModelReplica):
         those batches would each get their own pipeline call. Queued instead,
         everything that arrived during a call shares the next one.
         """
-        return self.submit([job for job, _ in arrivals], [arrived for _, arrived in arrivals])
+        return self.submit([job for job, _, _ in arrivals], [arrived for _, arrived, _ in arrivals],
+                           [future for _, _, future in arrivals])
 
-    def submit(self, jobs: list[ImageJob], arrived: list[float] | None = None) -> list[Future[Outcome]]:
-        """Queue jobs (that reached the replica at `arrived`, else now) for the worker thread;
-        it runs them with whatever else is queued."""
-        futures: list[Future[Outcome]] = [Future() for _ in jobs]
+    def submit(self, jobs: list[ImageJob], arrived: list[float] | None = None,
+               futures: list[Future[Outcome]] | None = None) -> list[Future[Outcome]]:
+        """Queue jobs (that reached the replica at `arrived`, else now) for the worker thread,
+        each to set its future (given, else made here); it runs them with whatever else is queued."""
+        futures = futures if futures is not None else [Future() for _ in jobs]
         now = time.monotonic()
         self.queued.extend(zip(jobs, arrived or [now] * len(jobs), futures))
         self._worker.submit(self.run_queued)

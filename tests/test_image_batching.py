@@ -137,6 +137,39 @@ def test_a_job_whose_images_cannot_be_encoded_fails_alone(model):
     assert [Image.open(io.BytesIO(i)).format for o in (outcomes[0], outcomes[2]) for i in o.images] == ["JPEG", "PNG", "PNG"]
 
 
+def test_a_request_cancelled_once_queued_is_not_made(model, monkeypatch):
+    """A caller cancelled after Serve's batcher queued its job (the batcher itself drops those
+    cancelled before) still has its job dropped before the pipeline call. Serve's batcher
+    (which needs a replica) is stood in for by one that queues the job at once and then
+    lingers: the moment between queueing and waiting for the outcome, widened."""
+    gate = threading.Event()
+
+    async def queue_then_linger(arrival):
+        futures = model.submit([arrival[0]], [arrival[1]], *([list(arrival[2:])] if arrival[2:] else []))  # its future, if given
+        await asyncio.sleep(30)
+        return futures[0]
+
+    monkeypatch.setattr(model, "_queue_batch", queue_then_linger)
+    model._worker.submit(gate.wait)  # the worker is busy, as during a pipeline call
+    before = model.stats()["requests"]
+
+    async def run():
+        request = asyncio.ensure_future(model.generate(job("for nobody")))
+        async with asyncio.timeout(10):
+            while not model.queued:
+                await asyncio.sleep(0.01)
+        request.cancel()
+        return await asyncio.gather(request, return_exceptions=True)
+
+    try:
+        [outcome] = asyncio.run(run())
+    finally:
+        gate.set()
+    assert isinstance(outcome, asyncio.CancelledError)
+    model._worker.submit(lambda: None).result(timeout=60)  # the queued run has run
+    assert model.stats()["requests"] == before and not model.queued
+
+
 def test_batches_queued_during_a_call_share_the_next_one(model):
     """Serve's batches that arrive while the worker is busy merge; a cancelled caller drops out."""
     gate = threading.Event()
