@@ -25,11 +25,13 @@ export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-0}"
 # Say when every model is live: `serve run`'s own output ends at "Submitted deploy config",
 # before any model has loaded. A background check of /ready once a second (bash's /dev/tcp: no
 # interpreter started per check), that ends with the server.
-read -r port prefix < <(.venv/bin/python - "$config" <<'PY' 2>/dev/null || echo "1088 /"
+read -r host port prefix < <(.venv/bin/python - "$config" <<'PY' 2>/dev/null || echo "127.0.0.1 1088 /"
 import sys, yaml
 config = yaml.safe_load(open(sys.argv[1])) or {}
-apps = config.get("applications") or [{}]
-print((config.get("http_options") or {}).get("port", 8000), (apps[0].get("route_prefix") or "/").rstrip("/") or "/")
+apps, http = config.get("applications") or [{}], config.get("http_options") or {}
+host = http.get("host") or "127.0.0.1"  # Serve's default; every address (0.0.0.0, ::) includes loopback
+print("127.0.0.1" if host in ("0.0.0.0", "::") else host, http.get("port", 8000),
+      (apps[0].get("route_prefix") or "/").rstrip("/") or "/")
 PY
 )
 announce_when_ready() {
@@ -38,15 +40,15 @@ announce_when_ready() {
     while kill -0 "$server" 2>/dev/null; do
         sleep 1
         status=""
-        if { exec 3<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null; then
-            { printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' "$path" >&3 && read -r -t 5 _ status _ <&3; } 2>/dev/null || true
+        if { exec 3<>"/dev/tcp/$host/$port"; } 2>/dev/null; then
+            { printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$path" "$host" >&3 && read -r -t 5 _ status _ <&3; } 2>/dev/null || true
             exec 3<&-
         fi
         if [[ "$status" == 200 ]]; then
-            echo "serve.sh: ready: every model is live at http://127.0.0.1:$port${prefix%/} (GET ${path})" >&2
+            echo "serve.sh: ready: every model is live at http://$host:$port${prefix%/} (GET ${path})" >&2
             return
         elif [[ "$status" == 401 ]]; then  # /ready behind the API keys (auth.protect_health): not told here
-            echo "serve.sh: the server answers at http://127.0.0.1:$port${prefix%/}; ${path} needs an API key" \
+            echo "serve.sh: the server answers at http://$host:$port${prefix%/}; ${path} needs an API key" \
                  "(auth.protect_health), so whether every model is live is not checked here" >&2
             return
         fi
