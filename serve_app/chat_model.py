@@ -262,7 +262,7 @@ class ChatModel(ModelReplica):
         `limits.max_prompt_chars` characters takes long enough to hold up the deltas of every
         stream this replica serves. Short ones stay on the loop, where they cost less than
         the hop to a thread."""
-        self.refuse_if_device_failed()
+        self.refuse_if_unhealthy()
         arrived = time.monotonic()
         if prompt_chars(job.messages) > INLINE_PROMPT_CHARS:
             slot = await asyncio.to_thread(self._slot, job)

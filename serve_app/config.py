@@ -141,6 +141,10 @@ class DeploymentOptions(StrictModel):
         "of the count: 100 keeps every old replica serving until its replacement runs (no gap), where the "
         "cluster has room (GPUs) for both; 0 (Ray's default) stops old replicas first.")
     health_check_period_s: float | None = Field(None, gt=0, description="Replica health check period.")
+    stall_timeout_s: float | None = Field(
+        600.0, gt=0, description="A replica whose model work makes no progress for this long (one decode step, "
+        "one denoising step, or a whole call of a pipeline that reports no steps: a hung GPU) fails its health "
+        "check, so Serve replaces it, and answers 503 replica_failed meanwhile; null never checks.")
     max_constructor_retry_count: int | None = Field(
         None, ge=1, description="Failed replica starts before Serve marks the model failed (503 model_failed). "
         "Default Serve's: 3 per replica, at most 20; Serve never allows more than 3 per replica. Lower it "

@@ -113,6 +113,12 @@ def call_parameters(pipeline: DiffusionPipeline) -> frozenset[str] | None:
     return frozenset(parameters)
 
 
+def reports_steps(pipeline: DiffusionPipeline) -> bool:
+    """Whether the pipeline calls diffusers' `callback_on_step_end` after each step (every
+    current family does; one that takes only `**kwargs` might drop or misuse it)."""
+    return "callback_on_step_end" in inspect.signature(pipeline).parameters
+
+
 def pixel_multiple(pipeline: DiffusionPipeline) -> int:
     """What a side of this pipeline's images must be a multiple of: the VAE's downscaling,
     times the transformer's patch (SD3: 16) or the 2x2 latent packing of FLUX-like pipelines."""
@@ -285,7 +291,7 @@ class ImageModel(ModelReplica):
         would log it as a failed request, with a traceback, at ERROR.
         """
         try:
-            self.refuse_if_device_failed()
+            self.refuse_if_unhealthy()
         except APIError as refused:
             return refused
         arrived = time.monotonic()
@@ -561,6 +567,8 @@ class ImageModel(ModelReplica):
         expected, parameters = sum(item.job.n for item in group), call_parameters(pipeline)
         if parameters is not None:  # what this family does not take (a FLUX Kontext edit: strength, size)
             arguments = {name: value for name, value in arguments.items() if name in parameters}
+        if reports_steps(pipeline):  # each step is progress (see `stall_timeout_s`)
+            arguments["callback_on_step_end"] = self._step_done
         started = time.monotonic()
         try:
             with torch.inference_mode():
@@ -576,6 +584,11 @@ class ImageModel(ModelReplica):
         # A checkpoint's safety checker (Stable Diffusion 1.x/2.x) blanks what it flags; say so.
         flagged = getattr(output, "nsfw_content_detected", None) or [False] * len(images)
         return [None if flag else picture(image, size) for image, flag in zip(images, flagged)]
+
+    def _step_done(self, pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        """diffusers' step callback: a long call that still denoises is not stalled."""
+        self._worker.progressed()
+        return tensors
 
     def generator(self, job: ImageJob, index: int) -> torch.Generator:
         """The generator of a job's `index`-th image: `seed + index`, or random without a seed.

@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NoReturn, TypeVar
 
 import torch
@@ -23,6 +22,7 @@ from serve_app import NOSET_VISIBLE_DEVICES
 from serve_app.config import BaseModelConfig
 from serve_app.errors import APIError, Overloaded
 from serve_app.metrics import ReplicaMetrics
+from serve_app.model_worker import ModelWorker
 from serve_app.periodic import in_background
 from serve_app.serve_logs import flush_serve_log, start_flushing
 
@@ -159,7 +159,7 @@ class ModelReplica:
             # Ray sets OMP_NUM_THREADS from num_cpus (1 for a fraction): a CPU model given
             # `num_cpus: 0.5` to fit the scheduler would otherwise compute on one core.
             torch.set_num_threads(config.torch_threads)
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"torch-{config.name}")
+        self._worker = ModelWorker(config.name)
         self._log_flusher = start_flushing()
         self.metrics: ReplicaMetrics | None = None  # a subclass's own, flushed here as well
         self._metrics_flusher: asyncio.Task | None = None
@@ -191,20 +191,33 @@ class ModelReplica:
             self.metrics.failed(failure_kind(exc))
         return exc
 
-    def refuse_if_device_failed(self) -> None:
-        """A replica whose GPU context failed answers 503 at once until Serve replaces it
-        (Serve acts after three failed health checks, 30 s by default), rather than take
-        each request to a GPU that fails it; a client's retry may find another replica."""
+    def _unhealthy(self) -> str | None:
+        """Why this replica needs replacing, if it does: its GPU context failed, or its model
+        work has made no progress for `stall_timeout_s` (a hung GPU raises nothing)."""
         if self._device_failure is not None:
-            raise Overloaded(f"A replica of {self.config.name!r} lost its GPU and is being replaced; retry.",
+            return f"the GPU context failed ({self._device_failure})"
+        limit, stalled = self.config.deployment.stall_timeout_s, self._worker.stalled_for()
+        if limit is not None and stalled > limit:
+            return (f"its model work has made no progress for {stalled:.0f} s (stall_timeout_s: {limit:g}); "
+                    "the GPU may hang")
+        return None
+
+    def refuse_if_unhealthy(self) -> None:
+        """A replica whose GPU context failed, or whose model work hangs, answers 503 at once
+        until Serve replaces it (Serve acts after three failed health checks, 30 s by default),
+        rather than take each request to a GPU that fails or never answers it; a client's
+        retry may find another replica."""
+        if self._unhealthy() is not None:
+            raise Overloaded(f"A replica of {self.config.name!r} failed and is being replaced; retry.",
                              code="replica_failed", headers={"Retry-After": "1"})
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose CUDA context failed fails every later call
-        on the GPU, so it asks to be replaced rather than go on taking requests."""
-        if self._device_failure is not None:
-            raise RuntimeError(f"{self.config.name}: the GPU context failed ({self._device_failure}); "
-                               "this replica needs replacing")
+        on the GPU, and one whose worker hangs never answers, so it asks to be replaced rather
+        than go on taking requests."""
+        problem = self._unhealthy()
+        if problem is not None:
+            raise RuntimeError(f"{self.config.name}: {problem}; this replica needs replacing")
 
     def __del__(self) -> None:
         """Serve calls this on graceful shutdown (and Python again at garbage collection):

@@ -924,3 +924,38 @@ def test_a_stream_sends_its_first_tokens_at_once_and_coalesces_the_rest(models_d
     else:
         assert len(chunks) == 2 and chunks[0][1].completion_tokens == 1  # the first token, then the rest
         assert chunks[1][0] - chunks[0][0] >= interval * 0.9 and chunks[1][1].deltas[0].finish_reason == "length"
+
+
+def test_a_decode_step_that_hangs_fails_the_health_check_until_it_moves_again(models_dir):
+    """A hung GPU raises nothing: the forward pass just never returns. Once a step has gone
+    `stall_timeout_s` without returning, the replica fails Serve's health check (so Serve
+    replaces it) and refuses new requests with a 503 a client may retry; a step that
+    finishes after all clears both."""
+    import threading
+
+    replica = ChatModel.func_or_class(ChatModelConfig.model_validate(
+        {"name": "m", "kind": "chat", "path": str(models_dir / "tiny-llama"), "deployment": {"stall_timeout_s": 0.3}}))
+    real_model, release = replica._batch.model, threading.Event()
+
+    def hanging_forward(**inputs):
+        release.wait(timeout=60)
+        return real_model(**inputs)
+
+    async def run():
+        replica._batch.model = hanging_forward
+        stuck = asyncio.ensure_future(replica.generate(job("hello", max_tokens=3)))
+        await asyncio.sleep(0.1)
+        replica.check_health()  # a step may take a while
+        await asyncio.sleep(0.4)
+        with pytest.raises(RuntimeError, match=r"no progress for \d+ s \(stall_timeout_s: 0.3\)"):
+            replica.check_health()
+        refused = await replica.generate(job("hello"))
+        replica._batch.model = real_model
+        release.set()
+        return refused, await stuck
+
+    refused, answered = asyncio.run(run())
+    assert isinstance(refused, Overloaded) and refused.code == "replica_failed", refused
+    assert answered.choices[0].completion_tokens == 3
+    replica.check_health()
+    assert replica._worker.stalled_for() == 0.0  # idle

@@ -647,3 +647,17 @@ def test_a_replica_whose_gpu_failed_answers_503_at_once(model, monkeypatch):
     monkeypatch.setattr(model, "_device_failure", "CUDA error: an illegal memory access")
     refused = asyncio.run(model.generate(job("a")))
     assert isinstance(refused, Overloaded) and refused.code == "replica_failed"
+
+
+def test_each_denoising_step_counts_as_progress_for_the_stall_check(model, monkeypatch):
+    """A pipeline call may take minutes (many steps, a big batch); it is stalled only when a
+    step takes `stall_timeout_s`, so each step the pipeline reports is progress."""
+    steps: list[int] = []
+    monkeypatch.setattr(model._worker, "progressed", lambda: steps.append(1))
+    [made] = model.run_jobs([ImageJob(prompt="an otter", n=2, width=64, height=64, steps=3)])
+    assert isinstance(made, ImageResult) and len(made.images) == 2
+    assert len(steps) == 3
+    steps.clear()
+    [edited] = model.run_jobs([ImageJob(prompt="an otter", n=1, width=64, height=64, steps=4,
+                                        init_image=png_bytes("red"), strength=0.5)])
+    assert isinstance(edited, ImageResult) and len(steps) == 2  # strength 0.5 runs half the steps
