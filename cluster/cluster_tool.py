@@ -3,7 +3,7 @@
     cluster_tool.py render CONFIG OUT --http-port N [--http-host H]
     cluster_tool.py wait-nodes --dashboard URL --resources head node_a ... [--pid PID ...]
     cluster_tool.py wait-apps CONFIG --dashboard URL [--since EPOCH]
-    cluster_tool.py check-ports PORT|FIRST-LAST ...
+    cluster_tool.py check-ports [--host IP] PORT|FIRST-LAST ...
     cluster_tool.py kill-tagged CLUSTER_DIR
     cluster_tool.py now
 
@@ -274,14 +274,19 @@ def port_list(spec: str) -> list[int]:
 
 
 def cmd_check_ports(ns: argparse.Namespace) -> int:
+    """Each port must be free on loopback and on the nodes' address (`--host`): a listener
+    bound only to that address would go unseen on loopback, and fail `start` later."""
     busy = []
+    hosts = list(dict.fromkeys(["127.0.0.1", ns.host]))
     for port in (p for ports in ns.ports for p in ports):
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                busy.append(port)
+        for host in hosts:
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    busy.append(port)
+                    break
     if busy:
         print(f"ports in use: {busy}", file=sys.stderr)
         return 1
@@ -311,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_wait_apps)
     p = sub.add_parser("check-ports")
     p.add_argument("ports", type=port_list, nargs="+", metavar="PORT|FIRST-LAST")
+    p.add_argument("--host", default="127.0.0.1", help="the nodes' address (checked beside loopback)")
     p.set_defaults(func=cmd_check_ports)
     p = sub.add_parser("kill-tagged")
     p.add_argument("cluster_dir")

@@ -189,7 +189,7 @@ cmd_start() {
   [[ "$RAY_SERVE_ENABLE_HA_PROXY" == 1 ]] && longest=24
   (( ${#CLUSTER_DIR} <= longest )) \
     || die "SERVE_APP_CLUSTER_DIR is too long for the socket paths in it (at most $longest characters)"
-  "$PYTHON" "$TOOL" check-ports "$GCS_PORT" "$DASHBOARD_PORT" "$HTTP_PORT" \
+  "$PYTHON" "$TOOL" check-ports --host "$NODE_IP" "$GCS_PORT" "$DASHBOARD_PORT" "$HTTP_PORT" \
     "$PORT_BASE-$((PORT_BASE + 30))" "$((PORT_BASE + 100))-$((PORT_BASE + 1999))" \
     || die "a port of this cluster is in use (another local cluster or Serve running?)"
   trap abort_start EXIT

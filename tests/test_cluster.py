@@ -781,3 +781,15 @@ def test_scaled_to_zero_model_is_listed_and_serves_its_first_request(local_clust
     assert wait_for(lambda: local_cluster.listed().get("chat-zero", {}).get("scaled_to_zero") is False,
                     timeout=30)
 
+
+
+def test_check_ports_sees_a_listener_on_the_nodes_address_only():
+    """A port held on the nodes' address (SERVE_APP_NODE_IP) but not on loopback is busy."""
+    tool = _load("cluster_tool")
+    with socket.socket() as held:
+        held.bind(("127.0.0.2", 0))  # another loopback address, as a node IP stands in for
+        held.listen()
+        port = held.getsockname()[1]
+        assert tool.main(["check-ports", str(port)]) == 0  # free on 127.0.0.1
+        assert tool.main(["check-ports", "--host", "127.0.0.2", str(port)]) == 1
+    assert tool.main(["check-ports", "--host", "127.0.0.2", str(port)]) == 0
