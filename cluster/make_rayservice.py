@@ -280,7 +280,10 @@ def rayservice_manifest(serve_config: dict[str, Any], overrides: dict[str, Any])
                 # Serve autoscaling asks for replicas; the Ray autoscaler adds GPU pods for them.
                 "enableInTreeAutoscaling": True,
                 "headGroupSpec": {
-                    "rayStartParams": {"dashboard-host": "0.0.0.0"},
+                    # No GPU requested, yet on a GPU node whose runtime is NVIDIA's (the GPU
+                    # Operator's default) the CUDA image sees every GPU: Ray would count them and
+                    # place model replicas on GPUs the device plugin gave to worker pods.
+                    "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
                     "template": {"spec": head_pod},
                 },
                 "workerGroupSpecs": [{

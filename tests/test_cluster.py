@@ -83,6 +83,8 @@ def test_rayservice_manifest_matches_serve_config(capsys):
     cluster = service["spec"]["rayClusterConfig"]
     worker = cluster["workerGroupSpecs"][0]["template"]["spec"]
     assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] >= 1
+    # The head requests no GPU, so it must count none, even where its container sees a node's GPUs.
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
     for pod in (cluster["headGroupSpec"]["template"]["spec"], worker):
         claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]]
         assert claims == [pvc["metadata"]["name"]]
