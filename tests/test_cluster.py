@@ -197,6 +197,14 @@ def test_cluster_launcher_config_is_valid():
     validate_config(prepare_config(config))  # with Ray's AWS defaults filled in, as `ray up` does
     assert config["available_node_types"]["ray.worker.gpu"]["node_config"]["InstanceType"].startswith("g")
     assert any("serve_app" in c for c in config["setup_commands"])
+    # Workers are launched by the autoscaler under Ray's instance role, which may not read SSM
+    # parameters: an id the README's commands write, never `resolve:ssm:`.
+    for node_type in config["available_node_types"].values():
+        assert not node_type["node_config"]["ImageId"].startswith("resolve:")
+    assert "--gpus all" in config["docker"]["worker_run_options"]
+    # What the nodes need, not the checkout: `ray up` hashes every mounted file, .venv too.
+    assert "." not in config["file_mounts"].values()
+    assert {"./serve_app", "./pyproject.toml", "./cluster"} <= set(config["file_mounts"].values())
     # Serve reads its fast-path switches at import: every node's `ray start` must have them.
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = next(c for c in config[key] if "ray start" in c)
