@@ -150,12 +150,15 @@ def measure_system(key: str, ctx: systems.Context, plan: Plan, prompts: list, re
         server, settings = start_ray(ctx, key, batching=key == "ray_batch", echo=False, results=results)
         probe: Callable[[], bool] = lambda: True  # noqa: E731 - start_ray waited already
     else:
-        server = systems.launch_naive(ctx, "images" in wanted) if key == "naive" else systems.launch_litserve(ctx)
+        if key == "naive":
+            server = systems.launch_naive(ctx, "images" in wanted)
+        else:
+            server, settings = systems.launch_litserve(ctx)
         probe = lambda: http_ok(server.base_url + "/health")  # noqa: E731
     with running(server, probe, 300):
         model, image_model = model_names(settings)
         url = server.base_url + "/v1/chat/completions"
-        results["chat"][key] = asyncio.run(scenarios.measure_chat(url, model, prompts, plan, log))
+        asyncio.run(scenarios.measure_chat(url, model, prompts, plan, log, out=results["chat"].setdefault(key, {})))
         if "images" in wanted and key in ("ray_batch", "naive"):
             name = "serve_app" if key == "ray_batch" else "naive"
             results["images"][name] = asyncio.run(scenarios.measure_images(
@@ -195,23 +198,8 @@ def measure_plain_echo(ctx: systems.Context, plan: Plan, results: dict) -> None:
     results["echo"].update({f"plain@{c}": cell for c, cell in cells.items()})
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    plan = make_plan(args)
-    wanted = set((args.only or "ray_batch,ray_nobatch,naive,litserve,echo,images").split(","))
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    args.out.mkdir(parents=True, exist_ok=True)
-    run_dir = Path(f"/tmp/serve_app_bench_{stamp}")
-    extra = yaml.safe_load(args.serve_config_extra.read_text()) if args.serve_config_extra else {}
-    ctx = systems.Context(chat_path=ROOT / "models" / "bench-llama", image_path=ROOT / "models" / "tiny-sd",
-                          threads=args.threads, log_dir=run_dir, extra=extra or {})
-    results: dict[str, Any] = {"meta": {"started": stamp, "plan": plan.__dict__, "threads": args.threads,
-                                        "cpus": os.cpu_count(), "logs": str(run_dir), "argv": sys.argv[1:]},
-                               "notes": [], "chat": {}, "echo": {}, "images": {}, "systems": {}, "skipped": {}}
-    began = time.monotonic()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ensure_ready(ctx, results["notes"])
-    log(f"plan: {plan}\nlogs: {run_dir}")
+def measure_all(ctx: systems.Context, plan: Plan, wanted: set[str], results: dict[str, Any], run_dir: Path) -> None:
+    """The in-process reference, then each wanted system in turn, into `results` as each finishes."""
     prompts = scenarios.candidate_prompts()
     try:
         results["inprocess"] = run_inprocess(ctx, plan, prompts, run_dir)
@@ -250,9 +238,35 @@ def main(argv: list[str] | None = None) -> int:
             results["inprocess_end"] = run_inprocess(ctx, plan, prompts[:1], run_dir)
         except Exception as exc:  # noqa: BLE001 - only context is lost
             results["skipped"]["inprocess_end"] = str(exc)[-500:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = make_plan(args)
+    wanted = set((args.only or "ray_batch,ray_nobatch,naive,litserve,echo,images").split(","))
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    args.out.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(f"/tmp/serve_app_bench_{stamp}")
+    extra = yaml.safe_load(args.serve_config_extra.read_text()) if args.serve_config_extra else {}
+    ctx = systems.Context(chat_path=ROOT / "models" / "bench-llama", image_path=ROOT / "models" / "tiny-sd",
+                          threads=args.threads, log_dir=run_dir, extra=extra or {})
+    results: dict[str, Any] = {"meta": {"started": stamp, "plan": plan.__dict__, "threads": args.threads,
+                                        "cpus": os.cpu_count(), "logs": str(run_dir), "argv": sys.argv[1:]},
+                               "notes": [], "chat": {}, "echo": {}, "images": {}, "systems": {}, "skipped": {}}
+    began = time.monotonic()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_ready(ctx, results["notes"])
+    log(f"plan: {plan}\nlogs: {run_dir}")
+    interrupted = False
+    try:
+        measure_all(ctx, plan, wanted, results, run_dir)
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP: the servers are stopped by now
+        interrupted = True
+        results["notes"].append(f"interrupted ({stop or 'Ctrl-C'}): the results measured so far")
+        log(f"\ninterrupted ({stop or 'Ctrl-C'}): writing the results measured so far")
     results["meta"]["seconds"] = round(time.monotonic() - began, 1)
     finish(results, plan, args.out, stamp)
-    return 0
+    return 130 if interrupted else 0
 
 
 def finish(results: dict[str, Any], plan: Plan, out: Path, stamp: str) -> None:
@@ -262,7 +276,8 @@ def finish(results: dict[str, Any], plan: Plan, out: Path, stamp: str) -> None:
     unequal = report.unequal_work(results["chat"], plan.max_tokens)
     results["unequal_work"] = unequal
     for cell in unequal:
-        log(f"WARNING: not {plan.max_tokens} tokens per request, so not the same work as the other rows: {cell}")
+        log(f"WARNING: not the same work as the other rows ({plan.max_tokens} tokens per request, each "
+            f"request's first token timed): {cell}")
     if results["echo"]:
         log(report.simple_table("Serving path alone (echo)", results["echo"], "req/s") + "\n")
     if results["images"]:

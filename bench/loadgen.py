@@ -53,6 +53,7 @@ class CellResult:
     ttft_p99_ms: float | None
     units_per_request: float | None
     first_errors: list[str] = field(default_factory=list)
+    ttft_samples: int = 0  # answered requests that showed text (the TTFT percentiles' sample)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,7 +86,7 @@ def summarize(samples: list[Sample], concurrency: int, sent: int, wall_s: float)
         latency_p50_ms=_ms(percentile(latencies, 50)), latency_p99_ms=_ms(percentile(latencies, 99)),
         ttft_p50_ms=_ms(percentile(ttfts, 50)), ttft_p99_ms=_ms(percentile(ttfts, 99)),
         units_per_request=round(units / len(good), 2) if good else None,
-        first_errors=sorted({e.error or "?" for e in errors})[:3])
+        first_errors=sorted({e.error or "?" for e in errors})[:3], ttft_samples=len(ttfts))
 
 
 async def _read_json(response: aiohttp.ClientResponse, started: float, count: Callable[[dict], int]) -> Sample:

@@ -75,11 +75,13 @@ async def drain(url: str, model: str, prompts: list) -> None:
         pass
 
 
-async def measure_chat(url: str, model: str, prompts: list, plan: Plan, log) -> dict[str, dict[str, dict]]:
-    """Every (mode, concurrency) cell for one system: {mode: {str(conc): CellResult dict}}."""
+async def measure_chat(url: str, model: str, prompts: list, plan: Plan, log,
+                       out: dict[str, dict[str, dict]]) -> None:
+    """Every (mode, concurrency) cell for one system, into `out` as each completes (an interrupted
+    run keeps those): {mode: {str(conc): CellResult dict}}."""
     await warm_up_chat(url, model, prompts, plan.max_tokens)
-    out: dict[str, dict[str, dict]] = {mode: {} for mode in MODES}
     for mode in MODES:
+        out.setdefault(mode, {})
         bodies = chat_bodies(model, plan.max_tokens, prompts, mode == "stream")
         for conc in plan.concurrency:
             cell = await run_cell(url, bodies, concurrency=conc, total=plan.chat_requests(conc),
@@ -90,7 +92,6 @@ async def measure_chat(url: str, model: str, prompts: list, plan: Plan, log) -> 
                 + (f"  {cell.first_errors}" if cell.first_errors else ""))
             if cell.cut:
                 await drain(url, model, prompts)
-    return out
 
 
 async def measure_echo(url: str, model: str, plan: Plan, log) -> dict[str, dict]:

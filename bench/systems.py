@@ -213,12 +213,13 @@ def row1_chat_batch(ctx: Context) -> int:
     return effective_batching(chat)["max_batch_size"]
 
 
-def launch_litserve(ctx: Context) -> Server:
+def launch_litserve(ctx: Context) -> tuple[Server, dict[str, Any]]:
+    """LitServe, and its batching settings for the results (row 1's batch size unless told)."""
     port = free_port()
-    batch = ctx.litserve_batch or row1_chat_batch(ctx)
+    settings = {"max_batch_size": ctx.litserve_batch or row1_chat_batch(ctx), "batch_timeout_s": 0.01}
     argv = [PYTHON, "-m", "bench.litserve_server", "--model", str(ctx.chat_path), "--port", str(port),
-            "--max-batch-size", str(batch), "--batch-timeout", "0.01"]
-    return start("litserve", argv, base_env(ctx.threads), port, ctx.log_dir)
+            "--max-batch-size", str(settings["max_batch_size"]), "--batch-timeout", str(settings["batch_timeout_s"])]
+    return start("litserve", argv, base_env(ctx.threads), port, ctx.log_dir), settings
 
 
 def launch_plain_echo(ctx: Context) -> Server:
