@@ -211,7 +211,7 @@ def measure_all(ctx: systems.Context, plan: Plan, wanted: set[str], results: dic
                                     "all are used")
         log(f"in-process generate: TTFT p50 {results['inprocess']['ttft_p50_ms']} ms, torch threads "
             f"{results['inprocess']['torch_threads']}, {len(kept)}/{len(scenarios.TOPICS)} prompts run "
-            f"{plan.max_tokens} tokens without EOS")
+            f"{plan.max_tokens} tokens without EOS, their first token text")
     except Exception as exc:  # noqa: BLE001 - the servers can still be measured
         results["skipped"]["inprocess"] = str(exc)[-500:]
         log(f"in-process reference skipped: {str(exc)[-300:]}")

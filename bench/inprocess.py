@@ -6,6 +6,9 @@
 2. Which candidate prompts run `max_tokens` greedy tokens without meeting EOS:
    the benchmark sends only those, so that a server that honours EOS (ours does;
    it has no ignore-EOS switch) still generates exactly `max_tokens` per request.
+   Their first token must also show as text: a special token or part of a
+   character shows nothing in serve_app's stream until a later token (the naive
+   server and LitServe send its raw bytes), which would time a later token there.
 
     python -m bench.inprocess --model models/bench-llama --max-tokens 64 --prompts prompts.json
 Prints one JSON object on its last line.
@@ -50,9 +53,12 @@ def ttft_ms(chat: ChatModel, messages: list[dict[str, Any]], max_tokens: int) ->
     return (clock.first_at - started) * 1000.0
 
 
-def full_length(chat: ChatModel, messages: list[dict[str, Any]], max_tokens: int) -> bool:
-    """True when greedy decoding honouring EOS still produces `max_tokens` tokens."""
-    return len(chat.generate(chat.encode(messages), max_tokens, seed=0, ignore_eos=False)) == max_tokens
+def comparable(chat: ChatModel, messages: list[dict[str, Any]], max_tokens: int) -> bool:
+    """True when greedy decoding honouring EOS still produces `max_tokens` tokens, the first
+    of which shows as text by itself (every server's first streamed text is then that token)."""
+    tokens = chat.generate(chat.encode(messages), max_tokens, seed=0, ignore_eos=False)
+    first = chat.tokenizer.decode(tokens[:1], skip_special_tokens=True)
+    return len(tokens) == max_tokens and bool(first) and "\ufffd" not in first
 
 
 def main() -> None:
@@ -64,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     candidates: list[list[dict[str, Any]]] = json.loads(open(args.prompts).read())
     chat = ChatModel(args.model)
-    keep = [i for i, messages in enumerate(candidates) if full_length(chat, messages, args.max_tokens)]
+    keep = [i for i, messages in enumerate(candidates) if comparable(chat, messages, args.max_tokens)]
     probe = candidates[keep[0] if keep else 0]
     ttft_ms(chat, probe, 4)  # warm-up
     samples = sorted(ttft_ms(chat, probe, 4) for _ in range(args.repeats))
