@@ -14,6 +14,9 @@ cd "$(dirname "$0")/.."
 
 # HAProxy in front instead of Serve's Python proxy (the binary ships with ray[serve]).
 export RAY_SERVE_ENABLE_HA_PROXY="${RAY_SERVE_ENABLE_HA_PROXY:-1}"
+# That HAProxy with kernel splicing off, which made it miss about half the hang-ups of clients
+# waiting for a non-streamed answer, so their generation ran on (serve_app/haproxy_launcher.py).
+export RAY_SERVE_HAPROXY_BINARY_PATH="${RAY_SERVE_HAPROXY_BINARY_PATH:-$PWD/.venv/bin/serve-app-haproxy}"
 # Fewer hops and threads per request: gRPC between proxy and replicas, direct ingress,
 # user code on the replica's event loop (model code runs torch on its own worker thread).
 export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"
