@@ -42,7 +42,7 @@ from PIL import Image, ImageOps
 from ray import serve
 
 from serve_app.config import ImageModelConfig
-from serve_app.errors import APIError, ContentFiltered, InvalidRequest, NotANumber
+from serve_app.errors import APIError, ClientClosedRequest, ContentFiltered, InvalidRequest, NotANumber
 from serve_app.image_input import orientation, upright
 from serve_app.jobs import ImageJob, ImageResult, generator_seed
 from serve_app.metrics import ImageMetrics
@@ -278,6 +278,8 @@ class ImageModel(ModelReplica):
         self._queue_batch.set_max_batch_size(config.max_batch_size)
         self._queue_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.queued: deque[tuple[ImageJob, float, Future[Outcome]]] = deque()  # job, its arrival, its outcome
+        self.running: list[Future[Outcome]] = []  # the outcomes the worker's current run will set
+        self.abandoned: set[Future[Outcome]] = set()  # of those, the ones whose caller went away
         self.counters = {"requests": 0, "pipeline_calls": 0, "images": 0, "largest_call_requests": 0}
         self.record_metrics(ImageMetrics(config.name))
         self.log_loaded()
@@ -289,24 +291,29 @@ class ImageModel(ModelReplica):
         wait) and runs alone, exactly as an unbatched server would. A client's
         mistake (an unreadable input image) comes back as a value: raised, Serve
         would log it as a failed request, with a traceback, at ERROR.
+
+        A caller that goes away (its client hung up) has its job dropped while it
+        waits, and once every caller of the running pipeline call has gone, the
+        call stops at its next step (`_step_done`) instead of running on for nobody.
         """
         try:
             self.refuse_if_unhealthy()
         except APIError as refused:
             return refused
         arrived = time.monotonic()
-        if self.config.max_batch_size == 1:
-            [outcome] = await self.run_on_worker(self.run_jobs, [job], [arrived])
-        else:
-            # The future is this call's from the start: cancelled between Serve's batcher queueing
-            # the job and the wait below, it is still dropped, not made for nobody.
-            future: Future[Outcome] = Future()
-            try:
+        # The future is this call's from the start: cancelled between Serve's batcher queueing
+        # the job and the wait below, it is still dropped, not made for nobody.
+        future: Future[Outcome] = Future()
+        try:
+            if self.config.max_batch_size == 1:
+                self.submit([job], [arrived], [future])
+            else:
                 await self._queue_batch((job, arrived, future))
-                outcome = await asyncio.wrap_future(future)
-            except asyncio.CancelledError:
-                future.cancel()  # False once the worker has taken it
-                raise
+            outcome = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if not future.cancel() and not future.done():  # the worker has it: its call may stop
+                self.abandoned.add(future)
+            raise
         if isinstance(outcome, Exception) and not isinstance(outcome, APIError):
             raise_to_caller(outcome)
         return outcome
@@ -346,13 +353,16 @@ class ImageModel(ModelReplica):
             if future.set_running_or_notify_cancel():
                 taken.append((job, arrived, future))
         outcomes: list[Outcome] = [RuntimeError("the image batch failed")] * len(taken)
+        self.running = [future for _, _, future in taken]
         try:
             outcomes = self.run_jobs([job for job, _, _ in taken], [arrived for _, arrived, _ in taken])
         except Exception as exc:  # noqa: BLE001 - never leave a caller waiting
             outcomes = [exc] * len(taken)
             self.released(exc)
         finally:  # whatever failed, every caller gets an outcome
+            self.running = []
             for (_, _, future), outcome in zip(taken, outcomes):
+                self.abandoned.discard(future)
                 future.set_result(outcome)
 
     def stats(self) -> dict[str, int]:
@@ -586,8 +596,11 @@ class ImageModel(ModelReplica):
         return [None if flag else picture(image, size) for image, flag in zip(images, flagged)]
 
     def _step_done(self, pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        """diffusers' step callback: a long call that still denoises is not stalled."""
+        """diffusers' step callback: a long call that still denoises is not stalled, and one
+        whose every caller has gone stops here (the worker is free for the next call)."""
         self._worker.progressed()
+        if self.running and all(future in self.abandoned for future in self.running):
+            raise ClientClosedRequest(f"every caller of this pipeline call went away; stopped after step {step + 1}")
         return tensors
 
     def generator(self, job: ImageJob, index: int) -> torch.Generator:

@@ -661,3 +661,45 @@ def test_each_denoising_step_counts_as_progress_for_the_stall_check(model, monke
     [edited] = model.run_jobs([ImageJob(prompt="an otter", n=1, width=64, height=64, steps=4,
                                         init_image=png_bytes("red"), strength=0.5)])
     assert isinstance(edited, ImageResult) and len(steps) == 2  # strength 0.5 runs half the steps
+
+
+def test_a_pipeline_call_whose_caller_left_stops_at_its_next_step(model, monkeypatch):
+    """A client that hangs up during its pipeline call frees the worker within a step, rather
+    than hold every later request behind a call made for nobody (`max_batch_size: 1`, so
+    Serve's batcher, which needs a replica, is not in the way; the batched path shares it)."""
+    steps: list[int] = []
+    monkeypatch.setattr(model._worker, "progressed", lambda: steps.append(1))
+    monkeypatch.setattr(model, "config", model.config.model_copy(update={"max_batch_size": 1}))
+
+    async def run():
+        request = asyncio.ensure_future(model.generate(ImageJob(prompt="x", n=1, width=64, height=64, steps=100)))
+        async with asyncio.timeout(60):
+            while len(steps) < 2:  # the call is under way
+                await asyncio.sleep(0.002)
+        request.cancel()
+        return await asyncio.gather(request, return_exceptions=True)
+
+    [outcome] = asyncio.run(run())
+    assert isinstance(outcome, asyncio.CancelledError)
+    model._worker.submit(lambda: None).result(timeout=60)  # the worker is free again
+    assert 2 <= len(steps) < 50, f"{len(steps)} of 100 steps ran for a caller that had left"
+    assert not model.running and not model.abandoned
+
+
+def test_a_pipeline_call_goes_on_while_one_of_its_callers_remains(model, monkeypatch):
+    """Two requests share a call; one caller leaves mid-call (generate's cancellation, stood in
+    for: its future is already taken, so it is marked abandoned). The other gets its images."""
+    gate, steps = threading.Event(), []
+    monkeypatch.setattr(model._worker, "progressed", lambda: steps.append(1))
+    model._worker.submit(gate.wait)  # busy, so both are queued for one call
+    try:
+        left, stays = model.submit([ImageJob(prompt=p, n=1, width=64, height=64, steps=20) for p in "ab"])
+    finally:
+        gate.set()
+    deadline = time.monotonic() + 60
+    while not steps and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert not left.cancel()  # taken by the worker
+    model.abandoned.add(left)
+    assert len(stays.result(timeout=120).images) == 1
+    assert len(steps) == 20 and not model.abandoned
