@@ -30,6 +30,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+from starlette.routing import Match
 
 from serve_app.access_log import note, serve_request_id
 from serve_app.errors import (
@@ -174,10 +175,28 @@ def http_error(exc: StarletteHTTPException) -> APIError:
     return error
 
 
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def methods_at(request: Request) -> str | None:
+    """Every method some route at this request's path takes, for a 405's `Allow`. Starlette
+    names only the first route's: `/health`'s HEAD route (kept apart from its GET so the
+    OpenAPI schema has no duplicate operation) made it `Allow: HEAD`. Asked of each route
+    with each method, as the router itself matches them."""
+    routes = request.app.router.routes
+    allowed = [method for method in HTTP_METHODS
+               if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)]
+    return ", ".join(allowed) or None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every exception FastAPI/Starlette can raise through `error_response`."""
 
     async def on_error(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, StarletteHTTPException) and exc.status_code == 405:
+            allowed = methods_at(request)
+            if allowed:
+                exc.headers = {**(exc.headers or {}), "Allow": allowed}
         return error_response(as_api_error(exc))
 
     # FastAPI has handlers of its own for the first three; Exception catches the rest.

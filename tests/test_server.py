@@ -762,6 +762,11 @@ def test_a_wrong_method_is_told_which_ones_the_route_takes(http):
     response = http.get("/v1/chat/completions")
     assert response.status_code == 405 and response.headers["allow"] == "POST"
     assert "POST" in response.json()["message"]
+    # A path served by a GET route and a HEAD route of its own names both.
+    for path in ("/health", "/ready", "/v1/files/images/any.png"):
+        response = http.delete(path)
+        assert (response.status_code, response.headers["allow"]) == (405, "GET, HEAD"), response.headers
+        assert "GET, HEAD" in response.json()["message"]
 
 
 def test_a_body_without_content_type_is_told_what_to_send(http):
