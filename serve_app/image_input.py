@@ -84,6 +84,23 @@ def upright(image: Image.Image, turned_by: int) -> Image.Image:
     """The decoded picture turned as its header's `orientation` says (a phone's photo is stored sideways)."""
     method = UPRIGHT_BY.get(turned_by)
     return image.transpose(method) if method is not None else image
+
+
+ASCII_WHITESPACE = str.maketrans("", "", " \t\n\f\r")
+
+
+def forgiving_base64(payload: str) -> str:
+    """A data: URL's base64 as browsers read it (WHATWG's forgiving-base64): line breaks and
+    spaces ignored (`base64` in a shell wraps at 76 columns), padding optional. Anything else
+    that is not base64 is still refused by the decoder."""
+    payload = payload.translate(ASCII_WHITESPACE)
+    if len(payload) % 4 == 0:
+        payload = payload.removesuffix("=").removesuffix("=")
+    if len(payload) % 4 == 1:
+        raise ValueError("a base64 payload cannot be one character past a whole group")
+    return payload + "=" * (-len(payload) % 4)
+
+
 @dataclass(frozen=True)
 class InputImage:
     data: bytes
@@ -193,7 +210,7 @@ class ImageFetcher:
         if len(payload) * 3 // 4 > self.max_bytes:
             raise self._too_large(param)
         try:
-            return base64.b64decode(payload, validate=True)
+            return base64.b64decode(forgiving_base64(payload), validate=True)
         except (binascii.Error, ValueError) as exc:
             raise _bad_url(param, "data: URL is not valid base64") from exc
 

@@ -229,6 +229,18 @@ def test_only_http_and_base64_data_urls(url: str) -> None:
     expect(InvalidRequest, 400, "invalid_image_url", lambda: fetch(url))
 
 
+def test_data_urls_are_read_as_browsers_read_them() -> None:
+    """Line-wrapped base64 (`base64` in a shell wraps at 76 columns) and unpadded base64 are
+    what a browser accepts in a data: URL; a group one character short is not base64."""
+    encoded = base64.b64encode(PNG).decode()
+    wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))
+    assert len(encoded) % 4 == 0 and encoded.endswith("=")  # so that unpadding changes something
+    for payload in (wrapped, encoded.rstrip("="), " " + wrapped.replace("\n", "\r\n") + "\t"):
+        assert fetch("data:image/png;base64," + payload).data == PNG
+    one_past = encoded + "A"  # whole groups and one character more
+    expect(InvalidRequest, 400, "invalid_image_url", lambda: fetch("data:image/png;base64," + one_past))
+
+
 # ------------------------------------------------------------- hostile URLs, allowed host
 
 
