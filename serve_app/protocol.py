@@ -206,7 +206,11 @@ def _at_most_values(data: Any, budget: int = MAX_JSON_VALUES) -> Any:
 
 
 class BoundedRequest(WireModel):
-    """A request body: its size in JSON values is checked before anything in it is validated."""
+    """A request body: its size in JSON values is checked before anything in it is validated.
+    Python's JSON parser reads `NaN` and `Infinity`; a number field says they are not numbers
+    ("less than or equal to 2" would be the bound's message for a NaN)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod

@@ -367,3 +367,17 @@ def test_a_request_answered_before_routing_is_counted_under_its_routes_template(
     scope = {"type": "http", "method": "POST", "path": "/prefix" + path, "root_path": "/prefix", "app": api,
              "headers": [], "query_string": b""}
     assert _route_label(scope) == label
+
+
+@pytest.mark.parametrize("field,value", [("temperature", "NaN"), ("top_p", "Infinity"), ("presence_penalty", "-Infinity"),
+                                         ("logit_bias", '{"5": NaN}')])
+def test_nan_and_infinity_are_said_to_be_no_numbers(field: str, value: str) -> None:
+    """Python's JSON parser (FastAPI's) reads NaN and Infinity; the 400 says what is wrong with
+    them, not that NaN is above a bound."""
+    from pydantic import ValidationError
+
+    body = json.loads('{"model": "m", "messages": [{"role": "user", "content": "x"}], "%s": %s}' % (field, value))
+    with pytest.raises(ValidationError) as raised:
+        ChatCompletionRequest.model_validate(body)
+    error = as_api_error(raised.value)
+    assert error.status_code == 400 and "finite number" in error.message and error.param.startswith(field), error
