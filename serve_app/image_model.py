@@ -278,8 +278,9 @@ class ImageModel(ModelReplica):
         self._queue_batch.set_max_batch_size(config.max_batch_size)
         self._queue_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.queued: deque[tuple[ImageJob, float, Future[Outcome]]] = deque()  # job, its arrival, its outcome
-        self.running: list[Future[Outcome]] = []  # the outcomes the worker's current run will set
-        self.abandoned: set[Future[Outcome]] = set()  # of those, the ones whose caller went away
+        self.taken: list[Future[Outcome]] = []  # the outcomes the worker's current run will set, by job
+        self.running: list[Future[Outcome]] = []  # those of its current pipeline call
+        self.abandoned: set[Future[Outcome]] = set()  # of those taken, the ones whose caller went away
         self.counters = {"requests": 0, "pipeline_calls": 0, "images": 0, "largest_call_requests": 0}
         self.record_metrics(ImageMetrics(config.name))
         self.log_loaded()
@@ -347,20 +348,23 @@ class ImageModel(ModelReplica):
         so its own jobs are taken by its run at the latest. Jobs whose caller
         went away (their future was cancelled) are dropped before the call.
         """
+        # Only the futures taken below can be abandoned from here on: one a caller marked just as
+        # its run ended (see `generate`) is let go now, with its outcome.
+        self.abandoned.clear()
         taken: list[tuple[ImageJob, float, Future[Outcome]]] = []
         while self.queued and len(taken) < self.config.max_batch_size:
             job, arrived, future = self.queued.popleft()
             if future.set_running_or_notify_cancel():
                 taken.append((job, arrived, future))
         outcomes: list[Outcome] = [RuntimeError("the image batch failed")] * len(taken)
-        self.running = [future for _, _, future in taken]
+        self.taken = [future for _, _, future in taken]
         try:
             outcomes = self.run_jobs([job for job, _, _ in taken], [arrived for _, arrived, _ in taken])
         except Exception as exc:  # noqa: BLE001 - never leave a caller waiting
             outcomes = [exc] * len(taken)
             self.released(exc)
         finally:  # whatever failed, every caller gets an outcome
-            self.running = []
+            self.taken = []
             for (_, _, future), outcome in zip(taken, outcomes):
                 self.abandoned.discard(future)
                 future.set_result(outcome)
@@ -392,7 +396,14 @@ class ImageModel(ModelReplica):
     def _run_group(self, members: list[tuple[int, PreparedJob]], outcomes: list[Outcome | None]) -> None:
         """One pipeline call for `members` (index in `outcomes`, job), their outcomes filled in.
         Out of GPU memory together, each is tried once alone: a call's memory grows with its
-        images, so one request's images may fit where the batch's did not."""
+        images, so one request's images may fit where the batch's did not. A group whose every
+        caller has gone is not run; one whose callers all go during the call stops there."""
+        watched = [self.taken[index] for index, _ in members] if self.taken else []
+        if watched and all(future in self.abandoned for future in watched):
+            for index, _ in members:
+                outcomes[index] = ClientClosedRequest("every caller of this pipeline call went away before it began")
+            return
+        self.running = watched
         try:
             images = iter(self.call_pipeline([prepared for _, prepared in members]))
         except Exception as exc:  # noqa: BLE001 - the call failed for the whole group
@@ -406,6 +417,8 @@ class ImageModel(ModelReplica):
             for index, _ in members:
                 outcomes[index] = exc
             return
+        finally:
+            self.running = []
         for index, prepared in members:
             job = prepared.job
             made = [next(images) for _ in range(job.n)]  # taken first: the next job's start where they end
@@ -422,6 +435,7 @@ class ImageModel(ModelReplica):
                 outcomes[index] = ImageResult(images=[
                     encode_image(image, job.output_format, job.quality, self.config.png_compress_level)
                     for image in made])
+                self._worker.progressed()  # encoding 32 large PNGs takes a while too
             except Exception as exc:  # noqa: BLE001 - this job's encoding failed, not its batch-mates'
                 outcomes[index] = self.released(exc)
 
@@ -583,6 +597,7 @@ class ImageModel(ModelReplica):
         try:
             with torch.inference_mode():
                 output = pipeline(**arguments)
+            self._worker.progressed()  # the decode and safety check after the last step are work too
         finally:
             self.metrics.pipeline_call(len(group), time.monotonic() - started)
         images = output.images

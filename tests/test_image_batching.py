@@ -656,11 +656,11 @@ def test_each_denoising_step_counts_as_progress_for_the_stall_check(model, monke
     monkeypatch.setattr(model._worker, "progressed", lambda: steps.append(1))
     [made] = model.run_jobs([ImageJob(prompt="an otter", n=2, width=64, height=64, steps=3)])
     assert isinstance(made, ImageResult) and len(made.images) == 2
-    assert len(steps) == 3
+    assert len(steps) == 3 + 1 + 1  # each step, the call's end (decoding), the request's encoded images
     steps.clear()
     [edited] = model.run_jobs([ImageJob(prompt="an otter", n=1, width=64, height=64, steps=4,
                                         init_image=png_bytes("red"), strength=0.5)])
-    assert isinstance(edited, ImageResult) and len(steps) == 2  # strength 0.5 runs half the steps
+    assert isinstance(edited, ImageResult) and len(steps) == 2 + 1 + 1  # strength 0.5 runs half the steps
 
 
 def test_a_pipeline_call_whose_caller_left_stops_at_its_next_step(model, monkeypatch):
@@ -702,4 +702,29 @@ def test_a_pipeline_call_goes_on_while_one_of_its_callers_remains(model, monkeyp
     assert not left.cancel()  # taken by the worker
     model.abandoned.add(left)
     assert len(stays.result(timeout=120).images) == 1
-    assert len(steps) == 20 and not model.abandoned
+    assert len(steps) == 20 + 1 + 2 and not model.abandoned  # every step, the call's end, each encoding
+
+
+def test_a_group_whose_callers_left_is_not_run_while_another_groups_caller_waits(model, monkeypatch):
+    """One run of the worker, two pipeline calls (two sizes). The second call's only caller
+    leaves while the first call runs: the first still makes its images, the second never runs."""
+    from serve_app.errors import ClientClosedRequest
+
+    gate, steps = threading.Event(), []
+    monkeypatch.setattr(model._worker, "progressed", lambda: steps.append(1))
+    model._worker.submit(gate.wait)  # busy, so both are queued for one run
+    try:
+        stays, leaves = model.submit([ImageJob(prompt="a", n=1, width=64, height=64, steps=20),
+                                      ImageJob(prompt="b", n=1, width=96, height=64, steps=20)])
+    finally:
+        gate.set()
+    before = model.stats()["pipeline_calls"]
+    deadline = time.monotonic() + 60
+    while not steps and time.monotonic() < deadline:  # the first call is under way
+        time.sleep(0.002)
+    assert not leaves.cancel()  # taken by the worker: generate's cancellation marks it abandoned
+    model.abandoned.add(leaves)
+    assert len(stays.result(timeout=120).images) == 1
+    assert isinstance(leaves.result(timeout=60), ClientClosedRequest)
+    assert model.stats()["pipeline_calls"] == before + 1 and not model.abandoned
+    assert len(steps) == 20 + 1 + 1  # the first call's steps, its end, its encoding: not one step of the second
