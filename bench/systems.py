@@ -23,10 +23,11 @@ from bench.procs import PYTHON, ROOT, Server, base_env, free_port, http_ok, star
 ECHO_MODEL = "bench-echo"
 ECHO_PREFIX = "/bench-echo"
 FLOOR_PREFIX = "/bench-floor"
-FAST_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-            # As scripts/serve.sh: HAProxy with kernel splicing off (serve_app/haproxy_launcher.py).
-            "RAY_SERVE_HAPROXY_BINARY_PATH": str(Path(PYTHON).parent / "serve-app-haproxy") if Path(PYTHON).is_absolute()
-            else shutil.which("serve-app-haproxy") or ""}
+# As scripts/serve.sh: HAProxy with kernel splicing off (serve_app/haproxy_launcher.py), where installed.
+HAPROXY_COMMAND = Path(PYTHON).parent / "serve-app-haproxy"
+FAST_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"} | (
+    {"RAY_SERVE_HAPROXY_BINARY_PATH": str(HAPROXY_COMMAND)} if HAPROXY_COMMAND.is_absolute() and HAPROXY_COMMAND.exists()
+    else {})
 
 
 @dataclass

@@ -86,7 +86,10 @@ export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-0}"
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
 # Serve's fast serving path, as scripts/serve.sh sets it (README, "Serving path").
 export RAY_SERVE_ENABLE_HA_PROXY="${RAY_SERVE_ENABLE_HA_PROXY:-1}"
-export RAY_SERVE_HAPROXY_BINARY_PATH="${RAY_SERVE_HAPROXY_BINARY_PATH:-$VENV/bin/serve-app-haproxy}"
+# HAProxy with kernel splicing off, as scripts/serve.sh runs it (where setup has installed it).
+if [[ -z "${RAY_SERVE_HAPROXY_BINARY_PATH:-}" && -x "$VENV/bin/serve-app-haproxy" ]]; then
+  export RAY_SERVE_HAPROXY_BINARY_PATH="$VENV/bin/serve-app-haproxy"
+fi
 export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"
 # Cluster-wide Serve ports (read by the controller on the head; see the layout above).
 export RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=$((PORT_BASE + 1000))

@@ -16,7 +16,14 @@ cd "$(dirname "$0")/.."
 export RAY_SERVE_ENABLE_HA_PROXY="${RAY_SERVE_ENABLE_HA_PROXY:-1}"
 # That HAProxy with kernel splicing off, which made it miss about half the hang-ups of clients
 # waiting for a non-streamed answer, so their generation ran on (serve_app/haproxy_launcher.py).
-export RAY_SERVE_HAPROXY_BINARY_PATH="${RAY_SERVE_HAPROXY_BINARY_PATH:-$PWD/.venv/bin/serve-app-haproxy}"
+if [[ -z "${RAY_SERVE_HAPROXY_BINARY_PATH:-}" ]]; then
+    if [[ -x .venv/bin/serve-app-haproxy ]]; then
+        export RAY_SERVE_HAPROXY_BINARY_PATH="$PWD/.venv/bin/serve-app-haproxy"
+    else  # a checkout updated since setup: Serve's own HAProxy, until ./scripts/setup.sh reinstalls
+        echo "serve.sh: .venv/bin/serve-app-haproxy is missing (run ./scripts/setup.sh): HAProxy keeps" \
+             "kernel splicing on, and misses some clients' hang-ups" >&2
+    fi
+fi
 # Fewer hops and threads per request: gRPC between proxy and replicas, direct ingress,
 # user code on the replica's event loop (model code runs torch on its own worker thread).
 export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"

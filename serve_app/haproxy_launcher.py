@@ -34,8 +34,16 @@ def haproxy_binary() -> str:
     return found
 
 
+WRAPPED = "SERVE_APP_HAPROXY_WRAPPED"
+"""Set for the HAProxy this starts: a `haproxy` on PATH that is a script calling this command
+again would otherwise loop forever, one more `-dS` each time."""
+
+
 def main() -> None:
+    if os.environ.get(WRAPPED):
+        raise SystemExit("serve-app-haproxy: the haproxy it found runs serve-app-haproxy again")
     binary = haproxy_binary()
+    os.environ[WRAPPED] = "1"
     os.execv(binary, [binary, "-dS", *sys.argv[1:]])  # HAProxy's own process, signals and pid
 
 

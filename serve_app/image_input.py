@@ -207,10 +207,14 @@ class ImageFetcher:
         header, _, payload = source.partition(",")
         if not header.lower().endswith(";base64"):
             raise _bad_url(param, "data: URL must be base64 encoded")
-        if len(payload) * 3 // 4 > self.max_bytes:
+        try:
+            payload = forgiving_base64(payload)
+        except ValueError as exc:
+            raise _bad_url(param, "data: URL is not valid base64") from exc
+        if len(payload) * 3 // 4 > self.max_bytes:  # line breaks do not count
             raise self._too_large(param)
         try:
-            return base64.b64decode(forgiving_base64(payload), validate=True)
+            return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise _bad_url(param, "data: URL is not valid base64") from exc
 

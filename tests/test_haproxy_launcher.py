@@ -22,6 +22,7 @@ def test_it_runs_serves_haproxy_with_splicing_off_and_every_argument_kept(monkey
     monkeypatch.setattr(haproxy_launcher.os, "execv", lambda path, argv: calls.append((path, argv)))
     monkeypatch.setattr(sys, "argv", [str(COMMAND), "-db", "-f", "/tmp/x/haproxy.cfg", "-sf", "12"])
     monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(COMMAND))  # as the launch scripts set it
+    monkeypatch.setenv("SERVE_APP_HAPROXY_WRAPPED", "")  # unset, and restored: main() sets it
     haproxy_launcher.main()
     [(path, argv)] = calls
     assert Path(path).name == "haproxy" and Path(path).resolve() != COMMAND.resolve()
@@ -35,3 +36,11 @@ def test_the_installed_command_starts_haproxy_even_where_the_variable_names_it()
     env = {**os.environ, "RAY_SERVE_HAPROXY_BINARY_PATH": str(COMMAND)}
     done = subprocess.run([str(COMMAND), "-v"], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and done.stdout.startswith("HAProxy version"), done.stdout + done.stderr
+
+
+def test_a_haproxy_that_runs_the_command_again_is_refused(monkeypatch):
+    """A `haproxy` script on PATH that calls serve-app-haproxy: the second start stops at once."""
+    monkeypatch.setenv("SERVE_APP_HAPROXY_WRAPPED", "1")
+    monkeypatch.setattr(haproxy_launcher.os, "execv", lambda *args: pytest.fail("ran HAProxy again"))
+    with pytest.raises(SystemExit, match="runs serve-app-haproxy again"):
+        haproxy_launcher.main()
