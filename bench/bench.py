@@ -155,15 +155,17 @@ def measure_system(key: str, ctx: systems.Context, plan: Plan, prompts: list, re
         else:
             server, settings = systems.launch_litserve(ctx)
         probe = lambda: http_ok(server.base_url + "/health")  # noqa: E731
-    with running(server, probe, 300):
-        model, image_model = model_names(settings)
-        url = server.base_url + "/v1/chat/completions"
-        asyncio.run(scenarios.measure_chat(url, model, prompts, plan, log, out=results["chat"].setdefault(key, {})))
-        if "images" in wanted and key in ("ray_batch", "naive"):
-            name = "serve_app" if key == "ray_batch" else "naive"
-            results["images"][name] = asyncio.run(scenarios.measure_images(
-                server.base_url + "/v1/images/generations", image_model, plan, log))
-    _record_system(results, key, settings, started)
+    try:
+        with running(server, probe, 300):
+            model, image_model = model_names(settings)
+            url = server.base_url + "/v1/chat/completions"
+            asyncio.run(scenarios.measure_chat(url, model, prompts, plan, log, out=results["chat"].setdefault(key, {})))
+            if "images" in wanted and key in ("ray_batch", "naive"):
+                name = "serve_app" if key == "ray_batch" else "naive"
+                results["images"][name] = asyncio.run(scenarios.measure_images(
+                    server.base_url + "/v1/images/generations", image_model, plan, log))
+    finally:  # interrupted too: the settings of the cells kept
+        _record_system(results, key, settings, started)
 
 
 def _record_system(results: dict, key: str, settings: dict[str, Any], started: float) -> None:
