@@ -88,6 +88,13 @@ class PayloadTooLarge(APIError):
     default_code = "payload_too_large"
 
 
+class UnsupportedMediaType(APIError):
+    """415: a body the server cannot read as sent (a compressed one)."""
+
+    status_code = 415
+    default_code = "unsupported_media_type"
+
+
 class RangeNotSatisfiable(APIError):
     """416: a `Range` that starts past a file's end; `Content-Range` says how long it is."""
 

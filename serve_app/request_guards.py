@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.access_log import CURRENT, AccessRecord, app_path, header, log_access, note
 from serve_app.config import AppConfig, CorsOptions
-from serve_app.errors import AuthenticationFailed, ClientClosedRequest, PayloadTooLarge
+from serve_app.errors import AuthenticationFailed, ClientClosedRequest, PayloadTooLarge, UnsupportedMediaType
 from serve_app.http_errors import as_api_error, error_response
 from serve_app.image_store import FILES_ROUTE
 from serve_app.metrics import RequestMetrics
@@ -133,6 +133,7 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope = _without_trailing_slash(scope)
         state = scope["app"].state  # Starlette sets scope["app"] before middleware runs
         started_at, response = time.perf_counter(), {"status": 500, "started": False}
 
@@ -171,6 +172,10 @@ class RequestGuard:
                                              headers={"WWW-Authenticate": "Bearer"})
                 await error_response(error)(scope, receive, send)
                 return
+        encoding = header(scope, b"content-encoding")
+        if encoding and encoding.strip().lower() != b"identity":
+            await error_response(_compressed(encoding))(scope, receive, send)
+            return
         # An edit carries images; every other body is text, whose parsing costs the event loop per object.
         limit: int | None = getattr(state, "max_body_bytes" if _may_carry_images(scope) else "max_text_body_bytes",
                                     None)
@@ -179,6 +184,16 @@ class RequestGuard:
             await error_response(_too_large(limit))(scope, receive, send)
             return
         await self.app(scope, _limited(receive, limit) if limit else receive, send)
+
+
+def _without_trailing_slash(scope: Scope) -> Scope:
+    """`POST /v1/chat/completions/` is the route without its trailing slash, as a user means it.
+    FastAPI would answer it with an empty 307 redirect, which curl (without `-L`) shows as no
+    answer at all and which some clients follow as a GET, losing the body."""
+    path = app_path(scope)
+    if len(path) > 1 and path.endswith("/") and path.rstrip("/"):
+        return {**scope, "path": scope["path"].rstrip("/")}
+    return scope
 
 
 def _may_carry_images(scope: Scope) -> bool:
@@ -208,3 +223,12 @@ def _limited(receive: Receive, limit: int) -> Receive:
 
 def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"The request body is larger than {limit} bytes.", code="body_too_large")
+
+
+def _compressed(encoding: bytes) -> UnsupportedMediaType:
+    """A compressed body (`Content-Encoding: gzip`) is refused by name: read as it is, it would
+    be "not valid JSON", which sends its sender looking for a fault in the JSON; and inflating
+    it would let a small upload grow past the body limits."""
+    name = encoding.decode("latin-1").strip()[:40]
+    return UnsupportedMediaType(f"Content-Encoding {name!r} is not supported: send the request body uncompressed.",
+                                code="unsupported_content_encoding")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import gzip
 import io
 import json
 import re
@@ -767,6 +768,28 @@ def test_a_wrong_method_is_told_which_ones_the_route_takes(http):
         response = http.delete(path)
         assert (response.status_code, response.headers["allow"]) == (405, "GET, HEAD"), response.headers
         assert "GET, HEAD" in response.json()["message"]
+
+
+def test_a_trailing_slash_is_the_route_without_it(http):
+    """Not FastAPI's empty 307, which curl shows as no answer and some clients follow as a GET."""
+    chat = http.post("/v1/chat/completions/", json={**SEED_CHAT, "max_tokens": 2})
+    assert_success(chat)
+    assert chat.json()["object"] == "chat.completion"
+    models = http.get("/v1/models/")
+    assert models.status_code == 200 and models.json()["object"] == "list"
+    assert http.get(f"/v1/models/{CHAT}/").json()["id"] == CHAT
+
+
+def test_a_compressed_body_is_refused_by_name_not_as_bad_json(http):
+    body = gzip.compress(json.dumps({**SEED_CHAT, "max_tokens": 2}).encode())
+    response = http.post("/v1/chat/completions", content=body,
+                         headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert response.status_code == 415, response.text
+    assert response.json()["error"]["code"] == "unsupported_content_encoding"
+    assert "'gzip' is not supported" in response.json()["message"]
+    plain = http.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 2},
+                      headers={"Content-Encoding": "identity"})
+    assert_success(plain)
 
 
 def test_a_body_without_content_type_is_told_what_to_send(http):
