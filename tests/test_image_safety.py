@@ -224,7 +224,7 @@ def test_private_and_metadata_refused_before_connecting(url: str) -> None:
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "/etc/passwd", "../../etc/passwd", "ftp://example.com/a.png",
                                  "gopher://127.0.0.1:70/", "http:///ok.png", "https://...", "javascript:alert(1)",
-                                 "data:image/png,notbase64", "data:image/png;base64,!!!!"])
+                                 "data:image/png;base64,!!!!"])
 def test_only_http_and_base64_data_urls(url: str) -> None:
     expect(InvalidRequest, 400, "invalid_image_url", lambda: fetch(url))
 
@@ -239,6 +239,11 @@ def test_data_urls_are_read_as_browsers_read_them() -> None:
         assert fetch("data:image/png;base64," + payload).data == PNG
     one_past = encoded + "A"  # whole groups and one character more
     expect(InvalidRequest, 400, "invalid_image_url", lambda: fetch("data:image/png;base64," + one_past))
+    # Percent-encoded as a URL (`%2B` for `+`, `%3D` for `=`), and a plain data: URL's bytes.
+    assert fetch("data:image/png;base64," + quote(encoded, safe="")).data == PNG
+    assert fetch("DATA:image/png;BASE64 ," + encoded).data == PNG
+    assert fetch("data:image/png," + quote(PNG)).data == PNG
+    expect(InvalidRequest, 400, "invalid_image", lambda: fetch("data:image/png,notanimage"))
 
 
 # ------------------------------------------------------------- hostile URLs, allowed host
