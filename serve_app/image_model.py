@@ -356,52 +356,67 @@ class ImageModel(ModelReplica):
             job, arrived, future = self.queued.popleft()
             if future.set_running_or_notify_cancel():
                 taken.append((job, arrived, future))
-        outcomes: list[Outcome] = [RuntimeError("the image batch failed")] * len(taken)
         self.taken = [future for _, _, future in taken]
+
+        def settle(index: int, outcome: Outcome) -> None:  # answered the moment it is decided
+            future = self.taken[index]
+            self.abandoned.discard(future)
+            future.set_result(outcome)
+
+        failure: Outcome = RuntimeError("the image batch failed")
         try:
-            outcomes = self.run_jobs([job for job, _, _ in taken], [arrived for _, arrived, _ in taken])
+            self.run_jobs([job for job, _, _ in taken], [arrived for _, arrived, _ in taken], settle)
         except Exception as exc:  # noqa: BLE001 - never leave a caller waiting
-            outcomes = [exc] * len(taken)
+            failure = exc
             self.released(exc)
         finally:  # whatever failed, every caller gets an outcome
+            for index, future in enumerate(self.taken):
+                if not future.done():
+                    settle(index, failure)
             self.taken = []
-            for (_, _, future), outcome in zip(taken, outcomes):
-                self.abandoned.discard(future)
-                future.set_result(outcome)
 
     def stats(self) -> dict[str, int]:
         """Counters of requests, pipeline calls and images, to observe batching."""
         return dict(self.counters)
 
-    def run_jobs(self, jobs: list[ImageJob], arrived: list[float] | None = None) -> list[Outcome]:
+    def run_jobs(self, jobs: list[ImageJob], arrived: list[float] | None = None,
+                 settle: Callable[[int, Outcome], None] | None = None) -> list[Outcome]:
         """Run jobs on the worker thread: one pipeline call per group of compatible jobs.
-        `arrived`: when each reached the replica, for its queue time."""
+        `arrived`: when each reached the replica, for its queue time. `settle(index, outcome)`
+        is told each job's outcome as soon as it is known: a job refused by `prepare`, or whose
+        group ran first, need not wait for the pipeline calls of the others."""
         now = time.monotonic()
         for at in arrived or []:
             self.metrics.queued(now - at)
+        self.counters["requests"] += len(jobs)
         outcomes: list[Outcome | None] = [None] * len(jobs)
+
+        def decided(index: int, outcome: Outcome) -> None:
+            outcomes[index] = outcome
+            if settle is not None:
+                settle(index, outcome)
+
         groups: dict[tuple[Any, ...], list[tuple[int, PreparedJob]]] = {}
         for index, job in enumerate(jobs):
             try:
                 prepared = self.prepare(job)
             except Exception as exc:  # noqa: BLE001 - reported to this job's caller only
-                outcomes[index] = self.released(exc)
+                decided(index, self.released(exc))
             else:
                 groups.setdefault(prepared.key, []).append((index, prepared))
         for members in groups.values():
-            self._run_group(members, outcomes)
-        self.counters["requests"] += len(jobs)
+            self._run_group(members, decided)
         return cast(list[Outcome], outcomes)
 
-    def _run_group(self, members: list[tuple[int, PreparedJob]], outcomes: list[Outcome | None]) -> None:
-        """One pipeline call for `members` (index in `outcomes`, job), their outcomes filled in.
+    def _run_group(self, members: list[tuple[int, PreparedJob]], decided: Callable[[int, Outcome], None]) -> None:
+        """One pipeline call for `members` (their index among the run's jobs, job), each outcome `decided`.
         Out of GPU memory together, each is tried once alone: a call's memory grows with its
         images, so one request's images may fit where the batch's did not. A group whose every
         caller has gone is not run; one whose callers all go during the call stops there."""
         watched = [self.taken[index] for index, _ in members] if self.taken else []
         if watched and all(future in self.abandoned for future in watched):
             for index, _ in members:
-                outcomes[index] = ClientClosedRequest("every caller of this pipeline call went away before it began")
+                decided(index, ClientClosedRequest("every caller of this pipeline call went away before it began"))
             return
         self.running = watched
         try:
@@ -412,10 +427,10 @@ class ImageModel(ModelReplica):
                 logger.warning("image model %r: out of memory for %d requests together; running each alone",
                                self.config.name, len(members))
                 for member in members:
-                    self._run_group([member], outcomes)
+                    self._run_group([member], decided)
                 return
             for index, _ in members:
-                outcomes[index] = exc
+                decided(index, exc)
             return
         finally:
             self.running = []
@@ -424,20 +439,22 @@ class ImageModel(ModelReplica):
             made = [next(images) for _ in range(job.n)]  # taken first: the next job's start where they end
             overflowed = next((image for image in made if isinstance(image, NotANumber)), None)
             if overflowed is not None:
-                outcomes[index] = self.released(overflowed)
+                decided(index, self.released(overflowed))
                 continue
             if any(image is None for image in made):
-                outcomes[index] = ContentFiltered(
+                decided(index, ContentFiltered(
                     "The model's safety checker flagged an image made for this request, so none is "
-                    "returned; change the prompt.", param="prompt")
+                    "returned; change the prompt.", param="prompt"))
                 continue
             try:
-                outcomes[index] = ImageResult(images=[
+                result = ImageResult(images=[
                     encode_image(image, job.output_format, job.quality, self.config.png_compress_level)
                     for image in made])
-                self._worker.progressed()  # encoding 32 large PNGs takes a while too
             except Exception as exc:  # noqa: BLE001 - this job's encoding failed, not its batch-mates'
-                outcomes[index] = self.released(exc)
+                decided(index, self.released(exc))
+            else:
+                self._worker.progressed()  # encoding 32 large PNGs takes a while too
+                decided(index, result)
 
     def prepare(self, job: ImageJob) -> PreparedJob:
         """Choose the pipeline and decode the input images of one job.

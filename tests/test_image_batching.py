@@ -728,3 +728,26 @@ def test_a_group_whose_callers_left_is_not_run_while_another_groups_caller_waits
     assert isinstance(leaves.result(timeout=60), ClientClosedRequest)
     assert model.stats()["pipeline_calls"] == before + 1 and not model.abandoned
     assert len(steps) == 20 + 1 + 1  # the first call's steps, its end, its encoding: not one step of the second
+
+
+def test_each_request_is_answered_as_soon_as_its_outcome_is_known(model, monkeypatch):
+    """A job refused by `prepare` (an unreadable image) and the jobs of a run's first pipeline
+    call are answered before the run's later calls end, not when the whole run is over."""
+    gate = threading.Event()
+    done_at_each_call: list[list[bool]] = []
+    call_pipeline = model.call_pipeline
+
+    def watching(group):
+        done_at_each_call.append([future.done() for future in futures])
+        return call_pipeline(group)
+
+    monkeypatch.setattr(model, "call_pipeline", watching)
+    model._worker.submit(gate.wait)  # busy, so all three are queued for one run
+    try:
+        futures = model.submit([job("refused", init_image=b"not an image", strength=0.5),
+                                job("first", size=(64, 64)), job("second", size=(96, 64))])
+    finally:
+        gate.set()
+    outcomes = [future.result(timeout=120) for future in futures]
+    assert isinstance(outcomes[0], InvalidRequest) and [len(o.images) for o in outcomes[1:]] == [1, 1]
+    assert done_at_each_call == [[True, False, False], [True, True, False]]
