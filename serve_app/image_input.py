@@ -65,15 +65,16 @@ def orientation(image: Image.Image) -> int:
     sizes an edit by it and the replica turns the picture by it: read the same way in both, an
     image is never sized one way and turned another (a PNG's chunks after its pixels, which
     Pillow reads once it decodes them, are not asked)."""
-    exif = None
-    if "exif" in image.info:
-        exif = image.getexif()
-    elif "Raw profile type exif" in image.info:  # ImageMagick's PNG text chunk: hex, after three header lines
-        exif = Image.Exif()
-        with contextlib.suppress(Exception):  # a broken profile says nothing, as a missing one
+    turned = None
+    with contextlib.suppress(Exception):  # a broken EXIF block says nothing, as a missing one (browsers agree)
+        if "exif" in image.info:
+            turned = image.getexif().get(EXIF_ORIENTATION)
+        elif "Raw profile type exif" in image.info:  # ImageMagick's PNG text chunk: hex, after three header lines
+            exif = Image.Exif()
             exif.load(bytes.fromhex("".join(image.info["Raw profile type exif"].split("\n")[3:])))
-    if exif is not None and EXIF_ORIENTATION in exif:
-        return exif[EXIF_ORIENTATION]
+            turned = exif.get(EXIF_ORIENTATION)
+    if isinstance(turned, int):
+        return turned
     xmp = image.info.get("XML:com.adobe.xmp") or image.info.get("xmp")
     if isinstance(xmp, str):
         xmp = xmp.encode("utf-8", "surrogatepass")

@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import struct
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -303,6 +305,30 @@ def test_a_photo_turned_by_xmp_alone_is_sized_and_turned_alike(image_format):
     checked, opened = inspect_image(data, param="image"), open_image(data, param="image")
     assert (checked.width, checked.height) == opened.size == (48, 80)
     assert opened.convert("RGB").getpixel((24, 2))[0] > 200  # turned, not stretched: red on top
+
+
+def broken_exif(image_format: str) -> bytes:
+    """A 64x48 picture whose EXIF block is not TIFF (as some editors and metadata strippers leave it)."""
+    buffer, junk = io.BytesIO(), b"GARBAGE!"
+    if image_format == "PNG":  # an eXIf chunk of junk, right after the header
+        Image.new("RGB", (64, 48), "green").save(buffer, "PNG")
+        data = buffer.getvalue()
+        chunk = b"eXIf" + junk
+        return data[:33] + struct.pack(">I", len(junk)) + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:]
+    Image.new("RGB", (64, 48), "green").save(buffer, "JPEG", dpi=(72, 72))  # JFIF, then an APP1 "Exif" of junk
+    data, segment = buffer.getvalue(), b"Exif\x00\x00" + junk
+    return data[:20] + b"\xff\xe1" + struct.pack(">H", len(segment) + 2) + segment + data[20:]
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
+def test_a_broken_exif_block_is_read_as_no_orientation_not_a_server_fault(image_format):
+    from serve_app.image_input import inspect_image
+    from serve_app.image_model import open_image
+
+    data = broken_exif(image_format)
+    assert "exif" in Image.open(io.BytesIO(data)).info  # Pillow sees the block, which is not TIFF
+    checked = inspect_image(data, param="image")
+    assert (checked.width, checked.height) == open_image(data, param="image").size == (64, 48)
 
 
 def test_options_a_pipeline_does_not_take_are_left_out_or_refused(model, monkeypatch):
