@@ -213,9 +213,9 @@ class ImageFetcher:
         if len(payload) > 3 * self.max_bytes + 1024:  # past any encoding of max_bytes: decode nothing
             raise self._too_large(param)
         if not header.rstrip().lower().endswith(";base64"):
-            return urllib.parse.unquote_to_bytes(payload)  # check_upload applies the size cap
+            return _percent_decoded(payload, param=param)  # check_upload applies the size cap
         if "%" in payload:
-            payload = urllib.parse.unquote_to_bytes(payload).decode("latin-1")
+            payload = _percent_decoded(payload, param=param).decode("latin-1")
         try:
             payload = forgiving_base64(payload)
         except ValueError as exc:
@@ -334,6 +334,13 @@ class ImageFetcher:
                 raise self._too_large(param)
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def _percent_decoded(payload: str, *, param: str) -> bytes:
+    try:
+        return urllib.parse.unquote_to_bytes(payload)
+    except UnicodeError as exc:  # a lone surrogate (JSON's "\ud800") is no character to encode
+        raise _bad_url(param, "data: URL holds text that is not valid Unicode") from exc
 
 
 def _bad_url(param: str, problem: str) -> InvalidRequest:

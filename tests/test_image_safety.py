@@ -244,6 +244,8 @@ def test_data_urls_are_read_as_browsers_read_them() -> None:
     assert fetch("DATA:image/png;BASE64 ," + encoded).data == PNG
     assert fetch("data:image/png," + quote(PNG)).data == PNG
     expect(InvalidRequest, 400, "invalid_image", lambda: fetch("data:image/png,notanimage"))
+    for lone_surrogate in ("data:image/png,\ud800", "data:image/png;base64,%41\ud800", "data:image/png;base64,\ud800"):
+        expect(InvalidRequest, 400, "invalid_image_url", lambda: fetch(lone_surrogate))
 
 
 # ------------------------------------------------------------- hostile URLs, allowed host
