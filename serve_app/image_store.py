@@ -21,6 +21,7 @@ import secrets
 import stat
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -107,6 +108,26 @@ class ImageStore:
                         return StoredImage(path, os.fdopen(handle, "rb"), info)
                     os.close(handle)
         raise NotFound(f"No image named {name!r}.", param="name", code="file_not_found")
+
+    @staticmethod
+    def named_in(url: str) -> str | None:
+        """The image name an http(s) URL or a bare path of the files route names (under any
+        host and route prefix), else None. Names are 144 random bits: one this store holds
+        was made here, whichever address the client reached the server by."""
+        parts = urllib.parse.urlsplit(url.strip())
+        head, _, name = parts.path.rpartition("/")
+        if parts.scheme.lower() in ("http", "https", "") and head.endswith(FILES_ROUTE) and _NAME.fullmatch(name):
+            return name
+        return None
+
+    def read(self, name: str) -> bytes | None:
+        """A stored image's bytes, or None where this store holds no such image. Blocking."""
+        try:
+            found = self.open(name)
+        except NotFound:
+            return None
+        with found.file:
+            return found.file.read()
 
     def sweep(self, now: float | None = None) -> int:
         """Enforce retention once; returns how many files were deleted. Blocking: call off the event loop.

@@ -403,12 +403,12 @@ class Ingress:
             raise InvalidRequest("image is required: upload it as a file field named 'image'.", param="image")
         # A form may also give an image (or mask) as a URL in a text field.
         image = (await asyncio.to_thread(self.fetcher.check_upload, upload, param="image") if upload is not None
-                 else await self.fetcher.load(body.image, param="image"))  # type: ignore[arg-type]
+                 else await self._load_image(body.image, param="image"))  # type: ignore[arg-type]
         mask = None
         if mask_upload is not None:
             mask = await asyncio.to_thread(self.fetcher.check_upload, mask_upload, param="mask")
         elif body.mask:
-            mask = await self.fetcher.load(body.mask, param="mask")
+            mask = await self._load_image(body.mask, param="mask")
         return target, body, image, mask
 
     async def _read_json_edit(self, raw: Any) -> tuple[Target, ImageEditRequest, InputImage, InputImage | None]:
@@ -419,6 +419,16 @@ class Ingress:
         target = self._target(body, "/v1/images/edits", lambda: body.prompt)
         if not body.image:
             raise InvalidRequest("image is required: an http(s) URL or a data: URL.", param="image")
-        image = await self.fetcher.load(body.image, param="image")
-        mask = await self.fetcher.load(body.mask, param="mask") if body.mask else None
+        image = await self._load_image(body.image, param="image")
+        mask = await self._load_image(body.mask, param="mask") if body.mask else None
         return target, body, image, mask
+
+    async def _load_image(self, source: str, *, param: str) -> InputImage:
+        """An edit's image by URL. One this server generated (its `url`, as a client passes it
+        on to edit it) is read from the image store: fetched, its loopback or private address
+        would be refused as any other, and a fetch without the client's API key may be too."""
+        name = self.store.named_in(source)
+        data = await asyncio.to_thread(self.store.read, name) if name is not None else None
+        if data is not None:
+            return await asyncio.to_thread(self.fetcher.check_upload, data, param=param)
+        return await self.fetcher.load(source, param=param)

@@ -437,6 +437,23 @@ def test_edit_json_with_http_url(http):
     assert all(png_of(http.get(item["url"]).content).size == (64, 64) for item in body["data"])
 
 
+def test_an_image_this_server_made_is_edited_from_its_store_whatever_address_names_it(http):
+    """Its `url` passed on to an edit is read from the image store, not fetched: the shipped
+    config refuses loopback and private addresses (this suite's server allows 127.0.0.1 only,
+    so the addresses below would be refused if fetched), and a LAN address reaches it too."""
+    made = assert_success(http.post("/v1/images/generations", json={"model": IMAGE, "prompt": "x", "size": "64x64"}))
+    path = httpx.URL(made["data"][0]["url"]).path
+    mask = assert_success(http.post("/v1/images/generations", json={"model": IMAGE, "prompt": "m", "size": "64x64"}))
+    for source in (f"http://127.0.0.2:1{path}", f"https://10.1.2.3/some/prefix{path}", path):
+        body = assert_success(http.post("/v1/images/edits", json={
+            "model": IMAGE, "prompt": "beret", "image": source, "mask": "http://[::1]" + httpx.URL(mask["data"][0]["url"]).path,
+            "response_format": "b64_json"}))
+        assert png_of(base64.b64decode(body["data"][0]["b64_json"])).size == (64, 64)
+    unknown = f"http://127.0.0.2:1{path.rsplit('/', 1)[0]}/{'A' * 24}.png"  # not one of its images: fetched, refused
+    response = http.post("/v1/images/edits", json={"model": IMAGE, "prompt": "beret", "image": unknown})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "image_url_forbidden", response.text
+
+
 def test_edit_json_in_openai_image_url_form(http):
     """OpenAI's JSON edits: `images: [{"image_url": ...}]` and `mask: {"image_url": ...}`,
     read as `image` and `mask`; a `file_id` (OpenAI's file store) is a clear 400."""
