@@ -131,8 +131,8 @@ def cluster(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 def server(cluster: ServeCluster) -> str:
     """Base URL of the default application (serve_config.yaml's models).
 
-    Loopback is refused as an image URL by default; the tests allow it so that
-    an edit can fetch an image this very server made.
+    Loopback is refused as an image URL by default; the tests allow 127.0.0.1 so that an
+    edit can fetch from a test's own HTTP server (its images by URL are read from the store).
     """
     return cluster.deploy(cluster.args(image_input={"allowed_hosts": ["127.0.0.1"]}))
 
