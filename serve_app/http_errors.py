@@ -170,6 +170,8 @@ def http_error(exc: StarletteHTTPException) -> APIError:
         if isinstance(exc.__cause__, RecursionError):
             return json_too_deep()
         return InvalidRequest("The request body is not valid JSON.", code="invalid_json")
+    if exc.status_code == 400:  # Starlette's own: a multipart form it could not parse, in its words
+        return InvalidRequest(str(exc.detail), code="invalid_body")
     error = APIError(str(exc.detail) if exc.detail else status_phrase(exc.status_code))
     error.status_code = exc.status_code
     return error

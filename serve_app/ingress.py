@@ -146,6 +146,22 @@ def _is_form(request: Request) -> bool:
     return request.headers.get("content-type", "").lower().startswith("multipart/form-data")  # any case, as HTTP allows
 
 
+IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"RIFF", b"BM")
+
+
+def _file_sent_as_text(value: Any) -> bytes | None:
+    """An image's bytes sent as a form part without a filename (RFC 7578 only says a client
+    SHOULD name the file), which Starlette reads as a text field: back to its bytes (Starlette
+    decodes a part as UTF-8, else as Latin-1, which keeps every byte). Else None: a URL."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        data = value.encode("latin-1")
+    except UnicodeEncodeError:
+        data = value.encode("utf-8", "surrogatepass")
+    return data if data.startswith(IMAGE_SIGNATURES) else None
+
+
 def _names_an_image(body: Any) -> bool:
     """Whether a body sent to the generations route gives an image (as an edit does)."""
     return isinstance(body, dict) and bool(body.get("image") or body.get("images"))
@@ -163,6 +179,9 @@ async def _json_body(request: Request) -> Any:
     try:
         return json.loads(raw or b"null")
     except ValueError:  # JSONDecodeError, undecodable bytes
+        if request.headers.get("content-type", "").lower().startswith("application/x-www-form-urlencoded"):
+            raise InvalidRequest("The request body is a URL-encoded form (curl -d): send JSON with Content-Type: "
+                                 "application/json, or a multipart form (curl -F).", code="invalid_body") from None
         raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
     except RecursionError:
         raise json_too_deep() from None
@@ -393,6 +412,11 @@ class Ingress:
                          ) -> tuple[Target, ImageEditRequest, InputImage, InputImage | None]:
         """An edit as a multipart form (uploaded files): its model resolved before any image is
         fetched, its images checked before any model work."""
+        for name in ("image", "mask"):
+            sent = _file_sent_as_text(fields.get(name))
+            if sent is not None:
+                del fields[name]
+                files.setdefault(name, []).append(sent)
         body = ImageEditRequest.model_validate(fields)
         target = self._target(body, "/v1/images/edits", lambda: body.prompt)
         upload = _one_upload(files, "image", "image[]")

@@ -507,6 +507,19 @@ def post_form(http, fields: dict[str, str], extra_parts: str = "",
     return http.post(route, content=form.encode(), headers={"content-type": f"{media_type}; boundary=b0undary"})
 
 
+@pytest.mark.parametrize("route", ["/v1/images/edits", "/v1/images/generations"])
+def test_an_image_part_sent_without_a_filename_is_that_image(http, route):
+    """A form part with the image's bytes but no filename (RFC 7578: a client SHOULD send one),
+    which Starlette reads as a text field, is the upload it is, not "not a valid URL"."""
+    parts = b"".join(b'--b0undary\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n' % (name.encode(), value)
+                     for name, value in (("model", IMAGE.encode()), ("prompt", b"beret"), ("response_format", b"b64_json"),
+                                         ("image", _png_bytes((72, 64)))))
+    response = http.post(route, content=parts + b"--b0undary--\r\n",
+                         headers={"content-type": "multipart/form-data; boundary=b0undary"})
+    body = assert_success(response)
+    assert png_of(base64.b64decode(body["data"][0]["b64_json"])).size == (72, 64)  # the edit keeps its input's size
+
+
 def test_a_generation_sent_as_a_form_without_an_image_is_that_generation(http):
     """`curl -F model=... -F prompt=...` to the generations route: a form with no image is
     the generation its fields ask for (not an edit missing its image), and the same as JSON."""
@@ -762,10 +775,18 @@ def test_a_body_that_is_not_json_is_400_invalid_json_on_every_route(http, path, 
     assert (error["code"], error["message"]) == ("invalid_json", message)
 
 
+@pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/images/edits"])
+def test_a_url_encoded_form_on_an_image_route_is_told_what_to_send(http, path):
+    response = http.post(path, data={"model": IMAGE, "prompt": "an otter"})  # curl -d
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_body", response.text
+    assert "multipart form (curl -F)" in response.json()["message"]
+
+
 def test_a_broken_multipart_form_is_told_what_is_wrong_with_it(http):
     response = http.post("/v1/images/edits", content=b"--x\r\n", headers={"content-type": "multipart/form-data"})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["message"] == "Missing boundary in multipart."
+    assert response.json()["error"]["code"] == "invalid_body"
 
 
 def test_a_model_called_on_the_other_kinds_route_is_told_where_to_go(http):
