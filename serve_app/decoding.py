@@ -10,6 +10,8 @@ it can be.
 
 from __future__ import annotations
 
+import bisect
+
 try:  # incremental decoding in the fast tokenizers' own library (tokenizers >= 0.21)
     from tokenizers.decoders import DecodeStream
 except ImportError:
@@ -122,6 +124,7 @@ class ChoiceDecoder:
         self.used = 0
         self.finish_reason: str | None = None
         self.logprobs: list[TokenLogprob] = []
+        self.logprob_starts: list[int] = []  # where each entry's token begins in `text`
         self.logprobs_sent = 0
 
     @property
@@ -138,6 +141,7 @@ class ChoiceDecoder:
             return self._finish("stop")
         if logprobs is not None and self.wants_logprobs:
             self.logprobs.append(self._token_logprob(token, logprobs))
+            self.logprob_starts.append(len(self.text))
         self.text = self.decoded.add(token)
         cut = self._stop_at()
         if cut is not None:
@@ -154,10 +158,14 @@ class ChoiceDecoder:
                                 logprobs=self.logprobs if self.wants_logprobs else None)
 
     def take_logprobs(self) -> list[TokenLogprob] | None:
-        """Entries not yet sent (None when not asked for): they travel with the next delta."""
+        """Entries not yet sent (None when not asked for), travelling with the next delta: those
+        whose token's text has begun to be sent, all once the choice has ended. A token held back
+        (it may begin a stop string) keeps its entry back too: cut off, its entry never goes."""
         if not self.wants_logprobs:
             return None
-        new, self.logprobs_sent = self.logprobs[self.logprobs_sent:], len(self.logprobs)
+        ready = len(self.logprobs) if self.finish_reason is not None else \
+            bisect.bisect_left(self.logprob_starts, self.sent)
+        new, self.logprobs_sent = self.logprobs[self.logprobs_sent:ready], max(self.logprobs_sent, ready)
         return new
 
     def _alternative(self, token: int, logprob: float) -> TokenAlternative:
@@ -196,6 +204,9 @@ class ChoiceDecoder:
             stop_at = self._stop_at()
         if stop_at is not None:
             reason, self.text = "stop", self.text[:stop_at]
+            # The stop string's tokens leave with their text: a token that begins at the cut or past it.
+            kept = max(bisect.bisect_left(self.logprob_starts, stop_at), self.logprobs_sent)
+            del self.logprobs[kept:], self.logprob_starts[kept:]
         self.finish_reason = reason
         delta, self.sent = self.text[self.sent:], len(self.text)
         return delta

@@ -86,6 +86,32 @@ def test_stop_string_across_tokens_ends_the_choice_without_leaking(tokenizer, st
         assert decoder.result().completion_tokens < len(tokens)  # it stopped there, not at the end
 
 
+@pytest.mark.parametrize("stop", [[". "], ["STOP"], ["P and"], ["there . ,"]])
+def test_logprobs_leave_out_a_stop_strings_tokens_as_its_text_does(tokenizer, stop):
+    """Streamed or not, a token held back (it may begin a stop string) keeps its entry back too,
+    and the stop string's entries never go: the answer's logprob tokens joined are its text (and,
+    where a token straddles the cut, the whole of that last token)."""
+    from serve_app.token_bytes import TokenBytes
+
+    text = "abc. def " + TEXTS[2]
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    decoder = ChoiceDecoder(tokenizer, set(), stop, max_tokens=len(tokens), top_logprobs=0,
+                            token_bytes=TokenBytes(tokenizer))
+    sent_text, sent_logprobs = "", []
+    for token in tokens:
+        sent_text += decoder.feed(token, (-1.0, []))
+        sent_logprobs += decoder.take_logprobs()
+        before_last = "".join(entry.token for entry in sent_logprobs[:-1])
+        assert len(before_last) < len(sent_text) or not sent_logprobs  # no entry begins past the text sent
+        if decoder.finish_reason is not None:
+            break
+    assert decoder.finish_reason == "stop" and sent_text == decoder.result().text == text[:text.find(stop[0])]
+    joined = "".join(entry.token for entry in sent_logprobs)
+    assert joined.startswith(sent_text) and len(joined) - len(sent_logprobs[-1].token) < len(sent_text)
+    assert joined == sent_text or stop == ["there . ,"]  # that one begins inside the token " there"
+    assert [entry.token for entry in decoder.result().logprobs] == [entry.token for entry in sent_logprobs]
+
+
 def test_eos_ends_the_choice_and_is_not_text(tokenizer):
     tokens = tokenizer.encode("one two three", add_special_tokens=False)
     eos = tokenizer.eos_token_id
