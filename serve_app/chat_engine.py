@@ -34,12 +34,32 @@ def _position_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, rows_at: li
                        rows: list[Row]) -> dict[int, PositionLogprobs]:
     """Each asking row's chosen-token log-probability and its most likely tokens, for the whole
     batch in a few tensor ops and host transfers (not two per alternative per row: on a GPU each
-    is a device sync)."""
+    is a device sync).
+
+    One `topk` serves the batch, at the largest `top_logprobs` asked. Which of several tokens of
+    equal log-probability (common in a bf16 checkpoint) a row's own cut names must not depend on
+    that: ties go to the lowest token ids, and where a row's cut splits a run of equal values,
+    the whole vocabulary is asked for them (rare: one more op for that row)."""
     picked = logprobs.gather(1, chosen[:, None]).squeeze(1).tolist()
-    k = max(row.decoder.top_logprobs or 0 for row in rows)
-    values, ids = (logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long()))
+    wants = [row.decoder.top_logprobs or 0 for row in rows]
+    k = max(wants)
+    if not k:
+        return {at: (picked[j], []) for j, at in enumerate(rows_at)}
+    values, ids = logprobs.topk(k, dim=-1)
+    cuts = values.gather(1, torch.tensor([max(want, 1) - 1 for want in wants], device=values.device)[:, None])
+    tied = (logprobs == cuts).sum(dim=1).tolist()  # tokens of the whole vocabulary at each row's cut
     values, ids = values.tolist(), ids.tolist()
-    return {at: (picked[j], list(zip(ids[j], values[j]))) for j, at in enumerate(rows_at)}
+    per_row: dict[int, PositionLogprobs] = {}
+    for j, at in enumerate(rows_at):
+        want = wants[j]
+        top = sorted(zip(ids[j][:want], values[j][:want]), key=lambda entry: (-entry[1], entry[0]))
+        if want and tied[j] > values[j][:want].count(values[j][want - 1]):
+            cut = values[j][want - 1]
+            above = [entry for entry in top if entry[1] > cut]
+            same = torch.nonzero(logprobs[j] == cut).flatten()[:want - len(above)].tolist()
+            top = above + [(token, cut) for token in same]
+        per_row[at] = (picked[j], top)
+    return per_row
 
 
 class StepPlan:

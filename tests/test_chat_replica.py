@@ -12,6 +12,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from serve_app.decoding import ChoiceDecoder
 from serve_app.chat_model import ChatModel
@@ -831,6 +832,30 @@ def test_asking_for_what_this_server_never_does_is_a_400_not_ignored(fields, par
     error = validation_error(refused.value)
     assert (error.status_code, error.param) == (400, param) and "text" in error.message
     ChatCompletionRequest.model_validate({**base, "function_call": "auto", "modalities": ["text"], "audio": None})
+
+
+def test_top_logprobs_name_the_same_tied_tokens_whatever_the_batch_asks():
+    """A row's `top_logprobs: 2` names the same tokens alone and beside a row asking for 20, even
+    where many tokens share its cut's value (as in a bf16 checkpoint): the lowest ids, best first."""
+    from serve_app.chat_engine import _position_logprobs
+
+    def asking(k):
+        return SimpleNamespace(decoder=SimpleNamespace(top_logprobs=k))
+
+    torch.manual_seed(0)
+    scores = torch.randn(3, 4000).to(torch.bfloat16).float()  # bf16-rounded: runs of equal values
+    scores[:, 100:140] = 5.0  # forty tokens tie for the best
+    scores[1, 3000], scores[2, 3990] = 6.0, 6.0  # one token above the tie
+    logprobs = torch.log_softmax(scores, dim=-1)
+    chosen = torch.zeros(3, dtype=torch.long)
+    for row in range(3):
+        alone = _position_logprobs(logprobs[row:row + 1], chosen[:1], [0], [asking(2)])[0][1]
+        beside = _position_logprobs(logprobs, chosen, [0, 1, 2], [asking(20), asking(20), asking(20)])
+        shared = _position_logprobs(logprobs[[row, (row + 1) % 3]], chosen[:2], [0, 1], [asking(2), asking(20)])[0][1]
+        assert alone == shared, (alone, shared)
+        expected_ids = ([100, 101] if row == 0 else [3000 if row == 1 else 3990, 100])
+        assert [token for token, _ in alone] == expected_ids
+        assert [token for token, _ in beside[row][1]][:len(expected_ids)] == expected_ids
 
 
 def test_a_token_the_model_rules_out_reports_a_finite_logprob():
