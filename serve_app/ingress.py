@@ -153,13 +153,12 @@ def _file_sent_as_text(value: Any) -> bytes | None:
     """An image's bytes sent as a form part without a filename (RFC 7578 only says a client
     SHOULD name the file), which Starlette reads as a text field: back to its bytes (Starlette
     decodes a part as UTF-8, else as Latin-1, which keeps every byte). Else None: a URL."""
-    if not isinstance(value, str) or not value:
-        return None
+    if not isinstance(value, str) or not value[:8].encode("latin-1", "replace").startswith(IMAGE_SIGNATURES):
+        return None  # a URL (a data: URL may be megabytes: only its start is encoded)
     try:
-        data = value.encode("latin-1")
+        return value.encode("latin-1")
     except UnicodeEncodeError:
-        data = value.encode("utf-8", "surrogatepass")
-    return data if data.startswith(IMAGE_SIGNATURES) else None
+        return value.encode("utf-8", "surrogatepass")
 
 
 def _names_an_image(body: Any) -> bool:
