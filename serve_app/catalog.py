@@ -122,6 +122,7 @@ class LiveCatalog:
         self._status = status
         self._live: list[LiveModel] = []
         self._failed: frozenset[str] = frozenset()
+        self._removed: frozenset[str] = frozenset()
         self._fetched_at = float("-inf")
         self._refreshing: asyncio.Task | None = None
 
@@ -154,6 +155,7 @@ class LiveCatalog:
         else:
             self._live = self._from_status(status)
             self._failed = self._failed_from(status)
+            self._removed = self._removed_from(status)
         self._fetched_at = time.monotonic()  # after a failure too: ask an absent controller once per TTL
 
     def _from_status(self, status: ServeState) -> list[LiveModel]:
@@ -186,6 +188,20 @@ class LiveCatalog:
             model.name for model in self.config.models
             if (deployment := deployments.get(model.deployment_name)) is not None
             and deployment.status == DeploymentStatus.DEPLOY_FAILED.value and deployment.running == 0)
+
+    def _removed_from(self, status: ServeState) -> frozenset[str]:
+        """Models of this replica's config whose deployment the application no longer has: a
+        redeploy dropped them, and this replica, of the config before, is on its way out. A
+        request it still gets for one would wait for a replica that never comes."""
+        app = status.applications.get(self.app_name)
+        if app is None or not app.deployments:
+            return frozenset()
+        return frozenset(model.name for model in self.config.models if model.deployment_name not in app.deployments)
+
+    def was_removed(self, name: str) -> bool:
+        """Whether a redeploy removed the model (see `_removed_from`), by the last known state."""
+        self._refresh_if_stale()
+        return name in self._removed
 
     def has_failed(self, name: str) -> bool:
         """Whether the model's deployment failed (see `_failed_from`), by the last known state:

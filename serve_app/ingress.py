@@ -358,6 +358,9 @@ class Ingress:
         handlers for its back-pressure and unavailability exceptions, which would
         answer in plain text without the envelope.
         """
+        if self.catalog.was_removed(target.config.name):  # by a redeploy; this replica is on its way out
+            cancel()
+            raise model_not_found(target.config.name)
         if self.catalog.has_failed(target.config.name):  # it would wait out the timeout in Serve's queue
             cancel()
             raise ModelFailed(f"The model {target.config.name!r} is not available: its replicas failed to "

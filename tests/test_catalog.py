@@ -261,6 +261,36 @@ def test_a_model_is_failed_only_while_serve_gave_up_and_no_replica_runs():
                                   image.deployment_name: (DeploymentStatus.UNHEALTHY, {})})) == []
 
 
+def test_a_model_a_redeploy_removed_is_a_404_at_once_from_the_outgoing_ingress():
+    """A redeploy dropped the chat model; this ingress replica, of the config before, still gets
+    a request for it (HAProxy's pick while it drains): a 404 at once, as the new config's ingress
+    answers, not a wait for a replica that never comes (until the drain ends, in plain text)."""
+    from serve_app.errors import NotFound
+
+    config = AppConfig.model_validate(default_args())
+    chat, image = config.models
+    running = (DeploymentStatus.HEALTHY, {ReplicaState.RUNNING: 1})
+    status = _status("app", {"ingress": running, image.deployment_name: running})  # the chat model's is gone
+    catalog = LiveCatalog(config, "app", status=lambda: status)
+    asyncio.run(catalog.live_models())
+    assert catalog.was_removed(chat.name) and not catalog.was_removed(image.name)
+    other = LiveCatalog(config, "other", status=lambda: status)
+    asyncio.run(other.live_models())
+    assert not other.was_removed(chat.name)  # no such app in the status: no verdict
+
+    cancelled = []
+    ingress = SimpleNamespace(config=config, catalog=catalog)
+
+    async def request() -> None:
+        never = asyncio.get_running_loop().create_future()  # as a model call that no replica takes
+        await Ingress.func_or_class._within_timeout(ingress, SimpleNamespace(config=chat), never,
+                                                    lambda: cancelled.append(True))
+
+    with pytest.raises(NotFound) as raised:
+        asyncio.run(request())
+    assert raised.value.code == "model_not_found" and cancelled == [True]
+
+
 def test_ready_is_503_naming_the_models_without_a_live_replica():
     """`/ready` (a load balancer's readiness probe) as the ingress answers it, on Serve's
     status with the image model still starting, then with both running."""
