@@ -12,6 +12,13 @@ if [[ $# -ge 1 && -f "$config" ]]; then  # a file named from the caller's direct
 fi
 cd "$(dirname "$0")/.."
 
+# The config's mistakes fail here, in a second, each named: `serve run` would start Ray and then
+# wait for ever on an application its controller cannot build (serve_app/check_config.py).
+if ! .venv/bin/python -m serve_app.check_config "$config"; then
+    echo "serve.sh: $config has the problems above; nothing was started" >&2
+    exit 1
+fi
+
 # HAProxy in front instead of Serve's Python proxy (the binary ships with ray[serve]).
 export RAY_SERVE_ENABLE_HA_PROXY="${RAY_SERVE_ENABLE_HA_PROXY:-1}"
 # That HAProxy with kernel splicing off, which made it miss about half the hang-ups of clients

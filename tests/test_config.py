@@ -353,3 +353,29 @@ def test_a_fixed_replica_count_is_at_least_one(count):
     scale to zero is autoscaling's min_replicas 0."""
     with pytest.raises(ValidationError, match=r"model 'Llama3-8B' \(models\[0\]\): deployment.num_replicas"):
         validate(lambda a: a["models"][0]["deployment"].update(num_replicas=count))
+
+
+def test_the_config_check_passes_the_shipped_config_and_says_what_the_build_would_warn_of(tmp_path, monkeypatch):
+    """`serve.sh` runs it before starting anything: the shipped config passes without a word; a
+    model path missing here and GPUs this machine lacks are warnings on the console (a cluster's
+    nodes may have both), a YAML mistake names its file and line, other applications are left alone."""
+    import yaml
+
+    from serve_app import check_config
+
+    assert check_config.check(ROOT / "serve_config.yaml") == ([], [])
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    chat = config["applications"][0]["args"]["models"][0]
+    chat.update(path=str(tmp_path / "no-such-model"), deployment={**chat["deployment"], "num_gpus": 1})
+    config["applications"].append({"name": "other", "route_prefix": "/other", "import_path": "elsewhere:app",
+                                   "args": {"anything": 1}})
+    (tmp_path / "edited.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(check_config, "has_gpu_here", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    problems, warnings = check_config.check(tmp_path / "edited.yaml")
+    assert problems == [] and len(warnings) == 2, warnings
+    assert "no-such-model does not exist here" in warnings[0] and "asks for 1 GPU(s)" in warnings[1]
+    (tmp_path / "bad.yaml").write_text("applications:\n  - name: a\n   import_path: x\n")
+    problems, _ = check_config.check(tmp_path / "bad.yaml")
+    assert len(problems) == 1 and problems[0].startswith("not valid YAML") and "bad.yaml\", line 3" in problems[0]
+    assert check_config.main([str(tmp_path / "bad.yaml")]) == 1 and check_config.main([str(tmp_path / "edited.yaml")]) == 0

@@ -70,3 +70,25 @@ def test_serve_script_says_when_ready_serves_and_stops_on_sigterm(models_dir: Pa
             server.wait()
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert sum(READY_LINE in line for line in lines) == 1
+
+
+@pytest.mark.parametrize("mistake,named", [
+    ({"max_batch_sise": 8}, "model 'Llama3-8B' (models[0]): max_batch_sise: Extra inputs are not permitted"),
+    ({"kind": "imgae"}, "model 'Llama3-8B' (models[0]): Input tag 'imgae' found using 'kind'"),
+    ({"name": "SuperImage"}, "args: model name 'SuperImage' is not unique")])
+def test_serve_script_refuses_a_broken_config_at_once_and_starts_nothing(tmp_path: Path, mistake, named):
+    """`serve run` would start Ray and wait for ever on an application its controller cannot
+    build, the error only in a retried task's traceback; serve.sh names the mistake and exits."""
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["applications"][0]["args"]["models"][0].update(mistake)
+    config_file = tmp_path / "broken.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    ray_tmp = Path(tempfile.mkdtemp(prefix="sss_", dir="/tmp"))
+    try:
+        done = subprocess.run([str(ROOT / "scripts" / "serve.sh"), str(config_file)], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "RAY_TMPDIR": str(ray_tmp)})
+        assert done.returncode == 1, done.stderr
+        assert named in done.stderr, done.stderr
+        assert "nothing was started" in done.stderr and not any(ray_tmp.iterdir())  # no Ray session
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

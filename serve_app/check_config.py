@@ -1,0 +1,92 @@
+"""`python -m serve_app.check_config CONFIG`: a Serve config checked before Ray starts.
+
+`serve run` hands an application's `args` to `build_app` only once Ray and Serve are up; when
+the build fails, Serve's controller retries it and logs the error, and `serve run` goes on
+waiting for ever, its console showing a traceback under "the task will be retried". So
+`scripts/serve.sh` runs this first: a typo, a duplicate model name or a bad value fails in
+about a second with the message naming it and a non-zero exit, before anything is started.
+What the build would warn of (a local model path that does not exist here) is said on the
+console too, where Serve's throughput-optimized logging would keep it in the controller's log.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from serve_app.config import AppConfig, config_warnings
+
+BUILDER = "serve_app.app:build_app"
+
+
+def validation_problems(error: ValidationError, within: str = "") -> list[str]:
+    """Each of pydantic's errors as one line: where (under `within`), then what (no input
+    echoed back: a model list's repr is pages long)."""
+    lines = []
+    for item in error.errors(include_url=False, include_input=False):
+        where = ".".join([within] * bool(within) + [str(part) for part in item.get("loc", ())])
+        message = str(item.get("msg", "")).removeprefix("Value error, ")
+        lines.append(f"{where}: {message}" if where else message)
+    return lines
+
+
+def has_gpu_here() -> bool:
+    """Whether this machine shows an NVIDIA GPU (its device files), without importing torch."""
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def check(path: Path) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of the Serve config at `path`: YAML, Serve's schema, and the `args`
+    of every application built by `serve_app.app:build_app`."""
+    try:
+        with path.open() as file:  # read from the file, YAML's messages name it
+            config: Any = yaml.safe_load(file)
+    except OSError as exc:
+        return [f"cannot read it: {exc.strerror or exc}"], []
+    except yaml.YAMLError as exc:
+        return [f"not valid YAML: {exc}"], []
+    from ray.serve.schema import ServeDeploySchema  # imported here: the YAML's own mistakes come first, fast
+
+    try:
+        ServeDeploySchema.model_validate(config)
+    except ValidationError as exc:
+        return [f"not a Serve config: {line}" for line in validation_problems(exc)], []
+    gpus_here = has_gpu_here() or bool(os.environ.get("RAY_ADDRESS"))  # a cluster's GPUs are elsewhere
+    problems: list[str] = []
+    warnings: list[str] = []
+    for app in config.get("applications") or []:
+        if app.get("import_path") != BUILDER:
+            continue
+        name = app.get("name", "default")
+        try:
+            args = AppConfig.model_validate(app.get("args") or {})
+        except ValidationError as exc:
+            problems += [f"application {name!r}: {line}" for line in validation_problems(exc, "args")]
+        else:
+            warnings += [f"application {name!r}: {warning}" for warning in config_warnings(args)]
+            warnings += [f"application {name!r}: model {model.name!r} asks for {model.deployment.num_gpus:g} GPU(s) "
+                         "per replica and this machine has none: its replicas wait, pending, until a node with "
+                         "GPUs joins the Ray cluster" for model in args.models if model.deployment.num_gpus and not gpus_here]
+    return problems, warnings
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m serve_app.check_config CONFIG", file=sys.stderr)
+        return 2
+    problems, warnings = check(Path(args[0]))
+    for warning in warnings:
+        print(f"{args[0]}: warning: {warning}", file=sys.stderr)
+    for problem in problems:
+        print(f"{args[0]}: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
