@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import traceback
+from pathlib import Path
 from typing import Callable, NoReturn, TypeVar
 
 import torch
@@ -152,6 +153,11 @@ class ModelReplica:
 
     def __init__(self, config: BaseModelConfig) -> None:
         self.config = config
+        if Path(config.path).is_absolute() and not Path(config.path).exists():
+            # Said as it is: transformers reads a missing folder as a malformed hub id ("Repo id
+            # must be in the form 'repo_name'..."), which sends its reader looking in the wrong place.
+            raise FileNotFoundError(f"model {config.name!r}: its path {config.path} does not exist on this node "
+                                    f"(a local folder: the config's relative paths are read from where it is deployed)")
         see_only_assigned_gpus(config)
         self.device = resolve_device(config)
         self.dtype = resolve_dtype(config, self.device)

@@ -984,3 +984,16 @@ def test_a_decode_step_that_hangs_fails_the_health_check_until_it_moves_again(mo
     assert answered.choices[0].completion_tokens == 3
     replica.check_health()
     assert replica._worker.stalled_for() == 0.0  # idle
+
+
+@pytest.mark.parametrize("kind", ["chat", "image"])
+def test_a_model_folder_missing_on_the_node_is_said_as_such(tmp_path, kind):
+    """Not transformers' "Repo id must be in the form 'repo_name'", which is how it reads a
+    folder that is not there: the replica's failure (in `serve status`) says what is wrong."""
+    from serve_app.config import ImageModelConfig
+    from serve_app.image_model import ImageModel
+
+    fields = {"name": "m", "kind": kind, "path": "./no-such-folder"}
+    config = (ChatModelConfig if kind == "chat" else ImageModelConfig).model_validate(fields)
+    with pytest.raises(FileNotFoundError, match=r"model 'm': its path /\S+/no-such-folder does not exist on this node"):
+        (ChatModel if kind == "chat" else ImageModel).func_or_class(config)
