@@ -51,15 +51,25 @@ print("127.0.0.1" if host in ("0.0.0.0", "::") else host, http.get("port", 8000)
       (apps[0].get("route_prefix") or "/").rstrip("/") or "/")
 PY
 )
+# Not ready after SERVE_SH_NOT_READY_NOTE_S seconds (180), it says so once, with /ready's answer:
+# Serve's replica failures reach only its log files under the fast settings.
 announce_when_ready() {
-    local server=$1 path="${prefix%/}/ready" status=""
+    local server=$1 path="${prefix%/}/ready" status="" body="" line="" noted=0
+    local note_after="${SERVE_SH_NOT_READY_NOTE_S:-180}"
     trap '' PIPE  # a connection closed under the request (the port changing hands at start) is one more try
     while kill -0 "$server" 2>/dev/null; do
         sleep 1
-        status=""
+        status="" body=""
         if { exec 3<>"/dev/tcp/$host/$port"; } 2>/dev/null; then
-            { printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$path" "$host" >&3 && read -r -t 5 _ status _ <&3; } 2>/dev/null || true
+            { printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$path" "$host" >&3 && read -r -t 5 _ status _ <&3 &&
+              while IFS= read -r -t 5 line || [[ -n "$line" ]]; do body="$line"; line=""; done <&3; } 2>/dev/null || true
             exec 3<&-
+        fi
+        if [[ "$status" != 200 && "$noted" == 0 && "$SECONDS" -ge "$note_after" ]]; then
+            noted=1
+            echo "serve.sh: not every model is live after ${SECONDS} s (GET ${path}: ${body:-no answer yet}): a model" \
+                 "may still be loading (a hub checkpoint downloads first), waiting for a GPU, or failing to start;" \
+                 "'.venv/bin/serve status' says which (replica logs: logs/serve/ in Ray's session folder)" >&2
         fi
         if [[ "$status" == 200 ]]; then
             echo "serve.sh: ready: every model is live at http://$host:$port${prefix%/} (GET ${path})" >&2
