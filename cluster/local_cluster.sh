@@ -241,6 +241,8 @@ cmd_deploy() {
   # Same config, with http_options.port set to $SERVE_APP_HTTP_PORT and relative model
   # paths / image_dir made absolute against the config's folder.
   "$PYTHON" "$TOOL" render "$config" "$rendered" --http-port "$HTTP_PORT" ${HTTP_HOST:+--http-host "$HTTP_HOST"}
+  # A mistake in it is named here, not found by waiting for the deploy to fail.
+  "$PYTHON" -m serve_app.check_config "$rendered" || die "$config has the problems above; nothing was deployed"
   local since
   since="$("$PYTHON" "$TOOL" now)"
   log "serve deploy $config (as $rendered) -> $RAY_DASHBOARD_ADDRESS"
