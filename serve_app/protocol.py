@@ -257,6 +257,15 @@ class ChatCompletionRequest(BoundedRequest):
             raise ValueError("top_logprobs requires logprobs to be true")
         return value
 
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_a_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        # OpenAI and vLLM refuse them too: a client that set include_usage on a plain request
+        # would otherwise believe it asked for something that changed the answer.
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
+
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> list[str] | None:

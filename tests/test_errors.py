@@ -382,3 +382,21 @@ def test_nan_and_infinity_are_said_to_be_no_numbers(field: str, value: str) -> N
         ChatCompletionRequest.model_validate(body)
     error = as_api_error(raised.value)
     assert error.status_code == 400 and "finite number" in error.message and error.param.startswith(field), error
+
+
+@pytest.mark.parametrize("stream", [False, None, "absent"])
+def test_stream_options_without_a_stream_are_refused_as_openai_refuses_them(stream) -> None:
+    """OpenAI and vLLM answer `stream_options` on a request that does not stream with a 400."""
+    from pydantic import ValidationError
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}}
+    if stream != "absent":
+        body["stream"] = stream
+    with pytest.raises(ValidationError) as raised:
+        ChatCompletionRequest.model_validate(body)
+    error = as_api_error(raised.value)
+    assert error.status_code == 400 and error.param == "stream_options" and "stream is true" in error.message, error
+    body.update(stream=True)
+    assert ChatCompletionRequest.model_validate(body).stream_options.include_usage
+    body.update(stream=False, stream_options=None)
+    assert ChatCompletionRequest.model_validate(body).stream_options is None
