@@ -1,5 +1,6 @@
 """serve_app: a multi-model inference server on Ray Serve (see README.md)."""
 
+import logging
 import os
 
 # Where set, Ray leaves every GPU of a node visible to every replica, and a GPU replica narrows
@@ -11,3 +12,12 @@ import os
 NOSET_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 if os.environ.get(NOSET_VISIBLE_DEVICES):
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
+# transformers 5, imported by diffusers, says three times per process (six per default start)
+# that its CLIP and SigLIP image processors fall back to PIL without torchvision, and to
+# install it. The PIL ones are the processors transformers 4 always used (a Stable Diffusion
+# safety checker's feature extractor is the only one a pipeline here runs), so the advice
+# would only lead operators to a second multi-GB torch download. Dropped here, before any
+# model module imports diffusers; transformers' other warnings pass.
+logging.getLogger("transformers.utils.import_utils").addFilter(
+    lambda record: "requires torchvision (not installed)" not in record.getMessage())

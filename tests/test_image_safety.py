@@ -17,6 +17,8 @@ import os
 import socket
 import ssl
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -768,3 +770,12 @@ def test_downloads_at_once_are_bounded(origin: str, monkeypatch: pytest.MonkeyPa
     finally:
         release.set()
     assert most[0] == MAX_DOWNLOADS and all(image.width == 40 for image in loaded), most
+
+
+def test_importing_the_image_model_does_not_tell_operators_to_install_torchvision() -> None:
+    """transformers' PIL fallback notice (three per process) is dropped; its other warnings are not."""
+    script = ("import logging, serve_app.image_model\n"
+              "logging.getLogger('transformers.utils.import_utils').warning('another warning')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "torchvision" not in done.stderr and "another warning" in done.stderr, done.stderr
