@@ -34,6 +34,13 @@ fi
 # Fewer hops and threads per request: gRPC between proxy and replicas, direct ingress,
 # user code on the replica's event loop (model code runs torch on its own worker thread).
 export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"
+# A replaced or stopping ingress replica stays reachable this long before it refuses new
+# connections (Ray's default, 30 s, is for load balancers outside Ray that take that long to
+# deregister it). Here Serve's own HAProxy is in front: it learns of the change within 0.1 s and
+# retries a refused connection on another replica. At 30 s, stopping the server spent Serve's
+# whole 30 s shutdown on the ingress, and the other replicas (the registrar among them, which
+# withdraws the models from the AI network's nodes) were killed without their graceful stop.
+export RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="${RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S:-5}"
 # One setting for every Ray process of this server: Ray 2.60 enables token auth once a
 # token exists, and `serve status` / `ray start --address` must agree with the cluster.
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
@@ -83,4 +90,24 @@ announce_when_ready() {
 }
 announce_when_ready $$ &
 
-exec .venv/bin/serve run "$config"
+# `serve run` shuts Serve down gracefully (replicas drain, the registrar withdraws the models from
+# the AI network's nodes) only on SIGINT; a SIGTERM (kill, systemd, Docker) ends it through
+# ray.init's handler, abruptly, and the nodes keep forwarding users to a dead port. So it runs as
+# a job of its own (`set -m`: its own process group, which Ctrl-C does not reach directly), with
+# SIGINT handled even where this script inherited it ignored (serve_app/serve_run.py), and this
+# shell turns its own SIGTERM or SIGINT into one SIGINT to it; a second signal stops it at once.
+set -m
+.venv/bin/python -m serve_app.serve_run "$config" &
+server=$!
+set +m
+stop_server() {
+    trap 'kill -TERM "$server" 2>/dev/null || true' TERM INT
+    echo "serve.sh: stopping: Serve shuts down gracefully (signal again to stop at once)" >&2
+    kill -INT "$server" 2>/dev/null || true
+}
+trap stop_server TERM INT
+status=0
+while kill -0 "$server" 2>/dev/null; do
+    wait "$server" && status=0 || status=$?
+done
+exit "$status"

@@ -1,6 +1,6 @@
 """The README's run command, `scripts/serve.sh`, as a user runs it: it starts Ray Serve on
-the fast path (HAProxy), says when every model is live, serves, and a SIGTERM stops it all,
-freeing the port.
+the fast path (HAProxy), says when every model is live, serves, and a SIGTERM stops it all
+gracefully (the models withdrawn from the AI network's node), freeing the port.
 
 Marked `cluster` so that it runs before the session's own Ray starts (see conftest), with a
 Ray of its own (its own temp dir) on a free port.
@@ -21,7 +21,9 @@ import httpx
 import pytest
 import yaml
 
+from serve_app.registration import UNREGISTER_PATH
 from tests.conftest import ROOT, free_port, wait_for
+from tests.fake_node import FakeNode
 
 pytestmark = pytest.mark.cluster
 
@@ -33,12 +35,22 @@ def port_is_free(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
-def test_serve_script_says_when_ready_serves_and_stops_on_sigterm(models_dir: Path, tmp_path: Path):
+def ctrl_c(server: subprocess.Popen) -> None:
+    """What a terminal's Ctrl-C does: SIGINT to the foreground process group (the script's)."""
+    os.killpg(server.pid, signal.SIGINT)
+
+
+@pytest.mark.parametrize("stop", [lambda server: server.send_signal(signal.SIGTERM), ctrl_c], ids=["sigterm", "ctrl_c"])
+def test_serve_script_says_when_ready_serves_and_stops_gracefully(models_dir: Path, tmp_path: Path, stop):
+    node = FakeNode().start()
     port = free_port()
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"]["port"] = port
     args = config["applications"][0]["args"]
-    args.update(public_base_url=f"http://127.0.0.1:{port}", image_dir=str(tmp_path / "images"))
+    args.update(public_base_url=f"http://127.0.0.1:{port}", image_dir=str(tmp_path / "images"),
+                registration={"enabled": True, "node_urls": [node.url], "timeout_s": 2})
+    for model in args["models"]:
+        model["cid"] = f"cid-{model['name']}"
     config_file = tmp_path / "serve_config.yaml"
     config_file.write_text(yaml.safe_dump(config))
     ray_tmp = tempfile.mkdtemp(prefix="sss_", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
@@ -60,8 +72,13 @@ def test_serve_script_says_when_ready_serves_and_stops_on_sigterm(models_dir: Pa
         answer = httpx.post(base + "/v1/chat/completions", timeout=60, json={
             "model": "Llama3-8B", "max_tokens": 4, "messages": [{"role": "user", "content": "Hello!"}]})
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
-        server.send_signal(signal.SIGTERM)  # as the README says to stop it in the background
-        assert server.wait(timeout=90) is not None
+        assert node.wait_for(lambda: len(node.models_of("serve_app") or []) == 3, timeout=30), node.projects
+        stop(server)  # as the README says to stop it, in the background or in a terminal
+        assert server.wait(timeout=90) == 0, "".join(lines[-30:])
+        # Serve stopped gracefully: the registrar withdrew the project before its replica went.
+        # (SIGTERM used to end `serve run` at once, and Ctrl-C spent Serve's whole 30 s shutdown
+        # on the ingress's drain: either way the node kept forwarding to a dead port.)
+        assert node.bodies(UNREGISTER_PATH) == [{"project": "serve_app"}] and node.models_of("serve_app") is None
         # HAProxy (a child of Serve's proxy) goes too: the port is free again.
         assert wait_for(lambda: port_is_free(port), timeout=30), "the port is still held"
     finally:
@@ -69,6 +86,7 @@ def test_serve_script_says_when_ready_serves_and_stops_on_sigterm(models_dir: Pa
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+        node.stop()
     assert sum(READY_LINE in line for line in lines) == 1
 
 
