@@ -341,12 +341,14 @@ class Registrar:
 
     def _record_success(self, node: NodeState, payload: ProjectRegistration) -> None:
         """A change or a recovery is news (info); the periodic refresh is not (debug)."""
-        news, recovered = payload != node.registered or node.failures > 0, node.failures > 0
+        failed = node.failures
+        news = payload != node.registered or failed > 0
         node.state, node.registered, node.failures = "registered", payload, 0
         node.registered_at, node.last_success, node.retry_at = time.monotonic(), time.time(), float("-inf")
         entries = ", ".join(f"{m.model} (type {m.type})" for m in payload.models) or "no models"
+        after = f" (after {failed} failed attempt{'s' * (failed > 1)})" if failed else ""
         logger.log(logging.INFO if news else logging.DEBUG, "registered project %r with node %s%s: %s",
-                   self.project, node.url, " (node recovered)" if recovered else "", entries)
+                   self.project, node.url, after, entries)
 
 
 @serve.deployment

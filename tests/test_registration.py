@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
+import re
 import time
 from typing import Any, Callable, Iterator
 
@@ -136,7 +138,8 @@ async def test_reregisters_when_the_live_set_changes(node: FakeNode) -> None:
 
 
 @pytest.mark.anyio
-async def test_node_down_at_start_gets_registration_when_up(node: FakeNode) -> None:
+async def test_node_down_at_start_gets_registration_when_up(node: FakeNode, serve_caplog) -> None:
+    serve_caplog.set_level(logging.INFO, logger="ray.serve")
     node.stop()
     config = make_config([node.url])
     registrar = started(config, FakeLive(config, "Llama3-8B"))
@@ -148,6 +151,10 @@ async def test_node_down_at_start_gets_registration_when_up(node: FakeNode) -> N
     # The node stores the models before the registrar has read its answer: wait for both.
     await eventually(lambda: node.models_of(PROJECT) == [CHAT] and node_status(registrar)["state"] == "registered")
     assert node_status(registrar)["consecutive_failures"] == 0
+    # Said as what happened: it was never registered, so nothing "recovered".
+    line = next(r.getMessage() for r in serve_caplog.records if r.getMessage().startswith("registered project"))
+    assert re.search(rf"with node {re.escape(node.url)} \(after \d+ failed attempts\): Llama3-8B", line), line
+    assert "recovered" not in serve_caplog.text
     await registrar.stop()
 
 
