@@ -116,6 +116,9 @@ async def call_node(client: httpx.AsyncClient, url: str, path: str, body: BaseMo
     try:
         response = await client.post(url + path, content=body.model_dump_json(),
                                      headers={"Content-Type": "application/json"})
+    except httpx.TimeoutException as exc:  # httpx's own text is empty: say which limit it was
+        raise NodeError(f"{type(exc).__name__}: the node did not answer within timeout_s "
+                        f"({client.timeout.read} s)") from exc
     except httpx.HTTPError as exc:
         raise NodeError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from exc
     try:

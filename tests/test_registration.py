@@ -12,6 +12,7 @@ import asyncio
 import copy
 import logging
 import re
+import socket
 import time
 from typing import Any, Callable, Iterator
 
@@ -206,6 +207,20 @@ async def test_node_refusing_the_payload_is_reported_and_retried(node: FakeNode)
     assert status["state"] == "failing" and status["models"] == []
     assert status["last_error"] == "HTTP 400, code 1002: the AI model and the node are not on the same machine"
     await registrar.stop(unregister=False)
+
+
+@pytest.mark.anyio
+async def test_a_node_too_slow_to_answer_is_said_to_be_past_timeout_s() -> None:
+    """httpx's ReadTimeout has no text: the error names the limit the node ran past."""
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        config = make_config([f"http://127.0.0.1:{silent.getsockname()[1]}"], timeout_s=0.3)
+        registrar = started(config, FakeLive(config, "Llama3-8B"))
+        await eventually(lambda: node_status(registrar)["state"] == "failing")
+        assert node_status(registrar)["last_error"] == \
+            "ReadTimeout: the node did not answer within timeout_s (0.3 s)"
+        await registrar.stop(unregister=False)
 
 
 @pytest.mark.anyio
