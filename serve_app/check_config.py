@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import ValidationError
@@ -38,6 +39,20 @@ def validation_problems(error: ValidationError, within: str = "") -> list[str]:
 def has_gpu_here() -> bool:
     """Whether this machine shows an NVIDIA GPU (its device files), without importing torch."""
     return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def prefix_warnings(args: AppConfig, route_prefix: str | None) -> list[str]:
+    """The base URLs the app hands out (image URLs; the models' URLs the nodes call) are the
+    routes appended to them, so under a `route_prefix` they must end with it."""
+    prefix = (route_prefix or "/").rstrip("/")
+    if not prefix:
+        return []
+    bases = [("public_base_url", args.public_base_url)]
+    if args.registration.enabled and args.registration.public_base_url:
+        bases.append(("registration.public_base_url", args.registration.public_base_url))
+    return [f"route_prefix is {prefix} but {field} ({url}) does not end with it: the URLs built from it "
+            f"(image URLs, the models' URLs registered with the nodes) will not reach this app; "
+            f"set it to {url}{prefix}" for field, url in bases if not urlsplit(url).path.endswith(prefix)]
 
 
 def check(path: Path) -> tuple[list[str], list[str]]:
@@ -69,6 +84,7 @@ def check(path: Path) -> tuple[list[str], list[str]]:
             problems += [f"application {name!r}: {line}" for line in validation_problems(exc, "args")]
         else:
             warnings += [f"application {name!r}: {warning}" for warning in config_warnings(args)]
+            warnings += [f"application {name!r}: {warning}" for warning in prefix_warnings(args, app.get("route_prefix"))]
             warnings += [f"application {name!r}: model {model.name!r} asks for {model.deployment.num_gpus:g} GPU(s) "
                          "per replica and this machine has none: its replicas wait, pending, until a node with "
                          "GPUs joins the Ray cluster" for model in args.models if model.deployment.num_gpus and not gpus_here]

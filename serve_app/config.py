@@ -415,6 +415,18 @@ class RegistrationOptions(StrictModel):
     timeout_s: float = Field(5.0, gt=0, description="Timeout of one call to a node.")
     retry_max_s: float = Field(60.0, gt=0, description="Longest back-off between retries of a failing node.")
 
+    @field_validator("node_urls")
+    @classmethod
+    def _each_node_once(cls, urls: list[str]) -> list[str]:
+        """A node listed twice (`http://n:7002` and `http://n:7002/`) would get two registration
+        loops, and the two calls of every change and refresh."""
+        seen: set[str] = set()
+        for url in urls:
+            if url.lower() in seen:
+                raise ValueError(f"{url} is listed twice")
+            seen.add(url.lower())
+        return urls
+
 
 class ImageInputOptions(StrictModel):
     """Limits on the images an edit brings: fetched from a URL or uploaded."""
@@ -597,6 +609,10 @@ def _model_error(error: Any, models: Any) -> str:
     return f"{where}: {path + ': ' if path else ''}{error['msg'].removeprefix('Value error, ')}"
 
 
+NODE_CHAT_TIMEOUT_S = 180.0
+"""How long the AI network's node waits for a chat answer (5 minutes for an image)."""
+
+
 def config_warnings(config: AppConfig) -> list[str]:
     """What in a valid config is probably not what its author meant, said when it deploys
     (not errors: a cluster's weights may live only on the GPU nodes, say)."""
@@ -613,6 +629,10 @@ def config_warnings(config: AppConfig) -> list[str]:
         warnings.append(f"max_text_body_bytes ({config.max_text_body_bytes}) is below 4 bytes per character of "
                         f"limits.max_prompt_chars ({config.limits.max_prompt_chars}): a chat request within the "
                         "prompt limit may be refused as too large (413)")
+    if config.registration.enabled and config.limits.request_timeout_s >= NODE_CHAT_TIMEOUT_S:
+        warnings.append(f"registration is on and limits.request_timeout_s ({config.limits.request_timeout_s:g}) is not "
+                        f"below the node's {NODE_CHAT_TIMEOUT_S:g} s wait for a chat: a slow answer ends as the node's "
+                        "timeout instead of this server's 504; set it below that")
     if config.registration.enabled and (config.auth.api_keys or os.environ.get(config.auth.api_keys_env, "").strip()):
         warnings.append("registration is on and API keys are required: the network's node forwards requests "
                         "without a key, so each one will be refused (401); to serve the network, turn the keys "

@@ -226,10 +226,27 @@ def test_registration_with_api_keys_is_warned_about(models_dir, monkeypatch):
         for model in args["models"]:
             model["cid"] = "cid-" + model["name"]
         args["auth"] = {"api_keys": list(keys)}
+        args["limits"] = {"request_timeout_s": 170}
     assert config_warnings(validate(registered)) == []
     assert "refused (401)" in " ".join(config_warnings(validate(lambda a: registered(a, ["k"]))))
     monkeypatch.setenv("SERVE_APP_API_KEYS", "k1,k2")
     assert "refused (401)" in " ".join(config_warnings(validate(registered)))
+
+
+def test_registration_with_a_request_timeout_past_the_nodes_is_warned_about(models_dir):
+    """The node gives up on a chat after 180 s: a longer limit makes its timeout the answer."""
+    def registered(args, timeout_s):
+        args.update(registration={"enabled": True}, limits={"request_timeout_s": timeout_s})
+        for model in args["models"]:
+            model["cid"] = "cid-" + model["name"]
+    assert config_warnings(validate(lambda a: registered(a, 179))) == []
+    warnings = config_warnings(validate(lambda a: registered(a, 300)))
+    assert len(warnings) == 1 and "limits.request_timeout_s (300) is not below the node's 180 s" in warnings[0]
+
+
+def test_a_node_listed_twice_is_refused():
+    with pytest.raises(ValidationError, match="http://127.0.0.1:7002 is listed twice"):
+        validate(lambda a: a.update(registration={"node_urls": ["http://127.0.0.1:7002", "http://127.0.0.1:7002/"]}))
 
 
 def test_gpu_config_requests_a_gpu():
@@ -379,3 +396,28 @@ def test_the_config_check_passes_the_shipped_config_and_says_what_the_build_woul
     problems, _ = check_config.check(tmp_path / "bad.yaml")
     assert len(problems) == 1 and problems[0].startswith("not valid YAML") and "bad.yaml\", line 3" in problems[0]
     assert check_config.main([str(tmp_path / "bad.yaml")]) == 1 and check_config.main([str(tmp_path / "edited.yaml")]) == 0
+
+
+def test_the_config_check_warns_of_base_urls_missing_the_route_prefix(tmp_path):
+    """Image URLs and the models' URLs given to the nodes are routes appended to the base URL:
+    under a route prefix, a base URL without it hands out URLs that 404."""
+    import yaml
+
+    from serve_app import check_config
+
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    app = config["applications"][0]
+    app["route_prefix"] = "/ai/"
+    app["args"].update(registration={"enabled": True, "public_base_url": "http://127.0.0.1:1088"})
+    for model in app["args"]["models"]:
+        model["cid"] = "cid-" + model["name"]
+    app["args"]["limits"] = {"request_timeout_s": 170}
+    (tmp_path / "prefixed.yaml").write_text(yaml.safe_dump(config))
+    problems, warnings = check_config.check(tmp_path / "prefixed.yaml")
+    assert problems == [] and len(warnings) == 2, warnings
+    assert "route_prefix is /ai but public_base_url (http://127.0.0.1:1088) does not end with it" in warnings[0]
+    assert "registration.public_base_url" in warnings[1] and "set it to http://127.0.0.1:1088/ai" in warnings[1]
+    app["args"]["public_base_url"] = "http://127.0.0.1:1088/ai"
+    app["args"]["registration"]["public_base_url"] = "http://127.0.0.1:1088/ai/"
+    (tmp_path / "prefixed.yaml").write_text(yaml.safe_dump(config))
+    assert check_config.check(tmp_path / "prefixed.yaml") == ([], [])
