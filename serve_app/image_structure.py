@@ -1,7 +1,7 @@
 """Images whose structure costs far more to read than any real file's, refused before Pillow reads them.
 
 Pillow parses headers and checks chunks in Python, one call per marker, chunk or stray
-byte: a 20 MiB upload of nothing but tiny JPEG segments, stuffed zeros or empty PNG chunks
+byte (and decodes a run-length-coded BMP one run at a time): a 20 MiB upload of nothing but tiny JPEG segments, stuffed zeros or empty PNG chunks
 held an ingress thread, and the GIL its event loop needs, for 2-4 s, and a JPEG repeating
 one tiny scan thousands of times passes Pillow's header check yet takes the model's worker
 minutes to decode. These counts run in C (regular expressions) or stop early, and a file
@@ -38,6 +38,12 @@ MAX_GIF_STEPS = 10_000
 loop count, a frame's timing, a comment, XMP metadata (which GIF readers step over in
 hundreds of small blocks). Pillow reads each with a Python call (4.5 s for 20 MiB of
 one-byte blocks)."""
+BMP_START = b"BM"
+BMP_RLE = (1, 2)
+"""The BMP compressions (RLE8, RLE4) Pillow decodes in Python, one loop turn per run."""
+MAX_BMP_RLE_PIXELS = 1024 * 1024
+"""Largest run-length-coded BMP: one of single-pixel runs costs about 0.2 s per megapixel to
+decode (3 s at 4096x4096, on the replica's worker, ahead of every request there)."""
 # One 0xff, not `\xff+`: a long run of 0xff bytes would make the search backtrack quadratically.
 _MARKER = re.compile(rb"\xff([^\x00\xff])")  # a marker, after any junk, stuffed zeros and fill bytes
 _SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # the first marker after coded data (restarts go on)
@@ -56,9 +62,25 @@ def check_structure(data: bytes, *, param: str, formats: Sequence[str]) -> None:
             raise _malformed(param, f"a JPEG of more than {MAX_JPEG_SCANS} scans; a photo has about 10")
     elif data[:8] == PNG_START and "PNG" in formats and png_chunks(data) > MAX_PNG_CHUNKS:
         raise _malformed(param, f"a PNG of more than {MAX_PNG_CHUNKS} chunks; an image has a few hundred at most")
+    elif data[:2] == BMP_START and "BMP" in formats and bmp_rle_pixels(data) > MAX_BMP_RLE_PIXELS:
+        raise _malformed(param, f"a run-length-coded BMP of more than {MAX_BMP_RLE_PIXELS} pixels, which takes "
+                                "seconds to decode; send it as PNG")
     elif data[:6] in GIF_STARTS and "GIF" in formats and gif_steps(data) > MAX_GIF_STEPS:
         raise _malformed(param, f"a GIF of more than {MAX_GIF_STEPS} blocks or stray bytes before its first "
                                 "picture; an image has a few dozen")
+
+
+def bmp_rle_pixels(data: bytes) -> int:
+    """The pixels of a run-length-coded (RLE8/RLE4) BMP, from its header; 0 for any other BMP.
+    The info header (40 bytes or more) holds width, height and compression at offsets 18, 22
+    and 30; the older 12-byte core header has no compression."""
+    if len(data) < 34 or int.from_bytes(data[14:18], "little") < 40:
+        return 0
+    if int.from_bytes(data[30:34], "little") not in BMP_RLE:
+        return 0
+    width = int.from_bytes(data[18:22], "little", signed=True)
+    height = int.from_bytes(data[22:26], "little", signed=True)  # negative: top-down rows
+    return abs(width) * abs(height)
 
 
 def png_chunks(data: bytes, limit: int = MAX_PNG_CHUNKS) -> int:

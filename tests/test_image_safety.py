@@ -779,3 +779,26 @@ def test_importing_the_image_model_does_not_tell_operators_to_install_torchvisio
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "torchvision" not in done.stderr and "another warning" in done.stderr, done.stderr
+
+
+def test_a_large_run_length_coded_bmp_is_refused_before_it_is_decoded() -> None:
+    """Pillow decodes RLE8/RLE4 BMPs in Python, a loop turn per run: a 4096x4096 one of
+    single-pixel runs passes the ingress's header check and then takes seconds of the
+    replica's worker. Up to a megapixel, and any uncompressed BMP, still pass."""
+    def rle8_bmp(width: int, height: int) -> bytes:
+        row = b"".join(bytes([1, i % 2]) for i in range(width)) + b"\x00\x00"  # one-pixel runs, end of line
+        pixels = row * height + b"\x00\x01"  # end of bitmap
+        palette = b"\x00\x00\x00\x00\xff\xff\xff\x00" + b"\x00" * (254 * 4)
+        offset = 14 + 40 + len(palette)
+        info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(pixels), 2835, 2835, 256, 0)
+        return b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + info + palette + pixels
+
+    small = rle8_bmp(64, 48)
+    assert Image.open(io.BytesIO(small)).convert("L").getpixel((1, 0)) == 255  # a real RLE8 BMP
+    assert inspect_image(small, param="image").width == 64
+    started = time.monotonic()
+    error = expect(InvalidRequest, 400, "invalid_image", lambda: inspect_image(rle8_bmp(2048, 1024), param="image"))
+    assert "run-length-coded BMP" in error.message and time.monotonic() - started < 1
+    plain = io.BytesIO()
+    Image.new("RGB", (1100, 1000), "teal").save(plain, "BMP")
+    assert inspect_image(plain.getvalue(), param="image").width == 1100
