@@ -14,6 +14,7 @@ older than `max_age_s`, then the oldest until the folder is under
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import re
@@ -36,6 +37,11 @@ FILES_ROUTE = "/v1/files/images"
 _NAME = re.compile(r"[A-Za-z0-9_-]{16,64}\.(png|jpeg|webp)")  # fullmatch: no trailing newline
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 TEMP_PREFIX = ".tmp-"
+NOT_AN_IMAGE_HERE = frozenset({errno.ENOENT, errno.ENXIO, errno.EACCES, errno.EPERM, errno.ELOOP,
+                               errno.ENOTDIR, errno.EISDIR})
+"""Why opening a name may fail where this store holds no readable image of that name (404)."""
+MAX_STORED_URL_CHARS = 4096
+"""Longer than any URL of a stored image (a base URL, the files route, a 28-character name)."""
 TEMP_GRACE_S = 60.0  # a temp file this old belongs to no write in progress
 
 
@@ -70,7 +76,11 @@ class ImageStore:
         if extension not in MEDIA_TYPES:
             raise ValueError(f"not an image extension: {extension!r}")
         name = f"{secrets.token_urlsafe(18)}.{extension}"  # 144 random bits
-        handle, temp_path = tempfile.mkstemp(dir=self.directory, prefix=TEMP_PREFIX, suffix=f".{extension}")
+        try:
+            handle, temp_path = tempfile.mkstemp(dir=self.directory, prefix=TEMP_PREFIX, suffix=f".{extension}")
+        except FileNotFoundError:  # the folder was deleted under the running server (a cleanup): made again
+            self.directory.mkdir(parents=True, exist_ok=True)
+            handle, temp_path = tempfile.mkstemp(dir=self.directory, prefix=TEMP_PREFIX, suffix=f".{extension}")
         try:
             with os.fdopen(handle, "wb") as file:
                 file.write(data)
@@ -100,8 +110,9 @@ class ImageStore:
             if path.parent == self.directory:
                 try:  # non-blocking: a FIFO under an image's name must not hang the open
                     handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-                except OSError:  # gone, or not a file anyone may read (a socket: ENXIO; EACCES)
-                    pass
+                except OSError as exc:  # gone, or not a file anyone may read (a socket: ENXIO; EACCES)
+                    if exc.errno not in NOT_AN_IMAGE_HERE:
+                        raise  # out of file descriptors, a disk error: the server's fault, not a missing image
                 else:
                     info = os.fstat(handle)
                     if stat.S_ISREG(info.st_mode):
@@ -114,7 +125,12 @@ class ImageStore:
         """The image name an http(s) URL or a bare path of the files route names (under any
         host and route prefix), else None. Names are 144 random bits: one this store holds
         was made here, whichever address the client reached the server by."""
-        parts = urllib.parse.urlsplit(url.strip())
+        url = url.strip()
+        # A data: URL (megabytes) names no stored image, nor does anything longer than this
+        # store's URLs; urlsplit would also keep the last 128 URLs it parsed in its cache.
+        if len(url) > MAX_STORED_URL_CHARS or url[:5].lower() == "data:":
+            return None
+        parts = urllib.parse.urlsplit(url)
         head, _, name = parts.path.rpartition("/")
         if parts.scheme.lower() in ("http", "https", "") and head.endswith(FILES_ROUTE) and _NAME.fullmatch(name):
             return name

@@ -14,6 +14,7 @@ import datetime
 import io
 import ipaddress
 import os
+import shutil
 import socket
 import ssl
 import struct
@@ -802,3 +803,49 @@ def test_a_large_run_length_coded_bmp_is_refused_before_it_is_decoded() -> None:
     plain = io.BytesIO()
     Image.new("RGB", (1100, 1000), "teal").save(plain, "BMP")
     assert inspect_image(plain.getvalue(), param="image").width == 1100
+
+
+def test_a_data_url_is_never_taken_for_a_stored_image_nor_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """urlsplit keeps its last 128 results: every edit's data: URL (up to 25 MiB) stayed in the
+    ingress's memory, about 6 GB once the cache filled, and was parsed on its event loop."""
+    import urllib.parse
+
+    name = "A" * 24 + ".png"
+    parsed: list[str] = []
+    real = urllib.parse.urlsplit
+    monkeypatch.setattr(urllib.parse, "urlsplit", lambda url, *a, **k: parsed.append(url) or real(url, *a, **k))
+    big = "data:image/png;base64," + "A" * (1 << 20)
+    assert ImageStore.named_in(big) is None and ImageStore.named_in(f"DATA:,/v1/files/images/{name}") is None
+    assert ImageStore.named_in("http://h/v1/files/images/" + name + "?" + "x" * 5000) is None
+    assert parsed == []
+    assert ImageStore.named_in(f" http://10.0.0.2:1088/ai/v1/files/images/{name}") == name
+    assert ImageStore.named_in(f"/v1/files/images/{name}") == name
+
+
+def test_a_store_read_failing_for_the_servers_own_reason_is_not_a_404(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of file descriptors or a disk error is the server's fault (a 500), not a missing image:
+    a 404 would tell the client its image is gone for good, and an edit would then fetch the URL."""
+    import errno
+
+    store = ImageStore(str(tmp_path), "http://h")
+    name = store.save(PNG)
+    real_open = os.open
+
+    def exhausted(*args: Any, **kwargs: Any) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "open", exhausted)
+    with pytest.raises(OSError, match="Too many open files"):
+        store.open(name)
+    with pytest.raises(OSError, match="Too many open files"):
+        store.read(name)
+    monkeypatch.setattr(os, "open", real_open)
+    assert store.read(name) == PNG
+
+
+def test_an_image_folder_deleted_under_the_server_is_made_again(tmp_path: Path) -> None:
+    store = ImageStore(str(tmp_path / "images"), "http://h")
+    shutil.rmtree(tmp_path / "images")
+    name = store.save(PNG)
+    assert store.read(name) == PNG
