@@ -34,6 +34,8 @@ SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")  # bounded:
 def _http_base_url(url: str) -> str:
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"{url!r} must start with http:// or https://")
+    if "?" in url or "#" in url:  # paths are appended to it: they would land in the query or fragment
+        raise ValueError(f"{url!r} is a base URL that paths are appended to: it may not have a query or a fragment")
     return url.rstrip("/")
 
 

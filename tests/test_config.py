@@ -244,6 +244,15 @@ def test_registration_with_a_request_timeout_past_the_nodes_is_warned_about(mode
     assert len(warnings) == 1 and "limits.request_timeout_s (300) is not below the node's 180 s" in warnings[0]
 
 
+@pytest.mark.parametrize("url", ["http://h:1088?x=1", "http://h:1088/#f", "http://h:1088/ai?"])
+def test_a_base_url_with_a_query_or_fragment_is_refused(url):
+    """Routes are appended to it: `http://h:1088?x=1/v1/files/images/...` reaches no image."""
+    with pytest.raises(ValidationError, match="may not have a query or a fragment"):
+        validate(lambda a: a.update(public_base_url=url))
+    with pytest.raises(ValidationError, match="may not have a query or a fragment"):
+        validate(lambda a: a.update(registration={"node_urls": [url]}))
+
+
 def test_a_node_listed_twice_is_refused():
     with pytest.raises(ValidationError, match="http://127.0.0.1:7002 is listed twice"):
         validate(lambda a: a.update(registration={"node_urls": ["http://127.0.0.1:7002", "http://127.0.0.1:7002/"]}))
