@@ -91,11 +91,16 @@ def open_image(data: bytes, *, param: str) -> Image.Image:
 def eight_bit(image: Image.Image) -> Image.Image:
     """A 16-bit grayscale image (a 16-bit PNG, Pillow's mode I;16 or I) as 8-bit L, its
     levels scaled: Pillow's own `convert` clips them, which turns all but the darkest
-    0.4% of the range white."""
+    0.4% of the range white. A transparent level (a PNG's tRNS key) stays transparent: as
+    LA, its pixels alpha 0 (the 8-bit level alone would no longer tell them apart)."""
     if image.mode not in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
         return image
     levels = np.asarray(image).astype(np.int64)
-    return Image.fromarray((np.clip(levels, 0, 65535) >> 8).astype(np.uint8), mode="L")
+    gray = Image.fromarray((np.clip(levels, 0, 65535) >> 8).astype(np.uint8), mode="L")
+    key = image.info.get("transparency")
+    if isinstance(key, int) and (levels == key).any():
+        gray.putalpha(Image.fromarray(np.where(levels == key, 0, 255).astype(np.uint8), mode="L"))
+    return gray
 
 
 def takes_reference_images(pipeline: DiffusionPipeline | None) -> bool:

@@ -635,13 +635,19 @@ def test_edits_on_a_reference_image_pipeline_run_alone_with_their_own_image(mode
 def test_a_16_bit_grayscale_image_keeps_its_levels():
     """Pillow opens a 16-bit grayscale PNG as mode I;16 and its `convert` clips the levels, so
     anything above 255 of 65535 became white; they are scaled to 8 bits instead."""
-    from serve_app.image_model import open_image
+    from serve_app.image_model import open_image, transparency
 
     levels = np.array([[0, 257 * 50, 30000, 65535]], dtype=np.uint16)
     buffer = io.BytesIO()
     Image.fromarray(levels).save(buffer, "PNG")
     opened = open_image(buffer.getvalue(), param="image")
     assert np.asarray(opened.convert("RGB"))[0, :, 0].tolist() == [0, 50, 117, 255]
+    # Its transparent level (a tRNS key) stays transparent, as an 8-bit one does: an edit repaints there.
+    buffer = io.BytesIO()
+    Image.fromarray(levels).save(buffer, "PNG", transparency=30000)
+    keyed = open_image(buffer.getvalue(), param="image")
+    assert keyed.mode == "LA" and np.asarray(keyed.getchannel("A"))[0].tolist() == [255, 255, 0, 255]
+    assert transparency(keyed) is not None
 
 
 def test_an_edit_only_family_loads_and_refuses_generations(models_dir, monkeypatch):
