@@ -59,7 +59,7 @@ from serve_app.registration import unregister_stale
 from serve_app.request_guards import ApiKeys, ConfiguredCors, RequestGuard
 from serve_app.serve_logs import flush_serve_log, start_flushing
 from serve_app.streaming import ChatChunkEncoder, chat_events
-from serve_app.translate import chat_job, chat_response, image_job
+from serve_app.translate import chat_job, chat_response, check_image_request, image_job
 
 api = FastAPI(
     title="serve_app",
@@ -421,6 +421,7 @@ class Ingress:
                 files.setdefault(name, []).append(sent)
         body = ImageEditRequest.model_validate(fields)
         target = self._target(body, "/v1/images/edits", lambda: body.prompt)
+        check_image_request(body, target.config, self.config.limits)
         upload = _one_upload(files, "image", "image[]")
         mask_upload = _one_upload(files, "mask")
         if upload is None and len(files) == 1:  # a node may name the field e.g. `face_image`
@@ -443,6 +444,7 @@ class Ingress:
         field's check names the field."""
         body = ImageEditRequest.model_validate(raw)
         target = self._target(body, "/v1/images/edits", lambda: body.prompt)
+        check_image_request(body, target.config, self.config.limits)
         if not body.image:
             raise InvalidRequest("image is required: an http(s) URL or a data: URL.", param="image")
         image = await self._load_image(body.image, param="image")

@@ -225,8 +225,10 @@ def image_size(request: ImageGenerationRequest, config: ImageModelConfig,
     return width, height
 
 
-def image_job(request: ImageGenerationRequest, config: ImageModelConfig, limits: RequestLimits, *,
-              source: InputImage | None = None, mask: InputImage | None = None) -> ImageJob:
+def check_image_request(request: ImageGenerationRequest, config: ImageModelConfig, limits: RequestLimits) -> int:
+    """Refuse what an image request asks beyond the model's limits that no input image changes
+    (n, prompts, steps, an explicit size): an edit checks these before it fetches its images,
+    so that `n: 99` costs no download. Returns the steps to run."""
     _check_n(request.n, config.max_n)
     for param, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt or "")):
         if len(text) > limits.max_prompt_chars_image:
@@ -234,8 +236,16 @@ def image_job(request: ImageGenerationRequest, config: ImageModelConfig, limits:
                                  param=param, code="prompt_too_long")
     steps = request.requested_steps or config.default_steps
     if steps > config.max_steps:
-        raise InvalidRequest(f"steps must be at most {config.max_steps} for this model.",
-                             param="steps" if request.steps else "step")
+        param = "steps" if request.steps else "step"
+        raise InvalidRequest(f"{param} must be at most {config.max_steps} for this model.", param=param)
+    if _requested_size(request) is not None:
+        image_size(request, config)
+    return steps
+
+
+def image_job(request: ImageGenerationRequest, config: ImageModelConfig, limits: RequestLimits, *,
+              source: InputImage | None = None, mask: InputImage | None = None) -> ImageJob:
+    steps = check_image_request(request, config, limits)
     if source is not None and mask is not None and (mask.width, mask.height) != (source.width, source.height):
         # As OpenAI requires: a mask of another shape, stretched onto the image, would repaint elsewhere.
         raise InvalidRequest(f"mask must have the same dimensions as image: image is {source.width}x{source.height}, "

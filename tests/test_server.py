@@ -530,6 +530,18 @@ def test_a_generation_sent_as_a_form_without_an_image_is_that_generation(http):
     assert png_of(base64.b64decode(as_json[0]["b64_json"])).size == (64, 72)
 
 
+@pytest.mark.parametrize("limit,param", [({"n": 99}, "n"), ({"steps": 10_000}, "steps"), ({"step": 10_000}, "step"),
+                                         ({"size": "8000x8000"}, "size"), ({"prompt": "x" * 5000}, "prompt")])
+def test_an_edit_beyond_the_models_limits_is_refused_before_its_image_is_fetched(http, limit, param):
+    """The image may be a 20 MiB download of up to 15 s: asking for more than the model allows
+    is answered first, for nothing (the URL here is a private address, which a fetch refuses)."""
+    body = {"model": IMAGE, "prompt": "beret", "image": "http://10.255.255.1/x.png", **limit}
+    for response in (http.post("/v1/images/edits", json=body),
+                     post_form(http, {key: str(value) for key, value in body.items()})):
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+        assert f"{param} must be at most" in response.json()["message"] or param in ("size", "prompt"), response.text
+
+
 def test_multipart_edit_may_name_its_image_by_url(http):
     made = assert_success(http.post("/v1/images/generations", json={"model": IMAGE, "prompt": "x", "size": "64x64"}))
     # As a browser form sends it: the URL in a text field, and a file field left empty (filename="").
