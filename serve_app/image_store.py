@@ -82,6 +82,9 @@ class ImageStore:
             self.directory.mkdir(parents=True, exist_ok=True)
             handle, temp_path = tempfile.mkstemp(dir=self.directory, prefix=TEMP_PREFIX, suffix=f".{extension}")
         try:
+            # mkstemp makes it 0600: readable as other files are (a web server serving image_dir,
+            # another node's user), as the URL makes it public anyway.
+            os.fchmod(handle, 0o644)
             with os.fdopen(handle, "wb") as file:
                 file.write(data)
                 file.flush()

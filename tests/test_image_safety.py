@@ -16,6 +16,7 @@ import ipaddress
 import os
 import shutil
 import socket
+import stat
 import ssl
 import struct
 import subprocess
@@ -597,6 +598,7 @@ def test_saves_are_unguessable_complete_and_leave_no_temp_files(tmp_path: Path) 
     assert len(names) == 50 and all(len(name) >= 28 for name in names)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
     name = names.pop()
+    assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644  # as other files: not mkstemp's 0600
     with store.open(name).file as file:
         assert file.read() == PNG and store.url(name) == f"http://h/v1/files/images/{name}"
 
