@@ -4,7 +4,7 @@
 #   cluster/local_cluster.sh start                       # head + two worker raylets
 #   cluster/local_cluster.sh deploy [CONFIG] [--no-wait] # serve deploy (default serve_config.yaml), wait for RUNNING
 #   cluster/local_cluster.sh status                      # nodes, resources, Serve applications
-#   cluster/local_cluster.sh stop                        # stops exactly what `start` started
+#   cluster/local_cluster.sh stop                        # serve shutdown, then stops exactly what `start` started
 #
 # Three raylets share this host, each with its own custom resource so a model's
 # `deployment.resources` can pin its replicas to one of them:
@@ -91,6 +91,9 @@ if [[ -z "${RAY_SERVE_HAPROXY_BINARY_PATH:-}" && -x "$VENV/bin/serve-app-haproxy
   export RAY_SERVE_HAPROXY_BINARY_PATH="$VENV/bin/serve-app-haproxy"
 fi
 export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"
+# As scripts/serve.sh: a stopping ingress replica stays reachable 5 s, not Ray's 30, so that
+# `stop`'s Serve shutdown fits in Serve's own 30 s and the registrar gets to unregister.
+export RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="${RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S:-5}"
 # Cluster-wide Serve ports (read by the controller on the head; see the layout above).
 export RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=$((PORT_BASE + 1000))
 export RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=$((PORT_BASE + 1500))   # exclusive
@@ -288,6 +291,12 @@ stop_nodes() {  # stop_nodes NAME...: SIGTERM their `ray start` (it drains the n
 
 cmd_stop() {
   if [[ -f "$MARKER" ]]; then
+    if [[ -n "$(node_pid head)" ]]; then
+      # Serve first, gracefully: requests in flight finish and the registrar withdraws the models
+      # from the AI network's nodes, which stopping the raylets would skip (nothing deployed: a no-op).
+      log "serve shutdown (replicas drain, registrations are withdrawn)"
+      "$SERVE" shutdown -y -a "$RAY_DASHBOARD_ADDRESS" >&2 || log "serve shutdown failed; stopping the nodes anyway"
+    fi
     # Workers first, while the head (GCS) is up to accept their drain; then the head.
     stop_nodes node_a node_b
     stop_nodes head

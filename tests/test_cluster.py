@@ -352,6 +352,9 @@ def test_script_start_ports_environment_and_stop_order(fake_cluster: FakeCluster
 
     stopped = fake_cluster.script("stop")
     assert stopped.returncode == 0, stopped.stderr
+    # Serve is shut down gracefully first (the registrar unregisters), with the nodes still up.
+    shutdown = (fake_cluster.dir / "fake_serve.log").read_text().splitlines()[-1]
+    assert shutdown.startswith("serve shutdown -y -a http://"), shutdown
     events = fake_cluster.events()
     # The workers' `ray start` get SIGTERM (and drain) first; the head's only once they are gone.
     assert events.index("head TERM") > max(events.index("node_a exit"), events.index("node_b exit")), events
