@@ -398,7 +398,8 @@ class IngressOptions(StrictModel):
     graceful_shutdown_timeout_s: float = Field(
         120.0, gt=0, description="How long a replaced ingress replica may finish its requests and streams "
         "in flight (under HAProxy, Serve first keeps it reachable RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S of "
-        "that while HAProxy moves off it: 5 s under scripts/serve.sh, Ray's 30 s elsewhere).")
+        "that while HAProxy moves off it: 5 s under scripts/serve.sh and the shipped cluster configs, Ray's 30 s "
+        "otherwise).")
     max_surge_percent: int = Field(
         100, ge=0, le=100, description="Ingress replicas a restarting redeploy starts before stopping the old "
         "ones: 100 (a tenth of a CPU each) leaves no moment without a route to the models.")
