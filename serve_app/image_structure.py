@@ -44,6 +44,9 @@ BMP_RLE = (1, 2)
 MAX_BMP_RLE_PIXELS = 1024 * 1024
 """Largest run-length-coded BMP: one of single-pixel runs costs about 0.2 s per megapixel to
 decode (3 s at 4096x4096, on the replica's worker, ahead of every request there)."""
+MAX_BMP_RLE_BYTES = 2 * 1024 * 1024
+"""Largest run-length-coded BMP file: Pillow's decoder turns once per two bytes whatever they
+draw (an end-of-line escape repeated draws nothing), about 0.3 s per 2 MiB."""
 # One 0xff, not `\xff+`: a long run of 0xff bytes would make the search backtrack quadratically.
 _MARKER = re.compile(rb"\xff([^\x00\xff])")  # a marker, after any junk, stuffed zeros and fill bytes
 _SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # the first marker after coded data (restarts go on)
@@ -62,24 +65,27 @@ def check_structure(data: bytes, *, param: str, formats: Sequence[str]) -> None:
             raise _malformed(param, f"a JPEG of more than {MAX_JPEG_SCANS} scans; a photo has about 10")
     elif data[:8] == PNG_START and "PNG" in formats and png_chunks(data) > MAX_PNG_CHUNKS:
         raise _malformed(param, f"a PNG of more than {MAX_PNG_CHUNKS} chunks; an image has a few hundred at most")
-    elif data[:2] == BMP_START and "BMP" in formats and bmp_rle_pixels(data) > MAX_BMP_RLE_PIXELS:
-        raise _malformed(param, f"a run-length-coded BMP of more than {MAX_BMP_RLE_PIXELS} pixels, which takes "
-                                "seconds to decode; send it as PNG")
+    elif data[:2] == BMP_START and "BMP" in formats and is_rle_bmp(data) and (
+            bmp_pixels(data) > MAX_BMP_RLE_PIXELS or len(data) > MAX_BMP_RLE_BYTES):
+        raise _malformed(param, f"a run-length-coded BMP of more than {MAX_BMP_RLE_PIXELS} pixels or "
+                                f"{MAX_BMP_RLE_BYTES // 2**20} MiB, which takes seconds to decode; send it as PNG")
     elif data[:6] in GIF_STARTS and "GIF" in formats and gif_steps(data) > MAX_GIF_STEPS:
         raise _malformed(param, f"a GIF of more than {MAX_GIF_STEPS} blocks or stray bytes before its first "
                                 "picture; an image has a few dozen")
 
 
-def bmp_rle_pixels(data: bytes) -> int:
-    """The pixels of a run-length-coded (RLE8/RLE4) BMP, from its header; 0 for any other BMP.
-    The info header (40 bytes or more) holds width, height and compression at offsets 18, 22
-    and 30; the older 12-byte core header has no compression."""
-    if len(data) < 34 or int.from_bytes(data[14:18], "little") < 40:
-        return 0
-    if int.from_bytes(data[30:34], "little") not in BMP_RLE:
-        return 0
+def is_rle_bmp(data: bytes) -> bool:
+    """Whether a BMP is run-length coded (RLE8/RLE4): its info header (40 bytes or more) says so
+    at offset 30; the older 12-byte core header has no compression."""
+    return (len(data) >= 34 and int.from_bytes(data[14:18], "little") >= 40
+            and int.from_bytes(data[30:34], "little") in BMP_RLE)
+
+
+def bmp_pixels(data: bytes) -> int:
+    """A BMP's pixels by its info header (width and height at offsets 18 and 22; a negative
+    height: rows top-down)."""
     width = int.from_bytes(data[18:22], "little", signed=True)
-    height = int.from_bytes(data[22:26], "little", signed=True)  # negative: top-down rows
+    height = int.from_bytes(data[22:26], "little", signed=True)
     return abs(width) * abs(height)
 
 

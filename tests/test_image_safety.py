@@ -802,6 +802,11 @@ def test_a_large_run_length_coded_bmp_is_refused_before_it_is_decoded() -> None:
     started = time.monotonic()
     error = expect(InvalidRequest, 400, "invalid_image", lambda: inspect_image(rle8_bmp(2048, 1024), param="image"))
     assert "run-length-coded BMP" in error.message and time.monotonic() - started < 1
+    # A small picture whose rows are padded with megabytes of end-of-line escapes (each a turn of
+    # Pillow's decoder, drawing nothing) is refused by its size.
+    padded = small[:-2] + b"\x00\x00" * (2**20) + small[-2:]
+    error = expect(InvalidRequest, 400, "invalid_image", lambda: inspect_image(padded, param="image"))
+    assert "2 MiB" in error.message
     plain = io.BytesIO()
     Image.new("RGB", (1100, 1000), "teal").save(plain, "BMP")
     assert inspect_image(plain.getvalue(), param="image").width == 1100
