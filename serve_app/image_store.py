@@ -14,6 +14,7 @@ older than `max_age_s`, then the oldest until the folder is under
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -83,8 +84,10 @@ class ImageStore:
             handle, temp_path = tempfile.mkstemp(dir=self.directory, prefix=TEMP_PREFIX, suffix=f".{extension}")
         try:
             # mkstemp makes it 0600: readable as other files are (a web server serving image_dir,
-            # another node's user), as the URL makes it public anyway.
-            os.fchmod(handle, 0o644)
+            # another node's user), as the URL makes it public anyway. Where the file system
+            # keeps no modes (CIFS, vfat) it refuses: the file is still saved.
+            with contextlib.suppress(OSError):
+                os.fchmod(handle, 0o644)
             with os.fdopen(handle, "wb") as file:
                 file.write(data)
                 file.flush()
