@@ -51,8 +51,14 @@ def prefix_warnings(args: AppConfig, route_prefix: str | None) -> list[str]:
     if args.registration.enabled and args.registration.public_base_url:
         bases.append(("registration.public_base_url", args.registration.public_base_url))
     return [f"route_prefix is {prefix} but {field} ({url}) does not end with it: the URLs built from it "
-            f"(image URLs, the models' URLs registered with the nodes) will not reach this app; "
-            f"set it to {url}{prefix}" for field, url in bases if not urlsplit(url).path.endswith(prefix)]
+            f"(image URLs, the models' URLs registered with the nodes) will not reach this app; set it to "
+            f"the address clients reach the app at, ending with {prefix} (e.g. {origin(url)}{prefix})"
+            for field, url in bases if not urlsplit(url).path.endswith(prefix)]
+
+
+def origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def check(path: Path) -> tuple[list[str], list[str]]:

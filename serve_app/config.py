@@ -423,11 +423,13 @@ class RegistrationOptions(StrictModel):
     def _each_node_once(cls, urls: list[str]) -> list[str]:
         """A node listed twice (`http://n:7002` and `http://n:7002/`) would get two registration
         loops, and the two calls of every change and refresh."""
-        seen: set[str] = set()
+        seen: set[tuple[str, str, str]] = set()
         for url in urls:
-            if url.lower() in seen:
+            parts = urlsplit(url)
+            key = (parts.scheme.lower(), parts.netloc.lower(), parts.path)  # a path's case counts
+            if key in seen:
                 raise ValueError(f"{url} is listed twice")
-            seen.add(url.lower())
+            seen.add(key)
         return urls
 
 

@@ -262,7 +262,7 @@ class ChatCompletionRequest(BoundedRequest):
     def _stream_options_need_a_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
         # OpenAI and vLLM refuse them too: a client that set include_usage on a plain request
         # would otherwise believe it asked for something that changed the answer.
-        if value is not None and not info.data.get("stream"):
+        if value is not None and "stream" in info.data and not info.data["stream"]:  # absent: its own error
             raise ValueError("stream_options is only allowed when stream is true")
         return value
 

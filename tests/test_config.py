@@ -256,6 +256,10 @@ def test_a_base_url_with_a_query_or_fragment_is_refused(url):
 def test_a_node_listed_twice_is_refused():
     with pytest.raises(ValidationError, match="http://127.0.0.1:7002 is listed twice"):
         validate(lambda a: a.update(registration={"node_urls": ["http://127.0.0.1:7002", "http://127.0.0.1:7002/"]}))
+    with pytest.raises(ValidationError, match="listed twice"):
+        validate(lambda a: a.update(registration={"node_urls": ["http://Node:7002/n", "http://node:7002/n/"]}))
+    assert len(validate(lambda a: a.update(registration={"node_urls": ["http://n:7002/A", "http://n:7002/a"]}))
+               .registration.node_urls) == 2  # a path's case counts
 
 
 def test_gpu_config_requests_a_gpu():
@@ -425,7 +429,7 @@ def test_the_config_check_warns_of_base_urls_missing_the_route_prefix(tmp_path):
     problems, warnings = check_config.check(tmp_path / "prefixed.yaml")
     assert problems == [] and len(warnings) == 2, warnings
     assert "route_prefix is /ai but public_base_url (http://127.0.0.1:1088) does not end with it" in warnings[0]
-    assert "registration.public_base_url" in warnings[1] and "set it to http://127.0.0.1:1088/ai" in warnings[1]
+    assert "registration.public_base_url" in warnings[1] and "(e.g. http://127.0.0.1:1088/ai)" in warnings[1]
     app["args"]["public_base_url"] = "http://127.0.0.1:1088/ai"
     app["args"]["registration"]["public_base_url"] = "http://127.0.0.1:1088/ai/"
     (tmp_path / "prefixed.yaml").write_text(yaml.safe_dump(config))

@@ -400,3 +400,7 @@ def test_stream_options_without_a_stream_are_refused_as_openai_refuses_them(stre
     assert ChatCompletionRequest.model_validate(body).stream_options.include_usage
     body.update(stream=False, stream_options=None)
     assert ChatCompletionRequest.model_validate(body).stream_options is None
+    body.update(stream="maybe", stream_options={"include_usage": True})  # one error: stream's own
+    with pytest.raises(ValidationError) as raised:
+        ChatCompletionRequest.model_validate(body)
+    assert [error["loc"] for error in raised.value.errors()] == [("stream",)]
