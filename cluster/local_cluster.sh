@@ -295,7 +295,12 @@ cmd_stop() {
       # Serve first, gracefully: requests in flight finish and the registrar withdraws the models
       # from the AI network's nodes, which stopping the raylets would skip (nothing deployed: a no-op).
       log "serve shutdown (replicas drain, registrations are withdrawn)"
-      "$SERVE" shutdown -y -a "$RAY_DASHBOARD_ADDRESS" >&2 || log "serve shutdown failed; stopping the nodes anyway"
+      # Bounded: the dashboard answers once Serve is down (30 s per stage at most); a wedged one
+      # must not hold `stop` (coreutils' timeout where there is one).
+      local bounded=()
+      command -v timeout >/dev/null && bounded=(timeout 90)
+      "${bounded[@]+"${bounded[@]}"}" "$SERVE" shutdown -y -a "$RAY_DASHBOARD_ADDRESS" >&2 ||
+        log "serve shutdown failed or took over 90 s; stopping the nodes anyway"
     fi
     # Workers first, while the head (GCS) is up to accept their drain; then the head.
     stop_nodes node_a node_b

@@ -95,19 +95,24 @@ announce_when_ready $$ &
 # ray.init's handler, abruptly, and the nodes keep forwarding users to a dead port. So it runs as
 # a job of its own (`set -m`: its own process group, which Ctrl-C does not reach directly), with
 # SIGINT handled even where this script inherited it ignored (serve_app/serve_run.py), and this
-# shell turns its own SIGTERM or SIGINT into one SIGINT to it; a second signal stops it at once.
+# shell turns its own SIGTERM, SIGINT, SIGHUP (the terminal closed) or SIGQUIT into one SIGINT to
+# it; a second signal stops it at once.
+server=""
+stop_server() {
+    [[ -n "$server" ]] || exit 143  # nothing started yet
+    trap 'kill -TERM "$server" 2>/dev/null || true' TERM INT HUP QUIT
+    echo "serve.sh: stopping: Serve shuts down gracefully (signal again to stop at once)" >&2 2>/dev/null || true
+    kill -INT "$server" 2>/dev/null || true
+}
+trap stop_server TERM INT HUP QUIT
 set -m
 .venv/bin/python -m serve_app.serve_run "$config" &
 server=$!
 set +m
-stop_server() {
-    trap 'kill -TERM "$server" 2>/dev/null || true' TERM INT
-    echo "serve.sh: stopping: Serve shuts down gracefully (signal again to stop at once)" >&2
-    kill -INT "$server" 2>/dev/null || true
-}
-trap stop_server TERM INT
 status=0
-while kill -0 "$server" 2>/dev/null; do
-    wait "$server" && status=0 || status=$?
+wait "$server" || status=$?  # also when it has ended already (bash keeps its status)
+while kill -0 "$server" 2>/dev/null; do  # a trap interrupted the wait: wait again for its end
+    status=0
+    wait "$server" || status=$?
 done
 exit "$status"

@@ -17,9 +17,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
+    # First: importing Ray takes a second or more, and a SIGINT still ignored meanwhile is lost.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from ray.serve.scripts import cli  # Ray's own `serve` command line: `serve run` exactly as it is
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     cli.main(args=["run", *(sys.argv[1:] if argv is None else argv)], prog_name="serve")
 
 

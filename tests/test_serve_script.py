@@ -75,6 +75,8 @@ def test_serve_script_says_when_ready_serves_and_stops_gracefully(models_dir: Pa
         assert node.wait_for(lambda: len(node.models_of("serve_app") or []) == 3, timeout=30), node.projects
         stop(server)  # as the README says to stop it, in the background or in a terminal
         assert server.wait(timeout=90) == 0, "".join(lines[-30:])
+        reader.join(timeout=10)
+        assert any(line.startswith("serve.sh: stopping: Serve shuts down gracefully") for line in lines), lines[-30:]
         # Serve stopped gracefully: the registrar withdrew the project before its replica went.
         # (SIGTERM used to end `serve run` at once, and Ctrl-C spent Serve's whole 30 s shutdown
         # on the ingress's drain: either way the node kept forwarding to a dead port.)
