@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextvars
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Collection
 from urllib.parse import quote
 
 from starlette.types import Scope
@@ -45,6 +45,15 @@ def note(**fields: Any) -> None:
     if record is not None:
         record.model = fields.pop("model", record.model)
         record.fields.update(fields)
+
+
+def note_named_model(body: Any, served: Collection[str]) -> None:
+    """Note the model a body names before it is validated, so that a body refused for another
+    field is still logged and counted under its model. Only a name this server serves is
+    noted: any other stays `-`, so a client's text never becomes a metrics label."""
+    name = body.get("model") if isinstance(body, dict) else None
+    if isinstance(name, str) and name in served:
+        note(model=name)
 
 
 def serve_request_id() -> str | None:

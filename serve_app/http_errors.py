@@ -32,7 +32,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Match
 
-from serve_app.access_log import note, serve_request_id
+from serve_app.access_log import note, note_named_model, serve_request_id
 from serve_app.errors import (
     BODY_NEVER_ARRIVED,
     APIError,
@@ -195,6 +195,8 @@ def install_error_handlers(app: FastAPI) -> None:
     """Route every exception FastAPI/Starlette can raise through `error_response`."""
 
     async def on_error(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, RequestValidationError):  # FastAPI refused the body before the route ran
+            note_named_model(exc.body, getattr(request.app.state, "model_names", ()))
         if isinstance(exc, StarletteHTTPException) and exc.status_code == 405:
             allowed = methods_at(request)
             if allowed:

@@ -15,13 +15,14 @@ from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from serve_app.access_log import note
+from serve_app.access_log import note, note_named_model
 from serve_app.catalog import STATUS_WAIT_S, LiveCatalog, LiveModel, ModelRouter, Target, served_routes
 from serve_app.config import AppConfig
 from serve_app.errors import (
@@ -74,6 +75,7 @@ api.add_middleware(ConfiguredCors)  # added last: outermost
 install_error_handlers(api)
 
 T = TypeVar("T")
+Parsed = TypeVar("Parsed", bound=BaseModel)
 PROMPT_LOG_CHARS = 500
 ERRORS = error_schema()
 
@@ -200,6 +202,7 @@ class Ingress:
         api.state.api_keys = ApiKeys(config)
         api.state.cors = config.cors
         api.state.access_log = config.access_log
+        api.state.model_names = frozenset(model.name for model in config.models)
         api.state.metrics = self.metrics = RequestMetrics()
         self.router = ModelRouter(config, handles)
         self.catalog = LiveCatalog(config, serve.get_replica_context().app_name)
@@ -263,7 +266,7 @@ class Ingress:
             raw = await _json_body(request)
             if _names_an_image(raw):
                 return await self._edit(*await self._read_json_edit(raw))
-        body = ImageGenerationRequest.model_validate(raw)
+        body = self._parsed(ImageGenerationRequest, raw)
         target = self._target(body, "/v1/images/generations", lambda: body.prompt)
         return await self._images(target, body, image_job(body, target.config, self.config.limits))
 
@@ -329,6 +332,12 @@ class Ingress:
         # every stream here.
         image = await asyncio.to_thread(self.store.open, name)
         return StoredImageResponse(image, media_type=self.store.media_type(name))
+
+    def _parsed(self, kind: type[Parsed], raw: Any) -> Parsed:
+        """`raw` validated as `kind`, its model noted first (a refused body is still logged
+        and counted under the model it names, as FastAPI's refusals of chat bodies are)."""
+        note_named_model(raw, api.state.model_names)
+        return kind.model_validate(raw)
 
     def _target(self, body: ChatCompletionRequest | ImageGenerationRequest, route: str,
                 prompt: Callable[[], str]) -> Target:
@@ -419,7 +428,7 @@ class Ingress:
             if sent is not None:
                 del fields[name]
                 files.setdefault(name, []).append(sent)
-        body = ImageEditRequest.model_validate(fields)
+        body = self._parsed(ImageEditRequest, fields)
         target = self._target(body, "/v1/images/edits", lambda: body.prompt)
         check_image_request(body, target.config, self.config.limits)
         upload = _one_upload(files, "image", "image[]")
@@ -442,7 +451,7 @@ class Ingress:
         """An edit as JSON (image URLs), parsed by the json module first, as FastAPI parses the
         other routes: pydantic's own parser calls a lone surrogate invalid JSON, where the
         field's check names the field."""
-        body = ImageEditRequest.model_validate(raw)
+        body = self._parsed(ImageEditRequest, raw)
         target = self._target(body, "/v1/images/edits", lambda: body.prompt)
         check_image_request(body, target.config, self.config.limits)
         if not body.image:

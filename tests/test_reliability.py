@@ -531,3 +531,22 @@ def test_the_applications_runtime_env_reaches_its_replicas(cluster):
             assert http.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).json()["data"]
     finally:
         serve.delete("env_app")
+
+
+def test_a_body_refused_for_a_field_is_logged_under_the_model_it_names(http):
+    """A 400 from a field's range is still the named model's error in the access log (and the
+    metrics, which take the same label); a name this server does not serve stays `-`."""
+    ids = {kind: uuid.uuid4().hex for kind in ("chat", "image", "edit", "unknown")}
+    assert http.post("/v1/chat/completions", headers={"X-Request-Id": ids["chat"]},
+                     json={**SEED_CHAT, "temperature": 5}).status_code == 400
+    assert http.post("/v1/images/generations", headers={"X-Request-Id": ids["image"]},
+                     json={"model": IMAGE, "prompt": "x", "n": -1}).status_code == 400
+    assert http.post("/v1/images/edits", headers={"X-Request-Id": ids["edit"]},
+                     json={"model": IMAGE, "prompt": "x", "image": "http://h/x.png", "n": -1}).status_code == 400
+    assert http.post("/v1/chat/completions", headers={"X-Request-Id": ids["unknown"]},
+                     json={**SEED_CHAT, "model": "made-up", "temperature": 5}).status_code == 400
+    assert wait_for(lambda: all(_access_lines(request_id) for request_id in ids.values()), timeout=10)
+    lines = {kind: _access_lines(request_id)[0] for kind, request_id in ids.items()}
+    assert f" model={SEED_CHAT['model']} status=400 " in lines["chat"], lines["chat"]
+    assert f" model={IMAGE} status=400 " in lines["image"] and f" model={IMAGE} status=400 " in lines["edit"], lines
+    assert " model=- status=400 " in lines["unknown"], lines["unknown"]
