@@ -302,7 +302,8 @@ class ChatModel(ModelReplica):
         if room <= 0:
             raise InvalidRequest(
                 f"The conversation is {prompt_length} tokens; this model's context is "
-                f"{self.context_length} tokens.", param="messages", code="context_length_exceeded")
+                f"{self.context_length} tokens, which leaves no room for an answer.", param="messages",
+                code="context_length_exceeded")
         if job.max_tokens > room and job.max_tokens_explicit:
             raise InvalidRequest(
                 f"{job.max_tokens_param}={job.max_tokens} plus the conversation's {prompt_length} tokens "

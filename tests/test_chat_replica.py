@@ -392,6 +392,7 @@ def test_a_long_conversation_is_prepared_off_the_event_loop_and_answered(replica
     assert threads[0] == threading.main_thread().name and all(name != threads[0] for name in threads[1:])
     assert replica.context_length == 2048
     assert isinstance(long, InvalidRequest) and long.code == "context_length_exceeded"
+    assert long.message.endswith("which leaves no room for an answer."), long.message
     assert short.choices[0].completion_tokens >= 1 and tool_calls.choices[0].completion_tokens >= 1
     assert fitting.prompt_tokens > 1_000 and fitting.choices[0].completion_tokens >= 1
 
