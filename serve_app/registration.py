@@ -111,14 +111,20 @@ def node_client(timeout_s: float) -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=timeout_s, trust_env=False)
 
 
-async def call_node(client: httpx.AsyncClient, url: str, path: str, body: BaseModel) -> NodeReply:
-    """POST one request to a node; raises `NodeError` unless it answers 200 with code 0."""
+REGISTER_LIMIT = "timeout_s"
+UNREGISTER_LIMIT = f"the unregister limit, timeout_s or at most {UNREGISTER_TIMEOUT_S:g} s"
+
+
+async def call_node(client: httpx.AsyncClient, url: str, path: str, body: BaseModel,
+                    limit: str = REGISTER_LIMIT) -> NodeReply:
+    """POST one request to a node; raises `NodeError` unless it answers 200 with code 0.
+    `limit` names the setting behind the client's timeout, for the error a timeout raises."""
     try:
         response = await client.post(url + path, content=body.model_dump_json(),
                                      headers={"Content-Type": "application/json"})
     except httpx.TimeoutException as exc:  # httpx's own text is empty: say which limit it was
-        raise NodeError(f"{type(exc).__name__}: the node did not answer within timeout_s "
-                        f"({client.timeout.read} s)") from exc
+        raise NodeError(f"{type(exc).__name__}: the node did not answer within {limit} "
+                        f"({client.timeout.read:g} s)") from exc
     except httpx.HTTPError as exc:
         raise NodeError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from exc
     try:
@@ -161,15 +167,18 @@ def _write_record(app_name: str, pairs: set[tuple[str, str]] | None) -> None:
         _internal_kv_del(_record_key(app_name), namespace=KV_NAMESPACE)
 
 
-async def unregister_pairs(pairs: list[tuple[str, str]], timeout_s: float, why: str) -> None:
-    """Unregister each (project, node URL), concurrently; each outcome logged, none raised."""
+async def unregister_pairs(pairs: Sequence[tuple[str, str]], timeout_s: float,
+                           why: str) -> list[NodeReply | BaseException]:
+    """Unregister each (project, node URL), concurrently, waiting at most `UNREGISTER_TIMEOUT_S`
+    (a stopping server has little time); each outcome logged and returned, none raised."""
     async with node_client(min(timeout_s, UNREGISTER_TIMEOUT_S)) as client:
         results = await asyncio.gather(*(call_node(client, url, UNREGISTER_PATH, ProjectUnregistration(
-            project=project)) for project, url in pairs), return_exceptions=True)
+            project=project), UNREGISTER_LIMIT) for project, url in pairs), return_exceptions=True)
     for (project, url), result in zip(pairs, results):
         logger.log(logging.WARNING if isinstance(result, BaseException) else logging.INFO,
                    "unregistering project %r from node %s, %s: %s", project, url, why,
                    result if isinstance(result, BaseException) else result.message or "done")
+    return results
 
 
 async def unregister_stale(app_name: str, current: set[tuple[str, str]], timeout_s: float) -> None:
@@ -281,16 +290,11 @@ class Registrar:
 
     async def unregister(self) -> None:
         """Tell every node the project is gone: best effort, bounded by a short timeout."""
-        body = ProjectUnregistration(project=self.project)
-        async with node_client(min(self.options.timeout_s, UNREGISTER_TIMEOUT_S)) as client:
-            results = await asyncio.gather(*(call_node(client, node.url, UNREGISTER_PATH, body)
-                                             for node in self._nodes), return_exceptions=True)
+        results = await unregister_pairs([(self.project, node.url) for node in self._nodes],
+                                         self.options.timeout_s, "the application is going away")
         for node, result in zip(self._nodes, results):
             if isinstance(result, BaseException):
                 node.last_error = str(result)
-                logger.warning("could not unregister project %r from node %s: %s", self.project, node.url, result)
-            else:
-                logger.info("unregistered project %r from node %s (%s)", self.project, node.url, result.message)
             node.state, node.registered = "pending", None
 
     def owned(self) -> set[tuple[str, str]]:

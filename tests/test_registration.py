@@ -224,6 +224,22 @@ async def test_a_node_too_slow_to_answer_is_said_to_be_past_timeout_s() -> None:
 
 
 @pytest.mark.anyio
+async def test_an_unregister_past_its_short_limit_says_which_limit() -> None:
+    """Unregistering waits at most 2 s whatever timeout_s is: the error says so, not `timeout_s (2 s)`
+    where the operator set 5."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        config = make_config([f"http://127.0.0.1:{silent.getsockname()[1]}"], timeout_s=5.0)
+        registrar = Registrar(config, FakeLive(config))
+        started_at = time.monotonic()
+        await registrar.unregister()
+        assert time.monotonic() - started_at < 4
+        assert node_status(registrar)["last_error"] == (
+            "ReadTimeout: the node did not answer within the unregister limit, timeout_s or at most 2 s (2 s)")
+
+
+@pytest.mark.anyio
 async def test_one_failing_node_does_not_hold_back_another(node: FakeNode) -> None:
     down = FakeNode().start()
     down.stop()
