@@ -603,6 +603,20 @@ def test_saves_are_unguessable_complete_and_leave_no_temp_files(tmp_path: Path) 
         assert file.read() == PNG and store.url(name) == f"http://h/v1/files/images/{name}"
 
 
+def test_a_file_system_that_keeps_no_modes_still_stores_the_image(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """CIFS and vfat refuse chmod (EPERM): the image is saved all the same, with the mode it got."""
+    def refused(fd: int, mode: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchmod", refused)
+    store = ImageStore(str(tmp_path), "http://h/")
+    name = store.save(PNG)
+    with store.open(name).file as file:
+        assert file.read() == PNG
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
 def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: Any) -> None:
         raise OSError("disk full")
