@@ -76,6 +76,7 @@ OBJECT_STORE_BYTES="${SERVE_APP_OBJECT_STORE_BYTES:-268435456}"  # 256 MiB per n
 START_TIMEOUT_S="${SERVE_APP_START_TIMEOUT_S:-120}"
 DEPLOY_TIMEOUT_S="${SERVE_APP_DEPLOY_TIMEOUT_S:-300}"
 STOP_TIMEOUT_S="${SERVE_APP_STOP_TIMEOUT_S:-30}"  # per step: the workers, then the head
+SHUTDOWN_TIMEOUT_S="${SERVE_APP_SHUTDOWN_TIMEOUT_S:-90}"  # `serve shutdown` before that
 
 export RAY_AUTH_MODE="${SERVE_APP_AUTH_MODE:-disabled}"
 export RAY_ADDRESS="$NODE_IP:$GCS_PORT"                 # `ray status` and friends: this cluster only
@@ -298,9 +299,9 @@ cmd_stop() {
       # Bounded: the dashboard answers once Serve is down (30 s per stage at most); a wedged one
       # must not hold `stop` (coreutils' timeout where there is one).
       local bounded=()
-      command -v timeout >/dev/null && bounded=(timeout 90)
+      command -v timeout >/dev/null && bounded=(timeout "$SHUTDOWN_TIMEOUT_S")
       "${bounded[@]+"${bounded[@]}"}" "$SERVE" shutdown -y -a "$RAY_DASHBOARD_ADDRESS" >&2 ||
-        log "serve shutdown failed or took over 90 s; stopping the nodes anyway"
+        log "serve shutdown failed or took over ${SHUTDOWN_TIMEOUT_S}s; stopping the nodes anyway"
     fi
     # Workers first, while the head (GCS) is up to accept their drain; then the head.
     stop_nodes node_a node_b

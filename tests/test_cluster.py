@@ -256,6 +256,8 @@ exec "%s" "$@"
 
 FAKE_SERVE = """#!/bin/sh
 echo "serve $*" >>"$SERVE_APP_LOCAL_CLUSTER/fake_serve.log"
+[ "${FAKE_SERVE_HANG:-0}" = 1 ] && exec sleep 600
+exit 0
 """
 
 
@@ -368,6 +370,19 @@ def test_script_start_ports_environment_and_stop_order(fake_cluster: FakeCluster
     assert fake_cluster.script("start").returncode == 0
     assert not (fake_cluster.dir / "head" / "old_session").exists()
     assert (fake_cluster.dir / "test_config_1.yaml").exists()
+
+
+def test_script_stop_goes_on_when_serve_shutdown_hangs(fake_cluster: FakeCluster):
+    """A wedged dashboard must not hold `stop`: the shutdown is cut off and the nodes still stop."""
+    assert fake_cluster.script("start").returncode == 0
+    started_at = time.monotonic()
+    stopped = fake_cluster.script("stop", FAKE_SERVE_HANG="1", SERVE_APP_SHUTDOWN_TIMEOUT_S="2")
+    assert stopped.returncode == 0, stopped.stderr
+    assert time.monotonic() - started_at < 20
+    assert "serve shutdown failed or took over 2s; stopping the nodes anyway" in stopped.stderr
+    assert {line.split()[0] for line in fake_cluster.events() if line.endswith(" exit")} == {
+        "head", "node_a", "node_b"}
+    assert not _load("cluster_tool").tagged_processes(str(fake_cluster.dir))
 
 
 def test_script_takes_a_venv_relative_to_where_it_is_run(fake_cluster: FakeCluster, tmp_path: Path):
