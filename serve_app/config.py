@@ -433,6 +433,11 @@ class RegistrationOptions(StrictModel):
         return urls
 
 
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+"""The formats an edit's images may be in (Pillow's names), the default of `accepted_formats`."""
+IMAGE_FORMAT_ALIASES = {"JPG": "JPEG"}
+
+
 class ImageInputOptions(StrictModel):
     """Limits on the images an edit brings: fetched from a URL or uploaded."""
 
@@ -443,6 +448,8 @@ class ImageInputOptions(StrictModel):
     allowed_hosts: list[str] = Field(
         default_factory=list,
         description="Hosts or IPs that may be fetched even though they are private/loopback (refused by default).")
+    accepted_formats: list[str] = Field(list(IMAGE_FORMATS), min_length=1,
+                                        description="Image formats accepted (recognised from the bytes).")
 
     @field_validator("allowed_hosts")
     @classmethod
@@ -454,8 +461,18 @@ class ImageInputOptions(StrictModel):
                 raise ValueError(f"{host!r} is not a host: give a name, an IP address or a network (CIDR), "
                                  "without a scheme, port, path or wildcard (every port of a listed host is allowed)")
         return hosts
-    accepted_formats: list[str] = Field(["PNG", "JPEG", "WEBP", "GIF", "BMP"],
-                                        description="Image formats accepted (recognised from the bytes).")
+
+    @field_validator("accepted_formats")
+    @classmethod
+    def _checked_formats(cls, formats: list[str]) -> list[str]:
+        """As Pillow names them (upper case, JPG is JPEG), and only formats whose costly shapes
+        this server refuses before decoding (serve_app/image_structure.py): a TIFF or PSD would
+        reach Pillow unchecked. Wrong here, the config check names it, not a failing replica."""
+        named = list(dict.fromkeys(IMAGE_FORMAT_ALIASES.get(f.upper(), f.upper()) for f in formats))
+        unknown = [f for f in formats if IMAGE_FORMAT_ALIASES.get(f.upper(), f.upper()) not in IMAGE_FORMATS]
+        if unknown:
+            raise ValueError(f"{unknown}: not a format this server accepts; choose from {list(IMAGE_FORMATS)}")
+        return named
 
 
 class ImageRetentionOptions(StrictModel):

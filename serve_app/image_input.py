@@ -170,7 +170,7 @@ class ImageFetcher:
         environment are ignored on purpose: a proxy would connect to addresses nobody checked."""
         self.options = options
         self.max_bytes = options.max_bytes
-        self.formats = _known_formats(options.accepted_formats)
+        self.formats = tuple(options.accepted_formats)
         self.hosts = HostPolicy(options.allowed_hosts)
         self._resolver = ThreadPoolExecutor(RESOLVER_THREADS, thread_name_prefix="image-url-dns")
         self._downloads = asyncio.Semaphore(MAX_DOWNLOADS)
@@ -345,14 +345,3 @@ def _percent_decoded(payload: str, *, param: str) -> bytes:
 
 def _bad_url(param: str, problem: str) -> InvalidRequest:
     return InvalidRequest(f"{param} {problem}.", param=param, code="invalid_image_url")
-
-
-def _known_formats(formats: Iterable[str]) -> tuple[str, ...]:
-    """Config names as Pillow's format ids; an unknown one fails at startup, not per request."""
-    Image.init()
-    aliases = {"JPG": "JPEG"}
-    known = tuple(dict.fromkeys(aliases.get(f.upper(), f.upper()) for f in formats))
-    unknown = [f for f in known if f not in Image.OPEN]
-    if unknown:
-        raise ValueError(f"image_input.accepted_formats: Pillow cannot read {unknown}")
-    return known

@@ -53,8 +53,8 @@ _SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # the first marker after c
 
 
 def check_structure(data: bytes, *, param: str, formats: Sequence[str]) -> None:
-    """Refuse (400 `invalid_image`) a JPEG or PNG among `formats` (Pillow's ids) that costs too
-    much to read; other bytes pass untouched, for Pillow to recognise or refuse."""
+    """Refuse (400 `invalid_image`) a JPEG, PNG, BMP or GIF among `formats` (Pillow's ids) that
+    costs too much to read; other bytes pass untouched, for Pillow to recognise or refuse."""
     if data[:3] == JPEG_START and "JPEG" in formats:
         jpeg = jpeg_structure(data)
         if jpeg.segments > MAX_JPEG_SEGMENTS or jpeg.stray_bytes > MAX_JPEG_STRAY_BYTES:

@@ -362,6 +362,18 @@ def test_allowed_hosts_are_hosts(hosts, ok):
             validate(lambda a: a.update(image_input={"allowed_hosts": hosts}))
 
 
+@pytest.mark.parametrize("formats,named", [
+    (["png", "jpg", "JPEG", "webp"], ["PNG", "JPEG", "WEBP"]), (["TIFF"], None), (["PNG", "TIFFF"], None), ([], None)])
+def test_accepted_formats_are_the_ones_the_server_checks(formats, named):
+    """Named as Pillow names them; a format whose costly shapes the server does not refuse
+    before decoding (TIFF), a typo or none at all fails the config check, not an ingress replica."""
+    if named:
+        assert validate(lambda a: a.update(image_input={"accepted_formats": formats})).image_input.accepted_formats == named
+    else:
+        with pytest.raises(ValidationError, match="accepted_formats"):
+            validate(lambda a: a.update(image_input={"accepted_formats": formats}))
+
+
 @pytest.mark.parametrize("origin,ok", [
     ("https://chat.example.com", True), ("http://localhost:3000", True), ("http://[::1]:8080", True), ("*", True),
     ("null", True),  # file:// pages and sandboxed frames
