@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import bisect
 
-try:  # incremental decoding in the fast tokenizers' own library (tokenizers >= 0.21)
-    from tokenizers.decoders import DecodeStream
-except ImportError:
-    DecodeStream = None
+from tokenizers.decoders import DecodeStream  # incremental decoding in the fast tokenizers' own library
 
 from serve_app.jobs import ChatChoiceResult, TokenAlternative, TokenLogprob
 from serve_app.token_bytes import TokenBytes
@@ -37,7 +34,7 @@ class IncrementalText:
         self.tokens: list[int] = []
         self.text = ""
         self._backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-        self._stream = DecodeStream(skip_special_tokens=True) if self._backend and DecodeStream else None
+        self._stream = DecodeStream(skip_special_tokens=True) if self._backend else None
         self._context = ""  # text of tokens a restarted stream was given as context, not yet cut off
 
     def add(self, token: int) -> str:

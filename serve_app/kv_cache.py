@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import torch
 
-try:  # the layer type whose tensors can be merged across batches (transformers >= 4.56)
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-except ImportError:  # older transformers: requests batch, but do not join a running batch
-    DynamicLayer = DynamicSlidingWindowLayer = None
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 ROOM_TOKENS = 128
 """Positions reserved ahead per row: the cache is copied once per this many steps. On a GPU
@@ -34,109 +31,106 @@ def _capacity(tokens: int, room_tokens: int) -> int:
     return tokens if room_tokens <= 0 else (tokens // room_tokens + 1) * room_tokens
 
 
-if DynamicLayer is not None:
-    class ReservedLayer(DynamicLayer):
-        """A `DynamicLayer` whose keys and values are the front of a larger tensor (its room).
+class ReservedLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values are the front of a larger tensor (its room).
 
-        `keys`/`values` stay plain attributes, so code that replaces them (transformers'
-        `crop`, offloading) still works: the next `update` sees they are no longer the front
-        of the room and reserves a new one around them.
-        """
+    `keys`/`values` stay plain attributes, so code that replaces them (transformers'
+    `crop`, offloading) still works: the next `update` sees they are no longer the front
+    of the room and reserves a new one around them.
+    """
 
-        def __init__(self, room_tokens: int = ROOM_TOKENS) -> None:
-            super().__init__()
-            self.room_tokens = room_tokens
-            self.key_room: torch.Tensor | None = None
-            self.value_room: torch.Tensor | None = None
+    def __init__(self, room_tokens: int = ROOM_TOKENS) -> None:
+        super().__init__()
+        self.room_tokens = room_tokens
+        self.key_room: torch.Tensor | None = None
+        self.value_room: torch.Tensor | None = None
 
-        @classmethod
-        def adopt(cls, layer: DynamicLayer, room_tokens: int) -> ReservedLayer:
-            """The same cached tensors as `layer` (not copied): room is reserved at the next update."""
-            reserved = cls(room_tokens)
-            reserved.__dict__.update(vars(layer))  # keys, values, device, is_initialized
-            return reserved
+    @classmethod
+    def adopt(cls, layer: DynamicLayer, room_tokens: int) -> ReservedLayer:
+        """The same cached tensors as `layer` (not copied): room is reserved at the next update."""
+        reserved = cls(room_tokens)
+        reserved.__dict__.update(vars(layer))  # keys, values, device, is_initialized
+        return reserved
 
-        def _in_room(self, tokens: int) -> bool:
-            """Whether keys/values are the front `tokens`-or-fewer positions of the room and
-            `tokens` positions fit in it."""
-            pairs = ((self.keys, self.key_room), (self.values, self.value_room))
-            return all(room is not None and cached is not None and cached.data_ptr() == room.data_ptr()
-                       and cached.stride() == room.stride() and cached.shape[:2] == room.shape[:2]
-                       and tokens <= room.shape[2] for cached, room in pairs)
+    def _in_room(self, tokens: int) -> bool:
+        """Whether keys/values are the front `tokens`-or-fewer positions of the room and
+        `tokens` positions fit in it."""
+        pairs = ((self.keys, self.key_room), (self.values, self.value_room))
+        return all(room is not None and cached is not None and cached.data_ptr() == room.data_ptr()
+                   and cached.stride() == room.stride() and cached.shape[:2] == room.shape[:2]
+                   and tokens <= room.shape[2] for cached, room in pairs)
 
-        def _show(self, tokens: int) -> None:
-            self.keys, self.values = self.key_room[:, :, :tokens], self.value_room[:, :, :tokens]
+    def _show(self, tokens: int) -> None:
+        self.keys, self.values = self.key_room[:, :, :tokens], self.value_room[:, :, :tokens]
 
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-            """Write the new positions in place (copying the cache into a new room only when full)."""
-            if not self.is_initialized:  # the installed transformers' own first update (its lazy init varies)
-                return super().update(key_states, value_states, *args, **kwargs)
-            length = self.get_seq_length()
-            tokens = length + key_states.shape[-2]
-            if not self._in_room(tokens):
-                self.key_room, self.value_room = (
-                    _room_like(new, _capacity(tokens, self.room_tokens), old[:, :, :length] if length else None)
-                    for new, old in ((key_states, self.keys), (value_states, self.values)))
-            self.key_room[:, :, length:tokens] = key_states
-            self.value_room[:, :, length:tokens] = value_states
-            self._show(tokens)
-            return self.keys, self.values
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new positions in place (copying the cache into a new room only when full)."""
+        if not self.is_initialized:  # the installed transformers' own first update (its lazy init varies)
+            return super().update(key_states, value_states, *args, **kwargs)
+        length = self.get_seq_length()
+        tokens = length + key_states.shape[-2]
+        if not self._in_room(tokens):
+            self.key_room, self.value_room = (
+                _room_like(new, _capacity(tokens, self.room_tokens), old[:, :, :length] if length else None)
+                for new, old in ((key_states, self.keys), (value_states, self.values)))
+        self.key_room[:, :, length:tokens] = key_states
+        self.value_room[:, :, length:tokens] = value_states
+        self._show(tokens)
+        return self.keys, self.values
 
-        def keep_rows(self, indices: torch.Tensor, first: int = 0) -> None:
-            """Keep rows `indices` (in that order) from position `first` on, room included, in one
-            copy of just that: the memory of the rows and columns left behind is freed."""
-            length = self.get_seq_length()
-            if length and self._in_room(length):
-                self.key_room = self.key_room[indices, :, first:]
-                self.value_room = self.value_room[indices, :, first:]
-                self._show(length - first)
-            elif length:
-                self.keys, self.values = self.keys[indices, :, first:], self.values[indices, :, first:]
+    def keep_rows(self, indices: torch.Tensor, first: int = 0) -> None:
+        """Keep rows `indices` (in that order) from position `first` on, room included, in one
+        copy of just that: the memory of the rows and columns left behind is freed."""
+        length = self.get_seq_length()
+        if length and self._in_room(length):
+            self.key_room = self.key_room[indices, :, first:]
+            self.value_room = self.value_room[indices, :, first:]
+            self._show(length - first)
+        elif length:
+            self.keys, self.values = self.keys[indices, :, first:], self.values[indices, :, first:]
 
-        def batch_select_indices(self, indices: torch.Tensor) -> None:
-            self.keep_rows(indices)
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.keep_rows(indices)
 
-        def reorder_cache(self, beam_idx: torch.Tensor) -> None:
-            self.keep_rows(beam_idx)
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        self.keep_rows(beam_idx)
 
-        def rooms_for(self, joining: DynamicLayer, pad_mine: int) -> list[torch.Tensor]:
-            """New (key, value) rooms for these rows and `joining`'s, allocated, not yet written."""
-            tokens = self.get_seq_length() + pad_mine
-            return [mine.new_empty((mine.shape[0] + theirs.shape[0], mine.shape[1],
-                                    _capacity(tokens, self.room_tokens), mine.shape[3]))
-                    for mine, theirs in ((self.keys, joining.keys), (self.values, joining.values))]
+    def rooms_for(self, joining: DynamicLayer, pad_mine: int) -> list[torch.Tensor]:
+        """New (key, value) rooms for these rows and `joining`'s, allocated, not yet written."""
+        tokens = self.get_seq_length() + pad_mine
+        return [mine.new_empty((mine.shape[0] + theirs.shape[0], mine.shape[1],
+                                _capacity(tokens, self.room_tokens), mine.shape[3]))
+                for mine, theirs in ((self.keys, joining.keys), (self.values, joining.values))]
 
-        def append_rows(self, joining: DynamicLayer, pad_mine: int, pad_joining: int) -> None:
-            """Add `joining`'s rows after these, each side left-padded with zeros to one length,
-            written straight into a new room (one copy, not a concatenation then a reserve)."""
-            tokens = self.get_seq_length() + pad_mine
-            rooms = self.rooms_for(joining, pad_mine)
-            for room, mine, theirs in zip(rooms, (self.keys, self.values), (joining.keys, joining.values)):
-                for rows, part, pad in ((room[:mine.shape[0]], mine, pad_mine),
-                                        (room[mine.shape[0]:], theirs, pad_joining)):
-                    rows[:, :, :pad].zero_()  # masked out, but must be finite: 0 x NaN is NaN
-                    rows[:, :, pad:tokens] = part
-            self.key_room, self.value_room = rooms
-            self._show(tokens)
+    def append_rows(self, joining: DynamicLayer, pad_mine: int, pad_joining: int) -> None:
+        """Add `joining`'s rows after these, each side left-padded with zeros to one length,
+        written straight into a new room (one copy, not a concatenation then a reserve)."""
+        tokens = self.get_seq_length() + pad_mine
+        rooms = self.rooms_for(joining, pad_mine)
+        for room, mine, theirs in zip(rooms, (self.keys, self.values), (joining.keys, joining.values)):
+            for rows, part, pad in ((room[:mine.shape[0]], mine, pad_mine),
+                                    (room[mine.shape[0]:], theirs, pad_joining)):
+                rows[:, :, :pad].zero_()  # masked out, but must be finite: 0 x NaN is NaN
+                rows[:, :, pad:tokens] = part
+        self.key_room, self.value_room = rooms
+        self._show(tokens)
 
-        def give_back_rows(self, rows: int, pad_mine: int) -> None:
-            """Undo `append_rows`: the first `rows` rows without the `pad_mine` columns it put in
-            front of them, as views of the merged room (keeping its room ahead, so the next step
-            still writes in place); the room's memory is freed when the rows next change."""
-            tokens = self.get_seq_length() - pad_mine
-            self.key_room, self.value_room = self.key_room[:rows, :, pad_mine:], self.value_room[:rows, :, pad_mine:]
-            self._show(tokens)
+    def give_back_rows(self, rows: int, pad_mine: int) -> None:
+        """Undo `append_rows`: the first `rows` rows without the `pad_mine` columns it put in
+        front of them, as views of the merged room (keeping its room ahead, so the next step
+        still writes in place); the room's memory is freed when the rows next change."""
+        tokens = self.get_seq_length() - pad_mine
+        self.key_room, self.value_room = self.key_room[:rows, :, pad_mine:], self.value_room[:rows, :, pad_mine:]
+        self._show(tokens)
 
-        def compact(self) -> None:
-            """Move the rows into a room of their own size (as `keep_rows` leaves them), letting go
-            of a larger one they are views of (`give_back_rows`)."""
-            tokens = self.get_seq_length()
-            self.key_room, self.value_room = (_room_like(cached, _capacity(tokens, self.room_tokens), cached)
-                                              for cached in (self.keys, self.values))
-            self._show(tokens)
-else:
-    ReservedLayer = None
+    def compact(self) -> None:
+        """Move the rows into a room of their own size (as `keep_rows` leaves them), letting go
+        of a larger one they are views of (`give_back_rows`)."""
+        tokens = self.get_seq_length()
+        self.key_room, self.value_room = (_room_like(cached, _capacity(tokens, self.room_tokens), cached)
+                                          for cached in (self.keys, self.values))
+        self._show(tokens)
 
 
 def _room_like(like: torch.Tensor, capacity: int, front: torch.Tensor | None) -> torch.Tensor:
@@ -152,7 +146,7 @@ def reserve_room(cache, room_tokens: int = ROOM_TOKENS, context_length: int | No
     longer than the model's context (Phi-3.5-mini: 262,144 against 131,072), which never
     slides: that layer is a plain one, and the batch can take newcomers."""
     layers = getattr(cache, "layers", None)
-    if ReservedLayer is not None and layers:
+    if layers:
         for i, layer in enumerate(layers):
             if type(layer) is DynamicLayer or _never_slides(layer, context_length):
                 layers[i] = ReservedLayer.adopt(layer, room_tokens)
@@ -169,7 +163,7 @@ def _never_slides(layer, context_length: int | None) -> bool:
 def mergeable(cache) -> bool:
     """Whether this cache is plain per-layer key/value tensors that can be padded and merged."""
     layers = getattr(cache, "layers", None)
-    return bool(layers) and ReservedLayer is not None and all(
+    return bool(layers) and all(
         type(layer) is ReservedLayer and layer.is_initialized for layer in layers)
 
 

@@ -53,8 +53,6 @@ def assigned_gpu_ids() -> list[str]:
         return []
 
 
-
-
 def see_only_assigned_gpus(config: BaseModelConfig) -> None:
     """With RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES set, Ray leaves every GPU of the node
     visible to every replica: each would load onto cuda:0 (physical GPU 0) and spread
