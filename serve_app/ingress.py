@@ -25,6 +25,7 @@ from starlette.responses import Response
 from serve_app.access_log import note, note_named_model
 from serve_app.catalog import STATUS_WAIT_S, LiveCatalog, LiveModel, ModelRouter, Target, served_routes
 from serve_app.config import AppConfig
+from serve_app.deadline import DeadlinePassed, within
 from serve_app.errors import (
     BODY_NEVER_ARRIVED,
     APIError,
@@ -298,14 +299,10 @@ class Ingress:
     @api.get("/v1/models/{model:path}", response_model=ModelDetail, responses={404: ERRORS[404]})
     async def retrieve_model(self, model: str) -> Response:
         """One live model (OpenAI's `models.retrieve`); names may hold slashes, as hub ids do.
-        `/v1/models/` (no name) is the list."""
-        if not model.strip("/"):
-            return await self.list_models()
-        live_models = await self.catalog.live_models()
-        for name in dict.fromkeys((model, model.rstrip("/"))):  # `/v1/models/<name>/` too
-            for live in live_models:
-                if live.config.name == name:
-                    return json_response(ModelDetail(**self._card(live).model_dump()))
+        Trailing slashes never reach here (`request_guards`): `/v1/models/` is the list."""
+        for live in await self.catalog.live_models():
+            if live.config.name == model:
+                return json_response(ModelDetail(**self._card(live).model_dump()))
         raise model_not_found(model)
 
     @api.get("/v1/registration")
@@ -313,13 +310,9 @@ class Ingress:
         """Registration with the network node(s): per node state, last error, models registered."""
         if self.registrar is None:
             return JSONResponse({"enabled": False})
-        deadline = asyncio.timeout(STATUS_WAIT_S)
         try:  # a registrar restarting or failed: an answer in time, in the error envelope
-            async with deadline:
-                status = await self.registrar.status.remote()
-        except TimeoutError as exc:
-            if not deadline.expired():
-                raise as_api_error(exc) from exc
+            status = await within(STATUS_WAIT_S, self.registrar.status.remote())
+        except DeadlinePassed:
             raise GatewayTimeout("The registrar did not answer in time.") from None
         except Exception as exc:  # noqa: BLE001 - Serve would answer its own exceptions in plain text
             raise as_api_error(exc) from exc
@@ -374,18 +367,14 @@ class Ingress:
             cancel()
             raise ModelFailed(f"The model {target.config.name!r} is not available: its replicas failed to "
                               "start. The server's operator has to fix and redeploy it.")
-        deadline = asyncio.timeout(self.config.limits.request_timeout_s)  # no extra task, unlike wait_for
         try:
-            async with deadline:
-                answered = await answer
+            answered = await within(self.config.limits.request_timeout_s, answer)
         except APIError:
             raise
         except asyncio.CancelledError:  # the client left: Serve 2.60 cancels the model call too, this makes sure
             cancel()
             raise
-        except TimeoutError as exc:
-            if not deadline.expired():  # the model's own TimeoutError (Ray's error is also one): its failure
-                raise as_api_error(exc) from exc
+        except DeadlinePassed:
             cancel()
             if not await self.catalog.is_running(target.config.name):
                 raise Overloaded(f"The model {target.config.name!r} is starting; retry shortly.",

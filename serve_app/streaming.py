@@ -8,11 +8,11 @@ sent as one `data:` event carrying the error envelope, then `data: [DONE]`.
 
 from __future__ import annotations
 
-import asyncio
 from typing import AsyncIterator, Literal
 
 from pydantic import BaseModel
 
+from serve_app.deadline import DeadlinePassed, within
 from serve_app.errors import GatewayTimeout
 from serve_app.http_errors import as_api_error, error_body
 from serve_app.jobs import ChatStreamChunk, ChoiceDelta
@@ -91,15 +91,11 @@ async def chat_events(encoder: ChatChunkEncoder, first: ChatStreamChunk | None,
         if first is not None:
             yield encoder.encode(first)
         while True:
-            silence = asyncio.timeout(silence_s)
             try:
-                async with silence:
-                    chunk = await anext(rest)
+                chunk = await within(silence_s, anext(rest))
             except StopAsyncIteration:
                 break
-            except TimeoutError:
-                if not silence.expired():  # the model's own timeout error: reported as it is
-                    raise
+            except DeadlinePassed:
                 raise GatewayTimeout(f"The model sent nothing for {silence_s:g} s; the stream was ended.") from None
             yield encoder.encode(chunk)
     except Exception as exc:  # noqa: BLE001 - the status is already sent; report in-band
