@@ -76,7 +76,7 @@ class ChatModel(ModelReplica):
         head = self.model.get_output_embeddings()  # the logits' width; some models name no head
         self.vocabulary = getattr(head, "out_features", None) or self.model.config.get_text_config().vocab_size
         self.token_bytes = TokenBytes(self.tokenizer)
-        self._batch = DecodeBatch(self.model, self.pad_id, self.device)
+        self._batch = self._new_batch()
         self.context_length = self._batch.context_length
         self._cache_merges = True  # until a prefill shows this model's cache cannot take newcomers
         self._waiting: deque[Slot] = deque()
@@ -170,11 +170,7 @@ class ChatModel(ModelReplica):
                     deltas = await self.run_on_worker(self._batch.tick, joining)
                 except Exception as exc:  # noqa: BLE001 - a failed pass fails the requests in it, not the loop
                     logger.exception("decode step failed")
-                    failed, self._batch = self._batch, DecodeBatch(self.model, self.pad_id, self.device)
-                    slots = [slot for slot, _ in failed.owners] + joining
-                    # The failed batch (its KV cache) is let go before `released` returns memory to the GPU.
-                    del failed
-                    self._fail(slots, exc)
+                    self._fail_batch(joining, exc)
                     continue
                 if self._batch.merges is not None:
                     self._cache_merges = self._batch.merges
@@ -184,15 +180,23 @@ class ChatModel(ModelReplica):
                     self._tokens += len(deltas)
                 self._deliver(deltas)
         except BaseException as exc:
-            failed, self._batch = self._batch, DecodeBatch(self.model, self.pad_id, self.device)
             # Those being admitted too: out of the queue, maybe not yet in the batch.
-            slots = list(self._waiting) + joining + [slot for slot, _ in failed.owners]
-            del failed  # before `released` returns memory to the GPU, as above
-            self._fail(slots, exc)
+            self._fail_batch(list(self._waiting) + joining, exc)
             self._waiting.clear()
             raise
         finally:
             self._engine = None
+
+    def _new_batch(self) -> DecodeBatch:
+        return DecodeBatch(self.model, self.pad_id, self.device)
+
+    def _fail_batch(self, also: list[Slot], exc: BaseException) -> None:
+        """Fail every request of the batch, and `also`, with `exc`; an empty batch takes its place.
+        The failed batch (its KV cache) is let go before `released` returns memory to the GPU."""
+        failed, self._batch = self._batch, self._new_batch()
+        slots = also + [slot for slot, _ in failed.owners]
+        del failed
+        self._fail(slots, exc)
 
     def _admit(self) -> list[Slot]:
         """Waiting requests that join the batch now, oldest first, while their rows (one per
