@@ -50,8 +50,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="YAML/JSON with keys chat, image, app, chat_batching_off, config merged into "
                              "the generated Serve config (see bench/README.md)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads of every server")
-    parser.add_argument("--only", help="comma-separated subset: ray_batch,ray_nobatch,naive,litserve,echo,images")
+    parser.add_argument("--only", type=_subset, help=f"comma-separated subset: {','.join(PARTS)}")
     return parser.parse_args(argv)
+
+
+PARTS = ("ray_batch", "ray_nobatch", "naive", "litserve", "echo", "images")
+
+
+def _subset(text: str) -> set[str]:
+    """`--only`'s parts; a misspelt one is an error, not a run that measures nothing."""
+    parts = {part.strip() for part in text.split(",") if part.strip()}
+    unknown = sorted(parts - set(PARTS))
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"unknown part(s) {unknown}; choose from {','.join(PARTS)}")
+    return parts
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -121,8 +133,12 @@ def start_ray(ctx: systems.Context, key: str, batching: bool, echo: bool, result
             results["notes"].append(f"{key}: did not start with {systems.FAST_ENV} ({str(exc)[-300:]}); "
                                     "fell back to Ray's defaults")
             continue
-        settings["haproxy_running"] = systems.haproxy_running(settings["temp_dir"])
-        settings["replica_omp_threads"] = systems.replica_threads(settings["temp_dir"])
+        try:
+            settings["haproxy_running"] = systems.haproxy_running(settings["temp_dir"])
+            settings["replica_omp_threads"] = systems.replica_threads(settings["temp_dir"])
+        except BaseException:  # Ctrl-C before the caller holds the server: stopped here
+            server.stop()
+            raise
         settings["start_s"] = round(time.monotonic() - started, 1)
         log(f"  serve run up in {settings['start_s']}s (fast switches: {fast}, "
             f"haproxy running: {settings['haproxy_running']})")
@@ -181,14 +197,16 @@ def measure_ray_echo(ctx: systems.Context, plan: Plan, results: dict) -> None:
     log("\n== serve_app echo (the full serving path) and Ray's handle floor")
     started = time.monotonic()
     server, settings = start_ray(ctx, "ray_echo", batching=True, echo=True, results=results)
-    with running(server, lambda: True, 300):
-        own = systems.echo_kind_entry() is not None
-        cells = asyncio.run(scenarios.measure_echo(systems.echo_url(server.base_url, own),
-                                                   systems.ECHO_MODEL, plan, log))
-        results["echo"].update({f"serve_app@{c}": cell for c, cell in cells.items()})
-        floor = asyncio.run(scenarios.measure_handle_floor(server.base_url + systems.FLOOR_PREFIX, plan, log))
-        results["echo"].update({f"ray_handle@{c}": cell for c, cell in floor.items()})
-    _record_system(results, "ray_echo", settings, started)
+    try:
+        with running(server, lambda: True, 300):
+            own = systems.echo_kind_entry() is not None
+            cells = asyncio.run(scenarios.measure_echo(systems.echo_url(server.base_url, own),
+                                                       systems.ECHO_MODEL, plan, log))
+            results["echo"].update({f"serve_app@{c}": cell for c, cell in cells.items()})
+            floor = asyncio.run(scenarios.measure_handle_floor(server.base_url + systems.FLOOR_PREFIX, plan, log))
+            results["echo"].update({f"ray_handle@{c}": cell for c, cell in floor.items()})
+    finally:  # interrupted too, as measure_system
+        _record_system(results, "ray_echo", settings, started)
 
 
 def measure_plain_echo(ctx: systems.Context, plan: Plan, results: dict) -> None:
@@ -245,7 +263,7 @@ def measure_all(ctx: systems.Context, plan: Plan, wanted: set[str], results: dic
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = make_plan(args)
-    wanted = set((args.only or "ray_batch,ray_nobatch,naive,litserve,echo,images").split(","))
+    wanted = args.only or set(PARTS)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     args.out.mkdir(parents=True, exist_ok=True)
     run_dir = Path(f"/tmp/serve_app_bench_{stamp}")
@@ -280,6 +298,9 @@ def finish(results: dict[str, Any], plan: Plan, out: Path, stamp: str) -> None:
     for cell in unequal:
         log(f"WARNING: not the same work as the other rows ({plan.max_tokens} tokens per request, each "
             f"request's first token timed): {cell}")
+    results["lossy_cells"] = report.lossy_cells(results)
+    for cell in results["lossy_cells"]:
+        log(f"WARNING: requests lost (the rate counts only the others): {cell}")
     if results["echo"]:
         log(report.simple_table("Serving path alone (echo)", results["echo"], "req/s") + "\n")
     if results["images"]:

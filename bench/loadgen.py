@@ -90,11 +90,11 @@ def summarize(samples: list[Sample], concurrency: int, sent: int, wall_s: float)
 
 
 async def _read_json(response: aiohttp.ClientResponse, started: float, count: Callable[[dict], int]) -> Sample:
+    if response.status != 200:  # its body may be no JSON (a proxy's HTML page): the status is what counts
+        text = await response.text(errors="replace")
+        return Sample(False, time.perf_counter() - started, error=f"HTTP {response.status}: {text[:120]}")
     payload = await response.json(content_type=None)
-    now = time.perf_counter()
-    if response.status != 200:
-        return Sample(False, now - started, error=f"HTTP {response.status}: {str(payload)[:120]}")
-    return Sample(True, now - started, units=count(payload))
+    return Sample(True, time.perf_counter() - started, units=count(payload))
 
 
 async def _read_sse(response: aiohttp.ClientResponse, started: float) -> Sample:

@@ -1,0 +1,105 @@
+"""The benchmark's verdicts (bench/report.py, bench/bench.py's arguments), on made-up cells.
+
+The benchmark itself is not part of the suite (it takes minutes and an idle machine); what
+it concludes from its figures is plain Python, checked here: a target must not pass on
+cells that lost requests without saying so, and a ratio must not rest on a cut cell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from bench import bench, report
+from bench.loadgen import Sample, chat_tokens, summarize
+from bench.loadgen import _read_json  # noqa: PLC2701 - the one reader of a non-streamed answer
+
+MAX_TOKENS = 32
+
+
+def cell(units_per_s: float, *, cut: int = 0, errors: int = 0, ok: int = 64) -> dict[str, Any]:
+    return {"units_per_s": units_per_s, "req_per_s": units_per_s, "concurrency": 64, "cut": cut, "errors": errors,
+            "ok": ok, "ttft_p50_ms": 50.0, "ttft_p99_ms": 90.0, "latency_p50_ms": 900.0, "latency_p99_ms": 1500.0,
+            "units_per_request": float(MAX_TOKENS), "ttft_samples": ok}
+
+
+def results(chat: dict[str, Any] | None = None, echo: dict[str, Any] | None = None,
+            images: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"meta": {"plan": {"max_tokens": MAX_TOKENS}}, "chat": chat or {}, "echo": echo or {},
+            "images": images or {}}
+
+
+def verdict(rows: list[tuple[str, str, str]], name: str) -> str:
+    return next(v for target, _, v in rows if target.startswith(name))
+
+
+def test_no_ratio_rests_on_a_cell_cut_at_the_deadline() -> None:
+    """A cut cell's rate counts only the requests that finished in time (the slowest missing):
+    a ratio against it, on either side, would flatter or slight the other row."""
+    chat = {"naive": {"json": {"64": cell(10.0, cut=30)}}, "ray_batch": {"json": {"64": cell(100.0)}}}
+    row = next(line for line in report.chat_table(chat, [64]).splitlines() if line.startswith("1 serve_app"))
+    assert "100.0" in row and "x)" not in row
+    chat["naive"]["json"]["64"]["cut"] = 0
+    row = next(line for line in report.chat_table(chat, [64]).splitlines() if line.startswith("1 serve_app"))
+    assert "100.0 (10.00x)" in row
+
+
+def test_echo_and_image_targets_resting_on_lost_requests_are_marked() -> None:
+    echo = {"serve_app@32": cell(2000.0, errors=500), "plain@32": cell(8000.0),
+            "serve_app@1": cell(500.0), "plain@1": cell(600.0)}
+    images = {"serve_app": cell(30.0, errors=90), "naive": cell(10.0)}
+    rows = report.targets(results(echo=echo, images=images))
+    assert verdict(rows, "serving path @32") == "PASS*" and verdict(rows, "images @8") == "PASS*"
+    assert verdict(rows, "serving path @1") == "PASS"
+    assert report.lossy_cells(results(echo=echo, images=images)) == [
+        "echo serve_app@32: 500 failed, 0 cut", "images serve_app: 90 failed, 0 cut"]
+    assert "lost requests" in report.targets_table(rows)
+    echo["serve_app@32"]["errors"] = images["serve_app"]["errors"] = 0
+    rows = report.targets(results(echo=echo, images=images))
+    assert verdict(rows, "serving path @32") == "PASS" and verdict(rows, "images @8") == "PASS"
+
+
+def test_a_cell_where_nothing_finished_shows_no_latency() -> None:
+    empty = summarize([Sample(False, 1.0, error="HTTP 503")], concurrency=1, sent=1, wall_s=1.0).__dict__
+    assert empty["latency_p50_ms"] is None
+    line = report.simple_table("echo", {"serve_app@1": empty}, "req/s").splitlines()[-1]
+    assert line.split()[3:5] == ["-", "-"]
+
+
+def test_an_error_page_that_is_not_json_keeps_its_status() -> None:
+    """A proxy's 502 page is HTML: the error says HTTP 502, not that JSON failed to parse."""
+    import aiohttp
+
+    async def bad_gateway(request: web.Request) -> web.Response:
+        return web.Response(status=502, text="<html>502 Bad Gateway</html>", content_type="text/html")
+
+    async def fetch() -> Sample:
+        app = web.Application()
+        app.router.add_post("/", bad_gateway)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - the port the OS chose
+        try:
+            async with aiohttp.ClientSession() as session, session.post(f"http://127.0.0.1:{port}/", json={}) as r:
+                return await _read_json(r, 0.0, chat_tokens)
+        finally:
+            await runner.cleanup()
+
+    sample = asyncio.run(fetch())
+    assert not sample.ok and sample.error.startswith("HTTP 502: <html>")
+
+
+@pytest.mark.parametrize("only,ok", [("echo,images", True), ("ray_batch, naive", True), ("eco", False), ("", False)])
+def test_only_takes_the_known_parts(only: str, ok: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    """A misspelt part is an error, not a run that measures nothing and writes an empty result."""
+    if ok:
+        assert bench.parse_args(["--only", only]).only <= set(bench.PARTS)
+    else:
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--only", only])
+        assert "choose from" in capsys.readouterr().err
