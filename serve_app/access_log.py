@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from starlette.types import Scope
 
-from serve_app.image_store import FILES_ROUTE
+from serve_app.routes import FILES as FILES_ROUTE
 
 logger = logging.getLogger("ray.serve")
 

@@ -34,23 +34,24 @@ from ray.serve.schema import DeploymentStatus, ReplicaState
 
 from serve_app.config import AppConfig, ChatModelConfig, ImageModelConfig
 from serve_app.errors import InvalidRequest, model_not_found
+from serve_app import routes
 
 logger = logging.getLogger("ray.serve")
 
 ROUTES = {
-    "chat": ["/v1/chat/completions"],
-    "image": ["/v1/images/generations", "/v1/images/edits"],
+    "chat": [routes.CHAT],
+    "image": [routes.GENERATIONS, routes.EDITS],
 }
 """The routes of each kind of model; an image model may serve fewer (`served_routes`)."""
 
 
 def served_routes(model: ChatModelConfig | ImageModelConfig) -> list[str]:
     """The routes this model answers: its kind's, or those its config's `routes` names."""
-    routes = getattr(model, "routes", None)
-    return [route for route in ROUTES[model.kind] if routes is None or route.rsplit("/", 1)[1] in routes]
+    named = getattr(model, "routes", None)
+    return [route for route in ROUTES[model.kind] if named is None or route.rsplit("/", 1)[1] in named]
 
 
-ROUTE_KINDS = {route: kind for kind, routes in ROUTES.items() for route in routes}
+ROUTE_KINDS = {route: kind for kind, kind_routes in ROUTES.items() for route in kind_routes}
 KIND_NAMES = {"chat": "a chat model", "image": "an image model"}
 _DOWN = {DeploymentStatus.UNHEALTHY.value, DeploymentStatus.DEPLOY_FAILED.value}
 

@@ -31,10 +31,10 @@ from typing import BinaryIO
 from serve_app.config import ImageRetentionOptions
 from serve_app.errors import NotFound
 from serve_app.periodic import every
+from serve_app import routes
 
 logger = logging.getLogger("ray.serve")
 
-FILES_ROUTE = "/v1/files/images"
 _NAME = re.compile(r"[A-Za-z0-9_-]{16,64}\.(png|jpeg|webp)")  # fullmatch: no trailing newline
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 TEMP_PREFIX = ".tmp-"
@@ -100,7 +100,7 @@ class ImageStore:
         return name
 
     def url(self, name: str) -> str:
-        return f"{self.public_base_url}{FILES_ROUTE}/{name}"
+        return f"{self.public_base_url}{routes.FILES}/{name}"
 
     @staticmethod
     def media_type(name: str) -> str:
@@ -138,7 +138,7 @@ class ImageStore:
             return None
         parts = urllib.parse.urlsplit(url)
         head, _, name = parts.path.rpartition("/")
-        if parts.scheme.lower() in ("http", "https", "") and head.endswith(FILES_ROUTE) and _NAME.fullmatch(name):
+        if parts.scheme.lower() in ("http", "https", "") and head.endswith(routes.FILES) and _NAME.fullmatch(name):
             return name
         return None
 

@@ -26,6 +26,7 @@ from serve_app.access_log import note, note_named_model
 from serve_app.catalog import STATUS_WAIT_S, LiveCatalog, LiveModel, ModelRouter, Target, served_routes
 from serve_app.config import AppConfig
 from serve_app.deadline import DeadlinePassed, within
+from serve_app import routes
 from serve_app.errors import (
     BODY_NEVER_ARRIVED,
     APIError,
@@ -40,7 +41,7 @@ from serve_app.errors import (
 from serve_app.http_errors import JSON, as_api_error, error_schema, install_error_handlers, json_response
 from serve_app.image_input import ImageFetcher, InputImage
 from serve_app.image_files import StoredImageResponse
-from serve_app.image_store import FILES_ROUTE, ImageStore
+from serve_app.image_store import ImageStore
 from serve_app.jobs import ImageJob, ImageResult
 from serve_app.metrics import RequestMetrics
 from serve_app.protocol import (
@@ -231,9 +232,9 @@ class Ingress:
         if getattr(self, "fetcher", None) is not None:
             await self.fetcher.aclose()
 
-    @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+    @api.post(routes.CHAT, response_model=ChatCompletionResponse, responses=ERRORS)
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
-        target = self._target(body, "/v1/chat/completions", body.messages[-1].text)
+        target = self._target(body, routes.CHAT, body.messages[-1].text)
         note(stream=body.stream, n=body.n)
         job = chat_job(body, target.config, self.config.limits)
         if not body.stream:
@@ -251,7 +252,7 @@ class Ingress:
                                              silence_s=self.config.limits.request_timeout_s),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @api.post("/v1/images/generations", response_model=ImagesResponse, responses=ERRORS,
+    @api.post(routes.GENERATIONS, response_model=ImagesResponse, responses=ERRORS,
               openapi_extra=GENERATION_BODY)
     async def image_generations(self, request: Request) -> Response:
         """A generation; an edit sent here (a multipart form with an image, or JSON with an
@@ -268,10 +269,10 @@ class Ingress:
             if _names_an_image(raw):
                 return await self._edit(*await self._read_json_edit(raw))
         body = self._parsed(ImageGenerationRequest, raw)
-        target = self._target(body, "/v1/images/generations", lambda: body.prompt)
+        target = self._target(body, routes.GENERATIONS, lambda: body.prompt)
         return await self._images(target, body, image_job(body, target.config, self.config.limits))
 
-    @api.post("/v1/images/edits", response_model=ImagesResponse, responses=ERRORS, openapi_extra=EDIT_BODY)
+    @api.post(routes.EDITS, response_model=ImagesResponse, responses=ERRORS, openapi_extra=EDIT_BODY)
     async def image_edits(self, request: Request) -> Response:
         if _is_form(request):
             return await self._edit(*await self._form_edit(*await _read_form(request, self.config.max_body_bytes)))
@@ -291,12 +292,12 @@ class Ingress:
         missing = [model.name for model in self.config.models if model.name not in live]
         return JSONResponse({"ready": not missing, "missing": missing}, status_code=503 if missing else 200)
 
-    @api.get("/v1/models", response_model=ModelList)
+    @api.get(routes.MODELS, response_model=ModelList)
     async def list_models(self) -> Response:
         cards = [self._card(live) for live in await self.catalog.live_models()]
         return json_response(ModelList(project=self.config.project, data=cards))
 
-    @api.get("/v1/models/{model:path}", response_model=ModelDetail, responses={404: ERRORS[404]})
+    @api.get(routes.MODELS + "/{model:path}", response_model=ModelDetail, responses={404: ERRORS[404]})
     async def retrieve_model(self, model: str) -> Response:
         """One live model (OpenAI's `models.retrieve`); names may hold slashes, as hub ids do.
         Trailing slashes never reach here (`request_guards`): `/v1/models/` is the list."""
@@ -318,8 +319,8 @@ class Ingress:
             raise as_api_error(exc) from exc
         return JSONResponse(status)  # Content-Type exactly application/json
 
-    @api.get(FILES_ROUTE + "/{name}", response_class=FileResponse, responses={404: ERRORS[404], 416: ERRORS[416]})
-    @api.head(FILES_ROUTE + "/{name}", response_class=FileResponse, include_in_schema=False)
+    @api.get(routes.FILES + "/{name}", response_class=FileResponse, responses={404: ERRORS[404], 416: ERRORS[416]})
+    @api.head(routes.FILES + "/{name}", response_class=FileResponse, include_in_schema=False)
     async def image_file(self, name: str) -> FileResponse:
         # An open and a stat, off the event loop: on a shared file system (NFS, EFS) one can stall
         # every stream here.
@@ -418,7 +419,7 @@ class Ingress:
                 del fields[name]
                 files.setdefault(name, []).append(sent)
         body = self._parsed(ImageEditRequest, fields)
-        target = self._target(body, "/v1/images/edits", lambda: body.prompt)
+        target = self._target(body, routes.EDITS, lambda: body.prompt)
         check_image_request(body, target.config, self.config.limits)
         upload = _one_upload(files, "image", "image[]")
         mask_upload = _one_upload(files, "mask")
@@ -441,7 +442,7 @@ class Ingress:
         other routes: pydantic's own parser calls a lone surrogate invalid JSON, where the
         field's check names the field."""
         body = self._parsed(ImageEditRequest, raw)
-        target = self._target(body, "/v1/images/edits", lambda: body.prompt)
+        target = self._target(body, routes.EDITS, lambda: body.prompt)
         check_image_request(body, target.config, self.config.limits)
         if not body.image:
             raise InvalidRequest("image is required: an http(s) URL or a data: URL.", param="image")

@@ -32,14 +32,14 @@ from ray.serve.schema import ApplicationStatus
 from serve_app.catalog import LiveCatalog, LiveModel, served_routes
 from serve_app.config import AppConfig
 from serve_app.periodic import every
+from serve_app import routes
 from serve_app.serve_logs import flush_serve_log, start_flushing
 
 logger = logging.getLogger("ray.serve")
 
 REGISTER_PATH = "/api/v0/ai/project/register"
 UNREGISTER_PATH = "/api/v0/ai/project/unregister"
-GENERATIONS_ROUTE, EDITS_ROUTE = "/v1/images/generations", "/v1/images/edits"
-NODE_TYPES = {"/v1/chat/completions": 0, GENERATIONS_ROUTE: 1, EDITS_ROUTE: 2}
+NODE_TYPES = {routes.CHAT: 0, routes.GENERATIONS: 1, routes.EDITS: 2}
 """The node's `type` of each route a model serves (`served_routes`): chat, text-to-image, image edit."""
 FIRST_RETRY_S = 1.0
 UNREGISTER_TIMEOUT_S = 2.0
@@ -96,9 +96,9 @@ def project_registration(project: str, base_url: str, live: Sequence[LiveModel])
     an `image` in the JSON) as an edit, where the edits route would refuse a generation."""
     entries = []
     for m in live:
-        routes = served_routes(m.config)
-        for route in routes:
-            url = GENERATIONS_ROUTE if route == EDITS_ROUTE and GENERATIONS_ROUTE in routes else route
+        served = served_routes(m.config)
+        for route in served:
+            url = routes.GENERATIONS if route == routes.EDITS and routes.GENERATIONS in served else route
             entries.append(NodeModel(model=m.config.name, api=base_url + url, type=NODE_TYPES[route],
                                      cid=m.config.cid or ""))
     return ProjectRegistration(project=project, models=tuple(entries))

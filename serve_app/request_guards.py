@@ -25,7 +25,8 @@ from serve_app.access_log import CURRENT, AccessRecord, app_path, header, log_ac
 from serve_app.config import AppConfig, CorsOptions
 from serve_app.errors import AuthenticationFailed, ClientClosedRequest, PayloadTooLarge, UnsupportedMediaType
 from serve_app.http_errors import as_api_error, error_response
-from serve_app.image_store import FILES_ROUTE
+from serve_app import routes
+from serve_app.routes import FILES as FILES_ROUTE
 from serve_app.metrics import RequestMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -33,7 +34,7 @@ logger = logging.getLogger("ray.serve")
 OPEN_PATHS = ("/health", "/ready")
 CLIENT_CLOSED_REQUEST = ClientClosedRequest.status_code
 """The status a request Serve cancelled (its client left) is logged and counted with."""
-IMAGE_ROUTES = ("/v1/images/edits", "/v1/images/generations")
+IMAGE_ROUTES = (routes.EDITS, routes.GENERATIONS)
 
 
 class ApiKeys:
