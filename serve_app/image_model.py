@@ -43,7 +43,7 @@ from ray import serve
 
 from serve_app.config import ImageModelConfig
 from serve_app.errors import APIError, ClientClosedRequest, ContentFiltered, InvalidRequest, NotANumber
-from serve_app.image_input import orientation, upright
+from serve_app.image_check import orientation, upright
 from serve_app.jobs import ImageJob, ImageResult, generator_seed
 from serve_app.metrics import ImageMetrics
 from serve_app.placement import ModelReplica, raise_to_caller
@@ -77,7 +77,7 @@ def encode_image(image: Image.Image, output_format: str = "png", quality: int | 
 
 def open_image(data: bytes, *, param: str) -> Image.Image:
     """An input image, decoded and turned upright as its header says (a phone's photo is
-    stored sideways), read as the ingress read it to size the edit (`image_input.orientation`);
+    stored sideways), read as the ingress read it to size the edit (`image_check.orientation`);
     any decoder failure is the client's bad input."""
     try:
         image = Image.open(io.BytesIO(data))

@@ -39,7 +39,8 @@ from serve_app.errors import (
     model_not_found,
 )
 from serve_app.http_errors import JSON, as_api_error, error_schema, install_error_handlers, json_response
-from serve_app.image_input import ImageFetcher, InputImage
+from serve_app.image_check import InputImage
+from serve_app.image_input import ImageFetcher
 from serve_app.image_files import StoredImageResponse
 from serve_app.image_store import ImageStore
 from serve_app.jobs import ImageJob, ImageResult

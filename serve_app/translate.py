@@ -13,7 +13,7 @@ from typing import Any
 
 from serve_app.config import ChatModelConfig, ImageModelConfig, RequestLimits, parse_size
 from serve_app.errors import InvalidRequest
-from serve_app.image_input import InputImage
+from serve_app.image_check import InputImage
 from serve_app.jobs import ChatJob, ChatResult, ImageJob, TokenLogprob, prompt_chars
 from serve_app.protocol import (
     AssistantMessage,

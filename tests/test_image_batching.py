@@ -266,7 +266,7 @@ def sideways_jpeg(size: tuple[int, int] = (80, 48)) -> bytes:
 
 
 def test_a_sideways_photo_is_edited_upright():
-    from serve_app.image_input import inspect_image
+    from serve_app.image_check import inspect_image
     from serve_app.image_model import open_image
 
     data = sideways_jpeg()
@@ -281,7 +281,7 @@ def test_a_photo_turned_by_xmp_alone_is_sized_and_turned_alike(image_format):
     drawn for the upright picture was refused)."""
     from PIL import PngImagePlugin
 
-    from serve_app.image_input import inspect_image
+    from serve_app.image_check import inspect_image
     from serve_app.image_model import open_image
 
     xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
@@ -322,7 +322,7 @@ def broken_exif(image_format: str) -> bytes:
 
 @pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
 def test_a_broken_exif_block_is_read_as_no_orientation_not_a_server_fault(image_format):
-    from serve_app.image_input import inspect_image
+    from serve_app.image_check import inspect_image
     from serve_app.image_model import open_image
 
     data = broken_exif(image_format)

@@ -35,7 +35,8 @@ from PIL import Image, ImageFile
 
 from serve_app.config import ImageInputOptions, ImageRetentionOptions
 from serve_app.errors import APIError, InvalidRequest, NotFound, PayloadTooLarge
-from serve_app.image_input import HostPolicy, ImageFetcher, InputImage, inspect_image
+from serve_app.image_check import InputImage, inspect_image
+from serve_app.image_input import HostPolicy, ImageFetcher
 from serve_app.url_guard import is_forbidden_address
 from serve_app.image_store import ImageStore
 
