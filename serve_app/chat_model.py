@@ -32,7 +32,8 @@ from serve_app.config import ChatModelConfig
 from serve_app.errors import APIError, InvalidRequest
 from serve_app.jobs import ChatJob, ChatResult, ChatStreamChunk, ChoiceDelta, prompt_chars
 from serve_app.metrics import ChatEngineMetrics
-from serve_app.placement import ModelReplica, raise_to_caller, spread_devices, weights_device_map
+from serve_app.model_replica import ModelReplica, raise_to_caller
+from serve_app.placement import spread_devices, weights_device_map
 from serve_app.sampling import SamplingDefaults, make_rows
 from serve_app.token_bytes import TokenBytes
 

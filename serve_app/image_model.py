@@ -46,7 +46,7 @@ from serve_app.errors import APIError, ClientClosedRequest, ContentFiltered, Inv
 from serve_app.image_check import orientation, upright
 from serve_app.jobs import ImageJob, ImageResult, generator_seed
 from serve_app.metrics import ImageMetrics
-from serve_app.placement import ModelReplica, raise_to_caller
+from serve_app.model_replica import ModelReplica, raise_to_caller
 
 logger = logging.getLogger("ray.serve")
 

@@ -30,7 +30,7 @@ class InjectedFailure(RuntimeError):
 
 def injected(outcome: object) -> bool:
     """Whether `outcome` is the injected failure as the replica raises it to the ingress: a
-    builtin RuntimeError naming it (see placement.raise_to_caller)."""
+    builtin RuntimeError naming it (see model_replica.raise_to_caller)."""
     return type(outcome) is RuntimeError and "InjectedFailure: " in str(outcome)
 
 

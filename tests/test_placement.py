@@ -21,9 +21,9 @@ from serve_app.chat_engine import DecodeBatch
 from serve_app.config import ChatModelConfig
 from serve_app import NOSET_VISIBLE_DEVICES
 from serve_app.errors import ContentFiltered, NotANumber
+from serve_app.model_replica import raise_to_caller
 from serve_app.placement import (
     describe,
-    raise_to_caller,
     resolve_device,
     resolve_dtype,
     spread_devices,
