@@ -16,7 +16,6 @@ runs exactly one of it per application.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -385,8 +384,10 @@ class RegistrarDeployment:
             await registrar.stop(unregister=False)
             if await self._app_is_going_away():
                 await registrar.unregister()
-                with contextlib.suppress(Exception):  # nothing is registered any more: forget the record too
+                try:  # nothing is registered any more: forget the record too
                     await asyncio.to_thread(_write_record, self._app_name, None)
+                except Exception:  # noqa: BLE001 - harmless: the next start withdraws its pairs again
+                    logger.warning("could not delete the registration record of %r", self._app_name, exc_info=True)
             else:
                 await self._withdraw_what_the_successor_dropped(registrar)
         flush_serve_log()  # the last unregister lines too
