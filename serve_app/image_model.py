@@ -20,6 +20,7 @@ the ingress's business.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import io
 import logging
@@ -27,7 +28,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from typing import Any, Callable, cast
+from typing import Any, Callable, Mapping, cast
 
 import numpy as np
 import torch
@@ -109,19 +110,37 @@ def takes_reference_images(pipeline: DiffusionPipeline | None) -> bool:
     return any(cls.__name__ in REFERENCE_IMAGE_PIPELINES for cls in type(pipeline).__mro__)
 
 
+@functools.lru_cache(maxsize=16)
+def call_signature(pipeline: Any) -> Mapping[str, inspect.Parameter]:
+    """The parameters of a pipeline's call (its `__call__`), read once per pipeline (a loaded
+    one never changes); none for a callable whose signature Python cannot read."""
+    try:
+        return inspect.signature(pipeline).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
 def call_parameters(pipeline: DiffusionPipeline) -> frozenset[str] | None:
     """The keyword arguments a pipeline's call names (None when it takes any): diffusers'
     families differ (FLUX Kontext edits take no `strength`, FLUX.2 no `negative_prompt`)."""
-    parameters = inspect.signature(pipeline).parameters  # of its __call__
+    parameters = call_signature(pipeline)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return None
     return frozenset(parameters)
 
 
+def numeric_default(pipeline: Any, name: str) -> float | None:
+    """The default of the call's `name` argument where it is a number; else (no such argument,
+    or a default such as None) None."""
+    parameter = call_signature(pipeline).get(name)
+    default = parameter.default if parameter is not None else None
+    return float(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else None
+
+
 def reports_steps(pipeline: DiffusionPipeline) -> bool:
     """Whether the pipeline calls diffusers' `callback_on_step_end` after each step (every
     current family does; one that takes only `**kwargs` might drop or misuse it)."""
-    return "callback_on_step_end" in inspect.signature(pipeline).parameters
+    return "callback_on_step_end" in call_signature(pipeline)
 
 
 def pixel_multiple(pipeline: DiffusionPipeline) -> int:
@@ -204,12 +223,8 @@ def guided_by_default(pipeline: Any) -> bool:
     """Whether a pipeline's true classifier-free guidance is on by default (`true_cfg_scale`
     above 1: Qwen-Image's 4, where FLUX.1's is 1), so that it needs a negative prompt on every
     call: diffusers guides only where one is given."""
-    try:
-        parameter = inspect.signature(pipeline).parameters.get("true_cfg_scale")
-    except (TypeError, ValueError):
-        return False
-    default = parameter.default if parameter is not None else None
-    return isinstance(default, (int, float)) and default > 1
+    default = numeric_default(pipeline, "true_cfg_scale")
+    return default is not None and default > 1
 
 
 def per_image(group: list[PreparedJob], value: Callable[[PreparedJob], Any]) -> list[Any]:
@@ -527,13 +542,12 @@ class ImageModel(ModelReplica):
         negative prompt needs to count: the config's (1: guidance off, for a distilled
         checkpoint), else the pipeline's default where that uses it (Qwen-Image's 4), else 4
         (FLUX.1's default of 1 ignores a negative prompt)."""
-        parameter = inspect.signature(self.pipelines[mode]).parameters.get("true_cfg_scale")
-        if parameter is None:
+        if "true_cfg_scale" not in call_signature(self.pipelines[mode]):
             return None
         if self.config.true_cfg_scale is not None:
             return self.config.true_cfg_scale
-        default = parameter.default if isinstance(parameter.default, (int, float)) else 1.0
-        return float(default) if default > 1 else DEFAULT_TRUE_CFG_SCALE
+        default = numeric_default(self.pipelines[mode], "true_cfg_scale")
+        return default if default is not None and default > 1 else DEFAULT_TRUE_CFG_SCALE
 
     def _guidance_scale(self, mode: str) -> float | None:
         """The config's guidance scale; unset, an edit takes the text-to-image pipeline's default
@@ -542,12 +556,7 @@ class ImageModel(ModelReplica):
         SDXL's inpainting 7.5 against 5, so a checkpoint's edits ran at twice its guidance."""
         if self.config.guidance_scale is not None or mode == "t2i" or self.pipelines["t2i"] is None:
             return self.config.guidance_scale
-        try:
-            parameter = inspect.signature(self.pipelines["t2i"]).parameters.get("guidance_scale")
-        except (TypeError, ValueError):
-            return None
-        default = parameter.default if parameter is not None else None
-        return float(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else None
+        return numeric_default(self.pipelines["t2i"], "guidance_scale")
 
     def _prepared(self, job: ImageJob, mode: str, init_image: Image.Image | None = None,
                   mask_image: Image.Image | None = None) -> PreparedJob:
