@@ -267,7 +267,7 @@ def sideways_jpeg(size: tuple[int, int] = (80, 48)) -> bytes:
 
 def test_a_sideways_photo_is_edited_upright():
     from serve_app.image_check import inspect_image
-    from serve_app.image_model import open_image
+    from serve_app.image_pixels import open_image
 
     data = sideways_jpeg()
     assert (inspect_image(data, param="image").width, inspect_image(data, param="image").height) == (48, 80)
@@ -282,7 +282,7 @@ def test_a_photo_turned_by_xmp_alone_is_sized_and_turned_alike(image_format):
     from PIL import PngImagePlugin
 
     from serve_app.image_check import inspect_image
-    from serve_app.image_model import open_image
+    from serve_app.image_pixels import open_image
 
     xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
            '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
@@ -323,7 +323,7 @@ def broken_exif(image_format: str) -> bytes:
 @pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
 def test_a_broken_exif_block_is_read_as_no_orientation_not_a_server_fault(image_format):
     from serve_app.image_check import inspect_image
-    from serve_app.image_model import open_image
+    from serve_app.image_pixels import open_image
 
     data = broken_exif(image_format)
     assert "exif" in Image.open(io.BytesIO(data)).info  # Pillow sees the block, which is not TIFF
@@ -635,7 +635,7 @@ def test_edits_on_a_reference_image_pipeline_run_alone_with_their_own_image(mode
 def test_a_16_bit_grayscale_image_keeps_its_levels():
     """Pillow opens a 16-bit grayscale PNG as mode I;16 and its `convert` clips the levels, so
     anything above 255 of 65535 became white; they are scaled to 8 bits instead."""
-    from serve_app.image_model import open_image, transparency
+    from serve_app.image_pixels import open_image, transparency
 
     levels = np.array([[0, 257 * 50, 30000, 65535]], dtype=np.uint16)
     buffer = io.BytesIO()
