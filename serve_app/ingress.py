@@ -14,7 +14,7 @@ import json
 from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -51,6 +51,7 @@ from serve_app.protocol import (
     TOO_MANY_FILES,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    Health,
     ImageData,
     ImageEditRequest,
     ImageGenerationRequest,
@@ -58,8 +59,9 @@ from serve_app.protocol import (
     ModelCard,
     ModelDetail,
     ModelList,
+    Readiness,
 )
-from serve_app.registration import unregister_stale
+from serve_app.registration import RegistrationStatus, unregister_stale
 from serve_app.request_guards import ApiKeys, ConfiguredCors, RequestGuard
 from serve_app.serve_logs import flush_serve_log, start_flushing
 from serve_app.streaming import ChatChunkEncoder, chat_events
@@ -81,6 +83,7 @@ T = TypeVar("T")
 Parsed = TypeVar("Parsed", bound=BaseModel)
 PROMPT_LOG_CHARS = 500
 ERRORS = error_schema()
+HEALTHY = Health()
 
 
 def _edit_body_schema() -> dict[str, Any]:
@@ -279,19 +282,19 @@ class Ingress:
             return await self._edit(*await self._form_edit(*await _read_form(request, self.config.max_body_bytes)))
         return await self._edit(*await self._read_json_edit(await _json_body(request)))
 
-    @api.get("/health")
+    @api.get("/health", response_model=Health)
     @api.head("/health", include_in_schema=False)  # HEAD: the probe of many uptime checkers
     async def health(self) -> Response:
         """Liveness: the ingress answers."""
-        return JSONResponse({"status": "ok"})
+        return json_response(HEALTHY)
 
-    @api.get("/ready")
+    @api.get("/ready", response_model=Readiness, responses={503: {"model": Readiness}})
     @api.head("/ready", include_in_schema=False)
     async def ready(self) -> Response:
         """Readiness: every configured model has a live replica (or is scaled to zero on purpose)."""
         live = {model.config.name for model in await self.catalog.live_models()}
         missing = [model.name for model in self.config.models if model.name not in live]
-        return JSONResponse({"ready": not missing, "missing": missing}, status_code=503 if missing else 200)
+        return json_response(Readiness(ready=not missing, missing=missing), status_code=503 if missing else 200)
 
     @api.get(routes.MODELS, response_model=ModelList)
     async def list_models(self) -> Response:
@@ -307,18 +310,19 @@ class Ingress:
                 return json_response(ModelDetail(**self._card(live).model_dump()))
         raise model_not_found(model)
 
-    @api.get("/v1/registration")
+    @api.get("/v1/registration", response_model=RegistrationStatus, responses={status: ERRORS[status] for status in (500, 503, 504)})
     async def registration(self) -> Response:
         """Registration with the network node(s): per node state, last error, models registered."""
         if self.registrar is None:
-            return JSONResponse({"enabled": False})
+            return json_response(RegistrationStatus(
+                enabled=False, project=self.config.registration.project or self.config.project))
         try:  # a registrar restarting or failed: an answer in time, in the error envelope
             status = await within(STATUS_WAIT_S, self.registrar.status.remote())
         except DeadlinePassed:
             raise GatewayTimeout("The registrar did not answer in time.") from None
         except Exception as exc:  # noqa: BLE001 - Serve would answer its own exceptions in plain text
             raise as_api_error(exc) from exc
-        return JSONResponse(status)  # Content-Type exactly application/json
+        return json_response(status)
 
     @api.get(routes.FILES + "/{name}", response_class=FileResponse, responses={404: ERRORS[404], 416: ERRORS[416]})
     @api.head(routes.FILES + "/{name}", response_class=FileResponse, include_in_schema=False)

@@ -607,3 +607,16 @@ class ErrorResponse(WireModel):
     code: int
     message: str
     error: ErrorDetail
+
+
+class Health(BaseModel):
+    """`GET /health`: the ingress answers."""
+
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    """`GET /ready`: 200 when every configured model has a live replica, else 503."""
+
+    ready: bool
+    missing: list[str] = Field(description="Configured models without a live replica.")

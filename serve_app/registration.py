@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Literal, Sequence
+from typing import Awaitable, Callable, Literal, Sequence
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -80,6 +80,26 @@ class NodeReply(BaseModel):
     model_config = ConfigDict(extra="ignore")
     code: int = 0
     message: str = ""
+
+
+class NodeStatus(BaseModel):
+    """One node, as `GET /v1/registration` shows it."""
+
+    url: str
+    state: NodeStateName
+    last_success: float | None = Field(description="Unix time of the last accepted registration.")
+    last_error: str | None
+    attempts: int
+    consecutive_failures: int
+    models: list[NodeModel] = Field(description="What the node was last told to hold.")
+
+
+class RegistrationStatus(BaseModel):
+    """`GET /v1/registration`: the registration of the live models with each node."""
+
+    enabled: bool
+    project: str
+    nodes: list[NodeStatus] = []
 
 
 class NodeError(Exception):
@@ -244,11 +264,10 @@ class NodeState:
             return now - self.registered_at >= interval_s
         return True
 
-    def as_status(self) -> dict[str, Any]:
-        models = [m.model_dump() for m in self.registered.models] if self.registered else []
-        return {"url": self.url, "state": self.state, "last_success": self.last_success,
-                "last_error": self.last_error, "attempts": self.attempts,
-                "consecutive_failures": self.failures, "models": models}
+    def as_status(self) -> NodeStatus:
+        return NodeStatus(url=self.url, state=self.state, last_success=self.last_success, last_error=self.last_error,
+                          attempts=self.attempts, consecutive_failures=self.failures,
+                          models=list(self.registered.models) if self.registered else [])
 
 
 class Registrar:
@@ -300,10 +319,10 @@ class Registrar:
         """The (project, node URL) pairs this registrar keeps registered."""
         return {(self.project, node.url) for node in self._nodes} if self.options.enabled else set()
 
-    def status(self) -> dict[str, Any]:
-        """JSON-able state of the registration with every node, for `GET /v1/registration`."""
-        return {"enabled": self.options.enabled, "project": self.project,
-                "nodes": [node.as_status() for node in self._nodes]}
+    def status(self) -> RegistrationStatus:
+        """The registration with every node, for `GET /v1/registration`."""
+        return RegistrationStatus(enabled=self.options.enabled, project=self.project,
+                                  nodes=[node.as_status() for node in self._nodes])
 
     async def _node_loop(self, node: NodeState) -> None:
         """Poll the live set and register with this node when due; survives anything but cancellation."""
@@ -369,7 +388,7 @@ class RegistrarDeployment:
         self._cleanup = asyncio.get_running_loop().create_task(
             unregister_stale(self._app_name, self._registrar.owned(), config.registration.timeout_s))
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> RegistrationStatus:
         return self._registrar.status()
 
     async def __del__(self) -> None:

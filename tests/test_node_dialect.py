@@ -89,7 +89,7 @@ def test_node_decodes_every_success(http, method, path, kwargs):
     elif path == "/v1/models":
         assert {"Llama3-8B", "SuperImage"} <= {card["id"] for card in body["data"]}
     else:
-        assert body == {"enabled": False}
+        assert body == {"enabled": False, "project": "serve_app", "nodes": []}
 
 
 @pytest.mark.parametrize("method,path,kwargs", FAILURES, ids=[f"{m}-{p}-{i}" for i, (m, p, _) in enumerate(FAILURES)])

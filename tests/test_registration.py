@@ -83,7 +83,7 @@ def started(config: AppConfig, live: FakeLive) -> Registrar:
 
 
 def node_status(registrar: Registrar, index: int = 0) -> dict[str, Any]:
-    return registrar.status()["nodes"][index]
+    return registrar.status().model_dump()["nodes"][index]
 
 
 # ---------------------------------------------------------------- Registrar, no Ray
@@ -247,7 +247,7 @@ async def test_one_failing_node_does_not_hold_back_another(node: FakeNode) -> No
     registrar = started(config, FakeLive(config, "Llama3-8B"))
     # The node stores the models before the registrar has read its answer: wait for both.
     await eventually(lambda: node.models_of(PROJECT) == [CHAT]
-                     and [n["state"] for n in registrar.status()["nodes"]] == ["failing", "registered"])
+                     and [n.state for n in registrar.status().nodes] == ["failing", "registered"])
     started_at = time.monotonic()
     await registrar.stop()  # unregister is best effort: the down node costs no more than its timeout
     assert time.monotonic() - started_at < 2.5
@@ -288,7 +288,7 @@ async def test_disabled_registrar_does_nothing(node: FakeNode) -> None:
     await asyncio.sleep(0.1)
     await registrar.stop()
     assert node.received == []
-    assert registrar.status()["enabled"] is False and node_status(registrar)["state"] == "disabled"
+    assert registrar.status().enabled is False and node_status(registrar)["state"] == "disabled"
     assert registrar_deployment(config) is None
 
 
