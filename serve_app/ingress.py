@@ -423,9 +423,7 @@ class Ingress:
             if sent is not None:
                 del fields[name]
                 files.setdefault(name, []).append(sent)
-        body = self._parsed(ImageEditRequest, fields)
-        target = self._target(body, routes.EDITS, lambda: body.prompt)
-        check_image_request(body, target.config, self.config.limits)
+        body, target = self._checked_edit(fields)
         upload = _one_upload(files, "image", "image[]")
         mask_upload = _one_upload(files, "mask")
         if upload is None and len(files) == 1:  # a node may name the field e.g. `face_image`
@@ -446,14 +444,20 @@ class Ingress:
         """An edit as JSON (image URLs), parsed by the json module first, as FastAPI parses the
         other routes: pydantic's own parser calls a lone surrogate invalid JSON, where the
         field's check names the field."""
-        body = self._parsed(ImageEditRequest, raw)
-        target = self._target(body, routes.EDITS, lambda: body.prompt)
-        check_image_request(body, target.config, self.config.limits)
+        body, target = self._checked_edit(raw)
         if not body.image:
             raise InvalidRequest("image is required: an http(s) URL or a data: URL.", param="image")
         image = await self._load_image(body.image, param="image")
         mask = await self._load_image(body.mask, param="mask") if body.mask else None
         return target, body, image, mask
+
+    def _checked_edit(self, raw: Any) -> tuple[ImageEditRequest, Target]:
+        """An edit's fields parsed, its model resolved and its limits checked: before any of its
+        images is fetched or read, so that a request refused anyway costs no download."""
+        body = self._parsed(ImageEditRequest, raw)
+        target = self._target(body, routes.EDITS, lambda: body.prompt)
+        check_image_request(body, target.config, self.config.limits)
+        return body, target
 
     async def _load_image(self, source: str, *, param: str) -> InputImage:
         """An edit's image by URL. One this server generated (its `url`, as a client passes it
