@@ -19,6 +19,7 @@ import asyncio
 import inspect
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from serve_app.errors import NotANumber
 from serve_app.jobs import ChoiceDelta
 from serve_app.placement import spread_devices
 from serve_app.sampling import Row, SamplingPlan, choose_tokens
+
+if TYPE_CHECKING:
+    from transformers import Cache, PreTrainedModel
 
 
 def _position_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, rows_at: list[int],
@@ -108,7 +112,7 @@ class DecodeBatch:
     batch to finish.
     """
 
-    def __init__(self, model, pad_id: int, device: torch.device,
+    def __init__(self, model: PreTrainedModel, pad_id: int, device: torch.device,
                  kv_room_tokens: int = kv_cache.ROOM_TOKENS) -> None:
         self.model, self.pad_id, self.device = model, pad_id, device
         self.kv_room_tokens = kv_room_tokens  # 0: every step copies the cache, as `torch.cat` does
@@ -164,7 +168,7 @@ class DecodeBatch:
             deltas += self._join(joining)
         return deltas
 
-    def _forward(self, input_ids, mask, positions, cache):
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache):
         output = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                             use_cache=True, **{self.cache_argument: cache}, **self.last_logits_only)
         logits = output.logits[:, -1, :].to(device=self.device, dtype=torch.float32)  # a spread model's last GPU
@@ -277,7 +281,7 @@ class DecodeBatch:
             kv_cache.select_rows(self.cache, index)
 
 
-def context_length(model) -> int | None:
+def context_length(model: PreTrainedModel) -> int | None:
     """The most positions the model takes (None where its config does not say); a multimodal
     checkpoint (Gemma 3) keeps its text model's in the text config.
 

@@ -11,11 +11,15 @@ it can be.
 from __future__ import annotations
 
 import bisect
+from typing import TYPE_CHECKING
 
 from tokenizers.decoders import DecodeStream  # incremental decoding in the fast tokenizers' own library
 
 from serve_app.jobs import ChatChoiceResult, TokenAlternative, TokenLogprob
 from serve_app.token_bytes import TokenBytes
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class IncrementalText:
@@ -29,7 +33,7 @@ class IncrementalText:
     detokenizer. Slow (Python) tokenizers decode in full each time (see `_decode_all`).
     """
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
         self.tokens: list[int] = []
         self.text = ""
@@ -110,7 +114,7 @@ class ChoiceDecoder:
     held back until it is known to be safe to send.
     """
 
-    def __init__(self, tokenizer, eos_ids: set[int], stop: list[str], max_tokens: int,
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, eos_ids: set[int], stop: list[str], max_tokens: int,
                  top_logprobs: int | None = None, token_bytes: TokenBytes | None = None) -> None:
         self.tokenizer, self.eos_ids, self.stop, self.max_tokens = tokenizer, eos_ids, stop, max_tokens
         self.top_logprobs = top_logprobs  # None: no logprobs asked for

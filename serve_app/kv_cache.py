@@ -18,8 +18,7 @@ columns only departed rows used (so a long row that left holds no memory).
 from __future__ import annotations
 
 import torch
-
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 ROOM_TOKENS = 128
 """Positions reserved ahead per row: the cache is copied once per this many steps. On a GPU
@@ -140,7 +139,7 @@ def _room_like(like: torch.Tensor, capacity: int, front: torch.Tensor | None) ->
     return room
 
 
-def reserve_room(cache, room_tokens: int = ROOM_TOKENS, context_length: int | None = None):
+def reserve_room(cache: Cache, room_tokens: int = ROOM_TOKENS, context_length: int | None = None):
     """Make every plain `DynamicLayer` of a freshly prefilled cache a `ReservedLayer` (in place);
     other layer types (sliding-window, recurrent) are left as they are, except a sliding window
     longer than the model's context (Phi-3.5-mini: 262,144 against 131,072), which never
@@ -160,14 +159,14 @@ def _never_slides(layer, context_length: int | None) -> bool:
             and layer.sliding_window > context_length)
 
 
-def mergeable(cache) -> bool:
+def mergeable(cache: Cache) -> bool:
     """Whether this cache is plain per-layer key/value tensors that can be padded and merged."""
     layers = getattr(cache, "layers", None)
     return bool(layers) and all(
         type(layer) is ReservedLayer and layer.is_initialized for layer in layers)
 
 
-def select_rows(cache, indices: torch.Tensor) -> None:
+def select_rows(cache: Cache, indices: torch.Tensor) -> None:
     """Keep (or repeat) rows `indices` of any cache, in place. `reorder_cache` (beam search's)
     selects every state a layer has: keys and values, and a hybrid model's convolution and
     recurrent states (LFM2, Granite-4 hybrid, Qwen3-Next), which `batch_select_indices`
@@ -204,7 +203,7 @@ def merge(running, joining, pad_running: int, pad_joining: int) -> None:
         raise
 
 
-def keep_rows(cache, indices: torch.Tensor, first: int = 0) -> None:
+def keep_rows(cache: Cache, indices: torch.Tensor, first: int = 0) -> None:
     """Keep rows `indices` of a mergeable cache, from position `first` on (the columns before
     it are padding for every row kept)."""
     for layer in cache.layers:

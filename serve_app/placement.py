@@ -96,7 +96,7 @@ def resolve_dtype(config: BaseModelConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def spread_devices(model) -> list[str]:
+def spread_devices(model: torch.nn.Module) -> list[str]:
     """The devices a model loaded with a `device_map` spans (one for a model on one device)."""
     return sorted({str(device) for device in (getattr(model, "hf_device_map", None) or {}).values()})
 

@@ -27,6 +27,8 @@ import torch
 from serve_app.jobs import ChatJob, generator_seed
 
 if TYPE_CHECKING:
+    from transformers import GenerationConfig
+
     from serve_app.decoding import ChoiceDecoder
 
 
@@ -81,7 +83,7 @@ class SamplingDefaults:
     repetition_penalty: float = 1.0  # Qwen2.5's checkpoints set 1.05, which vLLM applies too
 
     @classmethod
-    def of(cls, generation_config) -> "SamplingDefaults":
+    def of(cls, generation_config: GenerationConfig | None) -> "SamplingDefaults":
         given = generation_config.to_diff_dict() if generation_config is not None else {}
         return cls(**{name: given[name] for name in ("temperature", "top_p", "top_k", "repetition_penalty")
                       if given.get(name) is not None})
