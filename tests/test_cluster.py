@@ -238,6 +238,7 @@ args=" $* "; name="${args#* --temp-dir }"; name="$(basename "${name%% *}")"
 log="$SERVE_APP_LOCAL_CLUSTER/fake_ray.log"
 echo "$name start $*" >>"$log"
 env | grep -E '^(RAY_SERVE_|RAY_AUTH_MODE=|HF_HUB_OFFLINE=)' | sed "s/^/$name env /" >>"$log"
+echo "$name logged" >>"$log"
 if [[ "${FAKE_IGNORE_TERM:-0}" == 1 ]]; then
   trap 'echo "$name TERM" >>"$log"' TERM
 else
@@ -286,8 +287,15 @@ class FakeCluster:
         })
 
     def script(self, *args: str, timeout: float = 60, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(SCRIPT), *args], env={**self.env, **env}, capture_output=True,
+        done = subprocess.run([str(SCRIPT), *args], env={**self.env, **env}, capture_output=True,
                               text=True, timeout=timeout, cwd=cwd)
+        if args[:1] == ("start",) and done.returncode == 0:
+            # The fake nodes' waits return at once: `start` may end before they logged their start.
+            deadline = time.monotonic() + 30
+            while not all(f"{node} logged" in self.log() for node in ("head", "node_a", "node_b")):
+                assert time.monotonic() < deadline, self.log()
+                time.sleep(0.05)
+        return done
 
     def log(self) -> list[str]:
         path = self.dir / "fake_ray.log"
