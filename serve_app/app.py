@@ -14,8 +14,7 @@ from typing import Any
 import ray
 from ray.serve import Application
 
-from serve_app.catalog import INGRESS_NAME
-from serve_app.config import AppConfig, ChatModelConfig, ImageModelConfig, config_warnings
+from serve_app.config import INGRESS_DEPLOYMENT, AppConfig, ChatModelConfig, ImageModelConfig, config_warnings
 from serve_app.ingress import Ingress
 from serve_app.registration import registrar_deployment
 
@@ -83,7 +82,7 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
         models[model.name] = _model_deployment(model).options(name=model.deployment_name, **options).bind(model)
     ingress = args.ingress
     return Ingress.options(
-        name=INGRESS_NAME,
+        name=INGRESS_DEPLOYMENT,
         num_replicas=ingress.num_replicas,
         max_ongoing_requests=ingress.max_ongoing_requests,
         graceful_shutdown_timeout_s=ingress.graceful_shutdown_timeout_s,

@@ -30,9 +30,9 @@ from typing import Any, Callable
 from pydantic import BaseModel, Field
 from ray.serve.context import _get_global_client
 from ray.serve.handle import DeploymentHandle
-from ray.serve.schema import DeploymentStatus, ReplicaState
+from ray.serve.schema import ApplicationStatus, DeploymentStatus, ReplicaState
 
-from serve_app.config import AppConfig, ChatModelConfig, ImageModelConfig
+from serve_app.config import INGRESS_DEPLOYMENT, AppConfig, ChatModelConfig, ImageModelConfig
 from serve_app.errors import InvalidRequest, model_not_found
 from serve_app import routes
 
@@ -54,6 +54,7 @@ def served_routes(model: ChatModelConfig | ImageModelConfig) -> list[str]:
 ROUTE_KINDS = {route: kind for kind, kind_routes in ROUTES.items() for route in kind_routes}
 KIND_NAMES = {"chat": "a chat model", "image": "an image model"}
 _DOWN = {DeploymentStatus.UNHEALTHY.value, DeploymentStatus.DEPLOY_FAILED.value}
+_BUILDING = {ApplicationStatus.DEPLOYING.value, ApplicationStatus.DEPLOY_FAILED.value}
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,6 @@ class ReplicaInfo(BaseModel):
 STATUS_WAIT_S = 10.0
 """Longest a caller waits for Serve's status before it takes the last catalog."""
 SERVING_STATES = frozenset({ReplicaState.RUNNING.value, ReplicaState.PENDING_MIGRATION.value})
-INGRESS_NAME = "ingress"
-"""The ingress deployment's name: a model is reachable only through it."""
 
 
 class AppliedConfig(BaseModel):
@@ -98,8 +97,17 @@ class DeploymentState(BaseModel):
 
 
 class ApplicationState(BaseModel):
+    status: str = ""  # an `ApplicationStatus` value
     last_deployed_time_s: float = 0.0
     deployments: dict[str, DeploymentState] = Field(default_factory=dict)
+
+    @property
+    def building(self) -> bool:
+        """Serve lists an application's deployments from the config it is applying: none while
+        a new config's application is being built (DEPLOYING, seconds), nor after that build
+        failed (DEPLOY_FAILED, until the next deploy). Meanwhile the deployments of the config
+        before serve on, unlisted: what they serve is unknown here, not nothing."""
+        return not self.deployments and self.status in _BUILDING
 
 
 class ServeState(BaseModel):
@@ -154,16 +162,18 @@ class LiveCatalog:
         except Exception:  # noqa: BLE001 - keep the last known catalog while the controller is away
             logger.warning("could not read Serve status; keeping the last catalog", exc_info=True)
         else:
-            self._live = self._from_status(status)
-            self._failed = self._failed_from(status)
-            self._removed = self._removed_from(status)
+            app = status.applications.get(self.app_name)
+            if app is None or not app.building:  # building: the catalog before it stands (see `building`)
+                self._live = self._from_status(status)
+                self._failed = self._failed_from(status)
+                self._removed = self._removed_from(status)
         self._fetched_at = time.monotonic()  # after a failure too: ask an absent controller once per TTL
 
     def _from_status(self, status: ServeState) -> list[LiveModel]:
         app = status.applications.get(self.app_name)
         if app is None:
             return []
-        ingress = app.deployments.get(INGRESS_NAME)
+        ingress = app.deployments.get(INGRESS_DEPLOYMENT)
         if ingress is not None and ingress.running == 0:  # no route reaches the models (what the registrar
             return []                                    # announces; an ingress asking is running itself)
         live = []

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import ValidationError
 
-from serve_app.config import AppConfig, config_warnings
+from serve_app.config import AppConfig, config_warnings, deployment_names
 
 BUILDER = "serve_app.app:build_app"
 
@@ -54,6 +54,46 @@ def prefix_warnings(args: AppConfig, route_prefix: str | None) -> list[str]:
             f"(image URLs, the models' URLs registered with the nodes) will not reach this app; set it to "
             f"the address clients reach the app at, ending with {prefix} (e.g. {origin(url)}{prefix})"
             for field, url in bases if not urlsplit(url).path.endswith(prefix)]
+
+
+def override_findings(args: AppConfig, overrides: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of an application's `deployments:` (Serve's per-deployment overrides):
+    a name the application has no deployment of fails the whole deploy (and from then on
+    Serve lists none of its deployments); a `num_replicas` beside an `autoscaling_config` is
+    ignored; an `autoscaling_config` there replaces the one `args` gives, so what it leaves
+    out takes Ray's defaults (a target of 2 ongoing requests, where `args` aims at the batch)."""
+    from ray.serve.config import AutoscalingConfig  # Ray's own defaults
+
+    names = deployment_names(args)
+    models = {model.deployment_name: model for model in args.models}
+    ray_defaults = AutoscalingConfig().model_dump()
+    problems, warnings = [], []
+    for override in overrides:
+        name = override.get("name")
+        if name not in names:
+            problems.append(f"deployments: {name!r} is no deployment of this application ({', '.join(names)}): "
+                            "Serve would fail the whole deploy")
+            continue
+        model = models.get(name)
+        scaling = override.get("autoscaling_config")
+        if model is None:
+            continue
+        own = model.deployment.serve_options(target_ongoing_requests=model.max_batch_size).get("autoscaling_config")
+        if "num_replicas" in override and (scaling or own) is not None:
+            warnings.append(f"deployments: {name}: num_replicas is ignored, the model autoscales; change "
+                            "autoscaling_config's min_replicas / max_replicas")
+        if isinstance(scaling, dict):
+            wanted = own or {"target_ongoing_requests": model.max_batch_size}
+            lost = {key: value for key, value in wanted.items()
+                    if key not in scaling and value != ray_defaults.get(key)}
+            if lost:
+                def listed(values: dict[str, Any]) -> str:
+                    return ", ".join(f"{key} {values[key]:g}" for key in lost)
+
+                warnings.append(f"deployments: {name}: this autoscaling_config replaces the model's whole one, and "
+                                f"what it leaves out takes Ray's defaults; give {listed(lost)} there too "
+                                f"(Ray's: {listed(ray_defaults)})")
+    return problems, warnings
 
 
 def origin(url: str) -> str:
@@ -91,6 +131,9 @@ def check(path: Path) -> tuple[list[str], list[str]]:
         else:
             warnings += [f"application {name!r}: {warning}" for warning in config_warnings(args)]
             warnings += [f"application {name!r}: {warning}" for warning in prefix_warnings(args, app.get("route_prefix"))]
+            override_problems, override_warnings = override_findings(args, app.get("deployments") or [])
+            problems += [f"application {name!r}: {problem}" for problem in override_problems]
+            warnings += [f"application {name!r}: {warning}" for warning in override_warnings]
             warnings += [f"application {name!r}: model {model.name!r} asks for {model.deployment.num_gpus:g} GPU(s) "
                          "per replica and this machine has none: its replicas wait, pending, until a node with "
                          "GPUs joins the Ray cluster" for model in args.models if model.deployment.num_gpus and not gpus_here]

@@ -533,6 +533,12 @@ class RequestLimits(StrictModel):
         "also the longest silence within a stream (then an in-band 504 event).")
 
 
+INGRESS_DEPLOYMENT = "ingress"
+"""The ingress deployment's name: a model is reachable only through it."""
+REGISTRAR_DEPLOYMENT = "registrar"
+"""The node registrar's deployment, where registration is on."""
+
+
 class AppConfig(StrictModel):
     """The whole application: project identity, limits, storage and models."""
 
@@ -629,6 +635,13 @@ def _model_error(error: Any, models: Any) -> str:
     where = f"model {name!r} (models[{index}])" if name else f"models[{index}]" if index is not None else "models"
     path = ".".join(str(part) for part in loc)
     return f"{where}: {path + ': ' if path else ''}{error['msg'].removeprefix('Value error, ')}"
+
+
+def deployment_names(config: AppConfig) -> list[str]:
+    """The Serve deployments of an application built from `config` (what `serve status` lists,
+    and what a Serve config's `deployments:` may name)."""
+    names = [INGRESS_DEPLOYMENT, *(model.deployment_name for model in config.models)]
+    return names + [REGISTRAR_DEPLOYMENT] if config.registration.enabled else names
 
 
 NODE_CHAT_TIMEOUT_S = 180.0

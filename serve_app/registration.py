@@ -29,7 +29,7 @@ from ray.serve import Application
 from ray.serve.schema import ApplicationStatus
 
 from serve_app.catalog import LiveCatalog, LiveModel, served_routes
-from serve_app.config import AppConfig
+from serve_app.config import REGISTRAR_DEPLOYMENT, AppConfig
 from serve_app.periodic import every
 from serve_app import routes
 from serve_app.serve_logs import flush_serve_log, start_flushing
@@ -44,7 +44,6 @@ FIRST_RETRY_S = 1.0
 UNREGISTER_TIMEOUT_S = 2.0
 STATUS_TIMEOUT_S = 10.0
 """How long a stopping registrar waits for Serve to say whether its application stays."""
-DEPLOYMENT_NAME = "registrar"
 HEAD_NODE_RESOURCE_NAME = "node:__internal_head__"  # Ray's resource of the head node (what Serve pins its controller with)
 
 LiveSource = Callable[[], Awaitable[Sequence[LiveModel]]]
@@ -457,6 +456,6 @@ def registrar_deployment(config: AppConfig) -> Application | None:
     if not config.registration.enabled:
         return None
     return RegistrarDeployment.options(
-        name=DEPLOYMENT_NAME, num_replicas=1,
+        name=REGISTRAR_DEPLOYMENT, num_replicas=1,
         ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE_NAME: 0.001}},
     ).bind(config)

@@ -190,7 +190,7 @@ def test_a_replica_moving_off_a_draining_node_still_serves_and_nothing_serves_wi
     until its replacement runs, a whole model load later: the model stays listed (and
     registered). Without a running ingress no request reaches any model: nothing is live,
     so the registrar does not announce models whose routes answer nothing."""
-    from serve_app.catalog import INGRESS_NAME
+    from serve_app.config import INGRESS_DEPLOYMENT as INGRESS_NAME
 
     config = AppConfig.model_validate(default_args())
     chat, image = config.models
@@ -243,6 +243,31 @@ def test_a_controller_that_does_not_answer_holds_no_caller_for_long(monkeypatch)
         hang.set()
     assert [m.config.name for m in first] == [chat.name] and all(models == first for models in later)
     assert waited < 5 and len(calls) == 2
+
+
+@pytest.mark.parametrize("app_status", ["DEPLOYING", "DEPLOY_FAILED"])
+def test_a_config_being_built_or_failed_to_build_keeps_the_catalog_before_it(app_status):
+    """While Serve builds a redeployed config's application, and after that build fails, it
+    lists none of the application's deployments, though the previous config's replicas serve
+    on: the models stay listed, `/ready` stays 200 and the nodes keep them (found live: every
+    `args` change emptied /v1/models for 6-10 s, and sent the nodes an empty model list)."""
+    config = AppConfig.model_validate(default_args())
+    chat, image = config.models
+    serving = _status("app", {chat.deployment_name: (DeploymentStatus.HEALTHY, {ReplicaState.RUNNING: 1}),
+                              image.deployment_name: (DeploymentStatus.HEALTHY, {ReplicaState.RUNNING: 1})})
+    building = _status("app", {})
+    building["applications"]["app"]["status"] = app_status
+    states = iter([serving, building])
+    catalog = LiveCatalog(config, "app", status=lambda: next(states))
+    for _ in range(2):
+        asyncio.run(catalog._refresh())  # noqa: SLF001 - each refresh reads the next state
+        assert [m.config.name for m in catalog._live] == [chat.name, image.name]  # noqa: SLF001
+    assert not catalog.was_removed(chat.name) and not catalog.has_failed(chat.name)
+
+    first_build = LiveCatalog(config, "app", status=lambda: building)  # nothing deployed before it
+    assert asyncio.run(first_build.live_models()) == []
+    running_empty = _status("app", {})  # a RUNNING application without deployments lists nothing
+    assert asyncio.run(LiveCatalog(config, "app", status=lambda: running_empty).live_models()) == []
 
 
 def test_a_model_is_failed_only_while_serve_gave_up_and_no_replica_runs():

@@ -423,6 +423,43 @@ def test_the_config_check_passes_the_shipped_config_and_says_what_the_build_woul
     assert check_config.main([str(tmp_path / "bad.yaml")]) == 1 and check_config.main([str(tmp_path / "edited.yaml")]) == 0
 
 
+def test_the_config_check_reads_the_deployments_overrides(tmp_path):
+    """Serve's `deployments:` beside `args`: a name the application has no deployment of fails
+    the whole deploy (Serve then lists none of its deployments); `num_replicas` on an
+    autoscaled model is ignored; an `autoscaling_config` there replaces the model's whole one,
+    so what it leaves out takes Ray's defaults (found live: target 4 -> 2, delays 3/15 s -> 30/600 s)."""
+    import yaml
+
+    from serve_app import check_config
+
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    app = config["applications"][0]
+    chat = app["args"]["models"][0]
+    chat["deployment"] = {**chat["deployment"], "num_replicas": None, "autoscaling_config": {
+        "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4, "upscale_delay_s": 3}}
+    del chat["deployment"]["num_replicas"]
+
+    def findings(overrides: list[dict]) -> tuple[list[str], list[str]]:
+        app["deployments"] = overrides
+        (tmp_path / "overrides.yaml").write_text(yaml.safe_dump(config))
+        return check_config.check(tmp_path / "overrides.yaml")
+
+    problems, _ = findings([{"name": "model_Lama3-8B", "num_replicas": 2}])
+    assert len(problems) == 1 and "'model_Lama3-8B' is no deployment of this application (ingress, " \
+        "model_Llama3-8B, model_SuperImage)" in problems[0]
+    assert findings([{"name": "ingress", "num_replicas": 2}, {"name": "model_SuperImage", "num_replicas": 2},
+                     {"name": "model_Llama3-8B", "autoscaling_config": {
+                         "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4, "upscale_delay_s": 3}}]
+                    ) == ([], [])
+    _, warnings = findings([{"name": "model_Llama3-8B", "num_replicas": 2}])
+    assert len(warnings) == 1 and "num_replicas is ignored, the model autoscales" in warnings[0]
+    _, warnings = findings([{"name": "model_Llama3-8B", "autoscaling_config": {"min_replicas": 2}}])
+    assert len(warnings) == 1 and "give target_ongoing_requests 4, max_replicas 2, upscale_delay_s 3 there too" \
+        in warnings[0] and "(Ray's: target_ongoing_requests 2, max_replicas 1, upscale_delay_s 30)" in warnings[0]
+    _, warnings = findings([{"name": "model_SuperImage", "autoscaling_config": {"min_replicas": 1, "max_replicas": 2}}])
+    assert len(warnings) == 1 and "give target_ongoing_requests 8 there" in warnings[0]  # its batch, not Ray's 2
+
+
 def test_the_config_check_warns_of_base_urls_missing_the_route_prefix(tmp_path):
     """Image URLs and the models' URLs given to the nodes are routes appended to the base URL:
     under a route prefix, a base URL without it hands out URLs that 404."""
