@@ -107,6 +107,11 @@ class BufferedMetrics:
         await every(self.FLUSH_INTERVAL_S, self.flush, "recording serve_app metrics")
 
 
+NOT_READY = ("/ready", 503)
+"""The readiness probe's answer while a model is not live: the probe worked, nothing failed
+(counted as an error, every probe of a starting or redeploying server would raise error rates)."""
+
+
 class RequestMetrics(BufferedMetrics):
     """The ingress's counters, and the histograms of a served request: its whole time, as the
     client sees it less the network (a model's own latency, which Serve's per-route figures
@@ -134,7 +139,7 @@ class RequestMetrics(BufferedMetrics):
         an error of the status it would have had (`error_status`, noted by the route or guard)."""
         failed = fields.get("error_status", status)
         self.count("requests", (model or "-", route, str(status)))
-        if failed >= 400:
+        if failed >= 400 and (route, failed) != NOT_READY:
             self.count("errors", (model or "-", route, str(failed)))
         for kind in ("prompt_tokens", "completion_tokens"):
             if fields.get(kind):

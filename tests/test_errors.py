@@ -356,6 +356,21 @@ def test_the_access_log_and_metrics_tell_a_client_leaving_and_a_failed_stream_fr
     assert all(line.startswith("access request_id=abc%20status%3D200%20model%3Devil method=") for line in lines)
 
 
+def test_a_readiness_probe_saying_not_ready_is_no_error() -> None:
+    """`/ready`'s 503 is the probe working (a model is not live yet, or restarting): counted as
+    a request, not as an error, or every probe of a redeploy would raise the error rate."""
+    from serve_app.metrics import RequestMetrics
+
+    metrics = RequestMetrics()
+    metrics.request(None, "/ready", 503, {}, 0.001)
+    metrics.request("m", "/v1/chat/completions", 503, {}, 0.001)
+    metrics.request(None, "/ready", 401, {}, 0.001)  # behind the API keys without one: an error
+    assert metrics.sums["requests", ("-", "/ready", "503")] == 1
+    assert ("errors", ("-", "/ready", "503")) not in metrics.sums
+    assert metrics.sums["errors", ("m", "/v1/chat/completions", "503")] == 1
+    assert metrics.sums["errors", ("-", "/ready", "401")] == 1
+
+
 @pytest.mark.parametrize("path,label", [
     ("/v1/chat/completions", "/v1/chat/completions"), ("/v1/models/org/llama", "/v1/models/{model}"),
     ("/v1/files/images/a.png", "/v1/files/images/{name}"), ("/v1/junk-123", "other")])
