@@ -75,25 +75,35 @@ def override_findings(args: AppConfig, overrides: list[dict[str, Any]]) -> tuple
                             "Serve would fail the whole deploy")
             continue
         model = models.get(name)
-        scaling = override.get("autoscaling_config")
         if model is None:
             continue
         own = model.deployment.serve_options(target_ongoing_requests=model.max_batch_size).get("autoscaling_config")
-        if "num_replicas" in override and (scaling or own) is not None:
+        args_auto = model.deployment.num_replicas == "auto"  # Ray's own autoscaling defaults
+        scaling = override.get("autoscaling_config", "unset")
+        # The override's autoscaling_config, where given, decides (null: fixed replicas; a
+        # mapping, even {}: autoscaling); else the model's in `args`.
+        autoscales = isinstance(scaling, dict) if scaling != "unset" else (own is not None or args_auto)
+        if isinstance(override.get("num_replicas"), int) and autoscales:
             warnings.append(f"deployments: {name}: num_replicas is ignored, the model autoscales; change "
                             "autoscaling_config's min_replicas / max_replicas")
-        if isinstance(scaling, dict):
+        if isinstance(scaling, dict) and not args_auto and override.get("num_replicas") != "auto":
             wanted = own or {"target_ongoing_requests": model.max_batch_size}
-            lost = {key: value for key, value in wanted.items()
-                    if key not in scaling and value != ray_defaults.get(key)}
+            lost = [key for key, value in wanted.items() if key not in scaling and value != ray_defaults.get(key)]
             if lost:
                 def listed(values: dict[str, Any]) -> str:
-                    return ", ".join(f"{key} {values[key]:g}" for key in lost)
+                    return ", ".join(f"{key} {_shown(values.get(key))}" for key in lost)
 
                 warnings.append(f"deployments: {name}: this autoscaling_config replaces the model's whole one, and "
-                                f"what it leaves out takes Ray's defaults; give {listed(lost)} there too "
+                                f"what it leaves out takes Ray's defaults; give {listed(wanted)} there too "
                                 f"(Ray's: {listed(ray_defaults)})")
     return problems, warnings
+
+
+def _shown(value: Any) -> str:
+    """A config value as YAML would read it back: 30 for 30.0, null for None."""
+    if value is None:
+        return "null"
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
 def origin(url: str) -> str:

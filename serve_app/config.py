@@ -465,9 +465,10 @@ class ImageInputOptions(StrictModel):
     @field_validator("accepted_formats")
     @classmethod
     def _checked_formats(cls, formats: list[str]) -> list[str]:
-        """As Pillow names them (upper case, JPG is JPEG), and only formats whose costly shapes
-        this server refuses before decoding (serve_app/image_structure.py): a TIFF or PSD would
-        reach Pillow unchecked. Wrong here, the config check names it, not a failing replica."""
+        """As Pillow names them (upper case, JPG is JPEG), and only formats this server vetted:
+        the costly shapes of PNG, JPEG, GIF and BMP are refused before decoding
+        (serve_app/image_structure.py), WebP goes to libwebp; a TIFF or PSD would reach Pillow's
+        rarer decoders. Wrong here, the config check names it, not a failing replica."""
         named = list(dict.fromkeys(IMAGE_FORMAT_ALIASES.get(f.upper(), f.upper()) for f in formats))
         unknown = [f for f in formats if IMAGE_FORMAT_ALIASES.get(f.upper(), f.upper()) not in IMAGE_FORMATS]
         if unknown:

@@ -257,17 +257,23 @@ def test_a_config_being_built_or_failed_to_build_keeps_the_catalog_before_it(app
                               image.deployment_name: (DeploymentStatus.HEALTHY, {ReplicaState.RUNNING: 1})})
     building = _status("app", {})
     building["applications"]["app"]["status"] = app_status
-    states = iter([serving, building])
-    catalog = LiveCatalog(config, "app", status=lambda: next(states))
-    for _ in range(2):
-        asyncio.run(catalog._refresh())  # noqa: SLF001 - each refresh reads the next state
-        assert [m.config.name for m in catalog._live] == [chat.name, image.name]  # noqa: SLF001
-    assert not catalog.was_removed(chat.name) and not catalog.has_failed(chat.name)
+    failing = _status("app", {chat.deployment_name: (DeploymentStatus.DEPLOY_FAILED, {}),
+                              image.deployment_name: (DeploymentStatus.HEALTHY, {ReplicaState.RUNNING: 1})})
+    running_empty = _status("app", {})  # RUNNING, yet no deployment: nothing is live
 
-    first_build = LiveCatalog(config, "app", status=lambda: building)  # nothing deployed before it
-    assert asyncio.run(first_build.live_models()) == []
-    running_empty = _status("app", {})  # a RUNNING application without deployments lists nothing
-    assert asyncio.run(LiveCatalog(config, "app", status=lambda: running_empty).live_models()) == []
+    def names_after(*states: dict) -> list[str]:
+        """The catalog after refreshing from each state in turn."""
+        catalog = LiveCatalog(config, "app", status=lambda: state)
+        for state in states:
+            asyncio.run(catalog._refresh())  # noqa: SLF001 - each refresh reads the next state
+        return [m.config.name for m in catalog._live]  # noqa: SLF001
+
+    assert names_after(serving, building) == names_after(serving, building, building) == [chat.name, image.name]
+    assert names_after(serving, running_empty) == [] and names_after(building) == []
+    after_failure = LiveCatalog(config, "app", status=lambda: state)
+    for state in (failing, building):  # what was failed before the build stays failed
+        asyncio.run(after_failure._refresh())  # noqa: SLF001
+    assert after_failure.has_failed(chat.name) and not after_failure.has_failed(image.name)
 
 
 def test_a_model_is_failed_only_while_serve_gave_up_and_no_replica_runs():

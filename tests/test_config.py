@@ -458,6 +458,23 @@ def test_the_config_check_reads_the_deployments_overrides(tmp_path):
         in warnings[0] and "(Ray's: target_ongoing_requests 2, max_replicas 1, upscale_delay_s 30)" in warnings[0]
     _, warnings = findings([{"name": "model_SuperImage", "autoscaling_config": {"min_replicas": 1, "max_replicas": 2}}])
     assert len(warnings) == 1 and "give target_ongoing_requests 8 there" in warnings[0]  # its batch, not Ray's 2
+    # null: Serve drops autoscaling, and the fixed count counts (both set: Serve's schema refuses it).
+    assert findings([{"name": "model_Llama3-8B", "num_replicas": 2, "autoscaling_config": None}]) == ([], [])
+    assert "Manually setting num_replicas is not allowed" in findings([{
+        "name": "model_SuperImage", "num_replicas": 2, "autoscaling_config": {}}])[0][0]
+    # A value whose Ray default is none (unset) is said as null, not a crash of the check.
+    chat["deployment"]["autoscaling_config"]["downscale_to_zero_delay_s"] = 60
+    _, warnings = findings([{"name": "model_Llama3-8B", "autoscaling_config": {
+        "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4, "upscale_delay_s": 3}}])
+    assert len(warnings) == 1 and "give downscale_to_zero_delay_s 60 there too (Ray's: downscale_to_zero_delay_s " \
+        "null)" in warnings[0]
+    # num_replicas: auto is Ray's own autoscaling (its defaults, merged with a given autoscaling_config).
+    chat["deployment"] = {key: value for key, value in chat["deployment"].items() if key != "autoscaling_config"}
+    chat["deployment"]["num_replicas"] = "auto"
+    assert "is ignored" in findings([{"name": "model_Llama3-8B", "num_replicas": 3}])[1][0]
+    assert findings([{"name": "model_Llama3-8B", "autoscaling_config": {"max_replicas": 3}}]) == ([], [])
+    assert findings([{"name": "model_SuperImage", "num_replicas": "auto", "autoscaling_config": {"max_replicas": 3}}]
+                    ) == ([], [])
 
 
 def test_the_config_check_warns_of_base_urls_missing_the_route_prefix(tmp_path):
