@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import ValidationError
 
-from serve_app.config import AppConfig, config_warnings, deployment_names
+from serve_app.config import REGISTRAR_DEPLOYMENT, AppConfig, config_warnings, deployment_names
 
 BUILDER = "serve_app.app:build_app"
 
@@ -74,9 +74,17 @@ def override_findings(args: AppConfig, overrides: list[dict[str, Any]]) -> tuple
             problems.append(f"deployments: {name!r} is no deployment of this application ({', '.join(names)}): "
                             "Serve would fail the whole deploy")
             continue
+        if name == REGISTRAR_DEPLOYMENT and override.keys() & {"num_replicas", "autoscaling_config"}:
+            problems.append(f"deployments: {name}: the registrar runs exactly one replica (two would each "
+                            "register and unregister the project); leave its replica count alone")
         model = models.get(name)
         if model is None:
             continue
+        ongoing = override.get("max_ongoing_requests")
+        if isinstance(ongoing, int) and ongoing < model.max_batch_size:
+            warnings.append(f"deployments: {name}: max_ongoing_requests {ongoing} is below the model's "
+                            f"max_batch_size ({model.max_batch_size}), so a replica never gets enough requests "
+                            "to fill a batch")
         own = model.deployment.serve_options(target_ongoing_requests=model.max_batch_size).get("autoscaling_config")
         args_auto = model.deployment.num_replicas == "auto"  # Ray's own autoscaling defaults
         scaling = override.get("autoscaling_config", "unset")

@@ -468,6 +468,15 @@ def test_the_config_check_reads_the_deployments_overrides(tmp_path):
         "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4, "upscale_delay_s": 3}}])
     assert len(warnings) == 1 and "give downscale_to_zero_delay_s 60 there too (Ray's: downscale_to_zero_delay_s " \
         "null)" in warnings[0]
+    _, warnings = findings([{"name": "model_SuperImage", "max_ongoing_requests": 4}])
+    assert len(warnings) == 1 and "max_ongoing_requests 4 is below the model's max_batch_size (8)" in warnings[0]
+    app["args"]["registration"] = {"enabled": True}
+    for model in app["args"]["models"]:
+        model["cid"] = "cid-" + model["name"]
+    problems, _ = findings([{"name": "registrar", "num_replicas": 2}])
+    assert len(problems) == 1 and "the registrar runs exactly one replica" in problems[0]
+    assert findings([{"name": "registrar", "max_ongoing_requests": 10}])[0] == []
+    del app["args"]["registration"]
     # num_replicas: auto is Ray's own autoscaling (its defaults, merged with a given autoscaling_config).
     chat["deployment"] = {key: value for key, value in chat["deployment"].items() if key != "autoscaling_config"}
     chat["deployment"]["num_replicas"] = "auto"
