@@ -80,10 +80,25 @@ def render_config(config: dict[str, Any], base: Path, http_port: int,
     return config
 
 
+def missing_model_paths(config: dict[str, Any]) -> list[str]:
+    """Local model folders of a rendered config that do not exist. Every node of the local
+    cluster is this machine, so such a model would fail on every node, after the deploy."""
+    return [f"model {model.get('name')!r}: {model['path']} does not exist"
+            for app in config.get("applications") or [] if isinstance(app.get("args"), dict)
+            for model in app["args"].get("models") or []
+            if isinstance(model, dict) and isinstance(model.get("path"), str)
+            and Path(model["path"]).is_absolute() and not Path(model["path"]).exists()]
+
+
 def cmd_render(ns: argparse.Namespace) -> int:
     source = Path(ns.config).resolve()
     config = yaml.safe_load(source.read_text())
     rendered = render_config(config, source.parent, ns.http_port, ns.http_host)
+    missing = missing_model_paths(rendered)
+    if missing:
+        print("\n".join(missing) + f"\n(relative paths are read from the config's folder, {source.parent})",
+              file=sys.stderr)
+        return 1
     Path(ns.out).write_text(
         f"# Rendered from {source} by cluster/cluster_tool.py for the local cluster.\n"
         + yaml.safe_dump(rendered, sort_keys=False))

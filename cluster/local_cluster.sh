@@ -244,7 +244,8 @@ cmd_deploy() {
   local rendered="$CLUSTER_DIR/deployed_config.yaml"
   # Same config, with http_options.port set to $SERVE_APP_HTTP_PORT and relative model
   # paths / image_dir made absolute against the config's folder.
-  "$PYTHON" "$TOOL" render "$config" "$rendered" --http-port "$HTTP_PORT" ${HTTP_HOST:+--http-host "$HTTP_HOST"}
+  "$PYTHON" "$TOOL" render "$config" "$rendered" --http-port "$HTTP_PORT" ${HTTP_HOST:+--http-host "$HTTP_HOST"} \
+    || die "$config has the problems above; nothing was deployed"
   # A mistake in it is named here, not found by waiting for the deploy to fail.
   "$PYTHON" -m serve_app.check_config "$rendered" || die "$config has the problems above; nothing was deployed"
   local since

@@ -226,6 +226,13 @@ def test_local_config_rendering(tmp_path):
     assert [m["path"] for m in args["models"]] == [str(ROOT / "models/tiny-llama"), str(ROOT / "models/tiny-sd")]
     assert tool.render_config({"applications": [{"name": "a", "args": {"models": [
         {"path": "org/model"}]}}]}, tmp_path, 1088)["applications"][0]["args"]["models"][0]["path"] == "org/model"
+    # Every node is this machine: a local model folder that is not here fails before the deploy.
+    assert tool.missing_model_paths(rendered) == []
+    elsewhere = tmp_path / "elsewhere.yaml"
+    elsewhere.write_text(yaml.safe_dump(config))  # ./models/... read from tmp_path, where there are none
+    out = tmp_path / "rendered.yaml"
+    assert tool.main(["render", str(elsewhere), str(out), "--http-port", "18123"]) == 1 and not out.exists()
+    assert tool.main(["render", str(ROOT / "serve_config.yaml"), str(out), "--http-port", "18123"]) == 0
 
 
 # --------------------------------------------------------------------------- the script, without Ray
