@@ -645,6 +645,8 @@ def deployment_names(config: AppConfig) -> list[str]:
     return names + [REGISTRAR_DEPLOYMENT] if config.registration.enabled else names
 
 
+RAY_METRICS_INTERVAL_S = 10.0
+"""How often Serve's replicas report their load to the autoscaler (Ray's `metrics_interval_s`)."""
 NODE_CHAT_TIMEOUT_S = 180.0
 """How long the AI network's node waits for a chat answer (5 minutes for an image)."""
 
@@ -661,6 +663,13 @@ def config_warnings(config: AppConfig) -> list[str]:
             warnings.append(f"model {model.name!r}: deployment.max_ongoing_requests "
                             f"({model.deployment.max_ongoing_requests}) is below max_batch_size "
                             f"({model.max_batch_size}), so a replica never gets enough requests to fill a batch")
+        scaling = model.deployment.autoscaling_config
+        if scaling is not None and scaling.look_back_period_s is not None \
+                and scaling.look_back_period_s <= RAY_METRICS_INTERVAL_S:
+            warnings.append(f"model {model.name!r}: autoscaling_config.look_back_period_s "
+                            f"({scaling.look_back_period_s:g}) is not above the {RAY_METRICS_INTERVAL_S:g} s at "
+                            "which replicas report their load, so it averages one report at most (Ray warns that "
+                            "a future release will refuse it)")
     if config.max_text_body_bytes < 4 * config.limits.max_prompt_chars:  # UTF-8 takes up to 4 bytes a character
         warnings.append(f"max_text_body_bytes ({config.max_text_body_bytes}) is below 4 bytes per character of "
                         f"limits.max_prompt_chars ({config.limits.max_prompt_chars}): a chat request within the "

@@ -216,6 +216,12 @@ def test_likely_mistakes_are_warned_about_not_refused(models_dir):
     assert "max_ongoing_requests (4) is below max_batch_size (8)" in warnings[1]
     assert "max_text_body_bytes (4194304) is below 4 bytes per character of limits.max_prompt_chars" in warnings[2]
 
+    def short_look_back(args):
+        args["models"][0]["deployment"] = {**args["models"][0]["deployment"], "num_replicas": None,
+                                           "autoscaling_config": {"max_replicas": 2, "look_back_period_s": 5}}
+    [warning] = config_warnings(validate(short_look_back))
+    assert "look_back_period_s (5) is not above the 10 s at which replicas report their load" in warning
+
 
 def test_registration_with_api_keys_is_warned_about(models_dir, monkeypatch):
     """The network's node forwards requests without a key: with keys on, each would be a 401."""
