@@ -471,6 +471,7 @@ def test_script_deploy_takes_no_wait_anywhere(fake_cluster: FakeCluster, tmp_pat
     assert fake_cluster.script("start").returncode == 0
     config = tmp_path / "config.yaml"
     shutil.copy(ROOT / "serve_config.yaml", config)
+    (tmp_path / "models").symlink_to(ROOT / "models")  # its relative model paths, read from its folder
     for args in (["--no-wait"], ["--no-wait", str(config)], [str(config), "--no-wait"]):
         result = fake_cluster.script("deploy", *args)
         assert result.returncode == 0, (args, result.stderr)
