@@ -87,8 +87,9 @@ def time_out_waiting(host: str, port: int, model: str, stats: Callable[[], dict]
 
 
 def check_timed_out(steps: list[int]) -> None:
-    """Every timed-out request stopped (all LONG tokens take LONG steps; 0.3 s takes a few)."""
-    assert all(ran < LONG // 2 for ran in steps), f"decode steps per timed-out request: {steps}"
+    """Every timed-out request reached the replica and stopped (all LONG tokens take LONG steps;
+    0.3 s takes a few dozen)."""
+    assert all(0 < ran < LONG // 2 for ran in steps), f"decode steps per timed-out request: {steps}"
 
 
 def check(found: dict) -> None:
@@ -99,7 +100,7 @@ def check(found: dict) -> None:
     assert found["quiet"], f"still in flight 10 s after the client left: {found}"
     # The step already running when the client left may still finish; none may start after it.
     assert found["steps_after_quiet"] <= 1, f"still decoding after the client left: {found}"
-    assert found["steps_before_quiet"] < LONG, f"the whole completion was generated: {found}"
+    assert found["steps_before_quiet"] < LONG // 4, f"generation went on after the client left: {found}"
     # Seconds, where a step takes milliseconds: only a slow, loaded CI machine comes near it.
     assert found["stopped_after_s"] < 5.0, f"generation went on for {found['stopped_after_s']:.2f}s: {found}"
 

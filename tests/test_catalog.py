@@ -207,6 +207,34 @@ def test_a_replica_moving_off_a_draining_node_still_serves_and_nothing_serves_wi
     assert live({**moving, INGRESS_NAME: (DeploymentStatus.DEPLOY_FAILED, {ReplicaState.STARTING: 1})}) == []
 
 
+def test_a_status_read_that_fails_keeps_the_last_catalog_and_is_retried_once_per_ttl():
+    """Serve's status raises (the controller restarting): /v1/models, /ready and the registrar
+    keep the last catalog, and the absent controller is asked once per `catalog_ttl_s`, not
+    once per request."""
+    config = AppConfig.model_validate({**default_args(), "catalog_ttl_s": 0.2})
+    chat, image = config.models
+    healthy = _status("app", {chat.deployment_name: (DeploymentStatus.HEALTHY, {ReplicaState.RUNNING: 1})})
+    calls = []
+
+    def status():
+        calls.append(1)
+        if len(calls) > 1:
+            raise ConnectionError("the controller is away")
+        return healthy
+
+    catalog = LiveCatalog(config, "app", status=status)
+
+    async def run() -> list[list[str]]:
+        seen = []
+        for _ in range(12):  # about 0.6 s: 3 TTLs
+            seen.append([m.config.name for m in await catalog.live_models()])
+            await asyncio.sleep(0.05)
+        return seen
+
+    assert asyncio.run(run()) == [[chat.name]] * 12
+    assert 2 <= len(calls) <= 5, calls
+
+
 def test_a_controller_that_does_not_answer_holds_no_caller_for_long(monkeypatch):
     """Serve's status hangs (GCS trouble): callers get the last catalog after a bounded wait,
     and the one refresh under way is not joined by another for each caller."""

@@ -10,21 +10,24 @@ from serve_app.model_worker import ModelWorker
 
 def test_a_task_without_progress_counts_as_stalled_and_its_steps_reset_the_count():
     worker = ModelWorker("t")
-    step, release = threading.Event(), threading.Event()
+    started, step, stepped, release = (threading.Event() for _ in range(4))
 
     def long_task() -> str:
+        started.set()
         step.wait(timeout=30)
         worker.progressed()  # the model says a step is done
+        stepped.set()
         release.wait(timeout=30)
         return "done"
 
     try:
         assert worker.stalled_for() == 0.0  # idle
         task = worker.submit(long_task)
+        assert started.wait(timeout=30)
         time.sleep(0.3)
-        assert worker.stalled_for() >= 0.25
+        assert worker.stalled_for() >= 0.3
         step.set()
-        time.sleep(0.05)
+        assert stepped.wait(timeout=30)
         assert worker.stalled_for() < 0.25  # the step reset it
         release.set()
         assert task.result(timeout=30) == "done"
