@@ -289,7 +289,9 @@ class ChatModel(ModelReplica):
         except UnicodeEncodeError:
             raise InvalidRequest("The messages hold an unpaired UTF-16 surrogate (such as \\ud800), here inside "
                                  "a tool call's arguments; send valid Unicode.", param="messages") from None
-        prompt_ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        # verbose=False: no "sequence length is longer than the specified maximum" warning in the
+        # operator's console for a prompt refused just below, in a line of its own.
+        prompt_ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False, verbose=False)["input_ids"][0]
         max_new = self._fit_to_context(len(prompt_ids), job)
         if any(token >= self.vocabulary for token in job.logit_bias):
             raise InvalidRequest(f"logit_bias names a token id this model does not have (ids go up to "

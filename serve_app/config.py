@@ -532,6 +532,9 @@ class RequestLimits(StrictModel):
     request_timeout_s: float = Field(
         300.0, gt=0, description="Longest wait for a model's answer: 504, or 503 while it has no replica; "
         "also the longest silence within a stream (then an in-band 504 event).")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Longest pause while a request body arrives (then 408): a client that sends "
+        "its headers and stalls holds one of the ingress's max_ongoing_requests slots until then.")
 
 
 INGRESS_DEPLOYMENT = "ingress"

@@ -81,6 +81,13 @@ class MethodNotAllowed(APIError):
     default_code = "method_not_allowed"
 
 
+class RequestTimeout(APIError):
+    """408: the request did not arrive in full in time (headers or body sent too slowly)."""
+
+    status_code = 408
+    default_code = "request_timeout"
+
+
 class PayloadTooLarge(APIError):
     """413: the body or an uploaded image is over its limit."""
 

@@ -43,11 +43,12 @@ from serve_app.errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
     ServerError,
     json_too_deep,
     status_phrase,
 )
-from serve_app.protocol import TOO_MANY_FILES, ErrorDetail, ErrorResponse
+from serve_app.protocol import TOO_MANY_FILES, ErrorResponse, error_body
 
 logger = logging.getLogger("ray.serve")
 
@@ -57,14 +58,6 @@ JSON = "application/json"
 def json_response(body: BaseModel, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
     """Serialise a wire model with pydantic; the media type is exactly application/json."""
     return Response(body.model_dump_json(), status_code=status_code, media_type=JSON, headers=headers)
-
-
-def error_body(error: APIError) -> ErrorResponse:
-    return ErrorResponse(
-        code=error.status_code,
-        message=error.message,
-        error=ErrorDetail(message=error.message, type=error.error_type, param=error.param, code=error.code),
-    )
 
 
 def error_response(error: APIError) -> Response:
@@ -164,6 +157,8 @@ def http_error(exc: StarletteHTTPException) -> APIError:
                                 headers={"Allow": allowed} if allowed else None)
     if exc.status_code == 413:
         return PayloadTooLarge(str(exc.detail), code="body_too_large")
+    if exc.status_code == 408:
+        return RequestTimeout(str(exc.detail))
     if exc.status_code == 400 and exc.detail == FASTAPI_UNPARSED_BODY:
         if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's 400 for a client that hung up mid-body
             return ClientClosedRequest(BODY_NEVER_ARRIVED)

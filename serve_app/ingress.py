@@ -122,11 +122,25 @@ async def _read_form(request: Request, max_field_bytes: int) -> tuple[dict[str, 
             for key, value in form.multi_items():
                 if isinstance(value, UploadFile):
                     data = await value.read()
-                    if data or value.filename:
+                    if key in FORM_TEXT_FIELDS:  # a long prompt from a file (curl -F prompt=@prompt.txt)
+                        fields.setdefault(key, _text_of_file(key, data))
+                    elif data or value.filename:
                         files.setdefault(key, []).append(data)
                 else:
                     fields.setdefault(key, value)
     return fields, files
+
+
+FORM_TEXT_FIELDS = frozenset((ImageEditRequest.model_fields.keys() | ImageGenerationRequest.model_fields.keys())
+                             - {"image", "images", "mask"})
+"""The image requests' fields that are text, whichever way a form part carries them."""
+
+
+def _text_of_file(name: str, data: bytes) -> str:
+    try:
+        return data.decode("utf-8").removesuffix("\n")  # the newline that ends a text file
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"{name}: the file sent for this text field is not UTF-8 text.", param=name) from None
 
 
 @contextlib.contextmanager
@@ -205,6 +219,7 @@ class Ingress:
         self.registrar = registrar
         api.state.max_body_bytes = config.max_body_bytes
         api.state.max_text_body_bytes = min(config.max_text_body_bytes, config.max_body_bytes)
+        api.state.body_timeout_s = config.limits.body_timeout_s
         api.state.api_keys = ApiKeys(config)
         api.state.cors = config.cors
         api.state.access_log = config.access_log
@@ -467,4 +482,14 @@ class Ingress:
         data = await asyncio.to_thread(self.store.read, name) if name is not None else None
         if data is not None:
             return await asyncio.to_thread(self.fetcher.check_upload, data, param=param)
-        return await self.fetcher.load(source, param=param)
+        try:
+            return await self.fetcher.load(source, param=param)
+        except InvalidRequest as refused:
+            # Another server's image URL of the same shape is fetched; one that could only have
+            # been this server's (a bare path, an address it may not fetch from) is told as gone.
+            if name is not None and refused.code in ("image_url_forbidden", "invalid_image_url"):
+                raise InvalidRequest(
+                    f"{param} names an image this server does not hold ({name}): it was not made here, or "
+                    "image_retention has removed it since. Send the image itself.",
+                    param=param, code="image_not_found") from None
+            raise

@@ -27,6 +27,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from serve_app.errors import APIError
 from serve_app.jobs import ImageFormat
 
 logger = logging.getLogger("ray.serve")
@@ -607,6 +608,15 @@ class ErrorResponse(WireModel):
     code: int
     message: str
     error: ErrorDetail
+
+
+def error_body(error: APIError) -> ErrorResponse:
+    """The error's envelope: its status as the standard's `code`, its words twice."""
+    return ErrorResponse(
+        code=error.status_code,
+        message=error.message,
+        error=ErrorDetail(message=error.message, type=error.error_type, param=error.param, code=error.code),
+    )
 
 
 class Health(BaseModel):

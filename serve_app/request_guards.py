@@ -17,13 +17,16 @@ import time
 from typing import Any
 
 from starlette.exceptions import HTTPException
+from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.access_log import CURRENT, AccessRecord, app_path, header, log_access, note
 from serve_app.config import AppConfig, CorsOptions
-from serve_app.errors import AuthenticationFailed, ClientClosedRequest, PayloadTooLarge, UnsupportedMediaType
+from serve_app.errors import (AuthenticationFailed, ClientClosedRequest, InvalidRequest, PayloadTooLarge,
+                               RequestTimeout, UnsupportedMediaType)
 from serve_app.http_errors import as_api_error, error_response
 from serve_app import routes
 from serve_app.routes import FILES as FILES_ROUTE
@@ -101,6 +104,22 @@ def _route_templates(app: Any) -> list[tuple[str, re.Pattern[str]]]:
     return templates
 
 
+class JsonCors(CORSMiddleware):
+    """Starlette's CORS middleware, whose refused preflight (text/plain "Disallowed CORS origin")
+    is answered in the envelope of every other error, with the same headers."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")
+        headers = {name: value for name, value in response.headers.items()
+                   if name.lower() not in ("content-length", "content-type")}
+        return error_response(InvalidRequest(
+            f"This cross-origin request is not allowed here (its {refused}): see the server's cors settings.",
+            code="cors_not_allowed", headers=headers))
+
+
 class ConfiguredCors:
     """Starlette's CORS middleware with the settings of `app.state.cors`, or none while no
     origin is configured. Outermost, so a preflight needs no API key and every answer,
@@ -117,7 +136,7 @@ class ConfiguredCors:
             await self.app(scope, receive, send)
             return
         if options is not self._options:  # built once per configuration
-            self._options, self._cors = options, CORSMiddleware(
+            self._options, self._cors = options, JsonCors(
                 self.app, allow_origins=options.allow_origins, allow_methods=["GET", "POST", "OPTIONS"],
                 allow_headers=options.allow_headers, allow_credentials=options.allow_credentials,
                 expose_headers=["X-Request-Id", "Retry-After", "X-Should-Retry"], max_age=options.max_age_s)
@@ -184,7 +203,8 @@ class RequestGuard:
         if limit and declared and declared.isdigit() and int(declared) > limit:
             await error_response(_too_large(limit))(scope, receive, send)
             return
-        await self.app(scope, _limited(receive, limit) if limit else receive, send)
+        pause_s: float | None = getattr(state, "body_timeout_s", None)
+        await self.app(scope, _guarded_body(receive, limit, pause_s) if limit or pause_s else receive, send)
 
 
 def _without_trailing_slash(scope: Scope) -> Scope:
@@ -203,23 +223,39 @@ def _may_carry_images(scope: Scope) -> bool:
     return app_path(scope) in IMAGE_ROUTES
 
 
-def _limited(receive: Receive, limit: int) -> Receive:
-    """A receive() that raises 413 once the body grows past `limit` (chunked bodies too).
+def _guarded_body(receive: Receive, limit: int | None, pause_s: float | None) -> Receive:
+    """A receive() that raises 413 once the body grows past `limit` (chunked bodies too), and 408
+    when the body stops arriving for `pause_s` (`limits.body_timeout_s`): a client that sends
+    its headers and then too little, too slowly, holds one of the ingress's
+    `max_ongoing_requests` slots while it waits, and enough of them would take every slot.
+    Once the body is whole, receive() waits as it did (for the client's hang-up).
 
-    It raises an HTTP exception, not our `PayloadTooLarge`: FastAPI passes those on from
-    its body parsing and turns any other exception there into a 400."""
-    received = 0
+    It raises HTTP exceptions, not our errors: FastAPI passes those on from its body parsing
+    and turns any other exception there into a 400."""
+    received, whole = 0, False
 
-    async def limited() -> Message:
-        nonlocal received
-        message = await receive()
+    async def guarded() -> Message:
+        nonlocal received, whole
+        if whole or not pause_s:
+            message = await receive()
+        else:
+            try:
+                async with asyncio.timeout(pause_s):
+                    message = await receive()
+            except TimeoutError:
+                raise HTTPException(408, detail=_body_stalled(pause_s).message) from None
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
-            if received > limit:
+            whole = not message.get("more_body", False)
+            if limit and received > limit:
                 raise HTTPException(413, detail=_too_large(limit).message)
         return message
 
-    return limited
+    return guarded
+
+
+def _body_stalled(pause_s: float) -> RequestTimeout:
+    return RequestTimeout(f"The request body stopped arriving: nothing came for {pause_s:g} s.")
 
 
 def _too_large(limit: int) -> PayloadTooLarge:

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from serve_app.deadline import DeadlinePassed, within
 from serve_app.errors import GatewayTimeout
-from serve_app.http_errors import as_api_error, error_body
+from serve_app.http_errors import as_api_error
 from serve_app.jobs import ChatStreamChunk, ChoiceDelta
 from serve_app.protocol import (
     ChatCompletionChunk,
@@ -22,6 +22,7 @@ from serve_app.protocol import (
     ChunkChoice,
     DeltaMessage,
     Usage,
+    error_body,
     new_id,
     now,
 )

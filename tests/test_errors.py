@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import pickle
+import time
 from types import SimpleNamespace
 
 import grpc
@@ -29,9 +30,9 @@ from serve_app.errors import (
     ServerError,
     model_not_found,
 )
-from serve_app.http_errors import as_api_error, error_body, install_error_handlers
+from serve_app.http_errors import as_api_error, install_error_handlers
 from serve_app.jobs import ChatStreamChunk, ChoiceDelta
-from serve_app.protocol import ChatCompletionRequest
+from serve_app.protocol import ChatCompletionRequest, error_body
 from serve_app.streaming import ChatChunkEncoder, chat_events
 
 
@@ -266,6 +267,57 @@ def test_a_stream_whose_model_goes_silent_ends_with_a_timeout_event() -> None:
     rest = TimingOutStream()
     error = json.loads(asyncio.run(events())[0].removeprefix("data: "))
     assert error["code"] == 500 and "sent nothing" not in error["message"]
+
+
+def test_a_body_that_stops_arriving_is_a_408_and_a_whole_one_is_waited_on_as_before() -> None:
+    """A client that sends its headers and part of its body, then nothing, is answered 408
+    after `limits.body_timeout_s` of silence (it held an ingress slot meanwhile); once the
+    body is whole, receive() waits for the client's hang-up with no limit, as Starlette's
+    disconnect watch needs. The body limit holds as before."""
+    from starlette.exceptions import HTTPException
+
+    from serve_app.request_guards import _guarded_body
+
+    def client(*bodies: tuple[bytes, bool]):
+        parts = [{"type": "http.request", "body": body, "more_body": more} for body, more in bodies]
+
+        async def receive() -> dict:
+            if parts:
+                return parts.pop(0)
+            await asyncio.sleep(3600)  # a client that sends no more and does not hang up
+            return {"type": "http.disconnect"}
+        return receive
+
+    async def stalled() -> tuple[bytes, HTTPException, float]:
+        receive = _guarded_body(client((b'{"model":', True)), 1000, 0.2)
+        first = (await receive())["body"]
+        started = time.monotonic()
+        with pytest.raises(HTTPException) as caught:
+            await receive()
+        return first, caught.value, time.monotonic() - started
+
+    first, exc, waited = asyncio.run(stalled())
+    assert first == b'{"model":' and 0.2 <= waited < 2
+    error = as_api_error(exc)
+    assert (error.status_code, error.code, error.message) == (
+        408, "request_timeout", "The request body stopped arriving: nothing came for 0.2 s.")
+
+    async def whole() -> None:
+        receive = _guarded_body(client((b"{", True), (b"}", False)), 1000, 0.2)
+        assert [(await receive())["body"] for _ in range(2)] == [b"{", b"}"]
+        with pytest.raises(TimeoutError):  # ours: the guard raised no 408 in 0.6 s
+            await asyncio.wait_for(receive(), 0.6)
+
+    asyncio.run(whole())
+
+    async def too_large() -> None:
+        receive = _guarded_body(client((b"x" * 600, True), (b"x" * 600, False)), 1000, 0.2)
+        await receive()
+        with pytest.raises(HTTPException) as caught:
+            await receive()
+        assert caught.value.status_code == 413
+
+    asyncio.run(too_large())
 
 
 @pytest.mark.parametrize("content_type", ["application/json", "multipart/form-data; boundary=b0undary"])

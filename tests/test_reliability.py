@@ -279,6 +279,8 @@ def test_a_browser_ui_on_an_allowed_origin_may_call_the_api(secure, http):
     elsewhere = httpx.options(secure + "/v1/chat/completions", timeout=60, headers={
         "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
     assert elsewhere.status_code == 400 and "access-control-allow-origin" not in elsewhere.headers
+    assert elsewhere.headers["content-type"] == "application/json" and elsewhere.json()["code"] == 400
+    assert elsewhere.json()["error"]["code"] == "cors_not_allowed" and "(its origin)" in elsewhere.json()["message"]
     assert "access-control-allow-origin" not in http.get("/v1/models", headers={"Origin": UI}).headers
 
 
@@ -427,7 +429,8 @@ def test_a_slow_model_answers_504_not_a_hang(cluster):
         with httpx.Client(base_url=base, timeout=60) as client:
             started = time.monotonic()
             response = client.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 1000, "temperature": 0,
-                                                                 "stop": ["\u2603\u2603\u2603"]})
+                                                                 "stop": ["\u2603\u2603\u2603"],
+                                                                 "logit_bias": {"2": -100, "5": -100}})  # no end
             assert time.monotonic() - started < 10
             assert response.status_code == 504 and response.headers["content-type"] == "application/json"
             assert response.json()["code"] == 504 and response.json()["error"]["type"] == "server_error"
@@ -437,7 +440,7 @@ def test_a_slow_model_answers_504_not_a_hang(cluster):
             assert wait_for(lambda: model.stats.remote().result()["active_requests"] == 0, timeout=10, interval=0.05)
             steps = model.stats.remote().result()["decode_steps"]
             time.sleep(0.3)
-            assert model.stats.remote().result()["decode_steps"] == steps and 0 < steps < 1000  # it had begun
+            assert model.stats.remote().result()["decode_steps"] == steps and 0 < steps < 500  # it had begun
             # Within 0.3 s on a loaded machine too: retried, as a client would after a 504.
             assert wait_for(lambda: client.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 1}
                                                 ).status_code == 200, timeout=30, interval=0.5)

@@ -8,7 +8,9 @@ Ray of its own (its own temp dir) on a free port.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -35,6 +37,28 @@ def port_is_free(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
+def stall(port: int, path: str, sent: int, length: int) -> socket.socket:
+    """A client that sends its headers and `sent` bytes of a `length`-byte body, then waits."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {length}\r\n\r\n".encode() + b" " * sent)
+    return sock
+
+
+def answer_of(sock: socket.socket, timeout: float) -> tuple[int, bytes, dict]:
+    """The status, headers and JSON body of the answer that comes on `sock`."""
+    sock.settimeout(timeout)
+    data = b""
+    with sock:
+        while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < int(
+                re.search(rb"(?i)content-length: *(\d+)", data.partition(b"\r\n\r\n")[0]).group(1)):
+            chunk = sock.recv(65536)
+            assert chunk, f"closed without a whole answer: {data!r}"
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), head.lower(), json.loads(body)
+
+
 def ctrl_c(server: subprocess.Popen) -> None:
     """What a terminal's Ctrl-C does: SIGINT to the foreground process group (the script's)."""
     os.killpg(server.pid, signal.SIGINT)
@@ -48,13 +72,15 @@ def test_serve_script_says_when_ready_serves_and_stops_gracefully(models_dir: Pa
     config["http_options"]["port"] = port
     args = config["applications"][0]["args"]
     args.update(public_base_url=f"http://127.0.0.1:{port}", image_dir=str(tmp_path / "images"),
-                registration={"enabled": True, "node_urls": [node.url], "timeout_s": 2})
+                registration={"enabled": True, "node_urls": [node.url], "timeout_s": 2},
+                limits={"body_timeout_s": 4})
+    args["ingress"]["max_ongoing_requests"] = 4  # fewer slots than the stalling clients below
     for model in args["models"]:
         model["cid"] = f"cid-{model['name']}"
     config_file = tmp_path / "serve_config.yaml"
     config_file.write_text(yaml.safe_dump(config))
     ray_tmp = tempfile.mkdtemp(prefix="sss_", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "SERVE_APP_HAPROXY_REQUEST_TIMEOUT_S": "2"}
     env.pop("RAY_ADDRESS", None)  # its own Ray, never a cluster the shell names
     # Relative to the caller's folder, as the README allows; models resolve from the repo root.
     server = subprocess.Popen([str(ROOT / "scripts" / "serve.sh"), config_file.name], cwd=tmp_path, env=env,
@@ -72,6 +98,18 @@ def test_serve_script_says_when_ready_serves_and_stops_gracefully(models_dir: Pa
         answer = httpx.post(base + "/v1/chat/completions", timeout=60, json={
             "model": "Llama3-8B", "max_tokens": 4, "messages": [{"role": "user", "content": "Hello!"}]})
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
+        # Clients that stall mid-body, more than the ingress has slots: HAProxy holds a small
+        # body's request until it is whole, never taking a slot, and answers 408 after 2 s; the
+        # ingress times out a large one's pause (4 s); every other client is answered at once.
+        small = [stall(port, "/v1/chat/completions", 10, 100) for _ in range(6)]
+        large = stall(port, "/v1/images/edits", 40_000, 1_000_000)  # past HAProxy's 16 KiB buffer
+        assert httpx.get(base + "/health", timeout=1.5).status_code == 200
+        assert httpx.post(base + "/v1/chat/completions", timeout=30, json={
+            "model": "Llama3-8B", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}).status_code == 200
+        for sock, by_haproxy in [*((sock, True) for sock in small), (large, False)]:
+            status, head, body = answer_of(sock, timeout=15)
+            assert (status, body["code"], body["error"]["code"]) == (408, 408, "request_timeout"), body
+            assert (b"x-request-id" not in head) is by_haproxy, head  # the ingress names each request
         assert node.wait_for(lambda: len(node.models_of("serve_app") or []) == 3, timeout=30), node.projects
         stop(server)  # as the README says to stop it, in the background or in a terminal
         assert server.wait(timeout=90) == 0, "".join(lines[-30:])
@@ -84,9 +122,16 @@ def test_serve_script_says_when_ready_serves_and_stops_gracefully(models_dir: Pa
         # HAProxy (a child of Serve's proxy) goes too: the port is free again.
         assert wait_for(lambda: port_is_free(port), timeout=30), "the port is still held"
     finally:
-        if server.poll() is None:  # a failed test: its whole process group (Ray's processes start in it)
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        if server.poll() is None:  # a failed test: stopped as a user would, else killed
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+        # `serve run` ran in a process group of its own (serve.sh's `set -m`): Ray's processes
+        # left by a failed stop are found by the temp dir named on their command lines.
+        subprocess.run(["pkill", "-KILL", "-f", ray_tmp], check=False)
         shutil.rmtree(ray_tmp, ignore_errors=True)
         node.stop()
     assert sum(READY_LINE in line for line in lines) == 1

@@ -34,6 +34,8 @@ SEED_CHAT = {
         {"role": "user", "content": "Hello!"},
     ],
 }
+NO_EOS = {"2": -100, "5": -100}
+"""A `logit_bias` banning the tiny chat model's end-of-sequence tokens: an answer runs to its limit."""
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +104,34 @@ def test_chat_seed_example_matches_standard_and_openai(http):
 
 @pytest.mark.parametrize("name", ["max_tokens", "max_completion_tokens"])
 def test_chat_max_tokens_gives_length_and_exact_usage(client, name):
+    # The tiny model's end-of-sequence tokens (2 and 5) banned: each choice runs to its limit.
     result = client.chat.completions.create(model=CHAT, messages=SEED_CHAT["messages"], **{name: 5},
-                                            n=2, temperature=1.0, seed=1, logprobs=True)
+                                            n=2, temperature=1.0, seed=1, logprobs=True, logit_bias=NO_EOS)
     assert len(result.choices) == 2 and [c.index for c in result.choices] == [0, 1]
-    # Every token of a choice has a log-probability entry, except an end-of-sequence token.
-    used = [len(c.logprobs.content) + (c.finish_reason == "stop") for c in result.choices]
-    for choice, tokens in zip(result.choices, used):
-        assert (choice.finish_reason, tokens) == ("length", 5) or (choice.finish_reason == "stop" and 0 < tokens <= 5)
-    assert result.usage.completion_tokens == sum(used)
+    assert [(c.finish_reason, len(c.logprobs.content)) for c in result.choices] == [("length", 5)] * 2
+    assert result.usage.completion_tokens == 10
+    # Left free to end, a choice that does counts its end-of-sequence token, which has no entry.
+    free = client.chat.completions.create(model=CHAT, messages=SEED_CHAT["messages"], **{name: 5},
+                                          n=2, temperature=1.0, seed=1, logprobs=True)
+    used = [len(c.logprobs.content) + (c.finish_reason == "stop") for c in free.choices]
+    assert all(c.finish_reason == "length" and n == 5 or c.finish_reason == "stop" and 0 < n <= 5
+               for c, n in zip(free.choices, used))
+    assert free.usage.completion_tokens == sum(used)
+
+
+def test_presence_and_frequency_penalties_reach_the_model(http):
+    """Each penalty, sent over HTTP, changes a greedy answer (a random model's repeats one
+    token, which either penalty pushes down), and the same request answers the same again."""
+    def answer(**penalty) -> str:
+        body = {**SEED_CHAT, "max_tokens": 16, "temperature": 0, "logit_bias": NO_EOS, **penalty}
+        return assert_success(http.post("/v1/chat/completions", json=body))["choices"][0]["message"]["content"]
+
+    plain = answer()
+    for name in ("presence_penalty", "frequency_penalty"):
+        penalised = answer(**{name: 2})
+        assert penalised != plain, name
+        assert answer(**{name: 2}) == penalised, name
+    assert answer(presence_penalty=0, frequency_penalty=0) == plain
 
 
 def test_chat_seed_reproduces_and_differs(client):
@@ -147,7 +169,12 @@ def test_chat_accepts_content_parts_and_unknown_fields(http):
         "model": CHAT, "max_tokens": 4, "wallet": "0xabc", "signature": "sig", "user": "u1",
         "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}],
     }
-    assert_success(http.post("/v1/chat/completions", json=body))
+    as_parts = assert_success(http.post("/v1/chat/completions", json=body))["usage"]["prompt_tokens"]
+    # The parts are the message's text, joined by a newline (as vLLM joins them).
+    for text, same in (("Hi \nthere", True), ("", False)):
+        other = {**body, "messages": [{"role": "user", "content": text}]}
+        assert (assert_success(http.post("/v1/chat/completions", json=other))["usage"]["prompt_tokens"]
+                == as_parts) is same, text
     # An assistant's refusal part, as OpenAI's clients replay one, is that turn's text.
     turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "I can't help with that."},
              {"role": "user", "content": "Why?"}]
@@ -449,9 +476,14 @@ def test_an_image_this_server_made_is_edited_from_its_store_whatever_address_nam
             "model": IMAGE, "prompt": "beret", "image": source, "mask": "http://[::1]" + httpx.URL(mask["data"][0]["url"]).path,
             "response_format": "b64_json"}))
         assert png_of(base64.b64decode(body["data"][0]["b64_json"])).size == (64, 64)
-    unknown = f"http://127.0.0.2:1{path.rsplit('/', 1)[0]}/{'A' * 24}.png"  # not one of its images: fetched, refused
-    response = http.post("/v1/images/edits", json={"model": IMAGE, "prompt": "beret", "image": unknown})
-    assert response.status_code == 400 and response.json()["error"]["code"] == "image_url_forbidden", response.text
+    # Not one of its images (never made, or removed by retention): fetched, the address is refused,
+    # and the answer says the image is gone rather than blaming the address.
+    gone = f"{path.rsplit('/', 1)[0]}/{'A' * 24}.png"
+    for unknown in (f"http://127.0.0.2:1{gone}", gone):
+        response = http.post("/v1/images/edits", json={"model": IMAGE, "prompt": "beret", "image": unknown})
+        assert response.status_code == 400, response.text
+        assert (response.json()["error"]["code"], response.json()["error"]["param"]) == ("image_not_found", "image")
+        assert "does not hold" in response.json()["message"]
 
 
 def test_edit_json_in_openai_image_url_form(http):
@@ -528,6 +560,17 @@ def test_a_generation_sent_as_a_form_without_an_image_is_that_generation(http):
     as_form = assert_success(post_form(http, {k: str(v) for k, v in ask.items()}, route="/v1/images/generations"))
     assert as_form["data"] == as_json and len(as_json) == 2
     assert png_of(base64.b64decode(as_json[0]["b64_json"])).size == (64, 72)
+    # The prompt as a file part (`curl -F prompt=@prompt.txt`, for a long one): the same text.
+    fields = {k: str(v) for k, v in ask.items() if k != "prompt"}
+    from_file = http.post("/v1/images/generations", data=fields, files={"prompt": ("prompt.txt", b"a hat\n")})
+    assert assert_success(from_file)["data"] == as_json
+    edit = {**fields, "n": "1"}
+    image = {"image": ("in.png", _png_bytes((64, 72)), "image/png")}
+    as_text = assert_success(http.post("/v1/images/edits", data={**edit, "prompt": "a hat"}, files=image))["data"]
+    as_file = http.post("/v1/images/edits", data=edit, files={**image, "prompt": ("prompt.txt", b"a hat\n")})
+    assert assert_success(as_file)["data"] == as_text
+    not_text = http.post("/v1/images/edits", data=edit, files={**image, "prompt": ("p.bin", b"\xff\xfe")})
+    assert not_text.status_code == 400 and not_text.json()["error"]["param"] == "prompt", not_text.text
 
 
 @pytest.mark.parametrize("limit,param", [({"n": 99}, "n"), ({"steps": 10_000}, "steps"), ({"step": 10_000}, "step"),
@@ -848,7 +891,13 @@ def test_a_body_without_content_type_is_told_what_to_send(http):
 
 
 def test_server_still_serves_after_bad_input(http):
+    """The worst of the bad requests above, sent here too so that this holds run alone."""
+    for body in (b"[" * 100_000 + b"]" * 100_000, b'{"model": "\xff\xfe"}', b"x" * (26 * 1024 * 1024), b'{"model": "x",'):
+        for path in ("/v1/chat/completions", "/v1/images/generations"):
+            status = http.post(path, content=body, headers={"content-type": "application/json"}).status_code
+            assert status in (400, 413), (path, body[:20], status)
     assert_success(http.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 3}))
+    assert_success(http.post("/v1/images/generations", json={"model": IMAGE, "prompt": "x", "size": "64x64"}))
 
 
 def test_null_stream_and_extreme_seeds_are_plain_requests(http):
