@@ -13,15 +13,20 @@ Before HAProxy starts, it also adds to the `defaults` of the config Serve wrote 
 `-f` names, rewritten by Serve before every start and reload, under Serve's own lock):
 
 - `option http-buffer-request` with `timeout http-request`: HAProxy holds a request until
-  its body has arrived (up to its 16 KiB buffer) and answers 408 to one that takes longer
-  than SERVE_APP_HAPROXY_REQUEST_TIMEOUT_S (30 s; 0 leaves the config as Serve wrote it).
+  its body has arrived (up to its buffer, about 15 KiB) and answers 408 to one whose headers,
+  or then its body, take longer than SERVE_APP_HAPROXY_REQUEST_TIMEOUT_S (30 s; 0 leaves
+  requests as Serve's config passes them). A connection that sends nothing is closed quietly.
   Serve's config forwards a request as soon as its headers are in, and each waiting body
   held one of the ingress replica's `max_ongoing_requests` slots for the client's whole
   timeout (an hour): 513 clients that sent headers and a few bytes made the server, its
   health check included, answer nobody.
 - JSON answers, in the envelope of every other error of this server, for the errors HAProxy
-  gives itself: that 408, and 503 while no ingress replica is up (Serve's config answers a
-  text/plain 500). Not its 400 for what is not HTTP: HAProxy 2.8 sends its own HTML page there.
+  gives itself, where Serve's config answers a text/plain 500 for 502/503/504: that 408, 502
+  (the ingress replica failed mid-answer), 503 (no ingress replica is up: retry after 1 s), 504
+  (not answered within Serve's HAProxy server timeout, where one is set: not to be retried).
+  Not its 400 for what is not HTTP: HAProxy 2.8 sends its own HTML page there.
+
+Where the rewrite fails, HAProxy starts on Serve's config as it is (said on stderr).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import sys
 from http import HTTPStatus
 from pathlib import Path
 
-from serve_app.errors import APIError, Overloaded, RequestTimeout, ServerError
+from serve_app.errors import APIError, GatewayTimeout, Overloaded, RequestTimeout, ServerError
 from serve_app.protocol import error_body
 
 
@@ -65,13 +70,18 @@ MARK = "# serve_app (serve-app-haproxy):"
 
 
 def own_answers(timeout_s: int) -> dict[int, APIError]:
-    """What HAProxy answers, by the status it would give, where no replica is asked."""
-    unavailable = Overloaded("No ingress replica can take the request right now (the server is starting, "
-                             "restarting or stopping); retry shortly.", code="service_unavailable",
-                             headers={"Retry-After": "1"})
-    return {408: RequestTimeout(f"The request did not arrive in full within {timeout_s} s."),
+    """What HAProxy answers, by the status it gives itself (no replica's answer)."""
+    failed = APIError("The server's ingress replica failed while answering (it may have stopped mid-request).",
+                      code="bad_gateway")
+    failed.status_code = 502
+    return {408: RequestTimeout(f"The request did not arrive in full within {timeout_s} s." if timeout_s
+                                else "The request did not arrive in full in time."),
             500: ServerError("The server's proxy failed to handle the request."),
-            502: unavailable, 503: unavailable, 504: unavailable}
+            502: failed,
+            503: Overloaded("No ingress replica can take the request right now (the server is starting, "
+                            "restarting or stopping); retry shortly.", code="service_unavailable",
+                            headers={"Retry-After": "1"}),
+            504: GatewayTimeout("The server's ingress replica did not answer in time.")}
 
 
 def http_file(error: APIError) -> bytes:
@@ -86,7 +96,8 @@ def http_file(error: APIError) -> bytes:
 
 def with_our_defaults(config: str, timeout_s: int, error_files: dict[int, Path]) -> str:
     """Serve's HAProxy config with our lines at the end of its `defaults` section (Serve's own
-    errorfiles for the same statuses dropped); as it was where they are there already."""
+    errorfiles for the same statuses dropped); as it was where they are there already. With
+    `timeout_s` 0, the errorfiles alone."""
     lines = config.splitlines(keepends=True)
     try:
         start = next(i for i, line in enumerate(lines) if line.strip() == "defaults" and not line[0].isspace())
@@ -97,10 +108,12 @@ def with_our_defaults(config: str, timeout_s: int, error_files: dict[int, Path])
     if any(line.strip().startswith(MARK) for line in section):
         return config
     ours = {str(status) for status in error_files}
-    kept = [line for line in section if not (line.split()[:1] == ["errorfile"] and line.split()[1:2][0] in ours)]
-    added = [f"    {MARK} bodies before replicas, JSON errors\n", "    option http-buffer-request\n",
-             f"    timeout http-request {timeout_s}s\n",
+    kept = [line for line in section if not (line.split()[:1] == ["errorfile"] and set(line.split()[1:2]) & ours)]
+    added = [f"    {MARK} JSON errors{', bodies before replicas' if timeout_s else ''}\n",
              *(f"    errorfile {status} {path}\n" for status, path in sorted(error_files.items()))]
+    if timeout_s:  # probes: connections that send nothing (a browser's preconnect) close quietly, no 408
+        added += ["    option http-buffer-request\n", f"    timeout http-request {timeout_s}s\n",
+                  "    option http-ignore-probes\n"]
     return "".join([*lines[:start + 1], *kept, *added, *lines[end:]])
 
 
@@ -127,18 +140,23 @@ def add_our_defaults(config: Path, timeout_s: int) -> None:
 
 def request_timeout_s() -> int:
     value = os.environ.get(TIMEOUT_ENV, "").strip() or str(DEFAULT_TIMEOUT_S)
-    if not value.isdigit():
-        raise SystemExit(f"serve-app-haproxy: {TIMEOUT_ENV}={value!r} is not a whole number of seconds")
-    return int(value)
+    if value.isdigit():
+        return int(value)
+    print(f"serve-app-haproxy: {TIMEOUT_ENV}={value!r} is not a whole number of seconds; "
+          f"using {DEFAULT_TIMEOUT_S}", file=sys.stderr)
+    return DEFAULT_TIMEOUT_S
 
 
 def main() -> None:
     if os.environ.get(WRAPPED):
         raise SystemExit("serve-app-haproxy: the haproxy it found runs serve-app-haproxy again")
     binary = haproxy_binary()
-    timeout_s, config = request_timeout_s(), config_path(sys.argv[1:])
-    if timeout_s and config is not None and config.is_file():
-        add_our_defaults(config, timeout_s)
+    config = config_path(sys.argv[1:])
+    if config is not None and config.is_file():
+        try:
+            add_our_defaults(config, request_timeout_s())
+        except Exception as exc:  # noqa: BLE001 - HAProxy starts on Serve's config rather than not at all
+            print(f"serve-app-haproxy: {config} left as Serve wrote it: {exc!r}", file=sys.stderr)
     os.environ[WRAPPED] = "1"
     os.execv(binary, [binary, "-dS", *sys.argv[1:]])  # HAProxy's own process, signals and pid
 

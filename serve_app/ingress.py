@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import urllib.parse
 from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 from fastapi import FastAPI, Request
@@ -138,9 +139,10 @@ FORM_TEXT_FIELDS = frozenset((ImageEditRequest.model_fields.keys() | ImageGenera
 
 def _text_of_file(name: str, data: bytes) -> str:
     try:
-        return data.decode("utf-8").removesuffix("\n")  # the newline that ends a text file
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidRequest(f"{name}: the file sent for this text field is not UTF-8 text.", param=name) from None
+    return text.removesuffix("\n").removesuffix("\r")  # the line break that ends a text file
 
 
 @contextlib.contextmanager
@@ -482,14 +484,19 @@ class Ingress:
         data = await asyncio.to_thread(self.store.read, name) if name is not None else None
         if data is not None:
             return await asyncio.to_thread(self.fetcher.check_upload, data, param=param)
+        if name is not None and not urllib.parse.urlsplit(source.strip()).netloc:  # a bare path: ours
+            raise self._image_gone(name, param)
         try:
             return await self.fetcher.load(source, param=param)
         except InvalidRequest as refused:
-            # Another server's image URL of the same shape is fetched; one that could only have
-            # been this server's (a bare path, an address it may not fetch from) is told as gone.
-            if name is not None and refused.code in ("image_url_forbidden", "invalid_image_url"):
-                raise InvalidRequest(
-                    f"{param} names an image this server does not hold ({name}): it was not made here, or "
-                    "image_retention has removed it since. Send the image itself.",
-                    param=param, code="image_not_found") from None
+            # Another server's image URL of the same shape is fetched (and its failures told as
+            # they are); at an address this server may not fetch from, it could only be ours.
+            if name is not None and refused.code == "image_url_forbidden":
+                raise self._image_gone(name, param) from None
             raise
+
+    @staticmethod
+    def _image_gone(name: str, param: str) -> InvalidRequest:
+        return InvalidRequest(
+            f"{param} names an image this server does not hold ({name}): it was not made here, or "
+            "image_retention has removed it since. Send the image itself.", param=param, code="image_not_found")

@@ -484,6 +484,11 @@ def test_an_image_this_server_made_is_edited_from_its_store_whatever_address_nam
         assert response.status_code == 400, response.text
         assert (response.json()["error"]["code"], response.json()["error"]["param"]) == ("image_not_found", "image")
         assert "does not hold" in response.json()["message"]
+    # At an address it may fetch from (this suite allows 127.0.0.1), such a URL is another
+    # server's: its failure is told as it is.
+    elsewhere = http.post("/v1/images/edits", json={"model": IMAGE, "prompt": "beret", "image": f"http://127.0.0.1:1{gone}"})
+    assert elsewhere.status_code == 400 and elsewhere.json()["error"]["code"] == "invalid_image_url", elsewhere.text
+    assert elsewhere.json()["message"] == "image URL could not be connected to."
 
 
 def test_edit_json_in_openai_image_url_form(http):
@@ -567,7 +572,7 @@ def test_a_generation_sent_as_a_form_without_an_image_is_that_generation(http):
     edit = {**fields, "n": "1"}
     image = {"image": ("in.png", _png_bytes((64, 72)), "image/png")}
     as_text = assert_success(http.post("/v1/images/edits", data={**edit, "prompt": "a hat"}, files=image))["data"]
-    as_file = http.post("/v1/images/edits", data=edit, files={**image, "prompt": ("prompt.txt", b"a hat\n")})
+    as_file = http.post("/v1/images/edits", data=edit, files={**image, "prompt": ("prompt.txt", b"a hat\r\n")})
     assert assert_success(as_file)["data"] == as_text
     not_text = http.post("/v1/images/edits", data=edit, files={**image, "prompt": ("p.bin", b"\xff\xfe")})
     assert not_text.status_code == 400 and not_text.json()["error"]["param"] == "prompt", not_text.text
