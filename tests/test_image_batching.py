@@ -718,22 +718,29 @@ def test_a_pipeline_call_whose_caller_left_stops_at_its_next_step(model, monkeyp
     assert not model.running and not model.abandoned
 
 
+def leave_at_first_step(leaving: list) -> int:
+    """A `progressed` stand-in: at the first step of the first pipeline call, its caller leaves
+    (the future marked abandoned, as generate's cancellation marks a future the worker has
+    taken), at a known point of the run rather than whenever a polling test thread wakes."""
+    while leaving:
+        model, future = leaving.pop()
+        model.abandoned.add(future)
+    return 1
+
+
 def test_a_pipeline_call_goes_on_while_one_of_its_callers_remains(model, monkeypatch):
     """Two requests share a call; one caller leaves mid-call (generate's cancellation, stood in
     for: its future is already taken, so it is marked abandoned). The other gets its images."""
-    gate, steps = threading.Event(), []
-    monkeypatch.setattr(model._worker, "progressed", lambda: steps.append(1))
+    gate, steps, leaving = threading.Event(), [], []
+    monkeypatch.setattr(model._worker, "progressed", lambda: steps.append(leave_at_first_step(leaving)))
     model._worker.submit(gate.wait)  # busy, so both are queued for one call
     try:
         left, stays = model.submit([ImageJob(prompt=p, n=1, width=64, height=64, steps=20) for p in "ab"])
+        leaving.append((model, left))
     finally:
         gate.set()
-    deadline = time.monotonic() + 60
-    while not steps and time.monotonic() < deadline:
-        time.sleep(0.002)
-    assert not left.cancel()  # taken by the worker
-    model.abandoned.add(left)
     assert len(stays.result(timeout=120).images) == 1
+    assert not left.cancel()  # it was taken by the worker
     assert len(steps) == 20 + 1 + 2 and not model.abandoned  # every step, the call's end, each encoding
 
 
@@ -742,21 +749,18 @@ def test_a_group_whose_callers_left_is_not_run_while_another_groups_caller_waits
     leaves while the first call runs: the first still makes its images, the second never runs."""
     from serve_app.errors import ClientClosedRequest
 
-    gate, steps = threading.Event(), []
-    monkeypatch.setattr(model._worker, "progressed", lambda: steps.append(1))
+    gate, steps, leaving = threading.Event(), [], []
+    monkeypatch.setattr(model._worker, "progressed", lambda: steps.append(leave_at_first_step(leaving)))
+    before = model.stats()["pipeline_calls"]
     model._worker.submit(gate.wait)  # busy, so both are queued for one run
     try:
         stays, leaves = model.submit([ImageJob(prompt="a", n=1, width=64, height=64, steps=20),
                                       ImageJob(prompt="b", n=1, width=96, height=64, steps=20)])
+        leaving.append((model, leaves))
     finally:
         gate.set()
-    before = model.stats()["pipeline_calls"]
-    deadline = time.monotonic() + 60
-    while not steps and time.monotonic() < deadline:  # the first call is under way
-        time.sleep(0.002)
-    assert not leaves.cancel()  # taken by the worker: generate's cancellation marks it abandoned
-    model.abandoned.add(leaves)
     assert len(stays.result(timeout=120).images) == 1
+    assert not leaves.cancel()  # it was taken by the worker
     assert isinstance(leaves.result(timeout=60), ClientClosedRequest)
     assert model.stats()["pipeline_calls"] == before + 1 and not model.abandoned
     assert len(steps) == 20 + 1 + 1  # the first call's steps, its end, its encoding: not one step of the second
