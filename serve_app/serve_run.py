@@ -7,18 +7,73 @@ keeps a signal that was ignored at startup ignored, so a `serve run` started fro
 script, `nohup` or `&` could not be stopped gracefully at all. scripts/serve.sh runs
 it through this module and turns its own SIGTERM or SIGINT into one SIGINT to it.
 
+On that SIGINT, HAProxy (where Serve runs it) is drained first: Serve's shutdown kills
+it at once (Ray 2.60's `HAProxyManager.stop` sends SIGKILL), and with it every request
+in flight, streams cut mid-answer, though the replicas behind it would have finished
+them. HAProxy's own soft stop (SIGUSR1) closes its listeners, lets the requests it holds
+finish, then exits; `serve run` shuts Serve down once every one has, or after
+SERVE_APP_DRAIN_TIMEOUT_S (30). A second SIGINT stops waiting.
+
     python -m serve_app.serve_run CONFIG [serve run's options...]
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+from types import FrameType
+
+DRAIN_ENV = "SERVE_APP_DRAIN_TIMEOUT_S"
+DEFAULT_DRAIN_S = 30.0
+
+
+def drain_timeout_s() -> float:
+    try:
+        return max(0.0, float(os.environ.get(DRAIN_ENV) or DEFAULT_DRAIN_S))
+    except ValueError:
+        print(f"serve_run: {DRAIN_ENV}={os.environ[DRAIN_ENV]!r} is not a number of seconds; "
+              f"using {DEFAULT_DRAIN_S:g}", file=sys.stderr)
+        return DEFAULT_DRAIN_S
+
+
+def drain_haproxy(timeout_s: float) -> int:
+    """Soft-stop the HAProxy processes this `serve run` started (its Ray's descendants: never
+    another server's) and wait up to `timeout_s` for them to end. Returns how many there were."""
+    import psutil  # Ray's own dependency
+
+    try:
+        proxies = [p for p in psutil.Process().children(recursive=True) if p.name() == "haproxy"]
+    except psutil.Error:
+        return 0
+    for proxy in proxies:
+        try:
+            proxy.send_signal(signal.SIGUSR1)
+        except psutil.Error:
+            pass
+    if proxies and timeout_s > 0:
+        print(f"serve_run: HAProxy takes no new connections; waiting up to {timeout_s:g} s for the requests "
+              "in flight", file=sys.stderr, flush=True)
+        psutil.wait_procs(proxies, timeout=timeout_s)
+    return len(proxies)
+
+
+_draining = False
+
+
+def drain_then_interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGINT: drain HAProxy, then the KeyboardInterrupt on which `serve run` shuts Serve down
+    (at once, from a second SIGINT during the drain)."""
+    global _draining
+    if not _draining:
+        _draining = True
+        drain_haproxy(drain_timeout_s())
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:
     # First: importing Ray takes a second or more, and a SIGINT still ignored meanwhile is lost.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, drain_then_interrupt)
     from ray.serve.scripts import cli  # Ray's own `serve` command line: `serve run` exactly as it is
 
     cli.main(args=["run", *(sys.argv[1:] if argv is None else argv)], prog_name="serve")

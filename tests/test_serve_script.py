@@ -111,7 +111,26 @@ def test_serve_script_says_when_ready_serves_and_stops_gracefully(models_dir: Pa
             assert (status, body["code"], body["error"]["code"]) == (408, 408, "request_timeout"), body
             assert (b"x-request-id" not in head) is by_haproxy, head  # the ingress names each request
         assert node.wait_for(lambda: len(node.models_of("serve_app") or []) == 3, timeout=30), node.projects
+        # A stream in flight when the stop comes is answered in full: HAProxy is drained before
+        # Serve's shutdown kills it (which used to cut every request in flight at once).
+        events: list[str] = []
+        opened = threading.Event()
+
+        def stream_in_flight() -> None:
+            with httpx.stream("POST", base + "/v1/chat/completions", timeout=120, json={
+                    "model": "Llama3-8B", "max_tokens": 400, "stream": True, "stream_options": {"include_usage": True},
+                    "logit_bias": {"2": -100, "5": -100}, "messages": [{"role": "user", "content": "Hello!"}]}) as sse:
+                for line in sse.iter_lines():
+                    events.extend([line] if line else [])
+                    opened.set()
+
+        streamer = threading.Thread(target=stream_in_flight, daemon=True)
+        streamer.start()
+        assert opened.wait(timeout=60), "the stream never began"
         stop(server)  # as the README says to stop it, in the background or in a terminal
+        streamer.join(timeout=90)
+        assert events and events[-1] == "data: [DONE]", events[-3:]
+        assert json.loads(events[-2].removeprefix("data: "))["usage"]["completion_tokens"] == 400
         assert server.wait(timeout=90) == 0, "".join(lines[-30:])
         reader.join(timeout=10)
         assert any(line.startswith("serve.sh: stopping: Serve shuts down gracefully") for line in lines), lines[-30:]
