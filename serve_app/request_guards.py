@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from starlette.exceptions import HTTPException
+from ray.exceptions import RayActorError
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
@@ -236,14 +237,16 @@ def _guarded_body(receive: Receive, limit: int | None, pause_s: float | None) ->
 
     async def guarded() -> Message:
         nonlocal received, whole
-        if whole or not pause_s:
-            message = await receive()
-        else:
-            try:
+        try:
+            if whole or not pause_s:
+                message = await receive()
+            else:
                 async with asyncio.timeout(pause_s):
                     message = await receive()
-            except TimeoutError:
-                raise HTTPException(408, detail=_body_stalled(pause_s).message) from None
+        except TimeoutError:
+            raise HTTPException(408, detail=_body_stalled(pause_s).message) from None
+        except RayActorError:  # Serve's Python proxy, which relays the client, was killed (a shutdown):
+            return {"type": "http.disconnect"}  # the client is gone, not an error of this request's
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
             whole = not message.get("more_body", False)

@@ -319,6 +319,15 @@ def test_a_body_that_stops_arriving_is_a_408_and_a_whole_one_is_waited_on_as_bef
 
     asyncio.run(too_large())
 
+    async def relay_killed() -> list[dict]:
+        """Serve's Python proxy relays the client's messages; killed by a shutdown, its client is gone."""
+        async def receive() -> dict:
+            raise ActorDiedError()
+        guarded = _guarded_body(receive, 1000, 0.2)
+        return [await guarded(), await _guarded_body(receive, None, None)()]
+
+    assert asyncio.run(relay_killed()) == [{"type": "http.disconnect"}] * 2
+
 
 @pytest.mark.parametrize("content_type", ["application/json", "multipart/form-data; boundary=b0undary"])
 def test_a_client_hanging_up_during_its_upload_is_a_499_not_a_server_fault(content_type: str) -> None:
