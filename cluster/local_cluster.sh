@@ -77,6 +77,7 @@ START_TIMEOUT_S="${SERVE_APP_START_TIMEOUT_S:-120}"
 DEPLOY_TIMEOUT_S="${SERVE_APP_DEPLOY_TIMEOUT_S:-300}"
 STOP_TIMEOUT_S="${SERVE_APP_STOP_TIMEOUT_S:-30}"  # per step: the workers, then the head
 SHUTDOWN_TIMEOUT_S="${SERVE_APP_SHUTDOWN_TIMEOUT_S:-90}"  # `serve shutdown` before that
+DRAIN_TIMEOUT_S="${SERVE_APP_DRAIN_TIMEOUT_S:-30}"  # HAProxy's requests in flight, before `serve shutdown`
 
 export RAY_AUTH_MODE="${SERVE_APP_AUTH_MODE:-disabled}"
 export RAY_ADDRESS="$NODE_IP:$GCS_PORT"                 # `ray status` and friends: this cluster only
@@ -296,6 +297,9 @@ cmd_stop() {
     if [[ -n "$(node_pid head)" ]]; then
       # Serve first, gracefully: requests in flight finish and the registrar withdraws the models
       # from the AI network's nodes, which stopping the raylets would skip (nothing deployed: a no-op).
+      # HAProxy first: `serve shutdown` kills it at once, and every request in flight with it.
+      log "HAProxy takes no new connections; the requests in flight finish (up to ${DRAIN_TIMEOUT_S}s)"
+      "$PYTHON" "$TOOL" drain-haproxy "$CLUSTER_DIR" --timeout "$DRAIN_TIMEOUT_S" || true
       log "serve shutdown (replicas drain, registrations are withdrawn)"
       # Bounded: the dashboard answers once Serve is down (30 s per stage at most); a wedged one
       # must not hold `stop` (coreutils' timeout where there is one).

@@ -847,3 +847,64 @@ def test_check_ports_sees_a_listener_on_the_nodes_address_only():
         assert tool.main(["check-ports", str(port)]) == 0  # free on 127.0.0.1
         assert tool.main(["check-ports", "--host", "127.0.0.2", str(port)]) == 1
     assert tool.main(["check-ports", "--host", "127.0.0.2", str(port)]) == 0
+
+
+def test_drain_haproxy_lets_the_clusters_requests_in_flight_finish_and_leaves_other_haproxies(tmp_path):
+    """`local_cluster.sh stop` soft-stops its cluster's HAProxy before `serve shutdown` (which
+    kills it, and every request in flight): a slow request through it is answered in full, and
+    an HAProxy that is not the cluster's goes on. Real HAProxy processes, no Ray."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from serve_app.haproxy_launcher import haproxy_binary
+
+    class Slow(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            time.sleep(1.5)
+            self.send_response(200)
+            self.send_header("Content-Length", "4")
+            self.end_headers()
+            self.wfile.write(b"done")
+
+    backend = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    cluster_dir = tmp_path / "cluster"
+    cluster_dir.mkdir()
+    binary, proxies = haproxy_binary(), {}
+    try:
+        for name, env in (("ours", {"SERVE_APP_LOCAL_CLUSTER": str(cluster_dir)}), ("other", {})):
+            port = free_port()
+            config = tmp_path / f"{name}.cfg"
+            config.write_text(f"defaults\n    mode http\n    timeout connect 5s\n    timeout client 30s\n"
+                              f"    timeout server 30s\nfrontend f\n    bind 127.0.0.1:{port}\n    default_backend b\n"
+                              f"backend b\n    server s 127.0.0.1:{backend.server_address[1]}\n")
+            proxies[name] = (subprocess.Popen([binary, "-db", "-f", str(config)], env={**os.environ, **env},
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port)
+        def serves(port: int) -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/x", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        for process, port in proxies.values():
+            assert wait_for(lambda: process.poll() is None and serves(port), timeout=20, interval=0.2)
+        ours, port = proxies["ours"]
+        answers: list[httpx.Response] = []
+        slow = threading.Thread(target=lambda: answers.append(httpx.get(f"http://127.0.0.1:{port}/x", timeout=30)))
+        slow.start()
+        time.sleep(0.3)  # in flight at the backend
+        drained = subprocess.run([sys.executable, str(ROOT / "cluster" / "cluster_tool.py"), "drain-haproxy",
+                                  str(cluster_dir), "--timeout", "20"], capture_output=True, text=True, timeout=60)
+        assert "drained 1 of 1 HAProxy processes" in drained.stderr, drained.stderr
+        slow.join(timeout=30)
+        assert [(a.status_code, a.text) for a in answers] == [(200, "done")]
+        assert ours.wait(timeout=10) == 0  # it ended once its request was answered
+        other, other_port = proxies["other"]
+        assert other.poll() is None and serves(other_port)
+    finally:
+        for process, _ in proxies.values():
+            process.kill()
+            process.wait()
+        backend.shutdown()
