@@ -297,14 +297,17 @@ cmd_stop() {
     if [[ -n "$(node_pid head)" ]]; then
       # Serve first, gracefully: requests in flight finish and the registrar withdraws the models
       # from the AI network's nodes, which stopping the raylets would skip (nothing deployed: a no-op).
-      # HAProxy first: `serve shutdown` kills it at once, and every request in flight with it.
-      log "HAProxy takes no new connections; the requests in flight finish (up to ${DRAIN_TIMEOUT_S}s)"
-      "$PYTHON" "$TOOL" drain-haproxy "$CLUSTER_DIR" --timeout "$DRAIN_TIMEOUT_S" || true
-      log "serve shutdown (replicas drain, registrations are withdrawn)"
-      # Bounded: the dashboard answers once Serve is down (30 s per stage at most); a wedged one
-      # must not hold `stop` (coreutils' timeout where there is one).
+      # Bounded: a wedged cluster must not hold `stop` (coreutils' timeout where there is one).
       local bounded=()
       command -v timeout >/dev/null && bounded=(timeout "$SHUTDOWN_TIMEOUT_S")
+      # The nodes first, so that they stop forwarding new requests to a port about to refuse them.
+      log "withdrawing the models from the AI network's nodes (where registration is on)"
+      "${bounded[@]+"${bounded[@]}"}" "$PYTHON" -m serve_app.withdraw || true
+      # HAProxy next: `serve shutdown` kills it at once, and every request in flight with it.
+      log "HAProxy takes no new connections; the requests in flight finish (up to ${DRAIN_TIMEOUT_S}s)"
+      "$PYTHON" "$TOOL" drain-haproxy "$CLUSTER_DIR" --timeout "$DRAIN_TIMEOUT_S" || true
+      log "serve shutdown (replicas drain)"
+      # The dashboard answers once Serve is down (30 s per stage at most).
       "${bounded[@]+"${bounded[@]}"}" "$SERVE" shutdown -y -a "$RAY_DASHBOARD_ADDRESS" >&2 ||
         log "serve shutdown failed or took over ${SHUTDOWN_TIMEOUT_S}s; stopping the nodes anyway"
     fi

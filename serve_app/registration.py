@@ -5,7 +5,8 @@ project has registered with it, and a node that restarts may have forgotten
 them. So the registrar keeps every node's copy of the project in step with
 what Ray Serve reports live: it registers when the live set changes and again
 every `interval_s`, retries a failing node with capped exponential back-off,
-and unregisters the project when the application is deleted. A node that is
+and unregisters the project when the application is deleted, or earlier, when a
+stopping server asks it to (`withdraw`, before it drains its requests in flight). A node that is
 down or refuses never touches serving: each failure is logged, kept for
 `status()` and retried.
 
@@ -47,7 +48,7 @@ STATUS_TIMEOUT_S = 10.0
 HEAD_NODE_RESOURCE_NAME = "node:__internal_head__"  # Ray's resource of the head node (what Serve pins its controller with)
 
 LiveSource = Callable[[], Awaitable[Sequence[LiveModel]]]
-NodeStateName = Literal["pending", "registered", "failing", "disabled"]
+NodeStateName = Literal["pending", "registered", "failing", "disabled", "withdrawn"]
 
 
 class NodeModel(BaseModel):
@@ -305,14 +306,24 @@ class Registrar:
         if unregister and self.options.enabled:
             await self.unregister()
 
-    async def unregister(self) -> None:
-        """Tell every node the project is gone: best effort, bounded by a short timeout."""
+    async def unregister(self, why: str = "the application is going away",
+                         then: NodeStateName = "pending") -> dict[str, str | None]:
+        """Tell every node the project is gone: best effort, bounded by a short timeout.
+        Returns each node's error, None where it took the unregister."""
         results = await unregister_pairs([(self.project, node.url) for node in self._nodes],
-                                         self.options.timeout_s, "the application is going away")
+                                         self.options.timeout_s, why)
         for node, result in zip(self._nodes, results):
             if isinstance(result, BaseException):
                 node.last_error = str(result)
-            node.state, node.registered = "pending", None
+            node.state, node.registered = then, None
+        return {node.url: str(result) if isinstance(result, BaseException) else None
+                for node, result in zip(self._nodes, results)}
+
+    async def withdraw(self) -> dict[str, str | None]:
+        """Take the project off every node and keep it off: the loops stop first, so nothing
+        registers it again. Returns each node's error, None where it took the unregister."""
+        await self.stop(unregister=False)
+        return await self.unregister("the server is stopping", then="withdrawn") if self.options.enabled else {}
 
     def owned(self) -> set[tuple[str, str]]:
         """The (project, node URL) pairs this registrar keeps registered."""
@@ -381,6 +392,7 @@ class RegistrarDeployment:
 
     def __init__(self, config: AppConfig) -> None:
         self._app_name = serve.get_replica_context().app_name
+        self._withdrawn = False
         self._registrar = Registrar(config, LiveCatalog(config, self._app_name).live_models)
         self._registrar.start()
         self._log_flusher = start_flushing()
@@ -389,6 +401,18 @@ class RegistrarDeployment:
 
     async def status(self) -> RegistrationStatus:
         return self._registrar.status()
+
+    async def withdraw(self) -> dict[str, str | None]:
+        """Unregister the project from every node now, ahead of a stop (`serve_app.withdraw`):
+        a node then stops forwarding new traffic here while the requests already forwarded
+        finish, where an unregister only at the replica's shutdown comes after the server has
+        stopped taking connections, and the node's traffic meanwhile is refused. The
+        registrations stay withdrawn for the rest of this replica's life. Returns each node's
+        error, None where it took the unregister."""
+        self._withdrawn = True
+        outcome = await self._registrar.withdraw()
+        flush_serve_log()
+        return outcome
 
     async def __del__(self) -> None:
         """Serve awaits this on graceful replica shutdown (replica.py `call_destructor`)."""
@@ -401,7 +425,8 @@ class RegistrarDeployment:
             # old config's payload after the successor's (same project: nothing withdraws it).
             await registrar.stop(unregister=False)
             if await self._app_is_going_away():
-                await registrar.unregister()
+                if not getattr(self, "_withdrawn", False):  # else done already, before the server's drain
+                    await registrar.unregister()
                 try:  # nothing is registered any more: forget the record too
                     await asyncio.to_thread(_write_record, self._app_name, None)
                 except Exception:  # noqa: BLE001 - harmless: the next start withdraws its pairs again

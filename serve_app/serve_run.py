@@ -7,7 +7,9 @@ keeps a signal that was ignored at startup ignored, so a `serve run` started fro
 script, `nohup` or `&` could not be stopped gracefully at all. scripts/serve.sh runs
 it through this module and turns its own SIGTERM or SIGINT into one SIGINT to it.
 
-On that SIGINT, HAProxy (where Serve runs it) is drained first: Serve's shutdown kills
+On that SIGINT, the registrars first withdraw the models from the AI network's nodes
+(`serve_app.withdraw`), so that the nodes stop forwarding new requests to a server about
+to refuse them. Then HAProxy (where Serve runs it) is drained: Serve's shutdown kills
 it at once (Ray 2.60's `HAProxyManager.stop` sends SIGKILL), and with it every request
 in flight, streams cut mid-answer, though the replicas behind it would have finished
 them. HAProxy's own soft stop (SIGUSR1) closes its listeners, lets the requests it holds
@@ -58,15 +60,29 @@ def drain_haproxy(timeout_s: float) -> int:
     return len(proxies)
 
 
+def withdraw_from_network() -> None:
+    """Unregister the models from the AI network's nodes, where registration is on (nothing
+    before `serve run` has connected to Ray). Its Ray calls run on a thread of their own: called
+    from this signal handler, they could wait on a lock held by the code the signal interrupted."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    from serve_app.withdraw import withdraw_registrations
+
+    for line in withdraw_registrations():
+        print(f"serve_run: {line}", file=sys.stderr, flush=True)
+
+
 _draining = False
 
 
 def drain_then_interrupt(signum: int, frame: FrameType | None) -> None:
-    """SIGINT: drain HAProxy, then the KeyboardInterrupt on which `serve run` shuts Serve down
-    (at once, from a second SIGINT during the drain)."""
+    """SIGINT: withdraw the registrations, drain HAProxy, then the KeyboardInterrupt on which
+    `serve run` shuts Serve down (at once, from a second SIGINT meanwhile)."""
     global _draining
     if not _draining:
         _draining = True
+        withdraw_from_network()
         drain_haproxy(drain_timeout_s())
     raise KeyboardInterrupt
 

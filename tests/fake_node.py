@@ -3,7 +3,8 @@
 It implements the node's four registration endpoints with the node's own
 validation and reply shapes (success is `{"message": "ok"}` with no `code`),
 so the registrar is tested against what it will meet, over real sockets. Tests
-can make it fail (`fail_status = 500`), take it down (`stop()`: connection
+can make it fail (`fail_status = 500`), look around as a request arrives
+(`on_request`, called before the node answers), take it down (`stop()`: connection
 refused) and bring it back on the same port (`start()`), or restart it with an
 empty registry (`restart()`, a reset), and read what it received (`received`) and what
 it holds (`projects`). Written independently of `serve_app.registration` on
@@ -73,6 +74,7 @@ class FakeNode:
         self.received: list[Received] = []
         self.projects: dict[str, list[dict[str, Any]]] = {}
         self.fail_status: int | None = None  # e.g. 500: answer every request with that error
+        self.on_request: Callable[[str, Any], None] | None = None  # (path, JSON body), before the answer
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -150,6 +152,8 @@ class FakeNode:
             body = json.loads(raw)
         except ValueError:
             body = None
+        if self.on_request is not None:
+            self.on_request(path, body)
         with self._lock:
             self.received.append(Received(path, body))
             route = self._routes.get(path)

@@ -35,8 +35,10 @@ import httpx
 import pytest
 import yaml
 
+from serve_app.registration import UNREGISTER_PATH
 from tests import disconnect
 from tests.conftest import ROOT, free_port, wait_for
+from tests.fake_node import FakeNode
 
 pytestmark = pytest.mark.cluster
 
@@ -254,10 +256,15 @@ fi
 while :; do sleep 0.1; done
 """
 
-# The venv's python, except `cluster_tool.py wait-nodes`, which needs a real cluster.
+# The venv's python, except `cluster_tool.py wait-nodes` and `-m serve_app.withdraw`, which
+# need a real cluster (the latter logs beside the fake `serve`).
 FAKE_PYTHON = """#!/bin/sh
 if [ "$2" = wait-nodes ]; then
   case "${FAKE_WAIT_NODES:-ok}" in ok) exit 0 ;; hang) exec sleep 60 ;; *) exit 1 ;; esac
+fi
+if [ "$2" = serve_app.withdraw ]; then
+  echo "python $*" >>"$SERVE_APP_LOCAL_CLUSTER/fake_serve.log"
+  exit 0
 fi
 exec "%s" "$@"
 """
@@ -369,9 +376,14 @@ def test_script_start_ports_environment_and_stop_order(fake_cluster: FakeCluster
 
     stopped = fake_cluster.script("stop")
     assert stopped.returncode == 0, stopped.stderr
-    # Serve is shut down gracefully first (the registrar unregisters), with the nodes still up.
-    shutdown = (fake_cluster.dir / "fake_serve.log").read_text().splitlines()[-1]
+    # Serve is shut down gracefully first, with the nodes still up: the AI network's nodes are
+    # told first, then HAProxy drains, then Serve shuts down.
+    withdraw, shutdown = (fake_cluster.dir / "fake_serve.log").read_text().splitlines()[-2:]
+    assert withdraw == "python -m serve_app.withdraw", withdraw
     assert shutdown.startswith("serve shutdown -y -a http://"), shutdown
+    said = stopped.stderr.splitlines()
+    assert said.index("[local_cluster] withdrawing the models from the AI network's nodes (where registration "
+                      "is on)") < next(i for i, line in enumerate(said) if "HAProxy takes no new" in line), said
     events = fake_cluster.events()
     # The workers' `ray start` get SIGTERM (and drain) first; the head's only once they are gone.
     assert events.index("head TERM") > max(events.index("node_a exit"), events.index("node_b exit")), events
@@ -527,6 +539,7 @@ class LocalCluster:
         }
         self.deployed: dict[str, Any] | None = None
         self._count = 0
+        self.node = FakeNode().start()  # the AI network's node the application registers with
 
     def script(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run([str(SCRIPT), *args], env=self.env, capture_output=True, text=True,
@@ -555,7 +568,8 @@ class LocalCluster:
                     "image_dir": str(self.image_dir),
                     "catalog_ttl_s": 0.5,
                     "ingress": {"num_replicas": 1, "num_cpus": 0.1},
-                    "models": models,
+                    "registration": {"enabled": True, "node_urls": [self.node.url], "timeout_s": 2},
+                    "models": [{"cid": f"cid-{model['name']}", **model} for model in models],
                 },
                 **({"deployments": overrides} if overrides else {}),
             }],
@@ -608,6 +622,7 @@ def local_cluster(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         yield cluster
     finally:
         cluster.script("stop", timeout=120, check=False)
+        cluster.node.stop()
         leftovers = tool.tagged_processes(str(cluster_dir))
         shutil.rmtree(cluster_dir, ignore_errors=True)
         assert not leftovers, f"local_cluster.sh stop left processes running: {leftovers}"
@@ -834,6 +849,30 @@ def test_scaled_to_zero_model_is_listed_and_serves_its_first_request(local_clust
     assert len(local_cluster.replicas("chat-zero")) == 1
     assert wait_for(lambda: local_cluster.listed().get("chat-zero", {}).get("scaled_to_zero") is False,
                     timeout=30)
+
+
+def test_stop_withdraws_the_models_from_the_network_while_the_cluster_still_answers(local_cluster: LocalCluster):
+    """The last test of the cluster: it stops it. The AI network's node is told first, while
+    the cluster still answers what the node sent it; an unregister at the registrar's shutdown
+    came after HAProxy's drain had closed the port, and the node's traffic meanwhile was refused."""
+    if local_cluster.deployed is None:  # run alone
+        local_cluster.deploy(BASE)
+    node = local_cluster.node
+    assert wait_for(lambda: bool(node.models_of("cluster_test")), timeout=30), node.projects
+    at_unregister: list[int | str] = []
+
+    def look(path: str, body: Any) -> None:
+        if path == UNREGISTER_PATH:
+            try:
+                at_unregister.append(httpx.get(local_cluster.base_url + "/health", timeout=1.5).status_code)
+            except httpx.HTTPError as exc:
+                at_unregister.append(type(exc).__name__)
+
+    node.on_request = look
+    stopped = local_cluster.script("stop", timeout=180)
+    assert at_unregister == [200], (at_unregister, stopped.stderr[-2000:])
+    assert node.bodies(UNREGISTER_PATH) == [{"project": "cluster_test"}] and node.models_of("cluster_test") is None
+    assert f"withdraw: application '{APP}': withdrawn from the AI network's node {node.url}" in stopped.stderr
 
 
 

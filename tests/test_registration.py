@@ -107,6 +107,26 @@ async def test_registers_each_live_model_once_per_type_then_unregisters(node: Fa
     assert node_status(registrar)["state"] == "pending"
 
 
+@pytest.mark.anyio
+async def test_a_withdrawn_project_stays_off_every_node_whatever_goes_live(node: FakeNode) -> None:
+    """What a stopping server asks before it drains: the nodes stop forwarding to it, and no
+    loop puts the models back meanwhile (a change of the live set, the periodic refresh)."""
+    config = make_config([node.url, "http://127.0.0.1:1"], interval_s=0.05)
+    live = FakeLive(config, "Llama3-8B")
+    registrar = started(config, live)
+    await eventually(lambda: node.models_of(PROJECT) == [CHAT])
+
+    outcome = await registrar.withdraw()
+    assert outcome[node.url] is None and "ConnectError" in outcome["http://127.0.0.1:1"]
+    assert node.models_of(PROJECT) is None and node.bodies(UNREGISTER_PATH) == [{"project": PROJECT}]
+    registered = len(node.bodies(REGISTER_PATH))
+    live.names = {"Llama3-8B", "SuperImage"}
+    await asyncio.sleep(0.3)  # many polls and refresh intervals
+    assert len(node.bodies(REGISTER_PATH)) == registered and node.models_of(PROJECT) is None
+    assert [n["state"] for n in registrar.status().model_dump()["nodes"]] == ["withdrawn", "withdrawn"]
+    await registrar.stop(unregister=False)
+
+
 def test_an_image_model_is_registered_for_the_routes_it_serves() -> None:
     """An inpainting-only checkpoint (`routes: [edits]`) is announced as an editor only: the
     node would otherwise send it text-to-image traffic it refuses."""

@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -127,6 +128,17 @@ def test_serve_script_says_when_ready_serves_and_stops_gracefully(models_dir: Pa
         streamer = threading.Thread(target=stream_in_flight, daemon=True)
         streamer.start()
         assert opened.wait(timeout=60), "the stream never began"
+        # What the server answers at the moment the node is told the models are gone.
+        at_unregister: list[int | str] = []
+
+        def look(path: str, body: Any) -> None:
+            if path == UNREGISTER_PATH:
+                try:
+                    at_unregister.append(httpx.get(base + "/health", timeout=1.5).status_code)
+                except httpx.HTTPError as exc:
+                    at_unregister.append(type(exc).__name__)
+
+        node.on_request = look
         stop(server)  # as the README says to stop it, in the background or in a terminal
         streamer.join(timeout=90)
         assert events and events[-1] == "data: [DONE]", events[-3:]
@@ -138,6 +150,10 @@ def test_serve_script_says_when_ready_serves_and_stops_gracefully(models_dir: Pa
         # (SIGTERM used to end `serve run` at once, and Ctrl-C spent Serve's whole 30 s shutdown
         # on the ingress's drain: either way the node kept forwarding to a dead port.)
         assert node.bodies(UNREGISTER_PATH) == [{"project": "serve_app"}] and node.models_of("serve_app") is None
+        # ... and before the drain: while the node still forwarded, the server still answered
+        # (an unregister at the replica's shutdown came after HAProxy had closed its port).
+        assert at_unregister == [200], (at_unregister, [line for line in lines if "serve_run" in line])
+        assert any("withdrawn from the AI network's node " + node.url in line for line in lines), lines[-30:]
         # HAProxy (a child of Serve's proxy) goes too: the port is free again.
         assert wait_for(lambda: port_is_free(port), timeout=30), "the port is still held"
     finally:

@@ -1,0 +1,116 @@
+"""Taking the server's models off the AI network's nodes ahead of a stop.
+
+A stopping server drains first: HAProxy takes no new connections while the requests
+in flight finish (`serve_run`, `local_cluster.sh stop`), and only then does Serve shut
+down, the registrar's replica with it, which is when it used to unregister. All that
+time the nodes still held the project and forwarded new requests to a port that
+refused them. So a stop now first asks each application's registrar to unregister
+(`RegistrarDeployment.withdraw`), and drains after: the nodes stop sending new traffic
+while what they sent already is answered.
+
+`serve_run` calls `withdraw_registrations` in the `serve run` process; for a Ray
+cluster, or ahead of any other stop (a KubeRay deletion, a node's maintenance):
+
+    RAY_ADDRESS=HEAD:6379 python -m serve_app.withdraw [--timeout SECONDS]
+
+The registrations stay withdrawn until the application starts again or is redeployed
+with changed `args` (a new registrar replica).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+import threading
+
+from serve_app.config import REGISTRAR_DEPLOYMENT
+
+WITHDRAW_TIMEOUT_S = 10.0
+"""The longest a stop waits for the registrars (each node's unregister is bounded at 2 s)."""
+
+
+def withdraw_registrations(timeout_s: float = WITHDRAW_TIMEOUT_S) -> list[str]:
+    """Ask the registrar of every Serve application that has one to unregister it from its
+    nodes, all at once, waiting up to `timeout_s` in all. Needs a Ray connection, and runs an
+    event loop of its own, on a thread of its own (Serve's throughput-optimized mode routes a
+    handle's calls on the caller's loop). Blocking. Returns a line per node and application for
+    the operator; never raises (a stop goes on whatever happens)."""
+    loop = asyncio.new_event_loop()
+    # It runs as long as the process: Serve's routers long-poll its controller on it, and log
+    # an ERROR when the loop they are bound to stops.
+    threading.Thread(target=loop.run_forever, name="withdraw loop", daemon=True).start()
+    try:
+        return asyncio.run_coroutine_threadsafe(_withdraw_all(timeout_s), loop).result(timeout_s + 5)
+    except Exception as exc:  # noqa: BLE001 - a stop goes on
+        return [f"the registrars did not answer ({type(exc).__name__}); they unregister as Serve shuts down"]
+
+
+async def _withdraw_all(timeout_s: float) -> list[str]:
+    from ray import serve
+    from ray.serve.handle import DeploymentHandle
+
+    async def withdraw(app: str) -> dict[str, str | None]:
+        # A handle of its own, not serve.get_deployment_handle's cached one, whose router
+        # Serve's shutdown would stop on the loop it lives on: this one, from another thread.
+        handle = DeploymentHandle(REGISTRAR_DEPLOYMENT, app)
+        try:
+            return await handle.withdraw.remote()
+        finally:
+            await handle.shutdown_async()
+
+    try:
+        apps = [name for name, app in serve.status().applications.items() if REGISTRAR_DEPLOYMENT in app.deployments]
+    except Exception as exc:  # noqa: BLE001 - no Serve, or its controller gone: nothing to withdraw from here
+        return [f"could not reach Serve's registrars ({type(exc).__name__}: {exc}); "
+                "they unregister as Serve shuts down"]
+    tasks = {app: asyncio.create_task(withdraw(app)) for app in apps}
+    if tasks:
+        await asyncio.wait(tasks.values(), timeout=timeout_s)
+    lines = []
+    for app, task in tasks.items():
+        if not task.done():
+            task.cancel()
+            lines.append(f"application {app!r}: its registrar did not withdraw within {timeout_s:g} s; "
+                         "it unregisters as Serve shuts down")
+        elif task.exception() is not None:
+            lines.append(f"application {app!r}: its registrar could not withdraw ({type(task.exception()).__name__}: "
+                         f"{task.exception()}); it unregisters as Serve shuts down")
+        else:
+            lines += [f"application {app!r}: withdrawn from the AI network's node {url}" if error is None else
+                      f"application {app!r}: node {url} did not take the unregister: {error}"
+                      for url, error in task.result().items()]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve_app.withdraw", description=(
+        "Unregister every Serve application's models from the AI network's nodes, ahead of a stop."))
+    parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or "auto",
+                        help="the Ray cluster (default: RAY_ADDRESS, else the one on this machine)")
+    parser.add_argument("--timeout", type=float, default=WITHDRAW_TIMEOUT_S, help="seconds to wait at most")
+    ns = parser.parse_args(argv)
+    host, _, port = ns.address.removeprefix("ray://").rpartition(":")
+    if host and port.isdigit():  # Ray would retry an address nobody listens on for a minute
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as exc:
+            print(f"withdraw: no Ray at {ns.address}: {exc}", file=sys.stderr)
+            return 1
+    import ray
+
+    try:
+        ray.init(address=ns.address, logging_level="ERROR", log_to_driver=False)
+    except Exception as exc:  # noqa: BLE001 - said plainly, no traceback
+        print(f"withdraw: cannot connect to Ray at {ns.address}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    lines = withdraw_registrations(ns.timeout) or ["no application of this Ray cluster registers with a node"]
+    for line in lines:
+        print(f"withdraw: {line}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
