@@ -322,11 +322,32 @@ def port_list(spec: str) -> list[int]:
     return ports
 
 
+TIME_WAIT = "06"  # the state's code in /proc/net/tcp
+
+
+def tcp_states_by_port() -> dict[int, set[str]]:
+    """The states of this machine's TCP sockets by local port (Linux's /proc/net/tcp{,6})."""
+    states: dict[int, set[str]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            states.setdefault(int(fields[1].rpartition(":")[2], 16), set()).add(fields[3])
+    return states
+
+
 def cmd_check_ports(ns: argparse.Namespace) -> int:
     """Each port must be free on loopback and on the nodes' address (`--host`): a listener
-    bound only to that address would go unseen on loopback, and fail `start` later."""
+    bound only to that address would go unseen on loopback, and fail `start` later. A port
+    that only a stopped server's closed connections hold (TIME_WAIT, for a minute after a
+    `stop`) is not taken: the ports Ray and Serve pick in the ranges, where those are, are
+    skipped when a bind fails, and the fixed ones are bound with SO_REUSEADDR."""
     busy = []
     hosts = list(dict.fromkeys(["127.0.0.1", ns.host]))
+    states: dict[int, set[str]] | None = None
     for port in (p for ports in ns.ports for p in ports):
         for host in hosts:
             with socket.socket() as sock:
@@ -334,8 +355,10 @@ def cmd_check_ports(ns: argparse.Namespace) -> int:
                 try:
                     sock.bind((host, port))
                 except OSError:
-                    busy.append(port)
-                    break
+                    states = tcp_states_by_port() if states is None else states
+                    if states.get(port) != {TIME_WAIT}:
+                        busy.append(port)
+                        break
     if busy:
         print(f"ports in use: {busy}", file=sys.stderr)
         return 1

@@ -888,6 +888,27 @@ def test_check_ports_sees_a_listener_on_the_nodes_address_only():
     assert tool.main(["check-ports", "--host", "127.0.0.2", str(port)]) == 0
 
 
+def test_check_ports_takes_a_port_only_a_stopped_servers_closed_connections_hold():
+    """Right after a `stop`, ports of the old cluster sit in TIME_WAIT for a minute, and a bind
+    fails there even with SO_REUSEADDR (where the old listener did not set it): `start` refused
+    them as "in use", though nothing listens and Serve skips such a port."""
+    tool = _load("cluster_tool")
+    with socket.socket() as listener:  # no SO_REUSEADDR, as the old server's
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        served, _ = listener.accept()
+        served.close()  # the server closes first: its side of the connection goes to TIME_WAIT
+        client.recv(1)
+        client.close()
+    assert wait_for(lambda: tool.tcp_states_by_port().get(port) == {tool.TIME_WAIT}, timeout=5)
+    with socket.socket() as again, pytest.raises(OSError):
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", port))
+    assert tool.main(["check-ports", str(port)]) == 0
+
+
 def test_drain_haproxy_lets_the_clusters_requests_in_flight_finish_and_leaves_other_haproxies(tmp_path):
     """`local_cluster.sh stop` soft-stops its cluster's HAProxy before `serve shutdown` (which
     kills it, and every request in flight): a slow request through it is answered in full, and
