@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from types import SimpleNamespace
 
@@ -361,7 +362,9 @@ def test_a_requests_choices_share_one_prefill_and_start_alike(replica):
 
 def test_a_long_conversation_is_prepared_off_the_event_loop_and_answered(replica, monkeypatch):
     """Past INLINE_PROMPT_CHARS the template and tokenizer run in a thread (so the replica's
-    loop keeps serving streams); its answer, or its client mistake, comes back the same."""
+    loop keeps serving streams); its answer, or its client mistake, comes back the same. A
+    prompt past the context is the client's 400 and nothing in the operator's console (where
+    transformers warned that it was longer than the model's maximum)."""
     import threading
 
     from serve_app import chat_model
@@ -387,12 +390,20 @@ def test_a_long_conversation_is_prepared_off_the_event_loop_and_answered(replica
     async def run():
         return [await replica.generate(request) for request in (job("hi"), job(too_long), job(fits), long_calls)]
 
-    short, long, fitting, tool_calls = asyncio.run(run())
+    warned: list[logging.LogRecord] = []
+    console = logging.Handler(logging.WARNING)  # beside transformers' own handler on its library logger
+    console.emit = warned.append
+    logging.getLogger("transformers").addHandler(console)
+    try:
+        short, long, fitting, tool_calls = asyncio.run(run())
+    finally:
+        logging.getLogger("transformers").removeHandler(console)
     # Tool calls count as the ingress counts them: short contents, long arguments.
     assert threads[0] == threading.main_thread().name and all(name != threads[0] for name in threads[1:])
     assert replica.context_length == 2048
     assert isinstance(long, InvalidRequest) and long.code == "context_length_exceeded"
     assert long.message.endswith("which leaves no room for an answer."), long.message
+    assert not [record.getMessage() for record in warned if "sequence length" in record.getMessage()]
     assert short.choices[0].completion_tokens >= 1 and tool_calls.choices[0].completion_tokens >= 1
     assert fitting.prompt_tokens > 1_000 and fitting.choices[0].completion_tokens >= 1
 
