@@ -192,3 +192,51 @@ def test_serve_script_refuses_a_broken_config_at_once_and_starts_nothing(tmp_pat
         assert "nothing was started" in done.stderr and not any(ray_tmp.iterdir())  # no Ray session
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# `.venv/bin/python` for a copy of serve.sh: the config check passes, the config's address is
+# a port nobody listens on, and `serve_app.serve_run` stands in for `serve run`, logging each
+# signal it gets (a first SIGINT: it keeps running, as a graceful stop under way does).
+FAKE_PYTHON = """#!/usr/bin/env bash
+case "$1 $2" in
+  "-m serve_app.check_config"*) exit 0 ;;
+  "- "*) cat >/dev/null; echo "127.0.0.1 1 /"; exit 0 ;;
+esac
+log="$(dirname "$0")/../../signals.log"
+trap 'echo INT >>"$log"' INT
+trap 'echo TERM >>"$log"; exit 0' TERM
+echo started >>"$log"
+while :; do sleep 0.05; done
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT],
+                         ids=lambda signum: signum.name)
+def test_each_stop_signal_reaches_serve_run_as_one_sigint_and_a_second_stops_it_at_once(tmp_path: Path, signum):
+    """Whatever stops serve.sh (the terminal closed: SIGHUP; a supervisor: SIGTERM; Ctrl-C:
+    SIGINT) becomes the one SIGINT on which `serve run` stops gracefully; a second signal ends
+    it at once (SIGTERM)."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "serve.sh", tmp_path / "scripts" / "serve.sh")
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    log = tmp_path / "signals.log"
+    said = tmp_path / "stderr.log"
+    with said.open("w") as stderr:
+        script = subprocess.Popen([str(tmp_path / "scripts" / "serve.sh")], cwd=tmp_path, stderr=stderr,
+                                  stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert wait_for(lambda: log.exists() and "started" in log.read_text(), timeout=20)
+        script.send_signal(signum)
+        assert wait_for(lambda: "INT" in log.read_text(), timeout=10), log.read_text()
+        assert script.poll() is None  # waiting for the graceful stop
+        script.send_signal(signum)
+        assert script.wait(timeout=10) == 0
+        assert log.read_text().split() == ["started", "INT", "TERM"]
+        assert "serve.sh: stopping: Serve shuts down gracefully" in said.read_text()
+    finally:
+        if script.poll() is None:
+            os.killpg(script.pid, signal.SIGKILL)
+            script.wait()
