@@ -238,13 +238,22 @@ def rayservice_manifest(serve_config: dict[str, Any], overrides: dict[str, Any])
     # OnRootMismatch: not a re-chown of every checkpoint on the volume at each pod start.
     security = ({"fsGroup": int(kube["fs_group"]), "fsGroupChangePolicy": "OnRootMismatch"}
                 if kube.get("fs_group") is not None else None)
+    # A deleted pod's `ray start` drains its node for RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S
+    # (requests in flight finish); Kubernetes' SIGKILL must come after that, not at it.
+    grace = kube.get("termination_grace_period_s")
+    drain = env.get("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S")
+    if grace is not None and isinstance(drain, (str, int, float)) and float(drain) >= float(grace):
+        raise SystemExit(f"overrides.yaml: kuberay.termination_grace_period_s ({grace}) must be longer than "
+                         f"kuberay.env.RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S ({drain}), or Kubernetes kills "
+                         "a pod's Ray while it still drains")
+    stopping = {"terminationGracePeriodSeconds": int(grace)} if grace is not None else {}
     head = _container("ray-head", kube["image"], kube["head"]["cpu"], kube["head"]["memory"], env=env, ports=[
         {"containerPort": 6379, "name": "gcs-server"},
         {"containerPort": 8265, "name": "dashboard"},
         {"containerPort": 10001, "name": "client"},
         {"containerPort": port, "name": "serve"},  # KubeRay's serve service targets the port named `serve`
     ])
-    head_pod: dict[str, Any] = {"containers": [head], "volumes": volumes}
+    head_pod: dict[str, Any] = {"containers": [head], "volumes": volumes, **stopping}
     if security:
         head_pod["securityContext"] = security
     if kube.get("init_models_command"):
@@ -264,6 +273,7 @@ def rayservice_manifest(serve_config: dict[str, Any], overrides: dict[str, Any])
     worker_pod: dict[str, Any] = {
         "containers": [worker],
         "volumes": volumes,
+        **stopping,
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     }
     if security:

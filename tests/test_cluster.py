@@ -80,7 +80,7 @@ def test_rayservice_manifest_matches_serve_config(capsys):
 
     from serve_app.config import AppConfig
 
-    AppConfig.model_validate(args)  # still a valid application config
+    app = AppConfig.model_validate(args)  # still a valid application config
 
     cluster = service["spec"]["rayClusterConfig"]
     worker = cluster["workerGroupSpecs"][0]["template"]["spec"]
@@ -102,6 +102,20 @@ def test_rayservice_manifest_matches_serve_config(capsys):
         # The Ray image runs as uid 1000 / gid 100: the volume is group-writable for it, and a pod
         # start does not re-chown every checkpoint on it.
         assert pod["securityContext"] == {"fsGroup": 100, "fsGroupChangePolicy": "OnRootMismatch"}
+        # A deleted pod's Ray drains its node as long as a replaced replica finishes its requests,
+        # and Kubernetes kills it only after that (its default 30 s ended Ray's default drain).
+        drain = next(float(e["value"]) for e in container["env"] if e["name"] == "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S")
+        assert drain >= max(model.deployment.graceful_shutdown_timeout_s for model in app.models)
+        assert pod["terminationGracePeriodSeconds"] > drain
+
+
+def test_a_grace_period_shorter_than_the_drain_is_refused():
+    make = _load("make_rayservice")
+    source = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    overrides = yaml.safe_load((CLUSTER / "overrides.yaml").read_text())
+    overrides["kuberay"]["termination_grace_period_s"] = 60
+    with pytest.raises(SystemExit, match="termination_grace_period_s .60. must be longer than"):
+        make.rayservice_manifest(source, overrides)
 
 
 def test_kuberay_env_takes_plain_values_and_secret_references():
