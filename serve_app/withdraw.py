@@ -8,10 +8,11 @@ refused them. So a stop now first asks each application's registrar to unregiste
 (`RegistrarDeployment.withdraw`), and drains after: the nodes stop sending new traffic
 while what they sent already is answered.
 
-`serve_run` calls `withdraw_registrations` in the `serve run` process; for a Ray
-cluster, or ahead of any other stop (a KubeRay deletion, a node's maintenance):
+`serve_run` calls `withdraw_registrations` in the `serve run` process; ahead of any
+other stop (`local_cluster.sh stop`, a KubeRay deletion, maintenance), on a node of the Ray
+cluster (a Ray driver needs a Ray node on its machine; `kubectl exec` into the head pod):
 
-    RAY_ADDRESS=HEAD:6379 python -m serve_app.withdraw [--timeout SECONDS]
+    python -m serve_app.withdraw [--address ADDRESS] [--timeout SECONDS]
 
 The registrations stay withdrawn until the application starts again or is redeployed
 with changed `args` (a new registrar replica).
