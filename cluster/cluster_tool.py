@@ -341,22 +341,27 @@ def tcp_states_by_port() -> dict[int, set[str]]:
 
 def cmd_check_ports(ns: argparse.Namespace) -> int:
     """Each port must be free on loopback and on the nodes' address (`--host`): a listener
-    bound only to that address would go unseen on loopback, and fail `start` later. A port
-    that only a stopped server's closed connections hold (TIME_WAIT, for a minute after a
-    `stop`) is not taken: the ports Ray and Serve pick in the ranges, where those are, are
-    skipped when a bind fails, and the fixed ones are bound with SO_REUSEADDR."""
+    bound only to that address would go unseen on loopback, and fail `start` later.
+
+    A `--skippable` port (Serve's direct-ingress ranges: its controller hands the next port to
+    a replica that cannot bind one) may also be held by a stopped server's closed connections
+    alone (TIME_WAIT, for a minute after a `stop`, where its listener had no SO_REUSEADDR), which
+    made `start` refuse to run for a minute after every `stop`. Elsewhere such a port fails the
+    check: the server meant to bind it would fail just the same."""
     busy = []
     hosts = list(dict.fromkeys(["127.0.0.1", ns.host]))
     states: dict[int, set[str]] | None = None
-    for port in (p for ports in ns.ports for p in ports):
+    checks = [(port, False) for ports in ns.ports for port in ports] + [
+        (port, True) for ports in ns.skippable for port in ports]
+    for port, skippable in checks:
         for host in hosts:
             with socket.socket() as sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     sock.bind((host, port))
                 except OSError:
-                    states = tcp_states_by_port() if states is None else states
-                    if states.get(port) != {TIME_WAIT}:
+                    states = tcp_states_by_port() if states is None and skippable else states
+                    if not skippable or (states or {}).get(port) != {TIME_WAIT}:
                         busy.append(port)
                         break
     if busy:
@@ -387,8 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300)
     p.set_defaults(func=cmd_wait_apps)
     p = sub.add_parser("check-ports")
-    p.add_argument("ports", type=port_list, nargs="+", metavar="PORT|FIRST-LAST")
+    p.add_argument("ports", type=port_list, nargs="*", metavar="PORT|FIRST-LAST")
     p.add_argument("--host", default="127.0.0.1", help="the nodes' address (checked beside loopback)")
+    p.add_argument("--skippable", type=port_list, nargs="+", default=[], metavar="PORT|FIRST-LAST",
+                   help="ports Serve skips when it cannot bind one: a port only closed connections hold is fine")
     p.set_defaults(func=cmd_check_ports)
     p = sub.add_parser("drain-haproxy")
     p.add_argument("cluster_dir")

@@ -199,7 +199,8 @@ cmd_start() {
   (( ${#CLUSTER_DIR} <= longest )) \
     || die "SERVE_APP_CLUSTER_DIR is too long for the socket paths in it (at most $longest characters)"
   "$PYTHON" "$TOOL" check-ports --host "$NODE_IP" "$GCS_PORT" "$DASHBOARD_PORT" "$HTTP_PORT" \
-    "$PORT_BASE-$((PORT_BASE + 30))" "$((PORT_BASE + 100))-$((PORT_BASE + 1999))" \
+    "$PORT_BASE-$((PORT_BASE + 30))" "$((PORT_BASE + 100))-$((PORT_BASE + 999))" \
+    --skippable "$((PORT_BASE + 1000))-$((PORT_BASE + 1999))" \
     || die "a port of this cluster is in use (another local cluster or Serve running?)"
   trap abort_start EXIT
   trap 'abort_start 130' INT
@@ -302,7 +303,9 @@ cmd_stop() {
       command -v timeout >/dev/null && bounded=(timeout "$SHUTDOWN_TIMEOUT_S")
       # The nodes first, so that they stop forwarding new requests to a port about to refuse them.
       log "withdrawing the models from the AI network's nodes (where registration is on)"
-      "${bounded[@]+"${bounded[@]}"}" "$PYTHON" -m serve_app.withdraw || true
+      local quick=()  # a wedged GCS must not hold the drain that follows for long
+      command -v timeout >/dev/null && quick=(timeout 30)
+      "${quick[@]+"${quick[@]}"}" "$PYTHON" -m serve_app.withdraw || true
       # HAProxy next: `serve shutdown` kills it at once, and every request in flight with it.
       log "HAProxy takes no new connections; the requests in flight finish (up to ${DRAIN_TIMEOUT_S}s)"
       "$PYTHON" "$TOOL" drain-haproxy "$CLUSTER_DIR" --timeout "$DRAIN_TIMEOUT_S" || true

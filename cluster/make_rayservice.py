@@ -242,11 +242,18 @@ def rayservice_manifest(serve_config: dict[str, Any], overrides: dict[str, Any])
     # (requests in flight finish); Kubernetes' SIGKILL must come after that, not at it.
     grace = kube.get("termination_grace_period_s")
     drain = env.get("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S")
-    if grace is not None and isinstance(drain, (str, int, float)) and float(drain) >= float(grace):
-        raise SystemExit(f"overrides.yaml: kuberay.termination_grace_period_s ({grace}) must be longer than "
-                         f"kuberay.env.RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S ({drain}), or Kubernetes kills "
+    if isinstance(drain, dict):
+        drain = None  # from a Secret or the like: not known here
+    try:  # unset: Kubernetes' default and Ray's, 30 s each
+        grace_s, drain_s = float(30 if grace is None else grace), float(30 if drain is None else drain)
+    except (TypeError, ValueError):
+        raise SystemExit(f"overrides.yaml: kuberay.termination_grace_period_s ({grace!r}) and "
+                         f"kuberay.env.RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S ({drain!r}) are seconds") from None
+    if drain is not None and drain_s >= grace_s:
+        raise SystemExit(f"overrides.yaml: kuberay.termination_grace_period_s ({grace_s:g}) must be longer than "
+                         f"kuberay.env.RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S ({drain_s:g}), or Kubernetes kills "
                          "a pod's Ray while it still drains")
-    stopping = {"terminationGracePeriodSeconds": int(grace)} if grace is not None else {}
+    stopping = {"terminationGracePeriodSeconds": int(grace_s)} if grace is not None else {}
     head = _container("ray-head", kube["image"], kube["head"]["cpu"], kube["head"]["memory"], env=env, ports=[
         {"containerPort": 6379, "name": "gcs-server"},
         {"containerPort": 8265, "name": "dashboard"},

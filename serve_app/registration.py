@@ -308,16 +308,19 @@ class Registrar:
 
     async def unregister(self, why: str = "the application is going away",
                          then: NodeStateName = "pending") -> dict[str, str | None]:
-        """Tell every node the project is gone: best effort, bounded by a short timeout.
-        Returns each node's error, None where it took the unregister."""
-        results = await unregister_pairs([(self.project, node.url) for node in self._nodes],
-                                         self.options.timeout_s, why)
-        for node, result in zip(self._nodes, results):
+        """Tell every node the project is gone, but those that took a `withdraw` already: best
+        effort, bounded by a short timeout. A node that fails is left `failing` (a later call
+        tries it again). Returns each node's error, None where it took the unregister."""
+        nodes = [node for node in self._nodes if node.state != "withdrawn"]
+        results = await unregister_pairs([(self.project, node.url) for node in nodes], self.options.timeout_s, why)
+        for node, result in zip(nodes, results):
+            node.registered = None
             if isinstance(result, BaseException):
-                node.last_error = str(result)
-            node.state, node.registered = then, None
+                node.state, node.last_error = "failing", str(result)
+            else:
+                node.state = then
         return {node.url: str(result) if isinstance(result, BaseException) else None
-                for node, result in zip(self._nodes, results)}
+                for node, result in zip(nodes, results)}
 
     async def withdraw(self) -> dict[str, str | None]:
         """Take the project off every node and keep it off: the loops stop first, so nothing
@@ -392,7 +395,6 @@ class RegistrarDeployment:
 
     def __init__(self, config: AppConfig) -> None:
         self._app_name = serve.get_replica_context().app_name
-        self._withdrawn = False
         self._registrar = Registrar(config, LiveCatalog(config, self._app_name).live_models)
         self._registrar.start()
         self._log_flusher = start_flushing()
@@ -407,10 +409,11 @@ class RegistrarDeployment:
         a node then stops forwarding new traffic here while the requests already forwarded
         finish, where an unregister only at the replica's shutdown comes after the server has
         stopped taking connections, and the node's traffic meanwhile is refused. The
-        registrations stay withdrawn for the rest of this replica's life. Returns each node's
-        error, None where it took the unregister."""
-        self._withdrawn = True
-        outcome = await self._registrar.withdraw()
+        registrations stay withdrawn for the rest of this replica's life; a node that did not
+        take the unregister is tried again as the replica stops. Returns each node's error, None
+        where it took the unregister. Shielded: a caller that stops waiting (its own timeout)
+        does not cut the nodes' calls short."""
+        outcome = await asyncio.shield(self._registrar.withdraw())
         flush_serve_log()
         return outcome
 
@@ -425,8 +428,7 @@ class RegistrarDeployment:
             # old config's payload after the successor's (same project: nothing withdraws it).
             await registrar.stop(unregister=False)
             if await self._app_is_going_away():
-                if not getattr(self, "_withdrawn", False):  # else done already, before the server's drain
-                    await registrar.unregister()
+                await registrar.unregister()  # the nodes a withdraw (before the server's drain) did not reach
                 try:  # nothing is registered any more: forget the record too
                     await asyncio.to_thread(_write_record, self._app_name, None)
                 except Exception:  # noqa: BLE001 - harmless: the next start withdraws its pairs again

@@ -30,12 +30,34 @@ DRAIN_ENV = "SERVE_APP_DRAIN_TIMEOUT_S"
 DEFAULT_DRAIN_S = 30.0
 
 
+def detach_from_a_gone_terminal() -> None:
+    """Once the terminal has closed (SIGHUP), every write to it fails with EIO, and `serve run`
+    logs a line before it shuts Serve down: the failed write would skip that shutdown (and the
+    registrar's stop with it). So a stdout or stderr that no longer takes writes goes to
+    /dev/null."""
+    for fd in (1, 2):
+        try:
+            os.write(fd, b"")  # a hung-up terminal refuses even an empty write
+        except OSError:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+
+
+def say(line: str) -> None:
+    """One line on stderr, where there still is one: after the terminal closed (SIGHUP) a write
+    fails with EIO, which must not stop the graceful stop this line is about."""
+    try:
+        print(f"serve_run: {line}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
 def drain_timeout_s() -> float:
     try:
         return max(0.0, float(os.environ.get(DRAIN_ENV) or DEFAULT_DRAIN_S))
     except ValueError:
-        print(f"serve_run: {DRAIN_ENV}={os.environ[DRAIN_ENV]!r} is not a number of seconds; "
-              f"using {DEFAULT_DRAIN_S:g}", file=sys.stderr)
+        say(f"{DRAIN_ENV}={os.environ[DRAIN_ENV]!r} is not a number of seconds; using {DEFAULT_DRAIN_S:g}")
         return DEFAULT_DRAIN_S
 
 
@@ -54,8 +76,7 @@ def drain_haproxy(timeout_s: float) -> int:
         except psutil.Error:
             pass
     if proxies and timeout_s > 0:
-        print(f"serve_run: HAProxy takes no new connections; waiting up to {timeout_s:g} s for the requests "
-              "in flight", file=sys.stderr, flush=True)
+        say(f"HAProxy takes no new connections; waiting up to {timeout_s:g} s for the requests in flight")
         psutil.wait_procs(proxies, timeout=timeout_s)
     return len(proxies)
 
@@ -64,13 +85,13 @@ def withdraw_from_network() -> None:
     """Unregister the models from the AI network's nodes, where registration is on (nothing
     before `serve run` has connected to Ray). Its Ray calls run on a thread of their own: called
     from this signal handler, they could wait on a lock held by the code the signal interrupted."""
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
+    connected = getattr(sys.modules.get("ray"), "is_initialized", None)  # None: not (fully) imported yet
+    if connected is None or not connected():
         return
     from serve_app.withdraw import withdraw_registrations
 
-    for line in withdraw_registrations():
-        print(f"serve_run: {line}", file=sys.stderr, flush=True)
+    for _, line in withdraw_registrations():
+        say(line)
 
 
 _draining = False
@@ -80,10 +101,15 @@ def drain_then_interrupt(signum: int, frame: FrameType | None) -> None:
     """SIGINT: withdraw the registrations, drain HAProxy, then the KeyboardInterrupt on which
     `serve run` shuts Serve down (at once, from a second SIGINT meanwhile)."""
     global _draining
-    if not _draining:
-        _draining = True
+    if _draining:
+        raise KeyboardInterrupt
+    _draining = True
+    try:
+        detach_from_a_gone_terminal()
         withdraw_from_network()
         drain_haproxy(drain_timeout_s())
+    except Exception as exc:  # noqa: BLE001 - whatever failed, Serve still shuts down gracefully
+        say(f"the stop goes on without its first steps: {type(exc).__name__}: {exc}")
     raise KeyboardInterrupt
 
 

@@ -33,12 +33,13 @@ WITHDRAW_TIMEOUT_S = 10.0
 """The longest a stop waits for the registrars (each node's unregister is bounded at 2 s)."""
 
 
-def withdraw_registrations(timeout_s: float = WITHDRAW_TIMEOUT_S) -> list[str]:
+def withdraw_registrations(timeout_s: float = WITHDRAW_TIMEOUT_S) -> list[tuple[bool, str]]:
     """Ask the registrar of every Serve application that has one to unregister it from its
     nodes, all at once, waiting up to `timeout_s` in all. Needs a Ray connection, and runs an
     event loop of its own, on a thread of its own (Serve's throughput-optimized mode routes a
     handle's calls on the caller's loop). Blocking. Returns a line per node and application for
-    the operator; never raises (a stop goes on whatever happens)."""
+    the operator, each with whether it went well; never raises (a stop goes on whatever
+    happens)."""
     loop = asyncio.new_event_loop()
     # It runs as long as the process: Serve's routers long-poll its controller on it, and log
     # an ERROR when the loop they are bound to stops.
@@ -46,10 +47,10 @@ def withdraw_registrations(timeout_s: float = WITHDRAW_TIMEOUT_S) -> list[str]:
     try:
         return asyncio.run_coroutine_threadsafe(_withdraw_all(timeout_s), loop).result(timeout_s + 5)
     except Exception as exc:  # noqa: BLE001 - a stop goes on
-        return [f"the registrars did not answer ({type(exc).__name__}); they unregister as Serve shuts down"]
+        return [(False, f"the registrars did not answer ({type(exc).__name__}); they unregister as Serve shuts down")]
 
 
-async def _withdraw_all(timeout_s: float) -> list[str]:
+async def _withdraw_all(timeout_s: float) -> list[tuple[bool, str]]:
     from ray import serve
     from ray.serve.handle import DeploymentHandle
 
@@ -65,23 +66,25 @@ async def _withdraw_all(timeout_s: float) -> list[str]:
     try:
         apps = [name for name, app in serve.status().applications.items() if REGISTRAR_DEPLOYMENT in app.deployments]
     except Exception as exc:  # noqa: BLE001 - no Serve, or its controller gone: nothing to withdraw from here
-        return [f"could not reach Serve's registrars ({type(exc).__name__}: {exc}); "
-                "they unregister as Serve shuts down"]
+        return [(False, f"could not reach Serve's registrars ({type(exc).__name__}: {exc}); "
+                        "they unregister as Serve shuts down")]
     tasks = {app: asyncio.create_task(withdraw(app)) for app in apps}
     if tasks:
         await asyncio.wait(tasks.values(), timeout=timeout_s)
-    lines = []
+    lines: list[tuple[bool, str]] = []
     for app, task in tasks.items():
         if not task.done():
-            task.cancel()
-            lines.append(f"application {app!r}: its registrar did not withdraw within {timeout_s:g} s; "
-                         "it unregisters as Serve shuts down")
+            task.cancel()  # the registrar goes on (it shields its nodes' calls) and retries as it stops
+            lines.append((False, f"application {app!r}: its registrar did not withdraw within {timeout_s:g} s; "
+                                 "the nodes it has not told are told as Serve shuts down"))
         elif task.exception() is not None:
-            lines.append(f"application {app!r}: its registrar could not withdraw ({type(task.exception()).__name__}: "
-                         f"{task.exception()}); it unregisters as Serve shuts down")
+            lines.append((False, f"application {app!r}: its registrar could not withdraw "
+                                 f"({type(task.exception()).__name__}: {task.exception()}); "
+                                 "it unregisters as Serve shuts down"))
         else:
-            lines += [f"application {app!r}: withdrawn from the AI network's node {url}" if error is None else
-                      f"application {app!r}: node {url} did not take the unregister: {error}"
+            lines += [(True, f"application {app!r}: withdrawn from the AI network's node {url}") if error is None else
+                      (False, f"application {app!r}: node {url} did not take the unregister ({error}); "
+                              "it is tried again as Serve shuts down")
                       for url, error in task.result().items()]
     return lines
 
@@ -93,10 +96,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="the Ray cluster (default: RAY_ADDRESS, else the one on this machine)")
     parser.add_argument("--timeout", type=float, default=WITHDRAW_TIMEOUT_S, help="seconds to wait at most")
     ns = parser.parse_args(argv)
+    if ns.address.startswith(("http://", "https://")):
+        print(f"withdraw: {ns.address} is a dashboard's address; give the cluster's (its GCS, HOST:6379, "
+              "or auto), on a node of the cluster", file=sys.stderr)
+        return 1
     host, _, port = ns.address.removeprefix("ray://").rpartition(":")
     if host and port.isdigit():  # Ray would retry an address nobody listens on for a minute
         try:
-            socket.create_connection((host, int(port)), timeout=5).close()
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
         except OSError as exc:
             print(f"withdraw: no Ray at {ns.address}: {exc}", file=sys.stderr)
             return 1
@@ -107,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - said plainly, no traceback
         print(f"withdraw: cannot connect to Ray at {ns.address}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    lines = withdraw_registrations(ns.timeout) or ["no application of this Ray cluster registers with a node"]
-    for line in lines:
+    lines = withdraw_registrations(ns.timeout) or [(True, "no application of this Ray cluster registers with a node")]
+    for _, line in lines:
         print(f"withdraw: {line}", file=sys.stderr)
-    return 0
+    return 0 if all(ok for ok, _ in lines) else 2
 
 
 if __name__ == "__main__":

@@ -110,21 +110,32 @@ async def test_registers_each_live_model_once_per_type_then_unregisters(node: Fa
 @pytest.mark.anyio
 async def test_a_withdrawn_project_stays_off_every_node_whatever_goes_live(node: FakeNode) -> None:
     """What a stopping server asks before it drains: the nodes stop forwarding to it, and no
-    loop puts the models back meanwhile (a change of the live set, the periodic refresh)."""
-    config = make_config([node.url, "http://127.0.0.1:1"], interval_s=0.05)
+    loop puts the models back meanwhile (a change of the live set, the periodic refresh). A
+    node that was down then is told as the registrar stops; one told already is not again."""
+    down = FakeNode().start()
+    config = make_config([node.url, down.url], interval_s=0.05)
     live = FakeLive(config, "Llama3-8B")
     registrar = started(config, live)
-    await eventually(lambda: node.models_of(PROJECT) == [CHAT])
+    try:
+        await eventually(lambda: node.models_of(PROJECT) == [CHAT] and down.models_of(PROJECT) == [CHAT])
+        down.stop()
 
-    outcome = await registrar.withdraw()
-    assert outcome[node.url] is None and "ConnectError" in outcome["http://127.0.0.1:1"]
-    assert node.models_of(PROJECT) is None and node.bodies(UNREGISTER_PATH) == [{"project": PROJECT}]
-    registered = len(node.bodies(REGISTER_PATH))
-    live.names = {"Llama3-8B", "SuperImage"}
-    await asyncio.sleep(0.3)  # many polls and refresh intervals
-    assert len(node.bodies(REGISTER_PATH)) == registered and node.models_of(PROJECT) is None
-    assert [n["state"] for n in registrar.status().model_dump()["nodes"]] == ["withdrawn", "withdrawn"]
-    await registrar.stop(unregister=False)
+        outcome = await registrar.withdraw()
+        assert outcome[node.url] is None and "ConnectError" in outcome[down.url]
+        assert node.models_of(PROJECT) is None and node.bodies(UNREGISTER_PATH) == [{"project": PROJECT}]
+        registered = len(node.bodies(REGISTER_PATH))
+        live.names = {"Llama3-8B", "SuperImage"}
+        await asyncio.sleep(0.3)  # many polls and refresh intervals
+        assert len(node.bodies(REGISTER_PATH)) == registered and node.models_of(PROJECT) is None
+        assert [n["state"] for n in registrar.status().model_dump()["nodes"]] == ["withdrawn", "failing"]
+
+        down.start()
+        assert await registrar.unregister() == {down.url: None}  # what the replica's stop does
+        assert down.models_of(PROJECT) is None and down.bodies(UNREGISTER_PATH) == [{"project": PROJECT}]
+        assert node.bodies(UNREGISTER_PATH) == [{"project": PROJECT}]
+    finally:
+        await registrar.stop(unregister=False)
+        down.stop()
 
 
 def test_an_image_model_is_registered_for_the_routes_it_serves() -> None:

@@ -15,8 +15,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +136,8 @@ def test_serve_script_says_when_ready_serves_and_stops_gracefully(models_dir: Pa
         def look(path: str, body: Any) -> None:
             if path == UNREGISTER_PATH:
                 try:
-                    at_unregister.append(httpx.get(base + "/health", timeout=1.5).status_code)
+                    # Quick (HAProxy answers in milliseconds): the registrar waits 2 s for this node.
+                    at_unregister.append(httpx.get(base + "/health", timeout=1.0).status_code)
                 except httpx.HTTPError as exc:
                     at_unregister.append(type(exc).__name__)
 
@@ -244,3 +247,32 @@ def test_each_stop_signal_reaches_serve_run_as_one_sigint_and_a_second_stops_it_
         for line in log.read_text().splitlines() if log.exists() else []:
             if line.startswith("started "):
                 subprocess.run(["pkill", "-KILL", "-g", line.split()[1]], check=False)
+
+
+def test_a_closed_terminal_does_not_stop_the_graceful_stop_from_writing():
+    """After the terminal closes, a write to it fails (EIO); `serve run` logs before it shuts
+    Serve down, so that failure skipped the shutdown. The stop sends output to /dev/null first."""
+    import pty
+
+    from serve_app.serve_run import detach_from_a_gone_terminal
+
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: stdout and stderr are the terminal
+        code = 3
+        try:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as serve_run, which serve.sh signals itself
+            time.sleep(1.0)  # the terminal closes meanwhile
+            try:
+                os.write(2, b"")
+                code = 4  # the terminal still takes writes: nothing tested
+            except OSError:
+                detach_from_a_gone_terminal()
+                print("Got KeyboardInterrupt, shutting down...", file=sys.stderr, flush=True)
+                print("and on stdout", flush=True)
+                code = 0
+        finally:
+            os._exit(code)
+    time.sleep(0.3)
+    os.close(terminal)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
