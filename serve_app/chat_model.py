@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import logging
 import time
 from collections import deque
@@ -58,6 +59,10 @@ class ChatModel(ModelReplica):
         self.tokenizer = AutoTokenizer.from_pretrained(config.path)
         if self.tokenizer.chat_template is None:
             raise ValueError(f"{config.path} has no chat template; chat models need one")
+        # What apply_chat_template takes as its own arguments, and the conversation's name in the
+        # template: a request's chat_template_kwargs (more template variables) may not set them.
+        self._template_parameters = {"messages", *inspect.signature(self.tokenizer.apply_chat_template).parameters} - {
+            "kwargs"}
         # Straight onto the replica's device (no full copy in CPU memory first: for an 8B model in
         # bf16, 16 GB per replica loading at once on a GPU node), or spread over its GPUs.
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -269,7 +274,7 @@ class ChatModel(ModelReplica):
         the hop to a thread."""
         self.refuse_if_unhealthy()
         arrived = time.monotonic()
-        if prompt_chars(job.messages) > INLINE_PROMPT_CHARS:
+        if prompt_chars(job.messages, job.tools) > INLINE_PROMPT_CHARS:
             slot = await asyncio.to_thread(self._slot, job)
         else:
             slot = self._slot(job)
@@ -278,12 +283,18 @@ class ChatModel(ModelReplica):
 
     def _slot(self, job: ChatJob) -> Slot:
         """Tokenise and check a request before it joins a batch: its errors are its own."""
+        taken = job.template_kwargs.keys() & self._template_parameters
+        if taken:
+            raise InvalidRequest(f"chat_template_kwargs may not set {', '.join(sorted(taken))}: the server sets "
+                                 "it (or, for tools, the request's own field does).", param="chat_template_kwargs")
         try:
-            prompt = self.tokenizer.apply_chat_template(job.messages, add_generation_prompt=True, tokenize=False)
+            prompt = self.tokenizer.apply_chat_template(job.messages, tools=job.tools, add_generation_prompt=True,
+                                                        tokenize=False, **job.template_kwargs)
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as exc:
-            # The template refuses these messages (roles, order, a tool call's shape); its
-            # only input is the client's messages, so this is the client's error.
-            raise InvalidRequest(f"This model's chat template rejects the messages: {exc}", param="messages") from exc
+            # The template refuses these messages (roles, order, a tool call's shape) or tools; its
+            # only inputs are the client's, so this is the client's error.
+            raise InvalidRequest(f"This model's chat template rejects the {'messages or tools' if job.tools else 'messages'}"
+                                 f": {exc}", param="messages") from exc
         try:  # text the wire checks let through (a tool call's JSON arguments) may decode to a lone surrogate
             prompt.encode("utf-8")
         except UnicodeEncodeError:

@@ -36,6 +36,9 @@ class ChatJob:
     logprobs: bool = False
     top_logprobs: int = 0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    tools: list[dict[str, Any]] | None = None  # for the chat template, as the request gave them
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # more variables for the chat template
+
 
 
 def generator_seed(seed: int, index: int) -> int:
@@ -53,11 +56,13 @@ def generator_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.blake2b(value.to_bytes(8, "little"), digest_size=4).digest(), "little")
 
 
-def prompt_chars(messages: list[dict[str, Any]]) -> int:
+def prompt_chars(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> int:
     """How much text a conversation gives the chat template: each message's content and its
-    tool calls as JSON (the ingress's `limits.max_prompt_chars`, and the replica's measure
-    of a prompt long enough to template off its event loop)."""
-    return sum(len(message["content"]) + len(json.dumps(message.get("tool_calls", ""))) for message in messages)
+    tool calls as JSON, and the tools' definitions as JSON (the ingress's
+    `limits.max_prompt_chars`, and the replica's measure of a prompt long enough to template
+    off its event loop)."""
+    return (sum(len(message["content"]) + len(json.dumps(message.get("tool_calls", ""))) for message in messages)
+            + (len(json.dumps(tools)) if tools else 0))
 
 
 @dataclass(frozen=True)

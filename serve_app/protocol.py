@@ -223,6 +223,16 @@ OptionalModel = Annotated[str | None, Blankable, Field(description=(
     "The model's name. May be left out when the server serves one model of the route's kind."))]
 
 
+def _tool_mode(value: str | dict[str, Any] | None) -> Any:
+    """A `tool_choice`'s mode: the string itself, the mode of OpenAI's `allowed_tools` form
+    (`{"type": "allowed_tools", "allowed_tools": {"mode": ...}}`), else the object (a named
+    function or custom tool, which forces a call)."""
+    if isinstance(value, dict) and value.get("type") == "allowed_tools":
+        allowed = value.get("allowed_tools")
+        return allowed.get("mode") if isinstance(allowed, dict) else allowed
+    return value
+
+
 class ChatCompletionRequest(BoundedRequest):
     model: OptionalModel = None
     messages: list[ChatMessage] = Field(min_length=1)
@@ -247,6 +257,9 @@ class ChatCompletionRequest(BoundedRequest):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     function_call: str | dict[str, Any] | None = None  # OpenAI's older `tool_choice`
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description=(
+        "vLLM's extension: more variables for the model's chat template (e.g. Qwen3's "
+        "`{\"enable_thinking\": false}`)."))
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
     user: str | None = None
@@ -306,12 +319,7 @@ class ChatCompletionRequest(BoundedRequest):
     @classmethod
     def _no_forced_tool_calls(cls, value: str | dict[str, Any] | None,
                               info: ValidationInfo) -> str | dict[str, Any] | None:
-        # OpenAI's `allowed_tools` form carries the same modes: {"type": "allowed_tools", "allowed_tools": {"mode": ...}}
-        mode = value
-        if isinstance(value, dict):  # a named function (or custom tool) forces a call; allowed_tools has a mode
-            allowed = value.get("allowed_tools")
-            mode = (allowed.get("mode") if isinstance(allowed, dict) else allowed) \
-                if value.get("type") == "allowed_tools" else value
+        mode = _tool_mode(value)
         if mode is not None and mode not in ("auto", "none"):
             raise ValueError(f"this server does not make tool calls: {info.field_name} may be 'auto' or 'none' "
                              "(the model then answers in text)")
@@ -321,6 +329,15 @@ class ChatCompletionRequest(BoundedRequest):
     def requested_max_tokens(self) -> int | None:
         """`max_completion_tokens` is the newer name of `max_tokens`."""
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the model's chat template is given: none where `tool_choice` (or the older
+        `function_call`) says "none", as vLLM leaves them out, so that the model answers in text."""
+        chosen = [value for value in (self.tool_choice, self.function_call) if value is not None]
+        if not self.tools or any(_tool_mode(value) == "none" for value in chosen):
+            return None
+        return self.tools
 
 
 class AssistantMessage(WireModel):

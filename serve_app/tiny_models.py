@@ -58,14 +58,18 @@ skies tonight. Temperatures between 12 and 18 degrees. Don't forget your umbrell
 """
 
 CHAT_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
+CHAT_TEMPLATE = (  # ChatML, with Qwen's places for tools and its `enable_thinking` switch
+    "{%- if tools -%}{{- '<|im_start|>system\\n# Tools\\n' -}}"
+    "{%- for tool in tools -%}{{- tool | tojson -}}{{- '\\n' -}}{%- endfor -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
     "{%- for message in messages -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
     "{%- if message['content'] is string -%}{{- message['content'] -}}"
     "{%- else -%}{%- for part in message['content'] if part['type'] == 'text' -%}{{- part['text'] -}}"
     "{%- endfor -%}{%- endif -%}"
     "{{- '<|im_end|>\\n' -}}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}"
+    "{%- endif -%}"
 )
 _LLAMA_COMMON: dict[str, Any] = {"max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 CHAT_PRESETS: dict[str, dict[str, Any]] = {

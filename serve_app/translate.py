@@ -123,10 +123,11 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
     _check_n(request.n, config.max_n)
     if len(request.messages) > limits.max_messages:
         raise InvalidRequest(f"At most {limits.max_messages} messages are accepted.", param="messages")
+    tools = request.template_tools
     messages = template_messages(request.messages)
-    if prompt_chars(messages) > limits.max_prompt_chars:
-        raise InvalidRequest(f"The messages are longer than {limits.max_prompt_chars} characters in all.",
-                             param="messages", code="prompt_too_long")
+    if prompt_chars(messages, tools) > limits.max_prompt_chars:
+        raise InvalidRequest(f"The messages{' and tools' if tools else ''} are longer than {limits.max_prompt_chars} "
+                             "characters in all.", param="messages", code="prompt_too_long")
     requested = request.requested_max_tokens
     max_tokens_param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
     if requested is not None and requested > config.max_tokens_limit:
@@ -148,6 +149,8 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
         logprobs=bool(request.logprobs),
         top_logprobs=request.top_logprobs or 0,
         logit_bias=request.logit_bias or {},
+        tools=tools,
+        template_kwargs=request.chat_template_kwargs or {},
     )
 
 

@@ -96,6 +96,9 @@ SECURE_CASES = [
     ("post", "/v1/images/edits", {"json": {"model": IMAGE, "prompt": "x"}}, {}, 401, None),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": MESSAGES_9}}, AUTH, 400, "messages"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [{"role": "user", "content": "x" * 2001}]}}, AUTH, 400, "messages"),
+    # Tools' definitions are prompt text too (the chat template is given them).
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "tools": [{"type": "function", "function": {
+        "name": "f", "description": "x" * 2001}}]}}, AUTH, 400, "messages"),
     ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "size": "256x256"}}, AUTH, 400, "size"),
     ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x" * 5000}}, AUTH, 400, "prompt"),
     ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "n": 50}}, AUTH, 400, "n"),

@@ -266,6 +266,29 @@ def test_tools_in_auto_mode_function_role_and_text_format_are_plain_chat(http, t
     assert answer["choices"][0]["message"]["content"] and "tool_calls" not in answer["choices"][0]["message"]
 
 
+def test_tools_and_chat_template_kwargs_reach_the_chat_template(http):
+    """As vLLM passes them: a model trained for tools sees their definitions (the tiny model's
+    template lists them, as Qwen's does), but not with tool_choice "none"; `chat_template_kwargs`
+    are the template's variables (its Qwen3-style `enable_thinking` switch), though never one of
+    the server's own."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+    def prompt_tokens(**fields) -> int:
+        return assert_success(http.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 1, **fields}))[
+            "usage"]["prompt_tokens"]
+
+    plain = prompt_tokens()
+    assert prompt_tokens(tools=tools) == prompt_tokens(tools=tools, tool_choice="auto") > plain + 20
+    assert prompt_tokens(tools=tools, tool_choice="none") == prompt_tokens(tools=tools, function_call="none") == plain
+    assert prompt_tokens(chat_template_kwargs={"enable_thinking": False}) > plain
+    assert prompt_tokens(chat_template_kwargs={"enable_thinking": True, "unused": [1, {"a": None}]}) == plain
+    for taken in ("tokenize", "messages", "tools", "add_generation_prompt"):
+        refused = http.post("/v1/chat/completions", json={**SEED_CHAT, "chat_template_kwargs": {taken: False}})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "chat_template_kwargs", refused.text
+        assert taken in refused.json()["message"]
+
+
 def test_stream_options_may_say_null(http):
     """Null is absent for every optional field, `stream_options.include_usage` too: no usage chunk."""
     with http.stream("POST", "/v1/chat/completions", json={
