@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serve_app.chat_engine import DecodeBatch, Slot, deltas_by_slot, merge_deltas
 from serve_app.decoding import ChoiceDecoder
-from serve_app.config import ChatModelConfig
+from serve_app.config import ChatModelConfig, require_loadable
 from serve_app.errors import APIError, InvalidRequest
 from serve_app.jobs import ChatJob, ChatResult, ChatStreamChunk, ChoiceDelta, prompt_chars
 from serve_app.metrics import ChatEngineMetrics
@@ -56,6 +56,7 @@ class ChatModel(ModelReplica):
 
     def __init__(self, config: ChatModelConfig) -> None:
         super().__init__(config)
+        require_loadable(config)  # said plainly, before transformers' own error
         self.tokenizer = AutoTokenizer.from_pretrained(config.path)
         if self.tokenizer.chat_template is None:
             raise ValueError(f"{config.path} has no chat template; chat models need one")

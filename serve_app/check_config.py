@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import ValidationError
 
-from serve_app.config import REGISTRAR_DEPLOYMENT, AppConfig, config_warnings, deployment_names
+from serve_app.config import REGISTRAR_DEPLOYMENT, AppConfig, checkpoint_problem, config_warnings, deployment_names
 
 BUILDER = "serve_app.app:build_app"
 
@@ -149,6 +149,8 @@ def check(path: Path) -> tuple[list[str], list[str]]:
         else:
             warnings += [f"application {name!r}: {warning}" for warning in config_warnings(args)]
             warnings += [f"application {name!r}: {warning}" for warning in prefix_warnings(args, app.get("route_prefix"))]
+            problems += [f"application {name!r}: model {model.name!r}: {model.path} {problem}"
+                         for model in args.models if (problem := checkpoint_problem(model))]
             override_problems, override_warnings = override_findings(args, app.get("deployments") or [])
             problems += [f"application {name!r}: {problem}" for problem in override_problems]
             warnings += [f"application {name!r}: {warning}" for warning in override_warnings]

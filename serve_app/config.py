@@ -654,6 +654,44 @@ NODE_CHAT_TIMEOUT_S = 180.0
 """How long the AI network's node waits for a chat answer (5 minutes for an image)."""
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tekken.json")
+"""Any of these beside a checkpoint's weights: transformers can load its tokenizer from there."""
+
+
+def checkpoint_problem(model: ChatModelConfig | ImageModelConfig) -> str | None:
+    """What a local model folder shows it cannot be loaded as for its `kind`, said plainly
+    (transformers' and diffusers' own errors for these send the operator after a missing
+    package or file); None for a hub id, a path that is not a folder here, or a folder that
+    looks right."""
+    folder = Path(model.path)
+    if not folder.is_dir():
+        return None
+    pipeline, checkpoint = (folder / "model_index.json").is_file(), (folder / "config.json").is_file()
+    inside = sorted(sub.name for sub in folder.iterdir() if sub.is_dir() and (
+        (sub / "model_index.json").is_file() or (sub / "config.json").is_file()))
+    within = f" (it holds {', '.join(inside[:5])}{', ...' if len(inside) > 5 else ''}: name the model's own folder)" \
+        if inside else ""
+    if model.kind == "chat":
+        if pipeline:
+            return "is a diffusers pipeline (it has model_index.json): an image model, kind: image"
+        if not checkpoint:
+            return f"has no config.json, so it is not a transformers checkpoint{within}"
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            return (f"has no tokenizer ({', '.join(TOKENIZER_FILES)}): a chat model needs its checkpoint's "
+                    "tokenizer beside the weights")
+    elif not pipeline:
+        if checkpoint:
+            return "is a transformers checkpoint (config.json, no model_index.json): a chat model, kind: chat"
+        return f"has no model_index.json, so it is not a diffusers pipeline{within}"
+    return None
+
+
+def require_loadable(model: ChatModelConfig | ImageModelConfig) -> None:
+    """Raise `checkpoint_problem`'s finding, naming the model (a replica that cannot load)."""
+    if problem := checkpoint_problem(model):
+        raise ValueError(f"model {model.name!r}: {model.path} {problem}")
+
+
 def config_warnings(config: AppConfig) -> list[str]:
     """What in a valid config is probably not what its author meant, said when it deploys
     (not errors: a cluster's weights may live only on the GPU nodes, say)."""

@@ -39,7 +39,7 @@ from diffusers import (
 from PIL import Image, ImageOps
 from ray import serve
 
-from serve_app.config import ImageModelConfig
+from serve_app.config import ImageModelConfig, require_loadable
 from serve_app.errors import APIError, ClientClosedRequest, ContentFiltered, InvalidRequest, NotANumber
 from serve_app.image_pixels import encode_image, fit, open_image, paint_mask, picture, transparency
 from serve_app.jobs import ImageJob, ImageResult, generator_seed
@@ -171,6 +171,7 @@ class ImageModel(ModelReplica):
 
     def __init__(self, config: ImageModelConfig) -> None:
         super().__init__(config)
+        require_loadable(config)  # said plainly, before diffusers' own error
         if config.deployment.num_gpus > 1:
             logger.warning("image model %r: a pipeline runs on one GPU; num_gpus %s leaves the others idle, "
                            "use num_replicas to use more GPUs", config.name, config.deployment.num_gpus)

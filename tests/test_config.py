@@ -515,3 +515,43 @@ def test_the_config_check_warns_of_base_urls_missing_the_route_prefix(tmp_path):
     app["args"]["registration"]["public_base_url"] = "http://127.0.0.1:1088/ai/"
     (tmp_path / "prefixed.yaml").write_text(yaml.safe_dump(config))
     assert check_config.check(tmp_path / "prefixed.yaml") == ([], [])
+
+
+def test_a_local_folder_that_cannot_be_its_kind_of_model_is_named_plainly(models_dir, tmp_path):
+    """transformers' error for a diffusers folder served as chat sends its reader to install
+    sentencepiece; these say what the folder is and what to set (serve.sh refuses the config,
+    a replica deployed otherwise fails with the same words while the other models serve)."""
+    import shutil
+
+    import yaml
+
+    from serve_app import check_config
+    from serve_app.chat_model import ChatModel
+    from serve_app.config import ChatModelConfig, checkpoint_problem
+
+    def problem(kind: str, path) -> str | None:
+        model = {"name": "m", "kind": kind, "path": str(path)}
+        return checkpoint_problem((ChatModelConfig if kind == "chat" else ImageModelConfig).model_validate(model))
+
+    chat, image = models_dir / "tiny-llama", models_dir / "tiny-sd"
+    assert problem("chat", chat) is None and problem("image", image) is None
+    assert problem("chat", "org/some-hub-model") is None and problem("chat", tmp_path / "missing") is None
+    assert problem("chat", image) == "is a diffusers pipeline (it has model_index.json): an image model, kind: image"
+    assert problem("image", chat) == "is a transformers checkpoint (config.json, no model_index.json): a chat model, kind: chat"
+    assert problem("chat", models_dir).startswith("has no config.json, so it is not a transformers checkpoint (it holds ")
+    assert "tiny-llama" in problem("chat", models_dir) and "name the model's own folder" in problem("chat", models_dir)
+    assert problem("image", tmp_path) == "has no model_index.json, so it is not a diffusers pipeline"
+    weights_only = tmp_path / "weights-only"
+    weights_only.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(chat / name, weights_only / name)
+    assert problem("chat", weights_only).startswith("has no tokenizer (tokenizer.json, tokenizer_config.json")
+
+    with pytest.raises(ValueError, match="tiny-sd is a diffusers pipeline"):
+        ChatModel.func_or_class(ChatModelConfig.model_validate({"name": "m", "kind": "chat", "path": str(image)}))
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["applications"][0]["args"]["models"][0]["path"] = str(image)
+    (tmp_path / "swapped.yaml").write_text(yaml.safe_dump(config))
+    problems, _ = check_config.check(tmp_path / "swapped.yaml")
+    assert problems == [f"application 'serve_app': model 'Llama3-8B': {image} is a diffusers pipeline (it has "
+                        "model_index.json): an image model, kind: image"]
