@@ -31,6 +31,19 @@ if [[ -z "${RAY_SERVE_HAPROXY_BINARY_PATH:-}" ]]; then
              "kernel splicing on, and misses some clients' hang-ups" >&2
     fi
 fi
+# Serve's HAProxy keeps its config, sockets and logs in /tmp/haproxy-serve/<node id>/, a new
+# folder for every start of Ray that nothing removes: here they go in a folder of this run's
+# (short: HAProxy takes socket paths of 97 characters at most, and Serve adds the node id's 56),
+# removed as it ends.
+haproxy_dir=""
+if [[ -z "${RAY_ADDRESS:-}${RAY_SERVE_HAPROXY_CONFIG_FILE_LOC:-}${RAY_SERVE_HAPROXY_SOCKET_PATH:-}" ]]; then
+    haproxy_dir="$(mktemp -d /tmp/sa-hap.XXXXXX)"
+    export RAY_SERVE_HAPROXY_CONFIG_FILE_LOC="$haproxy_dir/haproxy.cfg" \
+        RAY_SERVE_HAPROXY_SOCKET_PATH="$haproxy_dir/admin.sock" \
+        RAY_SERVE_HAPROXY_SERVER_STATE_BASE="$haproxy_dir" \
+        RAY_SERVE_HAPROXY_SERVER_STATE_FILE="$haproxy_dir/server-state" \
+        RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH="$haproxy_dir/metrics.sock"
+fi
 # Fewer hops and threads per request: gRPC between proxy and replicas, direct ingress,
 # user code on the replica's event loop (model code runs torch on its own worker thread).
 export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"
@@ -99,7 +112,10 @@ announce_when_ready $$ &
 # it; a second signal stops it at once.
 server=""
 stop_server() {
-    [[ -n "$server" ]] || exit 143  # nothing started yet
+    if [[ -z "$server" ]]; then  # nothing started yet
+        [[ -z "$haproxy_dir" ]] || rm -rf -- "$haproxy_dir"
+        exit 143
+    fi
     trap 'kill -TERM "$server" 2>/dev/null || true' TERM INT HUP QUIT
     echo "serve.sh: stopping: Serve shuts down gracefully (signal again to stop at once)" >&2 2>/dev/null || true
     kill -INT "$server" 2>/dev/null || true
@@ -115,4 +131,5 @@ while kill -0 "$server" 2>/dev/null; do  # a trap interrupted the wait: wait aga
     status=0
     wait "$server" || status=$?
 done
+[[ -z "$haproxy_dir" ]] || rm -rf -- "$haproxy_dir"
 exit "$status"

@@ -314,19 +314,22 @@ class Registrar:
         nodes = [node for node in self._nodes if node.state != "withdrawn"]
         results = await unregister_pairs([(self.project, node.url) for node in nodes], self.options.timeout_s, why)
         for node, result in zip(nodes, results):
-            node.registered = None
-            if isinstance(result, BaseException):
-                node.state, node.last_error = "failing", str(result)
+            if isinstance(result, BaseException):  # it may still hold what it held: `registered` stays
+                node.state, node.last_error, node.failures = "failing", str(result), node.failures + 1
             else:
-                node.state = then
+                node.state, node.registered = then, None
         return {node.url: str(result) if isinstance(result, BaseException) else None
                 for node, result in zip(nodes, results)}
 
     async def withdraw(self) -> dict[str, str | None]:
         """Take the project off every node and keep it off: the loops stop first, so nothing
-        registers it again. Returns each node's error, None where it took the unregister."""
+        registers it again. Returns each node's error, None where it took this unregister or
+        an earlier one."""
         await self.stop(unregister=False)
-        return await self.unregister("the server is stopping", then="withdrawn") if self.options.enabled else {}
+        if not self.options.enabled:
+            return {}
+        told = await self.unregister("the server is stopping", then="withdrawn")
+        return {node.url: told.get(node.url) for node in self._nodes}
 
     def owned(self) -> set[tuple[str, str]]:
         """The (project, node URL) pairs this registrar keeps registered."""

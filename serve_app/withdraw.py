@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import socket
 import sys
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     import ray
 
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no INFO lines of its handle's start
     try:
         ray.init(address=ns.address, logging_level="ERROR", log_to_driver=False)
     except Exception as exc:  # noqa: BLE001 - said plainly, no traceback

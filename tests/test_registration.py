@@ -127,7 +127,12 @@ async def test_a_withdrawn_project_stays_off_every_node_whatever_goes_live(node:
         live.names = {"Llama3-8B", "SuperImage"}
         await asyncio.sleep(0.3)  # many polls and refresh intervals
         assert len(node.bodies(REGISTER_PATH)) == registered and node.models_of(PROJECT) is None
-        assert [n["state"] for n in registrar.status().model_dump()["nodes"]] == ["withdrawn", "failing"]
+        nodes = registrar.status().model_dump()["nodes"]
+        assert [n["state"] for n in nodes] == ["withdrawn", "failing"]
+        assert nodes[0]["models"] == [] and nodes[1]["models"] == [CHAT]  # what each may still hold
+        assert nodes[1]["consecutive_failures"] == 1 and "ConnectError" in nodes[1]["last_error"]
+        assert await registrar.withdraw() == {node.url: None, down.url: outcome[down.url]}  # asked again
+        assert node.bodies(UNREGISTER_PATH) == [{"project": PROJECT}]  # told once
 
         down.start()
         assert await registrar.unregister() == {down.url: None}  # what the replica's stop does

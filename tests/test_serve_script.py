@@ -85,6 +85,7 @@ def test_serve_script_says_when_ready_serves_and_stops_gracefully(models_dir: Pa
     ray_tmp = tempfile.mkdtemp(prefix="sss_", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "SERVE_APP_HAPROXY_REQUEST_TIMEOUT_S": "2"}
     env.pop("RAY_ADDRESS", None)  # its own Ray, never a cluster the shell names
+    haproxy_dirs = set(Path("/tmp").glob("sa-hap.*"))
     # Relative to the caller's folder, as the README allows; models resolve from the repo root.
     server = subprocess.Popen([str(ROOT / "scripts" / "serve.sh"), config_file.name], cwd=tmp_path, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -98,6 +99,9 @@ def test_serve_script_says_when_ready_serves_and_stops_gracefully(models_dir: Pa
         # Said only once /ready holds: both models answer at once.
         base = f"http://127.0.0.1:{port}"
         assert httpx.get(base + "/ready").json() == {"ready": True, "missing": []}
+        # Serve's HAProxy keeps its files in a folder of this run's (not in /tmp/haproxy-serve for ever).
+        ours = set(Path("/tmp").glob("sa-hap.*")) - haproxy_dirs
+        assert len(ours) == 1 and list(ours.pop().glob("*/haproxy.cfg")), ours
         answer = httpx.post(base + "/v1/chat/completions", timeout=60, json={
             "model": "Llama3-8B", "max_tokens": 4, "messages": [{"role": "user", "content": "Hello!"}]})
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
@@ -157,8 +161,9 @@ def test_serve_script_says_when_ready_serves_and_stops_gracefully(models_dir: Pa
         # (an unregister at the replica's shutdown came after HAProxy had closed its port).
         assert at_unregister == [200], (at_unregister, [line for line in lines if "serve_run" in line])
         assert any("withdrawn from the AI network's node " + node.url in line for line in lines), lines[-30:]
-        # HAProxy (a child of Serve's proxy) goes too: the port is free again.
+        # HAProxy (a child of Serve's proxy) goes too: the port is free again, its folder removed.
         assert wait_for(lambda: port_is_free(port), timeout=30), "the port is still held"
+        assert set(Path("/tmp").glob("sa-hap.*")) <= haproxy_dirs
     finally:
         if server.poll() is None:  # a failed test: stopped as a user would, else killed
             server.send_signal(signal.SIGTERM)
