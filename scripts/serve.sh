@@ -31,19 +31,6 @@ if [[ -z "${RAY_SERVE_HAPROXY_BINARY_PATH:-}" ]]; then
              "kernel splicing on, and misses some clients' hang-ups" >&2
     fi
 fi
-# Serve's HAProxy keeps its config, sockets and logs in /tmp/haproxy-serve/<node id>/, a new
-# folder for every start of Ray that nothing removes: here they go in a folder of this run's
-# (short: HAProxy takes socket paths of 97 characters at most, and Serve adds the node id's 56),
-# removed as it ends.
-haproxy_dir=""
-if [[ -z "${RAY_ADDRESS:-}${RAY_SERVE_HAPROXY_CONFIG_FILE_LOC:-}${RAY_SERVE_HAPROXY_SOCKET_PATH:-}" ]]; then
-    haproxy_dir="$(mktemp -d /tmp/sa-hap.XXXXXX)"
-    export RAY_SERVE_HAPROXY_CONFIG_FILE_LOC="$haproxy_dir/haproxy.cfg" \
-        RAY_SERVE_HAPROXY_SOCKET_PATH="$haproxy_dir/admin.sock" \
-        RAY_SERVE_HAPROXY_SERVER_STATE_BASE="$haproxy_dir" \
-        RAY_SERVE_HAPROXY_SERVER_STATE_FILE="$haproxy_dir/server-state" \
-        RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH="$haproxy_dir/metrics.sock"
-fi
 # Fewer hops and threads per request: gRPC between proxy and replicas, direct ingress,
 # user code on the replica's event loop (model code runs torch on its own worker thread).
 export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"
@@ -110,10 +97,32 @@ announce_when_ready $$ &
 # SIGINT handled even where this script inherited it ignored (serve_app/serve_run.py), and this
 # shell turns its own SIGTERM, SIGINT, SIGHUP (the terminal closed) or SIGQUIT into one SIGINT to
 # it; a second signal stops it at once.
+# Serve's HAProxy keeps its config, sockets and logs in /tmp/haproxy-serve/<node id>/, a new
+# folder for every start of Ray that nothing removes: here they go in a folder of this run's
+# (short: HAProxy takes socket paths of 97 characters at most, and Serve adds the node id's 56),
+# removed as it ends. Made just before the trap that removes it; not where Ray runs already
+# (RAY_ADDRESS: its HAProxy has its settings) or where any of these is set.
+haproxy_dir=""
+if [[ -z "${RAY_ADDRESS:-}${RAY_SERVE_HAPROXY_CONFIG_FILE_LOC:-}${RAY_SERVE_HAPROXY_SOCKET_PATH:-}${RAY_SERVE_HAPROXY_SERVER_STATE_BASE:-}${RAY_SERVE_HAPROXY_SERVER_STATE_FILE:-}${RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH:-}" ]]; then
+    haproxy_dir="$(mktemp -d /tmp/sa-hap.XXXXXX)"
+    export RAY_SERVE_HAPROXY_CONFIG_FILE_LOC="$haproxy_dir/haproxy.cfg" \
+        RAY_SERVE_HAPROXY_SOCKET_PATH="$haproxy_dir/admin.sock" \
+        RAY_SERVE_HAPROXY_SERVER_STATE_BASE="$haproxy_dir" \
+        RAY_SERVE_HAPROXY_SERVER_STATE_FILE="$haproxy_dir/server-state" \
+        RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH="$haproxy_dir/metrics.sock"
+fi
+remove_haproxy_dir() {  # unless an HAProxy still runs from it (one a stop at once left behind)
+    [[ -n "$haproxy_dir" ]] || return 0
+    if pgrep -f -- "$haproxy_dir/" >/dev/null 2>&1; then
+        echo "serve.sh: HAProxy still runs from $haproxy_dir; left in place" >&2 2>/dev/null || true
+    else
+        rm -rf -- "$haproxy_dir" || true
+    fi
+}
 server=""
 stop_server() {
     if [[ -z "$server" ]]; then  # nothing started yet
-        [[ -z "$haproxy_dir" ]] || rm -rf -- "$haproxy_dir"
+        remove_haproxy_dir
         exit 143
     fi
     trap 'kill -TERM "$server" 2>/dev/null || true' TERM INT HUP QUIT
@@ -131,5 +140,5 @@ while kill -0 "$server" 2>/dev/null; do  # a trap interrupted the wait: wait aga
     status=0
     wait "$server" || status=$?
 done
-[[ -z "$haproxy_dir" ]] || rm -rf -- "$haproxy_dir"
+remove_haproxy_dir
 exit "$status"

@@ -62,8 +62,8 @@ class ChatModel(ModelReplica):
             raise ValueError(f"{config.path} has no chat template; chat models need one")
         # What apply_chat_template takes as its own arguments, and the conversation's name in the
         # template: a request's chat_template_kwargs (more template variables) may not set them.
-        self._template_parameters = {"messages", *inspect.signature(self.tokenizer.apply_chat_template).parameters} - {
-            "kwargs"}
+        self._template_parameters = {"messages", "conversations", "self",
+                                     *inspect.signature(self.tokenizer.apply_chat_template).parameters} - {"kwargs"}
         # Straight onto the replica's device (no full copy in CPU memory first: for an 8B model in
         # bf16, 16 GB per replica loading at once on a GPU node), or spread over its GPUs.
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -275,7 +275,7 @@ class ChatModel(ModelReplica):
         the hop to a thread."""
         self.refuse_if_unhealthy()
         arrived = time.monotonic()
-        if prompt_chars(job.messages, job.tools) > INLINE_PROMPT_CHARS:
+        if prompt_chars(job.messages, job.tools, job.template_kwargs) > INLINE_PROMPT_CHARS:
             slot = await asyncio.to_thread(self._slot, job)
         else:
             slot = self._slot(job)
@@ -291,11 +291,13 @@ class ChatModel(ModelReplica):
         try:
             prompt = self.tokenizer.apply_chat_template(job.messages, tools=job.tools, add_generation_prompt=True,
                                                         tokenize=False, **job.template_kwargs)
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as exc:
-            # The template refuses these messages (roles, order, a tool call's shape) or tools; its
-            # only inputs are the client's, so this is the client's error.
-            raise InvalidRequest(f"This model's chat template rejects the {'messages or tools' if job.tools else 'messages'}"
-                                 f": {exc}", param="messages") from exc
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
+            # The template refuses these messages (roles, order, a tool call's shape), tools or
+            # variables; its only inputs are the client's, so this is the client's error.
+            inputs = ", ".join(["messages", *(["tools"] if job.tools else []),
+                                *(["chat_template_kwargs"] if job.template_kwargs else [])])
+            raise InvalidRequest(f"This model's chat template rejects the request's {inputs}: {exc}",
+                                 param="chat_template_kwargs" if job.template_kwargs else "messages") from exc
         try:  # text the wire checks let through (a tool call's JSON arguments) may decode to a lone surrogate
             prompt.encode("utf-8")
         except UnicodeEncodeError:

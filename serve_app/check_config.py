@@ -149,8 +149,12 @@ def check(path: Path) -> tuple[list[str], list[str]]:
         else:
             warnings += [f"application {name!r}: {warning}" for warning in config_warnings(args)]
             warnings += [f"application {name!r}: {warning}" for warning in prefix_warnings(args, app.get("route_prefix"))]
-            problems += [f"application {name!r}: model {model.name!r}: {model.path} {problem}"
-                         for model in args.models if (problem := checkpoint_problem(model))]
+            found = [f"application {name!r}: model {model.name!r}: {model.path} {problem}"
+                     for model in args.models if (problem := checkpoint_problem(model))]
+            if os.environ.get("RAY_ADDRESS"):  # a cluster's nodes may hold other copies of the folder
+                warnings += found
+            else:
+                problems += found
             override_problems, override_warnings = override_findings(args, app.get("deployments") or [])
             problems += [f"application {name!r}: {problem}" for problem in override_problems]
             warnings += [f"application {name!r}: {warning}" for warning in override_warnings]

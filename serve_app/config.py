@@ -654,7 +654,8 @@ NODE_CHAT_TIMEOUT_S = 180.0
 """How long the AI network's node waits for a chat answer (5 minutes for an image)."""
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tekken.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "tekken.json",
+                   "spiece.model", "sentencepiece.bpe.model", "vocab.txt", "tiktoken.model")
 """Any of these beside a checkpoint's weights: transformers can load its tokenizer from there."""
 
 
@@ -664,26 +665,52 @@ def checkpoint_problem(model: ChatModelConfig | ImageModelConfig) -> str | None:
     package or file); None for a hub id, a path that is not a folder here, or a folder that
     looks right."""
     folder = Path(model.path)
-    if not folder.is_dir():
+    if not _is(folder, "dir"):
         return None
-    pipeline, checkpoint = (folder / "model_index.json").is_file(), (folder / "config.json").is_file()
-    inside = sorted(sub.name for sub in folder.iterdir() if sub.is_dir() and (
-        (sub / "model_index.json").is_file() or (sub / "config.json").is_file()))
-    within = f" (it holds {', '.join(inside[:5])}{', ...' if len(inside) > 5 else ''}: name the model's own folder)" \
-        if inside else ""
+    pipeline, checkpoint = _is(folder / "model_index.json"), _is(folder / "config.json")
     if model.kind == "chat":
         if pipeline:
             return "is a diffusers pipeline (it has model_index.json): an image model, kind: image"
         if not checkpoint:
-            return f"has no config.json, so it is not a transformers checkpoint{within}"
-        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            return f"has no config.json, so it is not a transformers checkpoint{_models_within(folder)}"
+        if not any(_is(folder / name) for name in TOKENIZER_FILES):
             return (f"has no tokenizer ({', '.join(TOKENIZER_FILES)}): a chat model needs its checkpoint's "
                     "tokenizer beside the weights")
     elif not pipeline:
+        if checkpoint and "_diffusers_version" in _text(folder / "config.json"):
+            return ("is one part of a diffusers pipeline (a unet, transformer or vae folder): name the "
+                    "pipeline's folder, the one with model_index.json")
         if checkpoint:
             return "is a transformers checkpoint (config.json, no model_index.json): a chat model, kind: chat"
-        return f"has no model_index.json, so it is not a diffusers pipeline{within}"
+        return f"has no model_index.json, so it is not a diffusers pipeline{_models_within(folder)}"
     return None
+
+
+def _is(path: Path, kind: str = "file") -> bool:
+    """Whether `path` is a file (or a folder); False where it cannot be looked at (a folder
+    this user may not read, as a volume's root-only lost+found): never a reason to refuse."""
+    try:
+        return path.is_dir() if kind == "dir" else path.is_file()
+    except OSError:
+        return False
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")[:100_000]
+    except OSError:
+        return ""
+
+
+def _models_within(folder: Path) -> str:
+    """", naming the model folders inside `folder`", for a config that names their parent."""
+    try:
+        inside = sorted(sub.name for sub in folder.iterdir() if _is(sub, "dir") and (
+            _is(sub / "model_index.json") or _is(sub / "config.json")))
+    except OSError:
+        return ""
+    return f" (it holds {', '.join(inside[:5])}{', ...' if len(inside) > 5 else ''}: name the model's own folder)" \
+        if inside else ""
 
 
 def require_loadable(model: ChatModelConfig | ImageModelConfig) -> None:

@@ -56,13 +56,17 @@ def generator_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.blake2b(value.to_bytes(8, "little"), digest_size=4).digest(), "little")
 
 
-def prompt_chars(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> int:
+def prompt_chars(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                 template_kwargs: dict[str, Any] | None = None) -> int:
     """How much text a conversation gives the chat template: each message's content and its
-    tool calls as JSON, and the tools' definitions as JSON (the ingress's
-    `limits.max_prompt_chars`, and the replica's measure of a prompt long enough to template
-    off its event loop)."""
-    return (sum(len(message["content"]) + len(json.dumps(message.get("tool_calls", ""))) for message in messages)
-            + (len(json.dumps(tools)) if tools else 0))
+    tool calls as JSON, the tools' definitions and the template's extra variables as JSON (a
+    template may print any of them: the ingress's `limits.max_prompt_chars`, and the replica's
+    measure of a prompt long enough to template off its event loop)."""
+    def as_json(value: Any) -> int:
+        return len(json.dumps(value, ensure_ascii=False)) if value else 0
+
+    return (sum(len(message["content"]) + as_json(message.get("tool_calls")) for message in messages)
+            + as_json(tools) + as_json(template_kwargs))
 
 
 @dataclass(frozen=True)

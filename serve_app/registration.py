@@ -317,7 +317,7 @@ class Registrar:
             if isinstance(result, BaseException):  # it may still hold what it held: `registered` stays
                 node.state, node.last_error, node.failures = "failing", str(result), node.failures + 1
             else:
-                node.state, node.registered = then, None
+                node.state, node.registered, node.failures, node.last_error = then, None, 0, None
         return {node.url: str(result) if isinstance(result, BaseException) else None
                 for node, result in zip(nodes, results)}
 

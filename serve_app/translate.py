@@ -76,7 +76,7 @@ def _template_call(call: ToolCall) -> dict[str, Any]:
 
 
 MAX_ARGUMENT_NESTING = 64
-"""Deepest nesting of a tool call's arguments: far beyond any real tool's, and far below where
+"""Deepest nesting of a tool call's arguments (and of `tools`, `chat_template_kwargs`): far beyond any real tool's, and far below where
 re-encoding them (the prompt-size check here, the chat template's `tojson` on the replica) would
 exhaust Python's stack, which the JSON parser, a few frames shallower, lets through."""
 
@@ -123,10 +123,13 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
     _check_n(request.n, config.max_n)
     if len(request.messages) > limits.max_messages:
         raise InvalidRequest(f"At most {limits.max_messages} messages are accepted.", param="messages")
-    tools = request.template_tools
+    tools, template_kwargs = request.template_tools, request.chat_template_kwargs or {}
+    for name, value in (("tools", tools), ("chat_template_kwargs", template_kwargs)):
+        if _nesting(value) > MAX_ARGUMENT_NESTING:  # the template's copy of them recurses
+            raise InvalidRequest(f"{name} nest more than {MAX_ARGUMENT_NESTING} levels deep.", param=name)
     messages = template_messages(request.messages)
-    if prompt_chars(messages, tools) > limits.max_prompt_chars:
-        raise InvalidRequest(f"The messages{' and tools' if tools else ''} are longer than {limits.max_prompt_chars} "
+    if prompt_chars(messages, tools, template_kwargs) > limits.max_prompt_chars:
+        raise InvalidRequest(f"The messages, tools and chat_template_kwargs are longer than {limits.max_prompt_chars} "
                              "characters in all.", param="messages", code="prompt_too_long")
     requested = request.requested_max_tokens
     max_tokens_param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
@@ -150,7 +153,7 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
         top_logprobs=request.top_logprobs or 0,
         logit_bias=request.logit_bias or {},
         tools=tools,
-        template_kwargs=request.chat_template_kwargs or {},
+        template_kwargs=template_kwargs,
     )
 
 

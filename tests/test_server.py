@@ -283,10 +283,23 @@ def test_tools_and_chat_template_kwargs_reach_the_chat_template(http):
     assert prompt_tokens(tools=tools, tool_choice="none") == prompt_tokens(tools=tools, function_call="none") == plain
     assert prompt_tokens(chat_template_kwargs={"enable_thinking": False}) > plain
     assert prompt_tokens(chat_template_kwargs={"enable_thinking": True, "unused": [1, {"a": None}]}) == plain
-    for taken in ("tokenize", "messages", "tools", "add_generation_prompt"):
+    for taken in ("tokenize", "messages", "conversations", "tools", "add_generation_prompt"):
         refused = http.post("/v1/chat/completions", json={**SEED_CHAT, "chat_template_kwargs": {taken: False}})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "chat_template_kwargs", refused.text
         assert taken in refused.json()["message"]
+    # Both are prompt text (a template may print a variable: `bos_token` overrides the tokenizer's),
+    # and both are copied recursively by transformers: a client's 400 either way, never a 500.
+    deep: object = "x"
+    for _ in range(600):
+        deep = [deep]
+    for fields, param in [({"chat_template_kwargs": {"bos_token": "x" * 250_000}}, "messages"),
+                          ({"tools": [{"type": "function", "function": {"name": "f", "description": "x" * 250_000}}]},
+                           "messages"),
+                          ({"chat_template_kwargs": {"deep": deep}}, "chat_template_kwargs"),
+                          ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"d": deep}}}]},
+                           "tools")]:
+        refused = http.post("/v1/chat/completions", json={**SEED_CHAT, **fields})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text[:300]
 
 
 def test_stream_options_may_say_null(http):
