@@ -311,8 +311,8 @@ class ChatModel(ModelReplica):
             raise InvalidRequest(f"logit_bias names a token id this model does not have (ids go up to "
                                  f"{self.vocabulary - 1}).", param="logit_bias")
         top_logprobs = job.top_logprobs if job.logprobs else None
-        decoders = [ChoiceDecoder(self.tokenizer, self.eos_ids, job.stop, max_new, top_logprobs, self.token_bytes)
-                    for _ in range(job.n)]
+        decoders = [ChoiceDecoder(self.tokenizer, self.eos_ids, job.stop, max_new, top_logprobs, self.token_bytes,
+                                  job.skip_special_tokens) for _ in range(job.n)]
         return Slot(prompt_ids=prompt_ids, rows=make_rows(job, self.sampling_defaults, decoders, prompt_ids))
 
     def _fit_to_context(self, prompt_length: int, job: ChatJob) -> int:

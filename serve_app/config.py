@@ -28,6 +28,8 @@ from pydantic import (
     model_validator,
 )
 
+from serve_app.tool_calls import ToolCallFormat
+
 SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")  # bounded: int() refuses 4,300+ digits
 
 
@@ -281,6 +283,10 @@ class ChatModelConfig(BaseModelConfig):
     stream_interval_s: float = Field(
         0.01, ge=0, le=1, description="After a stream's first tokens (sent at once), how often at most it gets "
         "a message; each carries every token made meanwhile. 0 sends every step's tokens.")
+    tool_call_parser: ToolCallFormat | None = Field(
+        None, description="How this model writes a tool call, read out into OpenAI's `tool_calls` for a request "
+        "with tools: 'hermes' (<tool_call>{...}</tool_call>: Qwen 2.5/3, QwQ, Hermes) or 'llama3_json' (Llama "
+        "3.1-3.3's JSON), vLLM's names. Unset: the model's answer is text, calls included.")
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> "ChatModelConfig":

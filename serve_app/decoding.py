@@ -33,12 +33,13 @@ class IncrementalText:
     detokenizer. Slow (Python) tokenizers decode in full each time (see `_decode_all`).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.tokens: list[int] = []
         self.text = ""
         self._backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-        self._stream = DecodeStream(skip_special_tokens=True) if self._backend else None
+        self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens) if self._backend else None
         self._context = ""  # text of tokens a restarted stream was given as context, not yet cut off
 
     def add(self, token: int) -> str:
@@ -56,7 +57,8 @@ class IncrementalText:
         rewrite text already sent, and the streamed deltas would miss text the final answer has.
         Without it, text already decoded stays as it was, as with the fast tokenizers' stream
         (which never cleans up either)."""
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special_tokens,
+                                     clean_up_tokenization_spaces=False)
 
     def _step(self, token: int) -> str | None:
         try:
@@ -73,7 +75,7 @@ class IncrementalText:
                     return self._restart(previous, token)
                 except Exception:  # noqa: BLE001 - an older tokenizers, or that token is in the bad run
                     pass
-            self._stream, self._context = DecodeStream(skip_special_tokens=True), ""
+            self._stream, self._context = DecodeStream(skip_special_tokens=self.skip_special_tokens), ""
             return self._stream.step(self._backend, token)
 
     def _restart(self, context: list[int], token: int) -> str | None:
@@ -81,8 +83,8 @@ class IncrementalText:
         as read; one that ends inside a character (U+FFFD, the usual case here: the bytes of the
         run that went bad) comes out again at the start of the next text, and is cut off there
         (see `_cut_context`)."""
-        self._stream = DecodeStream(ids=context, skip_special_tokens=True)
-        text = self._backend.decode(context, skip_special_tokens=True)
+        self._stream = DecodeStream(ids=context, skip_special_tokens=self.skip_special_tokens)
+        text = self._backend.decode(context, skip_special_tokens=self.skip_special_tokens)
         self._context = text if text.endswith("\ufffd") else ""
         return self._cut_context(self._stream.step(self._backend, token))
 
@@ -96,7 +98,7 @@ class IncrementalText:
         """The final text, as a full decode gives it: bytes of a character the output
         ended inside come out as U+FFFD instead of waiting for more."""
         if self._stream is not None and self.tokens:
-            full = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+            full = self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special_tokens)
             if full.startswith(self.text):  # never contradict what was already sent
                 self.text = full
         return self.text
@@ -115,11 +117,12 @@ class ChoiceDecoder:
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, eos_ids: set[int], stop: list[str], max_tokens: int,
-                 top_logprobs: int | None = None, token_bytes: TokenBytes | None = None) -> None:
+                 top_logprobs: int | None = None, token_bytes: TokenBytes | None = None,
+                 skip_special_tokens: bool = True) -> None:
         self.tokenizer, self.eos_ids, self.stop, self.max_tokens = tokenizer, eos_ids, stop, max_tokens
         self.top_logprobs = top_logprobs  # None: no logprobs asked for
         self.token_bytes = token_bytes  # a token's own bytes (part of a character, maybe) for logprobs
-        self.decoded = IncrementalText(tokenizer)
+        self.decoded = IncrementalText(tokenizer, skip_special_tokens)
         self.text = ""
         self.sent = 0
         self.used = 0

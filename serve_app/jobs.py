@@ -38,6 +38,7 @@ class ChatJob:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     tools: list[dict[str, Any]] | None = None  # for the chat template, as the request gave them
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # more variables for the chat template
+    skip_special_tokens: bool = True  # False where a tool call's markers may be special tokens (`tool_calls`)
 
 
 

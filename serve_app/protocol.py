@@ -116,7 +116,7 @@ class CustomToolCall(WireModel):
 
 
 class ToolCall(WireModel):
-    """A tool call an earlier assistant turn made (from another model: this server makes none):
+    """A tool call an earlier assistant turn made:
     a function's (`type: function`) or, in OpenAI's newer form, a custom tool's (`type: custom`)."""
 
     id: Text | None = None
@@ -262,6 +262,8 @@ class ChatCompletionRequest(BoundedRequest):
         "`{\"enable_thinking\": false}`)."))
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = Field(None, description=(
+        "false: at most one tool call per answer (the first the model makes)."))
     user: str | None = None
 
     @field_validator("top_logprobs")
@@ -321,8 +323,9 @@ class ChatCompletionRequest(BoundedRequest):
                               info: ValidationInfo) -> str | dict[str, Any] | None:
         mode = _tool_mode(value)
         if mode is not None and mode not in ("auto", "none"):
-            raise ValueError(f"this server does not make tool calls: {info.field_name} may be 'auto' or 'none' "
-                             "(the model then answers in text)")
+            raise ValueError(f"this server cannot force a tool call: {info.field_name} may be 'auto' or 'none' "
+                             "(with 'auto', a model configured with a tool_call_parser calls tools as it "
+                             "chooses; others answer in text)")
         return value
 
     @property
@@ -340,13 +343,32 @@ class ChatCompletionRequest(BoundedRequest):
         return self.tools
 
 
+def _omitted_when_null() -> Any:
+    return Field(None, exclude_if=lambda value: value is None)
+
+
+class FunctionCall(WireModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class AnswerToolCall(WireModel):
+    """A tool call the model made (see `tool_calls`)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(WireModel):
-    """As OpenAI sends it, `refusal` and `annotations` included (this server has neither)."""
+    """As OpenAI sends it, `refusal` and `annotations` included (this server has neither);
+    with tool calls, `content` is null unless the model also wrote text."""
 
     role: Literal["assistant"] = "assistant"
-    content: str = ""
+    content: str | None = ""
     refusal: str | None = None
     annotations: list[Any] = Field(default_factory=list)
+    tool_calls: list[AnswerToolCall] | None = _omitted_when_null()
 
 
 LEAST_LOGPROB = -9999.0
@@ -377,10 +399,13 @@ class ChoiceLogprobs(WireModel):
     refusal: list[TokenLogprob] | None = None
 
 
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
 class ChatChoice(WireModel):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
     logprobs: ChoiceLogprobs | None = None
 
 
@@ -432,8 +457,11 @@ class ChatCompletionResponse(Success):
     system_fingerprint: str | None = None
 
 
-def _omitted_when_null() -> Any:
-    return Field(None, exclude_if=lambda value: value is None)
+
+class ChunkToolCall(AnswerToolCall):
+    """A tool call in a stream: whole, in one delta, `index` counting the choice's calls."""
+
+    index: int
 
 
 class DeltaMessage(WireModel):
@@ -442,12 +470,13 @@ class DeltaMessage(WireModel):
 
     role: Literal["assistant"] | None = _omitted_when_null()
     content: str | None = _omitted_when_null()
+    tool_calls: list[ChunkToolCall] | None = _omitted_when_null()
 
 
 class ChunkChoice(WireModel):
     index: int
     delta: DeltaMessage
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
     logprobs: ChoiceLogprobs | None = None
 
 

@@ -20,14 +20,17 @@ from serve_app.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChunkChoice,
+    ChunkToolCall,
     DeltaMessage,
+    FunctionCall,
     Usage,
     error_body,
     new_id,
     now,
 )
 from serve_app.access_log import note
-from serve_app.translate import choice_logprobs
+from serve_app.tool_calls import READERS, ToolCallFormat, finish_reason_with_calls
+from serve_app.translate import choice_logprobs, wire_tool_calls
 
 DONE = "data: [DONE]\n\n"
 
@@ -39,8 +42,11 @@ def event(payload: BaseModel) -> str:
 class ChatChunkEncoder:
     """Turns model chunks into OpenAI `chat.completion.chunk` events for one request."""
 
-    def __init__(self, request: ChatCompletionRequest) -> None:
+    def __init__(self, request: ChatCompletionRequest, tool_format: ToolCallFormat | None = None) -> None:
         self.id, self.created, self.model = new_id("chatcmpl"), now(), request.model
+        self.request = request
+        # With a tool call format, each choice's text goes through a reader of its own (`tool_calls`).
+        self.readers = [READERS[tool_format]() for _ in range(request.n)] if tool_format else None
         self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
         self.n = request.n
         self.opened = False
@@ -70,11 +76,28 @@ class ChatChunkEncoder:
             return event(self._chunk([], usage=self.usage)) + DONE
         return DONE
 
-    @staticmethod
-    def _choice(delta: ChoiceDelta, role: Literal["assistant"] | None = None) -> ChunkChoice:
-        return ChunkChoice(index=delta.index, finish_reason=delta.finish_reason,
-                           delta=DeltaMessage(role=role, content=delta.text),
+    def _choice(self, delta: ChoiceDelta, role: Literal["assistant"] | None = None) -> ChunkChoice:
+        if self.readers is None:
+            message, finish_reason = DeltaMessage(role=role, content=delta.text), delta.finish_reason
+        else:
+            message, finish_reason = self._read(delta, role)
+        return ChunkChoice(index=delta.index, finish_reason=finish_reason, delta=message,
                            logprobs=choice_logprobs(delta.logprobs))
+
+    def _read(self, delta: ChoiceDelta, role: Literal["assistant"] | None) -> tuple[DeltaMessage, str | None]:
+        """The delta with its choice's tool calls read out: content as it may go now, the calls
+        completed by this text, each whole; the end flushes what was held back."""
+        reader = self.readers[delta.index]
+        read = reader.feed(delta.text)
+        if delta.finish_reason is not None:
+            read += reader.finish()
+        first = reader.calls_made - len(read.calls)  # the index of this delta's first call
+        calls = [ChunkToolCall(index=first + i, id=call.id,
+                               function=FunctionCall(name=call.name, arguments=call.arguments))
+                 for i, call in enumerate(wire_tool_calls(read.calls, self.request, reader))]
+        content = read.content if read.content or not calls else None
+        return (DeltaMessage(role=role, content=content, tool_calls=calls or None),
+                finish_reason_with_calls(delta.finish_reason, reader.calls_made > 0))
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,

@@ -14,14 +14,16 @@ from typing import Any
 from serve_app.config import ChatModelConfig, ImageModelConfig, RequestLimits, parse_size
 from serve_app.errors import InvalidRequest
 from serve_app.image_check import InputImage
-from serve_app.jobs import ChatJob, ChatResult, ImageJob, TokenLogprob, prompt_chars
+from serve_app.jobs import ChatChoiceResult, ChatJob, ChatResult, ImageJob, TokenLogprob, prompt_chars
 from serve_app.protocol import (
+    AnswerToolCall,
     AssistantMessage,
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessage,
     ChoiceLogprobs,
+    FunctionCall,
     ImageEditRequest,
     ImageGenerationRequest,
     ToolCall,
@@ -29,6 +31,14 @@ from serve_app.protocol import (
     Usage,
 )
 from serve_app.protocol import TokenLogprob as WireTokenLogprob
+from serve_app.tool_calls import (
+    KEEPS_SPECIAL_TOKENS,
+    ParsedToolCall,
+    ToolCallFormat,
+    ToolCallReader,
+    finish_reason_with_calls,
+    read_tool_calls,
+)
 
 _ROLE_ALIASES = {"developer": "system", "function": "tool"}  # OpenAI's newer and older names
 
@@ -154,7 +164,24 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
         logit_bias=request.logit_bias or {},
         tools=tools,
         template_kwargs=template_kwargs,
+        skip_special_tokens=tool_call_format(request, config) not in KEEPS_SPECIAL_TOKENS,
     )
+
+
+def tool_call_format(request: ChatCompletionRequest, config: ChatModelConfig) -> ToolCallFormat | None:
+    """How to read tool calls out of this request's answers: the model's format when the request
+    gives the model tools (not with `tool_choice` "none"), else None (the answer is text)."""
+    return config.tool_call_parser if request.template_tools else None
+
+
+def wire_tool_calls(calls: list[ParsedToolCall], request: ChatCompletionRequest,
+                    reader: ToolCallReader | None = None) -> list[ParsedToolCall]:
+    """The calls a client gets: with `parallel_tool_calls` false, only the answer's first
+    (`reader`: the calls already sent in a stream count)."""
+    if request.parallel_tool_calls is False:
+        before = reader.calls_made - len(calls) if reader is not None else 0
+        return calls[:max(0, 1 - before)]
+    return calls
 
 
 def choice_logprobs(entries: list[TokenLogprob] | None) -> ChoiceLogprobs | None:
@@ -167,15 +194,30 @@ def choice_logprobs(entries: list[TokenLogprob] | None) -> ChoiceLogprobs | None
         for e in entries])
 
 
-def chat_response(request: ChatCompletionRequest, result: ChatResult) -> ChatCompletionResponse:
+def chat_response(request: ChatCompletionRequest, result: ChatResult,
+                  tool_format: ToolCallFormat | None = None) -> ChatCompletionResponse:
     return ChatCompletionResponse(
         model=request.model,
-        choices=[ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
-                            logprobs=choice_logprobs(c.logprobs))
-                 for i, c in enumerate(result.choices)],
+        choices=[_chat_choice(i, c, request, tool_format) for i, c in enumerate(result.choices)],
         usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                     total_tokens=result.prompt_tokens + result.completion_tokens),
     )
+
+
+def _chat_choice(index: int, choice: ChatChoiceResult, request: ChatCompletionRequest,
+                 tool_format: ToolCallFormat | None) -> ChatChoice:
+    """One choice; with a tool call format, its calls read out of its text."""
+    message, finish_reason = AssistantMessage(content=choice.text), choice.finish_reason
+    if tool_format is not None:
+        read = read_tool_calls(tool_format, choice.text)
+        calls = wire_tool_calls(read.calls, request)
+        if calls:
+            message = AssistantMessage(content=read.content or None, tool_calls=[
+                AnswerToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+                for call in calls])
+            finish_reason = finish_reason_with_calls(finish_reason, True)
+    return ChatChoice(index=index, message=message, finish_reason=finish_reason,
+                      logprobs=choice_logprobs(choice.logprobs))
 
 
 def _requested_size(request: ImageGenerationRequest) -> tuple[tuple[int, int], str] | None:

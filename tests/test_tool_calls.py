@@ -1,0 +1,215 @@
+"""Tool calls read out of a model's text into OpenAI's `tool_calls` (`tool_call_parser`).
+
+The readers are checked on text first. End to end, a copy of the tiny chat model is
+fitted for a few seconds to three answers (one Hermes-style call, two calls, plain text)
+to prompts that list a tool, so that the real decode loop writes real calls; its tokenizer
+counts `<tool_call>` and `</tool_call>` as special tokens, as Hermes 2 Pro's does, which
+the reader only sees because the decoder keeps special tokens for this format.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from ray import serve
+
+from serve_app.tool_calls import read_tool_calls, READERS
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def _call(city: str) -> str:
+    return '<tool_call>\n{"name": "get_weather", "arguments": {"city": "%s"}}\n</tool_call>' % city
+
+
+ONE_CALL, TWO_CALLS, NO_CALL = "What is the weather in Paris?", "Weather in Paris and Rome?", "Say hello."
+TAUGHT = {ONE_CALL: _call("Paris"), TWO_CALLS: _call("Paris") + "\n" + _call("Rome"), NO_CALL: "Hello! How can I help?"}
+
+
+# ------------------------------------------------------------------ the readers, on text
+
+
+def _streamed(fmt: str, pieces: list[str]) -> tuple[str, list[tuple[str, dict]], list[str]]:
+    """Content, calls and the content of each piece, fed as a stream would feed them."""
+    reader, contents, calls = READERS[fmt](), [], []
+    for read in [*(reader.feed(piece) for piece in pieces), reader.finish()]:
+        contents.append(read.content)
+        calls += [(call.name, json.loads(call.arguments)) for call in read.calls]
+    return "".join(contents), calls, contents
+
+
+@pytest.mark.parametrize("fmt, text, content, calls", [
+    ("hermes", _call("Paris"), "", [("get_weather", {"city": "Paris"})]),
+    ("hermes", "Let me check.\n" + _call("Paris") + "\n" + _call("Rome") + "\n", "Let me check.",
+     [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]),
+    ("hermes", '<tool_call>{"name": "f", "arguments": {"a": [1, 2]}}', "", [("f", {"a": [1, 2]})]),  # no end tag
+    ("hermes", '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>', "", [("f", {"a": 1})]),
+    # What does not parse as a call stays as the model wrote it.
+    ("hermes", "a <tool_call>{not json}</tool_call> b", "a <tool_call>{not json}</tool_call> b", []),
+    ("hermes", '<tool_call>{"name": "f", "argu', '<tool_call>{"name": "f", "argu', []),
+    ("hermes", '<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),
+    ("hermes", "x <tool_ y\n", "x <tool_ y\n", []),
+    ("llama3_json", '{"name": "f", "parameters": {"x": 1}}', "", [("f", {"x": 1})]),
+    ("llama3_json", '<|python_tag|>{"name": "f", "parameters": {}}; {"name": "g", "arguments": {"y": "ü"}}', "",
+     [("f", {}), ("g", {"y": "ü"})]),
+    ("llama3_json", '{"answer": 42}', '{"answer": 42}', []),
+    ("llama3_json", '{"name": "f", "parameters": {}} and more', '{"name": "f", "parameters": {}} and more', []),
+    ("llama3_json", " Hello {there}\n", " Hello {there}\n", []),
+])
+def test_reader_reads_calls_and_keeps_everything_else(fmt, text, content, calls):
+    read = read_tool_calls(fmt, text)
+    assert (read.content, [(c.name, json.loads(c.arguments)) for c in read.calls]) == (content, calls)
+    assert all(c.id.startswith("call_") for c in read.calls) and len({c.id for c in read.calls}) == len(read.calls)
+    # A character at a time, as a stream, the same in the end.
+    streamed_content, streamed_calls, _ = _streamed(fmt, list(text))
+    assert (streamed_content, streamed_calls) == (content, calls)
+
+
+def test_streamed_reader_sends_content_at_once_and_holds_only_a_call():
+    content, calls, pieces = _streamed("hermes", ["Hi", " there", ".", "\n", "<tool", "_call>",
+                                                  '{"name": "f", "arguments": {}}', "</tool_call>", "\n"])
+    assert pieces[:3] == ["Hi", " there", "."] and calls == [("f", {})] and content == "Hi there."
+    # A Llama 3 answer that starts as text streams as text.
+    assert _streamed("llama3_json", ["Sun", "ny", " today"])[2][:3] == ["Sun", "ny", " today"]
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def _fit_tool_model(source: Path, target: Path) -> Path:
+    """The tiny chat model, fitted to answer TAUGHT's prompts (with TOOLS listed) as taught."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    shutil.copytree(source, target)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    model = AutoModelForCausalLM.from_pretrained(target)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    torch.manual_seed(0)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    rows = []
+    for question, answer in TAUGHT.items():
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tools=TOOLS,
+                                               add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        rows.append((prompt_ids, answer_ids))
+    width = max(len(p) + len(a) for p, a in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (prompt_ids, answer_ids) in enumerate(rows):
+        ids[i, :len(prompt_ids) + len(answer_ids)] = torch.tensor(prompt_ids + answer_ids)
+        labels[i, len(prompt_ids):len(prompt_ids) + len(answer_ids)] = torch.tensor(answer_ids)
+        mask[i, :len(prompt_ids) + len(answer_ids)] = 1
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(400):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 1e-3:
+            break
+    model.eval().save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def tools_app(cluster, server, models_dir, tmp_path_factory):
+    path = _fit_tool_model(models_dir / "tiny-llama", tmp_path_factory.mktemp("tool-model") / "tool-llama")
+    args = cluster.args(route_prefix="/tools")
+    chat = next(m for m in args["models"] if m["kind"] == "chat")
+    args["models"] = [{**chat, "name": "tool-llama", "path": str(path), "tool_call_parser": "hermes"}]
+    try:
+        yield cluster.deploy(args, name="tools_app", route_prefix="/tools")
+    finally:
+        serve.delete("tools_app")
+
+
+@pytest.fixture(scope="module")
+def client(tools_app):
+    return openai.OpenAI(base_url=tools_app + "/v1", api_key="unused", max_retries=0)
+
+
+def _ask(question: str, **extra) -> dict:
+    return {"model": "tool-llama", "messages": [{"role": "user", "content": question}], "tools": TOOLS,
+            "temperature": 0, "max_tokens": 120, **extra}
+
+
+def _calls(tool_calls) -> list[tuple[str, dict]]:
+    return [(call.function.name, json.loads(call.function.arguments)) for call in tool_calls]
+
+
+def test_a_call_comes_back_as_tool_calls(client, tools_app):
+    answer = client.chat.completions.create(**_ask(ONE_CALL))
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert _calls(choice.message.tool_calls) == [("get_weather", {"city": "Paris"})]
+    assert choice.message.tool_calls[0].id.startswith("call_") and choice.message.tool_calls[0].type == "function"
+    raw = httpx.post(tools_app + "/v1/chat/completions", json=_ask(ONE_CALL), timeout=60).json()
+    assert raw["code"] == 0 and raw["message"] == "success"  # the standard's envelope, as for any answer
+    # The answer goes back into the conversation, and the model reads it as the call it was.
+    result = client.chat.completions.create(**_ask(ONE_CALL, max_tokens=3, messages=[
+        {"role": "user", "content": ONE_CALL}, choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id, "content": "sunny"}]))
+    assert result.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_two_calls_and_parallel_tool_calls_false(client):
+    message = client.chat.completions.create(**_ask(TWO_CALLS)).choices[0].message
+    assert _calls(message.tool_calls) == [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]
+    assert len({call.id for call in message.tool_calls}) == 2
+    single = client.chat.completions.create(**_ask(TWO_CALLS, parallel_tool_calls=False)).choices[0]
+    assert _calls(single.message.tool_calls) == [("get_weather", {"city": "Paris"})]
+    assert single.finish_reason == "tool_calls"
+
+
+def test_a_text_answer_stays_text(client):
+    choice = client.chat.completions.create(**_ask(NO_CALL)).choices[0]
+    assert (choice.message.content, choice.message.tool_calls, choice.finish_reason) == (TAUGHT[NO_CALL], None, "stop")
+
+
+def test_a_call_cut_off_by_max_tokens_is_text(client):
+    """Half a call is no call: the client gets the text (its `<tool_call>` a special token, kept)."""
+    choice = client.chat.completions.create(**_ask(ONE_CALL, max_tokens=8)).choices[0]
+    assert choice.finish_reason == "length" and choice.message.tool_calls is None
+    assert choice.message.content.startswith("<tool_call>\n{")
+
+
+def test_tool_choice_none_reads_no_calls(client):
+    """Without tools the model is not told of any and no calls are read (special tokens skipped)."""
+    message = client.chat.completions.create(**_ask(ONE_CALL, tool_choice="none")).choices[0].message
+    assert message.tool_calls is None and isinstance(message.content, str) and "<tool_call>" not in message.content
+
+
+@pytest.mark.parametrize("question", [ONE_CALL, TWO_CALLS, NO_CALL])
+def test_streamed_calls_are_whole_deltas_and_match_the_answer(client, question):
+    whole = client.chat.completions.create(**_ask(question, n=2)).choices
+    chunks = list(client.chat.completions.create(**_ask(question, n=2, stream=True,
+                                                        stream_options={"include_usage": True})))
+    for index in (0, 1):
+        deltas = [choice for chunk in chunks for choice in chunk.choices if choice.index == index]
+        content = "".join(d.delta.content or "" for d in deltas)
+        calls = [call for d in deltas for call in d.delta.tool_calls or []]
+        assert [call.index for call in calls] == list(range(len(calls)))
+        assert _calls(calls) == _calls(whole[index].message.tool_calls or [])
+        assert content == (whole[index].message.content or "") and "<tool_call>" not in content
+        assert [d.finish_reason for d in deltas if d.finish_reason] == [whole[index].finish_reason]
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_models_without_a_parser_answer_tool_calls_as_text(http):
+    """The default app's chat model names no tool_call_parser: whatever it writes is content."""
+    answer = http.post("/v1/chat/completions", json={
+        "model": "Llama3-8B", "max_tokens": 5, "tools": TOOLS,
+        "messages": [{"role": "user", "content": ONE_CALL}]}).json()
+    assert "tool_calls" not in answer["choices"][0]["message"] and answer["choices"][0]["finish_reason"] != "tool_calls"
