@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from serve_app.reasoning import ReasoningFormat
 from serve_app.tool_calls import ToolCallFormat
 
 SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")  # bounded: int() refuses 4,300+ digits
@@ -287,6 +288,11 @@ class ChatModelConfig(BaseModelConfig):
         None, description="How this model writes a tool call, read out into OpenAI's `tool_calls` for a request "
         "with tools: 'hermes' (<tool_call>{...}</tool_call>: Qwen 2.5/3, QwQ, Hermes) or 'llama3_json' (Llama "
         "3.1-3.3's JSON), vLLM's names. Unset: the model's answer is text, calls included.")
+    reasoning_parser: ReasoningFormat | None = Field(
+        None, description="How this model thinks before it answers, read out into the message's `reasoning` (and "
+        "`reasoning_content`): 'deepseek_r1' (everything before </think>: DeepSeek-R1 and its distills, Qwen3 "
+        "thinking-only 2507 models) or 'qwen3' (a <think>...</think> the answer starts with: Qwen3, QwQ), vLLM's "
+        "names. Unset: the thinking is part of the content.")
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> "ChatModelConfig":

@@ -66,7 +66,7 @@ from serve_app.registration import RegistrationStatus, unregister_stale
 from serve_app.request_guards import ApiKeys, ConfiguredCors, RequestGuard
 from serve_app.serve_logs import flush_serve_log, start_flushing
 from serve_app.streaming import ChatChunkEncoder, chat_events
-from serve_app.translate import chat_job, chat_response, check_image_request, image_job, tool_call_format
+from serve_app.translate import AnswerFormat, chat_job, chat_response, check_image_request, image_job
 
 api = FastAPI(
     title="serve_app",
@@ -258,19 +258,19 @@ class Ingress:
         target = self._target(body, routes.CHAT, body.messages[-1].text)
         note(stream=body.stream, n=body.n)
         job = chat_job(body, target.config, self.config.limits)
-        tool_format = tool_call_format(body, target.config)
+        answer_format = AnswerFormat.of(body, target.config)
         if not body.stream:
             call = target.generate.remote(job)
             result = await self._within_timeout(target, call, call.cancel)
             note(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
             if body.logprobs:  # up to n x max_tokens x 21 objects (seconds at 8 x 4096): off the event loop
-                return Response(await asyncio.to_thread(lambda: chat_response(body, result, tool_format).model_dump_json()),
+                return Response(await asyncio.to_thread(lambda: chat_response(body, result, answer_format).model_dump_json()),
                                 media_type=JSON)
-            return json_response(chat_response(body, result, tool_format))
+            return json_response(chat_response(body, result, answer_format))
         chunks = target.stream.remote(job)
         # Peek at the first chunk: an early error still gets its HTTP status.
         first = await self._within_timeout(target, anext(chunks, None), chunks.cancel)
-        return StreamingResponse(chat_events(ChatChunkEncoder(body, tool_format), first, chunks,
+        return StreamingResponse(chat_events(ChatChunkEncoder(body, answer_format), first, chunks,
                                              silence_s=self.config.limits.request_timeout_s),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

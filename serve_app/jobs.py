@@ -59,14 +59,15 @@ def generator_seed(seed: int, index: int) -> int:
 
 def prompt_chars(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                  template_kwargs: dict[str, Any] | None = None) -> int:
-    """How much text a conversation gives the chat template: each message's content and its
+    """How much text a conversation gives the chat template: each message's content, thinking and
     tool calls as JSON, the tools' definitions and the template's extra variables as JSON (a
     template may print any of them: the ingress's `limits.max_prompt_chars`, and the replica's
     measure of a prompt long enough to template off its event loop)."""
     def as_json(value: Any) -> int:
         return len(json.dumps(value, ensure_ascii=False)) if value else 0
 
-    return (sum(len(message["content"]) + as_json(message.get("tool_calls")) for message in messages)
+    return (sum(len(message["content"]) + len(message.get("reasoning_content") or "") + as_json(message.get("tool_calls"))
+                for message in messages)
             + as_json(tools) + as_json(template_kwargs))
 
 

@@ -144,6 +144,13 @@ class ChatMessage(WireModel):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: Text | None = None
     function_call: ToolCallFunction | None = None  # OpenAI's older form of an assistant's one tool call
+    reasoning: Text | None = None  # an assistant turn's thinking, as this server and vLLM answer it
+    reasoning_content: Text | None = None  # the same under DeepSeek's name, which Qwen3's template reads
+
+    @property
+    def thinking(self) -> str | None:
+        """An assistant turn's thinking, under either name."""
+        return self.reasoning_content if self.reasoning_content is not None else self.reasoning
 
     @field_validator("content")
     @classmethod
@@ -362,13 +369,17 @@ class AnswerToolCall(WireModel):
 
 class AssistantMessage(WireModel):
     """As OpenAI sends it, `refusal` and `annotations` included (this server has neither);
-    with tool calls, `content` is null unless the model also wrote text."""
+    with tool calls, `content` is null unless the model also wrote text. A reasoning model's
+    thinking (`reasoning_parser`) is in `reasoning`, as vLLM sends it, and in
+    `reasoning_content`, DeepSeek's and vLLM's earlier name, which many clients read."""
 
     role: Literal["assistant"] = "assistant"
     content: str | None = ""
     refusal: str | None = None
     annotations: list[Any] = Field(default_factory=list)
     tool_calls: list[AnswerToolCall] | None = _omitted_when_null()
+    reasoning: str | None = _omitted_when_null()
+    reasoning_content: str | None = _omitted_when_null()
 
 
 LEAST_LOGPROB = -9999.0
@@ -471,6 +482,8 @@ class DeltaMessage(WireModel):
     role: Literal["assistant"] | None = _omitted_when_null()
     content: str | None = _omitted_when_null()
     tool_calls: list[ChunkToolCall] | None = _omitted_when_null()
+    reasoning: str | None = _omitted_when_null()
+    reasoning_content: str | None = _omitted_when_null()
 
 
 class ChunkChoice(WireModel):

@@ -22,15 +22,14 @@ from serve_app.protocol import (
     ChunkChoice,
     ChunkToolCall,
     DeltaMessage,
-    FunctionCall,
     Usage,
     error_body,
     new_id,
     now,
 )
 from serve_app.access_log import note
-from serve_app.tool_calls import READERS, ToolCallFormat, finish_reason_with_calls
-from serve_app.translate import choice_logprobs, wire_tool_calls
+from serve_app.tool_calls import finish_reason_with_calls
+from serve_app.translate import AnswerFormat, choice_logprobs, wire_call, wire_tool_calls
 
 DONE = "data: [DONE]\n\n"
 
@@ -42,11 +41,11 @@ def event(payload: BaseModel) -> str:
 class ChatChunkEncoder:
     """Turns model chunks into OpenAI `chat.completion.chunk` events for one request."""
 
-    def __init__(self, request: ChatCompletionRequest, tool_format: ToolCallFormat | None = None) -> None:
+    def __init__(self, request: ChatCompletionRequest, answer_format: AnswerFormat = AnswerFormat()) -> None:
         self.id, self.created, self.model = new_id("chatcmpl"), now(), request.model
         self.request = request
-        # With a tool call format, each choice's text goes through a reader of its own (`tool_calls`).
-        self.readers = [READERS[tool_format]() for _ in range(request.n)] if tool_format else None
+        # Where the answer is read into parts (thinking, tool calls), each choice has a reader of its own.
+        self.readers = [answer_format.reader() for _ in range(request.n)] if answer_format.reader() else None
         self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
         self.n = request.n
         self.opened = False
@@ -85,18 +84,20 @@ class ChatChunkEncoder:
                            logprobs=choice_logprobs(delta.logprobs))
 
     def _read(self, delta: ChoiceDelta, role: Literal["assistant"] | None) -> tuple[DeltaMessage, str | None]:
-        """The delta with its choice's tool calls read out: content as it may go now, the calls
-        completed by this text, each whole; the end flushes what was held back."""
+        """The delta read into its parts: thinking and content as they may go now, the calls this
+        text completed, each whole; the end flushes what was held back."""
         reader = self.readers[delta.index]
-        read = reader.feed(delta.text)
+        parts = reader.feed(delta.text)
         if delta.finish_reason is not None:
-            read += reader.finish()
-        first = reader.calls_made - len(read.calls)  # the index of this delta's first call
-        calls = [ChunkToolCall(index=first + i, id=call.id,
-                               function=FunctionCall(name=call.name, arguments=call.arguments))
-                 for i, call in enumerate(wire_tool_calls(read.calls, self.request, reader))]
-        content = read.content if read.content or not calls else None
-        return (DeltaMessage(role=role, content=content, tool_calls=calls or None),
+            parts += reader.finish()
+        first = reader.calls_made - len(parts.calls)  # the index of this delta's first call
+        calls = [ChunkToolCall(index=first + i, **wire_call(call).model_dump())
+                 for i, call in enumerate(wire_tool_calls(parts.calls, self.request, reader))]
+        # Content only where there is some, as OpenAI streams it (an empty one would end the openai
+        # client's content events early); the first delta opens it with "", as without a reader.
+        content = parts.content or ("" if role and not (calls or parts.reasoning) else None)
+        return (DeltaMessage(role=role, content=content, tool_calls=calls or None,
+                             reasoning=parts.reasoning or None, reasoning_content=parts.reasoning or None),
                 finish_reason_with_calls(delta.finish_reason, reader.calls_made > 0))
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:

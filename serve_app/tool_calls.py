@@ -55,16 +55,35 @@ class ReadText:
 
 def parsed_call(value: Any) -> ParsedToolCall | None:
     """A call from a decoded JSON object `{"name": ..., "arguments" (or "parameters"): ...}`,
-    else None. Arguments given as an object are written back as compact JSON; as a string
-    (some models quote them), passed on as they are."""
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
+    else None. The arguments go out as JSON text: an object as JSON; a string holding JSON (some
+    models quote their arguments) as it is; any other string as a JSON string, as vLLM sends it,
+    so that a client's `json.loads(arguments)` never fails. A `\\ud83d` escape the model wrote
+    decodes to half a character, which no UTF-8 body can carry: such arguments stay escaped,
+    and such a name is no call."""
+    name = value.get("name") if isinstance(value, dict) else None
+    if not isinstance(name, str) or not name or not _encodable(name):
         return None
     arguments = value.get("arguments", value.get("parameters", {}))
     if arguments is None:
         arguments = {}
-    if not isinstance(arguments, str):
+    if isinstance(arguments, str):
+        try:
+            json.loads(arguments)
+        except (ValueError, RecursionError):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+    else:
         arguments = json.dumps(arguments, ensure_ascii=False)
-    return ParsedToolCall(name=value["name"], arguments=arguments)
+    if not _encodable(arguments):
+        arguments = json.dumps(json.loads(arguments))  # ASCII, every character escaped: the same value
+    return ParsedToolCall(name=name, arguments=arguments)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _json_call(text: str) -> ParsedToolCall | None:
@@ -123,7 +142,7 @@ class HermesReader(ToolCallReader):
             if not self._inside:
                 at = self._held.find(self.START)
                 if at < 0:  # all of it, but the start of a START
-                    keep = _prefix_at_end(self._held, self.START)
+                    keep = marker_prefix_at_end(self._held, self.START)
                     read.content += self._content(self._held[:len(self._held) - keep])
                     self._held = self._held[len(self._held) - keep:]
                     return read
@@ -182,7 +201,7 @@ class Llama3JsonReader(ToolCallReader):
     def finish(self) -> ReadText:
         held, self._held = self._held, ""
         if self._mode == "calls":
-            calls = _json_calls(held.strip().removeprefix(self.PYTHON_TAG))
+            calls = _json_calls(held.strip().removeprefix(self.PYTHON_TAG).strip().removesuffix(";"))
             if calls:
                 made = [made for call in calls for made in self._call(call)]
                 return ReadText(self._content("", final=True), made)
@@ -209,7 +228,7 @@ def _json_calls(text: str) -> list[ParsedToolCall] | None:
         at = len(text) - len(rest[1:].lstrip())
 
 
-def _prefix_at_end(text: str, marker: str) -> int:
+def marker_prefix_at_end(text: str, marker: str) -> int:
     """Length of the longest proper prefix of `marker` that `text` ends with (0 if none)."""
     for length in range(min(len(marker) - 1, len(text)), 0, -1):
         if text.endswith(marker[:length]):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 from serve_app.config import ChatModelConfig, ImageModelConfig, RequestLimits, parse_size
@@ -31,14 +32,8 @@ from serve_app.protocol import (
     Usage,
 )
 from serve_app.protocol import TokenLogprob as WireTokenLogprob
-from serve_app.tool_calls import (
-    KEEPS_SPECIAL_TOKENS,
-    ParsedToolCall,
-    ToolCallFormat,
-    ToolCallReader,
-    finish_reason_with_calls,
-    read_tool_calls,
-)
+from serve_app.reasoning import ReasoningFormat, ReasoningReader, Split
+from serve_app.tool_calls import KEEPS_SPECIAL_TOKENS, READERS, ParsedToolCall, ToolCallFormat, finish_reason_with_calls
 
 _ROLE_ALIASES = {"developer": "system", "function": "tool"}  # OpenAI's newer and older names
 
@@ -55,6 +50,8 @@ def template_message(message: ChatMessage) -> dict[str, Any]:
         entry["tool_calls"] = [_template_call(call) for call in message.tool_calls]
     if message.tool_call_id is not None:
         entry["tool_call_id"] = message.tool_call_id
+    if message.thinking is not None and message.role == "assistant":
+        entry["reasoning_content"] = message.thinking  # Qwen3's template keeps the latest turns' thinking
     return entry
 
 
@@ -164,18 +161,77 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
         logit_bias=request.logit_bias or {},
         tools=tools,
         template_kwargs=template_kwargs,
-        skip_special_tokens=tool_call_format(request, config) not in KEEPS_SPECIAL_TOKENS,
+        skip_special_tokens=AnswerFormat.of(request, config).tool_calls not in KEEPS_SPECIAL_TOKENS,
     )
 
 
-def tool_call_format(request: ChatCompletionRequest, config: ChatModelConfig) -> ToolCallFormat | None:
-    """How to read tool calls out of this request's answers: the model's format when the request
-    gives the model tools (not with `tool_choice` "none"), else None (the answer is text)."""
-    return config.tool_call_parser if request.template_tools else None
+@dataclass
+class AnswerParts:
+    """A piece of an answer, read: the model's thinking, its content, the tool calls it completes."""
+
+    reasoning: str = ""
+    content: str = ""
+    calls: list[ParsedToolCall] = field(default_factory=list)
+
+    def __iadd__(self, other: "AnswerParts") -> "AnswerParts":
+        self.reasoning += other.reasoning
+        self.content += other.content
+        self.calls += other.calls
+        return self
+
+
+@dataclass(frozen=True)
+class AnswerFormat:
+    """How a request's answers are read: the model's thinking (its `reasoning_parser`) and its
+    tool calls (its `tool_call_parser`, for a request that gives tools, not with `tool_choice`
+    "none"). Neither: the answer is its text."""
+
+    reasoning: ReasoningFormat | None = None
+    tool_calls: ToolCallFormat | None = None
+
+    @classmethod
+    def of(cls, request: ChatCompletionRequest, config: ChatModelConfig) -> "AnswerFormat":
+        return cls(config.reasoning_parser, config.tool_call_parser if request.template_tools else None)
+
+    def reader(self) -> "AnswerReader | None":
+        return AnswerReader(self) if self.reasoning or self.tool_calls else None
+
+
+class AnswerReader:
+    """One choice's answer read into its parts as it is produced (`feed`, then `finish` once
+    it has ended): the thinking first, then tool calls out of the content after it."""
+
+    def __init__(self, fmt: AnswerFormat) -> None:
+        self.thinking = ReasoningReader(fmt.reasoning) if fmt.reasoning else None
+        self.tools = READERS[fmt.tool_calls]() if fmt.tool_calls else None
+
+    @property
+    def calls_made(self) -> int:
+        return self.tools.calls_made if self.tools else 0
+
+    def feed(self, text: str) -> AnswerParts:
+        return self._parts(self.thinking.feed(text) if self.thinking else Split(content=text), ended=False)
+
+    def finish(self) -> AnswerParts:
+        return self._parts(self.thinking.finish() if self.thinking else Split(), ended=True)
+
+    def read(self, text: str) -> AnswerParts:
+        """A whole answer."""
+        parts = self.feed(text)
+        parts += self.finish()
+        return parts
+
+    def _parts(self, split: Split, ended: bool) -> AnswerParts:
+        if self.tools is None:
+            return AnswerParts(split.reasoning, split.content)
+        read = self.tools.feed(split.content)
+        if ended:
+            read += self.tools.finish()
+        return AnswerParts(split.reasoning, read.content, read.calls)
 
 
 def wire_tool_calls(calls: list[ParsedToolCall], request: ChatCompletionRequest,
-                    reader: ToolCallReader | None = None) -> list[ParsedToolCall]:
+                    reader: AnswerReader | None = None) -> list[ParsedToolCall]:
     """The calls a client gets: with `parallel_tool_calls` false, only the answer's first
     (`reader`: the calls already sent in a stream count)."""
     if request.parallel_tool_calls is False:
@@ -195,29 +251,32 @@ def choice_logprobs(entries: list[TokenLogprob] | None) -> ChoiceLogprobs | None
 
 
 def chat_response(request: ChatCompletionRequest, result: ChatResult,
-                  tool_format: ToolCallFormat | None = None) -> ChatCompletionResponse:
+                  answer_format: AnswerFormat = AnswerFormat()) -> ChatCompletionResponse:
     return ChatCompletionResponse(
         model=request.model,
-        choices=[_chat_choice(i, c, request, tool_format) for i, c in enumerate(result.choices)],
+        choices=[_chat_choice(i, c, request, answer_format.reader()) for i, c in enumerate(result.choices)],
         usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                     total_tokens=result.prompt_tokens + result.completion_tokens),
     )
 
 
 def _chat_choice(index: int, choice: ChatChoiceResult, request: ChatCompletionRequest,
-                 tool_format: ToolCallFormat | None) -> ChatChoice:
-    """One choice; with a tool call format, its calls read out of its text."""
-    message, finish_reason = AssistantMessage(content=choice.text), choice.finish_reason
-    if tool_format is not None:
-        read = read_tool_calls(tool_format, choice.text)
-        calls = wire_tool_calls(read.calls, request)
-        if calls:
-            message = AssistantMessage(content=read.content or None, tool_calls=[
-                AnswerToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
-                for call in calls])
-            finish_reason = finish_reason_with_calls(finish_reason, True)
-    return ChatChoice(index=index, message=message, finish_reason=finish_reason,
-                      logprobs=choice_logprobs(choice.logprobs))
+                 reader: AnswerReader | None) -> ChatChoice:
+    """One choice; with a `reader`, its thinking and calls read out of its text."""
+    if reader is None:
+        message = AssistantMessage(content=choice.text)
+    else:
+        parts = reader.read(choice.text)
+        calls = wire_tool_calls(parts.calls, request)
+        message = AssistantMessage(content=parts.content or (None if calls else ""),
+                                   reasoning=parts.reasoning or None, reasoning_content=parts.reasoning or None,
+                                   tool_calls=[wire_call(call) for call in calls] or None)
+    return ChatChoice(index=index, message=message, logprobs=choice_logprobs(choice.logprobs),
+                      finish_reason=finish_reason_with_calls(choice.finish_reason, bool(message.tool_calls)))
+
+
+def wire_call(call: ParsedToolCall) -> AnswerToolCall:
+    return AnswerToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
 
 
 def _requested_size(request: ImageGenerationRequest) -> tuple[tuple[int, int], str] | None:

@@ -1,8 +1,10 @@
-"""Tool calls read out of a model's text into OpenAI's `tool_calls` (`tool_call_parser`).
+"""A model's answer read into its parts: thinking into `reasoning` (`reasoning_parser`), tool
+calls into OpenAI's `tool_calls` (`tool_call_parser`).
 
 The readers are checked on text first. End to end, a copy of the tiny chat model is
-fitted for a few seconds to three answers (one Hermes-style call, two calls, plain text)
-to prompts that list a tool, so that the real decode loop writes real calls; its tokenizer
+fitted for a few seconds to five answers (one Hermes-style call, two calls, plain text, and
+each of those after a Qwen3-style `<think>` block) to prompts that list a tool, so that the
+real decode loop writes real calls and thinking; its tokenizer
 counts `<tool_call>` and `</tool_call>` as special tokens, as Hermes 2 Pro's does, which
 the reader only sees because the decoder keeps special tokens for this format.
 """
@@ -10,6 +12,7 @@ the reader only sees because the decoder keeps special tokens for this format.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import pytest
 from ray import serve
 
 from serve_app.tool_calls import read_tool_calls, READERS
+from serve_app.translate import AnswerFormat
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
@@ -30,7 +34,10 @@ def _call(city: str) -> str:
 
 
 ONE_CALL, TWO_CALLS, NO_CALL = "What is the weather in Paris?", "Weather in Paris and Rome?", "Say hello."
-TAUGHT = {ONE_CALL: _call("Paris"), TWO_CALLS: _call("Paris") + "\n" + _call("Rome"), NO_CALL: "Hello! How can I help?"}
+THINK, THINK_CALL = "Think, then greet.", "Think, then check Rome."
+TAUGHT = {ONE_CALL: _call("Paris"), TWO_CALLS: _call("Paris") + "\n" + _call("Rome"), NO_CALL: "Hello! How can I help?",
+          THINK: "<think>\nA greeting is wanted.\n</think>\n\nHello there!",
+          THINK_CALL: "<think>\nI need the weather.\n</think>\n\n" + _call("Rome")}
 
 
 # ------------------------------------------------------------------ the readers, on text
@@ -56,10 +63,16 @@ def _streamed(fmt: str, pieces: list[str]) -> tuple[str, list[tuple[str, dict]],
     ("hermes", '<tool_call>{"name": "f", "argu', '<tool_call>{"name": "f", "argu', []),
     ("hermes", '<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),
     ("hermes", "x <tool_ y\n", "x <tool_ y\n", []),
+    # Arguments a client can always json.loads: a quoted non-JSON string as a JSON string (as vLLM
+    # sends it); half a character escaped in JSON stays escaped (a UTF-8 body cannot carry it).
+    ("hermes", '<tool_call>{"name": "f", "arguments": "Paris"}</tool_call>', "", [("f", "Paris")]),
+    ("hermes", '<tool_call>{"name": "f", "arguments": {"s": "\\ud83d x"}}</tool_call>', "", [("f", {"s": "\ud83d x"})]),
+    ("hermes", '<tool_call>{"name": "f\\ud83d"}</tool_call>', '<tool_call>{"name": "f\\ud83d"}</tool_call>', []),
     ("llama3_json", '{"name": "f", "parameters": {"x": 1}}', "", [("f", {"x": 1})]),
     ("llama3_json", '<|python_tag|>{"name": "f", "parameters": {}}; {"name": "g", "arguments": {"y": "ü"}}', "",
      [("f", {}), ("g", {"y": "ü"})]),
     ("llama3_json", '{"answer": 42}', '{"answer": 42}', []),
+    ("llama3_json", '<|python_tag|> {"name": "f", "parameters": {}};', "", [("f", {})]),
     ("llama3_json", '{"name": "f", "parameters": {}} and more', '{"name": "f", "parameters": {}} and more', []),
     ("llama3_json", " Hello {there}\n", " Hello {there}\n", []),
 ])
@@ -67,9 +80,43 @@ def test_reader_reads_calls_and_keeps_everything_else(fmt, text, content, calls)
     read = read_tool_calls(fmt, text)
     assert (read.content, [(c.name, json.loads(c.arguments)) for c in read.calls]) == (content, calls)
     assert all(c.id.startswith("call_") for c in read.calls) and len({c.id for c in read.calls}) == len(read.calls)
+    assert all(c.arguments.encode("utf-8") and c.name.encode("utf-8") for c in read.calls)
     # A character at a time, as a stream, the same in the end.
     streamed_content, streamed_calls, _ = _streamed(fmt, list(text))
     assert (streamed_content, streamed_calls) == (content, calls)
+
+
+@pytest.mark.parametrize("fmt, text, reasoning, content", [
+    ("qwen3", "<think>\nhmm\n</think>\n\nHello", "\nhmm\n", "Hello"),
+    ("qwen3", "Hello <think>x</think>", "", "Hello <think>x</think>"),  # thinking only where the answer starts
+    ("qwen3", "  <think>cut off", "cut off", ""),
+    ("qwen3", "<thin", "", "<thin"),
+    ("qwen3", "<think></think>", "", ""),
+    ("deepseek_r1", "hmm\n</think>\n\nHello", "hmm\n", "Hello"),  # the template opened the thinking
+    ("deepseek_r1", "<think>a</think>b", "a", "b"),
+    ("deepseek_r1", "no end", "no end", ""),
+    ("deepseek_r1", "", "", ""),
+])
+def test_reasoning_reader_splits_thinking_from_content(fmt, text, reasoning, content):
+    rng = random.Random(text)
+    for pieces in ([text], list(text), _random_pieces(rng, text), _random_pieces(rng, text)):
+        reader, read = AnswerFormat(reasoning=fmt).reader(), []
+        read += [reader.feed(piece) for piece in pieces] + [reader.finish()]
+        assert ("".join(r.reasoning for r in read), "".join(r.content for r in read)) == (reasoning, content), pieces
+
+
+def _random_pieces(rng: random.Random, text: str) -> list[str]:
+    cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(1, 6))))
+    return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+
+
+def test_thinking_then_a_call_streams_as_both():
+    text = "<think>\nweather\n</think>\n\n" + _call("Rome")
+    reader = AnswerFormat(reasoning="qwen3", tool_calls="hermes").reader()
+    pieces = [reader.feed(text[:12]), reader.feed(text[12:]), reader.finish()]
+    assert pieces[0].reasoning == "\nweat" and pieces[0].content == ""  # thinking goes out as it comes
+    assert "".join(p.reasoning for p in pieces) == "\nweather\n" and "".join(p.content for p in pieces) == ""
+    assert [(c.name, json.loads(c.arguments)) for p in pieces for c in p.calls] == [("get_weather", {"city": "Rome"})]
 
 
 def test_streamed_reader_sends_content_at_once_and_holds_only_a_call():
@@ -128,7 +175,8 @@ def tools_app(cluster, server, models_dir, tmp_path_factory):
     path = _fit_tool_model(models_dir / "tiny-llama", tmp_path_factory.mktemp("tool-model") / "tool-llama")
     args = cluster.args(route_prefix="/tools")
     chat = next(m for m in args["models"] if m["kind"] == "chat")
-    args["models"] = [{**chat, "name": "tool-llama", "path": str(path), "tool_call_parser": "hermes"}]
+    args["models"] = [{**chat, "name": "tool-llama", "path": str(path), "tool_call_parser": "hermes",
+                       "reasoning_parser": "qwen3"}]
     try:
         yield cluster.deploy(args, name="tools_app", route_prefix="/tools")
     finally:
@@ -205,6 +253,40 @@ def test_streamed_calls_are_whole_deltas_and_match_the_answer(client, question):
         assert content == (whole[index].message.content or "") and "<tool_call>" not in content
         assert [d.finish_reason for d in deltas if d.finish_reason] == [whole[index].finish_reason]
     assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_thinking_comes_back_as_reasoning(client, tools_app):
+    choice = client.chat.completions.create(**_ask(THINK)).choices[0]
+    assert (choice.message.content, choice.message.tool_calls, choice.finish_reason) == ("Hello there!", None, "stop")
+    raw = httpx.post(tools_app + "/v1/chat/completions", json=_ask(THINK), timeout=60).json()["choices"][0]["message"]
+    assert raw["reasoning"] == raw["reasoning_content"] == "\nA greeting is wanted.\n"  # vLLM's name and DeepSeek's
+    called = client.chat.completions.create(**_ask(THINK_CALL)).choices[0]
+    assert called.message.reasoning == "\nI need the weather.\n" and called.message.content is None
+    assert _calls(called.message.tool_calls) == [("get_weather", {"city": "Rome"})]
+    # A plain answer has no thinking, and no reasoning fields.
+    assert "reasoning" not in httpx.post(tools_app + "/v1/chat/completions", json=_ask(NO_CALL),
+                                         timeout=60).json()["choices"][0]["message"]
+    # The thinking goes back into the conversation under either name.
+    for name in ("reasoning", "reasoning_content"):
+        follow_up = _ask(THINK, max_tokens=3, messages=[
+            {"role": "user", "content": THINK}, {"role": "assistant", "content": "Hello there!", name: "hmm"},
+            {"role": "user", "content": "Again."}])
+        assert httpx.post(tools_app + "/v1/chat/completions", json=follow_up, timeout=60).status_code == 200
+
+
+@pytest.mark.parametrize("question", list(TAUGHT))
+def test_streamed_thinking_matches_the_answer(tools_app, question):
+    whole = httpx.post(tools_app + "/v1/chat/completions", json=_ask(question), timeout=60).json()["choices"][0]
+    with httpx.stream("POST", tools_app + "/v1/chat/completions", json=_ask(question, stream=True), timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    deltas = [choice["delta"] for event in events for choice in event["choices"]]
+    assert "".join(d.get("reasoning", "") for d in deltas) == whole["message"].get("reasoning", "")
+    assert all(d.get("reasoning") == d.get("reasoning_content") for d in deltas)
+    assert "" not in [d.get("content") for d in deltas if "role" not in d]  # no empty content after the first
+    assert "".join(d.get("content") or "" for d in deltas) == (whole["message"]["content"] or "")
+    assert [c["function"]["name"] for d in deltas for c in d.get("tool_calls", [])] == \
+        [c["function"]["name"] for c in whole["message"].get("tool_calls", [])]
+    assert "<think>" not in json.dumps(deltas)
 
 
 def test_models_without_a_parser_answer_tool_calls_as_text(http):
