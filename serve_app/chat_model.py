@@ -36,6 +36,7 @@ from serve_app.metrics import ChatEngineMetrics
 from serve_app.model_replica import ModelReplica, raise_to_caller
 from serve_app.placement import spread_devices, weights_device_map
 from serve_app.sampling import SamplingDefaults, make_rows
+from serve_app.structured_output import GrammarCompiler
 from serve_app.token_bytes import TokenBytes
 
 logger = logging.getLogger("ray.serve")
@@ -83,6 +84,7 @@ class ChatModel(ModelReplica):
         head = self.model.get_output_embeddings()  # the logits' width; some models name no head
         self.vocabulary = getattr(head, "out_features", None) or self.model.config.get_text_config().vocab_size
         self.token_bytes = TokenBytes(self.tokenizer)
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocabulary, self.eos_ids)
         self._batch = self._new_batch()
         self.context_length = self._batch.context_length
         self._cache_merges = True  # until a prefill shows this model's cache cannot take newcomers
@@ -275,7 +277,9 @@ class ChatModel(ModelReplica):
         the hop to a thread."""
         self.refuse_if_unhealthy()
         arrived = time.monotonic()
-        if prompt_chars(job.messages, job.tools, job.template_kwargs) > INLINE_PROMPT_CHARS:
+        if job.grammar is not None and not self.grammars.ready:  # the first constrained request: about a second
+            await asyncio.to_thread(self.grammars.prepare)
+        if prompt_chars(job.messages, job.tools, job.template_kwargs) + len(job.grammar or "") > INLINE_PROMPT_CHARS:
             slot = await asyncio.to_thread(self._slot, job)
         else:
             slot = self._slot(job)
@@ -313,7 +317,8 @@ class ChatModel(ModelReplica):
         top_logprobs = job.top_logprobs if job.logprobs else None
         decoders = [ChoiceDecoder(self.tokenizer, self.eos_ids, job.stop, max_new, top_logprobs, self.token_bytes,
                                   job.skip_special_tokens) for _ in range(job.n)]
-        return Slot(prompt_ids=prompt_ids, rows=make_rows(job, self.sampling_defaults, decoders, prompt_ids))
+        grammars = [self.grammars.matcher(job.grammar) for _ in range(job.n)] if job.grammar is not None else None
+        return Slot(prompt_ids=prompt_ids, rows=make_rows(job, self.sampling_defaults, decoders, prompt_ids, grammars))
 
     def _fit_to_context(self, prompt_length: int, job: ChatJob) -> int:
         """max_tokens that fit the context: an explicit ask that does not fit is an error."""

@@ -293,6 +293,10 @@ class ChatModelConfig(BaseModelConfig):
         "`reasoning_content`): 'deepseek_r1' (everything before </think>: DeepSeek-R1 and its distills, Qwen3 "
         "thinking-only 2507 models) or 'qwen3' (a <think>...</think> the answer starts with: Qwen3, QwQ), vLLM's "
         "names. Unset: the thinking is part of the content.")
+    json_any_whitespace: bool = Field(
+        False, description="Let a JSON answer (response_format json_object / json_schema) put whitespace between "
+        "its tokens, as vLLM does unless told otherwise. Off: no whitespace outside strings, so that a model "
+        "cannot write newlines until max_tokens runs out.")
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> "ChatModelConfig":

@@ -156,6 +156,11 @@ class ChoiceDecoder:
         delta, self.sent = self.text[self.sent:safe], max(self.sent, safe)
         return delta
 
+    def end(self) -> str:
+        """End the choice now, as its grammar is complete (`structured_output`): what was held
+        back goes out; a stop string in it still cuts it."""
+        return self._finish("stop") if self.finish_reason is None else ""
+
     def result(self) -> ChatChoiceResult:
         return ChatChoiceResult(text=self.text, finish_reason=self.finish_reason or "stop",
                                 completion_tokens=self.used,

@@ -39,6 +39,7 @@ class ChatJob:
     tools: list[dict[str, Any]] | None = None  # for the chat template, as the request gave them
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # more variables for the chat template
     skip_special_tokens: bool = True  # False where a tool call's markers may be special tokens (`tool_calls`)
+    grammar: str | None = None  # what the answer must follow (`structured_output`); None: free text
 
 
 

@@ -174,8 +174,34 @@ class StreamOptions(WireModel):
     include_usage: bool | None = False  # null: absent, as for every other optional field
 
 
+class JsonSchemaFormat(WireModel):
+    """`response_format.json_schema`, as OpenAI takes it (`client.chat.completions.parse` sends it)."""
+
+    name: Text = "response"
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced here
+
+
 class ResponseFormatSpec(WireModel):
+    """`text`, `json_object` (any JSON object) or `json_schema` (one that validates against it)."""
+
     type: str
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _known_format(self) -> "ResponseFormatSpec":
+        if self.type not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"response_format {self.type!r} is not supported by this server; use 'text', "
+                             "'json_object' or 'json_schema'")
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("a response_format of type 'json_schema' needs json_schema.schema, a JSON schema object")
+        return self
+
+    @property
+    def schema(self) -> dict[str, Any] | None:
+        """The schema the answer must validate against; None: any JSON object (or, for `text`, unused)."""
+        return self.json_schema.schema_ if self.type == "json_schema" and self.json_schema else None
 
 
 def _token_id(value: Any) -> Any:
@@ -301,14 +327,6 @@ class ChatCompletionRequest(BoundedRequest):
         if any(len(s) > MAX_STOP_CHARS for s in stops):
             raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters long")
         return stops or None
-
-    @field_validator("response_format")
-    @classmethod
-    def _plain_text_only(cls, value: ResponseFormatSpec | None) -> ResponseFormatSpec | None:
-        if value is not None and value.type != "text":
-            raise ValueError(f"response_format {value.type!r} is not supported by this server (no constrained "
-                             "decoding); use 'text' and ask for JSON in the prompt")
-        return value
 
     @field_validator("modalities")
     @classmethod

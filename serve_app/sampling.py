@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -53,6 +53,7 @@ class Row:
     prompt_tokens: torch.Tensor | None = None  # the prompt's distinct token ids, on the CPU (repetition-penalized rows)
     counts: torch.Tensor | None = None  # occurrences of each token id so far (penalized rows; see SamplingPlan)
     bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (token ids, values) of `logit_bias`, on the CPU
+    grammar: Any = None  # an llguidance matcher the answer follows (`structured_output`); None: free text
     _uniforms: list[float] = field(default_factory=list, init=False, repr=False)
 
     @property
@@ -62,6 +63,14 @@ class Row:
     def filtered(self, vocab: int) -> bool:
         """Whether top-k or top-p cut this row's distribution (its vocabulary must be sorted)."""
         return 0 < self.top_k < vocab or self.top_p < 1.0
+
+    def follow(self, token: int) -> bool:
+        """Advance the row's grammar past its chosen token; True once the grammar is complete (the
+        answer ends there). A token the grammar refuses (every token it allows was ruled out by
+        the model itself: a -inf logit) fails the request."""
+        if not self.grammar.consume_token(token):
+            raise ValueError(f"the answer could not continue its response_format: {self.grammar.get_error()}")
+        return self.grammar.is_stopped()
 
     def uniform(self) -> float:
         """This row's next random number, in (0, 1]."""
@@ -90,7 +99,7 @@ class SamplingDefaults:
 
 
 def make_rows(job: ChatJob, defaults: SamplingDefaults, decoders: list[ChoiceDecoder],
-              prompt_ids: torch.Tensor | None = None) -> list[Row]:
+              prompt_ids: torch.Tensor | None = None, grammars: list[Any] | None = None) -> list[Row]:
     """Rows for a job. Omitted settings take the checkpoint's values, else OpenAI's defaults
     (temperature 1, top_p 1), as vLLM's server does; a request samples unless its
     temperature is 0 (transformers' own `generate` is greedy unless told to sample, but an
@@ -117,7 +126,8 @@ def make_rows(job: ChatJob, defaults: SamplingDefaults, decoders: list[ChoiceDec
                 frequency=job.frequency_penalty or 0.0,
                 repetition=repetition,
                 prompt_tokens=prompt_tokens,
-                bias=bias)
+                bias=bias,
+                grammar=grammars[index] if grammars else None)
             for index, decoder in enumerate(decoders)]
 
 
@@ -183,6 +193,12 @@ class SamplingPlan:
                     owners = torch.cat([torch.full((len(tokens),), j) for j, tokens in prompts])
                     known = ids < vocab
                     self.in_prompt[owners[known].to(device), ids[known].to(device)] = True
+        self.constrained = [i for i, row in enumerate(rows) if row.grammar is not None]
+        if self.constrained:
+            self.allowed = torch.empty((len(self.constrained), (vocab + 31) // 32), dtype=torch.int32)
+            self.constrained_index = None if len(self.constrained) == batch else torch.tensor(self.constrained,
+                                                                                              device=device)
+            self.bit = torch.arange(32, dtype=torch.int32, device=device)
         self.groups = []
         for filtered in (False, True):  # per row, not per batch: a row draws the same way whatever its batch-mates use
             members = [i for i, row in enumerate(rows) if not row.greedy and row.filtered(vocab) == filtered]
@@ -192,7 +208,27 @@ class SamplingPlan:
     def adjust(self, logits: torch.Tensor) -> None:
         """OpenAI's `logit_bias`, then the repetition penalty (a seen token's logit divided by it
         where positive, multiplied where negative, as transformers and vLLM apply it), then
-        presence and frequency penalties, in place."""
+        presence and frequency penalties, then each constrained row's grammar, in place."""
+        self._penalize(logits)
+        if self.constrained:
+            self._constrain(logits)
+
+    def _constrain(self, logits: torch.Tensor) -> None:
+        """Tokens a constrained row's grammar does not allow next get -inf: llguidance writes each
+        row's allowed tokens as a bitmask (32 tokens per int32), unpacked here for all rows at once
+        (llguidance's own helper needs torch.compile, a C++ toolchain on a CPU)."""
+        from llguidance.torch import fill_next_token_bitmask
+
+        for j, i in enumerate(self.constrained):
+            fill_next_token_bitmask(self.rows[i].grammar, self.allowed, j)
+        words = self.allowed.to(logits.device, non_blocking=True)
+        allowed = ((words[:, :, None] >> self.bit) & 1).flatten(1)[:, :logits.shape[-1]].bool()
+        if self.constrained_index is None:
+            logits.masked_fill_(~allowed, float("-inf"))
+        else:
+            logits[self.constrained_index] = logits[self.constrained_index].masked_fill(~allowed, float("-inf"))
+
+    def _penalize(self, logits: torch.Tensor) -> None:
         if self.bias is not None:
             rows, ids, values = self.bias
             logits.index_put_((rows, ids), values, accumulate=True)

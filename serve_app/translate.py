@@ -33,6 +33,7 @@ from serve_app.protocol import (
 )
 from serve_app.protocol import TokenLogprob as WireTokenLogprob
 from serve_app.reasoning import ReasoningFormat, ReasoningReader, Split
+from serve_app.structured_output import json_grammar
 from serve_app.tool_calls import KEEPS_SPECIAL_TOKENS, READERS, ParsedToolCall, ToolCallFormat, finish_reason_with_calls
 
 _ROLE_ALIASES = {"developer": "system", "function": "tool"}  # OpenAI's newer and older names
@@ -162,7 +163,16 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
         tools=tools,
         template_kwargs=template_kwargs,
         skip_special_tokens=AnswerFormat.of(request, config).tool_calls not in KEEPS_SPECIAL_TOKENS,
+        grammar=_grammar(request, config),
     )
+
+
+def _grammar(request: ChatCompletionRequest, config: ChatModelConfig) -> str | None:
+    """The grammar a `json_object` or `json_schema` answer follows; None for text."""
+    wanted = request.response_format
+    if wanted is None or wanted.type == "text":
+        return None
+    return json_grammar(wanted.schema, config.json_any_whitespace)
 
 
 @dataclass

@@ -1,0 +1,106 @@
+"""`response_format` json_object and json_schema: the tiny random model, constrained, answers
+JSON that parses and validates, through the real decode loop (alone, batched, streamed)."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import jsonschema
+import openai
+import pydantic
+import pytest
+
+CHAT = "Llama3-8B"
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["answer", "score", "tags"],
+          "properties": {"answer": {"enum": ["yes", "no"]}, "score": {"type": "integer", "minimum": 0, "maximum": 9},
+                         "tags": {"type": "array", "items": {"enum": ["red", "blue"]}, "maxItems": 3}}}
+AS_SCHEMA = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": SCHEMA, "strict": True}}
+
+
+def _ask(**extra) -> dict:
+    return {"model": CHAT, "messages": [{"role": "user", "content": "Is the sky blue?"}], "max_tokens": 64, **extra}
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+
+
+def test_a_json_schema_answer_validates(http):
+    answer = http.post("/v1/chat/completions", json=_ask(response_format=AS_SCHEMA, n=3, seed=7)).json()
+    assert answer["code"] == 0
+    for choice in answer["choices"]:
+        assert choice["finish_reason"] == "stop"  # ended by the grammar, well within max_tokens
+        jsonschema.validate(json.loads(choice["message"]["content"]), SCHEMA)
+    # Unconstrained, the same request writes no JSON at all.
+    free = http.post("/v1/chat/completions", json=_ask(seed=7)).json()["choices"][0]["message"]["content"]
+    with pytest.raises(ValueError):
+        json.loads(free)
+
+
+def test_the_openai_clients_parse_helper_gets_its_pydantic_model(client):
+    class Verdict(pydantic.BaseModel):
+        answer: Literal["yes", "no"]
+        confident: bool
+
+    parsed = client.chat.completions.parse(model=CHAT, messages=[{"role": "user", "content": "Well?"}],
+                                           response_format=Verdict, max_tokens=64, temperature=0)
+    assert isinstance(parsed.choices[0].message.parsed, Verdict)
+
+
+def test_streamed_json_is_the_same_json(http, client):
+    whole = http.post("/v1/chat/completions", json=_ask(response_format=AS_SCHEMA, n=2, seed=3, temperature=1.2)).json()
+    chunks = client.chat.completions.create(**_ask(response_format=AS_SCHEMA, n=2, seed=3, temperature=1.2, stream=True))
+    texts = ["", ""]
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == [choice["message"]["content"] for choice in whole["choices"]]
+    assert all(jsonschema.validate(json.loads(text), SCHEMA) is None for text in texts)
+
+
+def test_json_object_gives_an_object_or_runs_out_of_tokens(http):
+    """Any object: what a random model writes in it is gibberish, but JSON; cut off, it says `length`."""
+    for seed in range(4):
+        choice = http.post("/v1/chat/completions", json=_ask(response_format={"type": "json_object"}, seed=seed,
+                                                              max_tokens=48)).json()["choices"][0]
+        assert choice["message"]["content"].startswith("{")
+        if choice["finish_reason"] == "stop":
+            assert isinstance(json.loads(choice["message"]["content"]), dict)
+        else:
+            assert choice["finish_reason"] == "length"
+    short = http.post("/v1/chat/completions", json=_ask(response_format=AS_SCHEMA, max_tokens=3)).json()["choices"][0]
+    assert short["finish_reason"] == "length" and short["message"]["content"].startswith('{"')
+
+
+def test_a_constrained_request_shares_its_batch_with_free_ones(http):
+    """Rows with and without a grammar decode in one batch: each keeps its own rules."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [_ask(response_format=AS_SCHEMA, seed=i) if i % 2 else _ask(seed=i, max_tokens=16) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda body: http.post("/v1/chat/completions", json=body).json(), bodies))
+    for i, answer in enumerate(answers):
+        content = answer["choices"][0]["message"]["content"]
+        if i % 2:
+            jsonschema.validate(json.loads(content), SCHEMA)
+        else:
+            assert answer["choices"][0]["finish_reason"] in ("stop", "length")
+    # Seeded, the constrained answers are the same alone as batched.
+    alone = http.post("/v1/chat/completions", json=bodies[1]).json()["choices"][0]["message"]["content"]
+    assert alone == answers[1]["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("response_format, says", [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}, "objectx"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}}, "nowhere"),
+    ({"type": "json_schema", "json_schema": {"name": "x"}}, "json_schema.schema"),
+    ({"type": "grammar", "grammar": "root ::= 'a'"}, "'grammar' is not supported"),
+])
+def test_a_schema_that_cannot_be_used_is_a_400(http, response_format, says):
+    answer = http.post("/v1/chat/completions", json=_ask(response_format=response_format))
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == "response_format" and says in answer.json()["message"]
+    for stream in (False, True):  # the same 400 for a stream: refused before any token
+        assert http.post("/v1/chat/completions", json=_ask(response_format=response_format, stream=stream)).status_code == 400
