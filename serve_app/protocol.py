@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -256,6 +257,55 @@ OptionalModel = Annotated[str | None, Blankable, Field(description=(
     "The model's name. May be left out when the server serves one model of the route's kind."))]
 
 
+@dataclass(frozen=True)
+class ForcedToolCall:
+    """A `tool_choice` that makes the answer a call: to the one function it names (`named`: the
+    answer is that function's arguments), or with `required`, to one or more of `tools`."""
+
+    named: bool
+    tools: list[dict[str, Any]]  # the function tools it may call, as the request defines them
+
+
+def function_name(tool: Any) -> str | None:
+    """The name a tool definition or a tool choice gives its function: OpenAI's nested form
+    (`{"type": "function", "function": {"name": ...}}`), its flat one (`{"type": "function",
+    "name": ...}`, as `allowed_tools` lists them), or the older `function_call`'s `{"name": ...}`."""
+    if not isinstance(tool, dict):
+        return None
+    nested = tool.get("function")
+    name = nested.get("name") if isinstance(nested, dict) else tool.get("name")
+    return name if isinstance(name, str) else None
+
+
+def _forced_tool_call(value: str | dict[str, Any] | None, tools: list[dict[str, Any]] | None) -> ForcedToolCall | None:
+    """What a `tool_choice` (or `function_call`) forces, checked against `tools`; None where the
+    model may answer in text. A choice that names what `tools` lacks is a ValueError."""
+    mode = _tool_mode(value)
+    if mode is None or mode in ("auto", "none"):
+        return None
+    functions = {name: tool for tool in tools or []
+                 if isinstance(tool, dict) and tool.get("type", "function") == "function"
+                 and (name := function_name(tool)) is not None}
+    if mode == "required":
+        allowed = value.get("allowed_tools", {}).get("tools") if isinstance(value, dict) else None
+        if allowed is not None:
+            names = [function_name(tool) for tool in allowed]
+            missing = [name for name in names if name not in functions]
+            if missing:
+                raise ValueError(f"allowed_tools names {missing[0]!r}, which is not a function in tools")
+            functions = {name: functions[name] for name in names}
+        if not functions:
+            raise ValueError("'required' needs at least one function in tools")
+        return ForcedToolCall(named=False, tools=list(functions.values()))
+    if isinstance(mode, dict) and mode.get("type", "function") == "function" and function_name(mode):
+        name = function_name(mode)
+        if name not in functions:
+            raise ValueError(f"it names the function {name!r}, which tools does not define")
+        return ForcedToolCall(named=True, tools=[functions[name]])
+    raise ValueError("use 'auto', 'none', 'required' or a function tool's name "
+                     "({\"type\": \"function\", \"function\": {\"name\": ...}}); custom tools cannot be forced here")
+
+
 def _tool_mode(value: str | dict[str, Any] | None) -> Any:
     """A `tool_choice`'s mode: the string itself, the mode of OpenAI's `allowed_tools` form
     (`{"type": "allowed_tools", "allowed_tools": {"mode": ...}}`), else the object (a named
@@ -344,14 +394,19 @@ class ChatCompletionRequest(BoundedRequest):
 
     @field_validator("tool_choice", "function_call")
     @classmethod
-    def _no_forced_tool_calls(cls, value: str | dict[str, Any] | None,
-                              info: ValidationInfo) -> str | dict[str, Any] | None:
-        mode = _tool_mode(value)
-        if mode is not None and mode not in ("auto", "none"):
-            raise ValueError(f"this server cannot force a tool call: {info.field_name} may be 'auto' or 'none' "
-                             "(with 'auto', a model configured with a tool_call_parser calls tools as it "
-                             "chooses; others answer in text)")
+    def _forces_a_known_tool(cls, value: str | dict[str, Any] | None,
+                             info: ValidationInfo) -> str | dict[str, Any] | None:
+        _forced_tool_call(value, info.data.get("tools"))
         return value
+
+    @property
+    def forced_tool_call(self) -> ForcedToolCall | None:
+        """The call `tool_choice` (or the older `function_call`) forces, if it forces one."""
+        for value in (self.tool_choice, self.function_call):
+            forced = _forced_tool_call(value, self.tools)
+            if forced is not None:
+                return forced
+        return None
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -28,7 +28,6 @@ from serve_app.protocol import (
     now,
 )
 from serve_app.access_log import note
-from serve_app.tool_calls import finish_reason_with_calls
 from serve_app.translate import AnswerFormat, choice_logprobs, wire_call, wire_tool_calls
 
 DONE = "data: [DONE]\n\n"
@@ -98,7 +97,7 @@ class ChatChunkEncoder:
         content = parts.content or ("" if role and not (calls or parts.reasoning) else None)
         return (DeltaMessage(role=role, content=content, tool_calls=calls or None,
                              reasoning=parts.reasoning or None, reasoning_content=parts.reasoning or None),
-                finish_reason_with_calls(delta.finish_reason, reader.calls_made > 0))
+                reader.finish_reason(delta.finish_reason))
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,

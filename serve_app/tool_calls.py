@@ -236,6 +236,35 @@ def marker_prefix_at_end(text: str, marker: str) -> int:
     return 0
 
 
+class ForcedCallReader(ToolCallReader):
+    """An answer that is a call by construction (a `tool_choice` that forces one, decoded under
+    a grammar): held back whole, then read as the named function's arguments (`name`), or with
+    `required` (`name` None) as a JSON list of `{"name": ..., "parameters": ...}`. An answer cut
+    off before its JSON closed stays text."""
+
+    def __init__(self, name: str | None) -> None:
+        super().__init__()
+        self._name, self._held = name, ""
+
+    def feed(self, text: str) -> ReadText:
+        self._held += text
+        return ReadText()
+
+    def finish(self) -> ReadText:
+        held, self._held = self._held, ""
+        try:
+            value = json.loads(held)
+        except (ValueError, RecursionError):
+            value = None
+        if self._name is not None:
+            calls = [parsed_call({"name": self._name, "arguments": value})] if isinstance(value, dict) else []
+        else:
+            calls = [parsed_call(item) for item in value] if isinstance(value, list) else []
+        if not calls or None in calls:
+            return ReadText(held)
+        return ReadText("", [made for call in calls for made in self._call(call)])
+
+
 READERS: dict[str, type[ToolCallReader]] = {"hermes": HermesReader, "llama3_json": Llama3JsonReader}
 
 KEEPS_SPECIAL_TOKENS = {"hermes"}
@@ -251,8 +280,3 @@ def read_tool_calls(fmt: ToolCallFormat, text: str) -> ReadText:
     read += reader.finish()
     return read
 
-
-def finish_reason_with_calls(reason: str | None, made_calls: bool) -> str | None:
-    """OpenAI's `tool_calls` for an answer that ended on its own after making calls; an answer
-    cut off by `max_tokens` stays `length`."""
-    return "tool_calls" if reason == "stop" and made_calls else reason

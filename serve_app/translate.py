@@ -24,17 +24,19 @@ from serve_app.protocol import (
     ChatCompletionResponse,
     ChatMessage,
     ChoiceLogprobs,
+    ForcedToolCall,
     FunctionCall,
     ImageEditRequest,
     ImageGenerationRequest,
     ToolCall,
     TopLogprob,
+    function_name,
     Usage,
 )
 from serve_app.protocol import TokenLogprob as WireTokenLogprob
 from serve_app.reasoning import ReasoningFormat, ReasoningReader, Split
 from serve_app.structured_output import json_grammar
-from serve_app.tool_calls import KEEPS_SPECIAL_TOKENS, READERS, ParsedToolCall, ToolCallFormat, finish_reason_with_calls
+from serve_app.tool_calls import KEEPS_SPECIAL_TOKENS, READERS, ForcedCallReader, ParsedToolCall, ToolCallFormat
 
 _ROLE_ALIASES = {"developer": "system", "function": "tool"}  # OpenAI's newer and older names
 
@@ -168,11 +170,35 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
 
 
 def _grammar(request: ChatCompletionRequest, config: ChatModelConfig) -> str | None:
-    """The grammar a `json_object` or `json_schema` answer follows; None for text."""
-    wanted = request.response_format
+    """The grammar the answer follows: a forced tool call's, a `json_object` or `json_schema`
+    answer's; None for text."""
+    forced, wanted = request.forced_tool_call, request.response_format
+    if forced is not None:
+        if wanted is not None and wanted.type != "text":
+            raise InvalidRequest("A tool_choice that forces a call makes the answer that call's JSON: give it or a "
+                                 "JSON response_format, not both.", param="response_format")
+        return json_grammar(_forced_call_schema(forced, single=request.parallel_tool_calls is False),
+                            config.json_any_whitespace)
     if wanted is None or wanted.type == "text":
         return None
     return json_grammar(wanted.schema, config.json_any_whitespace)
+
+
+def _forced_call_schema(forced: ForcedToolCall, single: bool) -> dict[str, Any]:
+    """What a forced call's answer is, as vLLM constrains it: the named function's arguments
+    (its `parameters` schema), or with `required` a list of one or more calls (one only with
+    `parallel_tool_calls` false), each `{"name": ..., "parameters": ...}` of a tool it may call."""
+    def parameters(tool: dict[str, Any]) -> dict[str, Any]:
+        function = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+        schema = function.get("parameters")
+        return schema if isinstance(schema, dict) and schema else {"type": "object"}
+
+    if forced.named:
+        return parameters(forced.tools[0])
+    calls = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
+              "properties": {"name": {"const": function_name(tool)}, "parameters": parameters(tool)}}
+             for tool in forced.tools]
+    return {"type": "array", "minItems": 1, **({"maxItems": 1} if single else {}), "items": {"anyOf": calls}}
 
 
 @dataclass
@@ -194,17 +220,25 @@ class AnswerParts:
 class AnswerFormat:
     """How a request's answers are read: the model's thinking (its `reasoning_parser`) and its
     tool calls (its `tool_call_parser`, for a request that gives tools, not with `tool_choice`
-    "none"). Neither: the answer is its text."""
+    "none"), or the call a `tool_choice` forces. Neither: the answer is its text. An answer
+    under a grammar (a forced call, a JSON `response_format`) is JSON from its first token:
+    it has no thinking to read (with `deepseek_r1`, all of it would read as thinking)."""
 
     reasoning: ReasoningFormat | None = None
     tool_calls: ToolCallFormat | None = None
+    forced: ForcedToolCall | None = None
 
     @classmethod
     def of(cls, request: ChatCompletionRequest, config: ChatModelConfig) -> "AnswerFormat":
-        return cls(config.reasoning_parser, config.tool_call_parser if request.template_tools else None)
+        forced = request.forced_tool_call
+        constrained = forced is not None or (request.response_format is not None
+                                             and request.response_format.type != "text")
+        return cls(reasoning=None if constrained else config.reasoning_parser,
+                   tool_calls=None if forced else config.tool_call_parser if request.template_tools else None,
+                   forced=forced)
 
     def reader(self) -> "AnswerReader | None":
-        return AnswerReader(self) if self.reasoning or self.tool_calls else None
+        return AnswerReader(self) if self.reasoning or self.tool_calls or self.forced else None
 
 
 class AnswerReader:
@@ -213,11 +247,21 @@ class AnswerReader:
 
     def __init__(self, fmt: AnswerFormat) -> None:
         self.thinking = ReasoningReader(fmt.reasoning) if fmt.reasoning else None
-        self.tools = READERS[fmt.tool_calls]() if fmt.tool_calls else None
+        self.forced = fmt.forced is not None
+        if fmt.forced is not None:
+            self.tools = ForcedCallReader(function_name(fmt.forced.tools[0]) if fmt.forced.named else None)
+        else:
+            self.tools = READERS[fmt.tool_calls]() if fmt.tool_calls else None
 
     @property
     def calls_made(self) -> int:
         return self.tools.calls_made if self.tools else 0
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        """OpenAI's `tool_calls` for an answer that ended on its own after calling tools of its
+        own accord; a forced call ends as `stop`, as OpenAI and vLLM end it, and an answer cut off
+        by `max_tokens` as `length`."""
+        return "tool_calls" if reason == "stop" and self.calls_made and not self.forced else reason
 
     def feed(self, text: str) -> AnswerParts:
         return self._parts(self.thinking.feed(text) if self.thinking else Split(content=text), ended=False)
@@ -273,6 +317,7 @@ def chat_response(request: ChatCompletionRequest, result: ChatResult,
 def _chat_choice(index: int, choice: ChatChoiceResult, request: ChatCompletionRequest,
                  reader: AnswerReader | None) -> ChatChoice:
     """One choice; with a `reader`, its thinking and calls read out of its text."""
+    finish_reason = choice.finish_reason
     if reader is None:
         message = AssistantMessage(content=choice.text)
     else:
@@ -281,8 +326,9 @@ def _chat_choice(index: int, choice: ChatChoiceResult, request: ChatCompletionRe
         message = AssistantMessage(content=parts.content or (None if calls else ""),
                                    reasoning=parts.reasoning or None, reasoning_content=parts.reasoning or None,
                                    tool_calls=[wire_call(call) for call in calls] or None)
+        finish_reason = reader.finish_reason(finish_reason)
     return ChatChoice(index=index, message=message, logprobs=choice_logprobs(choice.logprobs),
-                      finish_reason=finish_reason_with_calls(choice.finish_reason, bool(message.tool_calls)))
+                      finish_reason=finish_reason)
 
 
 def wire_call(call: ParsedToolCall) -> AnswerToolCall:

@@ -829,8 +829,7 @@ BAD_REQUESTS = [
     ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "stream": True}}, 400, "stream"),
     ("post", "/v1/images/generations", {"json": {"model": IMAGE, "prompt": "x", "output_compression": 101}}, 400, "output_compression"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "response_format": {"type": "regex", "regex": "a+"}}}, 400, "response_format"),
-    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
-                                               "tool_choice": "required"}}, 400, "tool_choice"),
+    ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "tool_choice": "required"}}, 400, "tool_choice"),  # no tools
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "tool_choice": {"type": "allowed_tools", "allowed_tools": {
         "mode": "required", "tools": [{"type": "function", "function": {"name": "f"}}]}}}}, 400, "tool_choice"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "tool_choice": {"type": "function", "function": {"name": "f"}}}},

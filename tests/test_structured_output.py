@@ -104,3 +104,69 @@ def test_a_schema_that_cannot_be_used_is_a_400(http, response_format, says):
     assert answer.json()["error"]["param"] == "response_format" and says in answer.json()["message"]
     for stream in (False, True):  # the same 400 for a stream: refused before any token
         assert http.post("/v1/chat/completions", json=_ask(response_format=response_format, stream=stream)).status_code == 400
+
+
+# ------------------------------------------------------------------ tool_choice that forces a call
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["city"],
+    "properties": {"city": {"enum": ["Paris", "Rome"]}}}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["zone"],
+    "properties": {"zone": {"enum": ["UTC", "CET"]}}}}}
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def _arguments_valid(call) -> bool:
+    schema = {"get_weather": WEATHER, "get_time": CLOCK}[call.function.name]["function"]["parameters"]
+    jsonschema.validate(json.loads(call.function.arguments), schema)
+    return True
+
+
+def test_a_named_tool_choice_calls_that_function(client):
+    """Any model, with or without a tool_call_parser: the answer is the function's arguments."""
+    answer = client.chat.completions.create(**_ask(tools=[WEATHER, CLOCK], tool_choice=NAMED, n=2, seed=1))
+    for choice in answer.choices:
+        assert choice.finish_reason == "stop" and choice.message.content is None  # "stop", as OpenAI and vLLM say
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather" and call.id.startswith("call_") and _arguments_valid(call)
+    # The older function_call naming it forces the same.
+    older = client.chat.completions.create(**_ask(tools=[WEATHER], function_call={"name": "get_weather"}))
+    assert older.choices[0].message.tool_calls[0].function.name == "get_weather"
+
+
+def test_required_calls_one_or_more_tools(client):
+    for seed in range(3):
+        choice = client.chat.completions.create(**_ask(tools=[WEATHER, CLOCK], tool_choice="required", seed=seed,
+                                                       parallel_tool_calls=False)).choices[0]
+        (call,) = choice.message.tool_calls
+        assert call.function.name in ("get_weather", "get_time") and _arguments_valid(call)
+    free = client.chat.completions.create(**_ask(tools=[WEATHER, CLOCK], tool_choice="required", seed=5,
+                                                 max_tokens=200)).choices[0]
+    if free.finish_reason == "stop":
+        assert free.message.tool_calls and all(_arguments_valid(call) for call in free.message.tool_calls)
+    else:  # cut off inside its list of calls: the text it wrote, no call
+        assert free.message.tool_calls is None and free.message.content.startswith("[{")
+    # allowed_tools narrows the choice.
+    narrowed = client.chat.completions.create(**_ask(tools=[WEATHER, CLOCK], parallel_tool_calls=False, tool_choice={
+        "type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [{"type": "function", "name": "get_time"}]}}))
+    assert narrowed.choices[0].message.tool_calls[0].function.name == "get_time"
+
+
+def test_a_streamed_forced_call_is_the_same_call(client):
+    ask = _ask(tools=[WEATHER, CLOCK], tool_choice="required", parallel_tool_calls=False, seed=2, temperature=1.5)
+    whole = client.chat.completions.create(**ask).choices[0].message.tool_calls
+    streamed = [call for chunk in client.chat.completions.create(**ask, stream=True)
+                for choice in chunk.choices for call in choice.delta.tool_calls or []]
+    assert [(c.index, c.function.name, c.function.arguments) for c in streamed] == \
+        [(0, whole[0].function.name, whole[0].function.arguments)]
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tools": [WEATHER], "tool_choice": NAMED, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "custom", "custom": {"name": "get_weather"}}}, "tool_choice"),
+])
+def test_a_forced_call_that_cannot_be_made_is_a_400(http, extra, param):
+    answer = http.post("/v1/chat/completions", json=_ask(**extra))
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
