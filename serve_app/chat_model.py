@@ -317,7 +317,7 @@ class ChatModel(ModelReplica):
         top_logprobs = job.top_logprobs if job.logprobs else None
         decoders = [ChoiceDecoder(self.tokenizer, self.eos_ids, job.stop, max_new, top_logprobs, self.token_bytes,
                                   job.skip_special_tokens) for _ in range(job.n)]
-        grammars = [self.grammars.matcher(job.grammar) for _ in range(job.n)] if job.grammar is not None else None
+        grammars = self.grammars.matchers(job.grammar, job.n) if job.grammar is not None else None
         return Slot(prompt_ids=prompt_ids, rows=make_rows(job, self.sampling_defaults, decoders, prompt_ids, grammars))
 
     def _fit_to_context(self, prompt_length: int, job: ChatJob) -> int:

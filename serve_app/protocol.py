@@ -287,7 +287,9 @@ def _forced_tool_call(value: str | dict[str, Any] | None, tools: list[dict[str, 
                  if isinstance(tool, dict) and tool.get("type", "function") == "function"
                  and (name := function_name(tool)) is not None}
     if mode == "required":
-        allowed = value.get("allowed_tools", {}).get("tools") if isinstance(value, dict) else None
+        allowed = value["allowed_tools"].get("tools") if isinstance(value, dict) and value.get("allowed_tools") else None
+        if allowed is not None and not isinstance(allowed, list):
+            raise ValueError("allowed_tools.tools must be a list of tools")
         if allowed is not None:
             names = [function_name(tool) for tool in allowed]
             missing = [name for name in names if name not in functions]
@@ -312,7 +314,9 @@ def _tool_mode(value: str | dict[str, Any] | None) -> Any:
     function or custom tool, which forces a call)."""
     if isinstance(value, dict) and value.get("type") == "allowed_tools":
         allowed = value.get("allowed_tools")
-        return allowed.get("mode") if isinstance(allowed, dict) else allowed
+        if not isinstance(allowed, dict):
+            raise ValueError("allowed_tools must be an object: {\"mode\": \"auto\" | \"required\", \"tools\": [...]}")
+        return allowed.get("mode")
     return value
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from serve_app.errors import InvalidRequest
 from serve_app.jobs import ChatJob, generator_seed
 
 if TYPE_CHECKING:
@@ -64,13 +65,17 @@ class Row:
         """Whether top-k or top-p cut this row's distribution (its vocabulary must be sorted)."""
         return 0 < self.top_k < vocab or self.top_p < 1.0
 
-    def follow(self, token: int) -> bool:
-        """Advance the row's grammar past its chosen token; True once the grammar is complete (the
-        answer ends there). A token the grammar refuses (every token it allows was ruled out by
-        the model itself: a -inf logit) fails the request."""
-        if not self.grammar.consume_token(token):
-            raise ValueError(f"the answer could not continue its response_format: {self.grammar.get_error()}")
-        return self.grammar.is_stopped()
+    def follow(self, token: int, ended: bool) -> bool:
+        """Advance the row's grammar past its chosen token (unless that token `ended` the answer);
+        True once the grammar is complete (the answer ends there). A grammar that failed (while
+        computing its mask, its mask then allows only the end: the answer would look complete) or
+        that refuses the token (every token it allows was ruled out by the model itself, a -inf
+        logit) fails the request."""
+        if self.grammar.is_error() or not (ended or self.grammar.consume_token(token)):
+            # That request fails (a 400: its schema is past the parser's limits), its batch-mates go on.
+            raise InvalidRequest(f"The answer could not follow its schema: {self.grammar.get_error()}",
+                                 param="response_format")
+        return not ended and self.grammar.is_stopped()
 
     def uniform(self) -> float:
         """This row's next random number, in (0, 1]."""
@@ -220,7 +225,7 @@ class SamplingPlan:
         from llguidance.torch import fill_next_token_bitmask
 
         for j, i in enumerate(self.constrained):
-            fill_next_token_bitmask(self.rows[i].grammar, self.allowed, j)
+            fill_next_token_bitmask(self.rows[i].grammar, self.allowed, j)  # an error shows in `Row.follow`
         words = self.allowed.to(logits.device, non_blocking=True)
         allowed = ((words[:, :, None] >> self.bit) & 1).flatten(1)[:, :logits.shape[-1]].bool()
         if self.constrained_index is None:

@@ -27,14 +27,18 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def json_grammar(schema: dict[str, Any] | None, any_whitespace: bool) -> str:
+def json_grammar(schema: dict[str, Any] | None, any_whitespace: bool, param: str = "response_format") -> str:
     """The grammar of a JSON answer: any JSON object where `schema` is None (`json_object`),
     else one that validates against `schema`. Without `any_whitespace`, no whitespace outside
     strings: small models given the choice can write newlines until `max_tokens` runs out,
     which is why vLLM has `disable_any_whitespace`."""
     schema = {"type": "object"} if schema is None else schema
-    options = {"whitespace_flexible": any_whitespace}
-    return llguidance.LLMatcher.grammar_from_json_schema({**schema, "x-guidance": options})
+    # As vLLM's guidance backend: defaults (a schema's own "x-guidance" wins), oneOf read as anyOf.
+    defaults = {"whitespace_flexible": any_whitespace, "coerce_one_of": True}
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=defaults)
+    except (ValueError, TypeError, OverflowError) as exc:  # not JSON it can write: a lone surrogate, a huge int
+        raise InvalidRequest(f"{param}'s schema cannot be used: {exc}", param=param) from None
 
 
 class GrammarCompiler:
@@ -59,15 +63,21 @@ class GrammarCompiler:
                     raise InvalidRequest("This model's tokenizer is a slow (Python) one, which constrained decoding "
                                          "cannot read; response_format needs a fast tokenizer.",
                                          param="response_format")
-                self._compiled = llguidance.hf.from_tokenizer(self._tokenizer, n_vocab=self._vocabulary,
-                                                              eos_token=sorted(self._eos_ids))
+                import llguidance.torch  # noqa: F401 - its first import takes a second: here, not on the decode thread
+
+                try:
+                    self._compiled = llguidance.hf.from_tokenizer(self._tokenizer, n_vocab=self._vocabulary,
+                                                                  eos_token=sorted(self._eos_ids))
+                except ValueError as exc:  # a tokenizer larger than the model's head, no end-of-sequence id
+                    raise InvalidRequest(f"This model's tokenizer cannot be read for constrained decoding: {exc}",
+                                         param="response_format") from None
             return self._compiled
 
-    def matcher(self, grammar: str) -> llguidance.LLMatcher:
-        """A fresh matcher for one answer; a grammar it refuses is the client's error."""
+    def matchers(self, grammar: str, count: int) -> list[llguidance.LLMatcher]:
+        """Fresh matchers for a request's answers (compiled once, copied); a grammar llguidance
+        refuses is the client's error."""
         matcher = llguidance.LLMatcher(self.prepare(), grammar, log_level=0)
         if matcher.is_error():
-            raise InvalidRequest(f"response_format's schema cannot be used: {matcher.get_error()}",
-                                 param="response_format")
-        return matcher
+            raise InvalidRequest(f"The schema cannot be used: {matcher.get_error()}", param="response_format")
+        return [matcher] + [matcher.deep_copy() for _ in range(count - 1)]
 

@@ -178,7 +178,7 @@ def _grammar(request: ChatCompletionRequest, config: ChatModelConfig) -> str | N
             raise InvalidRequest("A tool_choice that forces a call makes the answer that call's JSON: give it or a "
                                  "JSON response_format, not both.", param="response_format")
         return json_grammar(_forced_call_schema(forced, single=request.parallel_tool_calls is False),
-                            config.json_any_whitespace)
+                            config.json_any_whitespace, param="tools")
     if wanted is None or wanted.type == "text":
         return None
     return json_grammar(wanted.schema, config.json_any_whitespace)
@@ -195,10 +195,19 @@ def _forced_call_schema(forced: ForcedToolCall, single: bool) -> dict[str, Any]:
 
     if forced.named:
         return parameters(forced.tools[0])
-    calls = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
-              "properties": {"name": {"const": function_name(tool)}, "parameters": parameters(tool)}}
-             for tool in forced.tools]
-    return {"type": "array", "minItems": 1, **({"maxItems": 1} if single else {}), "items": {"anyOf": calls}}
+    # Each tool's `$defs` move to the root, where its `$ref`s ("#/$defs/Unit") point, as vLLM moves them.
+    calls, definitions = [], {}
+    for tool in forced.tools:
+        own = dict(parameters(tool))
+        for key in ("$defs", "definitions"):
+            for name, definition in (own.pop(key, None) or {}).items():
+                if definitions.setdefault(key, {}).setdefault(name, definition) != definition:
+                    raise InvalidRequest(f"Two tools define {key}/{name} differently; tool_choice 'required' needs "
+                                         "one definition of each.", param="tools")
+        calls.append({"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
+                      "properties": {"name": {"const": function_name(tool)}, "parameters": own}})
+    return {"type": "array", "minItems": 1, **({"maxItems": 1} if single else {}), "items": {"anyOf": calls},
+            **definitions}
 
 
 @dataclass
@@ -233,8 +242,8 @@ class AnswerFormat:
         forced = request.forced_tool_call
         constrained = forced is not None or (request.response_format is not None
                                              and request.response_format.type != "text")
-        return cls(reasoning=None if constrained else config.reasoning_parser,
-                   tool_calls=None if forced else config.tool_call_parser if request.template_tools else None,
+        return cls(reasoning=None if constrained else config.reasoning_parser,  # calls cannot be written in it either
+                   tool_calls=None if constrained else config.tool_call_parser if request.template_tools else None,
                    forced=forced)
 
     def reader(self) -> "AnswerReader | None":
@@ -247,7 +256,7 @@ class AnswerReader:
 
     def __init__(self, fmt: AnswerFormat) -> None:
         self.thinking = ReasoningReader(fmt.reasoning) if fmt.reasoning else None
-        self.forced = fmt.forced is not None
+        self.named = fmt.forced is not None and fmt.forced.named
         if fmt.forced is not None:
             self.tools = ForcedCallReader(function_name(fmt.forced.tools[0]) if fmt.forced.named else None)
         else:
@@ -258,10 +267,10 @@ class AnswerReader:
         return self.tools.calls_made if self.tools else 0
 
     def finish_reason(self, reason: str | None) -> str | None:
-        """OpenAI's `tool_calls` for an answer that ended on its own after calling tools of its
-        own accord; a forced call ends as `stop`, as OpenAI and vLLM end it, and an answer cut off
-        by `max_tokens` as `length`."""
-        return "tool_calls" if reason == "stop" and self.calls_made and not self.forced else reason
+        """OpenAI's `tool_calls` for an answer that ended on its own after calling tools (with
+        `required` too); a call to a function `tool_choice` names ends as `stop`, as OpenAI and
+        vLLM end it, and an answer cut off by `max_tokens` as `length`."""
+        return "tool_calls" if reason == "stop" and self.calls_made and not self.named else reason
 
     def feed(self, text: str) -> AnswerParts:
         return self._parts(self.thinking.feed(text) if self.thinking else Split(content=text), ended=False)

@@ -22,6 +22,11 @@ def _ask(**extra) -> dict:
     return {"model": CHAT, "messages": [{"role": "user", "content": "Is the sky blue?"}], "max_tokens": 64, **extra}
 
 
+def _post(http, body: dict):
+    """As JSON with escapes: httpx's own encoder cannot write a lone surrogate ("\\ud800")."""
+    return http.post("/v1/chat/completions", content=json.dumps(body), headers={"Content-Type": "application/json"})
+
+
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
@@ -97,13 +102,20 @@ def test_a_constrained_request_shares_its_batch_with_free_ones(http):
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}}, "nowhere"),
     ({"type": "json_schema", "json_schema": {"name": "x"}}, "json_schema.schema"),
     ({"type": "grammar", "grammar": "root ::= 'a'"}, "'grammar' is not supported"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": ["\ud800"]}}}, "schema cannot be used"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "maximum": 2 ** 64}}},
+     "schema cannot be used"),
+    # Compiles, then goes past the parser's limits at the first token: that request fails, as a 400.
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "additionalProperties": False,
+        "properties": {f"field_{i}": {"type": "string"} for i in range(520)}}}}, "schema"),
 ])
 def test_a_schema_that_cannot_be_used_is_a_400(http, response_format, says):
-    answer = http.post("/v1/chat/completions", json=_ask(response_format=response_format))
+    answer = _post(http, _ask(response_format=response_format))
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == "response_format" and says in answer.json()["message"]
     for stream in (False, True):  # the same 400 for a stream: refused before any token
-        assert http.post("/v1/chat/completions", json=_ask(response_format=response_format, stream=stream)).status_code == 400
+        assert _post(http, _ask(response_format=response_format, stream=stream)).status_code == 400
 
 
 # ------------------------------------------------------------------ tool_choice that forces a call
@@ -141,9 +153,10 @@ def test_required_calls_one_or_more_tools(client):
                                                        parallel_tool_calls=False)).choices[0]
         (call,) = choice.message.tool_calls
         assert call.function.name in ("get_weather", "get_time") and _arguments_valid(call)
+        assert choice.finish_reason == "tool_calls"  # as OpenAI and vLLM end `required` (a named call: "stop")
     free = client.chat.completions.create(**_ask(tools=[WEATHER, CLOCK], tool_choice="required", seed=5,
                                                  max_tokens=200)).choices[0]
-    if free.finish_reason == "stop":
+    if free.finish_reason == "tool_calls":
         assert free.message.tool_calls and all(_arguments_valid(call) for call in free.message.tool_calls)
     else:  # cut off inside its list of calls: the text it wrote, no call
         assert free.message.tool_calls is None and free.message.content.startswith("[{")
@@ -151,6 +164,13 @@ def test_required_calls_one_or_more_tools(client):
     narrowed = client.chat.completions.create(**_ask(tools=[WEATHER, CLOCK], parallel_tool_calls=False, tool_choice={
         "type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [{"type": "function", "name": "get_time"}]}}))
     assert narrowed.choices[0].message.tool_calls[0].function.name == "get_time"
+    # A tool whose parameters refer to their own $defs (as pydantic_function_tool writes an Enum field).
+    unit = {"type": "function", "function": {"name": "get_temperature", "parameters": {
+        "$defs": {"Unit": {"enum": ["C", "F"]}}, "type": "object", "additionalProperties": False,
+        "required": ["unit"], "properties": {"unit": {"$ref": "#/$defs/Unit"}}}}}
+    call = client.chat.completions.create(**_ask(tools=[WEATHER, unit], tool_choice="required", parallel_tool_calls=False,
+                                                 seed=4)).choices[0].message.tool_calls[0]
+    assert call.function.name in ("get_weather", "get_temperature")
 
 
 def test_a_streamed_forced_call_is_the_same_call(client):
@@ -166,7 +186,12 @@ def test_a_streamed_forced_call_is_the_same_call(client):
     ({"tools": [WEATHER], "tool_choice": NAMED, "response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": {"type": "custom", "custom": {"name": "get_weather"}}}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "allowed_tools", "allowed_tools": "required"}}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": 5}}},
+     "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"enum": [2 ** 64 + 0.5, "\ud800"]}}}],
+      "tool_choice": "required"}, "tools"),
 ])
 def test_a_forced_call_that_cannot_be_made_is_a_400(http, extra, param):
-    answer = http.post("/v1/chat/completions", json=_ask(**extra))
+    answer = _post(http, _ask(**extra))
     assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
