@@ -199,7 +199,7 @@ class DecodeBatch:
                                      "float16, checkpoints trained in bfloat16 can overflow: set dtype to "
                                      "bfloat16 or float32")
                 text = row.decoder.feed(token, per_row.get(i))
-                if row.grammar is not None and row.follow(token, ended=row.decoder.finish_reason is not None):
+                if row.grammar is not None and row.grammar.follow(token, ended=row.decoder.finish_reason is not None):
                     text += row.decoder.end()  # the JSON is complete: nothing more may follow
             except Exception as exc:  # noqa: BLE001 - turning a token into text failed for this request only
                 slot.error, text = slot.error or exc, ""

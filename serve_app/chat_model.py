@@ -84,7 +84,7 @@ class ChatModel(ModelReplica):
         head = self.model.get_output_embeddings()  # the logits' width; some models name no head
         self.vocabulary = getattr(head, "out_features", None) or self.model.config.get_text_config().vocab_size
         self.token_bytes = TokenBytes(self.tokenizer)
-        self.grammars = GrammarCompiler(self.tokenizer, self.vocabulary, self.eos_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocabulary, self.eos_ids, config.reasoning_parser)
         self._batch = self._new_batch()
         self.context_length = self._batch.context_length
         self._cache_merges = True  # until a prefill shows this model's cache cannot take newcomers
@@ -317,7 +317,7 @@ class ChatModel(ModelReplica):
         top_logprobs = job.top_logprobs if job.logprobs else None
         decoders = [ChoiceDecoder(self.tokenizer, self.eos_ids, job.stop, max_new, top_logprobs, self.token_bytes,
                                   job.skip_special_tokens) for _ in range(job.n)]
-        grammars = self.grammars.matchers(job.grammar, job.n) if job.grammar is not None else None
+        grammars = self.grammars.grammars(job.grammar, job.n) if job.grammar is not None else None
         return Slot(prompt_ids=prompt_ids, rows=make_rows(job, self.sampling_defaults, decoders, prompt_ids, grammars))
 
     def _fit_to_context(self, prompt_length: int, job: ChatJob) -> int:

@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from serve_app.errors import InvalidRequest
 from serve_app.jobs import ChatJob, generator_seed
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
 
     from serve_app.decoding import ChoiceDecoder
+    from serve_app.structured_output import AnswerGrammar
 
 
 UNIFORM_BLOCK = 64
@@ -54,7 +54,7 @@ class Row:
     prompt_tokens: torch.Tensor | None = None  # the prompt's distinct token ids, on the CPU (repetition-penalized rows)
     counts: torch.Tensor | None = None  # occurrences of each token id so far (penalized rows; see SamplingPlan)
     bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (token ids, values) of `logit_bias`, on the CPU
-    grammar: Any = None  # an llguidance matcher the answer follows (`structured_output`); None: free text
+    grammar: AnswerGrammar | None = None  # what the answer follows (`structured_output`); None: free text
     _uniforms: list[float] = field(default_factory=list, init=False, repr=False)
 
     @property
@@ -64,18 +64,6 @@ class Row:
     def filtered(self, vocab: int) -> bool:
         """Whether top-k or top-p cut this row's distribution (its vocabulary must be sorted)."""
         return 0 < self.top_k < vocab or self.top_p < 1.0
-
-    def follow(self, token: int, ended: bool) -> bool:
-        """Advance the row's grammar past its chosen token (unless that token `ended` the answer);
-        True once the grammar is complete (the answer ends there). A grammar that failed (while
-        computing its mask, its mask then allows only the end: the answer would look complete) or
-        that refuses the token (every token it allows was ruled out by the model itself, a -inf
-        logit) fails the request."""
-        if self.grammar.is_error() or not (ended or self.grammar.consume_token(token)):
-            # That request fails (a 400: its schema is past the parser's limits), its batch-mates go on.
-            raise InvalidRequest(f"The answer could not follow its schema: {self.grammar.get_error()}",
-                                 param="response_format")
-        return not ended and self.grammar.is_stopped()
 
     def uniform(self) -> float:
         """This row's next random number, in (0, 1]."""
@@ -104,7 +92,7 @@ class SamplingDefaults:
 
 
 def make_rows(job: ChatJob, defaults: SamplingDefaults, decoders: list[ChoiceDecoder],
-              prompt_ids: torch.Tensor | None = None, grammars: list[Any] | None = None) -> list[Row]:
+              prompt_ids: torch.Tensor | None = None, grammars: list[AnswerGrammar] | None = None) -> list[Row]:
     """Rows for a job. Omitted settings take the checkpoint's values, else OpenAI's defaults
     (temperature 1, top_p 1), as vLLM's server does; a request samples unless its
     temperature is 0 (transformers' own `generate` is greedy unless told to sample, but an
@@ -222,10 +210,8 @@ class SamplingPlan:
         """Tokens a constrained row's grammar does not allow next get -inf: llguidance writes each
         row's allowed tokens as a bitmask (32 tokens per int32), unpacked here for all rows at once
         (llguidance's own helper needs torch.compile, a C++ toolchain on a CPU)."""
-        from llguidance.torch import fill_next_token_bitmask
-
         for j, i in enumerate(self.constrained):
-            fill_next_token_bitmask(self.rows[i].grammar, self.allowed, j)  # an error shows in `Row.follow`
+            self.rows[i].grammar.fill_mask(self.allowed, j)
         words = self.allowed.to(logits.device, non_blocking=True)
         allowed = ((words[:, :, None] >> self.bit) & 1).flatten(1)[:, :logits.shape[-1]].bool()
         if self.constrained_index is None:

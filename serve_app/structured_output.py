@@ -12,16 +12,22 @@ that cannot continue the grammar are masked out of the row's logits before it sa
 The grammar is built here, from the request alone (the ingress passes it on in the
 job); it is compiled against the model's tokenizer on the replica, where a schema the
 matcher refuses becomes a 400 naming `response_format`.
+
+A reasoning model (`reasoning_parser`) thinks first: as vLLM does, its answer comes
+under the grammar only once the thinking has ended (`AnswerGrammar`), so the thinking is
+free text and the content after it is the JSON.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import llguidance
 
 from serve_app.errors import InvalidRequest
+from serve_app.reasoning import END, START, ReasoningFormat
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -41,12 +47,85 @@ def json_grammar(schema: dict[str, Any] | None, any_whitespace: bool, param: str
         raise InvalidRequest(f"{param}'s schema cannot be used: {exc}", param=param) from None
 
 
+@dataclass(frozen=True)
+class ThinkingMarkers:
+    """A reasoning model's `<think>` and `</think>` token ids, and whether its answer starts
+    inside the thinking (`deepseek_r1`: the chat template opened it) or thinks only if it
+    starts with `<think>` (`qwen3`), as `reasoning.ReasoningReader` reads it."""
+
+    start: int
+    end: int
+    starts_inside: bool
+
+    @classmethod
+    def of(cls, tokenizer: PreTrainedTokenizerBase, fmt: ReasoningFormat | None) -> "ThinkingMarkers | None":
+        """None without a `reasoning_parser`, or where the tokenizer has no single, ordinary (not
+        special: decoded, so the reader sees it) token for each marker: then the thinking's end
+        cannot be told token by token, and such a model cannot take a grammar (`GrammarCompiler`).
+        DeepSeek-R1 and its distills, Qwen3 and QwQ all have both."""
+        if fmt is None:
+            return None
+        vocab, special = tokenizer.get_vocab(), set(tokenizer.all_special_ids)
+        start, end = vocab.get(START), vocab.get(END)
+        if start is None or end is None or {start, end} & special:
+            return None
+        return cls(start=start, end=end, starts_inside=fmt == "deepseek_r1")
+
+
+class AnswerGrammar:
+    """One answer's grammar (an llguidance matcher), applied from where the answer is meant to
+    be JSON: from its first token, or for a reasoning model from the token after `</think>`
+    (with `qwen3`, the first token may also be `<think>`, which starts the thinking; any
+    other is the JSON's), as vLLM starts it. While the answer thinks, its tokens are free."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, thinking: ThinkingMarkers | None) -> None:
+        self.matcher = matcher
+        self._thinking = thinking
+        self._state: Literal["json", "thinking", "may_think"] = (
+            "json" if thinking is None else "thinking" if thinking.starts_inside else "may_think")
+
+    def fill_mask(self, allowed: Any, row: int) -> None:
+        """Write the tokens allowed next into row `row` of the int32 bitmask `allowed` (32 token ids
+        a word). A matcher's error shows in `follow`."""
+        from llguidance.torch import fill_next_token_bitmask
+
+        if self._state == "thinking":
+            allowed[row].fill_(-1)
+            return
+        fill_next_token_bitmask(self.matcher, allowed, row)
+        if self._state == "may_think":
+            word, bit = divmod(self._thinking.start, 32)
+            allowed[row, word] |= (1 << bit) if bit < 31 else -(1 << 31)  # int32: bit 31 is the sign
+
+    def follow(self, token: int, ended: bool) -> bool:
+        """Advance past the row's chosen token (unless that token `ended` the answer); True once
+        the grammar is complete (the answer ends there). A grammar that failed (while computing
+        its mask, its mask then allows only the end: the answer would look complete) or that
+        refuses the token (every token it allows was ruled out by the model itself, a -inf
+        logit) fails the request."""
+        if self._state != "json":
+            if self._state == "thinking":
+                self._state = "json" if token == self._thinking.end else "thinking"
+                return False
+            self._state = "thinking" if token == self._thinking.start else "json"
+            if self._state == "thinking":
+                return False
+        if self.matcher.is_error() or not (ended or self.matcher.consume_token(token)):
+            # That request fails (a 400: its schema is past the parser's limits), its batch-mates go on.
+            raise InvalidRequest(f"The answer could not follow its schema: {self.matcher.get_error()}",
+                                 param="response_format")
+        return not ended and self.matcher.is_stopped()
+
+
 class GrammarCompiler:
     """A model's tokenizer as llguidance reads it, made once per replica on first use (about
-    a second for a 150k vocabulary), and a matcher per answer row from a job's grammar."""
+    a second for a 150k vocabulary), and a grammar per answer row from a job's grammar."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocabulary: int, eos_ids: set[int]) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocabulary: int, eos_ids: set[int],
+                 reasoning: ReasoningFormat | None = None) -> None:
         self._tokenizer, self._vocabulary, self._eos_ids = tokenizer, vocabulary, eos_ids
+        self._reasoning = reasoning
+        self._thinking = ThinkingMarkers.of(tokenizer, reasoning)
         self._compiled: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()  # prepared on the event loop or, for a long request, a thread
 
@@ -73,11 +152,18 @@ class GrammarCompiler:
                                          param="response_format") from None
             return self._compiled
 
-    def matchers(self, grammar: str, count: int) -> list[llguidance.LLMatcher]:
-        """Fresh matchers for a request's answers (compiled once, copied); a grammar llguidance
+    def grammars(self, grammar: str, count: int) -> list[AnswerGrammar]:
+        """Fresh grammars for a request's answers (compiled once, copied); a grammar llguidance
         refuses is the client's error."""
+        if self._reasoning is not None and self._thinking is None:
+            raise InvalidRequest(
+                f"This model's answers are read for thinking (reasoning_parser {self._reasoning}), but its tokenizer "
+                f"has no single ordinary token for {START} and {END}, so where the thinking ends, and the JSON "
+                "starts, cannot be told: it cannot take response_format json_object or json_schema, or a forced "
+                "tool_choice.", param="response_format")
         matcher = llguidance.LLMatcher(self.prepare(), grammar, log_level=0)
         if matcher.is_error():
             raise InvalidRequest(f"The schema cannot be used: {matcher.get_error()}", param="response_format")
-        return [matcher] + [matcher.deep_copy() for _ in range(count - 1)]
+        matchers = [matcher] + [matcher.deep_copy() for _ in range(count - 1)]
+        return [AnswerGrammar(each, self._thinking) for each in matchers]
 

@@ -230,8 +230,8 @@ class AnswerFormat:
     """How a request's answers are read: the model's thinking (its `reasoning_parser`) and its
     tool calls (its `tool_call_parser`, for a request that gives tools, not with `tool_choice`
     "none"), or the call a `tool_choice` forces. Neither: the answer is its text. An answer
-    under a grammar (a forced call, a JSON `response_format`) is JSON from its first token:
-    it has no thinking to read (with `deepseek_r1`, all of it would read as thinking)."""
+    under a grammar (a forced call, a JSON `response_format`) is JSON once its thinking has
+    ended (`structured_output.AnswerGrammar`): it is read for thinking, not for calls."""
 
     reasoning: ReasoningFormat | None = None
     tool_calls: ToolCallFormat | None = None
@@ -242,7 +242,7 @@ class AnswerFormat:
         forced = request.forced_tool_call
         constrained = forced is not None or (request.response_format is not None
                                              and request.response_format.type != "text")
-        return cls(reasoning=None if constrained else config.reasoning_parser,  # calls cannot be written in it either
+        return cls(reasoning=config.reasoning_parser,
                    tool_calls=None if constrained else config.tool_call_parser if request.template_tools else None,
                    forced=forced)
 

@@ -6,7 +6,8 @@ fitted for a few seconds to five answers (one Hermes-style call, two calls, plai
 each of those after a Qwen3-style `<think>` block) to prompts that list a tool, so that the
 real decode loop writes real calls and thinking; its tokenizer
 counts `<tool_call>` and `</tool_call>` as special tokens, as Hermes 2 Pro's does, which
-the reader only sees because the decoder keeps special tokens for this format.
+the reader only sees because the decoder keeps special tokens for this format, and
+`<think>` and `</think>` as single ordinary tokens, as Qwen3's does.
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ def _call(city: str) -> str:
 
 
 ONE_CALL, TWO_CALLS, NO_CALL = "What is the weather in Paris?", "Weather in Paris and Rome?", "Say hello."
-THINK, THINK_CALL = "Think, then greet.", "Think, then check Rome."
+THINK, THINK_CALL, THINK_JSON = "Think, then greet.", "Think, then check Rome.", "Think, then name a city in JSON."
 TAUGHT = {ONE_CALL: _call("Paris"), TWO_CALLS: _call("Paris") + "\n" + _call("Rome"), NO_CALL: "Hello! How can I help?",
           THINK: "<think>\nA greeting is wanted.\n</think>\n\nHello there!",
-          THINK_CALL: "<think>\nI need the weather.\n</think>\n\n" + _call("Rome")}
+          THINK_CALL: "<think>\nI need the weather.\n</think>\n\n" + _call("Rome"),
+          THINK_JSON: '<think>\nRome will do.\n</think>{"city":"Rome"}'}
+CITY = {"type": "json_schema", "json_schema": {"name": "city", "strict": True, "schema": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": False}}}
 
 
 # ------------------------------------------------------------------ the readers, on text
@@ -139,6 +143,7 @@ def _fit_tool_model(source: Path, target: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(target)
     model = AutoModelForCausalLM.from_pretrained(target)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    tokenizer.add_tokens(["<think>", "</think>"])
     torch.manual_seed(0)
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     rows = []
@@ -274,12 +279,41 @@ def test_thinking_comes_back_as_reasoning(client, tools_app):
         assert httpx.post(tools_app + "/v1/chat/completions", json=follow_up, timeout=60).status_code == 200
 
 
-@pytest.mark.parametrize("question", list(TAUGHT))
-def test_streamed_thinking_matches_the_answer(tools_app, question):
-    whole = httpx.post(tools_app + "/v1/chat/completions", json=_ask(question), timeout=60).json()["choices"][0]
-    with httpx.stream("POST", tools_app + "/v1/chat/completions", json=_ask(question, stream=True), timeout=60) as r:
+def test_a_json_answer_comes_after_the_thinking(client, tools_app):
+    """As vLLM: the thinking is free text, the content after it follows the schema."""
+    answer = client.chat.completions.create(**_ask(THINK_JSON, response_format=CITY)).choices[0]
+    assert answer.message.reasoning == "\nRome will do.\n" and answer.finish_reason == "stop"
+    assert json.loads(answer.message.content) == {"city": "Rome"}
+    # The grammar still holds after thinking the model was not taught for this prompt.
+    other = httpx.post(tools_app + "/v1/chat/completions", json=_ask(THINK, response_format=CITY, max_tokens=60),
+                       timeout=60).json()["choices"][0]
+    assert other["message"]["reasoning"] == "\nA greeting is wanted.\n"
+    if other["finish_reason"] == "stop":
+        assert list(json.loads(other["message"]["content"])) == ["city"]
+    else:  # the city's name ran on to max_tokens: a cut JSON
+        assert other["message"]["content"].startswith('{"city":"')
+
+
+def test_a_forced_call_comes_after_the_thinking(tools_app):
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    answer = httpx.post(tools_app + "/v1/chat/completions", json=_ask(THINK_CALL, tool_choice=forced, max_tokens=60),
+                        timeout=60).json()["choices"][0]
+    assert answer["message"]["reasoning"] == "\nI need the weather.\n"
+    assert answer["finish_reason"] in ("stop", "length")
+    if answer["finish_reason"] == "stop":  # not cut off by max_tokens: the arguments are complete
+        call, = answer["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_weather" and list(json.loads(call["function"]["arguments"])) == ["city"]
+
+
+@pytest.mark.parametrize("question, extra", [(question, {}) for question in TAUGHT] + [
+    (THINK_JSON, {"response_format": CITY, "n": 2})])
+def test_streamed_thinking_matches_the_answer(tools_app, question, extra):
+    whole = httpx.post(tools_app + "/v1/chat/completions", json=_ask(question, **extra), timeout=60).json()["choices"][0]
+    with httpx.stream("POST", tools_app + "/v1/chat/completions", json=_ask(question, stream=True, **extra),
+                      timeout=60) as r:
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
-    deltas = [choice["delta"] for event in events for choice in event["choices"]]
+    deltas = [choice["delta"] for event in events for choice in event["choices"] if choice["index"] == 0]
+    assert {choice["index"] for event in events for choice in event["choices"]} == set(range(extra.get("n", 1)))
     assert "".join(d.get("reasoning", "") for d in deltas) == whole["message"].get("reasoning", "")
     assert all(d.get("reasoning") == d.get("reasoning_content") for d in deltas)
     assert "" not in [d.get("content") for d in deltas if "role" not in d]  # no empty content after the first

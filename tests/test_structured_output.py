@@ -195,3 +195,80 @@ def test_a_streamed_forced_call_is_the_same_call(client):
 def test_a_forced_call_that_cannot_be_made_is_a_400(http, extra, param):
     answer = _post(http, _ask(**extra))
     assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
+
+
+# ------------------------------------------------------------------ after a reasoning model's thinking
+
+
+@pytest.fixture(scope="module")
+def thinking_tokenizer(models_dir):
+    """The tiny model's tokenizer with `<think>` and `</think>` as single ordinary tokens, as
+    Qwen3's and DeepSeek-R1's have them."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(models_dir / "tiny-llama")
+    tokenizer.add_tokens(["<think>", "</think>"])
+    return tokenizer
+
+
+def _allowed(grammar, vocabulary: int) -> set[int]:
+    import torch
+
+    words = torch.zeros((1, (vocabulary + 31) // 32), dtype=torch.int32)
+    grammar.fill_mask(words, 0)
+    return {i for i in range(vocabulary) if (int(words[0, i // 32]) >> (i % 32)) & 1}
+
+
+@pytest.mark.parametrize("fmt", ["qwen3", "deepseek_r1"])
+def test_the_grammar_starts_after_the_thinking(thinking_tokenizer, fmt):
+    from serve_app.structured_output import GrammarCompiler, json_grammar
+
+    tokenizer, vocabulary = thinking_tokenizer, len(thinking_tokenizer)
+    start, end = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
+    brace, word = tokenizer.convert_tokens_to_ids("{"), tokenizer.encode("hello", add_special_tokens=False)[0]
+    compiler = GrammarCompiler(tokenizer, vocabulary, {tokenizer.eos_token_id}, fmt)
+    grammar, = compiler.grammars(json_grammar(SCHEMA, any_whitespace=False), 1)
+    json_start = _allowed(GrammarCompiler(tokenizer, vocabulary, {tokenizer.eos_token_id}).grammars(
+        json_grammar(SCHEMA, any_whitespace=False), 1)[0], vocabulary)
+    assert brace in json_start and start not in json_start and word not in json_start
+    if fmt == "qwen3":  # thinks only if it starts with <think>: that, or the JSON's first token
+        assert _allowed(grammar, vocabulary) == json_start | {start}
+        assert grammar.follow(start, ended=False) is False
+    thinking = _allowed(grammar, vocabulary)  # inside the thinking, anything goes
+    assert thinking == set(range(vocabulary))
+    for token in (word, brace, start, word):
+        assert grammar.follow(token, ended=False) is False
+        assert _allowed(grammar, vocabulary) == thinking
+    grammar.follow(end, ended=False)
+    assert _allowed(grammar, vocabulary) == json_start  # then the JSON, from its start
+    for token in tokenizer.encode('{"answer":"yes","score":3,"tags":[]}', add_special_tokens=False):
+        done = grammar.follow(token, ended=False)
+    assert done
+
+
+def test_a_qwen3_answer_that_does_not_open_its_thinking_is_json_at_once(thinking_tokenizer):
+    from serve_app.structured_output import GrammarCompiler, json_grammar
+
+    tokenizer = thinking_tokenizer
+    compiler = GrammarCompiler(tokenizer, len(tokenizer), {tokenizer.eos_token_id}, "qwen3")
+    grammar, = compiler.grammars(json_grammar(SCHEMA, any_whitespace=False), 1)
+    grammar.follow(tokenizer.convert_tokens_to_ids("{"), ended=False)
+    assert tokenizer.convert_tokens_to_ids("<think>") not in _allowed(grammar, len(tokenizer))
+
+
+def test_a_reasoning_model_without_single_marker_tokens_cannot_take_a_grammar(models_dir, thinking_tokenizer):
+    """Its thinking's end cannot be told token by token: a clear 400, not JSON read as thinking."""
+    from transformers import AutoTokenizer
+
+    from serve_app.errors import InvalidRequest
+    from serve_app.structured_output import GrammarCompiler, ThinkingMarkers, json_grammar
+
+    plain = AutoTokenizer.from_pretrained(models_dir / "tiny-llama")  # `<think>` is several tokens here
+    compiler = GrammarCompiler(plain, len(plain), {plain.eos_token_id}, "deepseek_r1")
+    with pytest.raises(InvalidRequest, match="no single ordinary token for <think> and </think>"):
+        compiler.grammars(json_grammar(None, any_whitespace=False), 1)
+    assert GrammarCompiler(plain, len(plain), {plain.eos_token_id}).grammars(json_grammar(None, False), 1)
+    special = AutoTokenizer.from_pretrained(models_dir / "tiny-llama")
+    special.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})  # decoded away
+    assert ThinkingMarkers.of(special, "qwen3") is None and ThinkingMarkers.of(thinking_tokenizer, None) is None
+    assert ThinkingMarkers.of(thinking_tokenizer, "qwen3").starts_inside is False
