@@ -48,8 +48,8 @@ def candidate_prompts() -> list[list[dict[str, str]]]:
 
 
 def chat_bodies(model: str, max_tokens: int, prompts: list[list[dict[str, str]]], stream: bool) -> BodyFactory:
-    """Request i: prompt i mod len, greedy, seed 1000+i. `ignore_eos`/`min_tokens` are sent for servers
-    that know them (unknown fields are ignored by ours); tokens are counted from `usage` either way."""
+    """Request i: prompt i mod len, greedy, seed 1000+i. `ignore_eos`/`min_tokens` (vLLM's extensions,
+    which serve_app honours) make every answer `max_tokens` long; tokens are counted from `usage` anyway."""
     def make(index: int) -> dict[str, Any]:
         body: dict[str, Any] = {"model": model, "messages": prompts[index % len(prompts)], "max_tokens": max_tokens,
                                 "temperature": 0, "seed": 1000 + index, "stream": stream,

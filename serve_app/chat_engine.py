@@ -33,6 +33,8 @@ from serve_app.sampling import Row, SamplingPlan, choose_tokens
 if TYPE_CHECKING:
     from transformers import Cache, PreTrainedModel
 
+    from serve_app.reasoning import Opening
+
 
 def _position_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, rows_at: list[int],
                        rows: list[Row]) -> dict[int, PositionLogprobs]:
@@ -93,6 +95,7 @@ class Slot:
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     token_steps: int = 0  # steps that gave its rows a token
+    opening: Opening = None  # where the prompt leaves a reasoning model's answer (`reasoning.prompt_opening`)
 
     @property
     def finished(self) -> bool:
@@ -199,7 +202,9 @@ class DecodeBatch:
                                      "float16, checkpoints trained in bfloat16 can overflow: set dtype to "
                                      "bfloat16 or float32")
                 text = row.decoder.feed(token, per_row.get(i))
-                if row.grammar is not None and row.grammar.follow(token, ended=row.decoder.finish_reason is not None):
+                # The last token max_tokens allows is still the answer's (and may complete its JSON);
+                # an end-of-sequence token or a stop string ended it before this token.
+                if row.grammar is not None and row.grammar.follow(token, ended=row.decoder.finish_reason == "stop"):
                     text += row.decoder.end()  # the JSON is complete: nothing more may follow
             except Exception as exc:  # noqa: BLE001 - turning a token into text failed for this request only
                 slot.error, text = slot.error or exc, ""

@@ -35,6 +35,7 @@ from serve_app.jobs import ChatJob, ChatResult, ChatStreamChunk, ChoiceDelta, pr
 from serve_app.metrics import ChatEngineMetrics
 from serve_app.model_replica import ModelReplica, raise_to_caller
 from serve_app.placement import spread_devices, weights_device_map
+from serve_app.reasoning import prompt_opening
 from serve_app.sampling import SamplingDefaults, make_rows
 from serve_app.structured_output import GrammarCompiler
 from serve_app.token_bytes import TokenBytes
@@ -106,7 +107,8 @@ class ChatModel(ModelReplica):
             return refused
         async for _ in self._decoded(slot, coalesce_s=None):
             pass
-        return ChatResult(choices=[row.decoder.result() for row in slot.rows], prompt_tokens=len(slot.prompt_ids))
+        return ChatResult(choices=[row.decoder.result() for row in slot.rows], prompt_tokens=len(slot.prompt_ids),
+                          opening=slot.opening)
 
     async def generate_stream(self, job: ChatJob) -> AsyncIterator[ChatStreamChunk | APIError]:
         """The completion as it is produced; the first tokens go out at once. A client's
@@ -119,7 +121,7 @@ class ChatModel(ModelReplica):
         # Every message through a streaming handle costs CPU: one message carries several tokens.
         async for deltas in self._decoded(slot, coalesce_s=self.config.stream_interval_s):
             used = sum(row.decoder.used for row in slot.rows)
-            yield ChatStreamChunk(deltas, len(slot.prompt_ids), used)
+            yield ChatStreamChunk(deltas, len(slot.prompt_ids), used, slot.opening)
 
     async def stats(self) -> dict[str, int]:
         """Requests in flight, forward passes and tokens so far: lets operators and tests see
@@ -316,9 +318,13 @@ class ChatModel(ModelReplica):
                                  f"{self.vocabulary - 1}).", param="logit_bias")
         top_logprobs = job.top_logprobs if job.logprobs else None
         decoders = [ChoiceDecoder(self.tokenizer, self.eos_ids, job.stop, max_new, top_logprobs, self.token_bytes,
-                                  job.skip_special_tokens) for _ in range(job.n)]
-        grammars = self.grammars.grammars(job.grammar, job.n) if job.grammar is not None else None
-        return Slot(prompt_ids=prompt_ids, rows=make_rows(job, self.sampling_defaults, decoders, prompt_ids, grammars))
+                                  job.skip_special_tokens, job.min_tokens) for _ in range(job.n)]
+        opening = prompt_opening(prompt) if self.config.reasoning_parser else None
+        grammars = None
+        if job.grammar is not None:
+            grammars = self.grammars.grammars(job.grammar, job.n, job.grammar_param, opening)
+        return Slot(prompt_ids=prompt_ids, rows=make_rows(job, self.sampling_defaults, decoders, prompt_ids, grammars),
+                    opening=opening)
 
     def _fit_to_context(self, prompt_length: int, job: ChatJob) -> int:
         """max_tokens that fit the context: an explicit ask that does not fit is an error."""

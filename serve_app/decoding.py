@@ -118,8 +118,9 @@ class ChoiceDecoder:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, eos_ids: set[int], stop: list[str], max_tokens: int,
                  top_logprobs: int | None = None, token_bytes: TokenBytes | None = None,
-                 skip_special_tokens: bool = True) -> None:
+                 skip_special_tokens: bool = True, min_tokens: int = 0) -> None:
         self.tokenizer, self.eos_ids, self.stop, self.max_tokens = tokenizer, eos_ids, stop, max_tokens
+        self.min_tokens = min_tokens  # stop strings count from this many tokens on, as in vLLM
         self.top_logprobs = top_logprobs  # None: no logprobs asked for
         self.token_bytes = token_bytes  # a token's own bytes (part of a character, maybe) for logprobs
         self.decoded = IncrementalText(tokenizer, skip_special_tokens)
@@ -147,7 +148,7 @@ class ChoiceDecoder:
             self.logprobs.append(self._token_logprob(token, logprobs))
             self.logprob_starts.append(len(self.text))
         self.text = self.decoded.add(token)
-        cut = self._stop_at()
+        cut = self._stop_at() if self.used >= self.min_tokens else None
         if cut is not None:
             return self._finish("stop", cut)
         if self.used >= self.max_tokens:
@@ -158,7 +159,10 @@ class ChoiceDecoder:
 
     def end(self) -> str:
         """End the choice now, as its grammar is complete (`structured_output`): what was held
-        back goes out; a stop string in it still cuts it."""
+        back goes out; a stop string in it still cuts it. Completed by the last token max_tokens
+        allows, the answer is whole: it ended as `stop`, not `length`."""
+        if self.finish_reason == "length":
+            self.finish_reason = "stop"
         return self._finish("stop") if self.finish_reason is None else ""
 
     def result(self) -> ChatChoiceResult:

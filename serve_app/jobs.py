@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from serve_app.reasoning import Opening
+
 ImageFormat = Literal["png", "jpeg", "webp"]
 
 
@@ -33,6 +35,10 @@ class ChatJob:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
+    top_k: int | None = None  # None: the checkpoint's (see `sampling.make_rows`); 0: all
+    min_p: float | None = None
+    min_tokens: int = 0  # no end-of-sequence token, no stop string before this many
+    ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
@@ -40,6 +46,7 @@ class ChatJob:
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # more variables for the chat template
     skip_special_tokens: bool = True  # False where a tool call's markers may be special tokens (`tool_calls`)
     grammar: str | None = None  # what the answer must follow (`structured_output`); None: free text
+    grammar_param: str = "response_format"  # the request field the grammar came from, for its errors
 
 
 
@@ -100,6 +107,7 @@ class ChatChoiceResult:
 class ChatResult:
     choices: list[ChatChoiceResult]
     prompt_tokens: int
+    opening: Opening = None  # where the prompt leaves a reasoning model's answer (`reasoning`)
 
     @property
     def completion_tokens(self) -> int:
@@ -126,6 +134,7 @@ class ChatStreamChunk:
     deltas: list[ChoiceDelta]
     prompt_tokens: int
     completion_tokens: int
+    opening: Opening = None  # as ChatResult's
 
 
 @dataclass(frozen=True)

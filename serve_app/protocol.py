@@ -337,6 +337,19 @@ class ChatCompletionRequest(BoundedRequest):
     repetition_penalty: float | None = Field(None, ge=0.01, le=2, description=(  # 0.01: a logit / 1e-40 is inf
         "vLLM's and transformers' multiplicative penalty on tokens already in the prompt or the answer "
         "(1: none). Default: the checkpoint's generation_config, else 1."))
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1, description=(
+        "vLLM's extension (Qwen's and DeepSeek's model cards ask for it): sample among the k most likely "
+        "tokens (-1 or 0: all). Default: the checkpoint's generation_config while temperature is left to it, "
+        "else all."))
+    min_p: float | None = Field(None, ge=0, le=1, description=(
+        "vLLM's extension: leave out tokens less likely than min_p times the most likely one (0: none). "
+        "Default: as top_k's."))
+    min_tokens: int | None = Field(None, ge=0, le=2**31 - 1, description=(
+        "vLLM's extension: the answer cannot end on an end-of-sequence token (it is not chosen) or a stop "
+        "string before this many tokens."))
+    ignore_eos: bool | None = Field(None, description=(
+        "vLLM's extension: the answer never ends on an end-of-sequence token (it is not chosen), only at "
+        "max_tokens, a stop string or the end of a JSON response_format."))
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: dict[TokenId, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=MAX_LOGIT_BIAS)

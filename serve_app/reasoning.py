@@ -13,6 +13,11 @@ both). A chat model's config names the format (`reasoning_parser`, vLLM's names)
 - `qwen3`: the answer thinks only if it starts with `<think>` (Qwen3 with
   `enable_thinking` false writes none, and then all of it is content).
 
+Whatever the format, the prompt has the last word where it ends in a marker (`Opening`):
+a chat template that ends it with `<think>` opened the thinking (Qwen3's thinking-only
+2507 models, DeepSeek-R1's), one that ends it with `</think>` closed it (Qwen3 with
+`enable_thinking` false, DeepSeek-V3.1 with `thinking` off): the answer is content.
+
 The thinking streams as it comes, as does the content after it; the content's leading
 whitespace (the blank line after `</think>`) is dropped.
 """
@@ -28,6 +33,15 @@ ReasoningFormat = Literal["deepseek_r1", "qwen3"]
 
 START, END = "<think>", "</think>"
 
+Opening = Literal["thinking", "answer"] | None
+"""Where the prompt leaves the answer: inside the thinking, after it, or None (the format says)."""
+
+
+def prompt_opening(prompt: str) -> Opening:
+    """The `Opening` of a templated prompt, from the marker it ends with (whitespace aside)."""
+    tail = prompt.rstrip()
+    return "answer" if tail.endswith(END) else "thinking" if tail.endswith(START) else None
+
 
 @dataclass
 class Split:
@@ -40,9 +54,9 @@ class Split:
 class ReasoningReader:
     """One choice's text, fed as it is produced; `finish` once it has ended."""
 
-    def __init__(self, fmt: ReasoningFormat) -> None:
-        self._starts_inside = fmt == "deepseek_r1"
-        self._state: Literal["start", "reasoning", "after", "content"] = "start"
+    def __init__(self, fmt: ReasoningFormat, opening: Opening = None) -> None:
+        self._starts_inside = opening == "thinking" or (opening is None and fmt == "deepseek_r1")
+        self._state: Literal["start", "reasoning", "after", "content"] = "content" if opening == "answer" else "start"
         self._held = ""
 
     def feed(self, text: str) -> Split:

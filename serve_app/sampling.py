@@ -18,7 +18,9 @@ batched.
 
 from __future__ import annotations
 
+import math
 import secrets
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -51,6 +53,8 @@ class Row:
     presence: float
     frequency: float
     repetition: float = 1.0  # transformers' and vLLM's multiplicative penalty on tokens seen (1: none)
+    min_p: float = 0.0  # tokens less likely than min_p times the most likely one are left out
+    eos_until: int = 0  # the end-of-sequence tokens are not chosen while the answer has fewer tokens
     prompt_tokens: torch.Tensor | None = None  # the prompt's distinct token ids, on the CPU (repetition-penalized rows)
     counts: torch.Tensor | None = None  # occurrences of each token id so far (penalized rows; see SamplingPlan)
     bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (token ids, values) of `logit_bias`, on the CPU
@@ -62,8 +66,13 @@ class Row:
         return bool(self.presence or self.frequency) or self.repetition != 1.0
 
     def filtered(self, vocab: int) -> bool:
-        """Whether top-k or top-p cut this row's distribution (its vocabulary must be sorted)."""
-        return 0 < self.top_k < vocab or self.top_p < 1.0
+        """Whether top-k, top-p or min-p cut this row's distribution (its vocabulary must be sorted)."""
+        return 0 < self.top_k < vocab or self.top_p < 1.0 or self.min_p > 0
+
+    @property
+    def holds_eos(self) -> bool:
+        """Whether its end-of-sequence tokens are ruled out this step (`min_tokens`, `ignore_eos`)."""
+        return self.decoder.used < self.eos_until
 
     def uniform(self) -> float:
         """This row's next random number, in (0, 1]."""
@@ -82,12 +91,13 @@ class SamplingDefaults:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     repetition_penalty: float = 1.0  # Qwen2.5's checkpoints set 1.05, which vLLM applies too
 
     @classmethod
     def of(cls, generation_config: GenerationConfig | None) -> "SamplingDefaults":
         given = generation_config.to_diff_dict() if generation_config is not None else {}
-        return cls(**{name: given[name] for name in ("temperature", "top_p", "top_k", "repetition_penalty")
+        return cls(**{name: given[name] for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
                       if given.get(name) is not None})
 
 
@@ -96,8 +106,8 @@ def make_rows(job: ChatJob, defaults: SamplingDefaults, decoders: list[ChoiceDec
     """Rows for a job. Omitted settings take the checkpoint's values, else OpenAI's defaults
     (temperature 1, top_p 1), as vLLM's server does; a request samples unless its
     temperature is 0 (transformers' own `generate` is greedy unless told to sample, but an
-    OpenAI client that asks for n=3 expects three answers). The checkpoint's top_k applies
-    while the request leaves temperature to it."""
+    OpenAI client that asks for n=3 expects three answers). The checkpoint's top_k and min_p
+    apply while the request leaves them and temperature to it."""
     temperature = job.temperature if job.temperature is not None else defaults.temperature
     sample = temperature != 0
     seed = job.seed if job.seed is not None else secrets.randbits(62)
@@ -114,7 +124,9 @@ def make_rows(job: ChatJob, defaults: SamplingDefaults, decoders: list[ChoiceDec
                 greedy=not sample,
                 temperature=temperature,
                 top_p=job.top_p if job.top_p is not None else defaults.top_p,
-                top_k=defaults.top_k if job.temperature is None else 0,
+                top_k=job.top_k if job.top_k is not None else defaults.top_k if job.temperature is None else 0,
+                min_p=job.min_p if job.min_p is not None else defaults.min_p if job.temperature is None else 0.0,
+                eos_until=sys.maxsize if job.ignore_eos else job.min_tokens,
                 presence=job.presence_penalty or 0.0,
                 frequency=job.frequency_penalty or 0.0,
                 repetition=repetition,
@@ -138,6 +150,9 @@ class SampleGroup:
                                             for row in self.rows], device=device)[:, None]
             self.top_p = torch.tensor([row.top_p if row.top_p < 1.0 else float("inf")
                                        for row in self.rows], device=device)[:, None]
+            # min-p as a distance below the largest scaled logit: log(min_p), -inf for none
+            self.log_min_p = torch.tensor([math.log(row.min_p) if row.min_p > 0 else float("-inf")
+                                           for row in self.rows], device=device)[:, None]
 
 
 class SamplingPlan:
@@ -186,6 +201,10 @@ class SamplingPlan:
                     owners = torch.cat([torch.full((len(tokens),), j) for j, tokens in prompts])
                     known = ids < vocab
                     self.in_prompt[owners[known].to(device), ids[known].to(device)] = True
+        self.holding = [i for i, row in enumerate(rows) if row.eos_until > 0]
+        if self.holding:
+            self.eos = torch.tensor(sorted(rows[self.holding[0]].decoder.eos_ids), device=device)
+            self.held: tuple[list[int], torch.Tensor] | None = None  # the rows last held, on the device
         self.constrained = [i for i, row in enumerate(rows) if row.grammar is not None]
         if self.constrained:
             self.allowed = torch.empty((len(self.constrained), (vocab + 31) // 32), dtype=torch.int32)
@@ -201,8 +220,11 @@ class SamplingPlan:
     def adjust(self, logits: torch.Tensor) -> None:
         """OpenAI's `logit_bias`, then the repetition penalty (a seen token's logit divided by it
         where positive, multiplied where negative, as transformers and vLLM apply it), then
-        presence and frequency penalties, then each constrained row's grammar, in place."""
+        presence and frequency penalties, then no end-of-sequence token for the rows under their
+        `min_tokens` (or `ignore_eos`), then each constrained row's grammar, in place."""
         self._penalize(logits)
+        if self.holding:
+            self._hold_eos(logits)
         if self.constrained:
             self._constrain(logits)
 
@@ -218,6 +240,14 @@ class SamplingPlan:
             logits.masked_fill_(~allowed, float("-inf"))
         else:
             logits[self.constrained_index] = logits[self.constrained_index].masked_fill(~allowed, float("-inf"))
+
+    def _hold_eos(self, logits: torch.Tensor) -> None:
+        held = [i for i in self.holding if self.rows[i].holds_eos]
+        if not held:
+            return
+        if self.held is None or self.held[0] != held:  # uploaded again only when the set changes
+            self.held = (held, torch.tensor(held, device=logits.device)[:, None])
+        logits[self.held[1], self.eos] = float("-inf")
 
     def _penalize(self, logits: torch.Tensor) -> None:
         if self.bias is not None:
@@ -265,9 +295,11 @@ def choose_tokens(rows: list[Row], logits: torch.Tensor, plan: SamplingPlan | No
 
 def _sample(logits: torch.Tensor, group: SampleGroup) -> torch.Tensor:
     """Temperature, then (for a filtered group) top-k and top-p as transformers applies them,
-    then one draw per row by inverse CDF with a uniform number from the row's own generator.
+    and min-p before top-p, as vLLM applies it, then one draw per row by inverse CDF with a
+    uniform number from the row's own generator.
 
-    Top-k keeps ties with the k-th token; top-p keeps the most likely tokens until their
+    Top-k keeps ties with the k-th token; min-p keeps the tokens at least `min_p` times as
+    likely as the most likely one; top-p keeps the most likely tokens until their
     mass reaches `top_p` (at least one). Only filtered rows sort the vocabulary (a full
     sort is most of the cost on a CPU); plain temperature sampling draws in vocabulary order.
     """
@@ -276,7 +308,9 @@ def _sample(logits: torch.Tensor, group: SampleGroup) -> torch.Tensor:
     order = None
     if group.filtered:
         scaled, order = torch.sort(scaled, dim=-1, descending=True, stable=True)  # ties in a fixed order
-        scaled = scaled.masked_fill(scaled < scaled.gather(1, group.top_k_last), float("-inf"))
+        # Top-k and min-p are both floors on the scaled logits (the same whichever comes first).
+        floor = torch.maximum(scaled.gather(1, group.top_k_last), scaled[:, :1] + group.log_min_p)
+        scaled = scaled.masked_fill(scaled < floor, float("-inf"))
         probs = torch.softmax(scaled, dim=-1)
         outside = torch.cumsum(probs, dim=-1) - probs >= group.top_p
         outside[:, 0] = False

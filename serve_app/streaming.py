@@ -28,7 +28,7 @@ from serve_app.protocol import (
     now,
 )
 from serve_app.access_log import note
-from serve_app.translate import AnswerFormat, choice_logprobs, wire_call, wire_tool_calls
+from serve_app.translate import AnswerFormat, AnswerReader, choice_logprobs, wire_call, wire_tool_calls
 
 DONE = "data: [DONE]\n\n"
 
@@ -43,8 +43,10 @@ class ChatChunkEncoder:
     def __init__(self, request: ChatCompletionRequest, answer_format: AnswerFormat = AnswerFormat()) -> None:
         self.id, self.created, self.model = new_id("chatcmpl"), now(), request.model
         self.request = request
-        # Where the answer is read into parts (thinking, tool calls), each choice has a reader of its own.
-        self.readers = [answer_format.reader() for _ in range(request.n)] if answer_format.reader() else None
+        self.answer_format = answer_format
+        # Where the answer is read into parts (thinking, tool calls), each choice has a reader of its
+        # own, made with the first chunk (which says where the prompt leaves the answer).
+        self.readers: list[AnswerReader] | None = None
         self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
         self.n = request.n
         self.opened = False
@@ -54,6 +56,8 @@ class ChatChunkEncoder:
         if self.opened:
             choices = [self._choice(delta) for delta in chunk.deltas]
         else:
+            if self.answer_format.read:
+                self.readers = [self.answer_format.reader(chunk.opening) for _ in range(self.n)]
             # The first event opens every choice, in index order, with its role, whether its text
             # has begun or not (it may be held back: part of a character, a possible stop string),
             # as OpenAI's and vLLM's streams do: the openai client's stream helper builds its

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import llguidance
 
 from serve_app.errors import InvalidRequest
-from serve_app.reasoning import END, START, ReasoningFormat
+from serve_app.reasoning import END, START, Opening, ReasoningFormat
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -49,40 +49,46 @@ def json_grammar(schema: dict[str, Any] | None, any_whitespace: bool, param: str
 
 @dataclass(frozen=True)
 class ThinkingMarkers:
-    """A reasoning model's `<think>` and `</think>` token ids, and whether its answer starts
-    inside the thinking (`deepseek_r1`: the chat template opened it) or thinks only if it
-    starts with `<think>` (`qwen3`), as `reasoning.ReasoningReader` reads it."""
+    """A reasoning model's `<think>` and `</think>` token ids, its format, and the ids that
+    end an answer (not allowed while it thinks: the answer must reach its JSON)."""
 
     start: int
     end: int
-    starts_inside: bool
+    fmt: ReasoningFormat
+    eos_ids: frozenset[int]
 
     @classmethod
-    def of(cls, tokenizer: PreTrainedTokenizerBase, fmt: ReasoningFormat | None) -> "ThinkingMarkers | None":
-        """None without a `reasoning_parser`, or where the tokenizer has no single, ordinary (not
-        special: decoded, so the reader sees it) token for each marker: then the thinking's end
-        cannot be told token by token, and such a model cannot take a grammar (`GrammarCompiler`).
-        DeepSeek-R1 and its distills, Qwen3 and QwQ all have both."""
+    def of(cls, tokenizer: PreTrainedTokenizerBase, fmt: ReasoningFormat | None,
+           eos_ids: set[int]) -> "ThinkingMarkers | None":
+        """None without a `reasoning_parser`, or where the tokenizer has no single token for each
+        marker that decodes to it with special tokens skipped, as the answer is decoded (a marker
+        flagged special would vanish from the text `reasoning.ReasoningReader` reads): then the
+        thinking's end cannot be told token by token, and such a model cannot take a grammar
+        (`GrammarCompiler`). DeepSeek-R1 and its distills, Qwen3 and QwQ all have both."""
         if fmt is None:
             return None
-        vocab, special = tokenizer.get_vocab(), set(tokenizer.all_special_ids)
-        start, end = vocab.get(START), vocab.get(END)
-        if start is None or end is None or {start, end} & special:
+        vocab = tokenizer.get_vocab()
+        ids = [vocab.get(START), vocab.get(END)]
+        if None in ids or [tokenizer.decode([i], skip_special_tokens=True) for i in ids] != [START, END]:
             return None
-        return cls(start=start, end=end, starts_inside=fmt == "deepseek_r1")
+        return cls(start=ids[0], end=ids[1], fmt=fmt, eos_ids=frozenset(eos_ids))
 
 
 class AnswerGrammar:
     """One answer's grammar (an llguidance matcher), applied from where the answer is meant to
     be JSON: from its first token, or for a reasoning model from the token after `</think>`
     (with `qwen3`, the first token may also be `<think>`, which starts the thinking; any
-    other is the JSON's), as vLLM starts it. While the answer thinks, its tokens are free."""
+    other is the JSON's), as vLLM starts it, and where `reasoning.ReasoningReader` reads the
+    content from (the prompt's `Opening` first). While the answer thinks, its tokens are
+    free, but for the end of the answer: the JSON must come (or `max_tokens` cut it off)."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, thinking: ThinkingMarkers | None) -> None:
-        self.matcher = matcher
+    def __init__(self, matcher: llguidance.LLMatcher, thinking: ThinkingMarkers | None,
+                 opening: Opening = None, param: str = "response_format") -> None:
+        self.matcher, self.param = matcher, param
         self._thinking = thinking
         self._state: Literal["json", "thinking", "may_think"] = (
-            "json" if thinking is None else "thinking" if thinking.starts_inside else "may_think")
+            "json" if thinking is None or opening == "answer" else
+            "thinking" if opening == "thinking" or thinking.fmt == "deepseek_r1" else "may_think")
 
     def fill_mask(self, allowed: Any, row: int) -> None:
         """Write the tokens allowed next into row `row` of the int32 bitmask `allowed` (32 token ids
@@ -91,6 +97,9 @@ class AnswerGrammar:
 
         if self._state == "thinking":
             allowed[row].fill_(-1)
+            for eos in self._thinking.eos_ids:
+                word, bit = divmod(eos, 32)
+                allowed[row, word] &= ~((1 << bit) if bit < 31 else -(1 << 31))
             return
         fill_next_token_bitmask(self.matcher, allowed, row)
         if self._state == "may_think":
@@ -113,7 +122,7 @@ class AnswerGrammar:
         if self.matcher.is_error() or not (ended or self.matcher.consume_token(token)):
             # That request fails (a 400: its schema is past the parser's limits), its batch-mates go on.
             raise InvalidRequest(f"The answer could not follow its schema: {self.matcher.get_error()}",
-                                 param="response_format")
+                                 param=self.param)
         return not ended and self.matcher.is_stopped()
 
 
@@ -125,7 +134,7 @@ class GrammarCompiler:
                  reasoning: ReasoningFormat | None = None) -> None:
         self._tokenizer, self._vocabulary, self._eos_ids = tokenizer, vocabulary, eos_ids
         self._reasoning = reasoning
-        self._thinking = ThinkingMarkers.of(tokenizer, reasoning)
+        self._thinking = ThinkingMarkers.of(tokenizer, reasoning, eos_ids)
         self._compiled: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()  # prepared on the event loop or, for a long request, a thread
 
@@ -152,18 +161,20 @@ class GrammarCompiler:
                                          param="response_format") from None
             return self._compiled
 
-    def grammars(self, grammar: str, count: int) -> list[AnswerGrammar]:
-        """Fresh grammars for a request's answers (compiled once, copied); a grammar llguidance
-        refuses is the client's error."""
+    def grammars(self, grammar: str, count: int, param: str = "response_format",
+                 opening: Opening = None) -> list[AnswerGrammar]:
+        """Fresh grammars for a request's answers (compiled once, copied), starting where the
+        prompt leaves the answer (`opening`); a grammar llguidance refuses is the client's error,
+        named by `param` (the request field the grammar came from)."""
         if self._reasoning is not None and self._thinking is None:
             raise InvalidRequest(
                 f"This model's answers are read for thinking (reasoning_parser {self._reasoning}), but its tokenizer "
                 f"has no single ordinary token for {START} and {END}, so where the thinking ends, and the JSON "
                 "starts, cannot be told: it cannot take response_format json_object or json_schema, or a forced "
-                "tool_choice.", param="response_format")
+                "tool_choice.", param=param)
         matcher = llguidance.LLMatcher(self.prepare(), grammar, log_level=0)
         if matcher.is_error():
-            raise InvalidRequest(f"The schema cannot be used: {matcher.get_error()}", param="response_format")
+            raise InvalidRequest(f"The schema cannot be used: {matcher.get_error()}", param=param)
         matchers = [matcher] + [matcher.deep_copy() for _ in range(count - 1)]
-        return [AnswerGrammar(each, self._thinking) for each in matchers]
+        return [AnswerGrammar(each, self._thinking, opening, param) for each in matchers]
 

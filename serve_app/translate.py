@@ -34,7 +34,7 @@ from serve_app.protocol import (
     Usage,
 )
 from serve_app.protocol import TokenLogprob as WireTokenLogprob
-from serve_app.reasoning import ReasoningFormat, ReasoningReader, Split
+from serve_app.reasoning import Opening, ReasoningFormat, ReasoningReader, Split
 from serve_app.structured_output import json_grammar
 from serve_app.tool_calls import KEEPS_SPECIAL_TOKENS, READERS, ForcedCallReader, ParsedToolCall, ToolCallFormat
 
@@ -159,6 +159,10 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
         presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty,
         repetition_penalty=request.repetition_penalty,
+        top_k=None if request.top_k is None else max(request.top_k, 0),
+        min_p=request.min_p,
+        min_tokens=_min_tokens(request, requested, max_tokens_param),
+        ignore_eos=bool(request.ignore_eos),
         logprobs=bool(request.logprobs),
         top_logprobs=request.top_logprobs or 0,
         logit_bias=request.logit_bias or {},
@@ -166,7 +170,17 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
         template_kwargs=template_kwargs,
         skip_special_tokens=AnswerFormat.of(request, config).tool_calls not in KEEPS_SPECIAL_TOKENS,
         grammar=_grammar(request, config),
+        grammar_param="tool_choice" if request.forced_tool_call is not None else "response_format",
     )
+
+
+def _min_tokens(request: ChatCompletionRequest, requested: int | None, max_tokens_param: str) -> int:
+    """vLLM refuses min_tokens above max_tokens; left to the default, max_tokens wins."""
+    wanted = request.min_tokens or 0
+    if requested is not None and wanted > requested:
+        raise InvalidRequest(f"min_tokens ({wanted}) is more than {max_tokens_param} ({requested}).",
+                             param="min_tokens")
+    return wanted
 
 
 def _grammar(request: ChatCompletionRequest, config: ChatModelConfig) -> str | None:
@@ -246,16 +260,22 @@ class AnswerFormat:
                    tool_calls=None if constrained else config.tool_call_parser if request.template_tools else None,
                    forced=forced)
 
-    def reader(self) -> "AnswerReader | None":
-        return AnswerReader(self) if self.reasoning or self.tool_calls or self.forced else None
+    @property
+    def read(self) -> bool:
+        """Whether the answer is read into parts at all (else it is all content)."""
+        return bool(self.reasoning or self.tool_calls or self.forced)
+
+    def reader(self, opening: Opening = None) -> "AnswerReader | None":
+        """A choice's reader; `opening`: where the replica found the prompt leaving the answer."""
+        return AnswerReader(self, opening) if self.read else None
 
 
 class AnswerReader:
     """One choice's answer read into its parts as it is produced (`feed`, then `finish` once
     it has ended): the thinking first, then tool calls out of the content after it."""
 
-    def __init__(self, fmt: AnswerFormat) -> None:
-        self.thinking = ReasoningReader(fmt.reasoning) if fmt.reasoning else None
+    def __init__(self, fmt: AnswerFormat, opening: Opening = None) -> None:
+        self.thinking = ReasoningReader(fmt.reasoning, opening) if fmt.reasoning else None
         self.named = fmt.forced is not None and fmt.forced.named
         if fmt.forced is not None:
             self.tools = ForcedCallReader(function_name(fmt.forced.tools[0]) if fmt.forced.named else None)
@@ -317,7 +337,8 @@ def chat_response(request: ChatCompletionRequest, result: ChatResult,
                   answer_format: AnswerFormat = AnswerFormat()) -> ChatCompletionResponse:
     return ChatCompletionResponse(
         model=request.model,
-        choices=[_chat_choice(i, c, request, answer_format.reader()) for i, c in enumerate(result.choices)],
+        choices=[_chat_choice(i, c, request, answer_format.reader(result.opening))
+                 for i, c in enumerate(result.choices)],
         usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                     total_tokens=result.prompt_tokens + result.completion_tokens),
     )

@@ -22,6 +22,7 @@ import openai
 import pytest
 from ray import serve
 
+from serve_app.reasoning import ReasoningReader, prompt_opening
 from serve_app.tool_calls import read_tool_calls, READERS
 from serve_app.translate import AnswerFormat
 
@@ -112,6 +113,25 @@ def test_reasoning_reader_splits_thinking_from_content(fmt, text, reasoning, con
 def _random_pieces(rng: random.Random, text: str) -> list[str]:
     cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(1, 6))))
     return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+
+
+@pytest.mark.parametrize("prompt, opening", [
+    ("<|im_start|>assistant\n", None), ("<|im_start|>assistant\n<think>\n", "thinking"),
+    ("<|im_start|>assistant\n<think>\n\n</think>\n\n", "answer"), ("say </think> twice", None)])
+def test_the_prompt_says_where_the_answer_starts(prompt, opening):
+    assert prompt_opening(prompt) == opening
+
+
+@pytest.mark.parametrize("fmt, opening, text, reasoning, content", [
+    ("qwen3", "thinking", "hmm\n</think>\n\nHello", "hmm\n", "Hello"),  # Qwen3's thinking-only 2507 template
+    ("deepseek_r1", "answer", "Hello", "", "Hello"),  # a template that closed the thinking
+    ("qwen3", "answer", "<think>x</think>Hello", "", "<think>x</think>Hello"),
+    ("deepseek_r1", "thinking", "<think>a</think>b", "a", "b"),
+])
+def test_the_prompts_opening_decides_over_the_format(fmt, opening, text, reasoning, content):
+    reader = ReasoningReader(fmt, opening)
+    first, last = reader.feed(text), reader.finish()
+    assert (first.reasoning + last.reasoning, first.content + last.content) == (reasoning, content)
 
 
 def test_thinking_then_a_call_streams_as_both():

@@ -15,17 +15,20 @@ LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -30.0])
 
 
 def row(seed: int = 0, *, greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-        presence: float = 0.0, frequency: float = 0.0) -> Row:
+        presence: float = 0.0, frequency: float = 0.0, min_p: float = 0.0) -> Row:
     return Row(decoder=None, generator=torch.Generator().manual_seed(seed), greedy=greedy, temperature=temperature,
-               top_p=top_p, top_k=top_k, presence=presence, frequency=frequency)
+               top_p=top_p, top_k=top_k, presence=presence, frequency=frequency, min_p=min_p)
 
 
-def expected(temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
-    """The textbook distribution, computed one step at a time in float64."""
+def expected(temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> torch.Tensor:
+    """The textbook distribution, computed one step at a time in float64 (min-p as vLLM: on
+    the tempered distribution, before top-p)."""
     logits = LOGITS.double() / temperature
     if top_k:
         logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    probs = probs * (probs >= min_p * probs.max())
+    probs = probs / probs.sum()
     ordered, order = probs.sort(descending=True)
     keep = torch.zeros_like(probs, dtype=torch.bool)
     keep[order[(ordered.cumsum(0) - ordered) < top_p]] = True  # until the mass reaches top_p
@@ -35,7 +38,8 @@ def expected(temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> to
 
 
 @pytest.mark.parametrize("settings", [{}, {"temperature": 0.5}, {"temperature": 2.0, "top_p": 0.8},
-                                      {"top_k": 3}, {"top_k": 4, "top_p": 0.7}])
+                                      {"top_k": 3}, {"top_k": 4, "top_p": 0.7}, {"min_p": 0.2},
+                                      {"min_p": 0.1, "top_p": 0.8, "temperature": 1.5}, {"min_p": 0.3, "top_k": 2}])
 def test_rows_draw_from_their_own_distribution(settings):
     draws = 20_000
     rows = [row(seed, **settings) for seed in range(draws)]
@@ -156,12 +160,49 @@ def test_a_rebuilt_plan_keeps_the_counts_of_rows_that_stay():
     ({"temperature": 0.0}, {}, (True, 0.0, 1.0, 0)),  # a checkpoint may default to greedy
     # A value equal to transformers 4's own default is still the checkpoint's (4.x dropped it).
     ({"do_sample": True, "top_k": 50, "temperature": 1.0}, {}, (False, 1.0, 1.0, 50)),
+    # A request's own top_k (vLLM's extension) wins, with or without its temperature; 0: all.
+    ({"temperature": 0.6, "top_k": 20}, {"top_k": 5}, (False, 0.6, 1.0, 5)),
+    ({"temperature": 0.6, "top_k": 20}, {"top_k": 0, "temperature": 0.7}, (False, 0.7, 1.0, 0)),
+    ({}, {"top_k": 3, "temperature": 0.7}, (False, 0.7, 1.0, 3)),
 ])
 def test_omitted_settings_take_the_checkpoints_then_openais_defaults(checkpoint, asked, expected):
     defaults = SamplingDefaults.of(GenerationConfig(**checkpoint))
     job = ChatJob(messages=[], max_tokens=4, max_tokens_explicit=True, n=3, seed=1, **asked)
     rows = make_rows(job, defaults, [None] * 3)
     assert {(r.greedy, r.temperature, r.top_p, r.top_k) for r in rows} == {expected}
+
+
+@pytest.mark.parametrize("checkpoint, asked, expected", [
+    ({}, {}, 0.0), ({"min_p": 0.05}, {}, 0.05), ({"min_p": 0.05}, {"min_p": 0.2}, 0.2),
+    ({"min_p": 0.05}, {"temperature": 0.9}, 0.0), ({"min_p": 0.05}, {"min_p": 0.0}, 0.0)])
+def test_min_p_defaults_as_top_k_does(checkpoint, asked, expected):
+    job = ChatJob(messages=[], max_tokens=4, max_tokens_explicit=True, **asked)
+    assert make_rows(job, SamplingDefaults.of(GenerationConfig(**checkpoint)), [None])[0].min_p == expected
+
+
+class _Counted:
+    """What a row reads of its decoder here: the tokens so far and the end-of-sequence ids."""
+
+    def __init__(self, eos_ids: set[int]) -> None:
+        self.used, self.eos_ids = 0, eos_ids
+
+
+@pytest.mark.parametrize("min_tokens, ignore_eos, held_steps", [(3, False, 3), (0, True, 6), (0, False, 0)])
+def test_end_of_sequence_is_held_back_under_min_tokens_or_ignore_eos(min_tokens, ignore_eos, held_steps):
+    """The end-of-sequence ids are not chosen while the row holds them; its batch-mate may."""
+    eos = {0, 2}  # LOGITS' two most likely tokens
+    job = ChatJob(messages=[], max_tokens=6, max_tokens_explicit=True, temperature=0, min_tokens=min_tokens,
+                  ignore_eos=ignore_eos)
+    held, free = make_rows(job, SamplingDefaults(), [_Counted(eos)])[0], row(greedy=True)
+    held.greedy = True
+    plan = SamplingPlan([held, free], len(LOGITS), LOGITS.device)
+    chosen = []
+    for _ in range(6):
+        tokens = choose_tokens([held, free], LOGITS.repeat(2, 1), plan).tolist()
+        assert tokens[1] == 0
+        chosen.append(tokens[0])
+        held.decoder.used += 1
+    assert chosen == [1] * held_steps + [0] * (6 - held_steps)
 
 
 def test_repetition_penalty_is_transformers_own_per_row():
@@ -209,6 +250,32 @@ def test_a_requests_repetition_penalty_reaches_its_job():
     for bad in (0, 1e-40, 2.5):  # a tiny one would make a seen token's logit infinite
         with pytest.raises(ValidationError, match="repetition_penalty"):
             ChatCompletionRequest.model_validate({**base, "repetition_penalty": bad})
+
+
+def test_vllms_sampling_extensions_reach_the_job():
+    from pydantic import ValidationError
+
+    from serve_app.config import ChatModelConfig, RequestLimits
+    from serve_app.errors import InvalidRequest
+    from serve_app.protocol import ChatCompletionRequest
+    from serve_app.translate import chat_job
+
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    config = ChatModelConfig.model_validate({"name": "m", "kind": "chat", "path": "p"})
+
+    def job(**extra):
+        return chat_job(ChatCompletionRequest.model_validate({**base, **extra}), config, RequestLimits())
+
+    made = job(top_k=20, min_p=0.05, min_tokens=4, ignore_eos=True, max_tokens=8)
+    assert (made.top_k, made.min_p, made.min_tokens, made.ignore_eos) == (20, 0.05, 4, True)
+    assert job(top_k=-1).top_k == 0 and job().top_k is None  # vLLM's -1: all; omitted: the checkpoint's
+    assert job(min_tokens=10_000).min_tokens == 10_000  # max_tokens left to the default: it wins
+    with pytest.raises(InvalidRequest, match="min_tokens") as refused:
+        job(min_tokens=9, max_completion_tokens=8)
+    assert refused.value.param == "min_tokens"
+    for bad in ({"top_k": -2}, {"min_p": 1.5}, {"min_tokens": -1}):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            ChatCompletionRequest.model_validate({**base, **bad})
 
 
 def test_every_bit_of_a_seed_counts():

@@ -162,6 +162,42 @@ def test_chat_stop_string_cuts_output(client):
     cut = client.chat.completions.create(**greedy, stop=[stop]).choices[0]
     assert cut.message.content == full[: full.index(stop)]
     assert cut.finish_reason == "stop"
+    # Under vLLM's min_tokens stop strings do not count yet.
+    late = client.chat.completions.create(**greedy, stop=[stop], extra_body={"min_tokens": 24}).choices[0]
+    assert (late.message.content, late.finish_reason) == (full, "length")
+
+
+def test_vllms_top_k_and_min_p_narrow_sampling(client):
+    """top_k 1, or min_p 1 (only tokens as likely as the most likely one), is the greedy answer
+    at any temperature; a wide one still samples."""
+    ask = dict(model=CHAT, messages=SEED_CHAT["messages"], max_tokens=12)
+    greedy = client.chat.completions.create(**ask, temperature=0).choices[0].message.content
+    for narrow in ({"top_k": 1}, {"min_p": 1.0}):
+        answers = client.chat.completions.create(**ask, temperature=1.5, n=3, seed=5, extra_body=narrow)
+        assert [c.message.content for c in answers.choices] == [greedy] * 3, narrow
+    wide = client.chat.completions.create(**ask, temperature=1.5, n=3, seed=5, extra_body={"top_k": 40, "min_p": 0.01})
+    assert len({c.message.content for c in wide.choices}) > 1
+
+
+def test_min_tokens_and_ignore_eos_hold_the_end_back(client, models_dir):
+    """With the end-of-sequence token pushed to the top by logit_bias the answer ends on its
+    first token; min_tokens holds the end back that many tokens, ignore_eos until max_tokens."""
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(models_dir / "tiny-llama").eos_token_id
+    ask = dict(model=CHAT, messages=SEED_CHAT["messages"], max_tokens=10, temperature=0, logit_bias={str(eos): 100})
+
+    def answer(**extra):
+        choice = client.chat.completions.create(**ask, extra_body=extra)
+        return choice.usage.completion_tokens, choice.choices[0].finish_reason
+
+    assert answer() == (1, "stop")  # the end-of-sequence token counts, as in vLLM
+    assert answer(min_tokens=4) == (5, "stop")
+    assert answer(ignore_eos=True) == (10, "length")
+    with client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True},
+                                        extra_body={"min_tokens": 4}) as stream:
+        chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens == 5 and chunks[-2].choices[0].finish_reason == "stop"
 
 
 def test_chat_accepts_content_parts_and_unknown_fields(http):

@@ -79,6 +79,19 @@ def test_json_object_gives_an_object_or_runs_out_of_tokens(http):
     assert short["finish_reason"] == "length" and short["message"]["content"].startswith('{"')
 
 
+def test_json_completed_by_the_last_token_allowed_ends_as_stop(http):
+    """The answer is whole: `length` would tell the client it was cut off."""
+    whole = http.post("/v1/chat/completions", json=_ask(response_format=AS_SCHEMA, temperature=0)).json()
+    used = whole["usage"]["completion_tokens"]
+    assert whole["choices"][0]["finish_reason"] == "stop" and used < 64
+    exact = http.post("/v1/chat/completions", json=_ask(response_format=AS_SCHEMA, temperature=0,
+                                                        max_tokens=used)).json()["choices"][0]
+    assert exact["finish_reason"] == "stop" and exact["message"]["content"] == whole["choices"][0]["message"]["content"]
+    cut = http.post("/v1/chat/completions", json=_ask(response_format=AS_SCHEMA, temperature=0,
+                                                      max_tokens=used - 1)).json()["choices"][0]
+    assert cut["finish_reason"] == "length"
+
+
 def test_a_constrained_request_shares_its_batch_with_free_ones(http):
     """Rows with and without a grammar decode in one batch: each keeps its own rules."""
     from concurrent.futures import ThreadPoolExecutor
@@ -219,56 +232,74 @@ def _allowed(grammar, vocabulary: int) -> set[int]:
     return {i for i in range(vocabulary) if (int(words[0, i // 32]) >> (i % 32)) & 1}
 
 
-@pytest.mark.parametrize("fmt", ["qwen3", "deepseek_r1"])
-def test_the_grammar_starts_after_the_thinking(thinking_tokenizer, fmt):
-    from serve_app.structured_output import GrammarCompiler, json_grammar
+def _compiler(tokenizer, fmt=None):
+    from serve_app.structured_output import GrammarCompiler
+
+    return GrammarCompiler(tokenizer, len(tokenizer), {tokenizer.eos_token_id}, fmt)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("fmt, opening", [("qwen3", None), ("deepseek_r1", None), ("qwen3", "thinking")])
+def test_the_grammar_starts_after_the_thinking(thinking_tokenizer, fmt, opening):
+    from serve_app.structured_output import json_grammar
 
     tokenizer, vocabulary = thinking_tokenizer, len(thinking_tokenizer)
     start, end = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
-    brace, word = tokenizer.convert_tokens_to_ids("{"), tokenizer.encode("hello", add_special_tokens=False)[0]
-    compiler = GrammarCompiler(tokenizer, vocabulary, {tokenizer.eos_token_id}, fmt)
-    grammar, = compiler.grammars(json_grammar(SCHEMA, any_whitespace=False), 1)
-    json_start = _allowed(GrammarCompiler(tokenizer, vocabulary, {tokenizer.eos_token_id}).grammars(
-        json_grammar(SCHEMA, any_whitespace=False), 1)[0], vocabulary)
+    brace, word = tokenizer.convert_tokens_to_ids("{"), _ids(tokenizer, "hello")[0]
+    grammar, = _compiler(tokenizer, fmt).grammars(json_grammar(SCHEMA, any_whitespace=False), 1, opening=opening)
+    json_start = _allowed(_compiler(tokenizer).grammars(json_grammar(SCHEMA, any_whitespace=False), 1)[0], vocabulary)
     assert brace in json_start and start not in json_start and word not in json_start
-    if fmt == "qwen3":  # thinks only if it starts with <think>: that, or the JSON's first token
+    if fmt == "qwen3" and opening is None:  # thinks only if it starts with <think>: that, or the JSON's first token
         assert _allowed(grammar, vocabulary) == json_start | {start}
         assert grammar.follow(start, ended=False) is False
-    thinking = _allowed(grammar, vocabulary)  # inside the thinking, anything goes
-    assert thinking == set(range(vocabulary))
+    thinking = _allowed(grammar, vocabulary)  # inside the thinking, anything goes but the end: the JSON must come
+    assert thinking == set(range(vocabulary)) - {tokenizer.eos_token_id}
     for token in (word, brace, start, word):
         assert grammar.follow(token, ended=False) is False
         assert _allowed(grammar, vocabulary) == thinking
     grammar.follow(end, ended=False)
     assert _allowed(grammar, vocabulary) == json_start  # then the JSON, from its start
-    for token in tokenizer.encode('{"answer":"yes","score":3,"tags":[]}', add_special_tokens=False):
+    for token in _ids(tokenizer, '{"answer":"yes","score":3,"tags":[]}'):
         done = grammar.follow(token, ended=False)
     assert done
 
 
-def test_a_qwen3_answer_that_does_not_open_its_thinking_is_json_at_once(thinking_tokenizer):
-    from serve_app.structured_output import GrammarCompiler, json_grammar
+@pytest.mark.parametrize("fmt, opening", [("qwen3", None), ("deepseek_r1", "answer"), ("qwen3", "answer")])
+def test_an_answer_that_does_not_think_is_json_at_once(thinking_tokenizer, fmt, opening):
+    """A qwen3 answer that does not open with <think>; any answer whose prompt closed the
+    thinking (Qwen3 with enable_thinking false: no <think> allowed then)."""
+    from serve_app.structured_output import json_grammar
 
     tokenizer = thinking_tokenizer
-    compiler = GrammarCompiler(tokenizer, len(tokenizer), {tokenizer.eos_token_id}, "qwen3")
-    grammar, = compiler.grammars(json_grammar(SCHEMA, any_whitespace=False), 1)
+    grammar, = _compiler(tokenizer, fmt).grammars(json_grammar(SCHEMA, any_whitespace=False), 1, opening=opening)
+    assert (tokenizer.convert_tokens_to_ids("<think>") in _allowed(grammar, len(tokenizer))) == (opening is None)
     grammar.follow(tokenizer.convert_tokens_to_ids("{"), ended=False)
     assert tokenizer.convert_tokens_to_ids("<think>") not in _allowed(grammar, len(tokenizer))
 
 
 def test_a_reasoning_model_without_single_marker_tokens_cannot_take_a_grammar(models_dir, thinking_tokenizer):
     """Its thinking's end cannot be told token by token: a clear 400, not JSON read as thinking."""
+    from tokenizers import AddedToken
     from transformers import AutoTokenizer
 
     from serve_app.errors import InvalidRequest
-    from serve_app.structured_output import GrammarCompiler, ThinkingMarkers, json_grammar
+    from serve_app.structured_output import ThinkingMarkers, json_grammar
 
     plain = AutoTokenizer.from_pretrained(models_dir / "tiny-llama")  # `<think>` is several tokens here
-    compiler = GrammarCompiler(plain, len(plain), {plain.eos_token_id}, "deepseek_r1")
-    with pytest.raises(InvalidRequest, match="no single ordinary token for <think> and </think>"):
-        compiler.grammars(json_grammar(None, any_whitespace=False), 1)
-    assert GrammarCompiler(plain, len(plain), {plain.eos_token_id}).grammars(json_grammar(None, False), 1)
-    special = AutoTokenizer.from_pretrained(models_dir / "tiny-llama")
-    special.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})  # decoded away
-    assert ThinkingMarkers.of(special, "qwen3") is None and ThinkingMarkers.of(thinking_tokenizer, None) is None
-    assert ThinkingMarkers.of(thinking_tokenizer, "qwen3").starts_inside is False
+    with pytest.raises(InvalidRequest, match="no single ordinary token for <think> and </think>") as refused:
+        _compiler(plain, "deepseek_r1").grammars(json_grammar(None, any_whitespace=False), 1, param="tool_choice")
+    assert refused.value.param == "tool_choice"
+    assert _compiler(plain).grammars(json_grammar(None, False), 1)
+    eos = {plain.eos_token_id}
+    for flagged in ("additional", "added"):  # either way decoded away, so the reader would never see them
+        special = AutoTokenizer.from_pretrained(models_dir / "tiny-llama")
+        if flagged == "additional":
+            special.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+        else:
+            special.add_tokens([AddedToken("<think>", special=True), AddedToken("</think>", special=True)])
+        assert ThinkingMarkers.of(special, "qwen3", eos) is None, flagged
+    assert ThinkingMarkers.of(thinking_tokenizer, None, eos) is None
+    assert ThinkingMarkers.of(thinking_tokenizer, "qwen3", eos).end == thinking_tokenizer.convert_tokens_to_ids("</think>")
