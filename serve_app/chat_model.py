@@ -99,29 +99,29 @@ class ChatModel(ModelReplica):
 
     async def generate(self, job: ChatJob) -> ChatResult | APIError:
         """The whole completion at once. A client's mistake (a conversation too long for the
-        context, messages the chat template refuses) comes back as a value: raised, Serve would
-        log it as a failed request, with a traceback, at ERROR."""
+        context, messages the chat template refuses, a schema the answer cannot follow) comes
+        back as a value: raised, Serve would log it as a failed request, with a traceback, at
+        ERROR."""
         try:
             slot = await self._prepared(job)
+            async for _ in self._decoded(slot, coalesce_s=None):
+                pass
         except APIError as refused:
             return refused
-        async for _ in self._decoded(slot, coalesce_s=None):
-            pass
         return ChatResult(choices=[row.decoder.result() for row in slot.rows], prompt_tokens=len(slot.prompt_ids),
                           opening=slot.opening)
 
     async def generate_stream(self, job: ChatJob) -> AsyncIterator[ChatStreamChunk | APIError]:
         """The completion as it is produced; the first tokens go out at once. A client's
-        mistake is the one item (see `generate`)."""
+        mistake is the last item (see `generate`), the only one if found before any token."""
         try:
             slot = await self._prepared(job)
+            # Every message through a streaming handle costs CPU: one message carries several tokens.
+            async for deltas in self._decoded(slot, coalesce_s=self.config.stream_interval_s):
+                used = sum(row.decoder.used for row in slot.rows)
+                yield ChatStreamChunk(deltas, len(slot.prompt_ids), used, slot.opening)
         except APIError as refused:
             yield refused
-            return
-        # Every message through a streaming handle costs CPU: one message carries several tokens.
-        async for deltas in self._decoded(slot, coalesce_s=self.config.stream_interval_s):
-            used = sum(row.decoder.used for row in slot.rows)
-            yield ChatStreamChunk(deltas, len(slot.prompt_ids), used, slot.opening)
 
     async def stats(self) -> dict[str, int]:
         """Requests in flight, forward passes and tokens so far: lets operators and tests see
@@ -241,7 +241,10 @@ class ChatModel(ModelReplica):
             if slot.ended:
                 continue
             if slot.error is not None:
-                logger.error("request failed while decoding; its batch-mates go on", exc_info=slot.error)
+                if isinstance(slot.error, APIError) and slot.error.status_code < 500:  # the client's mistake
+                    logger.info("request refused while decoding (%s); its batch-mates go on", slot.error)
+                else:
+                    logger.error("request failed while decoding; its batch-mates go on", exc_info=slot.error)
                 self._fail([slot], slot.error)
                 continue
             self._timed(slot, now)

@@ -10,6 +10,7 @@ with the parameter's name.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -283,9 +284,12 @@ def _forced_tool_call(value: str | dict[str, Any] | None, tools: list[dict[str, 
     mode = _tool_mode(value)
     if mode is None or mode in ("auto", "none"):
         return None
-    functions = {name: tool for tool in tools or []
-                 if isinstance(tool, dict) and tool.get("type", "function") == "function"
-                 and (name := function_name(tool)) is not None}
+    named = [(name, tool) for tool in tools or [] if isinstance(tool, dict) and tool.get("type", "function") == "function"
+             and (name := function_name(tool)) is not None]
+    functions = dict(named)
+    if len(functions) < len(named):
+        twice = next(name for i, (name, _) in enumerate(named) if name in dict(named[:i]))
+        raise ValueError(f"tools defines the function {twice!r} more than once; a forced call needs one of each")
     if mode == "required":
         allowed = value["allowed_tools"].get("tools") if isinstance(value, dict) and value.get("allowed_tools") else None
         if allowed is not None and not isinstance(allowed, list):
@@ -409,6 +413,14 @@ class ChatCompletionRequest(BoundedRequest):
             raise ValueError("this server answers in text only, never in audio")
         return value
 
+    @field_validator("tools", "chat_template_kwargs")
+    @classmethod
+    def _template_inputs_well_formed(cls, value: Any) -> Any:
+        """What goes into the chat template as it is, strings of any depth: well-formed Unicode (`Text`)."""
+        if value is not None:
+            _well_formed(json.dumps(value, ensure_ascii=False))
+        return value
+
     @field_validator("tool_choice", "function_call")
     @classmethod
     def _forces_a_known_tool(cls, value: str | dict[str, Any] | None,
@@ -419,11 +431,12 @@ class ChatCompletionRequest(BoundedRequest):
     @property
     def forced_tool_call(self) -> ForcedToolCall | None:
         """The call `tool_choice` (or the older `function_call`) forces, if it forces one."""
-        for value in (self.tool_choice, self.function_call):
-            forced = _forced_tool_call(value, self.tools)
-            if forced is not None:
-                return forced
-        return None
+        return _forced_tool_call(self.chosen_tool_mode, self.tools)
+
+    @property
+    def chosen_tool_mode(self) -> str | dict[str, Any] | None:
+        """`tool_choice`, else the older `function_call` it replaces, as OpenAI reads them."""
+        return self.tool_choice if self.tool_choice is not None else self.function_call
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -434,8 +447,7 @@ class ChatCompletionRequest(BoundedRequest):
     def template_tools(self) -> list[dict[str, Any]] | None:
         """The tools the model's chat template is given: none where `tool_choice` (or the older
         `function_call`) says "none", as vLLM leaves them out, so that the model answers in text."""
-        chosen = [value for value in (self.tool_choice, self.function_call) if value is not None]
-        if not self.tools or any(_tool_mode(value) == "none" for value in chosen):
+        if not self.tools or _tool_mode(self.chosen_tool_mode) == "none":
             return None
         return self.tools
 

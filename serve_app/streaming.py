@@ -13,7 +13,7 @@ from typing import AsyncIterator, Literal
 from pydantic import BaseModel
 
 from serve_app.deadline import DeadlinePassed, within
-from serve_app.errors import GatewayTimeout
+from serve_app.errors import APIError, GatewayTimeout
 from serve_app.http_errors import as_api_error
 from serve_app.jobs import ChatStreamChunk, ChoiceDelta
 from serve_app.protocol import (
@@ -97,8 +97,9 @@ class ChatChunkEncoder:
         calls = [ChunkToolCall(index=first + i, **wire_call(call).model_dump())
                  for i, call in enumerate(wire_tool_calls(parts.calls, self.request, reader))]
         # Content only where there is some, as OpenAI streams it (an empty one would end the openai
-        # client's content events early); the first delta opens it with "", as without a reader.
-        content = parts.content or ("" if role and not (calls or parts.reasoning) else None)
+        # client's content events early); the first delta opens it with "", as without a reader,
+        # but for a forced call's answer, whose content is null.
+        content = parts.content or ("" if role and not (calls or parts.reasoning or reader.forced) else None)
         return (DeltaMessage(role=role, content=content, tool_calls=calls or None,
                              reasoning=parts.reasoning or None, reasoning_content=parts.reasoning or None),
                 reader.finish_reason(delta.finish_reason))
@@ -125,6 +126,8 @@ async def chat_events(encoder: ChatChunkEncoder, first: ChatStreamChunk | None,
                 break
             except DeadlinePassed:
                 raise GatewayTimeout(f"The model sent nothing for {silence_s:g} s; the stream was ended.") from None
+            if isinstance(chunk, APIError):  # a client's mistake found while decoding (a schema past limits)
+                raise chunk
             yield encoder.encode(chunk)
     except Exception as exc:  # noqa: BLE001 - the status is already sent; report in-band
         error = as_api_error(exc)

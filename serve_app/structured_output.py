@@ -121,9 +121,16 @@ class AnswerGrammar:
                 return False
         if self.matcher.is_error() or not (ended or self.matcher.consume_token(token)):
             # That request fails (a 400: its schema is past the parser's limits), its batch-mates go on.
-            raise InvalidRequest(f"The answer could not follow its schema: {self.matcher.get_error()}",
-                                 param=self.param)
+            raise InvalidRequest(f"The answer could not follow its schema: {_matcher_error(self.matcher)}. The "
+                                 "schema goes past what constrained decoding can follow (hundreds of optional "
+                                 "properties, say).", param=self.param)
         return not ended and self.matcher.is_stopped()
+
+
+def _matcher_error(matcher: llguidance.LLMatcher) -> str:
+    """llguidance's error, its first line: the rest is its parser's state, for its developers."""
+    first = matcher.get_error().strip().split("\n", 1)[0][:300]
+    return "no JSON value can follow it (NoExtensionBias)" if first == "NoExtensionBias" else first
 
 
 class GrammarCompiler:
@@ -173,8 +180,11 @@ class GrammarCompiler:
                 "starts, cannot be told: it cannot take response_format json_object or json_schema, or a forced "
                 "tool_choice.", param=param)
         matcher = llguidance.LLMatcher(self.prepare(), grammar, log_level=0)
+        if not matcher.is_error():  # the first token's mask: a schema no value can match fails it
+            matcher.compute_bitmask()
         if matcher.is_error():
-            raise InvalidRequest(f"The schema cannot be used: {matcher.get_error()}", param=param)
+            raise InvalidRequest(f"The schema cannot be used: {_matcher_error(matcher)}. (A schema that allows no "
+                                 "value, such as a $ref to itself with nothing else, fails so.)", param=param)
         matchers = [matcher] + [matcher.deep_copy() for _ in range(count - 1)]
         return [AnswerGrammar(each, self._thinking, opening, param) for each in matchers]
 

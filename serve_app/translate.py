@@ -170,7 +170,7 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
         template_kwargs=template_kwargs,
         skip_special_tokens=AnswerFormat.of(request, config).tool_calls not in KEEPS_SPECIAL_TOKENS,
         grammar=_grammar(request, config),
-        grammar_param="tool_choice" if request.forced_tool_call is not None else "response_format",
+        grammar_param="tools" if request.forced_tool_call is not None else "response_format",
     )
 
 
@@ -201,27 +201,41 @@ def _grammar(request: ChatCompletionRequest, config: ChatModelConfig) -> str | N
 def _forced_call_schema(forced: ForcedToolCall, single: bool) -> dict[str, Any]:
     """What a forced call's answer is, as vLLM constrains it: the named function's arguments
     (its `parameters` schema), or with `required` a list of one or more calls (one only with
-    `parallel_tool_calls` false), each `{"name": ..., "parameters": ...}` of a tool it may call."""
+    `parallel_tool_calls` false), each `{"name": ..., "parameters": ...}` of a tool it may call.
+    A call's arguments are an object, as OpenAI requires of `parameters`: another type is a 400."""
     def parameters(tool: dict[str, Any]) -> dict[str, Any]:
         function = tool.get("function") if isinstance(tool.get("function"), dict) else tool
         schema = function.get("parameters")
-        return schema if isinstance(schema, dict) and schema else {"type": "object"}
+        if not isinstance(schema, dict) or not schema:
+            return {"type": "object"}
+        kind = schema.get("type", "object")
+        if kind != "object" and not (isinstance(kind, list) and "object" in kind):
+            raise InvalidRequest(f"The parameters of function {function_name(tool)!r} must be a JSON Schema of "
+                                 f"type 'object' (arguments are an object), not {kind!r}.", param="tools")
+        return schema
 
     if forced.named:
         return parameters(forced.tools[0])
-    # Each tool's `$defs` move to the root, where its `$ref`s ("#/$defs/Unit") point, as vLLM moves them.
+    # Each tool's schema moves under the root's $defs, its own `$ref`s ("#", "#/$defs/Unit",
+    # "#/properties/a") rebased onto it there, so that each means what it meant in its tool.
     calls, definitions = [], {}
-    for tool in forced.tools:
-        own = dict(parameters(tool))
-        for key in ("$defs", "definitions"):
-            for name, definition in (own.pop(key, None) or {}).items():
-                if definitions.setdefault(key, {}).setdefault(name, definition) != definition:
-                    raise InvalidRequest(f"Two tools define {key}/{name} differently; tool_choice 'required' needs "
-                                         "one definition of each.", param="tools")
+    for index, tool in enumerate(forced.tools):
+        definitions[f"tool_{index}"] = _rebased(parameters(tool), f"#/$defs/tool_{index}")
         calls.append({"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
-                      "properties": {"name": {"const": function_name(tool)}, "parameters": own}})
+                      "properties": {"name": {"const": function_name(tool)},
+                                     "parameters": {"$ref": f"#/$defs/tool_{index}"}}})
     return {"type": "array", "minItems": 1, **({"maxItems": 1} if single else {}), "items": {"anyOf": calls},
-            **definitions}
+            "$defs": definitions}
+
+
+def _rebased(schema: Any, base: str) -> Any:
+    """`schema` with every local `$ref` ("#..."), of any subschema, moved under `base`."""
+    if isinstance(schema, list):
+        return [_rebased(item, base) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {key: base + value[1:] if key == "$ref" and isinstance(value, str) and value.startswith("#")
+            else _rebased(value, base) for key, value in schema.items()}
 
 
 @dataclass
@@ -276,7 +290,8 @@ class AnswerReader:
 
     def __init__(self, fmt: AnswerFormat, opening: Opening = None) -> None:
         self.thinking = ReasoningReader(fmt.reasoning, opening) if fmt.reasoning else None
-        self.named = fmt.forced is not None and fmt.forced.named
+        self.forced = fmt.forced is not None  # the answer is a call (unless cut off)
+        self.named = self.forced and fmt.forced.named
         if fmt.forced is not None:
             self.tools = ForcedCallReader(function_name(fmt.forced.tools[0]) if fmt.forced.named else None)
         else:

@@ -186,13 +186,71 @@ def test_required_calls_one_or_more_tools(client):
     assert call.function.name in ("get_weather", "get_temperature")
 
 
+TREE = {"type": "function", "function": {"name": "tree", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["u", "child", "same"],
+    "properties": {"u": {"type": "integer", "minimum": 0, "maximum": 9}, "same": {"$ref": "#/properties/u"},
+                   "child": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}}}}}
+
+
+def test_required_keeps_each_tools_own_refs(client):
+    """`#` and `#/properties/...` mean the tool's own schema under `required` too, and two tools
+    may use one $defs name for different things."""
+    unit = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "$defs": {"Unit": {"enum": ["C", "F"]}}, "type": "object", "additionalProperties": False,
+        "required": ["unit"], "properties": {"unit": {"$ref": "#/$defs/Unit"}}}}}
+    size = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "$defs": {"Unit": {"enum": ["s", "ms"]}}, "type": "object", "additionalProperties": False,
+        "required": ["unit"], "properties": {"unit": {"$ref": "#/$defs/Unit"}}}}}
+    tools = {"tree": TREE, "get_weather": unit, "get_time": size}
+    called = set()
+    for seed in range(6):
+        choice = client.chat.completions.create(**_ask(tools=list(tools.values()), tool_choice="required", seed=seed,
+                                                       max_tokens=120, temperature=0.8)).choices[0]
+        for call in choice.message.tool_calls or []:
+            jsonschema.validate(json.loads(call.function.arguments), tools[call.function.name]["function"]["parameters"])
+            called.add(call.function.name)
+    assert called
+
+
 def test_a_streamed_forced_call_is_the_same_call(client):
     ask = _ask(tools=[WEATHER, CLOCK], tool_choice="required", parallel_tool_calls=False, seed=2, temperature=1.5)
     whole = client.chat.completions.create(**ask).choices[0].message.tool_calls
-    streamed = [call for chunk in client.chat.completions.create(**ask, stream=True)
-                for choice in chunk.choices for call in choice.delta.tool_calls or []]
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    streamed = [call for chunk in chunks for choice in chunk.choices for call in choice.delta.tool_calls or []]
     assert [(c.index, c.function.name, c.function.arguments) for c in streamed] == \
         [(0, whole[0].function.name, whole[0].function.arguments)]
+    # Its content is null, streamed too (no "" the stream helper would make the message's content).
+    assert all(choice.delta.content is None for chunk in chunks for choice in chunk.choices)
+
+
+def test_tool_choice_wins_over_the_older_function_call(client):
+    answer = client.chat.completions.create(**_ask(tools=[WEATHER], tool_choice="none", max_tokens=8,
+                                                   function_call={"name": "get_weather"})).choices[0]
+    assert answer.message.tool_calls is None and answer.finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("schema, stream", [
+    ({"$defs": {"A": {"$ref": "#/$defs/A"}}, "$ref": "#/$defs/A"}, False),  # allows no value at all
+    ({"$defs": {"A": {"$ref": "#/$defs/A"}}, "$ref": "#/$defs/A"}, True),
+    ({"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(500)}}, False),
+    ({"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(500)}}, True),
+])
+def test_a_schema_past_the_decoders_reach_is_a_short_400(http, schema, stream):
+    """In words a client can read (not llguidance's parser state), whenever it shows."""
+    body = _ask(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+                stream=stream, max_tokens=8)
+    answer = _post(http, body)
+    if answer.status_code == 200:  # found only while decoding: an error event, or a JSON answer after all
+        events = [json.loads(line[6:]) for line in answer.text.splitlines() if line.startswith("data: {")]
+        errors = [event["error"] for event in events if "error" in event]
+        if not errors:
+            return
+        error = errors[0]
+    else:
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+    assert error["param"] == "response_format" and len(error["message"]) < 500
+    assert "compute_time_us" not in error["message"] and "<state>" not in error["message"]
 
 
 @pytest.mark.parametrize("extra, param", [
@@ -204,6 +262,13 @@ def test_a_streamed_forced_call_is_the_same_call(client):
      "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"enum": [2 ** 64 + 0.5, "\ud800"]}}}],
       "tool_choice": "required"}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "description": "x\ud83d"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "s", "parameters": {"type": "string"}}}],
+      "tool_choice": {"type": "function", "function": {"name": "s"}}}, "tools"),  # arguments are an object
+    ({"tools": [WEATHER, {**WEATHER, "function": {**WEATHER["function"], "description": "again"}}],
+      "tool_choice": "required"}, "tool_choice"),  # which of the two?
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "foo"}}}],
+      "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tools"),
 ])
 def test_a_forced_call_that_cannot_be_made_is_a_400(http, extra, param):
     answer = _post(http, _ask(**extra))
