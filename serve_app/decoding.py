@@ -120,7 +120,8 @@ class ChoiceDecoder:
                  top_logprobs: int | None = None, token_bytes: TokenBytes | None = None,
                  skip_special_tokens: bool = True, min_tokens: int = 0) -> None:
         self.tokenizer, self.eos_ids, self.stop, self.max_tokens = tokenizer, eos_ids, stop, max_tokens
-        self.min_tokens = min_tokens  # stop strings count from this many tokens on, as in vLLM
+        self.min_tokens = min_tokens  # stop strings count only after this many tokens, as in vLLM
+        self._stop_floor = 0  # a stop string must end past this much text: that of the first min_tokens tokens
         self.top_logprobs = top_logprobs  # None: no logprobs asked for
         self.token_bytes = token_bytes  # a token's own bytes (part of a character, maybe) for logprobs
         self.decoded = IncrementalText(tokenizer, skip_special_tokens)
@@ -148,7 +149,10 @@ class ChoiceDecoder:
             self.logprobs.append(self._token_logprob(token, logprobs))
             self.logprob_starts.append(len(self.text))
         self.text = self.decoded.add(token)
-        cut = self._stop_at() if self.used >= self.min_tokens else None
+        if self.used <= self.min_tokens:
+            cut, self._stop_floor = None, len(self.text)
+        else:
+            cut = self._stop_at()
         if cut is not None:
             return self._finish("stop", cut)
         if self.used >= self.max_tokens:
@@ -198,9 +202,12 @@ class ChoiceDecoder:
         """Where the first stop string starts, if the text now holds one.
 
         Only the unsent tail is searched (plus a stop string's length before
-        it): the sent text never changes and was searched when it was new.
+        it): the sent text never changes and was searched when it was new. Under
+        `min_tokens` only a stop string that ends after the first min_tokens tokens'
+        text counts (it may begin in it), as vLLM checks them.
         """
-        found = (self.text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop)
+        start = max(self.sent, self._stop_floor)
+        found = (self.text.find(s, max(0, start - len(s) + 1)) for s in self.stop)
         return min((i for i in found if i >= 0), default=None)
 
     def _finish(self, reason: str, stop_at: int | None = None) -> str:

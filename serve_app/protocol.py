@@ -425,6 +425,8 @@ class ChatCompletionRequest(BoundedRequest):
     @classmethod
     def _forces_a_known_tool(cls, value: str | dict[str, Any] | None,
                              info: ValidationInfo) -> str | dict[str, Any] | None:
+        if info.field_name == "function_call" and info.data.get("tool_choice") is not None:
+            return value  # replaced by tool_choice, as OpenAI reads them: not checked either
         _forced_tool_call(value, info.data.get("tools"))
         return value
 

@@ -202,8 +202,11 @@ class SamplingPlan:
                     known = ids < vocab
                     self.in_prompt[owners[known].to(device), ids[known].to(device)] = True
         self.holding = [i for i, row in enumerate(rows) if row.eos_until > 0]
-        if self.holding:
-            self.eos = torch.tensor(sorted(rows[self.holding[0]].decoder.eos_ids), device=device)
+        eos = sorted(i for i in rows[self.holding[0]].decoder.eos_ids if i < vocab) if self.holding else []
+        if not eos:  # (an end id past the logits, from a tokenizer larger than the model, is never chosen)
+            self.holding = []
+        else:
+            self.eos = torch.tensor(eos, device=device)
             self.held: tuple[list[int], torch.Tensor] | None = None  # the rows last held, on the device
         self.constrained = [i for i, row in enumerate(rows) if row.grammar is not None]
         if self.constrained:

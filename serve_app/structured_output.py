@@ -141,7 +141,7 @@ class GrammarCompiler:
                  reasoning: ReasoningFormat | None = None) -> None:
         self._tokenizer, self._vocabulary, self._eos_ids = tokenizer, vocabulary, eos_ids
         self._reasoning = reasoning
-        self._thinking = ThinkingMarkers.of(tokenizer, reasoning, eos_ids)
+        self._thinking = ThinkingMarkers.of(tokenizer, reasoning, {i for i in eos_ids if i < vocabulary})
         self._compiled: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()  # prepared on the event loop or, for a long request, a thread
 

@@ -148,7 +148,8 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
                              param=max_tokens_param)
     return ChatJob(
         messages=messages,
-        max_tokens=requested or config.default_max_tokens,
+        # Left to the default, max_tokens makes room for min_tokens (vLLM's default is the context's room).
+        max_tokens=requested or min(max(config.default_max_tokens, request.min_tokens or 0), config.max_tokens_limit),
         max_tokens_explicit=requested is not None,
         max_tokens_param=max_tokens_param,
         n=request.n,
@@ -228,14 +229,34 @@ def _forced_call_schema(forced: ForcedToolCall, single: bool) -> dict[str, Any]:
             "$defs": definitions}
 
 
-def _rebased(schema: Any, base: str) -> Any:
-    """`schema` with every local `$ref` ("#..."), of any subschema, moved under `base`."""
-    if isinstance(schema, list):
-        return [_rebased(item, base) for item in schema]
-    if not isinstance(schema, dict):
+_SUBSCHEMA = {"items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+              "additionalItems", "unevaluatedItems", "unevaluatedProperties", "contentSchema"}
+_SUBSCHEMA_LISTS = {"allOf", "anyOf", "oneOf", "prefixItems", "items"}  # `items` as a list: drafts 4 to 7
+_SUBSCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies"}
+"""The JSON Schema keywords whose values are schemas, lists of them or maps to them; any other
+value (`const`, `enum`, `default`, unknown keywords) is data, whatever keys it holds."""
+
+
+def _rebased(schema: Any, base: str, root: bool = True) -> Any:
+    """`schema` with every JSON Pointer `$ref` of its own ("#" or "#/..."), in any subschema,
+    moved under `base`. A root `$id` goes (its refs now point from the wrapper); a nested one
+    starts a resource of its own, whose refs stay as they are, as do anchors ("#name")."""
+    if not isinstance(schema, dict) or (not root and isinstance(schema.get("$id"), str)):
         return schema
-    return {key: base + value[1:] if key == "$ref" and isinstance(value, str) and value.startswith("#")
-            else _rebased(value, base) for key, value in schema.items()}
+    rebased = {}
+    for key, value in schema.items():
+        if key == "$id" and root:
+            continue
+        if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
+            value = base + value[1:]
+        elif key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            value = {name: _rebased(sub, base, root=False) for name, sub in value.items()}
+        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+            value = [_rebased(sub, base, root=False) for sub in value]
+        elif key in _SUBSCHEMA:
+            value = _rebased(value, base, root=False)
+        rebased[key] = value
+    return rebased
 
 
 @dataclass

@@ -246,3 +246,19 @@ def test_held_back_tail_is_the_longest_stop_prefix_the_text_ends_with():
         brute = max((k for k in range(len(stop) - 1, 0, -1) if text.endswith(stop[:k])), default=0)
         assert _stop_prefix_at_end(text, stop) == brute, (text, stop)
 
+
+
+@pytest.mark.parametrize("text, stop, min_tokens", [
+    ("Hello\n\nworld and more words here", "\n\n", 3), ("x### y ### z and then more", "###", 3),
+    ("plain words here and there . , ! and then STOP and more words after it", "e", 4),
+    ("plain words here and there . , ! and then STOP and more words after it", "STOP", 2)])
+def test_min_tokens_counts_stop_strings_only_after_it_as_vllm(tokenizer, text, stop, min_tokens):
+    """A stop string must end in the text after the first min_tokens tokens (it may begin
+    inside it); what was streamed is always the start of the final text."""
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    decoder = ChoiceDecoder(tokenizer, set(), [stop], max_tokens=len(tokens), min_tokens=min_tokens)
+    sent = "".join(decoder.feed(token) for token in tokens)
+    floor = len(tokenizer.decode(tokens[:min_tokens]))
+    at = text.find(stop, max(0, floor - len(stop) + 1))
+    assert decoder.text == (text if at < 0 else text[:at]) and sent == decoder.text
+    assert decoder.finish_reason == ("length" if at < 0 else "stop")

@@ -187,6 +187,15 @@ class _Counted:
         self.used, self.eos_ids = 0, eos_ids
 
 
+def test_an_end_id_past_the_logits_is_left_out_of_the_hold():
+    """A tokenizer larger than the model's head (a token added without resizing) may name one."""
+    job = ChatJob(messages=[], max_tokens=6, max_tokens_explicit=True, temperature=0, ignore_eos=True)
+    held = make_rows(job, SamplingDefaults(), [_Counted({0, len(LOGITS) + 5})])[0]
+    assert choose_tokens([held], LOGITS.repeat(1, 1)).tolist() == [1]
+    beyond = make_rows(job, SamplingDefaults(), [_Counted({len(LOGITS) + 5})])[0]
+    assert choose_tokens([beyond, row(greedy=True)], LOGITS.repeat(2, 1)).tolist() == [0, 0]
+
+
 @pytest.mark.parametrize("min_tokens, ignore_eos, held_steps", [(3, False, 3), (0, True, 6), (0, False, 0)])
 def test_end_of_sequence_is_held_back_under_min_tokens_or_ignore_eos(min_tokens, ignore_eos, held_steps):
     """The end-of-sequence ids are not chosen while the row holds them; its batch-mate may."""
@@ -269,10 +278,16 @@ def test_vllms_sampling_extensions_reach_the_job():
     made = job(top_k=20, min_p=0.05, min_tokens=4, ignore_eos=True, max_tokens=8)
     assert (made.top_k, made.min_p, made.min_tokens, made.ignore_eos) == (20, 0.05, 4, True)
     assert job(top_k=-1).top_k == 0 and job().top_k is None  # vLLM's -1: all; omitted: the checkpoint's
-    assert job(min_tokens=10_000).min_tokens == 10_000  # max_tokens left to the default: it wins
+    # max_tokens left to the default makes room for min_tokens, within the model's limit.
+    assert (job(min_tokens=300).min_tokens, job(min_tokens=300).max_tokens) == (300, 300)
+    assert job(min_tokens=10_000).max_tokens == config.max_tokens_limit
+    assert job(min_tokens=5).max_tokens == config.default_max_tokens
     with pytest.raises(InvalidRequest, match="min_tokens") as refused:
         job(min_tokens=9, max_completion_tokens=8)
     assert refused.value.param == "min_tokens"
+    # A function_call that tool_choice replaces is not read, nor checked.
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    assert job(tools=tools, tool_choice="auto", function_call={"name": "gone"}).tools == tools
     for bad in ({"top_k": -2}, {"min_p": 1.5}, {"min_tokens": -1}):
         with pytest.raises(ValidationError, match=next(iter(bad))):
             ChatCompletionRequest.model_validate({**base, **bad})

@@ -212,6 +212,24 @@ def test_required_keeps_each_tools_own_refs(client):
     assert called
 
 
+def test_rebasing_moves_only_a_tools_own_pointers():
+    from serve_app.translate import _rebased
+
+    schema = {"$id": "urn:tool", "type": "object", "$defs": {"U": {"$anchor": "U", "enum": ["C"]}},
+              "properties": {"a": {"$ref": "#"}, "b": {"$ref": "#/$defs/U"}, "c": {"$ref": "#U"},
+                             "default": {"$ref": "#/properties/a"},  # a property named like a keyword
+                             "d": {"const": {"$ref": "#/x"}, "default": {"$ref": "#"}},  # data
+                             "e": {"$id": "urn:other", "$ref": "#/$defs/V", "$defs": {"V": {}}},  # a resource of its own
+                             "f": {"items": [{"$ref": "#"}], "anyOf": [{"$ref": "#/$defs/U"}]}}}
+    got = _rebased(schema, "#/$defs/tool_0")
+    assert "$id" not in got
+    p = got["properties"]
+    assert (p["a"], p["b"], p["c"], p["default"]) == ({"$ref": "#/$defs/tool_0"}, {"$ref": "#/$defs/tool_0/$defs/U"},
+                                                      {"$ref": "#U"}, {"$ref": "#/$defs/tool_0/properties/a"})
+    assert p["d"] == schema["properties"]["d"] and p["e"] == schema["properties"]["e"]
+    assert p["f"] == {"items": [{"$ref": "#/$defs/tool_0"}], "anyOf": [{"$ref": "#/$defs/tool_0/$defs/U"}]}
+
+
 def test_a_streamed_forced_call_is_the_same_call(client):
     ask = _ask(tools=[WEATHER, CLOCK], tool_choice="required", parallel_tool_calls=False, seed=2, temperature=1.5)
     whole = client.chat.completions.create(**ask).choices[0].message.tool_calls
