@@ -66,8 +66,9 @@ class Row:
         return bool(self.presence or self.frequency) or self.repetition != 1.0
 
     def filtered(self, vocab: int) -> bool:
-        """Whether top-k, top-p or min-p cut this row's distribution (its vocabulary must be sorted)."""
-        return 0 < self.top_k < vocab or self.top_p < 1.0 or self.min_p > 0
+        """Whether top-k or top-p cut this row's distribution (its vocabulary must be sorted; min-p
+        needs no sort)."""
+        return 0 < self.top_k < vocab or self.top_p < 1.0
 
     @property
     def holds_eos(self) -> bool:
@@ -150,7 +151,9 @@ class SampleGroup:
                                             for row in self.rows], device=device)[:, None]
             self.top_p = torch.tensor([row.top_p if row.top_p < 1.0 else float("inf")
                                        for row in self.rows], device=device)[:, None]
-            # min-p as a distance below the largest scaled logit: log(min_p), -inf for none
+        # min-p as a distance below the largest scaled logit: log(min_p), -inf for none
+        self.log_min_p = None
+        if any(row.min_p > 0 for row in self.rows):
             self.log_min_p = torch.tensor([math.log(row.min_p) if row.min_p > 0 else float("-inf")
                                            for row in self.rows], device=device)[:, None]
 
@@ -297,14 +300,15 @@ def choose_tokens(rows: list[Row], logits: torch.Tensor, plan: SamplingPlan | No
 
 
 def _sample(logits: torch.Tensor, group: SampleGroup) -> torch.Tensor:
-    """Temperature, then (for a filtered group) top-k and top-p as transformers applies them,
-    and min-p before top-p, as vLLM applies it, then one draw per row by inverse CDF with a
-    uniform number from the row's own generator.
+    """Temperature, then min-p (for any row that asks) before top-k and top-p (for a filtered
+    group), as vLLM applies them, then one draw per row by inverse CDF with a uniform number
+    from the row's own generator.
 
     Top-k keeps ties with the k-th token; min-p keeps the tokens at least `min_p` times as
     likely as the most likely one; top-p keeps the most likely tokens until their
     mass reaches `top_p` (at least one). Only filtered rows sort the vocabulary (a full
-    sort is most of the cost on a CPU); plain temperature sampling draws in vocabulary order.
+    sort is most of the cost on a CPU); plain temperature sampling, with min-p or not, draws
+    in vocabulary order.
     """
     vocab = logits.shape[-1]
     scaled = logits / group.temperature
@@ -312,13 +316,17 @@ def _sample(logits: torch.Tensor, group: SampleGroup) -> torch.Tensor:
     if group.filtered:
         scaled, order = torch.sort(scaled, dim=-1, descending=True, stable=True)  # ties in a fixed order
         # Top-k and min-p are both floors on the scaled logits (the same whichever comes first).
-        floor = torch.maximum(scaled.gather(1, group.top_k_last), scaled[:, :1] + group.log_min_p)
+        floor = scaled.gather(1, group.top_k_last)
+        if group.log_min_p is not None:
+            floor = torch.maximum(floor, scaled[:, :1] + group.log_min_p)
         scaled = scaled.masked_fill(scaled < floor, float("-inf"))
         probs = torch.softmax(scaled, dim=-1)
         outside = torch.cumsum(probs, dim=-1) - probs >= group.top_p
         outside[:, 0] = False
         probs = probs.masked_fill(outside, 0.0)
     else:
+        if group.log_min_p is not None:
+            scaled = scaled.masked_fill(scaled < scaled.amax(dim=-1, keepdim=True) + group.log_min_p, float("-inf"))
         probs = torch.softmax(scaled, dim=-1)
     cdf = torch.cumsum(probs, dim=-1)
     # u in (0, 1]: the first position whose cumulative probability reaches u * total has a
