@@ -283,7 +283,7 @@ class ChatModel(ModelReplica):
         self.refuse_if_unhealthy()
         arrived = time.monotonic()
         if job.grammar is not None and not self.grammars.ready:  # the first constrained request: about a second
-            await asyncio.to_thread(self.grammars.prepare)
+            await asyncio.to_thread(self.grammars.prepare, job.grammar_param)
         if prompt_chars(job.messages, job.tools, job.template_kwargs) + len(job.grammar or "") > INLINE_PROMPT_CHARS:
             slot = await asyncio.to_thread(self._slot, job)
         else:

@@ -353,7 +353,7 @@ class ChatCompletionRequest(BoundedRequest):
         "string before this many tokens."))
     ignore_eos: bool | None = Field(None, description=(
         "vLLM's extension: the answer never ends on an end-of-sequence token (it is not chosen), only at "
-        "max_tokens, a stop string or the end of a JSON response_format."))
+        "max_tokens, a stop string or the end of a JSON response_format or forced call."))
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: dict[TokenId, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=MAX_LOGIT_BIAS)

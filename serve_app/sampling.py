@@ -4,10 +4,10 @@ Every choice of every request is one row with its own sampling settings and its
 own random generator. Applying them one row at a time costs a handful of tensor
 ops per row per step, and on a GPU a device sync per row: for a batch of 32
 that is milliseconds a step. `choose_tokens` instead applies temperature,
-top-k and top-p to the whole batch at once, draws each sampling row's one
+min-p, top-k and top-p to the whole batch at once, draws each sampling row's one
 random number from that row's own generator, and brings every token to the
-host in one transfer. `logit_bias` and presence/frequency penalties are a few
-ops for the whole batch too, and everything that depends only on which rows
+host in one transfer. `logit_bias`, presence/frequency penalties and the
+end-of-sequence hold (`min_tokens`, `ignore_eos`) are a few ops for the whole batch too, and everything that depends only on which rows
 are in the batch is built once per batch composition (`SamplingPlan`).
 
 The generators live on the CPU whatever the model's device, so a `seed` draws
@@ -164,9 +164,10 @@ class SamplingPlan:
     one [rows, vocab] tensor of token counts for the penalized rows.
 
     Built once per batch composition (the engine rebuilds it when rows join or leave), so
-    a decode step sends nothing to the device but each sampling row's random number, and
-    penalties, biases and counting take a few ops for the whole batch instead of a few per
-    row: on a GPU every small copy is a sync and every op a kernel launch.
+    a decode step sends little to the device (each sampling row's random number, constrained
+    rows' masks, the rows held from ending when that set changes), and penalties, biases and
+    counting take a few ops for the whole batch instead of a few per row: on a GPU every
+    small copy is a sync and every op a kernel launch.
     """
 
     def __init__(self, rows: list[Row], vocab: int, device: torch.device) -> None:

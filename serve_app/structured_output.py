@@ -11,7 +11,7 @@ that cannot continue the grammar are masked out of the row's logits before it sa
 
 The grammar is built here, from the request alone (the ingress passes it on in the
 job); it is compiled against the model's tokenizer on the replica, where a schema the
-matcher refuses becomes a 400 naming `response_format`.
+matcher refuses becomes a 400 naming `response_format` (`tools` for a forced call's).
 
 A reasoning model (`reasoning_parser`) thinks first: as vLLM does, its answer comes
 under the grammar only once the thinking has ended (`AnswerGrammar`), so the thinking is
@@ -128,9 +128,11 @@ class AnswerGrammar:
 
 
 def _matcher_error(matcher: llguidance.LLMatcher) -> str:
-    """llguidance's error, its first line: the rest is its parser's state, for its developers."""
-    first = matcher.get_error().strip().split("\n", 1)[0][:300]
-    return "no JSON value can follow it (NoExtensionBias)" if first == "NoExtensionBias" else first
+    """llguidance's error in words, on one line, without the parser state it appends for its
+    developers (from `<state>` on)."""
+    words = " ".join(matcher.get_error().split("<state>", 1)[0].split())[:400]
+    return ("no JSON value can follow it (a $ref to itself with nothing else, say)"
+            if words == "NoExtensionBias" else words)
 
 
 class GrammarCompiler:
@@ -149,15 +151,17 @@ class GrammarCompiler:
     def ready(self) -> bool:
         return self._compiled is not None
 
-    def prepare(self) -> llguidance.LLTokenizer:
+    def prepare(self, param: str = "response_format") -> llguidance.LLTokenizer:
+        """Read the tokenizer once; one it cannot read is a 400 naming `param` (the request field
+        that asked for a grammar)."""
         with self._lock:
             if self._compiled is None:
                 import llguidance.hf
 
                 if not getattr(self._tokenizer, "is_fast", False):
                     raise InvalidRequest("This model's tokenizer is a slow (Python) one, which constrained decoding "
-                                         "cannot read; response_format needs a fast tokenizer.",
-                                         param="response_format")
+                                         "(a JSON response_format, a forced tool_choice) cannot read: it needs a "
+                                         "fast tokenizer.", param=param)
                 import llguidance.torch  # noqa: F401 - its first import takes a second: here, not on the decode thread
 
                 try:
@@ -165,7 +169,7 @@ class GrammarCompiler:
                                                                   eos_token=sorted(self._eos_ids))
                 except ValueError as exc:  # a tokenizer larger than the model's head, no end-of-sequence id
                     raise InvalidRequest(f"This model's tokenizer cannot be read for constrained decoding: {exc}",
-                                         param="response_format") from None
+                                         param=param) from None
             return self._compiled
 
     def grammars(self, grammar: str, count: int, param: str = "response_format",
@@ -179,12 +183,11 @@ class GrammarCompiler:
                 f"has no single ordinary token for {START} and {END}, so where the thinking ends, and the JSON "
                 "starts, cannot be told: it cannot take response_format json_object or json_schema, or a forced "
                 "tool_choice.", param=param)
-        matcher = llguidance.LLMatcher(self.prepare(), grammar, log_level=0)
+        matcher = llguidance.LLMatcher(self.prepare(param), grammar, log_level=0)
         if not matcher.is_error():  # the first token's mask: a schema no value can match fails it
             matcher.compute_bitmask()
         if matcher.is_error():
-            raise InvalidRequest(f"The schema cannot be used: {_matcher_error(matcher)}. (A schema that allows no "
-                                 "value, such as a $ref to itself with nothing else, fails so.)", param=param)
+            raise InvalidRequest(f"The schema cannot be used: {_matcher_error(matcher)}", param=param)
         matchers = [matcher] + [matcher.deep_copy() for _ in range(count - 1)]
         return [AnswerGrammar(each, self._thinking, opening, param) for each in matchers]
 

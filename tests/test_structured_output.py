@@ -386,3 +386,16 @@ def test_a_reasoning_model_without_single_marker_tokens_cannot_take_a_grammar(mo
         assert ThinkingMarkers.of(special, "qwen3", eos) is None, flagged
     assert ThinkingMarkers.of(thinking_tokenizer, None, eos) is None
     assert ThinkingMarkers.of(thinking_tokenizer, "qwen3", eos).end == thinking_tokenizer.convert_tokens_to_ids("</think>")
+
+
+@pytest.mark.parametrize("schema, says", [
+    ({"type": "string", "pattern": "(("}, "unclosed group"),  # llguidance's detail is past its first line
+    ({"$defs": {"A": {"$ref": "#/$defs/A"}}, "$ref": "#/$defs/A"}, "no JSON value can follow it"),
+    ({"type": "string", "minLength": 5, "maxLength": 2}, "The schema cannot be used")])
+def test_a_schema_error_is_llguidances_words_without_its_parser_state(thinking_tokenizer, schema, says):
+    from serve_app.errors import InvalidRequest
+    from serve_app.structured_output import json_grammar
+
+    with pytest.raises(InvalidRequest, match=says) as refused:
+        _compiler(thinking_tokenizer).grammars(json_grammar(schema, any_whitespace=False), 1, param="tools")
+    assert refused.value.param == "tools" and "<state>" not in str(refused.value) and "\n" not in str(refused.value)
