@@ -573,10 +573,20 @@ class ChatCompletionResponse(Success):
 
 
 
-class ChunkToolCall(AnswerToolCall):
-    """A tool call in a stream: whole, in one delta, `index` counting the choice's calls."""
+class ChunkFunctionCall(WireModel):
+    name: str | None = _omitted_when_null()
+    arguments: str
+
+
+class ChunkToolCall(WireModel):
+    """A tool call in a stream, as OpenAI streams one: its first delta carries the call's `id`,
+    `type` and function `name` with the start of its `arguments`; later deltas only more of the
+    arguments' text, under the same `index` (counting the choice's calls)."""
 
     index: int
+    id: str | None = _omitted_when_null()
+    type: Literal["function"] | None = _omitted_when_null()
+    function: ChunkFunctionCall
 
 
 class DeltaMessage(WireModel):

@@ -20,6 +20,7 @@ from serve_app.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChunkChoice,
+    ChunkFunctionCall,
     ChunkToolCall,
     DeltaMessage,
     Usage,
@@ -28,7 +29,8 @@ from serve_app.protocol import (
     now,
 )
 from serve_app.access_log import note
-from serve_app.translate import AnswerFormat, AnswerReader, choice_logprobs, wire_call, wire_tool_calls
+from serve_app.tool_calls import CallPiece
+from serve_app.translate import AnswerFormat, AnswerReader, choice_logprobs, wire_tool_calls
 
 DONE = "data: [DONE]\n\n"
 
@@ -57,7 +59,7 @@ class ChatChunkEncoder:
             choices = [self._choice(delta) for delta in chunk.deltas]
         else:
             if self.answer_format.read:
-                self.readers = [self.answer_format.reader(chunk.opening) for _ in range(self.n)]
+                self.readers = [self.answer_format.reader(chunk.opening, stream=True) for _ in range(self.n)]
             # The first event opens every choice, in index order, with its role, whether its text
             # has begun or not (it may be held back: part of a character, a possible stop string),
             # as OpenAI's and vLLM's streams do: the openai client's stream helper builds its
@@ -87,15 +89,13 @@ class ChatChunkEncoder:
                            logprobs=choice_logprobs(delta.logprobs))
 
     def _read(self, delta: ChoiceDelta, role: Literal["assistant"] | None) -> tuple[DeltaMessage, str | None]:
-        """The delta read into its parts: thinking and content as they may go now, the calls this
-        text completed, each whole; the end flushes what was held back."""
+        """The delta read into its parts: thinking, content and calls (in pieces) as they may go
+        now; the end flushes what was held back."""
         reader = self.readers[delta.index]
         parts = reader.feed(delta.text)
         if delta.finish_reason is not None:
             parts += reader.finish()
-        first = reader.calls_made - len(parts.calls)  # the index of this delta's first call
-        calls = [ChunkToolCall(index=first + i, **wire_call(call).model_dump())
-                 for i, call in enumerate(wire_tool_calls(parts.calls, self.request, reader))]
+        calls = [_chunk_call(piece) for piece in wire_tool_calls(parts.calls, self.request)]
         # Content only where there is some, as OpenAI streams it (an empty one would end the openai
         # client's content events early); the first delta opens it with "", as without a reader,
         # but for a forced call's answer, whose content is null.
@@ -107,6 +107,11 @@ class ChatChunkEncoder:
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
                                    choices=choices, usage=usage)
+
+
+def _chunk_call(piece: CallPiece) -> ChunkToolCall:
+    return ChunkToolCall(index=piece.index, id=piece.id, type="function" if piece.id else None,
+                         function=ChunkFunctionCall(name=piece.name, arguments=piece.arguments))
 
 
 async def chat_events(encoder: ChatChunkEncoder, first: ChatStreamChunk | None,

@@ -10,13 +10,22 @@ model's config names the format (`tool_call_parser`, with vLLM's names):
 - `llama3_json`: the whole answer is a JSON object `{"name": ..., "parameters":
   {...}}` (several joined by `;`), maybe after `<|python_tag|>`: Llama 3.1-3.3.
 
-The same reader serves a whole answer and a stream: content passes through as
-it comes (in a stream, at once), while a call is held back until it is whole
-and then goes out as one `tool_calls` delta with its complete arguments (the
-openai client's stream helper joins argument pieces, so one piece is as good
-as many). Text that looks like a call but does not parse as one stays content:
-nothing the model wrote is lost. The ingress reads calls only for a request
-that gives tools (with `tool_choice` not `none`), as vLLM does with
+The same readers serve a whole answer and a stream. Content passes through as it
+comes (in a stream, at once). A whole answer's calls are read once each is whole:
+text that looks like a call but does not parse as one stays content, so nothing the
+model wrote is lost. In a stream (`stream=True`) a call goes out as OpenAI and vLLM
+stream one: its first delta carries the call's id and name once the model has written
+the name and begun the arguments object, and each later delta the arguments' next
+piece of text as the model writes it (the openai client's stream helper joins them),
+so a long call shows as it is written instead of all at its end. Such a call is
+committed once its first delta has gone: if its text then breaks off (`max_tokens`)
+the client has the arguments written so far and `finish_reason` "length", as from
+vLLM. A call whose arguments are not an object (a quoted string), or whose name comes
+after them, goes out whole once its text is.
+
+Either way a call's `arguments` is the model's own text of the arguments object, so
+the same answer reads the same streamed or not. The ingress reads calls only for a
+request that gives tools (with `tool_choice` not `none`), as vLLM does with
 `--enable-auto-tool-choice`.
 """
 
@@ -30,6 +39,12 @@ from typing import Any, Literal
 
 ToolCallFormat = Literal["hermes", "llama3_json"]
 
+ARGUMENT_KEYS = ("arguments", "parameters")
+
+
+def new_call_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
 
 @dataclass(frozen=True)
 class ParsedToolCall:
@@ -37,7 +52,19 @@ class ParsedToolCall:
 
     name: str
     arguments: str
-    id: str = field(default_factory=lambda: "call_" + secrets.token_hex(12))
+    id: str = field(default_factory=new_call_id)
+
+
+@dataclass(frozen=True)
+class CallPiece:
+    """A call as it goes out, whole or in pieces: a call's first piece carries its `id` and
+    `name`; in a stream, later pieces carry only more of its arguments' text. `index` counts
+    the choice's calls."""
+
+    index: int
+    arguments: str
+    name: str | None = None
+    id: str | None = None
 
 
 @dataclass
@@ -45,7 +72,7 @@ class ReadText:
     """What a piece of a choice's text turned out to hold."""
 
     content: str = ""
-    calls: list[ParsedToolCall] = field(default_factory=list)
+    calls: list[CallPiece] = field(default_factory=list)
 
     def __iadd__(self, other: "ReadText") -> "ReadText":
         self.content += other.content
@@ -53,19 +80,22 @@ class ReadText:
         return self
 
 
-def parsed_call(value: Any) -> ParsedToolCall | None:
+def parsed_call(value: Any, arguments_text: str | None = None) -> ParsedToolCall | None:
     """A call from a decoded JSON object `{"name": ..., "arguments" (or "parameters"): ...}`,
-    else None. The arguments go out as JSON text: an object as JSON; a string holding JSON (some
-    models quote their arguments) as it is; any other string as a JSON string, as vLLM sends it,
-    so that a client's `json.loads(arguments)` never fails. A `\\ud83d` escape the model wrote
-    decodes to half a character, which no UTF-8 body can carry: such arguments stay escaped,
-    and such a name is no call."""
+    else None. Object arguments go out as the model wrote them (`arguments_text`, their JSON
+    text), else as JSON; a string holding JSON (some models quote their arguments) as it is;
+    any other string as a JSON string, as vLLM sends it, so that a client's
+    `json.loads(arguments)` never fails. A `\\ud83d` escape the model wrote decodes to half a
+    character, which no UTF-8 body can carry: such arguments stay escaped, and such a name is
+    no call."""
     name = value.get("name") if isinstance(value, dict) else None
     if not isinstance(name, str) or not name or not _encodable(name):
         return None
     arguments = value.get("arguments", value.get("parameters", {}))
     if arguments is None:
         arguments = {}
+    if isinstance(arguments, dict) and arguments_text is not None and _same_json(arguments_text, arguments):
+        return ParsedToolCall(name=name, arguments=arguments_text.strip())
     if isinstance(arguments, str):
         try:
             json.loads(arguments)
@@ -78,6 +108,13 @@ def parsed_call(value: Any) -> ParsedToolCall | None:
     return ParsedToolCall(name=name, arguments=arguments)
 
 
+def _same_json(text: str, value: Any) -> bool:
+    try:
+        return json.loads(text) == value
+    except (ValueError, RecursionError):
+        return False
+
+
 def _encodable(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -86,23 +123,167 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _json_call(text: str) -> ParsedToolCall | None:
+class JsonExtent:
+    """Where one JSON value ends, in text fed piece by piece (not what it means: `json.loads`
+    checks that once it is whole). A number, `true`, `false` or `null` ends at the first
+    character that cannot go on with it."""
+
+    _SCALAR_ENDS = frozenset(",:;}] \t\r\n")
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.ended = False
+        self._depth = 0
+        self._in_string = self._escaped = self._scalar = False
+
+    def feed(self, text: str) -> int:
+        """Takes `text` up to the value's end; how many characters it took."""
+        for at, char in enumerate(text):
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif char == "\\":
+                    self._escaped = True
+                elif char == '"':
+                    self._in_string = False
+                    if self._depth == 0:
+                        return self._end(text, at + 1)
+            elif self._scalar:
+                if char in self._SCALAR_ENDS:
+                    return self._end(text, at)
+            elif char == '"':
+                self._in_string = True
+            elif char in "{[":
+                self._depth += 1
+            elif char in "}]":
+                self._depth -= 1
+                if self._depth <= 0:
+                    return self._end(text, at + 1)
+            elif self._depth == 0:
+                self._scalar = True
+        self.text += text
+        return len(text)
+
+    def _end(self, text: str, at: int) -> int:
+        self.text += text[:at]
+        self.ended = True
+        return at
+
+
+class CallText:
+    """One call's JSON object `{"name": ..., "arguments": {...}}` read as the model writes it
+    (with `name`: the arguments object alone, a forced call's answer). With `stream`, once the
+    name is known and an arguments object has begun, its text goes out piece by piece as it
+    comes (`feed` returns each piece); otherwise the call waits for its object's end
+    (`whole` then reads it). `arguments` keeps the arguments' own text either way."""
+
+    def __init__(self, index: int, stream: bool, name: str | None = None) -> None:
+        self.index, self.stream, self.name = index, stream, name
+        self.id = new_call_id()
+        self.bare = name is not None
+        self.text = ""  # the object's text so far (bare: the arguments')
+        self.arguments: str | None = None
+        self.sent = False  # whether the call's first piece has gone out
+        self._state = "value" if self.bare else "open"
+        self._key: str | None = "arguments" if self.bare else None
+        self._value: JsonExtent | None = None
+        self._streaming = False
+
+    @property
+    def ended(self) -> bool:
+        return self._state == "done"
+
+    @property
+    def failed(self) -> bool:
+        return self._state == "failed"
+
+    def feed(self, text: str) -> tuple[CallPiece | None, int]:
+        """Takes `text` up to the object's end: the piece to send now (if any), characters taken."""
+        at, sending = 0, ""
+        while at < len(text) and self._state not in ("done", "failed"):
+            char = text[at]
+            if self._state in ("value", "key_text"):
+                if self._value is None:
+                    if char.isspace():
+                        at += 1
+                        continue
+                    self._value = JsonExtent()
+                    self._streaming = (self._state == "value" and self.stream and char == "{"
+                                       and self._key in ARGUMENT_KEYS and self.arguments is None
+                                       and self.name is not None)
+                took = self._value.feed(text[at:])
+                if self._streaming:
+                    sending += text[at:at + took]
+                at += took
+                if self._value.ended:
+                    self._value_ended()
+                continue
+            at += 1
+            if char.isspace():
+                continue
+            if self._state == "open":
+                self._state = "key" if char == "{" else "failed"
+            elif self._state == "key":
+                if char == '"':
+                    self._state, at = "key_text", at - 1
+                else:
+                    self._state = "done" if char == "}" else "failed"
+            elif self._state == "colon":
+                self._state = "value" if char == ":" else "failed"
+            else:  # after a value
+                self._state = "key" if char == "," else "done" if char == "}" else "failed"
+        self.text += text[:at]
+        return self._piece(sending), at
+
+    def _value_ended(self) -> None:
+        text, self._value, self._streaming = self._value.text, None, False
+        if self._state == "key_text":
+            self._key, self._state = _loads(text), "colon"
+            return
+        if self._key == "name" and not self.bare:
+            name = _loads(text)
+            self.name = name if isinstance(name, str) and name and _encodable(name) else None
+        elif self._key in ARGUMENT_KEYS and self.arguments is None:
+            self.arguments = text
+        self._state = "done" if self.bare else "next"
+
+    def _piece(self, sending: str) -> CallPiece | None:
+        if not sending:
+            return None
+        if self.sent:
+            return CallPiece(self.index, sending)
+        self.sent = True
+        return CallPiece(self.index, sending, self.name, self.id)
+
+    def whole(self) -> CallPiece | None:
+        """Once the call's text has ended and nothing of it went out: the call it holds, else None."""
+        value = _loads(self.text)
+        if self.bare:
+            call = parsed_call({"name": self.name, "arguments": value}, self.text) if isinstance(value, dict) else None
+        else:
+            call = parsed_call(value, self.arguments)
+        return None if call is None else CallPiece(self.index, call.arguments, call.name, call.id)
+
+
+def _loads(text: str) -> Any:
     try:
-        return parsed_call(json.loads(text))
+        return json.loads(text)
     except (ValueError, RecursionError):
         return None
 
 
 class ToolCallReader(ABC):
-    """One choice's text, fed as it is produced; `finish` once it has ended."""
+    """One choice's text, fed as it is produced; `finish` once it has ended. With `stream`,
+    calls go out in pieces as they are written (see the module's docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stream: bool = False) -> None:
+        self.stream = stream
         self.calls_made = 0
         self._space = ""  # trailing whitespace of the content, held until text follows it
 
     @abstractmethod
     def feed(self, text: str) -> ReadText:
-        """The content that may go out now, and the calls completed by `text`."""
+        """The content that may go out now, and the calls (or pieces of calls) `text` made."""
 
     @abstractmethod
     def finish(self) -> ReadText:
@@ -119,10 +300,17 @@ class ToolCallReader(ABC):
             return ""
         return kept
 
-    def _call(self, call: ParsedToolCall) -> list[ParsedToolCall]:
-        self.calls_made += 1
-        self._space = ""
-        return [call]
+    def new_call(self, name: str | None = None) -> CallText:
+        return CallText(self.calls_made, self.stream, name)
+
+    def send(self, piece: CallPiece | None) -> list[CallPiece]:
+        """A call's piece on its way out; its first piece counts the call made."""
+        if piece is None:
+            return []
+        if piece.id is not None:
+            self.calls_made += 1
+            self._space = ""
+        return [piece]
 
 
 class HermesReader(ToolCallReader):
@@ -130,16 +318,17 @@ class HermesReader(ToolCallReader):
 
     START, END = "<tool_call>", "</tool_call>"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, stream: bool = False) -> None:
+        super().__init__(stream)
         self._held = ""
-        self._inside = False  # after a START whose END has not come yet
+        self._call: CallText | None = None  # after a START whose END has not come yet
+        self._taken = 0  # how much of the held call text `_call` has read
 
     def feed(self, text: str) -> ReadText:
         self._held += text
         read = ReadText()
         while True:
-            if not self._inside:
+            if self._call is None:
                 at = self._held.find(self.START)
                 if at < 0:  # all of it, but the start of a START
                     keep = marker_prefix_at_end(self._held, self.START)
@@ -147,43 +336,136 @@ class HermesReader(ToolCallReader):
                     self._held = self._held[len(self._held) - keep:]
                     return read
                 read.content += self._content(self._held[:at])
-                self._held, self._inside = self._held[at + len(self.START):], True
+                self._held, self._call, self._taken = self._held[at + len(self.START):], self.new_call(), 0
             else:
                 at = self._held.find(self.END)
                 if at < 0:
+                    if self.stream:  # all of it, but what could be the start of an END
+                        read += self._take(len(self._held) - marker_prefix_at_end(self._held, self.END))
                     return read
-                body, self._held, self._inside = self._held[:at], self._held[at + len(self.END):], False
-                call = _json_call(body)
-                if call is not None:
-                    read.calls += self._call(call)
-                else:
-                    read.content += self._content(self.START + body + self.END)
+                read += self._end_call(at)
+                self._held = self._held[at + len(self.END):]
 
     def finish(self) -> ReadText:
-        held, self._held = self._held, ""
-        if self._inside:  # the answer ended inside a call (no END: some models stop there)
-            self._inside = False
-            call = _json_call(held)
-            if call is not None:
-                calls = self._call(call)
-                return ReadText(self._content("", final=True), calls)
-            held = self.START + held
-        return ReadText(self._content(held, final=True))
+        if self._call is None:
+            held, self._held = self._held, ""
+            return ReadText(self._content(held, final=True))
+        read = self._end_call(len(self._held), ended=False)  # the answer ended inside a call
+        self._held = ""
+        return read
+
+    def _take(self, upto: int) -> ReadText:
+        """The held call text up to `upto` read by the call, and what of it may go out."""
+        piece, took = self._call.feed(self._held[self._taken:upto])
+        self._taken += took
+        return ReadText(calls=self.send(piece))
+
+    def _end_call(self, at: int, ended: bool = True) -> ReadText:
+        """The call whose text is the held text up to `at` (`ended`: by an END, else by the
+        answer's end): what is left of it to send; a call text that is no call (and has not
+        begun to go out) is content, as the model wrote it."""
+        read, call, body = self._take(at), self._call, self._held[:at]
+        self._call = None
+        rest = body[self._taken:]  # after the call's object closed
+        if call.sent:
+            left = rest if rest.strip() else ""
+        else:
+            piece = call.whole() if call.ended and not rest.strip() else None
+            read.calls += self.send(piece)
+            left = self.START + body + (self.END if ended else "") if piece is None else ""
+        read.content += self._content(left, final=not ended)
+        return read
+
+
+class CallSequence:
+    """Calls one after another: Llama 3's `{call}; {call}` or a forced `required` answer's
+    `[{call}, {call}]`, read as it comes. Each call goes out as `CallText` lets it (in a stream,
+    in pieces; else once its object has closed); `broken` once the text leaves that shape."""
+
+    def __init__(self, reader: ToolCallReader, separator: str, bracketed: bool) -> None:
+        self.reader, self.separator, self.bracketed = reader, separator, bracketed
+        self.calls: list[CallPiece] = []  # the calls read whole, not yet sent (not in a stream)
+        self.call: CallText | None = None
+        self._state = "open" if bracketed else "call"
+        self.taken = 0  # characters read, up to where it broke
+
+    @property
+    def broken(self) -> bool:
+        return self._state == "broken"
+
+    @property
+    def complete(self) -> bool:
+        """Whether the text so far is a whole sequence of one or more calls."""
+        return (self._state == "closed" if self.bracketed else self._state in ("next", "call")) and \
+            self.call is None and bool(self.calls or self.reader.calls_made)
+
+    def feed(self, text: str) -> list[CallPiece]:
+        sent, at = [], 0
+        while at < len(text) and not self.broken:
+            if self.call is not None:
+                piece, took = self.call.feed(text[at:])
+                sent += self.reader.send(piece)
+                at += took
+                if self.call.ended:
+                    sent += self._closed_call()
+                elif self.call.failed:
+                    self._state = "broken"
+                continue
+            char = text[at]
+            if char.isspace():
+                at += 1
+                continue
+            if self._state == "call" and char == "{":
+                self.call = self.reader.new_call()
+                self.call.index += len(self.calls)  # after the calls read whole but not yet sent
+                continue
+            if self._state == "open" and char == "[":
+                self._state = "call"
+            elif self._state == "next" and char == self.separator:
+                self._state = "call"
+            elif self._state == "next" and self.bracketed and char == "]":
+                self._state = "closed"
+            else:
+                self._state = "broken"
+                break
+            at += 1
+        self.taken += at
+        return sent
+
+    def _closed_call(self) -> list[CallPiece]:
+        call, self.call, self._state = self.call, None, "next"
+        if call.sent:
+            return []
+        piece = call.whole()
+        if piece is None:
+            self._state = "broken"
+            return []
+        if self.reader.stream:
+            return self.reader.send(piece)
+        self.calls.append(piece)
+        return []
+
+    def sent_whole(self) -> list[CallPiece]:
+        """The calls read whole, sent together once the sequence has turned out complete."""
+        calls, self.calls = self.calls, []
+        return [sent for piece in calls for sent in self.reader.send(piece)]
 
 
 class Llama3JsonReader(ToolCallReader):
     """An answer that is one or more JSON calls (`;` between them), or plain content.
 
     Its first character decides: `{` (or `<|python_tag|>`, where the tokenizer keeps
-    special tokens) holds the whole answer back until it ends, then reads it as calls,
-    else as content; anything else streams as content."""
+    special tokens) makes it calls, read as they come; anything else streams as content.
+    A whole answer is calls only if all of it is; in a stream, text after the calls
+    already sent that is not another call is content."""
 
     PYTHON_TAG = "<|python_tag|>"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, stream: bool = False) -> None:
+        super().__init__(stream)
         self._held = ""
         self._mode: Literal["undecided", "content", "calls"] = "undecided"
+        self._calls: CallSequence | None = None
 
     def feed(self, text: str) -> ReadText:
         if self._mode == "content":
@@ -192,40 +474,30 @@ class Llama3JsonReader(ToolCallReader):
         start = self._held.lstrip()
         if self._mode == "undecided" and start:
             if start.startswith(("{", self.PYTHON_TAG)):
-                self._mode = "calls"
+                self._mode, self._calls = "calls", CallSequence(self, ";", bracketed=False)
+                self._calls.taken = len(self._held) - len(start.removeprefix(self.PYTHON_TAG))
             elif not self.PYTHON_TAG.startswith(start[:len(self.PYTHON_TAG)]):
                 self._mode, held, self._held = "content", self._held, ""
                 return ReadText(self._content(held))
-        return ReadText()
+        if self._calls is None or not self.stream:
+            return ReadText()
+        return ReadText(calls=self._calls.feed(self._held[self._calls.taken:]))
 
     def finish(self) -> ReadText:
-        held, self._held = self._held, ""
-        if self._mode == "calls":
-            calls = _json_calls(held.strip().removeprefix(self.PYTHON_TAG).strip().removesuffix(";"))
-            if calls:
-                made = [made for call in calls for made in self._call(call)]
-                return ReadText(self._content("", final=True), made)
-        return ReadText(self._content(held, final=True))
-
-
-def _json_calls(text: str) -> list[ParsedToolCall] | None:
-    """`{call}; {call}`: every one a call and nothing else around them, else None."""
-    decoder, calls, at = json.JSONDecoder(), [], 0
-    while True:
-        try:
-            value, at = decoder.raw_decode(text, at)
-        except (ValueError, RecursionError):
-            return None
-        call = parsed_call(value)
-        if call is None:
-            return None
-        calls.append(call)
-        rest = text[at:].lstrip()
-        if not rest:
-            return calls
-        if not rest.startswith(";"):
-            return None
-        at = len(text) - len(rest[1:].lstrip())
+        held, self._held, calls = self._held, "", self._calls
+        if calls is None:
+            return ReadText(self._content(held, final=True))
+        read = ReadText(calls=calls.feed(held[calls.taken:]))
+        if calls.complete:
+            read.calls += calls.sent_whole()
+            left = ""
+        elif self.calls_made:  # in a stream, after calls already sent: the rest, but a call cut off
+            call = calls.call
+            left = ("" if call is None or call.sent else call.text) + held[calls.taken:]
+        else:
+            left = held
+        read.content += self._content(left, final=True)
+        return read
 
 
 def marker_prefix_at_end(text: str, marker: str) -> int:
@@ -238,31 +510,42 @@ def marker_prefix_at_end(text: str, marker: str) -> int:
 
 class ForcedCallReader(ToolCallReader):
     """An answer that is a call by construction (a `tool_choice` that forces one, decoded under
-    a grammar): held back whole, then read as the named function's arguments (`name`), or with
-    `required` (`name` None) as a JSON list of `{"name": ..., "parameters": ...}`. An answer cut
-    off before its JSON closed stays text."""
+    a grammar): the named function's arguments object (`name`), or with `required` (`name`
+    None) a JSON list of `{"name": ..., "parameters": ...}`, read as it comes. A whole answer
+    cut off before its JSON closed stays text; in a stream, what went out stays sent."""
 
-    def __init__(self, name: str | None) -> None:
-        super().__init__()
-        self._name, self._held = name, ""
+    def __init__(self, name: str | None, stream: bool = False) -> None:
+        super().__init__(stream)
+        self._held = ""
+        self._call = self.new_call(name) if name is not None else None
+        self._calls = CallSequence(self, ",", bracketed=True) if name is None else None
+        self._taken = 0
 
     def feed(self, text: str) -> ReadText:
         self._held += text
-        return ReadText()
+        return ReadText(calls=self._read() if self.stream else [])
+
+    def _read(self) -> list[CallPiece]:
+        if self._call is not None:
+            piece, took = self._call.feed(self._held[self._taken:])
+            self._taken += took
+            return self.send(piece)
+        return self._calls.feed(self._held[self._calls.taken:])
 
     def finish(self) -> ReadText:
+        read = ReadText(calls=self._read())
         held, self._held = self._held, ""
-        try:
-            value = json.loads(held)
-        except (ValueError, RecursionError):
-            value = None
-        if self._name is not None:
-            calls = [parsed_call({"name": self._name, "arguments": value})] if isinstance(value, dict) else []
-        else:
-            calls = [parsed_call(item) for item in value] if isinstance(value, list) else []
-        if not calls or None in calls:
+        if self._call is not None:
+            if not self._call.sent:
+                piece = self._call.whole()
+                if piece is None:
+                    return ReadText(held)
+                read.calls += self.send(piece)
+        elif self._calls.complete:
+            read.calls += self._calls.sent_whole()
+        elif not self.calls_made:
             return ReadText(held)
-        return ReadText("", [made for call in calls for made in self._call(call)])
+        return read
 
 
 READERS: dict[str, type[ToolCallReader]] = {"hermes": HermesReader, "llama3_json": Llama3JsonReader}
@@ -279,4 +562,3 @@ def read_tool_calls(fmt: ToolCallFormat, text: str) -> ReadText:
     read = reader.feed(text)
     read += reader.finish()
     return read
-

@@ -36,7 +36,7 @@ from serve_app.protocol import (
 from serve_app.protocol import TokenLogprob as WireTokenLogprob
 from serve_app.reasoning import Opening, ReasoningFormat, ReasoningReader, Split
 from serve_app.structured_output import json_grammar
-from serve_app.tool_calls import KEEPS_SPECIAL_TOKENS, READERS, ForcedCallReader, ParsedToolCall, ToolCallFormat
+from serve_app.tool_calls import KEEPS_SPECIAL_TOKENS, READERS, CallPiece, ForcedCallReader, ToolCallFormat
 
 _ROLE_ALIASES = {"developer": "system", "function": "tool"}  # OpenAI's newer and older names
 
@@ -265,7 +265,7 @@ class AnswerParts:
 
     reasoning: str = ""
     content: str = ""
-    calls: list[ParsedToolCall] = field(default_factory=list)
+    calls: list[CallPiece] = field(default_factory=list)
 
     def __iadd__(self, other: "AnswerParts") -> "AnswerParts":
         self.reasoning += other.reasoning
@@ -300,23 +300,24 @@ class AnswerFormat:
         """Whether the answer is read into parts at all (else it is all content)."""
         return bool(self.reasoning or self.tool_calls or self.forced)
 
-    def reader(self, opening: Opening = None) -> "AnswerReader | None":
-        """A choice's reader; `opening`: where the replica found the prompt leaving the answer."""
-        return AnswerReader(self, opening) if self.read else None
+    def reader(self, opening: Opening = None, stream: bool = False) -> "AnswerReader | None":
+        """A choice's reader; `opening`: where the replica found the prompt leaving the answer;
+        `stream`: calls go out in pieces as they are written."""
+        return AnswerReader(self, opening, stream) if self.read else None
 
 
 class AnswerReader:
     """One choice's answer read into its parts as it is produced (`feed`, then `finish` once
     it has ended): the thinking first, then tool calls out of the content after it."""
 
-    def __init__(self, fmt: AnswerFormat, opening: Opening = None) -> None:
+    def __init__(self, fmt: AnswerFormat, opening: Opening = None, stream: bool = False) -> None:
         self.thinking = ReasoningReader(fmt.reasoning, opening) if fmt.reasoning else None
         self.forced = fmt.forced is not None  # the answer is a call (unless cut off)
         self.named = self.forced and fmt.forced.named
         if fmt.forced is not None:
-            self.tools = ForcedCallReader(function_name(fmt.forced.tools[0]) if fmt.forced.named else None)
+            self.tools = ForcedCallReader(function_name(fmt.forced.tools[0]) if fmt.forced.named else None, stream)
         else:
-            self.tools = READERS[fmt.tool_calls]() if fmt.tool_calls else None
+            self.tools = READERS[fmt.tool_calls](stream) if fmt.tool_calls else None
 
     @property
     def calls_made(self) -> int:
@@ -349,14 +350,24 @@ class AnswerReader:
         return AnswerParts(split.reasoning, read.content, read.calls)
 
 
-def wire_tool_calls(calls: list[ParsedToolCall], request: ChatCompletionRequest,
-                    reader: AnswerReader | None = None) -> list[ParsedToolCall]:
-    """The calls a client gets: with `parallel_tool_calls` false, only the answer's first
-    (`reader`: the calls already sent in a stream count)."""
+def wire_tool_calls(calls: list[CallPiece], request: ChatCompletionRequest) -> list[CallPiece]:
+    """The calls (or pieces of calls) a client gets: with `parallel_tool_calls` false, only
+    those of the answer's first call."""
     if request.parallel_tool_calls is False:
-        before = reader.calls_made - len(calls) if reader is not None else 0
-        return calls[:max(0, 1 - before)]
+        return [piece for piece in calls if piece.index == 0]
     return calls
+
+
+def joined_calls(pieces: list[CallPiece]) -> list[AnswerToolCall]:
+    """Whole calls from their pieces, in order, as a client joins a stream's."""
+    calls: dict[int, AnswerToolCall] = {}
+    for piece in pieces:
+        if piece.index in calls:
+            calls[piece.index].function.arguments += piece.arguments
+        else:
+            calls[piece.index] = AnswerToolCall(id=piece.id, function=FunctionCall(name=piece.name,
+                                                                                  arguments=piece.arguments))
+    return list(calls.values())
 
 
 def choice_logprobs(entries: list[TokenLogprob] | None) -> ChoiceLogprobs | None:
@@ -391,14 +402,10 @@ def _chat_choice(index: int, choice: ChatChoiceResult, request: ChatCompletionRe
         calls = wire_tool_calls(parts.calls, request)
         message = AssistantMessage(content=parts.content or (None if calls else ""),
                                    reasoning=parts.reasoning or None, reasoning_content=parts.reasoning or None,
-                                   tool_calls=[wire_call(call) for call in calls] or None)
+                                   tool_calls=joined_calls(calls) or None)
         finish_reason = reader.finish_reason(finish_reason)
     return ChatChoice(index=index, message=message, logprobs=choice_logprobs(choice.logprobs),
                       finish_reason=finish_reason)
-
-
-def wire_call(call: ParsedToolCall) -> AnswerToolCall:
-    return AnswerToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
 
 
 def _requested_size(request: ImageGenerationRequest) -> tuple[tuple[int, int], str] | None:

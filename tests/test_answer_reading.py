@@ -23,8 +23,8 @@ import pytest
 from ray import serve
 
 from serve_app.reasoning import ReasoningReader, prompt_opening
-from serve_app.tool_calls import read_tool_calls, READERS
-from serve_app.translate import AnswerFormat
+from serve_app.tool_calls import ForcedCallReader, read_tool_calls, READERS
+from serve_app.translate import AnswerFormat, joined_calls
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
@@ -49,12 +49,25 @@ CITY = {"type": "json_schema", "json_schema": {"name": "city", "strict": True, "
 
 
 def _streamed(fmt: str, pieces: list[str]) -> tuple[str, list[tuple[str, dict]], list[str]]:
-    """Content, calls and the content of each piece, fed as a stream would feed them."""
+    """Content, calls and the content of each piece, fed piece by piece to a whole answer's reader."""
     reader, contents, calls = READERS[fmt](), [], []
     for read in [*(reader.feed(piece) for piece in pieces), reader.finish()]:
         contents.append(read.content)
         calls += [(call.name, json.loads(call.arguments)) for call in read.calls]
     return "".join(contents), calls, contents
+
+
+def _read_streaming(reader, pieces: list[str]) -> tuple[str, list]:
+    """Content and call pieces (in the order they went out) of a stream's reader fed `pieces`."""
+    content, sent = "", []
+    for read in [*(reader.feed(piece) for piece in pieces), reader.finish()]:
+        content += read.content
+        sent += read.calls
+    return content, sent
+
+
+def _joined(sent) -> list[tuple[str, str]]:
+    return [(call.function.name, call.function.arguments) for call in joined_calls(sent)]
 
 
 @pytest.mark.parametrize("fmt, text, content, calls", [
@@ -86,9 +99,57 @@ def test_reader_reads_calls_and_keeps_everything_else(fmt, text, content, calls)
     assert (read.content, [(c.name, json.loads(c.arguments)) for c in read.calls]) == (content, calls)
     assert all(c.id.startswith("call_") for c in read.calls) and len({c.id for c in read.calls}) == len(read.calls)
     assert all(c.arguments.encode("utf-8") and c.name.encode("utf-8") for c in read.calls)
-    # A character at a time, as a stream, the same in the end.
+    # A character at a time, the same in the end; and so for a stream's reader, whose calls go
+    # out in pieces (but for an answer that goes on after its calls with text that is no call:
+    # the calls it already sent stay sent).
     streamed_content, streamed_calls, _ = _streamed(fmt, list(text))
     assert (streamed_content, streamed_calls) == (content, calls)
+    if not text.endswith(" and more"):
+        streamed_content, sent = _read_streaming(READERS[fmt](stream=True), list(text))
+        assert (streamed_content, _joined(sent)) == (content, [(c.name, c.arguments) for c in read.calls])
+
+
+@pytest.mark.parametrize("reader, text, name", [
+    (READERS["hermes"], 'Sure.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par\\"is", "days": [1, 2]}}\n'
+                        '</tool_call>', "get_weather"),
+    (READERS["llama3_json"], '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "n": {"a": "}"}}}',
+     "get_weather"),
+    (lambda stream: ForcedCallReader("get_weather", stream), ' {"city": "Paris", "when": {"day": "}{"}}', "get_weather"),
+    (lambda stream: ForcedCallReader(None, stream), '[{"name": "get_weather", "parameters": {"city": "Paris"}}]',
+     "get_weather"),
+])
+def test_a_streamed_call_goes_out_as_it_is_written(reader, text, name):
+    """As OpenAI and vLLM stream a call: a first delta with its id and name once the arguments
+    object has begun, then the arguments' text piece by piece, which join into the whole answer's."""
+    content, sent = _read_streaming(reader(True), list(text))
+    whole_content, whole = _read_streaming(reader(False), [text])
+    assert (content, _joined(sent)) == (whole_content, _joined(whole)) and len(whole) == 1
+    first, *rest = sent
+    assert first.id.startswith("call_") and first.name == name and first.arguments == "{" and len(rest) > 5
+    assert all(piece.index == 0 and piece.id is None and piece.name is None for piece in rest)
+    arguments = _joined(sent)[0][1]
+    assert json.loads(arguments) == json.loads(whole[0].arguments) and arguments in text  # as the model wrote it
+
+
+@pytest.mark.parametrize("reader, text, last", [
+    (READERS["hermes"], '<tool_call>{"name": "f", "arguments": {"city": "Pa', ("f", '{"city": "Pa')),
+    (READERS["llama3_json"], '{"name": "f", "parameters": {"a": 1}}; {"name": "g", "parameters": {"b"', ("g", '{"b"')),
+    (lambda stream: ForcedCallReader("f", stream), '{"city": "Pa', ("f", '{"city": "Pa')),
+])
+def test_a_streamed_call_cut_off_keeps_what_went_out(reader, text, last):
+    """Once a call's first delta has gone it stays a call, its arguments those written (as from
+    vLLM; `finish_reason` says `length`); a whole answer's cut-off call is its text."""
+    content, sent = _read_streaming(reader(True), list(text))
+    assert content == "" and _joined(sent)[-1] == last
+    whole_content, whole = _read_streaming(reader(False), [text])
+    assert (whole_content, whole) == (text, [])
+
+
+def test_a_streamed_call_waits_whole_when_its_name_comes_last_or_its_arguments_are_text():
+    for text in ('<tool_call>{"arguments": {"a": 1}, "name": "f"}</tool_call>',
+                 '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>'):
+        sent = _read_streaming(READERS["hermes"](stream=True), list(text))[1]
+        assert len(sent) == 1 and sent[0].name == "f" and json.loads(sent[0].arguments) == {"a": 1}
 
 
 @pytest.mark.parametrize("fmt, text, reasoning, content", [
@@ -201,7 +262,7 @@ def tools_app(cluster, server, models_dir, tmp_path_factory):
     args = cluster.args(route_prefix="/tools")
     chat = next(m for m in args["models"] if m["kind"] == "chat")
     args["models"] = [{**chat, "name": "tool-llama", "path": str(path), "tool_call_parser": "hermes",
-                       "reasoning_parser": "qwen3"}]
+                       "reasoning_parser": "qwen3", "stream_interval_s": 0}]  # a message per token
     try:
         yield cluster.deploy(args, name="tools_app", route_prefix="/tools")
     finally:
@@ -265,19 +326,38 @@ def test_tool_choice_none_reads_no_calls(client):
 
 
 @pytest.mark.parametrize("question", [ONE_CALL, TWO_CALLS, NO_CALL])
-def test_streamed_calls_are_whole_deltas_and_match_the_answer(client, question):
+def test_streamed_calls_match_the_answer(client, question):
+    """Each call's arguments go out in pieces as they are written (its first delta with the
+    call's id, type and name), and join into the unstreamed answer's calls, exactly."""
     whole = client.chat.completions.create(**_ask(question, n=2)).choices
     chunks = list(client.chat.completions.create(**_ask(question, n=2, stream=True,
                                                         stream_options={"include_usage": True})))
     for index in (0, 1):
         deltas = [choice for chunk in chunks for choice in chunk.choices if choice.index == index]
         content = "".join(d.delta.content or "" for d in deltas)
-        calls = [call for d in deltas for call in d.delta.tool_calls or []]
-        assert [call.index for call in calls] == list(range(len(calls)))
-        assert _calls(calls) == _calls(whole[index].message.tool_calls or [])
+        pieces = [call for d in deltas for call in d.delta.tool_calls or []]
+        joined = {}
+        for piece in pieces:
+            if piece.id is not None:
+                assert piece.index == len(joined) and piece.type == "function" and piece.function.name
+                joined[piece.index] = [piece.id, piece.function.name, piece.function.arguments]
+            else:
+                assert piece.index == len(joined) - 1 and piece.function.name is None
+                joined[piece.index][2] += piece.function.arguments
+        calls = whole[index].message.tool_calls or []
+        assert list(joined.values()) == [[joined[i][0], c.function.name, c.function.arguments] for i, c in enumerate(calls)]
+        assert len(pieces) >= 3 * len(calls)  # not whole calls: the arguments in pieces
         assert content == (whole[index].message.content or "") and "<tool_call>" not in content
         assert [d.finish_reason for d in deltas if d.finish_reason] == [whole[index].finish_reason]
     assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_the_openai_stream_helper_joins_a_streamed_call(client):
+    with client.chat.completions.stream(**_ask(ONE_CALL)) as stream:
+        done = [event for event in stream if event.type == "tool_calls.function.arguments.done"]
+        final = stream.get_final_completion().choices[0]
+    assert [(event.name, json.loads(event.arguments)) for event in done] == [("get_weather", {"city": "Paris"})]
+    assert _calls(final.message.tool_calls) == [("get_weather", {"city": "Paris"})]
 
 
 def test_thinking_comes_back_as_reasoning(client, tools_app):
@@ -338,7 +418,7 @@ def test_streamed_thinking_matches_the_answer(tools_app, question, extra):
     assert all(d.get("reasoning") == d.get("reasoning_content") for d in deltas)
     assert "" not in [d.get("content") for d in deltas if "role" not in d]  # no empty content after the first
     assert "".join(d.get("content") or "" for d in deltas) == (whole["message"]["content"] or "")
-    assert [c["function"]["name"] for d in deltas for c in d.get("tool_calls", [])] == \
+    assert [c["function"]["name"] for d in deltas for c in d.get("tool_calls", []) if "id" in c] == \
         [c["function"]["name"] for c in whole["message"].get("tool_calls", [])]
     assert "<think>" not in json.dumps(deltas)
 
