@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from serve_app.jobs import ChatJob, generator_seed
+from serve_app.structured_output import fill_masks
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -237,10 +238,10 @@ class SamplingPlan:
 
     def _constrain(self, logits: torch.Tensor) -> None:
         """Tokens a constrained row's grammar does not allow next get -inf: llguidance writes each
-        row's allowed tokens as a bitmask (32 tokens per int32), unpacked here for all rows at once
+        row's allowed tokens as a bitmask (32 tokens per int32; the rows together, in parallel,
+        `structured_output.fill_masks`), unpacked here for all rows at once
         (llguidance's own helper needs torch.compile, a C++ toolchain on a CPU)."""
-        for j, i in enumerate(self.constrained):
-            self.rows[i].grammar.fill_mask(self.allowed, j)
+        fill_masks([(j, self.rows[i].grammar) for j, i in enumerate(self.constrained)], self.allowed)
         words = self.allowed.to(logits.device, non_blocking=True)
         allowed = ((words[:, :, None] >> self.bit) & 1).flatten(1)[:, :logits.shape[-1]].bool()
         if self.constrained_index is None:

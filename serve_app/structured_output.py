@@ -92,17 +92,22 @@ class AnswerGrammar:
 
     def fill_mask(self, allowed: Any, row: int) -> None:
         """Write the tokens allowed next into row `row` of the int32 bitmask `allowed` (32 token ids
-        a word). A matcher's error shows in `follow`."""
-        from llguidance.torch import fill_next_token_bitmask
+        a word). A matcher's error shows in `follow`. (`fill_masks` does it for a batch's rows.)"""
+        fill_masks([(row, self)], allowed)
 
+    @property
+    def matched(self) -> bool:
+        """Whether the matcher says which tokens may come next (not while the answer thinks)."""
+        return self._state != "thinking"
+
+    def amend_mask(self, allowed: Any, row: int) -> None:
+        """The row's mask, as the matcher wrote it (or not, while thinking), amended for the thinking."""
         if self._state == "thinking":
             allowed[row].fill_(-1)
             for eos in self._thinking.eos_ids:
                 word, bit = divmod(eos, 32)
                 allowed[row, word] &= ~((1 << bit) if bit < 31 else -(1 << 31))
-            return
-        fill_next_token_bitmask(self.matcher, allowed, row)
-        if self._state == "may_think":
+        elif self._state == "may_think":
             word, bit = divmod(self._thinking.start, 32)
             allowed[row, word] |= (1 << bit) if bit < 31 else -(1 << 31)  # int32: bit 31 is the sign
 
@@ -125,6 +130,28 @@ class AnswerGrammar:
                                  "schema goes past what constrained decoding can follow (hundreds of optional "
                                  "properties, say).", param=self.param)
         return not ended and self.matcher.is_stopped()
+
+
+_executor: llguidance.LLExecutor | None = None
+
+
+def fill_masks(grammars: list[tuple[int, AnswerGrammar]], allowed: Any) -> None:
+    """Each (row, grammar)'s tokens allowed next into that row of the int32 bitmask `allowed`.
+    The matchers' masks of a batch's rows are computed together on llguidance's thread pool
+    (`LLExecutor`, most of the machine's cores), outside the GIL, as vLLM computes them; one
+    row alone, on this thread."""
+    from llguidance.torch import fill_next_token_bitmask, fill_next_token_bitmask_par
+
+    global _executor
+    matchers = [(grammar.matcher, row) for row, grammar in grammars if grammar.matched]
+    if len(matchers) == 1:
+        fill_next_token_bitmask(matchers[0][0], allowed, matchers[0][1])
+    elif matchers:
+        if _executor is None:
+            _executor = llguidance.LLExecutor()
+        fill_next_token_bitmask_par(_executor, matchers, allowed)
+    for row, grammar in grammars:
+        grammar.amend_mask(allowed, row)
 
 
 def _matcher_error(matcher: llguidance.LLMatcher) -> str:

@@ -365,6 +365,26 @@ def test_an_answer_that_does_not_think_is_json_at_once(thinking_tokenizer, fmt, 
     assert tokenizer.convert_tokens_to_ids("<think>") not in _allowed(grammar, len(tokenizer))
 
 
+def test_a_batchs_masks_computed_together_are_each_rows_own(thinking_tokenizer):
+    """`fill_masks` computes the rows' masks on llguidance's thread pool: each row as alone,
+    rows at different places in their JSON, thinking, or failed, side by side."""
+    import torch
+
+    from serve_app.structured_output import fill_masks, json_grammar
+
+    tokenizer, vocabulary = thinking_tokenizer, len(thinking_tokenizer)
+    grammars = _compiler(tokenizer, "qwen3").grammars(json_grammar(SCHEMA, any_whitespace=False), 5)
+    grammars[1].follow(tokenizer.convert_tokens_to_ids("<think>"), ended=False)  # thinking
+    for token in _ids(tokenizer, '{"answer":"y'):
+        grammars[2].follow(token, ended=False)  # inside a string
+    grammars[3].matcher.consume_token(_ids(tokenizer, "hello")[0])  # a failed matcher
+    together = torch.zeros((5, (vocabulary + 31) // 32), dtype=torch.int32)
+    fill_masks(list(enumerate(grammars)), together)
+    alone = [_allowed(grammar, vocabulary) for grammar in grammars]
+    assert [{i for i in range(vocabulary) if (int(together[row, i // 32]) >> (i % 32)) & 1} for row in range(5)] == alone
+    assert len({frozenset(mask) for mask in alone}) == 4  # the untouched rows 0 and 4 alike, the rest differ
+
+
 def test_a_reasoning_model_without_single_marker_tokens_cannot_take_a_grammar(models_dir, thinking_tokenizer):
     """Its thinking's end cannot be told token by token: a clear 400, not JSON read as thinking."""
     from tokenizers import AddedToken
