@@ -131,28 +131,32 @@ class JsonExtent:
     _SCALAR_ENDS = frozenset(",:;}] \t\r\n")
 
     def __init__(self) -> None:
-        self.text = ""
+        self._parts: list[str] = []  # joined once, at the end: a long value comes in many pieces
         self.ended = False
         self._depth = 0
-        self._in_string = self._escaped = self._scalar = False
+        self.in_string = self._escaped = self._scalar = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
 
     def feed(self, text: str) -> int:
         """Takes `text` up to the value's end; how many characters it took."""
         for at, char in enumerate(text):
-            if self._in_string:
+            if self.in_string:
                 if self._escaped:
                     self._escaped = False
                 elif char == "\\":
                     self._escaped = True
                 elif char == '"':
-                    self._in_string = False
+                    self.in_string = False
                     if self._depth == 0:
                         return self._end(text, at + 1)
             elif self._scalar:
                 if char in self._SCALAR_ENDS:
                     return self._end(text, at)
             elif char == '"':
-                self._in_string = True
+                self.in_string = True
             elif char in "{[":
                 self._depth += 1
             elif char in "}]":
@@ -161,11 +165,11 @@ class JsonExtent:
                     return self._end(text, at + 1)
             elif self._depth == 0:
                 self._scalar = True
-        self.text += text
+        self._parts.append(text)
         return len(text)
 
     def _end(self, text: str, at: int) -> int:
-        self.text += text[:at]
+        self._parts.append(text[:at])
         self.ended = True
         return at
 
@@ -181,13 +185,22 @@ class CallText:
         self.index, self.stream, self.name = index, stream, name
         self.id = new_call_id()
         self.bare = name is not None
-        self.text = ""  # the object's text so far (bare: the arguments')
+        self._parts: list[str] = []  # the object's text so far (bare: the arguments')
         self.arguments: str | None = None
         self.sent = False  # whether the call's first piece has gone out
         self._state = "value" if self.bare else "open"
         self._key: str | None = "arguments" if self.bare else None
         self._value: JsonExtent | None = None
         self._streaming = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
+
+    @property
+    def in_string(self) -> bool:
+        """Whether the text so far ends inside a JSON string (where a marker is the string's text)."""
+        return self._value is not None and self._value.in_string
 
     @property
     def ended(self) -> bool:
@@ -232,7 +245,9 @@ class CallText:
                 self._state = "value" if char == ":" else "failed"
             else:  # after a value
                 self._state = "key" if char == "," else "done" if char == "}" else "failed"
-        self.text += text[:at]
+            if self._state == "failed":
+                at -= 1  # not the call's: the text from there on is the reader's to place
+        self._parts.append(text[:at])
         return self._piece(sending), at
 
     def _value_ended(self) -> None:
@@ -257,10 +272,14 @@ class CallText:
 
     def whole(self) -> CallPiece | None:
         """Once the call's text has ended and nothing of it went out: the call it holds, else None."""
-        value = _loads(self.text)
+        text = self.text
+        value = _loads(text)
         if self.bare:
-            call = parsed_call({"name": self.name, "arguments": value}, self.text) if isinstance(value, dict) else None
+            call = parsed_call({"name": self.name, "arguments": value}, text) if isinstance(value, dict) else None
         else:
+            first = _loads(self.arguments) if self.arguments is not None else None
+            if isinstance(value, dict) and isinstance(first, dict):  # the arguments a stream would send
+                value = {"name": value.get("name"), "arguments": first}
             call = parsed_call(value, self.arguments)
         return None if call is None else CallPiece(self.index, call.arguments, call.name, call.id)
 
@@ -323,6 +342,7 @@ class HermesReader(ToolCallReader):
         self._held = ""
         self._call: CallText | None = None  # after a START whose END has not come yet
         self._taken = 0  # how much of the held call text `_call` has read
+        self._searched = 0  # where in it the search for an END goes on from
 
     def feed(self, text: str) -> ReadText:
         self._held += text
@@ -337,12 +357,18 @@ class HermesReader(ToolCallReader):
                     return read
                 read.content += self._content(self._held[:at])
                 self._held, self._call, self._taken = self._held[at + len(self.START):], self.new_call(), 0
+                self._searched = 0
             else:
-                at = self._held.find(self.END)
+                at = self._held.find(self.END, self._searched)
                 if at < 0:
+                    self._searched = max(self._searched, len(self._held) - len(self.END) + 1)
                     if self.stream:  # all of it, but what could be the start of an END
                         read += self._take(len(self._held) - marker_prefix_at_end(self._held, self.END))
                     return read
+                read += self._take(at)
+                if self._call.in_string:  # an END inside a JSON string is that string's text
+                    self._searched = at + 1
+                    continue
                 read += self._end_call(at)
                 self._held = self._held[at + len(self.END):]
 
@@ -437,8 +463,8 @@ class CallSequence:
         if call.sent:
             return []
         piece = call.whole()
-        if piece is None:
-            self._state = "broken"
+        if piece is None:  # kept, for its text
+            self.call, self._state = call, "broken"
             return []
         if self.reader.stream:
             return self.reader.send(piece)
@@ -471,8 +497,8 @@ class Llama3JsonReader(ToolCallReader):
         if self._mode == "content":
             return ReadText(self._content(text))
         self._held += text
-        start = self._held.lstrip()
-        if self._mode == "undecided" and start:
+        start = self._held.lstrip() if self._mode == "undecided" else ""
+        if start:
             if start.startswith(("{", self.PYTHON_TAG)):
                 self._mode, self._calls = "calls", CallSequence(self, ";", bracketed=False)
                 self._calls.taken = len(self._held) - len(start.removeprefix(self.PYTHON_TAG))

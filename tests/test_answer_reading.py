@@ -145,6 +145,26 @@ def test_a_streamed_call_cut_off_keeps_what_went_out(reader, text, last):
     assert (whole_content, whole) == (text, [])
 
 
+@pytest.mark.parametrize("fmt, text, content, calls", [
+    # An end tag inside a JSON string is the string's text (code that writes one), streamed or not.
+    ("hermes", '<tool_call>{"name": "w", "arguments": {"code": "x = \'</tool_call>\'"}}</tool_call>', "",
+     [("w", '{"code": "x = \'</tool_call>\'"}')]),
+    # What follows a streamed call and is no call is content, from where it stops being one.
+    ("llama3_json", '{"name": "f", "parameters": {"a": 1}}; {"b": 2} and more', '{"b": 2} and more',
+     [("f", '{"a": 1}')]),
+    ("hermes", '<tool_call>{"name": "f", "arguments": {"a": 1} oops}</tool_call>', "oops}", [("f", '{"a": 1}')]),
+    # Two argument keys: the first, as a stream sends it, whole too.
+    ("hermes", '<tool_call>{"name": "f", "parameters": {"a": 1}, "arguments": {"b": 2}}</tool_call>', "",
+     [("f", '{"a": 1}')]),
+])
+def test_a_stream_reader_keeps_every_character(fmt, text, content, calls):
+    for pieces in (list(text), [text]):
+        assert _read_streaming(READERS[fmt](stream=True), pieces)[0] == content
+        assert _joined(_read_streaming(READERS[fmt](stream=True), pieces)[1]) == calls
+    if text.count("</tool_call>") == 2 or "parameters" in text and "arguments" in text:  # valid: the same whole
+        assert _joined(read_tool_calls(fmt, text).calls) == calls
+
+
 def test_a_streamed_call_waits_whole_when_its_name_comes_last_or_its_arguments_are_text():
     for text in ('<tool_call>{"arguments": {"a": 1}, "name": "f"}</tool_call>',
                  '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>'):
