@@ -286,8 +286,9 @@ class ChatModelConfig(BaseModelConfig):
         "a message; each carries every token made meanwhile. 0 sends every step's tokens.")
     tool_call_parser: ToolCallFormat | None = Field(
         None, description="How this model writes a tool call, read out into OpenAI's `tool_calls` for a request "
-        "with tools: 'hermes' (<tool_call>{...}</tool_call>: Qwen 2.5/3, QwQ, Hermes) or 'llama3_json' (Llama "
-        "3.1-3.3's JSON), vLLM's names. Unset: the model's answer is text, calls included.")
+        "with tools: 'hermes' (<tool_call>{...}</tool_call>: Qwen 2.5/3, QwQ, Hermes), 'llama3_json' (Llama "
+        "3.1-3.3's JSON) or 'mistral' ([TOOL_CALLS]: Mistral 7B v0.3, Mixtral, Mistral Small 3.x, Devstral), vLLM's "
+        "names. Unset: the model's answer is text, calls included.")
     reasoning_parser: ReasoningFormat | None = Field(
         None, description="How this model thinks before it answers, read out into the message's `reasoning` (and "
         "`reasoning_content`): 'deepseek_r1' (everything before </think>: DeepSeek-R1 and its distills, Qwen3 "

@@ -8,7 +8,13 @@ model's config names the format (`tool_call_parser`, with vLLM's names):
   block per call, maybe after some text: Qwen 2.5 and 3, QwQ, Hermes 2 Pro and
   3, and other templates in the Hermes style;
 - `llama3_json`: the whole answer is a JSON object `{"name": ..., "parameters":
-  {...}}` (several joined by `;`), maybe after `<|python_tag|>`: Llama 3.1-3.3.
+  {...}}` (several joined by `;`), maybe after `<|python_tag|>`: Llama 3.1-3.3;
+- `mistral`: `[TOOL_CALLS]` and the calls, maybe after some text: a JSON list
+  `[{"name": ..., "arguments": {...}}, ...]` from Mistral's tokenizers before v11
+  (Mistral 7B Instruct v0.3, Mixtral 8x22B Instruct), `[TOOL_CALLS]name{...}` (or
+  `name[ARGS]{...}`) per call from v11 on (Mistral Small 3.1/3.2, Devstral, Magistral).
+  Their calls' ids are nine letters and digits, which Mistral's chat templates require
+  of the calls sent back.
 
 The same readers serve a whole answer and a stream. Content passes through as it
 comes (in a stream, at once). A whole answer's calls are read once each is whole:
@@ -33,17 +39,27 @@ from __future__ import annotations
 
 import json
 import secrets
+import string
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
-ToolCallFormat = Literal["hermes", "llama3_json"]
+ToolCallFormat = Literal["hermes", "llama3_json", "mistral"]
 
 ARGUMENT_KEYS = ("arguments", "parameters")
 
 
 def new_call_id() -> str:
     return "call_" + secrets.token_hex(12)
+
+
+def mistral_call_id() -> str:
+    """Nine letters and digits, as Mistral's chat templates and mistral-common require."""
+    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
+
+
+CALL_IDS: dict[str | None, Callable[[], str]] = {"mistral": mistral_call_id}
+"""How a model's calls are named, by its `tool_call_parser` (else `new_call_id`)."""
 
 
 @dataclass(frozen=True)
@@ -181,9 +197,9 @@ class CallText:
     comes (`feed` returns each piece); otherwise the call waits for its object's end
     (`whole` then reads it). `arguments` keeps the arguments' own text either way."""
 
-    def __init__(self, index: int, stream: bool, name: str | None = None) -> None:
+    def __init__(self, index: int, stream: bool, name: str | None = None, call_id: str | None = None) -> None:
         self.index, self.stream, self.name = index, stream, name
-        self.id = new_call_id()
+        self.id = call_id or new_call_id()
         self.bare = name is not None
         self._parts: list[str] = []  # the object's text so far (bare: the arguments')
         self.arguments: str | None = None
@@ -205,6 +221,11 @@ class CallText:
     @property
     def ended(self) -> bool:
         return self._state == "done"
+
+    @property
+    def cut(self) -> bool:
+        """Whether the call went out and its arguments were never whole."""
+        return self.sent and self.arguments is None
 
     @property
     def failed(self) -> bool:
@@ -281,7 +302,7 @@ class CallText:
             if isinstance(value, dict) and isinstance(first, dict):  # the arguments a stream would send
                 value = {"name": value.get("name"), "arguments": first}
             call = parsed_call(value, self.arguments)
-        return None if call is None else CallPiece(self.index, call.arguments, call.name, call.id)
+        return None if call is None else CallPiece(self.index, call.arguments, call.name, self.id)
 
 
 def _loads(text: str) -> Any:
@@ -293,10 +314,16 @@ def _loads(text: str) -> Any:
 
 class ToolCallReader(ABC):
     """One choice's text, fed as it is produced; `finish` once it has ended. With `stream`,
-    calls go out in pieces as they are written (see the module's docstring)."""
+    calls go out in pieces as they are written (see the module's docstring); `call_ids`
+    names them."""
 
-    def __init__(self, stream: bool = False) -> None:
+    call_ids: Callable[[], str] = staticmethod(new_call_id)
+
+    def __init__(self, stream: bool = False, call_ids: Callable[[], str] | None = None) -> None:
         self.stream = stream
+        if call_ids is not None:
+            self.call_ids = call_ids
+        self.cut = False  # a call that went out in a stream was not whole when its text ended
         self.calls_made = 0
         self._space = ""  # trailing whitespace of the content, held until text follows it
 
@@ -320,7 +347,7 @@ class ToolCallReader(ABC):
         return kept
 
     def new_call(self, name: str | None = None) -> CallText:
-        return CallText(self.calls_made, self.stream, name)
+        return CallText(self.calls_made, self.stream, name, self.call_ids())
 
     def send(self, piece: CallPiece | None) -> list[CallPiece]:
         """A call's piece on its way out; its first piece counts the call made."""
@@ -395,6 +422,7 @@ class HermesReader(ToolCallReader):
         rest = body[self._taken:]  # after the call's object closed
         if call.sent:
             left = rest if rest.strip() else ""
+            self.cut = self.cut or call.cut
         else:
             piece = call.whole() if call.ended and not rest.strip() else None
             read.calls += self.send(piece)
@@ -520,6 +548,7 @@ class Llama3JsonReader(ToolCallReader):
         elif self.calls_made:  # in a stream, after calls already sent: the rest, but a call cut off
             call = calls.call
             left = ("" if call is None or call.sent else call.text) + held[calls.taken:]
+            self.cut = call is not None and call.cut
         else:
             left = held
         read.content += self._content(left, final=True)
@@ -540,8 +569,8 @@ class ForcedCallReader(ToolCallReader):
     None) a JSON list of `{"name": ..., "parameters": ...}`, read as it comes. A whole answer
     cut off before its JSON closed stays text; in a stream, what went out stays sent."""
 
-    def __init__(self, name: str | None, stream: bool = False) -> None:
-        super().__init__(stream)
+    def __init__(self, name: str | None, stream: bool = False, call_ids: Callable[[], str] | None = None) -> None:
+        super().__init__(stream, call_ids)
         self._held = ""
         self._call = self.new_call(name) if name is not None else None
         self._calls = CallSequence(self, ",", bracketed=True) if name is None else None
@@ -571,15 +600,129 @@ class ForcedCallReader(ToolCallReader):
             read.calls += self._calls.sent_whole()
         elif not self.calls_made:
             return ReadText(held)
+        call = self._call or self._calls.call
+        self.cut = call is not None and call.cut
         return read
 
 
-READERS: dict[str, type[ToolCallReader]] = {"hermes": HermesReader, "llama3_json": Llama3JsonReader}
+class MistralReader(ToolCallReader):
+    """Content up to `[TOOL_CALLS]`, then the calls: a JSON list of calls (tokenizers before
+    v11), or each call as its name and its arguments object, `[TOOL_CALLS]` before each (v11
+    on; `[ARGS]` between name and arguments where the tokenizer keeps that marker), as vLLM's
+    `mistral` parser reads them. A whole answer's calls are calls only if all of them are."""
 
-KEEPS_SPECIAL_TOKENS = {"hermes"}
-"""Formats whose markers some tokenizers count as special tokens (Hermes 2 Pro's `<tool_call>`):
-their text is decoded with special tokens kept, as vLLM's hermes parser asks, so the markers
-survive. Llama 3's `<|python_tag|>` is not needed to read its calls."""
+    MARKER, ARGS = "[TOOL_CALLS]", "[ARGS]"
+    MAX_NAME = 256  # characters before a name's arguments: past that, no call
+    call_ids = staticmethod(mistral_call_id)
+
+    def __init__(self, stream: bool = False, call_ids: Callable[[], str] | None = None) -> None:
+        super().__init__(stream, call_ids)
+        self._held = ""  # content not yet sent; after the first marker, the call text
+        self._calling = False
+        self._taken = 0  # how much of the call text the named calls have read
+        self._list: CallSequence | None = None  # the list form's calls
+        self._call: CallText | None = None  # the named form's call being read (or the one that failed)
+        self._after_call = False  # a named call has ended: the next marker, or the end
+        self._whole: list[CallPiece] = []  # a whole answer's named calls, sent once all of them are
+        self._broken = False
+
+    def feed(self, text: str) -> ReadText:
+        self._held += text
+        read = ReadText()
+        if not self._calling:
+            at = self._held.find(self.MARKER)
+            end = at if at >= 0 else len(self._held) - marker_prefix_at_end(self._held, self.MARKER)
+            read.content += self._content(self._held[:end])
+            self._held = self._held[end:]
+            if at < 0:
+                return read
+            self._calling, self._held = True, self._held[len(self.MARKER):]
+        if self.stream:
+            read.calls += self._read(ended=False)
+        return read
+
+    def finish(self) -> ReadText:
+        if not self._calling:
+            held, self._held = self._held, ""
+            return ReadText(self._content(held, final=True))
+        read = ReadText(calls=self._read(ended=True))
+        taken = self._list.taken if self._list is not None else self._taken
+        if self._list is not None and self._list.complete:
+            read.calls += self._list.sent_whole()
+            left = ""
+        elif self._list is None and not self._broken and self._call is None and (self._whole or self.calls_made):
+            read.calls += [sent for piece in self._whole for sent in self.send(piece)]
+            left = ""
+        elif self.calls_made:  # in a stream, after calls already sent: the rest, but a call cut off
+            call = self._list.call if self._list is not None else self._call
+            left = ("" if call is None or call.sent else call.text) + self._held[taken:]
+            self.cut = call is not None and call.cut
+        else:
+            left = self.MARKER + self._held
+        self._held = ""
+        read.content += self._content(left, final=True)
+        return read
+
+    def _read(self, ended: bool) -> list[CallPiece]:
+        """The calls in the call text so far (`ended`: all of it has come)."""
+        if self._list is not None:
+            return self._list.feed(self._held[self._list.taken:])
+        sent: list[CallPiece] = []
+        while not self._broken:
+            if self._call is not None:  # a named call's arguments
+                piece, took = self._call.feed(self._held[self._taken:])
+                self._taken += took
+                sent += self.send(piece)
+                if not self._call.ended:
+                    self._broken = self._call.failed
+                    return sent
+                if not self._call.sent:
+                    piece = self._call.whole()
+                    if piece is None:  # kept, for its text
+                        self._broken = True
+                        return sent
+                    if self.stream:
+                        sent += self.send(piece)
+                    else:
+                        self._whole.append(piece)
+                self._call, self._after_call = None, True
+                continue
+            rest = self._held[self._taken:]
+            start = rest.lstrip()
+            if not start or (not ended and self.MARKER.startswith(start[:len(self.MARKER)]) and
+                             len(start) < len(self.MARKER)):
+                return sent  # nothing yet, or maybe the next marker
+            if start.startswith(self.MARKER) and (self._after_call or not self._whole and not self.calls_made):
+                self._taken += len(rest) - len(start) + len(self.MARKER)
+                self._after_call = False
+                continue
+            if self._after_call:
+                self._broken = True  # after a call, only another one
+            elif start.startswith("[") and not start.startswith(self.ARGS) and not self._whole and not self.calls_made:
+                self._list = CallSequence(self, ",", bracketed=True)
+                self._list.taken = self._taken
+                return sent + self._list.feed(self._held[self._taken:])
+            else:
+                brace = start.find("{")
+                name = start[:max(brace, 0)].replace(self.ARGS, "").strip()
+                if brace < 0:
+                    self._broken = ended or len(start) > self.MAX_NAME
+                    return sent
+                if not name or any(char.isspace() or char in '{}[]"' for char in name):
+                    self._broken = True
+                    return sent
+                self._taken += len(rest) - len(start) + brace
+                self._call = CallText(self.calls_made + len(self._whole), self.stream, name, self.call_ids())
+        return sent
+
+
+READERS: dict[str, type[ToolCallReader]] = {"hermes": HermesReader, "llama3_json": Llama3JsonReader,
+                                            "mistral": MistralReader}
+
+KEEPS_SPECIAL_TOKENS = {"hermes", "mistral"}
+"""Formats whose markers some tokenizers count as special tokens (Hermes 2 Pro's `<tool_call>`,
+Mistral's `[TOOL_CALLS]`): their text is decoded with special tokens kept, as vLLM's parsers
+ask, so the markers survive. Llama 3's `<|python_tag|>` is not needed to read its calls."""
 
 
 def read_tool_calls(fmt: ToolCallFormat, text: str) -> ReadText:

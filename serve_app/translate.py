@@ -36,7 +36,7 @@ from serve_app.protocol import (
 from serve_app.protocol import TokenLogprob as WireTokenLogprob
 from serve_app.reasoning import Opening, ReasoningFormat, ReasoningReader, Split
 from serve_app.structured_output import json_grammar
-from serve_app.tool_calls import KEEPS_SPECIAL_TOKENS, READERS, CallPiece, ForcedCallReader, ToolCallFormat
+from serve_app.tool_calls import CALL_IDS, KEEPS_SPECIAL_TOKENS, READERS, CallPiece, ForcedCallReader, ToolCallFormat
 
 _ROLE_ALIASES = {"developer": "system", "function": "tool"}  # OpenAI's newer and older names
 
@@ -58,19 +58,27 @@ def template_message(message: ChatMessage) -> dict[str, Any]:
     return entry
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+def template_messages(messages: list[ChatMessage], short_call_ids: bool = False) -> list[dict[str, Any]]:
     """The conversation as chat templates take it (`template_message`), OpenAI's older function
     calling read as the tool call and result it is: an assistant's `function_call` as its one
     tool call, under an id made up here, and the `function` message(s) after it as that call's
-    result (templates that pair calls and results by id need one)."""
+    result (templates that pair calls and results by id need one). `short_call_ids`: ids longer
+    than nine characters reach the template as their last nine, as vLLM hands them to Mistral's
+    templates, which refuse any other length (a conversation from another model, whose ids are
+    longer, then goes on)."""
     entries, call_id = [], None
     for index, message in enumerate(messages):
         entry = template_message(message)
         if message.function_call is not None and not message.tool_calls:
-            call_id = f"call_{index}"
+            call_id = f"call{index:05d}"  # nine characters, as Mistral's templates want them
             entry["tool_calls"] = [_template_call(ToolCall(id=call_id, function=message.function_call))]
         elif message.role == "function" and message.tool_call_id is None and call_id is not None:
             entry["tool_call_id"] = call_id
+        if short_call_ids:
+            for call in entry.get("tool_calls", []):
+                call["id"] = call["id"][-9:]
+            if "tool_call_id" in entry:
+                entry["tool_call_id"] = entry["tool_call_id"][-9:]
         entries.append(entry)
     return entries
 
@@ -137,7 +145,7 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
     for name, value in (("tools", tools), ("chat_template_kwargs", template_kwargs)):
         if _nesting(value) > MAX_ARGUMENT_NESTING:  # the template's copy of them recurses
             raise InvalidRequest(f"{name} nest more than {MAX_ARGUMENT_NESTING} levels deep.", param=name)
-    messages = template_messages(request.messages)
+    messages = template_messages(request.messages, short_call_ids=config.tool_call_parser == "mistral")
     if prompt_chars(messages, tools, template_kwargs) > limits.max_prompt_chars:
         raise InvalidRequest(f"The messages, tools and chat_template_kwargs are longer than {limits.max_prompt_chars} "
                              "characters in all.", param="messages", code="prompt_too_long")
@@ -203,25 +211,34 @@ def _forced_call_schema(forced: ForcedToolCall, single: bool) -> dict[str, Any]:
     """What a forced call's answer is, as vLLM constrains it: the named function's arguments
     (its `parameters` schema), or with `required` a list of one or more calls (one only with
     `parallel_tool_calls` false), each `{"name": ..., "parameters": ...}` of a tool it may call.
-    A call's arguments are an object, as OpenAI requires of `parameters`: another type is a 400."""
+    A call's arguments are an object, as OpenAI requires of `parameters`: the schema is narrowed
+    to objects (one without a `type`, or whose types include others), and one that declares
+    another type, or allows no object at all (`{"enum": [1, 2]}`), is a 400."""
     def parameters(tool: dict[str, Any]) -> dict[str, Any]:
         function = tool.get("function") if isinstance(tool.get("function"), dict) else tool
         schema = function.get("parameters")
-        if not isinstance(schema, dict) or not schema:
+        if schema is None or schema == {}:
             return {"type": "object"}
+        if not isinstance(schema, dict):
+            raise InvalidRequest(f"The parameters of function {function_name(tool)!r} must be a JSON Schema object, "
+                                 f"not {type(schema).__name__}.", param="tools")
         kind = schema.get("type", "object")
         if kind != "object" and not (isinstance(kind, list) and "object" in kind):
             raise InvalidRequest(f"The parameters of function {function_name(tool)!r} must be a JSON Schema of "
                                  f"type 'object' (arguments are an object), not {kind!r}.", param="tools")
-        return schema
+        return {**schema, "type": "object"}
 
     if forced.named:
         return parameters(forced.tools[0])
     # Each tool's schema moves under the root's $defs, its own `$ref`s ("#", "#/$defs/Unit",
-    # "#/properties/a") rebased onto it there, so that each means what it meant in its tool.
+    # "#/properties/a") rebased onto it there, so that each means what it meant in its tool; a
+    # tool whose schema has an `$id` of its own (no other tool's) keeps it, and is a resource of
+    # its own there, whose refs (by that URI too) mean what they meant.
     calls, definitions = [], {}
+    ids = [parameters(tool).get("$id") for tool in forced.tools]
     for index, tool in enumerate(forced.tools):
-        definitions[f"tool_{index}"] = _rebased(parameters(tool), f"#/$defs/tool_{index}")
+        own = isinstance(ids[index], str) and ids.count(ids[index]) == 1
+        definitions[f"tool_{index}"] = parameters(tool) if own else _rebased(parameters(tool), f"#/$defs/tool_{index}")
         calls.append({"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
                       "properties": {"name": {"const": function_name(tool)},
                                      "parameters": {"$ref": f"#/$defs/tool_{index}"}}})
@@ -285,6 +302,7 @@ class AnswerFormat:
     reasoning: ReasoningFormat | None = None
     tool_calls: ToolCallFormat | None = None
     forced: ForcedToolCall | None = None
+    call_ids: ToolCallFormat | None = None  # the model's `tool_call_parser`: how its calls' ids look
 
     @classmethod
     def of(cls, request: ChatCompletionRequest, config: ChatModelConfig) -> "AnswerFormat":
@@ -293,7 +311,7 @@ class AnswerFormat:
                                              and request.response_format.type != "text")
         return cls(reasoning=config.reasoning_parser,
                    tool_calls=None if constrained else config.tool_call_parser if request.template_tools else None,
-                   forced=forced)
+                   forced=forced, call_ids=config.tool_call_parser)
 
     @property
     def read(self) -> bool:
@@ -315,7 +333,8 @@ class AnswerReader:
         self.forced = fmt.forced is not None  # the answer is a call (unless cut off)
         self.named = self.forced and fmt.forced.named
         if fmt.forced is not None:
-            self.tools = ForcedCallReader(function_name(fmt.forced.tools[0]) if fmt.forced.named else None, stream)
+            self.tools = ForcedCallReader(function_name(fmt.forced.tools[0]) if fmt.forced.named else None, stream,
+                                          CALL_IDS.get(fmt.call_ids))
         else:
             self.tools = READERS[fmt.tool_calls](stream) if fmt.tool_calls else None
 
@@ -326,8 +345,10 @@ class AnswerReader:
     def finish_reason(self, reason: str | None) -> str | None:
         """OpenAI's `tool_calls` for an answer that ended on its own after calling tools (with
         `required` too); a call to a function `tool_choice` names ends as `stop`, as OpenAI and
-        vLLM end it, and an answer cut off by `max_tokens` as `length`."""
-        return "tool_calls" if reason == "stop" and self.calls_made and not self.named else reason
+        vLLM end it, and an answer cut off by `max_tokens` as `length`; one that a stop string
+        ended inside a call it had begun to stream, as `stop`: that call is not whole."""
+        called = self.calls_made and not self.tools.cut
+        return "tool_calls" if reason == "stop" and called and not self.named else reason
 
     def feed(self, text: str) -> AnswerParts:
         return self._parts(self.thinking.feed(text) if self.thinking else Split(content=text), ended=False)

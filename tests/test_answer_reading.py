@@ -165,6 +165,53 @@ def test_a_stream_reader_keeps_every_character(fmt, text, content, calls):
         assert _joined(read_tool_calls(fmt, text).calls) == calls
 
 
+@pytest.mark.parametrize("text, content, calls", [
+    # Tokenizers before v11: one JSON list after the marker.
+    ('Let me check. [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+     '{"name": "g", "arguments": {"a": [1]}}]', "Let me check.",
+     [("get_weather", '{"city": "Paris"}'), ("g", '{"a": [1]}')]),
+    # v11 on: a marker, a name and its arguments per call ([ARGS] where the tokenizer keeps it).
+    ('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]g{"a": {"b": "}"}}', "",
+     [("get_weather", '{"city": "Paris"}'), ("g", '{"a": {"b": "}"}}')]),
+    ('[TOOL_CALLS]get_weather{"city": "Paris"}', "", [("get_weather", '{"city": "Paris"}')]),
+    ("Hello, no calls [TOOL", "Hello, no calls [TOOL", []),
+    ("[TOOL_CALLS]not a call", "[TOOL_CALLS]not a call", []),
+    ('[TOOL_CALLS] [{"name": "f", "arguments": "{\\"a\\": 1}"}]', "", [("f", '{"a": 1}')]),
+])
+def test_mistral_calls_are_read_in_both_forms(text, content, calls):
+    for pieces in ([text], list(text), _random_pieces(random.Random(text), text)):
+        for stream in (False, True):
+            got_content, sent = _read_streaming(READERS["mistral"](stream=stream), pieces)
+            assert (got_content, _joined(sent)) == (content, calls), (stream, pieces)
+            ids = [piece.id for piece in sent if piece.id]
+            assert all(len(i) == 9 and i.isalnum() for i in ids) and len(set(ids)) == len(calls)
+
+
+def test_a_mistral_models_forced_call_has_a_nine_character_id_too():
+    from serve_app.protocol import ChatCompletionRequest
+
+    request = ChatCompletionRequest.model_validate({
+        "model": "m", "messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
+    for parser, length in (("mistral", 9), ("hermes", 29)):
+        fmt = AnswerFormat(forced=request.forced_tool_call, call_ids=parser)
+        for stream in (False, True):
+            sent = _read_streaming(fmt.reader(stream=stream).tools, ['{"city": "Paris"}'])[1]
+            assert len(sent[0].id) == length
+
+
+@pytest.mark.parametrize("text, whole", [
+    ('<tool_call>{"name": "f", "arguments": {"a": "x', False),  # a stop string ended it inside the call
+    ('<tool_call>{"name": "f", "arguments": {"a": "x"}}</tool_call>', True),
+])
+def test_a_streamed_call_cut_inside_its_arguments_is_no_finished_call(text, whole):
+    reader = AnswerFormat(tool_calls="hermes").reader(stream=True)
+    for char in text:
+        reader.feed(char)
+    reader.finish()
+    assert reader.calls_made == 1 and reader.finish_reason("stop") == ("tool_calls" if whole else "stop")
+
+
 def test_a_streamed_call_waits_whole_when_its_name_comes_last_or_its_arguments_are_text():
     for text in ('<tool_call>{"arguments": {"a": 1}, "name": "f"}</tool_call>',
                  '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>'):

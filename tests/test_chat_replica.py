@@ -820,9 +820,29 @@ def test_openai_legacy_function_calling_in_the_history_reads_as_tool_calls():
         {"role": "function", "name": "weather", "content": "18C"})]
     user, assistant, result = template_messages(history)
     assert user == {"role": "user", "content": "Weather in Paris?"}
-    assert assistant["tool_calls"] == [{"id": "call_1", "type": "function",
+    assert assistant["tool_calls"] == [{"id": "call00001", "type": "function",
                                         "function": {"name": "weather", "arguments": {"city": "Paris"}}}]
-    assert result == {"role": "tool", "content": "18C", "name": "weather", "tool_call_id": "call_1"}
+    assert result == {"role": "tool", "content": "18C", "name": "weather", "tool_call_id": "call00001"}
+
+
+def test_a_mistral_models_template_gets_nine_character_call_ids(replica):
+    """Mistral's chat templates refuse any other length: a conversation whose ids are longer
+    (another model's, OpenAI's) reaches a `tool_call_parser: mistral` model's template with
+    each id's last nine characters, in the call and in its result alike, as vLLM hands it over."""
+    body = {"model": "m", "messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_0123456789abcdefXYZ", "type": "function",
+                                                               "function": {"name": "w", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_0123456789abcdefXYZ", "content": "sunny"},
+        {"role": "assistant", "content": None, "function_call": {"name": "w", "arguments": "{}"}},
+        {"role": "function", "name": "w", "content": "rain"}]}
+    request = ChatCompletionRequest.model_validate(body)
+    mistral = replica.config.model_copy(update={"tool_call_parser": "mistral"})
+    _, call, result, legacy, legacy_result = chat_job(request, mistral, RequestLimits()).messages
+    assert call["tool_calls"][0]["id"] == result["tool_call_id"] == "abcdefXYZ"
+    assert legacy["tool_calls"][0]["id"] == legacy_result["tool_call_id"] == "call00003"
+    assert chat_job(request, replica.config, RequestLimits()).messages[1]["tool_calls"][0]["id"] == \
+        "call_0123456789abcdefXYZ"  # other models' templates get ids as they came
 
 
 @pytest.mark.parametrize("fields, param", [

@@ -212,6 +212,39 @@ def test_required_keeps_each_tools_own_refs(client):
     assert called
 
 
+def test_a_forced_call_is_an_object_and_a_tools_own_id_keeps_its_refs(client):
+    """A schema whose types allow null, or none given, makes an object all the same; under
+    `required`, a tool whose schema has an `$id` of its own resolves refs by that URI."""
+    nullable = {"type": "function", "function": {"name": "n", "parameters": {
+        "type": ["object", "null"], "properties": {"a": {"type": "integer"}}, "required": ["a"],
+        "additionalProperties": False}}}
+    by_uri = {"type": "function", "function": {"name": "u", "parameters": {
+        "$id": "https://example.com/s.json", "type": "object", "required": ["u", "v"], "additionalProperties": False,
+        "properties": {"u": {"$ref": "https://example.com/s.json#/$defs/U"}, "v": {"$ref": "#/$defs/U"}},
+        "$defs": {"U": {"type": "integer", "minimum": 0, "maximum": 3}}}}}
+    for tool, choice in ((nullable, {"type": "function", "function": {"name": "n"}}), (by_uri, "required")):
+        for seed in range(3):
+            choice_ = client.chat.completions.create(**_ask(tools=[tool], tool_choice=choice, seed=seed,
+                                                            max_tokens=60, temperature=1.0)).choices[0]
+            if choice_.finish_reason == "length":
+                continue
+            arguments = json.loads(choice_.message.tool_calls[0].function.arguments)
+            jsonschema.validate(arguments, {**tool["function"]["parameters"], "type": "object"})
+
+
+def test_a_stop_string_inside_a_streamed_call_is_no_finished_call(client):
+    """The call went out in pieces and a stop string ended the answer inside it: `stop`, not
+    `tool_calls`, which would say the call is whole."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string", "maxLength": 5}, "b": {"type": "boolean"}},
+        "required": ["a", "b"], "additionalProperties": False}}}
+    ask = _ask(tools=[tool], tool_choice="required", seed=3, max_tokens=200, stop=[',"b'])
+    whole = client.chat.completions.create(**ask).choices[0]
+    assert whole.finish_reason == "stop" and whole.message.tool_calls is None  # its text
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    assert [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason] == ["stop"]
+
+
 def test_rebasing_moves_only_a_tools_own_pointers():
     from serve_app.translate import _rebased
 
@@ -288,6 +321,13 @@ def test_a_schema_past_the_decoders_reach_is_a_short_400(http, schema, stream):
     ({"tools": [WEATHER, {**WEATHER, "function": {**WEATHER["function"], "description": "again"}}],
       "tool_choice": "required"}, "tool_choice"),  # which of the two?
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "foo"}}}],
+      "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tools"),
+    # Schemas without a `type` that allow no object: arguments are an object.
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"enum": [1, 2]}}}],
+      "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "$defs": {"S": {"type": "string"}}, "$ref": "#/$defs/S"}}}], "tool_choice": "required"}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}],
       "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tools"),
 ])
 def test_a_forced_call_that_cannot_be_made_is_a_400(http, extra, param):
