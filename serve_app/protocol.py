@@ -421,6 +421,25 @@ class ChatCompletionRequest(BoundedRequest):
             _well_formed(json.dumps(value, ensure_ascii=False))
         return value
 
+    @field_validator("tools")
+    @classmethod
+    def _tools_name_their_functions(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        """Each tool a function with a name (and a JSON Schema object of parameters, if any), or a
+        custom tool, as OpenAI checks them: a tool without a name could not be called."""
+        for index, tool in enumerate(value or []):
+            kind = tool.get("type", "function")
+            if kind == "custom":
+                continue
+            if kind != "function":
+                raise ValueError(f"tools[{index}] is of type {kind!r}: chat completions take 'function' and "
+                                 "'custom' tools")
+            if not function_name(tool):
+                raise ValueError(f"tools[{index}] names no function: it needs function.name, a non-empty string")
+            function = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+            if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
+                raise ValueError(f"tools[{index}].function.parameters must be a JSON Schema object")
+        return value
+
     @field_validator("tool_choice", "function_call")
     @classmethod
     def _forces_a_known_tool(cls, value: str | dict[str, Any] | None,

@@ -329,6 +329,10 @@ def test_a_schema_past_the_decoders_reach_is_a_short_400(http, schema, stream):
         "$defs": {"S": {"type": "string"}}, "$ref": "#/$defs/S"}}}], "tool_choice": "required"}, "tools"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}],
       "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tools"),
+    # Tools a model could not call, forced or not.
+    ({"tools": [{"type": "function", "function": {"name": ""}}], "tool_choice": "required"}, "tools"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
+    ({"tools": [{"type": "web_search"}]}, "tools"),
 ])
 def test_a_forced_call_that_cannot_be_made_is_a_400(http, extra, param):
     answer = _post(http, _ask(**extra))
