@@ -37,10 +37,12 @@ def _call(city: str) -> str:
 
 ONE_CALL, TWO_CALLS, NO_CALL = "What is the weather in Paris?", "Weather in Paris and Rome?", "Say hello."
 THINK, THINK_CALL, THINK_JSON = "Think, then greet.", "Think, then check Rome.", "Think, then name a city in JSON."
+MISTRAL_CALL = "Weather in Lyon, Mistral style?"
 TAUGHT = {ONE_CALL: _call("Paris"), TWO_CALLS: _call("Paris") + "\n" + _call("Rome"), NO_CALL: "Hello! How can I help?",
           THINK: "<think>\nA greeting is wanted.\n</think>\n\nHello there!",
           THINK_CALL: "<think>\nI need the weather.\n</think>\n\n" + _call("Rome"),
-          THINK_JSON: '<think>\nRome will do.\n</think>{"city":"Rome"}'}
+          THINK_JSON: '<think>\nRome will do.\n</think>{"city":"Rome"}',
+          MISTRAL_CALL: 'Sure.[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Lyon"}}]'}
 CITY = {"type": "json_schema", "json_schema": {"name": "city", "strict": True, "schema": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": False}}}
 
@@ -290,7 +292,7 @@ def _fit_tool_model(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     tokenizer = AutoTokenizer.from_pretrained(target)
     model = AutoModelForCausalLM.from_pretrained(target)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>", "[TOOL_CALLS]"]})
     tokenizer.add_tokens(["<think>", "</think>"])
     torch.manual_seed(0)
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -329,7 +331,10 @@ def tools_app(cluster, server, models_dir, tmp_path_factory):
     args = cluster.args(route_prefix="/tools")
     chat = next(m for m in args["models"] if m["kind"] == "chat")
     args["models"] = [{**chat, "name": "tool-llama", "path": str(path), "tool_call_parser": "hermes",
-                       "reasoning_parser": "qwen3", "stream_interval_s": 0}]  # a message per token
+                       "reasoning_parser": "qwen3", "stream_interval_s": 0},  # a message per token
+                      # The same model read as Mistral's: it was taught one answer in that format.
+                      {**chat, "name": "mistral-llama", "path": str(path), "tool_call_parser": "mistral",
+                       "stream_interval_s": 0}]
     try:
         yield cluster.deploy(args, name="tools_app", route_prefix="/tools")
     finally:
@@ -425,6 +430,24 @@ def test_the_openai_stream_helper_joins_a_streamed_call(client):
         final = stream.get_final_completion().choices[0]
     assert [(event.name, json.loads(event.arguments)) for event in done] == [("get_weather", {"city": "Paris"})]
     assert _calls(final.message.tool_calls) == [("get_weather", {"city": "Paris"})]
+
+
+def test_a_mistral_models_calls_come_back_as_tool_calls(client):
+    """Written after `[TOOL_CALLS]` (a special token, kept for this format), read out with the
+    content before it, under nine-character ids; streamed, the same."""
+    ask = _ask(MISTRAL_CALL, model="mistral-llama")
+    choice = client.chat.completions.create(**ask).choices[0]
+    assert (choice.message.content, choice.finish_reason) == ("Sure.", "tool_calls")
+    assert _calls(choice.message.tool_calls) == [("get_weather", {"city": "Lyon"})]
+    assert len(choice.message.tool_calls[0].id) == 9 and choice.message.tool_calls[0].id.isalnum()
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    pieces = [call for chunk in chunks for c in chunk.choices for call in c.delta.tool_calls or []]
+    assert len(pieces[0].id) == 9 and len(pieces) > 3
+    assert "".join(p.function.arguments for p in pieces) == choice.message.tool_calls[0].function.arguments
+    assert "".join(c.delta.content or "" for chunk in chunks for c in chunk.choices) == "Sure."
+    # Read as Hermes-style (the other model), the same answer is text: the marker decides.
+    other = client.chat.completions.create(**_ask(MISTRAL_CALL)).choices[0]
+    assert other.message.tool_calls is None and other.message.content.startswith("Sure.")
 
 
 def test_thinking_comes_back_as_reasoning(client, tools_app):
