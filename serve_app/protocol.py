@@ -429,11 +429,14 @@ class ChatCompletionRequest(BoundedRequest):
         for index, tool in enumerate(value or []):
             kind = tool.get("type", "function")
             if kind == "custom":
+                custom = tool.get("custom")
+                if not (isinstance(custom, dict) and isinstance(custom.get("name"), str) and custom["name"].strip()):
+                    raise ValueError(f"tools[{index}] names no tool: it needs custom.name, a non-empty string")
                 continue
             if kind != "function":
                 raise ValueError(f"tools[{index}] is of type {kind!r}: chat completions take 'function' and "
                                  "'custom' tools")
-            if not function_name(tool):
+            if not (function_name(tool) or "").strip():
                 raise ValueError(f"tools[{index}] names no function: it needs function.name, a non-empty string")
             function = tool.get("function") if isinstance(tool.get("function"), dict) else tool
             if function.get("parameters") is not None and not isinstance(function["parameters"], dict):

@@ -276,7 +276,7 @@ class CallText:
         if self._state == "key_text":
             self._key, self._state = _loads(text), "colon"
             return
-        if self._key == "name" and not self.bare:
+        if self._key == "name" and not self.bare and self.name is None:  # the first that names it
             name = _loads(text)
             self.name = name if isinstance(name, str) and name and _encodable(name) else None
         elif self._key in ARGUMENT_KEYS and self.arguments is None:
@@ -299,8 +299,8 @@ class CallText:
             call = parsed_call({"name": self.name, "arguments": value}, text) if isinstance(value, dict) else None
         else:
             first = _loads(self.arguments) if self.arguments is not None else None
-            if isinstance(value, dict) and isinstance(first, dict):  # the arguments a stream would send
-                value = {"name": value.get("name"), "arguments": first}
+            if isinstance(value, dict) and isinstance(first, dict):  # the name and arguments a stream would send
+                value = {"name": self.name if self.name is not None else value.get("name"), "arguments": first}
             call = parsed_call(value, self.arguments)
         return None if call is None else CallPiece(self.index, call.arguments, call.name, self.id)
 
@@ -323,7 +323,7 @@ class ToolCallReader(ABC):
         self.stream = stream
         if call_ids is not None:
             self.call_ids = call_ids
-        self.cut = False  # a call that went out in a stream was not whole when its text ended
+        self.cut: int | None = None  # the index of a call that went out in a stream, not whole when its text ended
         self.calls_made = 0
         self._space = ""  # trailing whitespace of the content, held until text follows it
 
@@ -422,7 +422,7 @@ class HermesReader(ToolCallReader):
         rest = body[self._taken:]  # after the call's object closed
         if call.sent:
             left = rest if rest.strip() else ""
-            self.cut = self.cut or call.cut
+            self.cut = call.index if call.cut else self.cut
         else:
             piece = call.whole() if call.ended and not rest.strip() else None
             read.calls += self.send(piece)
@@ -548,7 +548,7 @@ class Llama3JsonReader(ToolCallReader):
         elif self.calls_made:  # in a stream, after calls already sent: the rest, but a call cut off
             call = calls.call
             left = ("" if call is None or call.sent else call.text) + held[calls.taken:]
-            self.cut = call is not None and call.cut
+            self.cut = call.index if call is not None and call.cut else None
         else:
             left = held
         read.content += self._content(left, final=True)
@@ -601,17 +601,25 @@ class ForcedCallReader(ToolCallReader):
         elif not self.calls_made:
             return ReadText(held)
         call = self._call or self._calls.call
-        self.cut = call is not None and call.cut
+        self.cut = call.index if call is not None and call.cut else None
         return read
+
+
+def _mistral_name(text: str) -> str:
+    """A v11+ call's name from the text before its arguments: `name`, `name[ARGS]`, or with
+    tokenizer v11's own id, `name[CALL_ID]abcdefghi[ARGS]` (the id the model wrote is dropped:
+    this server names the call)."""
+    return text.split(MistralReader.CALL_ID)[0].replace(MistralReader.ARGS, "").strip()
 
 
 class MistralReader(ToolCallReader):
     """Content up to `[TOOL_CALLS]`, then the calls: a JSON list of calls (tokenizers before
     v11), or each call as its name and its arguments object, `[TOOL_CALLS]` before each (v11
-    on; `[ARGS]` between name and arguments where the tokenizer keeps that marker), as vLLM's
+    on; `[ARGS]` between name and arguments where the tokenizer keeps that marker, and with v11
+    `[CALL_ID]` and an id the model made up before it), as vLLM's
     `mistral` parser reads them. A whole answer's calls are calls only if all of them are."""
 
-    MARKER, ARGS = "[TOOL_CALLS]", "[ARGS]"
+    MARKER, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
     MAX_NAME = 256  # characters before a name's arguments: past that, no call
     call_ids = staticmethod(mistral_call_id)
 
@@ -623,6 +631,7 @@ class MistralReader(ToolCallReader):
         self._list: CallSequence | None = None  # the list form's calls
         self._call: CallText | None = None  # the named form's call being read (or the one that failed)
         self._after_call = False  # a named call has ended: the next marker, or the end
+        self._slot = 0  # where the named call being read began, its marker included
         self._whole: list[CallPiece] = []  # a whole answer's named calls, sent once all of them are
         self._broken = False
 
@@ -653,10 +662,14 @@ class MistralReader(ToolCallReader):
         elif self._list is None and not self._broken and self._call is None and (self._whole or self.calls_made):
             read.calls += [sent for piece in self._whole for sent in self.send(piece)]
             left = ""
-        elif self.calls_made:  # in a stream, after calls already sent: the rest, but a call cut off
-            call = self._list.call if self._list is not None else self._call
+        elif self._list is not None and self.calls_made:  # in a stream, after calls already sent
+            call = self._list.call
             left = ("" if call is None or call.sent else call.text) + self._held[taken:]
-            self.cut = call is not None and call.cut
+            self.cut = call.index if call is not None and call.cut else None
+        elif self.calls_made:  # the named form: the rest from the call that broke off, its marker too
+            call = self._call
+            left = self._held[taken:] if call is not None and call.sent else self._held[self._slot:]
+            self.cut = call.index if call is not None and call.cut else None
         else:
             left = self.MARKER + self._held
         self._held = ""
@@ -685,7 +698,7 @@ class MistralReader(ToolCallReader):
                         sent += self.send(piece)
                     else:
                         self._whole.append(piece)
-                self._call, self._after_call = None, True
+                self._call, self._after_call, self._slot = None, True, self._taken
                 continue
             rest = self._held[self._taken:]
             start = rest.lstrip()
@@ -693,7 +706,8 @@ class MistralReader(ToolCallReader):
                              len(start) < len(self.MARKER)):
                 return sent  # nothing yet, or maybe the next marker
             if start.startswith(self.MARKER) and (self._after_call or not self._whole and not self.calls_made):
-                self._taken += len(rest) - len(start) + len(self.MARKER)
+                self._slot = self._taken + len(rest) - len(start)
+                self._taken = self._slot + len(self.MARKER)
                 self._after_call = False
                 continue
             if self._after_call:
@@ -704,7 +718,7 @@ class MistralReader(ToolCallReader):
                 return sent + self._list.feed(self._held[self._taken:])
             else:
                 brace = start.find("{")
-                name = start[:max(brace, 0)].replace(self.ARGS, "").strip()
+                name = _mistral_name(start[:max(brace, 0)])
                 if brace < 0:
                     self._broken = ended or len(start) > self.MAX_NAME
                     return sent

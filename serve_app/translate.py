@@ -76,8 +76,9 @@ def template_messages(messages: list[ChatMessage], short_call_ids: bool = False)
             entry["tool_call_id"] = call_id
         if short_call_ids:
             for call in entry.get("tool_calls", []):
-                call["id"] = call["id"][-9:]
-            if "tool_call_id" in entry:
+                if isinstance(call.get("id"), str):
+                    call["id"] = call["id"][-9:]
+            if isinstance(entry.get("tool_call_id"), str):
                 entry["tool_call_id"] = entry["tool_call_id"][-9:]
         entries.append(entry)
     return entries
@@ -233,11 +234,12 @@ def _forced_call_schema(forced: ForcedToolCall, single: bool) -> dict[str, Any]:
     # Each tool's schema moves under the root's $defs, its own `$ref`s ("#", "#/$defs/Unit",
     # "#/properties/a") rebased onto it there, so that each means what it meant in its tool; a
     # tool whose schema has an `$id` of its own (no other tool's) keeps it, and is a resource of
-    # its own there, whose refs (by that URI too) mean what they meant.
+    # its own there, whose refs (by that URI too) mean what they meant (not one with a
+    # fragment, from which no ref resolves).
     calls, definitions = [], {}
     ids = [parameters(tool).get("$id") for tool in forced.tools]
     for index, tool in enumerate(forced.tools):
-        own = isinstance(ids[index], str) and ids.count(ids[index]) == 1
+        own = isinstance(ids[index], str) and ids.count(ids[index]) == 1 and "#" not in ids[index].rstrip("#")
         definitions[f"tool_{index}"] = parameters(tool) if own else _rebased(parameters(tool), f"#/$defs/tool_{index}")
         calls.append({"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
                       "properties": {"name": {"const": function_name(tool)},
@@ -303,6 +305,7 @@ class AnswerFormat:
     tool_calls: ToolCallFormat | None = None
     forced: ForcedToolCall | None = None
     call_ids: ToolCallFormat | None = None  # the model's `tool_call_parser`: how its calls' ids look
+    first_call_only: bool = False  # `parallel_tool_calls` false: the client gets the first call only
 
     @classmethod
     def of(cls, request: ChatCompletionRequest, config: ChatModelConfig) -> "AnswerFormat":
@@ -311,7 +314,8 @@ class AnswerFormat:
                                              and request.response_format.type != "text")
         return cls(reasoning=config.reasoning_parser,
                    tool_calls=None if constrained else config.tool_call_parser if request.template_tools else None,
-                   forced=forced, call_ids=config.tool_call_parser)
+                   forced=forced, call_ids=config.tool_call_parser,
+                   first_call_only=request.parallel_tool_calls is False)
 
     @property
     def read(self) -> bool:
@@ -332,6 +336,7 @@ class AnswerReader:
         self.thinking = ReasoningReader(fmt.reasoning, opening) if fmt.reasoning else None
         self.forced = fmt.forced is not None  # the answer is a call (unless cut off)
         self.named = self.forced and fmt.forced.named
+        self.first_call_only = fmt.first_call_only
         if fmt.forced is not None:
             self.tools = ForcedCallReader(function_name(fmt.forced.tools[0]) if fmt.forced.named else None, stream,
                                           CALL_IDS.get(fmt.call_ids))
@@ -347,7 +352,8 @@ class AnswerReader:
         `required` too); a call to a function `tool_choice` names ends as `stop`, as OpenAI and
         vLLM end it, and an answer cut off by `max_tokens` as `length`; one that a stop string
         ended inside a call it had begun to stream, as `stop`: that call is not whole."""
-        called = self.calls_made and not self.tools.cut
+        cut = self.tools.cut
+        called = self.calls_made and (cut is None or (self.first_call_only and cut > 0))  # the calls sent are whole
         return "tool_calls" if reason == "stop" and called and not self.named else reason
 
     def feed(self, text: str) -> AnswerParts:

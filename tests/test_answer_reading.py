@@ -176,6 +176,9 @@ def test_a_stream_reader_keeps_every_character(fmt, text, content, calls):
     ('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]g{"a": {"b": "}"}}', "",
      [("get_weather", '{"city": "Paris"}'), ("g", '{"a": {"b": "}"}}')]),
     ('[TOOL_CALLS]get_weather{"city": "Paris"}', "", [("get_weather", '{"city": "Paris"}')]),
+    ('[TOOL_CALLS]f[CALL_ID]abcdefghi[ARGS]{"a": 1}', "", [("f", '{"a": 1}')]),  # tokenizer v11's own ids
+    # A name given twice: the first, which a stream sends before it sees the second.
+    ('[TOOL_CALLS] [{"name": "f", "arguments": {"a": 1}, "name": "g"}]', "", [("f", '{"a": 1}')]),
     ("Hello, no calls [TOOL", "Hello, no calls [TOOL", []),
     ("[TOOL_CALLS]not a call", "[TOOL_CALLS]not a call", []),
     ('[TOOL_CALLS] [{"name": "f", "arguments": "{\\"a\\": 1}"}]', "", [("f", '{"a": 1}')]),
@@ -187,6 +190,13 @@ def test_mistral_calls_are_read_in_both_forms(text, content, calls):
             assert (got_content, _joined(sent)) == (content, calls), (stream, pieces)
             ids = [piece.id for piece in sent if piece.id]
             assert all(len(i) == 9 and i.isalnum() for i in ids) and len(set(ids)) == len(calls)
+
+
+def test_a_later_mistral_call_that_breaks_off_is_content_marker_and_all():
+    reader = AnswerFormat(tool_calls="mistral").reader(stream=True)
+    content, sent = _read_streaming(reader, list('[TOOL_CALLS]f{"a": 1}[TOOL_CALLS]gg'))
+    assert (content, _joined(sent), reader.finish_reason("stop")) == ("[TOOL_CALLS]gg", [("f", '{"a": 1}')],
+                                                                       "tool_calls")
 
 
 def test_a_mistral_models_forced_call_has_a_nine_character_id_too():
@@ -212,6 +222,11 @@ def test_a_streamed_call_cut_inside_its_arguments_is_no_finished_call(text, whol
         reader.feed(char)
     reader.finish()
     assert reader.calls_made == 1 and reader.finish_reason("stop") == ("tool_calls" if whole else "stop")
+    # With parallel_tool_calls false the client gets the first call only: a later one cut off is not its.
+    for first_only, reason in ((False, "stop"), (True, "tool_calls")):
+        reader = AnswerFormat(tool_calls="hermes", first_call_only=first_only).reader(stream=True)
+        _read_streaming(reader, list(_call("Paris") + '<tool_call>{"name": "f", "arguments": {"a": "x'))
+        assert reader.finish_reason("stop") == reason
 
 
 def test_a_streamed_call_waits_whole_when_its_name_comes_last_or_its_arguments_are_text():

@@ -843,6 +843,9 @@ def test_a_mistral_models_template_gets_nine_character_call_ids(replica):
     assert legacy["tool_calls"][0]["id"] == legacy_result["tool_call_id"] == "call00003"
     assert chat_job(request, replica.config, RequestLimits()).messages[1]["tool_calls"][0]["id"] == \
         "call_0123456789abcdefXYZ"  # other models' templates get ids as they came
+    no_id = ChatCompletionRequest.model_validate({**body, "messages": [body["messages"][0], {
+        "role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "w"}}]}]})
+    assert chat_job(no_id, mistral, RequestLimits()).messages[1]["tool_calls"][0]["id"] is None  # as it came
 
 
 @pytest.mark.parametrize("fields, param", [

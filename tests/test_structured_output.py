@@ -245,6 +245,23 @@ def test_a_stop_string_inside_a_streamed_call_is_no_finished_call(client):
     assert [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason] == ["stop"]
 
 
+def test_a_required_tools_own_id_is_kept_unless_it_has_a_fragment():
+    from serve_app.protocol import ChatCompletionRequest
+    from serve_app.translate import _forced_call_schema
+
+    def schema_of(tool_id: str) -> dict:
+        parameters = {"$id": tool_id, "type": "object", "properties": {"a": {"$ref": "#/$defs/U"}},
+                      "$defs": {"U": {"type": "integer"}}}
+        request = ChatCompletionRequest.model_validate({**_ask(), "tool_choice": "required", "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": parameters}}]})
+        return _forced_call_schema(request.forced_tool_call, single=False)["$defs"]["tool_0"]
+
+    kept = schema_of("https://example.com/s.json")
+    assert kept["$id"] == "https://example.com/s.json" and kept["properties"]["a"]["$ref"] == "#/$defs/U"
+    rebased = schema_of("#foo")  # no ref can resolve against a base with a fragment
+    assert "$id" not in rebased and rebased["properties"]["a"]["$ref"] == "#/$defs/tool_0/$defs/U"
+
+
 def test_rebasing_moves_only_a_tools_own_pointers():
     from serve_app.translate import _rebased
 
@@ -333,6 +350,8 @@ def test_a_schema_past_the_decoders_reach_is_a_short_400(http, schema, stream):
     ({"tools": [{"type": "function", "function": {"name": ""}}], "tool_choice": "required"}, "tools"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
     ({"tools": [{"type": "web_search"}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "  "}}]}, "tools"),
+    ({"tools": [{"type": "custom", "custom": {"description": "no name"}}]}, "tools"),
 ])
 def test_a_forced_call_that_cannot_be_made_is_a_400(http, extra, param):
     answer = _post(http, _ask(**extra))
