@@ -29,7 +29,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from serve_app.errors import APIError
+from serve_app.errors import APIError, InvalidRequest
 from serve_app.jobs import ImageFormat
 
 logger = logging.getLogger("ray.serve")
@@ -206,6 +206,20 @@ class ResponseFormatSpec(WireModel):
         return self.json_schema.schema_ if self.type == "json_schema" and self.json_schema else None
 
 
+class StructuredOutputs(WireModel):
+    """vLLM's `structured_outputs`: what the answer's text must be, one of these (its older
+    `guided_json`, `guided_regex`, `guided_choice` and `guided_grammar` fields say the same)."""
+
+    json_: dict[str, Any] | Text | None = Field(None, alias="json")  # a JSON schema, or its JSON text
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = None  # Lark, or llama.cpp's GBNF
+    json_object: bool | None = None
+
+
+ConstraintKind = Literal["json", "regex", "choice", "grammar"]
+
+
 def _token_id(value: Any) -> Any:
     """A `logit_bias` key: the token id in plain digits ("01", "+5", "5_0" would name another token)."""
     if isinstance(value, str) and not (value.isascii() and value.isdigit() and (value == "0" or value[0] != "0")):
@@ -358,6 +372,13 @@ class ChatCompletionRequest(BoundedRequest):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: dict[TokenId, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     response_format: ResponseFormatSpec | None = None
+    structured_outputs: StructuredOutputs | None = Field(None, description=(
+        "vLLM's extension: the answer's text follows a JSON schema (`json`), a regular expression (`regex`), "
+        "one of some strings (`choice`) or a Lark/GBNF grammar (`grammar`), or is a JSON object (`json_object`)."))
+    guided_json: dict[str, Any] | Text | None = None  # vLLM's older names for structured_outputs' fields
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     function_call: str | dict[str, Any] | None = None  # OpenAI's older `tool_choice`
@@ -466,6 +487,25 @@ class ChatCompletionRequest(BoundedRequest):
     def requested_max_tokens(self) -> int | None:
         """`max_completion_tokens` is the newer name of `max_tokens`."""
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def constraint(self) -> tuple[ConstraintKind, Any, str] | None:
+        """What `structured_outputs` (or a `guided_*` field) asks of the answer: its kind, its value,
+        the field it came from; None if nothing. Several at once are a 400, as vLLM answers them."""
+        given: list[tuple[ConstraintKind, Any, str]] = []
+        if self.structured_outputs is not None:
+            outputs = self.structured_outputs
+            given += [(kind, value, "structured_outputs") for kind, value in (
+                ("json", outputs.json_), ("regex", outputs.regex), ("choice", outputs.choice),
+                ("grammar", outputs.grammar), ("json", {"type": "object"} if outputs.json_object else None))
+                if value is not None]
+        given += [(kind, value, f"guided_{kind}") for kind, value in (
+            ("json", self.guided_json), ("regex", self.guided_regex), ("choice", self.guided_choice),
+            ("grammar", self.guided_grammar)) if value is not None]
+        if len(given) > 1:
+            raise InvalidRequest("Give one of structured_outputs' json, regex, choice, grammar and json_object (or "
+                                 "of the guided_* fields), not several.", param=given[1][2])
+        return given[0] if given else None
 
     @property
     def template_tools(self) -> list[dict[str, Any]] | None:

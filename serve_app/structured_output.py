@@ -20,6 +20,7 @@ free text and the content after it is the JSON.
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -45,6 +46,20 @@ def json_grammar(schema: dict[str, Any] | None, any_whitespace: bool, param: str
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=defaults)
     except (ValueError, TypeError, OverflowError) as exc:  # not JSON it can write: a lone surrogate, a huge int
         raise InvalidRequest(f"{param}'s schema cannot be used: {exc}", param=param) from None
+
+
+def text_grammar(kind: str, value: str | list[str], param: str) -> str:
+    """The grammar of an answer that is a match of `value`, a regular expression (Rust's `regex`
+    syntax, as llguidance reads it), one of a list of strings, or a Lark (or llama.cpp GBNF)
+    grammar, as vLLM's guidance backend builds them; a grammar llguidance cannot read is a 400."""
+    text = json.dumps(value) if kind == "choice" else value
+    if kind == "choice" and not value:
+        raise InvalidRequest(f"{'guided_choice' if param == 'guided_choice' else 'structured_outputs.choice'} "
+                             "needs at least one string.", param=param)
+    try:
+        return llguidance.grammar_from(kind, text)
+    except (ValueError, TypeError) as exc:  # what it cannot read at all; the rest shows where it is compiled
+        raise InvalidRequest(f"{param} cannot be used: {exc}", param=param) from None
 
 
 @dataclass(frozen=True)
@@ -208,13 +223,14 @@ class GrammarCompiler:
             raise InvalidRequest(
                 f"This model's answers are read for thinking (reasoning_parser {self._reasoning}), but its tokenizer "
                 f"has no single ordinary token for {START} and {END}, so where the thinking ends, and the JSON "
-                "starts, cannot be told: it cannot take response_format json_object or json_schema, or a forced "
-                "tool_choice.", param=param)
+                "starts, cannot be told: it cannot take response_format json_object or json_schema, a forced "
+                "tool_choice or structured_outputs.", param=param)
         matcher = llguidance.LLMatcher(self.prepare(param), grammar, log_level=0)
         if not matcher.is_error():  # the first token's mask: a schema no value can match fails it
             matcher.compute_bitmask()
         if matcher.is_error():
-            raise InvalidRequest(f"The schema cannot be used: {_matcher_error(matcher)}", param=param)
+            what = "schema" if param in ("response_format", "tools", "guided_json") else "grammar"
+            raise InvalidRequest(f"The {what} cannot be used: {_matcher_error(matcher)}", param=param)
         matchers = [matcher] + [matcher.deep_copy() for _ in range(count - 1)]
         return [AnswerGrammar(each, self._thinking, opening, param) for each in matchers]
 

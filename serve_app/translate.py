@@ -35,7 +35,7 @@ from serve_app.protocol import (
 )
 from serve_app.protocol import TokenLogprob as WireTokenLogprob
 from serve_app.reasoning import Opening, ReasoningFormat, ReasoningReader, Split
-from serve_app.structured_output import json_grammar
+from serve_app.structured_output import json_grammar, text_grammar
 from serve_app.tool_calls import CALL_IDS, KEEPS_SPECIAL_TOKENS, READERS, CallPiece, ForcedCallReader, ToolCallFormat
 
 _ROLE_ALIASES = {"developer": "system", "function": "tool"}  # OpenAI's newer and older names
@@ -180,7 +180,7 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
         template_kwargs=template_kwargs,
         skip_special_tokens=AnswerFormat.of(request, config).tool_calls not in KEEPS_SPECIAL_TOKENS,
         grammar=_grammar(request, config),
-        grammar_param="tools" if request.forced_tool_call is not None else "response_format",
+        grammar_param=grammar_param(request),
     )
 
 
@@ -195,17 +195,47 @@ def _min_tokens(request: ChatCompletionRequest, requested: int | None, max_token
 
 def _grammar(request: ChatCompletionRequest, config: ChatModelConfig) -> str | None:
     """The grammar the answer follows: a forced tool call's, a `json_object` or `json_schema`
-    answer's; None for text."""
-    forced, wanted = request.forced_tool_call, request.response_format
+    answer's, or what vLLM's `structured_outputs` (`guided_*`) asks; None for text."""
+    forced, wanted, constraint = request.forced_tool_call, request.response_format, request.constraint
+    json_wanted = wanted is not None and wanted.type != "text"
+    if constraint is not None and (forced is not None or json_wanted):
+        other = "a tool_choice that forces a call" if forced is not None else "a JSON response_format"
+        raise InvalidRequest(f"{constraint[2]} and {other} both say what the answer is: give one.",
+                             param=constraint[2])
     if forced is not None:
-        if wanted is not None and wanted.type != "text":
+        if json_wanted:
             raise InvalidRequest("A tool_choice that forces a call makes the answer that call's JSON: give it or a "
                                  "JSON response_format, not both.", param="response_format")
         return json_grammar(_forced_call_schema(forced, single=request.parallel_tool_calls is False),
                             config.json_any_whitespace, param="tools")
-    if wanted is None or wanted.type == "text":
+    if constraint is not None:
+        kind, value, param = constraint
+        if kind != "json":
+            return text_grammar(kind, value, param)
+        schema = _loads_schema(value, param) if isinstance(value, str) else value
+        return json_grammar(schema, config.json_any_whitespace, param=param)
+    if not json_wanted:
         return None
     return json_grammar(wanted.schema, config.json_any_whitespace)
+
+
+def _loads_schema(text: str, param: str) -> dict[str, Any]:
+    """A JSON schema sent as its JSON text (vLLM takes either)."""
+    try:
+        schema = json.loads(text)
+    except (ValueError, RecursionError):
+        schema = None
+    if not isinstance(schema, dict):
+        raise InvalidRequest(f"{param} must be a JSON schema: an object, or its JSON text.", param=param)
+    return schema
+
+
+def grammar_param(request: ChatCompletionRequest) -> str:
+    """The request field an answer's grammar came from, which its errors name."""
+    if request.forced_tool_call is not None:
+        return "tools"
+    constraint = request.constraint
+    return constraint[2] if constraint is not None else "response_format"
 
 
 def _forced_call_schema(forced: ForcedToolCall, single: bool) -> dict[str, Any]:
@@ -310,8 +340,8 @@ class AnswerFormat:
     @classmethod
     def of(cls, request: ChatCompletionRequest, config: ChatModelConfig) -> "AnswerFormat":
         forced = request.forced_tool_call
-        constrained = forced is not None or (request.response_format is not None
-                                             and request.response_format.type != "text")
+        constrained = forced is not None or request.constraint is not None or (
+            request.response_format is not None and request.response_format.type != "text")
         return cls(reasoning=config.reasoning_parser,
                    tool_calls=None if constrained else config.tool_call_parser if request.template_tools else None,
                    forced=forced, call_ids=config.tool_call_parser,

@@ -4,6 +4,7 @@ JSON that parses and validates, through the real decode loop (alone, batched, st
 from __future__ import annotations
 
 import json
+import re
 from typing import Literal
 
 import jsonschema
@@ -260,6 +261,48 @@ def test_a_required_tools_own_id_is_kept_unless_it_has_a_fragment():
     assert kept["$id"] == "https://example.com/s.json" and kept["properties"]["a"]["$ref"] == "#/$defs/U"
     rebased = schema_of("#foo")  # no ref can resolve against a base with a fragment
     assert "$id" not in rebased and rebased["properties"]["a"]["$ref"] == "#/$defs/tool_0/$defs/U"
+
+
+@pytest.mark.parametrize("extra, matches", [
+    ({"guided_choice": ["yes", "no", "maybe \"so\""]}, lambda text: text in ("yes", "no", 'maybe "so"')),
+    ({"structured_outputs": {"choice": ["red", "green"]}}, lambda text: text in ("red", "green")),
+    ({"guided_regex": "[0-9]{3}-[a-z]{2}"}, lambda text: re.fullmatch("[0-9]{3}-[a-z]{2}", text)),
+    ({"structured_outputs": {"regex": "(ab)+c"}}, lambda text: re.fullmatch("(ab)+c", text)),
+    ({"structured_outputs": {"grammar": 'start: "x" ("," "y")*'}}, lambda text: re.fullmatch("x(,y)*", text)),
+    ({"guided_json": SCHEMA}, lambda text: jsonschema.validate(json.loads(text), SCHEMA) is None),
+    ({"structured_outputs": {"json": json.dumps(SCHEMA)}}, lambda text: jsonschema.validate(json.loads(text), SCHEMA) is None),
+    ({"structured_outputs": {"json_object": True}}, lambda text: isinstance(json.loads(text), dict)),
+])
+def test_vllms_structured_outputs_constrain_the_answer(client, extra, matches):
+    """vLLM's `structured_outputs` and its older `guided_*` fields, as its clients send them
+    (`extra_body`), streamed or not: every answer that ended on its own matches."""
+    ended = 0
+    for seed in range(3):
+        ask = _ask(seed=seed, max_tokens=60, temperature=1.0)
+        choice = client.chat.completions.create(**ask, extra_body=extra).choices[0]
+        chunks = list(client.chat.completions.create(**ask, extra_body=extra, stream=True))
+        streamed = "".join(c.delta.content or "" for chunk in chunks for c in chunk.choices)
+        assert streamed == choice.message.content and choice.message.tool_calls is None
+        if choice.finish_reason == "stop":
+            ended += 1
+            assert matches(choice.message.content), choice.message.content
+    assert ended  # the grammar ends most answers well within max_tokens
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+    ({"guided_json": "not json"}, "guided_json"),
+    ({"guided_regex": "("}, "guided_regex"),
+    ({"structured_outputs": {"grammar": "start: ??"}}, "structured_outputs"),
+    ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "guided_choice"),
+    ({"guided_choice": ["a"], "tools": [WEATHER], "tool_choice": "required"}, "guided_choice"),
+])
+def test_structured_outputs_a_model_cannot_follow_are_a_400(http, extra, param):
+    for stream in (False, True):
+        answer = _post(http, _ask(stream=stream, **extra))
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
 
 
 def test_rebasing_moves_only_a_tools_own_pointers():
