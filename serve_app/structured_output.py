@@ -153,8 +153,8 @@ _executor: llguidance.LLExecutor | None = None
 def fill_masks(grammars: list[tuple[int, AnswerGrammar]], allowed: Any) -> None:
     """Each (row, grammar)'s tokens allowed next into that row of the int32 bitmask `allowed`.
     The matchers' masks of a batch's rows are computed together on llguidance's thread pool
-    (`LLExecutor`, most of the machine's cores), outside the GIL, as vLLM computes them; one
-    row alone, on this thread."""
+    (`LLExecutor`, most of the machine's cores), outside the GIL, as SGLang's llguidance
+    backend computes them; one row alone, on this thread."""
     from llguidance.torch import fill_next_token_bitmask, fill_next_token_bitmask_par
 
     global _executor

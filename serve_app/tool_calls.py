@@ -12,12 +12,14 @@ model's config names the format (`tool_call_parser`, with vLLM's names):
 - `mistral`: `[TOOL_CALLS]` and the calls, maybe after some text: a JSON list
   `[{"name": ..., "arguments": {...}}, ...]` from Mistral's tokenizers before v11
   (Mistral 7B Instruct v0.3, Mixtral 8x22B Instruct), `[TOOL_CALLS]name{...}` (or
-  `name[ARGS]{...}`) per call from v11 on (Mistral Small 3.1/3.2, Devstral, Magistral).
+  `name[ARGS]{...}`, or v11's `name[CALL_ID]id[ARGS]{...}`) per call from v11 on (Mistral
+  Small 3.1/3.2, Devstral, Magistral).
   Their calls' ids are nine letters and digits, which Mistral's chat templates require
   of the calls sent back.
 
 The same readers serve a whole answer and a stream. Content passes through as it
-comes (in a stream, at once). A whole answer's calls are read once each is whole:
+comes (in a stream, at once, but where it may be a call: Llama 3's answer that begins with
+`{`, and text after Llama 3's and Mistral's calls, wait for the answer's end). A whole answer's calls are read once each is whole:
 text that looks like a call but does not parse as one stays content, so nothing the
 model wrote is lost. In a stream (`stream=True`) a call goes out as OpenAI and vLLM
 stream one: its first delta carries the call's id and name once the model has written
@@ -30,9 +32,10 @@ vLLM. A call whose arguments are not an object (a quoted string), or whose name 
 after them, goes out whole once its text is.
 
 Either way a call's `arguments` is the model's own text of the arguments object, so
-the same answer reads the same streamed or not. The ingress reads calls only for a
-request that gives tools (with `tool_choice` not `none`), as vLLM does with
-`--enable-auto-tool-choice`.
+a call read whole has the same arguments streamed or not. The ingress reads calls only
+for a request that gives tools (with `tool_choice` not `none`), as vLLM does with
+`--enable-auto-tool-choice`, and not where a grammar says what the answer is (a forced
+call, which `ForcedCallReader` reads, a JSON `response_format`, `structured_outputs`).
 """
 
 from __future__ import annotations

@@ -328,8 +328,9 @@ class AnswerFormat:
     """How a request's answers are read: the model's thinking (its `reasoning_parser`) and its
     tool calls (its `tool_call_parser`, for a request that gives tools, not with `tool_choice`
     "none"), or the call a `tool_choice` forces. Neither: the answer is its text. An answer
-    under a grammar (a forced call, a JSON `response_format`) is JSON once its thinking has
-    ended (`structured_output.AnswerGrammar`): it is read for thinking, not for calls."""
+    under a grammar (a forced call, a JSON `response_format`, `structured_outputs`) follows it
+    once its thinking has ended (`structured_output.AnswerGrammar`): it is read for thinking,
+    and a forced call's as that call, never with the `tool_call_parser`."""
 
     reasoning: ReasoningFormat | None = None
     tool_calls: ToolCallFormat | None = None
