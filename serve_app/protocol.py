@@ -215,6 +215,18 @@ class StructuredOutputs(WireModel):
     choice: list[Text] | None = None
     grammar: Text | None = None  # Lark, or llama.cpp's GBNF
     json_object: bool | None = None
+    structural_tag: Any = None  # not supported: a 400 rather than an answer it does not constrain
+
+    @field_validator("json_", mode="before")
+    @classmethod
+    def _a_schema(cls, value: Any) -> Any:
+        return _schema_or_its_text(value, "structured_outputs.json")
+
+
+def _schema_or_its_text(value: Any, field: str) -> Any:
+    if value is not None and not isinstance(value, (dict, str)):
+        raise ValueError(f"{field} must be a JSON schema object, or its JSON text")
+    return value
 
 
 ConstraintKind = Literal["json", "regex", "choice", "grammar"]
@@ -442,6 +454,11 @@ class ChatCompletionRequest(BoundedRequest):
             _well_formed(json.dumps(value, ensure_ascii=False))
         return value
 
+    @field_validator("guided_json", mode="before")
+    @classmethod
+    def _guided_schema(cls, value: Any) -> Any:
+        return _schema_or_its_text(value, "guided_json")
+
     @field_validator("tools")
     @classmethod
     def _tools_name_their_functions(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
@@ -495,10 +512,16 @@ class ChatCompletionRequest(BoundedRequest):
         given: list[tuple[ConstraintKind, Any, str]] = []
         if self.structured_outputs is not None:
             outputs = self.structured_outputs
-            given += [(kind, value, "structured_outputs") for kind, value in (
-                ("json", outputs.json_), ("regex", outputs.regex), ("choice", outputs.choice),
-                ("grammar", outputs.grammar), ("json", {"type": "object"} if outputs.json_object else None))
-                if value is not None]
+            if outputs.structural_tag is not None:
+                raise InvalidRequest("structured_outputs.structural_tag is not supported by this server; use json, "
+                                     "regex, choice or grammar.", param="structured_outputs.structural_tag")
+            given += [(kind, value, f"structured_outputs.{field}") for kind, value, field in (
+                ("json", outputs.json_, "json"), ("regex", outputs.regex, "regex"), ("choice", outputs.choice, "choice"),
+                ("grammar", outputs.grammar, "grammar"),
+                ("json", {"type": "object"} if outputs.json_object else None, "json_object")) if value is not None]
+            if not given:
+                raise InvalidRequest("structured_outputs says nothing the answer must follow: give one of json, regex, "
+                                     "choice, grammar or json_object (true).", param="structured_outputs")
         given += [(kind, value, f"guided_{kind}") for kind, value in (
             ("json", self.guided_json), ("regex", self.guided_regex), ("choice", self.guided_choice),
             ("grammar", self.guided_grammar)) if value is not None]

@@ -48,14 +48,20 @@ def json_grammar(schema: dict[str, Any] | None, any_whitespace: bool, param: str
         raise InvalidRequest(f"{param}'s schema cannot be used: {exc}", param=param) from None
 
 
+def is_schema(param: str) -> bool:
+    """Whether the grammar named by request field `param` is a JSON schema's (else a regex's, a
+    choice's or a grammar's), for the words of its errors."""
+    return param in ("response_format", "tools", "guided_json", "structured_outputs.json",
+                     "structured_outputs.json_object")
+
+
 def text_grammar(kind: str, value: str | list[str], param: str) -> str:
     """The grammar of an answer that is a match of `value`, a regular expression (Rust's `regex`
     syntax, as llguidance reads it), one of a list of strings, or a Lark (or llama.cpp GBNF)
     grammar, as vLLM's guidance backend builds them; a grammar llguidance cannot read is a 400."""
     text = json.dumps(value) if kind == "choice" else value
     if kind == "choice" and not value:
-        raise InvalidRequest(f"{'guided_choice' if param == 'guided_choice' else 'structured_outputs.choice'} "
-                             "needs at least one string.", param=param)
+        raise InvalidRequest(f"{param} needs at least one string.", param=param)
     try:
         return llguidance.grammar_from(kind, text)
     except (ValueError, TypeError) as exc:  # what it cannot read at all; the rest shows where it is compiled
@@ -141,9 +147,13 @@ class AnswerGrammar:
                 return False
         if self.matcher.is_error() or not (ended or self.matcher.consume_token(token)):
             # That request fails (a 400: its schema is past the parser's limits), its batch-mates go on.
-            raise InvalidRequest(f"The answer could not follow its schema: {_matcher_error(self.matcher)}. The "
-                                 "schema goes past what constrained decoding can follow (hundreds of optional "
-                                 "properties, say).", param=self.param)
+            if is_schema(self.param):
+                raise InvalidRequest(f"The answer could not follow its schema: {_matcher_error(self.matcher)}. The "
+                                     "schema goes past what constrained decoding can follow (hundreds of optional "
+                                     "properties, say).", param=self.param)
+            raise InvalidRequest(f"The answer could not follow its grammar: {_matcher_error(self.matcher)}. The "
+                                 "grammar goes past what constrained decoding can follow (thousands of alternatives "
+                                 "in one rule, say).", param=self.param)
         return not ended and self.matcher.is_stopped()
 
 
@@ -229,7 +239,7 @@ class GrammarCompiler:
         if not matcher.is_error():  # the first token's mask: a schema no value can match fails it
             matcher.compute_bitmask()
         if matcher.is_error():
-            what = "schema" if param in ("response_format", "tools", "guided_json") else "grammar"
+            what = "schema" if is_schema(param) else "grammar"
             raise InvalidRequest(f"The {what} cannot be used: {_matcher_error(matcher)}", param=param)
         matchers = [matcher] + [matcher.deep_copy() for _ in range(count - 1)]
         return [AnswerGrammar(each, self._thinking, opening, param) for each in matchers]
