@@ -383,7 +383,7 @@ class AnswerReader:
         `required` too); a call to a function `tool_choice` names ends as `stop`, as OpenAI and
         vLLM end it, and an answer cut off by `max_tokens` as `length`; one that a stop string
         ended inside a call it had begun to stream, as `stop`: that call is not whole."""
-        cut = self.tools.cut
+        cut = self.tools.cut if self.tools else None
         called = self.calls_made and (cut is None or (self.first_call_only and cut > 0))  # the calls sent are whole
         return "tool_calls" if reason == "stop" and called and not self.named else reason
 
