@@ -174,6 +174,8 @@ class ChatMessage(WireModel):
 
 class StreamOptions(WireModel):
     include_usage: bool | None = False  # null: absent, as for every other optional field
+    continuous_usage_stats: bool | None = Field(False, description=(
+        "vLLM's extension: with include_usage, every chunk also carries the usage so far."))
 
 
 class JsonSchemaFormat(WireModel):

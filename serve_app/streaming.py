@@ -50,6 +50,8 @@ class ChatChunkEncoder:
         # own, made with the first chunk (which says where the prompt leaves the answer).
         self.readers: list[AnswerReader] | None = None
         self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        # vLLM's continuous_usage_stats: the usage so far in every chunk, not only in the last one.
+        self.usage_in_every_chunk = self.include_usage and bool(request.stream_options.continuous_usage_stats)
         self.n = request.n
         self.opened = False
         self.usage: Usage | None = None
@@ -72,7 +74,7 @@ class ChatChunkEncoder:
                            total_tokens=chunk.prompt_tokens + chunk.completion_tokens)
         # The running totals, for the access log and metrics: right even if the client leaves.
         note(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens)
-        return event(self._chunk(choices))
+        return event(self._chunk(choices, usage=self.usage if self.usage_in_every_chunk else None))
 
     def closing(self) -> str:
         """The usage-only chunk (when asked for with stream_options.include_usage) and [DONE]."""

@@ -236,6 +236,20 @@ def test_streaming_equals_non_streaming(client):
         assert (usage.prompt_tokens_details.cached_tokens, usage.completion_tokens_details.reasoning_tokens) == (0, 0)
 
 
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(client):
+    """vLLM's extension: with include_usage, each chunk's usage counts the tokens sent so far."""
+    greedy = dict(model=CHAT, messages=SEED_CHAT["messages"], max_tokens=12, temperature=0, stream=True)
+    chunks = list(client.chat.completions.create(**greedy, stream_options={"include_usage": True},
+                                                 extra_body={"stream_options": {"include_usage": True,
+                                                                                "continuous_usage_stats": True}}))
+    counts = [chunk.usage.completion_tokens for chunk in chunks]
+    assert all(chunk.usage is not None for chunk in chunks) and counts == sorted(counts)
+    assert counts[-1] == chunks[-1].usage.total_tokens - chunks[-1].usage.prompt_tokens > counts[0]
+    # Without it, only the last chunk has usage, as OpenAI sends it.
+    plain = list(client.chat.completions.create(**greedy, stream_options={"include_usage": True}))
+    assert [chunk.usage is not None for chunk in plain] == [False] * (len(plain) - 1) + [True]
+
+
 def test_logprobs_follow_the_tokens_in_both_modes(client):
     greedy = dict(model=CHAT, messages=SEED_CHAT["messages"], max_tokens=10, temperature=0,
                   logprobs=True, top_logprobs=3)
