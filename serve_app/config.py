@@ -287,13 +287,16 @@ class ChatModelConfig(BaseModelConfig):
     tool_call_parser: ToolCallFormat | None = Field(
         None, description="How this model writes a tool call, read out into OpenAI's `tool_calls` for a request "
         "with tools: 'hermes' (<tool_call>{...}</tool_call>: Qwen 2.5/3, QwQ, Hermes), 'llama3_json' (Llama "
-        "3.1-3.3's JSON) or 'mistral' ([TOOL_CALLS]: Mistral 7B v0.3, Mixtral, Mistral Small 3.x, Devstral), vLLM's "
+        "3.1-3.3's JSON), 'mistral' ([TOOL_CALLS]: Mistral 7B v0.3, Mixtral, Mistral Small 3.x, Devstral) or "
+        "'qwen3_coder' (<tool_call><function=...><parameter=...>: Qwen3-Coder, values typed by the tools' schemas), "
+        "or 'openai' (gpt-oss's harmony messages to functions.*; implies reasoning_parser openai_gptoss), vLLM's "
         "names. Unset: the model's answer is text, calls included.")
     reasoning_parser: ReasoningFormat | None = Field(
         None, description="How this model thinks before it answers, read out into the message's `reasoning` (and "
         "`reasoning_content`): 'deepseek_r1' (everything before </think>: DeepSeek-R1 and its distills, Qwen3 "
-        "thinking-only 2507 models) or 'qwen3' (a <think>...</think> the answer starts with: Qwen3, QwQ), vLLM's "
-        "names. Unset: the thinking is part of the content.")
+        "thinking-only 2507 models), 'qwen3' (a <think>...</think> the answer starts with: Qwen3, QwQ) or "
+        "'openai_gptoss' (gpt-oss's harmony channels: analysis is thinking, final the content), vLLM's names. "
+        "Unset: the thinking is part of the content.")
     json_any_whitespace: bool = Field(
         False, description="Let a JSON answer (response_format json_object / json_schema) put whitespace between "
         "its tokens, as vLLM does unless told otherwise. Off: no whitespace outside strings, so that a model "
@@ -304,6 +307,25 @@ class ChatModelConfig(BaseModelConfig):
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens must not exceed max_tokens_limit")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _harmony_is_one_format(cls, data: Any) -> Any:
+        """gpt-oss's harmony format carries both the thinking and the calls: `tool_call_parser:
+        openai` (all vLLM's docs set for gpt-oss) reads its thinking too, and neither goes with
+        another format."""
+        if not isinstance(data, dict):
+            return data
+        calls, reasoning = data.get("tool_call_parser"), data.get("reasoning_parser")
+        if calls == "openai" and reasoning is None:
+            return {**data, "reasoning_parser": "openai_gptoss"}
+        if calls == "openai" and reasoning != "openai_gptoss" or \
+                reasoning == "openai_gptoss" and calls not in (None, "openai"):
+            raise ValueError("tool_call_parser 'openai' and reasoning_parser 'openai_gptoss' are gpt-oss's harmony "
+                             "format, which holds both thinking and calls: use them together (or the reasoning "
+                             f"parser alone), not with another format (got tool_call_parser {calls!r}, "
+                             f"reasoning_parser {reasoning!r})")
+        return data
 
 
 class ImageModelConfig(BaseModelConfig):

@@ -306,6 +306,12 @@ def function_name(tool: Any) -> str | None:
     return name if isinstance(name, str) else None
 
 
+def function_definition(tool: dict[str, Any]) -> dict[str, Any]:
+    """A tool definition's function: OpenAI's nested `function`, or the flat tool itself."""
+    nested = tool.get("function")
+    return nested if isinstance(nested, dict) else tool
+
+
 def _forced_tool_call(value: str | dict[str, Any] | None, tools: list[dict[str, Any]] | None) -> ForcedToolCall | None:
     """What a `tool_choice` (or `function_call`) forces, checked against `tools`; None where the
     model may answer in text. A choice that names what `tools` lacks is a ValueError."""
@@ -403,6 +409,9 @@ class ChatCompletionRequest(BoundedRequest):
     audio: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = Field(None, description=(
         "false: at most one tool call per answer (the first the model makes)."))
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = Field(None, description=(
+        "How hard a reasoning model thinks, handed to its chat template as `reasoning_effort` (gpt-oss's reads "
+        "it: low, medium or high); templates without it ignore it."))
     user: str | None = None
 
     @field_validator("top_logprobs")
@@ -478,7 +487,7 @@ class ChatCompletionRequest(BoundedRequest):
                                  "'custom' tools")
             if not (function_name(tool) or "").strip():
                 raise ValueError(f"tools[{index}] names no function: it needs function.name, a non-empty string")
-            function = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+            function = function_definition(tool)
             if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
                 raise ValueError(f"tools[{index}].function.parameters must be a JSON Schema object")
         return value

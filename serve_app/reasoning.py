@@ -29,7 +29,9 @@ from typing import Literal
 
 from serve_app.tool_calls import marker_prefix_at_end
 
-ReasoningFormat = Literal["deepseek_r1", "qwen3"]
+ReasoningFormat = Literal["deepseek_r1", "qwen3", "openai_gptoss"]
+"""`openai_gptoss` is gpt-oss's harmony format, read by `harmony.HarmonyReader` (thinking and
+calls both), not by `ReasoningReader`."""
 
 START, END = "<think>", "</think>"
 

@@ -16,6 +16,9 @@ model's config names the format (`tool_call_parser`, with vLLM's names):
   Small 3.1/3.2, Devstral, Magistral).
   Their calls' ids are nine letters and digits, which Mistral's chat templates require
   of the calls sent back.
+- `qwen3_coder`: `<tool_call><function=name><parameter=key>value</parameter>...</function>
+  </tool_call>`, maybe after some text: Qwen3-Coder. Its values are text, typed by the
+  parameter's schema in the request's tools, as vLLM types them (`typed_value`).
 
 The same readers serve a whole answer and a stream. Content passes through as it
 comes (in a stream, at once, but where it may be a call: Llama 3's answer that begins with
@@ -31,8 +34,9 @@ the client has the arguments written so far and `finish_reason` "length", as fro
 vLLM. A call whose arguments are not an object (a quoted string), or whose name comes
 after them, goes out whole once its text is.
 
-Either way a call's `arguments` is the model's own text of the arguments object, so
-a call read whole has the same arguments streamed or not. The ingress reads calls only
+Either way a call's `arguments` is the model's own text of the arguments object (for
+`qwen3_coder`, the typed values as `json.dumps` writes them), so a call read whole has the
+same arguments streamed or not. The ingress reads calls only
 for a request that gives tools (with `tool_choice` not `none`), as vLLM does with
 `--enable-auto-tool-choice`, and not where a grammar says what the answer is (a forced
 call, which `ForcedCallReader` reads, a JSON `response_format`, `structured_outputs`).
@@ -40,6 +44,7 @@ call, which `ForcedCallReader` reads, a JSON `response_format`, `structured_outp
 
 from __future__ import annotations
 
+import ast
 import json
 import secrets
 import string
@@ -47,7 +52,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-ToolCallFormat = Literal["hermes", "llama3_json", "mistral"]
+ToolCallFormat = Literal["hermes", "llama3_json", "mistral", "qwen3_coder", "openai"]
+"""`openai` is gpt-oss's harmony format, read by `harmony.HarmonyReader` (calls and thinking both)."""
 
 ARGUMENT_KEYS = ("arguments", "parameters")
 
@@ -92,10 +98,12 @@ class ReadText:
 
     content: str = ""
     calls: list[CallPiece] = field(default_factory=list)
+    reasoning: str = ""  # thinking, where the format carries it too (`harmony`)
 
     def __iadd__(self, other: "ReadText") -> "ReadText":
         self.content += other.content
         self.calls += other.calls
+        self.reasoning += other.reasoning
         return self
 
 
@@ -733,18 +741,313 @@ class MistralReader(ToolCallReader):
         return sent
 
 
+STRING_TYPES = frozenset(("string", "str", "text", "varchar", "char", "enum"))
+"""Parameter types whose value is the model's text as it is (vLLM's list for `qwen3_coder`)."""
+
+
+def parameter_type(schema: Any) -> str:
+    """The type a parameter's schema gives its value, lower-cased: its `type`, the first that is
+    not "null" of a list of types or of `anyOf`/`oneOf`'s branches (an optional parameter's
+    schema, as pydantic writes one); "string" where none is given, or "any" for an `enum` of
+    other values than strings."""
+    if not isinstance(schema, dict):
+        return "string"
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((item for item in kind if item != "null"), None)
+    if isinstance(kind, str):
+        return kind.strip().lower()
+    for key in ("anyOf", "oneOf"):
+        branches = schema.get(key)
+        for branch in branches if isinstance(branches, list) else ():
+            kind = parameter_type(branch)
+            if kind != "null" and (kind != "string" or isinstance(branch, dict) and "type" in branch):
+                return kind
+    enum = schema.get("enum")
+    if isinstance(enum, list) and not all(isinstance(item, str) for item in enum):
+        return "any"
+    return "string"
+
+
+def typed_value(text: str, kind: str) -> Any:
+    """A parameter's value from the text the model wrote for it, typed as its schema says, as
+    vLLM's `qwen3_coder` parser types it: `null` is None whatever the type; a string type keeps the
+    text; an integer, number or boolean type reads it as one; any other type (object, array, a
+    type not given) reads it as JSON, else as a Python literal (`{'a': True}`). Text that is not
+    of its type stays text (vLLM reads an odd boolean as false), and so does a value JSON cannot
+    carry (`inf`)."""
+    if text.lower() == "null":
+        return None
+    if kind in STRING_TYPES:
+        return text
+    value: Any = text
+    try:
+        if kind.startswith(("int", "uint", "long", "short", "unsigned")):
+            value = int(text)
+        elif kind.startswith(("num", "float", "double", "decimal")):
+            number = float(text)
+            value = int(number) if number.is_integer() else number
+        elif kind in ("boolean", "bool", "binary"):
+            value = {"true": True, "false": False}.get(text.strip().lower(), text)
+        else:
+            try:
+                value = json.loads(text)
+            except ValueError:
+                value = ast.literal_eval(text.strip())
+        json.dumps(value, allow_nan=False)
+    except Exception:  # noqa: BLE001 - any text at all: what does not read as its type stays text
+        return text
+    return value
+
+
+def _json_text(value: Any) -> str:
+    """A value as JSON text, characters as they are where UTF-8 can carry them."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if _encodable(text) else json.dumps(value)
+
+
+class _XmlFunction:
+    """One `<function=name>` of a Qwen3-Coder call: its parameters as JSON text, in order."""
+
+    def __init__(self, index: int, call_id: str, name: str) -> None:
+        self.index, self.id, self.name = index, call_id, name
+        self.pairs: list[str] = []  # each parameter's `"key": value`
+        self.sent = self.ended = False
+
+    @property
+    def arguments(self) -> str:
+        """The arguments object, as `json.dumps` writes it (a key given twice, twice)."""
+        return "{" + ", ".join(self.pairs) + "}"
+
+
+class Qwen3CoderReader(ToolCallReader):
+    """Qwen3-Coder's calls, as vLLM's `qwen3_coder` parser reads them: content, then
+    `<tool_call>` blocks each holding one or more `<function=name>` with a `<parameter=key>`
+    per argument and its value as plain text on the lines between (a `</parameter>`, or the
+    next `<parameter=`/`</function>`, ends it; one newline each side is the format's, not
+    the value's), typed by the parameter's schema in the request's tools (`typed_value`).
+    A `</function>` left out before `</tool_call>` is let go, as vLLM lets it go.
+
+    A whole answer's block is calls only if all of it is (tags, and whitespace between them);
+    else it stays content, tags and all. In a stream a call's first delta goes once its name
+    is written (arguments `{`), each parameter once its value has ended, and a string
+    parameter's value piece by piece as it is written (a file's contents, say), then `}`."""
+
+    START, END = "<tool_call>", "</tool_call>"
+    FUNCTION, FUNCTION_END = "<function=", "</function>"
+    PARAMETER, PARAMETER_END = "<parameter=", "</parameter>"
+    VALUE_ENDS = (PARAMETER_END, PARAMETER, FUNCTION_END)
+    NEXT_TAGS = {"between": (FUNCTION, END), "params": (PARAMETER, FUNCTION_END, END)}
+    MAX_NAME = 256  # characters of a function's or parameter's name: past that, no call
+
+    def __init__(self, stream: bool = False, call_ids: Callable[[], str] | None = None,
+                 parameters: dict[str, dict[str, Any]] | None = None) -> None:
+        super().__init__(stream, call_ids)
+        self.parameters = parameters or {}  # each function's parameters' schemas, by the function's name
+        self._held = ""  # content not yet sent; in a block, the block's text
+        self._in_block = False
+        self._at = 0  # how much of the block's text has been read
+        # "between" functions, in a function's "params", its "name" or a parameter's "key" (after
+        # their tags, at `_tag_at`), in a parameter's "value"; "broken" where the text stopped
+        # being calls, "cut" where the answer ended inside a value
+        self._state = "between"
+        self._tag_at = 0
+        self._functions: list[_XmlFunction] = []  # the block's
+        self._key = ""
+        self._value_at = 0  # where the parameter's value began
+        self._searched = 0  # where the search for its end goes on from
+        self._value_sent: int | None = None  # a string value streaming: how much of its JSON text has gone
+
+    def feed(self, text: str) -> ReadText:
+        self._held += text
+        read = ReadText()
+        while True:
+            if not self._in_block:
+                at = self._held.find(self.START)
+                end = at if at >= 0 else len(self._held) - marker_prefix_at_end(self._held, self.START)
+                read.content += self._content(self._held[:end])
+                self._held = self._held[end:]
+                if at < 0:
+                    return read
+                self._held = self._held[len(self.START):]
+                self._in_block, self._at, self._state, self._functions = True, 0, "between", []
+            read += self._read_block(ended=False)
+            if self._in_block:
+                return read
+
+    def finish(self) -> ReadText:
+        read = self._read_block(ended=True) if self._in_block else ReadText()
+        if self._in_block:  # the answer ended inside a block
+            read += self._close_block(len(self._held), ended=False)
+        held, self._held = self._held, ""
+        read.content += self._content(held, final=True)
+        return read
+
+    def _read_block(self, ended: bool) -> ReadText:
+        """The block's text read as far as it has come: its calls (in a stream, their pieces),
+        and once its end tag has come, the block closed."""
+        read = ReadText()
+        while self._state not in ("broken", "cut"):
+            rest = self._held[self._at:]
+            if self._state == "value":
+                read.calls += self._read_value(ended)
+                if self._state == "value":
+                    return read
+            elif self._state in ("name", "key"):
+                close = rest.find(">")
+                name = rest[:close] if close >= 0 else rest
+                if "<" in name or "\n" in name or len(name) > self.MAX_NAME or close >= 0 and not name.strip():
+                    self._state, self._at = "broken", self._tag_at
+                elif close < 0:
+                    if ended:
+                        self._state, self._at = "broken", self._tag_at
+                    return read
+                else:
+                    self._at += close + 1
+                    read.calls += self._named(name.strip())
+            else:
+                start = rest.lstrip()
+                tags = self.NEXT_TAGS[self._state]
+                tag = next((tag for tag in tags if start.startswith(tag)), None)
+                if tag is None:
+                    if not start or not ended and any(tag.startswith(start) for tag in tags):
+                        return read  # nothing yet, or maybe a tag once more has come
+                    self._state = "broken"
+                    break
+                self._tag_at = self._at + len(rest) - len(start)
+                self._at = self._tag_at + len(tag)
+                if tag in (self.FUNCTION_END, self.END) and self._state == "params":
+                    read.calls += self._function_ended()
+                self._state = {self.FUNCTION: "name", self.PARAMETER: "key"}.get(tag, "between")
+                if tag == self.END:
+                    read += self._close_block(self._tag_at, ended=True)
+                    return read
+        # broken: the block's text from there on is no call; the block ends at its end tag
+        at = self._held.find(self.END, self._at) if self._state == "broken" else -1
+        if at >= 0:
+            read += self._close_block(at, ended=True)
+        return read
+
+    def _named(self, name: str) -> list[CallPiece]:
+        if self._state == "key":
+            self._key, self._state = name, "value"
+            self._value_at = self._searched = self._at
+            self._value_sent = None
+            return []
+        index = self.calls_made + sum(not function.sent for function in self._functions)
+        function = _XmlFunction(index, self.call_ids(), name)
+        self._functions.append(function)
+        self._state = "params"
+        if not self.stream:
+            return []
+        function.sent = True
+        return self.send(CallPiece(index, "{", name, function.id))
+
+    def _function_ended(self) -> list[CallPiece]:
+        function = self._functions[-1]
+        function.ended = True
+        return self._more("}")
+
+    def _more(self, text: str) -> list[CallPiece]:
+        """More of the streamed function's arguments."""
+        function = self._functions[-1]
+        return [CallPiece(function.index, text)] if function.sent and text else []
+
+    def _read_value(self, ended: bool) -> list[CallPiece]:
+        """A parameter's value, as far as it has come: once it has ended, the parameter; in a
+        stream, a string's text so far (but for a newline at its end and what may begin a tag)."""
+        held, function = self._held, self._functions[-1]
+        ends = [(at, tag) for tag in self.VALUE_ENDS if (at := held.find(tag, self._searched)) >= 0]
+        if not ends and not ended:
+            self._searched = max(self._searched, len(held) - max(map(len, self.VALUE_ENDS)) + 1)
+            hold = max(marker_prefix_at_end(held, tag) for tag in self.VALUE_ENDS)
+            return self._stream_string(self._value(len(held) - hold))
+        at, tag = min(ends) if ends else (len(held), "")
+        value = self._value(at)
+        if not tag:  # the answer ended inside the value: what has come of a streamed string
+            self._state = "cut" if function.sent else "broken"
+            return self._stream_string(value) if self._value_sent is not None else []
+        self._at, self._state = at + len(tag) if tag == self.PARAMETER_END else at, "params"
+        if self._value_sent is not None:  # a streamed string's rest
+            sent = self._stream_string(value) + self._more('"')
+            function.pairs.append(_json_text(self._key) + ": " + _json_text(value))
+            return sent
+        pair = _json_text(self._key) + ": " + _json_text(typed_value(value, self._kind()))
+        function.pairs.append(pair)
+        return self._more((", " if len(function.pairs) > 1 else "") + pair)
+
+    def _value(self, upto: int) -> str:
+        """The value's text up to `upto`, but for the format's newline each side."""
+        value = self._held[self._value_at:upto]
+        value = value[1:] if value.startswith("\n") else value
+        return value[:-1] if value.endswith("\n") else value
+
+    def _stream_string(self, value: str) -> list[CallPiece]:
+        """In a stream, a string parameter's value so far: its key and opening quote once it
+        cannot be `null` (which is no string), then each new piece of its JSON text."""
+        function = self._functions[-1]
+        if not function.sent or self._kind() not in STRING_TYPES:
+            return []
+        escaped, opening = _json_text(value)[1:-1], ""
+        if self._value_sent is None:
+            if "null".startswith(value.lower()):
+                return []
+            opening, self._value_sent = (", " if function.pairs else "") + _json_text(self._key) + ': "', 0
+        piece, self._value_sent = escaped[self._value_sent:], len(escaped)
+        return self._more(opening + piece)
+
+    def _kind(self) -> str:
+        schemas = self.parameters.get(self._functions[-1].name)
+        return parameter_type(schemas.get(self._key)) if isinstance(schemas, dict) else "string"
+
+    def _close_block(self, at: int, ended: bool) -> ReadText:
+        """The block whose text is the held text up to `at` (`ended`: by its end tag, else by the
+        answer's end): a whole answer's calls if all of it was calls, else its text as content;
+        in a stream, what followed its calls and was no call, as content."""
+        body, functions = self._held[:at], self._functions
+        read = ReadText()
+        if any(function.sent for function in functions):
+            if not functions[-1].ended:
+                self.cut = functions[-1].index
+            left = body[self._at:] if self._state == "broken" else ""
+        elif self._state == "between" and functions:
+            for function in functions:
+                read.calls += self.send(CallPiece(function.index, function.arguments, function.name, function.id))
+            left = ""
+        else:
+            left = self.START + body + (self.END if ended else "")
+        self._held = self._held[at + (len(self.END) if ended else 0):]
+        self._in_block, self._functions = False, []
+        read.content += self._content(left if left.strip() else "", final=not ended)
+        return read
+
+
 READERS: dict[str, type[ToolCallReader]] = {"hermes": HermesReader, "llama3_json": Llama3JsonReader,
-                                            "mistral": MistralReader}
+                                            "mistral": MistralReader, "qwen3_coder": Qwen3CoderReader}
 
-KEEPS_SPECIAL_TOKENS = {"hermes", "mistral"}
+KEEPS_SPECIAL_TOKENS = {"hermes", "mistral", "qwen3_coder"}
 """Formats whose markers some tokenizers count as special tokens (Hermes 2 Pro's `<tool_call>`,
-Mistral's `[TOOL_CALLS]`): their text is decoded with special tokens kept, as vLLM's parsers
-ask, so the markers survive. Llama 3's `<|python_tag|>` is not needed to read its calls."""
+Mistral's `[TOOL_CALLS]`; Qwen's own tokenizers do not): their text is decoded with special
+tokens kept (as vLLM's Hermes and Mistral parsers ask), so the markers survive. Llama 3's `<|python_tag|>` is not
+needed to read its calls."""
 
 
-def read_tool_calls(fmt: ToolCallFormat, text: str) -> ReadText:
+TYPED_BY_SCHEMA = {"qwen3_coder"}
+"""Formats whose argument values are text, typed by the request's tool schemas."""
+
+
+def tool_call_reader(fmt: ToolCallFormat, stream: bool = False,
+                     parameters: dict[str, dict[str, Any]] | None = None) -> ToolCallReader:
+    """A reader of `fmt`; `parameters`: each function's parameters' schemas, by its name (for
+    `TYPED_BY_SCHEMA` formats)."""
+    if fmt in TYPED_BY_SCHEMA:
+        return READERS[fmt](stream, parameters=parameters)
+    return READERS[fmt](stream)
+
+
+def read_tool_calls(fmt: ToolCallFormat, text: str, parameters: dict[str, dict[str, Any]] | None = None) -> ReadText:
     """A whole answer's content (calls taken out) and calls."""
-    reader = READERS[fmt]()
+    reader = tool_call_reader(fmt, parameters=parameters)
     read = reader.feed(text)
     read += reader.finish()
     return read

@@ -30,13 +30,16 @@ from serve_app.protocol import (
     ImageGenerationRequest,
     ToolCall,
     TopLogprob,
+    function_definition,
     function_name,
     Usage,
 )
 from serve_app.protocol import TokenLogprob as WireTokenLogprob
 from serve_app.reasoning import Opening, ReasoningFormat, ReasoningReader, Split
 from serve_app.structured_output import json_grammar, text_grammar
-from serve_app.tool_calls import CALL_IDS, KEEPS_SPECIAL_TOKENS, READERS, CallPiece, ForcedCallReader, ToolCallFormat
+from serve_app.harmony import HarmonyReader
+from serve_app.tool_calls import (CALL_IDS, KEEPS_SPECIAL_TOKENS, TYPED_BY_SCHEMA, CallPiece, ForcedCallReader,
+                                  ToolCallFormat, ToolCallReader, tool_call_reader)
 
 _ROLE_ALIASES = {"developer": "system", "function": "tool"}  # OpenAI's newer and older names
 
@@ -55,6 +58,7 @@ def template_message(message: ChatMessage) -> dict[str, Any]:
         entry["tool_call_id"] = message.tool_call_id
     if message.thinking is not None and message.role == "assistant":
         entry["reasoning_content"] = message.thinking  # Qwen3's template keeps the latest turns' thinking
+        entry["thinking"] = message.thinking  # gpt-oss's, before a call
     return entry
 
 
@@ -143,6 +147,8 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
     if len(request.messages) > limits.max_messages:
         raise InvalidRequest(f"At most {limits.max_messages} messages are accepted.", param="messages")
     tools, template_kwargs = request.template_tools, request.chat_template_kwargs or {}
+    if request.reasoning_effort is not None:  # a template variable, as vLLM hands it to gpt-oss's
+        template_kwargs = {"reasoning_effort": request.reasoning_effort, **template_kwargs}
     for name, value in (("tools", tools), ("chat_template_kwargs", template_kwargs)):
         if _nesting(value) > MAX_ARGUMENT_NESTING:  # the template's copy of them recurses
             raise InvalidRequest(f"{name} nest more than {MAX_ARGUMENT_NESTING} levels deep.", param=name)
@@ -178,7 +184,7 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
         logit_bias=request.logit_bias or {},
         tools=tools,
         template_kwargs=template_kwargs,
-        skip_special_tokens=AnswerFormat.of(request, config).tool_calls not in KEEPS_SPECIAL_TOKENS,
+        skip_special_tokens=not AnswerFormat.of(request, config).keeps_special_tokens,
         grammar=_grammar(request, config),
         grammar_param=grammar_param(request),
     )
@@ -194,6 +200,19 @@ def _min_tokens(request: ChatCompletionRequest, requested: int | None, max_token
 
 
 def _grammar(request: ChatCompletionRequest, config: ChatModelConfig) -> str | None:
+    """The grammar the answer follows (`_answer_grammar`); none for gpt-oss's harmony answers,
+    whose JSON would come after the thinking and a final channel's header, which the grammar
+    cannot yet wait for: a 400 where one is asked for."""
+    grammar = _answer_grammar(request, config)
+    if grammar is not None and config.reasoning_parser == "openai_gptoss":
+        param = grammar_param(request)
+        raise InvalidRequest(f"This model answers in gpt-oss's harmony format, which this server cannot yet constrain: "
+                             f"{param} (a JSON response_format, a forced tool_choice, structured_outputs) is not "
+                             "available for it.", param=param)
+    return grammar
+
+
+def _answer_grammar(request: ChatCompletionRequest, config: ChatModelConfig) -> str | None:
     """The grammar the answer follows: a forced tool call's, a `json_object` or `json_schema`
     answer's, or what vLLM's `structured_outputs` (`guided_*`) asks; None for text."""
     forced, wanted, constraint = request.forced_tool_call, request.response_format, request.constraint
@@ -246,7 +265,7 @@ def _forced_call_schema(forced: ForcedToolCall, single: bool) -> dict[str, Any]:
     to objects (one without a `type`, or whose types include others), and one that declares
     another type, or allows no object at all (`{"enum": [1, 2]}`), is a 400."""
     def parameters(tool: dict[str, Any]) -> dict[str, Any]:
-        function = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+        function = function_definition(tool)
         schema = function.get("parameters")
         if schema is None or schema == {}:
             return {"type": "object"}
@@ -337,16 +356,28 @@ class AnswerFormat:
     forced: ForcedToolCall | None = None
     call_ids: ToolCallFormat | None = None  # the model's `tool_call_parser`: how its calls' ids look
     first_call_only: bool = False  # `parallel_tool_calls` false: the client gets the first call only
+    # each function's parameters' schemas, by its name, for a format whose values are text (qwen3_coder)
+    tool_parameters: dict[str, dict[str, Any]] | None = None
 
     @classmethod
     def of(cls, request: ChatCompletionRequest, config: ChatModelConfig) -> "AnswerFormat":
         forced = request.forced_tool_call
         constrained = forced is not None or request.constraint is not None or (
             request.response_format is not None and request.response_format.type != "text")
-        return cls(reasoning=config.reasoning_parser,
-                   tool_calls=None if constrained else config.tool_call_parser if request.template_tools else None,
-                   forced=forced, call_ids=config.tool_call_parser,
-                   first_call_only=request.parallel_tool_calls is False)
+        tool_calls = None if constrained else config.tool_call_parser if request.template_tools else None
+        return cls(reasoning=config.reasoning_parser, tool_calls=tool_calls, forced=forced,
+                   call_ids=config.tool_call_parser, first_call_only=request.parallel_tool_calls is False,
+                   tool_parameters=_tool_parameters(request.tools) if tool_calls in TYPED_BY_SCHEMA else None)
+
+    @property
+    def harmony(self) -> bool:
+        """gpt-oss's harmony format: its channels carry the thinking and the calls (`HarmonyReader`)."""
+        return self.reasoning == "openai_gptoss"
+
+    @property
+    def keeps_special_tokens(self) -> bool:
+        """Whether the answer is decoded with special tokens kept: the format's markers may be some."""
+        return self.harmony or self.tool_calls in KEEPS_SPECIAL_TOKENS
 
     @property
     def read(self) -> bool:
@@ -359,20 +390,35 @@ class AnswerFormat:
         return AnswerReader(self, opening, stream) if self.read else None
 
 
+def _tool_parameters(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each function's parameters' schemas (its `parameters.properties`), by the function's name."""
+    found: dict[str, dict[str, Any]] = {}
+    for tool in tools:
+        schema = function_definition(tool).get("parameters")
+        properties = schema.get("properties") if isinstance(schema, dict) else None
+        name = function_name(tool)
+        if name is not None and isinstance(properties, dict):
+            found.setdefault(name, properties)
+    return found
+
+
 class AnswerReader:
     """One choice's answer read into its parts as it is produced (`feed`, then `finish` once
     it has ended): the thinking first, then tool calls out of the content after it."""
 
     def __init__(self, fmt: AnswerFormat, opening: Opening = None, stream: bool = False) -> None:
-        self.thinking = ReasoningReader(fmt.reasoning, opening) if fmt.reasoning else None
+        self.thinking = ReasoningReader(fmt.reasoning, opening) if fmt.reasoning and not fmt.harmony else None
         self.forced = fmt.forced is not None  # the answer is a call (unless cut off)
         self.named = self.forced and fmt.forced.named
         self.first_call_only = fmt.first_call_only
-        if fmt.forced is not None:
+        self.tools: ToolCallReader | None
+        if fmt.harmony:  # thinking and calls, one reader
+            self.tools = HarmonyReader(stream, read_calls=fmt.tool_calls == "openai")
+        elif fmt.forced is not None:
             self.tools = ForcedCallReader(function_name(fmt.forced.tools[0]) if fmt.forced.named else None, stream,
                                           CALL_IDS.get(fmt.call_ids))
         else:
-            self.tools = READERS[fmt.tool_calls](stream) if fmt.tool_calls else None
+            self.tools = tool_call_reader(fmt.tool_calls, stream, fmt.tool_parameters) if fmt.tool_calls else None
 
     @property
     def calls_made(self) -> int:
@@ -405,7 +451,7 @@ class AnswerReader:
         read = self.tools.feed(split.content)
         if ended:
             read += self.tools.finish()
-        return AnswerParts(split.reasoning, read.content, read.calls)
+        return AnswerParts(split.reasoning + read.reasoning, read.content, read.calls)
 
 
 def wire_tool_calls(calls: list[CallPiece], request: ChatCompletionRequest) -> list[CallPiece]:

@@ -2,9 +2,10 @@
 calls into OpenAI's `tool_calls` (`tool_call_parser`).
 
 The readers are checked on text first. End to end, a copy of the tiny chat model is
-fitted for a few seconds to five answers (one Hermes-style call, two calls, plain text, and
-each of those after a Qwen3-style `<think>` block) to prompts that list a tool, so that the
-real decode loop writes real calls and thinking; its tokenizer
+fitted for a few seconds to a handful of answers (a Hermes-style call, two calls, plain text,
+a Qwen3-style `<think>` block before text, a call and JSON, a Mistral call, a Qwen3-Coder
+call, and gpt-oss's harmony messages) to prompts that list tools, so that the real decode loop writes real calls and
+thinking; its tokenizer
 counts `<tool_call>` and `</tool_call>` as special tokens, as Hermes 2 Pro's does, which
 the reader only sees because the decoder keeps special tokens for this format, and
 `<think>` and `</think>` as single ordinary tokens, as Qwen3's does.
@@ -22,8 +23,9 @@ import openai
 import pytest
 from ray import serve
 
+from serve_app.harmony import HarmonyReader
 from serve_app.reasoning import ReasoningReader, prompt_opening
-from serve_app.tool_calls import ForcedCallReader, read_tool_calls, READERS
+from serve_app.tool_calls import ForcedCallReader, read_tool_calls, READERS, tool_call_reader
 from serve_app.translate import AnswerFormat, joined_calls
 
 TOOLS = [{"type": "function", "function": {
@@ -38,11 +40,27 @@ def _call(city: str) -> str:
 ONE_CALL, TWO_CALLS, NO_CALL = "What is the weather in Paris?", "Weather in Paris and Rome?", "Say hello."
 THINK, THINK_CALL, THINK_JSON = "Think, then greet.", "Think, then check Rome.", "Think, then name a city in JSON."
 MISTRAL_CALL = "Weather in Lyon, Mistral style?"
+CODER_CALL = "Forecast for Oslo, coder style?"
+GPTOSS_CALL, GPTOSS_TEXT = "Weather in Bergen, gpt-oss style?", "Greet me, gpt-oss style."
 TAUGHT = {ONE_CALL: _call("Paris"), TWO_CALLS: _call("Paris") + "\n" + _call("Rome"), NO_CALL: "Hello! How can I help?",
           THINK: "<think>\nA greeting is wanted.\n</think>\n\nHello there!",
           THINK_CALL: "<think>\nI need the weather.\n</think>\n\n" + _call("Rome"),
           THINK_JSON: '<think>\nRome will do.\n</think>{"city":"Rome"}',
-          MISTRAL_CALL: 'Sure.[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Lyon"}}]'}
+          MISTRAL_CALL: 'Sure.[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Lyon"}}]',
+          CODER_CALL: "<tool_call>\n<function=forecast>\n<parameter=city>\nOslo\n</parameter>\n<parameter=days>\n3\n"
+                      "</parameter>\n</function>\n</tool_call>",
+          # gpt-oss's harmony messages (its end-of-sequence <|call|> / <|return|> is the test model's own)
+          GPTOSS_CALL: "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary "
+                       'to=functions.get_weather <|constrain|>json<|message|>{"city":"Bergen"}',
+          GPTOSS_TEXT: "<|channel|>analysis<|message|>A greeting.<|end|><|start|>assistant<|channel|>final<|message|>"
+                       "Hi from harmony!"}
+HARMONY_MARKERS = ["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|constrain|>"]
+FORECAST = {"type": "function", "function": {"name": "forecast", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string"}, "days": {"type": "integer"}, "hot": {"type": "boolean"}, "at": {"type": "number"},
+    "where": {"type": "object"}, "tags": {"type": ["array", "null"]}, "hours": {"anyOf": [{"type": "integer"},
+                                                                                          {"type": "null"}]}}}}}
+CODER_PARAMETERS = {"forecast": FORECAST["function"]["parameters"]["properties"]}
+TAUGHT_TOOLS = {CODER_CALL: [*TOOLS, FORECAST]}  # the tools each question is asked with, else TOOLS
 CITY = {"type": "json_schema", "json_schema": {"name": "city", "strict": True, "schema": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": False}}}
 
@@ -212,6 +230,148 @@ def test_a_mistral_models_forced_call_has_a_nine_character_id_too():
             assert len(sent[0].id) == length
 
 
+
+
+def _coder(*functions: str) -> str:
+    """A Qwen3-Coder block of `functions`, each `name(key=value, ...)` written as the model writes it."""
+    written = ""
+    for function in functions:
+        name, _, rest = function.partition("(")
+        written += f"<function={name}>\n"
+        for pair in filter(None, rest.removesuffix(")").split("|")):
+            key, _, value = pair.partition("=")
+            written += f"<parameter={key}>\n{value}\n</parameter>\n"
+        written += "</function>\n"
+    return "<tool_call>\n" + written + "</tool_call>"
+
+
+@pytest.mark.parametrize("text, content, calls", [
+    # Values typed by the request's schema: text, integer, boolean, number, JSON, a Python literal.
+    ("Let me check.\n" + _coder("forecast(city=Paris|days=3|hot=True|at=21.5|where={'lat': 48.8}|tags=[\"a\"])"),
+     "Let me check.", [("forecast", {"city": "Paris", "days": 3, "hot": True, "at": 21.5, "where": {"lat": 48.8},
+                                     "tags": ["a"]})]),
+    # null is None whatever the type; text that is not of its type stays text; an optional
+    # parameter's type is its non-null branch; a parameter the schema lacks is text.
+    (_coder("forecast(city=null|days=three|hours=5|extra=7)"), "",
+     [("forecast", {"city": None, "days": "three", "hours": 5, "extra": "7"})]),
+    # A value's lines are kept (one newline each side is the format's), tags inside it too.
+    (_coder("forecast(city=a\n\n<tool_call></tool_call>\nb\n)"), "", [("forecast", {"city": "a\n\n<tool_call></tool_call>\nb\n"})]),
+    # Two functions in one block, two blocks, a function with no parameters, a tool not given.
+    (_coder("forecast(days=1)", "other(x=1)") + "\n" + _coder("forecast()"), "",
+     [("forecast", {"days": 1}), ("other", {"x": "1"}), ("forecast", {})]),
+    # vLLM lets a left-out </function> go, and a value ended by the next tag.
+    ("<tool_call>\n<function=forecast>\n<parameter=days>\n2\n<parameter=city>\nRome\n</parameter>\n</tool_call>", "",
+     [("forecast", {"days": 2, "city": "Rome"})]),
+    # What is not all calls stays as the model wrote it.
+    ("<tool_call>\n<function=forecast>\nsunny\n</function>\n</tool_call>",
+     "<tool_call>\n<function=forecast>\nsunny\n</function>\n</tool_call>", []),
+    ("<tool_call>\n<function=forecast>\n<parameter=city>\nPa", "<tool_call>\n<function=forecast>\n<parameter=city>\nPa", []),
+    ("a < b, <tool_call></tool_call> <tool_", "a < b, <tool_call></tool_call> <tool_", []),
+])
+def test_qwen3_coder_calls_are_read_and_typed_by_the_schema(text, content, calls):
+    whole = read_tool_calls("qwen3_coder", text, CODER_PARAMETERS)
+    assert (whole.content, [(c.name, json.loads(c.arguments)) for c in whole.calls]) == (content, calls)
+    assert all(c.arguments == json.dumps(json.loads(c.arguments), ensure_ascii=False) for c in whole.calls)
+    rng = random.Random(text)
+    for pieces in ([text], list(text), _random_pieces(rng, text), _random_pieces(rng, text)):
+        for stream in (False, True):
+            if stream and not calls and "<function=forecast>" in text:
+                continue  # a stream sent the call once its name was written: see the next test
+            got_content, sent = _read_streaming(tool_call_reader("qwen3_coder", stream, CODER_PARAMETERS), pieces)
+            assert (got_content, _joined(sent)) == (content, [(c.name, c.arguments) for c in whole.calls]), pieces
+
+
+def test_a_qwen3_coder_call_streams_its_text_values_as_they_are_written():
+    """Its first delta once the name is written, a string value's text as it comes (a file's
+    contents, say), other values once they have ended; a call cut off stays a call, cut."""
+    text = _coder("forecast(days=3|city=" + "long text " * 5 + ")")
+    reader = AnswerFormat(tool_calls="qwen3_coder", tool_parameters=CODER_PARAMETERS).reader(stream=True)
+    sent = []
+    for at, char in enumerate(text):
+        sent += [(at, piece) for piece in reader.feed(char).calls]
+    sent += [(len(text), piece) for piece in reader.finish().calls]
+    first = sent[0][1]
+    assert (first.name, first.arguments) == ("forecast", "{") and sent[0][0] == text.index(">", 12)
+    assert [piece.arguments for _, piece in sent[1:3]] == ['"days": 3', ', "city": "l']
+    value_end = text.index("\n</parameter>\n</function>")
+    assert len([at for at, _ in sent if text.index("long") < at < value_end]) > 30  # a piece a character
+    assert json.loads("".join(piece.arguments for _, piece in sent)) == {"days": 3, "city": "long text " * 5}
+    assert reader.finish_reason("stop") == "tool_calls"
+    cut = AnswerFormat(tool_calls="qwen3_coder").reader(stream=True)
+    content, pieces = _read_streaming(cut.tools, list("<tool_call>\n<function=f>\n<parameter=a>\nnull"))
+    assert (content, _joined(pieces), cut.finish_reason("length")) == ("", [("f", "{")], "length")
+    assert _joined(_read_streaming(tool_call_reader("qwen3_coder", True), list(text[:text.index("long t") + 6]))[1])[0][1] == \
+        '{"days": "3", "city": "long t'  # typed only with the request's schema
+
+
+def test_qwen3_coder_readers_agree_on_any_text():
+    """Mangled calls (tags cut, dropped or added anywhere): the same reading whatever the
+    pieces; a whole answer that is no call keeps every character; a stream's calls are the
+    whole answer's where all its blocks were calls."""
+    atoms = ["<tool_call>", "</tool_call>", "<function=forecast>", "</function>", "<parameter=days>", "</parameter>",
+             "\n", "null", "12", "<", "</", "<tool_", "é", '"', "\\", "<parameter="]
+    for seed in range(300):
+        rng = random.Random(seed)
+        text = "Sure. " + _coder(*("forecast(days=%s|city=%s)" % (rng.choice(["1", "x", "null"]), rng.choice(["Paris", "", "a\nb"]))
+                                   for _ in range(rng.randint(1, 2))))
+        for _ in range(rng.randint(0, 3)):
+            at = rng.randint(0, len(text))
+            text = text[:at] + rng.choice(atoms) + text[at + rng.choice([0, 0, 1, 5]):]
+        whole = _read_streaming(tool_call_reader("qwen3_coder", False, CODER_PARAMETERS), [text])
+        stream = _read_streaming(tool_call_reader("qwen3_coder", True, CODER_PARAMETERS), [text])
+        for pieces in (list(text), _random_pieces(rng, text)):
+            content, sent = _read_streaming(tool_call_reader("qwen3_coder", False, CODER_PARAMETERS), pieces)
+            assert (content, _joined(sent)) == (whole[0], _joined(whole[1]))
+            assert _joined(_read_streaming(tool_call_reader("qwen3_coder", True, CODER_PARAMETERS), pieces)[1]) == \
+                _joined(stream[1])
+        if not whole[1]:
+            assert whole[0] == text
+        elif "<tool_call>" not in whole[0] and "<tool_call>" in text.rpartition("</tool_call>")[0]:
+            assert (stream[0], _joined(stream[1])) == (whole[0], _joined(whole[1]))
+
+
+HARMONY_CALL = ('<|channel|>analysis<|message|>The user wants the weather.<|end|><|start|>assistant<|channel|>'
+                'commentary to=functions.get_weather <|constrain|>json<|message|>{"city":"Oslo"}')
+
+
+@pytest.mark.parametrize("text, read_calls, reasoning, content, calls", [
+    (HARMONY_CALL, True, "The user wants the weather.", "", [("get_weather", '{"city":"Oslo"}')]),
+    # The recipient where the role is, a content type without <|constrain|>.
+    (' to=functions.f<|channel|>commentary json<|message|>{"a": 1}', True, "", "", [("f", '{"a": 1}')]),
+    ("<|channel|>analysis<|message|>Greet.<|end|><|start|>assistant<|channel|>final<|message|>Hello!", True,
+     "Greet.", "Hello!", []),
+    # A preamble before a call is content; so is a call's text where the request gave no tools.
+    ("<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant to=functions.f<|channel|>commentary"
+     '<|message|>{}', True, "", "Checking.", [("f", "{}")]),
+    (HARMONY_CALL, False, "The user wants the weather.", '{"city":"Oslo"}', []),
+    # A message whose end was left out; an answer cut off inside the thinking, or in a header.
+    ("<|channel|>analysis<|message|>a<|start|>assistant<|channel|>final<|message|>b", True, "a", "b", []),
+    ("<|channel|>analysis<|message|>still thinking", True, "still thinking", "", []),
+    ("<|channel|>analysis<|message|>x<|end|><|start|>assistant<|chan", True, "x", "", []),
+    # Not harmony at all: content, as written.
+    ("Plain <|text|> answer", True, "", "Plain <|text|> answer", []),
+])
+def test_harmony_answers_are_read_into_reasoning_content_and_calls(text, read_calls, reasoning, content, calls):
+    rng = random.Random(text)
+    for pieces in ([text], list(text), _random_pieces(rng, text)):
+        for stream in (False, True):
+            reader = HarmonyReader(stream, read_calls=read_calls)
+            reads = [reader.feed(piece) for piece in pieces] + [reader.finish()]
+            got = ("".join(r.reasoning for r in reads), "".join(r.content for r in reads),
+                   _joined([call for r in reads for call in r.calls]))
+            assert got == (reasoning, content, calls), (stream, pieces)
+
+
+def test_a_harmony_call_cut_off_is_content_whole_and_cut_streamed():
+    text = HARMONY_CALL[:-4]
+    whole = AnswerFormat(reasoning="openai_gptoss", tool_calls="openai").reader().read(text)
+    assert (whole.content, whole.calls) == ('{"city":"Os', [])
+    streamed = AnswerFormat(reasoning="openai_gptoss", tool_calls="openai").reader(stream=True)
+    parts = [streamed.feed(char) for char in text] + [streamed.finish()]
+    assert "".join(call.arguments for part in parts for call in part.calls) == '{"city":"Os'
+    assert streamed.finish_reason("stop") == "stop" and streamed.finish_reason("length") == "length"
+
+
 @pytest.mark.parametrize("text, whole", [
     ('<tool_call>{"name": "f", "arguments": {"a": "x', False),  # a stop string ended it inside the call
     ('<tool_call>{"name": "f", "arguments": {"a": "x"}}</tool_call>', True),
@@ -307,13 +467,15 @@ def _fit_tool_model(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     tokenizer = AutoTokenizer.from_pretrained(target)
     model = AutoModelForCausalLM.from_pretrained(target)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>", "[TOOL_CALLS]"]})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>", "[TOOL_CALLS]",
+                                                                *HARMONY_MARKERS]})
     tokenizer.add_tokens(["<think>", "</think>"])
     torch.manual_seed(0)
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     rows = []
     for question, answer in TAUGHT.items():
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tools=TOOLS,
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                               tools=TAUGHT_TOOLS.get(question, TOOLS),
                                                add_generation_prompt=True, tokenize=False)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
@@ -349,6 +511,12 @@ def tools_app(cluster, server, models_dir, tmp_path_factory):
                        "reasoning_parser": "qwen3", "stream_interval_s": 0},  # a message per token
                       # The same model read as Mistral's: it was taught one answer in that format.
                       {**chat, "name": "mistral-llama", "path": str(path), "tool_call_parser": "mistral",
+                       "stream_interval_s": 0},
+                      # And as Qwen3-Coder's, taught one answer in that format too.
+                      {**chat, "name": "coder-llama", "path": str(path), "tool_call_parser": "qwen3_coder",
+                       "stream_interval_s": 0},
+                      # And as gpt-oss's harmony (the reasoning parser comes with it).
+                      {**chat, "name": "gptoss-llama", "path": str(path), "tool_call_parser": "openai",
                        "stream_interval_s": 0}]
     try:
         yield cluster.deploy(args, name="tools_app", route_prefix="/tools")
@@ -463,6 +631,44 @@ def test_a_mistral_models_calls_come_back_as_tool_calls(client):
     # Read as Hermes-style (the other model), the same answer is text: the marker decides.
     other = client.chat.completions.create(**_ask(MISTRAL_CALL)).choices[0]
     assert other.message.tool_calls is None and other.message.content.startswith("Sure.")
+
+
+def test_a_qwen3_coder_models_calls_come_back_typed_by_the_tools_schema(client):
+    """Its XML call read out, the integer parameter an integer as the request's schema types it
+    (where the schema did not say, it would be the text "3"); streamed, the same arguments, the
+    first delta with the name once it is written."""
+    ask = _ask(CODER_CALL, model="coder-llama", tools=TAUGHT_TOOLS[CODER_CALL])
+    choice = client.chat.completions.create(**ask).choices[0]
+    assert (choice.message.content, choice.finish_reason) == (None, "tool_calls")
+    assert _calls(choice.message.tool_calls) == [("forecast", {"city": "Oslo", "days": 3})]
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    pieces = [call for chunk in chunks for c in chunk.choices for call in c.delta.tool_calls or []]
+    assert (pieces[0].function.name, pieces[0].function.arguments) == ("forecast", "{") and len(pieces) >= 5
+    assert "".join(p.function.arguments for p in pieces) == choice.message.tool_calls[0].function.arguments
+    assert [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason] == ["tool_calls"]
+
+
+def test_a_gpt_oss_models_channels_come_back_as_reasoning_content_and_calls(client, tools_app):
+    """Harmony's markers are special tokens, kept for this format: the analysis channel is the
+    reasoning, the final channel the content, a message to functions.* a call; streamed, the same."""
+    ask = _ask(GPTOSS_CALL, model="gptoss-llama")
+    choice = client.chat.completions.create(**ask).choices[0]
+    assert (choice.message.content, choice.finish_reason) == (None, "tool_calls")
+    assert choice.message.model_extra["reasoning"] == "Need the weather."
+    assert _calls(choice.message.tool_calls) == [("get_weather", {"city": "Bergen"})]
+    assert choice.message.tool_calls[0].function.arguments == '{"city":"Bergen"}'  # as the model wrote it
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    deltas = [c.delta for chunk in chunks for c in chunk.choices]
+    pieces = [call for d in deltas for call in d.tool_calls or []]
+    assert "".join(p.function.arguments for p in pieces) == '{"city":"Bergen"}' and pieces[0].function.name == "get_weather"
+    assert "".join(d.model_extra.get("reasoning") or "" for d in deltas) == "Need the weather."
+    text = client.chat.completions.create(**_ask(GPTOSS_TEXT, model="gptoss-llama")).choices[0]
+    assert (text.message.content, text.message.model_extra["reasoning"], text.finish_reason) == (
+        "Hi from harmony!", "A greeting.", "stop")
+    refused = httpx.post(tools_app + "/v1/chat/completions", timeout=60, json=_ask(
+        GPTOSS_TEXT, model="gptoss-llama", response_format={"type": "json_object"}))
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "response_format"
+    assert "harmony" in refused.json()["message"]
 
 
 def test_thinking_comes_back_as_reasoning(client, tools_app):

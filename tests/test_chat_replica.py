@@ -475,6 +475,30 @@ def test_tool_calls_of_an_earlier_turn_reach_the_chat_template(replica):
     assert isinstance(refused, InvalidRequest) and refused.param == "messages"
 
 
+def test_reasoning_effort_and_an_earlier_turns_thinking_reach_the_chat_template(replica):
+    """As gpt-oss's template reads them: `reasoning_effort` a template variable (a request's own
+    chat_template_kwargs win), an assistant turn's thinking as `thinking` (and as Qwen3's
+    `reasoning_content`); a value OpenAI does not name is refused."""
+    def prompt(**fields) -> str:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"},
+                                           {"role": "assistant", "content": "Hello", "reasoning": "greet"}], **fields}
+        job = chat_job(ChatCompletionRequest.model_validate(body), replica.config, RequestLimits())
+        saved, replica.tokenizer.chat_template = replica.tokenizer.chat_template, (
+            "effort={{ reasoning_effort | default('unset') }}"
+            "{% for m in messages %}|{{ m.thinking }}/{{ m.reasoning_content }}{% endfor %}")
+        try:
+            return replica.tokenizer.decode(replica._slot(job).prompt_ids)
+        finally:
+            replica.tokenizer.chat_template = saved
+
+    assert prompt() == "effort=unset|/|greet/greet"
+    assert prompt(reasoning_effort="low") == "effort=low|/|greet/greet"
+    assert prompt(reasoning_effort="low", chat_template_kwargs={"reasoning_effort": "high"}).startswith("effort=high|")
+    with pytest.raises(ValueError, match="reasoning_effort"):
+        ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                              "reasoning_effort": "max"})
+
+
 def test_tool_call_arguments_no_tokenizer_can_take_are_the_clients_400(replica):
     """Arguments pass the wire's text check as a JSON string, then decode to what the
     template and tokenizer cannot take: a lone surrogate, or nesting past Python's limit."""

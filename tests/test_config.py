@@ -555,3 +555,19 @@ def test_a_local_folder_that_cannot_be_its_kind_of_model_is_named_plainly(models
     problems, _ = check_config.check(tmp_path / "swapped.yaml")
     assert problems == [f"application 'serve_app': model 'Llama3-8B': {image} is a diffusers pipeline (it has "
                         "model_index.json): an image model, kind: image"]
+
+
+def test_harmony_is_one_format_for_thinking_and_calls():
+    """gpt-oss: `tool_call_parser: openai` (vLLM's docs' one flag) reads its thinking too; the
+    harmony parsers do not mix with another format."""
+    from serve_app.config import ChatModelConfig
+
+    def chat(**parsers):
+        return ChatModelConfig.model_validate({"name": "m", "kind": "chat", "path": "p", **parsers})
+
+    assert chat(tool_call_parser="openai").reasoning_parser == "openai_gptoss"
+    assert chat(reasoning_parser="openai_gptoss").tool_call_parser is None
+    for parsers in ({"tool_call_parser": "openai", "reasoning_parser": "qwen3"},
+                    {"tool_call_parser": "hermes", "reasoning_parser": "openai_gptoss"}):
+        with pytest.raises(ValueError, match="harmony"):
+            chat(**parsers)
