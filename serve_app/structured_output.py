@@ -15,7 +15,8 @@ matcher refuses becomes a 400 naming `response_format` (`tools` for a forced cal
 
 A reasoning model (`reasoning_parser`) thinks first: as vLLM does, its answer comes
 under the grammar only once the thinking has ended (`AnswerGrammar`), so the thinking is
-free text and the content after it is the JSON.
+free text and the content after it is the JSON (for gpt-oss, once its final channel's
+header has been written).
 """
 
 from __future__ import annotations
@@ -68,13 +69,19 @@ def text_grammar(kind: str, value: str | list[str], param: str) -> str:
         raise InvalidRequest(f"{param} cannot be used: {exc}", param=param) from None
 
 
+HARMONY_ANSWER = "<|channel|>final<|message|>"
+"""Where gpt-oss's answer (its final channel's text) begins, after its thinking."""
+
+
 @dataclass(frozen=True)
 class ThinkingMarkers:
-    """A reasoning model's `<think>` and `</think>` token ids, its format, and the ids that
-    end an answer (not allowed while it thinks: the answer must reach its JSON)."""
+    """Where a reasoning model's thinking starts (`<think>`'s token id; None where every answer
+    thinks first) and the token ids that end it (`</think>`, or harmony's final channel's header),
+    its format, and the ids that end an answer (not allowed while it thinks: the answer must
+    reach its JSON)."""
 
-    start: int
-    end: int
+    start: int | None
+    end: tuple[int, ...]
     fmt: ReasoningFormat
     eos_ids: frozenset[int]
 
@@ -85,14 +92,22 @@ class ThinkingMarkers:
         marker that decodes to it with special tokens skipped, as the answer is decoded (a marker
         flagged special would vanish from the text `reasoning.ReasoningReader` reads): then the
         thinking's end cannot be told token by token, and such a model cannot take a grammar
-        (`GrammarCompiler`). DeepSeek-R1 and its distills, Qwen3 and QwQ all have both."""
+        (`GrammarCompiler`). DeepSeek-R1 and its distills, Qwen3 and QwQ all have both. gpt-oss's
+        thinking ends where its final channel's header does, whose markers are special tokens
+        (its answers are decoded with them kept)."""
         if fmt is None:
             return None
+        if fmt == "openai_gptoss":
+            ids = tuple(tokenizer.encode(HARMONY_ANSWER, add_special_tokens=False))
+            if tokenizer.decode(list(ids), skip_special_tokens=False) != HARMONY_ANSWER or \
+                    tokenizer.decode(list(ids), skip_special_tokens=True) == HARMONY_ANSWER:
+                return None  # its markers are no special tokens of this tokenizer
+            return cls(start=None, end=ids, fmt=fmt, eos_ids=frozenset(eos_ids))
         vocab = tokenizer.get_vocab()
         ids = [vocab.get(START), vocab.get(END)]
         if None in ids or [tokenizer.decode([i], skip_special_tokens=True) for i in ids] != [START, END]:
             return None
-        return cls(start=ids[0], end=ids[1], fmt=fmt, eos_ids=frozenset(eos_ids))
+        return cls(start=ids[0], end=(ids[1],), fmt=fmt, eos_ids=frozenset(eos_ids))
 
 
 class AnswerGrammar:
@@ -109,7 +124,9 @@ class AnswerGrammar:
         self._thinking = thinking
         self._state: Literal["json", "thinking", "may_think"] = (
             "json" if thinking is None or opening == "answer" else
-            "thinking" if opening == "thinking" or thinking.fmt == "deepseek_r1" else "may_think")
+            "thinking" if opening == "thinking" or thinking.start is None or thinking.fmt == "deepseek_r1"
+            else "may_think")
+        self._recent: tuple[int, ...] = ()  # the thinking's last tokens, as many as its end has
 
     def fill_mask(self, allowed: Any, row: int) -> None:
         """Write the tokens allowed next into row `row` of the int32 bitmask `allowed` (32 token ids
@@ -140,7 +157,9 @@ class AnswerGrammar:
         logit) fails the request."""
         if self._state != "json":
             if self._state == "thinking":
-                self._state = "json" if token == self._thinking.end else "thinking"
+                end = self._thinking.end
+                self._recent = (*self._recent, token)[-len(end):]
+                self._state = "json" if self._recent == end else "thinking"
                 return False
             self._state = "thinking" if token == self._thinking.start else "json"
             if self._state == "thinking":
@@ -230,11 +249,12 @@ class GrammarCompiler:
         prompt leaves the answer (`opening`); a grammar llguidance refuses is the client's error,
         named by `param` (the request field the grammar came from)."""
         if self._reasoning is not None and self._thinking is None:
+            lacks = ("no special tokens for <|channel|> and <|message|>" if self._reasoning == "openai_gptoss" else
+                     f"no single ordinary token for {START} and {END}")
             raise InvalidRequest(
                 f"This model's answers are read for thinking (reasoning_parser {self._reasoning}), but its tokenizer "
-                f"has no single ordinary token for {START} and {END}, so where the thinking ends, and the JSON "
-                "starts, cannot be told: it cannot take response_format json_object or json_schema, a forced "
-                "tool_choice or structured_outputs.", param=param)
+                f"has {lacks}, so where the thinking ends, and the JSON starts, cannot be told: it cannot take "
+                "response_format json_object or json_schema, a forced tool_choice or structured_outputs.", param=param)
         matcher = llguidance.LLMatcher(self.prepare(param), grammar, log_level=0)
         if not matcher.is_error():  # the first token's mask: a schema no value can match fails it
             matcher.compute_bitmask()

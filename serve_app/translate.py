@@ -200,16 +200,14 @@ def _min_tokens(request: ChatCompletionRequest, requested: int | None, max_token
 
 
 def _grammar(request: ChatCompletionRequest, config: ChatModelConfig) -> str | None:
-    """The grammar the answer follows (`_answer_grammar`); none for gpt-oss's harmony answers,
-    whose JSON would come after the thinking and a final channel's header, which the grammar
-    cannot yet wait for: a 400 where one is asked for."""
-    grammar = _answer_grammar(request, config)
-    if grammar is not None and config.reasoning_parser == "openai_gptoss":
-        param = grammar_param(request)
-        raise InvalidRequest(f"This model answers in gpt-oss's harmony format, which this server cannot yet constrain: "
-                             f"{param} (a JSON response_format, a forced tool_choice, structured_outputs) is not "
-                             "available for it.", param=param)
-    return grammar
+    """The grammar the answer follows (`_answer_grammar`). gpt-oss's answer follows one in its
+    final channel, but it calls tools in its commentary channel, which the grammar does not
+    wait for: a forced call is a 400 for it."""
+    if config.reasoning_parser == "openai_gptoss" and request.forced_tool_call is not None:
+        param = "tool_choice" if request.tool_choice is not None else "function_call"
+        raise InvalidRequest(f"This model answers in gpt-oss's harmony format, whose calls this server cannot yet "
+                             f"force: {param} may be auto or none for it.", param=param)
+    return _answer_grammar(request, config)
 
 
 def _answer_grammar(request: ChatCompletionRequest, config: ChatModelConfig) -> str | None:

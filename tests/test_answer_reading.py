@@ -665,9 +665,14 @@ def test_a_gpt_oss_models_channels_come_back_as_reasoning_content_and_calls(clie
     text = client.chat.completions.create(**_ask(GPTOSS_TEXT, model="gptoss-llama")).choices[0]
     assert (text.message.content, text.message.model_extra["reasoning"], text.finish_reason) == (
         "Hi from harmony!", "A greeting.", "stop")
+    # Under a JSON schema the thinking is free, and the final channel's text is the JSON.
+    schema = client.chat.completions.create(**_ask(GPTOSS_TEXT, model="gptoss-llama", response_format=CITY)).choices[0]
+    assert schema.message.model_extra["reasoning"] == "A greeting." and schema.finish_reason == "stop"
+    assert list(json.loads(schema.message.content)) == ["city"]
+    # It calls tools in its commentary channel, which no grammar waits for: a forced call is refused.
     refused = httpx.post(tools_app + "/v1/chat/completions", timeout=60, json=_ask(
-        GPTOSS_TEXT, model="gptoss-llama", response_format={"type": "json_object"}))
-    assert refused.status_code == 400 and refused.json()["error"]["param"] == "response_format"
+        GPTOSS_CALL, model="gptoss-llama", tool_choice="required"))
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "tool_choice"
     assert "harmony" in refused.json()["message"]
 
 

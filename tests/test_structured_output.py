@@ -521,7 +521,30 @@ def test_a_reasoning_model_without_single_marker_tokens_cannot_take_a_grammar(mo
             special.add_tokens([AddedToken("<think>", special=True), AddedToken("</think>", special=True)])
         assert ThinkingMarkers.of(special, "qwen3", eos) is None, flagged
     assert ThinkingMarkers.of(thinking_tokenizer, None, eos) is None
-    assert ThinkingMarkers.of(thinking_tokenizer, "qwen3", eos).end == thinking_tokenizer.convert_tokens_to_ids("</think>")
+    assert ThinkingMarkers.of(thinking_tokenizer, "qwen3", eos).end == (thinking_tokenizer.convert_tokens_to_ids("</think>"),)
+    assert ThinkingMarkers.of(plain, "openai_gptoss", eos) is None  # harmony's markers: several ordinary tokens here
+    with pytest.raises(InvalidRequest, match="no special tokens for <\\|channel\\|> and <\\|message\\|>"):
+        _compiler(plain, "openai_gptoss").grammars(json_grammar(None, any_whitespace=False), 1)
+
+
+def test_a_gpt_oss_answer_comes_under_the_grammar_after_its_final_channels_header(models_dir):
+    """Harmony's thinking (its analysis channel, and any header) is free but for the end of the
+    answer; the grammar starts once `<|channel|>final<|message|>` has been written, token by token."""
+    from transformers import AutoTokenizer
+
+    from serve_app.structured_output import json_grammar
+
+    tokenizer = AutoTokenizer.from_pretrained(models_dir / "tiny-llama")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|start|>", "<|channel|>", "<|message|>", "<|end|>"]})
+    vocabulary, eos = len(tokenizer), tokenizer.eos_token_id
+    grammar, = _compiler(tokenizer, "openai_gptoss").grammars(json_grammar(SCHEMA, any_whitespace=False), 1)
+    json_start = _allowed(_compiler(tokenizer).grammars(json_grammar(SCHEMA, any_whitespace=False), 1)[0], vocabulary)
+    thinking = _ids(tokenizer, "<|channel|>analysis<|message|>Think of the final answer.<|end|><|start|>assistant")
+    for token in thinking + _ids(tokenizer, "<|channel|>final"):
+        assert eos not in _allowed(grammar, vocabulary) and len(_allowed(grammar, vocabulary)) == vocabulary - 1
+        assert grammar.follow(token, ended=False) is False
+    grammar.follow(tokenizer.convert_tokens_to_ids("<|message|>"), ended=False)
+    assert _allowed(grammar, vocabulary) == json_start
 
 
 @pytest.mark.parametrize("schema, says", [
