@@ -80,7 +80,7 @@ class HarmonyReader(ToolCallReader):
 
     def finish(self) -> ReadText:
         read = ReadText()
-        if self._state == "header" and self._held.strip() and not self._opens(self._held.lstrip()):
+        if self._state == "header" and self._held.strip() and "<|" not in self._held:
             read.content += self._content(self._held)  # not harmony: as written (a header cut off is dropped)
         elif self._state != "header":
             read += self._body(self._held)

@@ -83,6 +83,8 @@ install_error_handlers(api)
 T = TypeVar("T")
 Parsed = TypeVar("Parsed", bound=BaseModel)
 PROMPT_LOG_CHARS = 500
+UNAVAILABLE_POLL_S = 1.0
+"""How often a request waiting for a starting model checks whether it failed to start."""
 ERRORS = error_schema()
 HEALTHY = Health()
 
@@ -384,16 +386,16 @@ class Ingress:
         handlers for its back-pressure and unavailability exceptions, which would
         answer in plain text without the envelope.
         """
-        if self.catalog.was_removed(target.config.name):  # by a redeploy; this replica is on its way out
+        unavailable = self._unavailable(target.config.name)
+        if unavailable is not None:
             cancel()
-            raise model_not_found(target.config.name)
-        if self.catalog.has_failed(target.config.name):  # it would wait out the timeout in Serve's queue
-            cancel()
-            raise ModelFailed(f"The model {target.config.name!r} is not available: its replicas failed to "
-                              "start. The server's operator has to fix and redeploy it.")
+            raise unavailable
+        if not self.catalog.known_running(target.config.name):  # starting (or waking): it may fail meanwhile
+            answer = self._unless_it_fails(target.config.name, answer)
         try:
             answered = await within(self.config.limits.request_timeout_s, answer)
         except APIError:
+            cancel()
             raise
         except asyncio.CancelledError:  # the client left: Serve 2.60 cancels the model call too, this makes sure
             cancel()
@@ -409,6 +411,32 @@ class Ingress:
         if isinstance(answered, APIError):  # a model's answer to a client mistake (see ChatModel.generate)
             raise answered
         return answered
+
+    def _unavailable(self, name: str) -> APIError | None:
+        """The error for a model no request to can be answered, by the last known state: one a
+        redeploy removed (this replica, of the config before, is on its way out), or one whose
+        replicas failed to start (the request would wait out its timeout in Serve's queue)."""
+        if self.catalog.was_removed(name):
+            return model_not_found(name)
+        if self.catalog.has_failed(name):
+            return ModelFailed(f"The model {name!r} is not available: its replicas failed to start. The server's "
+                               "operator has to fix and redeploy it.")
+        return None
+
+    async def _unless_it_fails(self, name: str, answer: Awaitable[T]) -> T:
+        """`answer`, awaited while the model starts; its failure to start (or its removal), once
+        the catalog learns of it, ends the wait with that error instead of `request_timeout_s` later."""
+        answering = asyncio.ensure_future(answer)
+        try:
+            while True:
+                done, _ = await asyncio.wait({answering}, timeout=UNAVAILABLE_POLL_S)
+                if done:
+                    return answering.result()
+                unavailable = self._unavailable(name)
+                if unavailable is not None:
+                    raise unavailable
+        finally:
+            answering.cancel()
 
     async def _images(self, target: Target, body: ImageGenerationRequest, job: ImageJob) -> Response:
         call = target.generate.remote(job)

@@ -748,8 +748,9 @@ STRING_TYPES = frozenset(("string", "str", "text", "varchar", "char", "enum"))
 def parameter_type(schema: Any) -> str:
     """The type a parameter's schema gives its value, lower-cased: its `type`, the first that is
     not "null" of a list of types or of `anyOf`/`oneOf`'s branches (an optional parameter's
-    schema, as pydantic writes one); "string" where none is given, or "any" for an `enum` of
-    other values than strings."""
+    schema, as pydantic writes one); an object's or array's where `properties` or `items` say
+    so, "any" for a `$ref` (read as JSON) or an `enum` of other values than strings; else
+    "string"."""
     if not isinstance(schema, dict):
         return "string"
     kind = schema.get("type")
@@ -757,6 +758,8 @@ def parameter_type(schema: Any) -> str:
         kind = next((item for item in kind if item != "null"), None)
     if isinstance(kind, str):
         return kind.strip().lower()
+    if "properties" in schema or "$ref" in schema or "items" in schema:  # an object or array, or a definition's
+        return "object" if "properties" in schema else "array" if "items" in schema else "any"
     for key in ("anyOf", "oneOf"):
         branches = schema.get(key)
         for branch in branches if isinstance(branches, list) else ():
@@ -826,7 +829,8 @@ class Qwen3CoderReader(ToolCallReader):
     per argument and its value as plain text on the lines between (a `</parameter>`, or the
     next `<parameter=`/`</function>`, ends it; one newline each side is the format's, not
     the value's), typed by the parameter's schema in the request's tools (`typed_value`).
-    A `</function>` left out before `</tool_call>` is let go, as vLLM lets it go.
+    A `</function>` left out before `</tool_call>`, or both at the answer's end, are let go,
+    as vLLM lets them go.
 
     A whole answer's block is calls only if all of it is (tags, and whitespace between them);
     else it stays content, tags and all. In a stream a call's first delta goes once its name
@@ -856,7 +860,7 @@ class Qwen3CoderReader(ToolCallReader):
         self._key = ""
         self._value_at = 0  # where the parameter's value began
         self._searched = 0  # where the search for its end goes on from
-        self._value_sent: int | None = None  # a string value streaming: how much of its JSON text has gone
+        self._value_sent: int | None = None  # a string value streaming: up to where in the held text it has gone
 
     def feed(self, text: str) -> ReadText:
         self._held += text
@@ -877,6 +881,9 @@ class Qwen3CoderReader(ToolCallReader):
 
     def finish(self) -> ReadText:
         read = self._read_block(ended=True) if self._in_block else ReadText()
+        if self._in_block and self._state == "params" and not self._held[self._at:].strip():
+            read.calls += self._function_ended()  # its end tags left out, as vLLM lets them be
+            self._state = "between"
         if self._in_block:  # the answer ended inside a block
             read += self._close_block(len(self._held), ended=False)
         held, self._held = self._held, ""
@@ -888,12 +895,13 @@ class Qwen3CoderReader(ToolCallReader):
         and once its end tag has come, the block closed."""
         read = ReadText()
         while self._state not in ("broken", "cut"):
-            rest = self._held[self._at:]
             if self._state == "value":
                 read.calls += self._read_value(ended)
                 if self._state == "value":
                     return read
-            elif self._state in ("name", "key"):
+                continue
+            rest = self._held[self._at:]  # a name, or whitespace and a tag: short (else no call)
+            if self._state in ("name", "key"):
                 close = rest.find(">")
                 name = rest[:close] if close >= 0 else rest
                 if "<" in name or "\n" in name or len(name) > self.MAX_NAME or close >= 0 and not name.strip():
@@ -960,40 +968,49 @@ class Qwen3CoderReader(ToolCallReader):
         ends = [(at, tag) for tag in self.VALUE_ENDS if (at := held.find(tag, self._searched)) >= 0]
         if not ends and not ended:
             self._searched = max(self._searched, len(held) - max(map(len, self.VALUE_ENDS)) + 1)
-            hold = max(marker_prefix_at_end(held, tag) for tag in self.VALUE_ENDS)
-            return self._stream_string(self._value(len(held) - hold))
+            return self._stream_string(len(held) - max(marker_prefix_at_end(held, tag) for tag in self.VALUE_ENDS))
         at, tag = min(ends) if ends else (len(held), "")
-        value = self._value(at)
         if not tag:  # the answer ended inside the value: what has come of a streamed string
             self._state = "cut" if function.sent else "broken"
-            return self._stream_string(value) if self._value_sent is not None else []
+            return self._stream_string(at) if self._value_sent is not None else []
         self._at, self._state = at + len(tag) if tag == self.PARAMETER_END else at, "params"
+        value = self._value(at)
         if self._value_sent is not None:  # a streamed string's rest
-            sent = self._stream_string(value) + self._more('"')
-            function.pairs.append(_json_text(self._key) + ": " + _json_text(value))
+            sent = self._stream_string(at) + self._more('"')
+            function.pairs.append(_json_text(self._key) + ": " + json.dumps(value, ensure_ascii=False))
             return sent
         pair = _json_text(self._key) + ": " + _json_text(typed_value(value, self._kind()))
         function.pairs.append(pair)
         return self._more((", " if len(function.pairs) > 1 else "") + pair)
 
-    def _value(self, upto: int) -> str:
-        """The value's text up to `upto`, but for the format's newline each side."""
-        value = self._held[self._value_at:upto]
-        value = value[1:] if value.startswith("\n") else value
-        return value[:-1] if value.endswith("\n") else value
+    def _value_extent(self, upto: int) -> tuple[int, int]:
+        """Where the value's text up to `upto` begins and ends in the held text, but for the
+        format's newline each side."""
+        held, start = self._held, self._value_at
+        if upto > start and held[start] == "\n":
+            start += 1
+        return start, upto - 1 if upto > start and held[upto - 1] == "\n" else upto
 
-    def _stream_string(self, value: str) -> list[CallPiece]:
-        """In a stream, a string parameter's value so far: its key and opening quote once it
-        cannot be `null` (which is no string), then each new piece of its JSON text."""
+    def _value(self, upto: int) -> str:
+        start, end = self._value_extent(upto)
+        return self._held[start:end]
+
+    def _stream_string(self, upto: int) -> list[CallPiece]:
+        """In a stream, a string parameter's value up to `upto`: its key and opening quote once
+        it cannot be `null` (which is no string), then each new piece of its JSON text (escaped
+        piece by piece, as JSON escapes each character alone)."""
         function = self._functions[-1]
         if not function.sent or self._kind() not in STRING_TYPES:
             return []
-        escaped, opening = _json_text(value)[1:-1], ""
+        start, end = self._value_extent(upto)
+        opening = ""
         if self._value_sent is None:
-            if "null".startswith(value.lower()):
+            if end - start <= len("null") and "null".startswith(self._held[start:end].lower()):
                 return []
-            opening, self._value_sent = (", " if function.pairs else "") + _json_text(self._key) + ': "', 0
-        piece, self._value_sent = escaped[self._value_sent:], len(escaped)
+            opening, self._value_sent = (", " if function.pairs else "") + _json_text(self._key) + ': "', start
+        if end <= self._value_sent:
+            return self._more(opening)
+        piece, self._value_sent = json.dumps(self._held[self._value_sent:end], ensure_ascii=False)[1:-1], end
         return self._more(opening + piece)
 
     def _kind(self) -> str:

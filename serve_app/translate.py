@@ -58,7 +58,8 @@ def template_message(message: ChatMessage) -> dict[str, Any]:
         entry["tool_call_id"] = message.tool_call_id
     if message.thinking is not None and message.role == "assistant":
         entry["reasoning_content"] = message.thinking  # Qwen3's template keeps the latest turns' thinking
-        entry["thinking"] = message.thinking  # gpt-oss's, before a call
+        if not (message.tool_calls and entry["content"]):  # gpt-oss's, which refuses both beside calls
+            entry["thinking"] = message.thinking
     return entry
 
 
@@ -142,13 +143,20 @@ def _check_n(n: int, limit: int) -> None:
         raise InvalidRequest(f"n must be at most {limit} for this model.", param="n")
 
 
+HARMONY_EFFORTS = {"none": "low", "minimal": "low", "xhigh": "high"}
+"""OpenAI's efforts gpt-oss was not trained on, as the nearest it was."""
+
+
 def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: RequestLimits) -> ChatJob:
     _check_n(request.n, config.max_n)
     if len(request.messages) > limits.max_messages:
         raise InvalidRequest(f"At most {limits.max_messages} messages are accepted.", param="messages")
     tools, template_kwargs = request.template_tools, request.chat_template_kwargs or {}
     if request.reasoning_effort is not None:  # a template variable, as vLLM hands it to gpt-oss's
-        template_kwargs = {"reasoning_effort": request.reasoning_effort, **template_kwargs}
+        effort = request.reasoning_effort
+        if config.reasoning_parser == "openai_gptoss":  # trained on low, medium and high only
+            effort = HARMONY_EFFORTS.get(effort, effort)
+        template_kwargs = {"reasoning_effort": effort, **template_kwargs}
     for name, value in (("tools", tools), ("chat_template_kwargs", template_kwargs)):
         if _nesting(value) > MAX_ARGUMENT_NESTING:  # the template's copy of them recurses
             raise InvalidRequest(f"{name} nest more than {MAX_ARGUMENT_NESTING} levels deep.", param=name)

@@ -58,7 +58,8 @@ HARMONY_MARKERS = ["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|cons
 FORECAST = {"type": "function", "function": {"name": "forecast", "parameters": {"type": "object", "properties": {
     "city": {"type": "string"}, "days": {"type": "integer"}, "hot": {"type": "boolean"}, "at": {"type": "number"},
     "where": {"type": "object"}, "tags": {"type": ["array", "null"]}, "hours": {"anyOf": [{"type": "integer"},
-                                                                                          {"type": "null"}]}}}}}
+                                                                                          {"type": "null"}]},
+    "place": {"anyOf": [{"$ref": "#/$defs/Place"}, {"type": "null"}]}}}}}
 CODER_PARAMETERS = {"forecast": FORECAST["function"]["parameters"]["properties"]}
 TAUGHT_TOOLS = {CODER_CALL: [*TOOLS, FORECAST]}  # the tools each question is asked with, else TOOLS
 CITY = {"type": "json_schema", "json_schema": {"name": "city", "strict": True, "schema": {
@@ -254,6 +255,8 @@ def _coder(*functions: str) -> str:
     # parameter's type is its non-null branch; a parameter the schema lacks is text.
     (_coder("forecast(city=null|days=three|hours=5|extra=7)"), "",
      [("forecast", {"city": None, "days": "three", "hours": 5, "extra": "7"})]),
+    # An optional object by $ref, as pydantic writes Optional[Model], is JSON.
+    (_coder('forecast(place={"lat": 1})'), "", [("forecast", {"place": {"lat": 1}})]),
     # A value's lines are kept (one newline each side is the format's), tags inside it too.
     (_coder("forecast(city=a\n\n<tool_call></tool_call>\nb\n)"), "", [("forecast", {"city": "a\n\n<tool_call></tool_call>\nb\n"})]),
     # Two functions in one block, two blocks, a function with no parameters, a tool not given.
@@ -262,6 +265,7 @@ def _coder(*functions: str) -> str:
     # vLLM lets a left-out </function> go, and a value ended by the next tag.
     ("<tool_call>\n<function=forecast>\n<parameter=days>\n2\n<parameter=city>\nRome\n</parameter>\n</tool_call>", "",
      [("forecast", {"days": 2, "city": "Rome"})]),
+    ("<tool_call>\n<function=forecast>\n<parameter=days>\n2\n</parameter>\n", "", [("forecast", {"days": 2})]),
     # What is not all calls stays as the model wrote it.
     ("<tool_call>\n<function=forecast>\nsunny\n</function>\n</tool_call>",
      "<tool_call>\n<function=forecast>\nsunny\n</function>\n</tool_call>", []),
@@ -350,6 +354,7 @@ HARMONY_CALL = ('<|channel|>analysis<|message|>The user wants the weather.<|end|
     ("<|channel|>analysis<|message|>x<|end|><|start|>assistant<|chan", True, "x", "", []),
     # Not harmony at all: content, as written.
     ("Plain <|text|> answer", True, "", "Plain <|text|> answer", []),
+    ("to=do: buy milk", True, "", "to=do: buy milk", []),
 ])
 def test_harmony_answers_are_read_into_reasoning_content_and_calls(text, read_calls, reasoning, content, calls):
     rng = random.Random(text)

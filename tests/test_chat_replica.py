@@ -494,6 +494,16 @@ def test_reasoning_effort_and_an_earlier_turns_thinking_reach_the_chat_template(
     assert prompt() == "effort=unset|/|greet/greet"
     assert prompt(reasoning_effort="low") == "effort=low|/|greet/greet"
     assert prompt(reasoning_effort="low", chat_template_kwargs={"reasoning_effort": "high"}).startswith("effort=high|")
+    gpt_oss = replica.config.model_copy(update={"reasoning_parser": "openai_gptoss"})
+    for effort, told in (("minimal", "low"), ("xhigh", "high"), ("medium", "medium")):
+        job = chat_job(ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                                             "reasoning_effort": effort}), gpt_oss, RequestLimits())
+        assert job.template_kwargs == {"reasoning_effort": told}  # the efforts gpt-oss was trained on
+    # gpt-oss's template refuses a turn with calls that has both content and thinking: no `thinking` then.
+    called = {"model": "m", "messages": [{"role": "assistant", "content": "Checking.", "reasoning": "r", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}
+    entry = chat_job(ChatCompletionRequest.model_validate(called), replica.config, RequestLimits()).messages[0]
+    assert (entry["content"], entry["reasoning_content"], "thinking" in entry) == ("Checking.", "r", False)
     with pytest.raises(ValueError, match="reasoning_effort"):
         ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}],
                                               "reasoning_effort": "max"})

@@ -509,6 +509,31 @@ def test_a_model_whose_replicas_cannot_start_is_503_model_failed_at_once(cluster
         serve.delete("broken_app")
 
 
+def test_a_request_waiting_for_a_model_that_then_fails_to_start_is_told_so_then(cluster):
+    """Sent while the model's replicas are still trying to start, a request gets 503
+    `model_failed` once Serve gives up on them, not `model_starting` after `request_timeout_s`."""
+    import threading
+
+    from ray import serve
+
+    args = cluster.args(route_prefix="/failing", catalog_ttl_s=0.2, limits={"request_timeout_s": 120})
+    args["models"] = [{"name": "broken", "kind": "chat", "path": "/nonexistent/checkpoint",
+                       "deployment": {"num_cpus": 0.05, "max_constructor_retry_count": 4}}]
+    deploying = threading.Thread(target=lambda: pytest.raises(RuntimeError, cluster.deploy, args,
+                                                              name="failing_app", route_prefix="/failing"))
+    deploying.start()
+    try:
+        with httpx.Client(base_url=cluster.base_url + "/failing", timeout=150) as client:
+            assert wait_for(lambda: client.get("/health").status_code == 200, timeout=60, interval=0.05)
+            started = time.monotonic()
+            response = client.post("/v1/chat/completions", json={**SEED_CHAT, "model": "broken"})
+            assert response.status_code == 503 and response.json()["error"]["code"] == "model_failed", response.text
+            assert time.monotonic() - started < 60
+    finally:
+        deploying.join(timeout=120)
+        serve.delete("failing_app")
+
+
 def test_the_applications_runtime_env_reaches_its_replicas(cluster):
     """What a Serve config gives an application in `runtime_env` (env_vars: an API key
     variable, HF_TOKEN) reaches the ingress and the models. Serve builds the application in
