@@ -12,8 +12,10 @@ import os
 from typing import Any
 
 import ray
+from pydantic import ValidationError
 from ray.serve import Application
 
+from serve_app.check_config import validation_problems
 from serve_app.config import INGRESS_DEPLOYMENT, AppConfig, ChatModelConfig, ImageModelConfig, config_warnings
 from serve_app.ingress import Ingress
 from serve_app.registration import registrar_deployment
@@ -67,11 +69,22 @@ def _model_deployment(model: ChatModelConfig | ImageModelConfig):
     return ChatModel
 
 
+def validated_args(args: dict[str, Any]) -> AppConfig:
+    """The application's args as config; invalid ones are a ValueError whose last lines (what
+    `serve status` and the controller's log end with) name each problem, one a line, without
+    pydantic's echo of the input (the whole model list) and without a chained traceback."""
+    try:
+        return AppConfig.model_validate(args)
+    except ValidationError as error:
+        problems = "\n".join(f"  {line}" for line in validation_problems(error))
+        raise ValueError(f"serve_app's args in the Serve config are not valid:\n{problems}") from None
+
+
 def build_app(args: AppConfig | dict[str, Any]) -> Application:
     """One deployment per configured model, the ingress that routes to them, and
     (when registration is enabled) the one registrar that announces them to nodes."""
     if not isinstance(args, AppConfig):  # the YAML's args, as Ray hands them over
-        args = AppConfig.model_validate(args)
+        args = validated_args(args)
     for warning in config_warnings(args):
         logger.warning(warning)
     models = {}

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import ValidationError
 
-from serve_app.config import REGISTRAR_DEPLOYMENT, AppConfig, checkpoint_problem, config_warnings, deployment_names
+from serve_app.config import INGRESS_DEPLOYMENT, REGISTRAR_DEPLOYMENT, AppConfig, checkpoint_problem, config_warnings, deployment_names
 
 BUILDER = "serve_app.app:build_app"
 
@@ -54,6 +54,44 @@ def prefix_warnings(args: AppConfig, route_prefix: str | None) -> list[str]:
             f"(image URLs, the models' URLs registered with the nodes) will not reach this app; set it to "
             f"the address clients reach the app at, ending with {prefix} (e.g. {origin(url)}{prefix})"
             for field, url in bases if not urlsplit(url).path.endswith(prefix)]
+
+
+def cpus_here() -> float:
+    """The CPUs a Ray started here gets by default (its count, within a container's limits)."""
+    try:
+        from ray._private.utils import get_num_cpus  # Ray's own count, cgroup quotas included
+    except ImportError:  # a Ray that moved it
+        return float(os.cpu_count() or 1)
+    return float(get_num_cpus())
+
+
+def cpu_warnings(args: AppConfig, overrides: list[dict[str, Any]], cpus: float) -> list[str]:
+    """The CPUs the deployments reserve at start (each replica its `num_cpus`, a `deployments:`
+    override's count or CPUs where it sets them), against `cpus`: past them, replicas wait,
+    pending, for CPUs no one frees, and Serve only logs that they have not been scheduled."""
+    overridden = {override.get("name"): override for override in overrides}
+    asked = []
+    ingress = args.ingress
+    asked.append((INGRESS_DEPLOYMENT, ingress.num_cpus, ingress.num_replicas))
+    for model in args.models:
+        options = model.deployment
+        scaling = options.autoscaling_config
+        replicas = (options.num_replicas if isinstance(options.num_replicas, int) else
+                    (scaling.initial_replicas if scaling.initial_replicas is not None else scaling.min_replicas)
+                    if scaling is not None else 1)
+        asked.append((model.deployment_name, options.num_cpus, replicas))
+    total = 0.0
+    for name, num_cpus, replicas in asked:
+        override = overridden.get(name) or {}
+        if isinstance(override.get("num_replicas"), int):
+            replicas = override["num_replicas"]
+        num_cpus = (override.get("ray_actor_options") or {}).get("num_cpus", num_cpus)
+        total += float(num_cpus or 0) * replicas
+    if total <= cpus + 1e-9:
+        return []
+    return [f"the deployments reserve {total:g} CPUs at start (num_cpus per replica times replicas) and this "
+            f"machine has {cpus:g}: the replicas past that wait, pending, until CPUs free up (Serve logs that they "
+            "have not been scheduled); lower num_cpus (fractions are fine) or the replicas"]
 
 
 def override_findings(args: AppConfig, overrides: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
@@ -158,6 +196,9 @@ def check(path: Path) -> tuple[list[str], list[str]]:
             override_problems, override_warnings = override_findings(args, app.get("deployments") or [])
             problems += [f"application {name!r}: {problem}" for problem in override_problems]
             warnings += [f"application {name!r}: {warning}" for warning in override_warnings]
+            if not os.environ.get("RAY_ADDRESS"):  # a cluster's CPUs are its nodes'
+                warnings += [f"application {name!r}: {warning}"
+                             for warning in cpu_warnings(args, app.get("deployments") or [], cpus_here())]
             warnings += [f"application {name!r}: model {model.name!r} asks for {model.deployment.num_gpus:g} GPU(s) "
                          "per replica and this machine has none: its replicas wait, pending, until a node with "
                          "GPUs joins the Ray cluster" for model in args.models if model.deployment.num_gpus and not gpus_here]
@@ -166,6 +207,10 @@ def check(path: Path) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args in (["-h"], ["--help"]):
+        print("usage: python -m serve_app.check_config CONFIG\n\nChecks a Serve config (serve_config.yaml) before "
+              "Ray starts: prints each problem and warning, exits 1 if there is a problem.")
+        return 0
     if len(args) != 1:
         print("usage: python -m serve_app.check_config CONFIG", file=sys.stderr)
         return 2

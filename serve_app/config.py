@@ -31,7 +31,8 @@ from pydantic import (
 from serve_app.reasoning import ReasoningFormat
 from serve_app.tool_calls import ToolCallFormat
 
-SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")  # bounded: int() refuses 4,300+ digits
+SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$", re.ASCII)  # bounded: int() refuses 4,300+
+# digits; ASCII digits only, as a size is written (int() would read "١٢٨" too)
 
 
 def _http_base_url(url: str) -> str:

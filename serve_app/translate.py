@@ -520,17 +520,20 @@ def _chat_choice(index: int, choice: ChatChoiceResult, request: ChatCompletionRe
 
 def _requested_size(request: ImageGenerationRequest) -> tuple[tuple[int, int], str] | None:
     """(size, parameter it came from), or None when the request names no size."""
+    named = None
+    if request.size and request.size.strip().lower() != "auto":
+        named = parse_size(request.size)
+        if named is None:
+            raise InvalidRequest(f"size must look like '1024x1024', not {request.size!r}.", param="size")
     if request.width or request.height:
         if not (request.width and request.height):
             raise InvalidRequest("width and height must be given together.",
                                  param="height" if request.width else "width")
+        if named not in (None, (request.width, request.height)):
+            raise InvalidRequest(f"size {request.size!r} and width x height {request.width}x{request.height} "
+                                 "say different sizes: give one.", param="size")
         return (request.width, request.height), "width"
-    if request.size and request.size.strip().lower() != "auto":
-        size = parse_size(request.size)
-        if size is None:
-            raise InvalidRequest(f"size must look like '1024x1024', not {request.size!r}.", param="size")
-        return size, "size"
-    return None
+    return (named, "size") if named is not None else None
 
 
 def _fit_within(width: int, height: int, config: ImageModelConfig) -> tuple[int, int]:

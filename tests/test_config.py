@@ -571,3 +571,36 @@ def test_harmony_is_one_format_for_thinking_and_calls():
                     {"tool_call_parser": "hermes", "reasoning_parser": "openai_gptoss"}):
         with pytest.raises(ValueError, match="harmony"):
             chat(**parsers)
+
+
+def test_a_serve_deploy_of_bad_args_ends_with_the_problem_not_pydantics_echo():
+    """`serve deploy` runs the builder in Serve's controller, whose log and `serve status` end
+    with the exception: its last lines name the problem, without the input echoed back."""
+    from serve_app.app import build_app
+
+    args = {"models": [{"name": "m", "kind": "chat", "path": "x", "deployment": {"num_gpu": 0}}]}
+    with pytest.raises(ValueError) as refused:
+        build_app(args)
+    assert str(refused.value).splitlines()[-1].endswith("deployment.num_gpu: Extra inputs are not permitted")
+    assert "input_value" not in str(refused.value) and refused.value.__suppress_context__
+
+
+def test_check_config_help_is_usage_not_a_file(capsys):
+    from serve_app.check_config import main
+
+    assert main(["--help"]) == 0 and "usage: python -m serve_app.check_config CONFIG" in capsys.readouterr().out
+
+
+def test_cpus_reserved_past_the_machines_are_a_warning():
+    """Replicas past the machine's CPUs wait, pending, with only Serve's log to say so."""
+    from serve_app.check_config import cpu_warnings
+    from serve_app.config import AppConfig
+
+    args = AppConfig.model_validate({"models": [
+        {"name": "chat", "kind": "chat", "path": "x", "deployment": {"num_cpus": 0.5, "num_replicas": 2}},
+        {"name": "img", "kind": "image", "path": "y", "deployment": {"num_cpus": 0.5, "autoscaling_config": {
+            "min_replicas": 0, "max_replicas": 4}}}]})
+    assert cpu_warnings(args, [], cpus=2) == []  # 0.1 + 2 x 0.5 + none at start
+    [warning] = cpu_warnings(args, [], cpus=1)
+    assert "reserve 1.1 CPUs" in warning and "has 1" in warning
+    assert cpu_warnings(args, [{"name": "model_chat", "num_replicas": 4}], cpus=2)  # an override counts

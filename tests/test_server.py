@@ -508,8 +508,12 @@ def test_node_style_zero_values_mean_defaults(http):
 
 def test_width_height_fields_set_the_size(http):
     body = assert_success(http.post("/v1/images/generations", json={
-        "model": IMAGE, "prompt": "otter", "width": 96, "height": 64, "response_format": "b64_json"}))
+        "model": IMAGE, "prompt": "otter", "width": 96, "height": 64, "size": "96x64", "response_format": "b64_json"}))
     assert png_of(base64.b64decode(body["data"][0]["b64_json"])).size == (96, 64)
+    # A size said two ways that disagree, or in other digits than ASCII's, is the client's to fix.
+    for fields in ({"width": 96, "height": 64, "size": "64x64"}, {"size": "\u0661\u0662\u0668x128"}):
+        refused = http.post("/v1/images/generations", json={"model": IMAGE, "prompt": "otter", **fields})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "size", refused.text
 
 
 def _png(image: Image.Image) -> bytes:
