@@ -26,10 +26,16 @@ class ModelWorker(ThreadPoolExecutor):
         self._progress_at = time.monotonic()
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        """As ThreadPoolExecutor's (`run_in_executor` comes here too), the task tracked."""
-        return super().submit(self._tracked, fn, *args, **kwargs)
+        """As ThreadPoolExecutor's (`run_in_executor` comes here too), the task tracked. The
+        pool's work item holds its task until its thread moves on, after the caller has the
+        result: the task is handed over in a list the thread empties as it takes it, so that
+        what the task refers to (a failed batch, its KV cache) is gone once the caller has let
+        go of it and cleared the failure's frames (`ModelReplica.released`)."""
+        return super().submit(self._tracked, [fn, args, kwargs])
 
-    def _tracked(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def _tracked(self, task: list[Any]) -> Any:
+        fn, args, kwargs = task
+        task.clear()
         self._progress_at = time.monotonic()
         self._working = True
         try:
