@@ -33,7 +33,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ApplicationStatus, DeploymentStatus, ReplicaState
 
 from serve_app.config import INGRESS_DEPLOYMENT, AppConfig, ChatModelConfig, ImageModelConfig
-from serve_app.errors import InvalidRequest, model_not_found
+from serve_app.errors import APIError, InvalidRequest, ModelFailed, model_not_found
 from serve_app import routes
 
 logger = logging.getLogger("ray.serve")
@@ -220,6 +220,17 @@ class LiveCatalog:
         background for the requests after."""
         self._refresh_if_stale()
         return name in self._failed
+
+    def unavailable(self, name: str) -> APIError | None:
+        """The error for a model no request to can be answered, by the last known state: one a
+        redeploy removed (this replica, of the config before, is on its way out), or one whose
+        replicas failed to start (a request would wait out its timeout in Serve's queue)."""
+        if self.was_removed(name):
+            return model_not_found(name)
+        if self.has_failed(name):
+            return ModelFailed(f"The model {name!r} is not available: its replicas failed to start. The server's "
+                               "operator has to fix and redeploy it.")
+        return None
 
     def known_running(self, name: str) -> bool:
         """Whether the model had a running replica by the last known state (never waits)."""

@@ -65,31 +65,44 @@ def cpus_here() -> float:
     return float(get_num_cpus())
 
 
-def cpu_warnings(args: AppConfig, overrides: list[dict[str, Any]], cpus: float) -> list[str]:
-    """The CPUs the deployments reserve at start (each replica its `num_cpus`, a `deployments:`
-    override's count or CPUs where it sets them), against `cpus`: past them, replicas wait,
-    pending, for CPUs no one frees, and Serve only logs that they have not been scheduled."""
+def reserved_cpus(args: AppConfig, overrides: list[dict[str, Any]]) -> float:
+    """The CPUs an application's deployments reserve at start: each replica its `num_cpus`, as
+    Serve 2.60 applies a `deployments:` override (its `ray_actor_options` replace the whole dict,
+    `num_cpus` 1 where it leaves it out; its `autoscaling_config` starts `initial_replicas`, else
+    `min_replicas`; its `num_replicas` counts only where nothing autoscales, "auto" as one)."""
     overridden = {override.get("name"): override for override in overrides}
-    asked = []
-    ingress = args.ingress
-    asked.append((INGRESS_DEPLOYMENT, ingress.num_cpus, ingress.num_replicas))
+    started = [(INGRESS_DEPLOYMENT, args.ingress.num_cpus, args.ingress.num_replicas, False)]
     for model in args.models:
-        options = model.deployment
-        scaling = options.autoscaling_config
+        options, scaling = model.deployment, model.deployment.autoscaling_config
         replicas = (options.num_replicas if isinstance(options.num_replicas, int) else
                     (scaling.initial_replicas if scaling.initial_replicas is not None else scaling.min_replicas)
                     if scaling is not None else 1)
-        asked.append((model.deployment_name, options.num_cpus, replicas))
+        started.append((model.deployment_name, options.num_cpus, replicas,
+                        scaling is not None or options.num_replicas == "auto"))
     total = 0.0
-    for name, num_cpus, replicas in asked:
+    for name, num_cpus, replicas, autoscaled in started:
         override = overridden.get(name) or {}
-        if isinstance(override.get("num_replicas"), int):
+        if "ray_actor_options" in override:
+            num_cpus = (override["ray_actor_options"] or {}).get("num_cpus")
+            num_cpus = 1.0 if num_cpus is None else num_cpus
+        scaling = override.get("autoscaling_config")
+        if isinstance(scaling, dict):
+            first = scaling.get("initial_replicas")
+            replicas = first if first is not None else scaling.get("min_replicas", 1)
+        elif override.get("num_replicas") == "auto":
+            replicas = 1
+        elif isinstance(override.get("num_replicas"), int) and not autoscaled:
             replicas = override["num_replicas"]
-        num_cpus = (override.get("ray_actor_options") or {}).get("num_cpus", num_cpus)
         total += float(num_cpus or 0) * replicas
-    if total <= cpus + 1e-9:
+    return total
+
+
+def cpu_warning(reserved: float, cpus: float) -> list[str]:
+    """Past the machine's CPUs, replicas wait, pending, for CPUs no one frees, and Serve only
+    logs that they have not been scheduled."""
+    if reserved <= cpus + 1e-9:
         return []
-    return [f"the deployments reserve {total:g} CPUs at start (num_cpus per replica times replicas) and this "
+    return [f"the deployments reserve {reserved:g} CPUs at start (num_cpus per replica times replicas) and this "
             f"machine has {cpus:g}: the replicas past that wait, pending, until CPUs free up (Serve logs that they "
             "have not been scheduled); lower num_cpus (fractions are fine) or the replicas"]
 
@@ -176,6 +189,7 @@ def check(path: Path) -> tuple[list[str], list[str]]:
     gpus_here = has_gpu_here() or bool(os.environ.get("RAY_ADDRESS"))  # a cluster's GPUs are elsewhere
     problems: list[str] = []
     warnings: list[str] = []
+    reserved = 0.0  # CPUs, by all the applications together
     for app in config.get("applications") or []:
         if app.get("import_path") != BUILDER:
             continue
@@ -196,12 +210,12 @@ def check(path: Path) -> tuple[list[str], list[str]]:
             override_problems, override_warnings = override_findings(args, app.get("deployments") or [])
             problems += [f"application {name!r}: {problem}" for problem in override_problems]
             warnings += [f"application {name!r}: {warning}" for warning in override_warnings]
-            if not os.environ.get("RAY_ADDRESS"):  # a cluster's CPUs are its nodes'
-                warnings += [f"application {name!r}: {warning}"
-                             for warning in cpu_warnings(args, app.get("deployments") or [], cpus_here())]
+            reserved += reserved_cpus(args, app.get("deployments") or [])
             warnings += [f"application {name!r}: model {model.name!r} asks for {model.deployment.num_gpus:g} GPU(s) "
                          "per replica and this machine has none: its replicas wait, pending, until a node with "
                          "GPUs joins the Ray cluster" for model in args.models if model.deployment.num_gpus and not gpus_here]
+    if not os.environ.get("RAY_ADDRESS"):  # a cluster's CPUs are its nodes'
+        warnings += cpu_warning(reserved, cpus_here())
     return problems, warnings
 
 

@@ -34,7 +34,6 @@ from serve_app.errors import (
     ClientClosedRequest,
     GatewayTimeout,
     InvalidRequest,
-    ModelFailed,
     Overloaded,
     json_too_deep,
     model_not_found,
@@ -85,6 +84,26 @@ Parsed = TypeVar("Parsed", bound=BaseModel)
 PROMPT_LOG_CHARS = 500
 UNAVAILABLE_POLL_S = 1.0
 """How often a request waiting for a starting model checks whether it failed to start."""
+
+
+async def unless_unavailable(catalog: LiveCatalog, name: str, answer: Awaitable[T]) -> T:
+    """`answer`, awaited while the model starts; its failure to start (or its removal), once the
+    catalog learns of it (`LiveCatalog.unavailable`), ends the wait with that error instead of
+    `request_timeout_s` later. The abandoned wait's own end (Serve raises its cancellation
+    error into it) is collected, so asyncio logs no unretrieved exception."""
+    answering = asyncio.ensure_future(answer)
+    try:
+        while True:
+            done, _ = await asyncio.wait({answering}, timeout=UNAVAILABLE_POLL_S)
+            if done:
+                return answering.result()
+            unavailable = catalog.unavailable(name)
+            if unavailable is not None:
+                raise unavailable
+    finally:
+        if not answering.done():
+            answering.cancel()
+            answering.add_done_callback(lambda task: task.cancelled() or task.exception())
 ERRORS = error_schema()
 HEALTHY = Health()
 
@@ -386,12 +405,12 @@ class Ingress:
         handlers for its back-pressure and unavailability exceptions, which would
         answer in plain text without the envelope.
         """
-        unavailable = self._unavailable(target.config.name)
+        unavailable = self.catalog.unavailable(target.config.name)
         if unavailable is not None:
             cancel()
             raise unavailable
         if not self.catalog.known_running(target.config.name):  # starting (or waking): it may fail meanwhile
-            answer = self._unless_it_fails(target.config.name, answer)
+            answer = unless_unavailable(self.catalog, target.config.name, answer)
         try:
             answered = await within(self.config.limits.request_timeout_s, answer)
         except APIError:
@@ -411,32 +430,6 @@ class Ingress:
         if isinstance(answered, APIError):  # a model's answer to a client mistake (see ChatModel.generate)
             raise answered
         return answered
-
-    def _unavailable(self, name: str) -> APIError | None:
-        """The error for a model no request to can be answered, by the last known state: one a
-        redeploy removed (this replica, of the config before, is on its way out), or one whose
-        replicas failed to start (the request would wait out its timeout in Serve's queue)."""
-        if self.catalog.was_removed(name):
-            return model_not_found(name)
-        if self.catalog.has_failed(name):
-            return ModelFailed(f"The model {name!r} is not available: its replicas failed to start. The server's "
-                               "operator has to fix and redeploy it.")
-        return None
-
-    async def _unless_it_fails(self, name: str, answer: Awaitable[T]) -> T:
-        """`answer`, awaited while the model starts; its failure to start (or its removal), once
-        the catalog learns of it, ends the wait with that error instead of `request_timeout_s` later."""
-        answering = asyncio.ensure_future(answer)
-        try:
-            while True:
-                done, _ = await asyncio.wait({answering}, timeout=UNAVAILABLE_POLL_S)
-                if done:
-                    return answering.result()
-                unavailable = self._unavailable(name)
-                if unavailable is not None:
-                    raise unavailable
-        finally:
-            answering.cancel()
 
     async def _images(self, target: Target, body: ImageGenerationRequest, job: ImageJob) -> Response:
         call = target.generate.remote(job)

@@ -350,6 +350,52 @@ def test_a_model_a_redeploy_removed_is_a_404_at_once_from_the_outgoing_ingress()
     assert raised.value.code == "model_not_found" and cancelled == [True]
 
 
+def test_a_request_waiting_for_a_starting_model_ends_once_it_fails_to_start(caplog):
+    """The model is starting when the request comes; once the catalog sees Serve give up on it,
+    the request is a 503 `model_failed` (not a wait for `request_timeout_s`), the call is
+    cancelled, and the abandoned wait's own end (Serve raises its cancellation error into it)
+    is no "exception never retrieved" in the log."""
+    import gc
+    import time
+
+    from serve_app.errors import ModelFailed
+    from serve_app.ingress import UNAVAILABLE_POLL_S
+
+    config = AppConfig.model_validate({**default_args(), "catalog_ttl_s": 0.05})
+    chat, image = config.models
+    starting = _status("app", {"ingress": (DeploymentStatus.HEALTHY, {ReplicaState.RUNNING: 1}),
+                               chat.deployment_name: (DeploymentStatus.UPDATING, {ReplicaState.STARTING: 1})})
+    failed = _status("app", {"ingress": (DeploymentStatus.HEALTHY, {ReplicaState.RUNNING: 1}),
+                             chat.deployment_name: (DeploymentStatus.DEPLOY_FAILED, {})})
+    states = [starting]
+    catalog = LiveCatalog(config, "app", status=lambda: states[-1])
+    ingress = SimpleNamespace(config=config, catalog=catalog)
+    cancelled = []
+
+    async def model_call() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            raise RuntimeError("request cancelled") from None  # as Serve's RequestCancelledError
+
+    async def request() -> float:
+        await catalog.live_models()
+        assert not catalog.known_running(chat.name) and catalog.unavailable(chat.name) is None
+        asyncio.get_running_loop().call_later(0.3, states.append, failed)
+        started = time.monotonic()
+        with pytest.raises(ModelFailed):
+            await Ingress.func_or_class._within_timeout(ingress, SimpleNamespace(config=chat), model_call(),
+                                                        lambda: cancelled.append(True))
+        await asyncio.sleep(0.05)  # the abandoned wait ends
+        return time.monotonic() - started
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        took = asyncio.run(request())
+        gc.collect()
+    assert took < 0.3 + 2 * UNAVAILABLE_POLL_S and cancelled == [True]
+    assert "never retrieved" not in caplog.text
+
+
 def test_ready_is_503_naming_the_models_without_a_live_replica():
     """`/ready` (a load balancer's readiness probe) as the ingress answers it, on Serve's
     status with the image model still starting, then with both running."""

@@ -592,15 +592,21 @@ def test_check_config_help_is_usage_not_a_file(capsys):
 
 
 def test_cpus_reserved_past_the_machines_are_a_warning():
-    """Replicas past the machine's CPUs wait, pending, with only Serve's log to say so."""
-    from serve_app.check_config import cpu_warnings
+    """Replicas past the machine's CPUs wait, pending, with only Serve's log to say so; what a
+    replica reserves is counted as Serve 2.60 applies a `deployments:` override."""
+    from serve_app.check_config import cpu_warning, reserved_cpus
     from serve_app.config import AppConfig
 
     args = AppConfig.model_validate({"models": [
         {"name": "chat", "kind": "chat", "path": "x", "deployment": {"num_cpus": 0.5, "num_replicas": 2}},
         {"name": "img", "kind": "image", "path": "y", "deployment": {"num_cpus": 0.5, "autoscaling_config": {
             "min_replicas": 0, "max_replicas": 4}}}]})
-    assert cpu_warnings(args, [], cpus=2) == []  # 0.1 + 2 x 0.5 + none at start
-    [warning] = cpu_warnings(args, [], cpus=1)
-    assert "reserve 1.1 CPUs" in warning and "has 1" in warning
-    assert cpu_warnings(args, [{"name": "model_chat", "num_replicas": 4}], cpus=2)  # an override counts
+    assert reserved_cpus(args, []) == pytest.approx(1.1)  # 0.1 + 2 x 0.5 + none of the image model at start
+    assert cpu_warning(1.1, cpus=2) == [] and "reserve 1.1 CPUs" in cpu_warning(1.1, cpus=1)[0]
+    for override, reserved in (
+            ({"num_replicas": 4}, 2.1),  # a fixed count replaced
+            ({"ray_actor_options": {"num_gpus": 0}}, 2.1),  # the dict replaced: num_cpus 1
+            ({"num_replicas": "auto"}, 0.6),
+            ({"autoscaling_config": {"min_replicas": 3}}, 1.6)):
+        assert reserved_cpus(args, [{"name": "model_chat", **override}]) == pytest.approx(reserved), override
+    assert reserved_cpus(args, [{"name": "model_img", "num_replicas": 3}]) == pytest.approx(1.1)  # it autoscales

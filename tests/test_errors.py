@@ -113,7 +113,7 @@ def test_a_models_own_timeout_error_is_its_failure_not_the_request_timeout(serve
         return True
 
     ingress = SimpleNamespace(config=SimpleNamespace(limits=SimpleNamespace(request_timeout_s=0.2)),
-                              catalog=SimpleNamespace(has_failed=lambda name: False, was_removed=lambda name: False,
+                              catalog=SimpleNamespace(unavailable=lambda name: None, known_running=lambda name: True,
                                                       is_running=catalog_running))
     target = SimpleNamespace(config=SimpleNamespace(name="m"))
     within = Ingress.func_or_class._within_timeout
