@@ -25,6 +25,8 @@ Before HAProxy starts, it also adds to the `defaults` of the config Serve wrote 
   (the ingress replica failed mid-answer), 503 (no ingress replica is up: retry after 1 s), 504
   (not answered within Serve's HAProxy server timeout, where one is set: not to be retried).
   Not its 400 for what is not HTTP: HAProxy 2.8 sends its own HTML page there.
+- A JSON 404 `route_not_found` for a path outside every application's `route_prefix` (a
+  client whose base URL lacks the prefix), where Serve's config answers in text/plain.
 
 Where the rewrite fails, HAProxy starts on Serve's config as it is (said on stderr).
 """
@@ -38,7 +40,7 @@ import sys
 from http import HTTPStatus
 from pathlib import Path
 
-from serve_app.errors import APIError, GatewayTimeout, Overloaded, RequestTimeout, ServerError
+from serve_app.errors import APIError, GatewayTimeout, NotFound, Overloaded, RequestTimeout, ServerError
 from serve_app.protocol import error_body
 
 
@@ -94,6 +96,19 @@ def http_file(error: APIError) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
+UNROUTED = "No route here: this server's routes are under its base URL (with a route_prefix, under that prefix)."
+"""HAProxy's answer to a path no application's route_prefix covers (Serve's is a text/plain 404)."""
+SERVES_UNROUTED = "http-request return status 404 content-type text/plain "
+
+
+def with_json_404(config: str, body: Path) -> str:
+    """Serve's HAProxy config with its text/plain 404, for a path outside every application's
+    route_prefix, answered with `body` (the JSON envelope of every other error) instead."""
+    ours = f"http-request return status 404 content-type application/json hdr Cache-Control no-cache file {body}"
+    return "".join(line[:len(line) - len(line.lstrip())] + ours + "\n" if line.strip().startswith(SERVES_UNROUTED)
+                   else line for line in config.splitlines(keepends=True))
+
+
 def with_our_defaults(config: str, timeout_s: int, error_files: dict[int, Path]) -> str:
     """Serve's HAProxy config with our lines at the end of its `defaults` section (Serve's own
     errorfiles for the same statuses dropped); as it was where they are there already. With
@@ -130,10 +145,12 @@ def add_our_defaults(config: Path, timeout_s: int) -> None:
         path = config.parent / f"serve_app_{status}.http"
         path.write_bytes(http_file(error))
         error_files[status] = path
+    unrouted = config.parent / "serve_app_404.json"
+    unrouted.write_text(error_body(NotFound(UNROUTED, code="route_not_found")).model_dump_json())
     with open(f"{config}.lock", "w") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         text = config.read_text()
-        changed = with_our_defaults(text, timeout_s, error_files)
+        changed = with_json_404(with_our_defaults(text, timeout_s, error_files), unrouted)
         if changed != text:
             config.write_text(changed)
 

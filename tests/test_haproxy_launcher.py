@@ -107,6 +107,12 @@ def test_it_makes_haproxy_wait_for_bodies_and_answer_its_own_errors_in_json(monk
         assert int(sent["Content-Length"]) == len(body) and headers.items() <= sent.items()
         assert answer["code"] == status and answer["error"]["code"] == code and answer["message"], answer
     assert "within 30 s" in json.loads(parse_http_file((tmp_path / "serve_app_408.http").read_bytes())[2])["message"]
+    # A path outside every route_prefix: JSON, not Serve's text/plain 404.
+    assert "status 404 content-type text/plain" not in config.read_text()
+    assert f"status 404 content-type application/json hdr Cache-Control no-cache file {tmp_path}/serve_app_404.json" \
+        in config.read_text()
+    unrouted = json.loads((tmp_path / "serve_app_404.json").read_text())
+    assert unrouted["code"] == 404 and unrouted["error"]["code"] == "route_not_found" and "route_prefix" in unrouted["message"]
     # HAProxy itself takes the config; a second start (Serve reloads with the same file) adds nothing twice.
     checked = subprocess.run([binary, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30)
     assert checked.returncode == 0, checked.stdout + checked.stderr
