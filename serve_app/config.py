@@ -676,9 +676,10 @@ def _model_error(error: Any, models: Any) -> str:
         loc.pop(0)
     entry = models[index] if isinstance(models, list) and index is not None and index < len(models) else None
     name = entry.get("name") if isinstance(entry, dict) else None
-    where = f"model {name!r} (models[{index}])" if name else f"models[{index}]" if index is not None else "models"
+    where = f"model {name!r} (models[{index}])" if name else f"models[{index}]" if index is not None else ""
     path = ".".join(str(part) for part in loc)
-    return f"{where}: {path + ': ' if path else ''}{error['msg'].removeprefix('Value error, ')}"
+    said = f"{path + ': ' if path else ''}{error['msg'].removeprefix('Value error, ')}"
+    return f"{where}: {said}" if where else said  # the list's own error: `models` names it already
 
 
 def deployment_names(config: AppConfig) -> list[str]:
