@@ -296,8 +296,8 @@ class ChatModelConfig(BaseModelConfig):
         None, description="How this model thinks before it answers, read out into the message's `reasoning` (and "
         "`reasoning_content`): 'deepseek_r1' (everything before </think>: DeepSeek-R1 and its distills, Qwen3 "
         "thinking-only 2507 models), 'qwen3' (a <think>...</think> the answer starts with: Qwen3, QwQ) or "
-        "'openai_gptoss' (gpt-oss's harmony channels: analysis is thinking, final the content), vLLM's names. "
-        "Unset: the thinking is part of the content.")
+        "'openai_gptoss' (gpt-oss's harmony channels: analysis is thinking, final the content; with tool_call_parser "
+        "openai or none), vLLM's names. Unset: the thinking is part of the content.")
     json_any_whitespace: bool = Field(
         False, description="Let a JSON answer (response_format json_object / json_schema) put whitespace between "
         "its tokens, as vLLM does unless told otherwise. Off: no whitespace outside strings, so that a model "

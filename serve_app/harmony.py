@@ -17,7 +17,7 @@ are the model's end-of-sequence tokens and never reach the text.
 The chat config names the format as vLLM does (`reasoning_parser: openai_gptoss`, and for
 tool calls `tool_call_parser: openai`). Text that is not harmony (a message whose header
 does not close within `MAX_HEADER` characters, or an answer that does not begin with one)
-is content from there on, as it was written.
+is content from there on, as it was written; a header cut off by the answer's end is dropped.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ model's config names the format (`tool_call_parser`, with vLLM's names):
 - `qwen3_coder`: `<tool_call><function=name><parameter=key>value</parameter>...</function>
   </tool_call>`, maybe after some text: Qwen3-Coder. Its values are text, typed by the
   parameter's schema in the request's tools, as vLLM types them (`typed_value`).
+- `openai`: gpt-oss's harmony messages to `functions.*`, read by `harmony.HarmonyReader`
+  (which reads the thinking too).
 
 The same readers serve a whole answer and a stream. Content passes through as it
 comes (in a stream, at once, but where it may be a call: Llama 3's answer that begins with
@@ -775,8 +777,8 @@ def parameter_type(schema: Any) -> str:
 def typed_value(text: str, kind: str) -> Any:
     """A parameter's value from the text the model wrote for it, typed as its schema says, as
     vLLM's `qwen3_coder` parser types it: `null` is None whatever the type; a string type keeps the
-    text; an integer, number or boolean type reads it as one; any other type (object, array, a
-    type not given) reads it as JSON, else as a Python literal (`{'a': True}`). Text that is not
+    text; an integer, number or boolean type reads it as one; any other type (object, array,
+    "any") reads it as JSON, else as a Python literal (`{'a': True}`). Text that is not
     of its type stays text (vLLM reads an odd boolean as false), and so does a value JSON cannot
     carry (`inf`)."""
     if text.lower() == "null":
