@@ -32,6 +32,7 @@ from serve_app.url_guard import HostPolicy, IPAddress
 from serve_app.errors import InvalidRequest, PayloadTooLarge
 
 REDIRECTS = {301, 302, 303, 307, 308}
+UNUSABLE_REDIRECT = "URL redirects to something that is not a valid http(s) URL"
 MAX_DOWNLOADS = 16
 """Image URLs one ingress replica downloads at once; the rest wait (within their
 `timeout_s`). Each holds up to `max_bytes` (twice, while it is joined): without a bound,
@@ -173,7 +174,10 @@ class ImageFetcher:
                 location = response.headers.get("location")
                 if not location:
                     raise _bad_url(param, f"URL answered HTTP {response.status_code} without a Location")
-                return url.join(location)
+                try:
+                    return url.join(location)
+                except (httpx.InvalidURL, ValueError) as exc:  # IDNA's errors are ValueErrors
+                    raise _bad_url(param, UNUSABLE_REDIRECT) from exc
             if response.status_code != 200:
                 raise _bad_url(param, f"URL answered HTTP {response.status_code}")
             return await self._read_body(response, param=param)
@@ -221,6 +225,10 @@ class ImageFetcher:
                 return await self._client.send(request, stream=True)
             except httpx.ConnectError as exc:
                 error = exc
+            except (httpx.InvalidURL, ValueError) as exc:
+                # httpx reads a redirect's Location even when it does not follow it, and raises
+                # on one it cannot parse (`javascript:x`, `http://xn--/`): the server's answer.
+                raise _bad_url(param, UNUSABLE_REDIRECT) from exc
         raise _bad_url(param, "URL could not be connected to") from error
 
     async def _read_body(self, response: httpx.Response, *, param: str) -> bytes:

@@ -136,7 +136,10 @@ class ImageStore:
         # store's URLs; urlsplit would also keep the last 128 URLs it parsed in its cache.
         if len(url) > MAX_STORED_URL_CHARS or url[:5].lower() == "data:":
             return None
-        parts = urllib.parse.urlsplit(url)
+        try:
+            parts = urllib.parse.urlsplit(url)
+        except ValueError:  # "http://[::1/x.png": the fetcher says what is wrong with it
+            return None
         head, _, name = parts.path.rpartition("/")
         if parts.scheme.lower() in ("http", "https", "") and head.endswith(routes.FILES) and _NAME.fullmatch(name):
             return name
@@ -155,7 +158,8 @@ class ImageStore:
         """Enforce retention once; returns how many files were deleted. Blocking: call off the event loop.
 
         Several ingress replicas may sweep the same folder at once, and files
-        may vanish under a sweep: a file already gone is simply not counted.
+        may vanish under a sweep: a file already gone is simply not counted. A file it may not
+        delete is logged and skipped: being the oldest, it would otherwise stop every sweep.
         """
         now = time.time() if now is None else now
         images, temps = self._scan()
@@ -172,7 +176,19 @@ class ImageStore:
                     break
                 doomed.append(entry)
                 total -= entry.size
-        return sum(self._delete(entry.path) for entry in doomed)
+        deleted, failures = 0, []
+        for entry in doomed:
+            try:
+                entry.path.unlink()
+                deleted += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # one file it may not delete (a shared folder) stops no other
+                failures.append(exc)
+        if failures:
+            logger.warning("image retention could not delete %d file(s) from %s, first: %s",
+                           len(failures), self.directory, failures[0])
+        return deleted
 
     async def sweep_forever(self) -> None:
         """Run `sweep` off the event loop now and every `sweep_interval_s` until cancelled;
@@ -193,7 +209,7 @@ class ImageStore:
             for entry in entries:
                 try:
                     info = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
+                except OSError:  # gone meanwhile, or not ours to read
                     continue
                 if not stat.S_ISREG(info.st_mode):
                     continue
@@ -203,14 +219,6 @@ class ImageStore:
                 elif entry.name.startswith(TEMP_PREFIX):
                     temps.append(record)
         return images, temps
-
-    @staticmethod
-    def _delete(path: Path) -> bool:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            return False
-        return True
 
     def _sync_directory(self) -> None:
         """Make the rename itself durable (POSIX); skipped where directories cannot be opened."""
