@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Literal, Sequence
 
@@ -138,9 +139,13 @@ async def call_node(client: httpx.AsyncClient, url: str, path: str, body: BaseMo
                     limit: str = REGISTER_LIMIT) -> NodeReply:
     """POST one request to a node; raises `NodeError` unless it answers 200 with code 0.
     `limit` names the setting behind the client's timeout, for the error a timeout raises."""
+    target = httpx.URL(url + path)
+    # A user and password in the node's URL go as Basic auth (as httpx would send them), and
+    # the URL without them is what httpx's own request log shows.
+    auth = httpx.BasicAuth(target.username, target.password) if target.userinfo else None
     try:
-        response = await client.post(url + path, content=body.model_dump_json(),
-                                     headers={"Content-Type": "application/json"})
+        response = await client.post(target.copy_with(userinfo=b""), content=body.model_dump_json(),
+                                     headers={"Content-Type": "application/json"}, auth=auth)
     except httpx.TimeoutException as exc:  # httpx's own text is empty: say which limit it was
         raise NodeError(f"{type(exc).__name__}: the node did not answer within {limit} "
                         f"({client.timeout.read:g} s)") from exc
@@ -154,6 +159,18 @@ async def call_node(client: httpx.AsyncClient, url: str, path: str, body: BaseMo
         detail = f"code {reply.code}: {reply.message}" if reply else f"not a node reply: {response.text[:200]!r}"
         raise NodeError(f"HTTP {response.status_code}, {detail}")
     return reply
+
+
+def shown_url(url: str) -> str:
+    """A node URL as logs, `GET /v1/registration` and the withdraw command show it: a user and
+    password in it (sent to the node as Basic auth) replaced by `***`."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return url
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
 
 
 KV_NAMESPACE = "serve_app"
@@ -195,7 +212,7 @@ async def unregister_pairs(pairs: Sequence[tuple[str, str]], timeout_s: float,
             project=project), UNREGISTER_LIMIT) for project, url in pairs), return_exceptions=True)
     for (project, url), result in zip(pairs, results):
         logger.log(logging.WARNING if isinstance(result, BaseException) else logging.INFO,
-                   "unregistering project %r from node %s, %s: %s", project, url, why,
+                   "unregistering project %r from node %s, %s: %s", project, shown_url(url), why,
                    result if isinstance(result, BaseException) else result.message or "done")
     return results
 
@@ -218,7 +235,7 @@ async def unregister_stale(app_name: str, current: set[tuple[str, str]], timeout
                            "each registration replaces the other's model list, so the node routes to one "
                            "application's models at a time; give each application its own `project` "
                            "(or `registration.project`)", other,
-                           ", ".join(f"{project} at {url}" for project, url in sorted(pairs)))
+                           ", ".join(f"{project} at {shown_url(url)}" for project, url in sorted(pairs)))
     except Exception:  # noqa: BLE001 - cleanup of an old config must never stop serving
         logger.warning("could not clean up registrations of an earlier config", exc_info=True)
 
@@ -265,7 +282,7 @@ class NodeState:
         return True
 
     def as_status(self) -> NodeStatus:
-        return NodeStatus(url=self.url, state=self.state, last_success=self.last_success, last_error=self.last_error,
+        return NodeStatus(url=shown_url(self.url), state=self.state, last_success=self.last_success, last_error=self.last_error,
                           attempts=self.attempts, consecutive_failures=self.failures,
                           models=list(self.registered.models) if self.registered else [])
 
@@ -291,7 +308,7 @@ class Registrar:
             return
         self._client = node_client(self.options.timeout_s)
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._node_loop(node), name=f"register {node.url}")
+        self._tasks = [loop.create_task(self._node_loop(node), name=f"register {shown_url(node.url)}")
                        for node in self._nodes]
 
     async def stop(self, unregister: bool = True) -> None:
@@ -310,7 +327,7 @@ class Registrar:
                          then: NodeStateName = "pending") -> dict[str, str | None]:
         """Tell every node the project is gone, but those that took a `withdraw` already: best
         effort, bounded by a short timeout. A node that fails is left `failing` (a later call
-        tries it again). Returns each node's error, None where it took the unregister."""
+        tries it again). Returns each node's error by its `shown_url`, None where it took the unregister."""
         nodes = [node for node in self._nodes if node.state != "withdrawn"]
         results = await unregister_pairs([(self.project, node.url) for node in nodes], self.options.timeout_s, why)
         for node, result in zip(nodes, results):
@@ -318,7 +335,7 @@ class Registrar:
                 node.state, node.last_error, node.failures = "failing", str(result), node.failures + 1
             else:
                 node.state, node.registered, node.failures, node.last_error = then, None, 0, None
-        return {node.url: str(result) if isinstance(result, BaseException) else None
+        return {shown_url(node.url): str(result) if isinstance(result, BaseException) else None
                 for node, result in zip(nodes, results)}
 
     async def withdraw(self) -> dict[str, str | None]:
@@ -329,7 +346,7 @@ class Registrar:
         if not self.options.enabled:
             return {}
         told = await self.unregister("the server is stopping", then="withdrawn")
-        return {node.url: told.get(node.url) for node in self._nodes}
+        return {shown_url(node.url): told.get(shown_url(node.url)) for node in self._nodes}
 
     def owned(self) -> set[tuple[str, str]]:
         """The (project, node URL) pairs this registrar keeps registered."""
@@ -342,7 +359,7 @@ class Registrar:
 
     async def _node_loop(self, node: NodeState) -> None:
         """Poll the live set and register with this node when due; survives anything but cancellation."""
-        await every(self._poll_s, lambda: self._register_if_due(node), f"registration loop for node {node.url}",
+        await every(self._poll_s, lambda: self._register_if_due(node), f"registration loop for node {shown_url(node.url)}",
                     at_start=True)
 
     async def _register_if_due(self, node: NodeState) -> None:
@@ -366,7 +383,7 @@ class Registrar:
         except NodeError as exc:
             self._record_failure(node, str(exc))
         except Exception as exc:  # noqa: BLE001 - anything else (a URL httpx refuses, ...): backed off and shown too
-            logger.warning("registering with node %s failed", node.url, exc_info=True)
+            logger.warning("registering with node %s failed", shown_url(node.url), exc_info=True)
             self._record_failure(node, f"{type(exc).__name__}: {exc}")
         else:
             self._record_success(node, payload)
@@ -378,7 +395,7 @@ class Registrar:
         delay = min(self.options.retry_max_s, first * 2 ** min(node.failures - 1, 30))
         node.retry_at = time.monotonic() + delay
         logger.warning("registering project %r with node %s failed (%d in a row): %s; retrying in %.1fs",
-                       self.project, node.url, node.failures, error, delay)
+                       self.project, shown_url(node.url), node.failures, error, delay)
 
     def _record_success(self, node: NodeState, payload: ProjectRegistration) -> None:
         """A change or a recovery is news (info); the periodic refresh is not (debug)."""
@@ -389,7 +406,7 @@ class Registrar:
         entries = ", ".join(f"{m.model} (type {m.type})" for m in payload.models) or "no models"
         after = f" (after {failed} failed attempt{'s' * (failed > 1)})" if failed else ""
         logger.log(logging.INFO if news else logging.DEBUG, "registered project %r with node %s%s: %s",
-                   self.project, node.url, after, entries)
+                   self.project, shown_url(node.url), after, entries)
 
 
 @serve.deployment

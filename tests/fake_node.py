@@ -72,6 +72,7 @@ class FakeNode:
     def __init__(self) -> None:
         self.port = 0  # chosen by the OS at the first start, kept across restarts
         self.received: list[Received] = []
+        self.authorizations: list[str | None] = []  # each request's Authorization header
         self.projects: dict[str, list[dict[str, Any]]] = {}
         self.fail_status: int | None = None  # e.g. 500: answer every request with that error
         self.on_request: Callable[[str, Any], None] | None = None  # (path, JSON body), before the answer
@@ -205,6 +206,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.fake.authorizations.append(self.headers.get("Authorization"))
         status, body = self.fake.handle(self.path, raw)
         data = json.dumps(body).encode()
         self.send_response(status)

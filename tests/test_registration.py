@@ -9,6 +9,7 @@ application on Ray Serve and watches the node.
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import logging
 import re
@@ -105,6 +106,30 @@ async def test_registers_each_live_model_once_per_type_then_unregisters(node: Fa
     assert node.bodies(UNREGISTER_PATH) == [{"project": PROJECT}]
     assert node.models_of(PROJECT) is None
     assert node_status(registrar)["state"] == "pending"
+
+
+@pytest.mark.anyio
+async def test_a_nodes_user_and_password_go_as_basic_auth_and_are_shown_nowhere(
+        node: FakeNode, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`GET /v1/registration` (open where registration is on), the logs and the withdraw
+    command showed a node URL's password."""
+    monkeypatch.setattr(logging.getLogger("ray.serve"), "propagate", True)
+    caplog.set_level(logging.DEBUG)
+    down = FakeNode().start()
+    down.stop()
+    with_password = node.url.replace("//", "//node-user:S3cret@")
+    config = make_config([with_password, down.url.replace("//", "//node-user:S3cret@")])
+    registrar = started(config, FakeLive(config, "Llama3-8B"))
+    try:
+        await eventually(lambda: node.models_of(PROJECT) == [CHAT] and node_status(registrar, 1)["attempts"])
+        assert node.authorizations[0] == "Basic " + base64.b64encode(b"node-user:S3cret").decode()
+        assert [n["url"] for n in registrar.status().model_dump()["nodes"]] == [
+            node.url.replace("//", "//***@"), down.url.replace("//", "//***@")]
+        assert set(await registrar.withdraw()) == {node.url.replace("//", "//***@"), down.url.replace("//", "//***@")}
+        assert node.models_of(PROJECT) is None
+    finally:
+        await registrar.stop(unregister=False)
+    assert "registering project" in caplog.text and "S3cret" not in caplog.text
 
 
 @pytest.mark.anyio
