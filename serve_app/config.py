@@ -575,6 +575,10 @@ class RequestLimits(StrictModel):
     body_timeout_s: float = Field(
         30.0, gt=0, description="Longest pause while a request body arrives (then 408): a client that sends "
         "its headers and stalls holds one of the ingress's max_ongoing_requests slots until then.")
+    body_min_bytes_per_s: int = Field(
+        4096, ge=0, description="Slowest average rate a request body may arrive at, after its first "
+        "body_timeout_s (then 408; 0: no floor): a body trickled a byte at a time, each pause under "
+        "body_timeout_s, would otherwise hold an ingress slot for ever.")
 
 
 INGRESS_DEPLOYMENT = "ingress"

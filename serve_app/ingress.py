@@ -243,6 +243,7 @@ class Ingress:
         api.state.max_body_bytes = config.max_body_bytes
         api.state.max_text_body_bytes = min(config.max_text_body_bytes, config.max_body_bytes)
         api.state.body_timeout_s = config.limits.body_timeout_s
+        api.state.body_min_bytes_per_s = config.limits.body_min_bytes_per_s
         api.state.api_keys = ApiKeys(config)
         api.state.cors = config.cors
         api.state.access_log = config.access_log

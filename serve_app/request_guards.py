@@ -205,7 +205,9 @@ class RequestGuard:
             await error_response(_too_large(limit))(scope, receive, send)
             return
         pause_s: float | None = getattr(state, "body_timeout_s", None)
-        await self.app(scope, _guarded_body(receive, limit, pause_s) if limit or pause_s else receive, send)
+        min_rate: int | None = getattr(state, "body_min_bytes_per_s", None)
+        guard = limit or pause_s or min_rate
+        await self.app(scope, _guarded_body(receive, limit, pause_s, min_rate) if guard else receive, send)
 
 
 def _without_trailing_slash(scope: Scope) -> Scope:
@@ -224,27 +226,35 @@ def _may_carry_images(scope: Scope) -> bool:
     return app_path(scope) in IMAGE_ROUTES
 
 
-def _guarded_body(receive: Receive, limit: int | None, pause_s: float | None) -> Receive:
+def _guarded_body(receive: Receive, limit: int | None, pause_s: float | None,
+                  min_rate: int | None = None) -> Receive:
     """A receive() that raises 413 once the body grows past `limit` (chunked bodies too), and 408
-    when the body stops arriving for `pause_s` (`limits.body_timeout_s`): a client that sends
-    its headers and then too little, too slowly, holds one of the ingress's
-    `max_ongoing_requests` slots while it waits, and enough of them would take every slot.
-    Once the body is whole, receive() waits as it did (for the client's hang-up).
+    when the body stops arriving for `pause_s` (`limits.body_timeout_s`) or arrives slower than
+    `min_rate` bytes/s on average after that first `pause_s` (`limits.body_min_bytes_per_s`, as
+    Apache's mod_reqtimeout's MinRate): a client that sends its headers and then too little, too
+    slowly (a byte every few seconds), holds one of the ingress's `max_ongoing_requests` slots
+    while it waits, and enough of them would take every slot. Once the body is whole, receive()
+    waits as it did (for the client's hang-up).
 
     It raises HTTP exceptions, not our errors: FastAPI passes those on from its body parsing
     and turns any other exception there into a 400."""
-    received, whole = 0, False
+    received, whole, started = 0, False, time.monotonic()
 
     async def guarded() -> Message:
         nonlocal received, whole
+        wait, slow = pause_s, False
+        if min_rate and not whole:
+            left = started + (pause_s or 0) + received / min_rate - time.monotonic()
+            wait, slow = (left, True) if wait is None or left < wait else (wait, False)
         try:
-            if whole or not pause_s:
+            if whole or wait is None:
                 message = await receive()
             else:
-                async with asyncio.timeout(pause_s):
+                async with asyncio.timeout(max(wait, 0)):
                     message = await receive()
         except TimeoutError:
-            raise HTTPException(408, detail=_body_stalled(pause_s).message) from None
+            error = _body_too_slow(min_rate) if slow and min_rate else _body_stalled(pause_s or 0)
+            raise HTTPException(408, detail=error.message) from None
         except RayActorError:  # Serve's Python proxy, which relays the client, was killed (a shutdown):
             return {"type": "http.disconnect"}  # the client is gone, not an error of this request's
         if message["type"] == "http.request":
@@ -259,6 +269,10 @@ def _guarded_body(receive: Receive, limit: int | None, pause_s: float | None) ->
 
 def _body_stalled(pause_s: float) -> RequestTimeout:
     return RequestTimeout(f"The request body stopped arriving: nothing came for {pause_s:g} s.")
+
+
+def _body_too_slow(min_rate: int) -> RequestTimeout:
+    return RequestTimeout(f"The request body arrived too slowly: slower than {min_rate} bytes/s on average.")
 
 
 def _too_large(limit: int) -> PayloadTooLarge:

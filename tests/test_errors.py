@@ -271,7 +271,8 @@ def test_a_stream_whose_model_goes_silent_ends_with_a_timeout_event() -> None:
 
 def test_a_body_that_stops_arriving_is_a_408_and_a_whole_one_is_waited_on_as_before() -> None:
     """A client that sends its headers and part of its body, then nothing, is answered 408
-    after `limits.body_timeout_s` of silence (it held an ingress slot meanwhile); once the
+    after `limits.body_timeout_s` of silence (it held an ingress slot meanwhile), and so is one
+    that trickles in under `limits.body_min_bytes_per_s` without ever pausing that long; once the
     body is whole, receive() waits for the client's hang-up with no limit, as Starlette's
     disconnect watch needs. The body limit holds as before."""
     from starlette.exceptions import HTTPException
@@ -318,6 +319,27 @@ def test_a_body_that_stops_arriving_is_a_408_and_a_whole_one_is_waited_on_as_bef
         assert caught.value.status_code == 413
 
     asyncio.run(too_large())
+
+    async def trickled(chunk: bytes, every_s: float) -> tuple[HTTPException | None, float]:
+        """A body sent `chunk` by `chunk`, never pausing for `pause_s` (0.2 s), against a floor of
+        1,000 bytes/s after that first 0.2 s."""
+        async def receive() -> dict:
+            await asyncio.sleep(every_s)
+            return {"type": "http.request", "body": chunk, "more_body": True}
+        guarded, started = _guarded_body(receive, 10_000, 0.2, 1000), time.monotonic()
+        try:
+            while time.monotonic() - started < 1.5:
+                await guarded()
+        except HTTPException as exc:
+            return exc, time.monotonic() - started
+        return None, time.monotonic() - started
+
+    exc, waited = asyncio.run(trickled(b"x", 0.05))  # 20 bytes/s: each pause well under 0.2 s
+    assert exc is not None and 0.2 <= waited < 0.6, waited  # due at 0.2 s + 20 bytes/s * t / 1,000 bytes/s
+    error = as_api_error(exc)
+    assert (error.status_code, error.code, error.message) == (
+        408, "request_timeout", "The request body arrived too slowly: slower than 1000 bytes/s on average.")
+    assert asyncio.run(trickled(b"x" * 100, 0.05))[0] is None  # 2,000 bytes/s: never cut
 
     async def relay_killed() -> list[dict]:
         """Serve's Python proxy relays the client's messages; killed by a shutdown, its client is gone."""
