@@ -74,9 +74,16 @@ class HostPolicy:
         """
         if _normal_host(host) in self.names:
             return True
-        if address not in METADATA_ADDRESSES and any(address in net for net in self.networks):
+        if not _is_metadata(address) and any(address in net for net in self.networks):
             return True
         return not is_forbidden_address(address)
+
+
+def _is_metadata(address: IPAddress) -> bool:
+    """A metadata service's address, or an IPv6 one wrapping it (`::ffff:169.254.169.254` under
+    an allowed `::ffff:0:0/96`)."""
+    embedded = _embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else None
+    return address in METADATA_ADDRESSES or embedded in METADATA_ADDRESSES
 
 
 def _normal_host(host: str) -> str:

@@ -203,6 +203,10 @@ def test_allowed_networks_never_reopen_metadata_but_exact_entries_do() -> None:
     assert not policy.allows("x", ip("169.254.169.254")) and not policy.allows("x", ip("192.168.0.1"))
     assert policy.allows("Images.Internal.", ip("192.168.0.1")) and policy.allows("::1", ip("::1"))
     assert HostPolicy(["169.254.169.254"]).allows("169.254.169.254", ip("169.254.169.254"))
+    wrapping = HostPolicy(["::ffff:0:0/96", "64:ff9b::/96"])  # IPv4 over IPv6: mapped, NAT64
+    assert wrapping.allows("x", ip("::ffff:10.0.0.1")) and wrapping.allows("x", ip("64:ff9b::a00:1"))
+    assert not wrapping.allows("x", ip("::ffff:169.254.169.254"))
+    assert not wrapping.allows("x", ip("64:ff9b::a9fe:a9fe"))  # 169.254.169.254
 
 
 # ---------------------------------------------------------------- hostile URLs, default
