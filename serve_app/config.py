@@ -133,8 +133,9 @@ class DeploymentOptions(StrictModel):
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100'.")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources.")
     max_ongoing_requests: int = Field(
-        32, ge=1, description="Requests a replica works on at once (Ray's default of 5 is too low)."
-    )
+        512, ge=1, description="Requests a replica takes at once, running or queued for its batch (Ray's "
+        "default of 5 is too low): those over it wait in Ray's router, which hands them out at a few per "
+        "second once the replica is full, whatever room its batch has.")
     max_queued_requests: int = Field(
         -1, ge=-1, description="Requests waiting per caller before 503; -1 is unbounded (0 is not allowed, as Ray's)."
     )
