@@ -26,7 +26,8 @@ Before HAProxy starts, it also adds to the `defaults` of the config Serve wrote 
   (not answered within Serve's HAProxy server timeout, where one is set: not to be retried).
   Not its 400 for what is not HTTP: HAProxy 2.8 sends its own HTML page there.
 - A JSON 404 `route_not_found` for a path outside every application's `route_prefix` (a
-  client whose base URL lacks the prefix), where Serve's config answers in text/plain.
+  client whose base URL lacks the prefix), where Serve's config answers in text/plain; while
+  no application is routed yet (starting), the 503 `service_unavailable` instead.
 
 Where the rewrite fails, HAProxy starts on Serve's config as it is (said on stderr).
 """
@@ -99,12 +100,22 @@ def http_file(error: APIError) -> bytes:
 UNROUTED = "No route here: this server's routes are under its base URL (with a route_prefix, under that prefix)."
 """HAProxy's answer to a path no application's route_prefix covers (Serve's is a text/plain 404)."""
 SERVES_UNROUTED = "http-request return status 404 content-type text/plain "
+STARTING_RETRY_AFTER_S = 1
 
 
-def with_json_404(config: str, body: Path) -> str:
+def with_json_404(config: str, body: Path, starting: Path) -> str:
     """Serve's HAProxy config with its text/plain 404, for a path outside every application's
-    route_prefix, answered with `body` (the JSON envelope of every other error) instead."""
-    ours = f"http-request return status 404 content-type application/json hdr Cache-Control no-cache file {body}"
+    route_prefix, answered with `body` (the JSON envelope of every other error) instead; where
+    the config routes to no application yet (the server is starting: Serve adds an application's
+    backend once its ingress replica is up, about 10 s after `serve run` here), with the 503
+    `service_unavailable` in `starting`, which clients retry, rather than a 404 they take for a
+    wrong URL."""
+    if any(line.split()[:1] == ["backend"] and line.split()[1:2] != ["default_backend"]
+           for line in config.splitlines()):
+        ours = f"http-request return status 404 content-type application/json hdr Cache-Control no-cache file {body}"
+    else:
+        ours = (f"http-request return status 503 content-type application/json hdr Cache-Control no-cache "
+                f"hdr Retry-After {STARTING_RETRY_AFTER_S} file {starting}")
     return "".join(line[:len(line) - len(line.lstrip())] + ours + "\n" if line.strip().startswith(SERVES_UNROUTED)
                    else line for line in config.splitlines(keepends=True))
 
@@ -147,10 +158,12 @@ def add_our_defaults(config: Path, timeout_s: int) -> None:
         error_files[status] = path
     unrouted = config.parent / "serve_app_404.json"
     unrouted.write_text(error_body(NotFound(UNROUTED, code="route_not_found")).model_dump_json())
+    starting = config.parent / "serve_app_503.json"
+    starting.write_text(error_body(own_answers(timeout_s)[503]).model_dump_json())
     with open(f"{config}.lock", "w") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         text = config.read_text()
-        changed = with_json_404(with_our_defaults(text, timeout_s, error_files), unrouted)
+        changed = with_json_404(with_our_defaults(text, timeout_s, error_files), unrouted, starting)
         if changed != text:
             config.write_text(changed)
 

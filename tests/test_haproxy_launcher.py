@@ -48,13 +48,16 @@ def test_a_haproxy_that_runs_the_command_again_is_refused(monkeypatch):
         haproxy_launcher.main()
 
 
-def serves_config(folder: Path) -> Path:
-    """The HAProxy config Ray's Serve writes (its own generator, no Ray started), in `folder`."""
-    from ray.serve._private.haproxy import HAProxyApi, HAProxyConfig
+def serves_config(folder: Path, routed: bool = True) -> Path:
+    """The HAProxy config Ray's Serve writes (its own generator, no Ray started), in `folder`:
+    routing to an application at "/", or (`routed` false) to none yet, as while Serve starts."""
+    from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig
 
     config = folder / "haproxy.cfg"
+    backends = {"serve_app": BackendConfig(name="serve_app", path_prefix="/")} if routed else {}
     api = HAProxyApi(HAProxyConfig(socket_path=str(folder / "admin.sock"), server_state_base=str(folder),
-                                   server_state_file=str(folder / "server-state")), config_file_path=str(config))
+                                   server_state_file=str(folder / "server-state")), config_file_path=str(config),
+                     backend_configs=backends)
     api._generate_config_file_internal()
     return config
 
@@ -119,6 +122,22 @@ def test_it_makes_haproxy_wait_for_bodies_and_answer_its_own_errors_in_json(monk
     text = config.read_text()
     start(monkeypatch, config)
     assert config.read_text() == text
+
+
+def test_while_no_application_is_routed_every_path_is_a_503_to_retry_not_a_404(monkeypatch, tmp_path):
+    """Serve adds an application's route once its ingress replica is up: for about 10 s after
+    `serve run` every request got the 404 `route_not_found`, which the openai client does not
+    retry and a user takes for a wrong URL."""
+    config = serves_config(tmp_path, routed=False)
+    [(binary, _)] = start(monkeypatch, config)
+    assert "status 404" not in config.read_text()
+    assert (f"status 503 content-type application/json hdr Cache-Control no-cache hdr Retry-After 1 "
+            f"file {tmp_path}/serve_app_503.json") in config.read_text()
+    starting = json.loads((tmp_path / "serve_app_503.json").read_text())
+    assert starting["code"] == 503 and starting["error"]["code"] == "service_unavailable"
+    assert "starting" in starting["message"]
+    checked = subprocess.run([binary, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 @pytest.mark.parametrize("value,timeout", [("0", None), ("5", "5s"), ("2.5", "30s")])
