@@ -57,8 +57,11 @@ class ChatChunkEncoder:
         self.usage: Usage | None = None
 
     def encode(self, chunk: ChatStreamChunk) -> str:
+        """The chunk's event; "" where, once every choice is open, it says nothing (the answer's
+        text held back: a forced call's `[{"name": ` wrapper, part of a character, a possible
+        stop string), as OpenAI and vLLM send no empty deltas."""
         if self.opened:
-            choices = [self._choice(delta) for delta in chunk.deltas]
+            choices = [choice for choice in map(self._choice, chunk.deltas) if not _says_nothing(choice)]
         else:
             if self.answer_format.read:
                 self.readers = [self.answer_format.reader(chunk.opening, stream=True) for _ in range(self.n)]
@@ -74,6 +77,8 @@ class ChatChunkEncoder:
                            total_tokens=chunk.prompt_tokens + chunk.completion_tokens)
         # The running totals, for the access log and metrics: right even if the client leaves.
         note(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens)
+        if not choices:
+            return ""
         return event(self._chunk(choices, usage=self.usage if self.usage_in_every_chunk else None))
 
     def closing(self) -> str:
@@ -111,6 +116,14 @@ class ChatChunkEncoder:
                                    choices=choices, usage=usage)
 
 
+def _says_nothing(choice: ChunkChoice) -> bool:
+    """No text, call, thinking, end or logprobs in it (a token's logprobs go even while its text
+    is held back)."""
+    delta = choice.delta
+    return (choice.finish_reason is None and choice.logprobs is None and delta.role is None
+            and not delta.content and not delta.tool_calls and not delta.reasoning)
+
+
 def _chunk_call(piece: CallPiece) -> ChunkToolCall:
     return ChunkToolCall(index=piece.index, id=piece.id, type="function" if piece.id else None,
                          function=ChunkFunctionCall(name=piece.name, arguments=piece.arguments))
@@ -125,7 +138,7 @@ async def chat_events(encoder: ChatChunkEncoder, first: ChatStreamChunk | None,
     error event, as a request that waits that long for its answer gets a 504."""
     try:
         if first is not None:
-            yield encoder.encode(first)
+            yield encoder.encode(first)  # never "": the first event opens every choice
         while True:
             try:
                 chunk = await within(silence_s, anext(rest))
@@ -135,7 +148,8 @@ async def chat_events(encoder: ChatChunkEncoder, first: ChatStreamChunk | None,
                 raise GatewayTimeout(f"The model sent nothing for {silence_s:g} s; the stream was ended.") from None
             if isinstance(chunk, APIError):  # a client's mistake found while decoding (a schema past limits)
                 raise chunk
-            yield encoder.encode(chunk)
+            if text := encoder.encode(chunk):
+                yield text
     except Exception as exc:  # noqa: BLE001 - the status is already sent; report in-band
         error = as_api_error(exc)
         note(error=error.code, error_status=error.status_code)  # a 200 in the log, counted as the error it was
