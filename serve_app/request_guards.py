@@ -238,14 +238,18 @@ def _guarded_body(receive: Receive, limit: int | None, pause_s: float | None,
 
     It raises HTTP exceptions, not our errors: FastAPI passes those on from its body parsing
     and turns any other exception there into a 400."""
-    received, whole, started = 0, False, time.monotonic()
+    received, whole, waited = 0, False, 0.0
 
     async def guarded() -> Message:
-        nonlocal received, whole
+        nonlocal received, whole, waited
         wait, slow = pause_s, False
         if min_rate and not whole:
-            left = started + (pause_s or 0) + received / min_rate - time.monotonic()
-            wait, slow = (left, True) if wait is None or left < wait else (wait, False)
+            # Only the time spent waiting for the client counts against its rate: never the
+            # server's own delays between reads (a busy event loop, a body read late).
+            left = (pause_s or 0) + received / min_rate - waited
+            if wait is None or left < wait:
+                wait, slow = left, True
+        started = time.monotonic()
         try:
             if whole or wait is None:
                 message = await receive()
@@ -257,6 +261,7 @@ def _guarded_body(receive: Receive, limit: int | None, pause_s: float | None,
             raise HTTPException(408, detail=error.message) from None
         except RayActorError:  # Serve's Python proxy, which relays the client, was killed (a shutdown):
             return {"type": "http.disconnect"}  # the client is gone, not an error of this request's
+        waited += time.monotonic() - started
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
             whole = not message.get("more_body", False)

@@ -341,6 +341,29 @@ def test_a_body_that_stops_arriving_is_a_408_and_a_whole_one_is_waited_on_as_bef
         408, "request_timeout", "The request body arrived too slowly: slower than 1000 bytes/s on average.")
     assert asyncio.run(trickled(b"x" * 100, 0.05))[0] is None  # 2,000 bytes/s: never cut
 
+    async def read_late() -> list[bytes]:
+        """A body the client sent at once, read by a server too busy to read it for a while:
+        the server's delay is no slowness of the client's."""
+        sent = client((b"x" * 100, True), (b"x" * 100, True), (b"}", False))
+
+        async def relayed() -> dict:  # as Serve's relay hands each message over: after a yield
+            await asyncio.sleep(0)
+            return await sent()
+        receive = _guarded_body(relayed, 10_000, 0.2, 1000)
+        first = (await receive())["body"]
+        await asyncio.sleep(0.5)  # past 0.2 s + 100 bytes / 1,000 bytes/s
+        return [first, (await receive())["body"], (await receive())["body"]]
+
+    assert asyncio.run(read_late()) == [b"x" * 100, b"x" * 100, b"}"]
+
+    async def silent() -> HTTPException:
+        """Headers, then nothing: that says so, with the floor on too."""
+        with pytest.raises(HTTPException) as caught:
+            await _guarded_body(client(), 10_000, 0.2, 1000)()
+        return caught.value
+
+    assert as_api_error(asyncio.run(silent())).message == "The request body stopped arriving: nothing came for 0.2 s."
+
     async def relay_killed() -> list[dict]:
         """Serve's Python proxy relays the client's messages; killed by a shutdown, its client is gone."""
         async def receive() -> dict:
