@@ -27,7 +27,8 @@ Before HAProxy starts, it also adds to the `defaults` of the config Serve wrote 
   Not its 400 for what is not HTTP: HAProxy 2.8 sends its own HTML page there.
 - A JSON 404 `route_not_found` for a path outside every application's `route_prefix` (a
   client whose base URL lacks the prefix), where Serve's config answers in text/plain; while
-  no application is routed yet (starting), the 503 `service_unavailable` instead.
+  no application is routed yet in the first STARTING_WINDOW_S of HAProxy (starting), the
+  503 `service_unavailable` instead.
 
 Where the rewrite fails, HAProxy starts on Serve's config as it is (said on stderr).
 """
@@ -101,23 +102,36 @@ UNROUTED = "No route here: this server's routes are under its base URL (with a r
 """HAProxy's answer to a path no application's route_prefix covers (Serve's is a text/plain 404)."""
 SERVES_UNROUTED = "http-request return status 404 content-type text/plain "
 STARTING_RETRY_AFTER_S = 1
+STARTING_WINDOW_S = 300
+"""How long after Serve first starts HAProxy a missing route means "starting" (503), not
+"no such route" (404): an application's first ingress replica is up well within it."""
+SERVES_OWN_BACKENDS = frozenset({"default_backend", "default_grpc_backend", "grpc_fallback_backend"})
 
 
-def with_json_404(config: str, body: Path, starting: Path) -> str:
+def with_json_404(config: str, body: Path, starting: Path, starting_until: int) -> str:
     """Serve's HAProxy config with its text/plain 404, for a path outside every application's
-    route_prefix, answered with `body` (the JSON envelope of every other error) instead; where
-    the config routes to no application yet (the server is starting: Serve adds an application's
-    backend once its ingress replica is up, about 10 s after `serve run` here), with the 503
-    `service_unavailable` in `starting`, which clients retry, rather than a 404 they take for a
-    wrong URL."""
-    if any(line.split()[:1] == ["backend"] and line.split()[1:2] != ["default_backend"]
-           for line in config.splitlines()):
-        ours = f"http-request return status 404 content-type application/json hdr Cache-Control no-cache file {body}"
-    else:
-        ours = (f"http-request return status 503 content-type application/json hdr Cache-Control no-cache "
-                f"hdr Retry-After {STARTING_RETRY_AFTER_S} file {starting}")
-    return "".join(line[:len(line) - len(line.lstrip())] + ours + "\n" if line.strip().startswith(SERVES_UNROUTED)
-                   else line for line in config.splitlines(keepends=True))
+    route_prefix, answered with `body` (the JSON envelope of every other error) instead.
+
+    Where the config routes to no application yet, and the clock is before `starting_until`
+    (epoch seconds), the answer is the 503 `service_unavailable` in `starting`, which clients
+    retry, rather than a 404 they take for a wrong URL: Serve adds an application's route once
+    its ingress replica is up, about 10 s after `serve run` here. After that window, no route
+    means none is coming (an application that failed to deploy, or was deleted): the 404."""
+    unrouted = f"http-request return status 404 content-type application/json hdr Cache-Control no-cache file {body}"
+    ours = [unrouted]
+    if not routes_an_application(config):
+        ours.insert(0, f"http-request return status 503 content-type application/json hdr Cache-Control no-cache "
+                       f"hdr Retry-After {STARTING_RETRY_AFTER_S} file {starting} if {{ date lt {starting_until} }}")
+    return "".join("".join(line[:len(line) - len(line.lstrip())] + rule + "\n" for rule in ours)
+                   if line.strip().startswith(SERVES_UNROUTED) else line
+                   for line in config.splitlines(keepends=True))
+
+
+def routes_an_application(config: str) -> bool:
+    """Does Serve's config route HTTP to any application? Its own backends (`default_backend`,
+    gRPC's `default_grpc_backend` and `grpc_fallback_backend`) are there without any."""
+    return any(line.split()[:1] == ["backend"] and line.split()[1] not in SERVES_OWN_BACKENDS
+               for line in config.splitlines() if len(line.split()) > 1)
 
 
 def with_our_defaults(config: str, timeout_s: int, error_files: dict[int, Path]) -> str:
@@ -148,9 +162,10 @@ def config_path(argv: list[str]) -> Path | None:
     return Path(argv[argv.index("-f") + 1]) if "-f" in argv[:-1] else None
 
 
-def add_our_defaults(config: Path, timeout_s: int) -> None:
+def add_our_defaults(config: Path, timeout_s: int, first_start: bool = True) -> None:
     """Rewrite `config` in place (HAProxy and Serve know it by that path), under the lock Serve
-    takes to write it; the error files go beside it."""
+    takes to write it; the error files go beside it. `first_start`: Serve's first start of this
+    HAProxy, not a reload (which starts the "starting" window of `with_json_404`)."""
     error_files = {}
     for status, error in own_answers(timeout_s).items():
         path = config.parent / f"serve_app_{status}.http"
@@ -159,11 +174,13 @@ def add_our_defaults(config: Path, timeout_s: int) -> None:
     unrouted = config.parent / "serve_app_404.json"
     unrouted.write_text(error_body(NotFound(UNROUTED, code="route_not_found")).model_dump_json())
     starting = config.parent / "serve_app_503.json"
-    starting.write_text(error_body(own_answers(timeout_s)[503]).model_dump_json())
+    if first_start or not starting.exists():  # its time is the start of the window, kept across reloads
+        starting.write_text(error_body(own_answers(timeout_s)[503]).model_dump_json())
+    starting_until = int(starting.stat().st_mtime) + STARTING_WINDOW_S
     with open(f"{config}.lock", "w") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         text = config.read_text()
-        changed = with_json_404(with_our_defaults(text, timeout_s, error_files), unrouted, starting)
+        changed = with_json_404(with_our_defaults(text, timeout_s, error_files), unrouted, starting, starting_until)
         if changed != text:
             config.write_text(changed)
 
@@ -184,7 +201,8 @@ def main() -> None:
     config = config_path(sys.argv[1:])
     if config is not None and config.is_file():
         try:
-            add_our_defaults(config, request_timeout_s())
+            # Serve reloads HAProxy with `-sf OLD_PID`: a start without it is the first.
+            add_our_defaults(config, request_timeout_s(), first_start="-sf" not in sys.argv)
         except Exception as exc:  # noqa: BLE001 - HAProxy starts on Serve's config rather than not at all
             print(f"serve-app-haproxy: {config} left as Serve wrote it: {exc!r}", file=sys.stderr)
     os.environ[WRAPPED] = "1"
