@@ -90,7 +90,7 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
     models = {}
     inherited = application_runtime_env()
     for model in args.models:
-        options = model.deployment.serve_options(target_ongoing_requests=model.max_batch_size)
+        options = model.serve_options()
         options["ray_actor_options"] = _with_replica_env(options["ray_actor_options"], inherited)
         models[model.name] = _model_deployment(model).options(name=model.deployment_name, **options).bind(model)
     ingress = args.ingress

@@ -136,7 +136,7 @@ def override_findings(args: AppConfig, overrides: list[dict[str, Any]]) -> tuple
             warnings.append(f"deployments: {name}: max_ongoing_requests {ongoing} is below the model's "
                             f"max_batch_size ({model.max_batch_size}), so a replica never gets enough requests "
                             "to fill a batch")
-        own = model.deployment.serve_options(target_ongoing_requests=model.max_batch_size).get("autoscaling_config")
+        own = model.serve_options().get("autoscaling_config")
         args_auto = model.deployment.num_replicas == "auto"  # Ray's own autoscaling defaults
         scaling = override.get("autoscaling_config", "unset")
         # The override's autoscaling_config, where given, decides (null: fixed replicas; a

@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 from urllib.parse import urlsplit
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
     AfterValidator,
@@ -116,6 +116,14 @@ class AutoscalingOptions(StrictModel):
         return self
 
 
+CHAT_MAX_ONGOING_REQUESTS = 512
+"""A chat model's default `max_ongoing_requests`: the ingress's, so that a burst queues in the
+model's own engine, first come first served for room in its batch (as Ray Serve LLM leaves
+queueing to vLLM), not in Ray's router, which hands requests to a full replica at about 4 a
+second (300 chat requests at once took 19-28 s with 64, 3 s with 512)."""
+IMAGE_MIN_ONGOING_REQUESTS = 16
+
+
 class DeploymentOptions(StrictModel):
     """How Ray Serve runs the replicas of one deployment."""
 
@@ -132,10 +140,12 @@ class DeploymentOptions(StrictModel):
     memory: int | None = Field(None, ge=0, description="Bytes of memory reserved per replica.")
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. 'H100'.")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources.")
-    max_ongoing_requests: int = Field(
-        512, ge=1, description="Requests a replica takes at once, running or queued for its batch (Ray's "
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="Requests a replica takes at once, running or queued for its batch (Ray's "
         "default of 5 is too low): those over it wait in Ray's router, which hands them out at a few per "
-        "second once the replica is full, whatever room its batch has.")
+        "second once the replica is full, whatever room its batch has. Default: 512 for a chat model (as "
+        "many as the ingress passes on), 2 x max_batch_size (at least 16) for an image model, whose "
+        "queued edits hold their images.")
     max_queued_requests: int = Field(
         -1, ge=-1, description="Requests waiting per caller before 503; -1 is unbounded (0 is not allowed, as Ray's)."
     )
@@ -178,9 +188,11 @@ class DeploymentOptions(StrictModel):
             raise ValueError("max_queued_requests must be -1 (unbounded) or at least 1")
         return self
 
-    def serve_options(self, target_ongoing_requests: float = 2.0) -> dict[str, Any]:
+    def serve_options(self, target_ongoing_requests: float = 2.0,
+                      max_ongoing_requests: int = CHAT_MAX_ONGOING_REQUESTS) -> dict[str, Any]:
         """Keyword arguments for `Deployment.options(...)`; `target_ongoing_requests` is the
-        autoscaling target where the config gives none (the model's batch size)."""
+        autoscaling target and `max_ongoing_requests` the limit where the config gives none
+        (the model's: see `BaseModelConfig.serve_options`)."""
         actor_options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
         if self.memory is not None:
             actor_options["memory"] = self.memory
@@ -190,7 +202,7 @@ class DeploymentOptions(StrictModel):
             actor_options["resources"] = dict(self.resources)
         options: dict[str, Any] = {
             "ray_actor_options": actor_options,
-            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_ongoing_requests": self.max_ongoing_requests or max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
             "max_surge_percent": self.max_surge_percent,
@@ -259,6 +271,16 @@ class BaseModelConfig(StrictModel):
         return self
 
     @property
+    def max_ongoing_requests(self) -> int:
+        """The replica's `max_ongoing_requests`: the config's, else the model kind's default."""
+        return self.deployment.max_ongoing_requests or self.default_max_ongoing_requests  # type: ignore[attr-defined]
+
+    def serve_options(self) -> dict[str, Any]:
+        """The model deployment's `Deployment.options(...)`: autoscaling aims at full batches."""
+        return self.deployment.serve_options(target_ongoing_requests=self.max_batch_size,  # type: ignore[attr-defined]
+                                             max_ongoing_requests=self.max_ongoing_requests)
+
+    @property
     def deployment_name(self) -> str:
         """Ray deployment name: the public name with unsafe characters replaced."""
         return "model_" + re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)
@@ -267,6 +289,7 @@ class BaseModelConfig(StrictModel):
 class ChatModelConfig(BaseModelConfig):
     """A chat LLM served with transformers."""
 
+    default_max_ongoing_requests: ClassVar[int] = CHAT_MAX_ONGOING_REQUESTS
     kind: Literal["chat"] = "chat"
     engine: Literal["transformers", "echo"] = Field(
         "transformers", description="'echo' is test-only: a fixed answer at once, no weights (serving-path benchmarks).")
@@ -392,6 +415,12 @@ class ImageModelConfig(BaseModelConfig):
             if not SIZE_PATTERN.match(size):
                 raise ValueError(f"allowed size {size!r} must look like '512x512'")
         return value
+
+    @property
+    def default_max_ongoing_requests(self) -> int:
+        """Two batches' worth (at least IMAGE_MIN_ONGOING_REQUESTS): one running, one filling.
+        More would queue in the replica, each edit holding its images (up to max_body_bytes)."""
+        return max(IMAGE_MIN_ONGOING_REQUESTS, 2 * self.max_batch_size)
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> "ImageModelConfig":
@@ -773,9 +802,9 @@ def config_warnings(config: AppConfig) -> list[str]:
         if Path(model.path).is_absolute() and not Path(model.path).exists():
             warnings.append(f"model {model.name!r}: path {model.path} does not exist here; its replicas will fail "
                             "to load unless it exists on the nodes that run them")
-        if model.deployment.max_ongoing_requests < model.max_batch_size:
+        if model.max_ongoing_requests < model.max_batch_size:
             warnings.append(f"model {model.name!r}: deployment.max_ongoing_requests "
-                            f"({model.deployment.max_ongoing_requests}) is below max_batch_size "
+                            f"({model.max_ongoing_requests}) is below max_batch_size "
                             f"({model.max_batch_size}), so a replica never gets enough requests to fill a batch")
         scaling = model.deployment.autoscaling_config
         if scaling is not None and scaling.look_back_period_s is not None \

@@ -24,10 +24,21 @@ def test_shipped_config_is_valid_and_resolves_paths():
     chat = config.models[0].deployment.serve_options()
     assert chat["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.0}
     assert chat["max_ongoing_requests"] == 512 and chat["num_replicas"] == 1
-    # Each model takes as many requests as the ingress passes on: those over a model's limit wait
-    # in Ray's router, which hands them out at about 4 a second once the replica is full (300
-    # chat requests at once took 19-28 s with 64, 3 s with 512).
-    assert all(m.deployment.max_ongoing_requests >= config.ingress.max_ongoing_requests for m in config.models)
+    # A chat model takes as many requests as the ingress passes on: those over its limit wait in
+    # Ray's router, which hands them out at about 4 a second once the replica is full (300 chat
+    # requests at once took 19-28 s with 64, 3 s with 512). An image model, two batches.
+    assert [m.max_ongoing_requests for m in config.models] == [config.ingress.max_ongoing_requests, 16]
+
+
+def test_max_ongoing_requests_defaults_by_kind():
+    def unset(args):
+        for model in args["models"]:
+            del model["deployment"]["max_ongoing_requests"]
+        args["models"][1]["max_batch_size"] = 12
+    chat, image = validate(unset).models
+    assert (chat.max_ongoing_requests, image.max_ongoing_requests) == (512, 24)
+    assert (chat.serve_options()["max_ongoing_requests"], image.serve_options()["max_ongoing_requests"]) == (512, 24)
+    assert image.serve_options()["max_queued_requests"] == -1
     assert "max_constructor_retry_count" not in chat and "health_check_period_s" not in chat  # Serve's defaults
 
 
