@@ -20,7 +20,6 @@ import asyncio
 import json
 import logging
 import time
-import urllib.parse
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Literal, Sequence
 
@@ -164,13 +163,12 @@ async def call_node(client: httpx.AsyncClient, url: str, path: str, body: BaseMo
 def shown_url(url: str) -> str:
     """A node URL as logs, `GET /v1/registration` and the withdraw command show it: a user and
     password in it (sent to the node as Basic auth) replaced by `***`."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
+    scheme, separator, rest = url.partition("://")
+    if not separator or "@" not in rest:
         return url
-    if "@" not in parts.netloc:
-        return url
-    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+    # Up to the last "@", not urlsplit's netloc: a password with a "/" in it (unencoded) would
+    # be read as the start of the path, and shown.
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
 KV_NAMESPACE = "serve_app"

@@ -24,7 +24,7 @@ from tests.conftest import wait_for
 from tests.fake_node import FakeNode
 from serve_app.catalog import LiveModel
 from serve_app.config import AppConfig
-from serve_app.registration import REGISTER_PATH, UNREGISTER_PATH, Registrar, registrar_deployment
+from serve_app.registration import REGISTER_PATH, UNREGISTER_PATH, Registrar, registrar_deployment, shown_url
 
 PROJECT = "TestProject"
 BASE = "http://127.0.0.1:1088"
@@ -130,6 +130,8 @@ async def test_a_nodes_user_and_password_go_as_basic_auth_and_are_shown_nowhere(
     finally:
         await registrar.stop(unregister=False)
     assert "registering project" in caplog.text and "S3cret" not in caplog.text
+    assert shown_url("http://u:pa/ss@127.0.0.1:7002") == "http://***@127.0.0.1:7002"  # no "/" ends the password
+    assert shown_url("https://127.0.0.1:7002/ai") == "https://127.0.0.1:7002/ai"
 
 
 @pytest.mark.anyio
