@@ -163,28 +163,35 @@ class ImageStore:
         """
         now = time.time() if now is None else now
         images, temps = self._scan()
-        doomed = [entry for entry in temps if entry.mtime < now - TEMP_GRACE_S]
         images.sort(key=lambda entry: entry.mtime)
-        if self.retention is not None and self.retention.max_age_s is not None:
-            cutoff = now - self.retention.max_age_s
-            doomed += [entry for entry in images if entry.mtime < cutoff]
-            images = [entry for entry in images if entry.mtime >= cutoff]
-        if self.retention is not None and self.retention.max_total_bytes is not None:
-            total = sum(entry.size for entry in images)
-            for entry in images:  # oldest first
-                if total <= self.retention.max_total_bytes:
-                    break
-                doomed.append(entry)
-                total -= entry.size
         deleted, failures = 0, []
-        for entry in doomed:
+
+        def delete(entry: _Entry) -> bool:
+            """Whether the file is gone now (deleted here, or already)."""
+            nonlocal deleted
             try:
                 entry.path.unlink()
-                deleted += 1
             except FileNotFoundError:
-                pass
+                return True
             except OSError as exc:  # one file it may not delete (a shared folder) stops no other
                 failures.append(exc)
+                return False
+            deleted += 1
+            return True
+
+        for entry in temps:
+            if entry.mtime < now - TEMP_GRACE_S:
+                delete(entry)
+        if self.retention is not None and self.retention.max_age_s is not None:
+            cutoff = now - self.retention.max_age_s
+            images = [entry for entry in images if entry.mtime >= cutoff or not delete(entry)]
+        if self.retention is not None and self.retention.max_total_bytes is not None:
+            total = sum(entry.size for entry in images)
+            for entry in images:  # oldest first; one that stays still takes its room
+                if total <= self.retention.max_total_bytes:
+                    break
+                if delete(entry):
+                    total -= entry.size
         if failures:
             logger.warning("image retention could not delete %d file(s) from %s, first: %s",
                            len(failures), self.directory, failures[0])

@@ -716,6 +716,11 @@ def test_a_file_the_sweep_may_not_delete_is_logged_and_the_others_still_go(
     monkeypatch.setattr(logging.getLogger("ray.serve"), "propagate", True)
     assert store.sweep() == 2 and [p.name for p in tmp_path.iterdir()] == [stuck.name]
     assert f"could not delete 1 file(s) from {tmp_path}, first: [Errno 1] Operation not permitted" in caplog.text
+    # By size: the file that stays still takes its room, so the next oldest goes in its place.
+    by_size = ImageStore(str(tmp_path), "http://h", ImageRetentionOptions(max_total_bytes=2 * len(PNG)))
+    newer = [by_size.save(PNG) for _ in range(2)]
+    age(tmp_path / newer[0], 100)
+    assert by_size.sweep() == 1 and sorted(p.name for p in tmp_path.iterdir()) == sorted([stuck.name, newer[1]])
 
 
 def test_without_retention_images_stay(tmp_path: Path) -> None:
