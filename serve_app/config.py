@@ -496,6 +496,9 @@ class RegistrationOptions(StrictModel):
         seen: set[tuple[str, str, str]] = set()
         for url in urls:
             parts = urlsplit(url)
+            if "@" in url.partition("://")[2] and "@" not in parts.netloc:  # said without the URL: a password
+                raise ValueError("a user or password in a node URL must be percent-encoded ('/' as %2F, "
+                                 "'?' as %3F, '#' as %23): as written, part of it is read as the URL's path")
             key = (parts.scheme.lower(), parts.netloc.lower(), parts.path)  # a path's case counts
             if key in seen:
                 raise ValueError(f"{url} is listed twice")

@@ -370,6 +370,15 @@ def test_registration_names_the_nodes_machine():
     assert validate(lambda a: a.update(public_base_url="https://ai.example.com"))
 
 
+def test_a_node_urls_password_must_be_percent_encoded():
+    """`http://bob:pa/ss@host` never reached its node (httpx: "Invalid port: 'pa'"), and that
+    error, shown in status and logs, gave away the password's start."""
+    assert validate(lambda a: registered(a, node_urls=["http://bob:pa%2Fss@127.0.0.1:7002"]))
+    with pytest.raises(ValidationError, match="must be percent-encoded") as caught:
+        validate(lambda a: registered(a, node_urls=["http://bob:pa/ss@127.0.0.1:7002"]))
+    assert "pa/ss" not in str(caught.value).split("input_value")[0]
+
+
 @pytest.mark.parametrize("hosts,ok", [
     (["minio", "minio.internal.", "10.0.0.5", "10.0.0.0/8", "::1", "[fd00::1]", "fd00::/8"], True),
     (["http://10.0.0.5"], False), (["minio:9000"], False), (["minio/images"], False), ([""], False),
