@@ -4,7 +4,6 @@
     cluster_tool.py wait-nodes --dashboard URL --resources head node_a ... [--pid PID ...]
     cluster_tool.py wait-apps CONFIG --dashboard URL [--since EPOCH]
     cluster_tool.py check-ports [--host IP] PORT|FIRST-LAST ...
-    cluster_tool.py drain-haproxy CLUSTER_DIR [--timeout S]
     cluster_tool.py kill-tagged CLUSTER_DIR
     cluster_tool.py now
 
@@ -261,39 +260,6 @@ def tagged_processes(cluster_dir: str) -> list[int]:
     return found
 
 
-def _is_haproxy(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip() == "haproxy"
-    except OSError:
-        return False
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (an exited HAProxy its parent has not reaped yet)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def cmd_drain_haproxy(ns: argparse.Namespace) -> int:
-    """Soft-stop the cluster's HAProxy processes (SIGUSR1: listeners closed, the requests in flight
-    finish) and wait for them, before `serve shutdown`, which kills them (Ray 2.60 sends SIGKILL)
-    and every request in flight with them; as serve_app.serve_run does for `serve.sh`."""
-    proxies = [pid for pid in tagged_processes(ns.cluster_dir) if _is_haproxy(pid)]
-    for pid in proxies:
-        try:
-            os.kill(pid, signal.SIGUSR1)
-        except OSError:
-            pass
-    deadline = time.monotonic() + ns.timeout
-    while time.monotonic() < deadline and any(_running(pid) for pid in proxies):
-        time.sleep(0.2)
-    left = [pid for pid in proxies if _running(pid)]
-    print(f"drained {len(proxies) - len(left)} of {len(proxies)} HAProxy processes", file=sys.stderr)
-    return 0
-
-
 def cmd_kill_tagged(ns: argparse.Namespace) -> int:
     pids = tagged_processes(ns.cluster_dir)
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -397,10 +363,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skippable", type=port_list, nargs="+", default=[], metavar="PORT|FIRST-LAST",
                    help="ports Serve skips when it cannot bind one: a port only closed connections hold is fine")
     p.set_defaults(func=cmd_check_ports)
-    p = sub.add_parser("drain-haproxy")
-    p.add_argument("cluster_dir")
-    p.add_argument("--timeout", type=float, default=30)
-    p.set_defaults(func=cmd_drain_haproxy)
     p = sub.add_parser("kill-tagged")
     p.add_argument("cluster_dir")
     p.set_defaults(func=cmd_kill_tagged)

@@ -4,7 +4,7 @@
 #   cluster/local_cluster.sh start                       # head + two worker raylets
 #   cluster/local_cluster.sh deploy [CONFIG] [--no-wait] # serve deploy (default serve_config.yaml), wait for RUNNING
 #   cluster/local_cluster.sh status                      # nodes, resources, Serve applications
-#   cluster/local_cluster.sh stop                        # serve shutdown, then stops exactly what `start` started
+#   cluster/local_cluster.sh stop                        # Serve stopped gracefully, then exactly what `start` started
 #
 # Three raylets share this host, each with its own custom resource so a model's
 # `deployment.resources` can pin its replicas to one of them:
@@ -76,7 +76,7 @@ OBJECT_STORE_BYTES="${SERVE_APP_OBJECT_STORE_BYTES:-268435456}"  # 256 MiB per n
 START_TIMEOUT_S="${SERVE_APP_START_TIMEOUT_S:-120}"
 DEPLOY_TIMEOUT_S="${SERVE_APP_DEPLOY_TIMEOUT_S:-300}"
 STOP_TIMEOUT_S="${SERVE_APP_STOP_TIMEOUT_S:-30}"  # per step: the workers, then the head
-SHUTDOWN_TIMEOUT_S="${SERVE_APP_SHUTDOWN_TIMEOUT_S:-90}"  # `serve shutdown` before that
+SHUTDOWN_TIMEOUT_S="${SERVE_APP_SHUTDOWN_TIMEOUT_S:-120}"  # the withdrawal and `serve shutdown`, before that
 DRAIN_TIMEOUT_S="${SERVE_APP_DRAIN_TIMEOUT_S:-30}"  # HAProxy's requests in flight, before `serve shutdown`
 
 export RAY_AUTH_MODE="${SERVE_APP_AUTH_MODE:-disabled}"
@@ -296,23 +296,18 @@ stop_nodes() {  # stop_nodes NAME...: SIGTERM their `ray start` (it drains the n
 cmd_stop() {
   if [[ -f "$MARKER" ]]; then
     if [[ -n "$(node_pid head)" ]]; then
-      # Serve first, gracefully: requests in flight finish and the registrar withdraws the models
-      # from the AI network's nodes, which stopping the raylets would skip (nothing deployed: a no-op).
-      # Bounded: a wedged cluster must not hold `stop` (coreutils' timeout where there is one).
+      # Serve first, gracefully (serve_app.shutdown): the AI network's nodes are told the models are
+      # gone, so that they stop forwarding new requests; every node's HAProxy takes no new
+      # connections while its requests in flight finish (`serve shutdown` alone kills it at once,
+      # and every request in flight with it); then Serve shuts down and the replicas drain. Stopping
+      # the raylets would skip all that (nothing deployed: a no-op). Bounded: a wedged cluster must
+      # not hold `stop` (coreutils' timeout where there is one).
       local bounded=()
-      command -v timeout >/dev/null && bounded=(timeout "$SHUTDOWN_TIMEOUT_S")
-      # The nodes first, so that they stop forwarding new requests to a port about to refuse them.
-      log "withdrawing the models from the AI network's nodes (where registration is on)"
-      local quick=()  # a wedged GCS must not hold the drain that follows for long
-      command -v timeout >/dev/null && quick=(timeout 30)
-      "${quick[@]+"${quick[@]}"}" "$PYTHON" -m serve_app.withdraw || true
-      # HAProxy next: `serve shutdown` kills it at once, and every request in flight with it.
-      log "HAProxy takes no new connections; the requests in flight finish (up to ${DRAIN_TIMEOUT_S}s)"
-      "$PYTHON" "$TOOL" drain-haproxy "$CLUSTER_DIR" --timeout "$DRAIN_TIMEOUT_S" || true
-      log "serve shutdown (replicas drain)"
-      # The dashboard answers once Serve is down (30 s per stage at most).
-      "${bounded[@]+"${bounded[@]}"}" "$SERVE" shutdown -y -a "$RAY_DASHBOARD_ADDRESS" >&2 ||
-        log "serve shutdown failed or took over ${SHUTDOWN_TIMEOUT_S}s; stopping the nodes anyway"
+      command -v timeout >/dev/null && bounded=(timeout "$((SHUTDOWN_TIMEOUT_S + DRAIN_TIMEOUT_S))")
+      log "stopping Serve gracefully: withdrawing the models from the AI network's nodes (where registration is on),"
+      log "draining every node's HAProxy (up to ${DRAIN_TIMEOUT_S}s for the requests in flight), then serve shutdown"
+      "${bounded[@]+"${bounded[@]}"}" "$PYTHON" -m serve_app.shutdown --drain-timeout "$DRAIN_TIMEOUT_S" >&2 ||
+        log "the graceful stop failed or took over $((SHUTDOWN_TIMEOUT_S + DRAIN_TIMEOUT_S))s; stopping the nodes anyway"
     fi
     # Workers first, while the head (GCS) is up to accept their drain; then the head.
     stop_nodes node_a node_b

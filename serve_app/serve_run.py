@@ -25,6 +25,10 @@ import os
 import signal
 import sys
 from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import psutil
 
 DRAIN_ENV = "SERVE_APP_DRAIN_TIMEOUT_S"
 DEFAULT_DRAIN_S = 30.0
@@ -61,13 +65,14 @@ def drain_timeout_s() -> float:
         return DEFAULT_DRAIN_S
 
 
-def drain_haproxy(timeout_s: float) -> int:
-    """Soft-stop the HAProxy processes this `serve run` started (its Ray's descendants: never
-    another server's) and wait up to `timeout_s` for them to end. Returns how many there were."""
+def drain_haproxy(timeout_s: float, under: psutil.Process | None = None) -> int:
+    """Soft-stop the HAProxy processes under `under` (default: this process, the `serve run`
+    that started its Ray; never another server's) and wait up to `timeout_s` for them to end.
+    Returns how many there were."""
     import psutil  # Ray's own dependency
 
     try:
-        proxies = [p for p in psutil.Process().children(recursive=True) if p.name() == "haproxy"]
+        proxies = [p for p in (under or psutil.Process()).children(recursive=True) if p.name() == "haproxy"]
     except psutil.Error:
         return 0
     for proxy in proxies:

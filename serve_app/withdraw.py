@@ -39,14 +39,15 @@ def withdraw_registrations(timeout_s: float = WITHDRAW_TIMEOUT_S) -> list[tuple[
     nodes, all at once, waiting up to `timeout_s` in all. Needs a Ray connection, and runs an
     event loop of its own, on a thread of its own (Serve's throughput-optimized mode routes a
     handle's calls on the caller's loop). Blocking. Returns a line per node and application for
-    the operator, each with whether it went well; never raises (a stop goes on whatever
-    happens)."""
+    the operator (or one saying there is none), each with whether it went well; never raises
+    (a stop goes on whatever happens)."""
     loop = asyncio.new_event_loop()
     # It runs as long as the process: Serve's routers long-poll its controller on it, and log
     # an ERROR when the loop they are bound to stops.
     threading.Thread(target=loop.run_forever, name="withdraw loop", daemon=True).start()
     try:
-        return asyncio.run_coroutine_threadsafe(_withdraw_all(timeout_s), loop).result(timeout_s + 5)
+        return asyncio.run_coroutine_threadsafe(_withdraw_all(timeout_s), loop).result(timeout_s + 5) or [
+            (True, "no application of this Ray cluster registers with a node")]
     except Exception as exc:  # noqa: BLE001 - a stop goes on
         return [(False, f"the registrars did not answer ({type(exc).__name__}); they unregister as Serve shuts down")]
 
@@ -90,33 +91,47 @@ async def _withdraw_all(timeout_s: float) -> list[tuple[bool, str]]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serve_app.withdraw", description=(
-        "Unregister every Serve application's models from the AI network's nodes, ahead of a stop."))
+def add_address_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or "auto",
                         help="the Ray cluster (default: RAY_ADDRESS, else the one on this machine)")
-    parser.add_argument("--timeout", type=float, default=WITHDRAW_TIMEOUT_S, help="seconds to wait at most")
-    ns = parser.parse_args(argv)
-    if ns.address.startswith(("http://", "https://")):
-        print(f"withdraw: {ns.address} is a dashboard's address; give the cluster's (its GCS, HOST:6379, "
+
+
+def connect(address: str, prog: str) -> int | None:
+    """Connect this process to the Ray cluster at `address` as a driver, for the stop commands
+    (`withdraw`, `shutdown`). Returns None once connected, else the exit status, having said why
+    on stderr in one line (no traceback)."""
+    if address.startswith(("http://", "https://")):
+        print(f"{prog}: {address} is a dashboard's address; give the cluster's (its GCS, HOST:6379, "
               "or auto), on a node of the cluster", file=sys.stderr)
         return 1
-    host, _, port = ns.address.removeprefix("ray://").rpartition(":")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
     if host and port.isdigit():  # Ray would retry an address nobody listens on for a minute
         try:
             socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
         except OSError as exc:
-            print(f"withdraw: no Ray at {ns.address}: {exc}", file=sys.stderr)
+            print(f"{prog}: no Ray at {address}: {exc}", file=sys.stderr)
             return 1
     import ray
 
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no INFO lines of its handle's start
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no INFO lines of its handles' start
     try:
-        ray.init(address=ns.address, logging_level="ERROR", log_to_driver=False)
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     except Exception as exc:  # noqa: BLE001 - said plainly, no traceback
-        print(f"withdraw: cannot connect to Ray at {ns.address}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{prog}: cannot connect to Ray at {address}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    lines = withdraw_registrations(ns.timeout) or [(True, "no application of this Ray cluster registers with a node")]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve_app.withdraw", description=(
+        "Unregister every Serve application's models from the AI network's nodes, ahead of a stop."))
+    add_address_argument(parser)
+    parser.add_argument("--timeout", type=float, default=WITHDRAW_TIMEOUT_S, help="seconds to wait at most")
+    ns = parser.parse_args(argv)
+    failed = connect(ns.address, "withdraw")
+    if failed is not None:
+        return failed
+    lines = withdraw_registrations(ns.timeout)
     for _, line in lines:
         print(f"withdraw: {line}", file=sys.stderr)
     return 0 if all(ok for ok, _ in lines) else 2

@@ -276,14 +276,15 @@ fi
 while :; do sleep 0.1; done
 """
 
-# The venv's python, except `cluster_tool.py wait-nodes` and `-m serve_app.withdraw`, which
-# need a real cluster (the latter logs beside the fake `serve`).
+# The venv's python, except `cluster_tool.py wait-nodes` and `-m serve_app.shutdown`, which
+# need a real cluster (the latter logs beside the fake `serve`, and hangs if told to).
 FAKE_PYTHON = """#!/bin/sh
 if [ "$2" = wait-nodes ]; then
   case "${FAKE_WAIT_NODES:-ok}" in ok) exit 0 ;; hang) exec sleep 60 ;; *) exit 1 ;; esac
 fi
-if [ "$2" = serve_app.withdraw ]; then
+if [ "$2" = serve_app.shutdown ]; then
   echo "python $*" >>"$SERVE_APP_LOCAL_CLUSTER/fake_serve.log"
+  [ "${FAKE_SERVE_HANG:-0}" = 1 ] && exec sleep 600
   exit 0
 fi
 exec "%s" "$@"
@@ -291,7 +292,6 @@ exec "%s" "$@"
 
 FAKE_SERVE = """#!/bin/sh
 echo "serve $*" >>"$SERVE_APP_LOCAL_CLUSTER/fake_serve.log"
-[ "${FAKE_SERVE_HANG:-0}" = 1 ] && exec sleep 600
 exit 0
 """
 
@@ -396,14 +396,10 @@ def test_script_start_ports_environment_and_stop_order(fake_cluster: FakeCluster
 
     stopped = fake_cluster.script("stop")
     assert stopped.returncode == 0, stopped.stderr
-    # Serve is shut down gracefully first, with the nodes still up: the AI network's nodes are
-    # told first, then HAProxy drains, then Serve shuts down.
-    withdraw, shutdown = (fake_cluster.dir / "fake_serve.log").read_text().splitlines()[-2:]
-    assert withdraw == "python -m serve_app.withdraw", withdraw
-    assert shutdown.startswith("serve shutdown -y -a http://"), shutdown
-    said = stopped.stderr.splitlines()
-    assert said.index("[local_cluster] withdrawing the models from the AI network's nodes (where registration "
-                      "is on)") < next(i for i, line in enumerate(said) if "HAProxy takes no new" in line), said
+    # Serve is shut down gracefully first, with the nodes still up (the order of its steps is
+    # serve_app.shutdown's, tested on the real cluster below).
+    shutdown = (fake_cluster.dir / "fake_serve.log").read_text().splitlines()[-1]
+    assert shutdown == "python -m serve_app.shutdown --drain-timeout 30", shutdown
     events = fake_cluster.events()
     # The workers' `ray start` get SIGTERM (and drain) first; the head's only once they are gone.
     assert events.index("head TERM") > max(events.index("node_a exit"), events.index("node_b exit")), events
@@ -423,10 +419,11 @@ def test_script_stop_goes_on_when_serve_shutdown_hangs(fake_cluster: FakeCluster
     """A wedged dashboard must not hold `stop`: the shutdown is cut off and the nodes still stop."""
     assert fake_cluster.script("start").returncode == 0
     started_at = time.monotonic()
-    stopped = fake_cluster.script("stop", FAKE_SERVE_HANG="1", SERVE_APP_SHUTDOWN_TIMEOUT_S="2")
+    stopped = fake_cluster.script("stop", FAKE_SERVE_HANG="1", SERVE_APP_SHUTDOWN_TIMEOUT_S="2",
+                                  SERVE_APP_DRAIN_TIMEOUT_S="1")
     assert stopped.returncode == 0, stopped.stderr
     assert time.monotonic() - started_at < 20
-    assert "serve shutdown failed or took over 2s; stopping the nodes anyway" in stopped.stderr
+    assert "the graceful stop failed or took over 3s; stopping the nodes anyway" in stopped.stderr
     assert {line.split()[0] for line in fake_cluster.events() if line.endswith(" exit")} == {
         "head", "node_a", "node_b"}
     assert not _load("cluster_tool").tagged_processes(str(fake_cluster.dir))
@@ -890,10 +887,30 @@ def test_stop_withdraws_the_models_from_the_network_while_the_cluster_still_answ
                 at_unregister.append(type(exc).__name__)
 
     node.on_request = look
+    # A stream in flight when the stop comes is answered in full: every node's HAProxy is
+    # drained before Serve's shutdown kills it (serve_app.shutdown).
+    events: list[str] = []
+    opened = threading.Event()
+
+    def stream_in_flight() -> None:
+        with httpx.stream("POST", local_cluster.base_url + "/v1/chat/completions", timeout=120, json={
+                "model": "chat-a", "max_tokens": 400, "stream": True, "stream_options": {"include_usage": True},
+                "logit_bias": {"2": -100, "5": -100}, "messages": [{"role": "user", "content": "Hello!"}]}) as sse:
+            for line in sse.iter_lines():
+                events.extend([line] if line else [])
+                opened.set()
+
+    streamer = threading.Thread(target=stream_in_flight, daemon=True)
+    streamer.start()
+    assert opened.wait(timeout=60), "the stream never began"
     stopped = local_cluster.script("stop", timeout=180)
+    streamer.join(timeout=60)
+    assert events and events[-1] == "data: [DONE]", (events[-3:], stopped.stderr[-2000:])
+    assert json.loads(events[-2].removeprefix("data: "))["usage"]["completion_tokens"] == 400
+    assert "shutdown: 3 HAProxy process(es) on 3 node(s)" in stopped.stderr, stopped.stderr[-2000:]
     assert at_unregister == [200], (at_unregister, stopped.stderr[-2000:])
     assert node.bodies(UNREGISTER_PATH) == [{"project": "cluster_test"}] and node.models_of("cluster_test") is None
-    assert f"withdraw: application '{APP}': withdrawn from the AI network's node {node.url}" in stopped.stderr
+    assert f"shutdown: application '{APP}': withdrawn from the AI network's node {node.url}" in stopped.stderr
 
 
 
@@ -932,13 +949,17 @@ def test_check_ports_takes_a_skippable_port_only_a_stopped_servers_closed_connec
     assert tool.main(["check-ports", str(port)]) == 1
 
 
-def test_drain_haproxy_lets_the_clusters_requests_in_flight_finish_and_leaves_other_haproxies(tmp_path):
-    """`local_cluster.sh stop` soft-stops its cluster's HAProxy before `serve shutdown` (which
-    kills it, and every request in flight): a slow request through it is answered in full, and
-    an HAProxy that is not the cluster's goes on. Real HAProxy processes, no Ray."""
+def test_drain_haproxy_lets_the_requests_in_flight_finish_and_leaves_other_haproxies(tmp_path):
+    """A stop soft-stops the HAProxy processes under one process (`serve run`'s, or on each node
+    of a cluster its raylet: serve_app.shutdown) before Serve's shutdown, which kills them and
+    every request in flight: a slow request through one is answered in full, and an HAProxy
+    that is not under that process goes on. Real HAProxy processes, no Ray."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+    import psutil
+
     from serve_app.haproxy_launcher import haproxy_binary
+    from serve_app.serve_run import drain_haproxy
 
     class Slow(BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -953,18 +974,19 @@ def test_drain_haproxy_lets_the_clusters_requests_in_flight_finish_and_leaves_ot
 
     backend = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
     threading.Thread(target=backend.serve_forever, daemon=True).start()
-    cluster_dir = tmp_path / "cluster"
-    cluster_dir.mkdir()
     binary, proxies = haproxy_binary(), {}
     try:
-        for name, env in (("ours", {"SERVE_APP_LOCAL_CLUSTER": str(cluster_dir)}), ("other", {})):
+        for name in ("ours", "other"):
             port = free_port()
             config = tmp_path / f"{name}.cfg"
             config.write_text(f"defaults\n    mode http\n    timeout connect 5s\n    timeout client 30s\n"
                               f"    timeout server 30s\nfrontend f\n    bind 127.0.0.1:{port}\n    default_backend b\n"
                               f"backend b\n    server s 127.0.0.1:{backend.server_address[1]}\n")
-            proxies[name] = (subprocess.Popen([binary, "-db", "-f", str(config)], env={**os.environ, **env},
-                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port)
+            # Ours under a parent of its own (as Serve's under its raylet); the other beside it.
+            command = ["sh", "-c", f'"{binary}" -db -f "{config}"; exit $?'] if name == "ours" else [
+                binary, "-db", "-f", str(config)]
+            proxies[name] = (subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port)
+
         def serves(port: int) -> bool:
             try:
                 return httpx.get(f"http://127.0.0.1:{port}/x", timeout=5).status_code == 200
@@ -978,9 +1000,7 @@ def test_drain_haproxy_lets_the_clusters_requests_in_flight_finish_and_leaves_ot
         slow = threading.Thread(target=lambda: answers.append(httpx.get(f"http://127.0.0.1:{port}/x", timeout=30)))
         slow.start()
         time.sleep(0.3)  # in flight at the backend
-        drained = subprocess.run([sys.executable, str(ROOT / "cluster" / "cluster_tool.py"), "drain-haproxy",
-                                  str(cluster_dir), "--timeout", "20"], capture_output=True, text=True, timeout=60)
-        assert "drained 1 of 1 HAProxy processes" in drained.stderr, drained.stderr
+        assert drain_haproxy(20, under=psutil.Process(ours.pid)) == 1
         slow.join(timeout=30)
         assert [(a.status_code, a.text) for a in answers] == [(200, "done")]
         assert ours.wait(timeout=10) == 0  # it ended once its request was answered
@@ -988,6 +1008,8 @@ def test_drain_haproxy_lets_the_clusters_requests_in_flight_finish_and_leaves_ot
         assert other.poll() is None and serves(other_port)
     finally:
         for process, _ in proxies.values():
+            for child in psutil.Process(process.pid).children(recursive=True) if process.poll() is None else []:
+                child.kill()
             process.kill()
             process.wait()
         backend.shutdown()

@@ -1,0 +1,87 @@
+"""A graceful stop of Serve on a running Ray cluster, what `serve.sh`'s stop does for `serve run`.
+
+`serve shutdown` alone cuts every request in flight where Serve runs HAProxy (Ray 2.60's
+`HAProxyManager.stop` sends it SIGKILL), and withdraws the models from the AI network's nodes
+only as the registrar's replica stops, after the ingress, so the nodes keep forwarding to a
+port that refuses them meanwhile. This command does the three steps in the right order, on
+every node of the cluster, through Ray itself:
+
+1. the registrars unregister the models from the AI network's nodes (`serve_app.withdraw`);
+2. each node's HAProxy is soft-stopped (SIGUSR1: listeners closed, the requests it holds
+   finish) by a task pinned to that node, which waits up to `--drain-timeout` (30 s) for them;
+3. `serve.shutdown()`: the replicas drain and stop.
+
+    python -m serve_app.shutdown [--address ADDRESS] [--drain-timeout SECONDS]
+
+Run it on a node of the cluster (a Ray driver needs a Ray node on its machine): `ray exec
+cluster/cluster-launcher.yaml 'python -m serve_app.shutdown'`, `kubectl exec <head pod> -c
+ray-head -- python -m serve_app.shutdown`, or on the machine of a `ray start` + `serve deploy`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from serve_app.serve_run import DEFAULT_DRAIN_S, drain_haproxy
+from serve_app.withdraw import add_address_argument, connect, withdraw_registrations
+
+PROG = "python -m serve_app.shutdown"
+
+
+def _drain_this_node(timeout_s: float) -> int:
+    """On one node: soft-stop the HAProxy processes of this node's Ray (its raylet's
+    descendants, never another Ray's on the same machine) and wait for them."""
+    import psutil
+
+    raylet = psutil.Process().parent()  # a task's worker is a child of its node's raylet
+    if raylet is None or "raylet" not in raylet.name():
+        return 0
+    return drain_haproxy(timeout_s, under=raylet)
+
+
+def drain_every_node(timeout_s: float) -> tuple[int, int]:
+    """Soft-stop HAProxy on every alive node at once and wait for their requests in flight.
+    Returns (nodes reached, HAProxy processes drained)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    drain = ray.remote(num_cpus=0, max_retries=0)(_drain_this_node)
+    nodes = [node["NodeID"] for node in ray.nodes() if node.get("Alive")]
+    pending = [drain.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(timeout_s)
+               for node in nodes]
+    done, _ = ray.wait(pending, num_returns=len(pending), timeout=timeout_s + 30)
+    drained = 0
+    for ref in done:
+        try:
+            drained += ray.get(ref)
+        except Exception:  # noqa: BLE001 - a node that failed to drain still shuts down with Serve
+            pass
+    return len(done), drained
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=(
+        "Stop Serve gracefully: withdraw the models from the AI network's nodes, drain every node's "
+        "HAProxy, then shut Serve down."))
+    add_address_argument(parser)
+    parser.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_S,
+                        help="seconds the requests in flight get to finish (default %(default)g)")
+    ns = parser.parse_args(argv)
+    failed = connect(ns.address, "shutdown")
+    if failed is not None:
+        return failed
+    from ray import serve
+
+    for _, line in withdraw_registrations():
+        print(f"shutdown: {line}", file=sys.stderr)
+    nodes, drained = drain_every_node(max(0.0, ns.drain_timeout))
+    print(f"shutdown: {drained} HAProxy process(es) on {nodes} node(s) took no new connections and let "
+          "their requests in flight finish", file=sys.stderr)
+    serve.shutdown()
+    print("shutdown: Serve is shut down", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
