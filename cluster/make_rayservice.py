@@ -77,20 +77,30 @@ def _check(config: dict[str, Any]) -> None:
         from serve_app.config import AppConfig
     except ImportError:
         return
+    from serve_app.check_config import override_findings
+
     for app in config.get("applications") or []:
         try:
-            AppConfig.model_validate(app.get("args") or {})
+            args = AppConfig.model_validate(app.get("args") or {})
         except ValidationError as exc:
             raise SystemExit(f"serve_config.yaml with overrides.yaml makes an invalid config for application "
                              f"{app.get('name')!r}:\n{exc}") from None
+        # Serve's own `deployments:` list beside the args: what it would ignore or refuse.
+        problems, warnings = override_findings(args, app.get("deployments") or [])
+        for warning in warnings:
+            print(f"warning: application {app.get('name')!r}: {warning}", file=sys.stderr)
+        if problems:
+            raise SystemExit(f"serve_config.yaml with overrides.yaml makes an invalid config for application "
+                             f"{app.get('name')!r}:\n" + "\n".join(problems))
 
 
 def _is_local_path(path: str, base: Path) -> bool:
     """Whether a model `path` of serve_config.yaml names a local folder rather than a hub id:
-    `./x`, `../x`, `~/x` or absolute; a folder that exists relative to the config's folder
-    `base` (`from_pretrained` loads an existing folder before asking the hub); or a path
-    with two or more `/` (a hub id is `name` or `org/name`)."""
-    return (path.startswith(("./", "../", "/", "~")) or path.count("/") >= 2
+    `./x`, `../x`, `~/x` or absolute; under the local model folder (`models/x`, whether or not
+    it is built on this machine: the output must not depend on that); a folder that exists
+    relative to the config's folder `base` (`from_pretrained` loads an existing folder before
+    asking the hub); or a path with two or more `/` (a hub id is `name` or `org/name`)."""
+    return (path.startswith(("./", "../", "/", "~", LOCAL_MODEL_DIR + "/")) or path.count("/") >= 2
             or (base / path).exists())
 
 

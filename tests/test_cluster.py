@@ -153,6 +153,7 @@ def test_cluster_model_paths_keep_their_structure(tmp_path):
         "./models/tiny-llama": "/data/models/tiny-llama",
         "./models/a/b": "/data/models/a/b",
         "models/mine": "/data/models/mine",        # exists here: a local folder, not a hub id
+        "models/unbuilt": "/data/models/unbuilt",  # the local model folder's, built here or not
         "models/a/b": "/data/models/a/b",          # two slashes: never a hub id
         "ckpt": "/data/models/ckpt",
         "./other/x": "/data/models/other/x",
@@ -183,7 +184,7 @@ def test_cluster_overrides_precedence_is_model_then_cluster_wide_then_per_model(
                      "m1: deployment.num_cpus 0.5 -> 1 (overrides.yaml serve.deployment)"]
 
 
-def test_cluster_overrides_that_scale_replace_the_fixed_count_and_bad_merges_fail_early(tmp_path):
+def test_cluster_overrides_that_scale_replace_the_fixed_count_and_bad_merges_fail_early(tmp_path, capsys):
     """An override's autoscaling_config replaces serve_config.yaml's num_replicas (Serve takes
     one of them), and a merge the server would refuse fails the generator, naming the field."""
     make = _load("make_rayservice")
@@ -197,6 +198,14 @@ def test_cluster_overrides_that_scale_replace_the_fixed_count_and_bad_merges_fai
     assert chat["deployment"]["autoscaling_config"] == autoscaling and "num_replicas" not in chat["deployment"]
     assert "Llama3-8B: deployment.num_replicas 1 dropped (overrides.yaml sets autoscaling_config)" in notes
     make._check(adapted)  # valid as the server reads it
+    # Serve's own `deployments:` beside the args is checked too: a fixed count there is ignored
+    # once the model autoscales, and a deployment the application has not fails the deploy.
+    adapted["applications"][0]["deployments"] = [{"name": "model_Llama3-8B", "num_replicas": 2}]
+    make._check(adapted)
+    assert "model_Llama3-8B: num_replicas is ignored, the model autoscales" in capsys.readouterr().err
+    adapted["applications"][0]["deployments"] = [{"name": "model_Llama3-9B", "num_replicas": 2}]
+    with pytest.raises(SystemExit, match="'model_Llama3-9B' is no deployment of this application"):
+        make._check(adapted)
     # Cluster-wide autoscaling, one model pinned to a fixed count: the model's own wins.
     overrides["serve"]["deployment"] = {**overrides["serve"]["deployment"], "autoscaling_config": autoscaling}
     overrides["serve"]["models"] = {"SuperImage": {"deployment": {"num_replicas": 2}}}
@@ -234,7 +243,37 @@ def test_cluster_launcher_config_is_valid():
         start = next(c for c in config[key] if "ray start" in c)
         assert "RAY_SERVE_ENABLE_HA_PROXY=${RAY_SERVE_ENABLE_HA_PROXY:-1}" in start
         assert "RAY_SERVE_THROUGHPUT_OPTIMIZED=${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}" in start
-        assert "RAY_SERVE_HAPROXY_BINARY_PATH=${RAY_SERVE_HAPROXY_BINARY_PATH:-$(command -v serve-app-haproxy)}" in start
+        assert "--metrics-export-port=8080" in start  # where the README's Prometheus scrapes
+    # HAProxy is serve-app-haproxy where it is installed; where it is not, the variable stays
+    # unset (set but empty, Serve would find no HAProxy at all, not even its own).
+    for installed in (True, False):
+        assert _launcher_start_env(config, installed).get("RAY_SERVE_HAPROXY_BINARY_PATH") == (
+            "/opt/bin/serve-app-haproxy" if installed else None)
+
+
+def _launcher_start_env(config: dict[str, Any], haproxy_installed: bool) -> dict[str, str]:
+    """The environment the launcher's head and worker `ray start` get (a stand-in `ray` on a
+    PATH with or without serve-app-haproxy); the same for both, or the test fails."""
+    envs = []
+    with tempfile.TemporaryDirectory() as folder:
+        bin_dir = Path(folder) / "opt" / "bin"
+        bin_dir.mkdir(parents=True)
+        (bin_dir / "ray").write_text('#!/bin/sh\nenv > "$(dirname "$0")/env.txt"\n')
+        if haproxy_installed:
+            (bin_dir / "serve-app-haproxy").write_text("#!/bin/sh\n")
+        for tool in bin_dir.iterdir():
+            tool.chmod(0o755)
+        for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+            start = next(c for c in config[key] if "ray start" in c)
+            env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "RAY_HEAD_IP": "10.0.0.1"}
+            subprocess.run(["bash", "-c", start], env=env, check=True, timeout=30)
+            lines = (bin_dir / "env.txt").read_text().splitlines()
+            envs.append(dict(line.split("=", 1) for line in lines if "=" in line))
+    head, worker = envs
+    assert head["RAY_AUTH_MODE"] == worker["RAY_AUTH_MODE"] == "disabled"
+    assert head.get("RAY_SERVE_HAPROXY_BINARY_PATH") == worker.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    found = head.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    return {**head, **({"RAY_SERVE_HAPROXY_BINARY_PATH": found.replace(str(bin_dir), "/opt/bin")} if found else {})}
 
 
 def test_local_config_rendering(tmp_path):
