@@ -344,4 +344,9 @@ class ChatModel(ModelReplica):
                 f"{job.max_tokens_param}={job.max_tokens} plus the conversation's {prompt_length} tokens "
                 f"exceeds this model's context of {self.context_length} tokens.", param=job.max_tokens_param,
                 code="context_length_exceeded")
+        if job.min_tokens > room:  # it could only end at the context's end, short of what it asks
+            raise InvalidRequest(
+                f"min_tokens={job.min_tokens} plus the conversation's {prompt_length} tokens exceeds this "
+                f"model's context of {self.context_length} tokens.", param="min_tokens",
+                code="context_length_exceeded")
         return min(job.max_tokens, room)

@@ -185,7 +185,7 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
         repetition_penalty=request.repetition_penalty,
         top_k=None if request.top_k is None else max(request.top_k, 0),
         min_p=request.min_p,
-        min_tokens=_min_tokens(request, requested, max_tokens_param),
+        min_tokens=_min_tokens(request, requested, max_tokens_param, config.max_tokens_limit),
         ignore_eos=bool(request.ignore_eos),
         logprobs=bool(request.logprobs),
         top_logprobs=request.top_logprobs or 0,
@@ -198,12 +198,15 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
     )
 
 
-def _min_tokens(request: ChatCompletionRequest, requested: int | None, max_tokens_param: str) -> int:
-    """vLLM refuses min_tokens above max_tokens; left to the default, max_tokens wins."""
+def _min_tokens(request: ChatCompletionRequest, requested: int | None, max_tokens_param: str, limit: int) -> int:
+    """vLLM refuses min_tokens above max_tokens; left to the default, max_tokens makes room for
+    it, up to the model's limit (more could only ever end at that limit, never as asked)."""
     wanted = request.min_tokens or 0
     if requested is not None and wanted > requested:
         raise InvalidRequest(f"min_tokens ({wanted}) is more than {max_tokens_param} ({requested}).",
                              param="min_tokens")
+    if wanted > limit:
+        raise InvalidRequest(f"min_tokens must be at most {limit} for this model.", param="min_tokens")
     return wanted
 
 

@@ -983,15 +983,19 @@ def test_max_tokens_defaults_from_the_config_and_fits_the_context(replica):
 
     async def run():
         return (await replica.generate(request("hi")), await replica.generate(long),
-                await replica.generate(request("otter " * words, max_completion_tokens=1000)))
+                await replica.generate(request("otter " * words, max_completion_tokens=1000)),
+                await replica.generate(request("otter " * words, min_tokens=100)))
 
-    short, fitted, refused = asyncio.run(run())
+    short, fitted, refused, too_few = asyncio.run(run())
     assert short.choices[0].completion_tokens == replica.config.default_max_tokens
     assert short.choices[0].finish_reason == "length"
     assert fitted.prompt_tokens == prompt and fitted.choices[0].completion_tokens == replica.context_length - prompt
     assert fitted.choices[0].finish_reason == "length"
     assert isinstance(refused, InvalidRequest) and refused.code == "context_length_exceeded"
     assert refused.param == "max_completion_tokens"
+    # min_tokens past the room left could only end at the context's end, short of what it asks.
+    assert isinstance(too_few, InvalidRequest) and too_few.code == "context_length_exceeded"
+    assert too_few.param == "min_tokens"
 
 
 @pytest.mark.parametrize("interval, messages", [(0.0, "one a step"), (1.0, "first, then coalesced")])

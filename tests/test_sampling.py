@@ -280,7 +280,10 @@ def test_vllms_sampling_extensions_reach_the_job():
     assert job(top_k=-1).top_k == 0 and job().top_k is None  # vLLM's -1: all; omitted: the checkpoint's
     # max_tokens left to the default makes room for min_tokens, within the model's limit.
     assert (job(min_tokens=300).min_tokens, job(min_tokens=300).max_tokens) == (300, 300)
-    assert job(min_tokens=10_000).max_tokens == config.max_tokens_limit
+    assert job(min_tokens=config.max_tokens_limit).max_tokens == config.max_tokens_limit
+    with pytest.raises(InvalidRequest, match="min_tokens must be at most") as refused:  # never as asked
+        job(min_tokens=config.max_tokens_limit + 1)
+    assert refused.value.param == "min_tokens"
     assert job(min_tokens=5).max_tokens == config.default_max_tokens
     with pytest.raises(InvalidRequest, match="min_tokens") as refused:
         job(min_tokens=9, max_completion_tokens=8)
