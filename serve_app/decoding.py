@@ -41,14 +41,17 @@ class IncrementalText:
         self._backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
         self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens) if self._backend else None
         self._context = ""  # text of tokens a restarted stream was given as context, not yet cut off
+        self._held: list[int] = []  # the last tokens, whose text the stream holds back (part of a character)
 
     def add(self, token: int) -> str:
         """Append a token; returns the whole text so far."""
         self.tokens.append(token)
         if self._stream is None:
             self.text = self._decode_all()
-        else:
-            self.text += self._step(token) or ""
+            return self.text
+        text = self._step(token)
+        self._held = self._held + [token] if text is None else []
+        self.text += text or ""
         return self.text
 
     def _decode_all(self) -> str:
@@ -66,27 +69,33 @@ class IncrementalText:
         except Exception:  # noqa: BLE001 - retried below; a real problem raises again there
             # Byte-fallback decoders (Llama 2, Mistral) can turn a finished character back into
             # U+FFFD once a later byte makes its run invalid, which breaks the stream's prefix
-            # check. Restart the stream, as vLLM does; what was sent stays. The token before this
-            # one is its context (not sent again), so that a SentencePiece decoder does not strip
-            # this word's leading space as the start of a text; without it if even that fails.
-            previous = self.tokens[-2:-1]
-            if previous:
+            # check. Restart the stream, as vLLM does; what was sent stays. The stream is fed
+            # again the tokens it held back (never sent: their bytes come out as U+FFFD, as a
+            # full decode gives them) and this one. The last token whose text was sent is its
+            # context (not sent again), so that a SentencePiece decoder does not strip this
+            # word's leading space as the start of a text; without it if even that fails.
+            unsent = [*self._held, token]
+            sent_before = self.tokens[-1 - len(unsent):-len(unsent)]
+            for context in ([sent_before] if sent_before else []) + [[]]:
                 try:
-                    return self._restart(previous, token)
+                    return self._restart(context, unsent)
                 except Exception:  # noqa: BLE001 - an older tokenizers, or that token is in the bad run
                     pass
             self._stream, self._context = DecodeStream(skip_special_tokens=self.skip_special_tokens), ""
             return self._stream.step(self._backend, token)
 
-    def _restart(self, context: list[int], token: int) -> str | None:
-        """A new stream that has seen `context`. A context that decodes to clean text is counted
-        as read; one that ends inside a character (U+FFFD, the usual case here: the bytes of the
-        run that went bad) comes out again at the start of the next text, and is cut off there
-        (see `_cut_context`)."""
-        self._stream = DecodeStream(ids=context, skip_special_tokens=self.skip_special_tokens)
-        text = self._backend.decode(context, skip_special_tokens=self.skip_special_tokens)
-        self._context = text if text.endswith("\ufffd") else ""
-        return self._cut_context(self._stream.step(self._backend, token))
+    def _restart(self, context: list[int], tokens: list[int]) -> str | None:
+        """A new stream that has seen `context`, fed `tokens`; their text (None: all held back).
+        A context that decodes to clean text is counted as read; one that ends inside a character
+        (U+FFFD, the usual case here: the bytes of the run that went bad) comes out again at the
+        start of the next text, and is cut off there (see `_cut_context`)."""
+        stream = DecodeStream(ids=context, skip_special_tokens=self.skip_special_tokens)
+        text = self._backend.decode(context, skip_special_tokens=self.skip_special_tokens) if context else ""
+        cut = text if text.endswith("\ufffd") else ""
+        pieces = [stream.step(self._backend, token) for token in tokens]  # raises before any state changes
+        self._stream, self._context = stream, cut
+        made = [self._cut_context(piece) for piece in pieces if piece is not None]
+        return "".join(made) if made else None
 
     def _cut_context(self, text: str | None) -> str | None:
         if text is None or not self._context:
@@ -96,11 +105,16 @@ class IncrementalText:
 
     def complete(self) -> str:
         """The final text, as a full decode gives it: bytes of a character the output
-        ended inside come out as U+FFFD instead of waiting for more."""
+        ended inside come out as U+FFFD instead of waiting for more. Where a byte run that went
+        bad makes the full decode contradict text already sent, that text stays, and the bytes
+        held back at the end come out as their own decode gives them (U+FFFD)."""
         if self._stream is not None and self.tokens:
             full = self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip_special_tokens)
             if full.startswith(self.text):  # never contradict what was already sent
                 self.text = full
+            elif self._held:
+                self.text += self._backend.decode(self._held, skip_special_tokens=self.skip_special_tokens)
+            self._held = []
         return self.text
 
 

@@ -126,8 +126,7 @@ def byte_fallback_tokenizer():
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
-    pieces = ["<unk>", "<s>", "</s>", "\u2581Hello", "<0x0A>", "<0xF0>", "<0x9F>", "<0xA6>", "<0xA6>".lower(),
-              "\u2581the", "\u2581end"]
+    pieces = ["<unk>", "<s>", "</s>", "\u2581Hello", "\u2581the", "\u2581end", "ing"] + [f"<0x{b:02X}>" for b in range(256)]
     backend = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[], unk_token="<unk>",
                                    byte_fallback=True))
     backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
@@ -145,6 +144,20 @@ def test_byte_fallback_run_that_turns_invalid_does_not_break_decoding():
     text = decoder.result().text
     assert "".join(deltas) == text  # never contradicts what was sent
     assert text.startswith("Hello\n") and text.endswith(" the end"), text  # the word keeps its space
+
+
+@pytest.mark.parametrize("pieces, text", [
+    (["<0xC3>", "<0xA9>", "<0x83>", "ing"], "\u00e9\ufffding"),  # é, a stray byte, then a word
+    (["<0xC3>", "<0xA9>", "<0xF2>"], "\u00e9\ufffd"),  # é, then a character that never ends
+    (["<0x41>", "<0x83>", "ing"], "A\ufffding"),
+])
+def test_a_stray_byte_after_a_sent_character_comes_out_as_a_replacement_character(pieces, text):
+    """A byte that makes its run invalid is never sent as text; after a restarted stream it
+    used to be dropped for good (the stream cut it as context it had sent): the answer lost a
+    character. It comes out as U+FFFD, streamed and final alike."""
+    tokenizer = byte_fallback_tokenizer()
+    deltas, decoder = run(tokenizer, [tokenizer.convert_tokens_to_ids(p) for p in pieces])
+    assert ("".join(deltas), decoder.result().text) == (text, text)
 
 
 def test_stop_string_after_an_unfinished_character_is_held_back(tokenizer):
