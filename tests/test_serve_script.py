@@ -62,13 +62,7 @@ def answer_of(sock: socket.socket, timeout: float) -> tuple[int, bytes, dict]:
     return int(head.split()[1]), head.lower(), json.loads(body)
 
 
-def ctrl_c(server: subprocess.Popen) -> None:
-    """What a terminal's Ctrl-C does: SIGINT to the foreground process group (the script's)."""
-    os.killpg(server.pid, signal.SIGINT)
-
-
-@pytest.mark.parametrize("stop", [lambda server: server.send_signal(signal.SIGTERM), ctrl_c], ids=["sigterm", "ctrl_c"])
-def test_serve_script_says_when_ready_serves_and_stops_gracefully(models_dir: Path, tmp_path: Path, stop):
+def test_serve_script_says_when_ready_serves_and_stops_gracefully(models_dir: Path, tmp_path: Path):
     node = FakeNode().start()
     port = free_port()
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
@@ -146,7 +140,9 @@ def test_serve_script_says_when_ready_serves_and_stops_gracefully(models_dir: Pa
                     at_unregister.append(type(exc).__name__)
 
         node.on_request = look
-        stop(server)  # as the README says to stop it, in the background or in a terminal
+        # As a supervisor stops it; a terminal's Ctrl-C reaches `serve run` as the same one SIGINT
+        # (test_each_stop_signal_reaches_serve_run_as_one_sigint_and_a_second_stops_it_at_once).
+        server.send_signal(signal.SIGTERM)
         streamer.join(timeout=90)
         assert events and events[-1] == "data: [DONE]", events[-3:]
         assert json.loads(events[-2].removeprefix("data: "))["usage"]["completion_tokens"] == 400
@@ -218,12 +214,14 @@ while :; do sleep 0.05; done
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT],
-                         ids=lambda signum: signum.name)
-def test_each_stop_signal_reaches_serve_run_as_one_sigint_and_a_second_stops_it_at_once(tmp_path: Path, signum):
-    """Whatever stops serve.sh (the terminal closed: SIGHUP; a supervisor: SIGTERM; Ctrl-C:
-    SIGINT) becomes the one SIGINT on which `serve run` stops gracefully; a second signal ends
-    it at once (SIGTERM)."""
+@pytest.mark.parametrize("signum, to_group", [(signal.SIGHUP, False), (signal.SIGQUIT, False),
+                                             (signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)],
+                         ids=["SIGHUP", "SIGQUIT", "SIGTERM", "SIGINT", "ctrl_c"])
+def test_each_stop_signal_reaches_serve_run_as_one_sigint_and_a_second_stops_it_at_once(tmp_path: Path, signum,
+                                                                                      to_group):
+    """Whatever stops serve.sh (the terminal closed: SIGHUP; a supervisor: SIGTERM; `kill -INT`;
+    Ctrl-C: SIGINT to the terminal's foreground process group, serve.sh's) becomes the one
+    SIGINT on which `serve run` stops gracefully; a second signal ends it at once (SIGTERM)."""
     (tmp_path / "scripts").mkdir()
     shutil.copy(ROOT / "scripts" / "serve.sh", tmp_path / "scripts" / "serve.sh")
     python = tmp_path / ".venv" / "bin" / "python"
@@ -237,10 +235,13 @@ def test_each_stop_signal_reaches_serve_run_as_one_sigint_and_a_second_stops_it_
                                   stdout=subprocess.DEVNULL, start_new_session=True)
     try:
         assert wait_for(lambda: log.exists() and "started" in log.read_text(), timeout=20)
-        script.send_signal(signum)
+        def stop() -> None:
+            os.killpg(script.pid, signum) if to_group else script.send_signal(signum)
+
+        stop()
         assert wait_for(lambda: "INT" in log.read_text(), timeout=10), log.read_text()
         assert script.poll() is None  # waiting for the graceful stop
-        script.send_signal(signum)
+        stop()
         assert script.wait(timeout=10) == 0
         assert [line.split()[0] for line in log.read_text().splitlines()] == ["started", "INT", "TERM"]
         assert "serve.sh: stopping: Serve shuts down gracefully" in said.read_text()
