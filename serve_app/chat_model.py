@@ -119,7 +119,8 @@ class ChatModel(ModelReplica):
             # Every message through a streaming handle costs CPU: one message carries several tokens.
             async for deltas in self._decoded(slot, coalesce_s=self.config.stream_interval_s):
                 used = sum(row.decoder.used for row in slot.rows)
-                yield ChatStreamChunk(deltas, len(slot.prompt_ids), used, slot.opening)
+                thought = sum(row.decoder.reasoning_tokens for row in slot.rows)
+                yield ChatStreamChunk(deltas, len(slot.prompt_ids), used, slot.opening, thought)
         except APIError as refused:
             yield refused
 
@@ -320,9 +321,10 @@ class ChatModel(ModelReplica):
             raise InvalidRequest(f"logit_bias names a token id this model does not have (ids go up to "
                                  f"{self.vocabulary - 1}).", param="logit_bias")
         top_logprobs = job.top_logprobs if job.logprobs else None
-        decoders = [ChoiceDecoder(self.tokenizer, self.eos_ids, job.stop, max_new, top_logprobs, self.token_bytes,
-                                  job.skip_special_tokens, job.min_tokens) for _ in range(job.n)]
         opening = prompt_opening(prompt) if self.config.reasoning_parser else None
+        decoders = [ChoiceDecoder(self.tokenizer, self.eos_ids, job.stop, max_new, top_logprobs, self.token_bytes,
+                                  job.skip_special_tokens, job.min_tokens, self.grammars.thinking(opening))
+                    for _ in range(job.n)]
         grammars = None
         if job.grammar is not None:
             grammars = self.grammars.grammars(job.grammar, job.n, job.grammar_param, opening)

@@ -21,6 +21,8 @@ from serve_app.token_bytes import TokenBytes
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from serve_app.structured_output import Thinking
+
 
 class IncrementalText:
     """A choice's text, decoded as its tokens arrive, at a cost that does not grow with its length.
@@ -132,8 +134,9 @@ class ChoiceDecoder:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, eos_ids: set[int], stop: list[str], max_tokens: int,
                  top_logprobs: int | None = None, token_bytes: TokenBytes | None = None,
-                 skip_special_tokens: bool = True, min_tokens: int = 0) -> None:
+                 skip_special_tokens: bool = True, min_tokens: int = 0, thinking: Thinking | None = None) -> None:
         self.tokenizer, self.eos_ids, self.stop, self.max_tokens = tokenizer, eos_ids, stop, max_tokens
+        self.thinking = thinking  # counts a reasoning model's thinking tokens (usage's reasoning_tokens)
         self.min_tokens = min_tokens  # stop strings count only after this many tokens, as in vLLM
         self._stop_floor = 0  # a stop string must end past this much text: that of the first min_tokens tokens
         self.top_logprobs = top_logprobs  # None: no logprobs asked for
@@ -159,6 +162,8 @@ class ChoiceDecoder:
         self.used += 1
         if token in self.eos_ids:
             return self._finish("stop")
+        if self.thinking is not None:
+            self.thinking.follow(token)
         if logprobs is not None and self.wants_logprobs:
             self.logprobs.append(self._token_logprob(token, logprobs))
             self.logprob_starts.append(len(self.text))
@@ -183,9 +188,13 @@ class ChoiceDecoder:
             self.finish_reason = "stop"
         return self._finish("stop") if self.finish_reason is None else ""
 
+    @property
+    def reasoning_tokens(self) -> int:
+        return 0 if self.thinking is None else self.thinking.tokens
+
     def result(self) -> ChatChoiceResult:
         return ChatChoiceResult(text=self.text, finish_reason=self.finish_reason or "stop",
-                                completion_tokens=self.used,
+                                completion_tokens=self.used, reasoning_tokens=self.reasoning_tokens,
                                 logprobs=self.logprobs if self.wants_logprobs else None)
 
     def take_logprobs(self) -> list[TokenLogprob] | None:

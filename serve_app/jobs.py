@@ -100,6 +100,7 @@ class ChatChoiceResult:
     text: str
     finish_reason: str  # "stop" | "length"
     completion_tokens: int
+    reasoning_tokens: int = 0  # of completion_tokens, those of a reasoning model's thinking
     logprobs: list[TokenLogprob] | None = None  # None unless the request asked for them
 
 
@@ -112,6 +113,10 @@ class ChatResult:
     @property
     def completion_tokens(self) -> int:
         return sum(choice.completion_tokens for choice in self.choices)
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return sum(choice.reasoning_tokens for choice in self.choices)
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,7 @@ class ChatStreamChunk:
     prompt_tokens: int
     completion_tokens: int
     opening: Opening = None  # as ChatResult's
+    reasoning_tokens: int = 0  # of completion_tokens, those of the thinking (a running total too)
 
 
 @dataclass(frozen=True)

@@ -625,7 +625,13 @@ class PromptTokensDetails(WireModel):
 
 
 class CompletionTokensDetails(WireModel):
-    reasoning_tokens: int = 0  # no hidden reasoning: every token is in the answer
+    reasoning_tokens: int = 0  # a reasoning model's thinking tokens (shown as `reasoning`), as vLLM counts them
+
+
+def usage_of(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int = 0) -> "Usage":
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens,
+                 completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning_tokens))
 
 
 class Usage(WireModel):

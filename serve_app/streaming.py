@@ -27,6 +27,7 @@ from serve_app.protocol import (
     error_body,
     new_id,
     now,
+    usage_of,
 )
 from serve_app.access_log import note
 from serve_app.tool_calls import CallPiece
@@ -73,8 +74,7 @@ class ChatChunkEncoder:
             choices = [self._choice(given.get(index, ChoiceDelta(index, "")), role="assistant")
                        for index in range(self.n)]
             self.opened = True
-        self.usage = Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens,
-                           total_tokens=chunk.prompt_tokens + chunk.completion_tokens)
+        self.usage = usage_of(chunk.prompt_tokens, chunk.completion_tokens, chunk.reasoning_tokens)
         # The running totals, for the access log and metrics: right even if the client leaves.
         note(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens)
         if not choices:

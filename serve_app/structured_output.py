@@ -110,6 +110,34 @@ class ThinkingMarkers:
         return cls(start=ids[0], end=(ids[1],), fmt=fmt, eos_ids=frozenset(eos_ids))
 
 
+class Thinking:
+    """Whether one answer is thinking, token by token, from where the prompt leaves it
+    (`opening`): with `qwen3` an answer thinks only if its first token is `<think>`; a
+    DeepSeek-R1 or gpt-oss answer (or one whose prompt opened the thinking) thinks from its
+    first token. `tokens` counts the thinking's tokens, its markers left out, as vLLM counts
+    `reasoning_tokens`."""
+
+    def __init__(self, markers: ThinkingMarkers, opening: Opening = None) -> None:
+        self.markers = markers
+        self.state: Literal["answer", "thinking", "may_think"] = (
+            "answer" if opening == "answer" else
+            "thinking" if opening == "thinking" or markers.start is None or markers.fmt == "deepseek_r1"
+            else "may_think")
+        self.tokens = 0
+        self._recent: tuple[int, ...] = ()  # the thinking's last tokens, as many as its end has
+
+    def follow(self, token: int) -> None:
+        if self.state == "thinking":
+            end = self.markers.end
+            self._recent = (*self._recent, token)[-len(end):]
+            if self._recent == end:  # the end's tokens before this one were counted: they were not thinking
+                self.state, self.tokens = "answer", self.tokens - (len(end) - 1)
+            else:
+                self.tokens += 1
+        elif self.state == "may_think":
+            self.state = "thinking" if token == self.markers.start else "answer"
+
+
 class AnswerGrammar:
     """One answer's grammar (an llguidance matcher), applied from where the answer is meant to
     be JSON: from its first token, or for a reasoning model from the token after `</think>`
@@ -121,12 +149,11 @@ class AnswerGrammar:
     def __init__(self, matcher: llguidance.LLMatcher, thinking: ThinkingMarkers | None,
                  opening: Opening = None, param: str = "response_format") -> None:
         self.matcher, self.param = matcher, param
-        self._thinking = thinking
-        self._state: Literal["json", "thinking", "may_think"] = (
-            "json" if thinking is None or opening == "answer" else
-            "thinking" if opening == "thinking" or thinking.start is None or thinking.fmt == "deepseek_r1"
-            else "may_think")
-        self._recent: tuple[int, ...] = ()  # the thinking's last tokens, as many as its end has
+        self._thinking = None if thinking is None else Thinking(thinking, opening)
+
+    @property
+    def _state(self) -> Literal["answer", "thinking", "may_think"]:
+        return "answer" if self._thinking is None else self._thinking.state
 
     def fill_mask(self, allowed: Any, row: int) -> None:
         """Write the tokens allowed next into row `row` of the int32 bitmask `allowed` (32 token ids
@@ -142,11 +169,11 @@ class AnswerGrammar:
         """The row's mask, as the matcher wrote it (or not, while thinking), amended for the thinking."""
         if self._state == "thinking":
             allowed[row].fill_(-1)
-            for eos in self._thinking.eos_ids:
+            for eos in self._thinking.markers.eos_ids:
                 word, bit = divmod(eos, 32)
                 allowed[row, word] &= ~((1 << bit) if bit < 31 else -(1 << 31))
         elif self._state == "may_think":
-            word, bit = divmod(self._thinking.start, 32)
+            word, bit = divmod(self._thinking.markers.start, 32)
             allowed[row, word] |= (1 << bit) if bit < 31 else -(1 << 31)  # int32: bit 31 is the sign
 
     def follow(self, token: int, ended: bool) -> bool:
@@ -155,14 +182,10 @@ class AnswerGrammar:
         its mask, its mask then allows only the end: the answer would look complete) or that
         refuses the token (every token it allows was ruled out by the model itself, a -inf
         logit) fails the request."""
-        if self._state != "json":
-            if self._state == "thinking":
-                end = self._thinking.end
-                self._recent = (*self._recent, token)[-len(end):]
-                self._state = "json" if self._recent == end else "thinking"
-                return False
-            self._state = "thinking" if token == self._thinking.start else "json"
-            if self._state == "thinking":
+        if self._state != "answer":
+            was = self._state
+            self._thinking.follow(token)
+            if "thinking" in (was, self._state):  # a token of the thinking, its markers included
                 return False
         if self.matcher.is_error() or not (ended or self.matcher.consume_token(token)):
             # That request fails (a 400: its schema is past the parser's limits), its batch-mates go on.
@@ -263,4 +286,9 @@ class GrammarCompiler:
             raise InvalidRequest(f"The {what} cannot be used: {_matcher_error(matcher)}", param=param)
         matchers = [matcher] + [matcher.deep_copy() for _ in range(count - 1)]
         return [AnswerGrammar(each, self._thinking, opening, param) for each in matchers]
+
+    def thinking(self, opening: Opening = None) -> Thinking | None:
+        """A tracker of one answer's thinking (None where the model does not think, or its
+        tokenizer cannot tell where the thinking ends token by token)."""
+        return None if self._thinking is None else Thinking(self._thinking, opening)
 

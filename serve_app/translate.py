@@ -32,7 +32,7 @@ from serve_app.protocol import (
     TopLogprob,
     function_definition,
     function_name,
-    Usage,
+    usage_of,
 )
 from serve_app.protocol import TokenLogprob as WireTokenLogprob
 from serve_app.reasoning import Opening, ReasoningFormat, ReasoningReader, Split
@@ -499,8 +499,7 @@ def chat_response(request: ChatCompletionRequest, result: ChatResult,
         model=request.model,
         choices=[_chat_choice(i, c, request, answer_format.reader(result.opening))
                  for i, c in enumerate(result.choices)],
-        usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                    total_tokens=result.prompt_tokens + result.completion_tokens),
+        usage=usage_of(result.prompt_tokens, result.completion_tokens, result.reasoning_tokens),
     )
 
 

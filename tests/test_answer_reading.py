@@ -525,8 +525,21 @@ def _fit_tool_model(source: Path, target: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tools_app(cluster, server, models_dir, tmp_path_factory):
-    path = _fit_tool_model(models_dir / "tiny-llama", tmp_path_factory.mktemp("tool-model") / "tool-llama")
+def tool_model(models_dir, tmp_path_factory) -> Path:
+    return _fit_tool_model(models_dir / "tiny-llama", tmp_path_factory.mktemp("tool-model") / "tool-llama")
+
+
+def _token_count(model: Path, text: str) -> int:
+    """How many tokens `text` is to the tool model (its taught answers' pieces between special
+    tokens are tokenized on their own)."""
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(model)(text, add_special_tokens=False)["input_ids"])
+
+
+@pytest.fixture(scope="module")
+def tools_app(cluster, server, tool_model, tmp_path_factory):
+    path = tool_model
     args = cluster.args(route_prefix="/tools")
     chat = next(m for m in args["models"] if m["kind"] == "chat")
     args["models"] = [{**chat, "name": "tool-llama", "path": str(path), "tool_call_parser": "hermes",
@@ -670,7 +683,7 @@ def test_a_qwen3_coder_models_calls_come_back_typed_by_the_tools_schema(client):
     assert [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason] == ["tool_calls"]
 
 
-def test_a_gpt_oss_models_channels_come_back_as_reasoning_content_and_calls(client, tools_app):
+def test_a_gpt_oss_models_channels_come_back_as_reasoning_content_and_calls(client, tools_app, tool_model):
     """Harmony's markers are special tokens, kept for this format: the analysis channel is the
     reasoning, the final channel the content, a message to functions.* a call; streamed, the same."""
     ask = _ask(GPTOSS_CALL, model="gptoss-llama")
@@ -684,9 +697,13 @@ def test_a_gpt_oss_models_channels_come_back_as_reasoning_content_and_calls(clie
     pieces = [call for d in deltas for call in d.tool_calls or []]
     assert "".join(p.function.arguments for p in pieces) == '{"city":"Bergen"}' and pieces[0].function.name == "get_weather"
     assert "".join(d.model_extra.get("reasoning") or "" for d in deltas) == "Need the weather."
-    text = client.chat.completions.create(**_ask(GPTOSS_TEXT, model="gptoss-llama")).choices[0]
+    answered = client.chat.completions.create(**_ask(GPTOSS_TEXT, model="gptoss-llama"))
+    text = answered.choices[0]
     assert (text.message.content, text.message.model_extra["reasoning"], text.finish_reason) == (
         "Hi from harmony!", "A greeting.", "stop")
+    # Its thinking is every token before the final channel's header.
+    thinking = TAUGHT[GPTOSS_TEXT][:TAUGHT[GPTOSS_TEXT].index("<|channel|>final<|message|>")]
+    assert answered.usage.completion_tokens_details.reasoning_tokens == _token_count(tool_model, thinking)
     # Under a JSON schema the thinking is free, and the final channel's text is the JSON.
     schema = client.chat.completions.create(**_ask(GPTOSS_TEXT, model="gptoss-llama", response_format=CITY)).choices[0]
     assert schema.message.model_extra["reasoning"] == "A greeting." and schema.finish_reason == "stop"
@@ -698,17 +715,27 @@ def test_a_gpt_oss_models_channels_come_back_as_reasoning_content_and_calls(clie
     assert "harmony" in refused.json()["message"]
 
 
-def test_thinking_comes_back_as_reasoning(client, tools_app):
-    choice = client.chat.completions.create(**_ask(THINK)).choices[0]
+def test_thinking_comes_back_as_reasoning(client, tools_app, tool_model):
+    answer = client.chat.completions.create(**_ask(THINK))
+    choice = answer.choices[0]
     assert (choice.message.content, choice.message.tool_calls, choice.finish_reason) == ("Hello there!", None, "stop")
+    # usage counts the thinking's tokens (its markers left out), as vLLM does; streamed, the same.
+    thought = _token_count(tool_model, "\nA greeting is wanted.\n")
+    assert answer.usage.completion_tokens_details.reasoning_tokens == thought
+    assert answer.usage.completion_tokens > thought
+    chunks = list(client.chat.completions.create(**_ask(THINK), stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == thought
+    assert client.chat.completions.create(**_ask(THINK), n=2).usage.completion_tokens_details.reasoning_tokens == \
+        2 * thought  # every choice's
     raw = httpx.post(tools_app + "/v1/chat/completions", json=_ask(THINK), timeout=60).json()["choices"][0]["message"]
     assert raw["reasoning"] == raw["reasoning_content"] == "\nA greeting is wanted.\n"  # vLLM's name and DeepSeek's
     called = client.chat.completions.create(**_ask(THINK_CALL)).choices[0]
     assert called.message.reasoning == "\nI need the weather.\n" and called.message.content is None
     assert _calls(called.message.tool_calls) == [("get_weather", {"city": "Rome"})]
     # A plain answer has no thinking, and no reasoning fields.
-    assert "reasoning" not in httpx.post(tools_app + "/v1/chat/completions", json=_ask(NO_CALL),
-                                         timeout=60).json()["choices"][0]["message"]
+    plain = httpx.post(tools_app + "/v1/chat/completions", json=_ask(NO_CALL), timeout=60).json()
+    assert "reasoning" not in plain["choices"][0]["message"]
+    assert plain["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
     # The thinking goes back into the conversation under either name.
     for name in ("reasoning", "reasoning_content"):
         follow_up = _ask(THINK, max_tokens=3, messages=[

@@ -561,3 +561,21 @@ def test_a_schema_error_is_llguidances_words_without_its_parser_state(thinking_t
     with pytest.raises(InvalidRequest, match=says) as refused:
         _compiler(thinking_tokenizer).grammars(json_grammar(schema, any_whitespace=False), 1, param="tools")
     assert refused.value.param == "tools" and "<state>" not in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("fmt, start, end, opening, tokens, state, counted", [
+    ("qwen3", 10, (11,), None, [10, 5, 6, 7, 11, 8, 9], "answer", 3),  # <think> 5 6 7 </think> 8 9
+    ("qwen3", 10, (11,), None, [5, 10, 6, 11], "answer", 0),  # not its first token: no thinking
+    ("qwen3", 10, (11,), "thinking", [5, 6, 11, 8], "answer", 2),  # the prompt opened it
+    ("qwen3", 10, (11,), "answer", [10, 5, 11], "answer", 0),  # the prompt closed it
+    ("deepseek_r1", 10, (11,), None, [5, 6, 7], "thinking", 3),  # thinks from the start; cut off
+    ("openai_gptoss", None, (20, 21, 22), None, [1, 20, 3, 20, 21, 22, 4], "answer", 3),  # before the final header
+])
+def test_thinking_is_followed_and_counted_token_by_token(fmt, start, end, opening, tokens, state, counted):
+    """usage's reasoning_tokens: the thinking's tokens, its markers left out (as vLLM counts them)."""
+    from serve_app.structured_output import Thinking, ThinkingMarkers
+
+    thinking = Thinking(ThinkingMarkers(start=start, end=end, fmt=fmt, eos_ids=frozenset({2})), opening)
+    for token in tokens:
+        thinking.follow(token)
+    assert (thinking.state, thinking.tokens) == (state, counted)
