@@ -74,10 +74,10 @@ def _check(config: dict[str, Any]) -> None:
     try:
         from pydantic import ValidationError
 
+        from serve_app.check_config import override_findings
         from serve_app.config import AppConfig
     except ImportError:
         return
-    from serve_app.check_config import override_findings
 
     for app in config.get("applications") or []:
         try:
@@ -86,7 +86,10 @@ def _check(config: dict[str, Any]) -> None:
             raise SystemExit(f"serve_config.yaml with overrides.yaml makes an invalid config for application "
                              f"{app.get('name')!r}:\n{exc}") from None
         # Serve's own `deployments:` list beside the args: what it would ignore or refuse.
-        problems, warnings = override_findings(args, app.get("deployments") or [])
+        try:
+            problems, warnings = override_findings(args, app.get("deployments") or [])
+        except ImportError:  # no Ray beside serve_app here: Serve's defaults cannot be read
+            problems, warnings = [], []
         for warning in warnings:
             print(f"warning: application {app.get('name')!r}: {warning}", file=sys.stderr)
         if problems:

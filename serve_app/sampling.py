@@ -339,21 +339,18 @@ def _sample(logits: torch.Tensor, group: SampleGroup) -> torch.Tensor:
     if order is None:
         picked = picked.clamp_(max=vocab - 1)
         if probs.device.type != "cpu":  # a CPU's cumsum adds in double: a flat stretch stays flat
-            picked = kept_at_or_before(probs, picked)
+            picked = kept_or_likeliest(probs, picked)
         return picked.squeeze(1)
     # A parallel scan (GPU) may round the flat tail a few ulps above the last kept position.
     last_kept = ((probs > 0).sum(dim=-1, keepdim=True) - 1).clamp_(min=0)
     return order.gather(1, torch.minimum(picked, last_kept)).squeeze(1)
 
 
-def kept_at_or_before(probs: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
-    """`picked` ([rows, 1] positions), each moved to the nearest position at or before it whose
-    probability is not zero (the first such position where there is none before). A GPU's
-    parallel scan may round the cumulative sum a few ulps up across tokens of probability zero
-    (a grammar's or min-p's masked tokens lie anywhere in vocabulary order), and a draw could
-    land on one: a token the grammar forbids, or an end of sequence `min_tokens` holds back."""
-    kept = probs > 0
-    positions = torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
-    last_kept = torch.where(kept, positions, -1).cummax(dim=-1).values.gather(1, picked)
-    first_kept = kept.to(torch.int8).argmax(dim=-1, keepdim=True)
-    return torch.where(last_kept >= 0, last_kept, first_kept)
+def kept_or_likeliest(probs: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    """`picked` ([rows, 1] positions), where one has probability zero replaced by its row's most
+    likely token. A GPU's parallel scan may round the cumulative sum a few ulps up across
+    tokens of probability zero (a grammar's or min-p's masked tokens lie anywhere in vocabulary
+    order), and a draw could land on one (about once in a million draws): a token the grammar
+    forbids, or an end of sequence `min_tokens` holds back. A gather and a reduction, no
+    vocabulary-wide temporaries, and no sync with the host."""
+    return torch.where(probs.gather(1, picked) > 0, picked, probs.argmax(dim=-1, keepdim=True))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -82,8 +83,21 @@ def drain_haproxy(timeout_s: float, under: psutil.Process | None = None) -> int:
             pass
     if proxies and timeout_s > 0:
         say(f"HAProxy takes no new connections; waiting up to {timeout_s:g} s for the requests in flight")
-        psutil.wait_procs(proxies, timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while any(map(_running, proxies)) and time.monotonic() < deadline:
+            time.sleep(0.1)
     return len(proxies)
+
+
+def _running(process: psutil.Process) -> bool:
+    """Alive and not a zombie: an HAProxy that has ended, which its parent (Serve's proxy, not
+    this process) has not reaped yet, is done (psutil's wait would wait on it to the timeout)."""
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def withdraw_from_network() -> None:

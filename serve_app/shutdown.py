@@ -29,35 +29,54 @@ from serve_app.withdraw import add_address_argument, connect, withdraw_registrat
 PROG = "python -m serve_app.shutdown"
 
 
-def _drain_this_node(timeout_s: float) -> int:
+def _drain_this_node(timeout_s: float) -> int | None:
     """On one node: soft-stop the HAProxy processes of this node's Ray (its raylet's
-    descendants, never another Ray's on the same machine) and wait for them."""
+    descendants, never another Ray's on the same machine) and wait for them. None where this
+    task finds no raylet above it."""
     import psutil
 
-    raylet = psutil.Process().parent()  # a task's worker is a child of its node's raylet
-    if raylet is None or "raylet" not in raylet.name():
-        return 0
-    return drain_haproxy(timeout_s, under=raylet)
+    # A task's worker runs under its node's raylet (through a shell, or `uv run`, for some runtime envs).
+    raylet = next((p for p in psutil.Process().parents() if p.name().startswith("raylet")), None)
+    return None if raylet is None else drain_haproxy(timeout_s, under=raylet)
 
 
-def drain_every_node(timeout_s: float) -> tuple[int, int]:
+def drain_every_node(timeout_s: float) -> list[str]:
     """Soft-stop HAProxy on every alive node at once and wait for their requests in flight.
-    Returns (nodes reached, HAProxy processes drained)."""
+    Returns a line per node that could not be drained (empty: all were), then one in all."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     drain = ray.remote(num_cpus=0, max_retries=0)(_drain_this_node)
     nodes = [node["NodeID"] for node in ray.nodes() if node.get("Alive")]
-    pending = [drain.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(timeout_s)
-               for node in nodes]
-    done, _ = ray.wait(pending, num_returns=len(pending), timeout=timeout_s + 30)
-    drained = 0
-    for ref in done:
+    pending = {drain.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(timeout_s):
+               node for node in nodes}
+    done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s + 30)
+    lines, drained = [], 0
+    for ref, node in pending.items():
         try:
-            drained += ray.get(ref)
-        except Exception:  # noqa: BLE001 - a node that failed to drain still shuts down with Serve
-            pass
-    return len(done), drained
+            found = ray.get(ref) if ref in done else "no answer"
+        except Exception as exc:  # noqa: BLE001 - a node that failed to drain still shuts down with Serve
+            found = f"{type(exc).__name__}: {exc}"
+        if isinstance(found, int):
+            drained += found
+        else:
+            lines.append(f"node {node}: HAProxy not drained ({found if found else 'no raylet above the task'}); "
+                         "its requests in flight end as Serve shuts down")
+    lines.append(f"{drained} HAProxy process(es) on {len(nodes)} node(s) took no new connections and let their "
+                 "requests in flight finish")
+    return lines
+
+
+def serve_is_down() -> bool:
+    """Whether Serve's controller is gone (`serve.shutdown` gives up after 30 s with a warning)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,10 +94,13 @@ def main(argv: list[str] | None = None) -> int:
 
     for _, line in withdraw_registrations():
         print(f"shutdown: {line}", file=sys.stderr)
-    nodes, drained = drain_every_node(max(0.0, ns.drain_timeout))
-    print(f"shutdown: {drained} HAProxy process(es) on {nodes} node(s) took no new connections and let "
-          "their requests in flight finish", file=sys.stderr)
+    for line in drain_every_node(max(0.0, ns.drain_timeout)):
+        print(f"shutdown: {line}", file=sys.stderr)
     serve.shutdown()
+    if not serve_is_down():
+        print("shutdown: Serve's controller is still there after its 30 s shutdown: run this again, or see "
+              "`serve status`", file=sys.stderr)
+        return 1
     print("shutdown: Serve is shut down", file=sys.stderr)
     return 0
 

@@ -71,6 +71,9 @@ def text_grammar(kind: str, value: str | list[str], param: str) -> str:
 
 HARMONY_ANSWER = "<|channel|>final<|message|>"
 """Where gpt-oss's answer (its final channel's text) begins, after its thinking."""
+HARMONY_ANALYSIS = "<|channel|>analysis<|message|>"
+"""Where gpt-oss's reasoning (its analysis channel's text) begins; it ends at `<|end|>`."""
+HARMONY_MESSAGE_END = "<|end|>"
 
 
 @dataclass(frozen=True)
@@ -78,12 +81,15 @@ class ThinkingMarkers:
     """Where a reasoning model's thinking starts (`<think>`'s token id; None where every answer
     thinks first) and the token ids that end it (`</think>`, or harmony's final channel's header),
     its format, and the ids that end an answer (not allowed while it thinks: the answer must
-    reach its JSON)."""
+    reach its JSON). For gpt-oss, also where its reasoning proper (the analysis channel's
+    message) begins and ends: its thinking holds more (headers, a commentary channel's call)."""
 
     start: int | None
     end: tuple[int, ...]
     fmt: ReasoningFormat
     eos_ids: frozenset[int]
+    analysis: tuple[int, ...] | None = None
+    message_end: frozenset[int] = frozenset()
 
     @classmethod
     def of(cls, tokenizer: PreTrainedTokenizerBase, fmt: ReasoningFormat | None,
@@ -102,7 +108,9 @@ class ThinkingMarkers:
             if tokenizer.decode(list(ids), skip_special_tokens=False) != HARMONY_ANSWER or \
                     tokenizer.decode(list(ids), skip_special_tokens=True) == HARMONY_ANSWER:
                 return None  # its markers are no special tokens of this tokenizer
-            return cls(start=None, end=ids, fmt=fmt, eos_ids=frozenset(eos_ids))
+            return cls(start=None, end=ids, fmt=fmt, eos_ids=frozenset(eos_ids),
+                       analysis=tuple(tokenizer.encode(HARMONY_ANALYSIS, add_special_tokens=False)),
+                       message_end=frozenset(tokenizer.encode(HARMONY_MESSAGE_END, add_special_tokens=False)[:1]))
         vocab = tokenizer.get_vocab()
         ids = [vocab.get(START), vocab.get(END)]
         if None in ids or [tokenizer.decode([i], skip_special_tokens=True) for i in ids] != [START, END]:
@@ -114,8 +122,9 @@ class Thinking:
     """Whether one answer is thinking, token by token, from where the prompt leaves it
     (`opening`): with `qwen3` an answer thinks only if its first token is `<think>`; a
     DeepSeek-R1 or gpt-oss answer (or one whose prompt opened the thinking) thinks from its
-    first token. `tokens` counts the thinking's tokens, its markers left out, as vLLM counts
-    `reasoning_tokens`."""
+    first token. `tokens` counts the tokens of what is read out as `reasoning`, as vLLM
+    counts `reasoning_tokens`: the thinking less its markers (a leading `<think>` too, which
+    the reader drops), or gpt-oss's analysis messages (not their headers, nor a call)."""
 
     def __init__(self, markers: ThinkingMarkers, opening: Opening = None) -> None:
         self.markers = markers
@@ -124,18 +133,31 @@ class Thinking:
             "thinking" if opening == "thinking" or markers.start is None or markers.fmt == "deepseek_r1"
             else "may_think")
         self.tokens = 0
-        self._recent: tuple[int, ...] = ()  # the thinking's last tokens, as many as its end has
+        self._counting = markers.analysis is None  # gpt-oss: only inside an analysis message
+        self._first = True  # no token of the thinking yet
+        self._window = max(len(markers.end), len(markers.analysis or ()))
+        self._recent: tuple[int, ...] = ()  # the thinking's last tokens, as many as its markers have
 
     def follow(self, token: int) -> None:
-        if self.state == "thinking":
-            end = self.markers.end
-            self._recent = (*self._recent, token)[-len(end):]
-            if self._recent == end:  # the end's tokens before this one were counted: they were not thinking
-                self.state, self.tokens = "answer", self.tokens - (len(end) - 1)
-            else:
-                self.tokens += 1
-        elif self.state == "may_think":
+        if self.state == "may_think":
             self.state = "thinking" if token == self.markers.start else "answer"
+            return
+        if self.state != "thinking":
+            return
+        first, self._first = self._first, False
+        end, analysis = self.markers.end, self.markers.analysis
+        self._recent = (*self._recent, token)[-self._window:]
+        if self._recent[-len(end):] == end:
+            self.state = "answer"
+            if self._counting:  # the end's tokens before this one were counted: they were not thinking
+                self.tokens -= len(end) - 1
+        elif analysis is None:
+            self.tokens += not (first and token == self.markers.start)
+        elif self._counting:
+            self._counting = token not in self.markers.message_end
+            self.tokens += self._counting
+        else:
+            self._counting = self._recent[-len(analysis):] == analysis
 
 
 class AnswerGrammar:

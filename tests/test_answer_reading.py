@@ -701,9 +701,10 @@ def test_a_gpt_oss_models_channels_come_back_as_reasoning_content_and_calls(clie
     text = answered.choices[0]
     assert (text.message.content, text.message.model_extra["reasoning"], text.finish_reason) == (
         "Hi from harmony!", "A greeting.", "stop")
-    # Its thinking is every token before the final channel's header.
-    thinking = TAUGHT[GPTOSS_TEXT][:TAUGHT[GPTOSS_TEXT].index("<|channel|>final<|message|>")]
-    assert answered.usage.completion_tokens_details.reasoning_tokens == _token_count(tool_model, thinking)
+    # Its reasoning tokens are its analysis message's (not the headers, nor a call).
+    assert answered.usage.completion_tokens_details.reasoning_tokens == _token_count(tool_model, "A greeting.")
+    called = client.chat.completions.create(**ask).usage
+    assert called.completion_tokens_details.reasoning_tokens == _token_count(tool_model, "Need the weather.")
     # Under a JSON schema the thinking is free, and the final channel's text is the JSON.
     schema = client.chat.completions.create(**_ask(GPTOSS_TEXT, model="gptoss-llama", response_format=CITY)).choices[0]
     assert schema.message.model_extra["reasoning"] == "A greeting." and schema.finish_reason == "stop"

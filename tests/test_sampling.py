@@ -311,15 +311,15 @@ def test_every_bit_of_a_seed_counts():
     assert draws(2**40, n=2)[1] == draws(2**40 + 1)[0] and draws(-1, n=2)[1] == draws(0)[0]
 
 
-def test_a_draw_rounded_onto_a_masked_token_moves_to_the_nearest_kept_one():
+def test_a_draw_rounded_onto_a_masked_token_takes_the_likeliest_instead():
     """A GPU's parallel scan may round the cdf up across tokens of probability zero (masked by
-    a grammar or min-p, anywhere in vocabulary order), so searchsorted can land on one; the
-    draw moves back to the nearest kept token (the first kept one where none is before)."""
-    from serve_app.sampling import kept_at_or_before
+    a grammar or min-p, anywhere in vocabulary order), so searchsorted can land on one; that
+    draw takes the row's most likely token instead."""
+    from serve_app.sampling import kept_or_likeliest
 
-    probs = torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.5, 0.0],
+    probs = torch.tensor([[0.0, 0.4, 0.0, 0.0, 0.6, 0.0],
                           [0.0, 0.0, 0.7, 0.0, 0.3, 0.0]])
     picked = torch.tensor([[3], [1]])  # zero-probability positions, as a rounded cdf could give
-    assert kept_at_or_before(probs, picked).tolist() == [[1], [2]]
-    kept = torch.tensor([[4], [2]])
-    assert kept_at_or_before(probs, kept).tolist() == [[4], [2]]  # a kept draw stays
+    assert kept_or_likeliest(probs, picked).tolist() == [[4], [2]]
+    kept = torch.tensor([[1], [4]])
+    assert kept_or_likeliest(probs, kept).tolist() == [[1], [4]]  # a kept draw stays

@@ -282,3 +282,20 @@ def test_a_closed_terminal_does_not_stop_the_graceful_stop_from_writing():
     os.close(terminal)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_an_haproxy_that_ended_is_not_waited_on_though_its_parent_has_not_reaped_it():
+    """The drain waits on HAProxy processes that are Serve's proxy's children, not its own: one
+    that has ended stays a zombie until its parent reaps it, and psutil's wait waited on it to
+    the drain's timeout."""
+    import psutil
+
+    from serve_app.serve_run import _running
+
+    ended = subprocess.Popen(["true"])  # ended, and not reaped until wait() below
+    try:
+        assert wait_for(lambda: psutil.Process(ended.pid).status() == psutil.STATUS_ZOMBIE, timeout=10, interval=0.05)
+        assert not _running(psutil.Process(ended.pid))
+        assert _running(psutil.Process())
+    finally:
+        ended.wait()

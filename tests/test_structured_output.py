@@ -569,13 +569,21 @@ def test_a_schema_error_is_llguidances_words_without_its_parser_state(thinking_t
     ("qwen3", 10, (11,), "thinking", [5, 6, 11, 8], "answer", 2),  # the prompt opened it
     ("qwen3", 10, (11,), "answer", [10, 5, 11], "answer", 0),  # the prompt closed it
     ("deepseek_r1", 10, (11,), None, [5, 6, 7], "thinking", 3),  # thinks from the start; cut off
-    ("openai_gptoss", None, (20, 21, 22), None, [1, 20, 3, 20, 21, 22, 4], "answer", 3),  # before the final header
+    ("deepseek_r1", 10, (11,), None, [10, 5, 6, 11, 8], "answer", 2),  # a leading <think> the reader drops
+    ("qwen3", 10, (11,), "thinking", [10, 5, 11], "answer", 1),
+    # gpt-oss: <|channel|>=20 final=21 analysis=23 <|message|>=22 <|end|>=24; only the analysis
+    # message's tokens are reasoning, not headers, nor a commentary channel's call.
+    ("openai_gptoss", None, (20, 21, 22), None, [20, 23, 22, 5, 6, 24, 30, 20, 21, 22, 4], "answer", 2),
+    ("openai_gptoss", None, (20, 21, 22), None, [20, 23, 22, 5, 6, 7, 24, 30, 20, 31, 22, 8, 9], "thinking", 3),
+    ("openai_gptoss", None, (20, 21, 22), None, [20, 23, 22, 5, 20, 21, 22, 4], "answer", 1),  # no <|end|>
 ])
 def test_thinking_is_followed_and_counted_token_by_token(fmt, start, end, opening, tokens, state, counted):
-    """usage's reasoning_tokens: the thinking's tokens, its markers left out (as vLLM counts them)."""
+    """usage's reasoning_tokens: the tokens read out as `reasoning`, markers left out (as vLLM
+    counts them)."""
     from serve_app.structured_output import Thinking, ThinkingMarkers
 
-    thinking = Thinking(ThinkingMarkers(start=start, end=end, fmt=fmt, eos_ids=frozenset({2})), opening)
+    harmony = {"analysis": (20, 23, 22), "message_end": frozenset({24})} if fmt == "openai_gptoss" else {}
+    thinking = Thinking(ThinkingMarkers(start=start, end=end, fmt=fmt, eos_ids=frozenset({2}), **harmony), opening)
     for token in tokens:
         thinking.follow(token)
     assert (thinking.state, thinking.tokens) == (state, counted)
