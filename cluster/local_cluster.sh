@@ -306,8 +306,12 @@ cmd_stop() {
       command -v timeout >/dev/null && bounded=(timeout "$((SHUTDOWN_TIMEOUT_S + DRAIN_TIMEOUT_S))")
       log "stopping Serve gracefully: withdrawing the models from the AI network's nodes (where registration is on),"
       log "draining every node's HAProxy (up to ${DRAIN_TIMEOUT_S}s for the requests in flight), then serve shutdown"
+      local stopped=0  # 2: Serve is down, less gracefully than asked (said above); else it failed
       "${bounded[@]+"${bounded[@]}"}" "$PYTHON" -m serve_app.shutdown --drain-timeout "$DRAIN_TIMEOUT_S" >&2 ||
+        stopped=$?
+      if (( stopped != 0 && stopped != 2 )); then
         log "the graceful stop failed or took over $((SHUTDOWN_TIMEOUT_S + DRAIN_TIMEOUT_S))s; stopping the nodes anyway"
+      fi
     fi
     # Workers first, while the head (GCS) is up to accept their drain; then the head.
     stop_nodes node_a node_b

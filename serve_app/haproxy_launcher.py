@@ -30,6 +30,11 @@ Before HAProxy starts, it also adds to the `defaults` of the config Serve wrote 
   no application is routed yet in the first STARTING_WINDOW_S of HAProxy (starting), the
   503 `service_unavailable` instead.
 
+And to its `global` section an admin socket of this HAProxy process's own
+(`sa.<pid>.sock` beside the config), through which a stop drains it
+(`haproxy_drain`): Serve's own admin socket is shared, through a reload, by the old process
+and the new one, and a command sent there reaches either.
+
 Where the rewrite fails, HAProxy starts on Serve's config as it is (said on stderr).
 """
 
@@ -157,6 +162,29 @@ def with_our_defaults(config: str, timeout_s: int, error_files: dict[int, Path])
     return "".join([*lines[:start + 1], *kept, *added, *lines[end:]])
 
 
+ADMIN_SOCKET = "sa.{pid}.sock"
+UNIX_PATH_MAX = 97
+"""HAProxy's longest socket path: one beyond it is a fatal config error, so none is added."""
+
+
+def admin_socket(config: Path, pid: int) -> Path:
+    """The admin socket of the HAProxy process `pid` started with `config`."""
+    return config.parent / ADMIN_SOCKET.format(pid=pid)
+
+
+def with_own_admin_socket(config: str, path: Path) -> str:
+    """Serve's HAProxy config with an admin socket of this process's own at `path` in its
+    `global` section (an earlier process's dropped); without one where there is no `global`
+    section or the path is too long for HAProxy (the drain then soft-stops this HAProxy)."""
+    lines = [line for line in config.splitlines(keepends=True) if not (
+        line.split()[:2] == ["stats", "socket"] and f"{MARK} its own" in line)]
+    at = next((i for i, line in enumerate(lines) if line.strip() == "global" and not line[0].isspace()), None)
+    if at is None or len(str(path)) > UNIX_PATH_MAX:
+        return "".join(lines)
+    lines.insert(at + 1, f"    stats socket {path} mode 600 level admin  {MARK} its own, for the drain\n")
+    return "".join(lines)
+
+
 def config_path(argv: list[str]) -> Path | None:
     """The config file HAProxy is started with (`-f FILE`)."""
     return Path(argv[argv.index("-f") + 1]) if "-f" in argv[:-1] else None
@@ -166,6 +194,10 @@ def add_our_defaults(config: Path, timeout_s: int, first_start: bool = True) -> 
     """Rewrite `config` in place (HAProxy and Serve know it by that path), under the lock Serve
     takes to write it; the error files go beside it. `first_start`: Serve's first start of this
     HAProxy, not a reload (which starts the "starting" window of `with_json_404`)."""
+    for stale in config.parent.glob(ADMIN_SOCKET.format(pid="*")):  # of HAProxy processes that have ended
+        pid = stale.name.split(".")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            stale.unlink(missing_ok=True)
     error_files = {}
     for status, error in own_answers(timeout_s).items():
         path = config.parent / f"serve_app_{status}.http"
@@ -181,6 +213,7 @@ def add_our_defaults(config: Path, timeout_s: int, first_start: bool = True) -> 
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         text = config.read_text()
         changed = with_json_404(with_our_defaults(text, timeout_s, error_files), unrouted, starting, starting_until)
+        changed = with_own_admin_socket(changed, admin_socket(config, os.getpid()))  # exec keeps the pid
         if changed != text:
             config.write_text(changed)
 

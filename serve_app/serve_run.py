@@ -12,8 +12,8 @@ On that SIGINT, the registrars first withdraw the models from the AI network's n
 to refuse them. Then HAProxy (where Serve runs it) is drained: Serve's shutdown kills
 it at once (Ray 2.60's `HAProxyManager.stop` sends SIGKILL), and with it every request
 in flight, streams cut mid-answer, though the replicas behind it would have finished
-them. HAProxy's own soft stop (SIGUSR1) closes its listeners, lets the requests it holds
-finish, then exits; `serve run` shuts Serve down once every one has, or after
+them. The drain (`haproxy_drain`) refuses new connections and lets the requests HAProxy
+holds finish; `serve run` shuts Serve down once every one has, or after
 SERVE_APP_DRAIN_TIMEOUT_S (30). A second SIGINT stops waiting.
 
     python -m serve_app.serve_run CONFIG [serve run's options...]
@@ -24,12 +24,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from types import FrameType
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import psutil
 
 DRAIN_ENV = "SERVE_APP_DRAIN_TIMEOUT_S"
 DEFAULT_DRAIN_S = 30.0
@@ -66,38 +61,16 @@ def drain_timeout_s() -> float:
         return DEFAULT_DRAIN_S
 
 
-def drain_haproxy(timeout_s: float, under: psutil.Process | None = None) -> int:
-    """Soft-stop the HAProxy processes under `under` (default: this process, the `serve run`
-    that started its Ray; never another server's) and wait up to `timeout_s` for them to end.
-    Returns how many there were."""
-    import psutil  # Ray's own dependency
+def drain(timeout_s: float) -> None:
+    """Drain the HAProxy this `serve run` started (`haproxy_drain`), saying what it does."""
+    from serve_app.haproxy_drain import drain_haproxy
 
-    try:
-        proxies = [p for p in (under or psutil.Process()).children(recursive=True) if p.name() == "haproxy"]
-    except psutil.Error:
-        return 0
-    for proxy in proxies:
-        try:
-            proxy.send_signal(signal.SIGUSR1)
-        except psutil.Error:
-            pass
-    if proxies and timeout_s > 0:
-        say(f"HAProxy takes no new connections; waiting up to {timeout_s:g} s for the requests in flight")
-        deadline = time.monotonic() + timeout_s
-        while any(map(_running, proxies)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-    return len(proxies)
-
-
-def _running(process: psutil.Process) -> bool:
-    """Alive and not a zombie: an HAProxy that has ended, which its parent (Serve's proxy, not
-    this process) has not reaped yet, is done (psutil's wait would wait on it to the timeout)."""
-    import psutil
-
-    try:
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+    drained = drain_haproxy(timeout_s)
+    if drained.cut:
+        say(f"HAProxy took no new connections, but {drained.cut} request(s) (or soft-stopped HAProxy processes) "
+            f"still open after {timeout_s:g} s are cut as Serve shuts down")
+    elif drained.proxies:
+        say("HAProxy took no new connections, and its requests in flight have finished")
 
 
 def withdraw_from_network() -> None:
@@ -126,7 +99,7 @@ def drain_then_interrupt(signum: int, frame: FrameType | None) -> None:
     try:
         detach_from_a_gone_terminal()
         withdraw_from_network()
-        drain_haproxy(drain_timeout_s())
+        drain(drain_timeout_s())
     except Exception as exc:  # noqa: BLE001 - whatever failed, Serve still shuts down gracefully
         say(f"the stop goes on without its first steps: {type(exc).__name__}: {exc}")
     raise KeyboardInterrupt

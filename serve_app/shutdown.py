@@ -7,8 +7,9 @@ port that refuses them meanwhile. This command does the three steps in the right
 every node of the cluster, through Ray itself:
 
 1. the registrars unregister the models from the AI network's nodes (`serve_app.withdraw`);
-2. each node's HAProxy is soft-stopped (SIGUSR1: listeners closed, the requests it holds
-   finish) by a task pinned to that node, which waits up to `--drain-timeout` (30 s) for them;
+2. each node's HAProxy is drained (`haproxy_drain`: new connections refused, the requests it
+   holds finish) by a task pinned to that node, which waits up to `--drain-timeout` (30 s, or
+   SERVE_APP_DRAIN_TIMEOUT_S) for them;
 3. `serve.shutdown()`: the replicas drain and stop.
 
     python -m serve_app.shutdown [--address ADDRESS] [--drain-timeout SECONDS]
@@ -23,16 +24,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from serve_app.serve_run import DEFAULT_DRAIN_S, drain_haproxy
+from serve_app.haproxy_drain import Drained, drain_haproxy
+from serve_app.serve_run import drain_timeout_s
 from serve_app.withdraw import add_address_argument, connect, withdraw_registrations
 
 PROG = "python -m serve_app.shutdown"
 
 
-def _drain_this_node(timeout_s: float) -> int | None:
-    """On one node: soft-stop the HAProxy processes of this node's Ray (its raylet's
-    descendants, never another Ray's on the same machine) and wait for them. None where this
-    task finds no raylet above it."""
+def _drain_this_node(timeout_s: float) -> Drained | None:
+    """On one node: drain the HAProxy processes of this node's Ray (its raylet's descendants,
+    never another Ray's on the same machine). None where this task finds no raylet above it."""
     import psutil
 
     # A task's worker runs under its node's raylet (through a shell, or `uv run`, for some runtime envs).
@@ -40,9 +41,10 @@ def _drain_this_node(timeout_s: float) -> int | None:
     return None if raylet is None else drain_haproxy(timeout_s, under=raylet)
 
 
-def drain_every_node(timeout_s: float) -> list[str]:
-    """Soft-stop HAProxy on every alive node at once and wait for their requests in flight.
-    Returns a line per node that could not be drained (empty: all were), then one in all."""
+def drain_every_node(timeout_s: float) -> tuple[list[str], bool]:
+    """Drain HAProxy on every alive node at once, waiting for their requests in flight.
+    Returns a line per node that could not be drained, then one in all; and whether every
+    request in flight has finished on every node (where there was HAProxy to drain)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -51,20 +53,28 @@ def drain_every_node(timeout_s: float) -> list[str]:
     pending = {drain.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(timeout_s):
                node for node in nodes}
     done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s + 30)
-    lines, drained = [], 0
+    lines, drained = [], Drained()
     for ref, node in pending.items():
         try:
             found = ray.get(ref) if ref in done else "no answer"
         except Exception as exc:  # noqa: BLE001 - a node that failed to drain still shuts down with Serve
             found = f"{type(exc).__name__}: {exc}"
-        if isinstance(found, int):
+        if isinstance(found, Drained):
             drained += found
         else:
-            lines.append(f"node {node}: HAProxy not drained ({found if found else 'no raylet above the task'}); "
-                         "its requests in flight end as Serve shuts down")
-    lines.append(f"{drained} HAProxy process(es) on {len(nodes)} node(s) took no new connections and let their "
-                 "requests in flight finish")
-    return lines
+            lines.append(f"node {node}: HAProxy not drained ({found or 'no raylet above the task'}); "
+                         "its requests in flight are cut as Serve shuts down")
+    if not drained.proxies:
+        lines.append(f"no HAProxy on the {len(nodes)} node(s) (RAY_SERVE_ENABLE_HA_PROXY=0?): nothing drains, "
+                     "and Serve's shutdown cuts the requests in flight")
+    elif drained.cut:
+        lines.append(f"{drained.proxies} HAProxy process(es) on {len(nodes)} node(s) took no new connections, but "
+                     f"{drained.cut} request(s) (or soft-stopped HAProxy processes) still open after {timeout_s:g} s are "
+                     "cut as Serve shuts down")
+    else:
+        lines.append(f"{drained.proxies} HAProxy process(es) on {len(nodes)} node(s) took no new connections, and "
+                     "their requests in flight have finished")
+    return lines, not drained.cut and len(lines) == 1
 
 
 def serve_is_down() -> bool:
@@ -84,17 +94,23 @@ def main(argv: list[str] | None = None) -> int:
         "Stop Serve gracefully: withdraw the models from the AI network's nodes, drain every node's "
         "HAProxy, then shut Serve down."))
     add_address_argument(parser)
-    parser.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_S,
-                        help="seconds the requests in flight get to finish (default %(default)g)")
+    parser.add_argument("--drain-timeout", type=float, default=drain_timeout_s(),
+                        help="seconds the requests in flight get to finish (default: SERVE_APP_DRAIN_TIMEOUT_S, "
+                             "else 30)")
     ns = parser.parse_args(argv)
     failed = connect(ns.address, "shutdown")
     if failed is not None:
         return failed
     from ray import serve
 
-    for _, line in withdraw_registrations():
+    if serve_is_down():
+        print("shutdown: Serve is not running on this Ray cluster: nothing to stop", file=sys.stderr)
+        return 0
+    withdrawn = withdraw_registrations()
+    for _, line in withdrawn:
         print(f"shutdown: {line}", file=sys.stderr)
-    for line in drain_every_node(max(0.0, ns.drain_timeout)):
+    lines, drained = drain_every_node(max(0.0, ns.drain_timeout))
+    for line in lines:
         print(f"shutdown: {line}", file=sys.stderr)
     serve.shutdown()
     if not serve_is_down():
@@ -102,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
               "`serve status`", file=sys.stderr)
         return 1
     print("shutdown: Serve is shut down", file=sys.stderr)
-    return 0
+    # 2: shut down, but not as gracefully as asked (a node not told, requests cut or not drained).
+    return 0 if drained and all(ok for ok, _ in withdrawn) else 2
 
 
 if __name__ == "__main__":

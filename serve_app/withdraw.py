@@ -96,6 +96,22 @@ def add_address_argument(parser: argparse.ArgumentParser) -> None:
                         help="the Ray cluster (default: RAY_ADDRESS, else the one on this machine)")
 
 
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # and empty SETTINGS
+
+
+def _speaks_grpc(host: str, port: int) -> bool:
+    """Whether the server at host:port answers HTTP/2's preface with its SETTINGS, as Ray's GCS
+    and Ray client (gRPC) do; an HTTP/1 server (the dashboard) does not. Raises OSError where
+    nothing listens."""
+    with socket.create_connection((host, port), timeout=5) as conn:
+        conn.sendall(HTTP2_PREFACE)
+        try:
+            head = conn.recv(9)
+        except TimeoutError:
+            return False
+    return len(head) >= 4 and head[3] == 0x04  # a frame header: length (3 bytes), then its type
+
+
 def connect(address: str, prog: str) -> int | None:
     """Connect this process to the Ray cluster at `address` as a driver, for the stop commands
     (`withdraw`, `shutdown`). Returns None once connected, else the exit status, having said why
@@ -107,9 +123,14 @@ def connect(address: str, prog: str) -> int | None:
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if host and port.isdigit():  # Ray would retry an address nobody listens on for a minute
         try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+            grpc = _speaks_grpc(host.strip("[]"), int(port))
         except OSError as exc:
             print(f"{prog}: no Ray at {address}: {exc}", file=sys.stderr)
+            return 1
+        if not grpc and os.environ.get("RAY_USE_TLS", "0") in ("0", ""):  # and for ever on another server's port
+            print(f"{prog}: {address} is no Ray cluster's address (what answers there does not speak gRPC): give "
+                  "its GCS (HOST:6379 by default) or Ray client (ray://HOST:10001), not its dashboard's port",
+                  file=sys.stderr)
             return 1
     import ray
 

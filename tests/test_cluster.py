@@ -988,24 +988,30 @@ def test_check_ports_takes_a_skippable_port_only_a_stopped_servers_closed_connec
     assert tool.main(["check-ports", str(port)]) == 1
 
 
-def test_drain_haproxy_lets_the_requests_in_flight_finish_and_leaves_other_haproxies(tmp_path):
-    """A stop soft-stops the HAProxy processes under one process (`serve run`'s, or on each node
-    of a cluster its raylet: serve_app.shutdown) before Serve's shutdown, which kills them and
-    every request in flight: a slow request through one is answered in full, and an HAProxy
-    that is not under that process goes on. Real HAProxy processes, no Ray."""
+@pytest.mark.parametrize("wrapped", [True, False], ids=["serve-app-haproxy", "plain haproxy"])
+def test_drain_haproxy_lets_the_requests_in_flight_finish_and_leaves_other_haproxies(tmp_path, wrapped):
+    """A stop drains the HAProxy processes under one process (`serve run`'s, or on each node of
+    a cluster its raylet: serve_app.shutdown) before Serve's shutdown, which kills them and
+    every request in flight: a slow request through one is answered in full, an idle
+    keep-alive connection (which Serve's config keeps open through a soft stop) does not hold
+    the stop, a request still in flight at the timeout is counted as cut, and an HAProxy that
+    is not under that process goes on. serve-app-haproxy's own admin socket drains it; a plain
+    HAProxy is soft-stopped and waited on. Real HAProxy processes, no Ray."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     import psutil
 
+    from serve_app.haproxy_drain import drain_haproxy
     from serve_app.haproxy_launcher import haproxy_binary
-    from serve_app.serve_run import drain_haproxy
 
     class Slow(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as Serve's replicas
+
         def log_message(self, *args):
             pass
 
         def do_GET(self):
-            time.sleep(1.5)
+            time.sleep(1.5 if self.path == "/slow" else 0)
             self.send_response(200)
             self.send_header("Content-Length", "4")
             self.end_headers()
@@ -1014,15 +1020,20 @@ def test_drain_haproxy_lets_the_requests_in_flight_finish_and_leaves_other_hapro
     backend = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
     threading.Thread(target=backend.serve_forever, daemon=True).start()
     binary, proxies = haproxy_binary(), {}
+    ours_binary = str(Path(sys.executable).parent / "serve-app-haproxy") if wrapped else binary
     try:
         for name in ("ours", "other"):
             port = free_port()
-            config = tmp_path / f"{name}.cfg"
-            config.write_text(f"defaults\n    mode http\n    timeout connect 5s\n    timeout client 30s\n"
-                              f"    timeout server 30s\nfrontend f\n    bind 127.0.0.1:{port}\n    default_backend b\n"
-                              f"backend b\n    server s 127.0.0.1:{backend.server_address[1]}\n")
+            config = tmp_path / name / "haproxy.cfg"
+            config.parent.mkdir()
+            # Serve's settings that matter here: a long client timeout, idle connections kept
+            # through a soft stop.
+            config.write_text(f"global\n    maxconn 100\ndefaults\n    mode http\n    timeout connect 5s\n"
+                              f"    timeout client 3600s\n    timeout server 30s\n    timeout http-keep-alive 90s\n"
+                              f"    option idle-close-on-response\nfrontend f\n    bind 127.0.0.1:{port}\n"
+                              f"    default_backend b\nbackend b\n    server s 127.0.0.1:{backend.server_address[1]}\n")
             # Ours under a parent of its own (as Serve's under its raylet); the other beside it.
-            command = ["sh", "-c", f'"{binary}" -db -f "{config}"; exit $?'] if name == "ours" else [
+            command = ["sh", "-c", f'"{ours_binary}" -db -f "{config}"; exit $?'] if name == "ours" else [
                 binary, "-db", "-f", str(config)]
             proxies[name] = (subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port)
 
@@ -1035,14 +1046,28 @@ def test_drain_haproxy_lets_the_requests_in_flight_finish_and_leaves_other_hapro
         for process, port in proxies.values():
             assert wait_for(lambda: process.poll() is None and serves(port), timeout=20, interval=0.2)
         ours, port = proxies["ours"]
+        idle = socket.create_connection(("127.0.0.1", port))  # a pooling client's idle connection
+        idle.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"done" in idle.recv(1000)
         answers: list[httpx.Response] = []
-        slow = threading.Thread(target=lambda: answers.append(httpx.get(f"http://127.0.0.1:{port}/x", timeout=30)))
+        slow = threading.Thread(target=lambda: answers.append(httpx.get(f"http://127.0.0.1:{port}/slow", timeout=30)))
         slow.start()
         time.sleep(0.3)  # in flight at the backend
-        assert drain_haproxy(20, under=psutil.Process(ours.pid)) == 1
+        started = time.monotonic()
+        drained = drain_haproxy(20 if wrapped else 3, under=psutil.Process(ours.pid))
         slow.join(timeout=30)
         assert [(a.status_code, a.text) for a in answers] == [(200, "done")]
-        assert ours.wait(timeout=10) == 0  # it ended once its request was answered
+        assert (drained.proxies, drained.cut) == (1, 0 if wrapped else 1)
+        if wrapped:  # done once its request was: the idle connection does not hold it
+            assert time.monotonic() - started < 10
+            with pytest.raises(OSError):  # and it takes no new connection
+                socket.create_connection(("127.0.0.1", port), timeout=2)
+            # A request still in flight when the drain gives up is counted as cut.
+            idle.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.3)
+            assert drain_haproxy(0.2, under=psutil.Process(ours.pid)).cut == 1
+        # (A plain HAProxy, soft-stopped, stays up for the idle connection: counted as not done.)
+        idle.close()
         other, other_port = proxies["other"]
         assert other.poll() is None and serves(other_port)
     finally:

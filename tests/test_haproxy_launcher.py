@@ -124,6 +124,36 @@ def test_it_makes_haproxy_wait_for_bodies_and_answer_its_own_errors_in_json(monk
     assert config.read_text() == text
 
 
+@pytest.mark.parametrize("folder_length, own_socket", [(75, True), (84, False)])
+def test_each_haproxy_gets_an_admin_socket_of_its_own_where_its_path_fits(monkeypatch, folder_length, own_socket):
+    """The drain's admin socket, one per HAProxy process (Serve's own is shared by the old and
+    the new process through a reload). In Serve's default folder (/tmp/haproxy-serve/<node id>,
+    75 characters) it fits HAProxy's 97-character limit, with the largest pid; in a longer
+    folder there is none, and HAProxy still starts (a path too long is a fatal config error)."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        folder = base / ("n" * (folder_length - len(str(base)) - 1))
+        folder.mkdir()
+        config = serves_config(folder)
+        monkeypatch.setattr(os, "getpid", lambda: 4194304)  # Linux's largest
+        [(binary, _)] = start(monkeypatch, config)
+        sockets = [line.split()[2] for line in config.read_text().splitlines() if line.split()[:2] == ["stats", "socket"]]
+        assert (str(folder / "sa.4194304.sock") in sockets) is own_socket, sockets
+        checked = subprocess.run([binary, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        # The next process (a reload) has its own in its place.
+        monkeypatch.setattr(os, "getpid", lambda: 77)
+        start(monkeypatch, config)
+        sockets = [line.split()[2] for line in config.read_text().splitlines() if line.split()[:2] == ["stats", "socket"]]
+        assert [s for s in sockets if "/sa." in s] == [str(folder / "sa.77.sock")]
+    finally:
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def test_while_no_application_is_routed_every_path_is_a_503_to_retry_not_a_404(monkeypatch, tmp_path):
     """Serve adds an application's route once its ingress replica is up: for about 10 s after
     `serve run` every request got the 404 `route_not_found`, which the openai client does not

@@ -290,7 +290,7 @@ def test_an_haproxy_that_ended_is_not_waited_on_though_its_parent_has_not_reaped
     the drain's timeout."""
     import psutil
 
-    from serve_app.serve_run import _running
+    from serve_app.haproxy_drain import _running
 
     ended = subprocess.Popen(["true"])  # ended, and not reaped until wait() below
     try:
