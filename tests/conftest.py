@@ -151,3 +151,38 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, interval: flo
             return True
         time.sleep(interval)
     return predicate()
+
+
+def stream_in_flight(base_url: str, model: str, max_tokens: int = 400) -> Callable[[float], list[str]]:
+    """Start a chat stream of `max_tokens` tokens (end of sequence held back) on a thread, and
+    wait for its first event; returns a function that waits for its end and gives its events."""
+    import threading
+
+    events: list[str] = []
+    opened = threading.Event()
+
+    def read() -> None:
+        with httpx.stream("POST", base_url + "/v1/chat/completions", timeout=120, json={
+                "model": model, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
+                "logit_bias": {"2": -100, "5": -100}, "messages": [{"role": "user", "content": "Hello!"}]}) as sse:
+            for line in sse.iter_lines():
+                events.extend([line] if line else [])
+                opened.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert opened.wait(timeout=60), "the stream never began"
+
+    def finished(timeout: float) -> list[str]:
+        reader.join(timeout=timeout)
+        return events
+
+    return finished
+
+
+def answered_in_full(events: list[str], tokens: int = 400) -> bool:
+    """Whether a stream's events end with its usage (`tokens` made) and [DONE]."""
+    import json
+
+    return len(events) > 1 and events[-1] == "data: [DONE]" and \
+        json.loads(events[-2].removeprefix("data: "))["usage"]["completion_tokens"] == tokens

@@ -37,7 +37,7 @@ import yaml
 
 from serve_app.registration import UNREGISTER_PATH
 from tests import disconnect
-from tests.conftest import ROOT, free_port, wait_for
+from tests.conftest import ROOT, answered_in_full, free_port, stream_in_flight, wait_for
 from tests.fake_node import FakeNode
 
 pytestmark = pytest.mark.cluster
@@ -928,24 +928,10 @@ def test_stop_withdraws_the_models_from_the_network_while_the_cluster_still_answ
     node.on_request = look
     # A stream in flight when the stop comes is answered in full: every node's HAProxy is
     # drained before Serve's shutdown kills it (serve_app.shutdown).
-    events: list[str] = []
-    opened = threading.Event()
-
-    def stream_in_flight() -> None:
-        with httpx.stream("POST", local_cluster.base_url + "/v1/chat/completions", timeout=120, json={
-                "model": "chat-a", "max_tokens": 400, "stream": True, "stream_options": {"include_usage": True},
-                "logit_bias": {"2": -100, "5": -100}, "messages": [{"role": "user", "content": "Hello!"}]}) as sse:
-            for line in sse.iter_lines():
-                events.extend([line] if line else [])
-                opened.set()
-
-    streamer = threading.Thread(target=stream_in_flight, daemon=True)
-    streamer.start()
-    assert opened.wait(timeout=60), "the stream never began"
+    finished = stream_in_flight(local_cluster.base_url, "chat-a")
     stopped = local_cluster.script("stop", timeout=180)
-    streamer.join(timeout=60)
-    assert events and events[-1] == "data: [DONE]", (events[-3:], stopped.stderr[-2000:])
-    assert json.loads(events[-2].removeprefix("data: "))["usage"]["completion_tokens"] == 400
+    events = finished(60)
+    assert answered_in_full(events), (events[-3:], stopped.stderr[-2000:])
     assert "shutdown: 3 HAProxy process(es) on 3 node(s)" in stopped.stderr, stopped.stderr[-2000:]
     assert at_unregister == [200], (at_unregister, stopped.stderr[-2000:])
     assert node.bodies(UNREGISTER_PATH) == [{"project": "cluster_test"}] and node.models_of("cluster_test") is None

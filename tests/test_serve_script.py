@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from serve_app.registration import UNREGISTER_PATH
-from tests.conftest import ROOT, free_port, wait_for
+from tests.conftest import ROOT, answered_in_full, free_port, stream_in_flight, wait_for
 from tests.fake_node import FakeNode
 
 pytestmark = pytest.mark.cluster
@@ -114,20 +114,7 @@ def test_serve_script_says_when_ready_serves_and_stops_gracefully(models_dir: Pa
         assert node.wait_for(lambda: len(node.models_of("serve_app") or []) == 3, timeout=30), node.projects
         # A stream in flight when the stop comes is answered in full: HAProxy is drained before
         # Serve's shutdown kills it (which used to cut every request in flight at once).
-        events: list[str] = []
-        opened = threading.Event()
-
-        def stream_in_flight() -> None:
-            with httpx.stream("POST", base + "/v1/chat/completions", timeout=120, json={
-                    "model": "Llama3-8B", "max_tokens": 400, "stream": True, "stream_options": {"include_usage": True},
-                    "logit_bias": {"2": -100, "5": -100}, "messages": [{"role": "user", "content": "Hello!"}]}) as sse:
-                for line in sse.iter_lines():
-                    events.extend([line] if line else [])
-                    opened.set()
-
-        streamer = threading.Thread(target=stream_in_flight, daemon=True)
-        streamer.start()
-        assert opened.wait(timeout=60), "the stream never began"
+        finished = stream_in_flight(base, "Llama3-8B")
         # What the server answers at the moment the node is told the models are gone.
         at_unregister: list[int | str] = []
 
@@ -143,9 +130,8 @@ def test_serve_script_says_when_ready_serves_and_stops_gracefully(models_dir: Pa
         # As a supervisor stops it; a terminal's Ctrl-C reaches `serve run` as the same one SIGINT
         # (test_each_stop_signal_reaches_serve_run_as_one_sigint_and_a_second_stops_it_at_once).
         server.send_signal(signal.SIGTERM)
-        streamer.join(timeout=90)
-        assert events and events[-1] == "data: [DONE]", events[-3:]
-        assert json.loads(events[-2].removeprefix("data: "))["usage"]["completion_tokens"] == 400
+        events = finished(90)
+        assert answered_in_full(events), events[-3:]
         assert server.wait(timeout=90) == 0, "".join(lines[-30:])
         reader.join(timeout=10)
         assert any(line.startswith("serve.sh: stopping: Serve shuts down gracefully") for line in lines), lines[-30:]
