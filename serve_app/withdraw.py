@@ -133,6 +133,7 @@ def connect(address: str, prog: str) -> int | None:
                   file=sys.stderr)
             return 1
     import ray
+    import ray.serve  # noqa: F401 - it sets its logger to INFO at import: quieted after that
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no INFO lines of its handles' start
     try:
