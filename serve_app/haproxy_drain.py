@@ -34,15 +34,23 @@ POLL_S = 0.1
 
 @dataclass
 class Drained:
-    """What a drain found: HAProxy processes, and what was still open when it gave up: requests
-    in flight, or soft-stopped HAProxy processes (whose requests cannot be told from idle
-    connections)."""
+    """What a drain found: HAProxy processes, and what was still open when it gave up (`cut`):
+    requests in flight, and soft-stopped HAProxy processes still up (`soft_stopped`, also
+    counted in `cut`), whose requests in flight cannot be told from idle keep-alive connections
+    (after a reload by Serve, the old process stays up for those)."""
 
     proxies: int = 0
     cut: int = 0
+    soft_stopped: int = 0
+
+    @property
+    def requests_cut(self) -> int:
+        """Requests known to be in flight still."""
+        return self.cut - self.soft_stopped
 
     def __iadd__(self, other: Drained) -> Drained:
         self.proxies, self.cut = self.proxies + other.proxies, self.cut + other.cut
+        self.soft_stopped += other.soft_stopped
         return self
 
 
@@ -65,7 +73,7 @@ class AdminSocket:
             if path is None or not path.exists():
                 return None
             frontends = [line.split()[1] for line in config.read_text().splitlines()
-                         if line.split()[:1] == ["frontend"] and len(line.split()) > 1]
+                         if line.split()[:1] in (["frontend"], ["listen"]) and len(line.split()) > 1]
         except Exception:  # noqa: BLE001 - psutil's errors, a config gone: no socket then
             return None
         return cls(str(path), frontends)
@@ -94,43 +102,57 @@ class AdminSocket:
 def drain_haproxy(timeout_s: float, under: psutil.Process | None = None) -> Drained:
     """Drain the HAProxy processes under `under` (default: this process, the `serve run` that
     started its Ray; on a cluster's node its raylet: never another server's), waiting up to
-    `timeout_s` for their requests in flight."""
+    `timeout_s` for their requests in flight. Processes are looked for again at every poll: a
+    reload by Serve meanwhile starts a new HAProxy, whose frontends are open (it is drained
+    too), and soft-stops the old one (its admin socket closes: it is waited on until it ends)."""
     import psutil  # Ray's own dependency
 
-    try:
-        proxies = [p for p in (under or psutil.Process()).children(recursive=True) if p.name() == "haproxy"]
-    except psutil.Error:
-        return Drained()
-    admins: list[AdminSocket] = []
-    signalled: list[psutil.Process] = []
-    for proxy in proxies:
-        admin = AdminSocket.of(proxy)
+    root = under or psutil.Process()
+    admins: dict[int, AdminSocket] = {}  # by pid: drained through their own admin socket
+    signalled: dict[int, psutil.Process] = {}  # soft-stopped: waited on until they end
+    seen: set[int] = set()
+
+    def take_new() -> None:
         try:
-            if admin is None:
-                raise OSError("no admin socket")
-            admin.refuse_new_connections()
-            admins.append(admin)
-        except OSError:
+            proxies = [p for p in root.children(recursive=True) if p.name() == "haproxy"]
+        except psutil.Error:
+            return
+        for proxy in (p for p in proxies if p.pid not in seen):
+            seen.add(proxy.pid)
+            admin = AdminSocket.of(proxy)
             try:
-                proxy.send_signal(signal.SIGUSR1)  # its soft stop: it ends once its connections have
-                signalled.append(proxy)
-            except psutil.Error:
-                pass
+                if admin is None:
+                    raise OSError("no admin socket")
+                admin.refuse_new_connections()
+                admins[proxy.pid] = admin
+            except OSError:
+                soft_stop(proxy)
 
-    def left() -> int:
-        return sum(_in_flight(admin) for admin in admins) + sum(map(_running, signalled))
+    def soft_stop(proxy: psutil.Process) -> None:
+        try:
+            proxy.send_signal(signal.SIGUSR1)  # its soft stop: it ends once its connections have
+            signalled[proxy.pid] = proxy
+        except psutil.Error:
+            pass
 
+    def left() -> Drained:
+        counted = 0
+        for pid, admin in list(admins.items()):
+            try:
+                counted += admin.in_flight()
+            except OSError:  # its socket closed: soft-stopped by a reload, or gone
+                del admins[pid]
+                soft_stop(psutil.Process(pid)) if psutil.pid_exists(pid) else None
+        take_new()
+        return Drained(cut=counted + sum(map(_running, signalled.values())),
+                       soft_stopped=sum(map(_running, signalled.values())))
+
+    take_new()
     deadline = time.monotonic() + timeout_s
-    while (remaining := left()) and time.monotonic() < deadline:
+    while (remaining := left()).cut and time.monotonic() < deadline:
         time.sleep(POLL_S)
-    return Drained(proxies=len(proxies), cut=remaining)
-
-
-def _in_flight(admin: AdminSocket) -> int:
-    try:
-        return admin.in_flight()
-    except OSError:  # gone (killed, or ended): nothing of it to wait for
-        return 0
+    remaining.proxies = len(seen)
+    return remaining
 
 
 def _running(process: psutil.Process) -> bool:

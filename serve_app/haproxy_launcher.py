@@ -163,13 +163,14 @@ def with_our_defaults(config: str, timeout_s: int, error_files: dict[int, Path])
 
 
 ADMIN_SOCKET = "sa.{pid}.sock"
-UNIX_PATH_MAX = 97
-"""HAProxy's longest socket path: one beyond it is a fatal config error, so none is added."""
+SOCKET_PATH_MAX = 97
+"""HAProxy's longest `stats socket` path; it also binds `<path>.<pid>.tmp` first, which must fit
+a Unix socket's 107. A path beyond either is a fatal error, so then no socket is added."""
 
 
 def admin_socket(config: Path, pid: int) -> Path:
     """The admin socket of the HAProxy process `pid` started with `config`."""
-    return config.parent / ADMIN_SOCKET.format(pid=pid)
+    return config.resolve().parent / ADMIN_SOCKET.format(pid=pid)  # HAProxy takes no relative socket path
 
 
 def with_own_admin_socket(config: str, path: Path) -> str:
@@ -179,7 +180,7 @@ def with_own_admin_socket(config: str, path: Path) -> str:
     lines = [line for line in config.splitlines(keepends=True) if not (
         line.split()[:2] == ["stats", "socket"] and f"{MARK} its own" in line)]
     at = next((i for i, line in enumerate(lines) if line.strip() == "global" and not line[0].isspace()), None)
-    if at is None or len(str(path)) > UNIX_PATH_MAX:
+    if at is None or len(str(path)) > SOCKET_PATH_MAX or len(f"{path}.{os.getpid()}.tmp") > 107:
         return "".join(lines)
     lines.insert(at + 1, f"    stats socket {path} mode 600 level admin  {MARK} its own, for the drain\n")
     return "".join(lines)

@@ -26,6 +26,8 @@ import signal
 import sys
 from types import FrameType
 
+from serve_app.haproxy_drain import Drained, drain_haproxy
+
 DRAIN_ENV = "SERVE_APP_DRAIN_TIMEOUT_S"
 DEFAULT_DRAIN_S = 30.0
 
@@ -63,14 +65,21 @@ def drain_timeout_s() -> float:
 
 def drain(timeout_s: float) -> None:
     """Drain the HAProxy this `serve run` started (`haproxy_drain`), saying what it does."""
-    from serve_app.haproxy_drain import drain_haproxy
 
     drained = drain_haproxy(timeout_s)
-    if drained.cut:
-        say(f"HAProxy took no new connections, but {drained.cut} request(s) (or soft-stopped HAProxy processes) "
-            f"still open after {timeout_s:g} s are cut as Serve shuts down")
-    elif drained.proxies:
-        say("HAProxy took no new connections, and its requests in flight have finished")
+    if drained.proxies:
+        say(drained_line(drained, timeout_s))
+
+
+def drained_line(drained: Drained, timeout_s: float) -> str:
+    """What a drain of HAProxy processes (on one node or many) did, in a line."""
+    said = f"{drained.proxies} HAProxy process(es) took no new connections"
+    if drained.requests_cut:
+        said += f", but {drained.requests_cut} request(s) still in flight after {timeout_s:g} s are cut"
+    if drained.soft_stopped:
+        said += (f"; {drained.soft_stopped} soft-stopped by a reload were still up after {timeout_s:g} s (for idle "
+                 "keep-alive connections, or requests begun before the reload, which are cut)")
+    return said if drained.cut else said + ", and their requests in flight have finished"
 
 
 def withdraw_from_network() -> None:

@@ -25,7 +25,7 @@ import argparse
 import sys
 
 from serve_app.haproxy_drain import Drained, drain_haproxy
-from serve_app.serve_run import drain_timeout_s
+from serve_app.serve_run import drain_timeout_s, drained_line
 from serve_app.withdraw import add_address_argument, connect, withdraw_registrations
 
 PROG = "python -m serve_app.shutdown"
@@ -67,14 +67,9 @@ def drain_every_node(timeout_s: float) -> tuple[list[str], bool]:
     if not drained.proxies:
         lines.append(f"no HAProxy on the {len(nodes)} node(s) (RAY_SERVE_ENABLE_HA_PROXY=0?): nothing drains, "
                      "and Serve's shutdown cuts the requests in flight")
-    elif drained.cut:
-        lines.append(f"{drained.proxies} HAProxy process(es) on {len(nodes)} node(s) took no new connections, but "
-                     f"{drained.cut} request(s) (or soft-stopped HAProxy processes) still open after {timeout_s:g} s are "
-                     "cut as Serve shuts down")
     else:
-        lines.append(f"{drained.proxies} HAProxy process(es) on {len(nodes)} node(s) took no new connections, and "
-                     "their requests in flight have finished")
-    return lines, not drained.cut and len(lines) == 1
+        lines.append(drained_line(drained, timeout_s).replace(" took", f" on {len(nodes)} node(s) took", 1))
+    return lines, not drained.requests_cut and len(lines) == 1
 
 
 def serve_is_down() -> bool:

@@ -974,6 +974,28 @@ def test_check_ports_takes_a_skippable_port_only_a_stopped_servers_closed_connec
     assert tool.main(["check-ports", str(port)]) == 1
 
 
+def slow_backend(seconds: float):
+    """A keep-alive HTTP server (as Serve's replicas) answering "done", after `seconds` on /slow."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Slow(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            time.sleep(seconds if self.path == "/slow" else 0)
+            self.send_response(200)
+            self.send_header("Content-Length", "4")
+            self.end_headers()
+            self.wfile.write(b"done")
+
+    backend = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    return backend
+
+
 @pytest.mark.parametrize("wrapped", [True, False], ids=["serve-app-haproxy", "plain haproxy"])
 def test_drain_haproxy_lets_the_requests_in_flight_finish_and_leaves_other_haproxies(tmp_path, wrapped):
     """A stop drains the HAProxy processes under one process (`serve run`'s, or on each node of
@@ -983,28 +1005,12 @@ def test_drain_haproxy_lets_the_requests_in_flight_finish_and_leaves_other_hapro
     the stop, a request still in flight at the timeout is counted as cut, and an HAProxy that
     is not under that process goes on. serve-app-haproxy's own admin socket drains it; a plain
     HAProxy is soft-stopped and waited on. Real HAProxy processes, no Ray."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     import psutil
 
     from serve_app.haproxy_drain import drain_haproxy
     from serve_app.haproxy_launcher import haproxy_binary
 
-    class Slow(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, as Serve's replicas
-
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            time.sleep(1.5 if self.path == "/slow" else 0)
-            self.send_response(200)
-            self.send_header("Content-Length", "4")
-            self.end_headers()
-            self.wfile.write(b"done")
-
-    backend = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    backend = slow_backend(1.5)
     binary, proxies = haproxy_binary(), {}
     ours_binary = str(Path(sys.executable).parent / "serve-app-haproxy") if wrapped else binary
     try:
@@ -1060,6 +1066,60 @@ def test_drain_haproxy_lets_the_requests_in_flight_finish_and_leaves_other_hapro
         for process, _ in proxies.values():
             for child in psutil.Process(process.pid).children(recursive=True) if process.poll() is None else []:
                 child.kill()
+            process.kill()
+            process.wait()
+        backend.shutdown()
+
+
+def test_a_reload_during_the_drain_is_drained_too_and_the_old_haproxy_waited_on(tmp_path):
+    """Serve reloads HAProxy (a new process, frontends open; the old one soft-stopped, its own
+    admin socket closed) when its backends change, as replicas stop. A drain under way takes
+    the new process too (no new connection gets in), and waits for the old one's request in
+    flight rather than counting its closed socket as nothing left. Real HAProxy, no Ray."""
+    import psutil
+
+    from serve_app.haproxy_drain import drain_haproxy
+
+    backend = slow_backend(3)
+    wrapper, port = str(Path(sys.executable).parent / "serve-app-haproxy"), free_port()
+    config = tmp_path / "haproxy.cfg"
+    text = (f"global\n    maxconn 100\ndefaults\n    mode http\n    timeout connect 5s\n    timeout client 3600s\n"
+              f"    timeout server 30s\nfrontend f\n    bind 127.0.0.1:{port}\n    default_backend b\n"
+              f"backend b\n    server s 127.0.0.1:{backend.server_address[1]}\n")
+    config.write_text(text)
+    started: list[subprocess.Popen] = []
+    try:
+        started.append(subprocess.Popen([wrapper, "-db", "-f", str(config)], stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL))
+        def serves() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/x", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert wait_for(lambda: started[0].poll() is None and serves(), timeout=20, interval=0.2)
+        answers: list[httpx.Response] = []
+        slow = threading.Thread(target=lambda: answers.append(httpx.get(f"http://127.0.0.1:{port}/slow", timeout=30)))
+        slow.start()
+        time.sleep(0.3)  # in flight on the first process
+        results: list[Any] = []
+        drain = threading.Thread(target=lambda: results.append(drain_haproxy(20, under=psutil.Process())))
+        drain.start()
+        time.sleep(0.5)
+        config.write_text(text)  # as Serve rewrites it before a reload
+        started.append(subprocess.Popen([wrapper, "-db", "-f", str(config), "-sf", str(started[0].pid)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        drain.join(timeout=30)
+        slow.join(timeout=30)
+        [drained] = results
+        assert [(a.status_code, a.text) for a in answers] == [(200, "done")]
+        assert (drained.proxies, drained.cut) == (2, 0)
+        # The drain waited for the old process to end, which it did once its request was answered.
+        assert started[0].poll() is not None
+        with pytest.raises(OSError):  # and the new one takes no new connection
+            socket.create_connection(("127.0.0.1", port), timeout=2)
+    finally:
+        for process in started:
             process.kill()
             process.wait()
         backend.shutdown()
