@@ -337,6 +337,7 @@ class Ingress:
         return json_response(Readiness(ready=not missing, missing=missing), status_code=503 if missing else 200)
 
     @api.get(routes.MODELS, response_model=ModelList)
+    @api.head(routes.MODELS, include_in_schema=False)  # a gateway's or monitor's check that the API is up
     async def list_models(self) -> Response:
         cards = [self._card(live) for live in await self.catalog.live_models()]
         return json_response(ModelList(project=self.config.project, data=cards))

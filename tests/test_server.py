@@ -432,7 +432,7 @@ def test_image_files_serve_ranges_and_answer_their_failures_as_the_api_does(http
     # HEAD (a client checking an image before fetching it, an uptime probe) answers the headers alone.
     head = http.head(url)
     assert (head.status_code, head.content, head.headers["content-length"]) == (200, b"", str(len(whole)))
-    for probe in ("/health", "/ready"):
+    for probe in ("/health", "/ready", "/v1/models"):
         assert (http.head(probe).status_code, http.head(probe).content) == (200, b"")
     assert http.head("/v1/chat/completions").status_code == 405
 
