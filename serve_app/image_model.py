@@ -36,12 +36,13 @@ from diffusers import (
     AutoPipelineForText2Image,
     DiffusionPipeline,
 )
-from PIL import Image, ImageOps
+from PIL import Image
 from ray import serve
 
 from serve_app.config import ImageModelConfig, require_loadable
 from serve_app.errors import APIError, ClientClosedRequest, ContentFiltered, InvalidRequest, NotANumber
-from serve_app.image_pixels import encode_image, fit, open_image, paint_mask, picture, transparency
+from serve_app.image_pixels import (REPAINTED_FROM, encode_image, fit, marks_nothing, open_image, own_mask, paint_mask,
+                                    picture)
 from serve_app.jobs import ImageJob, ImageResult, generator_seed
 from serve_app.metrics import ImageMetrics
 from serve_app.model_replica import ModelReplica, raise_to_caller
@@ -414,11 +415,16 @@ class ImageModel(ModelReplica):
         if job.mask_image is not None:
             if self.pipelines["inpaint"] is None:
                 raise InvalidRequest("this model does not support masks", param="mask")
-            mask = paint_mask(open_image(job.mask_image, param="mask"))
+            mask = fit(paint_mask(open_image(job.mask_image, param="mask")), size)
+            if marks_nothing(mask):
+                raise InvalidRequest(
+                    "the mask marks nothing to edit: a mask with transparency is edited where it is transparent "
+                    f"(alpha below {REPAINTED_FROM}), one without where it is white (at least {REPAINTED_FROM}), "
+                    "and this one has no such pixel", param="mask")
         else:
-            alpha = transparency(source) if self.pipelines["inpaint"] is not None else None
-            if alpha is not None:
-                mask = ImageOps.invert(alpha)
+            holes = own_mask(source) if self.pipelines["inpaint"] is not None else None
+            if holes is not None:
+                mask = holes
             elif self.pipelines["i2i"] is not None:
                 job = self._with_strength(job, self.config.default_strength)
                 return self._prepared(job, "i2i", init_image)

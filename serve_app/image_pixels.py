@@ -73,6 +73,11 @@ def picture(image: Any, size: tuple[int, int]) -> Image.Image | NotANumber:
     return image.resize(size) if image.size != size else image
 
 
+REPAINTED_FROM = 128
+"""diffusers binarizes an inpainting mask at half (its `do_binarize`): a pixel is repainted
+where the mask is at least 128, that is where a mask read from alpha has alpha 127 or less."""
+
+
 def transparency(image: Image.Image) -> Image.Image | None:
     """The alpha channel (mode L) of an image that has at least one transparent pixel, else None
     (no alpha channel, or one that is opaque everywhere, as many editors save)."""
@@ -80,6 +85,15 @@ def transparency(image: Image.Image) -> Image.Image | None:
         return None
     alpha = image.convert("RGBA").getchannel("A")
     return alpha if alpha.getextrema()[0] < 255 else None
+
+
+def own_mask(image: Image.Image) -> Image.Image | None:
+    """The mask an edit's image makes of its own transparency, as OpenAI reads an image sent
+    without a mask: its see-through pixels (alpha under half) are repainted. None where it has
+    none: a picture that is only translucent (saved at 90% opacity, a soft vignette) is a
+    picture to edit, not a mask that, binarized as diffusers binarizes it, repaints nothing."""
+    alpha = transparency(image)
+    return None if alpha is None or alpha.getextrema()[0] >= REPAINTED_FROM else ImageOps.invert(alpha)
 
 
 def paint_mask(image: Image.Image) -> Image.Image:
@@ -90,6 +104,12 @@ def paint_mask(image: Image.Image) -> Image.Image:
     masks drawn for Stable Diffusion are."""
     alpha = transparency(image)
     return image.convert("L") if alpha is None else ImageOps.invert(alpha)
+
+
+def marks_nothing(mask: Image.Image) -> bool:
+    """Whether a mask (as `paint_mask` makes it) repaints no pixel once diffusers binarizes it:
+    the edit would hand the picture back as it came."""
+    return mask.getextrema()[1] < REPAINTED_FROM
 
 
 def fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:

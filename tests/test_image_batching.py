@@ -598,6 +598,41 @@ def test_an_edit_without_strength_gets_its_kind_of_edit_default(model, monkeypat
     assert sorted(passed) == [0.5, 1.0]
 
 
+def rgba_png(alpha: int | Image.Image, size: tuple[int, int] = (64, 64)) -> bytes:
+    image = Image.new("RGBA", size, (255, 0, 0, 255))
+    image.putalpha(alpha)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_only_what_diffusers_repaints_counts_as_an_edits_mask(model):
+    """diffusers binarizes a mask at half, so a pixel is repainted only where alpha is under
+    128. A picture that is only translucent (saved at 90% opacity) is edited whole, as an
+    opaque one is: read as its own mask it would repaint nothing, the prompt ignored, the
+    picture handed back. A mask that marks no pixel to edit (soft transparency, all black) is
+    a 400 naming the mask, rather than that same picture handed back."""
+    holed = Image.new("L", (64, 64), 255)
+    holed.paste(0, (0, 0, 32, 64))
+    assert model.prepare(job(init_image=rgba_png(230))).mode == "i2i"
+    cut = model.prepare(job(init_image=rgba_png(holed)))
+    assert cut.mode == "inpaint"
+    red = png_bytes("red", (64, 64))
+    black = io.BytesIO()
+    Image.new("L", (64, 64), 0).save(black, "PNG")
+    for mask in (rgba_png(200), black.getvalue()):
+        with pytest.raises(InvalidRequest, match="the mask marks nothing to edit") as refused:
+            model.prepare(job(init_image=red, mask_image=mask))
+        assert refused.value.param == "mask"
+    soft_hole = Image.new("L", (64, 64), 255)
+    soft_hole.paste(100, (0, 0, 32, 64))  # under half: repainted
+    assert model.prepare(job(init_image=red, mask_image=rgba_png(soft_hole))).mode == "inpaint"
+    # The two prompts make different pictures of the translucent one, as of an opaque one.
+    first, second = model.run_jobs([job("a red otter", init_image=rgba_png(230), seed=4),
+                                    job("a blue boat at sea", init_image=rgba_png(230), seed=4)])
+    assert first.images != second.images
+
+
 def test_a_blank_negative_prompt_is_none():
     """A form's empty field (or a node's zero value "") is no negative prompt: FLUX.1 would
     otherwise run true guidance (twice the compute) and SDXL drop its zero embeddings."""

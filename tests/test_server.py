@@ -742,7 +742,7 @@ def test_an_edit_with_a_mask_inpaints(http):
 def test_an_edit_reads_transparency_as_openai_does(http):
     """OpenAI's mask edits where it is transparent; without a mask, the image's own
     transparent pixels are edited. A mask without transparency (an RGBA one that is opaque
-    everywhere included) paints where it is white, as diffusers reads masks."""
+    everywhere included) paints where it is white, as diffusers reads masks; one that marks nothing is a 400."""
     ask = {"model": IMAGE, "prompt": "beret", "seed": "5", "size": "64x64", "response_format": "b64_json"}
     red = Image.new("RGB", (64, 64), "red")
     white_left = Image.new("L", (64, 64), 0)
@@ -764,7 +764,10 @@ def test_an_edit_reads_transparency_as_openai_does(http):
     assert np.abs(left - made(red, clear_left)).max() <= 1
     assert np.abs(left - made(red_clear_left)).max() <= 1
     assert np.abs(left - made(red, white_left.convert("RGBA"))).max() <= 1  # alpha 255 everywhere
-    assert np.abs(left - made(red, clear_left.convert("RGB"))).mean() > 1  # all black: repaint nothing
+    # All black, read as diffusers reads masks: it marks nothing to edit, and the picture would come back as it was.
+    nothing = http.post("/v1/images/edits", data=ask, files={"image": ("in.png", _png(red), "image/png"),
+                                                          "mask": ("mask.png", _png(clear_left.convert("RGB")), "image/png")})
+    assert nothing.status_code == 400 and nothing.json()["error"]["param"] == "mask", nothing.text
 
 
 # ------------------------------------------------------------------------------ errors
