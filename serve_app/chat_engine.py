@@ -26,7 +26,7 @@ import torch
 from serve_app import kv_cache
 from serve_app.decoding import PositionLogprobs
 from serve_app.errors import NotANumber
-from serve_app.jobs import ChoiceDelta
+from serve_app.jobs import ChoiceDelta, TokenLogprob
 from serve_app.placement import spread_devices
 from serve_app.sampling import Row, SamplingPlan, choose_tokens
 
@@ -338,11 +338,20 @@ def deltas_by_slot(deltas: list[tuple[Slot, int, str]]) -> dict[Slot, list[Choic
 
 
 def merge_deltas(deltas: list[ChoiceDelta]) -> list[ChoiceDelta]:
-    """Coalesced deltas as one per choice (text joined, the last finish_reason kept)."""
-    merged: dict[int, ChoiceDelta] = {}
+    """Coalesced deltas as one per choice (text joined, the last finish_reason kept; logprobs
+    joined, none where the last delta has none). Joined once at the end: adding each piece to
+    the text so far would copy it at every step, quadratic in a long answer's tokens."""
+    texts: dict[int, list[str]] = {}
+    finish_reasons: dict[int, str | None] = {}
+    logprobs: dict[int, list[TokenLogprob] | None] = {}
     for delta in deltas:
-        before = merged.get(delta.index)
-        merged[delta.index] = delta if before is None else ChoiceDelta(
-            delta.index, before.text + delta.text, delta.finish_reason or before.finish_reason,
-            None if delta.logprobs is None else (before.logprobs or []) + delta.logprobs)
-    return [merged[index] for index in sorted(merged)]
+        texts.setdefault(delta.index, []).append(delta.text)
+        finish_reasons[delta.index] = delta.finish_reason or finish_reasons.get(delta.index)
+        if delta.logprobs is None:
+            logprobs[delta.index] = None
+        else:
+            joined = logprobs.get(delta.index)
+            if joined is None:  # a list of its own, extended in place
+                logprobs[delta.index] = joined = []
+            joined.extend(delta.logprobs)
+    return [ChoiceDelta(index, "".join(texts[index]), finish_reasons[index], logprobs[index]) for index in sorted(texts)]

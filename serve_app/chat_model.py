@@ -137,7 +137,8 @@ class ChatModel(ModelReplica):
 
     async def _decoded(self, slot: Slot, coalesce_s: float | None) -> AsyncIterator[list[ChoiceDelta]]:
         """The slot's deltas as the engine makes them, merged into one message per
-        `coalesce_s` (None: only the final one); raises what the engine posted."""
+        `coalesce_s` (None: none; the caller reads the whole answer from the decoders once it
+        ends); raises what the engine posted."""
         self._active.add(slot)
         self._waiting.append(slot)
         if self._engine is None:
@@ -158,9 +159,9 @@ class ChatModel(ModelReplica):
                         raise_to_caller(item)
                     if item is END:
                         ended = True
-                    else:
+                    elif coalesce_s is not None:  # a whole answer is read from its decoders at the end
                         pending += item
-                if pending and (coalesce_s is not None or ended):
+                if pending:
                     yield merge_deltas(pending)
                     pending, last_sent = [], time.monotonic()
         finally:

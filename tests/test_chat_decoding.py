@@ -275,3 +275,23 @@ def test_min_tokens_counts_stop_strings_only_after_it_as_vllm(tokenizer, text, s
     at = text.find(stop, max(0, floor - len(stop) + 1))
     assert decoder.text == (text if at < 0 else text[:at]) and sent == decoder.text
     assert decoder.finish_reason == ("length" if at < 0 else "stop")
+
+
+def test_coalesced_deltas_join_per_choice_and_leave_their_inputs_as_they_were():
+    """A streamed message carries each choice's deltas since the last one as one: texts and
+    logprobs joined in order, the finish_reason of the last that has one; the deltas merged
+    (the engine's own) are not changed."""
+    from serve_app.chat_engine import merge_deltas
+    from serve_app.jobs import ChoiceDelta, TokenLogprob
+
+    def token(text: str) -> TokenLogprob:
+        return TokenLogprob(token=text, logprob=-1.0, bytes=list(text.encode()))
+
+    first = ChoiceDelta(0, "Hel", None, [token("Hel")])
+    deltas = [first, ChoiceDelta(1, "A", None, None), ChoiceDelta(0, "lo", None, [token("lo")]),
+              ChoiceDelta(1, "B", "length", None), ChoiceDelta(0, "", "stop", [])]
+    zero, one = merge_deltas(deltas)
+    assert (zero.index, zero.text, zero.finish_reason, [t.token for t in zero.logprobs]) == (0, "Hello", "stop", ["Hel", "lo"])
+    assert (one.index, one.text, one.finish_reason, one.logprobs) == (1, "AB", "length", None)
+    assert [t.token for t in first.logprobs] == ["Hel"]
+    assert merge_deltas([]) == []
