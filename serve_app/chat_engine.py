@@ -129,6 +129,7 @@ class DecodeBatch:
         self.mask: torch.Tensor | None = None  # [rows, cached tokens + 1]: the cache and next_input
         self.positions: torch.Tensor | None = None  # [rows, 1]: position of next_input
         self.next_input: torch.Tensor | None = None  # [rows, 1]
+        self.prefilling = False  # the last `tick` reached its newcomers' prefill
         # transformers 5.x renamed `past_key_values` to `cache`; older releases know only the former.
         parameters = inspect.signature(model.forward).parameters
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
@@ -163,11 +164,14 @@ class DecodeBatch:
     def tick(self, joining: list[Slot]) -> list[tuple[Slot, int, str]]:
         """One decoding step for the running rows, then the prefill of `joining` (their first token).
 
-        Returns (slot, row index, new text) for every row that produced a token.
+        Returns (slot, row index, new text) for every row that produced a token. Should it
+        raise, `prefilling` says whether `joining` had been reached: if not, they are untouched.
         """
+        self.prefilling = False
         self._drop_finished()
         deltas = self._decode() if self.owners else []
         if joining:
+            self.prefilling = True
             deltas += self._join(joining)
         return deltas
 

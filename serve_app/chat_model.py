@@ -183,6 +183,9 @@ class ChatModel(ModelReplica):
                     deltas = await self.run_on_worker(self._batch.tick, joining)
                 except Exception as exc:  # noqa: BLE001 - a failed pass fails the requests in it, not the loop
                     logger.exception("decode step failed")
+                    if self._batch.owners and not self._batch.prefilling:  # the running rows' pass failed (out
+                        self._waiting.extendleft(reversed(joining))  # of memory, say) before the newcomers': they
+                        joining = []  # join the next step, the failed batch's memory freed (once: it has no rows)
                     self._fail_batch(joining, exc)
                     continue
                 if self._batch.merges is not None:

@@ -20,7 +20,7 @@ from serve_app.chat_model import ChatModel
 from serve_app.config import ChatModelConfig, RequestLimits
 from serve_app.errors import InvalidRequest, Overloaded
 from serve_app.http_errors import as_api_error
-from serve_app.jobs import ChatJob
+from serve_app.jobs import ChatJob, ChatResult
 from serve_app.protocol import ChatCompletionRequest
 from serve_app.translate import chat_job
 
@@ -108,6 +108,35 @@ def test_a_newcomer_whose_prefill_fails_does_not_take_the_running_batch_down(rep
     assert injected(failed)
     assert survivor.choices[0].text == alone.choices[0].text
     assert stats["active_requests"] == 0 and stats["batch_requests"] == 0
+
+
+def test_a_failed_decode_step_fails_the_running_batch_not_the_newcomers_it_had_not_reached(replica):
+    """The running rows' pass raises (as running out of GPU memory would) in the step that
+    was to prefill a newcomer after it: the running request gets the error; the newcomer,
+    whose prefill never ran, joins the next step (the failed batch's memory freed) and gets
+    its usual text."""
+    model = replica.model
+
+    def forward(**inputs):  # a decode pass (one token a row) while the newcomer is taken from the queue
+        if inputs["input_ids"].shape[1] == 1 and len(replica._active) == 2 and not replica._waiting:
+            raise InjectedFailure("out of memory")
+        return model(**inputs)
+
+    async def run():
+        alone = await replica.generate(job("an innocent newcomer", max_tokens=8))
+        replica._batch.model = forward  # this batch only: a failed one is replaced by a new batch
+        steps = (await replica.stats())["decode_steps"]
+        running = asyncio.ensure_future(replica.generate(job("hello there", max_tokens=40)))
+        async with asyncio.timeout(60):
+            while (await replica.stats())["decode_steps"] < steps + 3:  # it is decoding now
+                await asyncio.sleep(0.005)
+        newcomer = await replica.generate(job("an innocent newcomer", max_tokens=8))
+        return alone, (await asyncio.gather(running, return_exceptions=True))[0], newcomer, await replica.stats()
+
+    alone, failed, newcomer, stats = asyncio.run(run())
+    assert injected(failed)
+    assert isinstance(newcomer, ChatResult) and newcomer.choices[0].text == alone.choices[0].text
+    assert stats["active_requests"] == 0 and stats["batch_requests"] == 0 and stats["waiting_requests"] == 0
 
 
 def test_prefill_computes_logits_for_the_last_position_only(replica):
