@@ -96,6 +96,9 @@ class Slot:
     first_token_at: float | None = None
     token_steps: int = 0  # steps that gave its rows a token
     opening: Opening = None  # where the prompt leaves a reasoning model's answer (`reasoning.prompt_opening`)
+    # Its rows' tokens (and thinking tokens) as of the deltas posted so far: the worker counts
+    # the next step's while the event loop sends these, so a running total is read from here.
+    counted: tuple[int, int] = (0, 0)
 
     @property
     def finished(self) -> bool:

@@ -118,8 +118,7 @@ class ChatModel(ModelReplica):
             slot = await self._prepared(job)
             # Every message through a streaming handle costs CPU: one message carries several tokens.
             async for deltas in self._decoded(slot, coalesce_s=self.config.stream_interval_s):
-                used = sum(row.decoder.used for row in slot.rows)
-                thought = sum(row.decoder.reasoning_tokens for row in slot.rows)
+                used, thought = slot.counted
                 yield ChatStreamChunk(deltas, len(slot.prompt_ids), used, slot.opening, thought)
         except APIError as refused:
             yield refused
@@ -253,6 +252,8 @@ class ChatModel(ModelReplica):
                 self._fail([slot], slot.error)
                 continue
             self._timed(slot, now)
+            slot.counted = (sum(row.decoder.used for row in slot.rows),
+                            sum(row.decoder.reasoning_tokens for row in slot.rows))
             if grouped:
                 slot.outbox.put_nowait(grouped)
             if slot.finished:

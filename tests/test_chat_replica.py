@@ -1053,6 +1053,39 @@ def test_a_stream_sends_its_first_tokens_at_once_and_coalesces_the_rest(models_d
         assert chunks[1][0] - chunks[0][0] >= interval * 0.9 and chunks[1][1].deltas[0].finish_reason == "length"
 
 
+def test_a_streamed_chunks_running_token_count_is_of_the_tokens_sent_so_far(models_dir):
+    """Each chunk's completion_tokens (vLLM's continuous_usage_stats shows it) counts the
+    tokens sent up to and with it, never one the worker has already made for the next step:
+    here each step's delivery waits 50 ms after its tokens are counted, and the client takes
+    70 ms over each chunk, so it asks for the next while the step after it is counted."""
+    from serve_app.chat_engine import DecodeBatch
+
+    replica = ChatModel.func_or_class(ChatModelConfig.model_validate(
+        {"name": "m", "kind": "chat", "path": str(models_dir / "tiny-llama"), "stream_interval_s": 0}))
+    ask = ChatJob(messages=[{"role": "user", "content": "hi"}], max_tokens=10, max_tokens_explicit=True,
+                  temperature=0, logprobs=True, top_logprobs=0, logit_bias={token: -100.0 for token in replica.eos_ids})
+    real_tick = DecodeBatch.tick
+
+    def slow_tick(self, joining):
+        deltas = real_tick(self, joining)
+        time.sleep(0.05)  # counted, not yet delivered
+        return deltas
+
+    async def run():
+        sent, seen = 0, []
+        async for chunk in replica.generate_stream(ask):
+            sent += sum(len(delta.logprobs or []) for delta in chunk.deltas)  # one entry a token
+            seen.append((chunk.completion_tokens, sent))
+            await asyncio.sleep(0.07)
+        return seen
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(DecodeBatch, "tick", slow_tick)
+        seen = asyncio.run(run())
+    assert len(seen) >= 3 and all(counted == sent for counted, sent in seen), seen
+    assert seen[-1] == (10, 10)
+
+
 def test_a_decode_step_that_hangs_fails_the_health_check_until_it_moves_again(models_dir):
     """A hung GPU raises nothing: the forward pass just never returns. Once a step has gone
     `stall_timeout_s` without returning, the replica fails Serve's health check (so Serve
