@@ -25,6 +25,30 @@ from serve_app.config import INGRESS_DEPLOYMENT, REGISTRAR_DEPLOYMENT, AppConfig
 BUILDER = "serve_app.app:build_app"
 
 
+def builds_this_app(import_path: Any) -> bool:
+    """Whether an application's `import_path` names `build_app`, in either form Ray takes
+    (`module:attribute` or `module.attribute`)."""
+    return isinstance(import_path, str) and import_path.replace(":", ".") == BUILDER.replace(":", ".")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: YAML (and Ray) would keep
+    the last silently, so a second `deployment:` block added to a model drops the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if not isinstance(key, (str, int, float, bool)):
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping (the last would silently win)",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def validation_problems(error: ValidationError, within: str = "") -> list[str]:
     """Each of pydantic's errors as one line: where (under `within`), then what (no input
     echoed back: a model list's repr is pages long)."""
@@ -125,6 +149,19 @@ def override_findings(args: AppConfig, overrides: list[dict[str, Any]]) -> tuple
             problems.append(f"deployments: {name!r} is no deployment of this application ({', '.join(names)}): "
                             "Serve would fail the whole deploy")
             continue
+        if "user_config" in override:
+            problems.append(f"deployments: {name}: user_config is for deployments with a reconfigure method, which "
+                            "this application's have none of: Serve would fail every replica; set the model's "
+                            "options in args")
+        if "ray_actor_options" in override and name != REGISTRAR_DEPLOYMENT:
+            warnings.append(f"deployments: {name}: ray_actor_options here replaces the whole set the application "
+                            "gives the replica (the GPUs and CPUs of its deployment in args, which the replica also "
+                            "reads, and the gRPC message size that bodies past 4 MiB need); set num_cpus / num_gpus "
+                            "under the model's (or the ingress's) deployment in args instead")
+        scaling_problems = autoscaling_problems(override.get("autoscaling_config"))
+        problems += [f"deployments: {name}: autoscaling_config: {problem}" for problem in scaling_problems]
+        if scaling_problems:
+            continue
         if name == REGISTRAR_DEPLOYMENT and override.keys() & {"num_replicas", "autoscaling_config"}:
             problems.append(f"deployments: {name}: the registrar runs exactly one replica (two would each "
                             "register and unregister the project); leave its replica count alone")
@@ -158,6 +195,43 @@ def override_findings(args: AppConfig, overrides: list[dict[str, Any]]) -> tuple
     return problems, warnings
 
 
+def autoscaling_problems(scaling: Any) -> list[str]:
+    """What Ray would refuse in a `deployments:` override's `autoscaling_config` once it has
+    started (its schema takes any mapping there), and keys it would ignore (a misspelt bound)."""
+    if not isinstance(scaling, dict):
+        return []
+    from ray.serve.config import AutoscalingConfig
+
+    unknown = sorted(str(key) for key in scaling if key not in AutoscalingConfig.model_fields)
+    if unknown:
+        return [f"{', '.join(unknown)}: not an autoscaling option (Ray would ignore it); the options are "
+                f"{', '.join(sorted(AutoscalingConfig.model_fields))}"]
+    try:
+        AutoscalingConfig.model_validate(scaling)
+    except ValidationError as exc:
+        return validation_problems(exc)
+    return []
+
+
+def port_warnings(args: AppConfig, http_options: Any) -> list[str]:
+    """A base URL at this machine's loopback names the port clients reach the server at, which
+    is the Serve config's `http_options.port` (Serve's 8000 where unset)."""
+    port = http_options.get("port", 8000) if isinstance(http_options, dict) else 8000
+    found = []
+    for field, url in (("public_base_url", args.public_base_url),
+                       ("registration.public_base_url", args.registration.public_base_url)):
+        parts = urlsplit(url or "")
+        if parts.hostname not in ("localhost", "127.0.0.1", "::1"):
+            continue  # another address may be a proxy's, in front of this port
+        given = parts.port or (443 if parts.scheme == "https" else 80)
+        if given != port:
+            host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+            found.append(f"{field} ({url}) names port {given} of this machine but the server listens on {port} "
+                         "(http_options.port): the URLs built from it (image URLs, the models' URLs registered "
+                         f"with the nodes) would not reach it; set it to {parts.scheme}://{host}:{port}")
+    return found
+
+
 def _shown(value: Any) -> str:
     """A config value as YAML would read it back: 30 for 30.0, null for None."""
     if value is None:
@@ -175,7 +249,7 @@ def check(path: Path) -> tuple[list[str], list[str]]:
     of every application built by `serve_app.app:build_app`."""
     try:
         with path.open() as file:  # read from the file, YAML's messages name it
-            config: Any = yaml.safe_load(file)
+            config: Any = yaml.load(file, Loader=_UniqueKeyLoader)
     except OSError as exc:
         return [f"cannot read it: {exc.strerror or exc}"], []
     except yaml.YAMLError as exc:
@@ -190,8 +264,9 @@ def check(path: Path) -> tuple[list[str], list[str]]:
     problems: list[str] = []
     warnings: list[str] = []
     reserved = 0.0  # CPUs, by all the applications together
+    registering: dict[tuple[str, str], list[str]] = {}  # (project, node URL): the applications registering it
     for app in config.get("applications") or []:
-        if app.get("import_path") != BUILDER:
+        if not builds_this_app(app.get("import_path")):
             continue
         name = app.get("name", "default")
         try:
@@ -199,7 +274,13 @@ def check(path: Path) -> tuple[list[str], list[str]]:
         except ValidationError as exc:
             problems += [f"application {name!r}: {line}" for line in validation_problems(exc, "args")]
         else:
-            warnings += [f"application {name!r}: {warning}" for warning in config_warnings(args)]
+            env_vars = ((app.get("runtime_env") or {}).get("env_vars") or {}) if isinstance(app.get("runtime_env"), dict) else {}
+            environ = {**os.environ, **{str(key): str(value) for key, value in env_vars.items()}}  # the replicas'
+            warnings += [f"application {name!r}: {warning}" for warning in config_warnings(args, environ)]
+            warnings += [f"application {name!r}: {warning}" for warning in port_warnings(args, config.get("http_options"))]
+            if args.registration.enabled:
+                for node in args.registration.node_urls:
+                    registering.setdefault((args.registration.project or args.project, node), []).append(name)
             warnings += [f"application {name!r}: {warning}" for warning in prefix_warnings(args, app.get("route_prefix"))]
             found = [f"application {name!r}: model {model.name!r}: {model.path} {problem}"
                      for model in args.models if (problem := checkpoint_problem(model))]
@@ -210,12 +291,19 @@ def check(path: Path) -> tuple[list[str], list[str]]:
             override_problems, override_warnings = override_findings(args, app.get("deployments") or [])
             problems += [f"application {name!r}: {problem}" for problem in override_problems]
             warnings += [f"application {name!r}: {warning}" for warning in override_warnings]
-            reserved += reserved_cpus(args, app.get("deployments") or [])
+            if not override_problems:  # their values are not counted before they are known to be numbers
+                reserved += reserved_cpus(args, app.get("deployments") or [])
             warnings += [f"application {name!r}: model {model.name!r} asks for {model.deployment.num_gpus:g} GPU(s) "
                          "per replica and this machine has none: its replicas wait, pending, until a node with "
                          "GPUs joins the Ray cluster" for model in args.models if model.deployment.num_gpus and not gpus_here]
     if not os.environ.get("RAY_ADDRESS"):  # a cluster's CPUs are its nodes'
         warnings += cpu_warning(reserved, cpus_here())
+    for (project, node), apps in registering.items():
+        if len(apps) > 1:
+            warnings.append(f"applications {', '.join(map(repr, apps))} each register project {project!r} with the "
+                            f"node {node}: each registration replaces the other's model list, so the node routes to "
+                            "one application's models at a time; give each application its own project (or "
+                            "registration.project)")
     return problems, warnings
 
 

@@ -13,6 +13,7 @@ import ipaddress
 import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 from typing import Annotated, Any, ClassVar, Literal, Union
@@ -117,7 +118,7 @@ class AutoscalingOptions(StrictModel):
 
 
 CHAT_MAX_ONGOING_REQUESTS = 512
-"""A chat model's default `max_ongoing_requests`: the ingress's, so that a burst queues in the
+"""A chat model's default `max_ongoing_requests`, the ingress's default: so that a burst queues in the
 model's own engine, first come first served for room in its batch (as Ray Serve LLM leaves
 queueing to vLLM), not in Ray's router, which hands requests to a full replica at about 4 a
 second (300 chat requests at once took 19-28 s with 64, 3 s with 512)."""
@@ -144,7 +145,7 @@ class DeploymentOptions(StrictModel):
         None, ge=1, description="Requests a replica takes at once, running or queued for its batch (Ray's "
         "default of 5 is too low): those over it wait in Ray's router, which hands them out at a few per "
         "second once the replica is full, whatever room its batch has. Default: 512 for a chat model (as "
-        "many as the ingress passes on), 2 x max_batch_size (at least 16) for an image model, whose "
+        "many as one ingress replica passes on by default), 2 x max_batch_size (at least 16) for an image model, whose "
         "queued edits hold their images.")
     max_queued_requests: int = Field(
         -1, ge=-1, description="Requests waiting per caller before 503; -1 is unbounded (0 is not allowed, as Ray's)."
@@ -261,6 +262,9 @@ class BaseModelConfig(StrictModel):
         """Ray shows a replica only the GPUs it reserved (as cuda:0, cuda:1, ...); a cuda
         device outside them would take a GPU no one reserved, or fail to load."""
         gpus = self.deployment.num_gpus
+        if self.device == "cpu" and gpus > 0:
+            raise ValueError(f"device 'cpu' with deployment.num_gpus {gpus:g}: each replica would reserve a GPU and "
+                             "never use it; set device: auto (the GPU), or num_gpus: 0 to run on the CPU")
         if self.device.startswith("cuda"):
             if gpus <= 0:
                 raise ValueError(f"device {self.device!r} needs deployment.num_gpus > 0 (Ray reserves the GPU)")
@@ -565,6 +569,16 @@ class AuthOptions(StrictModel):
     api_keys_env: str = Field("SERVE_APP_API_KEYS",
                               description="Environment variable with more keys, comma-separated.")
     protect_health: bool = Field(False, description="Require a key for /health and /ready too.")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_empty_key(cls, value: list[str]) -> list[str]:
+        """An empty key (a template's variable left unset) would be dropped, and with no other
+        key the server would run without auth, saying nobody configured any."""
+        if any(not key.strip() for key in value):
+            raise ValueError("holds an empty key (a template's variable left unset?): with no other key, the "
+                             "server would run without auth; give the key, or leave api_keys empty to turn keys off")
+        return value
     protect_files: bool = Field(False, description="Require a key for generated image files.")
 
 
@@ -797,14 +811,40 @@ def require_loadable(model: ChatModelConfig | ImageModelConfig) -> None:
         raise ValueError(f"model {model.name!r}: {model.path} {problem}")
 
 
-def config_warnings(config: AppConfig) -> list[str]:
+ENV_VARIABLE = re.compile(r"\$(\{\w+\}|\w+)")
+"""`$NAME` or `${NAME}`: what a config author may expect to be expanded (nothing expands it)."""
+
+
+def config_warnings(config: AppConfig, environ: Mapping[str, str] | None = None) -> list[str]:
     """What in a valid config is probably not what its author meant, said when it deploys
-    (not errors: a cluster's weights may live only on the GPU nodes, say)."""
+    (not errors: a cluster's weights may live only on the GPU nodes, say). `environ`: the
+    environment the ingress replica will have (default: this process's)."""
+    environ = os.environ if environ is None else environ
     warnings = []
+    passed_on = config.ingress.max_ongoing_requests * config.ingress.num_replicas
     for model in config.models:
         if Path(model.path).is_absolute() and not Path(model.path).exists():
             warnings.append(f"model {model.name!r}: path {model.path} does not exist here; its replicas will fail "
                             "to load unless it exists on the nodes that run them")
+        elif not Path(model.path).is_absolute() and not _is_hub_id(model.path):
+            variable = " (nothing expands $variables in it)" if ENV_VARIABLE.search(model.path) else ""
+            warnings.append(f"model {model.name!r}: path {model.path!r} is neither a folder here nor a hub id "
+                            f"(namespace/name){variable}, so its replicas will fail to load; a local folder is "
+                            "written ./path or /path (relative to where the config is read)")
+        if model.deployment.num_replicas == "auto":
+            warnings.append(f"model {model.name!r}: num_replicas 'auto' takes Ray's autoscaling defaults, which add "
+                            "a replica for every 2 requests in flight, up to 100 replicas; give "
+                            "deployment.autoscaling_config with min_replicas and max_replicas instead (its target "
+                            "is then the model's max_batch_size)")
+        fixed = model.deployment.num_replicas if isinstance(model.deployment.num_replicas, int) else 1
+        scaling = model.deployment.autoscaling_config
+        replicas = max(1, scaling.min_replicas) if scaling is not None else fixed
+        if model.kind == "chat" and model.max_ongoing_requests * replicas < passed_on:
+            warnings.append(f"model {model.name!r}: the ingress passes on up to {passed_on} requests at once "
+                            f"(ingress max_ongoing_requests x num_replicas) and this model's {replicas} replica(s) "
+                            f"take {model.max_ongoing_requests} each (deployment.max_ongoing_requests): in a burst "
+                            "the rest wait in Ray's router, which hands them to a full replica at a few a second; "
+                            f"raise its max_ongoing_requests to {-(-passed_on // replicas)}")
         if model.max_ongoing_requests < model.max_batch_size:
             warnings.append(f"model {model.name!r}: deployment.max_ongoing_requests "
                             f"({model.max_ongoing_requests}) is below max_batch_size "
@@ -816,19 +856,47 @@ def config_warnings(config: AppConfig) -> list[str]:
                             f"({scaling.look_back_period_s:g}) is not above the {RAY_METRICS_INTERVAL_S:g} s at "
                             "which replicas report their load, so it averages one report at most (Ray warns that "
                             "a future release will refuse it)")
-    if config.max_text_body_bytes < 4 * config.limits.max_prompt_chars:  # UTF-8 takes up to 4 bytes a character
-        warnings.append(f"max_text_body_bytes ({config.max_text_body_bytes}) is below 4 bytes per character of "
-                        f"limits.max_prompt_chars ({config.limits.max_prompt_chars}): a chat request within the "
+    text_limit = min(config.max_text_body_bytes, config.max_body_bytes)  # as the ingress applies it
+    if config.max_text_body_bytes > config.max_body_bytes:
+        warnings.append(f"max_text_body_bytes ({config.max_text_body_bytes}) is above max_body_bytes "
+                        f"({config.max_body_bytes}), which bounds every body: chat bodies are limited to "
+                        f"{config.max_body_bytes}; raise max_body_bytes too")
+    if text_limit < 4 * config.limits.max_prompt_chars:  # UTF-8 takes up to 4 bytes a character
+        warnings.append(f"the chat body limit ({text_limit} bytes, max_text_body_bytes) is below 4 bytes per character "
+                        f"of limits.max_prompt_chars ({config.limits.max_prompt_chars}): a chat request within the "
                         "prompt limit may be refused as too large (413)")
+    bases = [("public_base_url", config.public_base_url),
+             ("registration.public_base_url", config.registration.public_base_url)]
+    for field, url in bases:
+        if url and urlsplit(url).path.rstrip("/").endswith("/v1"):
+            warnings.append(f"{field} ({url}) ends in /v1, and the routes, which begin with /v1, are added to it: "
+                            f"image URLs would read {url}/v1/files/images/...; give the server's own address, "
+                            f"{url.rstrip('/').removesuffix('/v1')} (an OpenAI client's base_url is that plus /v1)")
+    for key in config.auth.api_keys:
+        if ENV_VARIABLE.fullmatch(key.strip()):
+            warnings.append(f"auth.api_keys holds {key.strip()!r}, which looks like an environment variable: nothing "
+                            "expands it, so that text itself is the key; put keys in the ingress's "
+                            f"${config.auth.api_keys_env} (auth.api_keys_env) instead")
     if config.registration.enabled and config.limits.request_timeout_s >= NODE_CHAT_TIMEOUT_S:
         warnings.append(f"registration is on and limits.request_timeout_s ({config.limits.request_timeout_s:g}) is not "
                         f"below the node's {NODE_CHAT_TIMEOUT_S:g} s wait for a chat: a slow answer ends as the node's "
                         "timeout instead of this server's 504; set it below that")
-    if config.registration.enabled and (config.auth.api_keys or os.environ.get(config.auth.api_keys_env, "").strip()):
+    if config.registration.enabled and (config.auth.api_keys or environ.get(config.auth.api_keys_env, "").strip()):
         warnings.append("registration is on and API keys are required: the network's node forwards requests "
                         "without a key, so each one will be refused (401); to serve the network, turn the keys "
                         "off and let only the node's machine reach this port (a firewall rule)")
     return warnings
+
+
+def _is_hub_id(path: str) -> bool:
+    """Whether `path` can name a model on the Hugging Face hub (`name` or `namespace/name`)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return False
+    return True
 
 
 def parse_size(value: str) -> tuple[int, int] | None:

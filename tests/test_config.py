@@ -156,7 +156,7 @@ def test_device_is_auto_cpu_or_cuda():
     for device in ("auto", "cpu", "cuda", "cuda:1"):
         def set_device(args):
             args["models"][0].update(device=device)
-            args["models"][0]["deployment"].update(num_gpus=2)
+            args["models"][0]["deployment"].update(num_gpus=0 if device == "cpu" else 2)
         assert validate(set_device).models[0].device == device
     with pytest.raises(ValidationError, match="device"):
         validate(lambda a: a["models"][0].update(device="gpu"))
@@ -229,7 +229,8 @@ def test_likely_mistakes_are_warned_about_not_refused(models_dir):
     warnings = config_warnings(validate(mutate))
     assert len(warnings) == 3 and "not-built does not exist here" in warnings[0]
     assert "max_ongoing_requests (4) is below max_batch_size (8)" in warnings[1]
-    assert "max_text_body_bytes (4194304) is below 4 bytes per character of limits.max_prompt_chars" in warnings[2]
+    assert "chat body limit (4194304 bytes, max_text_body_bytes) is below 4 bytes per character of " \
+        "limits.max_prompt_chars" in warnings[2]
 
     def short_look_back(args):
         args["models"][0]["deployment"] = {**args["models"][0]["deployment"], "num_replicas": None,
@@ -332,8 +333,9 @@ def test_readme_documents_every_config_field():
 
 
 @pytest.mark.parametrize(("device", "gpus", "ok"), [
-    ("cuda", 1, True), ("cuda:0", 0.5, True), ("cuda:1", 2, True), ("auto", 0, True), ("cpu", 1, True),
-    ("cuda", 0, False), ("cuda:1", 1, False), ("cuda:2", 2, False), ("cuda:1", 0.5, False)])
+    ("cuda", 1, True), ("cuda:0", 0.5, True), ("cuda:1", 2, True), ("auto", 0, True), ("cpu", 0, True),
+    ("cuda", 0, False), ("cuda:1", 1, False), ("cuda:2", 2, False), ("cuda:1", 0.5, False),
+    ("cpu", 1, False)])  # a GPU reserved and never used
 def test_a_cuda_device_is_one_of_the_gpus_the_replica_reserves(device, gpus, ok):
     entry = {"name": "m", "kind": "chat", "path": "p", "device": device, "deployment": {"num_gpus": gpus}}
     if ok:
@@ -483,7 +485,7 @@ def test_the_config_check_reads_the_deployments_overrides(tmp_path):
                     ) == ([], [])
     _, warnings = findings([{"name": "model_Llama3-8B", "num_replicas": 2}])
     assert len(warnings) == 1 and "num_replicas is ignored, the model autoscales" in warnings[0]
-    _, warnings = findings([{"name": "model_Llama3-8B", "autoscaling_config": {"min_replicas": 2}}])
+    _, warnings = findings([{"name": "model_Llama3-8B", "autoscaling_config": {"min_replicas": 1}}])
     assert len(warnings) == 1 and "give target_ongoing_requests 4, max_replicas 2, upscale_delay_s 3 there too" \
         in warnings[0] and "(Ray's: target_ongoing_requests 2, max_replicas 1, upscale_delay_s 30)" in warnings[0]
     _, warnings = findings([{"name": "model_SuperImage", "autoscaling_config": {"min_replicas": 1, "max_replicas": 2}}])
@@ -510,10 +512,18 @@ def test_the_config_check_reads_the_deployments_overrides(tmp_path):
     # num_replicas: auto is Ray's own autoscaling (its defaults, merged with a given autoscaling_config).
     chat["deployment"] = {key: value for key, value in chat["deployment"].items() if key != "autoscaling_config"}
     chat["deployment"]["num_replicas"] = "auto"
-    assert "is ignored" in findings([{"name": "model_Llama3-8B", "num_replicas": 3}])[1][0]
-    assert findings([{"name": "model_Llama3-8B", "autoscaling_config": {"max_replicas": 3}}]) == ([], [])
-    assert findings([{"name": "model_SuperImage", "num_replicas": "auto", "autoscaling_config": {"max_replicas": 3}}]
-                    ) == ([], [])
+
+    def beside_auto(overrides: list[dict]) -> tuple[list[str], list[str]]:
+        """The findings besides the warning of args' own 'auto' (Ray's defaults: a replica every 2 requests)."""
+        problems, warnings = findings(overrides)
+        auto = [warning for warning in warnings if "num_replicas 'auto' takes Ray's autoscaling defaults" in warning]
+        assert len(auto) == 1 and "model 'Llama3-8B'" in auto[0]
+        return problems, [warning for warning in warnings if warning not in auto]
+
+    assert "is ignored" in beside_auto([{"name": "model_Llama3-8B", "num_replicas": 3}])[1][0]
+    assert beside_auto([{"name": "model_Llama3-8B", "autoscaling_config": {"max_replicas": 3}}]) == ([], [])
+    assert beside_auto([{"name": "model_SuperImage", "num_replicas": "auto", "autoscaling_config": {"max_replicas": 3}}]
+                       ) == ([], [])
 
 
 def test_the_config_check_warns_of_base_urls_missing_the_route_prefix(tmp_path):
@@ -634,3 +644,110 @@ def test_cpus_reserved_past_the_machines_are_a_warning():
             ({"autoscaling_config": {"min_replicas": 3}}, 1.6)):
         assert reserved_cpus(args, [{"name": "model_chat", **override}]) == pytest.approx(reserved), override
     assert reserved_cpus(args, [{"name": "model_img", "num_replicas": 3}]) == pytest.approx(1.1)  # it autoscales
+
+
+def test_the_config_check_catches_what_would_misbehave_only_once_deployed(tmp_path, monkeypatch):
+    """Mistakes Ray takes without a word, each found before anything starts (found by a review):
+    the builder named in Ray's dotted form is checked too; a key given twice (a second
+    `deployment:` block) is refused, as YAML would keep the last silently; a `deployments:`
+    autoscaling_config Ray would refuse or ignore part of once started; a user_config the
+    replicas cannot take; an empty API key (auth silently off); a GPU reserved by a CPU model.
+    Warned of: a ray_actor_options override (it drops the app's own), a key or path holding a
+    $variable nothing expands, a path that is no folder here nor a hub id, num_replicas auto (up
+    to 100 replicas), a base URL ending in /v1 or naming a port the server does not listen on,
+    more requests passed on than a chat model takes, a text body limit past the body limit,
+    keys set in the application's runtime_env with registration on, and two applications
+    registering one project with one node."""
+    import copy
+
+    import yaml
+
+    from serve_app import check_config
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("SERVE_APP_API_KEYS", raising=False)
+    base = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+
+    def check(edit) -> tuple[list[str], list[str]]:
+        config = copy.deepcopy(base)
+        edit(config, config["applications"][0], config["applications"][0]["args"])
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(config) if isinstance(config, dict) else config)
+        return check_config.check(tmp_path / "c.yaml")
+
+    def only_problem(edit) -> str:
+        problems, _ = check(edit)
+        assert len(problems) == 1, problems
+        return problems[0]
+
+    def only_warning(edit) -> str:
+        problems, warnings = check(edit)
+        assert problems == [] and len(warnings) == 1, (problems, warnings)
+        return warnings[0]
+
+    assert check(lambda c, app, args: None) == ([], [])
+
+    def dotted(c, app, args):
+        app["import_path"] = "serve_app.app.build_app"
+        args["models"][0]["deployment"]["num_gpu"] = 1
+    assert "deployment.num_gpu: Extra inputs are not permitted" in only_problem(dotted)
+
+    text = (ROOT / "serve_config.yaml").read_text().replace("          deployment:\n", "          deployment: {}\n          deployment:\n", 1)
+    (tmp_path / "twice.yaml").write_text(text)
+    problems, _ = check_config.check(tmp_path / "twice.yaml")
+    assert len(problems) == 1 and "the key 'deployment' is given twice" in problems[0] and "line" in problems[0]
+
+    def override(entry: dict):
+        return lambda c, app, args: app.update(deployments=[{"name": "model_Llama3-8B", **entry}])
+    assert "min_replicas: Input should be a valid integer" in only_problem(
+        override({"autoscaling_config": {"min_replicas": None, "max_replicas": 4}}))
+    assert "max_replicas (2) must be greater than or equal to min_replicas (5)" in only_problem(
+        override({"autoscaling_config": {"min_replicas": 5, "max_replicas": 2}}))
+    assert "min_replica: not an autoscaling option" in only_problem(
+        override({"autoscaling_config": {"min_replica": 1, "max_replicas": 4}}))
+    assert "user_config is for deployments with a reconfigure method" in only_problem(override({"user_config": {"a": 1}}))
+    assert "ray_actor_options here replaces the whole set" in only_warning(
+        override({"ray_actor_options": {"num_cpus": 0.5}}))
+
+    assert "auth.api_keys: holds an empty key" in only_problem(lambda c, app, args: args.update(auth={"api_keys": [""]}))
+    assert "'${KEY}', which looks like an environment variable" in only_warning(
+        lambda c, app, args: args.update(auth={"api_keys": ["${KEY}"]}))
+
+    def cpu_with_a_gpu(c, app, args):
+        args["models"][0].update(device="cpu")
+        args["models"][0]["deployment"]["num_gpus"] = 1
+    assert "device 'cpu' with deployment.num_gpus 1" in only_problem(cpu_with_a_gpu)
+
+    for path, said in (("data/models/llama3", ""), ("$MODELS/llama3", " (nothing expands $variables in it)")):
+        assert f"path {path!r} is neither a folder here nor a hub id (namespace/name){said}" in only_warning(
+            lambda c, app, args: args["models"][0].update(path=path))
+    assert check(lambda c, app, args: args["models"][0].update(path="meta-llama/Llama-3.1-8B-Instruct")) == ([], [])
+    assert "num_replicas 'auto' takes Ray's autoscaling defaults" in only_warning(
+        lambda c, app, args: args["models"][0]["deployment"].update(num_replicas="auto"))
+    assert "ends in /v1" in only_warning(lambda c, app, args: args.update(public_base_url="http://127.0.0.1:1088/v1"))
+    assert "names port 1088 of this machine but the server listens on 8000" in only_warning(
+        lambda c, app, args: c["http_options"].update(port=8000))
+    assert "the ingress passes on up to 1024 requests" in only_warning(
+        lambda c, app, args: args.update(ingress={**args.get("ingress", {}), "num_replicas": 2}))
+    assert "is above max_body_bytes" in only_warning(lambda c, app, args: args.update(max_text_body_bytes=30_000_000))
+
+    def registered(c, app, args):
+        args["registration"] = {"enabled": True}
+        args.setdefault("limits", {})["request_timeout_s"] = 120  # within the node's wait
+        for model in args["models"]:
+            model["cid"] = "cid-" + model["name"]
+    assert check(registered) == ([], [])
+
+    def keys_in_runtime_env(c, app, args):
+        registered(c, app, args)
+        app["runtime_env"] = {"env_vars": {"SERVE_APP_API_KEYS": "secret"}}
+    assert "API keys are required" in only_warning(keys_in_runtime_env)
+
+    def two_registering(c, app, args):
+        registered(c, app, args)
+        second = copy.deepcopy(app)
+        second.update(name="second", route_prefix="/second")
+        second["args"]["public_base_url"] = "http://127.0.0.1:1088/second"
+        c["applications"].append(second)
+    problems, warnings = check(two_registering)
+    assert problems == [] and any("applications 'serve_app', 'second' each register project 'serve_app'" in warning
+                                  for warning in warnings), warnings
