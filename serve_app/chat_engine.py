@@ -93,6 +93,7 @@ class Slot:
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     # For the replica's latency metrics (time.monotonic()): arrival, first token.
     arrived: float = field(default_factory=time.monotonic)
+    admitted: bool = False  # taken from the queue once (a failed step may put it back)
     first_token_at: float | None = None
     token_steps: int = 0  # steps that gave its rows a token
     opening: Opening = None  # where the prompt leaves a reasoning model's answer (`reasoning.prompt_opening`)

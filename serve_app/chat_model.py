@@ -235,7 +235,9 @@ class ChatModel(ModelReplica):
                     break
                 joining.append(slot)
                 room -= len(slot.rows)
-                self.metrics.admitted(time.monotonic() - slot.arrived)
+                if not slot.admitted:  # its queue time once, though a failed step put it back
+                    slot.admitted = True
+                    self.metrics.admitted(time.monotonic() - slot.arrived)
             self._waiting.popleft()
         return joining
 

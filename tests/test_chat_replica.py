@@ -136,6 +136,9 @@ def test_a_failed_decode_step_fails_the_running_batch_not_the_newcomers_it_had_n
     alone, failed, newcomer, stats = asyncio.run(run())
     assert injected(failed)
     assert isinstance(newcomer, ChatResult) and newcomer.choices[0].text == alone.choices[0].text
+    queued = [value for (name, _), values in replica.metrics.values.items() if name == "queue_time_seconds"
+              for value in values]
+    assert len(queued) == 3, queued  # each request's queue time once, the newcomer's though it was taken twice
     assert stats["active_requests"] == 0 and stats["batch_requests"] == 0 and stats["waiting_requests"] == 0
 
 
