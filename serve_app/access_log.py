@@ -72,9 +72,9 @@ def app_path(scope: Scope) -> str:
     Starlette's router cuts it: at a segment boundary only. Under a prefix `/v`, `/v1/models`
     is the application's `/v1/models` (Serve's replica-port server matches prefixes by plain
     string), not `1/models`, which the key check did not recognise as an API route."""
-    path, root = scope["path"], scope.get("root_path", "").rstrip("/")
-    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
-        return path[len(root):] or "/"
+    path, root = scope["path"], scope.get("root_path", "")  # as it came: a root_path ending in "/"
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):  # ("/", "/api/") is
+        return path[len(root):] or "/"  # cut as the router cuts it, or the key check saw "//v1/..."
     return path
 
 

@@ -62,7 +62,7 @@ from serve_app.protocol import (
     Readiness,
 )
 from serve_app.registration import RegistrationStatus, unregister_stale
-from serve_app.request_guards import ApiKeys, ConfiguredCors, RequestGuard
+from serve_app.request_guards import ApiKeys, ConfiguredCors, RequestGuard, RequestRecord
 from serve_app.serve_logs import flush_serve_log, start_flushing
 from serve_app.streaming import ChatChunkEncoder, chat_events
 from serve_app.translate import AnswerFormat, chat_job, chat_response, check_image_request, image_job
@@ -76,7 +76,8 @@ api = FastAPI(
     telemetry={"tracing": False, "metrics": False, "logs": False},
 )
 api.add_middleware(RequestGuard)
-api.add_middleware(ConfiguredCors)  # added last: outermost
+api.add_middleware(ConfiguredCors)
+api.add_middleware(RequestRecord)  # added last: outermost
 install_error_handlers(api)
 
 T = TypeVar("T")

@@ -36,6 +36,8 @@ from serve_app.metrics import RequestMetrics
 logger = logging.getLogger("ray.serve")
 
 OPEN_PATHS = ("/health", "/ready")
+DOC_PATHS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+"""FastAPI's schema and docs pages, open without a key (they hold no data)."""
 CLIENT_CLOSED_REQUEST = ClientClosedRequest.status_code
 """The status a request Serve cancelled (its client left) is logged and counted with."""
 IMAGE_ROUTES = (routes.EDITS, routes.GENERATIONS)
@@ -46,7 +48,8 @@ class ApiKeys:
 
     def __init__(self, config: AppConfig) -> None:
         extra = os.environ.get(config.auth.api_keys_env, "")
-        keys = [*config.auth.api_keys, *(k.strip() for k in extra.split(","))]
+        # Stripped as the token a client sends is: a key pasted with a newline still matches.
+        keys = [*(key.strip() for key in config.auth.api_keys), *(key.strip() for key in extra.split(","))]
         self._keys = [key.encode() for key in keys if key]
         self.protect_health = config.auth.protect_health
         self.protect_files = config.auth.protect_files
@@ -60,13 +63,16 @@ class ApiKeys:
         return bool(self._keys)
 
     def required_for(self, path: str) -> bool:
+        """Every path but the probes and image files (each unless protected) and FastAPI's docs:
+        a path the guard reads otherwise than the router (a mismatch of prefixes) is refused,
+        not let through."""
         if not self.enabled:
             return False
         if path in OPEN_PATHS:
             return self.protect_health
         if path.startswith(FILES_ROUTE + "/"):
             return self.protect_files
-        return path.startswith("/v1/")
+        return path not in DOC_PATHS
 
     def accepts(self, authorization: bytes | None) -> bool:
         scheme, _, token = (authorization or b"").partition(b" ")
@@ -123,7 +129,7 @@ class JsonCors(CORSMiddleware):
 
 class ConfiguredCors:
     """Starlette's CORS middleware with the settings of `app.state.cors`, or none while no
-    origin is configured. Outermost, so a preflight needs no API key and every answer,
+    origin is configured. Outside the guard, so a preflight needs no API key and every answer,
     errors included, carries the headers a browser needs to read it."""
 
     def __init__(self, app: ASGIApp) -> None:
@@ -144,8 +150,10 @@ class ConfiguredCors:
         await self._cors(scope, receive, send)  # type: ignore[misc]
 
 
-class RequestGuard:
-    """API key check, body-size limit and access log for every HTTP request."""
+class RequestRecord:
+    """The access log line and the request metrics of every HTTP request, outermost, so that
+    CORS preflights (answered by the CORS middleware itself) are logged and counted too; and
+    the path without its trailing slash (see `_without_trailing_slash`) for all within."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -166,16 +174,12 @@ class RequestGuard:
         record = AccessRecord()
         token = CURRENT.set(record)
         try:
-            await self._guarded(scope, receive, send_noting_status, state)
+            await self.app(scope, receive, send_noting_status)
         except asyncio.CancelledError:  # Serve cancels a request whose client hung up (or past its own
             if not response["started"]:  # http_options.request_timeout_s): not a server fault
                 response["status"] = CLIENT_CLOSED_REQUEST
             note(error="request_cancelled", error_status=CLIENT_CLOSED_REQUEST)
             raise
-        except Exception as exc:  # noqa: BLE001 - answer here: Starlette would re-raise it to Serve
-            if response["started"]:
-                raise
-            await error_response(as_api_error(exc))(scope, receive, send_noting_status)
         finally:
             CURRENT.reset(token)
             seconds = time.perf_counter() - started_at
@@ -184,6 +188,33 @@ class RequestGuard:
             metrics: RequestMetrics | None = getattr(state, "metrics", None)
             if metrics is not None:
                 metrics.request(record.model, _route_label(scope), response["status"], record.fields, seconds)
+
+
+class RequestGuard:
+    """API key check and body-size limits for every HTTP request, inside the CORS middleware
+    (a preflight needs no key; every answer carries CORS headers); an error raised before the
+    answer starts is answered here, in the envelope (Starlette would re-raise it to Serve)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_noting_start(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_noting_start, scope["app"].state)
+        except Exception as exc:  # noqa: BLE001 - answer here: Starlette would re-raise it to Serve
+            if started:
+                raise
+            await error_response(as_api_error(exc))(scope, receive, send_noting_start)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send, state: Any) -> None:
         keys: ApiKeys | None = getattr(state, "api_keys", None)

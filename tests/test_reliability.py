@@ -180,6 +180,13 @@ def test_which_paths_need_a_key(monkeypatch, protect_health, protect_files):
     assert keys.required_for("/v1/models") and keys.required_for("/v1/chat/completions")
     assert keys.required_for("/health") is keys.required_for("/ready") is protect_health
     assert keys.required_for("/v1/files/images/abc.png") is protect_files
+    # Any other path needs a key (what the guard reads otherwise than the router is refused), but the docs.
+    assert keys.required_for("//v1/models") and keys.required_for("/anything")
+    assert not any(keys.required_for(path) for path in ("/openapi.json", "/docs", "/redoc"))
+    # A configured key pasted with a newline matches, as the sent token is stripped too.
+    pasted = ApiKeys(AppConfig.model_validate({"models": [{"name": "m", "kind": "chat", "path": "p"}],
+                                               "auth": {"api_keys": ["k3y\n"], "api_keys_env": "MY_KEYS"}}))
+    assert pasted.accepts(b"Bearer k3y")
 
 
 @pytest.mark.parametrize("path, root_path, inside", [
@@ -187,7 +194,10 @@ def test_which_paths_need_a_key(monkeypatch, protect_health, protect_files):
     ("/api/", "/api/", "/"),
     # Under a prefix that ends inside a segment (Serve's replica port matches prefixes by plain string),
     # the router still sees /v1/models: so must the key check, which took "1/models" for no API route.
-    ("/v1/models", "/v", "/v1/models"), ("/v1/models/m", "/v1/m", "/v1/models/m")])
+    ("/v1/models", "/v", "/v1/models"), ("/v1/models/m", "/v1/m", "/v1/models/m"),
+    # A root_path ending in "/" (http_options.root_path "/" or "/api/"): uvicorn puts it before the path,
+    # and the router cuts it whole, so the key check (which saw "//v1/...", no API route) must too.
+    ("//v1/chat/completions", "/", "/v1/chat/completions"), ("/api//ready", "/api/", "/ready")])
 def test_the_path_the_guards_check_is_the_one_the_router_routes(path, root_path, inside):
     from starlette._utils import get_route_path
 
@@ -279,9 +289,14 @@ def test_a_browser_ui_on_an_allowed_origin_may_call_the_api(secure, http):
     assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == UI
     refused = httpx.get(secure + "/v1/models", headers={"Origin": UI}, timeout=60)
     assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == UI
+    preflight_id = uuid.uuid4().hex
     elsewhere = httpx.options(secure + "/v1/chat/completions", timeout=60, headers={
-        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST", "X-Request-Id": preflight_id})
     assert elsewhere.status_code == 400 and "access-control-allow-origin" not in elsewhere.headers
+    # Logged as every request is (a wrong allow_origins, which breaks a browser UI, shows in the log).
+    assert wait_for(lambda: _access_lines(preflight_id), timeout=10)
+    [line] = _access_lines(preflight_id)
+    assert "method=OPTIONS" in line and "status=400" in line, line
     assert elsewhere.headers["content-type"] == "application/json" and elsewhere.json()["code"] == 400
     assert elsewhere.json()["error"]["code"] == "cors_not_allowed" and "(its origin)" in elsewhere.json()["message"]
     assert "access-control-allow-origin" not in http.get("/v1/models", headers={"Origin": UI}).headers
