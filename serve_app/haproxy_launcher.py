@@ -25,6 +25,10 @@ Before HAProxy starts, it also adds to the `defaults` of the config Serve wrote 
   (the ingress replica failed mid-answer), 503 (no ingress replica is up: retry after 1 s), 504
   (not answered within Serve's HAProxy server timeout, where one is set: not to be retried).
   Not its 400 for what is not HTTP: HAProxy 2.8 sends its own HTML page there.
+- Request headers Serve decodes as UTF-8 (`X-Request-Id`, `serve_multiplexed_model_id`) are
+  dropped where they hold a byte outside printable ASCII: one such byte made every route
+  answer uvicorn's text/plain 500, logged nowhere. A dropped request id is replaced by
+  one of Serve's, as a missing one is.
 - A JSON 404 `route_not_found` for a path outside every application's `route_prefix` (a
   client whose base URL lacks the prefix), where Serve's config answers in text/plain; while
   no application is routed yet in the first STARTING_WINDOW_S of HAProxy (starting), the
@@ -132,6 +136,28 @@ def with_json_404(config: str, body: Path, starting: Path, starting_until: int) 
                    for line in config.splitlines(keepends=True))
 
 
+HTTP_FRONTEND = "frontend http_frontend"
+DECODED_HEADERS = ("x-request-id", "serve_multiplexed_model_id")
+"""Request headers Serve's replica decodes as UTF-8 before any app code runs."""
+
+
+def with_clean_ids(config: str) -> str:
+    """Serve's config with the headers it decodes dropped where they hold any byte outside
+    printable ASCII: the rules go right after its HTTP frontend's `bind`, before any rule of
+    Serve's (which sets a missing request id, where it routes through its request router)."""
+    rules = [f'http-request del-header {name} if {{ req.hdr({name}) -m reg "[^\\x20-\\x7e]" }}'
+             for name in DECODED_HEADERS]
+    lines = config.splitlines(keepends=True)
+    if any(rule in config for rule in rules) or HTTP_FRONTEND + "\n" not in lines:
+        return config
+    frontend = lines.index(HTTP_FRONTEND + "\n")
+    bind = next((i for i in range(frontend + 1, len(lines)) if lines[i].strip().startswith("bind ")), None)
+    if bind is None:
+        return config
+    indent = lines[bind][:len(lines[bind]) - len(lines[bind].lstrip())]
+    return "".join([*lines[:bind + 1], *(indent + rule + "\n" for rule in rules), *lines[bind + 1:]])
+
+
 def routes_an_application(config: str) -> bool:
     """Does Serve's config route HTTP to any application? Its own backends (`default_backend`,
     gRPC's `default_grpc_backend` and `grpc_fallback_backend`) are there without any."""
@@ -214,6 +240,7 @@ def add_our_defaults(config: Path, timeout_s: int, first_start: bool = True) -> 
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         text = config.read_text()
         changed = with_json_404(with_our_defaults(text, timeout_s, error_files), unrouted, starting, starting_until)
+        changed = with_clean_ids(changed)
         changed = with_own_admin_socket(changed, admin_socket(config, os.getpid()))  # exec keeps the pid
         if changed != text:
             config.write_text(changed)

@@ -764,6 +764,11 @@ def test_replicas_land_on_the_raylets_their_resources_name(local_cluster: LocalC
 
     with httpx.Client(base_url=local_cluster.base_url, timeout=120) as http:
         assert set(local_cluster.listed()) == {"chat-a", "image-b"}
+        # A request id Serve cannot decode as UTF-8 made every route a text/plain 500, logged nowhere:
+        # HAProxy drops it, and the request gets an id of HAProxy's own.
+        odd = http.get("/v1/models", headers={"X-Request-Id": b"caf\xe9"})
+        assert odd.status_code == 200 and odd.json()["code"] == 0 and odd.headers["x-request-id"] not in ("", "caf"), \
+            (odd.status_code, odd.text)
         answer = chat(http, "chat-a")
         assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]
         # The image is drawn on node_b; its URL is served through the ingress and proxies.

@@ -116,6 +116,10 @@ def test_it_makes_haproxy_wait_for_bodies_and_answer_its_own_errors_in_json(monk
         in config.read_text()
     unrouted = json.loads((tmp_path / "serve_app_404.json").read_text())
     assert unrouted["code"] == 404 and unrouted["error"]["code"] == "route_not_found" and "route_prefix" in unrouted["message"]
+    # Headers Serve decodes as UTF-8 are dropped where they hold other bytes: the frontend's first rules.
+    frontend = config.read_text().split(haproxy_launcher.HTTP_FRONTEND + "\n", 1)[1]
+    rules = [line.strip() for line in frontend.splitlines() if line.strip().startswith("http-request")]
+    assert [rule.split()[2] for rule in rules[:2]] == list(haproxy_launcher.DECODED_HEADERS), rules[:3]
     # HAProxy itself takes the config; a second start (Serve reloads with the same file) adds nothing twice.
     checked = subprocess.run([binary, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30)
     assert checked.returncode == 0, checked.stdout + checked.stderr
