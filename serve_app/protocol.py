@@ -402,6 +402,7 @@ class ChatCompletionRequest(BoundedRequest):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     function_call: str | dict[str, Any] | None = None  # OpenAI's older `tool_choice`
+    functions: list[Any] | None = None  # OpenAI's older `tools`: refused, not silently ignored
     chat_template_kwargs: dict[str, Any] | None = Field(None, description=(
         "vLLM's extension: more variables for the model's chat template (e.g. Qwen3's "
         "`{\"enable_thinking\": false}`)."))
@@ -448,6 +449,16 @@ class ChatCompletionRequest(BoundedRequest):
     def _text_out_only(cls, value: list[str] | None) -> list[str] | None:
         if value and set(value) != {"text"}:
             raise ValueError("this server answers in text only: modalities may only name 'text'")
+        return value
+
+    @field_validator("functions")
+    @classmethod
+    def _tools_instead(cls, value: list[Any] | None) -> list[Any] | None:
+        """Ignored, the model would never see them, and answer as if no function existed."""
+        if value:
+            raise ValueError('functions, OpenAI\'s deprecated form of tools, is not supported: send each as '
+                             'tools: [{"type": "function", "function": {...}}] (function_call works as tool_choice); '
+                             "calls come back as tool_calls")
         return value
 
     @field_validator("audio")
