@@ -58,18 +58,20 @@ class ChatChunkEncoder:
         self.usage: Usage | None = None
 
     def encode(self, chunk: ChatStreamChunk) -> str:
-        """The chunk's event; "" where, once every choice is open, it says nothing (the answer's
-        text held back: a forced call's `[{"name": ` wrapper, part of a character, a possible
-        stop string), as OpenAI and vLLM send no empty deltas."""
+        """The chunk's events, one per choice that says something, as OpenAI and vLLM send them
+        (a client or gateway reading `chunk.choices[0]` and its `index` sees every choice); ""
+        where, once every choice is open, none does (the answer's text held back: a forced
+        call's `[{"name": ` wrapper, part of a character, a possible stop string), as OpenAI
+        and vLLM send no empty deltas."""
         if self.opened:
             choices = [choice for choice in map(self._choice, chunk.deltas) if not _says_nothing(choice)]
         else:
             if self.answer_format.read:
                 self.readers = [self.answer_format.reader(chunk.opening, stream=True) for _ in range(self.n)]
-            # The first event opens every choice, in index order, with its role, whether its text
+            # The first events open every choice, in index order, with its role, whether its text
             # has begun or not (it may be held back: part of a character, a possible stop string),
-            # as OpenAI's and vLLM's streams do: the openai client's stream helper builds its
-            # choices by position from the first chunk.
+            # as OpenAI's and vLLM's streams do: the openai client's stream helper adds a choice
+            # by position when its index first comes.
             given = {delta.index: delta for delta in chunk.deltas}
             choices = [self._choice(given.get(index, ChoiceDelta(index, "")), role="assistant")
                        for index in range(self.n)]
@@ -77,9 +79,8 @@ class ChatChunkEncoder:
         self.usage = usage_of(chunk.prompt_tokens, chunk.completion_tokens, chunk.reasoning_tokens)
         # The running totals, for the access log and metrics: right even if the client leaves.
         note(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens)
-        if not choices:
-            return ""
-        return event(self._chunk(choices, usage=self.usage if self.usage_in_every_chunk else None))
+        usage = self.usage if self.usage_in_every_chunk else None
+        return "".join(event(self._chunk([choice], usage=usage)) for choice in choices)
 
     def closing(self) -> str:
         """The usage-only chunk (when asked for with stream_options.include_usage) and [DONE]."""

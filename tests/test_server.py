@@ -369,9 +369,11 @@ def test_streaming_raw_sse_format(http):
     assert events[-1] == "data: [DONE]"
     choices = [c for line in events[:-1] for c in json.loads(line[6:])["choices"]]
     assert {c["index"] for c in choices} == {0, 1}
-    # The first event opens every choice in index order, text or not (a choice's text may be
-    # held back as part of a character or a stop string), as OpenAI's and vLLM's streams do.
-    assert [c["index"] for c in json.loads(events[0][6:])["choices"]] == [0, 1]
+    # One choice an event, as OpenAI and vLLM send them (a gateway reading choices[0] sees every choice);
+    # the first events open every choice in index order, text or not (a choice's text may be held
+    # back as part of a character or a stop string), as OpenAI's and vLLM's streams do.
+    assert all(len(json.loads(line[6:])["choices"]) == 1 for line in events[:-1])
+    assert [json.loads(line[6:])["choices"][0]["index"] for line in events[:2]] == [0, 1]
     # As OpenAI sends them: the role in each choice's first delta only, no null fields.
     for index in (0, 1):
         deltas = [c["delta"] for c in choices if c["index"] == index]

@@ -4,6 +4,7 @@ helper (no server: the encoder's events served by an httpx mock transport)."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -33,8 +34,10 @@ def test_a_choice_whose_text_is_held_back_is_opened_by_the_first_event():
                         completion_tokens=4),
     ]
     body = asyncio.run(_sse(request, chunks))
-    first = body.split(b"\n\n")[0]
-    assert first.count(b'"role":"assistant"') == 2 and first.index(b'"index":0') < first.index(b'"index":1')
+    events = [json.loads(line[6:]) for line in body.decode().split("\n\n") if line.startswith("data: {")]
+    assert all(len(event["choices"]) == 1 for event in events)  # one choice an event, as OpenAI sends them
+    assert [(event["choices"][0]["index"], event["choices"][0]["delta"].get("role")) for event in events[:2]] == \
+        [(0, "assistant"), (1, "assistant")]
 
     transport = httpx.MockTransport(lambda _: httpx.Response(
         200, content=body, headers={"content-type": "text/event-stream"}))
