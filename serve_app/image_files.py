@@ -5,7 +5,8 @@ in between became a 500, or a reply cut off after its headers), answers a `Range
 parse with a plain-text 400 and one past the file's end with an empty 416. Here the file the
 route opened and its stat are used, a `Range` Starlette cannot parse is ignored, as RFC 9110
 lets a server do (the whole image is sent, as nginx sends it), and one past the end is a 416
-with the API's JSON error.
+with the API's JSON error. A conditional GET whose `If-None-Match` names the image's ETag
+(a browser or cache that holds it) is a 304 without the image, which Starlette would resend.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from contextlib import asynccontextmanager
 
 from anyio import AsyncFile  # at import, not lazily (anyio's default) on the first reply
 from starlette.datastructures import Headers
-from starlette.responses import FileResponse, MalformedRangeHeader
+from starlette.responses import FileResponse, MalformedRangeHeader, Response
 from starlette.responses import RangeNotSatisfiable as UnsatisfiableRange
 from starlette.types import Receive, Scope, Send
 
@@ -45,6 +46,9 @@ class StoredImageResponse(FileResponse):
         scope = {**scope, "extensions": {key: value for key, value in scope.get("extensions", {}).items()
                                          if key != "http.response.pathsend"}}
         headers = Headers(scope=scope)
+        if _names_etag(headers.get("if-none-match"), self.headers.get("etag")):
+            kept = {name: self.headers[name] for name in ("etag", "last-modified") if name in self.headers}
+            return await Response(status_code=304, headers=kept)(scope, receive, send)
         requested, if_range = headers.get("range"), headers.get("if-range")
         # Checked as Starlette checks it, when Starlette would use it (a stale If-Range sends the whole file).
         if requested is not None and (if_range is None or self._should_use_range(if_range)):
@@ -58,3 +62,12 @@ class StoredImageResponse(FileResponse):
                                             param="range", headers={"Content-Range": f"bytes */{size}"})
                 return await error_response(error)(scope, receive, send)
         await super().__call__(scope, receive, send)
+
+
+def _names_etag(if_none_match: str | None, etag: str | None) -> bool:
+    """Whether an `If-None-Match` list names `etag` (weak comparison, as RFC 9110 has it for
+    this header) or is `*`."""
+    if not if_none_match or not etag:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag.removeprefix("W/") in tags

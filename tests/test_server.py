@@ -431,6 +431,12 @@ def test_image_files_serve_ranges_and_answer_their_failures_as_the_api_does(http
     assert past.json()["code"] == 416 and past.json()["error"]["code"] == "range_not_satisfiable"
     stale = http.get(url, headers={"Range": f"bytes={len(whole)}-", "If-Range": '"another-version"'})
     assert stale.status_code == 200 and stale.content == whole  # If-Range: a changed file is sent whole
+    # A cache holding the image (its ETag in If-None-Match) is told it is unchanged, not sent it again.
+    etag = http.get(url).headers["etag"]
+    for held in (etag, f'"other", W/{etag}', "*"):
+        unchanged = http.get(url, headers={"If-None-Match": held})
+        assert (unchanged.status_code, unchanged.content, unchanged.headers["etag"]) == (304, b"", etag), held
+    assert http.get(url, headers={"If-None-Match": '"another-version"'}).content == whole
     # HEAD (a client checking an image before fetching it, an uptime probe) answers the headers alone.
     head = http.head(url)
     assert (head.status_code, head.content, head.headers["content-length"]) == (200, b"", str(len(whole)))
