@@ -150,10 +150,9 @@ class ConfiguredCors:
         await self._cors(scope, receive, send)  # type: ignore[misc]
 
 
-class RequestRecord:
-    """The access log line and the request metrics of every HTTP request, outermost, so that
-    CORS preflights (answered by the CORS middleware itself) are logged and counted too; and
-    the path without its trailing slash (see `_without_trailing_slash`) for all within."""
+class HttpMiddleware:
+    """A plain ASGI middleware (no extra task per request, unlike BaseHTTPMiddleware) for HTTP
+    requests; anything else (lifespan) passes through."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -162,6 +161,18 @@ class RequestRecord:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.http(scope, receive, send)
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class RequestRecord(HttpMiddleware):
+    """The access log line and the request metrics of every HTTP request, outermost, so that
+    CORS preflights (answered by the CORS middleware itself) are logged and counted too; and
+    the path without its trailing slash (see `_without_trailing_slash`) for all within."""
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope = _without_trailing_slash(scope)
         state = scope["app"].state  # Starlette sets scope["app"] before middleware runs
         started_at, response = time.perf_counter(), {"status": 500, "started": False}
@@ -190,18 +201,12 @@ class RequestRecord:
                 metrics.request(record.model, _route_label(scope), response["status"], record.fields, seconds)
 
 
-class RequestGuard:
+class RequestGuard(HttpMiddleware):
     """API key check and body-size limits for every HTTP request, inside the CORS middleware
     (a preflight needs no key; every answer carries CORS headers); an error raised before the
     answer starts is answered here, in the envelope (Starlette would re-raise it to Serve)."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
         async def send_noting_start(message: Message) -> None:

@@ -403,7 +403,7 @@ def test_the_access_log_and_metrics_tell_a_client_leaving_and_a_failed_stream_fr
     from starlette.routing import Route
 
     from serve_app.metrics import RequestMetrics
-    from serve_app.request_guards import RequestGuard
+    from serve_app.request_guards import RequestGuard, RequestRecord
 
     started = asyncio.Event()
 
@@ -423,6 +423,7 @@ def test_the_access_log_and_metrics_tell_a_client_leaving_and_a_failed_stream_fr
     app = Starlette(routes=[Route("/v1/chat/completions", hang, methods=["POST"]),
                             Route("/v1/stream", failing, methods=["POST"])])
     app.add_middleware(RequestGuard)
+    app.add_middleware(RequestRecord)
     app.state.metrics, app.state.access_log = RequestMetrics(), True
 
     async def call(path: str, cancel: bool) -> list[dict]:
