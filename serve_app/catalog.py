@@ -123,6 +123,10 @@ def serve_details() -> dict[str, Any]:
     return _get_global_client().get_serve_details()
 
 
+class CatalogUnknown(Exception):
+    """Serve's state has not been read yet: what is live is unknown."""
+
+
 class LiveCatalog:
     def __init__(self, config: AppConfig, app_name: str,
                  status: Callable[[], dict[str, Any]] = serve_details) -> None:
@@ -134,6 +138,8 @@ class LiveCatalog:
         self._removed: frozenset[str] = frozenset()
         self._fetched_at = float("-inf")
         self._refreshing: asyncio.Task | None = None
+        self._read_once = False  # a read of Serve's state has succeeded: `_live` is known, not a start value
+        self._failing = False  # the last read failed (said once per outage)
 
     async def live_models(self) -> list[LiveModel]:
         """Models with a running replica, or scaled to zero on purpose (cached briefly)."""
@@ -145,6 +151,15 @@ class LiveCatalog:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(refreshing), STATUS_WAIT_S)
         return self._live
+
+    async def known_live_models(self) -> list[LiveModel]:
+        """`live_models`, but raising `CatalogUnknown` until Serve's state has been read once: the
+        registrar must not take a controller it could not reach yet for "nothing is live" (it
+        would register an empty list, taking live models off the network)."""
+        live = await self.live_models()
+        if not self._read_once:
+            raise CatalogUnknown("Serve's state has not been read yet")
+        return live
 
     def _refresh_if_stale(self) -> asyncio.Task | None:
         """The refresh under way, started if the cached state is older than `catalog_ttl_s`;
@@ -160,10 +175,17 @@ class LiveCatalog:
         try:
             status = await asyncio.to_thread(lambda: ServeState.model_validate(self._status()))
         except Exception:  # noqa: BLE001 - keep the last known catalog while the controller is away
-            logger.warning("could not read Serve status; keeping the last catalog", exc_info=True)
+            # Once per outage with its traceback, not at every refresh (one a TTL, for as long as it lasts).
+            if not self._failing:
+                logger.warning("could not read Serve status; keeping the last catalog", exc_info=True)
+            self._failing = True
         else:
+            if self._failing:
+                logger.info("read Serve status again")
+            self._failing = False
             app = status.applications.get(self.app_name)
             if app is None or not app.building:  # building: the catalog before it stands (see `building`)
+                self._read_once = True
                 self._live = self._from_status(status)
                 self._failed = self._failed_from(status)
                 self._removed = self._removed_from(status)

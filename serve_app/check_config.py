@@ -20,7 +20,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import ValidationError
 
-from serve_app.config import INGRESS_DEPLOYMENT, REGISTRAR_DEPLOYMENT, AppConfig, checkpoint_problem, config_warnings, deployment_names
+from serve_app.config import (INGRESS_DEPLOYMENT, REGISTRAR_DEPLOYMENT, AppConfig, checkpoint_problem, config_warnings,
+                              deployment_names, shown_url)
 
 BUILDER = "serve_app.app:build_app"
 
@@ -301,7 +302,7 @@ def check(path: Path) -> tuple[list[str], list[str]]:
     for (project, node), apps in registering.items():
         if len(apps) > 1:
             warnings.append(f"applications {', '.join(map(repr, apps))} each register project {project!r} with the "
-                            f"node {node}: each registration replaces the other's model list, so the node routes to "
+                            f"node {shown_url(node)}: each registration replaces the other's model list, so the node routes to "
                             "one application's models at a time; give each application its own project (or "
                             "registration.project)")
     return problems, warnings

@@ -38,10 +38,30 @@ SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$", re.ASCII)  
 
 def _http_base_url(url: str) -> str:
     if not url.startswith(("http://", "https://")):
-        raise ValueError(f"{url!r} must start with http:// or https://")
+        raise ValueError(f"{shown_url(url)!r} must start with http:// or https://")
     if "?" in url or "#" in url:  # paths are appended to it: they would land in the query or fragment
-        raise ValueError(f"{url!r} is a base URL that paths are appended to: it may not have a query or a fragment")
+        raise ValueError(f"{shown_url(url)!r} is a base URL that paths are appended to: it may not have a query "
+                         "or a fragment")
+    if "@" in url.partition("://")[2] and "@" not in urlsplit(url).netloc:
+        return url.rstrip("/")  # a password with an unencoded "/": node_urls says how to write it
+    try:
+        port = urlsplit(url).port  # raises for a port that is not one (99999, abc)
+    except ValueError:
+        port = -1
+    if port == -1 or not urlsplit(url).hostname:
+        raise ValueError(f"{shown_url(url)!r} needs a host and, if it gives one, a port from 1 to 65535")
     return url.rstrip("/")
+
+
+def shown_url(url: str) -> str:
+    """A URL as logs, errors, `GET /v1/registration` and the withdraw command show it: a user
+    and password in it (sent to a node as Basic auth) replaced by `***`."""
+    scheme, separator, rest = url.partition("://")
+    if not separator or "@" not in rest:
+        return url
+    # Up to the last "@", not urlsplit's netloc: a password with a "/" in it (unencoded) would
+    # be read as the start of the path, and shown.
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
 BaseUrl = Annotated[str, AfterValidator(_http_base_url)]
@@ -505,7 +525,7 @@ class RegistrationOptions(StrictModel):
                                  "'?' as %3F, '#' as %23): as written, part of it is read as the URL's path")
             key = (parts.scheme.lower(), parts.netloc.lower(), parts.path)  # a path's case counts
             if key in seen:
-                raise ValueError(f"{url} is listed twice")
+                raise ValueError(f"{shown_url(url)} is listed twice")
             seen.add(key)
         return urls
 

@@ -29,8 +29,8 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.schema import ApplicationStatus
 
-from serve_app.catalog import LiveCatalog, LiveModel, served_routes
-from serve_app.config import REGISTRAR_DEPLOYMENT, AppConfig
+from serve_app.catalog import CatalogUnknown, LiveCatalog, LiveModel, served_routes
+from serve_app.config import REGISTRAR_DEPLOYMENT, AppConfig, shown_url
 from serve_app.periodic import every
 from serve_app import routes
 from serve_app.serve_logs import flush_serve_log, start_flushing
@@ -143,11 +143,13 @@ async def call_node(client: httpx.AsyncClient, url: str, path: str, body: BaseMo
     # the URL without them is what httpx's own request log shows.
     auth = httpx.BasicAuth(target.username, target.password) if target.userinfo else None
     try:
-        response = await client.post(target.copy_with(userinfo=b""), content=body.model_dump_json(),
-                                     headers={"Content-Type": "application/json"}, auth=auth)
-    except httpx.TimeoutException as exc:  # httpx's own text is empty: say which limit it was
-        raise NodeError(f"{type(exc).__name__}: the node did not answer within {limit} "
-                        f"({client.timeout.read:g} s)") from exc
+        # The whole call within the limit: httpx's timeout bounds each read, and a node that
+        # trickles its answer a byte at a time would hold the call (a withdraw, a stop) for ever.
+        async with asyncio.timeout(client.timeout.read):
+            response = await client.post(target.copy_with(userinfo=b""), content=body.model_dump_json(),
+                                         headers={"Content-Type": "application/json"}, auth=auth)
+    except (httpx.TimeoutException, TimeoutError) as exc:  # httpx's own text is empty: say which limit it was
+        raise NodeError(f"Timeout: the node did not answer within {limit} ({client.timeout.read:g} s)") from exc
     except httpx.HTTPError as exc:
         raise NodeError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from exc
     try:
@@ -158,17 +160,6 @@ async def call_node(client: httpx.AsyncClient, url: str, path: str, body: BaseMo
         detail = f"code {reply.code}: {reply.message}" if reply else f"not a node reply: {response.text[:200]!r}"
         raise NodeError(f"HTTP {response.status_code}, {detail}")
     return reply
-
-
-def shown_url(url: str) -> str:
-    """A node URL as logs, `GET /v1/registration` and the withdraw command show it: a user and
-    password in it (sent to the node as Basic auth) replaced by `***`."""
-    scheme, separator, rest = url.partition("://")
-    if not separator or "@" not in rest:
-        return url
-    # Up to the last "@", not urlsplit's netloc: a password with a "/" in it (unencoded) would
-    # be read as the start of the path, and shown.
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
 KV_NAMESPACE = "serve_app"
@@ -265,6 +256,12 @@ class NodeState:
     last_error: str | None = None
     attempts: int = 0
     failures: int = 0  # consecutive
+    in_doubt: bool = False
+    """The last call failed: the node may hold `registered`, or what that call sent (a
+    register that timed out here may have been applied there), so the next is sent whatever."""
+    in_flight: asyncio.Future[NodeReply] | None = None
+    """The register call under way: a stop lets it end before unregistering, else the node
+    could apply it after the unregister, and keep the project."""
 
     def due(self, payload: ProjectRegistration, now: float, interval_s: float) -> bool:
         """Register now? On a change, or when the interval passed; never while backing off.
@@ -275,7 +272,7 @@ class NodeState:
         """
         if now < self.retry_at:
             return False
-        if payload == self.registered:
+        if payload == self.registered and not self.in_doubt:
             return now - self.registered_at >= interval_s
         return True
 
@@ -315,6 +312,10 @@ class Registrar:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        # A register already sent ends first (within timeout_s): cut short here, the node could
+        # still apply it, after the unregister below.
+        await asyncio.gather(*(node.in_flight for node in self._nodes if node.in_flight is not None),
+                             return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -366,9 +367,12 @@ class Registrar:
             await self._register(node, payload)
 
     async def _current_payload(self) -> ProjectRegistration | None:
-        """What the nodes should hold now; the last known payload while the live source fails."""
+        """What the nodes should hold now; the last known payload while the live source fails
+        (none, so nothing is sent, until it is first known)."""
         try:
             self._payload = project_registration(self.project, self.base_url, await self._live())
+        except CatalogUnknown:  # Serve's state not read yet (a controller away, an application being built)
+            pass
         except Exception:  # noqa: BLE001 - keep registering what was live
             logger.warning("could not read the live models; keeping the last known set", exc_info=True)
         return self._payload
@@ -376,18 +380,21 @@ class Registrar:
     async def _register(self, node: NodeState, payload: ProjectRegistration) -> None:
         node.attempts += 1
         assert self._client is not None, "start() creates the client before any loop runs"
+        # Its own task, which a stop lets finish (see `stop`), shielded from the loop's cancellation.
+        node.in_flight = asyncio.ensure_future(call_node(self._client, node.url, REGISTER_PATH, payload))
         try:
-            await call_node(self._client, node.url, REGISTER_PATH, payload)
+            await asyncio.shield(node.in_flight)
         except NodeError as exc:
             self._record_failure(node, str(exc))
         except Exception as exc:  # noqa: BLE001 - anything else (a URL httpx refuses, ...): backed off and shown too
-            logger.warning("registering with node %s failed", shown_url(node.url), exc_info=True)
-            self._record_failure(node, f"{type(exc).__name__}: {exc}")
+            if not node.failures:  # its traceback once in a run of failures, not at every retry
+                logger.warning("registering with node %s failed", shown_url(node.url), exc_info=True)
+            self._record_failure(node, _said(exc))
         else:
             self._record_success(node, payload)
 
     def _record_failure(self, node: NodeState, error: str) -> None:
-        node.failures += 1
+        node.failures, node.in_doubt = node.failures + 1, True
         node.state, node.last_error = "failing", error
         first = min(FIRST_RETRY_S, self.options.retry_max_s)
         delay = min(self.options.retry_max_s, first * 2 ** min(node.failures - 1, 30))
@@ -399,12 +406,19 @@ class Registrar:
         """A change or a recovery is news (info); the periodic refresh is not (debug)."""
         failed = node.failures
         news = payload != node.registered or failed > 0
-        node.state, node.registered, node.failures = "registered", payload, 0
+        node.state, node.registered, node.failures, node.in_doubt = "registered", payload, 0, False
         node.registered_at, node.last_success, node.retry_at = time.monotonic(), time.time(), float("-inf")
         entries = ", ".join(f"{m.model} (type {m.type})" for m in payload.models) or "no models"
         after = f" (after {failed} failed attempt{'s' * (failed > 1)})" if failed else ""
         logger.log(logging.INFO if news else logging.DEBUG, "registered project %r with node %s%s: %s",
                    self.project, shown_url(node.url), after, entries)
+
+
+def _said(exc: BaseException) -> str:
+    """An error as one line: an exception group (anyio's task groups raise them) by what it holds."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
 
 
 @serve.deployment
@@ -413,7 +427,7 @@ class RegistrarDeployment:
 
     def __init__(self, config: AppConfig) -> None:
         self._app_name = serve.get_replica_context().app_name
-        self._registrar = Registrar(config, LiveCatalog(config, self._app_name).live_models)
+        self._registrar = Registrar(config, LiveCatalog(config, self._app_name).known_live_models)
         self._registrar.start()
         self._log_flusher = start_flushing()
         self._cleanup = asyncio.get_running_loop().create_task(

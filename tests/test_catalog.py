@@ -412,3 +412,37 @@ def test_ready_is_503_naming_the_models_without_a_live_replica():
     ingress.catalog = LiveCatalog(config, "app", status=lambda: status)
     ready = asyncio.run(Ingress.func_or_class.ready(ingress))
     assert ready.status_code == 200 and json.loads(ready.body) == {"ready": True, "missing": []}
+
+
+def test_an_unreachable_controller_is_said_once_and_the_live_set_is_unknown_until_read(serve_caplog):
+    """The registrar polls every second: an absent controller is logged once (with its
+    traceback), and once more when it is back, not at every refresh; until Serve's state has
+    been read, the live set is unknown (the registrar registers nothing), not empty."""
+    import logging
+
+    from serve_app.catalog import CatalogUnknown
+
+    config = AppConfig.model_validate({**default_args(), "catalog_ttl_s": 0})
+    chat, _ = config.models
+    healthy = _status("app", {chat.deployment_name: (DeploymentStatus.HEALTHY, {ReplicaState.RUNNING: 1})})
+    away = {"on": True}
+
+    def status():
+        if away["on"]:
+            raise ConnectionError("the controller is away")
+        return healthy
+
+    catalog = LiveCatalog(config, "app", status=status)
+    serve_caplog.set_level(logging.INFO, logger="ray.serve")
+
+    async def run():
+        for _ in range(4):
+            with pytest.raises(CatalogUnknown):
+                await catalog.known_live_models()
+        away["on"] = False
+        return await catalog.known_live_models()
+
+    live = asyncio.run(run())
+    assert [model.config.name for model in live] == [chat.name]
+    said = [record.getMessage() for record in serve_caplog.records if "Serve status" in record.getMessage()]
+    assert said == ["could not read Serve status; keeping the last catalog", "read Serve status again"], said

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import logging
 import re
 import socket
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -274,7 +276,8 @@ async def test_node_refusing_the_payload_is_reported_and_retried(node: FakeNode)
 
 @pytest.mark.anyio
 async def test_a_node_too_slow_to_answer_is_said_to_be_past_timeout_s() -> None:
-    """httpx's ReadTimeout has no text: the error names the limit the node ran past."""
+    """httpx's ReadTimeout has no text: the error names the limit the node ran past (the whole
+    call's, which a node trickling its answer cannot stretch)."""
     with socket.socket() as silent:  # accepts connections (the kernel's backlog), never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen()
@@ -282,7 +285,7 @@ async def test_a_node_too_slow_to_answer_is_said_to_be_past_timeout_s() -> None:
         registrar = started(config, FakeLive(config, "Llama3-8B"))
         await eventually(lambda: node_status(registrar)["state"] == "failing")
         assert node_status(registrar)["last_error"] == \
-            "ReadTimeout: the node did not answer within timeout_s (0.3 s)"
+            "Timeout: the node did not answer within timeout_s (0.3 s)"
         await registrar.stop(unregister=False)
 
 
@@ -299,7 +302,7 @@ async def test_an_unregister_past_its_short_limit_says_which_limit() -> None:
         await registrar.unregister()
         assert time.monotonic() - started_at < 4
         assert node_status(registrar)["last_error"] == (
-            "ReadTimeout: the node did not answer within the unregister limit, timeout_s or at most 2 s (2 s)")
+            "Timeout: the node did not answer within the unregister limit, timeout_s or at most 2 s (2 s)")
 
 
 @pytest.mark.anyio
@@ -586,3 +589,116 @@ def test_a_new_config_records_what_it_announces_before_withdrawing_the_rest(monk
     monkeypatch.setattr(registration, "unregister_pairs", unregister)
     asyncio.run(registration.unregister_stale("app", {("new", "http://n")}, 1.0))
     assert events == [("record", {("new", "http://n")}), ("unregister", [("old", "http://n")])]
+
+
+@pytest.mark.anyio
+async def test_a_register_under_way_at_a_withdraw_ends_before_the_unregister(node: FakeNode) -> None:
+    """A withdraw (a stop) while a register is with a slow node: that register ends first, so
+    the node never applies it after the unregister and keeps a project whose server is gone."""
+    config = make_config([node.url], timeout_s=2)
+    live = FakeLive(config, "Llama3-8B")
+    registrar = started(config, live)
+    await eventually(lambda: PROJECT in node.projects)
+    arrived = threading.Event()
+
+    def slow_register(path: str, body: Any) -> None:
+        if path == REGISTER_PATH:
+            arrived.set()
+            time.sleep(0.5)  # then applied, whether or not the caller still waits
+
+    node.on_request = slow_register
+    live.names.add("SuperImage")  # a change: a register goes out
+    await eventually(arrived.is_set)
+    told = await registrar.withdraw()
+    assert told == {node.url: None}
+    await asyncio.sleep(0.8)  # anything still under way at the node has landed
+    assert not node.projects.get(PROJECT), node.projects
+    assert [r.path for r in node.received][-2:] == [REGISTER_PATH, UNREGISTER_PATH]
+
+
+@pytest.mark.anyio
+async def test_a_register_that_timed_out_is_sent_again_even_if_the_live_set_went_back(node: FakeNode) -> None:
+    """A register the node applied but answered too late: the node may hold it, so the next
+    call goes out after the back-off even though the live set is back to what the node last
+    confirmed, instead of leaving a model that is not live registered until the next refresh."""
+    config = make_config([node.url], timeout_s=0.3, interval_s=60)
+    live = FakeLive(config, "Llama3-8B")
+    registrar = started(config, live)
+    await eventually(lambda: PROJECT in node.projects)
+    node.on_request = lambda path, body: time.sleep(0.5) if path == REGISTER_PATH and len(body["models"]) > 1 else None
+    live.names.add("SuperImage")
+    await eventually(lambda: node_status(registrar)["state"] == "failing")
+    live.names.discard("SuperImage")  # back to what the node last confirmed
+    await eventually(lambda: node_status(registrar)["state"] == "registered")
+    await asyncio.sleep(0.6)  # the late register has landed by now
+    assert {m["model"] for m in node.projects[PROJECT]} == {"Llama3-8B"}, node.projects
+    await registrar.stop(unregister=False)
+
+
+@pytest.mark.anyio
+async def test_a_node_trickling_its_answer_is_cut_at_timeout_s() -> None:
+    """httpx's timeout bounds each read: a node sending a byte every 0.1 s would hold the call,
+    and a withdraw, for ever. The whole call is bounded."""
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.1)
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    try:
+        config = make_config([f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"], timeout_s=0.5)
+        registrar = started(config, FakeLive(config, "Llama3-8B"))
+        await eventually(lambda: node_status(registrar)["state"] == "failing", timeout=3)
+        assert node_status(registrar)["last_error"].startswith("Timeout: the node did not answer within timeout_s")
+        started_at = time.monotonic()
+        await registrar.withdraw()
+        assert time.monotonic() - started_at < 2.5
+    finally:
+        server.close()
+
+
+@pytest.mark.anyio
+async def test_nothing_is_registered_before_the_live_models_are_known(node: FakeNode) -> None:
+    """Until Serve's state has been read (a controller not reachable yet, an application being
+    built), the live models are unknown, not none: an empty list registered then would take
+    the models a node holds off the network."""
+    from serve_app.catalog import CatalogUnknown
+
+    config = make_config([node.url])
+    known = FakeLive(config, "Llama3-8B")
+    reads = 0
+
+    async def live() -> list[LiveModel]:
+        nonlocal reads
+        reads += 1
+        if reads <= 5:
+            raise CatalogUnknown("Serve's state has not been read yet")
+        return await known()
+
+    registrar = started(config, live)
+    await eventually(lambda: PROJECT in node.projects)
+    assert reads > 5 and [r.body["models"][0]["model"] for r in node.received if r.path == REGISTER_PATH][:1] == \
+        ["Llama3-8B"]  # the first register carries the live model, never an empty list
+    await registrar.stop(unregister=False)
+
+
+def test_node_urls_with_a_bad_port_are_refused_and_passwords_never_shown():
+    from pydantic import ValidationError
+
+    for url, said in (("http://127.0.0.1:99999", "port from 1 to 65535"), ("http://127.0.0.1:abc", "port"),
+                      ("http://", "needs a host")):
+        with pytest.raises(ValidationError, match=said):
+            make_config([url])
+    from serve_app.check_config import validation_problems
+
+    # As the config check (and a failed build) says them: without the input, so without the password.
+    with pytest.raises(ValidationError) as twice:
+        make_config(["http://user:S3cret@127.0.0.1:7002", "http://user:S3cret@127.0.0.1:7002/"])
+    said = " ".join(validation_problems(twice.value))
+    assert "S3cret" not in said and "http://***@127.0.0.1:7002 is listed twice" in said, said
+    with pytest.raises(ValidationError) as scheme:
+        make_config(["ftp://user:S3cret@127.0.0.1:7002"])
+    assert "S3cret" not in " ".join(validation_problems(scheme.value))
