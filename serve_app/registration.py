@@ -22,6 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Literal, Sequence
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -162,6 +163,25 @@ async def call_node(client: httpx.AsyncClient, url: str, path: str, body: BaseMo
     return reply
 
 
+def node_identity(url: str) -> str:
+    """Which node a URL reaches, however it is written: without its user and password (rotated
+    credentials), host in lower case, `localhost` as 127.0.0.1, the port explicit, no trailing
+    slash. Two spellings of one node must not read as a node dropped from the config, whose
+    unregister would take the project off the node the new config registers with."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    host = "127.0.0.1" if host == "localhost" else host
+    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    return f"{parts.scheme.lower()}://{host}:{port}{parts.path.rstrip('/')}"
+
+
+def dropped(before: set[tuple[str, str]], now: set[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (project, node URL) pairs of `before` whose project is no longer announced to that
+    node in `now` (compared by `node_identity`)."""
+    kept = {(project, node_identity(url)) for project, url in now}
+    return sorted(pair for pair in before if (pair[0], node_identity(pair[1])) not in kept)
+
+
 KV_NAMESPACE = "serve_app"
 
 
@@ -218,7 +238,7 @@ async def unregister_stale(app_name: str, current: set[tuple[str, str]], timeout
         previous = await asyncio.to_thread(_read_record, app_name) or set()
         if previous != current:  # an empty record where pairs were: what the outgoing registrar reads
             await asyncio.to_thread(_write_record, app_name, current)
-        await unregister_pairs(sorted(previous - current), timeout_s, "no longer in the config")
+        await unregister_pairs(dropped(previous, current), timeout_s, "no longer in the config")
         for other, pairs in (await asyncio.to_thread(_shared_pairs, app_name, current)).items():
             logger.warning("application %r registers the same project with the same node as this one (%s): "
                            "each registration replaces the other's model list, so the node routes to one "
@@ -479,7 +499,7 @@ class RegistrarDeployment:
             recorded = await asyncio.to_thread(_read_record, self._app_name)
             if recorded is None:  # no owner recorded anything: nothing tells what the new config dropped
                 return
-            await unregister_pairs(sorted(registrar.owned() - recorded), registrar.options.timeout_s,
+            await unregister_pairs(dropped(registrar.owned(), recorded), registrar.options.timeout_s,
                                    "dropped by the new config after this replica announced it again")
         except Exception:  # noqa: BLE001 - a replica going away must not fail on cleanup
             logger.warning("could not withdraw registrations the new config dropped", exc_info=True)

@@ -702,3 +702,14 @@ def test_node_urls_with_a_bad_port_are_refused_and_passwords_never_shown():
     with pytest.raises(ValidationError) as scheme:
         make_config(["ftp://user:S3cret@127.0.0.1:7002"])
     assert "S3cret" not in " ".join(validation_problems(scheme.value))
+
+
+def test_a_node_written_another_way_is_not_a_node_dropped_from_the_config():
+    """Rotated credentials, `localhost` for 127.0.0.1, a host's case or a trailing slash: the
+    same node, whose project must not be unregistered as if the node had left the config."""
+    from serve_app.registration import dropped
+
+    before = {(PROJECT, "http://u:old@127.0.0.1:7002"), (PROJECT, "http://10.0.0.5:7002"), ("Old", "http://127.0.0.1:7002")}
+    now = {(PROJECT, "http://u:new@localhost:7002/"), (PROJECT, "http://10.0.0.6:7002")}
+    assert dropped(before, now) == [("Old", "http://127.0.0.1:7002"), (PROJECT, "http://10.0.0.5:7002")]
+    assert dropped({(PROJECT, "http://Node.Example:80")}, {(PROJECT, "http://node.example")}) == []
