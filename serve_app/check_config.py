@@ -39,6 +39,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
+                continue
             key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
             if not isinstance(key, (str, int, float, bool)):
                 continue
@@ -217,7 +219,10 @@ def autoscaling_problems(scaling: Any) -> list[str]:
 def port_warnings(args: AppConfig, http_options: Any) -> list[str]:
     """A base URL at this machine's loopback names the port clients reach the server at, which
     is the Serve config's `http_options.port` (Serve's 8000 where unset)."""
-    port = http_options.get("port", 8000) if isinstance(http_options, dict) else 8000
+    try:  # as Serve's schema reads it ("1088" is 1088)
+        port = int(http_options.get("port", 8000) if isinstance(http_options, dict) else 8000)
+    except (TypeError, ValueError):
+        return []
     found = []
     for field, url in (("public_base_url", args.public_base_url),
                        ("registration.public_base_url", args.registration.public_base_url)):

@@ -695,6 +695,13 @@ def test_the_config_check_catches_what_would_misbehave_only_once_deployed(tmp_pa
     (tmp_path / "twice.yaml").write_text(text)
     problems, _ = check_config.check(tmp_path / "twice.yaml")
     assert len(problems) == 1 and "the key 'deployment' is given twice" in problems[0] and "line" in problems[0]
+    # YAML's merge keys are no duplicates: a key written beside `<<: *anchor` overrides the anchor's.
+    merged = "x-common: &common {num_cpus: 0.5, num_gpus: 0, max_ongoing_requests: 64}\n" + (
+        ROOT / "serve_config.yaml").read_text().replace("          deployment:\n", "          deployment:\n"
+                                                     "            <<: *common\n", 1)
+    (tmp_path / "merged.yaml").write_text(merged)
+    assert check_config.check(tmp_path / "merged.yaml") == ([], [])
+    assert check(lambda c, app, args: c["http_options"].update(port="1088")) == ([], [])  # as Serve reads it
 
     def override(entry: dict):
         return lambda c, app, args: app.update(deployments=[{"name": "model_Llama3-8B", **entry}])
