@@ -790,8 +790,10 @@ def _image_url_of(value: Any) -> Any:
     if not isinstance(value, dict):
         return value
     if not value.get("image_url"):
-        raise ValueError("give the image as {\"image_url\": <http(s) or data: URL>}; this server keeps no "
-                         "files, so a file_id names nothing here")
+        said = ("this server keeps no files, so a file_id names nothing here" if "file_id" in value else
+                f"the object given has {', '.join(repr(str(key)) for key in list(value)[:3])} but no image_url"
+                if value else "the object given is empty")
+        raise ValueError(f"give the image as {{\"image_url\": <http(s) or data: URL>}}; {said}")
     return value["image_url"]
 
 

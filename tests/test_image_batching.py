@@ -822,3 +822,15 @@ def test_each_request_is_answered_as_soon_as_its_outcome_is_known(model, monkeyp
     outcomes = [future.result(timeout=120) for future in futures]
     assert isinstance(outcomes[0], InvalidRequest) and [len(o.images) for o in outcomes[1:]] == [1, 1]
     assert done_at_each_call == [[True, False, False], [True, True, False]]
+
+
+def test_an_image_object_without_image_url_is_told_what_it_gave():
+    """`{"url": ...}` (another API's shape) is told it lacks image_url, not about a file_id it never sent."""
+    from pydantic import ValidationError
+
+    from serve_app.protocol import ImageEditRequest
+
+    for given, said in (({"url": "http://x"}, "the object given has 'url' but no image_url"),
+                        ({"file_id": "f"}, "a file_id names nothing here"), ({}, "the object given is empty")):
+        with pytest.raises(ValidationError, match=said):
+            ImageEditRequest.model_validate({"prompt": "p", "image": given})
