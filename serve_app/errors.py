@@ -68,6 +68,15 @@ def json_too_deep() -> InvalidRequest:
                           "arrays and objects).", code="invalid_json")
 
 
+def json_not_parsed(cause: BaseException | None = None) -> InvalidRequest:
+    """400 for a body Python's JSON parser refused; an integer past its 4,300 digits (valid JSON)
+    is said as that, not as JSON that is not valid."""
+    if isinstance(cause, ValueError) and "digits" in str(cause) and "integer" in str(cause):
+        return InvalidRequest("A number in the request body has more than 4,300 digits, more than this server "
+                              "reads.", code="invalid_json")
+    return InvalidRequest("The request body is not valid JSON.", code="invalid_json")
+
+
 def model_not_found(name: str) -> NotFound:
     """404 for the `model` parameter, worded and coded as OpenAI answers it."""
     return NotFound(f"The model {name!r} does not exist or is not available.",

@@ -45,6 +45,7 @@ from serve_app.errors import (
     PayloadTooLarge,
     RequestTimeout,
     ServerError,
+    json_not_parsed,
     json_too_deep,
     status_phrase,
 )
@@ -164,7 +165,7 @@ def http_error(exc: StarletteHTTPException) -> APIError:
             return ClientClosedRequest(BODY_NEVER_ARRIVED)
         if isinstance(exc.__cause__, RecursionError):
             return json_too_deep()
-        return InvalidRequest("The request body is not valid JSON.", code="invalid_json")
+        return json_not_parsed(exc.__cause__)
     if exc.status_code == 400:  # Starlette's own: a multipart form it could not parse, in its words
         return InvalidRequest(str(exc.detail), code="invalid_body")
     error = APIError(str(exc.detail) if exc.detail else status_phrase(exc.status_code))

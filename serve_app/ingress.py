@@ -35,6 +35,7 @@ from serve_app.errors import (
     GatewayTimeout,
     InvalidRequest,
     Overloaded,
+    json_not_parsed,
     json_too_deep,
     model_not_found,
 )
@@ -223,11 +224,11 @@ async def _json_body(request: Request) -> Any:
         raise InvalidRequest(f"the request holds more than {MAX_JSON_VALUES} JSON values")
     try:
         return json.loads(raw or b"null")
-    except ValueError:  # JSONDecodeError, undecodable bytes
+    except ValueError as exc:  # JSONDecodeError, undecodable bytes, an integer past Python's digits
         if request.headers.get("content-type", "").lower().startswith("application/x-www-form-urlencoded"):
             raise InvalidRequest("The request body is a URL-encoded form (curl -d): send JSON with Content-Type: "
                                  "application/json, or a multipart form (curl -F).", code="invalid_body") from None
-        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+        raise json_not_parsed(exc) from None
     except RecursionError:
         raise json_too_deep() from None
 

@@ -783,6 +783,8 @@ def test_an_edit_reads_transparency_as_openai_does(http):
 TOO_LARGE = {"code": "body_too_large"}
 TOO_DEEP = {"code": "invalid_json", "message": "The request body's JSON is nested too deeply (more than about 1,000 "
                                                "levels of arrays and objects)."}
+TOO_MANY_DIGITS = {"code": "invalid_json",
+                   "message": "A number in the request body has more than 4,300 digits, more than this server reads."}
 TOO_MANY_VALUES = {"code": "invalid_value", "message": "the request holds more than 100000 JSON values"}
 BAD_REQUESTS = [
     # (method, path, kwargs, status, the error's param, or the error fields expected)
@@ -796,6 +798,11 @@ BAD_REQUESTS = [
                                       "headers": {"content-type": "application/json"}}, 400, TOO_DEEP),
     ("post", "/v1/images/generations", {"content": b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
                                         "headers": {"content-type": "application/json"}}, 400, TOO_DEEP),
+    # So is an integer past the digits Python's parser reads (valid JSON too).
+    ("post", "/v1/chat/completions", {"content": b'{"seed": ' + b"7" * 5000 + b"}",
+                                      "headers": {"content-type": "application/json"}}, 400, TOO_MANY_DIGITS),
+    ("post", "/v1/images/generations", {"content": b'{"seed": ' + b"7" * 5000 + b"}",
+                                        "headers": {"content-type": "application/json"}}, 400, TOO_MANY_DIGITS),
     ("post", "/v1/chat/completions", {"json": {"model": CHAT}}, 400, "messages"),
     ("post", "/v1/chat/completions", {"json": {**SEED_CHAT, "messages": [{"role": "robot", "content": "x"}]}}, 400, "messages[0].role"),
     # A user's (system's, tool's) message needs content, as OpenAI requires; an assistant's tool-call turn need not.
