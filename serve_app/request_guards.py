@@ -173,7 +173,7 @@ class RequestRecord(HttpMiddleware):
     the path without its trailing slash (see `_without_trailing_slash`) for all within."""
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope = _without_trailing_slash(scope)
+        scope = _without_trailing_slash(_one_slash_root(scope))
         state = scope["app"].state  # Starlette sets scope["app"] before middleware runs
         started_at, response = time.perf_counter(), {"status": 500, "started": False}
 
@@ -244,6 +244,18 @@ class RequestGuard(HttpMiddleware):
         min_rate: int | None = getattr(state, "body_min_bytes_per_s", None)
         guard = limit or pause_s or min_rate
         await self.app(scope, _guarded_body(receive, limit, pause_s, min_rate) if guard else receive, send)
+
+
+def _one_slash_root(scope: Scope) -> Scope:
+    """A root path that begins with "//" (Serve's `http_options.root_path: "/"` before a
+    `route_prefix: /ai` makes it "//ai") as "/ai", in the path too: FastAPI builds the docs
+    pages' URLs from it, and a browser reads "//ai/openapi.json" as the host "ai"."""
+    root = scope.get("root_path", "")
+    if not root.startswith("//"):
+        return scope
+    single = "/" + root.lstrip("/")
+    path = scope["path"]  # under it, as uvicorn gives it (a server that gives the path without it too)
+    return {**scope, "root_path": single, "path": single + path[len(root):] if path.startswith(root) else path}
 
 
 def _without_trailing_slash(scope: Scope) -> Scope:

@@ -207,6 +207,43 @@ def test_the_path_the_guards_check_is_the_one_the_router_routes(path, root_path,
     assert app_path(scope) == inside == (get_route_path(scope) or "/")
 
 
+def test_a_root_path_of_two_slashes_is_one_for_the_docs_pages():
+    """`http_options.root_path: "/"` before `route_prefix: /ai` makes the root path "//ai": FastAPI
+    built the docs pages' schema URL from it ("//ai/openapi.json", which a browser reads as the
+    host "ai"). The middleware makes it "/ai", and the routes still match."""
+    import asyncio
+
+    from fastapi import FastAPI
+
+    from serve_app.request_guards import RequestRecord
+
+    app = FastAPI()
+    app.add_middleware(RequestRecord)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"ok": True}
+
+    async def get(path: str) -> dict:
+        """The path under the root path, as uvicorn (Serve's server) puts it in the scope."""
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await app({"type": "http", "method": "GET", "path": "//ai" + path, "root_path": "//ai", "query_string": b"",
+                   "headers": [], "scheme": "http", "server": ("test", 80)}, receive, send)
+        return {"status": sent[0]["status"], "body": b"".join(m.get("body", b"") for m in sent[1:]).decode()}
+
+    docs = asyncio.run(get("/docs"))
+    assert docs["status"] == 200 and "'/ai/openapi.json'" in docs["body"] and "//ai" not in docs["body"]
+    assert json.loads(asyncio.run(get("/openapi.json"))["body"])["servers"] == [{"url": "/ai"}]
+    assert json.loads(asyncio.run(get("/v1/models"))["body"]) == {"ok": True}
+
+
 def _serve_logs_mentioning(marker: str) -> list[Path]:
     import ray
 
