@@ -68,14 +68,17 @@ def test_streamed_json_is_the_same_json(http, client):
 
 def test_json_object_gives_an_object_or_runs_out_of_tokens(http):
     """Any object: what a random model writes in it is gibberish, but JSON; cut off, it says `length`."""
+    parsed = 0
     for seed in range(4):
         choice = http.post("/v1/chat/completions", json=_ask(response_format={"type": "json_object"}, seed=seed,
                                                               max_tokens=48)).json()["choices"][0]
         assert choice["message"]["content"].startswith("{")
         if choice["finish_reason"] == "stop":
             assert isinstance(json.loads(choice["message"]["content"]), dict)
+            parsed += 1
         else:
             assert choice["finish_reason"] == "length"
+    assert parsed, "no seed's object ended within max_tokens: the `stop` branch went unchecked"
     short = http.post("/v1/chat/completions", json=_ask(response_format=AS_SCHEMA, max_tokens=3)).json()["choices"][0]
     assert short["finish_reason"] == "length" and short["message"]["content"].startswith('{"')
 
