@@ -252,15 +252,12 @@ def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(client):
 
 def test_logprobs_follow_the_tokens_in_both_modes(client):
     greedy = dict(model=CHAT, messages=SEED_CHAT["messages"], max_tokens=10, temperature=0,
-                  logprobs=True, top_logprobs=3)
+                  logprobs=True, top_logprobs=3, logit_bias=NO_EOS)
     whole = client.chat.completions.create(**greedy)
     choice = whole.choices[0]
     entries = choice.logprobs.content
-    # One entry per generated token; an end-of-sequence token (counted in usage) has none.
-    eos = 1 if choice.finish_reason == "stop" else 0
-    assert entries and len(entries) == whole.usage.completion_tokens - eos
-    if choice.finish_reason == "length":
-        assert len(entries) == 10
+    # One entry per generated token, all 10 of them (no end of sequence).
+    assert choice.finish_reason == "length" and len(entries) == whole.usage.completion_tokens == 10
     for entry in entries:
         assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
         ranked = [alt.logprob for alt in entry.top_logprobs]
@@ -539,6 +536,15 @@ def test_openai_images_edit_with_file_upload(client, http):
                                 prompt="with a beret", size="128x128")
     assert png_of(http.get(result.data[0].url).content).size == (128, 128)
 
+    def edit(color: str) -> np.ndarray:  # the upload drives the output: same prompt and seed, another image
+        made = client.images.edit(model=IMAGE, image=("in.png", _png_bytes((72, 64), color), "image/png"),
+                                  prompt="with a beret", response_format="b64_json", extra_body={"seed": 7})
+        image = png_of(base64.b64decode(made.data[0].b64_json))
+        assert image.size == (72, 64)  # no size asked: the upload's
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+    assert np.abs(edit("red") - edit("blue")).mean() > 1
+
 
 def test_edit_with_upload_under_another_field_name_and_octet_stream(http):
     response = http.post("/v1/images/edits", data={"model": IMAGE, "prompt": "beret", "n": "2", "size": "64x64"},
@@ -676,6 +682,10 @@ def test_a_generation_sent_as_a_form_without_an_image_is_that_generation(http):
     assert not_text.status_code == 400 and not_text.json()["error"]["param"] == "prompt", not_text.text
 
 
+MOST = {"n": "n must be at most", "steps": "steps must be at most", "step": "step must be at most",
+        "size": "size: width and height must be between", "prompt": "prompt is longer than 4000 characters"}
+
+
 @pytest.mark.parametrize("limit,param", [({"n": 99}, "n"), ({"steps": 10_000}, "steps"), ({"step": 10_000}, "step"),
                                          ({"size": "8000x8000"}, "size"), ({"prompt": "x" * 5000}, "prompt")])
 def test_an_edit_beyond_the_models_limits_is_refused_before_its_image_is_fetched(http, limit, param):
@@ -685,7 +695,7 @@ def test_an_edit_beyond_the_models_limits_is_refused_before_its_image_is_fetched
     for response in (http.post("/v1/images/edits", json=body),
                      post_form(http, {key: str(value) for key, value in body.items()})):
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
-        assert f"{param} must be at most" in response.json()["message"] or param in ("size", "prompt"), response.text
+        assert MOST[param] in response.json()["message"], response.text
 
 
 def test_multipart_edit_may_name_its_image_by_url(http):
@@ -851,6 +861,16 @@ BAD_REQUESTS = [
     # Chunked (no Content-Length): the limit holds as the body arrives, on routes FastAPI parses too.
     ("post", "/v1/chat/completions", {"content": [b" " * 2**20] * 27, "headers": {"content-type": "application/json"}}, 413, TOO_LARGE),
     ("post", "/v1/images/generations", {"content": [b" " * 2**20] * 27, "headers": {"content-type": "application/json"}}, 413, TOO_LARGE),
+    # An edit over `max_body_bytes` (25 MiB): as JSON (its image a data: URL) and as a form, chunked or not.
+    ("post", "/v1/images/edits", {"content": [b'{"model": "SuperImage", "prompt": "x", "image": "data:image/png;base64,',
+                                              *[b"A" * 2**20] * 26, b'"}'],
+                                  "headers": {"content-type": "application/json"}}, 413, TOO_LARGE),
+    ("post", "/v1/images/edits", {"data": {"model": IMAGE, "prompt": "x"},
+                                  "files": {"image": ("a.png", b"\0" * (26 * 2**20), "image/png")}}, 413, TOO_LARGE),
+    ("post", "/v1/images/edits", {"content": [b'--b0undary\r\nContent-Disposition: form-data; name="image"; filename="a.png"'
+                                              b'\r\nContent-Type: image/png\r\n\r\n', *[b"\0" * 2**20] * 26,
+                                              b"\r\n--b0undary--\r\n"],
+                                  "headers": {"content-type": "multipart/form-data; boundary=b0undary"}}, 413, TOO_LARGE),
     # A chat's body may be 4 MiB (`max_text_body_bytes`); an image route's, which may carry images, 25.
     ("post", "/v1/chat/completions", {"content": b" " * (5 * 2**20), "headers": {"content-type": "application/json"}}, 413, TOO_LARGE),
     # The image routes take an edit's size, JSON (a data: URL) or a form, also where an edit goes to generations.
@@ -928,6 +948,23 @@ def test_bad_requests_get_the_error_envelope(http, method, path, kwargs, status,
     expected = expected if isinstance(expected, dict) else {"param": expected}
     for field, value in expected.items():
         assert body["error"][field] == value, body
+
+
+def test_a_body_declared_too_large_is_413_before_it_is_sent(server):
+    """Refused by its Content-Length alone: the 413 comes with none of the body sent (a client
+    that waits for `100 Continue`, or a proxy, learns before uploading)."""
+    import socket
+
+    url = httpx.URL(server)
+    with socket.create_connection((url.host, url.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (25 * 2**20 + 1))
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 "), answer[:500]
+    assert json.loads(body)["error"]["code"] == "body_too_large", body
 
 
 @pytest.mark.parametrize("body", [b'{"model": "x",', b'{"model": "\xff\xfe"}', b"[" * 100_000 + b"]" * 100_000],
@@ -1016,8 +1053,8 @@ def test_null_stream_and_extreme_seeds_are_plain_requests(http):
     """OpenAI documents `stream` as boolean or null; a seed may be any 64-bit integer, and
     every bit of it counts."""
     texts = {}
-    for extra in ({"stream": None}, {"seed": 2**63 - 1}, {"seed": 2**63 - 1}, {"seed": -(2**63)},
-                  {"seed": 2**40 + 7}, {"seed": 7}):
+    seeds = (2**63 - 1, -(2**63), 2**40 + 7, 7)
+    for extra in ({"stream": None}, *({"seed": seed} for seed in seeds for _ in range(2))):  # each seed twice
         response = http.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 8, "n": 2, "temperature": 1.0,
                                                            **extra})
         body = assert_success(response)
@@ -1026,7 +1063,7 @@ def test_null_stream_and_extreme_seeds_are_plain_requests(http):
         assert answers[0] != answers[1]  # each choice its own generator
         if "seed" in extra:
             assert texts.setdefault(extra["seed"], answers) == answers  # the same seed, the same answers
-    assert len(set(texts.values())) == len(texts)  # seeds 2**40 apart, or at the ends of the range, differ
+    assert len(texts) == len(seeds) and len(set(texts.values())) == len(texts)  # seeds 2**40 apart, or at the ends of the range, differ
 
 
 def test_openai_client_raises_typed_errors(client):
