@@ -39,6 +39,7 @@ from diffusers import (
 from PIL import Image
 from ray import serve
 
+from serve_app.batch_gathering import BatchGathering
 from serve_app.config import ImageModelConfig, require_loadable
 from serve_app.errors import APIError, ClientClosedRequest, ContentFiltered, InvalidRequest, NotANumber
 from serve_app.image_pixels import (REPAINTED_FROM, encode_image, fit, marks_nothing, open_image, own_mask, paint_mask,
@@ -213,13 +214,16 @@ class ImageModel(ModelReplica):
             # Decoding a whole batch's latents at once is the call's memory peak (8 requests x
             # 4 images at 2048 px); one image at a time costs little time on a GPU.
             vae.enable_slicing()
-        # Serve creates the batch queue lazily inside the replica; these only set its limits.
+        # Serve creates the batch queue lazily inside the replica; these only set its limits (the
+        # size a batch waits for is then set per request, from `self.gathering`).
         self._queue_batch.set_max_batch_size(config.max_batch_size)
         self._queue_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.queued: deque[tuple[ImageJob, float, Future[Outcome]]] = deque()  # job, its arrival, its outcome
         self.taken: list[Future[Outcome]] = []  # the outcomes the worker's current run will set, by job
         self.running: list[Future[Outcome]] = []  # those of its current pipeline call
         self.abandoned: set[Future[Outcome]] = set()  # of those taken, the ones whose caller went away
+        self.gathering = BatchGathering(config.max_batch_size)
+        self.gathering_size = config.max_batch_size  # what Serve's batcher was last told
         self.counters = {"requests": 0, "pipeline_calls": 0, "images": 0, "largest_call_requests": 0}
         self.record_metrics(ImageMetrics(config.name))
         self.log_loaded()
@@ -244,16 +248,22 @@ class ImageModel(ModelReplica):
         # The future is this call's from the start: cancelled between Serve's batcher queueing
         # the job and the wait below, it is still dropped, not made for nobody.
         future: Future[Outcome] = Future()
+        gather = self.gathering.arrived()
         try:
             if self.config.max_batch_size == 1:
                 self.submit([job], [arrived], [future])
             else:
+                if gather != self.gathering_size:  # read by Serve's batcher as a batch's first request comes
+                    self._queue_batch.set_max_batch_size(gather)
+                    self.gathering_size = gather
                 await self._queue_batch((job, arrived, future))
             outcome = await asyncio.wrap_future(future)
         except asyncio.CancelledError:
             if not future.cancel() and not future.done():  # the worker has it: its call may stop
                 self.abandoned.add(future)
             raise
+        finally:
+            self.gathering.answered()
         if isinstance(outcome, Exception) and not isinstance(outcome, APIError):
             raise_to_caller(outcome)
         return outcome
@@ -265,8 +275,10 @@ class ImageModel(ModelReplica):
         The batch is queued for the worker rather than run here, because Serve
         forms the next batch while this one would still be running: under load
         those batches would each get their own pipeline call. Queued instead,
-        everything that arrived during a call shares the next one.
+        everything that arrived during a call shares the next one. The size a batch
+        waits for (`generate` sets it) follows the replica's traffic: `BatchGathering`.
         """
+        self.gathering.handed_over()
         return self.submit([job for job, _, _ in arrivals], [arrived for _, arrived, _ in arrivals],
                            [future for _, _, future in arrivals])
 

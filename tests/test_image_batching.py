@@ -151,6 +151,7 @@ def test_a_request_cancelled_once_queued_is_not_made(model, monkeypatch):
         await asyncio.sleep(30)
         return futures[0]
 
+    queue_then_linger.set_max_batch_size = lambda size: None  # Serve's batcher has this setter
     monkeypatch.setattr(model, "_queue_batch", queue_then_linger)
     model._worker.submit(gate.wait)  # the worker is busy, as during a pipeline call
     before = model.stats()["requests"]
@@ -254,6 +255,53 @@ def test_concurrent_requests_share_pipeline_calls(http):
     assert after["images"] - before["images"] == sum(n for n, _ in requests)
     # Requests that queue while a call runs share the next one: at most half as many calls.
     assert after["pipeline_calls"] - before["pipeline_calls"] <= len(requests) // 2, (before, after)
+
+
+def test_a_batch_waits_only_for_callers_the_replica_has_seen_together(cluster):
+    """With a long `batch_wait_timeout_s` (2 s) and room for 8: a lone request starts at once; a
+    group of 4 that comes back together is one call of 4, started as soon as the 4 are in, not
+    after the timeout; a lone caller after the group waits the timeout for it (the price, said in
+    the README), and within two batches starts at once again."""
+    import httpx
+    from ray import serve
+
+    args = cluster.args(route_prefix="/gathering")
+    image = next(m for m in args["models"] if m["kind"] == "image")
+    image.update(name="gatherer", max_batch_size=8, batch_wait_timeout_s=2.0, default_steps=2)
+    image["deployment"]["num_cpus"] = 0.25
+    args["models"] = [image]
+    try:
+        base = cluster.deploy(args, name="gathering_app", route_prefix="/gathering")
+        stats = serve.get_deployment_handle("model_gatherer", "gathering_app").stats
+        with httpx.Client(base_url=base, timeout=60) as http:
+            def timed(seed: int) -> float:
+                started = time.monotonic()
+                response = http.post("/v1/images/generations", json={
+                    "model": "gatherer", "prompt": "otter", "size": "64x64", "seed": seed, "response_format": "b64_json"})
+                assert response.status_code == 200, response.text
+                return time.monotonic() - started
+
+            def group(seeds: range) -> list[float]:
+                barrier = threading.Barrier(len(seeds))
+
+                def one(seed: int) -> float:
+                    barrier.wait()
+                    return timed(seed)
+                with ThreadPoolExecutor(len(seeds)) as pool:
+                    return list(pool.map(one, seeds))
+
+            assert timed(1) < 1.5  # alone: no 2 s wait for company
+            group(range(10, 14))  # a first group: the replica learns its size
+            before = stats.remote().result()
+            took = group(range(20, 24))
+            after = stats.remote().result()
+            assert max(took) < 1.5, took
+            assert after["pipeline_calls"] - before["pipeline_calls"] == 1, (before, after)
+            assert after["largest_call_requests"] == 4
+            lone = [timed(30 + i) for i in range(3)]
+            assert lone[0] >= 1.8 and lone[2] < 1.5, lone
+    finally:
+        serve.delete("gathering_app")
 
 
 def sideways_jpeg(size: tuple[int, int] = (80, 48)) -> bytes:

@@ -1,0 +1,55 @@
+"""How many requests a new image batch waits for: as many as were lately waiting together.
+
+Serve's `@serve.batch` starts a batch once `max_batch_size` requests have gathered, or once
+`batch_wait_timeout_s` has passed since the first. A fixed size serves two kinds of traffic
+badly:
+
+- A lone caller waits the whole timeout for batch-mates that are not coming.
+- A group of callers that come back together (a client with 8 workers, each sending its next
+  request when its last is answered) do not reach the replica at once. Their answers leave
+  one after another, and the ingress takes their next requests one after another: measured
+  here, 8 requests of 128x128 images arrived over about 20 ms. With a short timeout the first
+  few start a call of their own, and the rest wait for the next one: calls of about 4 instead
+  of 8, a third fewer images/s on the 2-core benchmark machine. With a long timeout a lone
+  caller waits longer still.
+
+So the size a batch waits for follows the traffic: the most requests this replica had waiting
+at once (arrived and not yet answered: gathering, queued for the worker, or in its call) since
+the batch before last was handed over, within `max_batch_size`. Callers in a running call
+count: they are the ones coming back. A lone caller's batch starts at once; a group's starts as
+soon as the whole group is back; a group that shrinks costs at most two waits of the timeout,
+after which the size follows it down. Requests arriving while the worker is busy share its
+next call whatever this says: the worker merges the batches queued meanwhile.
+"""
+
+from __future__ import annotations
+
+
+class BatchGathering:
+    """Counts the requests waiting at one replica, and the batch size to wait for.
+
+    Used from the replica's event loop only: `arrived` and `answered` around each request
+    (`answered` also when its caller left), `handed_over` as a batch leaves Serve's batcher.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.waiting = 0
+        self.seen_together = 0  # the most `waiting` at once since the last batch was handed over
+        self.expected = 1  # no history yet: a first request starts at once
+
+    def arrived(self) -> int:
+        """A request has arrived; returns the size the batch it joins waits for."""
+        self.waiting += 1
+        self.seen_together = max(self.seen_together, self.waiting)
+        return min(self.limit, self.expected)
+
+    def handed_over(self) -> None:
+        """A batch leaves Serve's batcher for the worker. Its own requests still count as waiting
+        (their callers come back once answered): a burst whose requests Serve hands over one by
+        one keeps its size, where counting only those left would make it shrink at every batch."""
+        self.expected, self.seen_together = max(1, self.seen_together), self.waiting
+
+    def answered(self) -> None:
+        """A request has its answer, or its caller has gone."""
+        self.waiting -= 1

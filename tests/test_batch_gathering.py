@@ -1,0 +1,78 @@
+"""The size an image batch waits for (`BatchGathering`), on made-up traffic: no Ray, no model.
+The live replica's use of it is tested in test_image_batching (a real server, real calls)."""
+
+from __future__ import annotations
+
+from serve_app.batch_gathering import BatchGathering
+
+
+def round_of(gathering: BatchGathering, size: int) -> list[int]:
+    """`size` callers arrive together, are handed over as one batch and answered; the sizes
+    their batch was told to wait for."""
+    told = [gathering.arrived() for _ in range(size)]
+    gathering.handed_over()
+    for _ in range(size):
+        gathering.answered()
+    return told
+
+
+def test_a_lone_caller_never_waits_for_batch_mates():
+    gathering = BatchGathering(limit=8)
+    assert [round_of(gathering, 1) for _ in range(3)] == [[1], [1], [1]]
+
+
+def test_a_group_that_comes_back_is_waited_for_whole_within_the_limit():
+    gathering = BatchGathering(limit=8)
+    assert round_of(gathering, 4) == [1] * 4  # no history yet: the first start at once
+    assert round_of(gathering, 4) == [4] * 4
+    assert round_of(gathering, 4) == [4] * 4
+    big = BatchGathering(limit=8)
+    round_of(big, 16)
+    assert round_of(big, 16) == [8] * 16
+
+
+def test_a_burst_handed_over_one_by_one_keeps_its_size():
+    """Serve hands a burst's requests over one batch at a time (each told to wait for 1): the
+    burst's size is still what its callers coming back are waited for."""
+    gathering = BatchGathering(limit=8)
+    for _ in range(5):
+        gathering.arrived()
+    for _ in range(5):
+        gathering.handed_over()
+    for _ in range(5):
+        gathering.answered()
+    assert round_of(gathering, 5) == [5] * 5
+
+
+def test_a_caller_coming_back_during_its_mates_call_waits_for_them():
+    """Seven are in a pipeline call when the eighth comes back: all eight are waited for next."""
+    gathering = BatchGathering(limit=8)
+    round_of(gathering, 8)
+    for _ in range(7):
+        gathering.arrived()
+    gathering.handed_over()  # the seven's call
+    assert gathering.arrived() == 8  # the eighth, back from an earlier call
+    gathering.handed_over()  # it waited its timeout: alone
+    for _ in range(8):
+        gathering.answered()
+    assert round_of(gathering, 8) == [8] * 8
+
+
+def test_a_group_that_shrinks_is_followed_down_after_at_most_two_batches():
+    gathering = BatchGathering(limit=8)
+    round_of(gathering, 6)
+    round_of(gathering, 6)
+    assert [round_of(gathering, 1)[0] for _ in range(4)] == [6, 6, 1, 1]
+
+
+def test_callers_that_leave_before_their_batch_stop_counting():
+    gathering = BatchGathering(limit=8)
+    round_of(gathering, 1)
+    for _ in range(3):
+        gathering.arrived()
+    for _ in range(3):
+        gathering.answered()  # their clients hung up before any batch left
+    assert gathering.waiting == 0
+    assert round_of(gathering, 1) == [1]
+    assert round_of(gathering, 1) == [3]  # they were seen together: one wait for them
+    assert round_of(gathering, 1) == [1]
