@@ -6,6 +6,10 @@
 #   ./scripts/serve.sh [CONFIG]        CONFIG defaults to the repo's serve_config.yaml; a relative
 #                                      path is read from the current directory first, then the repo's
 set -euo pipefail
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then  # the header above is the usage
+    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+    exit 0
+fi
 config="${1:-serve_config.yaml}"
 if [[ $# -ge 1 && -f "$config" ]]; then  # a file named from the caller's directory, before the cd below
     config="$(realpath "$config")"

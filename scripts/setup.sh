@@ -10,6 +10,10 @@
 #   TORCH_INDEX  extra index torch is taken from (default without a GPU: PyTorch's CPU index)
 #   PYTHON       interpreter for the venv (default: python3)
 set -euo pipefail
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then  # the header above is the usage
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    exit 0
+fi
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
