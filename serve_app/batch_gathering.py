@@ -17,12 +17,22 @@ So the size a batch waits for follows the traffic: the most requests this replic
 at once (arrived and not yet answered: gathering, queued for the worker, or in its call) since
 the batch before last was handed over, within `max_batch_size`. Callers in a running call
 count: they are the ones coming back. A lone caller's batch starts at once; a group's starts as
-soon as the whole group is back; a group that shrinks costs at most two waits of the timeout,
-after which the size follows it down. Requests arriving while the worker is busy share its
-next call whatever this says: the worker merges the batches queued meanwhile.
+soon as the whole group is back; a group that shrinks costs at most two waits, after which the
+size follows it down. Requests arriving while the worker is busy share its next call whatever
+this says: the worker merges the batches queued meanwhile.
+
+And a batch waits at most half as long as the last pipeline call took (within the timeout):
+under steady independent arrivals near the replica's capacity, every wait for a batch-mate
+leaves the worker idle, and a wait that is long against a call costs more than the bigger
+batch saves. Measured here (128x128, 2 steps, open-loop arrivals at 55/s, three alternating
+runs): p50 233 ms with the fixed 8 and 10 ms, 191 ms with this; equal at 30/s. On a GPU model,
+whose calls take seconds, the timeout (50 ms by default) is what bounds it.
 """
 
 from __future__ import annotations
+
+
+WAIT_SHARE_OF_CALL = 0.5
 
 
 class BatchGathering:
@@ -32,8 +42,10 @@ class BatchGathering:
     (`answered` also when its caller left), `handed_over` as a batch leaves Serve's batcher.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, wait_s: float) -> None:
         self.limit = limit
+        self.wait_limit = wait_s
+        self.last_call_s: float | None = None  # set by the worker thread: one float, read whole
         self.waiting = 0
         self.seen_together = 0  # the most `waiting` at once since the last batch was handed over
         self.expected = 1  # no history yet: a first request starts at once
@@ -49,6 +61,16 @@ class BatchGathering:
         (their callers come back once answered): a burst whose requests Serve hands over one by
         one keeps its size, where counting only those left would make it shrink at every batch."""
         self.expected, self.seen_together = max(1, self.seen_together), self.waiting
+
+    def call_took(self, seconds: float) -> None:
+        """The worker's last pipeline call took `seconds`."""
+        self.last_call_s = seconds
+
+    def wait_s(self) -> float:
+        """The longest a new batch waits: the configured timeout, and at most half the last call."""
+        if self.last_call_s is None:
+            return self.wait_limit
+        return min(self.wait_limit, round(self.last_call_s * WAIT_SHARE_OF_CALL, 3))
 
     def answered(self) -> None:
         """A request has its answer, or its caller has gone."""

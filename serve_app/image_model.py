@@ -222,8 +222,8 @@ class ImageModel(ModelReplica):
         self.taken: list[Future[Outcome]] = []  # the outcomes the worker's current run will set, by job
         self.running: list[Future[Outcome]] = []  # those of its current pipeline call
         self.abandoned: set[Future[Outcome]] = set()  # of those taken, the ones whose caller went away
-        self.gathering = BatchGathering(config.max_batch_size)
-        self.gathering_size = config.max_batch_size  # what Serve's batcher was last told
+        self.gathering = BatchGathering(config.max_batch_size, config.batch_wait_timeout_s)
+        self.gathering_told = (config.max_batch_size, config.batch_wait_timeout_s)  # what Serve's batcher was last told
         self.counters = {"requests": 0, "pipeline_calls": 0, "images": 0, "largest_call_requests": 0}
         self.record_metrics(ImageMetrics(config.name))
         self.log_loaded()
@@ -253,9 +253,11 @@ class ImageModel(ModelReplica):
             if self.config.max_batch_size == 1:
                 self.submit([job], [arrived], [future])
             else:
-                if gather != self.gathering_size:  # read by Serve's batcher as a batch's first request comes
-                    self._queue_batch.set_max_batch_size(gather)
-                    self.gathering_size = gather
+                told = (gather, self.gathering.wait_s())
+                if told != self.gathering_told:  # read by Serve's batcher as a batch's first request comes
+                    self._queue_batch.set_max_batch_size(told[0])
+                    self._queue_batch.set_batch_wait_timeout_s(told[1])
+                    self.gathering_told = told
                 await self._queue_batch((job, arrived, future))
             outcome = await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -566,7 +568,9 @@ class ImageModel(ModelReplica):
                 output = pipeline(**arguments)
             self._worker.progressed()  # the decode and safety check after the last step are work too
         finally:
-            self.metrics.pipeline_call(len(group), time.monotonic() - started)
+            took = time.monotonic() - started
+            self.metrics.pipeline_call(len(group), took)
+            self.gathering.call_took(took)
         images = output.images
         if len(images) != expected:
             raise RuntimeError(f"the pipeline made {len(images)} images for {expected} prompts")

@@ -17,16 +17,16 @@ def round_of(gathering: BatchGathering, size: int) -> list[int]:
 
 
 def test_a_lone_caller_never_waits_for_batch_mates():
-    gathering = BatchGathering(limit=8)
+    gathering = BatchGathering(limit=8, wait_s=0.05)
     assert [round_of(gathering, 1) for _ in range(3)] == [[1], [1], [1]]
 
 
 def test_a_group_that_comes_back_is_waited_for_whole_within_the_limit():
-    gathering = BatchGathering(limit=8)
+    gathering = BatchGathering(limit=8, wait_s=0.05)
     assert round_of(gathering, 4) == [1] * 4  # no history yet: the first start at once
     assert round_of(gathering, 4) == [4] * 4
     assert round_of(gathering, 4) == [4] * 4
-    big = BatchGathering(limit=8)
+    big = BatchGathering(limit=8, wait_s=0.05)
     round_of(big, 16)
     assert round_of(big, 16) == [8] * 16
 
@@ -34,7 +34,7 @@ def test_a_group_that_comes_back_is_waited_for_whole_within_the_limit():
 def test_a_burst_handed_over_one_by_one_keeps_its_size():
     """Serve hands a burst's requests over one batch at a time (each told to wait for 1): the
     burst's size is still what its callers coming back are waited for."""
-    gathering = BatchGathering(limit=8)
+    gathering = BatchGathering(limit=8, wait_s=0.05)
     for _ in range(5):
         gathering.arrived()
     for _ in range(5):
@@ -46,7 +46,7 @@ def test_a_burst_handed_over_one_by_one_keeps_its_size():
 
 def test_a_caller_coming_back_during_its_mates_call_waits_for_them():
     """Seven are in a pipeline call when the eighth comes back: all eight are waited for next."""
-    gathering = BatchGathering(limit=8)
+    gathering = BatchGathering(limit=8, wait_s=0.05)
     round_of(gathering, 8)
     for _ in range(7):
         gathering.arrived()
@@ -59,14 +59,14 @@ def test_a_caller_coming_back_during_its_mates_call_waits_for_them():
 
 
 def test_a_group_that_shrinks_is_followed_down_after_at_most_two_batches():
-    gathering = BatchGathering(limit=8)
+    gathering = BatchGathering(limit=8, wait_s=0.05)
     round_of(gathering, 6)
     round_of(gathering, 6)
     assert [round_of(gathering, 1)[0] for _ in range(4)] == [6, 6, 1, 1]
 
 
 def test_callers_that_leave_before_their_batch_stop_counting():
-    gathering = BatchGathering(limit=8)
+    gathering = BatchGathering(limit=8, wait_s=0.05)
     round_of(gathering, 1)
     for _ in range(3):
         gathering.arrived()
@@ -76,3 +76,12 @@ def test_callers_that_leave_before_their_batch_stop_counting():
     assert round_of(gathering, 1) == [1]
     assert round_of(gathering, 1) == [3]  # they were seen together: one wait for them
     assert round_of(gathering, 1) == [1]
+
+
+def test_a_batch_waits_at_most_half_the_last_call_within_the_timeout():
+    gathering = BatchGathering(limit=8, wait_s=0.05)
+    assert gathering.wait_s() == 0.05  # no call yet
+    gathering.call_took(0.03)
+    assert gathering.wait_s() == 0.015
+    gathering.call_took(4.0)  # a GPU model's call: the timeout bounds the wait
+    assert gathering.wait_s() == 0.05

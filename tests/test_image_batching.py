@@ -151,7 +151,8 @@ def test_a_request_cancelled_once_queued_is_not_made(model, monkeypatch):
         await asyncio.sleep(30)
         return futures[0]
 
-    queue_then_linger.set_max_batch_size = lambda size: None  # Serve's batcher has this setter
+    queue_then_linger.set_max_batch_size = lambda size: None  # Serve's batcher's setters
+    queue_then_linger.set_batch_wait_timeout_s = lambda seconds: None
     monkeypatch.setattr(model, "_queue_batch", queue_then_linger)
     model._worker.submit(gate.wait)  # the worker is busy, as during a pipeline call
     before = model.stats()["requests"]
@@ -260,8 +261,8 @@ def test_concurrent_requests_share_pipeline_calls(http):
 def test_a_batch_waits_only_for_callers_the_replica_has_seen_together(cluster):
     """With a long `batch_wait_timeout_s` (2 s) and room for 8: a lone request starts at once; a
     group of 4 that comes back together is one call of 4, started as soon as the 4 are in, not
-    after the timeout; a lone caller after the group waits the timeout for it (the price, said in
-    the README), and within two batches starts at once again."""
+    after the timeout; lone callers after the group wait for it at most half a call each (see
+    test_batch_gathering for the sizes and waits themselves)."""
     import httpx
     from ray import serve
 
@@ -299,7 +300,7 @@ def test_a_batch_waits_only_for_callers_the_replica_has_seen_together(cluster):
             assert after["pipeline_calls"] - before["pipeline_calls"] == 1, (before, after)
             assert after["largest_call_requests"] == 4
             lone = [timed(30 + i) for i in range(3)]
-            assert lone[0] >= 1.8 and lone[2] < 1.5, lone
+            assert max(lone) < 1.5, lone
     finally:
         serve.delete("gathering_app")
 
