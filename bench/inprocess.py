@@ -2,7 +2,10 @@
 (so the load generator's process never imports torch).
 
 1. Time to first token of a plain `model.generate` call with a streamer, in the
-   same process, at concurrency 1: the floor the servers' TTFT is compared with.
+   same process, at concurrency 1: the floor the servers' TTFT is compared with. Timed
+   on the prompts of the c=1 cells (the first `--probes` kept ones, as many as those
+   cells send), after a warm-up of several calls and on a settled machine, as the
+   servers are measured: one prompt alone (the longest, say) would set another floor.
 2. Which candidate prompts run `max_tokens` greedy tokens without meeting EOS:
    the benchmark sends only those, so that a server that honours EOS (ours does;
    it has no ignore-EOS switch) still generates exactly `max_tokens` per request.
@@ -26,6 +29,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from bench.loadgen import percentile
 from bench.naive_server import ChatModel
+from bench.procs import wait_quiet
 
 
 class FirstTokenClock(BaseStreamer):
@@ -66,15 +70,20 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--max-tokens", type=int, required=True)
     parser.add_argument("--prompts", required=True, help="JSON file: a list of message lists")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over the probe prompts")
+    parser.add_argument("--probes", type=int, default=6, help="how many of the kept prompts to time "
+                        "(the c=1 cells' requests cycle through them in this order)")
     args = parser.parse_args()
     candidates: list[list[dict[str, Any]]] = json.loads(open(args.prompts).read())
     chat = ChatModel(args.model)
     keep = [i for i, messages in enumerate(candidates) if comparable(chat, messages, args.max_tokens)]
-    probe = candidates[keep[0] if keep else 0]
-    ttft_ms(chat, probe, 4)  # warm-up
-    samples = sorted(ttft_ms(chat, probe, 4) for _ in range(args.repeats))
-    print(json.dumps({"torch_threads": torch.get_num_threads(), "keep": keep,
+    kept = [candidates[i] for i in keep] or candidates
+    probes = [kept[i % len(kept)] for i in range(args.probes)]
+    for messages in probes:  # warm-up: every probe once
+        ttft_ms(chat, messages, 4)
+    wait_quiet()
+    samples = sorted(ttft_ms(chat, messages, 4) for _ in range(args.repeats) for messages in probes)
+    print(json.dumps({"torch_threads": torch.get_num_threads(), "keep": keep, "probes": len(probes),
                       "ttft_ms": [round(s, 2) for s in samples],
                       "ttft_p50_ms": round(percentile(samples, 50), 2)}))  # the median the servers' get
 

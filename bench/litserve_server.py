@@ -114,7 +114,10 @@ def main() -> None:
     api = BatchedChatAPI(max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout,
                          spec=ls.OpenAISpec())
     api.model_path = args.model
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=600)
+    # fast_queue: LitServe's ZeroMQ transport for its responses (its default passes each one through a
+    # multiprocessing.Manager queue proxy, one message per step per request: slower, and not how a
+    # user after throughput would run it).
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=600, fast_queue=True)
     server.run(host="127.0.0.1", port=args.port, generate_client_file=False, log_level="warning")
 
 

@@ -154,7 +154,11 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str]]:
                        3.0, ">="))
         checks.append((f"@16 {mode}: tok/s >= LitServe", ratio(ours, _get(chat, "litserve", mode, "16", "units_per_s")),
                        1.0, ">="))
-    ttft, floor = _get(chat, "ray_batch", "stream", "1", "ttft_p50_ms"), _get(results, "inprocess", "ttft_p50_ms")
+    # The lower of the in-process figures taken before and after the servers: a slower moment of a
+    # shared VM would otherwise make the servers' overhead look smaller.
+    floors = [value for value in (_get(results, "inprocess", "ttft_p50_ms"), _get(results, "inprocess_end", "ttft_p50_ms"))
+              if value is not None]
+    ttft, floor = _get(chat, "ray_batch", "stream", "1", "ttft_p50_ms"), min(floors, default=None)
     uses["TTFT @1: <= in-process generate + 15 ms"] = [("ray_batch", "stream", "1")]
     checks.append(("TTFT @1: <= in-process generate + 15 ms",
                    None if ttft is None or floor is None else ttft - floor, 15.0, "<="))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bench.loadgen import BodyFactory, Sample, image_count, one, post_once, run_cell, summarize
+from bench.loadgen import BodyFactory, CellResult, Sample, image_count, one, post_once, run_cell, summarize
 
 MODES = ("json", "stream")
 TOPICS = ["a lighthouse", "the moon", "a red fox", "rain in the city", "an old clock", "a garden", "the sea",
@@ -60,11 +60,23 @@ def chat_bodies(model: str, max_tokens: int, prompts: list[list[dict[str, str]]]
     return make
 
 
+def warmed(what: str, outcome: CellResult | tuple[int, Any]) -> None:
+    """A warm-up that failed stops the run: cells measured after it would time a cold (or broken)
+    server, and nothing in their figures would say so."""
+    if isinstance(outcome, tuple):
+        if outcome[0] != 200:
+            raise RuntimeError(f"warm-up of {what} answered {outcome[0]}: {str(outcome[1])[:300]}")
+    elif outcome.errors or outcome.cut:
+        raise RuntimeError(f"warm-up of {what}: {outcome.errors} errors, {outcome.cut} cut {outcome.first_errors}")
+
+
 async def warm_up_chat(url: str, model: str, prompts: list, max_tokens: int) -> None:
     """Compile/allocate paths before timing: alone, streamed, and a small concurrent burst."""
-    await post_once(url, chat_bodies(model, max_tokens, prompts, False)(0), 300)
-    await run_cell(url, chat_bodies(model, 4, prompts, True), concurrency=1, total=1, deadline_s=120, stream=True)
-    await run_cell(url, chat_bodies(model, 4, prompts, False), concurrency=4, total=4, deadline_s=120)
+    warmed("chat", await post_once(url, chat_bodies(model, max_tokens, prompts, False)(0), 300))
+    warmed("chat (streamed)", await run_cell(url, chat_bodies(model, 4, prompts, True), concurrency=1, total=1,
+                                             deadline_s=120, stream=True))
+    warmed("chat (4 at once)", await run_cell(url, chat_bodies(model, 4, prompts, False), concurrency=4, total=4,
+                                              deadline_s=120))
 
 
 async def drain(url: str, model: str, prompts: list) -> None:
@@ -97,7 +109,7 @@ async def measure_chat(url: str, model: str, prompts: list, plan: Plan, log,
 async def measure_echo(url: str, model: str, plan: Plan, log) -> dict[str, dict]:
     """Requests/s and latency of the echo route at each connection count ({conc: CellResult dict})."""
     body = {"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
-    await run_cell(url, lambda i: body, concurrency=8, total=200, deadline_s=30, count=one)  # warm-up
+    warmed("echo", await run_cell(url, lambda i: body, concurrency=8, total=200, deadline_s=30, count=one))
     out = {}
     for conc in plan.echo_connections:
         cell = await run_cell(url, lambda i: body, concurrency=conc, total=100_000, count=one,
@@ -115,8 +127,8 @@ async def measure_images(url: str, model: str, plan: Plan, log) -> dict:
                 "size": plan.image_size, "steps": plan.image_steps, "seed": index, "response_format": "b64_json"}
     # Warm-up at the measured concurrency: a batching server meets its batch shapes here (CPU kernels
     # are set up per shape on first use), as the sequential server meets its one shape.
-    await run_cell(url, body, concurrency=plan.image_concurrency, total=2 * plan.image_concurrency,
-                   deadline_s=120, count=image_count)
+    warmed("images", await run_cell(url, body, concurrency=plan.image_concurrency, total=2 * plan.image_concurrency,
+                                    deadline_s=120, count=image_count))
     cell = await run_cell(url, body, concurrency=plan.image_concurrency, total=plan.image_requests,
                           deadline_s=plan.deadline_s, count=image_count)
     log(f"    images c={plan.image_concurrency} {cell.units_per_s:.2f} images/s  p50 {cell.latency_p50_ms} ms  "

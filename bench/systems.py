@@ -220,7 +220,8 @@ def row1_chat_batch(ctx: Context) -> int:
 def launch_litserve(ctx: Context) -> tuple[Server, dict[str, Any]]:
     """LitServe, and its batching settings for the results (row 1's batch size unless told)."""
     port = free_port()
-    settings = {"max_batch_size": ctx.litserve_batch or row1_chat_batch(ctx), "batch_timeout_s": 0.01}
+    settings = {"max_batch_size": ctx.litserve_batch or row1_chat_batch(ctx), "batch_timeout_s": 0.01,
+                "fast_queue": True}  # runs up to 2026-12-06 (run J) had LitServe's default, False
     argv = [PYTHON, "-m", "bench.litserve_server", "--model", str(ctx.chat_path), "--port", str(port),
             "--max-batch-size", str(settings["max_batch_size"]), "--batch-timeout", str(settings["batch_timeout_s"])]
     return start("litserve", argv, base_env(ctx.threads), port, ctx.log_dir), settings
