@@ -21,15 +21,19 @@ soon as the whole group is back; a group that shrinks costs at most two waits, a
 size follows it down. Requests arriving while the worker is busy share its next call whatever
 this says: the worker merges the batches queued meanwhile.
 
-And a batch waits at most half as long as the last pipeline call took (within the timeout):
-under steady independent arrivals near the replica's capacity, every wait for a batch-mate
-leaves the worker idle, and a wait that is long against a call costs more than the bigger
-batch saves. Measured here (128x128, 2 steps, open-loop arrivals at 55/s, three alternating
-runs): p50 233 ms with the fixed 8 and 10 ms, 191 ms with this; equal at 30/s. On a GPU model,
-whose calls take seconds, the timeout (50 ms by default) is what bounds it.
+How long a batch waits, within the timeout: until the worker is likely free (the running
+call's expected end; waiting meanwhile costs nothing, and callers of that call come back just
+after it), then at most half as long as a call takes. Under independent arrivals near the
+replica's capacity, every wait for a batch-mate leaves the worker idle, and a wait long against
+a call costs more than the bigger batch saves; a group split over two calls, though, needs its
+callers in the running call waited for, or the split lasts (calls of 3 and 5 for good, where
+the 8 could share one). On a GPU model, whose calls take seconds, the timeout (50 ms by
+default) is what bounds the wait.
 """
 
 from __future__ import annotations
+
+import time
 
 
 WAIT_SHARE_OF_CALL = 0.5
@@ -45,7 +49,8 @@ class BatchGathering:
     def __init__(self, limit: int, wait_s: float) -> None:
         self.limit = limit
         self.wait_limit = wait_s
-        self.last_call_s: float | None = None  # set by the worker thread: one float, read whole
+        self.last_call_s: float | None = None  # these two set by the worker thread: one value each, read whole
+        self.call_started_at: float | None = None
         self.waiting = 0
         self.seen_together = 0  # the most `waiting` at once since the last batch was handed over
         self.expected = 1  # no history yet: a first request starts at once
@@ -62,15 +67,27 @@ class BatchGathering:
         one keeps its size, where counting only those left would make it shrink at every batch."""
         self.expected, self.seen_together = max(1, self.seen_together), self.waiting
 
-    def call_took(self, seconds: float) -> None:
-        """The worker's last pipeline call took `seconds`."""
-        self.last_call_s = seconds
+    def call_started(self) -> None:
+        """The worker starts a pipeline call (called on the worker thread)."""
+        self.call_started_at = time.monotonic()
+
+    def call_ended(self, seconds: float, complete: bool) -> None:
+        """The worker's call ended after `seconds`; `complete`: it made its images (one that failed,
+        or stopped because its callers left, says nothing of how long a call takes)."""
+        self.call_started_at = None
+        if complete:
+            self.last_call_s = seconds
 
     def wait_s(self) -> float:
-        """The longest a new batch waits: the configured timeout, and at most half the last call."""
+        """The longest a new batch waits: until the worker is likely free (a running call's
+        expected end: waiting meanwhile costs nothing) and then half a call, within the timeout."""
         if self.last_call_s is None:
             return self.wait_limit
-        return min(self.wait_limit, round(self.last_call_s * WAIT_SHARE_OF_CALL, 3))
+        wait = self.last_call_s * WAIT_SHARE_OF_CALL
+        started = self.call_started_at
+        if started is not None:
+            wait += max(0.0, started + self.last_call_s - time.monotonic())
+        return min(self.wait_limit, round(wait, 3))
 
     def answered(self) -> None:
         """A request has its answer, or its caller has gone."""

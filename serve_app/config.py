@@ -389,8 +389,8 @@ class ImageModelConfig(BaseModelConfig):
         8, ge=1, description="Requests that share one pipeline call (each still gets its own `n` images); "
         "1 = no batching.")
     batch_wait_timeout_s: float = Field(
-        0.05, ge=0, description="The longest a new batch waits for more requests before it starts (and at most half "
-        "as long as the last pipeline call took). It waits only for as many as this replica lately had waiting at "
+        0.05, ge=0, description="The longest a new batch waits for more requests before it starts (and at most until "
+        "a running pipeline call's expected end plus half a call). It waits only for as many as this replica lately had waiting at "
         "once (within max_batch_size): a lone caller's starts at once, a group of callers' as soon as the group is "
         "back (serve_app/batch_gathering.py).")
     default_size: str = Field("512x512", description="Size when a request gives none, 'WxH'.")

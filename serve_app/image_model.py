@@ -562,15 +562,17 @@ class ImageModel(ModelReplica):
             arguments = {name: value for name, value in arguments.items() if name in parameters}
         if reports_steps(pipeline):  # each step is progress (see `stall_timeout_s`)
             arguments["callback_on_step_end"] = self._step_done
-        started = time.monotonic()
+        started, complete = time.monotonic(), False
+        self.gathering.call_started()
         try:
             with torch.inference_mode():
                 output = pipeline(**arguments)
             self._worker.progressed()  # the decode and safety check after the last step are work too
+            complete = True
         finally:
             took = time.monotonic() - started
             self.metrics.pipeline_call(len(group), took)
-            self.gathering.call_took(took)
+            self.gathering.call_ended(took, complete)
         images = output.images
         if len(images) != expected:
             raise RuntimeError(f"the pipeline made {len(images)} images for {expected} prompts")

@@ -78,10 +78,28 @@ def test_callers_that_leave_before_their_batch_stop_counting():
     assert round_of(gathering, 1) == [1]
 
 
-def test_a_batch_waits_at_most_half_the_last_call_within_the_timeout():
+def test_a_batch_waits_until_the_worker_is_free_and_then_half_a_call_within_the_timeout(monkeypatch):
+    """Waiting while the worker is busy costs nothing (and lets callers of the running call, who
+    come back as it ends, join their mates); once it is free, a wait of more than half a call
+    would cost more than the bigger batch saves. A call that failed or stopped says nothing of
+    how long one takes."""
+    from serve_app import batch_gathering
+
+    clock = [100.0]
+    monkeypatch.setattr(batch_gathering.time, "monotonic", lambda: clock[0])
     gathering = BatchGathering(limit=8, wait_s=0.05)
     assert gathering.wait_s() == 0.05  # no call yet
-    gathering.call_took(0.03)
+    gathering.call_started()
+    clock[0] += 0.03
+    gathering.call_ended(0.03, complete=True)
+    assert gathering.wait_s() == 0.015  # idle: half the last call
+    gathering.call_started()
+    clock[0] += 0.01
+    assert gathering.wait_s() == 0.035  # 20 ms more of the call expected, then half a call
+    clock[0] += 0.05
+    assert gathering.wait_s() == 0.015  # running past its expected end: half a call
+    gathering.call_ended(0.001, complete=False)  # it failed (or its callers left)
     assert gathering.wait_s() == 0.015
-    gathering.call_took(4.0)  # a GPU model's call: the timeout bounds the wait
+    gathering.call_started()
+    gathering.call_ended(4.0, complete=True)  # a GPU model's call: the timeout bounds the wait
     assert gathering.wait_s() == 0.05
