@@ -6,13 +6,16 @@ from __future__ import annotations
 from serve_app.batch_gathering import BatchGathering
 
 
+def repeat(step, count: int) -> list:
+    return [step() for _ in range(count)]
+
+
 def round_of(gathering: BatchGathering, size: int) -> list[int]:
     """`size` callers arrive together, are handed over as one batch and answered; the sizes
     their batch was told to wait for."""
-    told = [gathering.arrived() for _ in range(size)]
+    told = repeat(gathering.arrived, size)
     gathering.handed_over()
-    for _ in range(size):
-        gathering.answered()
+    repeat(gathering.answered, size)
     return told
 
 
@@ -35,12 +38,9 @@ def test_a_burst_handed_over_one_by_one_keeps_its_size():
     """Serve hands a burst's requests over one batch at a time (each told to wait for 1): the
     burst's size is still what its callers coming back are waited for."""
     gathering = BatchGathering(limit=8, wait_s=0.05)
-    for _ in range(5):
-        gathering.arrived()
-    for _ in range(5):
-        gathering.handed_over()
-    for _ in range(5):
-        gathering.answered()
+    repeat(gathering.arrived, 5)
+    repeat(gathering.handed_over, 5)
+    repeat(gathering.answered, 5)
     assert round_of(gathering, 5) == [5] * 5
 
 
@@ -48,13 +48,11 @@ def test_a_caller_coming_back_during_its_mates_call_waits_for_them():
     """Seven are in a pipeline call when the eighth comes back: all eight are waited for next."""
     gathering = BatchGathering(limit=8, wait_s=0.05)
     round_of(gathering, 8)
-    for _ in range(7):
-        gathering.arrived()
+    repeat(gathering.arrived, 7)
     gathering.handed_over()  # the seven's call
     assert gathering.arrived() == 8  # the eighth, back from an earlier call
     gathering.handed_over()  # it waited its timeout: alone
-    for _ in range(8):
-        gathering.answered()
+    repeat(gathering.answered, 8)
     assert round_of(gathering, 8) == [8] * 8
 
 
@@ -68,10 +66,8 @@ def test_a_group_that_shrinks_is_followed_down_after_at_most_two_batches():
 def test_callers_that_leave_before_their_batch_stop_counting():
     gathering = BatchGathering(limit=8, wait_s=0.05)
     round_of(gathering, 1)
-    for _ in range(3):
-        gathering.arrived()
-    for _ in range(3):
-        gathering.answered()  # their clients hung up before any batch left
+    repeat(gathering.arrived, 3)
+    repeat(gathering.answered, 3)  # their clients hung up before any batch left
     assert gathering.waiting == 0
     assert round_of(gathering, 1) == [1]
     assert round_of(gathering, 1) == [3]  # they were seen together: one wait for them
