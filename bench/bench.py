@@ -111,6 +111,7 @@ def running(server: Server, probe: Callable[[], bool], timeout_s: float) -> Iter
     try:
         server.wait_ready(probe, timeout_s)
         waited, busy = wait_quiet()  # every system is measured on a settled machine
+        server.settled = {"waited_s": waited, "cores_busy": busy}
         log(f"  {server.name} ready on :{server.port} in {time.monotonic() - started:.1f}s; "
             f"cores {busy:.0%} busy after {waited}s")
         yield server
@@ -182,7 +183,22 @@ def measure_system(key: str, ctx: systems.Context, plan: Plan, prompts: list, re
                 results["images"][name] = asyncio.run(scenarios.measure_images(
                     server.base_url + "/v1/images/generations", image_model, plan, log))
     finally:  # interrupted too: the settings of the cells kept
+        _record_settled(results, key, server, settings)
         _record_system(results, key, settings, started)
+
+
+BUSY_WARNING = 0.25  # wait_quiet's threshold: above it, it gave up waiting
+
+
+def _record_settled(results: dict, key: str, server: Server, settings: dict[str, Any]) -> None:
+    """How busy the cores were as `key`'s measuring began, into its settings; a note where
+    something else still kept them busy (another job on the machine skews every figure)."""
+    if server.settled is None:
+        return
+    settings["settled"] = server.settled
+    if server.settled["cores_busy"] >= BUSY_WARNING:
+        results["notes"].append(f"WARNING: {key} was measured on a busy machine: cores "
+                                f"{server.settled['cores_busy']:.0%} busy after {server.settled['waited_s']} s")
 
 
 def _record_system(results: dict, key: str, settings: dict[str, Any], started: float) -> None:
@@ -207,6 +223,7 @@ def measure_ray_echo(ctx: systems.Context, plan: Plan, results: dict) -> None:
             floor = asyncio.run(scenarios.measure_handle_floor(server.base_url + systems.FLOOR_PREFIX, plan, log))
             results["echo"].update({f"ray_handle@{c}": cell for c, cell in floor.items()})
     finally:  # interrupted too, as measure_system
+        _record_settled(results, "ray_echo", server, settings)
         _record_system(results, "ray_echo", settings, started)
 
 
@@ -217,6 +234,9 @@ def measure_plain_echo(ctx: systems.Context, plan: Plan, results: dict) -> None:
         cells = asyncio.run(scenarios.measure_echo(server.base_url + "/v1/chat/completions",
                                                    systems.ECHO_MODEL, plan, log))
     results["echo"].update({f"plain@{c}": cell for c, cell in cells.items()})
+    settings: dict[str, Any] = {}
+    _record_settled(results, "plain_echo", server, settings)
+    results["systems"]["plain_echo"] = settings
 
 
 def measure_all(ctx: systems.Context, plan: Plan, wanted: set[str], results: dict[str, Any], run_dir: Path) -> None:

@@ -66,6 +66,7 @@ class Server:
     log_path: Path
     cleanup_marks: list[str] = field(default_factory=list)
     remove_dirs: list[Path] = field(default_factory=list)
+    settled: dict[str, float] | None = None  # how quiet the machine was when measuring began
 
     @property
     def base_url(self) -> str:

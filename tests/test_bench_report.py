@@ -113,3 +113,16 @@ def test_only_takes_the_known_parts(only: str, ok: bool, capsys: pytest.CaptureF
         with pytest.raises(SystemExit):
             bench.parse_args(["--only", only])
         assert "choose from" in capsys.readouterr().err
+
+
+def test_a_system_measured_on_a_busy_machine_is_flagged() -> None:
+    """The benchmark waits up to 30 s for the cores to settle before each system; where they did
+    not (another job on the machine), the run says so and the JSON keeps how busy they were."""
+    from types import SimpleNamespace
+
+    results: dict[str, Any] = {"notes": []}
+    quiet, busy = {}, {}
+    bench._record_settled(results, "naive", SimpleNamespace(settled={"waited_s": 1.0, "cores_busy": 0.05}), quiet)
+    bench._record_settled(results, "litserve", SimpleNamespace(settled={"waited_s": 30.0, "cores_busy": 0.6}), busy)
+    assert quiet["settled"]["cores_busy"] == 0.05 and busy["settled"]["cores_busy"] == 0.6
+    assert results["notes"] == ["WARNING: litserve was measured on a busy machine: cores 60% busy after 30.0 s"]
