@@ -189,7 +189,9 @@ class RequestRecord(HttpMiddleware):
         except asyncio.CancelledError:  # Serve cancels a request whose client hung up (or past its own
             if not response["started"]:  # http_options.request_timeout_s): not a server fault
                 response["status"] = CLIENT_CLOSED_REQUEST
-            note(error="request_cancelled", error_status=CLIENT_CLOSED_REQUEST)
+                note(error="request_cancelled")
+            else:  # a stream after its 200: logged 200, counted as the 499 it ended as
+                note(error="request_cancelled", error_status=CLIENT_CLOSED_REQUEST)
             raise
         finally:
             CURRENT.reset(token)

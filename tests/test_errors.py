@@ -459,6 +459,7 @@ def test_the_access_log_and_metrics_tell_a_client_leaving_and_a_failed_stream_fr
     assert sums["requests", ("-", "/v1/stream", "200")] == 1 and sums["errors", ("-", "/v1/stream", "504")] == 1
     lines = [r.getMessage() for r in serve_caplog.records if r.getMessage().startswith("access ")]
     assert "status=499" in lines[0] and "error=request_cancelled" in lines[0]
+    assert "error_status" not in lines[0]  # the status says it already (error_status is for a stream after its 200)
     assert "status=200" in lines[1] and "error=timeout error_status=504" in lines[1]
     assert all(line.startswith("access request_id=abc%20status%3D200%20model%3Devil method=") for line in lines)
 
