@@ -64,7 +64,7 @@ from serve_app.protocol import (
 )
 from serve_app.registration import RegistrationStatus, unregister_stale
 from serve_app.request_guards import ApiKeys, ConfiguredCors, RequestGuard, RequestRecord
-from serve_app.serve_logs import flush_serve_log, start_flushing
+from serve_app.serve_logs import flush_serve_log, start_flushing, summarize_rejections
 from serve_app.streaming import ChatChunkEncoder, chat_events
 from serve_app.translate import AnswerFormat, chat_job, chat_response, check_image_request, image_job
 
@@ -260,6 +260,7 @@ class Ingress:
         self._sweeper = loop.create_task(self.store.sweep_forever(), name="image retention")
         self._metrics_flusher = loop.create_task(self.metrics.flush_forever(), name="metrics flush")
         self._log_flusher = start_flushing()
+        summarize_rejections()
         if registrar is None:  # registration off now: withdraw what an earlier config of this app announced
             self._registration_cleanup = loop.create_task(unregister_stale(
                 serve.get_replica_context().app_name, set(), config.registration.timeout_s), name="registration cleanup")

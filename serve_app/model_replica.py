@@ -20,7 +20,7 @@ from serve_app.metrics import ReplicaMetrics
 from serve_app.model_worker import ModelWorker
 from serve_app.periodic import in_background
 from serve_app.placement import describe, resolve_device, resolve_dtype, see_only_assigned_gpus
-from serve_app.serve_logs import flush_serve_log, start_flushing
+from serve_app.serve_logs import flush_serve_log, start_flushing, summarize_rejections
 
 logger = logging.getLogger("ray.serve")
 
@@ -73,6 +73,7 @@ class ModelReplica:
             torch.set_num_threads(config.torch_threads)
         self._worker = ModelWorker(config.name)
         self._log_flusher = start_flushing()
+        summarize_rejections()
         self.metrics: ReplicaMetrics | None = None  # a subclass's own, flushed here as well
         self._metrics_flusher: asyncio.Task | None = None
         self._device_failure: str | None = None

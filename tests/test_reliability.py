@@ -422,6 +422,10 @@ def test_overload_answers_503_at_once_and_loses_nothing(secure, http):
     assert refused[-1] < 20, refused
     # The other application's models are unaffected.
     assert http.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 2}).status_code == 200
+    # Serve's warning for each request the full replica turned away is summarized, one per 10 s
+    # (it wrote one per rejection and retry: 8 lines for this burst, hundreds for bigger ones).
+    time.sleep(1.5)  # the replica's log flush
+    assert len(_model_lines("secure_app", "Llama3-8B", "Replica at capacity")) <= 2
 
 
 def _replica_pids(app: str, deployment: str) -> list[int]:
