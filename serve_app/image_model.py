@@ -253,11 +253,14 @@ class ImageModel(ModelReplica):
             if self.config.max_batch_size == 1:
                 self.submit([job], [arrived], [future])
             else:
-                told = (gather, self.gathering.wait_s())
-                if told != self.gathering_told:  # read by Serve's batcher as a batch's first request comes
-                    self._queue_batch.set_max_batch_size(told[0])
-                    self._queue_batch.set_batch_wait_timeout_s(told[1])
-                    self.gathering_told = told
+                # Read by Serve's batcher as a batch's first request comes; each setter only where
+                # its value changed (the size's also runs a check of Serve's on every call).
+                size, wait = gather, self.gathering.wait_s()
+                if size != self.gathering_told[0]:
+                    self._queue_batch.set_max_batch_size(size)
+                if wait != self.gathering_told[1]:
+                    self._queue_batch.set_batch_wait_timeout_s(wait)
+                self.gathering_told = (size, wait)
                 await self._queue_batch((job, arrived, future))
             outcome = await asyncio.wrap_future(future)
         except asyncio.CancelledError:
