@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from bench import report, scenarios, systems  # noqa: E402
-from bench.procs import PYTHON, Server, base_env, http_ok, wait_quiet  # noqa: E402
+from bench.procs import PYTHON, QUIET_BELOW, Server, base_env, http_ok, wait_quiet  # noqa: E402
 from bench.scenarios import Plan  # noqa: E402
 
 
@@ -187,16 +187,13 @@ def measure_system(key: str, ctx: systems.Context, plan: Plan, prompts: list, re
         _record_system(results, key, settings, started)
 
 
-BUSY_WARNING = 0.25  # wait_quiet's threshold: above it, it gave up waiting
-
-
 def _record_settled(results: dict, key: str, server: Server, settings: dict[str, Any]) -> None:
     """How busy the cores were as `key`'s measuring began, into its settings; a note where
     something else still kept them busy (another job on the machine skews every figure)."""
     if server.settled is None:
         return
     settings["settled"] = server.settled
-    if server.settled["cores_busy"] >= BUSY_WARNING:
+    if server.settled["cores_busy"] >= QUIET_BELOW:  # wait_quiet gave up waiting
         results["notes"].append(f"WARNING: {key} was measured on a busy machine: cores "
                                 f"{server.settled['cores_busy']:.0%} busy after {server.settled['waited_s']} s")
 
@@ -230,13 +227,15 @@ def measure_ray_echo(ctx: systems.Context, plan: Plan, results: dict) -> None:
 def measure_plain_echo(ctx: systems.Context, plan: Plan, results: dict) -> None:
     log("\n== plain uvicorn echo (the same handler, no Ray)")
     server = systems.launch_plain_echo(ctx)
-    with running(server, lambda: http_ok(server.base_url + "/health"), 60):
-        cells = asyncio.run(scenarios.measure_echo(server.base_url + "/v1/chat/completions",
-                                                   systems.ECHO_MODEL, plan, log))
-    results["echo"].update({f"plain@{c}": cell for c, cell in cells.items()})
     settings: dict[str, Any] = {}
-    _record_settled(results, "plain_echo", server, settings)
-    results["systems"]["plain_echo"] = settings
+    try:
+        with running(server, lambda: http_ok(server.base_url + "/health"), 60):
+            cells = asyncio.run(scenarios.measure_echo(server.base_url + "/v1/chat/completions",
+                                                       systems.ECHO_MODEL, plan, log))
+        results["echo"].update({f"plain@{c}": cell for c, cell in cells.items()})
+    finally:  # interrupted too, as measure_system
+        _record_settled(results, "plain_echo", server, settings)
+        results["systems"]["plain_echo"] = settings
 
 
 def measure_all(ctx: systems.Context, plan: Plan, wanted: set[str], results: dict[str, Any], run_dir: Path) -> None:

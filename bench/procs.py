@@ -135,7 +135,10 @@ def _cpu_times() -> tuple[int, int]:
     return busy, busy + idle + iowait
 
 
-def wait_quiet(busy_below: float = 0.25, timeout_s: float = 30.0, window_s: float = 1.0) -> tuple[float, float]:
+QUIET_BELOW = 0.25  # the share of the cores' time busy under which the machine counts as settled
+
+
+def wait_quiet(busy_below: float = QUIET_BELOW, timeout_s: float = 30.0, window_s: float = 1.0) -> tuple[float, float]:
     """Wait until the machine's cores are busy less than `busy_below` of the time over one
     window (a Ray instance just up is still starting its agents and pushing its first
     metrics), at most `timeout_s`: (seconds waited, last busy fraction)."""

@@ -61,8 +61,8 @@ def chat_bodies(model: str, max_tokens: int, prompts: list[list[dict[str, str]]]
 
 
 def warmed(what: str, outcome: CellResult | tuple[int, Any]) -> None:
-    """A warm-up that failed stops the run: cells measured after it would time a cold (or broken)
-    server, and nothing in their figures would say so."""
+    """A warm-up that failed stops that system's measuring (reported as skipped): cells measured
+    after it would time a cold (or broken) server, and nothing in their figures would say so."""
     if isinstance(outcome, tuple):
         if outcome[0] != 200:
             raise RuntimeError(f"warm-up of {what} answered {outcome[0]}: {str(outcome[1])[:300]}")

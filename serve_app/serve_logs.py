@@ -29,8 +29,13 @@ REJECTIONS_WINDOW_S = 10.0
 
 
 def flush_serve_log() -> None:
-    """Write out what Serve's logger has buffered in this process (a no-op when unbuffered)."""
-    for handler in logging.getLogger("ray.serve").handlers:
+    """Write out what Serve's logger has buffered in this process (a no-op when unbuffered),
+    with the count of rejection warnings held back in a window that has ended."""
+    serve_logger = logging.getLogger("ray.serve")
+    for summary in serve_logger.filters:
+        if isinstance(summary, RejectionSummary) and (note := summary.expired_note()) is not None:
+            serve_logger.warning(note)
+    for handler in serve_logger.handlers:
         if isinstance(handler, logging.handlers.MemoryHandler):
             handler.flush()
 
@@ -41,8 +46,9 @@ def start_flushing() -> asyncio.Task | None:
 
 
 class RejectionSummary(logging.Filter):
-    """Passes one of Serve's "Replica at capacity" warnings per window; the next one shown says
-    how many were held back since the last. Every other record passes untouched."""
+    """Passes one of Serve's "Replica at capacity" warnings per window. How many were held back
+    is said once the window ends (`expired_note`, from the log flush), or by the next one shown
+    if it comes first. Every other record passes untouched."""
 
     PREFIX = "Replica at capacity of max_ongoing_requests="
 
@@ -63,6 +69,15 @@ class RejectionSummary(logging.Filter):
             record.msg = f"{record.msg} ({self.held} more in the {now - self.shown_at:.0f} s before, not logged one by one)"
         self.shown_at, self.held = now, 0
         return True
+
+    def expired_note(self) -> str | None:
+        """Once the window of the last warning shown has ended with some held back: a line
+        saying how many (and the count starts again)."""
+        if not self.held or self.shown_at is None or self.clock() - self.shown_at < self.window_s:
+            return None
+        held, self.held = self.held, 0
+        return (f"{held} more requests turned away at max_ongoing_requests in the {self.window_s:.0f} s "
+                "after the 'Replica at capacity' warning above, not logged one by one")
 
 
 def summarize_rejections() -> None:

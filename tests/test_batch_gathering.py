@@ -3,6 +3,8 @@ The live replica's use of it is tested in test_image_batching (a real server, re
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from serve_app.batch_gathering import BatchGathering
 
 
@@ -82,7 +84,7 @@ def test_a_batch_waits_until_the_worker_is_free_and_then_half_a_call_within_the_
     from serve_app import batch_gathering
 
     clock = [100.0]
-    monkeypatch.setattr(batch_gathering.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(batch_gathering, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     gathering = BatchGathering(limit=8, wait_s=0.05)
     assert gathering.wait_s() == 0.05  # no call yet
     gathering.call_started()

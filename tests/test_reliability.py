@@ -271,7 +271,8 @@ def _access_lines(request_id: str) -> list[str]:
 
 
 def _model_lines(app: str, model: str, request_id: str) -> list[str]:
-    """The lines a model replica of `app` wrote naming one request (Serve's CALL line for it)."""
+    """The lines a model replica of `app` wrote holding `request_id` (Serve's CALL line for that
+    request), or any other text."""
     import ray
 
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
@@ -424,8 +425,10 @@ def test_overload_answers_503_at_once_and_loses_nothing(secure, http):
     assert http.post("/v1/chat/completions", json={**SEED_CHAT, "max_tokens": 2}).status_code == 200
     # Serve's warning for each request the full replica turned away is summarized, one per 10 s
     # (it wrote one per rejection and retry: 8 lines for this burst, hundreds for bigger ones).
-    time.sleep(1.5)  # the replica's log flush
-    assert len(_model_lines("secure_app", "Llama3-8B", "Replica at capacity")) <= 2
+    def rejections() -> list[str]:
+        return _model_lines("secure_app", "Llama3-8B", "Replica at capacity")
+    assert wait_for(rejections, timeout=10)  # the first is logged (the replica's log is flushed every second)
+    assert len(rejections()) <= 2, rejections()
 
 
 def _replica_pids(app: str, deployment: str) -> list[int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from serve_app.serve_logs import RejectionSummary, summarize_rejections
+from serve_app.serve_logs import RejectionSummary, flush_serve_log, summarize_rejections
 
 
 def record(message: str) -> logging.LogRecord:
@@ -37,3 +37,30 @@ def test_installed_once_on_serves_logger():
         assert sum(isinstance(f, RejectionSummary) for f in serve_logger.filters) == 1
     finally:
         serve_logger.filters[:] = before
+
+
+def test_a_burst_shorter_than_the_window_gets_its_count_once_the_window_ends(caplog):
+    """The held-back count does not wait for a next rejection that may never come: the replica's
+    log flush (every second) says it once the window has ended."""
+    clock = [0.0]
+    summary = RejectionSummary(window_s=10.0, clock=lambda: clock[0])
+    for second in (0.0, 1.0, 2.0, 3.0):
+        clock[0] = second
+        summary.filter(record("Replica at capacity of max_ongoing_requests=16, rejecting request x."))
+    clock[0] = 9.0
+    assert summary.expired_note() is None  # the window is still open
+    serve_logger = logging.getLogger("ray.serve")
+    before = list(serve_logger.filters)
+    serve_logger.addFilter(summary)
+    caplog.set_level(logging.WARNING, logger="ray.serve")
+    propagates, serve_logger.propagate = serve_logger.propagate, True
+    try:
+        clock[0] = 10.5
+        flush_serve_log()
+        flush_serve_log()  # said once
+    finally:
+        serve_logger.filters[:] = before
+        serve_logger.propagate = propagates
+    notes = [r.getMessage() for r in caplog.records if "turned away" in r.getMessage()]
+    assert notes == ["3 more requests turned away at max_ongoing_requests in the 10 s after the "
+                     "'Replica at capacity' warning above, not logged one by one"]
