@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from bench import report, scenarios, systems  # noqa: E402
-from bench.procs import PYTHON, QUIET_BELOW, Server, base_env, http_ok, wait_quiet  # noqa: E402
+from bench.procs import PYTHON, QUIET_BELOW, Server, base_env, cpu_by_group, http_ok, wait_quiet  # noqa: E402
 from bench.scenarios import Plan  # noqa: E402
 
 
@@ -122,7 +123,7 @@ def running(server: Server, probe: Callable[[], bool], timeout_s: float) -> Iter
 
 def start_ray(ctx: systems.Context, key: str, batching: bool, echo: bool, results: dict) -> tuple[Server, dict]:
     """Ray row with the fast switches; on failure to come up, once more with Ray's defaults."""
-    prefixes = [] if not echo else [systems.FLOOR_PREFIX] + ([] if systems.echo_kind_entry() else [systems.ECHO_PREFIX])
+    prefixes = [systems.ECHO_PREFIX, systems.FLOOR_PREFIX] if echo else []
     for fast in (True, False):
         started = time.monotonic()
         server, settings = systems.launch_ray(ctx, key, batching=batching, echo=echo, fast=fast)
@@ -205,19 +206,24 @@ def _record_system(results: dict, key: str, settings: dict[str, Any], started: f
 
 
 def measure_ray_echo(ctx: systems.Context, plan: Plan, results: dict) -> None:
-    """The serving path (the echo model through proxy, ingress and model deployment) and Ray's
-    handle floor, on a Serve instance of their own: row 1's config plus the echo deployments,
-    which the chat rows then run without (idle deployments cost CPU on 2 cores)."""
-    log("\n== serve_app echo (the full serving path) and Ray's handle floor")
+    """The serving path (serve_app's echo model through HAProxy, ingress and model deployment),
+    the same path with a minimal ingress (one FastAPI route: the issue's own setup), and Ray's
+    handle floor, each with where the CPU went, on a Serve instance of their own: row 1's config
+    plus the echo deployments, which the chat rows then run without (idle deployments cost CPU on
+    2 cores)."""
+    log("\n== serve_app echo (the full serving path), a minimal ingress, and Ray's handle floor")
     started = time.monotonic()
     server, settings = start_ray(ctx, "ray_echo", batching=True, echo=True, results=results)
     try:
         with running(server, lambda: True, 300):
-            own = systems.echo_kind_entry() is not None
-            cells = asyncio.run(scenarios.measure_echo(systems.echo_url(server.base_url, own),
-                                                       systems.ECHO_MODEL, plan, log))
-            results["echo"].update({f"serve_app@{c}": cell for c, cell in cells.items()})
-            floor = asyncio.run(scenarios.measure_handle_floor(server.base_url + systems.FLOOR_PREFIX, plan, log))
+            groups = systems.echo_cpu_groups(settings["config"])
+            for key, prefix in (("serve_app", ""), ("ray_minimal", systems.ECHO_PREFIX)):
+                cells = asyncio.run(scenarios.measure_echo(
+                    server.base_url + prefix + "/v1/chat/completions", systems.ECHO_MODEL, plan, log,
+                    label=f"{key} echo", cpu=functools.partial(cpu_by_group, groups[key])))
+                results["echo"].update({f"{key}@{c}": cell for c, cell in cells.items()})
+            floor = asyncio.run(scenarios.measure_handle_floor(server.base_url + systems.FLOOR_PREFIX, plan, log,
+                                                               functools.partial(cpu_by_group, groups["ray_handle"])))
             results["echo"].update({f"ray_handle@{c}": cell for c, cell in floor.items()})
     finally:  # interrupted too, as measure_system
         _record_settled(results, "ray_echo", server, settings)
@@ -231,7 +237,8 @@ def measure_plain_echo(ctx: systems.Context, plan: Plan, results: dict) -> None:
     try:
         with running(server, lambda: http_ok(server.base_url + "/health"), 60):
             cells = asyncio.run(scenarios.measure_echo(server.base_url + "/v1/chat/completions",
-                                                       systems.ECHO_MODEL, plan, log))
+                                                       systems.ECHO_MODEL, plan, log, label="plain echo",
+                                                       cpu=functools.partial(cpu_by_group, systems.PLAIN_ECHO_GROUPS)))
         results["echo"].update({f"plain@{c}": cell for c, cell in cells.items()})
     finally:  # interrupted too, as measure_system
         _record_settled(results, "plain_echo", server, settings)
@@ -323,6 +330,9 @@ def finish(results: dict[str, Any], plan: Plan, out: Path, stamp: str) -> None:
         log(f"WARNING: requests lost (the rate counts only the others): {cell}")
     if results["echo"]:
         log(report.simple_table("Serving path alone (echo)", results["echo"], "req/s") + "\n")
+        cpu = report.cpu_table(results["echo"])
+        if cpu:
+            log(cpu + "\n")
     if results["images"]:
         log(report.simple_table(f"Images ({plan.image_size}, {plan.image_steps} steps)", results["images"],
                                 "images/s") + "\n")

@@ -2,10 +2,11 @@
 
 The same handler runs two ways:
 - `plain_app`: in plain uvicorn (`uvicorn bench.echo_app:plain_app`), the floor;
-- `build_ray_app`: through Ray Serve, an ingress deployment (FastAPI) that calls
-  an echo model deployment through a `DeploymentHandle`, the shape of serve_app's
-  own path (proxy -> ingress -> model). The benchmark uses this only while
-  serve_app has no echo model kind of its own; with one, it measures serve_app.
+- `build_ray_app`: through Ray Serve, a minimal ingress deployment (FastAPI, one
+  route) that calls an echo model deployment through a `DeploymentHandle`, the shape
+  of serve_app's own path (proxy -> ingress -> model) without serve_app's ingress;
+  the benchmark measures it beside serve_app's echo model, so the difference is
+  serve_app's own ingress work.
 
 No `from __future__ import annotations` here: FastAPI must see the real
 `Request` annotation of the methods of a class defined inside a function.

@@ -135,6 +135,47 @@ def _cpu_times() -> tuple[int, int]:
     return busy, busy + idle + iowait
 
 
+def processes() -> list[tuple[bytes, Path]]:
+    """(command line, /proc entry) of every process that can be read."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                found.append(((entry / "cmdline").read_bytes(), entry))
+            except OSError:
+                continue
+    return found
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+LOAD_GENERATOR = "load generator"
+OTHER = "other"
+
+
+def cpu_by_group(groups: dict[str, str]) -> dict[str, float]:
+    """CPU seconds used so far (user + system, every thread), summed by group: a process whose
+    command line contains a key of `groups` (the first that does) counts under its value, this
+    process (the load generator) under LOAD_GENERATOR; "all" is every core's busy time
+    (`_cpu_times`), so what no group names (Ray's other processes, the kernel's own work for the
+    loopback traffic, anything else running) is "all" less the groups, OTHER. Differences of two
+    readings say where the CPU went meanwhile."""
+    seconds = dict.fromkeys([*dict.fromkeys(groups.values()), LOAD_GENERATOR], 0.0)
+    me = os.getpid()
+    for cmd, entry in processes():
+        group = LOAD_GENERATOR if int(entry.name) == me else next(
+            (name for key, name in groups.items() if key.encode() in cmd), None)
+        if group is None:
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        seconds[group] += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+    seconds["all"] = _cpu_times()[0] / CLOCK_TICKS
+    seconds[OTHER] = seconds["all"] - sum(v for k, v in seconds.items() if k != "all")
+    return seconds
+
+
 QUIET_BELOW = 0.25  # the share of the cores' time busy under which the machine counts as settled
 
 

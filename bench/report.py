@@ -102,6 +102,28 @@ def simple_table(title: str, rows: dict[str, dict[str, Any]], unit: str) -> str:
     return "\n".join(lines)
 
 
+CPU_GROUP_ORDER = ("server", "ingress", "caller", "model", "haproxy", "load generator", "other")
+
+
+def cpu_table(rows: dict[str, dict[str, Any]]) -> str | None:
+    """Where the CPU went in the echo cells that recorded it: ms per request of each process
+    group (`procs.cpu_by_group`), their total, and the cores busy on average; None if none did."""
+    measured = {name: cell for name, cell in rows.items() if cell.get("cpu_ms_per_request")}
+    if not measured:
+        return None
+    seen = {g for cell in measured.values() for g in cell["cpu_ms_per_request"]}
+    groups = [g for g in CPU_GROUP_ORDER if g in seen] + sorted(seen - set(CPU_GROUP_ORDER))
+    widths = [max(len(g), 6) + 2 for g in groups]
+    lines = ["CPU per request, ms (what each process used during the cell / requests answered)",
+             f"{'what':<16}" + "".join(f"{g:>{w}}" for g, w in zip(groups, widths)) + f"{'total':>8}{'cores busy':>12}"]
+    for name, cell in measured.items():
+        shares = cell["cpu_ms_per_request"]
+        lines.append(f"{name:<16}" + "".join(f"{shares[g]:>{w}.3f}" if g in shares else f"{'-':>{w}}"
+                                             for g, w in zip(groups, widths))
+                     + f"{sum(shares.values()):>8.3f}{cell['cores_busy']:>12.2f}")
+    return "\n".join(lines)
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"  # None: no request finished
 
@@ -135,6 +157,16 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str]]:
                    ratio(_get(echo, "serve_app@32", "req_per_s"), _get(echo, "plain@32", "req_per_s")), 0.20, ">="))
     checks.append(("  context: Ray's handle hop alone @32, share of plain",
                    ratio(_get(echo, "ray_handle@32", "req_per_s"), _get(echo, "plain@32", "req_per_s")), None, "info"))
+    checks.append(("  context: a minimal ingress through Ray @32, share of plain",
+                   ratio(_get(echo, "ray_minimal@32", "req_per_s"), _get(echo, "plain@32", "req_per_s")), None, "info"))
+    # What 20% of plain leaves each request of the machine's cores, against what the model hop alone
+    # used (its caller and echo replicas; the load generator and HAProxy come on top of both).
+    plain32, cpus = _get(echo, "plain@32", "req_per_s"), _get(results, "meta", "cpus")
+    checks.append(("  context: CPU ms a request may use at 20% of plain",
+                   1000 * cpus / (0.2 * plain32) if plain32 and cpus else None, None, "info"))
+    hop = _get(echo, "ray_handle@32", "cpu_ms_per_request")
+    checks.append(("  context: CPU ms of Ray's handle hop alone @32",
+                   (hop.get("caller", 0.0) + hop.get("model", 0.0)) if hop else None, None, "info"))
     p50_ray, p50_plain = _get(echo, "serve_app@1", "latency_p50_ms"), _get(echo, "plain@1", "latency_p50_ms")
     checks.append(("serving path @1: p50 <= plain + 2.5 ms",
                    None if p50_ray is None or p50_plain is None else p50_ray - p50_plain, 2.5, "<="))

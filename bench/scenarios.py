@@ -7,8 +7,9 @@ the same bodies (fixed prompts, greedy decoding, per-request seeds, the same
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from bench.loadgen import BodyFactory, CellResult, Sample, image_count, one, post_once, run_cell, summarize
 
@@ -106,17 +107,39 @@ async def measure_chat(url: str, model: str, prompts: list, plan: Plan, log,
                 await drain(url, model, prompts)
 
 
-async def measure_echo(url: str, model: str, plan: Plan, log) -> dict[str, dict]:
-    """Requests/s and latency of the echo route at each connection count ({conc: CellResult dict})."""
+CpuReading = Callable[[], dict[str, float]]
+
+
+def cpu_use(before: dict[str, float], after: dict[str, float], requests: int, seconds: float) -> dict[str, Any]:
+    """Where the CPU went between two `procs.cpu_by_group` readings: milliseconds per request of
+    each group, and how many cores were busy on average."""
+    per_request = {group: round(1000 * (after[group] - before.get(group, 0.0)) / requests, 3)
+                   for group in after if group != "all"} if requests else {}
+    return {"cpu_ms_per_request": per_request, "cores_busy": round((after["all"] - before["all"]) / seconds, 2)}
+
+
+def _cpu_line(use: dict[str, Any]) -> str:
+    shares = "  ".join(f"{group} {ms:.3f}" for group, ms in use["cpu_ms_per_request"].items())
+    return f"      CPU ms per request: {shares}  (cores busy {use['cores_busy']})"
+
+
+async def measure_echo(url: str, model: str, plan: Plan, log, label: str = "echo",
+                       cpu: CpuReading | None = None) -> dict[str, dict]:
+    """Requests/s and latency of the echo route at each connection count ({conc: CellResult dict}),
+    and with `cpu`, where the CPU went during each cell (`cpu_use`)."""
     body = {"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
-    warmed("echo", await run_cell(url, lambda i: body, concurrency=8, total=200, deadline_s=30, count=one))
+    warmed(label, await run_cell(url, lambda i: body, concurrency=8, total=200, deadline_s=30, count=one))
     out = {}
     for conc in plan.echo_connections:
+        before, began = (cpu() if cpu else None), time.monotonic()
         cell = await run_cell(url, lambda i: body, concurrency=conc, total=100_000, count=one,
                               issue_window_s=plan.echo_seconds, deadline_s=plan.echo_seconds + 30)
         out[str(conc)] = cell.as_dict()
-        log(f"    echo c={conc:<3} {cell.req_per_s:8.1f} req/s  p50 {cell.latency_p50_ms} ms  "
+        log(f"    {label} c={conc:<3} {cell.req_per_s:8.1f} req/s  p50 {cell.latency_p50_ms} ms  "
             f"p99 {cell.latency_p99_ms} ms  err {cell.errors} cut {cell.cut}")
+        if before is not None:
+            out[str(conc)] |= cpu_use(before, cpu(), cell.ok, time.monotonic() - began)
+            log(_cpu_line(out[str(conc)]))
     return out
 
 
@@ -136,9 +159,9 @@ async def measure_images(url: str, model: str, plan: Plan, log) -> dict:
     return cell.as_dict()
 
 
-async def measure_handle_floor(base_url: str, plan: Plan, log) -> dict[str, dict]:
+async def measure_handle_floor(base_url: str, plan: Plan, log, cpu: CpuReading | None = None) -> dict[str, dict]:
     """Ray's floor for the model hop alone (bench/echo_app.py's caller loop), at each echo connection count,
-    summarised like the echo cells so the same table prints it."""
+    summarised like the echo cells so the same table prints it (and with `cpu`, where the CPU went, per call)."""
     import aiohttp
 
     async def run(concurrency: int, seconds: float) -> dict[str, Any]:
@@ -151,10 +174,14 @@ async def measure_handle_floor(base_url: str, plan: Plan, log) -> dict[str, dict
     await run(8, 1.0)  # warm-up
     out = {}
     for conc in plan.echo_connections:
+        before, began = (cpu() if cpu else None), time.monotonic()
         floor = await run(conc, plan.echo_seconds)
         calls = [Sample(True, latency, units=1) for latency in floor["latencies_s"]]
         cell = summarize(calls, conc, len(calls), floor["wall_s"])
+        out[str(conc)] = cell.as_dict()
         log(f"    handle floor c={conc:<3} {cell.req_per_s:8.1f} calls/s  p50 {cell.latency_p50_ms} ms  "
             f"p99 {cell.latency_p99_ms} ms")
-        out[str(conc)] = cell.as_dict()
+        if before is not None:
+            out[str(conc)] |= cpu_use(before, cpu(), len(calls), time.monotonic() - began)
+            log(_cpu_line(out[str(conc)]))
     return out

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from bench.procs import PYTHON, ROOT, Server, base_env, free_port, http_ok, start
+from bench.procs import PYTHON, ROOT, Server, base_env, free_port, http_ok, processes, start
 
 ECHO_MODEL = "bench-echo"
 ECHO_PREFIX = "/bench-echo"
@@ -65,23 +65,12 @@ def effective_batching(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: getattr(model, k) for k in ("max_batch_size", "batch_wait_timeout_s") if hasattr(model, k)}
 
 
-def echo_kind_entry() -> dict[str, Any] | None:
-    """serve_app's own echo model entry if its config knows an `echo` kind, else None."""
-    from pydantic import ValidationError
-
-    from serve_app.config import AppConfig
-
-    # A tenth of a core and a deep queue, like the ingress: on 2 cores the default of one CPU
-    # per replica would leave whichever replica comes last unplaced.
-    deployment = {"num_cpus": 0.1, "max_ongoing_requests": 512}
-    for entry in ({"name": ECHO_MODEL, "kind": "echo"}, {"name": ECHO_MODEL, "kind": "echo", "path": "echo"},
-                  {"name": ECHO_MODEL, "kind": "chat", "engine": "echo", "path": "echo", "deployment": deployment}):
-        try:
-            AppConfig.model_validate({"models": [entry]})
-            return entry
-        except ValidationError:
-            continue
-    return None
+# A tenth of a core and a deep queue, like the ingress: on 2 cores the default of one CPU per
+# replica would leave whichever replica comes last unplaced.
+ECHO_ENTRY = {"name": ECHO_MODEL, "kind": "chat", "engine": "echo", "path": "echo",
+              "deployment": {"num_cpus": 0.1, "max_ongoing_requests": 512}}
+MINIMAL_APP, FLOOR_APP = "bench_echo", "bench_floor"
+HAPROXY_GROUPS = {"/haproxy\0": "haproxy", "HAProxyManager": "haproxy"}  # the binary, and Ray's actor managing it
 
 
 def serve_config(ctx: Context, port: int, image_dir: Path, *, batching: bool, echo: bool) -> tuple[dict, list[str]]:
@@ -108,19 +97,14 @@ def serve_config(ctx: Context, port: int, image_dir: Path, *, batching: bool, ec
         args["models"][i] = deep_merge(model, patch)
     app["args"] = deep_merge(args, ctx.extra.get("app", {}))
     if echo:
-        entry = echo_kind_entry()
-        if entry is not None:
-            app["args"]["models"].append(entry)
-            notes.append("echo: serve_app's own echo model kind")
-        else:
-            config["applications"].append({"name": "bench_echo", "route_prefix": ECHO_PREFIX,
-                                           "import_path": "bench.echo_app:build_ray_app", "args": {}})
-            notes.append("echo: serve_app has no echo model kind; measured bench/echo_app.py's "
-                         "ingress + echo deployments on the same Serve instance")
-        config["applications"].append({"name": "bench_floor", "route_prefix": FLOOR_PREFIX,
+        app["args"]["models"].append(copy.deepcopy(ECHO_ENTRY))
+        config["applications"].append({"name": MINIMAL_APP, "route_prefix": ECHO_PREFIX,
+                                       "import_path": "bench.echo_app:build_ray_app", "args": {}})
+        config["applications"].append({"name": FLOOR_APP, "route_prefix": FLOOR_PREFIX,
                                        "import_path": "bench.echo_app:build_handle_floor_app", "args": {}})
-        notes.append("echo: Ray's handle floor measured by bench/echo_app.py's caller + echo deployments "
-                      "on the same Serve instance")
+        notes.append("echo: serve_app's echo model; beside it on the same Serve instance, bench/echo_app.py's "
+                     "minimal ingress (one FastAPI route) + echo deployments, and Ray's handle floor (a caller "
+                     "deployment + echo deployment)")
     config = deep_merge(config, ctx.extra.get("config", {}))
     from serve_app.config import AppConfig
 
@@ -128,8 +112,22 @@ def serve_config(ctx: Context, port: int, image_dir: Path, *, batching: bool, ec
     return config, notes
 
 
-def echo_url(base_url: str, own_kind: bool) -> str:
-    return base_url + ("" if own_kind else ECHO_PREFIX) + "/v1/chat/completions"
+def echo_cpu_groups(config: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """For `procs.cpu_by_group`, per echo system of a Ray row's `config`: its ingress (or caller)
+    and echo model replicas, by the process titles Ray gives them, and HAProxy."""
+    from serve_app.config import INGRESS_DEPLOYMENT, ChatModelConfig
+
+    def replicas(app: str, ingress: str, model: str, front: str = "ingress") -> dict[str, str]:
+        return {f"ServeReplica:{app}:{ingress}\0": front, f"ServeReplica:{app}:{model}\0": "model"} | HAPROXY_GROUPS
+
+    serve_app = config["applications"][0]["name"]
+    return {"serve_app": replicas(serve_app, INGRESS_DEPLOYMENT, ChatModelConfig.model_validate(ECHO_ENTRY).deployment_name),
+            "ray_minimal": replicas(MINIMAL_APP, "EchoIngress", "EchoModel"),
+            "ray_handle": replicas(FLOOR_APP, "FloorCaller", "FloorEcho", front="caller")}
+
+
+PLAIN_ECHO_APP = "bench.echo_app:plain_app"
+PLAIN_ECHO_GROUPS = {PLAIN_ECHO_APP: "server"}
 
 
 def launch_ray(ctx: Context, name: str, *, batching: bool, echo: bool, fast: bool) -> tuple[Server, dict]:
@@ -169,27 +167,15 @@ def ray_probe(server: Server, extra_prefixes: list[str]) -> bool:
     return all(http_ok(server.base_url + prefix + "/health") for prefix in extra_prefixes)
 
 
-def _processes() -> list[tuple[bytes, Path]]:
-    """(command line, /proc entry) of every process that can be read."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                found.append(((entry / "cmdline").read_bytes(), entry))
-            except OSError:
-                continue
-    return found
-
-
 def haproxy_running(mark: str) -> bool:
     """True when an HAProxy started for this Ray instance (its config path names `mark`) is alive."""
-    return any(b"haproxy" in cmd.split(b"\0")[0] and mark.encode() in cmd for cmd, _ in _processes())
+    return any(b"haproxy" in cmd.split(b"\0")[0] and mark.encode() in cmd for cmd, _ in processes())
 
 
 def replica_threads(mark: str) -> dict[str, str]:
     """OMP_NUM_THREADS as each model replica of this Ray instance (RAY_TMPDIR under `mark`) sees it."""
     threads = {}
-    for cmd, entry in _processes():
+    for cmd, entry in processes():
         if b"ServeReplica" not in cmd or b"model_" not in cmd:
             continue
         try:
@@ -229,6 +215,6 @@ def launch_litserve(ctx: Context) -> tuple[Server, dict[str, Any]]:
 
 def launch_plain_echo(ctx: Context) -> Server:
     port = free_port()
-    argv = [PYTHON, "-m", "uvicorn", "bench.echo_app:plain_app", "--host", "127.0.0.1", "--port", str(port),
+    argv = [PYTHON, "-m", "uvicorn", PLAIN_ECHO_APP, "--host", "127.0.0.1", "--port", str(port),
             "--log-level", "warning", "--no-access-log"]
     return start("plain_echo", argv, base_env(ctx.threads), port, ctx.log_dir)

@@ -8,6 +8,7 @@ cells that lost requests without saying so, and a ratio must not rest on a cut c
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import pytest
@@ -126,3 +127,58 @@ def test_a_system_measured_on_a_busy_machine_is_flagged() -> None:
     bench._record_settled(results, "litserve", SimpleNamespace(settled={"waited_s": 30.0, "cores_busy": 0.6}), busy)
     assert quiet["settled"]["cores_busy"] == 0.05 and busy["settled"]["cores_busy"] == 0.6
     assert results["notes"] == ["WARNING: litserve was measured on a busy machine: cores 60% busy after 30.0 s"]
+
+
+def test_cpu_is_counted_by_process_group() -> None:
+    """The serving-path cells say where the CPU went: a process whose command line names a group
+    counts under it, the benchmark's own process under the load generator, and the rest of the
+    cores' busy time under "other", so the groups add up to the cores' busy time."""
+    import subprocess
+    import sys
+    import time
+
+    from bench.procs import LOAD_GENERATOR, OTHER, cpu_by_group
+    from bench.scenarios import cpu_use
+
+    marker = "cpu-group-test-burner"
+    burner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 1.0\n"
+                               "while time.process_time() < end: pass", marker])
+    groups = {marker: "burner"}
+    try:
+        before, began = cpu_by_group(groups), time.monotonic()
+        spinning_since = time.process_time()
+        while time.process_time() - spinning_since < 0.2:  # the load generator's share: this process
+            pass
+        after = cpu_by_group(groups)  # while the burner still runs: a process that is gone is not read
+        seconds = time.monotonic() - began
+    finally:
+        burner.kill()
+        burner.wait(timeout=30)
+    assert 0.05 <= after["burner"] - before["burner"] <= seconds + 0.05
+    assert after[LOAD_GENERATOR] - before[LOAD_GENERATOR] >= 0.15
+    assert abs(after[OTHER] + after["burner"] + after[LOAD_GENERATOR] - after["all"]) < 1e-6
+    use = cpu_use(before, after, requests=100, seconds=seconds)
+    assert set(use["cpu_ms_per_request"]) == {"burner", LOAD_GENERATOR, OTHER}
+    assert use["cpu_ms_per_request"][LOAD_GENERATOR] >= 1.5  # >= 0.15 s over 100 requests
+    assert 0.1 <= use["cores_busy"] <= 2 * (os.cpu_count() or 1)
+
+
+def test_the_cpu_table_and_the_serving_path_budget() -> None:
+    """The CPU table lists each measured cell's groups in a fixed order, "-" where a cell has no
+    such process; the targets add what 20% of plain leaves each request of the cores and what
+    Ray's handle hop alone used."""
+    echo = {"plain@32": cell(10_000.0) | {"cpu_ms_per_request": {"load generator": 0.1, "server": 0.09, "other": 0.0},
+                                          "cores_busy": 1.9},
+            "ray_handle@32": cell(2_500.0) | {"cpu_ms_per_request": {"caller": 0.34, "model": 0.33, "other": 0.08},
+                                              "cores_busy": 1.9},
+            "serve_app@32": cell(1_000.0)}
+    table = report.cpu_table(echo).splitlines()
+    assert table[1].split() == ["what", "server", "caller", "model", "load", "generator", "other", "total", "cores",
+                                "busy"]
+    assert table[2].split() == ["plain@32", "0.090", "-", "-", "0.100", "0.000", "0.190", "1.90"]
+    assert len(table) == 4  # serve_app@32 recorded no CPU
+    assert report.cpu_table({"serve_app@32": cell(1_000.0)}) is None
+    rows = report.targets(results(echo=echo) | {"meta": {"plan": {"max_tokens": MAX_TOKENS}, "cpus": 2}})
+    measured = {name.strip(): value for name, value, _ in rows}
+    assert measured["context: CPU ms a request may use at 20% of plain"] == "1.00"  # 2 cores / 2,000 req/s
+    assert measured["context: CPU ms of Ray's handle hop alone @32"] == "0.67"
