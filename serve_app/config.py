@@ -64,6 +64,19 @@ def shown_url(url: str) -> str:
     return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
+CREDENTIAL_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+"""`${NAME}` in a node URL's user or password: that environment variable of the process that
+calls the node (the registrar replica, the withdraw command), so the password need not be in the
+config, which Ray Serve logs and shows whole."""
+
+
+def credential_variables(url: str) -> list[str]:
+    """The environment variables a node URL's user and password name (`CREDENTIAL_VARIABLE`)."""
+    scheme, separator, rest = url.partition("://")
+    userinfo = rest.rpartition("@")[0] if separator else ""
+    return CREDENTIAL_VARIABLE.findall(userinfo)
+
+
 BaseUrl = Annotated[str, AfterValidator(_http_base_url)]
 """An http(s) URL that paths are appended to: without its trailing slash."""
 
@@ -900,6 +913,14 @@ def config_warnings(config: AppConfig, environ: Mapping[str, str] | None = None)
             warnings.append(f"auth.api_keys holds {key.strip()!r}, which looks like an environment variable: nothing "
                             "expands it, so that text itself is the key; put keys in the ingress's "
                             f"${config.auth.api_keys_env} (auth.api_keys_env) instead")
+    if config.registration.enabled:
+        for url in config.registration.node_urls:
+            unset = [name for name in credential_variables(url) if not environ.get(name)]
+            if unset:
+                warnings.append(f"registration.node_urls: {shown_url(url)}'s user or password names "
+                                f"{', '.join('$' + name for name in unset)}, unset or empty here: the registrar reads "
+                                "it from its replica's environment (set it where Ray starts), and until then "
+                                "every registration with that node fails")
     if config.registration.enabled and config.limits.request_timeout_s >= NODE_CHAT_TIMEOUT_S:
         warnings.append(f"registration is on and limits.request_timeout_s ({config.limits.request_timeout_s:g}) is not "
                         f"below the node's {NODE_CHAT_TIMEOUT_S:g} s wait for a chat: a slow answer ends as the node's "

@@ -25,7 +25,7 @@ import pytest
 from tests.conftest import wait_for
 from tests.fake_node import FakeNode
 from serve_app.catalog import LiveModel
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, config_warnings
 from serve_app.registration import REGISTER_PATH, UNREGISTER_PATH, Registrar, registrar_deployment, shown_url
 
 PROJECT = "TestProject"
@@ -134,6 +134,42 @@ async def test_a_nodes_user_and_password_go_as_basic_auth_and_are_shown_nowhere(
     assert "registering project" in caplog.text and "S3cret" not in caplog.text
     assert shown_url("http://u:pa/ss@127.0.0.1:7002") == "http://***@127.0.0.1:7002"  # no "/" ends the password
     assert shown_url("https://127.0.0.1:7002/ai") == "https://127.0.0.1:7002/ai"
+
+
+@pytest.mark.anyio
+async def test_a_nodes_credentials_can_come_from_the_environment(
+        node: FakeNode, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Serve writes an application's args whole into its controller's log and dashboard, so
+    a node URL's user and password may name environment variables of the registrar instead,
+    read at each call (any character, "/" and "@" included, needs no encoding there); one that
+    is unset fails the registration with that node, naming the variable, and the config check
+    says so before a start."""
+    monkeypatch.setattr(logging.getLogger("ray.serve"), "propagate", True)
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("NODE_USER", "node-user")
+    monkeypatch.setenv("NODE_PASSWORD", "S3/cr@t:x")
+    monkeypatch.delenv("NODE_MISSING", raising=False)
+    other = FakeNode().start()
+    try:
+        config = make_config([node.url.replace("//", "//${NODE_USER}:${NODE_PASSWORD}@"),
+                              other.url.replace("//", "//${NODE_USER}:${NODE_MISSING}@")])
+        warnings = config_warnings(config, {"NODE_USER": "u", "NODE_PASSWORD": "p"})
+        assert [w for w in warnings if "NODE_MISSING" in w] and not [w for w in warnings if "NODE_PASSWORD" in w]
+        registrar = started(config, FakeLive(config, "Llama3-8B"))
+        try:
+            await eventually(lambda: node.models_of(PROJECT) == [CHAT] and node_status(registrar, 1)["attempts"])
+            assert node.authorizations[0] == "Basic " + base64.b64encode(b"node-user:S3/cr@t:x").decode()
+            failing = node_status(registrar, 1)
+            assert failing["state"] != "registered" and "${NODE_MISSING}" in failing["last_error"]
+            assert other.models_of(PROJECT) is None and not other.authorizations
+            monkeypatch.setenv("NODE_MISSING", "late")  # read at each call: set, the next retry registers
+            await eventually(lambda: other.models_of(PROJECT) == [CHAT])
+            assert other.authorizations[-1] == "Basic " + base64.b64encode(b"node-user:late").decode()
+        finally:
+            await registrar.stop()
+    finally:
+        other.stop()
+    assert "S3/cr@t" not in caplog.text and "node-user" not in caplog.text
 
 
 @pytest.mark.anyio
