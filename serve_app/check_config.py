@@ -21,7 +21,7 @@ import yaml
 from pydantic import ValidationError
 
 from serve_app.config import (INGRESS_DEPLOYMENT, REGISTRAR_DEPLOYMENT, AppConfig, checkpoint_problem, config_warnings,
-                              deployment_names, shown_url)
+                              credential_variables, deployment_names, shown_url)
 
 BUILDER = "serve_app.app:build_app"
 
@@ -283,6 +283,13 @@ def check(path: Path) -> tuple[list[str], list[str]]:
             env_vars = ((app.get("runtime_env") or {}).get("env_vars") or {}) if isinstance(app.get("runtime_env"), dict) else {}
             environ = {**os.environ, **{str(key): str(value) for key, value in env_vars.items()}}  # the replicas'
             warnings += [f"application {name!r}: {warning}" for warning in config_warnings(args, environ)]
+            exposed = sorted({variable for node in args.registration.node_urls
+                              for variable in credential_variables(node)} & set(map(str, env_vars)))
+            if args.registration.enabled and exposed:
+                warnings.append(f"application {name!r}: the node URLs' credentials come from "
+                                f"{', '.join('$' + variable for variable in exposed)}, set in the application's "
+                                "runtime_env env_vars, which Ray Serve shows (dashboard, controller log) as it does "
+                                "the args: set it in the environment Ray starts in instead")
             warnings += [f"application {name!r}: {warning}" for warning in port_warnings(args, config.get("http_options"))]
             if args.registration.enabled:
                 for node in args.registration.node_urls:

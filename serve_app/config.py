@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
@@ -65,16 +65,38 @@ def shown_url(url: str) -> str:
 
 
 CREDENTIAL_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-"""`${NAME}` in a node URL's user or password: that environment variable of the process that
-calls the node (the registrar replica, the withdraw command), so the password need not be in the
+"""`${NAME}` in a node URL's user or password, as written (a literal `${` is written `%24{`): that
+environment variable of the process that calls the node (the registrar replica; the ingress
+replica as it withdraws an older config's registrations), so the password need not be in the
 config, which Ray Serve logs and shows whole."""
+
+
+def _userinfo_parts(url: str) -> tuple[str, str, str]:
+    """(scheme and "://", the user and password as written, the rest from the "@" on); the middle
+    part is empty for a URL without them. Up to the last "@", as `shown_url`."""
+    scheme, separator, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    return scheme + separator, userinfo if separator else "", at + host if separator else url
 
 
 def credential_variables(url: str) -> list[str]:
     """The environment variables a node URL's user and password name (`CREDENTIAL_VARIABLE`)."""
-    scheme, separator, rest = url.partition("://")
-    userinfo = rest.rpartition("@")[0] if separator else ""
-    return CREDENTIAL_VARIABLE.findall(userinfo)
+    return CREDENTIAL_VARIABLE.findall(_userinfo_parts(url)[1])
+
+
+def with_credentials(url: str, environ: Mapping[str, str]) -> str:
+    """`url` with each `${NAME}` in its user and password replaced by that variable of `environ`,
+    percent-encoded, so the node gets the value exactly as set; raises `LookupError` naming the
+    first variable that is unset or empty (never a value)."""
+    head, userinfo, rest = _userinfo_parts(url)
+
+    def value(match: re.Match[str]) -> str:
+        found = environ.get(match.group(1), "")
+        if not found:
+            raise LookupError(match.group(1))
+        return quote(found, safe="")
+
+    return head + CREDENTIAL_VARIABLE.sub(value, userinfo) + rest if userinfo else url
 
 
 BaseUrl = Annotated[str, AfterValidator(_http_base_url)]

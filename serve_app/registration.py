@@ -20,7 +20,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Literal, Sequence
@@ -33,7 +32,7 @@ from ray.serve import Application
 from ray.serve.schema import ApplicationStatus
 
 from serve_app.catalog import CatalogUnknown, LiveCatalog, LiveModel, served_routes
-from serve_app.config import CREDENTIAL_VARIABLE, REGISTRAR_DEPLOYMENT, AppConfig, shown_url
+from serve_app.config import REGISTRAR_DEPLOYMENT, AppConfig, shown_url, with_credentials
 from serve_app.periodic import every
 from serve_app import routes
 from serve_app.serve_logs import flush_serve_log, start_flushing
@@ -141,10 +140,14 @@ async def call_node(client: httpx.AsyncClient, url: str, path: str, body: BaseMo
                     limit: str = REGISTER_LIMIT) -> NodeReply:
     """POST one request to a node; raises `NodeError` unless it answers 200 with code 0.
     `limit` names the setting behind the client's timeout, for the error a timeout raises."""
-    target = httpx.URL(url + path)
+    try:
+        target = httpx.URL(with_credentials(url, os.environ) + path)
+    except LookupError as unset:
+        raise NodeError(f"the node URL's user or password names ${{{unset.args[0]}}}, which is unset or empty in "
+                        "this replica's environment (set it where Ray starts)") from None
     # A user and password in the node's URL go as Basic auth (as httpx would send them), and
     # the URL without them is what httpx's own request log shows.
-    auth = httpx.BasicAuth(_credential(target.username), _credential(target.password)) if target.userinfo else None
+    auth = httpx.BasicAuth(target.username, target.password) if target.userinfo else None
     try:
         # The whole call within the limit: httpx's timeout bounds each read, and a node that
         # trickles its answer a byte at a time would hold the call (a withdraw, a stop) for ever.
@@ -163,20 +166,6 @@ async def call_node(client: httpx.AsyncClient, url: str, path: str, body: BaseMo
         detail = f"code {reply.code}: {reply.message}" if reply else f"not a node reply: {response.text[:200]!r}"
         raise NodeError(f"HTTP {response.status_code}, {detail}")
     return reply
-
-
-def _credential(text: str) -> str:
-    """A node URL's user or password with each `${NAME}` replaced by that variable of this
-    process's environment (`CREDENTIAL_VARIABLE`); one that is unset or empty fails the call,
-    naming the variable (never a value)."""
-    def value(match: re.Match[str]) -> str:
-        found = os.environ.get(match.group(1), "")
-        if not found:
-            raise NodeError(f"the node URL's user or password names ${{{match.group(1)}}}, which is unset or empty "
-                            "in this process's environment (the registrar replica's: set it where Ray starts)")
-        return found
-
-    return CREDENTIAL_VARIABLE.sub(value, text)
 
 
 def node_identity(url: str) -> str:

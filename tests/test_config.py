@@ -749,6 +749,24 @@ def test_the_config_check_catches_what_would_misbehave_only_once_deployed(tmp_pa
         app["runtime_env"] = {"env_vars": {"SERVE_APP_API_KEYS": "secret"}}
     assert "API keys are required" in only_warning(keys_in_runtime_env)
 
+    def node_password_from(where: dict[str, str], in_runtime_env: bool):
+        def edit(c, app, args):
+            registered(c, app, args)
+            args["registration"]["node_urls"] = ["http://node:${QA_NODE_PASSWORD}@127.0.0.1:7002"]
+            if in_runtime_env:
+                app["runtime_env"] = {"env_vars": where}
+            elif where:
+                monkeypatch.setenv("QA_NODE_PASSWORD", where["QA_NODE_PASSWORD"])
+            else:
+                monkeypatch.delenv("QA_NODE_PASSWORD", raising=False)
+        return edit
+    for unset in ({}, {"QA_NODE_PASSWORD": ""}):
+        assert "names $QA_NODE_PASSWORD, unset or empty here" in only_warning(node_password_from(unset, False))
+    monkeypatch.delenv("QA_NODE_PASSWORD", raising=False)
+    assert check(node_password_from({"QA_NODE_PASSWORD": "s"}, False)) == ([], [])
+    assert "set in the application's runtime_env env_vars, which Ray Serve shows" in only_warning(
+        node_password_from({"QA_NODE_PASSWORD": "s"}, True))
+
     def two_registering(c, app, args):
         registered(c, app, args)
         second = copy.deepcopy(app)

@@ -25,7 +25,7 @@ import pytest
 from tests.conftest import wait_for
 from tests.fake_node import FakeNode
 from serve_app.catalog import LiveModel
-from serve_app.config import AppConfig, config_warnings
+from serve_app.config import AppConfig, config_warnings, with_credentials
 from serve_app.registration import REGISTER_PATH, UNREGISTER_PATH, Registrar, registrar_deployment, shown_url
 
 PROJECT = "TestProject"
@@ -148,12 +148,12 @@ async def test_a_nodes_credentials_can_come_from_the_environment(
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("NODE_USER", "node-user")
     monkeypatch.setenv("NODE_PASSWORD", "S3/cr@t:x")
-    monkeypatch.delenv("NODE_MISSING", raising=False)
+    monkeypatch.setenv("NODE_MISSING", "")  # empty counts as unset: a template's variable left blank
     other = FakeNode().start()
     try:
         config = make_config([node.url.replace("//", "//${NODE_USER}:${NODE_PASSWORD}@"),
                               other.url.replace("//", "//${NODE_USER}:${NODE_MISSING}@")])
-        warnings = config_warnings(config, {"NODE_USER": "u", "NODE_PASSWORD": "p"})
+        warnings = config_warnings(config, {"NODE_USER": "u", "NODE_PASSWORD": "p", "NODE_MISSING": ""})
         assert [w for w in warnings if "NODE_MISSING" in w] and not [w for w in warnings if "NODE_PASSWORD" in w]
         registrar = started(config, FakeLive(config, "Llama3-8B"))
         try:
@@ -170,6 +170,11 @@ async def test_a_nodes_credentials_can_come_from_the_environment(
     finally:
         other.stop()
     assert "S3/cr@t" not in caplog.text and "node-user" not in caplog.text
+    # Values go percent-encoded into the URL, so the node gets them as set; "${" written %24{ stays literal.
+    assert with_credentials("http://%24{LIT}:${P}@h:1/x@y", {"P": "a b/%@"}) == "http://%24{LIT}:a%20b%2F%25%40@h:1/x@y"
+    assert httpx.URL(with_credentials("http://%24{LIT}:${P}@h:1", {"P": "a b/%@"})).password == "a b/%@"
+    with pytest.raises(LookupError, match="^P$"):
+        with_credentials("http://u:${P}@h:1", {"P": ""})
 
 
 @pytest.mark.anyio
