@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from bench import report, scenarios, systems  # noqa: E402
-from bench.procs import PYTHON, QUIET_BELOW, Server, base_env, cpu_by_group, http_ok, wait_quiet  # noqa: E402
+from bench.procs import PYTHON, QUIET_BELOW, Server, base_env, http_ok, read_cpu, wait_quiet  # noqa: E402
 from bench.scenarios import Plan  # noqa: E402
 
 
@@ -220,10 +220,10 @@ def measure_ray_echo(ctx: systems.Context, plan: Plan, results: dict) -> None:
             for key, prefix in (("serve_app", ""), ("ray_minimal", systems.ECHO_PREFIX)):
                 cells = asyncio.run(scenarios.measure_echo(
                     server.base_url + prefix + "/v1/chat/completions", systems.ECHO_MODEL, plan, log,
-                    label=f"{key} echo", cpu=functools.partial(cpu_by_group, groups[key])))
+                    label=f"{key} echo", cpu=functools.partial(read_cpu, groups[key])))
                 results["echo"].update({f"{key}@{c}": cell for c, cell in cells.items()})
             floor = asyncio.run(scenarios.measure_handle_floor(server.base_url + systems.FLOOR_PREFIX, plan, log,
-                                                               functools.partial(cpu_by_group, groups["ray_handle"])))
+                                                               functools.partial(read_cpu, groups["ray_handle"])))
             results["echo"].update({f"ray_handle@{c}": cell for c, cell in floor.items()})
     finally:  # interrupted too, as measure_system
         _record_settled(results, "ray_echo", server, settings)
@@ -238,7 +238,7 @@ def measure_plain_echo(ctx: systems.Context, plan: Plan, results: dict) -> None:
         with running(server, lambda: http_ok(server.base_url + "/health"), 60):
             cells = asyncio.run(scenarios.measure_echo(server.base_url + "/v1/chat/completions",
                                                        systems.ECHO_MODEL, plan, log, label="plain echo",
-                                                       cpu=functools.partial(cpu_by_group, systems.PLAIN_ECHO_GROUPS)))
+                                                       cpu=functools.partial(read_cpu, systems.PLAIN_ECHO_GROUPS)))
         results["echo"].update({f"plain@{c}": cell for c, cell in cells.items()})
     finally:  # interrupted too, as measure_system
         _record_settled(results, "plain_echo", server, settings)

@@ -125,20 +125,23 @@ def start(name: str, argv: list[str], env: dict[str, str], port: int, log_dir: P
     return Server(name, proc, port, log_path, list(cleanup_marks or []), list(remove_dirs or []))
 
 
-def _cpu_times() -> tuple[int, int]:
+PROC = Path("/proc")
+
+
+def _cpu_times(proc: Path = PROC) -> tuple[int, int]:
     """(busy, total) jiffies of all cores, from /proc/stat: user, nice, system, irq and softirq
     are busy; idle and iowait are not; steal (other VMs' time) and guest (already in user) are
     left out, so a shared VM's steal does not read as this machine's load."""
     user, nice, system, idle, iowait, irq, softirq = (
-        int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8])
+        int(v) for v in (proc / "stat").read_text().split("\n", 1)[0].split()[1:8])
     busy = user + nice + system + irq + softirq
     return busy, busy + idle + iowait
 
 
-def processes() -> list[tuple[bytes, Path]]:
+def processes(proc: Path = PROC) -> list[tuple[bytes, Path]]:
     """(command line, /proc entry) of every process that can be read."""
     found = []
-    for entry in Path("/proc").iterdir():
+    for entry in proc.iterdir():
         if entry.name.isdigit():
             try:
                 found.append(((entry / "cmdline").read_bytes(), entry))
@@ -152,28 +155,48 @@ LOAD_GENERATOR = "load generator"
 OTHER = "other"
 
 
-def cpu_by_group(groups: dict[str, str]) -> dict[str, float]:
-    """CPU seconds used so far (user + system, every thread), summed by group: a process whose
-    command line contains a key of `groups` (the first that does) counts under its value, this
-    process (the load generator) under LOAD_GENERATOR; "all" is every core's busy time
-    (`_cpu_times`), so what no group names (Ray's other processes, the kernel's own work for the
-    loopback traffic, anything else running) is "all" less the groups, OTHER. Differences of two
-    readings say where the CPU went meanwhile."""
-    seconds = dict.fromkeys([*dict.fromkeys(groups.values()), LOAD_GENERATOR], 0.0)
-    me = os.getpid()
-    for cmd, entry in processes():
-        group = LOAD_GENERATOR if int(entry.name) == me else next(
-            (name for key, name in groups.items() if key.encode() in cmd), None)
-        if group is None:
-            continue
+@dataclass(frozen=True)
+class CpuReading:
+    """CPU seconds used so far: every core's busy time (`_cpu_times`), and each readable
+    process's (user + system, every thread) with the group its command line names, if any."""
+
+    busy_s: float
+    processes: dict[int, tuple[str | None, float]]
+    groups: tuple[str, ...]
+
+
+def read_cpu(groups: dict[str, str], proc: Path = PROC) -> CpuReading:
+    """A `CpuReading`: a process whose command line contains a key of `groups` (the first that
+    does) is in that key's group; this process (the load generator) is in LOAD_GENERATOR."""
+    me, found = os.getpid(), {}
+    for cmd, entry in processes(proc):
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()  # the name may hold ")"
+            seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+        except (OSError, IndexError, ValueError):
             continue  # gone meanwhile
-        seconds[group] += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
-    seconds["all"] = _cpu_times()[0] / CLOCK_TICKS
-    seconds[OTHER] = seconds["all"] - sum(v for k, v in seconds.items() if k != "all")
-    return seconds
+        pid = int(entry.name)
+        found[pid] = (LOAD_GENERATOR if pid == me else next(
+            (name for key, name in groups.items() if key.encode() in cmd), None), seconds)
+    return CpuReading(_cpu_times(proc)[0] / CLOCK_TICKS, found, (*dict.fromkeys(groups.values()), LOAD_GENERATOR))
+
+
+def cpu_by_group(before: CpuReading, after: CpuReading) -> dict[str, float]:
+    """CPU seconds each group used between two readings, counted over the processes present in
+    both (one that only one reading put in a group, as Ray retitles a replica while it runs a
+    call, is in that group); OTHER is the rest of the cores' busy time (processes in no group,
+    or started or ended meanwhile, and the kernel's own work, such as the loopback traffic), so
+    the groups add up to "all", the cores' busy time."""
+    used = dict.fromkeys(after.groups, 0.0)
+    for pid, (group, seconds) in after.processes.items():
+        if pid in before.processes:
+            earlier_group, earlier = before.processes[pid]
+            group = group or earlier_group
+            if group is not None:
+                used[group] = used.get(group, 0.0) + seconds - earlier
+    used["all"] = after.busy_s - before.busy_s
+    used[OTHER] = used["all"] - sum(v for k, v in used.items() if k != "all")
+    return used
 
 
 QUIET_BELOW = 0.25  # the share of the cores' time busy under which the machine counts as settled

@@ -102,7 +102,7 @@ def simple_table(title: str, rows: dict[str, dict[str, Any]], unit: str) -> str:
     return "\n".join(lines)
 
 
-CPU_GROUP_ORDER = ("server", "ingress", "caller", "model", "haproxy", "load generator", "other")
+CPU_GROUP_ORDER = ("server", "ingress", "caller", "model", "proxy", "load generator", "other")
 
 
 def cpu_table(rows: dict[str, dict[str, Any]]) -> str | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from bench.loadgen import BodyFactory, CellResult, Sample, image_count, one, post_once, run_cell, summarize
+from bench.procs import CpuReading, cpu_by_group
 
 MODES = ("json", "stream")
 TOPICS = ["a lighthouse", "the moon", "a red fox", "rain in the city", "an old clock", "a garden", "the sea",
@@ -107,15 +108,19 @@ async def measure_chat(url: str, model: str, prompts: list, plan: Plan, log,
                 await drain(url, model, prompts)
 
 
-CpuReading = Callable[[], dict[str, float]]
+CpuMeter = Callable[[], CpuReading]
 
 
-def cpu_use(before: dict[str, float], after: dict[str, float], requests: int, seconds: float) -> dict[str, Any]:
-    """Where the CPU went between two `procs.cpu_by_group` readings: milliseconds per request of
-    each group, and how many cores were busy on average."""
-    per_request = {group: round(1000 * (after[group] - before.get(group, 0.0)) / requests, 3)
-                   for group in after if group != "all"} if requests else {}
-    return {"cpu_ms_per_request": per_request, "cores_busy": round((after["all"] - before["all"]) / seconds, 2)}
+def cpu_use(before: CpuReading, after: CpuReading, requests: int, seconds: float) -> dict[str, Any]:
+    """Where the CPU went between two readings (`procs.cpu_by_group`): milliseconds per request
+    of each group, and how many cores were busy on average; nothing for a cell that answered no
+    request."""
+    if not requests:
+        return {}
+    used = cpu_by_group(before, after)
+    return {"cpu_ms_per_request": {group: round(1000 * value / requests, 3) for group, value in used.items()
+                                   if group != "all"},
+            "cores_busy": round(used["all"] / seconds, 2)}
 
 
 def _cpu_line(use: dict[str, Any]) -> str:
@@ -124,7 +129,7 @@ def _cpu_line(use: dict[str, Any]) -> str:
 
 
 async def measure_echo(url: str, model: str, plan: Plan, log, label: str = "echo",
-                       cpu: CpuReading | None = None) -> dict[str, dict]:
+                       cpu: CpuMeter | None = None) -> dict[str, dict]:
     """Requests/s and latency of the echo route at each connection count ({conc: CellResult dict}),
     and with `cpu`, where the CPU went during each cell (`cpu_use`)."""
     body = {"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
@@ -137,9 +142,9 @@ async def measure_echo(url: str, model: str, plan: Plan, log, label: str = "echo
         out[str(conc)] = cell.as_dict()
         log(f"    {label} c={conc:<3} {cell.req_per_s:8.1f} req/s  p50 {cell.latency_p50_ms} ms  "
             f"p99 {cell.latency_p99_ms} ms  err {cell.errors} cut {cell.cut}")
-        if before is not None:
-            out[str(conc)] |= cpu_use(before, cpu(), cell.ok, time.monotonic() - began)
-            log(_cpu_line(out[str(conc)]))
+        if before is not None and (use := cpu_use(before, cpu(), cell.ok, time.monotonic() - began)):
+            out[str(conc)] |= use
+            log(_cpu_line(use))
     return out
 
 
@@ -159,7 +164,7 @@ async def measure_images(url: str, model: str, plan: Plan, log) -> dict:
     return cell.as_dict()
 
 
-async def measure_handle_floor(base_url: str, plan: Plan, log, cpu: CpuReading | None = None) -> dict[str, dict]:
+async def measure_handle_floor(base_url: str, plan: Plan, log, cpu: CpuMeter | None = None) -> dict[str, dict]:
     """Ray's floor for the model hop alone (bench/echo_app.py's caller loop), at each echo connection count,
     summarised like the echo cells so the same table prints it (and with `cpu`, where the CPU went, per call)."""
     import aiohttp
@@ -181,7 +186,7 @@ async def measure_handle_floor(base_url: str, plan: Plan, log, cpu: CpuReading |
         out[str(conc)] = cell.as_dict()
         log(f"    handle floor c={conc:<3} {cell.req_per_s:8.1f} calls/s  p50 {cell.latency_p50_ms} ms  "
             f"p99 {cell.latency_p99_ms} ms")
-        if before is not None:
-            out[str(conc)] |= cpu_use(before, cpu(), len(calls), time.monotonic() - began)
-            log(_cpu_line(out[str(conc)]))
+        if before is not None and (use := cpu_use(before, cpu(), len(calls), time.monotonic() - began)):
+            out[str(conc)] |= use
+            log(_cpu_line(use))
     return out

@@ -70,7 +70,8 @@ def effective_batching(entry: dict[str, Any]) -> dict[str, Any]:
 ECHO_ENTRY = {"name": ECHO_MODEL, "kind": "chat", "engine": "echo", "path": "echo",
               "deployment": {"num_cpus": 0.1, "max_ongoing_requests": 512}}
 MINIMAL_APP, FLOOR_APP = "bench_echo", "bench_floor"
-HAPROXY_GROUPS = {"/haproxy\0": "haproxy", "HAProxyManager": "haproxy"}  # the binary, and Ray's actor managing it
+# What takes the connections: HAProxy (its binary, and Ray's actor managing it), or without it Serve's proxy.
+PROXY_GROUPS = {"/haproxy\0": "proxy", "HAProxyManager": "proxy", "ProxyActor": "proxy"}
 
 
 def serve_config(ctx: Context, port: int, image_dir: Path, *, batching: bool, echo: bool) -> tuple[dict, list[str]]:
@@ -118,7 +119,10 @@ def echo_cpu_groups(config: dict[str, Any]) -> dict[str, dict[str, str]]:
     from serve_app.config import INGRESS_DEPLOYMENT, ChatModelConfig
 
     def replicas(app: str, ingress: str, model: str, front: str = "ingress") -> dict[str, str]:
-        return {f"ServeReplica:{app}:{ingress}\0": front, f"ServeReplica:{app}:{model}\0": "model"} | HAPROXY_GROUPS
+        # A replica's title is ray::ServeReplica:<app>:<deployment>, and <deployment>.<method> while it
+        # runs an actor call (a health check, say); the keys end there, so no longer name matches.
+        return {f"ServeReplica:{app}:{deployment}{end}": group for deployment, group in ((ingress, front), (model, "model"))
+                for end in ("\0", ".")} | PROXY_GROUPS
 
     serve_app = config["applications"][0]["name"]
     return {"serve_app": replicas(serve_app, INGRESS_DEPLOYMENT, ChatModelConfig.model_validate(ECHO_ENTRY).deployment_name),
