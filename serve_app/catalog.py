@@ -254,11 +254,6 @@ class LiveCatalog:
                                "operator has to fix and redeploy it.")
         return None
 
-    def known_running(self, name: str) -> bool:
-        """Whether the model had a running replica by the last known state (never waits)."""
-        self._refresh_if_stale()
-        return any(m.config.name == name and not m.scaled_to_zero for m in self._live)
-
     async def is_running(self, name: str) -> bool:
         """Whether the model has a running replica now (not scaled to zero, not starting)."""
         return any(m.config.name == name and not m.scaled_to_zero for m in await self.live_models())

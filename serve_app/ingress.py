@@ -89,23 +89,35 @@ UNAVAILABLE_POLL_S = 1.0
 
 
 async def unless_unavailable(catalog: LiveCatalog, name: str, answer: Awaitable[T]) -> T:
-    """`answer`, awaited while the model starts; its failure to start (or its removal), once the
-    catalog learns of it (`LiveCatalog.unavailable`), ends the wait with that error instead of
-    `request_timeout_s` later. The abandoned wait's own end (Serve raises its cancellation
-    error into it) is collected, so asyncio logs no unretrieved exception."""
-    answering = asyncio.ensure_future(answer)
+    """`answer`, awaited until the catalog learns that no request to the model can be answered
+    (`LiveCatalog.unavailable`: it failed to start, or a redeploy removed it while this replica
+    of the config before still takes requests), then that error instead of a wait for a replica
+    that never comes, until `request_timeout_s`. Checked every `UNAVAILABLE_POLL_S` by one timer,
+    which cancels the wait (the model call with it) to end it: no task per request."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None
+    gone: list[APIError] = []
+
+    def check() -> None:
+        nonlocal timer
+        unavailable = catalog.unavailable(name)
+        if unavailable is None:
+            timer = loop.call_later(UNAVAILABLE_POLL_S, check)
+        else:
+            gone.append(unavailable)
+            task.cancel()
+
+    timer = loop.call_later(UNAVAILABLE_POLL_S, check)
     try:
-        while True:
-            done, _ = await asyncio.wait({answering}, timeout=UNAVAILABLE_POLL_S)
-            if done:
-                return answering.result()
-            unavailable = catalog.unavailable(name)
-            if unavailable is not None:
-                raise unavailable
+        return await answer
+    except BaseException:  # the model call may turn the cancellation into an error of its own
+        if gone and task.uncancel() == 0:  # this cancel alone: not a client that left meanwhile
+            raise gone[0] from None
+        raise
     finally:
-        if not answering.done():
-            answering.cancel()
-            answering.add_done_callback(lambda task: task.cancelled() or task.exception())
+        timer.cancel()
+
+
 ERRORS = error_schema()
 HEALTHY = Health()
 
@@ -414,10 +426,9 @@ class Ingress:
         if unavailable is not None:
             cancel()
             raise unavailable
-        if not self.catalog.known_running(target.config.name):  # starting (or waking): it may fail meanwhile
-            answer = unless_unavailable(self.catalog, target.config.name, answer)
         try:
-            answered = await within(self.config.limits.request_timeout_s, answer)
+            answered = await within(self.config.limits.request_timeout_s,
+                                    unless_unavailable(self.catalog, target.config.name, answer))
         except APIError:
             cancel()
             raise

@@ -385,7 +385,7 @@ def test_a_request_waiting_for_a_starting_model_ends_once_it_fails_to_start(capl
 
     async def request() -> float:
         await catalog.live_models()
-        assert not catalog.known_running(chat.name) and catalog.unavailable(chat.name) is None
+        assert not await catalog.is_running(chat.name) and catalog.unavailable(chat.name) is None
         asyncio.get_running_loop().call_later(0.3, states.append, failed)
         started = time.monotonic()
         with pytest.raises(ModelFailed):
@@ -398,6 +398,57 @@ def test_a_request_waiting_for_a_starting_model_ends_once_it_fails_to_start(capl
         took = asyncio.run(request())
         gc.collect()
     assert took < 0.3 + 2 * UNAVAILABLE_POLL_S and cancelled == [True]
+    assert "never retrieved" not in caplog.text
+
+
+def test_a_request_waiting_on_a_running_model_ends_once_a_redeploy_removes_it(caplog):
+    """The model is running when the request comes, so the ingress's catalog has no reason to
+    doubt it; a redeploy then drops it, and this replica, of the config before, is left holding a
+    request no replica will take (from live QA: each hung until the client gave up). Once the
+    catalog sees the model gone, the request is a 404 `model_not_found`, the model call is
+    cancelled, and a request whose client leaves meanwhile is still a cancellation."""
+    import time
+
+    from serve_app.errors import NotFound
+    from serve_app.ingress import UNAVAILABLE_POLL_S
+
+    config = AppConfig.model_validate({**default_args(), "catalog_ttl_s": 0.05})
+    chat, image = config.models
+    running = (DeploymentStatus.HEALTHY, {ReplicaState.RUNNING: 1})
+    states = [_status("app", {"ingress": running, chat.deployment_name: running, image.deployment_name: running})]
+    removed = _status("app", {"ingress": running, image.deployment_name: running})
+    catalog = LiveCatalog(config, "app", status=lambda: states[-1])
+    ingress = SimpleNamespace(config=config, catalog=catalog)
+    cancelled, model_calls_ended = [], []
+
+    async def model_call() -> None:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            model_calls_ended.append(True)
+
+    async def request() -> None:
+        await Ingress.func_or_class._within_timeout(ingress, SimpleNamespace(config=chat), model_call(),
+                                                    lambda: cancelled.append(True))
+
+    async def scenario() -> float:
+        assert await catalog.is_running(chat.name) and catalog.unavailable(chat.name) is None
+        left = asyncio.create_task(request())  # a client that leaves before the model is removed
+        await asyncio.sleep(0.1)
+        left.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await left
+        asyncio.get_running_loop().call_later(0.3, states.append, removed)
+        started = time.monotonic()
+        with pytest.raises(NotFound) as raised:
+            await request()
+        assert raised.value.code == "model_not_found"
+        return time.monotonic() - started
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        took = asyncio.run(scenario())
+    assert 0.3 <= took < 0.3 + 2 * UNAVAILABLE_POLL_S
+    assert cancelled == [True, True] and model_calls_ended == [True, True]
     assert "never retrieved" not in caplog.text
 
 
