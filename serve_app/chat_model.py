@@ -21,6 +21,7 @@ import inspect
 import logging
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 import jinja2
@@ -37,7 +38,7 @@ from serve_app.model_replica import ModelReplica, raise_to_caller
 from serve_app.placement import spread_devices, weights_device_map
 from serve_app.reasoning import prompt_opening
 from serve_app.sampling import SamplingDefaults, make_rows
-from serve_app.structured_output import GrammarCompiler
+from serve_app.structured_output import GrammarCompiler, grammar_executor
 from serve_app.token_bytes import TokenBytes
 
 logger = logging.getLogger("ray.serve")
@@ -86,6 +87,7 @@ class ChatModel(ModelReplica):
         self.vocabulary = getattr(head, "out_features", None) or self.model.config.get_text_config().vocab_size
         self.token_bytes = TokenBytes(self.tokenizer)
         self.grammars = GrammarCompiler(self.tokenizer, self.vocabulary, self.eos_ids, config.reasoning_parser)
+        self._grammar_thread: ThreadPoolExecutor | None = None  # started by the first constrained request
         self._batch = self._new_batch()
         self.context_length = self._batch.context_length
         self._cache_merges = True  # until a prefill shows this model's cache cannot take newcomers
@@ -292,7 +294,11 @@ class ChatModel(ModelReplica):
         arrived = time.monotonic()
         if job.grammar is not None and not self.grammars.ready:  # the first constrained request: about a second
             await asyncio.to_thread(self.grammars.prepare, job.grammar_param)
-        if prompt_chars(job.messages, job.tools, job.template_kwargs) + len(job.grammar or "") > INLINE_PROMPT_CHARS:
+        if job.grammar is not None:  # its compile may take seconds: on the replica's one grammar thread
+            if self._grammar_thread is None:
+                self._grammar_thread = grammar_executor()
+            slot = await asyncio.get_running_loop().run_in_executor(self._grammar_thread, self._slot, job)
+        elif prompt_chars(job.messages, job.tools, job.template_kwargs) > INLINE_PROMPT_CHARS:
             slot = await asyncio.to_thread(self._slot, job)
         else:
             slot = self._slot(job)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -249,6 +250,29 @@ def _matcher_error(matcher: llguidance.LLMatcher) -> str:
     words = " ".join(matcher.get_error().split("<state>", 1)[0].split())[:400]
     return ("no JSON value can follow it (a $ref to itself with nothing else, say)"
             if words == "NoExtensionBias" else words)
+
+
+GRAMMAR_STACK_BYTES = 256 << 20
+"""The stack of the thread that compiles grammars: llguidance's compiler recurses once per
+nesting level, and a 50 KB JSON schema chaining 1,000 `$ref`s overflowed a thread's default
+8 MiB (a segfault: the replica's process died with every request in it). 256 MiB compiled
+twice the deepest that `limits.max_grammar_chars` lets through. Linux reserves it, and
+commits only the pages the recursion touches."""
+
+
+def grammar_executor() -> ThreadPoolExecutor:
+    """One thread, with a `GRAMMAR_STACK_BYTES` stack, on which a replica compiles its requests'
+    grammars one after another: never on the event loop (a costly regex takes seconds, every
+    stream held meanwhile), and never on more than one core at once (llguidance lets go of the
+    GIL, but a thread cannot be stopped: a burst of costly grammars from clients that left
+    would otherwise take every core). A queued compile whose request is cancelled never runs."""
+    previous = threading.stack_size(GRAMMAR_STACK_BYTES)  # for threads started from now on:
+    try:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar compiler")
+        executor.submit(lambda: None).result()  # this one, started now
+    finally:
+        threading.stack_size(previous)
+    return executor
 
 
 class GrammarCompiler:

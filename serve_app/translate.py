@@ -36,7 +36,7 @@ from serve_app.protocol import (
 )
 from serve_app.protocol import TokenLogprob as WireTokenLogprob
 from serve_app.reasoning import Opening, ReasoningFormat, ReasoningReader, Split
-from serve_app.structured_output import json_grammar, text_grammar
+from serve_app.structured_output import is_schema, json_grammar, text_grammar
 from serve_app.harmony import HarmonyReader
 from serve_app.tool_calls import (CALL_IDS, KEEPS_SPECIAL_TOKENS, TYPED_BY_SCHEMA, CallPiece, ForcedCallReader,
                                   ToolCallFormat, ToolCallReader, tool_call_reader)
@@ -193,7 +193,7 @@ def chat_job(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
         tools=tools,
         template_kwargs=template_kwargs,
         skip_special_tokens=not AnswerFormat.of(request, config).keeps_special_tokens,
-        grammar=_grammar(request, config),
+        grammar=_grammar(request, config, limits),
         grammar_param=grammar_param(request),
     )
 
@@ -210,20 +210,54 @@ def _min_tokens(request: ChatCompletionRequest, requested: int | None, max_token
     return wanted
 
 
-def _grammar(request: ChatCompletionRequest, config: ChatModelConfig) -> str | None:
-    """The grammar the answer follows (`_answer_grammar`). gpt-oss's answer follows one in its
-    final channel, but it calls tools in its commentary channel, which the grammar does not
-    wait for: a forced call is a 400 for it."""
+def _grammar(request: ChatCompletionRequest, config: ChatModelConfig, limits: RequestLimits) -> str | None:
+    """The grammar the answer follows (`_answer_grammar`), within `limits.max_grammar_chars` (a
+    compiler that recursed through a deeper one crashed the model's replica). gpt-oss's answer
+    follows one in its final channel, but it calls tools in its commentary channel, which the
+    grammar does not wait for: a forced call is a 400 for it."""
     if config.reasoning_parser == "openai_gptoss" and request.forced_tool_call is not None:
         param = "tool_choice" if request.tool_choice is not None else "function_call"
         raise InvalidRequest(f"This model answers in gpt-oss's harmony format, whose calls this server cannot yet "
                              f"force: {param} may be auto or none for it.", param=param)
-    return _answer_grammar(request, config)
+    grammar = _answer_grammar(request, config, limits.max_regex_chars)
+    if grammar is not None and len(grammar) > limits.max_grammar_chars:
+        param = grammar_param(request)
+        what = "schema" if is_schema(param) else "grammar"
+        raise InvalidRequest(f"{param}'s {what} is too large: the grammar it makes is {len(grammar)} characters, "
+                             f"more than this server's {limits.max_grammar_chars}.", param=param)
+    return grammar
 
 
-def _answer_grammar(request: ChatCompletionRequest, config: ChatModelConfig) -> str | None:
+def _regexes_within(value: Any, limit: int, param: str, kind: str = "regex") -> None:
+    """Every regular expression a request writes within `limit` characters (see
+    `RequestLimits.max_regex_chars`): the value itself for a regex or a Lark grammar, and for a
+    JSON schema each `pattern` and `patternProperties` key, at any depth."""
+    if kind in ("regex", "grammar"):
+        found = [value] if isinstance(value, str) else []
+    else:
+        found, pending = [], [value]
+        while pending:
+            node = pending.pop()
+            if isinstance(node, dict):
+                if isinstance(node.get("pattern"), str):
+                    found.append(node["pattern"])
+                if isinstance(node.get("patternProperties"), dict):
+                    found += [key for key in node["patternProperties"] if isinstance(key, str)]
+                pending += node.values()
+            elif isinstance(node, list):
+                pending += node
+    longest = max(found, key=len, default="")
+    if len(longest) > limit:
+        what = "grammar" if kind == "grammar" else "regular expression"
+        raise InvalidRequest(f"{param} holds a {what} of {len(longest)} characters, more than this server's "
+                             f"{limit}: compiling one takes time that grows with the square of its length.",
+                             param=param)
+
+
+def _answer_grammar(request: ChatCompletionRequest, config: ChatModelConfig, max_regex_chars: int) -> str | None:
     """The grammar the answer follows: a forced tool call's, a `json_object` or `json_schema`
-    answer's, or what vLLM's `structured_outputs` (`guided_*`) asks; None for text."""
+    answer's, or what vLLM's `structured_outputs` (`guided_*`) asks; None for text. Each regular
+    expression in it within `max_regex_chars` (`_regexes_within`)."""
     forced, wanted, constraint = request.forced_tool_call, request.response_format, request.constraint
     json_wanted = wanted is not None and wanted.type != "text"
     if constraint is not None and (forced is not None or json_wanted):
@@ -234,16 +268,20 @@ def _answer_grammar(request: ChatCompletionRequest, config: ChatModelConfig) -> 
         if json_wanted:
             raise InvalidRequest("A tool_choice that forces a call makes the answer that call's JSON: give it or a "
                                  "JSON response_format, not both.", param="response_format")
-        return json_grammar(_forced_call_schema(forced, single=request.parallel_tool_calls is False),
-                            config.json_any_whitespace, param="tools")
+        schema = _forced_call_schema(forced, single=request.parallel_tool_calls is False)
+        _regexes_within(schema, max_regex_chars, "tools", kind="json")
+        return json_grammar(schema, config.json_any_whitespace, param="tools")
     if constraint is not None:
         kind, value, param = constraint
         if kind != "json":
+            _regexes_within(value, max_regex_chars, param, kind)
             return text_grammar(kind, value, param)
         schema = _loads_schema(value, param) if isinstance(value, str) else value
+        _regexes_within(schema, max_regex_chars, param, kind="json")
         return json_grammar(schema, config.json_any_whitespace, param=param)
     if not json_wanted:
         return None
+    _regexes_within(wanted.schema, max_regex_chars, "response_format", kind="json")
     return json_grammar(wanted.schema, config.json_any_whitespace)
 
 

@@ -1143,3 +1143,65 @@ def test_a_model_folder_missing_on_the_node_is_said_as_such(tmp_path, kind):
     config = (ChatModelConfig if kind == "chat" else ImageModelConfig).model_validate(fields)
     with pytest.raises(FileNotFoundError, match=r"model 'm': its path /\S+/no-such-folder does not exist on this node"):
         (ChatModel if kind == "chat" else ImageModel).func_or_class(config)
+
+
+def _ref_chain(depth: int) -> dict:
+    """A JSON schema whose grammar recurses `depth` levels: each $def's one property the next."""
+    defs = {str(i): {"properties": {"a": {"$ref": f"#/$defs/{i + 1}"}}} for i in range(depth)}
+    return {"$ref": "#/$defs/0", "$defs": {**defs, str(depth): {"type": "string"}}}
+
+
+def test_costly_or_deep_grammars_are_refused_before_any_model_work(replica):
+    """From a security review: a 20 KB regex took 10 s to compile (on the replica's event loop,
+    every stream held), and a 50 KB schema chaining 1,000 $refs crashed the replica's process
+    (the compiler's recursion overflowed its thread's stack). Each regular expression a request
+    writes is within `limits.max_regex_chars` (a regex, a Lark grammar, a schema's patterns) and
+    the grammar as compiled within `limits.max_grammar_chars`, refused at the ingress (400s
+    naming the field), before any model work."""
+    limits = RequestLimits()
+
+    def refused(**fields) -> InvalidRequest:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+        with pytest.raises(InvalidRequest) as raised:
+            chat_job(ChatCompletionRequest.model_validate(body), replica.config, limits)
+        return raised.value
+
+    long_regex = ".?" * (limits.max_regex_chars // 2 + 1)
+    assert refused(structured_outputs={"regex": long_regex}).param == "structured_outputs.regex"
+    assert refused(guided_grammar='start: "a"\n' + "// x\n" * limits.max_regex_chars).param == "guided_grammar"
+    deep_pattern = {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "string",
+                                                                                      "pattern": long_regex}}}}
+    error = refused(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": deep_pattern}})
+    assert error.param == "response_format" and "regular expression of 4098 characters" in error.message
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "patternProperties": {long_regex: {"type": "string"}}}}}
+    assert refused(tools=[tool], tool_choice="required").param == "tools"
+    too_deep = refused(structured_outputs={"json": _ref_chain(1320)})
+    assert too_deep.param == "structured_outputs.json" and "grammar it makes is" in too_deep.message
+    # Within the limits, the same shapes pass.
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "structured_outputs": {"regex": "[a-c]{2}"}}
+    assert chat_job(ChatCompletionRequest.model_validate(body), replica.config, limits).grammar is not None
+
+
+def test_grammars_compile_on_the_replicas_grammar_thread_and_the_deepest_allowed_does(replica, monkeypatch):
+    """A request's grammar is compiled on the replica's one grammar thread (never on its event
+    loop), whose stack takes the deepest schema `limits.max_grammar_chars` lets through: on a
+    thread's default 8 MiB, llguidance's recursion through it killed the process."""
+    import threading
+
+    compiled_on: list[str] = []
+    compile_grammars = replica.grammars.grammars
+
+    def recording(*args, **kwargs):
+        compiled_on.append(threading.current_thread().name)
+        return compile_grammars(*args, **kwargs)
+
+    monkeypatch.setattr(replica.grammars, "grammars", recording)
+    limits = RequestLimits()
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "structured_outputs": {"json": _ref_chain(1290)}}
+    job = chat_job(ChatCompletionRequest.model_validate(body), replica.config, limits)
+    assert limits.max_grammar_chars * 0.9 < len(job.grammar) <= limits.max_grammar_chars
+    result = asyncio.run(replica.generate(job))
+    assert isinstance(result, ChatResult)
+    assert compiled_on and all(name.startswith("grammar compiler") for name in compiled_on)
