@@ -32,7 +32,7 @@ from ray.serve.context import _get_global_client
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ApplicationStatus, DeploymentStatus, ReplicaState
 
-from serve_app.config import INGRESS_DEPLOYMENT, AppConfig, ChatModelConfig, ImageModelConfig
+from serve_app.config import INGRESS_DEPLOYMENT, AppConfig, ChatModelConfig, ImageModelConfig, model_deployment_name
 from serve_app.errors import APIError, InvalidRequest, ModelFailed, model_not_found
 from serve_app import routes
 
@@ -136,6 +136,7 @@ class LiveCatalog:
         self._live: list[LiveModel] = []
         self._failed: frozenset[str] = frozenset()
         self._removed: frozenset[str] = frozenset()
+        self._deployments: frozenset[str] = frozenset()  # the application's, as Serve last said
         self._fetched_at = float("-inf")
         self._refreshing: asyncio.Task | None = None
         self._read_once = False  # a read of Serve's state has succeeded: `_live` is known, not a start value
@@ -189,6 +190,7 @@ class LiveCatalog:
                 self._live = self._from_status(status)
                 self._failed = self._failed_from(status)
                 self._removed = self._removed_from(status)
+                self._deployments = frozenset(app.deployments) if app is not None else frozenset()
         self._fetched_at = time.monotonic()  # after a failure too: ask an absent controller once per TTL
 
     def _from_status(self, status: ServeState) -> list[LiveModel]:
@@ -230,6 +232,13 @@ class LiveCatalog:
         if app is None or not app.deployments:
             return frozenset()
         return frozenset(model.name for model in self.config.models if model.deployment_name not in app.deployments)
+
+    def being_added(self, name: str) -> bool:
+        """Whether a redeploy is adding a model this replica's config does not have: the
+        application has its deployment, and this replica, of the config before, still takes
+        requests while the new config's ingress starts (by the last known state)."""
+        self._refresh_if_stale()
+        return model_deployment_name(name) in self._deployments and all(m.name != name for m in self.config.models)
 
     def was_removed(self, name: str) -> bool:
         """Whether a redeploy removed the model (see `_removed_from`), by the last known state."""

@@ -99,6 +99,11 @@ def with_credentials(url: str, environ: Mapping[str, str]) -> str:
     return head + CREDENTIAL_VARIABLE.sub(value, userinfo) + rest if userinfo else url
 
 
+def model_deployment_name(name: str) -> str:
+    """The Ray deployment of the model called `name`: the name with unsafe characters replaced."""
+    return "model_" + re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
 BaseUrl = Annotated[str, AfterValidator(_http_base_url)]
 """An http(s) URL that paths are appended to: without its trailing slash."""
 
@@ -342,7 +347,7 @@ class BaseModelConfig(StrictModel):
     @property
     def deployment_name(self) -> str:
         """Ray deployment name: the public name with unsafe characters replaced."""
-        return "model_" + re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)
+        return model_deployment_name(self.name)
 
 
 class ChatModelConfig(BaseModelConfig):

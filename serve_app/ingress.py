@@ -34,6 +34,7 @@ from serve_app.errors import (
     ClientClosedRequest,
     GatewayTimeout,
     InvalidRequest,
+    NotFound,
     Overloaded,
     json_not_parsed,
     json_too_deep,
@@ -401,7 +402,13 @@ class Ingress:
         answer names it), noted for the
         access log; with `log_prompts`, the line quotes the prompt (a chat's last message),
         JSON-escaped so it stays one line, cut at `PROMPT_LOG_CHARS`."""
-        target = self.router.resolve(body.model, route)
+        try:
+            target = self.router.resolve(body.model, route)
+        except NotFound:
+            if body.model and self.catalog.being_added(body.model):  # clients retry a 503, not a 404
+                raise Overloaded(f"The model {body.model!r} is being added by a redeploy; retry shortly.",
+                                 code="model_starting", headers={"Retry-After": "10"}) from None
+            raise
         body.model = target.config.name
         note(model=body.model)
         if self.config.log_prompts:

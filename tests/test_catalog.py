@@ -452,6 +452,39 @@ def test_a_request_waiting_on_a_running_model_ends_once_a_redeploy_removes_it(ca
     assert "never retrieved" not in caplog.text
 
 
+def test_a_model_a_redeploy_adds_is_a_retryable_503_from_the_outgoing_ingress():
+    """A redeploy adds a model; until the new config's ingress takes the requests (14-16 s in
+    operator QA), this replica, of the config before, gets requests for it: a 503
+    `model_starting` with Retry-After, which clients retry, not a 404, which they do not. A name
+    the application has no deployment for is still a 404."""
+    from serve_app.errors import NotFound, Overloaded
+    from serve_app.catalog import ModelRouter
+
+    config = AppConfig.model_validate(default_args())
+    chat, image = config.models
+    running = (DeploymentStatus.HEALTHY, {ReplicaState.RUNNING: 1})
+    status = _status("app", {"ingress": running, chat.deployment_name: running, image.deployment_name: running,
+                             "model_Llama-B": (DeploymentStatus.UPDATING, {ReplicaState.STARTING: 1})})
+    catalog = LiveCatalog(config, "app", status=lambda: status)
+    asyncio.run(catalog.live_models())
+    assert catalog.being_added("Llama-B") and not catalog.being_added(chat.name)
+    assert not catalog.being_added("Llama-C")
+    handle = SimpleNamespace(options=lambda **kwargs: None)
+    ingress = SimpleNamespace(config=config, catalog=catalog,
+                              router=ModelRouter(config, {model.name: handle for model in config.models}))
+
+    def target(name: str):
+        body = SimpleNamespace(model=name)
+        return Ingress.func_or_class._target(ingress, body, "/v1/chat/completions", lambda: "")
+
+    with pytest.raises(Overloaded) as starting:
+        target("Llama-B")
+    assert starting.value.code == "model_starting" and starting.value.headers == {"Retry-After": "10"}
+    with pytest.raises(NotFound):
+        target("Llama-C")
+    assert target(chat.name).config is chat
+
+
 def test_ready_is_503_naming_the_models_without_a_live_replica():
     """`/ready` (a load balancer's readiness probe) as the ingress answers it, on Serve's
     status with the image model still starting, then with both running."""
