@@ -256,6 +256,12 @@ def test_data_urls_are_read_as_browsers_read_them() -> None:
     expect(InvalidRequest, 400, "invalid_image", lambda: fetch("data:image/png,notanimage"))
     for lone_surrogate in ("data:image/png,\ud800", "data:image/png;base64,%41\ud800", "data:image/png;base64,\ud800"):
         expect(InvalidRequest, 400, "invalid_image_url", lambda: fetch(lone_surrogate))
+    # Decoding escapes holds the GIL per escape (from a security review): past MAX_PERCENT_ESCAPES none are.
+    from serve_app.image_input import MAX_PERCENT_ESCAPES
+
+    escaped = "data:image/png;base64," + "%41" * (MAX_PERCENT_ESCAPES + 4)
+    error = expect(InvalidRequest, 400, "invalid_image_url", lambda: fetch(escaped))
+    assert "base64-encoded" in error.message
 
 
 # ------------------------------------------------------------- hostile URLs, allowed host
