@@ -238,7 +238,8 @@ class LiveCatalog:
         application has its deployment, and this replica, of the config before, still takes
         requests while the new config's ingress starts (by the last known state)."""
         self._refresh_if_stale()
-        return model_deployment_name(name) in self._deployments and all(m.name != name for m in self.config.models)
+        deployment = model_deployment_name(name)  # two names can share one ('a b' and 'a_b'): not a new model
+        return deployment in self._deployments and all(m.deployment_name != deployment for m in self.config.models)
 
     def was_removed(self, name: str) -> bool:
         """Whether a redeploy removed the model (see `_removed_from`), by the last known state."""

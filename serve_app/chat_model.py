@@ -21,7 +21,6 @@ import inspect
 import logging
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 import jinja2
@@ -87,7 +86,8 @@ class ChatModel(ModelReplica):
         self.vocabulary = getattr(head, "out_features", None) or self.model.config.get_text_config().vocab_size
         self.token_bytes = TokenBytes(self.tokenizer)
         self.grammars = GrammarCompiler(self.tokenizer, self.vocabulary, self.eos_ids, config.reasoning_parser)
-        self._grammar_thread: ThreadPoolExecutor | None = None  # started by the first constrained request
+        # Started here, not by the first constrained request: its stack size is set process-wide while it starts.
+        self._grammar_thread = grammar_executor()
         self._batch = self._new_batch()
         self.context_length = self._batch.context_length
         self._cache_merges = True  # until a prefill shows this model's cache cannot take newcomers
@@ -295,8 +295,6 @@ class ChatModel(ModelReplica):
         if job.grammar is not None and not self.grammars.ready:  # the first constrained request: about a second
             await asyncio.to_thread(self.grammars.prepare, job.grammar_param)
         if job.grammar is not None:  # its compile may take seconds: on the replica's one grammar thread
-            if self._grammar_thread is None:
-                self._grammar_thread = grammar_executor()
             slot = await asyncio.get_running_loop().run_in_executor(self._grammar_thread, self._slot, job)
         elif prompt_chars(job.messages, job.tools, job.template_kwargs) > INLINE_PROMPT_CHARS:
             slot = await asyncio.to_thread(self._slot, job)

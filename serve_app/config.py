@@ -681,9 +681,9 @@ class RequestLimits(StrictModel):
     max_prompt_chars_image: int = Field(4_000, ge=1, description="Most characters in an image prompt (and in its negative prompt).")
     max_regex_chars: int = Field(
         4_096, ge=1, description="Longest regular expression a chat request may constrain its answer with: a "
-        "regex (structured_outputs, guided_regex), a Lark grammar (its terminals are regexes) or a pattern in a "
-        "JSON schema. Compiling one costs time that grows with the square of its length (a second at 8 KiB of "
-        "optional characters, on one core).")
+        "regex (structured_outputs, guided_regex), each /.../ of a Lark grammar, or a pattern (patternProperties "
+        "key, x-guidance whitespace_pattern) in a JSON schema. Compiling one costs time that grows with the square "
+        "of its length (a second at 8 KiB of optional characters, on one core).")
     max_grammar_chars: int = Field(
         65_536, ge=1, description="Longest grammar a chat request's answer may follow, as compiled (a JSON "
         "schema's, a forced tool call's over its tools, a choice list's): its size bounds the compiler's depth.")

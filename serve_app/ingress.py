@@ -89,20 +89,32 @@ UNAVAILABLE_POLL_S = 1.0
 """How often a request waiting for a starting model checks whether it failed to start."""
 
 
-async def unless_unavailable(catalog: LiveCatalog, name: str, answer: Awaitable[T]) -> T:
+def reached_a_replica(response: Any) -> bool:
+    """Whether Serve's router has handed a model call to a replica, which finishes it even while
+    a redeploy removes its deployment (within `graceful_shutdown_timeout_s`). Serve has no public
+    way to ask: its response's replica future (a private attribute, pinned by a test) is done
+    once it has."""
+    future = getattr(response, "_replica_result_future", None)
+    return future is not None and future.done() and not future.cancelled()
+
+
+async def unless_unavailable(catalog: LiveCatalog, name: str, answer: Awaitable[T],
+                             reached: Callable[[], bool] = lambda: False) -> T:
     """`answer`, awaited until the catalog learns that no request to the model can be answered
-    (`LiveCatalog.unavailable`: it failed to start, or a redeploy removed it while this replica
-    of the config before still takes requests), then that error instead of a wait for a replica
-    that never comes, until `request_timeout_s`. Checked every `UNAVAILABLE_POLL_S` by one timer,
+    (`LiveCatalog.unavailable`): it failed to start, or a redeploy removed it while this replica,
+    of the config before, still takes requests. Then that error instead of a wait for a replica
+    that never comes, until `request_timeout_s`; except that a call which `reached` a replica of
+    a removed model is left to finish there. Checked every `UNAVAILABLE_POLL_S` by one timer,
     which cancels the wait (the model call with it) to end it: no task per request."""
     loop, task = asyncio.get_running_loop(), asyncio.current_task()
     assert task is not None
+    cancels_before = task.cancelling()
     gone: list[APIError] = []
 
     def check() -> None:
         nonlocal timer
         unavailable = catalog.unavailable(name)
-        if unavailable is None:
+        if unavailable is None or (catalog.was_removed(name) and reached()):
             timer = loop.call_later(UNAVAILABLE_POLL_S, check)
         else:
             gone.append(unavailable)
@@ -112,7 +124,7 @@ async def unless_unavailable(catalog: LiveCatalog, name: str, answer: Awaitable[
     try:
         return await answer
     except BaseException:  # the model call may turn the cancellation into an error of its own
-        if gone and task.uncancel() == 0:  # this cancel alone: not a client that left meanwhile
+        if gone and task.uncancel() <= cancels_before:  # this cancel alone: not a client that left meanwhile
             raise gone[0] from None
         raise
     finally:
@@ -299,7 +311,7 @@ class Ingress:
         answer_format = AnswerFormat.of(body, target.config)
         if not body.stream:
             call = target.generate.remote(job)
-            result = await self._within_timeout(target, call, call.cancel)
+            result = await self._within_timeout(target, call, call.cancel, reached=lambda: reached_a_replica(call))
             note(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
             if body.logprobs:  # up to n x max_tokens x 21 objects (seconds at 8 x 4096): off the event loop
                 return Response(await asyncio.to_thread(lambda: chat_response(body, result, answer_format).model_dump_json()),
@@ -307,7 +319,8 @@ class Ingress:
             return json_response(chat_response(body, result, answer_format))
         chunks = target.stream.remote(job)
         # Peek at the first chunk: an early error still gets its HTTP status.
-        first = await self._within_timeout(target, anext(chunks, None), chunks.cancel)
+        first = await self._within_timeout(target, anext(chunks, None), chunks.cancel,
+                                           reached=lambda: reached_a_replica(chunks))
         return StreamingResponse(chat_events(ChatChunkEncoder(body, answer_format), first, chunks,
                                              silence_s=self.config.limits.request_timeout_s),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -422,7 +435,8 @@ class Ingress:
                          kind=live.config.kind, endpoints=served_routes(live.config),
                          scaled_to_zero=live.scaled_to_zero)
 
-    async def _within_timeout(self, target: Target, answer: Awaitable[T], cancel: Callable[[], None]) -> T:
+    async def _within_timeout(self, target: Target, answer: Awaitable[T], cancel: Callable[[], None],
+                              reached: Callable[[], bool] = lambda: False) -> T:
         """Await a model's answer for at most `limits.request_timeout_s`; never hang.
 
         Every failure leaves as an `APIError`: Ray Serve installs its own FastAPI
@@ -435,7 +449,7 @@ class Ingress:
             raise unavailable
         try:
             answered = await within(self.config.limits.request_timeout_s,
-                                    unless_unavailable(self.catalog, target.config.name, answer))
+                                    unless_unavailable(self.catalog, target.config.name, answer, reached))
         except APIError:
             cancel()
             raise
@@ -456,7 +470,7 @@ class Ingress:
 
     async def _images(self, target: Target, body: ImageGenerationRequest, job: ImageJob) -> Response:
         call = target.generate.remote(job)
-        result = await self._within_timeout(target, call, call.cancel)
+        result = await self._within_timeout(target, call, call.cancel, reached=lambda: reached_a_replica(call))
         note(images=len(result.images))
         # Megabytes of base64 and JSON, or file writes: off the event loop, which serves every stream.
         return Response(await asyncio.to_thread(self._images_body, body, job, result), media_type=JSON)

@@ -147,9 +147,10 @@ class ModelReplica:
             except Exception:  # noqa: BLE001 - the last values are lost; shutting down goes on
                 logger.exception("recording the last metrics failed")
         flush_serve_log()
-        worker = getattr(self, "_worker", None)
-        if worker is not None:
-            worker.shutdown(wait=False, cancel_futures=True)
+        for name in ("_worker", "_grammar_thread"):  # a compile under way ends on its own; none queued starts
+            thread = getattr(self, name, None)
+            if thread is not None:
+                thread.shutdown(wait=False, cancel_futures=True)
 
     def record_metrics(self, metrics: ReplicaMetrics) -> None:
         """Keep `metrics`, handed to Ray every second from the replica's event loop."""

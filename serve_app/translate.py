@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,29 +229,38 @@ def _grammar(request: ChatCompletionRequest, config: ChatModelConfig, limits: Re
     return grammar
 
 
+LARK_REGEX = re.compile(r"/(?:[^/\\\n]|\\.)+/")
+"""A regular expression written in a Lark grammar (`/.../`, one line)."""
+NOT_SCHEMAS = frozenset({"const", "enum", "default", "examples"})
+"""Keywords of a JSON schema whose values are data, not schemas: a `pattern` key there is no regex."""
+
+
 def _regexes_within(value: Any, limit: int, param: str, kind: str = "regex") -> None:
     """Every regular expression a request writes within `limit` characters (see
-    `RequestLimits.max_regex_chars`): the value itself for a regex or a Lark grammar, and for a
-    JSON schema each `pattern` and `patternProperties` key, at any depth."""
-    if kind in ("regex", "grammar"):
+    `RequestLimits.max_regex_chars`): the value itself for a regex, each `/.../` of a Lark
+    grammar, and for a JSON schema each `pattern`, `patternProperties` key and llguidance
+    `x-guidance` `whitespace_pattern`, at any depth."""
+    if kind == "regex":
         found = [value] if isinstance(value, str) else []
+    elif kind == "grammar":
+        found = LARK_REGEX.findall(value) if isinstance(value, str) else []
     else:
         found, pending = [], [value]
         while pending:
             node = pending.pop()
             if isinstance(node, dict):
-                if isinstance(node.get("pattern"), str):
-                    found.append(node["pattern"])
+                for key in ("pattern", "whitespace_pattern"):
+                    if isinstance(node.get(key), str):
+                        found.append(node[key])
                 if isinstance(node.get("patternProperties"), dict):
                     found += [key for key in node["patternProperties"] if isinstance(key, str)]
-                pending += node.values()
+                pending += (child for key, child in node.items() if key not in NOT_SCHEMAS)
             elif isinstance(node, list):
                 pending += node
     longest = max(found, key=len, default="")
     if len(longest) > limit:
-        what = "grammar" if kind == "grammar" else "regular expression"
-        raise InvalidRequest(f"{param} holds a {what} of {len(longest)} characters, more than this server's "
-                             f"{limit}: compiling one takes time that grows with the square of its length.",
+        raise InvalidRequest(f"{param} holds a regular expression of {len(longest)} characters, more than this "
+                             f"server's {limit}: compiling one takes time that grows with the square of its length.",
                              param=param)
 
 

@@ -445,11 +445,45 @@ def test_a_request_waiting_on_a_running_model_ends_once_a_redeploy_removes_it(ca
         assert raised.value.code == "model_not_found"
         return time.monotonic() - started
 
+    async def reached_a_replica() -> str:
+        """A call a replica of the removed model already runs: that replica finishes it (within
+        its graceful_shutdown_timeout_s), so the request waits for its answer."""
+        states.append(states[0])
+        await asyncio.sleep(0.1)  # past the catalog's ttl: read again
+        assert await catalog.is_running(chat.name)
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.3, states.append, removed)
+        answer = loop.create_future()
+        loop.call_later(2.5 * UNAVAILABLE_POLL_S, answer.set_result, "answered")
+        answered = await Ingress.func_or_class._within_timeout(ingress, SimpleNamespace(config=chat), answer,
+                                                               lambda: cancelled.append("reached"), reached=lambda: True)
+        assert catalog.was_removed(chat.name)  # seen meanwhile, and the call left alone
+        return answered
+
     with caplog.at_level("ERROR", logger="asyncio"):
         took = asyncio.run(scenario())
+        assert asyncio.run(reached_a_replica()) == "answered"
     assert 0.3 <= took < 0.3 + 2 * UNAVAILABLE_POLL_S
     assert cancelled == [True, True] and model_calls_ended == [True, True]
     assert "never retrieved" not in caplog.text
+
+
+def test_a_call_has_reached_a_replica_once_serves_router_has_handed_it_over():
+    """Pins the private attribute `reached_a_replica` reads on Serve's responses (Serve has no
+    public way to ask): a response whose replica future is done has reached a replica."""
+    import concurrent.futures
+
+    from ray.serve.handle import DeploymentResponse, DeploymentResponseGenerator
+
+    from serve_app.ingress import reached_a_replica
+
+    for kind in (DeploymentResponse, DeploymentResponseGenerator):
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        response = kind(future, SimpleNamespace(request_id="r"))
+        assert not reached_a_replica(response)
+        future.set_result(object())
+        assert reached_a_replica(response)
+    assert not reached_a_replica(object())
 
 
 def test_a_model_a_redeploy_adds_is_a_retryable_503_from_the_outgoing_ingress():
@@ -469,6 +503,14 @@ def test_a_model_a_redeploy_adds_is_a_retryable_503_from_the_outgoing_ingress():
     asyncio.run(catalog.live_models())
     assert catalog.being_added("Llama-B") and not catalog.being_added(chat.name)
     assert not catalog.being_added("Llama-C")
+    # A name that sanitizes to a configured model's deployment is no model being added (from a review).
+    args = default_args()
+    args["models"][0]["name"] = "org/Llama3:8B"
+    slashed = AppConfig.model_validate(args)
+    named = _status("app", {"ingress": running, slashed.models[0].deployment_name: running})
+    aliases = LiveCatalog(slashed, "app", status=lambda: named)
+    asyncio.run(aliases.live_models())
+    assert not aliases.being_added("org_Llama3_8B") and not aliases.being_added("org@Llama3+8B")
     handle = SimpleNamespace(options=lambda **kwargs: None)
     ingress = SimpleNamespace(config=config, catalog=catalog,
                               router=ModelRouter(config, {model.name: handle for model in config.models}))

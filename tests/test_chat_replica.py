@@ -1168,7 +1168,10 @@ def test_costly_or_deep_grammars_are_refused_before_any_model_work(replica):
 
     long_regex = ".?" * (limits.max_regex_chars // 2 + 1)
     assert refused(structured_outputs={"regex": long_regex}).param == "structured_outputs.regex"
-    assert refused(guided_grammar='start: "a"\n' + "// x\n" * limits.max_regex_chars).param == "guided_grammar"
+    assert refused(guided_grammar=f'start: "a" | /{long_regex}/\n').param == "guided_grammar"
+    # llguidance reads a schema's own x-guidance: its whitespace_pattern is a regex too (from a review).
+    guided = {"type": "object", "x-guidance": {"whitespace_pattern": long_regex}}
+    assert refused(structured_outputs={"json": guided}).param == "structured_outputs.json"
     deep_pattern = {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "string",
                                                                                       "pattern": long_regex}}}}
     error = refused(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": deep_pattern}})
@@ -1178,9 +1181,16 @@ def test_costly_or_deep_grammars_are_refused_before_any_model_work(replica):
     assert refused(tools=[tool], tool_choice="required").param == "tools"
     too_deep = refused(structured_outputs={"json": _ref_chain(1320)})
     assert too_deep.param == "structured_outputs.json" and "grammar it makes is" in too_deep.message
-    # Within the limits, the same shapes pass.
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "structured_outputs": {"regex": "[a-c]{2}"}}
-    assert chat_job(ChatCompletionRequest.model_validate(body), replica.config, limits).grammar is not None
+    # Within the limits, the same shapes pass: a long grammar of short regexes, and data that only
+    # looks like a pattern (a const, an enum value).
+    lark = "start: item+\n" + "".join(f'item{i}: /[a-c]{{{i % 9 + 1}}}/ | "w{i}"\n' for i in range(400))
+    data = {"type": "object", "properties": {"k": {"const": {"pattern": long_regex}},
+                                             "e": {"enum": [{"pattern": long_regex}]}}}
+    for fields in ({"structured_outputs": {"regex": "[a-c]{2}"}}, {"guided_grammar": lark},
+                   {"structured_outputs": {"json": data}}):
+        assert len(lark) > limits.max_regex_chars
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+        assert chat_job(ChatCompletionRequest.model_validate(body), replica.config, limits).grammar is not None
 
 
 def test_grammars_compile_on_the_replicas_grammar_thread_and_the_deepest_allowed_does(replica, monkeypatch):
