@@ -913,3 +913,26 @@ def test_an_image_folder_deleted_under_the_server_is_made_again(tmp_path: Path) 
     shutil.rmtree(tmp_path / "images")
     name = store.save(PNG)
     assert store.read(name) == PNG
+
+
+def test_a_broken_exif_block_writes_nothing_to_the_log() -> None:
+    """From a security review: Pillow warned once per broken EXIF entry it skipped, each naming
+    its tag, so one upload of a few hundred KB wrote 127k lines to each process's log; a broken
+    EXIF block says nothing (upright), quietly. Run in a process of its own: Python prints a
+    warning once per process, and this one's filters are pytest's."""
+    import subprocess
+    import sys
+
+    script = """
+import io, struct
+from PIL import Image
+from serve_app.image_check import orientation
+entries = 2000  # each claims more data than the file holds
+ifd = struct.pack("<H", entries) + b"".join(struct.pack("<HHII", 1000 + i, 4, 100000, 8) for i in range(entries))
+buffer = io.BytesIO()
+Image.new("RGB", (8, 8)).save(buffer, "PNG", exif=b"II*\\0" + struct.pack("<I", 8) + ifd + b"\\0" * 4)
+print(orientation(Image.open(io.BytesIO(buffer.getvalue()))))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "1"
+    assert done.stderr == ""
