@@ -86,7 +86,8 @@ T = TypeVar("T")
 Parsed = TypeVar("Parsed", bound=BaseModel)
 PROMPT_LOG_CHARS = 500
 UNAVAILABLE_POLL_S = 1.0
-"""How often a request waiting for a starting model checks whether it failed to start."""
+"""How often a request waiting for its model checks whether the model failed to start or a
+redeploy removed it (`unless_unavailable`)."""
 
 
 def reached_a_replica(response: Any) -> bool:
